@@ -1,0 +1,15 @@
+//! localnfs: a Kubernetes dynamic provisioner that serves directories on a node's local
+//! disk as NFSv3 PersistentVolumes, plus a scheduler helper that keeps pods near their
+//! data. One binary; see `cli` for the commands and DESIGN.md for the invariants.
+
+pub mod admin;
+pub mod cli;
+pub mod demo;
+pub mod error;
+pub mod metrics;
+pub mod server;
+pub mod shutdown;
+pub mod telemetry;
+pub mod testbed;
+
+pub use error::{Error, Result};

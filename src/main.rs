@@ -1,0 +1,14 @@
+//! Entry point: parse the command line, set up logging, run the chosen command.
+
+use clap::Parser;
+use localnfs::cli::{Cli, Command};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    localnfs::telemetry::init(cli.telemetry.log_format, &cli.telemetry.log_filter);
+    match cli.command {
+        Command::Demo(args) => localnfs::demo::run(args).await?,
+    }
+    Ok(())
+}

@@ -1,0 +1,143 @@
+//! A child process of the test cluster: output captured to a log file, killed by PID on
+//! drop (so a panicking test still tears it down), and killed by the kernel if the
+//! thread that started it dies without unwinding (`PR_SET_PDEATHSIG`).
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// How much of a log to show when a process dies during start-up.
+const LOG_TAIL_BYTES: u64 = 3000;
+
+/// A running child with its log.
+#[derive(Debug)]
+pub struct Process {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Process {
+    /// Starts `cmd` with stdout and stderr appended to `log`.
+    pub fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Result<Self> {
+        let spawn_err = |source| Error::SpawnProcess {
+            name: name.to_owned(),
+            source,
+        };
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(spawn_err)?;
+        let err = out.try_clone().map_err(spawn_err)?;
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent; this
+        // runs in the forked child before exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(spawn_err)?;
+        tracing::debug!(name, pid = child.id(), log = %log.display(), "started");
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+            log: log.to_owned(),
+        })
+    }
+
+    /// The component name ("etcd", "kube-apiserver", ...).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The operating-system process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The file the process writes its output to.
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+
+    /// Fails with the log's tail if the process has exited.
+    pub fn ensure_running(&mut self) -> Result<()> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => Err(self.exited(status.to_string())),
+            Err(e) => Err(self.exited(format!("unknown status: {e}"))),
+        }
+    }
+
+    fn exited(&self, status: String) -> Error {
+        Error::ProcessExited {
+            name: self.name.clone(),
+            status,
+            log: self.log.clone(),
+            tail: log_tail(&self.log),
+        }
+    }
+
+    /// Asks the process to stop with SIGTERM, then SIGKILLs it after `grace`.
+    pub fn stop(&mut self, grace: Duration) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        signal(self.pid(), libc::SIGTERM);
+        let deadline = std::time::Instant::now() + grace;
+        while std::time::Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+    }
+
+    /// SIGKILLs the process and reaps it.
+    pub fn kill(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            signal(self.pid(), libc::SIGKILL);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn signal(pid: u32, sig: libc::c_int) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    // SAFETY: plain syscall on a pid we own and have not reaped yet.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+/// The last few KiB of a log file, for error messages.
+pub fn log_tail(path: &Path) -> String {
+    let mut buf = String::new();
+    if let Ok(mut f) = File::open(path) {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = f.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES)));
+        let mut bytes = Vec::new();
+        let _ = f.read_to_end(&mut bytes);
+        buf = String::from_utf8_lossy(&bytes).into_owned();
+    }
+    buf
+}

@@ -1,0 +1,77 @@
+//! Shared test helpers: polling with a deadline, and a background test-kubelet that
+//! marks every pod scheduled onto the test nodes Running and Ready.
+
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+use localnfs::testbed::kubelet;
+use tokio::task::JoinHandle;
+
+/// Polls `check` every 100 ms until it returns `Some`, panicking with `what` after
+/// `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A test-kubelet: watches pods in `namespace` and reports each one bound to a node
+/// Running and Ready, as a kubelet would once its containers started. Aborted on drop.
+pub struct TestKubelet(JoinHandle<()>);
+
+impl TestKubelet {
+    pub fn start(client: Client, namespace: &str) -> Self {
+        let ns = namespace.to_owned();
+        let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+        Self(tokio::spawn(async move {
+            let mut events = watcher(pods, watcher::Config::default())
+                .applied_objects()
+                .boxed();
+            while let Some(event) = events.next().await {
+                let Ok(pod) = event else { continue };
+                let scheduled = pod.spec.as_ref().is_some_and(|s| s.node_name.is_some());
+                let deleting = pod.metadata.deletion_timestamp.is_some();
+                if scheduled && !deleting && !kubelet::is_running_and_ready(&pod) {
+                    let name = pod.metadata.name.clone().unwrap_or_default();
+                    if let Err(e) = kubelet::mark_pod_ready(&client, &ns, &name).await {
+                        eprintln!("test-kubelet: marking {ns}/{name} ready: {e}");
+                    }
+                }
+            }
+        }))
+    }
+}
+
+impl Drop for TestKubelet {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Whether a process with this PID still exists (zombies count as gone).
+pub fn process_exists(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
