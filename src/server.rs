@@ -65,3 +65,78 @@ pub async fn serve<H, F>(
     );
     tracker.wait().await;
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio_util::sync::CancellationToken;
+
+    /// A server whose handler writes one byte, then holds the connection until the
+    /// client closes it or `hold` passes.
+    async fn start(
+        max: usize,
+        hold: Duration,
+    ) -> (
+        std::net::SocketAddr,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(super::serve(
+            "test",
+            listener,
+            max,
+            shutdown.clone(),
+            move |mut stream: TcpStream, _peer, _shutdown| async move {
+                let _ = stream.write_all(b"!").await;
+                let mut buf = [0u8; 1];
+                let _ = tokio::time::timeout(hold, stream.read(&mut buf)).await;
+            },
+        ));
+        (addr, shutdown, task)
+    }
+
+    async fn greeted(conn: &mut TcpStream, within: Duration) -> bool {
+        let mut buf = [0u8; 1];
+        matches!(
+            tokio::time::timeout(within, conn.read(&mut buf)).await,
+            Ok(Ok(1))
+        )
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_cap_wait_for_a_free_slot() {
+        let (addr, shutdown, task) = start(1, Duration::from_secs(30)).await;
+        let mut first = TcpStream::connect(addr).await.expect("first connects");
+        assert!(greeted(&mut first, Duration::from_secs(2)).await);
+        let mut second = TcpStream::connect(addr).await.expect("second connects");
+        assert!(
+            !greeted(&mut second, Duration::from_millis(300)).await,
+            "second connection served while the cap was reached"
+        );
+        drop(first);
+        assert!(greeted(&mut second, Duration::from_secs(2)).await);
+        drop(second);
+        shutdown.cancel();
+        task.await.expect("server task");
+    }
+
+    #[tokio::test]
+    async fn shutdown_waits_for_connections_in_flight() {
+        let (addr, shutdown, task) = start(4, Duration::from_millis(500)).await;
+        let mut conn = TcpStream::connect(addr).await.expect("connect");
+        assert!(greeted(&mut conn, Duration::from_secs(2)).await);
+        shutdown.cancel();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!task.is_finished(), "returned before its connection ended");
+        tokio::time::timeout(Duration::from_secs(3), task)
+            .await
+            .expect("drained once the handler finished")
+            .expect("server task");
+    }
+}

@@ -75,6 +75,7 @@ pub struct TestCluster {
     client: Client,
     kubeconfig: PathBuf,
     api_url: String,
+    startup: Vec<(&'static str, Duration)>,
     dir: tempfile::TempDir,
 }
 
@@ -130,6 +131,8 @@ impl TestCluster {
         )
         .map_err(io)?;
 
+        let begin = Instant::now();
+        let mut startup = Vec::new();
         let mut processes = Vec::new();
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
         processes.push(Process::spawn(
@@ -201,6 +204,7 @@ impl TestCluster {
             })
         })
         .await?;
+        startup.push(("kube-apiserver ready", begin.elapsed()));
 
         processes.push(Process::spawn(
             "kube-controller-manager",
@@ -247,10 +251,12 @@ impl TestCluster {
             },
         )
         .await?;
+        startup.push(("service account token", begin.elapsed()));
         wait_for("kube-scheduler /healthz", &mut processes, || async {
             Ok(http_get_ok(sched_port).await)
         })
         .await?;
+        startup.push(("all ready", begin.elapsed()));
 
         let dir = if std::env::var_os("LOCALNFS_KEEP_CLUSTER_DIR").is_some() {
             tracing::info!(dir = %root.display(), "keeping cluster directory");
@@ -265,6 +271,7 @@ impl TestCluster {
             client,
             kubeconfig,
             api_url,
+            startup,
             dir,
         })
     }
@@ -287,6 +294,12 @@ impl TestCluster {
     /// The cluster's private directory (logs, certificates, etcd data).
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Time from the first process start to each start-up milestone, last one
+    /// "all ready".
+    pub fn startup_phases(&self) -> &[(&'static str, Duration)] {
+        &self.startup
     }
 
     /// The running components.
@@ -437,8 +450,9 @@ pub async fn client_from_kubeconfig(path: &Path) -> Result<Client> {
     Client::try_from(config).map_err(Error::BuildClient)
 }
 
-/// Polls `check` until it is true, failing early if a component dies.
-async fn wait_for<F, Fut>(what: &str, processes: &mut [Process], mut check: F) -> Result<()>
+/// Polls `check` until it is true, failing early if a component dies; returns how long
+/// it waited.
+async fn wait_for<F, Fut>(what: &str, processes: &mut [Process], mut check: F) -> Result<Duration>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<bool>>,
@@ -450,7 +464,7 @@ where
         }
         if check().await? {
             tracing::debug!(what, elapsed = ?start.elapsed(), "ready");
-            return Ok(());
+            return Ok(start.elapsed());
         }
         if start.elapsed() > START_TIMEOUT {
             return Err(Error::Timeout {

@@ -1,0 +1,90 @@
+//! `localnfs demo` as a user runs it: it comes up, reports, serves its admin endpoints,
+//! and on SIGTERM stops every process it started and removes its directory.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use support::{http_get, process_exists};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+const COMPONENTS: [&str; 4] = [
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+];
+
+#[tokio::test]
+async fn demo_stops_everything_it_started_on_sigterm() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_localnfs"))
+        .args(["demo", "--admin-addr", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("demo starts");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut pids = Vec::new();
+    let mut dir: Option<PathBuf> = None;
+    let mut admin = None;
+    let read_report = async {
+        while let Some(line) = lines.next_line().await.expect("read stdout") {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if let [name, pid, log] = words[..]
+                && COMPONENTS.contains(&name)
+            {
+                pids.push(pid.parse::<u32>().expect("pid is a number"));
+                dir = PathBuf::from(log).parent().map(PathBuf::from);
+            }
+            if let Some(rest) = line.trim().strip_prefix("admin endpoints: http://") {
+                let addr = rest.split('/').next().expect("address");
+                admin = Some(addr.parse::<std::net::SocketAddr>().expect("admin address"));
+            }
+            if line.contains("press Ctrl-C") {
+                return;
+            }
+        }
+        panic!("demo ended before it was ready");
+    };
+    tokio::time::timeout(Duration::from_secs(120), read_report)
+        .await
+        .expect("demo ready within 120 s");
+    assert_eq!(pids.len(), COMPONENTS.len(), "report lists every component");
+    let dir = dir.expect("report names the cluster directory");
+    assert!(dir.join("kubeconfig").is_file());
+    let admin = admin.expect("report names the admin address");
+    assert_eq!(http_get(admin, "/readyz").await.0, 200);
+
+    let demo_pid = libc::pid_t::try_from(child.id().expect("running")).expect("pid");
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(demo_pid, libc::SIGTERM) }, 0);
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("demo exits within 30 s of SIGTERM")
+        .expect("wait");
+    assert!(status.success(), "demo exited with {status}");
+    for pid in pids {
+        assert!(!process_exists(pid), "pid {pid} outlived the demo");
+    }
+    assert!(!dir.exists(), "{} left behind", dir.display());
+}
+
+#[tokio::test]
+async fn demo_without_kubernetes_binaries_says_how_to_get_them() {
+    let out = Command::new(env!("CARGO_BIN_EXE_localnfs"))
+        .args(["demo", "--admin-addr", "127.0.0.1:0"])
+        .args(["--k8s-bin-dir", "/nonexistent/localnfs-k8s"])
+        .output()
+        .await
+        .expect("demo runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("scripts/k8s-binaries") && stderr.contains("/nonexistent/localnfs-k8s"),
+        "unhelpful error:\n{stderr}"
+    );
+}
