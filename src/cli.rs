@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::nfs::Network;
 use crate::telemetry::LogFormat;
+use crate::volume::{Squash, VolumeName};
 
 /// localnfs: local disks served as NFSv3 PersistentVolumes for Kubernetes.
 #[derive(Debug, Parser)]
@@ -56,6 +58,133 @@ pub struct AdminArgs {
 pub enum Command {
     /// Run the whole flow on an embedded single-node test cluster.
     Demo(DemoArgs),
+    /// Node agent: serve this node's volumes over NFSv3.
+    Node(NodeArgs),
+    /// Create, resize, delete or list volumes in a node root (standalone mode).
+    Volume(VolumeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    #[command(flatten)]
+    pub admin: AdminArgs,
+
+    /// Directory holding volumes/, meta/ and the node key.
+    #[arg(long, env = "LOCALNFS_ROOT", default_value = "/var/lib/localnfs")]
+    pub root: PathBuf,
+
+    /// NFS + MOUNT listen address (one port for both; port 0 picks a free one).
+    #[arg(long, env = "LOCALNFS_NFS_ADDR", default_value = "0.0.0.0:2049")]
+    pub listen: SocketAddr,
+
+    /// Client networks allowed to connect (CIDR, comma-separated or repeated); anyone
+    /// else is disconnected before any RPC is read.
+    #[arg(
+        long,
+        env = "LOCALNFS_ALLOW",
+        value_delimiter = ',',
+        default_value = "127.0.0.0/8"
+    )]
+    pub allow: Vec<Network>,
+
+    /// Most NFS connections served at once; more wait in the accept backlog.
+    #[arg(long, env = "LOCALNFS_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+
+    /// Run without a Kubernetes cluster (volumes managed with `localnfs volume`).
+    #[arg(long, env = "LOCALNFS_STANDALONE")]
+    pub standalone: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct VolumeArgs {
+    /// The node root the volumes live in.
+    #[arg(long, env = "LOCALNFS_ROOT", default_value = "/var/lib/localnfs")]
+    pub root: PathBuf,
+
+    #[command(subcommand)]
+    pub command: VolumeCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Create a volume (succeeds if it exists with the same settings).
+    Create(CreateVolume),
+    /// Change a volume's size limit (not below what it stores).
+    Resize {
+        name: VolumeName,
+        /// New size: bytes or with a unit (Ki, Mi, Gi, Ti, K, M, G, T).
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+    /// Delete a volume and its data.
+    Delete { name: VolumeName },
+    /// List volumes with size and usage.
+    List,
+}
+
+#[derive(Debug, Args)]
+pub struct CreateVolume {
+    pub name: VolumeName,
+    /// Size limit: bytes or with a unit (Ki, Mi, Gi, Ti, K, M, G, T).
+    #[arg(long, value_parser = parse_size)]
+    pub size: u64,
+    /// Owner of the volume's root directory.
+    #[arg(long, default_value_t = 0)]
+    pub uid: u32,
+    #[arg(long, default_value_t = 0)]
+    pub gid: u32,
+    /// Mode of the volume's root directory (octal).
+    #[arg(long, value_parser = parse_mode, default_value = "0777")]
+    pub mode: u32,
+    /// Identity squashing: none, root or all.
+    #[arg(long, value_enum, default_value_t)]
+    pub squash: Squash,
+    /// uid squashed callers become.
+    #[arg(long, default_value_t = 65534)]
+    pub anon_uid: u32,
+    /// gid squashed callers become.
+    #[arg(long, default_value_t = 65534)]
+    pub anon_gid: u32,
+}
+
+/// Parses `1073741824`, `1Gi`, `512Mi`, `10G` into bytes; zero is refused.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (try 1Gi, 500Mi or bytes)"))?;
+    let mult: u64 = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "K" | "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        _ => {
+            return Err(format!(
+                "unknown unit `{unit}` in `{s}` (use Ki, Mi, Gi, Ti, K, M, G, T)"
+            ));
+        }
+    };
+    match n.checked_mul(mult) {
+        Some(0) => Err("size must be greater than zero".into()),
+        Some(b) => Ok(b),
+        None => Err(format!("`{s}` is too large")),
+    }
+}
+
+/// Parses an octal file mode such as `0755` or `750`.
+pub fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| format!("`{s}` is not an octal mode such as 0755"))
 }
 
 #[derive(Debug, Args)]
@@ -128,6 +257,29 @@ mod tests {
                 .unwrap_err()
                 .contains("not a duration")
         );
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_and_decimal_units() {
+        assert_eq!(parse_size("1Gi"), Ok(1 << 30));
+        assert_eq!(parse_size("500Mi"), Ok(500 << 20));
+        assert_eq!(parse_size("10G"), Ok(10_000_000_000));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("1Xi").unwrap_err().contains("unknown unit"));
+        assert!(
+            parse_size("99999999999Ti")
+                .unwrap_err()
+                .contains("too large")
+        );
+    }
+
+    #[test]
+    fn modes_are_octal() {
+        assert_eq!(parse_mode("0755"), Ok(0o755));
+        assert_eq!(parse_mode("750"), Ok(0o750));
+        assert!(parse_mode("0999").is_err());
+        assert!(parse_mode("77777").is_err());
     }
 
     #[test]

@@ -17,6 +17,9 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    #[error("not supported: {0}")]
+    Unsupported(&'static str),
+
     #[error("failed to install the signal handler")]
     SignalHandler(#[source] std::io::Error),
 
@@ -66,6 +69,30 @@ pub enum Error {
 
     #[error("failed to build a Kubernetes client")]
     BuildClient(#[source] kube::Error),
+
+    #[error("failed to {action}: {path}")]
+    VolumeIo {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("volume {name} not found")]
+    VolumeNotFound { name: String },
+
+    #[error("volume {name} already exists with a different size, owner, mode or squash policy")]
+    VolumeConflict { name: String },
+
+    #[error("volume {name}: size must be greater than zero")]
+    InvalidVolumeSize { name: String },
+
+    #[error("volume {name}: cannot shrink to {requested} bytes, {used} bytes are in use")]
+    ShrinkBelowUsage {
+        name: String,
+        used: u64,
+        requested: u64,
+    },
 
     #[error("Kubernetes API call failed: {action}")]
     Kube {

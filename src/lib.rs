@@ -7,9 +7,12 @@ pub mod cli;
 pub mod demo;
 pub mod error;
 pub mod metrics;
+pub mod nfs;
+pub mod node;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;
 pub mod testbed;
+pub mod volume;
 
 pub use error::{Error, Result};

@@ -9,6 +9,8 @@ async fn main() -> anyhow::Result<()> {
     localnfs::telemetry::init(cli.telemetry.log_format, &cli.telemetry.log_filter);
     match cli.command {
         Command::Demo(args) => localnfs::demo::run(args).await?,
+        Command::Node(args) => localnfs::node::run(args).await?,
+        Command::Volume(args) => localnfs::node::volume_cmd::run(args)?,
     }
     Ok(())
 }

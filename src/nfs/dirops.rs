@@ -1,0 +1,574 @@
+//! NFSv3 procedures on the namespace: LOOKUP, CREATE, MKDIR, SYMLINK, MKNOD, REMOVE,
+//! RMDIR, RENAME, LINK, READDIR, READDIRPLUS (RFC 1813 §3.3).
+//!
+//! The jail (DESIGN invariant 5): names are single components (no `/`, no NUL), `..`
+//! at a volume root is refused, every call is `*at` relative to a descriptor inside the
+//! volume and never follows a symlink, and both handles of RENAME/LINK must belong to
+//! the same volume.
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use nfs3_types::nfs3::{Nfs3Option, createverf3, nfsstat3, sattr3};
+
+use super::ops::{Ctx, ProcResult, set_size};
+use super::reply::{post_op, post_op_fh, status, wcc};
+use super::state::Volume;
+use super::sys::{self, raw, to_nfsstat};
+use super::xdr::{Garbage, XdrIn, put_bool, put_opaque, put_u64};
+
+/// NAME_MAX.
+const NAME_MAX: usize = 255;
+
+/// A name that may be looked up: one path component.
+fn check_name(name: &[u8]) -> Result<(), nfsstat3> {
+    if name.is_empty() {
+        return Err(nfsstat3::NFS3ERR_NOENT);
+    }
+    if name.len() > NAME_MAX {
+        return Err(nfsstat3::NFS3ERR_NAMETOOLONG);
+    }
+    if name.contains(&b'/') || name.contains(&0) {
+        return Err(nfsstat3::NFS3ERR_ACCES);
+    }
+    Ok(())
+}
+
+/// A name that may be created, removed or renamed: not `.` or `..` either.
+fn check_new_name(name: &[u8]) -> Result<(), nfsstat3> {
+    check_name(name)?;
+    if name == b"." || name == b".." {
+        return Err(nfsstat3::NFS3ERR_EXIST);
+    }
+    Ok(())
+}
+
+/// Resolves a directory handle; fails with NOTDIR for anything else.
+fn resolve_dir(ctx: &Ctx, fh: &[u8]) -> Result<(Arc<Volume>, OwnedFd, libc::stat), nfsstat3> {
+    let (v, fd) = ctx.resolve(fh)?;
+    let st = sys::fstat(raw(&fd)).map_err(to_nfsstat)?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+        return Err(nfsstat3::NFS3ERR_NOTDIR);
+    }
+    Ok((v, fd, st))
+}
+
+/// Looks `name` up in `dir` as the caller, refusing `..` at the volume root.
+fn lookup_in(
+    ctx: &Ctx,
+    v: &Volume,
+    dir: &OwnedFd,
+    dir_st: &libc::stat,
+    name: &[u8],
+) -> Result<OwnedFd, nfsstat3> {
+    check_name(name)?;
+    if name == b".." && v.is_root(dir_st) {
+        return Err(nfsstat3::NFS3ERR_ACCES);
+    }
+    let _as = ctx.become_caller(v);
+    sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)
+}
+
+pub fn lookup(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
+    let dir_fh = args.fh()?;
+    let name = args.filename()?;
+    let (v, dir, dir_st) = match resolve_dir(ctx, dir_fh) {
+        Ok(x) => x,
+        Err(s) => {
+            status(out, s);
+            post_op(out, None, 0);
+            return Ok(());
+        }
+    };
+    let r = lookup_in(ctx, &v, &dir, &dir_st, name).and_then(|fd| {
+        let st = sys::fstat(raw(&fd)).map_err(to_nfsstat)?;
+        let fh = ctx.ex.handle_for(&v, raw(&fd))?;
+        Ok((fh, st))
+    });
+    match r {
+        Ok((fh, st)) => {
+            status(out, nfsstat3::NFS3_OK);
+            put_opaque(out, &fh);
+            post_op(out, Some(&st), v.meta.id);
+            post_op(out, Some(&dir_st), v.meta.id);
+        }
+        Err(s) => {
+            status(out, s);
+            post_op(out, Some(&dir_st), v.meta.id);
+        }
+    }
+    Ok(())
+}
+
+/// Shared shape of CREATE, MKDIR, SYMLINK and MKNOD: resolve the directory, run `make`
+/// as the caller, then answer with the new object's handle and attributes and the
+/// directory's wcc data.
+fn create_common(
+    ctx: &Ctx,
+    dir_fh: &[u8],
+    name: &[u8],
+    out: &mut Vec<u8>,
+    make: impl FnOnce(&Volume, &OwnedFd) -> Result<OwnedFd, nfsstat3>,
+) {
+    let (v, dir, before) = match resolve_dir(ctx, dir_fh) {
+        Ok(x) => x,
+        Err(s) => {
+            status(out, s);
+            wcc(out, None, None, 0);
+            return;
+        }
+    };
+    let r = check_new_name(name).and_then(|()| {
+        let fd = {
+            let _as = ctx.become_caller(&v);
+            make(&v, &dir)?
+        };
+        let st = sys::fstat(raw(&fd)).map_err(to_nfsstat)?;
+        let fh = ctx.ex.handle_for(&v, raw(&fd))?;
+        Ok((fh, st))
+    });
+    let after = sys::fstat(raw(&dir)).ok();
+    match r {
+        Ok((fh, st)) => {
+            status(out, nfsstat3::NFS3_OK);
+            post_op_fh(out, Some(&fh));
+            post_op(out, Some(&st), v.meta.id);
+        }
+        Err(s) => status(out, s),
+    }
+    wcc(out, Some(&before), after.as_ref(), v.meta.id);
+}
+
+/// Applies the attributes a create call carried beyond the mode.
+fn apply_sattr(v: &Volume, fd: &OwnedFd, s: &sattr3) -> Result<(), nfsstat3> {
+    let uid = if let Nfs3Option::Some(u) = s.uid {
+        u
+    } else {
+        u32::MAX
+    };
+    let gid = if let Nfs3Option::Some(g) = s.gid {
+        g
+    } else {
+        u32::MAX
+    };
+    if uid != u32::MAX || gid != u32::MAX {
+        sys::fchownat_empty(raw(fd), uid, gid).map_err(to_nfsstat)?;
+    }
+    if let Nfs3Option::Some(size) = s.size {
+        let wfd = sys::reopen(raw(fd), libc::O_WRONLY).map_err(to_nfsstat)?;
+        set_size(v, &wfd, size)?;
+    }
+    Ok(())
+}
+
+fn mode_or(s: &sattr3, default: u32) -> u32 {
+    match s.mode {
+        Nfs3Option::Some(m) => m & 0o7777,
+        Nfs3Option::None => default,
+    }
+}
+
+enum How {
+    Unchecked(sattr3),
+    Guarded(sattr3),
+    Exclusive(createverf3),
+}
+
+pub fn create(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
+    let dir_fh = args.fh()?;
+    let name = args.filename()?;
+    let how = match args.u32()? {
+        0 => How::Unchecked(args.sattr()?),
+        1 => How::Guarded(args.sattr()?),
+        2 => How::Exclusive(args.createverf()?),
+        _ => return Err(Garbage),
+    };
+    create_common(ctx, dir_fh, name, out, |v, dir| match &how {
+        How::Unchecked(s) | How::Guarded(s) => {
+            let excl = if matches!(how, How::Guarded(_)) {
+                libc::O_EXCL
+            } else {
+                0
+            };
+            let f = sys::openat(
+                raw(dir),
+                name,
+                libc::O_CREAT | excl | libc::O_RDONLY,
+                mode_or(s, 0o644),
+            )
+            .map_err(to_nfsstat)?;
+            let fd = sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
+            drop(f);
+            apply_sattr(v, &fd, s)?;
+            Ok(fd)
+        }
+        How::Exclusive(verf) => {
+            // The verifier lives in atime/mtime, as RFC 1813 §3.3.8 suggests, so a
+            // retransmitted CREATE finds its own file and succeeds.
+            let (a, m) = verf_times(verf);
+            match sys::openat(
+                raw(dir),
+                name,
+                libc::O_CREAT | libc::O_EXCL | libc::O_RDONLY,
+                0o600,
+            ) {
+                Ok(f) => {
+                    drop(f);
+                    let fd = sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
+                    sys::utimes_fd(raw(&fd), Some(Some(a)), Some(Some(m))).map_err(to_nfsstat)?;
+                    Ok(fd)
+                }
+                Err(e) if e.0 == libc::EEXIST => {
+                    let fd = sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
+                    let st = sys::fstat(raw(&fd)).map_err(to_nfsstat)?;
+                    if (st.st_atime, st.st_atime_nsec, st.st_mtime, st.st_mtime_nsec)
+                        == (a.0, a.1, m.0, m.1)
+                    {
+                        Ok(fd)
+                    } else {
+                        Err(nfsstat3::NFS3ERR_EXIST)
+                    }
+                }
+                Err(e) => Err(to_nfsstat(e)),
+            }
+        }
+    });
+    Ok(())
+}
+
+fn verf_times(v: &createverf3) -> ((i64, i64), (i64, i64)) {
+    let a = u32::from_be_bytes([v.0[0], v.0[1], v.0[2], v.0[3]]);
+    let m = u32::from_be_bytes([v.0[4], v.0[5], v.0[6], v.0[7]]);
+    // Nanoseconds must stay below 1e9; keep the low bits there.
+    (
+        (i64::from(a >> 2), i64::from(a & 0x3)),
+        (i64::from(m >> 2), i64::from(m & 0x3)),
+    )
+}
+
+pub fn mkdir(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
+    let dir_fh = args.fh()?;
+    let name = args.filename()?;
+    let s = args.sattr()?;
+    create_common(ctx, dir_fh, name, out, |v, dir| {
+        sys::mkdirat(raw(dir), name, mode_or(&s, 0o755)).map_err(to_nfsstat)?;
+        let fd = sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
+        apply_sattr(
+            v,
+            &fd,
+            &sattr3 {
+                size: Nfs3Option::None,
+                ..s.clone()
+            },
+        )?;
+        Ok(fd)
+    });
+    Ok(())
+}
+
+pub fn symlink(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
+    let dir_fh = args.fh()?;
+    let name = args.filename()?;
+    let s = args.sattr()?;
+    let target = args.path()?;
+    create_common(ctx, dir_fh, name, out, |v, dir| {
+        if target.is_empty() || target.contains(&0) {
+            return Err(nfsstat3::NFS3ERR_INVAL);
+        }
+        sys::symlinkat(target, raw(dir), name).map_err(to_nfsstat)?;
+        let fd = sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
+        apply_sattr(
+            v,
+            &fd,
+            &sattr3 {
+                size: Nfs3Option::None,
+                mode: Nfs3Option::None,
+                ..s.clone()
+            },
+        )?;
+        Ok(fd)
+    });
+    Ok(())
+}
+
+pub fn mknod(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
+    let dir_fh = args.fh()?;
+    let name = args.filename()?;
+    let kind = args.u32()?;
+    // FIFOs and sockets only: device nodes inside a tenant's volume are refused.
+    let (s, fmt) = match kind {
+        3 | 4 => {
+            let _ = args.sattr()?;
+            let _ = args.specdata()?;
+            status(out, nfsstat3::NFS3ERR_NOTSUPP);
+            wcc(out, None, None, 0);
+            return Ok(());
+        }
+        6 => (args.sattr()?, libc::S_IFSOCK),
+        7 => (args.sattr()?, libc::S_IFIFO),
+        1 | 2 | 5 => {
+            status(out, nfsstat3::NFS3ERR_BADTYPE);
+            wcc(out, None, None, 0);
+            return Ok(());
+        }
+        _ => return Err(Garbage),
+    };
+    create_common(ctx, dir_fh, name, out, |v, dir| {
+        sys::mknodat(raw(dir), name, fmt | mode_or(&s, 0o644), 0).map_err(to_nfsstat)?;
+        let fd = sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
+        apply_sattr(
+            v,
+            &fd,
+            &sattr3 {
+                size: Nfs3Option::None,
+                ..s.clone()
+            },
+        )?;
+        Ok(fd)
+    });
+    Ok(())
+}
+
+/// Bytes a volume gets back when the last link to `st` goes.
+fn freed_by_unlink(st: &libc::stat) -> u64 {
+    if st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_nlink == 1 {
+        st.st_size as u64
+    } else {
+        0
+    }
+}
+
+fn remove_common(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>, flags: i32) -> ProcResult {
+    let dir_fh = args.fh()?;
+    let name = args.filename()?;
+    let (v, dir, before) = match resolve_dir(ctx, dir_fh) {
+        Ok(x) => x,
+        Err(s) => {
+            status(out, s);
+            wcc(out, None, None, 0);
+            return Ok(());
+        }
+    };
+    let r = check_name(name).and_then(|()| {
+        if name == b"." {
+            return Err(nfsstat3::NFS3ERR_INVAL);
+        }
+        if name == b".." {
+            return Err(nfsstat3::NFS3ERR_NOTEMPTY);
+        }
+        let _lock = v.size_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _as = ctx.become_caller(&v);
+        let victim = sys::openat(raw(&dir), name, libc::O_PATH, 0)
+            .and_then(|fd| sys::fstat(raw(&fd)))
+            .map_err(to_nfsstat)?;
+        sys::unlinkat(raw(&dir), name, flags).map_err(to_nfsstat)?;
+        v.shrink(freed_by_unlink(&victim));
+        Ok(())
+    });
+    let after = sys::fstat(raw(&dir)).ok();
+    status(out, r.err().unwrap_or(nfsstat3::NFS3_OK));
+    wcc(out, Some(&before), after.as_ref(), v.meta.id);
+    Ok(())
+}
+
+pub fn remove(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
+    remove_common(ctx, args, out, 0)
+}
+
+pub fn rmdir(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
+    remove_common(ctx, args, out, libc::AT_REMOVEDIR)
+}
+
+pub fn rename(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
+    let from_fh = args.fh()?;
+    let from = args.filename()?;
+    let to_fh = args.fh()?;
+    let to = args.filename()?;
+    let fail = |out: &mut Vec<u8>, s| {
+        status(out, s);
+        wcc(out, None, None, 0);
+        wcc(out, None, None, 0);
+    };
+    let (v, from_dir, from_before) = match resolve_dir(ctx, from_fh) {
+        Ok(x) => x,
+        Err(s) => {
+            fail(out, s);
+            return Ok(());
+        }
+    };
+    let (v2, to_dir, to_before) = match resolve_dir(ctx, to_fh) {
+        Ok(x) => x,
+        Err(s) => {
+            fail(out, s);
+            return Ok(());
+        }
+    };
+    let r = (|| {
+        if v.meta.id != v2.meta.id {
+            return Err(nfsstat3::NFS3ERR_XDEV);
+        }
+        check_new_name(from)?;
+        check_new_name(to)?;
+        let _lock = v.size_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _as = ctx.become_caller(&v);
+        let src = sys::openat(raw(&from_dir), from, libc::O_PATH, 0)
+            .and_then(|fd| sys::fstat(raw(&fd)))
+            .map_err(to_nfsstat)?;
+        let replaced = sys::openat(raw(&to_dir), to, libc::O_PATH, 0)
+            .and_then(|fd| sys::fstat(raw(&fd)))
+            .ok()
+            .filter(|t| (t.st_ino, t.st_dev) != (src.st_ino, src.st_dev));
+        sys::renameat(raw(&from_dir), from, raw(&to_dir), to).map_err(to_nfsstat)?;
+        if let Some(t) = replaced {
+            v.shrink(freed_by_unlink(&t));
+        }
+        Ok(())
+    })();
+    let from_after = sys::fstat(raw(&from_dir)).ok();
+    let to_after = sys::fstat(raw(&to_dir)).ok();
+    status(out, r.err().unwrap_or(nfsstat3::NFS3_OK));
+    wcc(out, Some(&from_before), from_after.as_ref(), v.meta.id);
+    wcc(out, Some(&to_before), to_after.as_ref(), v.meta.id);
+    Ok(())
+}
+
+pub fn link(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
+    let file_fh = args.fh()?;
+    let dir_fh = args.fh()?;
+    let name = args.filename()?;
+    let fail = |out: &mut Vec<u8>, s| {
+        status(out, s);
+        post_op(out, None, 0);
+        wcc(out, None, None, 0);
+    };
+    let (v, file) = match ctx.resolve(file_fh) {
+        Ok(x) => x,
+        Err(s) => {
+            fail(out, s);
+            return Ok(());
+        }
+    };
+    let (v2, dir, before) = match resolve_dir(ctx, dir_fh) {
+        Ok(x) => x,
+        Err(s) => {
+            fail(out, s);
+            return Ok(());
+        }
+    };
+    let r = (|| {
+        if v.meta.id != v2.meta.id {
+            return Err(nfsstat3::NFS3ERR_XDEV);
+        }
+        check_new_name(name)?;
+        let _as = ctx.become_caller(&v);
+        sys::link_fd(raw(&file), raw(&dir), name).map_err(to_nfsstat)
+    })();
+    let file_st = sys::fstat(raw(&file)).ok();
+    let after = sys::fstat(raw(&dir)).ok();
+    status(out, r.err().unwrap_or(nfsstat3::NFS3_OK));
+    post_op(out, file_st.as_ref(), v.meta.id);
+    wcc(out, Some(&before), after.as_ref(), v.meta.id);
+    Ok(())
+}
+
+/// READDIR (`plus == false`) and READDIRPLUS. Cookies are the directory offsets the
+/// kernel reports, so they stay valid while a client pages through a large directory
+/// and across server restarts; the cookie verifier is always zero.
+pub fn readdir(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>, plus: bool) -> ProcResult {
+    let dir_fh = args.fh()?;
+    let cookie = args.u64()?;
+    let _verf = args.fixed::<8>()?;
+    let (dircount, maxcount) = if plus {
+        (args.u32()? as usize, args.u32()? as usize)
+    } else {
+        let c = args.u32()? as usize;
+        (c, c)
+    };
+    let (v, dir, dir_st) = match resolve_dir(ctx, dir_fh) {
+        Ok(x) => x,
+        Err(s) => {
+            status(out, s);
+            post_op(out, None, 0);
+            return Ok(());
+        }
+    };
+    let opened = {
+        let _as = ctx.become_caller(&v);
+        sys::reopen(raw(&dir), libc::O_RDONLY | libc::O_DIRECTORY)
+    };
+    let rd = match opened {
+        Ok(f) => f,
+        Err(e) => {
+            status(out, to_nfsstat(e));
+            post_op(out, Some(&dir_st), v.meta.id);
+            return Ok(());
+        }
+    };
+    let at_root = v.is_root(&dir_st);
+    let mut body = Vec::with_capacity(maxcount.min(1 << 20));
+    // Reply overhead: status, dir attributes, verifier, list end, eof.
+    let mut size = 4 + 88 + 8 + 8;
+    let mut dsize = 0usize;
+    let mut count = 0usize;
+    let result = sys::read_dir_from(raw(&rd), cookie, |e| {
+        let pad = (e.name.len() + 3) & !3;
+        let entry_size = 4 + 8 + 4 + pad + 8;
+        let parent_of_root = at_root && e.name == b"..";
+        let mut attrs = None;
+        let mut fh = None;
+        if plus {
+            let target = if e.name == b"." || parent_of_root {
+                sys::reopen(raw(&dir), libc::O_PATH)
+            } else {
+                sys::openat(raw(&dir), &e.name, libc::O_PATH, 0)
+            };
+            if let Ok(fd) = target {
+                attrs = sys::fstat(raw(&fd)).ok();
+                if !parent_of_root {
+                    fh = ctx.ex.handle_for(&v, raw(&fd)).ok();
+                }
+            }
+        }
+        let plus_size = if plus { 4 + 84 + 4 + 4 + 64 } else { 0 };
+        if size + entry_size + plus_size > maxcount || dsize + entry_size > dircount {
+            return false;
+        }
+        size += entry_size + plus_size;
+        dsize += entry_size;
+        count += 1;
+        let fileid = if parent_of_root { dir_st.st_ino } else { e.ino };
+        put_bool(&mut body, true);
+        put_u64(&mut body, fileid);
+        put_opaque(&mut body, &e.name);
+        put_u64(&mut body, e.offset);
+        if plus {
+            post_op(&mut body, attrs.as_ref(), v.meta.id);
+            post_op_fh(&mut body, fh.as_deref());
+        }
+        true
+    });
+    match result {
+        Ok(eof) if count > 0 || eof => {
+            status(out, nfsstat3::NFS3_OK);
+            post_op(out, Some(&dir_st), v.meta.id);
+            out.extend_from_slice(&[0u8; 8]); // cookieverf
+            out.extend_from_slice(&body);
+            put_bool(out, false);
+            put_bool(out, eof);
+        }
+        Ok(_) => {
+            status(out, nfsstat3::NFS3ERR_TOOSMALL);
+            post_op(out, Some(&dir_st), v.meta.id);
+        }
+        Err(e) => {
+            let s = if e.0 == libc::EINVAL {
+                nfsstat3::NFS3ERR_BAD_COOKIE
+            } else {
+                to_nfsstat(e)
+            };
+            status(out, s);
+            post_op(out, Some(&dir_st), v.meta.id);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,59 @@
+//! The userspace NFSv3 + MOUNT v3 server, on one TCP port, written on `nfs3_types`
+//! (the `nfs3_server` crate's VFS cannot see the caller's identity, fixes FSSTAT and
+//! derives handles from its start time; see DESIGN.md).
+//!
+//! Layers, outermost first: [`server`] accepts (allow-list, connection cap, drain),
+//! `conn` frames records and dispatches, `rpc`/`xdr` decode untrusted bytes,
+//! `ops`/`dirops`/`mount` implement procedures, `state` maps handles to descriptors,
+//! `sys` is the only place that makes system calls.
+
+mod allow;
+mod attr;
+mod conn;
+mod dirops;
+pub mod handle;
+mod mount;
+mod ops;
+mod reply;
+pub mod rpc;
+mod state;
+mod sys;
+pub mod xdr;
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use allow::{AllowList, Network};
+pub use conn::dispatch;
+pub use state::Exports;
+
+/// Serves NFS and MOUNT on `listener` until `shutdown` fires, then drains.
+pub async fn serve(
+    listener: TcpListener,
+    exports: Arc<Exports>,
+    allow: AllowList,
+    max_connections: usize,
+    shutdown: CancellationToken,
+) {
+    crate::server::serve(
+        "nfs",
+        listener,
+        max_connections,
+        shutdown,
+        move |stream, peer, shutdown| {
+            let exports = exports.clone();
+            let allowed = allow.allows(peer.ip());
+            async move {
+                if !allowed {
+                    // Dropped before any byte is read.
+                    tracing::warn!(%peer, "refused connection from a client not on the allow-list");
+                    return;
+                }
+                conn::serve(stream, peer, exports, shutdown).await;
+            }
+        },
+    )
+    .await;
+}

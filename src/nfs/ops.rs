@@ -1,0 +1,464 @@
+//! NFSv3 procedures on attributes and file data: GETATTR, SETATTR, ACCESS, READLINK,
+//! READ, WRITE, COMMIT, FSSTAT, FSINFO, PATHCONF (RFC 1813 §3.3).
+//!
+//! Every procedure resolves its handle as root (open_by_handle_at needs
+//! CAP_DAC_READ_SEARCH), then acts with the caller's fs credentials so the kernel
+//! enforces permissions and ownership (DESIGN invariant 7).
+
+use std::net::IpAddr;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use nfs3_types::nfs3::{Nfs3Option, nfsstat3, set_atime, set_mtime, stable_how};
+
+use super::attr::{self, Caller};
+use super::reply::{post_op, status, wcc};
+use super::rpc::Credential;
+use super::state::{Exports, Volume};
+use super::sys::{self, AsCaller, raw, to_nfsstat};
+use super::xdr::{Garbage, XdrIn, put, put_bool, put_opaque, put_u32, put_u64};
+
+/// Largest READ/WRITE transfer we advertise and accept.
+pub const MAX_IO: u32 = 1 << 20;
+
+/// One request's context.
+pub struct Ctx<'a> {
+    pub ex: &'a Exports,
+    pub client: IpAddr,
+    pub cred: &'a Credential,
+}
+
+impl Ctx<'_> {
+    pub fn caller(&self, v: &Volume) -> Caller {
+        attr::effective_caller(self.cred, v.meta.squash, v.meta.anon_uid, v.meta.anon_gid)
+    }
+
+    /// Switches this thread to the caller's identity until the guard drops.
+    pub fn become_caller(&self, v: &Volume) -> AsCaller {
+        let c = self.caller(v);
+        AsCaller::new(c.uid, c.gid, &c.gids)
+    }
+
+    pub fn resolve(&self, fh: &[u8]) -> Result<(Arc<Volume>, OwnedFd), nfsstat3> {
+        self.ex.resolve(self.client, fh)
+    }
+}
+
+/// Result of a procedure: `Err(Garbage)` becomes RPC GARBAGE_ARGS.
+pub type ProcResult = Result<(), Garbage>;
+
+fn stat_opt(fd: &OwnedFd) -> Option<libc::stat> {
+    sys::fstat(raw(fd)).ok()
+}
+
+pub fn getattr(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
+    let fh = args.fh()?;
+    let r = ctx
+        .resolve(fh)
+        .and_then(|(v, fd)| Ok((v, sys::fstat(raw(&fd)).map_err(to_nfsstat)?)));
+    match r {
+        Ok((v, st)) => {
+            status(out, nfsstat3::NFS3_OK);
+            put(out, &attr::fattr(&st, v.meta.id));
+        }
+        Err(s) => status(out, s),
+    }
+    Ok(())
+}
+
+pub fn setattr(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
+    let fh = args.fh()?;
+    let sattr = args.sattr()?;
+    let guard = args.guard()?;
+    let (v, fd) = match ctx.resolve(fh) {
+        Ok(x) => x,
+        Err(s) => {
+            status(out, s);
+            wcc(out, None, None, 0);
+            return Ok(());
+        }
+    };
+    let before = stat_opt(&fd);
+    let result = (|| {
+        let st = before.ok_or(nfsstat3::NFS3ERR_STALE)?;
+        if let Some(ctime) = guard {
+            let now = attr::wcc(&st).ctime;
+            if now != ctime {
+                return Err(nfsstat3::NFS3ERR_NOT_SYNC);
+            }
+        }
+        let _as = ctx.become_caller(&v);
+        if let Nfs3Option::Some(size) = sattr.size {
+            if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+                return Err(nfsstat3::NFS3ERR_ISDIR);
+            }
+            let wfd = open_for(ctx, &v, &fd, &st, libc::O_WRONLY)?;
+            set_size(&v, &wfd, size)?;
+        }
+        if let Nfs3Option::Some(mode) = sattr.mode
+            && st.st_mode & libc::S_IFMT != libc::S_IFLNK
+        {
+            sys::chmod_fd(raw(&fd), mode & 0o7777).map_err(to_nfsstat)?;
+        }
+        let uid = match sattr.uid {
+            Nfs3Option::Some(u) => u,
+            Nfs3Option::None => u32::MAX,
+        };
+        let gid = match sattr.gid {
+            Nfs3Option::Some(g) => g,
+            Nfs3Option::None => u32::MAX,
+        };
+        if uid != u32::MAX || gid != u32::MAX {
+            sys::fchownat_empty(raw(&fd), uid, gid).map_err(to_nfsstat)?;
+        }
+        let atime = match sattr.atime {
+            set_atime::DONT_CHANGE => None,
+            set_atime::SET_TO_SERVER_TIME => Some(None),
+            set_atime::SET_TO_CLIENT_TIME(t) => {
+                Some(Some((i64::from(t.seconds), i64::from(t.nseconds))))
+            }
+        };
+        let mtime = match sattr.mtime {
+            set_mtime::DONT_CHANGE => None,
+            set_mtime::SET_TO_SERVER_TIME => Some(None),
+            set_mtime::SET_TO_CLIENT_TIME(t) => {
+                Some(Some((i64::from(t.seconds), i64::from(t.nseconds))))
+            }
+        };
+        if (atime.is_some() || mtime.is_some()) && st.st_mode & libc::S_IFMT != libc::S_IFLNK {
+            sys::utimes_fd(raw(&fd), atime, mtime).map_err(to_nfsstat)?;
+        }
+        Ok(())
+    })();
+    let after = stat_opt(&fd);
+    status(out, result.err().unwrap_or(nfsstat3::NFS3_OK));
+    wcc(out, before.as_ref(), after.as_ref(), v.meta.id);
+    Ok(())
+}
+
+/// Truncates or extends a file, keeping the volume's usage right. Growth past the
+/// limit fails with DQUOT and changes nothing.
+pub fn set_size(v: &Volume, fd: &OwnedFd, size: u64) -> Result<(), nfsstat3> {
+    let _lock = v.size_lock.lock().unwrap_or_else(|p| p.into_inner());
+    let old = sys::fstat(raw(fd)).map_err(to_nfsstat)?.st_size as u64;
+    if size > old {
+        v.grow(size - old)?;
+    }
+    if let Err(e) = sys::ftruncate(raw(fd), size) {
+        if size > old {
+            v.shrink(size - old);
+        }
+        return Err(to_nfsstat(e));
+    }
+    if size < old {
+        v.shrink(old - size);
+    }
+    Ok(())
+}
+
+/// Opens a regular file for I/O as the caller; the owner may always open their own
+/// file (NFS servers let the owner write a file they created read-only, as the open
+/// that created it would have).
+fn open_for(
+    ctx: &Ctx,
+    v: &Volume,
+    fd: &OwnedFd,
+    st: &libc::stat,
+    flags: i32,
+) -> Result<OwnedFd, nfsstat3> {
+    match st.st_mode & libc::S_IFMT {
+        libc::S_IFREG => {}
+        libc::S_IFDIR => return Err(nfsstat3::NFS3ERR_ISDIR),
+        _ => return Err(nfsstat3::NFS3ERR_INVAL),
+    }
+    match sys::reopen(raw(fd), flags) {
+        Ok(f) => Ok(f),
+        Err(e) if e.0 == libc::EACCES && ctx.caller(v).uid == st.st_uid => {
+            let _root = AsCaller::new(0, 0, &[]);
+            sys::reopen(raw(fd), flags).map_err(to_nfsstat)
+        }
+        Err(e) => Err(to_nfsstat(e)),
+    }
+}
+
+pub fn access(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
+    let fh = args.fh()?;
+    let requested = args.u32()?;
+    match ctx.resolve(fh) {
+        Ok((v, fd)) => match sys::fstat(raw(&fd)) {
+            Ok(st) => {
+                let granted =
+                    attr::access(st.st_mode, st.st_uid, st.st_gid, &ctx.caller(&v), requested);
+                status(out, nfsstat3::NFS3_OK);
+                post_op(out, Some(&st), v.meta.id);
+                put_u32(out, granted);
+            }
+            Err(e) => {
+                status(out, to_nfsstat(e));
+                post_op(out, None, 0);
+            }
+        },
+        Err(s) => {
+            status(out, s);
+            post_op(out, None, 0);
+        }
+    }
+    Ok(())
+}
+
+pub fn readlink(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
+    let fh = args.fh()?;
+    let r = ctx.resolve(fh).and_then(|(v, fd)| {
+        let st = sys::fstat(raw(&fd)).map_err(to_nfsstat)?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
+            return Err(nfsstat3::NFS3ERR_INVAL);
+        }
+        let target = sys::readlink(raw(&fd)).map_err(to_nfsstat)?;
+        Ok((v, st, target))
+    });
+    match r {
+        Ok((v, st, target)) => {
+            status(out, nfsstat3::NFS3_OK);
+            post_op(out, Some(&st), v.meta.id);
+            put_opaque(out, &target);
+        }
+        Err(s) => {
+            status(out, s);
+            post_op(out, None, 0);
+        }
+    }
+    Ok(())
+}
+
+pub fn read(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
+    let fh = args.fh()?;
+    let offset = args.u64()?;
+    let count = args.u32()?.min(MAX_IO) as usize;
+    let r = ctx.resolve(fh).and_then(|(v, fd)| {
+        let st = sys::fstat(raw(&fd)).map_err(to_nfsstat)?;
+        let _as = ctx.become_caller(&v);
+        let rfd = open_for(ctx, &v, &fd, &st, libc::O_RDONLY)?;
+        Ok((v, st, rfd))
+    });
+    let (v, st, rfd) = match r {
+        Ok(x) => x,
+        Err(s) => {
+            status(out, s);
+            post_op(out, None, 0);
+            return Ok(());
+        }
+    };
+    // Read straight into the reply buffer: status, attrs, count, eof, then data.
+    let mut head = Vec::with_capacity(128);
+    status(&mut head, nfsstat3::NFS3_OK);
+    post_op(&mut head, Some(&st), v.meta.id);
+    let start = out.len();
+    out.extend_from_slice(&head);
+    let counts_at = out.len();
+    out.extend_from_slice(&[0u8; 12]); // count, eof, opaque length
+    let data_at = out.len();
+    out.resize(data_at + count, 0);
+    match sys::pread(raw(&rfd), &mut out[data_at..], offset) {
+        Ok(n) => {
+            out.truncate(data_at + n);
+            out.extend_from_slice(&[0u8; 3][..(4 - n % 4) % 4]);
+            let eof = offset.saturating_add(n as u64) >= st.st_size as u64;
+            out[counts_at..counts_at + 4].copy_from_slice(&(n as u32).to_be_bytes());
+            out[counts_at + 4..counts_at + 8].copy_from_slice(&u32::from(eof).to_be_bytes());
+            out[counts_at + 8..counts_at + 12].copy_from_slice(&(n as u32).to_be_bytes());
+        }
+        Err(e) => {
+            out.truncate(start);
+            status(out, to_nfsstat(e));
+            post_op(out, Some(&st), v.meta.id);
+        }
+    }
+    Ok(())
+}
+
+pub fn write(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
+    let fh = args.fh()?;
+    let offset = args.u64()?;
+    let count = args.u32()?;
+    let stable = args.u32()?;
+    let data = args.opaque(MAX_IO as usize)?;
+    let stable = match stable {
+        0 => stable_how::UNSTABLE,
+        1 => stable_how::DATA_SYNC,
+        2 => stable_how::FILE_SYNC,
+        _ => return Err(Garbage),
+    };
+    let data = &data[..data.len().min(count as usize)];
+    let (v, fd) = match ctx.resolve(fh) {
+        Ok(x) => x,
+        Err(s) => {
+            status(out, s);
+            wcc(out, None, None, 0);
+            return Ok(());
+        }
+    };
+    let before = stat_opt(&fd);
+    let result = (|| {
+        let st = before.ok_or(nfsstat3::NFS3ERR_STALE)?;
+        let wfd = {
+            let _as = ctx.become_caller(&v);
+            open_for(ctx, &v, &fd, &st, libc::O_WRONLY)?
+        };
+        let end = offset
+            .checked_add(data.len() as u64)
+            .ok_or(nfsstat3::NFS3ERR_FBIG)?;
+        {
+            let _lock = v.size_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let size = sys::fstat(raw(&wfd)).map_err(to_nfsstat)?.st_size as u64;
+            let growth = end.saturating_sub(size);
+            v.grow(growth)?;
+            if let Err(e) = sys::pwrite_all(raw(&wfd), data, offset) {
+                // Give back what was not written (a short write still extended the file
+                // as far as it got; recount from the file).
+                let now = sys::fstat(raw(&wfd))
+                    .map(|s| s.st_size as u64)
+                    .unwrap_or(size);
+                v.shrink(growth.saturating_sub(now.saturating_sub(size)));
+                return Err(to_nfsstat(e));
+            }
+        }
+        // Synced before the reply (DESIGN invariant 4).
+        match stable {
+            stable_how::FILE_SYNC => sys::fsync(raw(&wfd)).map_err(to_nfsstat)?,
+            stable_how::DATA_SYNC => sys::fdatasync(raw(&wfd)).map_err(to_nfsstat)?,
+            stable_how::UNSTABLE => {}
+        }
+        Ok(())
+    })();
+    let after = stat_opt(&fd);
+    match result {
+        Ok(()) => {
+            status(out, nfsstat3::NFS3_OK);
+            wcc(out, before.as_ref(), after.as_ref(), v.meta.id);
+            put_u32(out, data.len() as u32);
+            put_u32(out, stable as u32);
+            out.extend_from_slice(&ctx.ex.verifier);
+        }
+        Err(s) => {
+            status(out, s);
+            wcc(out, before.as_ref(), after.as_ref(), v.meta.id);
+        }
+    }
+    Ok(())
+}
+
+pub fn commit(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
+    let fh = args.fh()?;
+    let _offset = args.u64()?;
+    let _count = args.u32()?;
+    let (v, fd) = match ctx.resolve(fh) {
+        Ok(x) => x,
+        Err(s) => {
+            status(out, s);
+            wcc(out, None, None, 0);
+            return Ok(());
+        }
+    };
+    let before = stat_opt(&fd);
+    // Syncing needs no permission; it only makes durable what was already written.
+    let result = sys::reopen(raw(&fd), libc::O_RDONLY)
+        .and_then(|f| sys::fsync(raw(&f)))
+        .map_err(to_nfsstat);
+    let after = stat_opt(&fd);
+    match result {
+        Ok(()) => {
+            status(out, nfsstat3::NFS3_OK);
+            wcc(out, before.as_ref(), after.as_ref(), v.meta.id);
+            out.extend_from_slice(&ctx.ex.verifier);
+        }
+        Err(s) => {
+            status(out, s);
+            wcc(out, before.as_ref(), after.as_ref(), v.meta.id);
+        }
+    }
+    Ok(())
+}
+
+pub fn fsstat(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
+    let fh = args.fh()?;
+    let r = ctx.resolve(fh).and_then(|(v, fd)| {
+        let st = sys::fstat(raw(&fd)).map_err(to_nfsstat)?;
+        let vfs = sys::statvfs(raw(&v.root)).map_err(to_nfsstat)?;
+        Ok((v, st, vfs))
+    });
+    match r {
+        Ok((v, st, vfs)) => {
+            status(out, nfsstat3::NFS3_OK);
+            post_op(out, Some(&st), v.meta.id);
+            // The volume's own size and free space, so `df` shows the PVC size
+            // (DESIGN invariant 6). Free space is also capped by the real disk.
+            let disk_free = vfs.f_bavail.saturating_mul(vfs.f_frsize);
+            let free = v.free().min(disk_free);
+            put_u64(out, v.limit.load(std::sync::atomic::Ordering::Acquire));
+            put_u64(out, free);
+            put_u64(out, free);
+            put_u64(out, vfs.f_files);
+            put_u64(out, vfs.f_ffree);
+            put_u64(out, vfs.f_favail);
+            put_u32(out, 0); // invarsec
+        }
+        Err(s) => {
+            status(out, s);
+            post_op(out, None, 0);
+        }
+    }
+    Ok(())
+}
+
+pub fn fsinfo(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
+    let fh = args.fh()?;
+    match ctx
+        .resolve(fh)
+        .and_then(|(v, fd)| Ok((v, sys::fstat(raw(&fd)).map_err(to_nfsstat)?)))
+    {
+        Ok((v, st)) => {
+            status(out, nfsstat3::NFS3_OK);
+            post_op(out, Some(&st), v.meta.id);
+            for x in [MAX_IO, MAX_IO, 4096, MAX_IO, MAX_IO, 4096, 64 * 1024] {
+                put_u32(out, x);
+            }
+            put_u64(out, i64::MAX as u64); // maxfilesize
+            put_u32(out, 0); // time_delta: 1 ns
+            put_u32(out, 1);
+            use nfs3_types::nfs3::{FSF3_CANSETTIME, FSF3_HOMOGENEOUS, FSF3_LINK, FSF3_SYMLINK};
+            put_u32(
+                out,
+                FSF3_LINK | FSF3_SYMLINK | FSF3_HOMOGENEOUS | FSF3_CANSETTIME,
+            );
+        }
+        Err(s) => {
+            status(out, s);
+            post_op(out, None, 0);
+        }
+    }
+    Ok(())
+}
+
+pub fn pathconf(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
+    let fh = args.fh()?;
+    match ctx
+        .resolve(fh)
+        .and_then(|(v, fd)| Ok((v, sys::fstat(raw(&fd)).map_err(to_nfsstat)?)))
+    {
+        Ok((v, st)) => {
+            status(out, nfsstat3::NFS3_OK);
+            post_op(out, Some(&st), v.meta.id);
+            put_u32(out, 65000); // linkmax
+            put_u32(out, 255); // name_max
+            put_bool(out, true); // no_trunc
+            put_bool(out, true); // chown_restricted
+            put_bool(out, false); // case_insensitive
+            put_bool(out, true); // case_preserving
+        }
+        Err(s) => {
+            status(out, s);
+            post_op(out, None, 0);
+        }
+    }
+    Ok(())
+}

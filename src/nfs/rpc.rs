@@ -1,0 +1,309 @@
+//! ONC RPC v2 (RFC 5531) over TCP: record marking (§11), call headers, credentials and
+//! reply headers. Nothing here knows NFS; it hands the dispatcher a decoded [`Call`] or
+//! a ready-made rejection.
+//!
+//! Limits: a record (all its fragments) is at most [`MAX_RECORD`] bytes, credentials at
+//! most 400 bytes (RFC 5531 §8.2), AUTH_SYS group lists at most 16 entries. Breaking a
+//! record limit closes the connection; breaking the others gets an RPC error reply.
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use super::xdr::{Garbage, XdrIn, put_opaque, put_u32};
+
+/// Largest record accepted: a 1 MiB WRITE plus headers.
+pub const MAX_RECORD: usize = (1 << 20) + 64 * 1024;
+
+const LAST_FRAGMENT: u32 = 0x8000_0000;
+const MAX_AUTH_BYTES: usize = 400;
+const MAX_GIDS: usize = 16;
+
+pub const AUTH_NONE: u32 = 0;
+pub const AUTH_SYS: u32 = 1;
+
+/// Who is calling, as the credential says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// AUTH_NONE: an anonymous caller.
+    None,
+    /// AUTH_SYS (AUTH_UNIX): the client vouches for these ids.
+    Sys { uid: u32, gid: u32, gids: Vec<u32> },
+}
+
+/// A decoded call; `args` is positioned at the procedure's arguments.
+#[derive(Debug)]
+pub struct Call<'a> {
+    pub xid: u32,
+    pub prog: u32,
+    pub vers: u32,
+    pub procedure: u32,
+    pub cred: Credential,
+    pub args: XdrIn<'a>,
+}
+
+/// Why a record is not a call we can serve.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reject {
+    /// Not even an RPC call header: ignore the record (RFC 5531 has no reply for it).
+    Ignore,
+    /// Answer with this ready reply body.
+    Reply(Vec<u8>),
+}
+
+/// Reads one record (all fragments) into `buf`. `Ok(false)` is a clean end of stream
+/// between records; a record over `max` bytes or a stream ending mid-record is an error.
+pub async fn read_record<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<bool> {
+    buf.clear();
+    let mut first = true;
+    loop {
+        let mut mark = [0u8; 4];
+        if first {
+            // EOF before a new record is a normal close.
+            match r.read(&mut mark[..1]).await? {
+                0 => return Ok(false),
+                _ => r.read_exact(&mut mark[1..]).await?,
+            };
+        } else {
+            r.read_exact(&mut mark).await?;
+        }
+        first = false;
+        let mark = u32::from_be_bytes(mark);
+        let len = (mark & !LAST_FRAGMENT) as usize;
+        if buf.len() + len > max {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("RPC record larger than {max} bytes"),
+            ));
+        }
+        let start = buf.len();
+        buf.resize(start + len, 0);
+        r.read_exact(&mut buf[start..]).await?;
+        if mark & LAST_FRAGMENT != 0 {
+            return Ok(true);
+        }
+    }
+}
+
+/// Decodes the call header of `record`.
+pub fn parse_call(record: &[u8]) -> Result<Call<'_>, Reject> {
+    let mut x = XdrIn::new(record);
+    let xid = x.u32().map_err(|_| Reject::Ignore)?;
+    if x.u32() != Ok(0) {
+        return Err(Reject::Ignore); // a REPLY, or garbage: nothing to answer
+    }
+    let garbage = |_: Garbage| Reject::Reply(accepted(xid, AcceptStat::GarbageArgs));
+    let rpcvers = x.u32().map_err(garbage)?;
+    if rpcvers != 2 {
+        return Err(Reject::Reply(denied_rpc_mismatch(xid)));
+    }
+    let prog = x.u32().map_err(garbage)?;
+    let vers = x.u32().map_err(garbage)?;
+    let procedure = x.u32().map_err(garbage)?;
+    let cred_flavor = x.u32().map_err(garbage)?;
+    let cred_body = x
+        .opaque(MAX_AUTH_BYTES)
+        .map_err(|_| Reject::Reply(denied_auth(xid, AuthStat::BadCred)))?;
+    let _verf_flavor = x.u32().map_err(garbage)?;
+    x.opaque(MAX_AUTH_BYTES)
+        .map_err(|_| Reject::Reply(denied_auth(xid, AuthStat::BadVerf)))?;
+    let cred = match cred_flavor {
+        AUTH_NONE => Credential::None,
+        AUTH_SYS => parse_auth_sys(cred_body)
+            .map_err(|_| Reject::Reply(denied_auth(xid, AuthStat::BadCred)))?,
+        _ => return Err(Reject::Reply(denied_auth(xid, AuthStat::TooWeak))),
+    };
+    Ok(Call {
+        xid,
+        prog,
+        vers,
+        procedure,
+        cred,
+        args: x,
+    })
+}
+
+/// `authsys_parms` (RFC 5531 appendix A).
+fn parse_auth_sys(body: &[u8]) -> Result<Credential, Garbage> {
+    let mut x = XdrIn::new(body);
+    let _stamp = x.u32()?;
+    let _machine = x.opaque(255)?;
+    let uid = x.u32()?;
+    let gid = x.u32()?;
+    let n = x.u32()? as usize;
+    if n > MAX_GIDS {
+        return Err(Garbage);
+    }
+    let gids = (0..n).map(|_| x.u32()).collect::<Result<Vec<_>, _>>()?;
+    Ok(Credential::Sys { uid, gid, gids })
+}
+
+/// `accept_stat` values we send (RFC 5531 §9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcceptStat {
+    Success = 0,
+    ProgUnavail = 1,
+    ProcUnavail = 3,
+    GarbageArgs = 4,
+    SystemErr = 5,
+}
+
+/// `auth_stat` values we send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthStat {
+    BadCred = 1,
+    BadVerf = 3,
+    TooWeak = 5,
+}
+
+/// Starts a reply buffer: 4 bytes reserved for the record mark, then the reply header
+/// for an accepted call with `stat`. Procedure results follow for `Success`.
+pub fn accepted(xid: u32, stat: AcceptStat) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(&[0; 4]);
+    put_u32(&mut out, xid);
+    put_u32(&mut out, 1); // REPLY
+    put_u32(&mut out, 0); // MSG_ACCEPTED
+    put_u32(&mut out, AUTH_NONE); // verifier
+    put_opaque(&mut out, &[]);
+    put_u32(&mut out, stat as u32);
+    out
+}
+
+/// PROG_MISMATCH with the versions we support.
+pub fn prog_mismatch(xid: u32, low: u32, high: u32) -> Vec<u8> {
+    let mut out = accepted(xid, AcceptStat::Success);
+    out.truncate(out.len() - 4);
+    put_u32(&mut out, 2); // PROG_MISMATCH
+    put_u32(&mut out, low);
+    put_u32(&mut out, high);
+    out
+}
+
+fn denied(xid: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32);
+    out.extend_from_slice(&[0; 4]);
+    put_u32(&mut out, xid);
+    put_u32(&mut out, 1); // REPLY
+    put_u32(&mut out, 1); // MSG_DENIED
+    out
+}
+
+fn denied_rpc_mismatch(xid: u32) -> Vec<u8> {
+    let mut out = denied(xid);
+    put_u32(&mut out, 0); // RPC_MISMATCH
+    put_u32(&mut out, 2);
+    put_u32(&mut out, 2);
+    out
+}
+
+/// MSG_DENIED / AUTH_ERROR with `stat`.
+pub fn denied_auth(xid: u32, stat: AuthStat) -> Vec<u8> {
+    let mut out = denied(xid);
+    put_u32(&mut out, 1); // AUTH_ERROR
+    put_u32(&mut out, stat as u32);
+    out
+}
+
+/// Fills in the record mark reserved by [`accepted`] / [`denied_auth`]: one fragment.
+pub fn finish_record(reply: &mut [u8]) {
+    let len = (reply.len() - 4) as u32 | LAST_FRAGMENT;
+    reply[..4].copy_from_slice(&len.to_be_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nfs::xdr::put_u32;
+
+    fn call_header(rpcvers: u32, cred_flavor: u32, cred: &[u8]) -> Vec<u8> {
+        let mut b = Vec::new();
+        for v in [7, 0, rpcvers, 100_003, 3, 0, cred_flavor] {
+            put_u32(&mut b, v);
+        }
+        put_opaque(&mut b, cred);
+        put_u32(&mut b, 0);
+        put_opaque(&mut b, &[]);
+        b
+    }
+
+    fn auth_sys(uid: u32, gid: u32, gids: &[u32]) -> Vec<u8> {
+        let mut b = Vec::new();
+        put_u32(&mut b, 0);
+        put_opaque(&mut b, b"host");
+        put_u32(&mut b, uid);
+        put_u32(&mut b, gid);
+        put_u32(&mut b, gids.len() as u32);
+        for g in gids {
+            put_u32(&mut b, *g);
+        }
+        b
+    }
+
+    #[test]
+    fn auth_sys_identity_is_decoded() {
+        let rec = call_header(2, AUTH_SYS, &auth_sys(999, 998, &[4, 5]));
+        let call = parse_call(&rec).expect("valid call");
+        assert_eq!(call.xid, 7);
+        assert_eq!(
+            call.cred,
+            Credential::Sys {
+                uid: 999,
+                gid: 998,
+                gids: vec![4, 5]
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_auth_flavours_are_rejected_as_too_weak() {
+        let rec = call_header(2, 6, &[]);
+        assert_eq!(
+            parse_call(&rec).unwrap_err(),
+            Reject::Reply(denied_auth(7, AuthStat::TooWeak))
+        );
+    }
+
+    #[test]
+    fn too_many_groups_is_a_bad_credential() {
+        let gids: Vec<u32> = (0..17).collect();
+        let rec = call_header(2, AUTH_SYS, &auth_sys(1, 1, &gids));
+        assert_eq!(
+            parse_call(&rec).unwrap_err(),
+            Reject::Reply(denied_auth(7, AuthStat::BadCred))
+        );
+    }
+
+    #[test]
+    fn rpc_version_other_than_two_is_a_mismatch() {
+        let rec = call_header(3, AUTH_NONE, &[]);
+        assert!(matches!(parse_call(&rec), Err(Reject::Reply(_))));
+    }
+
+    #[test]
+    fn truncated_headers_never_panic() {
+        let rec = call_header(2, AUTH_SYS, &auth_sys(1, 1, &[]));
+        for cut in 0..rec.len() {
+            let _ = parse_call(&rec[..cut]);
+        }
+    }
+
+    #[tokio::test]
+    async fn records_over_the_limit_are_refused_before_reading_them() {
+        let mut data: &[u8] = &[0x80, 0x10, 0x00, 0x00]; // one fragment of 1 MiB
+        let mut buf = Vec::new();
+        assert!(read_record(&mut data, &mut buf, 1000).await.is_err());
+        assert!(buf.capacity() < 1000);
+    }
+
+    #[tokio::test]
+    async fn fragments_are_joined_into_one_record() {
+        let mut data: &[u8] = &[0, 0, 0, 2, b'a', b'b', 0x80, 0, 0, 1, b'c'];
+        let mut buf = Vec::new();
+        assert!(read_record(&mut data, &mut buf, 100).await.expect("reads"));
+        assert_eq!(buf, b"abc");
+        assert!(!read_record(&mut data, &mut buf, 100).await.expect("eof"));
+    }
+}

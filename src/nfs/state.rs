@@ -1,0 +1,288 @@
+//! What the NFS server serves: the volumes of one store, their size accounting, the
+//! mount table, and turning a wire handle into an open descriptor inside its volume.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::os::fd::{OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use nfs3_types::nfs3::nfsstat3;
+
+use super::handle::{FileHandle, HandleKey};
+use super::sys::{self, Errno, to_nfsstat};
+use crate::error::{Error, Result};
+use crate::volume::{VolumeMeta, VolumeName, VolumeStore};
+
+/// One exported volume.
+#[derive(Debug)]
+pub struct Volume {
+    pub meta: VolumeMeta,
+    /// O_PATH descriptor of the volume directory: every lookup starts here.
+    pub root: OwnedFd,
+    /// The same directory opened for reading: `open_by_handle_at` refuses O_PATH
+    /// descriptors as its mount reference.
+    mount_fd: OwnedFd,
+    pub root_ino: u64,
+    pub root_dev: u64,
+    /// The root's sealed handle, returned by MNT.
+    pub root_fh: Vec<u8>,
+    pub limit: AtomicU64,
+    pub used: AtomicU64,
+    /// Held by every operation that changes a file's size, so the check against the
+    /// limit and the change are one step (DESIGN invariant 6).
+    pub size_lock: Mutex<()>,
+}
+
+impl Volume {
+    /// Whether `st` is this volume's root directory.
+    pub fn is_root(&self, st: &libc::stat) -> bool {
+        st.st_ino == self.root_ino && st.st_dev == self.root_dev
+    }
+
+    /// Reserves `bytes` of growth, or fails with DQUOT if the limit would be passed.
+    /// Call with `size_lock` held.
+    pub fn grow(&self, bytes: u64) -> Result<(), nfsstat3> {
+        let used = self.used.load(Ordering::Acquire);
+        if used.saturating_add(bytes) > self.limit.load(Ordering::Acquire) {
+            return Err(nfsstat3::NFS3ERR_DQUOT);
+        }
+        self.used.store(used + bytes, Ordering::Release);
+        Ok(())
+    }
+
+    /// Returns `bytes` to the free space.
+    pub fn shrink(&self, bytes: u64) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                Some(u.saturating_sub(bytes))
+            });
+    }
+
+    pub fn free(&self) -> u64 {
+        self.limit
+            .load(Ordering::Acquire)
+            .saturating_sub(self.used.load(Ordering::Acquire))
+    }
+}
+
+/// Which client addresses have mounted which volumes (the classic `rmtab`), persisted
+/// so a restarted server still honours mounts made before it (DESIGN invariant 3).
+type MountTable = BTreeMap<IpAddr, BTreeSet<VolumeName>>;
+
+/// The server's shared state.
+pub struct Exports {
+    store: VolumeStore,
+    pub key: HandleKey,
+    volumes: RwLock<HashMap<u32, Arc<Volume>>>,
+    mounts: Mutex<MountTable>,
+    /// Write verifier: new on every start, so clients resend unstable writes the
+    /// previous process may have lost (RFC 1813 §3.3.7, DESIGN invariant 4).
+    pub verifier: [u8; 8],
+}
+
+impl Exports {
+    /// Loads every volume of `store` and the persisted mount table.
+    pub fn load(store: VolumeStore) -> Result<Self> {
+        let key = HandleKey::new(&store.node_key()?);
+        let mut verifier = [0u8; 8];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut verifier).map_err(
+            |_| Error::VolumeIo {
+                action: "generate write verifier",
+                path: store.root().to_owned(),
+                source: std::io::ErrorKind::Other.into(),
+            },
+        )?;
+        let mounts = match std::fs::read(store.root().join("rmtab")) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
+            Err(_) => MountTable::new(),
+        };
+        let exports = Self {
+            store,
+            key,
+            volumes: RwLock::new(HashMap::new()),
+            mounts: Mutex::new(mounts),
+            verifier,
+        };
+        exports.refresh()?;
+        Ok(exports)
+    }
+
+    pub fn store(&self) -> &VolumeStore {
+        &self.store
+    }
+
+    /// Re-reads the store: picks up new volumes, drops deleted ones, applies new size
+    /// limits (a resize takes effect without a remount).
+    pub fn refresh(&self) -> Result<()> {
+        let metas = self.store.list()?;
+        let current: HashMap<u32, Arc<Volume>> = self.read_volumes().clone();
+        let mut next = HashMap::with_capacity(metas.len());
+        for meta in metas {
+            match current.get(&meta.id) {
+                Some(v) if v.meta.name == meta.name => {
+                    v.limit.store(meta.size_bytes, Ordering::Release);
+                    next.insert(meta.id, v.clone());
+                }
+                _ => match self.open_volume(meta) {
+                    Ok(v) => {
+                        next.insert(v.meta.id, Arc::new(v));
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot export volume"),
+                },
+            }
+        }
+        *self.volumes.write().unwrap_or_else(|p| p.into_inner()) = next;
+        Ok(())
+    }
+
+    fn read_volumes(&self) -> std::sync::RwLockReadGuard<'_, HashMap<u32, Arc<Volume>>> {
+        self.volumes.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn open_volume(&self, meta: VolumeMeta) -> Result<Volume> {
+        let dir = self.store.data_dir(&meta.name);
+        let io = |action| {
+            let dir = dir.clone();
+            move |e: Errno| Error::VolumeIo {
+                action,
+                path: dir,
+                source: std::io::Error::from_raw_os_error(e.0),
+            }
+        };
+        let path = dir.as_os_str().as_encoded_bytes();
+        let root = sys::openat(libc::AT_FDCWD, path, libc::O_PATH | libc::O_DIRECTORY, 0)
+            .map_err(io("open volume directory"))?;
+        let mount_fd = sys::openat(libc::AT_FDCWD, path, libc::O_RDONLY | libc::O_DIRECTORY, 0)
+            .map_err(io("open volume directory"))?;
+        let st = sys::fstat(sys::raw(&root)).map_err(io("stat volume directory"))?;
+        let (kind, kernel) =
+            sys::name_to_handle(sys::raw(&root)).map_err(io("get volume root handle"))?;
+        let root_fh = self
+            .key
+            .seal(&FileHandle {
+                volume: meta.id,
+                kind,
+                kernel,
+            })
+            .ok_or_else(|| io("seal volume root handle")(Errno(libc::EOVERFLOW)))?;
+        let used = self.store.usage(&meta.name)?;
+        Ok(Volume {
+            root,
+            mount_fd,
+            root_ino: st.st_ino,
+            root_dev: st.st_dev,
+            root_fh,
+            limit: AtomicU64::new(meta.size_bytes),
+            used: AtomicU64::new(used),
+            size_lock: Mutex::new(()),
+            meta,
+        })
+    }
+
+    /// The exported volume called `name`.
+    pub fn by_name(&self, name: &VolumeName) -> Option<Arc<Volume>> {
+        self.read_volumes()
+            .values()
+            .find(|v| &v.meta.name == name)
+            .cloned()
+    }
+
+    /// Every exported volume.
+    pub fn all(&self) -> Vec<Arc<Volume>> {
+        let mut v: Vec<_> = self.read_volumes().values().cloned().collect();
+        v.sort_by(|a, b| a.meta.name.cmp(&b.meta.name));
+        v
+    }
+
+    /// Records that `client` mounted `name`.
+    pub fn add_mount(&self, client: IpAddr, name: &VolumeName) {
+        let mut m = self.mounts.lock().unwrap_or_else(|p| p.into_inner());
+        if m.entry(client).or_default().insert(name.clone()) {
+            self.save_mounts(&m);
+        }
+    }
+
+    /// Forgets `client`'s mount of `name`, or all of its mounts.
+    pub fn remove_mount(&self, client: IpAddr, name: Option<&VolumeName>) {
+        let mut m = self.mounts.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = match name {
+            Some(n) => m.get_mut(&client).is_some_and(|s| s.remove(n)),
+            None => m.remove(&client).is_some(),
+        };
+        m.retain(|_, s| !s.is_empty());
+        if changed {
+            self.save_mounts(&m);
+        }
+    }
+
+    /// (client, volume) pairs for MOUNT DUMP.
+    pub fn mounts(&self) -> Vec<(IpAddr, VolumeName)> {
+        let m = self.mounts.lock().unwrap_or_else(|p| p.into_inner());
+        m.iter()
+            .flat_map(|(ip, set)| set.iter().map(move |n| (*ip, n.clone())))
+            .collect()
+    }
+
+    fn has_mounted(&self, client: IpAddr, name: &VolumeName) -> bool {
+        let m = self.mounts.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(&client).is_some_and(|s| s.contains(name))
+    }
+
+    fn save_mounts(&self, m: &MountTable) {
+        let path = self.store.root().join("rmtab");
+        let result = serde_json::to_vec(m)
+            .map_err(|e| Error::VolumeIo {
+                action: "encode mount table",
+                path: path.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+            })
+            .and_then(|b| crate::volume::write_atomic(&path, &b, 0o600));
+        if let Err(e) = result {
+            tracing::error!(error = %e, "cannot persist mount table");
+        }
+    }
+
+    /// Authenticates `wire`, checks `client` mounted its volume, and opens the object
+    /// it names (O_PATH, never following a symlink). Forged or altered handles are
+    /// BADHANDLE; deleted objects or volumes STALE; volumes the client did not mount
+    /// ACCES (DESIGN invariant 5).
+    pub fn resolve(&self, client: IpAddr, wire: &[u8]) -> Result<(Arc<Volume>, OwnedFd), nfsstat3> {
+        let fh = self
+            .key
+            .open(wire)
+            .map_err(|_| nfsstat3::NFS3ERR_BADHANDLE)?;
+        let volume = self
+            .read_volumes()
+            .get(&fh.volume)
+            .cloned()
+            .ok_or(nfsstat3::NFS3ERR_STALE)?;
+        if !self.has_mounted(client, &volume.meta.name) {
+            return Err(nfsstat3::NFS3ERR_ACCES);
+        }
+        let fd = sys::open_by_handle(
+            sys::raw(&volume.mount_fd),
+            fh.kind,
+            &fh.kernel,
+            libc::O_PATH | libc::O_NOFOLLOW,
+        )
+        .map_err(|e| match e.0 {
+            libc::ESTALE | libc::ENOENT | libc::EINVAL => nfsstat3::NFS3ERR_STALE,
+            _ => to_nfsstat(e),
+        })?;
+        Ok((volume, fd))
+    }
+
+    /// Seals a handle for the object `fd` in `volume`.
+    pub fn handle_for(&self, volume: &Volume, fd: RawFd) -> Result<Vec<u8>, nfsstat3> {
+        let (kind, kernel) = sys::name_to_handle(fd).map_err(to_nfsstat)?;
+        self.key
+            .seal(&FileHandle {
+                volume: volume.meta.id,
+                kind,
+                kernel,
+            })
+            .ok_or(nfsstat3::NFS3ERR_SERVERFAULT)
+    }
+}

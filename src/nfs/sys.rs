@@ -1,0 +1,418 @@
+//! Thin, safe wrappers over the Linux system calls the NFS layer needs: `*at` calls
+//! relative to directory descriptors (never a path walk from `/`, never following a
+//! symlink), kernel file handles, per-thread credentials, and raw directory reading.
+//!
+//! Every failure comes back as `Errno`; [`to_nfsstat`] is the one place an errno becomes
+//! an NFS status (STYLE habit 4).
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use nfs3_types::nfs3::nfsstat3;
+
+/// A raw errno value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Errno(pub i32);
+
+pub type SysResult<T> = Result<T, Errno>;
+
+fn last() -> Errno {
+    Errno(
+        std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO),
+    )
+}
+
+fn check(ret: libc::c_int) -> SysResult<libc::c_int> {
+    if ret < 0 { Err(last()) } else { Ok(ret) }
+}
+
+/// The single errno → NFSv3 status mapping (RFC 1813 §2.6).
+pub fn to_nfsstat(e: Errno) -> nfsstat3 {
+    match e.0 {
+        libc::EPERM => nfsstat3::NFS3ERR_PERM,
+        libc::ENOENT => nfsstat3::NFS3ERR_NOENT,
+        libc::ENXIO | libc::ENODEV => nfsstat3::NFS3ERR_NXIO,
+        libc::EACCES => nfsstat3::NFS3ERR_ACCES,
+        libc::EEXIST => nfsstat3::NFS3ERR_EXIST,
+        libc::EXDEV => nfsstat3::NFS3ERR_XDEV,
+        libc::ENOTDIR => nfsstat3::NFS3ERR_NOTDIR,
+        libc::EISDIR => nfsstat3::NFS3ERR_ISDIR,
+        libc::EINVAL | libc::ELOOP => nfsstat3::NFS3ERR_INVAL,
+        libc::EFBIG => nfsstat3::NFS3ERR_FBIG,
+        libc::ENOSPC => nfsstat3::NFS3ERR_NOSPC,
+        libc::EROFS => nfsstat3::NFS3ERR_ROFS,
+        libc::EMLINK => nfsstat3::NFS3ERR_MLINK,
+        libc::ENAMETOOLONG => nfsstat3::NFS3ERR_NAMETOOLONG,
+        libc::ENOTEMPTY => nfsstat3::NFS3ERR_NOTEMPTY,
+        libc::EDQUOT => nfsstat3::NFS3ERR_DQUOT,
+        libc::ESTALE => nfsstat3::NFS3ERR_STALE,
+        libc::EOPNOTSUPP | libc::ENOTTY => nfsstat3::NFS3ERR_NOTSUPP,
+        libc::EBADF => nfsstat3::NFS3ERR_BADHANDLE,
+        _ => nfsstat3::NFS3ERR_IO,
+    }
+}
+
+fn cstr(name: &[u8]) -> SysResult<CString> {
+    CString::new(name).map_err(|_| Errno(libc::EINVAL))
+}
+
+const EMPTY: &[u8] = b"\0";
+
+/// `fstatat(fd, "", AT_EMPTY_PATH)`: works on O_PATH descriptors.
+pub fn fstat(fd: RawFd) -> SysResult<libc::stat> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: valid NUL-terminated path and an out-pointer the kernel fills.
+    check(unsafe {
+        libc::fstatat(
+            fd,
+            EMPTY.as_ptr().cast(),
+            st.as_mut_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    // SAFETY: fstatat succeeded, so the struct is initialised.
+    Ok(unsafe { st.assume_init() })
+}
+
+/// `openat(dir, name, flags)`; `O_NOFOLLOW` is always added.
+pub fn openat(dir: RawFd, name: &[u8], flags: i32, mode: u32) -> SysResult<OwnedFd> {
+    let c = cstr(name)?;
+    // SAFETY: valid C string; the returned descriptor is owned by us alone.
+    let fd = check(unsafe {
+        libc::openat(
+            dir,
+            c.as_ptr(),
+            flags | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            mode,
+        )
+    })?;
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Re-opens an O_PATH descriptor with real access flags, through /proc (the kernel
+/// checks permissions against the current fs credentials).
+pub fn reopen(fd: RawFd, flags: i32) -> SysResult<OwnedFd> {
+    let path = format!("/proc/self/fd/{fd}");
+    let c = cstr(path.as_bytes())?;
+    // SAFETY: valid C string; fresh descriptor.
+    let nfd = check(unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC) })?;
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(nfd) })
+}
+
+#[repr(C)]
+struct RawHandle {
+    handle_bytes: libc::c_uint,
+    handle_type: libc::c_int,
+    f_handle: [u8; 128],
+}
+
+/// The kernel's persistent handle for the object `fd` refers to.
+pub fn name_to_handle(fd: RawFd) -> SysResult<(i32, Vec<u8>)> {
+    let mut h = RawHandle {
+        handle_bytes: 128,
+        handle_type: 0,
+        f_handle: [0; 128],
+    };
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: `h` is a file_handle with 128 bytes of room, as handle_bytes says.
+    check(unsafe {
+        libc::name_to_handle_at(
+            fd,
+            EMPTY.as_ptr().cast(),
+            (&raw mut h).cast(),
+            &mut mount_id,
+            libc::AT_EMPTY_PATH,
+        )
+    })?;
+    let n = (h.handle_bytes as usize).min(128);
+    Ok((h.handle_type, h.f_handle[..n].to_vec()))
+}
+
+/// Opens the object a kernel handle names, on the filesystem of `mount_fd`.
+/// Needs CAP_DAC_READ_SEARCH: call it with root fs credentials.
+pub fn open_by_handle(mount_fd: RawFd, kind: i32, bytes: &[u8], flags: i32) -> SysResult<OwnedFd> {
+    if bytes.len() > 128 {
+        return Err(Errno(libc::ESTALE));
+    }
+    let mut h = RawHandle {
+        handle_bytes: bytes.len() as libc::c_uint,
+        handle_type: kind,
+        f_handle: [0; 128],
+    };
+    h.f_handle[..bytes.len()].copy_from_slice(bytes);
+    // SAFETY: `h` is a valid file_handle; fresh descriptor on success.
+    let fd = check(unsafe {
+        libc::open_by_handle_at(mount_fd, (&raw mut h).cast(), flags | libc::O_CLOEXEC)
+    })?;
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+pub fn mkdirat(dir: RawFd, name: &[u8], mode: u32) -> SysResult<()> {
+    let c = cstr(name)?;
+    // SAFETY: valid C string.
+    check(unsafe { libc::mkdirat(dir, c.as_ptr(), mode) }).map(drop)
+}
+
+pub fn symlinkat(target: &[u8], dir: RawFd, name: &[u8]) -> SysResult<()> {
+    let (t, c) = (cstr(target)?, cstr(name)?);
+    // SAFETY: valid C strings.
+    check(unsafe { libc::symlinkat(t.as_ptr(), dir, c.as_ptr()) }).map(drop)
+}
+
+pub fn mknodat(dir: RawFd, name: &[u8], mode: u32, dev: u64) -> SysResult<()> {
+    let c = cstr(name)?;
+    // SAFETY: valid C string.
+    check(unsafe { libc::mknodat(dir, c.as_ptr(), mode, dev) }).map(drop)
+}
+
+pub fn unlinkat(dir: RawFd, name: &[u8], flags: i32) -> SysResult<()> {
+    let c = cstr(name)?;
+    // SAFETY: valid C string.
+    check(unsafe { libc::unlinkat(dir, c.as_ptr(), flags) }).map(drop)
+}
+
+pub fn renameat(from_dir: RawFd, from: &[u8], to_dir: RawFd, to: &[u8]) -> SysResult<()> {
+    let (f, t) = (cstr(from)?, cstr(to)?);
+    // SAFETY: valid C strings.
+    check(unsafe { libc::renameat(from_dir, f.as_ptr(), to_dir, t.as_ptr()) }).map(drop)
+}
+
+/// Hard-links the object `fd` refers to as `dir/name` (AT_EMPTY_PATH needs
+/// CAP_DAC_READ_SEARCH, so we go through /proc like `linkat(2)` suggests).
+pub fn link_fd(fd: RawFd, dir: RawFd, name: &[u8]) -> SysResult<()> {
+    let from = cstr(format!("/proc/self/fd/{fd}").as_bytes())?;
+    let c = cstr(name)?;
+    // SAFETY: valid C strings.
+    check(unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            dir,
+            c.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    })
+    .map(drop)
+}
+
+pub fn readlink(fd: RawFd) -> SysResult<Vec<u8>> {
+    let mut buf = vec![0u8; libc::PATH_MAX as usize];
+    // SAFETY: buffer of the length given.
+    let n = unsafe {
+        libc::readlinkat(
+            fd,
+            EMPTY.as_ptr().cast(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        return Err(last());
+    }
+    buf.truncate(n as usize);
+    Ok(buf)
+}
+
+pub fn fchownat_empty(fd: RawFd, uid: u32, gid: u32) -> SysResult<()> {
+    // SAFETY: empty path with AT_EMPTY_PATH acts on fd itself.
+    check(unsafe {
+        libc::fchownat(
+            fd,
+            EMPTY.as_ptr().cast(),
+            uid,
+            gid,
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
+}
+
+/// chmod through /proc (works for O_PATH descriptors of files and directories).
+pub fn chmod_fd(fd: RawFd, mode: u32) -> SysResult<()> {
+    let p = cstr(format!("/proc/self/fd/{fd}").as_bytes())?;
+    // SAFETY: valid C string.
+    check(unsafe { libc::fchmodat(libc::AT_FDCWD, p.as_ptr(), mode, 0) }).map(drop)
+}
+
+/// Sets times through /proc; `None` leaves a time unchanged, `Some(None)` means now.
+pub fn utimes_fd(
+    fd: RawFd,
+    atime: Option<Option<(i64, i64)>>,
+    mtime: Option<Option<(i64, i64)>>,
+) -> SysResult<()> {
+    let conv = |t: Option<Option<(i64, i64)>>| match t {
+        None => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        Some(None) => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        Some(Some((s, ns))) => libc::timespec {
+            tv_sec: s,
+            tv_nsec: ns,
+        },
+    };
+    let times = [conv(atime), conv(mtime)];
+    let p = cstr(format!("/proc/self/fd/{fd}").as_bytes())?;
+    // SAFETY: valid C string and a 2-element timespec array.
+    check(unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), times.as_ptr(), 0) }).map(drop)
+}
+
+pub fn ftruncate(fd: RawFd, len: u64) -> SysResult<()> {
+    let len = i64::try_from(len).map_err(|_| Errno(libc::EFBIG))?;
+    // SAFETY: plain syscall.
+    check(unsafe { libc::ftruncate(fd, len) }).map(drop)
+}
+
+pub fn pread(fd: RawFd, buf: &mut [u8], off: u64) -> SysResult<usize> {
+    let off = i64::try_from(off).map_err(|_| Errno(libc::EINVAL))?;
+    // SAFETY: buffer of the given length.
+    let n = unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), buf.len(), off) };
+    if n < 0 { Err(last()) } else { Ok(n as usize) }
+}
+
+pub fn pwrite_all(fd: RawFd, mut buf: &[u8], mut off: u64) -> SysResult<()> {
+    while !buf.is_empty() {
+        let o = i64::try_from(off).map_err(|_| Errno(libc::EFBIG))?;
+        // SAFETY: buffer of the given length.
+        let n = unsafe { libc::pwrite(fd, buf.as_ptr().cast(), buf.len(), o) };
+        if n < 0 {
+            let e = last();
+            if e.0 == libc::EINTR {
+                continue;
+            }
+            return Err(e);
+        }
+        buf = &buf[n as usize..];
+        off += n as u64;
+    }
+    Ok(())
+}
+
+pub fn fsync(fd: RawFd) -> SysResult<()> {
+    // SAFETY: plain syscall.
+    check(unsafe { libc::fsync(fd) }).map(drop)
+}
+
+pub fn fdatasync(fd: RawFd) -> SysResult<()> {
+    // SAFETY: plain syscall.
+    check(unsafe { libc::fdatasync(fd) }).map(drop)
+}
+
+pub fn statvfs(fd: RawFd) -> SysResult<libc::statvfs> {
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: out-pointer filled by the kernel.
+    check(unsafe { libc::fstatvfs(fd, st.as_mut_ptr()) })?;
+    // SAFETY: initialised on success.
+    Ok(unsafe { st.assume_init() })
+}
+
+/// One directory entry as `getdents64` returns it; `offset` is the cookie that resumes
+/// listing after this entry (stable across calls on ext4/xfs/tmpfs).
+#[derive(Debug, Clone)]
+pub struct DirEntry {
+    pub ino: u64,
+    pub offset: u64,
+    pub name: Vec<u8>,
+}
+
+/// Reads entries from `dir` (opened O_RDONLY|O_DIRECTORY) starting at `cookie`, calling
+/// `f` until it returns false or the directory ends. Returns true at end of directory.
+pub fn read_dir_from(
+    dir: RawFd,
+    cookie: u64,
+    mut f: impl FnMut(DirEntry) -> bool,
+) -> SysResult<bool> {
+    let start = i64::try_from(cookie).map_err(|_| Errno(libc::EINVAL))?;
+    // SAFETY: plain syscall.
+    if unsafe { libc::lseek(dir, start, libc::SEEK_SET) } < 0 {
+        return Err(last());
+    }
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        // SAFETY: buffer of the given length.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_getdents64,
+                dir,
+                buf.as_mut_ptr(),
+                buf.len() as libc::c_uint,
+            )
+        };
+        if n < 0 {
+            return Err(last());
+        }
+        if n == 0 {
+            return Ok(true);
+        }
+        let mut pos = 0usize;
+        while pos + 19 <= n as usize {
+            let rec = &buf[pos..];
+            let ino = u64::from_ne_bytes(rec[0..8].try_into().unwrap_or([0; 8]));
+            let off = i64::from_ne_bytes(rec[8..16].try_into().unwrap_or([0; 8]));
+            let reclen = u16::from_ne_bytes([rec[16], rec[17]]) as usize;
+            if reclen == 0 || pos + reclen > n as usize {
+                return Err(Errno(libc::EIO));
+            }
+            let name_bytes = &rec[19..reclen];
+            let len = name_bytes
+                .iter()
+                .position(|&b| b == 0)
+                .unwrap_or(name_bytes.len());
+            let entry = DirEntry {
+                ino,
+                offset: off as u64,
+                name: name_bytes[..len].to_vec(),
+            };
+            pos += reclen;
+            if !f(entry) {
+                // Leave the position after the last entry taken; caller stops here.
+                return Ok(false);
+            }
+        }
+    }
+}
+
+/// Per-thread filesystem credentials. While a guard lives, the kernel checks
+/// permissions and assigns ownership as the caller; dropping it restores root.
+/// `setfsuid`/`setfsgid` and the raw `setgroups` syscall act on the calling thread
+/// only (glibc's `setgroups` would change every thread).
+pub struct AsCaller {
+    _private: (),
+}
+
+impl AsCaller {
+    pub fn new(uid: u32, gid: u32, gids: &[u32]) -> Self {
+        // SAFETY: these syscalls only change the calling thread's credentials.
+        unsafe {
+            libc::syscall(libc::SYS_setgroups, gids.len(), gids.as_ptr());
+            libc::setfsgid(gid);
+            libc::setfsuid(uid);
+        }
+        Self { _private: () }
+    }
+}
+
+impl Drop for AsCaller {
+    fn drop(&mut self) {
+        let none: [libc::gid_t; 0] = [];
+        // SAFETY: restores root fs credentials on this thread.
+        unsafe {
+            libc::setfsuid(0);
+            libc::setfsgid(0);
+            libc::syscall(libc::SYS_setgroups, 0usize, none.as_ptr());
+        }
+    }
+}
+
+/// Raw descriptor helper for owned fds.
+pub fn raw(fd: &OwnedFd) -> RawFd {
+    fd.as_raw_fd()
+}

@@ -1,0 +1,105 @@
+//! `localnfs node`: the node agent. Serves every volume under its root over NFSv3 +
+//! MOUNT on one port, re-reads the volume store every second (new volumes, deletions,
+//! new size limits take effect without a remount), and exposes the admin endpoints.
+//!
+//! Standalone mode (`--standalone`) needs no cluster: volumes are managed with
+//! `localnfs volume`. Cluster mode arrives with the provisioner.
+
+pub mod volume_cmd;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::admin::{self, AdminState, Readiness};
+use crate::cli::NodeArgs;
+use crate::error::{Error, Result};
+use crate::nfs::{self, AllowList, Exports};
+use crate::volume::VolumeStore;
+
+/// How often the store is re-read for new volumes and size changes.
+const REFRESH: Duration = Duration::from_secs(1);
+
+pub async fn run(args: NodeArgs) -> Result<()> {
+    if !args.standalone {
+        return Err(Error::Unsupported(
+            "cluster mode of `localnfs node` is not built yet; run with --standalone",
+        ));
+    }
+    // Modes and owners come from the client and the volume spec, not our umask.
+    // SAFETY: umask only changes this process's file-creation mask.
+    unsafe {
+        libc::umask(0);
+    }
+    let shutdown = crate::shutdown::on_signals()?;
+    let store = VolumeStore::open(&args.root)?;
+    let exports = Arc::new(tokio::task::block_in_place(|| Exports::load(store))?);
+
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|source| Error::Bind {
+            what: "NFS",
+            addr: args.listen,
+            source,
+        })?;
+    let admin_listener = TcpListener::bind(args.admin.admin_addr)
+        .await
+        .map_err(|source| Error::Bind {
+            what: "admin",
+            addr: args.admin.admin_addr,
+            source,
+        })?;
+    let nfs_addr = listener.local_addr().unwrap_or(args.listen);
+    let admin_addr = admin_listener.local_addr().unwrap_or(args.admin.admin_addr);
+    let readiness = Readiness::default();
+    let admin = tokio::spawn(admin::serve(
+        admin_listener,
+        AdminState {
+            readiness: readiness.clone(),
+            registry: Arc::new(crate::metrics::registry("node")),
+        },
+        shutdown.clone(),
+    ));
+    let refresher = {
+        let (exports, shutdown) = (exports.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(REFRESH) => {}
+                }
+                let ex = exports.clone();
+                match tokio::task::spawn_blocking(move || ex.refresh()).await {
+                    Ok(Err(e)) => tracing::error!(error = %e, "cannot re-read volumes"),
+                    Err(e) => tracing::error!(error = %e, "volume refresh task failed"),
+                    Ok(Ok(())) => {}
+                }
+            }
+        })
+    };
+    tracing::info!(
+        nfs = %nfs_addr,
+        admin = %admin_addr,
+        root = %args.root.display(),
+        volumes = exports.all().len(),
+        allow = %args.allow.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+        "node agent serving"
+    );
+    // A machine-readable line for scripts and tests that asked for port 0.
+    println!("nfs listening on {nfs_addr}");
+    readiness.set(true);
+    nfs::serve(
+        listener,
+        exports,
+        AllowList::new(args.allow),
+        args.max_connections,
+        shutdown.clone(),
+    )
+    .await;
+    readiness.set(false);
+    let _ = refresher.await;
+    let _ = admin.await;
+    tracing::info!("node agent stopped");
+    Ok(())
+}

@@ -1,0 +1,21 @@
+//! Volume directories on the node's disk, with no Kubernetes in sight.
+//!
+//! Layout under the node root (default `/var/lib/localnfs`):
+//! ```text
+//! volumes/<name>/     the data clients see
+//! meta/<name>.json    size limit, owner, squash policy, stable numeric id
+//! trash/              deletions in progress (renamed here first, then removed)
+//! node.key            per-node secret keying file-handle MACs (0600)
+//! last-id             highest volume id ever issued (ids are never reused)
+//! rmtab               which client addresses mounted which volumes
+//! ```
+//! Invariants: a volume exists (is listed, can be mounted) only once its directory and
+//! its metadata are both on disk; metadata is written atomically (temp file, fsync,
+//! rename, fsync dir); a deleted volume's id is never issued again, so old handles
+//! cannot resolve into a new volume.
+
+mod name;
+mod store;
+
+pub use name::{InvalidName, VolumeName};
+pub use store::{Squash, VolumeMeta, VolumeSpec, VolumeStore, write_atomic};

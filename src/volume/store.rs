@@ -1,0 +1,454 @@
+//! The on-disk volume store: create, resize, delete, list, usage.
+
+use std::collections::HashSet;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::VolumeName;
+use crate::error::{Error, Result};
+
+/// Identity squashing for a volume (DESIGN invariant 7).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Squash {
+    /// Callers keep their uid/gid, root included.
+    #[default]
+    None,
+    /// uid 0 becomes the anonymous uid/gid.
+    Root,
+    /// Every caller becomes the anonymous uid/gid.
+    All,
+}
+
+/// What a volume should be; the input to [`VolumeStore::create`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeSpec {
+    pub name: VolumeName,
+    pub size_bytes: u64,
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+    pub squash: Squash,
+    pub anon_uid: u32,
+    pub anon_gid: u32,
+}
+
+impl VolumeSpec {
+    /// A spec with root ownership, mode 0777 (pods run as any uid) and no squashing.
+    pub fn new(name: VolumeName, size_bytes: u64) -> Self {
+        Self {
+            name,
+            size_bytes,
+            uid: 0,
+            gid: 0,
+            mode: 0o777,
+            squash: Squash::None,
+            anon_uid: 65534,
+            anon_gid: 65534,
+        }
+    }
+}
+
+/// A volume's persisted metadata.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeMeta {
+    /// Stable numeric id, carried in file handles; never reused.
+    pub id: u32,
+    pub name: VolumeName,
+    pub size_bytes: u64,
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+    pub squash: Squash,
+    pub anon_uid: u32,
+    pub anon_gid: u32,
+}
+
+impl VolumeMeta {
+    fn matches(&self, spec: &VolumeSpec) -> bool {
+        self.name == spec.name
+            && self.size_bytes == spec.size_bytes
+            && self.uid == spec.uid
+            && self.gid == spec.gid
+            && self.mode == spec.mode
+            && self.squash == spec.squash
+            && self.anon_uid == spec.anon_uid
+            && self.anon_gid == spec.anon_gid
+    }
+}
+
+/// The volumes under one node root.
+#[derive(Clone, Debug)]
+pub struct VolumeStore {
+    root: PathBuf,
+}
+
+fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.to_owned();
+    move |source| Error::VolumeIo {
+        action,
+        path,
+        source,
+    }
+}
+
+impl VolumeStore {
+    /// Opens (creating if needed) the store at `root` and finishes any deletion a crash
+    /// interrupted.
+    pub fn open(root: &Path) -> Result<Self> {
+        let store = Self {
+            root: root.to_owned(),
+        };
+        for dir in [store.volumes_dir(), store.meta_dir(), store.trash_dir()] {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o711)
+                .create(&dir)
+                .map_err(io("create store directory", &dir))?;
+        }
+        let trash = store.trash_dir();
+        for entry in fs::read_dir(&trash).map_err(io("list trash", &trash))? {
+            let path = entry.map_err(io("list trash", &trash))?.path();
+            remove_tree(&path)?;
+        }
+        Ok(store)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn volumes_dir(&self) -> PathBuf {
+        self.root.join("volumes")
+    }
+
+    fn meta_dir(&self) -> PathBuf {
+        self.root.join("meta")
+    }
+
+    fn trash_dir(&self) -> PathBuf {
+        self.root.join("trash")
+    }
+
+    /// Directory holding the volume's data.
+    pub fn data_dir(&self, name: &VolumeName) -> PathBuf {
+        self.volumes_dir().join(name.as_str())
+    }
+
+    fn meta_path(&self, name: &VolumeName) -> PathBuf {
+        self.meta_dir().join(format!("{name}.json"))
+    }
+
+    /// The per-node handle key, created on first use. Stable across restarts and
+    /// upgrades, so handles stay valid (DESIGN invariant 3).
+    pub fn node_key(&self) -> Result<[u8; 32]> {
+        let path = self.root.join("node.key");
+        match fs::read(&path) {
+            Ok(bytes) if bytes.len() == 32 => {
+                let mut key = [0u8; 32];
+                key.copy_from_slice(&bytes);
+                return Ok(key);
+            }
+            Ok(_) => {
+                return Err(Error::VolumeIo {
+                    action: "read node key (wrong length)",
+                    path,
+                    source: std::io::ErrorKind::InvalidData.into(),
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("read node key", &path)(e)),
+        }
+        let mut key = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key).map_err(
+            |_| Error::VolumeIo {
+                action: "generate node key",
+                path: path.clone(),
+                source: std::io::ErrorKind::Other.into(),
+            },
+        )?;
+        write_atomic(&path, &key, 0o600)?;
+        // Another process may have raced us; whatever is on disk now wins.
+        let bytes = fs::read(&path).map_err(io("read node key", &path))?;
+        match bytes.get(..32) {
+            Some(on_disk) => key.copy_from_slice(on_disk),
+            None => {
+                return Err(io("read node key", &path)(
+                    std::io::ErrorKind::InvalidData.into(),
+                ));
+            }
+        }
+        Ok(key)
+    }
+
+    /// Creates the volume, or returns it if it already exists with the same spec.
+    /// A directory left by a crash before its metadata was written is adopted.
+    pub fn create(&self, spec: &VolumeSpec) -> Result<VolumeMeta> {
+        if spec.size_bytes == 0 {
+            return Err(Error::InvalidVolumeSize {
+                name: spec.name.to_string(),
+            });
+        }
+        if let Some(meta) = self.get(&spec.name)? {
+            if meta.matches(spec) {
+                return Ok(meta);
+            }
+            return Err(Error::VolumeConflict {
+                name: spec.name.to_string(),
+            });
+        }
+        let dir = self.data_dir(&spec.name);
+        match fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io("create volume directory", &dir)(e)),
+        }
+        std::os::unix::fs::chown(&dir, Some(spec.uid), Some(spec.gid))
+            .map_err(io("set owner of volume directory", &dir))?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(spec.mode & 0o7777))
+            .map_err(io("set mode of volume directory", &dir))?;
+        sync_dir(&self.volumes_dir())?;
+        let meta = VolumeMeta {
+            id: self.next_id()?,
+            name: spec.name.clone(),
+            size_bytes: spec.size_bytes,
+            uid: spec.uid,
+            gid: spec.gid,
+            mode: spec.mode,
+            squash: spec.squash,
+            anon_uid: spec.anon_uid,
+            anon_gid: spec.anon_gid,
+        };
+        self.write_meta(&meta)?;
+        Ok(meta)
+    }
+
+    /// Changes the size limit. Shrinking below what is already stored is refused.
+    pub fn resize(&self, name: &VolumeName, size_bytes: u64) -> Result<VolumeMeta> {
+        let mut meta = self.get(name)?.ok_or_else(|| Error::VolumeNotFound {
+            name: name.to_string(),
+        })?;
+        if size_bytes == 0 {
+            return Err(Error::InvalidVolumeSize {
+                name: name.to_string(),
+            });
+        }
+        let used = self.usage(name)?;
+        if size_bytes < used {
+            return Err(Error::ShrinkBelowUsage {
+                name: name.to_string(),
+                used,
+                requested: size_bytes,
+            });
+        }
+        meta.size_bytes = size_bytes;
+        self.write_meta(&meta)?;
+        Ok(meta)
+    }
+
+    /// Deletes the volume and its data. Deleting a missing volume succeeds.
+    pub fn delete(&self, name: &VolumeName) -> Result<()> {
+        let Some(meta) = self.get(name)? else {
+            return Ok(());
+        };
+        let dir = self.data_dir(name);
+        let trash = self.trash_dir().join(format!("{name}.{}", meta.id));
+        match fs::rename(&dir, &trash) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("move volume to trash", &dir)(e)),
+        }
+        sync_dir(&self.volumes_dir())?;
+        let meta_path = self.meta_path(name);
+        fs::remove_file(&meta_path).map_err(io("remove volume metadata", &meta_path))?;
+        sync_dir(&self.meta_dir())?;
+        remove_tree(&trash)
+    }
+
+    /// The volume's metadata, if it exists.
+    pub fn get(&self, name: &VolumeName) -> Result<Option<VolumeMeta>> {
+        let path = self.meta_path(name);
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| Error::VolumeIo {
+                    action: "parse volume metadata",
+                    path,
+                    source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io("read volume metadata", &path)(e)),
+        }
+    }
+
+    /// Every volume, sorted by name.
+    pub fn list(&self) -> Result<Vec<VolumeMeta>> {
+        let dir = self.meta_dir();
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(io("list volume metadata", &dir))? {
+            let entry = entry.map_err(io("list volume metadata", &dir))?;
+            let file = entry.file_name();
+            let Some(stem) = file.to_str().and_then(|f| f.strip_suffix(".json")) else {
+                continue;
+            };
+            let Ok(name) = VolumeName::new(stem) else {
+                continue;
+            };
+            if let Some(meta) = self.get(&name)? {
+                out.push(meta);
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Bytes stored in the volume: the sum of regular files' sizes, each inode once.
+    pub fn usage(&self, name: &VolumeName) -> Result<u64> {
+        let mut seen = HashSet::new();
+        let mut total = 0u64;
+        let mut stack = vec![self.data_dir(name)];
+        while let Some(dir) = stack.pop() {
+            let entries = match fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io("walk volume", &dir)(e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(io("walk volume", &dir))?;
+                let md = entry
+                    .metadata()
+                    .map_err(io("stat volume file", &entry.path()))?;
+                if md.is_dir() {
+                    stack.push(entry.path());
+                } else if md.is_file() && (md.nlink() == 1 || seen.insert(md.ino())) {
+                    total += md.size();
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    fn write_meta(&self, meta: &VolumeMeta) -> Result<()> {
+        let path = self.meta_path(&meta.name);
+        let bytes = serde_json::to_vec_pretty(meta).map_err(|e| Error::VolumeIo {
+            action: "encode volume metadata",
+            path: path.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        })?;
+        write_atomic(&path, &bytes, 0o644)
+    }
+
+    fn next_id(&self) -> Result<u32> {
+        let path = self.root.join("last-id");
+        let last = match fs::read_to_string(&path) {
+            Ok(s) => s.trim().parse::<u32>().unwrap_or(0),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(io("read last volume id", &path)(e)),
+        };
+        // Never below an id some volume already has, even if last-id was lost.
+        let in_use = self.list()?.iter().map(|m| m.id).max().unwrap_or(0);
+        let id = last.max(in_use) + 1;
+        write_atomic(&path, id.to_string().as_bytes(), 0o644)?;
+        Ok(id)
+    }
+}
+
+/// Writes `bytes` to `path` so that readers see the old or the new content, never a
+/// mix, and the new content survives a crash once this returns.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io("write temporary file", &tmp))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(io("write temporary file", &tmp))?;
+    fs::rename(&tmp, path).map_err(io("replace file", path))?;
+    sync_dir(path.parent().unwrap_or(Path::new("/")))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("sync directory", dir))
+}
+
+fn remove_tree(path: &Path) -> Result<()> {
+    match fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io("remove directory tree", path)(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, VolumeStore) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = VolumeStore::open(dir.path()).expect("open");
+        (dir, store)
+    }
+
+    fn name(s: &str) -> VolumeName {
+        VolumeName::new(s).expect("valid")
+    }
+
+    #[test]
+    fn create_is_idempotent_and_conflicts_are_refused() {
+        let (_d, s) = store();
+        let spec = VolumeSpec::new(name("a"), 1 << 20);
+        let first = s.create(&spec).expect("create");
+        assert_eq!(s.create(&spec).expect("again"), first);
+        let other = VolumeSpec::new(name("a"), 2 << 20);
+        assert!(matches!(
+            s.create(&other),
+            Err(Error::VolumeConflict { .. })
+        ));
+        assert!(s.data_dir(&spec.name).is_dir());
+    }
+
+    #[test]
+    fn ids_are_never_reused_after_delete() {
+        let (_d, s) = store();
+        let a = s.create(&VolumeSpec::new(name("a"), 1)).expect("a");
+        s.delete(&name("a")).expect("delete");
+        assert!(!s.data_dir(&name("a")).exists());
+        let b = s.create(&VolumeSpec::new(name("a"), 1)).expect("again");
+        assert!(b.id > a.id);
+    }
+
+    #[test]
+    fn usage_counts_hard_links_once_and_shrink_below_it_is_refused() {
+        let (_d, s) = store();
+        let n = name("v");
+        s.create(&VolumeSpec::new(n.clone(), 1 << 20))
+            .expect("create");
+        let dir = s.data_dir(&n);
+        fs::create_dir(dir.join("sub")).expect("mkdir");
+        fs::write(dir.join("sub/f"), vec![1u8; 1000]).expect("write");
+        fs::hard_link(dir.join("sub/f"), dir.join("g")).expect("link");
+        fs::write(dir.join("h"), vec![1u8; 24]).expect("write");
+        assert_eq!(s.usage(&n).expect("usage"), 1024);
+        assert!(matches!(
+            s.resize(&n, 1000),
+            Err(Error::ShrinkBelowUsage { used: 1024, .. })
+        ));
+        assert_eq!(s.resize(&n, 4096).expect("grow").size_bytes, 4096);
+    }
+
+    #[test]
+    fn node_key_is_stable() {
+        let (_d, s) = store();
+        assert_eq!(s.node_key().expect("key"), s.node_key().expect("key again"));
+    }
+}
