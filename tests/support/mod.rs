@@ -3,6 +3,8 @@
 
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
+pub mod nfs;
+
 use std::future::Future;
 use std::time::{Duration, Instant};
 

@@ -1,0 +1,449 @@
+//! NFS test helpers: the real `localnfs node` binary in standalone mode on a temp root,
+//! and a thin wrapper over the `nfs3_client` crate returning `Result<_, nfsstat3>`.
+
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use localnfs::volume::{VolumeName, VolumeSpec, VolumeStore};
+use nfs3_client::MountClient;
+use nfs3_client::Nfs3Client;
+use nfs3_client::tokio::TokioIo;
+use nfs3_types::mount::dirpath;
+use nfs3_types::nfs3::*;
+use nfs3_types::rpc::{auth_unix, opaque_auth};
+use nfs3_types::xdr_codec::Opaque;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::process::{Child, Command};
+
+/// A `localnfs node --standalone` process serving `root`.
+pub struct Node {
+    child: Child,
+    pub port: u16,
+    pub root: PathBuf,
+    extra: Vec<String>,
+}
+
+impl Node {
+    pub async fn start(root: &Path) -> Node {
+        Self::start_with(root, 0, &[]).await
+    }
+
+    /// Starts on `port` (0: any) with extra flags.
+    pub async fn start_with(root: &Path, port: u16, extra: &[&str]) -> Node {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_localnfs"))
+            .args(["node", "--standalone", "--admin-addr", "127.0.0.1:0"])
+            .arg("--root")
+            .arg(root)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .args(extra)
+            .env("LOCALNFS_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start localnfs node");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("node starts within 20 s")
+            .expect("read stdout")
+            .expect("node printed its address");
+        let addr: SocketAddr = line
+            .strip_prefix("nfs listening on ")
+            .expect("address line")
+            .parse()
+            .expect("socket address");
+        Node {
+            child,
+            port: addr.port(),
+            root: root.to_owned(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
+    /// SIGKILL, then start again on the same port.
+    pub async fn kill9_and_restart(&mut self) {
+        self.child.start_kill().expect("kill");
+        self.child.wait().await.expect("reap");
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        *self = Node::start_with(&self.root.clone(), self.port, &extra).await;
+    }
+
+    pub async fn sigterm(&mut self) -> std::process::ExitStatus {
+        let pid = libc::pid_t::try_from(self.pid()).expect("pid");
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .expect("node exits after SIGTERM")
+            .expect("wait")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!(
+            "nfs://127.0.0.1/{path}?nfsport={p}&mountport={p}",
+            p = self.port
+        )
+    }
+}
+
+/// Creates a volume directly in the store.
+pub fn create_volume(root: &Path, name: &str, size: u64) -> VolumeSpec {
+    let spec = VolumeSpec::new(VolumeName::new(name).expect("name"), size);
+    VolumeStore::open(root)
+        .expect("store")
+        .create(&spec)
+        .expect("create volume");
+    spec
+}
+
+pub fn create_volume_with(root: &Path, spec: &VolumeSpec) {
+    VolumeStore::open(root)
+        .expect("store")
+        .create(spec)
+        .expect("create volume");
+}
+
+pub fn auth(uid: u32, gid: u32) -> opaque_auth<'static> {
+    opaque_auth::auth_unix(&auth_unix {
+        stamp: 1,
+        machinename: Opaque::borrowed(b"test"),
+        uid,
+        gid,
+        gids: vec![],
+    })
+}
+
+pub async fn tcp(port: u16, from: IpAddr) -> TokioIo<TcpStream> {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket.bind(SocketAddr::new(from, 0)).expect("bind source");
+    let stream = socket
+        .connect(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port))
+        .await
+        .expect("connect");
+    TokioIo::new(stream)
+}
+
+pub const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+/// An NFS client: one MOUNT call, then NFS calls on a second connection.
+pub struct Client {
+    pub nfs: Nfs3Client<TokioIo<TcpStream>>,
+    pub root: nfs_fh3,
+}
+
+pub async fn mount(
+    port: u16,
+    volume: &str,
+    from: IpAddr,
+    uid: u32,
+    gid: u32,
+) -> Result<nfs_fh3, String> {
+    let mut m = MountClient::new_with_auth(
+        tcp(port, from).await,
+        auth(uid, gid),
+        opaque_auth::default(),
+    );
+    let path = format!("/{volume}");
+    m.mnt(dirpath(Opaque::borrowed(path.as_bytes())))
+        .await
+        .map(|ok| nfs_fh3 {
+            data: Opaque::owned(ok.fhandle.0.to_vec()),
+        })
+        .map_err(|e| format!("{e:?}"))
+}
+
+impl Client {
+    pub async fn mount(port: u16, volume: &str) -> Client {
+        Self::mount_as(port, volume, LOCAL, 0, 0).await
+    }
+
+    pub async fn mount_as(port: u16, volume: &str, from: IpAddr, uid: u32, gid: u32) -> Client {
+        let root = mount(port, volume, from, uid, gid).await.expect("mount");
+        Client {
+            nfs: Nfs3Client::new_with_auth(
+                tcp(port, from).await,
+                auth(uid, gid),
+                opaque_auth::default(),
+            ),
+            root,
+        }
+    }
+
+    /// A client that talks NFS with handles it got elsewhere (no MOUNT of its own).
+    pub async fn connect(port: u16, from: IpAddr, uid: u32, gid: u32, root: nfs_fh3) -> Client {
+        Client {
+            nfs: Nfs3Client::new_with_auth(
+                tcp(port, from).await,
+                auth(uid, gid),
+                opaque_auth::default(),
+            ),
+            root,
+        }
+    }
+
+    pub async fn lookup(&mut self, dir: &nfs_fh3, name: &[u8]) -> Result<nfs_fh3, nfsstat3> {
+        let r = self
+            .nfs
+            .lookup(&LOOKUP3args {
+                what: diropargs3 {
+                    dir: dir.clone(),
+                    name: filename3(Opaque::borrowed(name)),
+                },
+            })
+            .await
+            .expect("rpc");
+        match r {
+            Nfs3Result::Ok(ok) => Ok(ok.object),
+            Nfs3Result::Err((s, _)) => Err(s),
+        }
+    }
+
+    pub async fn create(
+        &mut self,
+        dir: &nfs_fh3,
+        name: &[u8],
+        mode: u32,
+    ) -> Result<nfs_fh3, nfsstat3> {
+        let r = self
+            .nfs
+            .create(&CREATE3args {
+                where_: diropargs3 {
+                    dir: dir.clone(),
+                    name: filename3(Opaque::borrowed(name)),
+                },
+                how: createhow3::GUARDED(sattr3 {
+                    mode: Nfs3Option::Some(mode),
+                    ..sattr3::default()
+                }),
+            })
+            .await
+            .expect("rpc");
+        match r {
+            Nfs3Result::Ok(ok) => match ok.obj {
+                Nfs3Option::Some(fh) => Ok(fh),
+                Nfs3Option::None => Err(nfsstat3::NFS3ERR_SERVERFAULT),
+            },
+            Nfs3Result::Err((s, _)) => Err(s),
+        }
+    }
+
+    pub async fn mkdir(&mut self, dir: &nfs_fh3, name: &[u8]) -> Result<nfs_fh3, nfsstat3> {
+        let r = self
+            .nfs
+            .mkdir(&MKDIR3args {
+                where_: diropargs3 {
+                    dir: dir.clone(),
+                    name: filename3(Opaque::borrowed(name)),
+                },
+                attributes: sattr3 {
+                    mode: Nfs3Option::Some(0o755),
+                    ..sattr3::default()
+                },
+            })
+            .await
+            .expect("rpc");
+        match r {
+            Nfs3Result::Ok(ok) => match ok.obj {
+                Nfs3Option::Some(fh) => Ok(fh),
+                Nfs3Option::None => Err(nfsstat3::NFS3ERR_SERVERFAULT),
+            },
+            Nfs3Result::Err((s, _)) => Err(s),
+        }
+    }
+
+    pub async fn write(
+        &mut self,
+        fh: &nfs_fh3,
+        offset: u64,
+        data: &[u8],
+        stable: stable_how,
+    ) -> Result<WRITE3resok, nfsstat3> {
+        let r = self
+            .nfs
+            .write(&WRITE3args {
+                file: fh.clone(),
+                offset,
+                count: data.len() as u32,
+                stable,
+                data: Opaque::borrowed(data),
+            })
+            .await
+            .expect("rpc");
+        match r {
+            Nfs3Result::Ok(ok) => Ok(ok),
+            Nfs3Result::Err((s, _)) => Err(s),
+        }
+    }
+
+    pub async fn read(
+        &mut self,
+        fh: &nfs_fh3,
+        offset: u64,
+        count: u32,
+    ) -> Result<Vec<u8>, nfsstat3> {
+        let r = self
+            .nfs
+            .read(&READ3args {
+                file: fh.clone(),
+                offset,
+                count,
+            })
+            .await
+            .expect("rpc");
+        match r {
+            Nfs3Result::Ok(ok) => Ok(ok.data.to_vec()),
+            Nfs3Result::Err((s, _)) => Err(s),
+        }
+    }
+
+    pub async fn getattr(&mut self, fh: &nfs_fh3) -> Result<fattr3, nfsstat3> {
+        match self
+            .nfs
+            .getattr(&GETATTR3args { object: fh.clone() })
+            .await
+            .expect("rpc")
+        {
+            Nfs3Result::Ok(ok) => Ok(ok.obj_attributes),
+            Nfs3Result::Err((s, _)) => Err(s),
+        }
+    }
+
+    pub async fn commit(&mut self, fh: &nfs_fh3) -> Result<writeverf3, nfsstat3> {
+        match self
+            .nfs
+            .commit(&COMMIT3args {
+                file: fh.clone(),
+                offset: 0,
+                count: 0,
+            })
+            .await
+            .expect("rpc")
+        {
+            Nfs3Result::Ok(ok) => Ok(ok.verf),
+            Nfs3Result::Err((s, _)) => Err(s),
+        }
+    }
+
+    pub async fn fsstat(&mut self) -> Result<FSSTAT3resok, nfsstat3> {
+        match self
+            .nfs
+            .fsstat(&FSSTAT3args {
+                fsroot: self.root.clone(),
+            })
+            .await
+            .expect("rpc")
+        {
+            Nfs3Result::Ok(ok) => Ok(ok),
+            Nfs3Result::Err((s, _)) => Err(s),
+        }
+    }
+
+    pub async fn remove(&mut self, dir: &nfs_fh3, name: &[u8]) -> Result<(), nfsstat3> {
+        match self
+            .nfs
+            .remove(&REMOVE3args {
+                object: diropargs3 {
+                    dir: dir.clone(),
+                    name: filename3(Opaque::borrowed(name)),
+                },
+            })
+            .await
+            .expect("rpc")
+        {
+            Nfs3Result::Ok(_) => Ok(()),
+            Nfs3Result::Err((s, _)) => Err(s),
+        }
+    }
+
+    /// Every name in `dir`, paging with READDIRPLUS (or READDIR) `maxcount` bytes at a time.
+    pub async fn list(
+        &mut self,
+        dir: &nfs_fh3,
+        plus: bool,
+        maxcount: u32,
+    ) -> Result<Vec<Vec<u8>>, nfsstat3> {
+        let mut names = Vec::new();
+        let mut cookie = 0;
+        let mut verf = cookieverf3::default();
+        loop {
+            let (entries, eof, v) = if plus {
+                match self
+                    .nfs
+                    .readdirplus(&READDIRPLUS3args {
+                        dir: dir.clone(),
+                        cookie,
+                        cookieverf: verf,
+                        dircount: maxcount,
+                        maxcount,
+                    })
+                    .await
+                    .expect("rpc")
+                {
+                    Nfs3Result::Ok(ok) => (
+                        ok.reply
+                            .entries
+                            .0
+                            .into_iter()
+                            .map(|e| (e.name.0.to_vec(), e.cookie))
+                            .collect::<Vec<_>>(),
+                        ok.reply.eof,
+                        ok.cookieverf,
+                    ),
+                    Nfs3Result::Err((s, _)) => return Err(s),
+                }
+            } else {
+                match self
+                    .nfs
+                    .readdir(&READDIR3args {
+                        dir: dir.clone(),
+                        cookie,
+                        cookieverf: verf,
+                        count: maxcount,
+                    })
+                    .await
+                    .expect("rpc")
+                {
+                    Nfs3Result::Ok(ok) => (
+                        ok.reply
+                            .entries
+                            .0
+                            .into_iter()
+                            .map(|e| (e.name.0.to_vec(), e.cookie))
+                            .collect::<Vec<_>>(),
+                        ok.reply.eof,
+                        ok.cookieverf,
+                    ),
+                    Nfs3Result::Err((s, _)) => return Err(s),
+                }
+            };
+            verf = v;
+            if let Some((_, c)) = entries.last() {
+                cookie = *c;
+            }
+            names.extend(entries.into_iter().map(|(n, _)| n));
+            if eof {
+                return Ok(names);
+            }
+        }
+    }
+}
+
+/// Runs a libnfs-utils command (a client nobody here wrote) and returns its output.
+pub fn libnfs(program: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} runs (apt-get install libnfs-utils): {e}"))
+}
