@@ -9,6 +9,7 @@ pub mod error;
 pub mod metrics;
 pub mod nfs;
 pub mod node;
+pub mod provisioner;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;

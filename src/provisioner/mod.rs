@@ -1,0 +1,7 @@
+//! The provisioner (`localnfs controller`): turns claims of localnfs StorageClasses
+//! into volumes on a node and PersistentVolumes, reclaims and expands them.
+//!
+//! `params` and `pv` are pure decisions; the reconcilers do the I/O.
+
+pub mod params;
+pub mod pv;

@@ -1,0 +1,314 @@
+//! StorageClass parameters → a validated [`ClassParams`]; PVC sizes → bytes. Pure,
+//! so every rule has a table test. Unknown keys and bad values are errors that end up
+//! verbatim in a `ProvisioningFailed` event.
+
+use std::collections::BTreeMap;
+
+use crate::volume::{Squash, VolumeName};
+
+/// Where pods using a volume may run (enforced by the scheduler helper and, for
+/// `strict`, by the PV's required node affinity).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Locality {
+    /// Prefer the volume's node; run elsewhere (over NFS) if it must.
+    #[default]
+    Preferred,
+    /// Only on the volume's node.
+    Strict,
+    /// No preference.
+    None,
+}
+
+/// What happens to the directory when its PV is deleted under reclaim policy Delete.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnDelete {
+    /// Remove the directory.
+    #[default]
+    Delete,
+    /// Move it to `<root>/archive/`.
+    Archive,
+    /// Leave it in place.
+    Retain,
+}
+
+/// Validated class parameters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClassParams {
+    pub locality: Locality,
+    pub on_delete: OnDelete,
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+    pub squash: Squash,
+    pub anon_uid: u32,
+    pub anon_gid: u32,
+    pub path_pattern: Option<String>,
+}
+
+impl Default for ClassParams {
+    fn default() -> Self {
+        Self {
+            locality: Locality::Preferred,
+            on_delete: OnDelete::Delete,
+            uid: 0,
+            gid: 0,
+            mode: 0o777,
+            squash: Squash::None,
+            anon_uid: 65534,
+            anon_gid: 65534,
+            path_pattern: None,
+        }
+    }
+}
+
+/// The parameter keys a class may set.
+pub const KEYS: [&str; 9] = [
+    "locality",
+    "onDelete",
+    "uid",
+    "gid",
+    "mode",
+    "squash",
+    "anonUid",
+    "anonGid",
+    "pathPattern",
+];
+
+fn bad(key: &str, value: &str, expected: &str) -> String {
+    format!("StorageClass parameter {key}={value:?} is invalid: expected {expected}")
+}
+
+fn id(key: &str, value: &str) -> Result<u32, String> {
+    value
+        .parse::<u32>()
+        .map_err(|_| bad(key, value, "a number from 0 to 4294967295"))
+}
+
+impl ClassParams {
+    /// Parses a class's `parameters`.
+    pub fn parse(params: &BTreeMap<String, String>) -> Result<Self, String> {
+        let mut p = Self::default();
+        for (key, value) in params {
+            match key.as_str() {
+                "locality" => {
+                    p.locality = match value.as_str() {
+                        "preferred" => Locality::Preferred,
+                        "strict" => Locality::Strict,
+                        "none" => Locality::None,
+                        _ => return Err(bad(key, value, "preferred, strict or none")),
+                    }
+                }
+                "onDelete" => {
+                    p.on_delete = match value.as_str() {
+                        "delete" => OnDelete::Delete,
+                        "archive" => OnDelete::Archive,
+                        "retain" => OnDelete::Retain,
+                        _ => return Err(bad(key, value, "delete, archive or retain")),
+                    }
+                }
+                "uid" => p.uid = id(key, value)?,
+                "gid" => p.gid = id(key, value)?,
+                "anonUid" => p.anon_uid = id(key, value)?,
+                "anonGid" => p.anon_gid = id(key, value)?,
+                "mode" => {
+                    p.mode = crate::cli::parse_mode(value)
+                        .map_err(|_| bad(key, value, "an octal mode such as 0770"))?
+                }
+                "squash" => {
+                    p.squash = match value.as_str() {
+                        "none" => Squash::None,
+                        "root" => Squash::Root,
+                        "all" => Squash::All,
+                        _ => return Err(bad(key, value, "none, root or all")),
+                    }
+                }
+                "pathPattern" => {
+                    check_pattern(value).map_err(|why| bad(key, value, &why))?;
+                    p.path_pattern = Some(value.clone());
+                }
+                _ => {
+                    return Err(format!(
+                        "unknown StorageClass parameter {key:?} (known: {})",
+                        KEYS.join(", ")
+                    ));
+                }
+            }
+        }
+        Ok(p)
+    }
+
+    /// The directory name for a claim: `pathPattern` filled in, or the PV name.
+    pub fn volume_name(
+        &self,
+        pv_name: &str,
+        namespace: &str,
+        claim: &str,
+        uid: &str,
+    ) -> Result<VolumeName, String> {
+        let name = match &self.path_pattern {
+            None => pv_name.to_owned(),
+            Some(p) => p
+                .replace("{namespace}", namespace)
+                .replace("{name}", claim)
+                .replace("{uid}", uid)
+                .replace("{pv}", pv_name),
+        };
+        VolumeName::new(&name).map_err(|e| e.to_string())
+    }
+}
+
+/// A pattern may use `{namespace}`, `{name}`, `{uid}`, `{pv}` and `[a-z0-9._-]`, and
+/// must contain `{uid}` or `{pv}` so two claims can never share a directory.
+fn check_pattern(p: &str) -> Result<(), String> {
+    let rest = ["{namespace}", "{name}", "{uid}", "{pv}"]
+        .iter()
+        .fold(p.to_owned(), |s, t| s.replace(t, ""));
+    if !rest
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+    {
+        return Err("only {namespace}, {name}, {uid}, {pv} and a-z 0-9 . _ -".into());
+    }
+    if !p.contains("{uid}") && !p.contains("{pv}") {
+        return Err("a pattern containing {uid} or {pv}, so claims never share a directory".into());
+    }
+    Ok(())
+}
+
+/// A Kubernetes quantity (`1Gi`, `500M`, `1.5Gi`, `1e9`, `100`) in bytes, rounded up.
+pub fn quantity_bytes(q: &str) -> Result<u64, String> {
+    let err = || format!("storage request {q:?} is not a valid size");
+    let q = q.trim();
+    let split = q
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(q.len());
+    let (num, suffix) = q.split_at(split);
+    if num.is_empty() || num.matches('.').count() > 1 {
+        return Err(err());
+    }
+    let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+    // value = digits × 10^-frac_len × multiplier, computed in u128 to avoid floats.
+    let digits: u128 = format!("{int}{frac}").parse().map_err(|_| err())?;
+    let scale = 10u128.pow(frac.len() as u32);
+    let (mul, div): (u128, u128) = match suffix {
+        "" => (1, 1),
+        "m" => (1, 1000),
+        "k" => (1_000, 1),
+        "M" => (1_000_000, 1),
+        "G" => (1_000_000_000, 1),
+        "T" => (1_000_000_000_000, 1),
+        "P" => (1_000_000_000_000_000, 1),
+        "E" => (1_000_000_000_000_000_000, 1),
+        "Ki" => (1 << 10, 1),
+        "Mi" => (1 << 20, 1),
+        "Gi" => (1 << 30, 1),
+        "Ti" => (1 << 40, 1),
+        "Pi" => (1 << 50, 1),
+        "Ei" => (1 << 60, 1),
+        s if s.starts_with(['e', 'E']) => {
+            let exp: u32 = s[1..].parse().map_err(|_| err())?;
+            (10u128.checked_pow(exp).ok_or_else(err)?, 1)
+        }
+        _ => return Err(err()),
+    };
+    let numer = digits.checked_mul(mul).ok_or_else(err)?;
+    let denom = scale * div;
+    let bytes = numer.div_ceil(denom);
+    match u64::try_from(bytes) {
+        Ok(0) => Err(format!("storage request {q:?} must be greater than zero")),
+        Ok(b) => Ok(b),
+        Err(_) => Err(err()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn empty_parameters_give_the_defaults() {
+        assert_eq!(ClassParams::parse(&map(&[])), Ok(ClassParams::default()));
+    }
+
+    #[test]
+    fn every_parameter_is_parsed() {
+        let p = ClassParams::parse(&map(&[
+            ("locality", "strict"),
+            ("onDelete", "archive"),
+            ("uid", "999"),
+            ("gid", "998"),
+            ("mode", "0750"),
+            ("squash", "all"),
+            ("anonUid", "1000"),
+            ("anonGid", "1001"),
+            ("pathPattern", "{namespace}.{name}.{uid}"),
+        ]))
+        .expect("valid");
+        assert_eq!(p.locality, Locality::Strict);
+        assert_eq!(p.on_delete, OnDelete::Archive);
+        assert_eq!((p.uid, p.gid, p.mode), (999, 998, 0o750));
+        assert_eq!(
+            (p.squash, p.anon_uid, p.anon_gid),
+            (Squash::All, 1000, 1001)
+        );
+        let name = p
+            .volume_name("pvc-1", "db", "data-mysql-0", "1234")
+            .expect("name");
+        assert_eq!(name.as_str(), "db.data-mysql-0.1234");
+    }
+
+    #[test]
+    fn bad_parameters_say_what_is_wrong() {
+        let cases = [
+            (
+                ("color", "blue"),
+                "unknown StorageClass parameter \"color\"",
+            ),
+            (("locality", "nearby"), "preferred, strict or none"),
+            (("onDelete", "shred"), "delete, archive or retain"),
+            (("uid", "-1"), "a number"),
+            (("mode", "rwx"), "octal mode"),
+            (("squash", "yes"), "none, root or all"),
+            (("pathPattern", "../{uid}"), "only {namespace}"),
+            (("pathPattern", "{namespace}/{uid}"), "only {namespace}"),
+            (("pathPattern", "{namespace}-{name}"), "never share"),
+        ];
+        for ((k, v), want) in cases {
+            let err = ClassParams::parse(&map(&[(k, v)])).expect_err(k);
+            assert!(err.contains(want), "{k}={v}: {err}");
+        }
+    }
+
+    #[test]
+    fn quantities_convert_to_bytes() {
+        let cases = [
+            ("1Gi", 1 << 30),
+            ("500Mi", 500 << 20),
+            ("1G", 1_000_000_000),
+            ("1.5Gi", 3 << 29),
+            ("100", 100),
+            ("1e3", 1000),
+            ("1500m", 2),
+            ("1k", 1000),
+        ];
+        for (q, want) in cases {
+            assert_eq!(quantity_bytes(q), Ok(want), "{q}");
+        }
+    }
+
+    #[test]
+    fn bad_quantities_are_refused() {
+        for q in [
+            "", "0", "0Gi", "-1Gi", "1Zi", "Gi", "1..2", "1e99", "99999Ei",
+        ] {
+            assert!(quantity_bytes(q).is_err(), "{q}");
+        }
+    }
+}

@@ -1,0 +1,380 @@
+//! Pure decisions of the provisioner: is a claim something we can provision, which
+//! node gets it, and what its PersistentVolume looks like. No I/O; table-tested.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::storage::v1::StorageClass;
+use serde_json::json;
+
+use super::params::{ClassParams, Locality, quantity_bytes};
+
+/// Label and annotation keys we own.
+pub const NODE_KEY: &str = "localnfs.io/node";
+pub const VOLUME_KEY: &str = "localnfs.io/volume";
+pub const ON_DELETE_KEY: &str = "localnfs.io/on-delete";
+/// Finalizer on our PVs: removed by the node agent once the directory has been dealt
+/// with, so a PV never disappears while its data is in an unknown state.
+pub const PV_FINALIZER: &str = "localnfs.io/volume";
+pub const PROVISIONED_BY: &str = "pv.kubernetes.io/provisioned-by";
+pub const SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
+pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
+
+/// Mount options when the class gives none: NFSv3 over TCP on one port, no lock
+/// manager, so kubelet needs no rpcbind.
+pub fn default_mount_options(port: u16) -> Vec<String> {
+    vec![
+        "nfsvers=3".into(),
+        "proto=tcp".into(),
+        format!("port={port}"),
+        format!("mountport={port}"),
+        "nolock".into(),
+        "hard".into(),
+    ]
+}
+
+const ACCESS_MODES: [&str; 4] = [
+    "ReadWriteOnce",
+    "ReadOnlyMany",
+    "ReadWriteMany",
+    "ReadWriteOncePod",
+];
+
+/// What a valid claim asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimRequest {
+    pub size_bytes: u64,
+    /// The request as the user wrote it, used for the PV's capacity.
+    pub size: String,
+    pub access_modes: Vec<String>,
+}
+
+/// Checks a claim is one we can provision; the error is the event message.
+pub fn validate_claim(pvc: &PersistentVolumeClaim) -> Result<ClaimRequest, String> {
+    let spec = pvc.spec.as_ref().ok_or("claim has no spec")?;
+    if spec.volume_mode.as_deref() == Some("Block") {
+        return Err("volumeMode Block is not supported: localnfs provides filesystems".into());
+    }
+    if spec.selector.is_some() {
+        return Err("claims with a selector are not supported by dynamic provisioning".into());
+    }
+    if spec.data_source.is_some() || spec.data_source_ref.is_some() {
+        return Err("dataSource (cloning, snapshots) is not supported".into());
+    }
+    let access_modes = spec.access_modes.clone().unwrap_or_default();
+    if access_modes.is_empty() {
+        return Err("claim has no accessModes".into());
+    }
+    if let Some(bad) = access_modes
+        .iter()
+        .find(|m| !ACCESS_MODES.contains(&m.as_str()))
+    {
+        return Err(format!("unknown access mode {bad:?}"));
+    }
+    let size = spec
+        .resources
+        .as_ref()
+        .and_then(|r| r.requests.as_ref())
+        .and_then(|r| r.get("storage"))
+        .ok_or("claim requests no storage size")?
+        .0
+        .clone();
+    let size_bytes = quantity_bytes(&size)?;
+    Ok(ClaimRequest {
+        size_bytes,
+        size,
+        access_modes,
+    })
+}
+
+/// A node's free space as its agent reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRoom {
+    pub node: String,
+    pub free_bytes: u64,
+}
+
+/// Picks the node for a new volume: the scheduler's choice under WaitForFirstConsumer
+/// (it must have an agent and room), otherwise the live node with the most free space
+/// that fits (ties: by name, so the choice is stable).
+pub fn choose_node(
+    selected: Option<&str>,
+    nodes: &[NodeRoom],
+    size: u64,
+) -> Result<String, String> {
+    if let Some(sel) = selected {
+        let room = nodes
+            .iter()
+            .find(|n| n.node == sel)
+            .ok_or_else(|| format!("node {sel} has no running localnfs node agent"))?;
+        if room.free_bytes < size {
+            return Err(format!(
+                "node {sel} has {} bytes free, the claim needs {size}",
+                room.free_bytes
+            ));
+        }
+        return Ok(sel.to_owned());
+    }
+    nodes
+        .iter()
+        .filter(|n| n.free_bytes >= size)
+        .max_by(|a, b| a.free_bytes.cmp(&b.free_bytes).then(b.node.cmp(&a.node)))
+        .map(|n| n.node.clone())
+        .ok_or_else(|| match nodes.iter().map(|n| n.free_bytes).max() {
+            None => "no node runs a localnfs node agent".to_owned(),
+            Some(max) => format!("no node has room for {size} bytes (the most free is {max})"),
+        })
+}
+
+/// Everything [`build_pv`] needs.
+pub struct PvInput<'a> {
+    pub pvc: &'a PersistentVolumeClaim,
+    pub class: &'a StorageClass,
+    pub params: &'a ClassParams,
+    pub request: &'a ClaimRequest,
+    pub provisioner: &'a str,
+    pub node: &'a str,
+    pub node_ip: &'a str,
+    pub nfs_port: u16,
+    pub volume: &'a str,
+}
+
+/// The PV name for a claim.
+pub fn pv_name(pvc_uid: &str) -> String {
+    format!("pvc-{pvc_uid}")
+}
+
+/// The PersistentVolume for a provisioned claim: pre-bound to it, pointing at the
+/// volume's directory on its node over NFS.
+pub fn build_pv(i: &PvInput) -> Result<PersistentVolume, String> {
+    let meta = &i.pvc.metadata;
+    let (ns, name, uid) = (
+        meta.namespace.as_deref().unwrap_or("default"),
+        meta.name.as_deref().unwrap_or_default(),
+        meta.uid.as_deref().unwrap_or_default(),
+    );
+    let mount_options = i
+        .class
+        .mount_options
+        .clone()
+        .unwrap_or_else(|| default_mount_options(i.nfs_port));
+    let on_delete = match i.params.on_delete {
+        super::params::OnDelete::Delete => "delete",
+        super::params::OnDelete::Archive => "archive",
+        super::params::OnDelete::Retain => "retain",
+    };
+    let mut spec = json!({
+        "capacity": {"storage": i.request.size},
+        "accessModes": i.request.access_modes,
+        "persistentVolumeReclaimPolicy": i.class.reclaim_policy.as_deref().unwrap_or("Delete"),
+        "storageClassName": i.class.metadata.name,
+        "mountOptions": mount_options,
+        "volumeMode": "Filesystem",
+        "nfs": {"server": i.node_ip, "path": format!("/{}", i.volume)},
+        "claimRef": {
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "namespace": ns, "name": name, "uid": uid,
+        },
+    });
+    if i.params.locality == Locality::Strict {
+        spec["nodeAffinity"] = json!({"required": {"nodeSelectorTerms": [{
+            "matchExpressions": [{"key": HOSTNAME_LABEL, "operator": "In", "values": [i.node]}],
+        }]}});
+    }
+    let annotations: BTreeMap<&str, &str> = [
+        (PROVISIONED_BY, i.provisioner),
+        (NODE_KEY, i.node),
+        (VOLUME_KEY, i.volume),
+        (ON_DELETE_KEY, on_delete),
+    ]
+    .into();
+    serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {
+            "name": pv_name(uid),
+            "labels": {NODE_KEY: i.node},
+            "annotations": annotations,
+            "finalizers": [PV_FINALIZER],
+        },
+        "spec": spec,
+    }))
+    .map_err(|e| format!("cannot build PersistentVolume: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim(extra: serde_json::Value) -> PersistentVolumeClaim {
+        let mut spec = json!({
+            "accessModes": ["ReadWriteOnce"],
+            "resources": {"requests": {"storage": "1Gi"}},
+            "storageClassName": "localnfs",
+        });
+        if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+            s.extend(e.clone());
+        }
+        serde_json::from_value(json!({
+            "metadata": {"name": "data-db-0", "namespace": "prod", "uid": "u-1"},
+            "spec": spec,
+        }))
+        .expect("claim")
+    }
+
+    fn class(extra: serde_json::Value) -> StorageClass {
+        let mut c = json!({"metadata": {"name": "localnfs"}, "provisioner": "localnfs.io/nfs"});
+        if let (Some(s), Some(e)) = (c.as_object_mut(), extra.as_object()) {
+            s.extend(e.clone());
+        }
+        serde_json::from_value(c).expect("class")
+    }
+
+    #[test]
+    fn valid_claims_give_size_and_modes() {
+        let r = validate_claim(&claim(json!({}))).expect("valid");
+        assert_eq!(r.size_bytes, 1 << 30);
+        assert_eq!(r.access_modes, vec!["ReadWriteOnce"]);
+    }
+
+    #[test]
+    fn unsupported_claims_say_why() {
+        let cases = [
+            (json!({"volumeMode": "Block"}), "Block"),
+            (json!({"selector": {"matchLabels": {"a": "b"}}}), "selector"),
+            (
+                json!({"dataSource": {"kind": "PersistentVolumeClaim", "name": "x"}}),
+                "dataSource",
+            ),
+            (
+                json!({"resources": {"requests": {"storage": "0"}}}),
+                "greater than zero",
+            ),
+            (json!({"resources": {"requests": {}}}), "no storage size"),
+            (
+                json!({"accessModes": ["ReadWriteSometimes"]}),
+                "unknown access mode",
+            ),
+        ];
+        for (extra, want) in cases {
+            let err = validate_claim(&claim(extra.clone())).expect_err("invalid");
+            assert!(err.contains(want), "{extra}: {err}");
+        }
+    }
+
+    fn rooms(v: &[(&str, u64)]) -> Vec<NodeRoom> {
+        v.iter()
+            .map(|(n, f)| NodeRoom {
+                node: n.to_string(),
+                free_bytes: *f,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn node_choice_follows_the_scheduler_or_the_most_free_space() {
+        let nodes = rooms(&[("a", 100), ("b", 300), ("c", 300), ("d", 50)]);
+        assert_eq!(
+            choose_node(None, &nodes, 10),
+            Ok("b".into()),
+            "ties go to the first name"
+        );
+        assert_eq!(choose_node(Some("d"), &nodes, 10), Ok("d".into()));
+        assert!(
+            choose_node(Some("d"), &nodes, 60)
+                .expect_err("full")
+                .contains("50 bytes free")
+        );
+        assert!(
+            choose_node(Some("x"), &nodes, 1)
+                .expect_err("no agent")
+                .contains("no running")
+        );
+        assert!(
+            choose_node(None, &nodes, 301)
+                .expect_err("none fits")
+                .contains("most free is 300")
+        );
+        assert!(
+            choose_node(None, &[], 1)
+                .expect_err("empty")
+                .contains("no node runs")
+        );
+    }
+
+    fn pv_for(params: &ClassParams, class_extra: serde_json::Value) -> PersistentVolume {
+        let pvc = claim(json!({"accessModes": ["ReadWriteOnce", "ReadOnlyMany"]}));
+        let request = validate_claim(&pvc).expect("valid");
+        build_pv(&PvInput {
+            pvc: &pvc,
+            class: &class(class_extra),
+            params,
+            request: &request,
+            provisioner: "localnfs.io/nfs",
+            node: "node-1",
+            node_ip: "10.0.0.5",
+            nfs_port: 2049,
+            volume: "pvc-u-1",
+        })
+        .expect("pv")
+    }
+
+    #[test]
+    fn pv_is_prebound_and_points_at_the_node() {
+        let pv = pv_for(&ClassParams::default(), json!({"reclaimPolicy": "Retain"}));
+        assert_eq!(pv.metadata.name.as_deref(), Some("pvc-u-1"));
+        assert_eq!(pv.metadata.finalizers, Some(vec![PV_FINALIZER.to_owned()]));
+        let ann = pv.metadata.annotations.clone().expect("annotations");
+        assert_eq!(ann[PROVISIONED_BY], "localnfs.io/nfs");
+        assert_eq!(ann[NODE_KEY], "node-1");
+        let spec = pv.spec.expect("spec");
+        let claim_ref = spec.claim_ref.expect("claimRef");
+        assert_eq!(
+            (
+                claim_ref.namespace.as_deref(),
+                claim_ref.name.as_deref(),
+                claim_ref.uid.as_deref()
+            ),
+            (Some("prod"), Some("data-db-0"), Some("u-1"))
+        );
+        let nfs = spec.nfs.expect("nfs");
+        assert_eq!(
+            (nfs.server.as_str(), nfs.path.as_str()),
+            ("10.0.0.5", "/pvc-u-1")
+        );
+        assert_eq!(
+            spec.persistent_volume_reclaim_policy.as_deref(),
+            Some("Retain")
+        );
+        assert_eq!(spec.capacity.expect("capacity")["storage"].0, "1Gi");
+        assert_eq!(spec.access_modes.expect("modes").len(), 2);
+        assert_eq!(spec.mount_options, Some(default_mount_options(2049)));
+        assert!(
+            spec.node_affinity.is_none(),
+            "preferred locality must not pin the PV"
+        );
+    }
+
+    #[test]
+    fn strict_locality_pins_the_pv_and_class_mount_options_win() {
+        let params = ClassParams {
+            locality: Locality::Strict,
+            ..ClassParams::default()
+        };
+        let pv = pv_for(&params, json!({"mountOptions": ["nfsvers=3", "soft"]}));
+        let spec = pv.spec.expect("spec");
+        let affinity = serde_json::to_value(spec.node_affinity.expect("affinity")).expect("json");
+        assert_eq!(
+            affinity["required"]["nodeSelectorTerms"][0]["matchExpressions"][0]["values"][0],
+            "node-1"
+        );
+        assert_eq!(
+            spec.mount_options,
+            Some(vec!["nfsvers=3".into(), "soft".into()])
+        );
+        assert_eq!(
+            spec.persistent_volume_reclaim_policy.as_deref(),
+            Some("Delete")
+        );
+    }
+}
