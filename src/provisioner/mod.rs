@@ -3,5 +3,7 @@
 //!
 //! `params` and `pv` are pure decisions; the reconcilers do the I/O.
 
+pub mod leader;
 pub mod params;
+pub mod protocol;
 pub mod pv;

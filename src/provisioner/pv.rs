@@ -10,7 +10,7 @@ use serde_json::json;
 use super::params::{ClassParams, Locality, quantity_bytes};
 
 /// Label and annotation keys we own.
-pub const NODE_KEY: &str = "localnfs.io/node";
+pub use super::protocol::NODE_LABEL as NODE_KEY;
 pub const VOLUME_KEY: &str = "localnfs.io/volume";
 pub const ON_DELETE_KEY: &str = "localnfs.io/on-delete";
 /// Finalizer on our PVs: removed by the node agent once the directory has been dealt

@@ -1,0 +1,81 @@
+//! How the controller and the node agents talk: through the API server only, with
+//! labels, annotations and finalizers on the claim and its PV. No network API between
+//! them, so nothing to authenticate beyond RBAC, and every step survives restarts of
+//! either side because the state lives on the objects.
+//!
+//! Provisioning (controller C, node agent N):
+//! 1. C adds [`CLAIM_FINALIZER`] to the claim, picks a node, and sets the
+//!    [`NODE_LABEL`] label and the [`REQUEST`] annotation (a [`VolumeRequest`]).
+//! 2. N (watching claims labelled with its node) creates the directory with its size
+//!    limit, then sets [`READY`] to the volume name.
+//! 3. C creates the pre-bound PV (with [`super::pv::PV_FINALIZER`]), then removes
+//!    [`CLAIM_FINALIZER`]. A PV therefore exists only after its directory (invariant 1).
+//!
+//! A claim deleted before its PV exists: C sets [`ABANDON`] (and from then on never
+//! creates a PV for it); N deletes the directory and sets [`REMOVED`]; C removes
+//! [`CLAIM_FINALIZER`]. Nothing is left behind.
+//!
+//! Reclaim: a Released PV with policy Delete is deleted by C; its finalizer holds it
+//! until N has deleted or archived the directory (per the class's `onDelete`) and
+//! removed the finalizer. Retain PVs are never touched; if someone deletes one, N
+//! keeps the directory and just lets the PV go.
+//!
+//! Expansion: C sets [`RESIZE_TO`] on the PV; N raises the limit and sets
+//! [`SIZE`]; C then updates the PV capacity and the claim's status capacity.
+
+use serde::{Deserialize, Serialize};
+
+use crate::volume::{Squash, VolumeName, VolumeSpec};
+
+/// Claim label: the node whose agent owns this claim's volume.
+pub const NODE_LABEL: &str = "localnfs.io/node";
+/// Claim annotation: the [`VolumeRequest`] the node agent should create.
+pub const REQUEST: &str = "localnfs.io/volume-request";
+/// Claim annotation set by the node agent: the created volume's name.
+pub const READY: &str = "localnfs.io/volume-ready";
+/// Claim annotation set by the controller: delete the volume, no PV will follow.
+pub const ABANDON: &str = "localnfs.io/abandon";
+/// Claim annotation set by the node agent once an abandoned volume is gone.
+pub const REMOVED: &str = "localnfs.io/volume-removed";
+/// Claim finalizer held by the controller while provisioning is in progress.
+pub const CLAIM_FINALIZER: &str = "localnfs.io/provisioning";
+/// PV annotation: the size (bytes) the controller wants the volume to have.
+pub const RESIZE_TO: &str = "localnfs.io/resize-to";
+/// PV annotation: the size (bytes) the node agent has applied.
+pub const SIZE: &str = "localnfs.io/size";
+
+/// Prefix of the per-node Leases the agents renew (heartbeat and free space).
+pub const NODE_LEASE_PREFIX: &str = "localnfs-node-";
+/// Node Lease annotation: bytes a new volume may still take on the node.
+pub const FREE_BYTES: &str = "localnfs.io/free-bytes";
+/// Node Lease annotation: the agent's NFS port.
+pub const NFS_PORT: &str = "localnfs.io/nfs-port";
+
+/// What the controller asks a node agent to create.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeRequest {
+    pub name: VolumeName,
+    pub size_bytes: u64,
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+    pub squash: Squash,
+    pub anon_uid: u32,
+    pub anon_gid: u32,
+}
+
+impl VolumeRequest {
+    pub fn to_spec(&self) -> VolumeSpec {
+        VolumeSpec {
+            name: self.name.clone(),
+            size_bytes: self.size_bytes,
+            uid: self.uid,
+            gid: self.gid,
+            mode: self.mode,
+            squash: self.squash,
+            anon_uid: self.anon_uid,
+            anon_gid: self.anon_gid,
+        }
+    }
+}
