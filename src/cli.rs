@@ -62,6 +62,38 @@ pub enum Command {
     Node(NodeArgs),
     /// Create, resize, delete or list volumes in a node root (standalone mode).
     Volume(VolumeArgs),
+    /// Provisioner: turn claims of localnfs classes into volumes and PVs.
+    Controller(ControllerArgs),
+}
+
+/// How to reach the API server.
+#[derive(Debug, Args)]
+pub struct KubeArgs {
+    /// kubeconfig file; without it, the in-cluster service account (or
+    /// `$KUBECONFIG`, `~/.kube/config`).
+    #[arg(long, env = "LOCALNFS_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ControllerArgs {
+    #[command(flatten)]
+    pub admin: AdminArgs,
+
+    #[command(flatten)]
+    pub kube: KubeArgs,
+
+    /// The `provisioner` name of the StorageClasses this controller serves.
+    #[arg(long, env = "LOCALNFS_PROVISIONER", default_value = "localnfs.io/nfs")]
+    pub provisioner_name: String,
+
+    /// Namespace of the leader Lease and the node agents' Leases.
+    #[arg(long, env = "LOCALNFS_NAMESPACE", default_value = "localnfs-system")]
+    pub namespace: String,
+
+    /// This replica's name in leader election (default: hostname-pid).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -94,6 +126,17 @@ pub struct NodeArgs {
     /// Run without a Kubernetes cluster (volumes managed with `localnfs volume`).
     #[arg(long, env = "LOCALNFS_STANDALONE")]
     pub standalone: bool,
+
+    /// This node's name (cluster mode); from the downward API in the DaemonSet.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// Namespace of the node heartbeat Leases.
+    #[arg(long, env = "LOCALNFS_NAMESPACE", default_value = "localnfs-system")]
+    pub namespace: String,
+
+    #[command(flatten)]
+    pub kube: KubeArgs,
 }
 
 #[derive(Debug, Args)]

@@ -17,6 +17,9 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    #[error("failed to build a Kubernetes object: {0}")]
+    BuildObject(String),
+
     #[error("not supported: {0}")]
     Unsupported(&'static str),
 

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod cli;
 pub mod demo;
 pub mod error;
+pub mod kubeclient;
 pub mod metrics;
 pub mod nfs;
 pub mod node;

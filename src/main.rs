@@ -11,6 +11,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Demo(args) => localnfs::demo::run(args).await?,
         Command::Node(args) => localnfs::node::run(args).await?,
         Command::Volume(args) => localnfs::node::volume_cmd::run(args)?,
+        Command::Controller(args) => localnfs::provisioner::run::run(args).await?,
     }
     Ok(())
 }

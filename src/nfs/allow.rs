@@ -14,6 +14,14 @@ pub struct Network {
 }
 
 impl Network {
+    /// The network holding exactly `ip`.
+    pub fn host(ip: IpAddr) -> Self {
+        Self {
+            addr: ip,
+            prefix: if ip.is_ipv4() { 32 } else { 128 },
+        }
+    }
+
     pub fn contains(&self, ip: IpAddr) -> bool {
         let ip = match (self.addr, ip) {
             // An IPv4 client seen on a dual-stack socket arrives as ::ffff:a.b.c.d.

@@ -3,8 +3,10 @@
 //! new size limits take effect without a remount), and exposes the admin endpoints.
 //!
 //! Standalone mode (`--standalone`) needs no cluster: volumes are managed with
-//! `localnfs volume`. Cluster mode arrives with the provisioner.
+//! `localnfs volume`. In cluster mode (`--node-name`) the agent also runs [`cluster`]:
+//! heartbeat, volume creation and reclaim for the controller, allow-list from Nodes.
 
+pub mod cluster;
 pub mod volume_cmd;
 
 use std::sync::Arc;
@@ -22,11 +24,17 @@ use crate::volume::VolumeStore;
 const REFRESH: Duration = Duration::from_secs(1);
 
 pub async fn run(args: NodeArgs) -> Result<()> {
-    if !args.standalone {
-        return Err(Error::Unsupported(
-            "cluster mode of `localnfs node` is not built yet; run with --standalone",
-        ));
-    }
+    let cluster = if args.standalone {
+        None
+    } else {
+        let node = args.node_name.clone().ok_or(Error::Unsupported(
+            "cluster mode needs --node-name (NODE_NAME); use --standalone to run without a cluster",
+        ))?;
+        Some((
+            crate::kubeclient::client(args.kube.kubeconfig.as_deref()).await?,
+            node,
+        ))
+    };
     // Modes and owners come from the client and the volume spec, not our umask.
     // SAFETY: umask only changes this process's file-creation mask.
     unsafe {
@@ -88,16 +96,32 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     );
     // A machine-readable line for scripts and tests that asked for port 0.
     println!("nfs listening on {nfs_addr}");
+    let allow = AllowList::new(args.allow.clone());
+    let agent = cluster.map(|(client, node)| {
+        tokio::spawn(cluster::run(
+            client,
+            node,
+            args.namespace.clone(),
+            exports.clone(),
+            nfs_addr.port(),
+            allow.clone(),
+            args.allow.clone(),
+            shutdown.clone(),
+        ))
+    });
     readiness.set(true);
     nfs::serve(
         listener,
         exports,
-        AllowList::new(args.allow),
+        allow,
         args.max_connections,
         shutdown.clone(),
     )
     .await;
     readiness.set(false);
+    if let Some(agent) = agent {
+        let _ = agent.await;
+    }
     let _ = refresher.await;
     let _ = admin.await;
     tracing::info!("node agent stopped");

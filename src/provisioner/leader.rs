@@ -87,7 +87,11 @@ impl LeaderElector {
             .get_opt(&self.name)
             .await
             .map_err(Error::kube(format!("read lease {}", self.name)))?;
-        let decision = decide(current.as_ref().and_then(|l| l.spec.as_ref()), &self.identity, now);
+        let decision = decide(
+            current.as_ref().and_then(|l| l.spec.as_ref()),
+            &self.identity,
+            now,
+        );
         let result = match (decision, current) {
             (Decision::Wait, _) => return Ok(false),
             (Decision::Create, _) => {
@@ -110,7 +114,9 @@ impl LeaderElector {
                     self.spec(now, None, transitions + 1)
                 });
                 // resourceVersion is kept: a concurrent writer makes this fail with 409.
-                self.api.replace(&self.name, &PostParams::default(), &lease).await
+                self.api
+                    .replace(&self.name, &PostParams::default(), &lease)
+                    .await
             }
         };
         match result {
@@ -142,7 +148,10 @@ mod tests {
             (Some(lease(Some("me"), Some(1), now)), Decision::Renew),
             (Some(lease(Some("me"), Some(60), now)), Decision::Renew),
             (Some(lease(Some("other"), Some(3), now)), Decision::Wait),
-            (Some(lease(Some("other"), Some(11), now)), Decision::TakeOver),
+            (
+                Some(lease(Some("other"), Some(11), now)),
+                Decision::TakeOver,
+            ),
             (Some(lease(Some("other"), None, now)), Decision::TakeOver),
             (Some(lease(None, Some(1), now)), Decision::TakeOver),
         ];

@@ -3,7 +3,12 @@
 //!
 //! `params` and `pv` are pure decisions; the reconcilers do the I/O.
 
+pub mod claims;
+pub mod expand;
 pub mod leader;
+pub mod metrics;
 pub mod params;
 pub mod protocol;
 pub mod pv;
+pub mod run;
+pub mod volumes;

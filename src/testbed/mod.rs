@@ -21,7 +21,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::ServiceAccount;
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client};
 use tracing::instrument::WithSubscriber;
 
@@ -436,19 +435,7 @@ fn write_scheduler_config(
 
 /// A client built from a kubeconfig file, the way every localnfs component builds one
 /// when run outside a cluster.
-pub async fn client_from_kubeconfig(path: &Path) -> Result<Client> {
-    let kubeconfig = Kubeconfig::read_from(path).map_err(|source| Error::ReadKubeconfig {
-        path: path.to_owned(),
-        source,
-    })?;
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .map_err(|source| Error::ReadKubeconfig {
-            path: path.to_owned(),
-            source,
-        })?;
-    Client::try_from(config).map_err(Error::BuildClient)
-}
+pub use crate::kubeclient::from_kubeconfig as client_from_kubeconfig;
 
 /// Polls `check` until it is true, failing early if a component dies; returns how long
 /// it waited.

@@ -269,6 +269,32 @@ impl VolumeStore {
         remove_tree(&trash)
     }
 
+    /// Moves the volume's data to `<root>/archive/<name>-<unix seconds>` and forgets the
+    /// volume. Archiving a missing volume succeeds.
+    pub fn archive(&self, name: &VolumeName) -> Result<Option<PathBuf>> {
+        if self.get(name)?.is_none() {
+            return Ok(None);
+        }
+        let archive = self.root.join("archive");
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&archive)
+            .map_err(io("create archive directory", &archive))?;
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let dest = archive.join(format!("{name}-{stamp}"));
+        let dir = self.data_dir(name);
+        fs::rename(&dir, &dest).map_err(io("move volume to the archive", &dir))?;
+        sync_dir(&self.volumes_dir())?;
+        let meta_path = self.meta_path(name);
+        fs::remove_file(&meta_path).map_err(io("remove volume metadata", &meta_path))?;
+        sync_dir(&self.meta_dir())?;
+        Ok(Some(dest))
+    }
+
     /// The volume's metadata, if it exists.
     pub fn get(&self, name: &VolumeName) -> Result<Option<VolumeMeta>> {
         let path = self.meta_path(name);
@@ -444,6 +470,19 @@ mod tests {
             Err(Error::ShrinkBelowUsage { used: 1024, .. })
         ));
         assert_eq!(s.resize(&n, 4096).expect("grow").size_bytes, 4096);
+    }
+
+    #[test]
+    fn archive_moves_data_aside_and_forgets_the_volume() {
+        let (_d, s) = store();
+        let n = name("v");
+        s.create(&VolumeSpec::new(n.clone(), 1 << 20))
+            .expect("create");
+        fs::write(s.data_dir(&n).join("keep"), b"data").expect("write");
+        let dest = s.archive(&n).expect("archive").expect("moved");
+        assert_eq!(fs::read(dest.join("keep")).expect("archived"), b"data");
+        assert!(s.get(&n).expect("get").is_none());
+        assert!(s.archive(&n).expect("again").is_none());
     }
 
     #[test]

@@ -1,0 +1,396 @@
+//! The node agent's cluster side: it heartbeats a Lease with its free space and NFS
+//! port, creates and removes volume directories for claims the controller placed on
+//! this node, reclaims and resizes its PVs, and keeps the NFS allow-list equal to the
+//! cluster's node addresses (plus `--allow`). See `provisioner::protocol`.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::{reflector, watcher};
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+use crate::nfs::{AllowList, Exports, Network};
+use crate::provisioner::protocol::*;
+use crate::provisioner::pv::{ON_DELETE_KEY, PV_FINALIZER, VOLUME_KEY};
+use crate::volume::VolumeName;
+
+/// How often the heartbeat Lease is renewed (it is considered dead after 30 s).
+const HEARTBEAT: Duration = Duration::from_secs(5);
+const LEASE_SECONDS: i32 = 30;
+
+struct Agent {
+    client: Client,
+    node: String,
+    namespace: String,
+    exports: Arc<Exports>,
+    nfs_port: u16,
+    recorder: Recorder,
+    /// Wakes the heartbeat early when free space changed.
+    changed: Notify,
+}
+
+/// Runs the cluster side until `shutdown` fires.
+pub async fn run(
+    client: Client,
+    node: String,
+    namespace: String,
+    exports: Arc<Exports>,
+    nfs_port: u16,
+    allow: AllowList,
+    extra_allow: Vec<Network>,
+    shutdown: CancellationToken,
+) {
+    let agent = Arc::new(Agent {
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "localnfs-node".into(),
+                instance: Some(node.clone()),
+            },
+        ),
+        client,
+        node,
+        namespace,
+        exports,
+        nfs_port,
+        changed: Notify::new(),
+    });
+    let mine = watcher::Config::default().labels(&format!("{NODE_LABEL}={}", agent.node));
+    let claims = Controller::new(
+        Api::<PersistentVolumeClaim>::all(agent.client.clone()),
+        mine.clone(),
+    )
+    .graceful_shutdown_on(shutdown.clone().cancelled_owned())
+    .run(reconcile_claim, error_policy, agent.clone())
+    .for_each(|_| futures::future::ready(()));
+    let pvs = Controller::new(Api::<PersistentVolume>::all(agent.client.clone()), mine)
+        .graceful_shutdown_on(shutdown.clone().cancelled_owned())
+        .run(reconcile_pv, error_policy, agent.clone())
+        .for_each(|_| futures::future::ready(()));
+    tokio::join!(
+        claims,
+        pvs,
+        heartbeat(agent.clone(), shutdown.clone()),
+        keep_allow_list(agent.client.clone(), allow, extra_allow, shutdown),
+    );
+}
+
+fn error_policy<K>(_obj: Arc<K>, err: &Error, _agent: Arc<Agent>) -> Action {
+    tracing::warn!(error = %err, "node reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}
+
+fn ann<'a>(obj: &'a impl Resource, key: &str) -> Option<&'a str> {
+    obj.meta()
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(key))
+        .map(String::as_str)
+}
+
+impl Agent {
+    async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Volume".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
+            tracing::warn!(error = %e, reason, "cannot record event");
+        }
+    }
+
+    /// Runs a blocking store operation, then re-reads the exports so the NFS server
+    /// sees the change at once.
+    async fn store_op<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&crate::volume::VolumeStore) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let exports = self.exports.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            let r = op(exports.store());
+            exports.refresh()?;
+            r
+        })
+        .await
+        .map_err(|e| Error::BuildObject(format!("volume task failed: {e}")))??;
+        self.changed.notify_one();
+        Ok(out)
+    }
+}
+
+async fn reconcile_claim(pvc: Arc<PersistentVolumeClaim>, agent: Arc<Agent>) -> Result<Action> {
+    let (ns, name) = (pvc.namespace().unwrap_or_default(), pvc.name_any());
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(agent.client.clone(), &ns);
+    let Some(request) = ann(pvc.as_ref(), REQUEST) else {
+        return Ok(Action::await_change());
+    };
+    let request: VolumeRequest = match serde_json::from_str(request) {
+        Ok(r) => r,
+        Err(e) => {
+            agent
+                .event(
+                    pvc.as_ref(),
+                    EventType::Warning,
+                    "ProvisioningFailed",
+                    format!("unreadable volume request: {e}"),
+                )
+                .await;
+            return Ok(Action::await_change());
+        }
+    };
+    let annotate = |key: &str, value: String| {
+        let claims = claims.clone();
+        let (key, name) = (key.to_owned(), name.clone());
+        async move {
+            claims
+                .patch(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"annotations": {key: value}}})),
+                )
+                .await
+                .map_err(Error::kube(format!("annotate claim {name}")))
+        }
+    };
+    if ann(pvc.as_ref(), ABANDON).is_some() {
+        if ann(pvc.as_ref(), REMOVED).is_none() {
+            let vol = request.name.clone();
+            agent.store_op(move |s| s.delete(&vol)).await?;
+            tracing::info!(volume = %request.name, claim = %format!("{ns}/{name}"), "removed volume of abandoned claim");
+            annotate(REMOVED, "true".into()).await?;
+        }
+        return Ok(Action::await_change());
+    }
+    if ann(pvc.as_ref(), READY).is_some() {
+        return Ok(Action::await_change());
+    }
+    let spec = request.to_spec();
+    match agent.store_op(move |s| s.create(&spec)).await {
+        Ok(meta) => {
+            tracing::info!(volume = %meta.name, size = meta.size_bytes, "created volume");
+            annotate(READY, meta.name.to_string()).await?;
+        }
+        Err(e @ (Error::VolumeConflict { .. } | Error::InvalidVolumeSize { .. })) => {
+            agent
+                .event(
+                    pvc.as_ref(),
+                    EventType::Warning,
+                    "ProvisioningFailed",
+                    format!("node {}: {e}", agent.node),
+                )
+                .await;
+            return Ok(Action::requeue(Duration::from_secs(300)));
+        }
+        Err(e) => return Err(e),
+    }
+    Ok(Action::await_change())
+}
+
+async fn reconcile_pv(pv: Arc<PersistentVolume>, agent: Arc<Agent>) -> Result<Action> {
+    let pv_name = pv.name_any();
+    let pvs: Api<PersistentVolume> = Api::all(agent.client.clone());
+    let Some(volume) = ann(pv.as_ref(), VOLUME_KEY).and_then(|v| VolumeName::new(v).ok()) else {
+        return Ok(Action::await_change());
+    };
+    let finalizing = pv.metadata.deletion_timestamp.is_some()
+        && pv.finalizers().iter().any(|f| f == PV_FINALIZER);
+    if finalizing {
+        let policy = pv
+            .spec
+            .as_ref()
+            .and_then(|s| s.persistent_volume_reclaim_policy.clone());
+        let on_delete = ann(pv.as_ref(), ON_DELETE_KEY)
+            .unwrap_or("delete")
+            .to_owned();
+        if policy.as_deref() == Some("Delete") {
+            let vol = volume.clone();
+            let result = match on_delete.as_str() {
+                "retain" => Ok(()),
+                "archive" => agent.store_op(move |s| s.archive(&vol).map(drop)).await,
+                _ => agent.store_op(move |s| s.delete(&vol)).await,
+            };
+            if let Err(e) = result {
+                agent
+                    .event(
+                        pv.as_ref(),
+                        EventType::Warning,
+                        "VolumeFailedDelete",
+                        format!("node {}: {e}", agent.node),
+                    )
+                    .await;
+                return Err(e);
+            }
+            tracing::info!(%volume, pv = %pv_name, on_delete, "reclaimed volume");
+        } else {
+            tracing::info!(%volume, pv = %pv_name, "PV deleted under Retain: keeping the directory");
+        }
+        let rest: Vec<String> = pv
+            .finalizers()
+            .iter()
+            .filter(|f| *f != PV_FINALIZER)
+            .cloned()
+            .collect();
+        pvs.patch(
+            &pv_name,
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"finalizers": rest, "resourceVersion": pv.resource_version()}}),
+            ),
+        )
+        .await
+        .map_err(Error::kube(format!("release finalizer of PV {pv_name}")))?;
+        return Ok(Action::await_change());
+    }
+    let want = ann(pv.as_ref(), RESIZE_TO).and_then(|s| s.parse::<u64>().ok());
+    let have = ann(pv.as_ref(), SIZE).and_then(|s| s.parse::<u64>().ok());
+    if let Some(want) = want.filter(|w| have.is_none_or(|h| h < *w)) {
+        let vol = volume.clone();
+        if let Err(e) = agent.store_op(move |s| s.resize(&vol, want)).await {
+            agent
+                .event(
+                    pv.as_ref(),
+                    EventType::Warning,
+                    "VolumeResizeFailed",
+                    format!("node {}: {e}", agent.node),
+                )
+                .await;
+            return Err(e);
+        }
+        pvs.patch(
+            &pv_name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {SIZE: want.to_string()}}})),
+        )
+        .await
+        .map_err(Error::kube(format!("annotate PV {pv_name}")))?;
+    }
+    Ok(Action::await_change())
+}
+
+/// Bytes a new volume may still take: what the disk has free, less what existing
+/// volumes may still grow into.
+fn free_bytes(exports: &Exports) -> u64 {
+    let promised: u64 = exports.all().iter().map(|v| v.free()).sum();
+    let disk = nix_statvfs(exports.store().root()).unwrap_or(0);
+    disk.saturating_sub(promised)
+}
+
+fn nix_statvfs(path: &std::path::Path) -> Option<u64> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: valid C string and out-pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: initialised on success.
+    let st = unsafe { st.assume_init() };
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+async fn heartbeat(agent: Arc<Agent>, shutdown: CancellationToken) {
+    let leases: Api<Lease> = Api::namespaced(agent.client.clone(), &agent.namespace);
+    let name = format!("{NODE_LEASE_PREFIX}{}", agent.node);
+    loop {
+        let free = {
+            let ex = agent.exports.clone();
+            tokio::task::spawn_blocking(move || free_bytes(&ex))
+                .await
+                .unwrap_or(0)
+        };
+        let annotations: BTreeMap<&str, String> = [
+            (FREE_BYTES, free.to_string()),
+            (NFS_PORT, agent.nfs_port.to_string()),
+        ]
+        .into();
+        let body = json!({
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": name, "annotations": annotations},
+            "spec": {
+                "holderIdentity": agent.node,
+                "leaseDurationSeconds": LEASE_SECONDS,
+                "renewTime": MicroTime(Timestamp::now()),
+            },
+        });
+        let result = match leases
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&body))
+            .await
+        {
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                match serde_json::from_value::<Lease>(body) {
+                    Ok(lease) => leases
+                        .create(&PostParams::default(), &lease)
+                        .await
+                        .map(drop),
+                    Err(e) => Err(kube::Error::SerdeError(e)),
+                }
+            }
+            other => other.map(drop),
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "cannot renew the node heartbeat lease");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(HEARTBEAT) => {}
+            _ = agent.changed.notified() => {}
+        }
+    }
+}
+
+/// Keeps the allow-list equal to every node's InternalIP plus the `--allow` networks.
+async fn keep_allow_list(
+    client: Client,
+    allow: AllowList,
+    extra: Vec<Network>,
+    shutdown: CancellationToken,
+) {
+    let (reader, writer) = reflector::store::<Node>();
+    // Every event (including deletions) recomputes the list from the cache.
+    let stream = reflector(
+        writer,
+        watcher(Api::<Node>::all(client), watcher::Config::default()),
+    )
+    .boxed();
+    let mut stream = std::pin::pin!(stream.take_until(shutdown.cancelled_owned()));
+    while stream.next().await.is_some() {
+        let mut nets = extra.clone();
+        for node in reader.state() {
+            for addr in node
+                .status
+                .iter()
+                .flat_map(|s| s.addresses.iter().flatten())
+            {
+                if addr.type_ == "InternalIP"
+                    && let Ok(ip) = addr.address.parse::<IpAddr>()
+                {
+                    nets.push(Network::host(ip));
+                }
+            }
+        }
+        allow.replace(nets);
+    }
+}

@@ -1,0 +1,376 @@
+//! The claim reconciler: drives one PersistentVolumeClaim of a localnfs class through
+//! the provisioning protocol (see `protocol`) and expansion. Idempotent: every step
+//! reads the claim's current annotations and does the next missing thing, so a
+//! controller killed between any two steps resumes where it stopped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::storage::v1::StorageClass;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+
+use super::metrics::ControllerMetrics;
+use super::params::{ClassParams, quantity_bytes};
+use super::protocol::*;
+use super::pv::{self, NodeRoom, PvInput, SELECTED_NODE};
+use crate::error::{Error, Result};
+
+/// Shared by every reconcile.
+pub struct Ctx {
+    pub client: Client,
+    pub provisioner: String,
+    /// Namespace of the node agents' Leases.
+    pub namespace: String,
+    pub recorder: Recorder,
+    pub metrics: ControllerMetrics,
+}
+
+const BETA_PROVISIONER: &str = "volume.beta.kubernetes.io/storage-provisioner";
+const GA_PROVISIONER: &str = "volume.kubernetes.io/storage-provisioner";
+
+fn has_finalizer<K: Resource>(obj: &K, f: &str) -> bool {
+    obj.meta().finalizers.iter().flatten().any(|x| x == f)
+}
+
+fn annotation<'a, K: Resource>(obj: &'a K, key: &str) -> Option<&'a str> {
+    obj.meta()
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(key))
+        .map(String::as_str)
+}
+
+impl Ctx {
+    fn claims(&self, ns: &str) -> Api<PersistentVolumeClaim> {
+        Api::namespaced(self.client.clone(), ns)
+    }
+
+    async fn event(
+        &self,
+        pvc: &PersistentVolumeClaim,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
+        self.event_on(pvc, type_, reason, "Provision", note).await;
+    }
+
+    /// Records an event about `obj` (deduplicated into a series by the recorder).
+    pub async fn event_on<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
+            tracing::warn!(error = %e, reason, "cannot record event");
+        }
+    }
+
+    async fn patch_meta(
+        &self,
+        pvc: &PersistentVolumeClaim,
+        patch: serde_json::Value,
+    ) -> Result<()> {
+        let (ns, name) = (pvc.namespace().unwrap_or_default(), pvc.name_any());
+        self.claims(&ns)
+            .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+            .map_err(Error::kube(format!("patch claim {ns}/{name}")))?;
+        Ok(())
+    }
+
+    /// Sets the finalizer list (JSON merge replaces lists; the resourceVersion guards
+    /// against dropping someone else's concurrent addition).
+    async fn set_finalizers(
+        &self,
+        pvc: &PersistentVolumeClaim,
+        finalizers: Vec<String>,
+    ) -> Result<()> {
+        self.patch_meta(
+            pvc,
+            json!({"metadata": {"finalizers": finalizers, "resourceVersion": pvc.resource_version()}}),
+        )
+        .await
+    }
+
+    async fn remove_finalizer(&self, pvc: &PersistentVolumeClaim) -> Result<()> {
+        if !has_finalizer(pvc, CLAIM_FINALIZER) {
+            return Ok(());
+        }
+        let rest = pvc
+            .finalizers()
+            .iter()
+            .filter(|f| *f != CLAIM_FINALIZER)
+            .cloned()
+            .collect();
+        self.set_finalizers(pvc, rest).await
+    }
+
+    /// Live node agents and their free space, from their heartbeat Leases.
+    async fn node_rooms(&self) -> Result<Vec<(NodeRoom, u16)>> {
+        let leases: Api<Lease> = Api::namespaced(self.client.clone(), &self.namespace);
+        let now = Timestamp::now();
+        let list = leases
+            .list(&ListParams::default())
+            .await
+            .map_err(Error::kube("list node agent leases"))?;
+        Ok(list
+            .items
+            .iter()
+            .filter_map(|l| {
+                let node = l.name_any().strip_prefix(NODE_LEASE_PREFIX)?.to_owned();
+                let spec = l.spec.as_ref()?;
+                let renewed = spec.renew_time.as_ref()?.0;
+                let ttl = i64::from(spec.lease_duration_seconds.unwrap_or(30));
+                if renewed + k8s_openapi::jiff::SignedDuration::from_secs(ttl) < now {
+                    return None; // agent not heard from: not a candidate
+                }
+                let free_bytes = annotation(l, FREE_BYTES)?.parse().ok()?;
+                let port = annotation(l, NFS_PORT)
+                    .and_then(|p| p.parse().ok())
+                    .unwrap_or(2049);
+                Some((NodeRoom { node, free_bytes }, port))
+            })
+            .collect())
+    }
+}
+
+/// Whether this claim is for us: its class names our provisioner.
+async fn our_class(ctx: &Ctx, pvc: &PersistentVolumeClaim) -> Result<Option<StorageClass>> {
+    let for_us = [BETA_PROVISIONER, GA_PROVISIONER]
+        .iter()
+        .any(|k| annotation(pvc, k) == Some(ctx.provisioner.as_str()));
+    let Some(class_name) = pvc.spec.as_ref().and_then(|s| s.storage_class_name.clone()) else {
+        return Ok(None);
+    };
+    let classes: Api<StorageClass> = Api::all(ctx.client.clone());
+    let class = classes
+        .get_opt(&class_name)
+        .await
+        .map_err(Error::kube(format!("read StorageClass {class_name}")))?;
+    Ok(class.filter(|c| for_us || c.provisioner == ctx.provisioner))
+}
+
+/// Reconciles one claim.
+pub async fn reconcile(pvc: Arc<PersistentVolumeClaim>, ctx: Arc<Ctx>) -> Result<Action> {
+    let Some(class) = our_class(&ctx, &pvc).await? else {
+        // Not ours, but clean up if we were mid-way when its class vanished.
+        if has_finalizer(pvc.as_ref(), CLAIM_FINALIZER) && pvc.metadata.deletion_timestamp.is_some()
+        {
+            return abandon(&ctx, &pvc).await;
+        }
+        return Ok(Action::await_change());
+    };
+    let uid = pvc.uid().unwrap_or_default();
+    let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    let pv_name = pv::pv_name(&uid);
+    if let Some(existing) = pvs
+        .get_opt(&pv_name)
+        .await
+        .map_err(Error::kube(format!("read PV {pv_name}")))?
+    {
+        ctx.remove_finalizer(&pvc).await?;
+        return super::expand::reconcile(&ctx, &pvc, &class, &existing).await;
+    }
+    if pvc.metadata.deletion_timestamp.is_some() {
+        return abandon(&ctx, &pvc).await;
+    }
+    let phase = pvc.status.as_ref().and_then(|s| s.phase.as_deref());
+    if phase == Some("Bound") || annotation(pvc.as_ref(), ABANDON).is_some() {
+        return Ok(Action::await_change());
+    }
+    provision(&ctx, &pvc, &class, &pv_name).await
+}
+
+/// A claim going away before its PV exists: have the node agent delete the volume.
+async fn abandon(ctx: &Ctx, pvc: &PersistentVolumeClaim) -> Result<Action> {
+    if !has_finalizer(pvc, CLAIM_FINALIZER) {
+        return Ok(Action::await_change());
+    }
+    let placed = pvc.labels().contains_key(NODE_LABEL);
+    if !placed || annotation(pvc, REMOVED).is_some() {
+        ctx.remove_finalizer(pvc).await?;
+        return Ok(Action::await_change());
+    }
+    if annotation(pvc, ABANDON).is_none() {
+        ctx.patch_meta(pvc, json!({"metadata": {"annotations": {ABANDON: "true"}}}))
+            .await?;
+    }
+    // The node agent's answer arrives as a watch event; poll in case it is down.
+    Ok(Action::requeue(Duration::from_secs(30)))
+}
+
+async fn provision(
+    ctx: &Ctx,
+    pvc: &PersistentVolumeClaim,
+    class: &StorageClass,
+    pv_name: &str,
+) -> Result<Action> {
+    let checked = ClassParams::parse(&class.parameters.clone().unwrap_or_default())
+        .and_then(|p| pv::validate_claim(pvc).map(|r| (p, r)));
+    let (params, request) = match checked {
+        Ok(x) => x,
+        Err(msg) => {
+            ctx.metrics.failed("invalid");
+            ctx.event(pvc, EventType::Warning, "ProvisioningFailed", msg)
+                .await;
+            return Ok(Action::requeue(Duration::from_secs(300)));
+        }
+    };
+    if !has_finalizer(pvc, CLAIM_FINALIZER) {
+        let mut f = pvc.finalizers().to_vec();
+        f.push(CLAIM_FINALIZER.to_owned());
+        ctx.set_finalizers(pvc, f).await?;
+        return Ok(Action::await_change());
+    }
+    let rooms = ctx.node_rooms().await?;
+    let Some(node) = pvc.labels().get(NODE_LABEL).cloned() else {
+        let free: Vec<NodeRoom> = rooms.iter().map(|(r, _)| r.clone()).collect();
+        let node = match pv::choose_node(annotation(pvc, SELECTED_NODE), &free, request.size_bytes)
+        {
+            Ok(n) => n,
+            Err(msg) => {
+                ctx.metrics.failed("no-room");
+                ctx.event(pvc, EventType::Warning, "ProvisioningFailed", msg)
+                    .await;
+                return Ok(Action::requeue(Duration::from_secs(15)));
+            }
+        };
+        let (ns, name, uid) = (
+            pvc.namespace().unwrap_or_default(),
+            pvc.name_any(),
+            pvc.uid().unwrap_or_default(),
+        );
+        let volume = match params.volume_name(pv_name, &ns, &name, &uid) {
+            Ok(v) => v,
+            Err(msg) => {
+                ctx.metrics.failed("invalid");
+                ctx.event(pvc, EventType::Warning, "ProvisioningFailed", msg)
+                    .await;
+                return Ok(Action::requeue(Duration::from_secs(300)));
+            }
+        };
+        let req = VolumeRequest {
+            name: volume.clone(),
+            size_bytes: request.size_bytes,
+            uid: params.uid,
+            gid: params.gid,
+            mode: params.mode,
+            squash: params.squash,
+            anon_uid: params.anon_uid,
+            anon_gid: params.anon_gid,
+        };
+        let req_json = serde_json::to_string(&req).unwrap_or_default();
+        ctx.patch_meta(
+            pvc,
+            json!({"metadata": {"labels": {NODE_LABEL: node}, "annotations": {REQUEST: req_json}}}),
+        )
+        .await?;
+        ctx.event(
+            pvc,
+            EventType::Normal,
+            "Provisioning",
+            format!(
+                "creating volume {volume} ({} bytes) on node {node}",
+                request.size_bytes
+            ),
+        )
+        .await;
+        return Ok(Action::await_change());
+    };
+    let Some(volume) = annotation(pvc, READY) else {
+        return Ok(Action::requeue(Duration::from_secs(30)));
+    };
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    let node_obj = nodes
+        .get(&node)
+        .await
+        .map_err(Error::kube(format!("read node {node}")))?;
+    let Some(ip) = internal_ip(&node_obj) else {
+        ctx.event(
+            pvc,
+            EventType::Warning,
+            "ProvisioningFailed",
+            format!("node {node} has no InternalIP"),
+        )
+        .await;
+        return Ok(Action::requeue(Duration::from_secs(30)));
+    };
+    let port = rooms
+        .iter()
+        .find(|(r, _)| r.node == node)
+        .map_or(2049, |(_, p)| *p);
+    let pv = pv::build_pv(&PvInput {
+        pvc,
+        class,
+        params: &params,
+        request: &request,
+        provisioner: &ctx.provisioner,
+        node: &node,
+        node_ip: &ip,
+        nfs_port: port,
+        volume,
+    })
+    .map_err(Error::BuildObject)?;
+    let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    match pvs.create(&PostParams::default(), &pv).await {
+        Ok(_) => {
+            ctx.metrics.provisioned.inc();
+            if let Some(created) = &pvc.metadata.creation_timestamp {
+                let secs = Timestamp::now().duration_since(created.0).as_secs_f64();
+                ctx.metrics.provision_seconds.observe(secs.max(0.0));
+            }
+            ctx.event(
+                pvc,
+                EventType::Normal,
+                "ProvisioningSucceeded",
+                format!("created PV {pv_name}: volume {volume} on node {node} ({ip})"),
+            )
+            .await;
+        }
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => return Err(Error::kube(format!("create PV {pv_name}"))(e)),
+    }
+    ctx.remove_finalizer(pvc).await?;
+    Ok(Action::await_change())
+}
+
+fn internal_ip(node: &Node) -> Option<String> {
+    node.status
+        .as_ref()?
+        .addresses
+        .as_ref()?
+        .iter()
+        .find(|a| a.type_ == "InternalIP")
+        .map(|a| a.address.clone())
+}
+
+/// The size a claim requests, in bytes.
+pub fn requested_bytes(pvc: &PersistentVolumeClaim) -> Option<u64> {
+    let q = pvc
+        .spec
+        .as_ref()?
+        .resources
+        .as_ref()?
+        .requests
+        .as_ref()?
+        .get("storage")?;
+    quantity_bytes(&q.0).ok()
+}

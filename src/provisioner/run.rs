@@ -1,0 +1,157 @@
+//! `localnfs controller`: leader election, then the claim and PV reconcilers.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use kube::api::Api;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::claims::{self, Ctx};
+use super::leader::{LEASE_DURATION, LeaderElector, RENEW_EVERY};
+use super::metrics::ControllerMetrics;
+use super::protocol::NODE_LABEL;
+use super::volumes;
+use crate::admin::{self, AdminState, Readiness};
+use crate::cli::ControllerArgs;
+use crate::error::{Error, Result};
+
+/// The Lease the controllers compete for.
+pub const LEADER_LEASE: &str = "localnfs-controller";
+
+pub async fn run(args: ControllerArgs) -> Result<()> {
+    let shutdown = crate::shutdown::on_signals()?;
+    let client = crate::kubeclient::client(args.kube.kubeconfig.as_deref()).await?;
+    let identity = args.identity.clone().unwrap_or_else(default_identity);
+    let mut registry = crate::metrics::registry("controller");
+    let metrics = ControllerMetrics::register(&mut registry);
+    let listener = TcpListener::bind(args.admin.admin_addr)
+        .await
+        .map_err(|source| Error::Bind {
+            what: "admin",
+            addr: args.admin.admin_addr,
+            source,
+        })?;
+    let readiness = Readiness::default();
+    let admin = tokio::spawn(admin::serve(
+        listener,
+        AdminState {
+            readiness: readiness.clone(),
+            registry: Arc::new(registry),
+        },
+        shutdown.clone(),
+    ));
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        provisioner: args.provisioner_name.clone(),
+        namespace: args.namespace.clone(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "localnfs-controller".into(),
+                instance: Some(identity.clone()),
+            },
+        ),
+        metrics: metrics.clone(),
+    });
+    let elector = LeaderElector::new(
+        Api::<Lease>::namespaced(client.clone(), &args.namespace),
+        LEADER_LEASE,
+        &identity,
+    );
+    tracing::info!(%identity, provisioner = %args.provisioner_name, "controller starting");
+    let mut leading: Option<(CancellationToken, tokio::task::JoinHandle<()>)> = None;
+    let mut last_renewal = Instant::now();
+    loop {
+        match elector.try_lead().await {
+            Ok(true) => {
+                readiness.set(true);
+                last_renewal = Instant::now();
+                if leading.is_none() {
+                    tracing::info!(%identity, "became leader");
+                    metrics.leader.set(1);
+                    let stop = shutdown.child_token();
+                    leading = Some((stop.clone(), tokio::spawn(controllers(ctx.clone(), stop))));
+                }
+            }
+            Ok(false) => {
+                readiness.set(true);
+                if let Some((stop, task)) = leading.take() {
+                    tracing::warn!(%identity, "lost leadership; stopping");
+                    stop.cancel();
+                    let _ = task.await;
+                    metrics.leader.set(0);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "leader election round failed");
+                // Step down before the lease can have expired for the others.
+                if leading.is_some() && last_renewal.elapsed() > LEASE_DURATION - RENEW_EVERY {
+                    if let Some((stop, task)) = leading.take() {
+                        tracing::warn!("could not renew the leader lease in time; stopping");
+                        stop.cancel();
+                        let _ = task.await;
+                        metrics.leader.set(0);
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(RENEW_EVERY) => {}
+        }
+    }
+    if let Some((stop, task)) = leading.take() {
+        stop.cancel();
+        let _ = task.await;
+    }
+    let _ = admin.await;
+    tracing::info!("controller stopped");
+    Ok(())
+}
+
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localnfs".into());
+    format!("{host}-{}", std::process::id())
+}
+
+fn error_policy<K>(_obj: Arc<K>, err: &Error, ctx: Arc<Ctx>) -> Action {
+    ctx.metrics.reconcile_errors.inc();
+    tracing::warn!(error = %err, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// Runs both reconcilers until `stop` fires.
+async fn controllers(ctx: Arc<Ctx>, stop: CancellationToken) {
+    let client = ctx.client.clone();
+    let ours = watcher::Config::default().labels(NODE_LABEL);
+    let claims = Controller::new(
+        Api::<PersistentVolumeClaim>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .watches(
+        Api::<PersistentVolume>::all(client.clone()),
+        ours.clone(),
+        |pv: PersistentVolume| {
+            let r = pv.spec?.claim_ref?;
+            Some(ObjectRef::new(r.name.as_deref()?).within(r.namespace.as_deref()?))
+        },
+    )
+    .graceful_shutdown_on(stop.clone().cancelled_owned())
+    .run(claims::reconcile, error_policy, ctx.clone())
+    .for_each(|_| futures::future::ready(()));
+    let pvs = Controller::new(Api::<PersistentVolume>::all(client), ours)
+        .graceful_shutdown_on(stop.cancelled_owned())
+        .run(volumes::reconcile, error_policy, ctx)
+        .for_each(|_| futures::future::ready(()));
+    tokio::join!(claims, pvs);
+}

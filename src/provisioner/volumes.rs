@@ -1,0 +1,93 @@
+//! The PV reconciler: a Released localnfs PV with reclaim policy Delete is deleted;
+//! its finalizer keeps it until the node agent has dealt with the directory
+//! (DESIGN invariant 2: data goes only through this path, never on an API error).
+
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::PersistentVolume;
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+
+use super::claims::Ctx;
+use super::pv::PROVISIONED_BY;
+use crate::error::{Error, Result};
+
+/// What to do with a PV (pure).
+#[derive(Debug, PartialEq, Eq)]
+pub enum PvAction {
+    Delete,
+    Nothing,
+}
+
+pub fn decide(pv: &PersistentVolume, provisioner: &str) -> PvAction {
+    let ours = pv.annotations().get(PROVISIONED_BY).map(String::as_str) == Some(provisioner);
+    let released = pv.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Released");
+    let delete = pv
+        .spec
+        .as_ref()
+        .and_then(|s| s.persistent_volume_reclaim_policy.as_deref())
+        == Some("Delete");
+    if ours && released && delete && pv.metadata.deletion_timestamp.is_none() {
+        PvAction::Delete
+    } else {
+        PvAction::Nothing
+    }
+}
+
+pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Ctx>) -> Result<Action> {
+    if decide(&pv, &ctx.provisioner) == PvAction::Delete {
+        let name = pv.name_any();
+        let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
+        match pvs.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => {
+                ctx.metrics.deleted.inc();
+                ctx.event_on(pv.as_ref(), EventType::Normal, "Reclaiming", "Delete", format!(
+                    "claim released with reclaim policy Delete: deleting {name} once its node agent has removed the data"
+                ))
+                .await;
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(Error::kube(format!("delete PV {name}"))(e)),
+        }
+    }
+    Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pv(by: &str, phase: &str, policy: &str, deleting: bool) -> PersistentVolume {
+        let mut meta = json!({"name": "pv", "annotations": {PROVISIONED_BY: by}});
+        if deleting {
+            meta["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        }
+        serde_json::from_value(json!({
+            "metadata": meta,
+            "spec": {"persistentVolumeReclaimPolicy": policy},
+            "status": {"phase": phase},
+        }))
+        .expect("pv")
+    }
+
+    #[test]
+    fn only_our_released_delete_policy_pvs_are_deleted() {
+        let me = "localnfs.io/nfs";
+        let cases = [
+            (pv(me, "Released", "Delete", false), PvAction::Delete),
+            (pv(me, "Released", "Retain", false), PvAction::Nothing),
+            (pv(me, "Bound", "Delete", false), PvAction::Nothing),
+            (pv(me, "Released", "Delete", true), PvAction::Nothing),
+            (
+                pv("someone.else/x", "Released", "Delete", false),
+                PvAction::Nothing,
+            ),
+        ];
+        for (pv, want) in cases {
+            assert_eq!(decide(&pv, me), want);
+        }
+    }
+}
