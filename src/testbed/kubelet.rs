@@ -107,6 +107,23 @@ pub async fn mark_pod_ready(client: &Client, namespace: &str, name: &str) -> Res
         .map_err(Error::kube(format!("mark pod {namespace}/{name} ready")))
 }
 
+/// Finishes a graceful pod deletion, as a kubelet does once the containers stopped
+/// (without a kubelet, pods stay Terminating forever).
+pub async fn finish_pod_deletion(client: &Client, namespace: &str, name: &str) -> Result<()> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let params = kube::api::DeleteParams {
+        grace_period_seconds: Some(0),
+        ..kube::api::DeleteParams::default()
+    };
+    match pods.delete(name, &params).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(Error::kube(format!(
+            "finish deleting pod {namespace}/{name}"
+        ))(e)),
+    }
+}
+
 /// Whether a pod is Running and its Ready condition is True (what the StatefulSet
 /// controller waits for).
 pub fn is_running_and_ready(pod: &Pod) -> bool {

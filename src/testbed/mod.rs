@@ -211,7 +211,8 @@ impl TestCluster {
                 .arg(format!("--kubeconfig={}", kubeconfig.display()))
                 .arg(
                     "--controllers=persistentvolume-binder,persistentvolume-expander,\
-                     statefulset,garbagecollector,serviceaccount,serviceaccount-token",
+                     statefulset,garbagecollector,serviceaccount,serviceaccount-token,\
+                     pvc-protection,pv-protection",
                 )
                 .arg(format!(
                     "--service-account-private-key-file={}",

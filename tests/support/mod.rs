@@ -3,6 +3,7 @@
 
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
+pub mod cluster;
 pub mod nfs;
 
 use std::future::Future;
@@ -49,6 +50,11 @@ impl TestKubelet {
                 .boxed();
             while let Some(event) = events.next().await {
                 let Ok(pod) = event else { continue };
+                if pod.metadata.deletion_timestamp.is_some() {
+                    let name = pod.metadata.name.clone().unwrap_or_default();
+                    let _ = kubelet::finish_pod_deletion(&client, &ns, &name).await;
+                    continue;
+                }
                 let scheduled = pod.spec.as_ref().is_some_and(|s| s.node_name.is_some());
                 let deleting = pod.metadata.deletion_timestamp.is_some();
                 if scheduled && !deleting && !kubelet::is_running_and_ready(&pod) {

@@ -1,0 +1,282 @@
+//! localnfs on the test control plane: node agents and controllers as real processes,
+//! and a test-kubelet that mounts each pod's volumes over NFS before reporting it Ready.
+
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::storage::v1::StorageClass;
+use kube::api::{Api, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use localnfs::testbed::{TestCluster, kubelet};
+use nfs3_types::nfs3::{nfs_fh3, stable_how};
+use serde_json::json;
+use tokio::process::{Child, Command};
+use tokio::task::JoinHandle;
+
+use super::nfs::Client as NfsClient;
+
+pub const NAMESPACE: &str = "localnfs-system";
+
+/// A running localnfs installation on a test cluster.
+pub struct Localnfs {
+    pub kubeconfig: PathBuf,
+    pub dir: tempfile::TempDir,
+    pub agents: BTreeMap<String, Child>,
+    pub controllers: Vec<Child>,
+}
+
+fn spawn(args: &[&str], kubeconfig: &Path, log: &Path) -> Child {
+    let out = std::fs::File::create(log).expect("log file");
+    Command::new(env!("CARGO_BIN_EXE_localnfs"))
+        .args(args)
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(["--namespace", NAMESPACE, "--admin-addr", "127.0.0.1:0"])
+        .env("LOCALNFS_LOG", "info,kube=warn")
+        .stdout(Stdio::null())
+        .stderr(out)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start localnfs")
+}
+
+impl Localnfs {
+    /// Creates the namespace; nothing runs yet.
+    pub async fn new(cluster: &TestCluster) -> Localnfs {
+        let ns: Api<Namespace> = Api::all(cluster.client());
+        let body: Namespace =
+            serde_json::from_value(json!({"metadata": {"name": NAMESPACE}})).expect("ns");
+        ns.create(&PostParams::default(), &body)
+            .await
+            .expect("create namespace");
+        Localnfs {
+            kubeconfig: cluster.kubeconfig().to_owned(),
+            dir: tempfile::tempdir().expect("tempdir"),
+            agents: BTreeMap::new(),
+            controllers: Vec::new(),
+        }
+    }
+
+    pub fn root(&self, node: &str) -> PathBuf {
+        self.dir.path().join(node)
+    }
+
+    /// Starts (or restarts) the node agent for `node`, serving NFS on `ip`.
+    pub fn start_agent(&mut self, node: &str, ip: IpAddr) {
+        let root = self.root(node);
+        let listen = SocketAddr::new(ip, 0).to_string();
+        let log = self.dir.path().join(format!("agent-{node}.log"));
+        let child = spawn(
+            &[
+                "node",
+                "--node-name",
+                node,
+                "--root",
+                root.to_str().expect("utf8"),
+                "--listen",
+                &listen,
+            ],
+            &self.kubeconfig,
+            &log,
+        );
+        self.agents.insert(node.to_owned(), child);
+    }
+
+    pub async fn stop_agent(&mut self, node: &str) {
+        if let Some(mut c) = self.agents.remove(node) {
+            let _ = c.kill().await;
+        }
+    }
+
+    pub fn start_controller(&mut self) -> usize {
+        let log = self
+            .dir
+            .path()
+            .join(format!("controller-{}.log", self.controllers.len()));
+        self.controllers
+            .push(spawn(&["controller"], &self.kubeconfig, &log));
+        self.controllers.len() - 1
+    }
+
+    pub async fn kill_controller(&mut self, i: usize) {
+        let _ = self.controllers[i].kill().await;
+    }
+
+    /// Everything the processes logged, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
+            for e in entries.flatten() {
+                if e.path().extension().is_some_and(|x| x == "log") {
+                    let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                    out.push_str(&format!("--- {}\n", e.path().display()));
+                    for l in tail.into_iter().rev() {
+                        out.push_str(l);
+                        out.push('\n');
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Creates a localnfs StorageClass.
+pub async fn storage_class(client: &Client, name: &str, extra: serde_json::Value) {
+    let mut body = json!({
+        "apiVersion": "storage.k8s.io/v1",
+        "kind": "StorageClass",
+        "metadata": {"name": name},
+        "provisioner": "localnfs.io/nfs",
+        "volumeBindingMode": "WaitForFirstConsumer",
+        "allowVolumeExpansion": true,
+    });
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        b.extend(e.clone());
+    }
+    let class: StorageClass = serde_json::from_value(body).expect("class");
+    Api::<StorageClass>::all(client.clone())
+        .create(&PostParams::default(), &class)
+        .await
+        .expect("create StorageClass");
+}
+
+/// What the test-kubelet did for each pod: volume → "wrote" or "found" (data from a
+/// previous incarnation was already there).
+pub type KubeletLog = Arc<Mutex<BTreeMap<String, Vec<String>>>>;
+
+/// A kubelet stand-in: for each pod scheduled to a node, mounts every localnfs volume
+/// with a real NFS client from the node's address, checks for `<claim>.txt`, writes it
+/// if missing, then reports the pod Running and Ready.
+pub struct NfsKubelet {
+    task: JoinHandle<()>,
+    pub log: KubeletLog,
+}
+
+impl Drop for NfsKubelet {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl NfsKubelet {
+    pub fn start(client: Client, namespace: &str) -> Self {
+        let log: KubeletLog = Arc::default();
+        let ns = namespace.to_owned();
+        let record = log.clone();
+        let task = tokio::spawn(async move {
+            let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+            let mut events = watcher(pods, watcher::Config::default())
+                .applied_objects()
+                .boxed();
+            while let Some(Ok(pod)) = events.next().await {
+                let scheduled = pod.spec.as_ref().is_some_and(|s| s.node_name.is_some());
+                if pod.metadata.deletion_timestamp.is_some() {
+                    let _ = kubelet::finish_pod_deletion(&client, &ns, &pod.name_any()).await;
+                    continue;
+                }
+                if !scheduled || kubelet::is_running_and_ready(&pod) {
+                    continue;
+                }
+                let (client, ns, record) = (client.clone(), ns.clone(), record.clone());
+                tokio::spawn(async move {
+                    match start_pod(&client, &ns, &pod).await {
+                        Ok(done) => {
+                            record.lock().expect("log").insert(pod.name_any(), done);
+                            if let Err(e) =
+                                kubelet::mark_pod_ready(&client, &ns, &pod.name_any()).await
+                            {
+                                eprintln!("test-kubelet: {e}");
+                            }
+                        }
+                        Err(e) => eprintln!("test-kubelet: pod {}: {e}", pod.name_any()),
+                    }
+                });
+            }
+        });
+        Self { task, log }
+    }
+}
+
+/// The NFS server and port a PV points at.
+pub fn nfs_target(pv: &PersistentVolume) -> (IpAddr, u16, String) {
+    let spec = pv.spec.as_ref().expect("spec");
+    let nfs = spec.nfs.as_ref().expect("nfs source");
+    let port = spec
+        .mount_options
+        .iter()
+        .flatten()
+        .find_map(|o| o.strip_prefix("port="))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(2049);
+    (
+        nfs.server.parse().expect("server ip"),
+        port,
+        nfs.path.trim_start_matches('/').to_owned(),
+    )
+}
+
+async fn start_pod(client: &Client, ns: &str, pod: &Pod) -> Result<Vec<String>, String> {
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    let mut done = Vec::new();
+    let volumes = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.clone())
+        .unwrap_or_default();
+    for v in volumes {
+        let Some(claim) = v.persistent_volume_claim.map(|c| c.claim_name) else {
+            continue;
+        };
+        // The scheduler only binds pods whose claims are bound; still, wait briefly.
+        let mut pv_name = None;
+        for _ in 0..100 {
+            let c = claims.get(&claim).await.map_err(|e| e.to_string())?;
+            if let Some(n) = c.spec.and_then(|s| s.volume_name) {
+                pv_name = Some(n);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let pv = pvs
+            .get(&pv_name.ok_or("claim never bound")?)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (server, port, volume) = nfs_target(&pv);
+        let mut c = NfsClient::mount_as(port, &volume, server, 0, 0).await;
+        let root = c.root.clone();
+        let file = format!("{claim}.txt");
+        let state = match c.lookup(&root, file.as_bytes()).await {
+            Ok(fh) => {
+                let data = c.read(&fh, 0, 4096).await.map_err(|s| format!("{s:?}"))?;
+                if data != claim.as_bytes() {
+                    return Err(format!("{file} holds unexpected data"));
+                }
+                "found"
+            }
+            Err(_) => {
+                let fh: nfs_fh3 = c
+                    .create(&root, file.as_bytes(), 0o644)
+                    .await
+                    .map_err(|s| format!("{s:?}"))?;
+                c.write(&fh, 0, claim.as_bytes(), stable_how::FILE_SYNC)
+                    .await
+                    .map_err(|s| format!("{s:?}"))?;
+                "wrote"
+            }
+        };
+        done.push(format!("{claim}:{state}"));
+    }
+    Ok(done)
+}
