@@ -43,17 +43,31 @@ struct Agent {
     changed: Notify,
 }
 
+/// Who and where this agent is in the cluster.
+pub struct ClusterConfig {
+    pub client: Client,
+    pub node: String,
+    /// Namespace of the heartbeat Lease.
+    pub namespace: String,
+    pub nfs_port: u16,
+    /// `--allow` networks, always allowed besides the nodes' addresses.
+    pub extra_allow: Vec<Network>,
+}
+
 /// Runs the cluster side until `shutdown` fires.
 pub async fn run(
-    client: Client,
-    node: String,
-    namespace: String,
+    cfg: ClusterConfig,
     exports: Arc<Exports>,
-    nfs_port: u16,
     allow: AllowList,
-    extra_allow: Vec<Network>,
     shutdown: CancellationToken,
 ) {
+    let ClusterConfig {
+        client,
+        node,
+        namespace,
+        nfs_port,
+        extra_allow,
+    } = cfg;
     let agent = Arc::new(Agent {
         recorder: Recorder::new(
             client.clone(),

@@ -98,14 +98,17 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     println!("nfs listening on {nfs_addr}");
     let allow = AllowList::new(args.allow.clone());
     let agent = cluster.map(|(client, node)| {
-        tokio::spawn(cluster::run(
+        let cfg = cluster::ClusterConfig {
             client,
             node,
-            args.namespace.clone(),
+            namespace: args.namespace.clone(),
+            nfs_port: nfs_addr.port(),
+            extra_allow: args.allow.clone(),
+        };
+        tokio::spawn(cluster::run(
+            cfg,
             exports.clone(),
-            nfs_addr.port(),
             allow.clone(),
-            args.allow.clone(),
             shutdown.clone(),
         ))
     });

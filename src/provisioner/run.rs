@@ -67,7 +67,7 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
         &identity,
     );
     tracing::info!(%identity, provisioner = %args.provisioner_name, "controller starting");
-    let mut leading: Option<(CancellationToken, tokio::task::JoinHandle<()>)> = None;
+    let mut leading: Leading = None;
     let mut last_renewal = Instant::now();
     loop {
         match elector.try_lead().await {
@@ -83,23 +83,18 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
             }
             Ok(false) => {
                 readiness.set(true);
-                if let Some((stop, task)) = leading.take() {
-                    tracing::warn!(%identity, "lost leadership; stopping");
-                    stop.cancel();
-                    let _ = task.await;
-                    metrics.leader.set(0);
-                }
+                step_down(&mut leading, &metrics, "lost leadership").await;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "leader election round failed");
                 // Step down before the lease can have expired for the others.
-                if leading.is_some() && last_renewal.elapsed() > LEASE_DURATION - RENEW_EVERY {
-                    if let Some((stop, task)) = leading.take() {
-                        tracing::warn!("could not renew the leader lease in time; stopping");
-                        stop.cancel();
-                        let _ = task.await;
-                        metrics.leader.set(0);
-                    }
+                if last_renewal.elapsed() > LEASE_DURATION - RENEW_EVERY {
+                    step_down(
+                        &mut leading,
+                        &metrics,
+                        "could not renew the leader lease in time",
+                    )
+                    .await;
                 }
             }
         }
@@ -108,13 +103,22 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
             _ = tokio::time::sleep(RENEW_EVERY) => {}
         }
     }
-    if let Some((stop, task)) = leading.take() {
-        stop.cancel();
-        let _ = task.await;
-    }
+    step_down(&mut leading, &metrics, "shutting down").await;
     let _ = admin.await;
     tracing::info!("controller stopped");
     Ok(())
+}
+
+type Leading = Option<(CancellationToken, tokio::task::JoinHandle<()>)>;
+
+/// Stops the reconcilers if they run.
+async fn step_down(leading: &mut Leading, metrics: &ControllerMetrics, why: &str) {
+    if let Some((stop, task)) = leading.take() {
+        tracing::warn!(why, "stopping the reconcilers");
+        stop.cancel();
+        let _ = task.await;
+        metrics.leader.set(0);
+    }
 }
 
 fn default_identity() -> String {
