@@ -127,6 +127,11 @@ pub struct NodeArgs {
     #[arg(long, env = "LOCALNFS_STANDALONE")]
     pub standalone: bool,
 
+    /// Bytes this node offers to volumes in total (default: whatever the disk has
+    /// free). New volumes are placed only where their full size still fits.
+    #[arg(long, env = "LOCALNFS_CAPACITY", value_parser = parse_size)]
+    pub capacity: Option<u64>,
+
     /// This node's name (cluster mode); from the downward API in the DaemonSet.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,

@@ -38,6 +38,7 @@ struct Agent {
     namespace: String,
     exports: Arc<Exports>,
     nfs_port: u16,
+    capacity: Option<u64>,
     recorder: Recorder,
     /// Wakes the heartbeat early when free space changed.
     changed: Notify,
@@ -50,6 +51,8 @@ pub struct ClusterConfig {
     /// Namespace of the heartbeat Lease.
     pub namespace: String,
     pub nfs_port: u16,
+    /// `--capacity`: the most all volumes together may be given.
+    pub capacity: Option<u64>,
     /// `--allow` networks, always allowed besides the nodes' addresses.
     pub extra_allow: Vec<Network>,
 }
@@ -66,6 +69,7 @@ pub async fn run(
         node,
         namespace,
         nfs_port,
+        capacity,
         extra_allow,
     } = cfg;
     let agent = Arc::new(Agent {
@@ -81,6 +85,7 @@ pub async fn run(
         namespace,
         exports,
         nfs_port,
+        capacity,
         changed: Notify::new(),
     });
     let mine = watcher::Config::default().labels(&format!("{NODE_LABEL}={}", agent.node));
@@ -304,12 +309,25 @@ async fn reconcile_pv(pv: Arc<PersistentVolume>, agent: Arc<Agent>) -> Result<Ac
     Ok(Action::await_change())
 }
 
-/// Bytes a new volume may still take: what the disk has free, less what existing
-/// volumes may still grow into.
-fn free_bytes(exports: &Exports) -> u64 {
-    let promised: u64 = exports.all().iter().map(|v| v.free()).sum();
-    let disk = nix_statvfs(exports.store().root()).unwrap_or(0);
-    disk.saturating_sub(promised)
+/// Bytes a new volume may still take: what the disk has free less what existing
+/// volumes may still grow into, and (with `--capacity`) no more than the capacity
+/// less every volume's size.
+fn free_bytes(exports: &Exports, capacity: Option<u64>) -> u64 {
+    let volumes = exports.all();
+    let promised: u64 = volumes.iter().map(|v| v.free()).sum();
+    let disk = nix_statvfs(exports.store().root())
+        .unwrap_or(0)
+        .saturating_sub(promised);
+    match capacity {
+        Some(cap) => {
+            let allocated: u64 = volumes
+                .iter()
+                .map(|v| v.limit.load(std::sync::atomic::Ordering::Acquire))
+                .sum();
+            disk.min(cap.saturating_sub(allocated))
+        }
+        None => disk,
+    }
 }
 
 fn nix_statvfs(path: &std::path::Path) -> Option<u64> {
@@ -329,8 +347,8 @@ async fn heartbeat(agent: Arc<Agent>, shutdown: CancellationToken) {
     let name = format!("{NODE_LEASE_PREFIX}{}", agent.node);
     loop {
         let free = {
-            let ex = agent.exports.clone();
-            tokio::task::spawn_blocking(move || free_bytes(&ex))
+            let (ex, cap) = (agent.exports.clone(), agent.capacity);
+            tokio::task::spawn_blocking(move || free_bytes(&ex, cap))
                 .await
                 .unwrap_or(0)
         };

@@ -103,6 +103,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
             node,
             namespace: args.namespace.clone(),
             nfs_port: nfs_addr.port(),
+            capacity: args.capacity,
             extra_allow: args.allow.clone(),
         };
         tokio::spawn(cluster::run(

@@ -190,17 +190,7 @@ impl TestCluster {
         write_kubeconfig(&kubeconfig, &api_url, &ca, &token).map_err(io)?;
         let client = client_from_kubeconfig(&kubeconfig).await?;
         wait_for("kube-apiserver /readyz", &mut processes, || async {
-            let req = http::Request::get("/readyz").body(Vec::new());
-            Ok(match req {
-                // Every 500 before readiness would be logged as an error by the client;
-                // they are expected here, so this probe logs nothing.
-                Ok(req) => client
-                    .request_text(req)
-                    .with_subscriber(tracing::subscriber::NoSubscriber::default())
-                    .await
-                    .is_ok_and(|t| t == "ok"),
-                Err(_) => false,
-            })
+            Ok(api_ready(&client).await)
         })
         .await?;
         startup.push(("kube-apiserver ready", begin.elapsed()));
@@ -305,6 +295,28 @@ impl TestCluster {
     /// The running components.
     pub fn processes(&self) -> &[Process] {
         &self.processes
+    }
+
+    /// Kills one component (`"kube-apiserver"`, `"kube-controller-manager"`, ...) with
+    /// SIGKILL and starts it again; for the apiserver, waits until it is ready.
+    pub async fn restart(&mut self, name: &str) -> Result<()> {
+        let p = self
+            .processes
+            .iter_mut()
+            .find(|p| p.name() == name)
+            .ok_or_else(|| Error::Timeout {
+                what: format!("a component called {name}"),
+                after: Duration::ZERO,
+            })?;
+        p.restart()?;
+        if name == "kube-apiserver" {
+            let client = self.client.clone();
+            wait_for("kube-apiserver /readyz", &mut self.processes, || async {
+                Ok(api_ready(&client).await)
+            })
+            .await?;
+        }
+        Ok(())
     }
 
     /// Stops every component (SIGTERM, then SIGKILL) and removes the directory.
@@ -461,6 +473,19 @@ where
             });
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `GET /readyz` answers "ok". Every 500 before readiness would be logged as an error
+/// by the client; they are expected here, so this probe logs nothing.
+async fn api_ready(client: &Client) -> bool {
+    match http::Request::get("/readyz").body(Vec::new()) {
+        Ok(req) => client
+            .request_text(req)
+            .with_subscriber(tracing::subscriber::NoSubscriber::default())
+            .await
+            .is_ok_and(|t| t == "ok"),
+        Err(_) => false,
     }
 }
 

@@ -20,6 +20,8 @@ pub struct Process {
     name: String,
     child: Child,
     log: PathBuf,
+    program: std::ffi::OsString,
+    args: Vec<std::ffi::OsString>,
 }
 
 impl Process {
@@ -52,7 +54,20 @@ impl Process {
             name: name.to_owned(),
             child,
             log: log.to_owned(),
+            program: cmd.get_program().to_owned(),
+            args: cmd.get_args().map(ToOwned::to_owned).collect(),
         })
+    }
+
+    /// Kills the process (SIGKILL, as a crash would) and starts it again with the same
+    /// command line and log.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.args);
+        let fresh = Self::spawn(&self.name, &mut cmd, &self.log.clone())?;
+        *self = fresh;
+        Ok(())
     }
 
     /// The component name ("etcd", "kube-apiserver", ...).

@@ -35,7 +35,11 @@ pub struct Localnfs {
 }
 
 fn spawn(args: &[&str], kubeconfig: &Path, log: &Path) -> Child {
-    let out = std::fs::File::create(log).expect("log file");
+    let out = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log file");
     Command::new(env!("CARGO_BIN_EXE_localnfs"))
         .args(args)
         .arg("--kubeconfig")
@@ -72,22 +76,26 @@ impl Localnfs {
 
     /// Starts (or restarts) the node agent for `node`, serving NFS on `ip`.
     pub fn start_agent(&mut self, node: &str, ip: IpAddr) {
+        self.start_agent_with(node, ip, &[]);
+    }
+
+    /// Same, with extra flags (e.g. `--capacity 2Gi`).
+    pub fn start_agent_with(&mut self, node: &str, ip: IpAddr, extra: &[&str]) {
         let root = self.root(node);
         let listen = SocketAddr::new(ip, 0).to_string();
         let log = self.dir.path().join(format!("agent-{node}.log"));
-        let child = spawn(
-            &[
-                "node",
-                "--node-name",
-                node,
-                "--root",
-                root.to_str().expect("utf8"),
-                "--listen",
-                &listen,
-            ],
-            &self.kubeconfig,
-            &log,
-        );
+        let root = root.to_str().expect("utf8").to_owned();
+        let mut args = vec![
+            "node",
+            "--node-name",
+            node,
+            "--root",
+            &root,
+            "--listen",
+            &listen,
+        ];
+        args.extend_from_slice(extra);
+        let child = spawn(&args, &self.kubeconfig, &log);
         self.agents.insert(node.to_owned(), child);
     }
 
@@ -254,7 +262,7 @@ async fn start_pod(client: &Client, ns: &str, pod: &Pod) -> Result<Vec<String>, 
             .await
             .map_err(|e| e.to_string())?;
         let (server, port, volume) = nfs_target(&pv);
-        let mut c = NfsClient::mount_as(port, &volume, server, 0, 0).await;
+        let mut c = NfsClient::mount_at(SocketAddr::new(server, port), &volume, server, 0, 0).await;
         let root = c.root.clone();
         let file = format!("{claim}.txt");
         let state = match c.lookup(&root, file.as_bytes()).await {

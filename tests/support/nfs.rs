@@ -126,12 +126,14 @@ pub fn auth(uid: u32, gid: u32) -> opaque_auth<'static> {
 }
 
 pub async fn tcp(port: u16, from: IpAddr) -> TokioIo<TcpStream> {
+    tcp_to(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port), from).await
+}
+
+/// A connection to `server` from the local address `from`.
+pub async fn tcp_to(server: SocketAddr, from: IpAddr) -> TokioIo<TcpStream> {
     let socket = TcpSocket::new_v4().expect("socket");
     socket.bind(SocketAddr::new(from, 0)).expect("bind source");
-    let stream = socket
-        .connect(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port))
-        .await
-        .expect("connect");
+    let stream = socket.connect(server).await.expect("connect");
     TokioIo::new(stream)
 }
 
@@ -150,8 +152,19 @@ pub async fn mount(
     uid: u32,
     gid: u32,
 ) -> Result<nfs_fh3, String> {
+    mount_at(SocketAddr::new(LOCAL, port), volume, from, uid, gid).await
+}
+
+/// MOUNT `/<volume>` on `server`, connecting from the local address `from`.
+pub async fn mount_at(
+    server: SocketAddr,
+    volume: &str,
+    from: IpAddr,
+    uid: u32,
+    gid: u32,
+) -> Result<nfs_fh3, String> {
     let mut m = MountClient::new_with_auth(
-        tcp(port, from).await,
+        tcp_to(server, from).await,
         auth(uid, gid),
         opaque_auth::default(),
     );
@@ -170,10 +183,24 @@ impl Client {
     }
 
     pub async fn mount_as(port: u16, volume: &str, from: IpAddr, uid: u32, gid: u32) -> Client {
-        let root = mount(port, volume, from, uid, gid).await.expect("mount");
+        Self::mount_at(SocketAddr::new(LOCAL, port), volume, from, uid, gid).await
+    }
+
+    /// Mounts `volume` from `server`, connecting from the local address `from` (a
+    /// kubelet mounts from its node's address).
+    pub async fn mount_at(
+        server: SocketAddr,
+        volume: &str,
+        from: IpAddr,
+        uid: u32,
+        gid: u32,
+    ) -> Client {
+        let root = mount_at(server, volume, from, uid, gid)
+            .await
+            .expect("mount");
         Client {
             nfs: Nfs3Client::new_with_auth(
-                tcp(port, from).await,
+                tcp_to(server, from).await,
                 auth(uid, gid),
                 opaque_auth::default(),
             ),

@@ -1,0 +1,499 @@
+//! Provisioner behaviour beyond the seed scenario: placement across nodes, bad
+//! requests, expansion, reclaim policies, claims deleted mid-way.
+
+mod support;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Event, PersistentVolume, PersistentVolumeClaim, Pod};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use localnfs::testbed::{TestCluster, kubelet};
+use nfs3_types::nfs3::{nfsstat3, stable_how};
+use serde_json::json;
+use support::cluster::*;
+use support::eventually;
+use support::nfs::Client as NfsClient;
+
+const WAIT: Duration = Duration::from_secs(90);
+const MIB: u64 = 1 << 20;
+
+fn ip(last: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
+}
+
+fn claim(name: &str, class: &str, size: &str, extra: serde_json::Value) -> PersistentVolumeClaim {
+    let mut spec = json!({
+        "accessModes": ["ReadWriteOnce"],
+        "storageClassName": class,
+        "resources": {"requests": {"storage": size}},
+    });
+    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+        s.extend(e.clone());
+    }
+    serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).expect("claim")
+}
+
+async fn bound_pv(client: &Client, name: &str) -> PersistentVolume {
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    let pv_name = eventually(&format!("{name} Bound"), WAIT, || async {
+        let c = claims.get(name).await.ok()?;
+        if c.status.as_ref()?.phase.as_deref()? != "Bound" {
+            return None;
+        }
+        c.spec?.volume_name
+    })
+    .await;
+    pvs.get(&pv_name).await.expect("pv")
+}
+
+/// Events about a claim: (reason, message).
+async fn events(client: &Client, name: &str) -> Vec<(String, String)> {
+    let evs: Api<Event> = Api::namespaced(client.clone(), "default");
+    evs.list(&ListParams::default())
+        .await
+        .map(|l| {
+            l.items
+                .into_iter()
+                .filter(|e| e.involved_object.name.as_deref() == Some(name))
+                .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn volume_dirs(lnfs: &Localnfs, node: &str) -> Vec<String> {
+    std::fs::read_dir(lnfs.root(node).join("volumes"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn setup(nodes: &[(&str, IpAddr, &str)]) -> (TestCluster, Localnfs) {
+    let cluster = TestCluster::start().await.expect("control plane");
+    let client = cluster.client();
+    let mut lnfs = Localnfs::new(&cluster).await;
+    for (name, addr, capacity) in nodes {
+        kubelet::add_node(&client, name, *addr).await.expect("node");
+        lnfs.start_agent_with(name, *addr, &["--capacity", capacity]);
+    }
+    lnfs.start_controller();
+    (cluster, lnfs)
+}
+
+#[tokio::test]
+async fn volumes_land_on_the_node_the_scheduler_picked() {
+    let (cluster, lnfs) = setup(&[("node-1", ip(11), "10Gi"), ("node-2", ip(12), "10Gi")]).await;
+    let client = cluster.client();
+    storage_class(&client, "local", json!({})).await;
+    let _kubelet = NfsKubelet::start(client.clone(), "default");
+    let sts: StatefulSet = serde_json::from_value(json!({
+        "metadata": {"name": "db"},
+        "spec": {
+            "serviceName": "db", "replicas": 4, "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": {"app": "db"}},
+            "template": {"metadata": {"labels": {"app": "db"}}, "spec": {
+                "containers": [{"name": "db", "image": "db"}],
+                "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                    "whenUnsatisfiable": "DoNotSchedule", "labelSelector": {"matchLabels": {"app": "db"}}}],
+            }},
+            "volumeClaimTemplates": [{"metadata": {"name": "data"}, "spec": {
+                "accessModes": ["ReadWriteOnce"], "storageClassName": "local",
+                "resources": {"requests": {"storage": "1Gi"}}}}],
+        },
+    }))
+    .expect("sts");
+    Api::<StatefulSet>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &sts)
+        .await
+        .expect("create");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let mut nodes_used = std::collections::BTreeSet::new();
+    for i in 0..4 {
+        let pv = bound_pv(&client, &format!("data-db-{i}")).await;
+        let pod = eventually("pod scheduled", WAIT, || async {
+            pods.get(&format!("db-{i}")).await.ok()?.spec?.node_name
+        })
+        .await;
+        let (server, _, volume) = nfs_target(&pv);
+        let want_ip = if pod == "node-1" { ip(11) } else { ip(12) };
+        assert_eq!(
+            server, want_ip,
+            "db-{i} runs on {pod} but its volume is served from {server}"
+        );
+        assert!(
+            volume_dirs(&lnfs, &pod).contains(&volume),
+            "{volume} not on {pod}'s disk\n{}",
+            lnfs.logs()
+        );
+        nodes_used.insert(pod);
+    }
+    assert_eq!(
+        nodes_used.len(),
+        2,
+        "spread constraint should use both nodes"
+    );
+}
+
+#[tokio::test]
+async fn immediate_claims_go_to_the_node_with_most_room_and_oversized_ones_fail() {
+    let (cluster, lnfs) = setup(&[("small", ip(21), "2Gi"), ("big", ip(22), "5Gi")]).await;
+    let client = cluster.client();
+    storage_class(&client, "now", json!({"volumeBindingMode": "Immediate"})).await;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    claims
+        .create(&PostParams::default(), &claim("a", "now", "1Gi", json!({})))
+        .await
+        .expect("a");
+    let pv = bound_pv(&client, "a").await;
+    assert_eq!(
+        nfs_target(&pv).0,
+        ip(22),
+        "the node with most room should get it"
+    );
+    claims
+        .create(
+            &PostParams::default(),
+            &claim("huge", "now", "6Gi", json!({})),
+        )
+        .await
+        .expect("huge");
+    let evs = eventually("ProvisioningFailed for huge", WAIT, || async {
+        let e = events(&client, "huge").await;
+        e.iter()
+            .any(|(r, _)| r == "ProvisioningFailed")
+            .then_some(e)
+    })
+    .await;
+    assert!(
+        evs.iter().any(|(_, m)| m.contains("no node has room")),
+        "{evs:?}"
+    );
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    assert_eq!(
+        pvs.list(&ListParams::default())
+            .await
+            .expect("pvs")
+            .items
+            .len(),
+        1
+    );
+    assert_eq!(
+        volume_dirs(&lnfs, "small").len() + volume_dirs(&lnfs, "big").len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_get_provisioning_failed_events_and_nothing_is_made() {
+    let (cluster, lnfs) = setup(&[("node-1", ip(31), "10Gi")]).await;
+    let client = cluster.client();
+    storage_class(&client, "now", json!({"volumeBindingMode": "Immediate"})).await;
+    storage_class(
+        &client,
+        "typo",
+        json!({"volumeBindingMode": "Immediate", "parameters": {"localty": "strict"}}),
+    )
+    .await;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    let cases = [
+        (
+            "block",
+            claim("block", "now", "1Gi", json!({"volumeMode": "Block"})),
+            "Block",
+        ),
+        (
+            "selector",
+            claim(
+                "selector",
+                "now",
+                "1Gi",
+                json!({"selector": {"matchLabels": {"a": "b"}}}),
+            ),
+            "selector",
+        ),
+        (
+            "clone",
+            claim(
+                "clone",
+                "now",
+                "1Gi",
+                json!({"dataSource": {"kind": "PersistentVolumeClaim", "name": "block"}}),
+            ),
+            "dataSource",
+        ),
+        (
+            "unknown-param",
+            claim("unknown-param", "typo", "1Gi", json!({})),
+            "unknown StorageClass parameter \"localty\"",
+        ),
+        (
+            "zero",
+            claim("zero", "now", "0", json!({})),
+            "greater than zero",
+        ),
+    ];
+    for (name, c, want) in cases {
+        if let Err(e) = claims.create(&PostParams::default(), &c).await {
+            // The API server itself may refuse some (that is a refusal too).
+            eprintln!("{name}: refused by the API server: {e}");
+            continue;
+        }
+        let evs = eventually(&format!("event for {name}"), WAIT, || async {
+            let e = events(&client, name).await;
+            e.iter()
+                .any(|(r, _)| r == "ProvisioningFailed")
+                .then_some(e)
+        })
+        .await;
+        assert!(evs.iter().any(|(_, m)| m.contains(want)), "{name}: {evs:?}");
+    }
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    assert!(
+        pvs.list(&ListParams::default())
+            .await
+            .expect("pvs")
+            .items
+            .is_empty()
+    );
+    assert!(
+        volume_dirs(&lnfs, "node-1").is_empty(),
+        "{:?}",
+        volume_dirs(&lnfs, "node-1")
+    );
+}
+
+#[tokio::test]
+async fn expansion_raises_the_limit_then_pv_then_claim() {
+    let (cluster, _lnfs) = setup(&[("node-1", ip(41), "10Gi")]).await;
+    let client = cluster.client();
+    storage_class(&client, "now", json!({"volumeBindingMode": "Immediate"})).await;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    claims
+        .create(
+            &PostParams::default(),
+            &claim("grow", "now", "1Mi", json!({})),
+        )
+        .await
+        .expect("create");
+    let pv = bound_pv(&client, "grow").await;
+    let (server, port, volume) = nfs_target(&pv);
+    let mut c = NfsClient::mount_at(
+        std::net::SocketAddr::new(server, port),
+        &volume,
+        server,
+        0,
+        0,
+    )
+    .await;
+    let root = c.root.clone();
+    let f = c.create(&root, b"f", 0o644).await.expect("create");
+    // WRITEs of at most 1 MiB (the server's wtmax): the first fills the volume.
+    let one_mib = vec![1u8; MIB as usize];
+    c.write(&f, 0, &one_mib, stable_how::FILE_SYNC)
+        .await
+        .expect("fits exactly");
+    let more = vec![2u8; 512 * 1024];
+    assert_eq!(
+        c.write(&f, MIB, &more, stable_how::FILE_SYNC).await.err(),
+        Some(nfsstat3::NFS3ERR_DQUOT)
+    );
+
+    claims
+        .patch(
+            "grow",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"resources": {"requests": {"storage": "2Mi"}}}})),
+        )
+        .await
+        .expect("expand");
+    eventually("claim status shows 2Mi", WAIT, || async {
+        let c = claims.get("grow").await.ok()?;
+        (c.status?.capacity?.get("storage")?.0 == "2Mi").then_some(())
+    })
+    .await;
+    let pv = Api::<PersistentVolume>::all(client.clone())
+        .get(&pv.name_any())
+        .await
+        .expect("pv");
+    assert_eq!(
+        pv.spec.and_then(|s| s.capacity).expect("capacity")["storage"].0,
+        "2Mi"
+    );
+    c.write(&f, MIB, &more, stable_how::FILE_SYNC)
+        .await
+        .expect("fits after expansion, same mount");
+    assert_eq!(c.fsstat().await.expect("fsstat").tbytes, 2 * MIB);
+
+    let shrink = claims
+        .patch(
+            "grow",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"resources": {"requests": {"storage": "1Mi"}}}})),
+        )
+        .await;
+    assert!(shrink.is_err(), "shrinking a claim must be refused");
+}
+
+#[tokio::test]
+async fn retain_keeps_the_data_and_archive_moves_it_aside() {
+    let (cluster, lnfs) = setup(&[("node-1", ip(51), "10Gi")]).await;
+    let client = cluster.client();
+    storage_class(
+        &client,
+        "keep",
+        json!({"volumeBindingMode": "Immediate", "reclaimPolicy": "Retain"}),
+    )
+    .await;
+    storage_class(
+        &client,
+        "arch",
+        json!({"volumeBindingMode": "Immediate", "parameters": {"onDelete": "archive"}}),
+    )
+    .await;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    claims
+        .create(
+            &PostParams::default(),
+            &claim("kept", "keep", "1Mi", json!({})),
+        )
+        .await
+        .expect("kept");
+    claims
+        .create(
+            &PostParams::default(),
+            &claim("archived", "arch", "1Mi", json!({})),
+        )
+        .await
+        .expect("archived");
+    let kept = bound_pv(&client, "kept").await;
+    let archived = bound_pv(&client, "archived").await;
+    for pv in [&kept, &archived] {
+        let (server, port, volume) = nfs_target(pv);
+        let mut c = NfsClient::mount_at(
+            std::net::SocketAddr::new(server, port),
+            &volume,
+            server,
+            0,
+            0,
+        )
+        .await;
+        let root = c.root.clone();
+        let f = c.create(&root, b"precious", 0o644).await.expect("create");
+        c.write(&f, 0, b"rows", stable_how::FILE_SYNC)
+            .await
+            .expect("write");
+    }
+    claims
+        .delete("kept", &DeleteParams::default())
+        .await
+        .expect("delete");
+    claims
+        .delete("archived", &DeleteParams::default())
+        .await
+        .expect("delete");
+    eventually("archived PV gone", WAIT, || async {
+        pvs.get_opt(&archived.name_any())
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let archive = lnfs.root("node-1").join("archive");
+    let moved: Vec<_> = std::fs::read_dir(&archive)
+        .expect("archive dir")
+        .flatten()
+        .collect();
+    assert_eq!(moved.len(), 1);
+    assert_eq!(
+        std::fs::read(moved[0].path().join("precious")).expect("archived data"),
+        b"rows"
+    );
+
+    eventually("kept PV Released", WAIT, || async {
+        (pvs.get(&kept.name_any()).await.ok()?.status?.phase? == "Released").then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let kept_dir = lnfs
+        .root("node-1")
+        .join("volumes")
+        .join(nfs_target(&kept).2);
+    assert_eq!(
+        std::fs::read(kept_dir.join("precious")).expect("retained data"),
+        b"rows"
+    );
+    assert!(
+        pvs.get_opt(&kept.name_any()).await.expect("get").is_some(),
+        "a Retain PV was deleted"
+    );
+}
+
+#[tokio::test]
+async fn a_claim_deleted_mid_provisioning_leaves_nothing_behind() {
+    let (cluster, mut lnfs) = setup(&[("node-1", ip(61), "10Gi")]).await;
+    let client = cluster.client();
+    storage_class(&client, "now", json!({"volumeBindingMode": "Immediate"})).await;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    // The agent has announced itself, then stops: the controller places the claim on
+    // node-1 but nobody creates the volume yet.
+    eventually("node-1 agent heartbeat", WAIT, || async {
+        let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+            Api::namespaced(client.clone(), NAMESPACE);
+        leases
+            .get_opt("localnfs-node-node-1")
+            .await
+            .ok()?
+            .map(|_| ())
+    })
+    .await;
+    lnfs.stop_agent("node-1").await;
+    claims
+        .create(
+            &PostParams::default(),
+            &claim("gone", "now", "1Mi", json!({})),
+        )
+        .await
+        .expect("create");
+    eventually("claim placed on node-1", WAIT, || async {
+        claims
+            .get("gone")
+            .await
+            .ok()?
+            .labels()
+            .get("localnfs.io/node")
+            .map(|_| ())
+    })
+    .await;
+    claims
+        .delete("gone", &DeleteParams::default())
+        .await
+        .expect("delete");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        claims.get_opt("gone").await.expect("get").is_some(),
+        "finalizer should hold the claim until cleanup"
+    );
+    lnfs.start_agent_with("node-1", ip(61), &["--capacity", "10Gi"]);
+    eventually("claim gone", WAIT, || async {
+        claims.get_opt("gone").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    assert!(
+        pvs.list(&ListParams::default())
+            .await
+            .expect("pvs")
+            .items
+            .is_empty()
+    );
+    assert!(volume_dirs(&lnfs, "node-1").is_empty());
+}
