@@ -13,7 +13,7 @@ use nfs3_types::nfs3::{Nfs3Option, createverf3, nfsstat3, sattr3};
 
 use super::ops::{Ctx, ProcResult, set_size};
 use super::reply::{post_op, post_op_fh, status, wcc};
-use super::state::Volume;
+use super::state::{Obj, Volume};
 use super::sys::{self, raw, to_nfsstat};
 use super::xdr::{Garbage, XdrIn, put_bool, put_opaque, put_u64};
 
@@ -44,7 +44,7 @@ fn check_new_name(name: &[u8]) -> Result<(), nfsstat3> {
 }
 
 /// Resolves a directory handle; fails with NOTDIR for anything else.
-fn resolve_dir(ctx: &Ctx, fh: &[u8]) -> Result<(Arc<Volume>, OwnedFd, libc::stat), nfsstat3> {
+fn resolve_dir(ctx: &Ctx, fh: &[u8]) -> Result<(Arc<Volume>, Arc<Obj>, libc::stat), nfsstat3> {
     let (v, fd) = ctx.resolve(fh)?;
     let st = sys::fstat(raw(&fd)).map_err(to_nfsstat)?;
     if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
@@ -156,7 +156,7 @@ fn apply_sattr(v: &Volume, fd: &OwnedFd, s: &sattr3) -> Result<(), nfsstat3> {
     }
     if let Nfs3Option::Some(size) = s.size {
         let wfd = sys::reopen(raw(fd), libc::O_WRONLY).map_err(to_nfsstat)?;
-        set_size(v, &wfd, size)?;
+        set_size(v, raw(&wfd), size)?;
     }
     Ok(())
 }
@@ -358,11 +358,13 @@ fn remove_common(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>, flags: i32) -> 
         }
         let _lock = v.size_lock.lock().unwrap_or_else(|p| p.into_inner());
         let _as = ctx.become_caller(&v);
-        let victim = sys::openat(raw(&dir), name, libc::O_PATH, 0)
-            .and_then(|fd| sys::fstat(raw(&fd)))
-            .map_err(to_nfsstat)?;
+        let victim_fd = sys::openat(raw(&dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
+        let victim = sys::fstat(raw(&victim_fd)).map_err(to_nfsstat)?;
         sys::unlinkat(raw(&dir), name, flags).map_err(to_nfsstat)?;
         v.shrink(freed_by_unlink(&victim));
+        if victim.st_nlink <= 1 {
+            ctx.ex.forget(&v, raw(&victim_fd));
+        }
         Ok(())
     });
     let after = sys::fstat(raw(&dir)).ok();
@@ -415,12 +417,15 @@ pub fn rename(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
             .and_then(|fd| sys::fstat(raw(&fd)))
             .map_err(to_nfsstat)?;
         let replaced = sys::openat(raw(&to_dir), to, libc::O_PATH, 0)
-            .and_then(|fd| sys::fstat(raw(&fd)))
             .ok()
-            .filter(|t| (t.st_ino, t.st_dev) != (src.st_ino, src.st_dev));
+            .and_then(|fd| Some((sys::fstat(raw(&fd)).ok()?, fd)))
+            .filter(|(t, _)| (t.st_ino, t.st_dev) != (src.st_ino, src.st_dev));
         sys::renameat(raw(&from_dir), from, raw(&to_dir), to).map_err(to_nfsstat)?;
-        if let Some(t) = replaced {
+        if let Some((t, fd)) = replaced {
             v.shrink(freed_by_unlink(&t));
+            if t.st_nlink <= 1 {
+                ctx.ex.forget(&v, raw(&fd));
+            }
         }
         Ok(())
     })();

@@ -14,7 +14,7 @@ use nfs3_types::nfs3::{Nfs3Option, nfsstat3, set_atime, set_mtime, stable_how};
 use super::attr::{self, Caller};
 use super::reply::{post_op, status, wcc};
 use super::rpc::Credential;
-use super::state::{Exports, Volume};
+use super::state::{Exports, Obj, Volume};
 use super::sys::{self, AsCaller, raw, to_nfsstat};
 use super::xdr::{Garbage, XdrIn, put, put_bool, put_opaque, put_u32, put_u64};
 
@@ -39,7 +39,7 @@ impl Ctx<'_> {
         AsCaller::new(c.uid, c.gid, &c.gids)
     }
 
-    pub fn resolve(&self, fh: &[u8]) -> Result<(Arc<Volume>, OwnedFd), nfsstat3> {
+    pub fn resolve(&self, fh: &[u8]) -> Result<(Arc<Volume>, Arc<Obj>), nfsstat3> {
         self.ex.resolve(self.client, fh)
     }
 }
@@ -92,8 +92,8 @@ pub fn setattr(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
             if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
                 return Err(nfsstat3::NFS3ERR_ISDIR);
             }
-            let wfd = open_for(ctx, &v, &fd, &st, libc::O_WRONLY)?;
-            set_size(&v, &wfd, size)?;
+            let wfd = io_for(ctx, &v, &fd, &st, true)?;
+            set_size(&v, wfd, size)?;
         }
         if let Nfs3Option::Some(mode) = sattr.mode
             && st.st_mode & libc::S_IFMT != libc::S_IFLNK
@@ -138,13 +138,13 @@ pub fn setattr(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
 
 /// Truncates or extends a file, keeping the volume's usage right. Growth past the
 /// limit fails with DQUOT and changes nothing.
-pub fn set_size(v: &Volume, fd: &OwnedFd, size: u64) -> Result<(), nfsstat3> {
+pub fn set_size(v: &Volume, fd: std::os::fd::RawFd, size: u64) -> Result<(), nfsstat3> {
     let _lock = v.size_lock.lock().unwrap_or_else(|p| p.into_inner());
-    let old = sys::fstat(raw(fd)).map_err(to_nfsstat)?.st_size as u64;
+    let old = sys::fstat(fd).map_err(to_nfsstat)?.st_size as u64;
     if size > old {
         v.grow(size - old)?;
     }
-    if let Err(e) = sys::ftruncate(raw(fd), size) {
+    if let Err(e) = sys::ftruncate(fd, size) {
         if size > old {
             v.shrink(size - old);
         }
@@ -156,29 +156,34 @@ pub fn set_size(v: &Volume, fd: &OwnedFd, size: u64) -> Result<(), nfsstat3> {
     Ok(())
 }
 
-/// Opens a regular file for I/O as the caller; the owner may always open their own
-/// file (NFS servers let the owner write a file they created read-only, as the open
-/// that created it would have).
-fn open_for(
+/// The I/O descriptor of a regular file, after checking the caller may read (or
+/// write) it: by mode bits, with the owner always allowed, as NFS servers do so an
+/// owner can write a file they created read-only (RFC 1813 §4.4).
+fn io_for(
     ctx: &Ctx,
     v: &Volume,
-    fd: &OwnedFd,
+    obj: &Obj,
     st: &libc::stat,
-    flags: i32,
-) -> Result<OwnedFd, nfsstat3> {
+    write: bool,
+) -> Result<std::os::fd::RawFd, nfsstat3> {
     match st.st_mode & libc::S_IFMT {
         libc::S_IFREG => {}
         libc::S_IFDIR => return Err(nfsstat3::NFS3ERR_ISDIR),
         _ => return Err(nfsstat3::NFS3ERR_INVAL),
     }
-    match sys::reopen(raw(fd), flags) {
-        Ok(f) => Ok(f),
-        Err(e) if e.0 == libc::EACCES && ctx.caller(v).uid == st.st_uid => {
-            let _root = AsCaller::new(0, 0, &[]);
-            sys::reopen(raw(fd), flags).map_err(to_nfsstat)
-        }
-        Err(e) => Err(to_nfsstat(e)),
+    let caller = ctx.caller(v);
+    let want = if write {
+        nfs3_types::nfs3::ACCESS3_MODIFY
+    } else {
+        nfs3_types::nfs3::ACCESS3_READ
+    };
+    let allowed = caller.uid == 0
+        || caller.uid == st.st_uid
+        || attr::access(st.st_mode, st.st_uid, st.st_gid, &caller, want) == want;
+    if !allowed {
+        return Err(nfsstat3::NFS3ERR_ACCES);
     }
+    obj.io_fd(write)
 }
 
 pub fn access(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
@@ -234,13 +239,12 @@ pub fn read(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
     let fh = args.fh()?;
     let offset = args.u64()?;
     let count = args.u32()?.min(MAX_IO) as usize;
-    let r = ctx.resolve(fh).and_then(|(v, fd)| {
-        let st = sys::fstat(raw(&fd)).map_err(to_nfsstat)?;
-        let _as = ctx.become_caller(&v);
-        let rfd = open_for(ctx, &v, &fd, &st, libc::O_RDONLY)?;
-        Ok((v, st, rfd))
+    let r = ctx.resolve(fh).and_then(|(v, obj)| {
+        let st = sys::fstat(raw(&obj)).map_err(to_nfsstat)?;
+        let rfd = io_for(ctx, &v, &obj, &st, false)?;
+        Ok((v, st, obj, rfd))
     });
-    let (v, st, rfd) = match r {
+    let (v, st, _obj, rfd) = match r {
         Ok(x) => x,
         Err(s) => {
             status(out, s);
@@ -256,11 +260,8 @@ pub fn read(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
     out.extend_from_slice(&head);
     let counts_at = out.len();
     out.extend_from_slice(&[0u8; 12]); // count, eof, opaque length
-    let data_at = out.len();
-    out.resize(data_at + count, 0);
-    match sys::pread(raw(&rfd), &mut out[data_at..], offset) {
+    match sys::pread_append(rfd, out, count, offset) {
         Ok(n) => {
-            out.truncate(data_at + n);
             out.extend_from_slice(&[0u8; 3][..(4 - n % 4) % 4]);
             let eof = offset.saturating_add(n as u64) >= st.st_size as u64;
             out[counts_at..counts_at + 4].copy_from_slice(&(n as u32).to_be_bytes());
@@ -300,32 +301,27 @@ pub fn write(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
     let before = stat_opt(&fd);
     let result = (|| {
         let st = before.ok_or(nfsstat3::NFS3ERR_STALE)?;
-        let wfd = {
-            let _as = ctx.become_caller(&v);
-            open_for(ctx, &v, &fd, &st, libc::O_WRONLY)?
-        };
+        let wfd = io_for(ctx, &v, &fd, &st, true)?;
         let end = offset
             .checked_add(data.len() as u64)
             .ok_or(nfsstat3::NFS3ERR_FBIG)?;
         {
             let _lock = v.size_lock.lock().unwrap_or_else(|p| p.into_inner());
-            let size = sys::fstat(raw(&wfd)).map_err(to_nfsstat)?.st_size as u64;
+            let size = sys::fstat(wfd).map_err(to_nfsstat)?.st_size as u64;
             let growth = end.saturating_sub(size);
             v.grow(growth)?;
-            if let Err(e) = sys::pwrite_all(raw(&wfd), data, offset) {
+            if let Err(e) = sys::pwrite_all(wfd, data, offset) {
                 // Give back what was not written (a short write still extended the file
                 // as far as it got; recount from the file).
-                let now = sys::fstat(raw(&wfd))
-                    .map(|s| s.st_size as u64)
-                    .unwrap_or(size);
+                let now = sys::fstat(wfd).map(|s| s.st_size as u64).unwrap_or(size);
                 v.shrink(growth.saturating_sub(now.saturating_sub(size)));
                 return Err(to_nfsstat(e));
             }
         }
         // Synced before the reply (DESIGN invariant 4).
         match stable {
-            stable_how::FILE_SYNC => sys::fsync(raw(&wfd)).map_err(to_nfsstat)?,
-            stable_how::DATA_SYNC => sys::fdatasync(raw(&wfd)).map_err(to_nfsstat)?,
+            stable_how::FILE_SYNC => sys::fsync(wfd).map_err(to_nfsstat)?,
+            stable_how::DATA_SYNC => sys::fdatasync(wfd).map_err(to_nfsstat)?,
             stable_how::UNSTABLE => {}
         }
         Ok(())
@@ -361,9 +357,13 @@ pub fn commit(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
     };
     let before = stat_opt(&fd);
     // Syncing needs no permission; it only makes durable what was already written.
-    let result = sys::reopen(raw(&fd), libc::O_RDONLY)
-        .and_then(|f| sys::fsync(raw(&f)))
-        .map_err(to_nfsstat);
+    let result = match before.as_ref().map(|st| st.st_mode & libc::S_IFMT) {
+        Some(libc::S_IFREG) => fd
+            .io_fd(false)
+            .and_then(|f| sys::fsync(f).map_err(to_nfsstat)),
+        Some(libc::S_IFDIR) => Err(nfsstat3::NFS3ERR_ISDIR),
+        _ => Err(nfsstat3::NFS3ERR_INVAL),
+    };
     let after = stat_opt(&fd);
     match result {
         Ok(()) => {

@@ -3,9 +3,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::ops::Deref;
 use std::os::fd::{OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use nfs3_types::nfs3::nfsstat3;
 
@@ -67,6 +68,46 @@ impl Volume {
     }
 }
 
+/// An object a handle resolved to, kept open so the next call with the same handle
+/// costs a hash lookup instead of `open_by_handle_at`, and so reads of a file share
+/// one descriptor (the kernel's readahead state lives on the open file).
+#[derive(Debug)]
+pub struct Obj {
+    /// O_PATH descriptor of the object.
+    fd: OwnedFd,
+    /// Regular files: a descriptor for I/O opened as root, writable if possible;
+    /// callers check the caller's permission first.
+    io: OnceLock<Result<(OwnedFd, bool), Errno>>,
+}
+
+impl Deref for Obj {
+    type Target = OwnedFd;
+    fn deref(&self) -> &OwnedFd {
+        &self.fd
+    }
+}
+
+impl Obj {
+    /// The I/O descriptor, opened on first use; `write` asks for a writable one.
+    pub fn io_fd(&self, write: bool) -> Result<RawFd, nfsstat3> {
+        let io = self.io.get_or_init(|| {
+            let path = sys::raw(&self.fd);
+            match sys::reopen(path, libc::O_RDWR) {
+                Ok(f) => Ok((f, true)),
+                Err(_) => sys::reopen(path, libc::O_RDONLY).map(|f| (f, false)),
+            }
+        });
+        match io {
+            Ok((_, false)) if write => Err(nfsstat3::NFS3ERR_ROFS),
+            Ok((f, _)) => Ok(sys::raw(f)),
+            Err(e) => Err(to_nfsstat(*e)),
+        }
+    }
+}
+
+/// Most objects kept open; past it the cache starts over (cheap, and rare).
+const MAX_CACHED: usize = 1024;
+
 /// Which client addresses have mounted which volumes (the classic `rmtab`), persisted
 /// so a restarted server still honours mounts made before it (DESIGN invariant 3).
 type MountTable = BTreeMap<IpAddr, BTreeSet<VolumeName>>;
@@ -76,7 +117,9 @@ pub struct Exports {
     store: VolumeStore,
     pub key: HandleKey,
     volumes: RwLock<HashMap<u32, Arc<Volume>>>,
-    mounts: Mutex<MountTable>,
+    mounts: RwLock<MountTable>,
+    /// Wire handle → (volume id, open object).
+    objects: Mutex<HashMap<Vec<u8>, (u32, Arc<Obj>)>>,
     /// Write verifier: new on every start, so clients resend unstable writes the
     /// previous process may have lost (RFC 1813 §3.3.7, DESIGN invariant 4).
     pub verifier: [u8; 8],
@@ -102,7 +145,8 @@ impl Exports {
             store,
             key,
             volumes: RwLock::new(HashMap::new()),
-            mounts: Mutex::new(mounts),
+            mounts: RwLock::new(mounts),
+            objects: Mutex::new(HashMap::new()),
             verifier,
         };
         exports.refresh()?;
@@ -133,6 +177,11 @@ impl Exports {
                 },
             }
         }
+        // Objects of volumes that went away must not keep their data alive.
+        self.objects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, (id, _)| next.contains_key(id));
         *self.volumes.write().unwrap_or_else(|p| p.into_inner()) = next;
         Ok(())
     }
@@ -198,7 +247,7 @@ impl Exports {
 
     /// Records that `client` mounted `name`.
     pub fn add_mount(&self, client: IpAddr, name: &VolumeName) {
-        let mut m = self.mounts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.mounts.write().unwrap_or_else(|p| p.into_inner());
         if m.entry(client).or_default().insert(name.clone()) {
             self.save_mounts(&m);
         }
@@ -206,7 +255,7 @@ impl Exports {
 
     /// Forgets `client`'s mount of `name`, or all of its mounts.
     pub fn remove_mount(&self, client: IpAddr, name: Option<&VolumeName>) {
-        let mut m = self.mounts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.mounts.write().unwrap_or_else(|p| p.into_inner());
         let changed = match name {
             Some(n) => m.get_mut(&client).is_some_and(|s| s.remove(n)),
             None => m.remove(&client).is_some(),
@@ -219,14 +268,14 @@ impl Exports {
 
     /// (client, volume) pairs for MOUNT DUMP.
     pub fn mounts(&self) -> Vec<(IpAddr, VolumeName)> {
-        let m = self.mounts.lock().unwrap_or_else(|p| p.into_inner());
+        let m = self.mounts.read().unwrap_or_else(|p| p.into_inner());
         m.iter()
             .flat_map(|(ip, set)| set.iter().map(move |n| (*ip, n.clone())))
             .collect()
     }
 
     fn has_mounted(&self, client: IpAddr, name: &VolumeName) -> bool {
-        let m = self.mounts.lock().unwrap_or_else(|p| p.into_inner());
+        let m = self.mounts.read().unwrap_or_else(|p| p.into_inner());
         m.get(&client).is_some_and(|s| s.contains(name))
     }
 
@@ -244,11 +293,15 @@ impl Exports {
         }
     }
 
-    /// Authenticates `wire`, checks `client` mounted its volume, and opens the object
-    /// it names (O_PATH, never following a symlink). Forged or altered handles are
-    /// BADHANDLE; deleted objects or volumes STALE; volumes the client did not mount
-    /// ACCES (DESIGN invariant 5).
-    pub fn resolve(&self, client: IpAddr, wire: &[u8]) -> Result<(Arc<Volume>, OwnedFd), nfsstat3> {
+    /// Authenticates `wire`, checks `client` mounted its volume, and returns the object
+    /// it names (opened O_PATH, never following a symlink; cached). Forged or altered
+    /// handles are BADHANDLE; deleted objects or volumes STALE; volumes the client did
+    /// not mount ACCES (DESIGN invariant 5).
+    pub fn resolve(
+        &self,
+        client: IpAddr,
+        wire: &[u8],
+    ) -> Result<(Arc<Volume>, Arc<Obj>), nfsstat3> {
         let fh = self
             .key
             .open(wire)
@@ -261,6 +314,23 @@ impl Exports {
         if !self.has_mounted(client, &volume.meta.name) {
             return Err(nfsstat3::NFS3ERR_ACCES);
         }
+        let cached = self
+            .objects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(wire)
+            .map(|(_, o)| o.clone());
+        if let Some(obj) = cached {
+            // Deleted since we opened it: the handle is stale now.
+            if sys::fstat(sys::raw(&obj)).is_ok_and(|st| st.st_nlink > 0) {
+                return Ok((volume, obj));
+            }
+            self.objects
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(wire);
+            return Err(nfsstat3::NFS3ERR_STALE);
+        }
         let fd = sys::open_by_handle(
             sys::raw(&volume.mount_fd),
             fh.kind,
@@ -271,7 +341,27 @@ impl Exports {
             libc::ESTALE | libc::ENOENT | libc::EINVAL => nfsstat3::NFS3ERR_STALE,
             _ => to_nfsstat(e),
         })?;
-        Ok((volume, fd))
+        let obj = Arc::new(Obj {
+            fd,
+            io: OnceLock::new(),
+        });
+        let mut cache = self.objects.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= MAX_CACHED {
+            cache.clear();
+        }
+        cache.insert(wire.to_vec(), (volume.meta.id, obj.clone()));
+        Ok((volume, obj))
+    }
+
+    /// Drops the cached object for `fd` (after its last link was removed), so the
+    /// cache does not keep a deleted file's blocks allocated.
+    pub fn forget(&self, volume: &Volume, fd: RawFd) {
+        if let Ok(wire) = self.handle_for(volume, fd) {
+            self.objects
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&wire);
+        }
     }
 
     /// Seals a handle for the object `fd` in `volume`.

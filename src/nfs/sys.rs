@@ -271,11 +271,22 @@ pub fn ftruncate(fd: RawFd, len: u64) -> SysResult<()> {
     check(unsafe { libc::ftruncate(fd, len) }).map(drop)
 }
 
-pub fn pread(fd: RawFd, buf: &mut [u8], off: u64) -> SysResult<usize> {
+/// Reads up to `count` bytes at `off` and appends them to `out` without zero-filling
+/// the buffer first; returns how many were read.
+pub fn pread_append(fd: RawFd, out: &mut Vec<u8>, count: usize, off: u64) -> SysResult<usize> {
     let off = i64::try_from(off).map_err(|_| Errno(libc::EINVAL))?;
-    // SAFETY: buffer of the given length.
-    let n = unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), buf.len(), off) };
-    if n < 0 { Err(last()) } else { Ok(n as usize) }
+    out.reserve(count);
+    let spare = out.spare_capacity_mut();
+    // SAFETY: the kernel writes at most `count` bytes into the reserved spare capacity;
+    // only the `n` bytes it reports are then marked initialised.
+    let n = unsafe { libc::pread(fd, spare.as_mut_ptr().cast(), count, off) };
+    if n < 0 {
+        return Err(last());
+    }
+    let n = n as usize;
+    // SAFETY: pread initialised the first `n` bytes of the spare capacity.
+    unsafe { out.set_len(out.len() + n) };
+    Ok(n)
 }
 
 pub fn pwrite_all(fd: RawFd, mut buf: &[u8], mut off: u64) -> SysResult<()> {

@@ -11,7 +11,6 @@ use std::time::Duration;
 use localnfs::volume::{VolumeName, VolumeSpec, VolumeStore};
 use nfs3_client::MountClient;
 use nfs3_client::Nfs3Client;
-use nfs3_client::tokio::TokioIo;
 use nfs3_types::mount::dirpath;
 use nfs3_types::nfs3::*;
 use nfs3_types::rpc::{auth_unix, opaque_auth};
@@ -125,23 +124,42 @@ pub fn auth(uid: u32, gid: u32) -> opaque_auth<'static> {
     })
 }
 
-pub async fn tcp(port: u16, from: IpAddr) -> TokioIo<TcpStream> {
+/// A TCP stream for `nfs3_client` that reports end-of-stream as an error: the
+/// crate's `read_exact` loops forever on a closed connection otherwise, turning a
+/// server that hangs up into a test that hangs.
+pub struct Conn(TcpStream);
+
+impl nfs3_client::io::AsyncRead for Conn {
+    async fn async_read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match tokio::io::AsyncReadExt::read(&mut self.0, buf).await? {
+            0 if !buf.is_empty() => Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n => Ok(n),
+        }
+    }
+}
+
+impl nfs3_client::io::AsyncWrite for Conn {
+    async fn async_write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        tokio::io::AsyncWriteExt::write(&mut self.0, buf).await
+    }
+}
+
+pub async fn tcp(port: u16, from: IpAddr) -> Conn {
     tcp_to(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port), from).await
 }
 
 /// A connection to `server` from the local address `from`.
-pub async fn tcp_to(server: SocketAddr, from: IpAddr) -> TokioIo<TcpStream> {
+pub async fn tcp_to(server: SocketAddr, from: IpAddr) -> Conn {
     let socket = TcpSocket::new_v4().expect("socket");
     socket.bind(SocketAddr::new(from, 0)).expect("bind source");
-    let stream = socket.connect(server).await.expect("connect");
-    TokioIo::new(stream)
+    Conn(socket.connect(server).await.expect("connect"))
 }
 
 pub const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 /// An NFS client: one MOUNT call, then NFS calls on a second connection.
 pub struct Client {
-    pub nfs: Nfs3Client<TokioIo<TcpStream>>,
+    pub nfs: Nfs3Client<Conn>,
     pub root: nfs_fh3,
 }
 
