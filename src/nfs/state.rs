@@ -105,6 +105,9 @@ impl Obj {
     }
 }
 
+/// Wire handle → (volume id, open object).
+type ObjectCache = HashMap<Vec<u8>, (u32, Arc<Obj>)>;
+
 /// Most objects kept open; past it the cache starts over (cheap, and rare).
 const MAX_CACHED: usize = 1024;
 
@@ -118,8 +121,7 @@ pub struct Exports {
     pub key: HandleKey,
     volumes: RwLock<HashMap<u32, Arc<Volume>>>,
     mounts: RwLock<MountTable>,
-    /// Wire handle → (volume id, open object).
-    objects: Mutex<HashMap<Vec<u8>, (u32, Arc<Obj>)>>,
+    objects: Mutex<ObjectCache>,
     /// Write verifier: new on every start, so clients resend unstable writes the
     /// previous process may have lost (RFC 1813 §3.3.7, DESIGN invariant 4).
     pub verifier: [u8; 8],
