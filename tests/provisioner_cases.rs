@@ -497,3 +497,43 @@ async fn a_claim_deleted_mid_provisioning_leaves_nothing_behind() {
     );
     assert!(volume_dirs(&lnfs, "node-1").is_empty());
 }
+
+#[tokio::test]
+async fn in_cluster_mode_only_node_addresses_may_connect_and_the_list_follows_nodes() {
+    let cluster = TestCluster::start().await.expect("control plane");
+    let client = cluster.client();
+    let mut lnfs = Localnfs::new(&cluster).await;
+    kubelet::add_node(&client, "node-1", ip(91))
+        .await
+        .expect("node");
+    // --allow replaces the loopback default: only node addresses (and this) remain.
+    lnfs.start_agent_with("node-1", ip(91), &["--allow", "127.0.0.250/32"]);
+    lnfs.start_controller();
+    storage_class(&client, "now", json!({"volumeBindingMode": "Immediate"})).await;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    claims
+        .create(&PostParams::default(), &claim("v", "now", "1Mi", json!({})))
+        .await
+        .expect("create");
+    let pv = bound_pv(&client, "v").await;
+    let (server, port, volume) = nfs_target(&pv);
+    let addr = std::net::SocketAddr::new(server, port);
+    support::nfs::mount_at(addr, &volume, ip(91), 0, 0)
+        .await
+        .expect("the node itself mounts");
+    assert!(
+        support::nfs::mount_at(addr, &volume, ip(92), 0, 0)
+            .await
+            .is_err(),
+        "a non-node address mounted"
+    );
+    kubelet::add_node(&client, "node-2", ip(92))
+        .await
+        .expect("second node");
+    eventually("new node allowed", WAIT, || async {
+        support::nfs::mount_at(addr, &volume, ip(92), 0, 0)
+            .await
+            .ok()
+    })
+    .await;
+}

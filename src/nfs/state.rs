@@ -128,8 +128,15 @@ pub struct Exports {
 }
 
 impl Exports {
-    /// Loads every volume of `store` and the persisted mount table.
+    /// Loads every volume of `store` and the persisted mount table. Clears the
+    /// process's supplementary groups (see `sys::AsCaller`).
     pub fn load(store: VolumeStore) -> Result<Self> {
+        // Callers' groups are set per request; root's own must never leak into one.
+        sys::drop_supplementary_groups().map_err(|e| Error::VolumeIo {
+            action: "clear supplementary groups",
+            path: store.root().to_owned(),
+            source: std::io::Error::from_raw_os_error(e.0),
+        })?;
         let key = HandleKey::new(&store.node_key()?);
         let mut verifier = [0u8; 8];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut verifier).map_err(

@@ -394,33 +394,59 @@ pub fn read_dir_from(
 /// Per-thread filesystem credentials. While a guard lives, the kernel checks
 /// permissions and assigns ownership as the caller; dropping it restores root.
 /// `setfsuid`/`setfsgid` and the raw `setgroups` syscall act on the calling thread
-/// only (glibc's `setgroups` would change every thread).
+/// only (glibc's `setgroups` would change every thread). Threads run with no
+/// supplementary groups ([`drop_supplementary_groups`] at start), so a caller without
+/// groups needs no `setgroups`, and root with no groups needs no switch at all.
 pub struct AsCaller {
-    _private: (),
+    switched: bool,
+    groups: bool,
 }
 
 impl AsCaller {
     pub fn new(uid: u32, gid: u32, gids: &[u32]) -> Self {
+        if uid == 0 && gid == 0 && gids.is_empty() {
+            return Self {
+                switched: false,
+                groups: false,
+            };
+        }
         // SAFETY: these syscalls only change the calling thread's credentials.
         unsafe {
-            libc::syscall(libc::SYS_setgroups, gids.len(), gids.as_ptr());
+            if !gids.is_empty() {
+                libc::syscall(libc::SYS_setgroups, gids.len(), gids.as_ptr());
+            }
             libc::setfsgid(gid);
             libc::setfsuid(uid);
         }
-        Self { _private: () }
+        Self {
+            switched: true,
+            groups: !gids.is_empty(),
+        }
     }
 }
 
 impl Drop for AsCaller {
     fn drop(&mut self) {
+        if !self.switched {
+            return;
+        }
         let none: [libc::gid_t; 0] = [];
         // SAFETY: restores root fs credentials on this thread.
         unsafe {
             libc::setfsuid(0);
             libc::setfsgid(0);
-            libc::syscall(libc::SYS_setgroups, 0usize, none.as_ptr());
+            if self.groups {
+                libc::syscall(libc::SYS_setgroups, 0usize, none.as_ptr());
+            }
         }
     }
+}
+
+/// Clears the process's supplementary groups on every thread (glibc broadcasts
+/// `setgroups`), so requests never carry root's groups. Call once at start.
+pub fn drop_supplementary_groups() -> SysResult<()> {
+    // SAFETY: an empty list; no pointer is read.
+    check(unsafe { libc::setgroups(0, std::ptr::null()) }).map(drop)
 }
 
 /// Raw descriptor helper for owned fds.

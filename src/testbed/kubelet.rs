@@ -12,7 +12,7 @@ use serde_json::json;
 use crate::error::{Error, Result};
 
 /// Registers a schedulable, Ready node called `name` with `internal_ip` as its
-/// InternalIP, 8 CPUs, 32 GiB and room for 110 pods.
+/// InternalIP, 8 CPUs, 32 GiB and room for 1000 pods (enough for the provisioning benchmark).
 pub async fn add_node(client: &Client, name: &str, internal_ip: IpAddr) -> Result<Node> {
     let nodes: Api<Node> = Api::all(client.clone());
     let status = json!({
@@ -21,8 +21,8 @@ pub async fn add_node(client: &Client, name: &str, internal_ip: IpAddr) -> Resul
             {"type": "InternalIP", "address": internal_ip.to_string()},
             {"type": "Hostname", "address": name},
         ],
-        "capacity": {"cpu": "8", "memory": "32Gi", "pods": "110", "ephemeral-storage": "100Gi"},
-        "allocatable": {"cpu": "8", "memory": "32Gi", "pods": "110", "ephemeral-storage": "100Gi"},
+        "capacity": {"cpu": "8", "memory": "32Gi", "pods": "1000", "ephemeral-storage": "100Gi"},
+        "allocatable": {"cpu": "8", "memory": "32Gi", "pods": "1000", "ephemeral-storage": "100Gi"},
         "nodeInfo": {
             "architecture": "amd64", "operatingSystem": "linux",
             "kubeletVersion": super::K8S_VERSION, "kubeProxyVersion": super::K8S_VERSION,

@@ -1,0 +1,229 @@
+//! Provisioning throughput on the real control plane: N claims created at once, time
+//! until each is Bound (p50, p99, max), controller CPU seconds and peak RSS, under
+//! Immediate and WaitForFirstConsumer binding.
+//!
+//! Run: `cargo bench --bench provision` (defaults: 100 and 500 claims, both modes,
+//! 5 nodes), or e.g. `cargo bench --bench provision -- --counts 5000 --modes immediate`
+//! for the 5,000-PV memory check. Needs scripts/k8s-binaries and etcd.
+
+#[path = "../tests/support/mod.rs"]
+#[allow(dead_code, unused_imports)]
+mod support;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use kube::api::{Api, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use localnfs::testbed::{TestCluster, kubelet};
+use serde_json::json;
+use support::cluster::{Localnfs, NAMESPACE, storage_class};
+
+struct Row {
+    mode: &'static str,
+    count: usize,
+    p50: f64,
+    p99: f64,
+    max: f64,
+    cpu: f64,
+    rss_mib: f64,
+}
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let counts: Vec<usize> = arg("--counts")
+        .unwrap_or_else(|| "100,500".into())
+        .split(',')
+        .filter_map(|c| c.parse().ok())
+        .collect();
+    let modes: Vec<String> = arg("--modes")
+        .unwrap_or_else(|| "immediate,wffc".into())
+        .split(',')
+        .map(String::from)
+        .collect();
+    let nodes: u8 = arg("--nodes").and_then(|n| n.parse().ok()).unwrap_or(5);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mut rows = Vec::new();
+    for mode in &modes {
+        for &count in &counts {
+            let wffc = mode == "wffc";
+            eprintln!("provision: {count} claims, {mode}, {nodes} nodes");
+            rows.push(rt.block_on(run(wffc, count, nodes)));
+        }
+    }
+    println!(
+        "\nprovisioning: N claims created at once, {nodes} nodes, time from create to Bound\n"
+    );
+    println!(
+        "| binding | claims | p50 s | p99 s | max s | controller CPU s | controller peak RSS MiB |"
+    );
+    println!("|---|--:|--:|--:|--:|--:|--:|");
+    for r in rows {
+        println!(
+            "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} |",
+            r.mode, r.count, r.p50, r.p99, r.max, r.cpu, r.rss_mib
+        );
+    }
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: f64 = fields
+        .get(11)
+        .and_then(|u| u.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        + fields
+            .get(12)
+            .and_then(|s| s.parse::<f64>().ok())
+            .unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// Peak resident set size (VmHWM) in MiB.
+fn peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+async fn run(wffc: bool, count: usize, nodes: u8) -> Row {
+    let cluster = TestCluster::start().await.expect("control plane");
+    let client = cluster.client();
+    let mut lnfs = Localnfs::new(&cluster).await;
+    for i in 1..=nodes {
+        let name = format!("node-{i}");
+        let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 1, i));
+        kubelet::add_node(&client, &name, ip).await.expect("node");
+        lnfs.start_agent_with(&name, ip, &["--capacity", "100Ti"]);
+    }
+    let ctl = lnfs.start_controller();
+    let mode = if wffc {
+        "WaitForFirstConsumer"
+    } else {
+        "Immediate"
+    };
+    storage_class(&client, "bench", json!({"volumeBindingMode": mode})).await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
+    support::eventually("node agents up", Duration::from_secs(60), || async {
+        let n = leases.list(&Default::default()).await.ok()?.items.len();
+        (n > usize::from(nodes)).then_some(()) // agents plus the leader lease
+    })
+    .await;
+    let pid = lnfs.controllers[ctl].id().expect("controller pid");
+    let cpu_before = cpu_seconds(pid);
+
+    let bound_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let watch = {
+        let bound_at = bound_at.clone();
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+        tokio::spawn(async move {
+            let mut s = watcher(claims, watcher::Config::default())
+                .applied_objects()
+                .boxed();
+            while let Some(Ok(c)) = s.next().await {
+                if c.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound") {
+                    bound_at
+                        .lock()
+                        .expect("lock")
+                        .entry(c.name_any())
+                        .or_insert_with(Instant::now);
+                }
+            }
+        })
+    };
+    let created_at = create_all(&client, count, wffc).await;
+    let deadline = Instant::now() + Duration::from_secs(900);
+    while bound_at.lock().expect("lock").len() < count {
+        assert!(
+            Instant::now() < deadline,
+            "not all bound after 15 min\n{}",
+            lnfs.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    watch.abort();
+    let cpu = cpu_seconds(pid) - cpu_before;
+    let rss_mib = peak_rss_mib(pid);
+    let bound = bound_at.lock().expect("lock").clone();
+    let mut lat: Vec<f64> = created_at
+        .iter()
+        .map(|(name, t)| bound[name].saturating_duration_since(*t).as_secs_f64())
+        .collect();
+    lat.sort_by(f64::total_cmp);
+    Row {
+        mode: if wffc {
+            "WaitForFirstConsumer"
+        } else {
+            "Immediate"
+        },
+        count,
+        p50: percentile(&lat, 0.50),
+        p99: percentile(&lat, 0.99),
+        max: lat[lat.len() - 1],
+        cpu,
+        rss_mib,
+    }
+}
+
+/// Creates the claims (and, under WaitForFirstConsumer, one pod per claim) with 16
+/// requests in flight; returns when each claim was created.
+async fn create_all(client: &Client, count: usize, wffc: bool) -> HashMap<String, Instant> {
+    let names: Vec<String> = (0..count).map(|i| format!("claim-{i:05}")).collect();
+    let results = futures::stream::iter(names.into_iter().map(|name| {
+        let client = client.clone();
+        async move {
+            let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+            let claim: PersistentVolumeClaim = serde_json::from_value(json!({
+                "metadata": {"name": name},
+                "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "bench",
+                         "resources": {"requests": {"storage": "1Gi"}}},
+            }))
+            .expect("claim");
+            let t = Instant::now();
+            claims.create(&PostParams::default(), &claim).await.expect("create claim");
+            if wffc {
+                let pods: Api<Pod> = Api::namespaced(client, "default");
+                let pod: Pod = serde_json::from_value(json!({
+                    "metadata": {"name": format!("pod-{name}")},
+                    "spec": {"containers": [{"name": "c", "image": "db"}],
+                             "volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": name}}]},
+                }))
+                .expect("pod");
+                pods.create(&PostParams::default(), &pod).await.expect("create pod");
+            }
+            (name, t)
+        }
+    }))
+    .buffer_unordered(16)
+    .collect::<Vec<_>>()
+    .await;
+    results.into_iter().collect()
+}
