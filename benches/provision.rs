@@ -7,7 +7,6 @@
 //! for the 5,000-PV memory check. Needs scripts/k8s-binaries and etcd.
 
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code, unused_imports)]
 mod support;
 
 use std::collections::HashMap;
