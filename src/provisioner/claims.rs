@@ -153,10 +153,17 @@ impl Ctx {
 }
 
 /// Whether this claim is for us: its class names our provisioner.
+/// Whether a claim is ours: its class names our provisioner, or the control plane
+/// annotated it for us (`volume.beta.kubernetes.io/storage-provisioner` up to 1.22,
+/// `volume.kubernetes.io/storage-provisioner` from 1.23).
+pub fn claimed_by(pvc: &PersistentVolumeClaim, class_provisioner: &str, me: &str) -> bool {
+    class_provisioner == me
+        || [BETA_PROVISIONER, GA_PROVISIONER]
+            .iter()
+            .any(|k| annotation(pvc, k) == Some(me))
+}
+
 async fn our_class(ctx: &Ctx, pvc: &PersistentVolumeClaim) -> Result<Option<StorageClass>> {
-    let for_us = [BETA_PROVISIONER, GA_PROVISIONER]
-        .iter()
-        .any(|k| annotation(pvc, k) == Some(ctx.provisioner.as_str()));
     let Some(class_name) = pvc.spec.as_ref().and_then(|s| s.storage_class_name.clone()) else {
         return Ok(None);
     };
@@ -165,7 +172,7 @@ async fn our_class(ctx: &Ctx, pvc: &PersistentVolumeClaim) -> Result<Option<Stor
         .get_opt(&class_name)
         .await
         .map_err(Error::kube(format!("read StorageClass {class_name}")))?;
-    Ok(class.filter(|c| for_us || c.provisioner == ctx.provisioner))
+    Ok(class.filter(|c| claimed_by(pvc, &c.provisioner, &ctx.provisioner)))
 }
 
 /// Reconciles one claim.
@@ -373,4 +380,28 @@ pub fn requested_bytes(pvc: &PersistentVolumeClaim) -> Option<u64> {
         .as_ref()?
         .get("storage")?;
     quantity_bytes(&q.0).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claims_annotated_with_either_provisioner_key_are_ours() {
+        // Recorded from a newer API server: only the GA key is set.
+        let ga: PersistentVolumeClaim = serde_json::from_str(include_str!(
+            "../../tests/fixtures/pvc-ga-provisioner-annotation.json"
+        ))
+        .expect("fixture");
+        assert!(claimed_by(&ga, "someone.else/x", "localnfs.io/nfs"));
+        let mut beta = ga.clone();
+        let ann = beta.metadata.annotations.get_or_insert_default();
+        let v = ann.remove(GA_PROVISIONER).expect("annotation");
+        ann.insert(BETA_PROVISIONER.into(), v);
+        assert!(claimed_by(&beta, "someone.else/x", "localnfs.io/nfs"));
+        let mut none = ga.clone();
+        none.metadata.annotations = None;
+        assert!(!claimed_by(&none, "someone.else/x", "localnfs.io/nfs"));
+        assert!(claimed_by(&none, "localnfs.io/nfs", "localnfs.io/nfs"));
+    }
 }
