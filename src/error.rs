@@ -17,6 +17,9 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    #[error("demo step failed: {0}")]
+    DemoStep(String),
+
     #[error("failed to build a Kubernetes object: {0}")]
     BuildObject(String),
 

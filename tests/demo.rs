@@ -1,5 +1,6 @@
-//! `localnfs demo` as a user runs it: it comes up, reports, serves its admin endpoints,
-//! and on SIGTERM stops every process it started and removes its directory.
+//! `localnfs demo` as a user runs it: it comes up, provisions a StatefulSet's volumes,
+//! shows a rebuilt pod finding its data, serves its admin endpoints, and on SIGTERM
+//! stops every process it started and removes its directory.
 
 mod support;
 
@@ -31,6 +32,8 @@ async fn demo_stops_everything_it_started_on_sigterm() {
     let mut pids = Vec::new();
     let mut dir: Option<PathBuf> = None;
     let mut admin = None;
+    let mut localnfs_pids = Vec::new();
+    let mut rebuilt_found_data = false;
     let read_report = async {
         while let Some(line) = lines.next_line().await.expect("read stdout") {
             let words: Vec<&str> = line.split_whitespace().collect();
@@ -39,6 +42,12 @@ async fn demo_stops_everything_it_started_on_sigterm() {
             {
                 pids.push(pid.parse::<u32>().expect("pid is a number"));
                 dir = PathBuf::from(log).parent().map(PathBuf::from);
+            }
+            if let ["localnfs", "node" | "controller", pid, _log] = words[..] {
+                localnfs_pids.push(pid.parse::<u32>().expect("pid is a number"));
+            }
+            if line.contains("rebuilt on node-1: it found its data") {
+                rebuilt_found_data = true;
             }
             if let Some(rest) = line.trim().strip_prefix("admin endpoints: http://") {
                 let addr = rest.split('/').next().expect("address");
@@ -54,6 +63,13 @@ async fn demo_stops_everything_it_started_on_sigterm() {
         .await
         .expect("demo ready within 120 s");
     assert_eq!(pids.len(), COMPONENTS.len(), "report lists every component");
+    assert_eq!(
+        localnfs_pids.len(),
+        2,
+        "report lists the node agent and the controller"
+    );
+    assert!(rebuilt_found_data, "the rebuilt pod did not find its data");
+    pids.extend(localnfs_pids);
     let dir = dir.expect("report names the cluster directory");
     assert!(dir.join("kubeconfig").is_file());
     let admin = admin.expect("report names the admin address");

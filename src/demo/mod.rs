@@ -1,7 +1,10 @@
 //! `localnfs demo`: the whole flow on an embedded single-node test cluster, with a short
-//! report a person can read. Today it brings up the control plane and a Ready node;
-//! the node agent, controller and scheduler helper join it as they land. Ctrl-C (or
-//! `--run-for`) tears everything down.
+//! report a person can read: control plane, a Ready node, the node agent and the
+//! controller, a StatefulSet scaled 1 → 3 with data written over NFS into each volume,
+//! and a deleted pod rebuilt onto its node finding its data (see [`flow`]). Ctrl-C (or
+//! `--run-for`) tears everything down. The scheduler helper joins when it lands.
+
+mod flow;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
@@ -59,9 +62,30 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         "control plane ready in {:.1}s",
         started.elapsed().as_secs_f64()
     );
-    testbed::kubelet::add_node(&cluster.client(), NODE, IpAddr::V4(Ipv4Addr::LOCALHOST)).await?;
-    println!("node {NODE} registered (InternalIP 127.0.0.1, Ready)");
-    println!("{}", report(&cluster, admin_addr));
+    let node_ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    testbed::kubelet::add_node(&cluster.client(), NODE, node_ip).await?;
+    println!("node {NODE} registered (InternalIP {node_ip}, Ready)");
+    let components = flow::start_components(cluster.dir(), cluster.kubeconfig(), NODE, node_ip)?;
+    println!("started localnfs node (node agent) and localnfs controller");
+    let client = cluster.client();
+    let outcome = tokio::select! {
+        o = flow::run(&client, node_ip) => o,
+        _ = shutdown.cancelled() => {
+            println!("interrupted; stopping everything");
+            drop(components);
+            cluster.stop();
+            return Ok(());
+        }
+    };
+    match &outcome {
+        Ok(o) => println!("{}", volumes_report(o)),
+        Err(e) => println!(
+            "the volume flow failed: {e}
+(logs: {})",
+            cluster.dir().display()
+        ),
+    }
+    println!("{}", report(&cluster, &components, admin_addr));
     readiness.set(true);
 
     match args.run_for {
@@ -75,17 +99,40 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         }
     }
     readiness.set(false);
-    println!("stopping the control plane...");
+    println!("stopping localnfs and the control plane...");
+    drop(components);
     cluster.stop();
     shutdown.cancel();
     let _ = admin.await;
     println!("stopped; all processes ended and the cluster directory is removed");
-    Ok(())
+    outcome.map(drop)
 }
 
-fn report(cluster: &TestCluster, admin_addr: std::net::SocketAddr) -> String {
+fn volumes_report(o: &flow::Outcome) -> String {
+    let mut out = String::from(
+        "\n  pod       claim            node     PV / what the pod's kubelet saw over NFS\n",
+    );
+    for (pod, (claim, pv, node, url, found)) in &o.volumes {
+        out.push_str(&format!(
+            "  {pod:<9} {claim:<16} {node:<8} {pv}\n  {:<35}{found}\n  {:<35}{url}\n",
+            "", ""
+        ));
+    }
+    if let Some((node, found)) = &o.rebuilt {
+        out.push_str(&format!(
+            "\n  mysql-1 was deleted and rebuilt on {node}: it {found}\n"
+        ));
+    }
+    out
+}
+
+fn report(
+    cluster: &TestCluster,
+    components: &[testbed::Process],
+    admin_addr: std::net::SocketAddr,
+) -> String {
     let mut out = String::from("\n  component                 pid      log\n");
-    for p in cluster.processes() {
+    for p in cluster.processes().iter().chain(components) {
         out.push_str(&format!(
             "  {:<25} {:<8} {}\n",
             p.name(),
@@ -94,11 +141,9 @@ fn report(cluster: &TestCluster, admin_addr: std::net::SocketAddr) -> String {
         ));
     }
     out.push_str(&format!(
-        "\n  localnfs node agent       not yet available in this build\
-         \n  localnfs controller       not yet available in this build\
-         \n  localnfs scheduler        not yet available in this build\
+        "\n  localnfs scheduler        not yet available in this build\
          \n\n  admin endpoints: http://{admin_addr}/healthz /readyz /metrics\
-         \n  kubectl --kubeconfig {} get nodes\n",
+         \n  kubectl --kubeconfig {} get pods,pvc,pv\n",
         cluster.kubeconfig().display()
     ));
     out

@@ -1,0 +1,410 @@
+//! The demo's volume flow on the embedded cluster: a node agent and a controller (this
+//! same binary, as child processes), the default StorageClass, a `mysql` StatefulSet
+//! scaled 1 → 3, data written into each volume over NFS by a stand-in kubelet (using
+//! libnfs-utils' `nfs-cp`, a client nobody here wrote), and a pod deleted and rebuilt
+//! that finds its data again.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::storage::v1::StorageClass;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use tokio::task::JoinHandle;
+
+use crate::error::{Error, Result};
+use crate::testbed::{Process, kubelet};
+
+const NAMESPACE: &str = "localnfs-system";
+const WAIT: Duration = Duration::from_secs(120);
+
+fn step(msg: &str) -> Error {
+    Error::DemoStep(msg.to_owned())
+}
+
+/// Starts `localnfs node` for `node` and `localnfs controller`, both logging into `dir`.
+pub fn start_components(
+    dir: &Path,
+    kubeconfig: &Path,
+    node: &str,
+    ip: IpAddr,
+) -> Result<Vec<Process>> {
+    let exe = std::env::current_exe().map_err(|source| Error::SpawnProcess {
+        name: "localnfs".into(),
+        source,
+    })?;
+    let common = |cmd: &mut Command| {
+        cmd.arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args(["--namespace", NAMESPACE, "--admin-addr", "127.0.0.1:0"])
+            .env("LOCALNFS_LOG", "info,kube=warn");
+    };
+    let mut agent = Command::new(&exe);
+    agent
+        .args([
+            "node",
+            "--node-name",
+            node,
+            "--listen",
+            &format!("{ip}:0"),
+            "--root",
+        ])
+        .arg(dir.join(node));
+    common(&mut agent);
+    let mut controller = Command::new(&exe);
+    controller.arg("controller");
+    common(&mut controller);
+    Ok(vec![
+        Process::spawn("localnfs node", &mut agent, &dir.join("localnfs-node.log"))?,
+        Process::spawn(
+            "localnfs controller",
+            &mut controller,
+            &dir.join("localnfs-controller.log"),
+        )?,
+    ])
+}
+
+async fn create<K>(api: &Api<K>, value: serde_json::Value, what: &str) -> Result<()>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    let obj: K =
+        serde_json::from_value(value).map_err(|e| Error::BuildObject(format!("{what}: {e}")))?;
+    match api.create(&PostParams::default(), &obj).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(e) => Err(Error::kube(format!("create {what}"))(e)),
+    }
+}
+
+/// Polls `check` every 200 ms, printing a dot every few seconds so a person sees
+/// progress.
+async fn wait_until<T, F, Fut>(what: &str, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    let mut dots = 0;
+    loop {
+        if let Some(v) = check().await {
+            if dots > 0 {
+                println!();
+            }
+            return Ok(v);
+        }
+        if start.elapsed() > WAIT {
+            return Err(Error::Timeout {
+                what: what.into(),
+                after: WAIT,
+            });
+        }
+        if start.elapsed().as_secs() / 3 > dots {
+            dots += 1;
+            print!(
+                "{}",
+                if dots == 1 {
+                    format!("  waiting for {what} .")
+                } else {
+                    ".".into()
+                }
+            );
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// What the demo did, for the report.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// pod → (claim, PV, node, NFS URL, what the kubelet found).
+    pub volumes: BTreeMap<String, (String, String, String, String, String)>,
+    pub rebuilt: Option<(String, String)>,
+}
+
+/// Runs the flow; returns what happened.
+pub async fn run(client: &Client, node_ip: IpAddr) -> Result<Outcome> {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    create(
+        &namespaces,
+        json!({"metadata": {"name": NAMESPACE}}),
+        "namespace",
+    )
+    .await?;
+    println!("waiting for the node agent's heartbeat...");
+    let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
+    wait_until("node agent heartbeat", || async {
+        leases
+            .get_opt("localnfs-node-node-1")
+            .await
+            .ok()
+            .flatten()
+            .map(|_| ())
+    })
+    .await?;
+
+    let classes: Api<StorageClass> = Api::all(client.clone());
+    create(
+        &classes,
+        json!({
+            "metadata": {"name": "localnfs"},
+            "provisioner": "localnfs.io/nfs",
+            "reclaimPolicy": "Delete",
+            "volumeBindingMode": "WaitForFirstConsumer",
+            "allowVolumeExpansion": true,
+            "parameters": {"locality": "preferred"},
+        }),
+        "StorageClass localnfs",
+    )
+    .await?;
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), "default");
+    create(&sets, mysql(), "StatefulSet mysql").await?;
+    println!("StorageClass localnfs and StatefulSet mysql (1 replica) applied");
+    let log = Shared::default();
+    let _kubelet = DemoKubelet::start(client.clone(), node_ip, log.clone());
+    wait_ready(client, 1).await?;
+    println!("scaling mysql to 3 replicas (kubectl scale statefulset mysql --replicas=3)");
+    sets.patch_scale(
+        "mysql",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"replicas": 3}})),
+    )
+    .await
+    .map_err(Error::kube("scale mysql"))?;
+    wait_ready(client, 3).await?;
+
+    let mut outcome = Outcome::default();
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    for i in 0..3 {
+        let pod = format!("mysql-{i}");
+        let claim = format!("data-{pod}");
+        let c = claims
+            .get(&claim)
+            .await
+            .map_err(Error::kube(format!("read claim {claim}")))?;
+        let pv_name = c
+            .spec
+            .and_then(|s| s.volume_name)
+            .ok_or_else(|| step("claim not bound"))?;
+        let pv = pvs
+            .get(&pv_name)
+            .await
+            .map_err(Error::kube(format!("read PV {pv_name}")))?;
+        let node = pods
+            .get(&pod)
+            .await
+            .ok()
+            .and_then(|p| p.spec?.node_name)
+            .unwrap_or_default();
+        let url = nfs_url(&pv, &format!("{claim}.txt")).unwrap_or_default();
+        let found = log.get(&pod).unwrap_or_default();
+        outcome
+            .volumes
+            .insert(pod, (claim, pv_name, node, url, found));
+    }
+
+    println!("deleting pod mysql-1 to show it coming back to its data...");
+    let old_uid = pods
+        .get("mysql-1")
+        .await
+        .ok()
+        .and_then(|p| p.uid())
+        .unwrap_or_default();
+    pods.delete("mysql-1", &DeleteParams::default())
+        .await
+        .map_err(Error::kube("delete pod mysql-1"))?;
+    let rebuilt = wait_until("mysql-1 to be rebuilt and Ready", || async {
+        let p = pods.get("mysql-1").await.ok()?;
+        (p.uid()? != old_uid && kubelet::is_running_and_ready(&p)).then_some(p)
+    })
+    .await?;
+    let node = rebuilt.spec.and_then(|s| s.node_name).unwrap_or_default();
+    outcome.rebuilt = Some((node, log.get("mysql-1").unwrap_or_default()));
+    Ok(outcome)
+}
+
+fn mysql() -> serde_json::Value {
+    json!({
+        "metadata": {"name": "mysql"},
+        "spec": {
+            "serviceName": "mysql",
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "mysql"}},
+            "template": {
+                "metadata": {"labels": {"app": "mysql"}},
+                "spec": {"containers": [{
+                    "name": "mysql", "image": "mysql:8",
+                    "volumeMounts": [{"name": "data", "mountPath": "/var/lib/mysql"}],
+                }]},
+            },
+            "volumeClaimTemplates": [{
+                "metadata": {"name": "data"},
+                "spec": {
+                    "accessModes": ["ReadWriteOnce"],
+                    "storageClassName": "localnfs",
+                    "resources": {"requests": {"storage": "1Gi"}},
+                },
+            }],
+        },
+    })
+}
+
+async fn wait_ready(client: &Client, n: usize) -> Result<()> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    wait_until(&format!("{n} mysql pod(s) Ready"), || async {
+        let list = pods.list(&ListParams::default()).await.ok()?;
+        let ready = list
+            .items
+            .iter()
+            .filter(|p| kubelet::is_running_and_ready(p))
+            .count();
+        (ready == n).then_some(())
+    })
+    .await?;
+    println!("{n} pod(s) Ready, each with its volume mounted over NFS");
+    Ok(())
+}
+
+/// `nfs://server/volume/file?nfsport=P&mountport=P` for a PV.
+fn nfs_url(pv: &PersistentVolume, file: &str) -> Option<String> {
+    let spec = pv.spec.as_ref()?;
+    let nfs = spec.nfs.as_ref()?;
+    let port = spec
+        .mount_options
+        .iter()
+        .flatten()
+        .find_map(|o| o.strip_prefix("port="))
+        .unwrap_or("2049");
+    Some(format!(
+        "nfs://{}{}/{file}?nfsport={port}&mountport={port}",
+        nfs.server, nfs.path
+    ))
+}
+
+/// What the kubelet stand-in did per pod.
+#[derive(Clone, Default)]
+struct Shared(std::sync::Arc<std::sync::Mutex<BTreeMap<String, String>>>);
+
+impl Shared {
+    fn set(&self, pod: &str, what: String) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(pod.into(), what);
+    }
+    fn get(&self, pod: &str) -> Option<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(pod)
+            .cloned()
+    }
+}
+
+/// Plays kubelet: for each scheduled pod, reads `<claim>.txt` from its volume over NFS
+/// (`nfs-cat`), writes it if missing (`nfs-cp`), then reports the pod Ready.
+struct DemoKubelet(JoinHandle<()>);
+
+impl Drop for DemoKubelet {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl DemoKubelet {
+    fn start(client: Client, node_ip: IpAddr, log: Shared) -> Self {
+        Self(tokio::spawn(async move {
+            let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+            let mut events = watcher(pods, watcher::Config::default())
+                .applied_objects()
+                .boxed();
+            while let Some(Ok(pod)) = events.next().await {
+                let name = pod.name_any();
+                if pod.metadata.deletion_timestamp.is_some() {
+                    let _ = kubelet::finish_pod_deletion(&client, "default", &name).await;
+                    continue;
+                }
+                let scheduled = pod.spec.as_ref().is_some_and(|s| s.node_name.is_some());
+                if !scheduled || kubelet::is_running_and_ready(&pod) {
+                    continue;
+                }
+                match mount_and_touch(&client, &name, node_ip).await {
+                    Ok(what) => {
+                        log.set(&name, what);
+                        let _ = kubelet::mark_pod_ready(&client, "default", &name).await;
+                    }
+                    Err(e) => eprintln!("demo kubelet: pod {name}: {e}"),
+                }
+            }
+        }))
+    }
+}
+
+async fn mount_and_touch(client: &Client, pod: &str, _node_ip: IpAddr) -> Result<String> {
+    let claim = format!("data-{pod}");
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    let c = claims
+        .get(&claim)
+        .await
+        .map_err(Error::kube(format!("read claim {claim}")))?;
+    let pv_name = c
+        .spec
+        .and_then(|s| s.volume_name)
+        .ok_or_else(|| step("claim not bound yet"))?;
+    let pv = Api::<PersistentVolume>::all(client.clone())
+        .get(&pv_name)
+        .await
+        .map_err(Error::kube(format!("read PV {pv_name}")))?;
+    let url = nfs_url(&pv, &format!("{claim}.txt")).ok_or_else(|| step("PV has no NFS source"))?;
+    let cat = tokio::process::Command::new("nfs-cat")
+        .arg(&url)
+        .output()
+        .await
+        .map_err(|source| Error::SpawnProcess {
+            name: "nfs-cat (apt-get install libnfs-utils)".into(),
+            source,
+        })?;
+    if cat.status.success() {
+        let text = String::from_utf8_lossy(&cat.stdout).trim().to_owned();
+        return Ok(format!("found its data: \"{text}\""));
+    }
+    let tmp = std::env::temp_dir().join(format!("localnfs-demo-{}-{pod}.txt", std::process::id()));
+    let text = format!(
+        "{pod} wrote this at {}",
+        k8s_openapi::jiff::Timestamp::now()
+    );
+    std::fs::write(&tmp, &text).map_err(|source| Error::SpawnProcess {
+        name: "write temp file".into(),
+        source,
+    })?;
+    let cp = tokio::process::Command::new("nfs-cp")
+        .arg(&tmp)
+        .arg(&url)
+        .output()
+        .await;
+    let _ = std::fs::remove_file(&tmp);
+    let cp = cp.map_err(|source| Error::SpawnProcess {
+        name: "nfs-cp".into(),
+        source,
+    })?;
+    if !cp.status.success() {
+        return Err(step(&format!(
+            "nfs-cp to {url} failed: {}",
+            String::from_utf8_lossy(&cp.stderr).trim()
+        )));
+    }
+    Ok(format!("wrote \"{text}\""))
+}
