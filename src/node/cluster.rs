@@ -109,6 +109,9 @@ pub async fn run(
 }
 
 fn error_policy<K>(_obj: Arc<K>, err: &Error, _agent: Arc<Agent>) -> Action {
+    if crate::kubeclient::lost_race(err) {
+        return Action::requeue(Duration::from_millis(200));
+    }
     tracing::warn!(error = %err, "node reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
 }
@@ -266,21 +269,11 @@ async fn reconcile_pv(pv: Arc<PersistentVolume>, agent: Arc<Agent>) -> Result<Ac
         } else {
             tracing::info!(%volume, pv = %pv_name, "PV deleted under Retain: keeping the directory");
         }
-        let rest: Vec<String> = pv
-            .finalizers()
-            .iter()
-            .filter(|f| *f != PV_FINALIZER)
-            .cloned()
-            .collect();
-        pvs.patch(
-            &pv_name,
-            &PatchParams::default(),
-            &Patch::Merge(
-                json!({"metadata": {"finalizers": rest, "resourceVersion": pv.resource_version()}}),
-            ),
-        )
-        .await
-        .map_err(Error::kube(format!("release finalizer of PV {pv_name}")))?;
+        if let Some(patch) = crate::kubeclient::remove_finalizer(pv.finalizers(), PV_FINALIZER) {
+            pvs.patch(&pv_name, &PatchParams::default(), &patch)
+                .await
+                .map_err(Error::kube(format!("release finalizer of PV {pv_name}")))?;
+        }
         return Ok(Action::await_change());
     }
     let want = ann(pv.as_ref(), RESIZE_TO).and_then(|s| s.parse::<u64>().ok());

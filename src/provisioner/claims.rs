@@ -96,31 +96,34 @@ impl Ctx {
         Ok(())
     }
 
-    /// Sets the finalizer list (JSON merge replaces lists; the resourceVersion guards
-    /// against dropping someone else's concurrent addition).
-    async fn set_finalizers(
+    async fn patch_finalizers(
         &self,
         pvc: &PersistentVolumeClaim,
-        finalizers: Vec<String>,
+        patch: kube::api::Patch<()>,
     ) -> Result<()> {
-        self.patch_meta(
+        let (ns, name) = (pvc.namespace().unwrap_or_default(), pvc.name_any());
+        self.claims(&ns)
+            .patch(&name, &PatchParams::default(), &patch)
+            .await
+            .map_err(Error::kube(format!(
+                "update finalizers of claim {ns}/{name}"
+            )))?;
+        Ok(())
+    }
+
+    async fn add_finalizer(&self, pvc: &PersistentVolumeClaim) -> Result<()> {
+        self.patch_finalizers(
             pvc,
-            json!({"metadata": {"finalizers": finalizers, "resourceVersion": pvc.resource_version()}}),
+            crate::kubeclient::add_finalizer(pvc.finalizers(), CLAIM_FINALIZER),
         )
         .await
     }
 
     async fn remove_finalizer(&self, pvc: &PersistentVolumeClaim) -> Result<()> {
-        if !has_finalizer(pvc, CLAIM_FINALIZER) {
-            return Ok(());
+        match crate::kubeclient::remove_finalizer(pvc.finalizers(), CLAIM_FINALIZER) {
+            Some(patch) => self.patch_finalizers(pvc, patch).await,
+            None => Ok(()),
         }
-        let rest = pvc
-            .finalizers()
-            .iter()
-            .filter(|f| *f != CLAIM_FINALIZER)
-            .cloned()
-            .collect();
-        self.set_finalizers(pvc, rest).await
     }
 
     /// Live node agents and their free space, from their heartbeat Leases.
@@ -242,9 +245,7 @@ async fn provision(
         }
     };
     if !has_finalizer(pvc, CLAIM_FINALIZER) {
-        let mut f = pvc.finalizers().to_vec();
-        f.push(CLAIM_FINALIZER.to_owned());
-        ctx.set_finalizers(pvc, f).await?;
+        ctx.add_finalizer(pvc).await?;
         return Ok(Action::await_change());
     }
     let rooms = ctx.node_rooms().await?;

@@ -130,6 +130,11 @@ fn default_identity() -> String {
 
 fn error_policy<K>(_obj: Arc<K>, err: &Error, ctx: Arc<Ctx>) -> Action {
     ctx.metrics.reconcile_errors.inc();
+    if crate::kubeclient::lost_race(err) {
+        // Someone updated the object between our read and write: retry on a fresh copy.
+        tracing::debug!(error = %err, "lost an update race; retrying");
+        return Action::requeue(Duration::from_millis(200));
+    }
     tracing::warn!(error = %err, "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
 }
