@@ -56,13 +56,15 @@ fn main() {
         .map(String::from)
         .collect();
     let nodes: u8 = arg("--nodes").and_then(|n| n.parse().ok()).unwrap_or(5);
+    // kube-controller-manager's client limit (default 20 QPS) paces the PV binder.
+    let kcm_qps: Option<u32> = arg("--kcm-qps").and_then(|n| n.parse().ok());
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let mut rows = Vec::new();
     for mode in &modes {
         for &count in &counts {
             let wffc = mode == "wffc";
             eprintln!("provision: {count} claims, {mode}, {nodes} nodes");
-            rows.push(rt.block_on(run(wffc, count, nodes)));
+            rows.push(rt.block_on(run(wffc, count, nodes, kcm_qps)));
         }
     }
     println!(
@@ -113,8 +115,15 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-async fn run(wffc: bool, count: usize, nodes: u8) -> Row {
-    let cluster = TestCluster::start().await.expect("control plane");
+async fn run(wffc: bool, count: usize, nodes: u8, kcm_qps: Option<u32>) -> Row {
+    let mut opts = localnfs::testbed::ClusterOptions::default();
+    if let Some(q) = kcm_qps {
+        opts.controller_manager_args = vec![
+            format!("--kube-api-qps={q}"),
+            format!("--kube-api-burst={}", q * 2),
+        ];
+    }
+    let cluster = TestCluster::start_with(opts).await.expect("control plane");
     let client = cluster.client();
     let mut lnfs = Localnfs::new(&cluster).await;
     for i in 1..=nodes {

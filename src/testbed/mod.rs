@@ -56,6 +56,8 @@ pub struct ClusterOptions {
     pub bin_dir: PathBuf,
     /// Extra entries for the scheduler configuration's `extenders:` list, as JSON.
     pub scheduler_extenders: Vec<serde_json::Value>,
+    /// Extra kube-controller-manager flags (e.g. `--kube-api-qps=200`).
+    pub controller_manager_args: Vec<String>,
 }
 
 impl Default for ClusterOptions {
@@ -63,6 +65,7 @@ impl Default for ClusterOptions {
         Self {
             bin_dir: default_bin_dir(),
             scheduler_extenders: Vec::new(),
+            controller_manager_args: Vec::new(),
         }
     }
 }
@@ -212,7 +215,8 @@ impl TestCluster {
                 .arg("--leader-elect=false")
                 .arg("--port=0")
                 .arg("--secure-port=0")
-                .arg("--v=1"),
+                .arg("--v=1")
+                .args(&opts.controller_manager_args),
             &root.join("kube-controller-manager.log"),
         )?);
 
