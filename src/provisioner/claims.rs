@@ -244,9 +244,11 @@ async fn provision(
             return Ok(Action::requeue(Duration::from_secs(300)));
         }
     };
+    // After each write of our own, come back soon even if its watch event is missed.
+    let next_step = Action::requeue(Duration::from_secs(2));
     if !has_finalizer(pvc, CLAIM_FINALIZER) {
         ctx.add_finalizer(pvc).await?;
-        return Ok(Action::await_change());
+        return Ok(next_step);
     }
     let rooms = ctx.node_rooms().await?;
     let Some(node) = pvc.labels().get(NODE_LABEL).cloned() else {
@@ -301,10 +303,10 @@ async fn provision(
             ),
         )
         .await;
-        return Ok(Action::await_change());
+        return Ok(next_step);
     };
     let Some(volume) = annotation(pvc, READY) else {
-        return Ok(Action::requeue(Duration::from_secs(30)));
+        return Ok(Action::requeue(Duration::from_secs(10)));
     };
     let nodes: Api<Node> = Api::all(ctx.client.clone());
     let node_obj = nodes

@@ -139,15 +139,6 @@ fn error_policy<K>(_obj: Arc<K>, err: &Error, ctx: Arc<Ctx>) -> Action {
     Action::requeue(Duration::from_secs(5))
 }
 
-/// At most this many reconciles run at once per reconciler: enough to keep the API
-/// server busy, few enough that a burst of claims does not hold hundreds of requests
-/// (and their buffers) in flight.
-const CONCURRENT_RECONCILES: u16 = 32;
-
-fn controller_config() -> kube::runtime::controller::Config {
-    kube::runtime::controller::Config::default().concurrency(CONCURRENT_RECONCILES)
-}
-
 /// Runs both reconcilers until `stop` fires.
 async fn controllers(ctx: Arc<Ctx>, stop: CancellationToken) {
     let client = ctx.client.clone();
@@ -164,12 +155,10 @@ async fn controllers(ctx: Arc<Ctx>, stop: CancellationToken) {
             Some(ObjectRef::new(r.name.as_deref()?).within(r.namespace.as_deref()?))
         },
     )
-    .with_config(controller_config())
     .graceful_shutdown_on(stop.clone().cancelled_owned())
     .run(claims::reconcile, error_policy, ctx.clone())
     .for_each(|_| futures::future::ready(()));
     let pvs = Controller::new(Api::<PersistentVolume>::all(client), ours)
-        .with_config(controller_config())
         .graceful_shutdown_on(stop.cancelled_owned())
         .run(volumes::reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()));
