@@ -1,6 +1,8 @@
 //! One TCP connection: read records, run each call on the blocking pool (file system
-//! calls block), write replies as they finish. Clients keep many calls in flight on
-//! one connection, so replies may leave out of order; the XID pairs them up.
+//! calls block) except attribute-only calls, which take microseconds and run on the
+//! connection task; write replies as they finish, small ones coalesced into one write.
+//! Clients keep many calls in flight on one connection, so replies may leave out of
+//! order; the XID pairs them up.
 //!
 //! Bounds: [`MAX_RECORD`] per record, [`MAX_IN_FLIGHT`] calls per connection (reading
 //! pauses beyond that), so a connection holds at most about 70 MiB of buffers. On
@@ -24,7 +26,24 @@ use super::xdr::Garbage;
 
 pub const MAX_IN_FLIGHT: usize = 64;
 
+/// Replies gathered into one socket write at most.
+const COALESCE_BYTES: usize = 256 * 1024;
+/// Replies larger than this are written on their own rather than copied into a batch.
+const SMALL_REPLY: usize = 16 * 1024;
+
 pub const NFS_PROGRAM: u32 = 100_003;
+
+/// NFS procedures that only read attributes (NULL, GETATTR, ACCESS, FSSTAT, FSINFO,
+/// PATHCONF): run on the connection task. Anything that reads or writes data, changes
+/// the namespace or may sync stays on the blocking pool.
+fn is_cheap(record: &[u8]) -> bool {
+    let word = |i: usize| {
+        record
+            .get(4 * i..4 * i + 4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    word(3) == Some(NFS_PROGRAM) && matches!(word(5), Some(0 | 1 | 4 | 18 | 19 | 20))
+}
 pub const MOUNT_PROGRAM: u32 = 100_005;
 
 /// Serves one connection until the peer closes it, it breaks the protocol, or
@@ -39,10 +58,31 @@ pub async fn serve(
     let (mut rd, mut wr) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(MAX_IN_FLIGHT);
     let writer = tokio::spawn(async move {
-        while let Some(reply) = rx.recv().await {
-            if wr.write_all(&reply).await.is_err() {
+        // Small replies that finished together leave in one write (fewer syscalls under
+        // load); large ones (READ data) are written as they are, never copied again.
+        let mut batch = Vec::new();
+        'replies: while let Some(first) = rx.recv().await {
+            let mut next = Some(first);
+            while let Some(reply) = next.take() {
+                if reply.len() > SMALL_REPLY {
+                    if !batch.is_empty() && wr.write_all(&batch).await.is_err() {
+                        break 'replies;
+                    }
+                    batch.clear();
+                    if wr.write_all(&reply).await.is_err() {
+                        break 'replies;
+                    }
+                } else {
+                    batch.extend_from_slice(&reply);
+                }
+                if batch.len() < COALESCE_BYTES {
+                    next = rx.try_recv().ok();
+                }
+            }
+            if !batch.is_empty() && wr.write_all(&batch).await.is_err() {
                 break;
             }
+            batch.clear();
         }
         let _ = wr.shutdown().await;
     });
@@ -65,8 +105,19 @@ pub async fn serve(
             }
         }
         let record = std::mem::take(&mut buf);
-        let (ex, tx) = (exports.clone(), tx.clone());
         let client = peer.ip();
+        if is_cheap(&record) {
+            // Attribute calls on cached handles take microseconds: handing them to the
+            // blocking pool would cost more than running them here.
+            if let Some(reply) = dispatch(&exports, client, &record) {
+                if tx.send(reply).await.is_err() {
+                    break;
+                }
+            }
+            drop(permit);
+            continue;
+        }
+        let (ex, tx) = (exports.clone(), tx.clone());
         tokio::task::spawn_blocking(move || {
             if let Some(reply) = dispatch(&ex, client, &record) {
                 let _ = tx.blocking_send(reply);
