@@ -109,10 +109,10 @@ pub async fn serve(
         if is_cheap(&record) {
             // Attribute calls on cached handles take microseconds: handing them to the
             // blocking pool would cost more than running them here.
-            if let Some(reply) = dispatch(&exports, client, &record) {
-                if tx.send(reply).await.is_err() {
-                    break;
-                }
+            if let Some(reply) = dispatch(&exports, client, &record)
+                && tx.send(reply).await.is_err()
+            {
+                break;
             }
             drop(permit);
             continue;
