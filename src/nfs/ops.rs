@@ -51,13 +51,45 @@ fn stat_opt(fd: &OwnedFd) -> Option<libc::stat> {
     sys::fstat(raw(fd)).ok()
 }
 
+impl Ctx<'_> {
+    /// Resolves a handle and stats the object.
+    pub fn resolve_stat(&self, fh: &[u8]) -> Result<(Arc<Volume>, Arc<Obj>, libc::stat), nfsstat3> {
+        let (v, obj) = self.resolve(fh)?;
+        let st = sys::fstat(raw(&obj)).map_err(to_nfsstat)?;
+        Ok((v, obj, st))
+    }
+}
+
+/// The reply shape of procedures that answer `status, post_op_attr, results`: `body`
+/// appends the results; on any failure the reply is the status and the attributes (if
+/// the object resolved) only.
+fn with_attrs(
+    ctx: &Ctx,
+    fh: &[u8],
+    out: &mut Vec<u8>,
+    body: impl FnOnce(&Volume, &Obj, &libc::stat, &mut Vec<u8>) -> Result<(), nfsstat3>,
+) {
+    match ctx.resolve_stat(fh) {
+        Ok((v, obj, st)) => {
+            let mut results = Vec::new();
+            let r = body(&v, &obj, &st, &mut results);
+            status(out, r.err().unwrap_or(nfsstat3::NFS3_OK));
+            post_op(out, Some(&st), v.meta.id);
+            if r.is_ok() {
+                out.extend_from_slice(&results);
+            }
+        }
+        Err(s) => {
+            status(out, s);
+            post_op(out, None, 0);
+        }
+    }
+}
+
 pub fn getattr(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
     let fh = args.fh()?;
-    let r = ctx
-        .resolve(fh)
-        .and_then(|(v, fd)| Ok((v, sys::fstat(raw(&fd)).map_err(to_nfsstat)?)));
-    match r {
-        Ok((v, st)) => {
+    match ctx.resolve_stat(fh) {
+        Ok((v, _, st)) => {
             status(out, nfsstat3::NFS3_OK);
             put(out, &attr::fattr(&st, v.meta.id));
         }
@@ -189,49 +221,26 @@ fn io_for(
 pub fn access(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
     let fh = args.fh()?;
     let requested = args.u32()?;
-    match ctx.resolve(fh) {
-        Ok((v, fd)) => match sys::fstat(raw(&fd)) {
-            Ok(st) => {
-                let granted =
-                    attr::access(st.st_mode, st.st_uid, st.st_gid, &ctx.caller(&v), requested);
-                status(out, nfsstat3::NFS3_OK);
-                post_op(out, Some(&st), v.meta.id);
-                put_u32(out, granted);
-            }
-            Err(e) => {
-                status(out, to_nfsstat(e));
-                post_op(out, None, 0);
-            }
-        },
-        Err(s) => {
-            status(out, s);
-            post_op(out, None, 0);
-        }
-    }
+    with_attrs(ctx, fh, out, |v, _, st, out| {
+        let caller = ctx.caller(v);
+        put_u32(
+            out,
+            attr::access(st.st_mode, st.st_uid, st.st_gid, &caller, requested),
+        );
+        Ok(())
+    });
     Ok(())
 }
 
 pub fn readlink(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
     let fh = args.fh()?;
-    let r = ctx.resolve(fh).and_then(|(v, fd)| {
-        let st = sys::fstat(raw(&fd)).map_err(to_nfsstat)?;
+    with_attrs(ctx, fh, out, |_, obj, st, out| {
         if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
             return Err(nfsstat3::NFS3ERR_INVAL);
         }
-        let target = sys::readlink(raw(&fd)).map_err(to_nfsstat)?;
-        Ok((v, st, target))
+        put_opaque(out, &sys::readlink(raw(obj)).map_err(to_nfsstat)?);
+        Ok(())
     });
-    match r {
-        Ok((v, st, target)) => {
-            status(out, nfsstat3::NFS3_OK);
-            post_op(out, Some(&st), v.meta.id);
-            put_opaque(out, &target);
-        }
-        Err(s) => {
-            status(out, s);
-            post_op(out, None, 0);
-        }
-    }
     Ok(())
 }
 
@@ -381,84 +390,53 @@ pub fn commit(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
 
 pub fn fsstat(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
     let fh = args.fh()?;
-    let r = ctx.resolve(fh).and_then(|(v, fd)| {
-        let st = sys::fstat(raw(&fd)).map_err(to_nfsstat)?;
+    with_attrs(ctx, fh, out, |v, _, _, out| {
         let vfs = sys::statvfs(raw(&v.root)).map_err(to_nfsstat)?;
-        Ok((v, st, vfs))
+        // The volume's own size and free space, so `df` shows the PVC size
+        // (DESIGN invariant 6). Free space is also capped by the real disk.
+        let disk_free = vfs.f_bavail.saturating_mul(vfs.f_frsize);
+        let free = v.free().min(disk_free);
+        put_u64(out, v.limit.load(std::sync::atomic::Ordering::Acquire));
+        put_u64(out, free);
+        put_u64(out, free);
+        put_u64(out, vfs.f_files);
+        put_u64(out, vfs.f_ffree);
+        put_u64(out, vfs.f_favail);
+        put_u32(out, 0); // invarsec
+        Ok(())
     });
-    match r {
-        Ok((v, st, vfs)) => {
-            status(out, nfsstat3::NFS3_OK);
-            post_op(out, Some(&st), v.meta.id);
-            // The volume's own size and free space, so `df` shows the PVC size
-            // (DESIGN invariant 6). Free space is also capped by the real disk.
-            let disk_free = vfs.f_bavail.saturating_mul(vfs.f_frsize);
-            let free = v.free().min(disk_free);
-            put_u64(out, v.limit.load(std::sync::atomic::Ordering::Acquire));
-            put_u64(out, free);
-            put_u64(out, free);
-            put_u64(out, vfs.f_files);
-            put_u64(out, vfs.f_ffree);
-            put_u64(out, vfs.f_favail);
-            put_u32(out, 0); // invarsec
-        }
-        Err(s) => {
-            status(out, s);
-            post_op(out, None, 0);
-        }
-    }
     Ok(())
 }
 
 pub fn fsinfo(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
+    use nfs3_types::nfs3::{FSF3_CANSETTIME, FSF3_HOMOGENEOUS, FSF3_LINK, FSF3_SYMLINK};
     let fh = args.fh()?;
-    match ctx
-        .resolve(fh)
-        .and_then(|(v, fd)| Ok((v, sys::fstat(raw(&fd)).map_err(to_nfsstat)?)))
-    {
-        Ok((v, st)) => {
-            status(out, nfsstat3::NFS3_OK);
-            post_op(out, Some(&st), v.meta.id);
-            for x in [MAX_IO, MAX_IO, 4096, MAX_IO, MAX_IO, 4096, 64 * 1024] {
-                put_u32(out, x);
-            }
-            put_u64(out, i64::MAX as u64); // maxfilesize
-            put_u32(out, 0); // time_delta: 1 ns
-            put_u32(out, 1);
-            use nfs3_types::nfs3::{FSF3_CANSETTIME, FSF3_HOMOGENEOUS, FSF3_LINK, FSF3_SYMLINK};
-            put_u32(
-                out,
-                FSF3_LINK | FSF3_SYMLINK | FSF3_HOMOGENEOUS | FSF3_CANSETTIME,
-            );
+    with_attrs(ctx, fh, out, |_, _, _, out| {
+        for x in [MAX_IO, MAX_IO, 4096, MAX_IO, MAX_IO, 4096, 64 * 1024] {
+            put_u32(out, x);
         }
-        Err(s) => {
-            status(out, s);
-            post_op(out, None, 0);
-        }
-    }
+        put_u64(out, i64::MAX as u64); // maxfilesize
+        put_u32(out, 0); // time_delta: 1 ns
+        put_u32(out, 1);
+        put_u32(
+            out,
+            FSF3_LINK | FSF3_SYMLINK | FSF3_HOMOGENEOUS | FSF3_CANSETTIME,
+        );
+        Ok(())
+    });
     Ok(())
 }
 
 pub fn pathconf(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
     let fh = args.fh()?;
-    match ctx
-        .resolve(fh)
-        .and_then(|(v, fd)| Ok((v, sys::fstat(raw(&fd)).map_err(to_nfsstat)?)))
-    {
-        Ok((v, st)) => {
-            status(out, nfsstat3::NFS3_OK);
-            post_op(out, Some(&st), v.meta.id);
-            put_u32(out, 65000); // linkmax
-            put_u32(out, 255); // name_max
-            put_bool(out, true); // no_trunc
-            put_bool(out, true); // chown_restricted
-            put_bool(out, false); // case_insensitive
-            put_bool(out, true); // case_preserving
-        }
-        Err(s) => {
-            status(out, s);
-            post_op(out, None, 0);
-        }
-    }
+    with_attrs(ctx, fh, out, |_, _, _, out| {
+        put_u32(out, 65000); // linkmax
+        put_u32(out, 255); // name_max
+        put_bool(out, true); // no_trunc
+        put_bool(out, true); // chown_restricted
+        put_bool(out, false); // case_insensitive
+        put_bool(out, true); // case_preserving
+        Ok(())
+    });
     Ok(())
 }

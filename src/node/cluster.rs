@@ -209,7 +209,7 @@ async fn reconcile_claim(pvc: Arc<PersistentVolumeClaim>, agent: Arc<Agent>) -> 
     if ann(pvc.as_ref(), READY).is_some() {
         return Ok(Action::await_change());
     }
-    let spec = request.to_spec();
+    let spec = request.clone();
     match agent.store_op(move |s| s.create(&spec)).await {
         Ok(meta) => {
             tracing::info!(volume = %meta.name, size = meta.size_bytes, "created volume");

@@ -23,9 +23,7 @@
 //! Expansion: C sets [`RESIZE_TO`] on the PV; N raises the limit and sets
 //! [`SIZE`]; C then updates the PV capacity and the claim's status capacity.
 
-use serde::{Deserialize, Serialize};
-
-use crate::volume::{Squash, VolumeName, VolumeSpec};
+use crate::volume::VolumeSpec;
 
 /// Claim label: the node whose agent owns this claim's volume.
 pub const NODE_LABEL: &str = "localnfs.io/node";
@@ -51,31 +49,5 @@ pub const FREE_BYTES: &str = "localnfs.io/free-bytes";
 /// Node Lease annotation: the agent's NFS port.
 pub const NFS_PORT: &str = "localnfs.io/nfs-port";
 
-/// What the controller asks a node agent to create.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct VolumeRequest {
-    pub name: VolumeName,
-    pub size_bytes: u64,
-    pub uid: u32,
-    pub gid: u32,
-    pub mode: u32,
-    pub squash: Squash,
-    pub anon_uid: u32,
-    pub anon_gid: u32,
-}
-
-impl VolumeRequest {
-    pub fn to_spec(&self) -> VolumeSpec {
-        VolumeSpec {
-            name: self.name.clone(),
-            size_bytes: self.size_bytes,
-            uid: self.uid,
-            gid: self.gid,
-            mode: self.mode,
-            squash: self.squash,
-            anon_uid: self.anon_uid,
-            anon_gid: self.anon_gid,
-        }
-    }
-}
+/// What the controller asks a node agent to create: a volume spec, as JSON.
+pub type VolumeRequest = VolumeSpec;

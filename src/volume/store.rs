@@ -24,8 +24,10 @@ pub enum Squash {
     All,
 }
 
-/// What a volume should be; the input to [`VolumeStore::create`].
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// What a volume should be; the input to [`VolumeStore::create`], and what the
+/// controller asks a node agent for (as JSON).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct VolumeSpec {
     pub name: VolumeName,
     pub size_bytes: u64,
