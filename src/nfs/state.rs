@@ -122,6 +122,9 @@ pub struct Exports {
     volumes: RwLock<HashMap<u32, Arc<Volume>>>,
     mounts: RwLock<MountTable>,
     objects: Mutex<ObjectCache>,
+    /// One refresh at a time: two interleaved ones could each write a map missing the
+    /// other's new volume.
+    refreshing: Mutex<()>,
     /// Write verifier: new on every start, so clients resend unstable writes the
     /// previous process may have lost (RFC 1813 §3.3.7, DESIGN invariant 4).
     pub verifier: [u8; 8],
@@ -156,6 +159,7 @@ impl Exports {
             volumes: RwLock::new(HashMap::new()),
             mounts: RwLock::new(mounts),
             objects: Mutex::new(HashMap::new()),
+            refreshing: Mutex::new(()),
             verifier,
         };
         exports.refresh()?;
@@ -169,6 +173,7 @@ impl Exports {
     /// Re-reads the store: picks up new volumes, drops deleted ones, applies new size
     /// limits (a resize takes effect without a remount).
     pub fn refresh(&self) -> Result<()> {
+        let _one = self.refreshing.lock().unwrap_or_else(|p| p.into_inner());
         let metas = self.store.list()?;
         let current: HashMap<u32, Arc<Volume>> = self.read_volumes().clone();
         let mut next = HashMap::with_capacity(metas.len());

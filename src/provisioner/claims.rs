@@ -250,6 +250,14 @@ async fn provision(
         ctx.add_finalizer(pvc).await?;
         return Ok(next_step);
     }
+    let wait_for_scheduler = class.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer");
+    if wait_for_scheduler
+        && annotation(pvc, SELECTED_NODE).is_none()
+        && !pvc.labels().contains_key(NODE_LABEL)
+    {
+        // The scheduler has not picked the pod's node yet; its annotation will wake us.
+        return Ok(Action::await_change());
+    }
     let rooms = ctx.node_rooms().await?;
     let Some(node) = pvc.labels().get(NODE_LABEL).cloned() else {
         let free: Vec<NodeRoom> = rooms.iter().map(|(r, _)| r.clone()).collect();
