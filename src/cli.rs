@@ -64,6 +64,8 @@ pub enum Command {
     Volume(VolumeArgs),
     /// Provisioner: turn claims of localnfs classes into volumes and PVs.
     Controller(ControllerArgs),
+    /// Scheduler helper: admission webhook (node affinity) and scheduler extender.
+    Scheduler(SchedulerArgs),
 }
 
 /// How to reach the API server.
@@ -94,6 +96,70 @@ pub struct ControllerArgs {
     /// This replica's name in leader election (default: hostname-pid).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct SchedulerArgs {
+    #[command(flatten)]
+    pub admin: AdminArgs,
+
+    #[command(flatten)]
+    pub kube: KubeArgs,
+
+    /// The `provisioner` name of the StorageClasses whose volumes we place.
+    #[arg(long, env = "LOCALNFS_PROVISIONER", default_value = "localnfs.io/nfs")]
+    pub provisioner_name: String,
+
+    /// Namespace of the node agents' Leases and of the certificate Secret.
+    #[arg(long, env = "LOCALNFS_NAMESPACE", default_value = "localnfs-system")]
+    pub namespace: String,
+
+    /// HTTPS listener for the admission webhook (`/mutate`; extender routes too).
+    #[arg(long, env = "LOCALNFS_WEBHOOK_LISTEN", default_value = "0.0.0.0:8443")]
+    pub webhook_listen: SocketAddr,
+
+    /// Plain-HTTP listener for kube-scheduler's extender calls (`/filter`,
+    /// `/prioritize`).
+    #[arg(long, env = "LOCALNFS_EXTENDER_LISTEN", default_value = "0.0.0.0:8099")]
+    pub extender_listen: SocketAddr,
+
+    /// Serving certificate (PEM) for the webhook, e.g. from cert-manager; re-read every
+    /// 6 hours. Without it the helper manages its own certificate in a Secret.
+    #[arg(long, env = "LOCALNFS_TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// Private key (PEM) for `--tls-cert-file`.
+    #[arg(long, env = "LOCALNFS_TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+
+    /// Secret (in `--namespace`) holding the self-managed CA and serving certificate.
+    #[arg(
+        long,
+        env = "LOCALNFS_TLS_SECRET",
+        default_value = "localnfs-scheduler-tls"
+    )]
+    pub tls_secret: String,
+
+    /// The webhook Service's name; the certificate covers its DNS names.
+    #[arg(
+        long,
+        env = "LOCALNFS_SERVICE_NAME",
+        default_value = "localnfs-scheduler"
+    )]
+    pub service_name: String,
+
+    /// Extra certificate names (DNS names or IP addresses); repeatable.
+    #[arg(long = "tls-san", env = "LOCALNFS_TLS_SANS", value_delimiter = ',')]
+    pub tls_san: Vec<String>,
+
+    /// MutatingWebhookConfiguration whose `caBundle` the helper fills in with its CA
+    /// (self-managed certificate only); empty: leave it to someone else.
+    #[arg(
+        long,
+        env = "LOCALNFS_WEBHOOK_CONFIG",
+        default_value = "localnfs-scheduler"
+    )]
+    pub webhook_config: String,
 }
 
 #[derive(Debug, Args)]

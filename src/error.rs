@@ -100,6 +100,16 @@ pub enum Error {
         requested: u64,
     },
 
+    #[error("failed to set up the webhook certificate: {0}")]
+    Tls(String),
+
+    #[error("failed to read {path}")]
+    ReadFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
     #[error("Kubernetes API call failed: {action}")]
     Kube {
         action: String,

@@ -11,10 +11,12 @@ pub mod metrics;
 pub mod nfs;
 pub mod node;
 pub mod provisioner;
+pub mod scheduler;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;
 pub mod testbed;
 pub mod volume;
+pub mod web;
 
 pub use error::{Error, Result};

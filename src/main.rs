@@ -12,6 +12,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Node(args) => localnfs::node::run(args).await?,
         Command::Volume(args) => localnfs::node::volume_cmd::run(args)?,
         Command::Controller(args) => localnfs::provisioner::run::run(args).await?,
+        Command::Scheduler(args) => localnfs::scheduler::run::run(args).await?,
     }
     Ok(())
 }

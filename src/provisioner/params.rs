@@ -19,6 +19,27 @@ pub enum Locality {
     None,
 }
 
+impl Locality {
+    /// The class parameter value (also the PV's [`super::pv::LOCALITY_KEY`] annotation).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Locality::Preferred => "preferred",
+            Locality::Strict => "strict",
+            Locality::None => "none",
+        }
+    }
+
+    /// Reads a class parameter or PV annotation value.
+    pub fn parse(value: &str) -> Option<Self> {
+        match value {
+            "preferred" => Some(Locality::Preferred),
+            "strict" => Some(Locality::Strict),
+            "none" => Some(Locality::None),
+            _ => None,
+        }
+    }
+}
+
 /// What happens to the directory when its PV is deleted under reclaim policy Delete.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum OnDelete {
@@ -91,12 +112,8 @@ impl ClassParams {
         for (key, value) in params {
             match key.as_str() {
                 "locality" => {
-                    p.locality = match value.as_str() {
-                        "preferred" => Locality::Preferred,
-                        "strict" => Locality::Strict,
-                        "none" => Locality::None,
-                        _ => return Err(bad(key, value, "preferred, strict or none")),
-                    }
+                    p.locality = Locality::parse(value)
+                        .ok_or_else(|| bad(key, value, "preferred, strict or none"))?
                 }
                 "onDelete" => {
                     p.on_delete = match value.as_str() {

@@ -13,6 +13,9 @@ use super::params::{ClassParams, Locality, quantity_bytes};
 pub use super::protocol::NODE_LABEL as NODE_KEY;
 pub const VOLUME_KEY: &str = "localnfs.io/volume";
 pub const ON_DELETE_KEY: &str = "localnfs.io/on-delete";
+/// PV annotation: the class's `locality` when the PV was made, so the scheduler helper
+/// knows it even if the class changes or goes away.
+pub const LOCALITY_KEY: &str = "localnfs.io/locality";
 /// Finalizer on our PVs: removed by the node agent once the directory has been dealt
 /// with, so a PV never disappears while its data is in an unknown state.
 pub const PV_FINALIZER: &str = "localnfs.io/volume";
@@ -186,6 +189,7 @@ pub fn build_pv(i: &PvInput) -> Result<PersistentVolume, String> {
         (NODE_KEY, i.node),
         (VOLUME_KEY, i.volume),
         (ON_DELETE_KEY, on_delete),
+        (LOCALITY_KEY, i.params.locality.as_str()),
     ]
     .into();
     serde_json::from_value(json!({

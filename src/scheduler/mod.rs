@@ -1,0 +1,21 @@
+//! The scheduler helper (`localnfs scheduler`): keeps pods near their data and new
+//! volumes off nodes without room.
+//!
+//! - A **mutating admission webhook** (HTTPS, `POST /mutate`) gives each new pod node
+//!   affinity for the node its localnfs volumes live on ([`affinity`]).
+//! - A **kube-scheduler extender** (`POST /filter`, `POST /prioritize`) refuses nodes
+//!   that cannot hold the pod's WaitForFirstConsumer volumes or are not the home of its
+//!   `strict` volumes, and scores the home node highest ([`decide`]).
+//!
+//! Decisions are pure functions over a compact [`inventory::Inventory`] that
+//! [`watch`] keeps current; [`wire`] translates the JSON; [`routes`] serves it; [`tls`]
+//! provides the webhook's certificate.
+
+pub mod affinity;
+pub mod decide;
+pub mod inventory;
+pub mod routes;
+pub mod run;
+pub mod tls;
+pub mod watch;
+pub mod wire;

@@ -1,0 +1,136 @@
+//! `localnfs scheduler`: starts the watches, gets the webhook certificate, and serves
+//! the webhook (TLS) and extender (plain HTTP) listeners until SIGTERM.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::Api;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use super::routes::{Helper, HelperMetrics};
+use super::tls::{self, Resolver, SecretSource, Source};
+use super::watch;
+use crate::admin::{self, AdminState, Readiness};
+use crate::cli::SchedulerArgs;
+use crate::error::{Error, Result};
+
+/// Webhook and extender calls in flight at once; the API server and kube-scheduler
+/// each keep a handful of connections.
+const MAX_CONNECTIONS: usize = 256;
+
+async fn bind(what: &'static str, addr: std::net::SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { what, addr, source })
+}
+
+pub async fn run(args: SchedulerArgs) -> Result<()> {
+    let shutdown = crate::shutdown::on_signals()?;
+    let client = crate::kubeclient::client(args.kube.kubeconfig.as_deref()).await?;
+    let mut registry = crate::metrics::registry("scheduler");
+    let metrics = HelperMetrics::register(&mut registry);
+    let readiness = Readiness::default();
+    let admin_listener = bind("admin", args.admin.admin_addr).await?;
+    let webhook_listener = bind("webhook", args.webhook_listen).await?;
+    let extender_listener = bind("extender", args.extender_listen).await?;
+    let admin = tokio::spawn(admin::serve(
+        admin_listener,
+        AdminState {
+            readiness: readiness.clone(),
+            registry: Arc::new(registry),
+        },
+        shutdown.clone(),
+    ));
+
+    let source = match (&args.tls_cert_file, &args.tls_key_file) {
+        (Some(cert), Some(key)) => Source::Files {
+            cert: cert.clone(),
+            key: key.clone(),
+        },
+        (None, None) => Source::Secret(SecretSource {
+            secrets: Api::<Secret>::namespaced(client.clone(), &args.namespace),
+            name: args.tls_secret.clone(),
+            names: tls::service_names(&args.service_name, &args.namespace, &args.tls_san),
+            webhook_config: (!args.webhook_config.is_empty()).then(|| {
+                (
+                    Api::<MutatingWebhookConfiguration>::all(client.clone()),
+                    args.webhook_config.clone(),
+                )
+            }),
+        }),
+        _ => {
+            return Err(Error::Tls(
+                "give both --tls-cert-file and --tls-key-file, or neither".into(),
+            ));
+        }
+    };
+    let resolver = Resolver::new(source.current().await?);
+    let acceptor = TlsAcceptor::from(tls::server_config(resolver.clone())?);
+    let refresh = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(tls::REFRESH) => {}
+                }
+                match source.current().await {
+                    Ok(key) => resolver.set(key),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot refresh the webhook certificate; keeping the current one")
+                    }
+                }
+            }
+        }
+    });
+
+    let inventory = watch::Shared::default();
+    let mut synced = watch::start(
+        &client,
+        &args.provisioner_name,
+        &args.namespace,
+        &inventory,
+        &shutdown,
+    );
+    let helper = Arc::new(Helper { inventory, metrics });
+    let webhook = tokio::spawn(crate::web::serve(
+        "webhook",
+        webhook_listener,
+        MAX_CONNECTIONS,
+        Some(acceptor),
+        helper.clone(),
+        shutdown.clone(),
+    ));
+    let extender = tokio::spawn(crate::web::serve(
+        "extender",
+        extender_listener,
+        MAX_CONNECTIONS,
+        None,
+        helper,
+        shutdown.clone(),
+    ));
+    tracing::info!(
+        webhook = %args.webhook_listen,
+        extender = %args.extender_listen,
+        "scheduler helper serving"
+    );
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        r = synced.wait_for(|s| *s) => {
+            if r.is_ok() {
+                tracing::info!("caches synced; ready");
+                readiness.set(true);
+            }
+        }
+    }
+    shutdown.cancelled().await;
+    readiness.set(false);
+    for task in [webhook, extender, admin, refresh] {
+        // A task that panicked already logged it; shutting down regardless.
+        let _ = task.await;
+    }
+    tracing::info!("scheduler helper stopped");
+    Ok(())
+}
