@@ -12,6 +12,7 @@
 //! provides the webhook's certificate.
 
 pub mod affinity;
+pub mod config;
 pub mod decide;
 pub mod inventory;
 pub mod routes;

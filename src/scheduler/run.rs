@@ -49,7 +49,7 @@ pub async fn run(args: SchedulerArgs) -> Result<()> {
             cert: cert.clone(),
             key: key.clone(),
         },
-        (None, None) => Source::Secret(SecretSource {
+        (None, None) => Source::Secret(Box::new(SecretSource {
             secrets: Api::<Secret>::namespaced(client.clone(), &args.namespace),
             name: args.tls_secret.clone(),
             names: tls::service_names(&args.service_name, &args.namespace, &args.tls_san),
@@ -59,7 +59,7 @@ pub async fn run(args: SchedulerArgs) -> Result<()> {
                     args.webhook_config.clone(),
                 )
             }),
-        }),
+        })),
         _ => {
             return Err(Error::Tls(
                 "give both --tls-cert-file and --tls-key-file, or neither".into(),

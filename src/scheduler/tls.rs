@@ -213,7 +213,7 @@ pub fn load_files(cert: &Path, key: &Path) -> Result<CertifiedKey> {
 #[derive(Clone, Debug)]
 pub enum Source {
     Files { cert: PathBuf, key: PathBuf },
-    Secret(SecretSource),
+    Secret(Box<SecretSource>),
 }
 
 /// The self-managed certificate's Secret and the configuration to trust it in.

@@ -40,12 +40,15 @@ fn with_mut<T>(inv: &Shared, f: impl FnOnce(&mut Inventory) -> T) -> T {
     }
 }
 
+/// Turns a watched object into its inventory entry (`None`: not one of ours).
+type Convert<K, V> = Box<dyn Fn(&K) -> Option<V> + Send + Sync>;
+
 /// One watched kind: where its entries live and how an object becomes one.
 struct Mirror<K, V> {
     what: &'static str,
     map: fn(&mut Inventory) -> &mut HashMap<String, V>,
     key: fn(&K) -> Option<String>,
-    value: Box<dyn Fn(&K) -> Option<V> + Send + Sync>,
+    value: Convert<K, V>,
 }
 
 impl<K, V> Mirror<K, V>

@@ -22,7 +22,10 @@ use serde_json::json;
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 
+use super::eventually;
 use super::nfs::Client as NfsClient;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use localnfs::scheduler::config::WEBHOOK_CONFIG;
 
 pub const NAMESPACE: &str = "localnfs-system";
 
@@ -32,6 +35,16 @@ pub struct Localnfs {
     pub dir: tempfile::TempDir,
     pub agents: BTreeMap<String, Child>,
     pub controllers: Vec<Child>,
+    pub scheduler: Option<Child>,
+}
+
+/// A free TCP port on 127.0.0.1 (for listeners whose address must be known before the
+/// process that opens them starts, such as the extender kube-scheduler calls).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
 }
 
 fn spawn(args: &[&str], kubeconfig: &Path, log: &Path) -> Child {
@@ -67,6 +80,7 @@ impl Localnfs {
             dir: tempfile::tempdir().expect("tempdir"),
             agents: BTreeMap::new(),
             controllers: Vec::new(),
+            scheduler: None,
         }
     }
 
@@ -117,6 +131,67 @@ impl Localnfs {
 
     pub async fn kill_controller(&mut self, i: usize) {
         let _ = self.controllers[i].kill().await;
+    }
+
+    /// Registers the webhook (at `https://127.0.0.1:<webhook_port>/mutate`) and starts
+    /// the scheduler helper with its self-managed certificate; returns once the helper
+    /// has written its CA into the webhook configuration.
+    pub async fn start_scheduler(
+        &mut self,
+        client: &Client,
+        webhook_port: u16,
+        extender_port: u16,
+    ) {
+        let config = localnfs::scheduler::config::webhook_configuration(json!({
+            "url": format!("https://127.0.0.1:{webhook_port}/mutate"),
+        }))
+        .expect("webhook configuration");
+        let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+        if api.get_opt(WEBHOOK_CONFIG).await.expect("read").is_none() {
+            api.create(&PostParams::default(), &config)
+                .await
+                .expect("create webhook config");
+        }
+        self.restart_scheduler(webhook_port, extender_port);
+        eventually(
+            "the helper's CA in the webhook configuration",
+            Duration::from_secs(60),
+            || async {
+                let c = api.get(WEBHOOK_CONFIG).await.ok()?;
+                c.webhooks?
+                    .first()?
+                    .client_config
+                    .ca_bundle
+                    .as_ref()
+                    .map(|_| ())
+            },
+        )
+        .await;
+    }
+
+    /// Starts the helper process (again) on the same ports.
+    pub fn restart_scheduler(&mut self, webhook_port: u16, extender_port: u16) {
+        let log = self.dir.path().join("scheduler.log");
+        let (w, e) = (
+            format!("127.0.0.1:{webhook_port}"),
+            format!("127.0.0.1:{extender_port}"),
+        );
+        let args = [
+            "scheduler",
+            "--webhook-listen",
+            &w,
+            "--extender-listen",
+            &e,
+            "--tls-san",
+            "127.0.0.1",
+        ];
+        self.scheduler = Some(spawn(&args, &self.kubeconfig, &log));
+    }
+
+    pub async fn stop_scheduler(&mut self) {
+        if let Some(mut c) = self.scheduler.take() {
+            let _ = c.kill().await;
+        }
     }
 
     /// Everything the processes logged, for failure messages.
@@ -234,6 +309,22 @@ pub fn nfs_target(pv: &PersistentVolume) -> (IpAddr, u16, String) {
     )
 }
 
+/// The InternalIP of the node a pod is scheduled to.
+pub async fn node_ip(client: &Client, pod: &Pod) -> Option<IpAddr> {
+    let node_name = pod.spec.as_ref()?.node_name.clone()?;
+    let node = Api::<k8s_openapi::api::core::v1::Node>::all(client.clone())
+        .get(&node_name)
+        .await
+        .ok()?;
+    node.status?
+        .addresses?
+        .into_iter()
+        .find(|a| a.type_ == "InternalIP")?
+        .address
+        .parse()
+        .ok()
+}
+
 async fn start_pod(client: &Client, ns: &str, pod: &Pod) -> Result<Vec<String>, String> {
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
     let pvs: Api<PersistentVolume> = Api::all(client.clone());
@@ -262,7 +353,10 @@ async fn start_pod(client: &Client, ns: &str, pod: &Pod) -> Result<Vec<String>, 
             .await
             .map_err(|e| e.to_string())?;
         let (server, port, volume) = nfs_target(&pv);
-        let mut c = NfsClient::mount_at(SocketAddr::new(server, port), &volume, server, 0, 0).await;
+        // Mount from the pod's node, as its kubelet would: that node's address, which
+        // is not the volume's home when the pod runs elsewhere.
+        let from = node_ip(client, pod).await.unwrap_or(server);
+        let mut c = NfsClient::mount_at(SocketAddr::new(server, port), &volume, from, 0, 0).await;
         let root = c.root.clone();
         let file = format!("{claim}.txt");
         let state = match c.lookup(&root, file.as_bytes()).await {
