@@ -114,17 +114,38 @@ pub struct Filtered {
     pub failed: BTreeMap<String, String>,
 }
 
-/// Why `node` cannot run the pod, or `None` when it can.
-pub fn node_refusal(claims: &PodClaims, node: &str, inv: &Inventory, now: i64) -> Option<String> {
-    if let Some(h) = claims
+/// The pod's first strict volume and the refusal every other node gets for it.
+fn strict_pin(claims: &PodClaims) -> Option<(&str, String)> {
+    let h = claims
         .homes
         .iter()
-        .find(|h| h.locality == Locality::Strict && h.node != node)
-    {
-        return Some(format!(
-            "localnfs: claim {} is on node {} and its class has locality: strict",
-            h.claim, h.node
-        ));
+        .find(|h| h.locality == Locality::Strict)?;
+    let why = format!(
+        "localnfs: claim {} is on node {} and its class has locality: strict",
+        h.claim, h.node
+    );
+    Some((h.node.as_str(), why))
+}
+
+/// Why `node` cannot run the pod, or `None` when it can. `pin` is [`strict_pin`]'s
+/// answer, worked out once per call rather than once per node.
+fn node_refusal(
+    claims: &PodClaims,
+    pin: Option<&(&str, String)>,
+    node: &str,
+    inv: &Inventory,
+    now: i64,
+) -> Option<String> {
+    if let Some((home, why)) = pin {
+        // A second strict volume elsewhere makes every node fail: one of the two
+        // homes is always "elsewhere".
+        let all_home = claims
+            .homes
+            .iter()
+            .all(|h| h.locality != Locality::Strict || h.node == node);
+        if *home != node || !all_home {
+            return Some(why.clone());
+        }
     }
     if claims.new_claims.is_empty() {
         return None;
@@ -143,8 +164,13 @@ pub fn node_refusal(claims: &PodClaims, node: &str, inv: &Inventory, now: i64) -
 /// reason per refused node.
 pub fn filter(claims: &PodClaims, nodes: &[String], inv: &Inventory, now: i64) -> Filtered {
     let mut out = Filtered::default();
+    if claims.is_empty() {
+        out.passed = nodes.to_vec();
+        return out;
+    }
+    let pin = strict_pin(claims);
     for node in nodes {
-        match node_refusal(claims, node, inv, now) {
+        match node_refusal(claims, pin.as_ref(), node, inv, now) {
             None => out.passed.push(node.clone()),
             Some(why) => {
                 out.failed.insert(node.clone(), why);

@@ -87,7 +87,9 @@ fn encode<T: Serialize>(value: &T) -> Response<Full<Bytes>> {
 }
 
 impl Helper {
-    fn answer(&self, route: &'static str, body: &[u8]) -> Response<Full<Bytes>> {
+    /// Decodes, decides and encodes one call of `route` (`filter`, `prioritize`,
+    /// `mutate`).
+    pub fn answer(&self, route: &'static str, body: &[u8]) -> Response<Full<Bytes>> {
         let now = now_secs();
         let inv = &self.inventory;
         let bad = |e: serde_json::Error| {
