@@ -1,5 +1,5 @@
 //! `localnfs demo` as a user runs it: it comes up, provisions a StatefulSet's volumes,
-//! shows a rebuilt pod finding its data, serves its admin endpoints, and on SIGTERM
+//! shows a rebuilt pod finding its data (sent home by the scheduler helper), serves its admin endpoints, and on SIGTERM
 //! stops every process it started and removes its directory.
 
 mod support;
@@ -43,10 +43,12 @@ async fn demo_stops_everything_it_started_on_sigterm() {
                 pids.push(pid.parse::<u32>().expect("pid is a number"));
                 dir = PathBuf::from(log).parent().map(PathBuf::from);
             }
-            if let ["localnfs", "node" | "controller", pid, _log] = words[..] {
+            if let ["localnfs", "node" | "controller" | "scheduler", pid, _log] = words[..] {
                 localnfs_pids.push(pid.parse::<u32>().expect("pid is a number"));
             }
-            if line.contains("rebuilt on node-1: it found its data") {
+            if line.contains("rebuilt on node-1: it found its data")
+                && line.contains("preferred node affinity for node-1")
+            {
                 rebuilt_found_data = true;
             }
             if let Some(rest) = line.trim().strip_prefix("admin endpoints: http://") {
@@ -65,10 +67,13 @@ async fn demo_stops_everything_it_started_on_sigterm() {
     assert_eq!(pids.len(), COMPONENTS.len(), "report lists every component");
     assert_eq!(
         localnfs_pids.len(),
-        2,
-        "report lists the node agent and the controller"
+        3,
+        "report lists the node agent, the controller and the scheduler helper"
     );
-    assert!(rebuilt_found_data, "the rebuilt pod did not find its data");
+    assert!(
+        rebuilt_found_data,
+        "the rebuilt pod did not find its data or got no affinity from the helper"
+    );
     pids.extend(localnfs_pids);
     let dir = dir.expect("report names the cluster directory");
     assert!(dir.join("kubeconfig").is_file());

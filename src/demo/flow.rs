@@ -1,5 +1,5 @@
-//! The demo's volume flow on the embedded cluster: a node agent and a controller (this
-//! same binary, as child processes), the default StorageClass, a `mysql` StatefulSet
+//! The demo's volume flow on the embedded cluster: a node agent, a controller and the
+//! scheduler helper (this same binary, as child processes), the default StorageClass, a `mysql` StatefulSet
 //! scaled 1 → 3, data written into each volume over NFS by a stand-in kubelet (using
 //! libnfs-utils' `nfs-cp`, a client nobody here wrote), and a pod deleted and rebuilt
 //! that finds its data again.
@@ -11,6 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim, Pod};
@@ -31,12 +32,36 @@ fn step(msg: &str) -> Error {
     Error::DemoStep(msg.to_owned())
 }
 
-/// Starts `localnfs node` for `node` and `localnfs controller`, both logging into `dir`.
+/// Creates the localnfs namespace and registers the scheduler helper's webhook at
+/// `https://127.0.0.1:<webhook_port>/mutate`; the helper fills in its CA when it starts.
+pub async fn prepare(client: &Client, webhook_port: u16) -> Result<()> {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    create(
+        &namespaces,
+        json!({"metadata": {"name": NAMESPACE}}),
+        "namespace",
+    )
+    .await?;
+    let config = crate::scheduler::config::webhook_configuration(json!({
+        "url": format!("https://127.0.0.1:{webhook_port}/mutate"),
+    }))?;
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    create(
+        &api,
+        serde_json::to_value(config).map_err(|e| Error::BuildObject(e.to_string()))?,
+        "MutatingWebhookConfiguration",
+    )
+    .await
+}
+
+/// Starts `localnfs node` for `node`, `localnfs controller` and `localnfs scheduler`
+/// (webhook and extender on the given ports), all logging into `dir`.
 pub fn start_components(
     dir: &Path,
     kubeconfig: &Path,
     node: &str,
     ip: IpAddr,
+    (webhook_port, extender_port): (u16, u16),
 ) -> Result<Vec<Process>> {
     let exe = std::env::current_exe().map_err(|source| Error::SpawnProcess {
         name: "localnfs".into(),
@@ -63,12 +88,28 @@ pub fn start_components(
     let mut controller = Command::new(&exe);
     controller.arg("controller");
     common(&mut controller);
+    let mut helper = Command::new(&exe);
+    helper.args([
+        "scheduler",
+        "--webhook-listen",
+        &format!("127.0.0.1:{webhook_port}"),
+        "--extender-listen",
+        &format!("127.0.0.1:{extender_port}"),
+        "--tls-san",
+        "127.0.0.1",
+    ]);
+    common(&mut helper);
     Ok(vec![
         Process::spawn("localnfs node", &mut agent, &dir.join("localnfs-node.log"))?,
         Process::spawn(
             "localnfs controller",
             &mut controller,
             &dir.join("localnfs-controller.log"),
+        )?,
+        Process::spawn(
+            "localnfs scheduler",
+            &mut helper,
+            &dir.join("localnfs-scheduler.log"),
         )?,
     ])
 }
@@ -135,13 +176,6 @@ pub struct Outcome {
 
 /// Runs the flow; returns what happened.
 pub async fn run(client: &Client, node_ip: IpAddr) -> Result<Outcome> {
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    create(
-        &namespaces,
-        json!({"metadata": {"name": NAMESPACE}}),
-        "namespace",
-    )
-    .await?;
     println!("waiting for the node agent's heartbeat...");
     let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
     wait_until("node agent heartbeat", || async {
@@ -231,8 +265,26 @@ pub async fn run(client: &Client, node_ip: IpAddr) -> Result<Outcome> {
         (p.uid()? != old_uid && kubelet::is_running_and_ready(&p)).then_some(p)
     })
     .await?;
-    let node = rebuilt.spec.and_then(|s| s.node_name).unwrap_or_default();
-    outcome.rebuilt = Some((node, log.get("mysql-1").unwrap_or_default()));
+    let spec = rebuilt.spec.unwrap_or_default();
+    let node = spec.node_name.clone().unwrap_or_default();
+    let homed = spec
+        .affinity
+        .and_then(|a| a.node_affinity)
+        .and_then(|n| n.preferred_during_scheduling_ignored_during_execution)
+        .unwrap_or_default()
+        .iter()
+        .flat_map(|t| t.preference.match_expressions.iter().flatten())
+        .flat_map(|e| e.values.clone().unwrap_or_default())
+        .collect::<Vec<_>>();
+    let found = log.get("mysql-1").unwrap_or_default();
+    let found = match homed.as_slice() {
+        [] => format!("{found} (no node affinity: was the scheduler helper up?)"),
+        nodes => format!(
+            "{found}; the scheduler helper gave it preferred node affinity for {}",
+            nodes.join(", ")
+        ),
+    };
+    outcome.rebuilt = Some((node, found));
     Ok(outcome)
 }
 

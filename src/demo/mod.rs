@@ -41,8 +41,20 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         shutdown.clone(),
     ));
 
+    let port = |what: &'static str| {
+        testbed::free_port().map_err(|source| Error::Bind {
+            what,
+            addr: ([127, 0, 0, 1], 0).into(),
+            source,
+        })
+    };
+    let ports = (port("webhook")?, port("extender")?);
     let opts = ClusterOptions {
         bin_dir: args.k8s_bin_dir.unwrap_or_else(testbed::default_bin_dir),
+        scheduler_extenders: vec![crate::scheduler::config::extender_entry(&format!(
+            "http://127.0.0.1:{}",
+            ports.1
+        ))],
         ..ClusterOptions::default()
     };
     println!(
@@ -65,8 +77,14 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let node_ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
     testbed::kubelet::add_node(&cluster.client(), NODE, node_ip).await?;
     println!("node {NODE} registered (InternalIP {node_ip}, Ready)");
-    let components = flow::start_components(cluster.dir(), cluster.kubeconfig(), NODE, node_ip)?;
-    println!("started localnfs node (node agent) and localnfs controller");
+    flow::prepare(&cluster.client(), ports.0).await?;
+    let components =
+        flow::start_components(cluster.dir(), cluster.kubeconfig(), NODE, node_ip, ports)?;
+    println!(
+        "started localnfs node (node agent), localnfs controller and localnfs scheduler \
+         (webhook on 127.0.0.1:{}, extender on 127.0.0.1:{})",
+        ports.0, ports.1
+    );
     let client = cluster.client();
     let outcome = tokio::select! {
         o = flow::run(&client, node_ip) => o,
@@ -141,8 +159,7 @@ fn report(
         ));
     }
     out.push_str(&format!(
-        "\n  localnfs scheduler        not yet available in this build\
-         \n\n  admin endpoints: http://{admin_addr}/healthz /readyz /metrics\
+        "\n  admin endpoints: http://{admin_addr}/healthz /readyz /metrics\
          \n  kubectl --kubeconfig {} get pods,pvc,pv\n",
         cluster.kubeconfig().display()
     ));

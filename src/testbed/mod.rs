@@ -380,7 +380,9 @@ fn find_on_path(program: &str) -> Option<PathBuf> {
 }
 
 /// A port that was free a moment ago on 127.0.0.1.
-fn free_port() -> std::io::Result<u16> {
+/// A free TCP port on 127.0.0.1, for listeners whose address must be known before the
+/// process that opens them starts.
+pub fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
