@@ -66,6 +66,8 @@ pub enum Command {
     Controller(ControllerArgs),
     /// Scheduler helper: admission webhook (node affinity) and scheduler extender.
     Scheduler(SchedulerArgs),
+    /// Show the volumes of each node (size, used, claim, phase) as a table.
+    Status(StatusArgs),
 }
 
 /// How to reach the API server.
@@ -96,6 +98,20 @@ pub struct ControllerArgs {
     /// This replica's name in leader election (default: hostname-pid).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub kube: KubeArgs,
+
+    /// The `provisioner` name whose PersistentVolumes to list.
+    #[arg(long, env = "LOCALNFS_PROVISIONER", default_value = "localnfs.io/nfs")]
+    pub provisioner_name: String,
+
+    /// Namespace of the node agents' heartbeat Leases.
+    #[arg(long, env = "LOCALNFS_NAMESPACE", default_value = "localnfs-system")]
+    pub namespace: String,
 }
 
 #[derive(Debug, Args)]

@@ -14,6 +14,7 @@ pub mod provisioner;
 pub mod scheduler;
 pub mod server;
 pub mod shutdown;
+pub mod status;
 pub mod telemetry;
 pub mod testbed;
 pub mod volume;

@@ -13,6 +13,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Volume(args) => localnfs::node::volume_cmd::run(args)?,
         Command::Controller(args) => localnfs::provisioner::run::run(args).await?,
         Command::Scheduler(args) => localnfs::scheduler::run::run(args).await?,
+        Command::Status(args) => localnfs::status::run(args).await?,
     }
     Ok(())
 }

@@ -139,6 +139,34 @@ async fn volumes_land_on_the_node_the_scheduler_picked() {
         2,
         "spread constraint should use both nodes"
     );
+
+    // `localnfs status` lists each volume on its node with what its files use (the
+    // test-kubelet wrote "<claim>" into <claim>.txt: 9 bytes), from the agents'
+    // heartbeats, which follow within seconds.
+    let table = eventually("status with usage", WAIT, || async {
+        let t = status(cluster.kubeconfig()).await;
+        let rows: Vec<String> = t
+            .lines()
+            .filter(|l| l.contains("default/data-db-"))
+            .map(String::from)
+            .collect();
+        (rows.len() == 4
+            && rows
+                .iter()
+                .all(|r| r.contains(" 9 B ") && r.ends_with("Bound")))
+        .then_some(t)
+    })
+    .await;
+    for node in ["node-1", "node-2"] {
+        let line = table
+            .lines()
+            .find(|l| l.starts_with(node))
+            .expect("node line");
+        assert!(
+            line.contains(" up ") && line.trim_end().ends_with(" 2"),
+            "{table}"
+        );
+    }
 }
 
 #[tokio::test]

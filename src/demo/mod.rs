@@ -96,7 +96,14 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         }
     };
     match &outcome {
-        Ok(o) => println!("{}", volumes_report(o)),
+        Ok(o) => {
+            println!("{}", volumes_report(o));
+            // The same table `localnfs status` prints.
+            match crate::status::render(&client, "localnfs-system", "localnfs.io/nfs").await {
+                Ok(t) => println!("localnfs status:\n{t}"),
+                Err(e) => println!("localnfs status failed: {e}"),
+            }
+        }
         Err(e) => println!(
             "the volume flow failed: {e}
 (logs: {})",

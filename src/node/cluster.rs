@@ -335,19 +335,41 @@ fn nix_statvfs(path: &std::path::Path) -> Option<u64> {
     Some(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
+/// Largest [`USED_BYTES`] annotation we write (annotations share a 256 KiB budget).
+const USAGE_MAX: usize = 64 << 10;
+
+/// Each volume's used bytes as the [`USED_BYTES`] JSON, or `None` when too long.
+fn usage_json(exports: &Exports) -> Option<String> {
+    let usage: BTreeMap<String, u64> = exports
+        .all()
+        .iter()
+        .map(|v| {
+            (
+                v.meta.name.as_str().to_owned(),
+                v.used.load(std::sync::atomic::Ordering::Acquire),
+            )
+        })
+        .collect();
+    serde_json::to_string(&usage)
+        .ok()
+        .filter(|j| j.len() <= USAGE_MAX)
+}
+
 async fn heartbeat(agent: Arc<Agent>, shutdown: CancellationToken) {
     let leases: Api<Lease> = Api::namespaced(agent.client.clone(), &agent.namespace);
     let name = format!("{NODE_LEASE_PREFIX}{}", agent.node);
     loop {
-        let free = {
+        let (free, usage) = {
             let (ex, cap) = (agent.exports.clone(), agent.capacity);
-            tokio::task::spawn_blocking(move || free_bytes(&ex, cap))
+            tokio::task::spawn_blocking(move || (free_bytes(&ex, cap), usage_json(&ex)))
                 .await
-                .unwrap_or(0)
+                .unwrap_or((0, None))
         };
-        let annotations: BTreeMap<&str, String> = [
-            (FREE_BYTES, free.to_string()),
-            (NFS_PORT, agent.nfs_port.to_string()),
+        // `null` removes the usage annotation from the Lease when it is too long.
+        let annotations: BTreeMap<&str, Option<String>> = [
+            (FREE_BYTES, Some(free.to_string())),
+            (NFS_PORT, Some(agent.nfs_port.to_string())),
+            (USED_BYTES, usage),
         ]
         .into();
         let body = json!({
@@ -365,6 +387,10 @@ async fn heartbeat(agent: Arc<Agent>, shutdown: CancellationToken) {
             .await
         {
             Err(kube::Error::Api(s)) if s.code == 404 => {
+                let mut body = body;
+                if let Some(a) = body["metadata"]["annotations"].as_object_mut() {
+                    a.retain(|_, v| !v.is_null()); // a new object has nothing to remove
+                }
                 match serde_json::from_value::<Lease>(body) {
                     Ok(lease) => leases
                         .create(&PostParams::default(), &lease)

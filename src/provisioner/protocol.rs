@@ -46,6 +46,10 @@ pub const SIZE: &str = "localnfs.io/size";
 pub const NODE_LEASE_PREFIX: &str = "localnfs-node-";
 /// Node Lease annotation: bytes a new volume may still take on the node.
 pub const FREE_BYTES: &str = "localnfs.io/free-bytes";
+/// Node Lease annotation: bytes used in each of the node's volumes, as a JSON object
+/// (volume name → bytes), for `localnfs status`. Left out on a node with so many volumes
+/// that it would not fit comfortably in an annotation.
+pub const USED_BYTES: &str = "localnfs.io/used-bytes";
 /// Node Lease annotation: the agent's NFS port.
 pub const NFS_PORT: &str = "localnfs.io/nfs-port";
 

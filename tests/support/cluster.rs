@@ -214,6 +214,22 @@ impl Localnfs {
     }
 }
 
+/// What `localnfs status` prints for this cluster.
+pub async fn status(kubeconfig: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_localnfs"))
+        .args(["status", "--namespace", NAMESPACE, "--kubeconfig"])
+        .arg(kubeconfig)
+        .output()
+        .await
+        .expect("run localnfs status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf8")
+}
+
 /// Creates a localnfs StorageClass.
 pub async fn storage_class(client: &Client, name: &str, extra: serde_json::Value) {
     let mut body = json!({
