@@ -42,6 +42,11 @@ pub const RESIZE_TO: &str = "localnfs.io/resize-to";
 /// PV annotation: the size (bytes) the node agent has applied.
 pub const SIZE: &str = "localnfs.io/size";
 
+/// Claim annotations kube-controller-manager's PV binder sets when it binds a claim;
+/// the controller sets them when it completes the binding itself.
+pub const BIND_COMPLETED: &str = "pv.kubernetes.io/bind-completed";
+pub const BOUND_BY_CONTROLLER: &str = "pv.kubernetes.io/bound-by-controller";
+
 /// Prefix of the per-node Leases the agents renew (heartbeat and free space).
 pub const NODE_LEASE_PREFIX: &str = "localnfs-node-";
 /// Node Lease annotation: bytes a new volume may still take on the node.

@@ -98,7 +98,36 @@ fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error
     }
 }
 
+/// Held while the store changes; released when dropped.
+struct StoreLock(#[expect(dead_code, reason = "held for its drop, which unlocks")] fs::File);
+
 impl VolumeStore {
+    /// Serialises changes to the store, across threads and processes (the agent and a
+    /// `localnfs volume` command on the same root): volume ids come from a
+    /// read-increment-write of `last-id`, and two creations at once must not get the
+    /// same id (a handle carries it; the same id twice would let one volume's handles
+    /// open the other's files).
+    fn lock(&self) -> Result<StoreLock> {
+        let path = self.root.join("lock");
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io("open the store lock", &path))?;
+        loop {
+            // SAFETY: a valid descriptor we own for the duration of the call.
+            if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) } == 0 {
+                return Ok(StoreLock(f));
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(io("lock the store", &path)(e));
+            }
+        }
+    }
+
     /// Opens (creating if needed) the store at `root` and finishes any deletion a crash
     /// interrupted.
     pub fn open(root: &Path) -> Result<Self> {
@@ -190,6 +219,7 @@ impl VolumeStore {
     /// Creates the volume, or returns it if it already exists with the same spec.
     /// A directory left by a crash before its metadata was written is adopted.
     pub fn create(&self, spec: &VolumeSpec) -> Result<VolumeMeta> {
+        let _lock = self.lock()?;
         if spec.size_bytes == 0 {
             return Err(Error::InvalidVolumeSize {
                 name: spec.name.to_string(),
@@ -231,6 +261,7 @@ impl VolumeStore {
 
     /// Changes the size limit. Shrinking below what is already stored is refused.
     pub fn resize(&self, name: &VolumeName, size_bytes: u64) -> Result<VolumeMeta> {
+        let _lock = self.lock()?;
         let mut meta = self.get(name)?.ok_or_else(|| Error::VolumeNotFound {
             name: name.to_string(),
         })?;
@@ -254,6 +285,7 @@ impl VolumeStore {
 
     /// Deletes the volume and its data. Deleting a missing volume succeeds.
     pub fn delete(&self, name: &VolumeName) -> Result<()> {
+        let _lock = self.lock()?;
         let Some(meta) = self.get(name)? else {
             return Ok(());
         };
@@ -274,6 +306,7 @@ impl VolumeStore {
     /// Moves the volume's data to `<root>/archive/<name>-<unix seconds>` and forgets the
     /// volume. Archiving a missing volume succeeds.
     pub fn archive(&self, name: &VolumeName) -> Result<Option<PathBuf>> {
+        let _lock = self.lock()?;
         if self.get(name)?.is_none() {
             return Ok(None);
         }
@@ -429,6 +462,30 @@ mod tests {
 
     fn name(s: &str) -> VolumeName {
         VolumeName::new(s).expect("valid")
+    }
+
+    #[test]
+    fn volumes_created_at_once_get_distinct_ids() {
+        let (_d, s) = store();
+        let ids: Vec<u32> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..16)
+                .map(|i| {
+                    let s = &s;
+                    scope.spawn(move || {
+                        s.create(&VolumeSpec::new(name(&format!("v{i}")), 1 << 20))
+                            .expect("create")
+                            .id
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("thread"))
+                .collect()
+        });
+        let distinct: std::collections::BTreeSet<_> = ids.iter().collect();
+        assert_eq!(distinct.len(), 16, "ids handed out twice: {ids:?}");
+        assert_eq!(s.list().expect("list").len(), 16);
     }
 
     #[test]
