@@ -212,7 +212,7 @@ async fn create_all(client: &Client, count: usize, wffc: bool) -> HashMap<String
             let claim: PersistentVolumeClaim = serde_json::from_value(json!({
                 "metadata": {"name": name},
                 "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "bench",
-                         "resources": {"requests": {"storage": "1Gi"}}},
+                         "resources": {"requests": {"storage": "4Mi"}}},
             }))
             .expect("claim");
             let t = Instant::now();
