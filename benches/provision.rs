@@ -32,6 +32,7 @@ struct Row {
     max: f64,
     cpu: f64,
     rss_mib: f64,
+    settled_mib: f64,
 }
 
 fn arg(name: &str) -> Option<String> {
@@ -71,13 +72,13 @@ fn main() {
         "\nprovisioning: N claims created at once, {nodes} nodes, time from create to Bound\n"
     );
     println!(
-        "| binding | claims | p50 s | p99 s | max s | controller CPU s | controller peak RSS MiB |"
+        "| binding | claims | p50 s | p99 s | max s | controller CPU s | controller peak RSS MiB | RSS 20 s later MiB |"
     );
-    println!("|---|--:|--:|--:|--:|--:|--:|");
+    println!("|---|--:|--:|--:|--:|--:|--:|--:|");
     for r in rows {
         println!(
-            "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} |",
-            r.mode, r.count, r.p50, r.p99, r.max, r.cpu, r.rss_mib
+            "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} |",
+            r.mode, r.count, r.p50, r.p99, r.max, r.cpu, r.rss_mib, r.settled_mib
         );
     }
 }
@@ -103,10 +104,19 @@ fn cpu_seconds(pid: u32) -> f64 {
 
 /// Peak resident set size (VmHWM) in MiB.
 fn peak_rss_mib(pid: u32) -> f64 {
+    status_mib(pid, "VmHWM:")
+}
+
+/// Resident set size now (VmRSS) in MiB.
+fn rss_mib_now(pid: u32) -> f64 {
+    status_mib(pid, "VmRSS:")
+}
+
+fn status_mib(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
         .map_or(0.0, |kib| kib / 1024.0)
 }
@@ -180,6 +190,9 @@ async fn run(wffc: bool, count: usize, nodes: u8, kcm_qps: Option<u32>) -> Row {
     watch.abort();
     let cpu = cpu_seconds(pid) - cpu_before;
     let rss_mib = peak_rss_mib(pid);
+    // What the controller keeps while it holds `count` PVs once the burst is over.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let settled_mib = rss_mib_now(pid);
     let bound = bound_at.lock().expect("lock").clone();
     let mut lat: Vec<f64> = created_at
         .iter()
@@ -198,6 +211,7 @@ async fn run(wffc: bool, count: usize, nodes: u8, kcm_qps: Option<u32>) -> Row {
         max: lat[lat.len() - 1],
         cpu,
         rss_mib,
+        settled_mib,
     }
 }
 

@@ -50,6 +50,7 @@ fn fill(inv: &Shared) {
             node(i),
             AgentInfo {
                 free_bytes: (i as u64 + 1) << 30,
+                nfs_port: 2049,
                 expires: i64::MAX,
             },
         );

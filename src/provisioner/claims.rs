@@ -6,11 +6,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Client, Resource, ResourceExt};
@@ -30,6 +29,8 @@ pub struct Ctx {
     pub namespace: String,
     pub recorder: Recorder,
     pub metrics: ControllerMetrics,
+    /// The node agents as their Leases say (only `agents` is filled).
+    pub agents: crate::scheduler::watch::Shared,
 }
 
 const BETA_PROVISIONER: &str = "volume.beta.kubernetes.io/storage-provisioner";
@@ -191,32 +192,23 @@ impl Ctx {
         }
     }
 
-    /// Live node agents and their free space, from their heartbeat Leases.
-    async fn node_rooms(&self) -> Result<Vec<(NodeRoom, u16)>> {
-        let leases: Api<Lease> = Api::namespaced(self.client.clone(), &self.namespace);
-        let now = Timestamp::now();
-        let list = leases
-            .list(&ListParams::default())
-            .await
-            .map_err(Error::kube("list node agent leases"))?;
-        Ok(list
-            .items
-            .iter()
-            .filter_map(|l| {
-                let node = l.name_any().strip_prefix(NODE_LEASE_PREFIX)?.to_owned();
-                let spec = l.spec.as_ref()?;
-                let renewed = spec.renew_time.as_ref()?.0;
-                let ttl = i64::from(spec.lease_duration_seconds.unwrap_or(30));
-                if renewed + k8s_openapi::jiff::SignedDuration::from_secs(ttl) < now {
-                    return None; // agent not heard from: not a candidate
-                }
-                let free_bytes = annotation(l, FREE_BYTES)?.parse().ok()?;
-                let port = annotation(l, NFS_PORT)
-                    .and_then(|p| p.parse().ok())
-                    .unwrap_or(2049);
-                Some((NodeRoom { node, free_bytes }, port))
-            })
-            .collect())
+    /// Live node agents, their free space and NFS port, from the heartbeat Leases
+    /// (watched, not listed per claim: the Leases also carry per-volume usage).
+    fn node_rooms(&self) -> Vec<(NodeRoom, u16)> {
+        let now = Timestamp::now().as_second();
+        crate::scheduler::watch::with(&self.agents, |inv| {
+            inv.agents
+                .iter()
+                .filter(|(_, a)| a.expires >= now)
+                .map(|(node, a)| {
+                    let room = NodeRoom {
+                        node: node.clone(),
+                        free_bytes: a.free_bytes,
+                    };
+                    (room, a.nfs_port)
+                })
+                .collect()
+        })
     }
 }
 
@@ -324,7 +316,7 @@ async fn provision(
         // The scheduler has not picked the pod's node yet; its annotation will wake us.
         return Ok(Action::await_change());
     }
-    let rooms = ctx.node_rooms().await?;
+    let rooms = ctx.node_rooms();
     let Some(node) = pvc.labels().get(NODE_LABEL).cloned() else {
         let free: Vec<NodeRoom> = rooms.iter().map(|(r, _)| r.clone()).collect();
         let node = match pv::choose_node(annotation(pvc, SELECTED_NODE), &free, request.size_bytes)

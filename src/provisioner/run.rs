@@ -48,6 +48,9 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
         },
         shutdown.clone(),
     ));
+    let agents = crate::scheduler::watch::Shared::default();
+    let mut agents_listed =
+        crate::scheduler::watch::watch_agents(&client, &args.namespace, &agents, &shutdown);
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         provisioner: args.provisioner_name.clone(),
@@ -60,7 +63,17 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
             },
         ),
         metrics: metrics.clone(),
+        agents,
     });
+    // Placing a volume needs the agents' free space: know it before leading.
+    tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        r = agents_listed.wait_for(|listed| *listed) => {
+            if r.is_err() {
+                return Ok(()); // the watch ended: only on shutdown
+            }
+        }
+    }
     let elector = LeaderElector::new(
         Api::<Lease>::namespaced(client.clone(), &args.namespace),
         LEADER_LEASE,

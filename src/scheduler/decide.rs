@@ -231,6 +231,7 @@ mod tests {
                 n.into(),
                 AgentInfo {
                     free_bytes: free,
+                    nfs_port: 2049,
                     expires: NOW + 10,
                 },
             );
@@ -239,6 +240,7 @@ mod tests {
             "gone".into(),
             AgentInfo {
                 free_bytes: 10_000,
+                nfs_port: 2049,
                 expires: NOW - 1,
             },
         );

@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
 
 use crate::provisioner::params::{ClassParams, Locality};
-use crate::provisioner::protocol::{FREE_BYTES, NODE_LEASE_PREFIX};
+use crate::provisioner::protocol::{FREE_BYTES, NFS_PORT, NODE_LEASE_PREFIX};
 use crate::provisioner::pv::{LOCALITY_KEY, NODE_KEY, PROVISIONED_BY};
 
 /// One of our StorageClasses.
@@ -43,6 +43,8 @@ pub struct VolumeInfo {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AgentInfo {
     pub free_bytes: u64,
+    /// The agent's NFS port (kubelet mounts with `port=`/`mountport=` this).
+    pub nfs_port: u16,
     /// Unix seconds after which the agent counts as gone.
     pub expires: i64,
 }
@@ -139,17 +141,17 @@ impl AgentInfo {
         let spec = lease.spec.as_ref()?;
         let renewed = spec.renew_time.as_ref()?.0.as_second();
         let ttl = i64::from(spec.lease_duration_seconds.unwrap_or(30));
-        let free_bytes = lease
-            .metadata
-            .annotations
-            .as_ref()?
-            .get(FREE_BYTES)?
-            .parse()
-            .ok()?;
+        let ann = lease.metadata.annotations.as_ref()?;
+        let free_bytes = ann.get(FREE_BYTES)?.parse().ok()?;
+        let nfs_port = ann
+            .get(NFS_PORT)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(2049);
         Some((
             node,
             Self {
                 free_bytes,
+                nfs_port,
                 expires: renewed + ttl,
             },
         ))

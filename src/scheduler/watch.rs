@@ -123,6 +123,30 @@ where
     rx
 }
 
+/// Keeps `inv.agents` current from the node agents' heartbeat Leases in `namespace`;
+/// the receiver turns true once they have been listed.
+pub fn watch_agents(
+    client: &Client,
+    namespace: &str,
+    inv: &Shared,
+    shutdown: &CancellationToken,
+) -> watch::Receiver<bool> {
+    spawn_mirror(
+        Api::<Lease>::namespaced(client.clone(), namespace),
+        Mirror {
+            what: "Lease",
+            map: |i| &mut i.agents,
+            key: |l| {
+                let name = l.metadata.name.as_deref()?;
+                Some(name.strip_prefix(NODE_LEASE_PREFIX)?.to_owned())
+            },
+            value: Box::new(|l| AgentInfo::from_lease(l).map(|(_, a)| a)),
+        },
+        inv,
+        shutdown,
+    )
+}
+
 /// Starts the four watches; the returned receiver turns true once each has listed.
 pub fn start(
     client: &Client,
@@ -171,20 +195,7 @@ pub fn start(
             inv,
             shutdown,
         ),
-        spawn_mirror(
-            Api::<Lease>::namespaced(client.clone(), namespace),
-            Mirror {
-                what: "Lease",
-                map: |i| &mut i.agents,
-                key: |l| {
-                    let name = l.metadata.name.as_deref()?;
-                    Some(name.strip_prefix(NODE_LEASE_PREFIX)?.to_owned())
-                },
-                value: Box::new(|l| AgentInfo::from_lease(l).map(|(_, a)| a)),
-            },
-            inv,
-            shutdown,
-        ),
+        watch_agents(client, namespace, inv, shutdown),
     ];
     let (all_tx, all_rx) = watch::channel(false);
     tokio::spawn(async move {
