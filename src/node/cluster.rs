@@ -1,7 +1,8 @@
-//! The node agent's cluster side: it heartbeats a Lease with its free space and NFS
-//! port, creates and removes volume directories for claims the controller placed on
-//! this node, reclaims and resizes its PVs, and keeps the NFS allow-list equal to the
-//! cluster's node addresses (plus `--allow`). See `provisioner::protocol`.
+//! The node agent's cluster side: it heartbeats a Lease with its free space, NFS
+//! port and per-volume usage, creates and removes volume directories for claims the
+//! controller placed on this node, reclaims and resizes its PVs, and keeps the NFS
+//! allow-list equal to the cluster's node addresses (plus `--allow`). See
+//! `provisioner::protocol`.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

@@ -8,8 +8,10 @@
 //!    [`NODE_LABEL`] label and the [`REQUEST`] annotation (a [`VolumeRequest`]).
 //! 2. N (watching claims labelled with its node) creates the directory with its size
 //!    limit, then sets [`READY`] to the volume name.
-//! 3. C creates the pre-bound PV (with [`super::pv::PV_FINALIZER`]), then removes
-//!    [`CLAIM_FINALIZER`]. A PV therefore exists only after its directory (invariant 1).
+//! 3. C creates the pre-bound PV (with [`super::pv::PV_FINALIZER`]), completes the
+//!    binding (claim `volumeName` and [`BIND_COMPLETED`], PV and claim phase Bound),
+//!    then removes [`CLAIM_FINALIZER`]. A PV therefore exists only after its directory
+//!    (invariant 1).
 //!
 //! A claim deleted before its PV exists: C sets [`ABANDON`] (and from then on never
 //! creates a PV for it); N deletes the directory and sets [`REMOVED`]; C removes
