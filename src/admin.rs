@@ -2,6 +2,7 @@
 //! `/readyz` (it can do its job: caches synced, listener bound, leader or standby) and
 //! `/metrics` (Prometheus text). Plain HTTP/1.1; it carries no secrets.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -10,6 +11,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::web::{self, text};
@@ -38,6 +40,36 @@ impl Readiness {
 pub struct AdminState {
     pub readiness: Readiness,
     pub registry: Arc<Registry>,
+}
+
+/// A running admin listener.
+pub struct Admin {
+    /// Where it listens (the chosen port when asked for port 0).
+    pub addr: SocketAddr,
+    pub readiness: Readiness,
+    pub task: JoinHandle<()>,
+}
+
+/// Binds `addr` and serves the admin endpoints for `registry` until `shutdown` fires;
+/// the component reports readiness through [`Admin::readiness`].
+pub async fn start(
+    addr: SocketAddr,
+    registry: Registry,
+    shutdown: &CancellationToken,
+) -> crate::error::Result<Admin> {
+    let listener = crate::server::bind("admin", addr).await?;
+    let addr = listener.local_addr().unwrap_or(addr);
+    let readiness = Readiness::default();
+    let state = AdminState {
+        readiness: readiness.clone(),
+        registry: Arc::new(registry),
+    };
+    let task = tokio::spawn(serve(listener, state, shutdown.clone()));
+    Ok(Admin {
+        addr,
+        readiness,
+        task,
+    })
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown` fires.

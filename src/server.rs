@@ -15,6 +15,15 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::error::{Error, Result};
+
+/// Binds the `what` listener (NFS, admin, webhook, ...) on `addr`; port 0 picks one.
+pub async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { what, addr, source })
+}
+
 /// Accepts connections until `shutdown` fires, running `handle` for each with at most
 /// `max_connections` at once, then drains. A connection that arrives while the cap is
 /// reached waits in the kernel backlog rather than being refused.
@@ -72,6 +81,7 @@ mod tests {
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
+
     use tokio_util::sync::CancellationToken;
 
     /// A server whose handler writes one byte, then holds the connection until the

@@ -7,12 +7,9 @@
 mod flow;
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::net::TcpListener;
-
-use crate::admin::{self, AdminState, Readiness};
+use crate::admin;
 use crate::cli::DemoArgs;
 use crate::error::{Error, Result};
 use crate::testbed::{self, ClusterOptions, TestCluster};
@@ -23,23 +20,13 @@ const NODE: &str = "node-1";
 /// Runs the demo until Ctrl-C, SIGTERM or `--run-for` elapses.
 pub async fn run(args: DemoArgs) -> Result<()> {
     let shutdown = crate::shutdown::on_signals()?;
-    let listener = TcpListener::bind(args.admin.admin_addr)
-        .await
-        .map_err(|source| Error::Bind {
-            what: "admin",
-            addr: args.admin.admin_addr,
-            source,
-        })?;
-    let admin_addr = listener.local_addr().unwrap_or(args.admin.admin_addr);
-    let readiness = Readiness::default();
-    let admin = tokio::spawn(admin::serve(
-        listener,
-        AdminState {
-            readiness: readiness.clone(),
-            registry: Arc::new(crate::metrics::registry("demo")),
-        },
-        shutdown.clone(),
-    ));
+    let admin = admin::start(
+        args.admin.admin_addr,
+        crate::metrics::registry("demo"),
+        &shutdown,
+    )
+    .await?;
+    let (admin_addr, readiness) = (admin.addr, admin.readiness.clone());
 
     let port = |what: &'static str| {
         testbed::free_port().map_err(|source| Error::Bind {
@@ -128,7 +115,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     drop(components);
     cluster.stop();
     shutdown.cancel();
-    let _ = admin.await;
+    let _ = admin.task.await;
     println!("stopped; all processes ended and the cluster directory is removed");
     outcome.map(drop)
 }

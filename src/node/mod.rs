@@ -12,9 +12,7 @@ pub mod volume_cmd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
-
-use crate::admin::{self, AdminState, Readiness};
+use crate::admin;
 use crate::cli::NodeArgs;
 use crate::error::{Error, Result};
 use crate::nfs::{self, AllowList, Exports};
@@ -44,31 +42,15 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     let store = VolumeStore::open(&args.root)?;
     let exports = Arc::new(tokio::task::block_in_place(|| Exports::load(store))?);
 
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .map_err(|source| Error::Bind {
-            what: "NFS",
-            addr: args.listen,
-            source,
-        })?;
-    let admin_listener = TcpListener::bind(args.admin.admin_addr)
-        .await
-        .map_err(|source| Error::Bind {
-            what: "admin",
-            addr: args.admin.admin_addr,
-            source,
-        })?;
+    let listener = crate::server::bind("NFS", args.listen).await?;
     let nfs_addr = listener.local_addr().unwrap_or(args.listen);
-    let admin_addr = admin_listener.local_addr().unwrap_or(args.admin.admin_addr);
-    let readiness = Readiness::default();
-    let admin = tokio::spawn(admin::serve(
-        admin_listener,
-        AdminState {
-            readiness: readiness.clone(),
-            registry: Arc::new(crate::metrics::registry("node")),
-        },
-        shutdown.clone(),
-    ));
+    let admin = admin::start(
+        args.admin.admin_addr,
+        crate::metrics::registry("node"),
+        &shutdown,
+    )
+    .await?;
+    let (admin_addr, readiness) = (admin.addr, admin.readiness.clone());
     let refresher = {
         let (exports, shutdown) = (exports.clone(), shutdown.clone());
         tokio::spawn(async move {
@@ -127,7 +109,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
         let _ = agent.await;
     }
     let _ = refresher.await;
-    let _ = admin.await;
+    let _ = admin.task.await;
     tracing::info!("node agent stopped");
     Ok(())
 }

@@ -11,7 +11,6 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::claims::{self, Ctx};
@@ -19,7 +18,7 @@ use super::leader::{LEASE_DURATION, LeaderElector, RENEW_EVERY};
 use super::metrics::ControllerMetrics;
 use super::protocol::NODE_LABEL;
 use super::volumes;
-use crate::admin::{self, AdminState, Readiness};
+use crate::admin;
 use crate::cli::ControllerArgs;
 use crate::error::{Error, Result};
 
@@ -32,22 +31,8 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
     let identity = args.identity.clone().unwrap_or_else(default_identity);
     let mut registry = crate::metrics::registry("controller");
     let metrics = ControllerMetrics::register(&mut registry);
-    let listener = TcpListener::bind(args.admin.admin_addr)
-        .await
-        .map_err(|source| Error::Bind {
-            what: "admin",
-            addr: args.admin.admin_addr,
-            source,
-        })?;
-    let readiness = Readiness::default();
-    let admin = tokio::spawn(admin::serve(
-        listener,
-        AdminState {
-            readiness: readiness.clone(),
-            registry: Arc::new(registry),
-        },
-        shutdown.clone(),
-    ));
+    let admin = admin::start(args.admin.admin_addr, registry, &shutdown).await?;
+    let readiness = admin.readiness.clone();
     let agents = crate::scheduler::watch::Shared::default();
     let mut agents_listed =
         crate::scheduler::watch::watch_agents(&client, &args.namespace, &agents, &shutdown);
@@ -117,7 +102,7 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
         }
     }
     step_down(&mut leading, &metrics, "shutting down").await;
-    let _ = admin.await;
+    let _ = admin.task.await;
     tracing::info!("controller stopped");
     Ok(())
 }

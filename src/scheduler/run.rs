@@ -6,43 +6,29 @@ use std::sync::Arc;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
-use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use super::routes::{Helper, HelperMetrics};
 use super::tls::{self, Resolver, SecretSource, Source};
 use super::watch;
-use crate::admin::{self, AdminState, Readiness};
+use crate::admin;
 use crate::cli::SchedulerArgs;
 use crate::error::{Error, Result};
+use crate::server::bind;
 
 /// Webhook and extender calls in flight at once; the API server and kube-scheduler
 /// each keep a handful of connections.
 const MAX_CONNECTIONS: usize = 256;
-
-async fn bind(what: &'static str, addr: std::net::SocketAddr) -> Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Bind { what, addr, source })
-}
 
 pub async fn run(args: SchedulerArgs) -> Result<()> {
     let shutdown = crate::shutdown::on_signals()?;
     let client = crate::kubeclient::client(args.kube.kubeconfig.as_deref()).await?;
     let mut registry = crate::metrics::registry("scheduler");
     let metrics = HelperMetrics::register(&mut registry);
-    let readiness = Readiness::default();
-    let admin_listener = bind("admin", args.admin.admin_addr).await?;
+    let admin = admin::start(args.admin.admin_addr, registry, &shutdown).await?;
+    let readiness = admin.readiness.clone();
     let webhook_listener = bind("webhook", args.webhook_listen).await?;
     let extender_listener = bind("extender", args.extender_listen).await?;
-    let admin = tokio::spawn(admin::serve(
-        admin_listener,
-        AdminState {
-            readiness: readiness.clone(),
-            registry: Arc::new(registry),
-        },
-        shutdown.clone(),
-    ));
 
     let source = match (&args.tls_cert_file, &args.tls_key_file) {
         (Some(cert), Some(key)) => Source::Files {
@@ -127,7 +113,7 @@ pub async fn run(args: SchedulerArgs) -> Result<()> {
     }
     shutdown.cancelled().await;
     readiness.set(false);
-    for task in [webhook, extender, admin, refresh] {
+    for task in [webhook, extender, admin.task, refresh] {
         // A task that panicked already logged it; shutting down regardless.
         let _ = task.await;
     }
