@@ -79,6 +79,19 @@ pub struct KubeArgs {
     pub kubeconfig: Option<PathBuf>,
 }
 
+/// Which localnfs installation a cluster-side command works for.
+#[derive(Debug, Args)]
+pub struct InstallArgs {
+    /// The `provisioner` name of the StorageClasses (and PVs) that are ours.
+    #[arg(long, env = "LOCALNFS_PROVISIONER", default_value = "localnfs.io/nfs")]
+    pub provisioner_name: String,
+
+    /// Namespace of localnfs's Leases (node heartbeats, controller leader) and of the
+    /// scheduler helper's certificate Secret.
+    #[arg(long, env = "LOCALNFS_NAMESPACE", default_value = "localnfs-system")]
+    pub namespace: String,
+}
+
 #[derive(Debug, Args)]
 pub struct ControllerArgs {
     #[command(flatten)]
@@ -87,13 +100,8 @@ pub struct ControllerArgs {
     #[command(flatten)]
     pub kube: KubeArgs,
 
-    /// The `provisioner` name of the StorageClasses this controller serves.
-    #[arg(long, env = "LOCALNFS_PROVISIONER", default_value = "localnfs.io/nfs")]
-    pub provisioner_name: String,
-
-    /// Namespace of the leader Lease and the node agents' Leases.
-    #[arg(long, env = "LOCALNFS_NAMESPACE", default_value = "localnfs-system")]
-    pub namespace: String,
+    #[command(flatten)]
+    pub install: InstallArgs,
 
     /// This replica's name in leader election (default: hostname-pid).
     #[arg(long, env = "POD_NAME")]
@@ -105,13 +113,8 @@ pub struct StatusArgs {
     #[command(flatten)]
     pub kube: KubeArgs,
 
-    /// The `provisioner` name whose PersistentVolumes to list.
-    #[arg(long, env = "LOCALNFS_PROVISIONER", default_value = "localnfs.io/nfs")]
-    pub provisioner_name: String,
-
-    /// Namespace of the node agents' heartbeat Leases.
-    #[arg(long, env = "LOCALNFS_NAMESPACE", default_value = "localnfs-system")]
-    pub namespace: String,
+    #[command(flatten)]
+    pub install: InstallArgs,
 }
 
 #[derive(Debug, Args)]
@@ -122,13 +125,8 @@ pub struct SchedulerArgs {
     #[command(flatten)]
     pub kube: KubeArgs,
 
-    /// The `provisioner` name of the StorageClasses whose volumes we place.
-    #[arg(long, env = "LOCALNFS_PROVISIONER", default_value = "localnfs.io/nfs")]
-    pub provisioner_name: String,
-
-    /// Namespace of the node agents' Leases and of the certificate Secret.
-    #[arg(long, env = "LOCALNFS_NAMESPACE", default_value = "localnfs-system")]
-    pub namespace: String,
+    #[command(flatten)]
+    pub install: InstallArgs,
 
     /// HTTPS listener for the admission webhook (`/mutate`; extender routes too).
     #[arg(long, env = "LOCALNFS_WEBHOOK_LISTEN", default_value = "0.0.0.0:8443")]

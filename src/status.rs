@@ -22,7 +22,12 @@ pub async fn run(args: StatusArgs) -> Result<()> {
     let client = crate::kubeclient::client(args.kube.kubeconfig.as_deref()).await?;
     print!(
         "{}",
-        render(&client, &args.namespace, &args.provisioner_name).await?
+        render(
+            &client,
+            &args.install.namespace,
+            &args.install.provisioner_name
+        )
+        .await?
     );
     Ok(())
 }

@@ -35,11 +35,11 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
     let readiness = admin.readiness.clone();
     let agents = crate::scheduler::watch::Shared::default();
     let mut agents_listed =
-        crate::scheduler::watch::watch_agents(&client, &args.namespace, &agents, &shutdown);
+        crate::scheduler::watch::watch_agents(&client, &args.install.namespace, &agents, &shutdown);
     let ctx = Arc::new(Ctx {
         client: client.clone(),
-        provisioner: args.provisioner_name.clone(),
-        namespace: args.namespace.clone(),
+        provisioner: args.install.provisioner_name.clone(),
+        namespace: args.install.namespace.clone(),
         recorder: Recorder::new(
             client.clone(),
             Reporter {
@@ -60,11 +60,11 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
         }
     }
     let elector = LeaderElector::new(
-        Api::<Lease>::namespaced(client.clone(), &args.namespace),
+        Api::<Lease>::namespaced(client.clone(), &args.install.namespace),
         LEADER_LEASE,
         &identity,
     );
-    tracing::info!(%identity, provisioner = %args.provisioner_name, "controller starting");
+    tracing::info!(%identity, provisioner = %args.install.provisioner_name, "controller starting");
     let mut leading: Leading = None;
     let mut last_renewal = Instant::now();
     loop {

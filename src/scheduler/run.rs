@@ -36,9 +36,9 @@ pub async fn run(args: SchedulerArgs) -> Result<()> {
             key: key.clone(),
         },
         (None, None) => Source::Secret(Box::new(SecretSource {
-            secrets: Api::<Secret>::namespaced(client.clone(), &args.namespace),
+            secrets: Api::<Secret>::namespaced(client.clone(), &args.install.namespace),
             name: args.tls_secret.clone(),
-            names: tls::service_names(&args.service_name, &args.namespace, &args.tls_san),
+            names: tls::service_names(&args.service_name, &args.install.namespace, &args.tls_san),
             webhook_config: (!args.webhook_config.is_empty()).then(|| {
                 (
                     Api::<MutatingWebhookConfiguration>::all(client.clone()),
@@ -75,8 +75,8 @@ pub async fn run(args: SchedulerArgs) -> Result<()> {
     let inventory = watch::Shared::default();
     let mut synced = watch::start(
         &client,
-        &args.provisioner_name,
-        &args.namespace,
+        &args.install.provisioner_name,
+        &args.install.namespace,
         &inventory,
         &shutdown,
     );
