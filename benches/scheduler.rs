@@ -228,10 +228,7 @@ async fn main() {
         }
     };
     let shutdown = CancellationToken::new();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs() as i64;
+    let now = localnfs::scheduler::inventory::unix_now();
     let bundle = tls::issue(&["127.0.0.1".into()], None, now).expect("certificate");
     let key = tls::certified_key(&bundle.cert_pem, &bundle.key_pem).expect("key");
     let acceptor = TlsAcceptor::from(tls::server_config(Resolver::new(key)).expect("tls"));

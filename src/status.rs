@@ -15,7 +15,7 @@ use crate::cli::StatusArgs;
 use crate::error::{Error, Result};
 use crate::provisioner::protocol::{SIZE, USED_BYTES};
 use crate::provisioner::pv::{NODE_KEY, PROVISIONED_BY, VOLUME_KEY};
-use crate::scheduler::inventory::AgentInfo;
+use crate::scheduler::inventory::{AgentInfo, unix_now};
 
 /// Prints the table for the cluster in the kubeconfig.
 pub async fn run(args: StatusArgs) -> Result<()> {
@@ -42,10 +42,7 @@ pub async fn render(client: &Client, namespace: &str, provisioner: &str) -> Resu
         .list(&ListParams::default())
         .await
         .map_err(Error::kube(format!("list Leases in {namespace}")))?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    Ok(table(&pvs.items, &leases.items, provisioner, now))
+    Ok(table(&pvs.items, &leases.items, provisioner, unix_now()))
 }
 
 /// Bytes in binary units, one decimal (`1.5 GiB`).

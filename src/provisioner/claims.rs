@@ -195,7 +195,7 @@ impl Ctx {
     /// Live node agents, their free space and NFS port, from the heartbeat Leases
     /// (watched, not listed per claim: the Leases also carry per-volume usage).
     fn node_rooms(&self) -> Vec<(NodeRoom, u16)> {
-        let now = Timestamp::now().as_second();
+        let now = crate::scheduler::inventory::unix_now();
         crate::scheduler::watch::with(&self.agents, |inv| {
             inv.agents
                 .iter()

@@ -68,6 +68,13 @@ impl Inventory {
     }
 }
 
+/// The clock decisions compare heartbeat expiries with: unix seconds now.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
 /// The key claims are stored under.
 pub fn claim_key(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")

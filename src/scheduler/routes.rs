@@ -70,12 +70,6 @@ pub struct Helper {
     pub metrics: HelperMetrics,
 }
 
-fn now_secs() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
 fn encode<T: Serialize>(value: &T) -> Response<Full<Bytes>> {
     match serde_json::to_vec(value) {
         Ok(body) => json(StatusCode::OK, body),
@@ -90,7 +84,7 @@ impl Helper {
     /// Decodes, decides and encodes one call of `route` (`filter`, `prioritize`,
     /// `mutate`).
     pub fn answer(&self, route: &'static str, body: &[u8]) -> Response<Full<Bytes>> {
-        let now = now_secs();
+        let now = super::inventory::unix_now();
         let inv = &self.inventory;
         let bad = |e: serde_json::Error| {
             self.metrics

@@ -226,12 +226,6 @@ pub struct SecretSource {
     pub webhook_config: Option<(Api<MutatingWebhookConfiguration>, String)>,
 }
 
-fn now_secs() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
 impl Source {
     /// The current certificate, issuing or renewing it when self-managed.
     pub async fn current(&self) -> Result<CertifiedKey> {
@@ -292,7 +286,7 @@ fn to_secret(name: &str, b: &Bundle) -> Secret {
 impl SecretSource {
     /// Reads the Secret, creating or renewing it as needed.
     async fn ensure(&self) -> Result<Bundle> {
-        let now = now_secs();
+        let now = super::inventory::unix_now();
         for _ in 0..5 {
             let existing = self
                 .secrets
