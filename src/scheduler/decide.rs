@@ -114,38 +114,41 @@ pub struct Filtered {
     pub failed: BTreeMap<String, String>,
 }
 
-/// The pod's first strict volume and the refusal every other node gets for it.
-fn strict_pin(claims: &PodClaims) -> Option<(&str, String)> {
+/// Where the pod's strict volumes let it run: `home` when they all live on one node,
+/// `None` when they are spread over several (then no node can run the pod).
+struct Pin<'a> {
+    home: Option<&'a str>,
+    /// What every other node is told.
+    why: String,
+}
+
+fn strict_pin(claims: &PodClaims) -> Option<Pin<'_>> {
     let h = claims
         .homes
         .iter()
         .find(|h| h.locality == Locality::Strict)?;
-    let why = format!(
-        "localnfs: claim {} is on node {} and its class has locality: strict",
-        h.claim, h.node
-    );
-    Some((h.node.as_str(), why))
+    Some(Pin {
+        home: (claims.strict_nodes().len() == 1).then_some(h.node.as_str()),
+        why: format!(
+            "localnfs: claim {} is on node {} and its class has locality: strict",
+            h.claim, h.node
+        ),
+    })
 }
 
 /// Why `node` cannot run the pod, or `None` when it can. `pin` is [`strict_pin`]'s
 /// answer, worked out once per call rather than once per node.
 fn node_refusal(
     claims: &PodClaims,
-    pin: Option<&(&str, String)>,
+    pin: Option<&Pin>,
     node: &str,
     inv: &Inventory,
     now: i64,
 ) -> Option<String> {
-    if let Some((home, why)) = pin {
-        // A second strict volume elsewhere makes every node fail: one of the two
-        // homes is always "elsewhere".
-        let all_home = claims
-            .homes
-            .iter()
-            .all(|h| h.locality != Locality::Strict || h.node == node);
-        if *home != node || !all_home {
-            return Some(why.clone());
-        }
+    if let Some(pin) = pin
+        && pin.home != Some(node)
+    {
+        return Some(pin.why.clone());
     }
     if claims.new_claims.is_empty() {
         return None;
@@ -257,6 +260,7 @@ mod tests {
             ("pv-a", "a", Locality::Preferred),
             ("pv-a2", "a", Locality::Preferred),
             ("pv-b", "b", Locality::Strict),
+            ("pv-a-strict", "a", Locality::Strict),
             ("pv-c", "c", Locality::None),
         ] {
             inv.volumes.insert(
@@ -271,6 +275,7 @@ mod tests {
             ("on-a", Some("pv-a"), "wffc", 1),
             ("on-a2", Some("pv-a2"), "wffc", 1),
             ("on-b", Some("pv-b"), "wffc", 1),
+            ("strict-a", Some("pv-a-strict"), "wffc", 1),
             ("on-c", Some("pv-c"), "wffc", 1),
             ("other", Some("pv-not-ours"), "nfs", 1),
             ("new-small", None, "wffc", 50),
@@ -334,7 +339,7 @@ mod tests {
     #[test]
     fn filter_keeps_strict_volumes_home_and_new_volumes_where_they_fit() {
         let inv = inventory();
-        let cases: [(&[&str], &[&str], &str); 6] = [
+        let cases: [(&[&str], &[&str], &str); 7] = [
             // (claims, nodes that pass, words every refusal contains)
             (&[], &["a", "b", "c", "gone"], ""),
             (&["on-a"], &["a", "b", "c", "gone"], ""),
@@ -342,6 +347,7 @@ mod tests {
             (&["new-small"], &["a", "b"], "localnfs"),
             (&["new-big"], &["a"], "localnfs"),
             (&["on-b", "new-big"], &[], "localnfs"),
+            (&["on-b", "strict-a"], &[], "locality: strict"),
         ];
         for (claims, want, why) in cases {
             let f = filter(&pod_claims(&pod(claims), &inv), &nodes(), &inv, NOW);
