@@ -15,6 +15,8 @@
 //! Terms already present are not added again, so the patch is idempotent when the API
 //! server calls the webhook twice (reinvocation).
 
+use json_patch::jsonptr::PointerBuf;
+use json_patch::{AddOperation, Patch, PatchOperation};
 use k8s_openapi::api::core::v1::{
     Affinity, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, Pod,
     PreferredSchedulingTerm,
@@ -31,8 +33,8 @@ pub const OPT_OUT: &str = "localnfs.io/skip-affinity";
 /// What the webhook answers for a pod.
 #[derive(Debug, Default, PartialEq)]
 pub struct Mutation {
-    /// JSON patch operations (empty: leave the pod as it is).
-    pub patch: Vec<serde_json::Value>,
+    /// JSON patch (empty: leave the pod as it is).
+    pub patch: Patch,
     pub warnings: Vec<String>,
 }
 
@@ -91,23 +93,31 @@ pub fn mutate(pod: &Pod, claims: &PodClaims) -> Mutation {
     }
     if node_affinity == before {
         return Mutation {
-            patch: Vec::new(),
+            patch: Patch::default(),
             warnings,
         };
     }
     // "add" on an existing member replaces it (RFC 6902 §4.1), so one operation covers
     // both a pod with and without node affinity.
-    let op = match spec_affinity {
-        None => json!({"op": "add", "path": "/spec/affinity", "value": Affinity {
-            node_affinity: Some(node_affinity),
-            ..Affinity::default()
-        }}),
-        Some(_) => {
-            json!({"op": "add", "path": "/spec/affinity/nodeAffinity", "value": node_affinity})
-        }
+    let (path, value) = match spec_affinity {
+        None => (
+            &["spec", "affinity"][..],
+            json!(Affinity {
+                node_affinity: Some(node_affinity),
+                ..Affinity::default()
+            }),
+        ),
+        Some(_) => (
+            &["spec", "affinity", "nodeAffinity"][..],
+            json!(node_affinity),
+        ),
+    };
+    let add = AddOperation {
+        path: PointerBuf::from_tokens(path.iter().copied()),
+        value,
     };
     Mutation {
-        patch: vec![op],
+        patch: Patch(vec![PatchOperation::Add(add)]),
         warnings,
     }
 }
@@ -179,9 +189,7 @@ mod tests {
     /// Applies the mutation and returns the pod's node affinity as JSON.
     fn applied(p: &Pod, m: &Mutation) -> serde_json::Value {
         let mut doc = serde_json::to_value(p).expect("json");
-        let patch: json_patch::Patch =
-            serde_json::from_value(serde_json::Value::Array(m.patch.clone())).expect("patch");
-        json_patch::patch(&mut doc, &patch).expect("patch applies");
+        json_patch::patch(&mut doc, &m.patch).expect("patch applies");
         doc["spec"]["affinity"]["nodeAffinity"].clone()
     }
 
@@ -242,7 +250,7 @@ mod tests {
             &p,
             &claims(&[("a", Locality::Strict), ("b", Locality::Strict)]),
         );
-        assert!(m.patch.is_empty());
+        assert!(m.patch.0.is_empty());
         assert_eq!(m.warnings.len(), 1);
         assert!(m.warnings[0].contains("a, b"), "{}", m.warnings[0]);
     }
@@ -265,10 +273,8 @@ mod tests {
         let p = pod(json!({}));
         let first = mutate(&p, &homes);
         let mut doc = serde_json::to_value(&p).expect("json");
-        let patch: json_patch::Patch =
-            serde_json::from_value(serde_json::Value::Array(first.patch)).expect("patch");
-        json_patch::patch(&mut doc, &patch).expect("applies");
+        json_patch::patch(&mut doc, &first.patch).expect("applies");
         let again: Pod = serde_json::from_value(doc).expect("pod");
-        assert!(mutate(&again, &homes).patch.is_empty());
+        assert!(mutate(&again, &homes).patch.0.is_empty());
     }
 }

@@ -132,20 +132,14 @@ pub fn admit(review: AdmissionReview<Pod>, inv: &Inventory) -> AdmissionReview<D
     if !mutation.warnings.is_empty() {
         resp.warnings = Some(mutation.warnings);
     }
-    if mutation.patch.is_empty() {
+    if mutation.patch.0.is_empty() {
         return resp.into_review();
     }
-    let patch =
-        serde_json::from_value::<json_patch::Patch>(serde_json::Value::Array(mutation.patch));
-    match patch.map(|p| resp.clone().with_patch(p)) {
-        Ok(Ok(with_patch)) => with_patch.into_review(),
-        // Our own patch failing to (de)serialise is a bug; let the pod through as it is.
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, "cannot encode the affinity patch");
-            resp.into_review()
-        }
+    match resp.clone().with_patch(mutation.patch) {
+        Ok(with_patch) => with_patch.into_review(),
+        // Our own patch failing to serialise is a bug; let the pod through as it is.
         Err(e) => {
-            tracing::error!(error = %e, "cannot build the affinity patch");
+            tracing::error!(error = %e, "cannot encode the affinity patch");
             resp.into_review()
         }
     }
