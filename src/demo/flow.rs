@@ -1,8 +1,8 @@
 //! The demo's volume flow on the embedded cluster: a node agent, a controller and the
-//! scheduler helper (this same binary, as child processes), the default StorageClass, a `mysql` StatefulSet
-//! scaled 1 → 3, data written into each volume over NFS by a stand-in kubelet (using
-//! libnfs-utils' `nfs-cp`, a client nobody here wrote), and a pod deleted and rebuilt
-//! that finds its data again.
+//! scheduler helper (this same binary, as child processes), the default StorageClass,
+//! a `mysql` StatefulSet scaled 1 → 3, data written into each volume over NFS by a
+//! stand-in kubelet (using libnfs-utils' `nfs-cp`, a client nobody here wrote), and a
+//! pod deleted and rebuilt that finds its data again.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -46,12 +46,7 @@ pub async fn prepare(client: &Client, webhook_port: u16) -> Result<()> {
         "url": format!("https://127.0.0.1:{webhook_port}/mutate"),
     }))?;
     let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    create(
-        &api,
-        serde_json::to_value(config).map_err(|e| Error::BuildObject(e.to_string()))?,
-        "MutatingWebhookConfiguration",
-    )
-    .await
+    create_obj(&api, &config, "MutatingWebhookConfiguration").await
 }
 
 /// Starts `localnfs node` for `node`, `localnfs controller` and `localnfs scheduler`
@@ -120,7 +115,15 @@ where
 {
     let obj: K =
         serde_json::from_value(value).map_err(|e| Error::BuildObject(format!("{what}: {e}")))?;
-    match api.create(&PostParams::default(), &obj).await {
+    create_obj(api, &obj, what).await
+}
+
+/// Creates `obj`; one that already exists counts as created.
+async fn create_obj<K>(api: &Api<K>, obj: &K, what: &str) -> Result<()>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    match api.create(&PostParams::default(), obj).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
         Err(e) => Err(Error::kube(format!("create {what}"))(e)),
@@ -175,7 +178,7 @@ pub struct Outcome {
 }
 
 /// Runs the flow; returns what happened.
-pub async fn run(client: &Client, node_ip: IpAddr) -> Result<Outcome> {
+pub async fn run(client: &Client) -> Result<Outcome> {
     println!("waiting for the node agent's heartbeat...");
     let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
     wait_until("node agent heartbeat", || async {
@@ -206,7 +209,7 @@ pub async fn run(client: &Client, node_ip: IpAddr) -> Result<Outcome> {
     create(&sets, mysql(), "StatefulSet mysql").await?;
     println!("StorageClass localnfs and StatefulSet mysql (1 replica) applied");
     let log = Shared::default();
-    let _kubelet = DemoKubelet::start(client.clone(), node_ip, log.clone());
+    let _kubelet = DemoKubelet::start(client.clone(), log.clone());
     wait_ready(client, 1).await?;
     println!("scaling mysql to 3 replicas (kubectl scale statefulset mysql --replicas=3)");
     sets.patch_scale(
@@ -219,24 +222,12 @@ pub async fn run(client: &Client, node_ip: IpAddr) -> Result<Outcome> {
     wait_ready(client, 3).await?;
 
     let mut outcome = Outcome::default();
-    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
-    let pvs: Api<PersistentVolume> = Api::all(client.clone());
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     for i in 0..3 {
         let pod = format!("mysql-{i}");
         let claim = format!("data-{pod}");
-        let c = claims
-            .get(&claim)
-            .await
-            .map_err(Error::kube(format!("read claim {claim}")))?;
-        let pv_name = c
-            .spec
-            .and_then(|s| s.volume_name)
-            .ok_or_else(|| step("claim not bound"))?;
-        let pv = pvs
-            .get(&pv_name)
-            .await
-            .map_err(Error::kube(format!("read PV {pv_name}")))?;
+        let pv = bound_pv(client, &claim).await?;
+        let pv_name = pv.name_any();
         let node = pods
             .get(&pod)
             .await
@@ -377,7 +368,7 @@ impl Drop for DemoKubelet {
 }
 
 impl DemoKubelet {
-    fn start(client: Client, node_ip: IpAddr, log: Shared) -> Self {
+    fn start(client: Client, log: Shared) -> Self {
         Self(tokio::spawn(async move {
             let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
             let mut events = watcher(pods, watcher::Config::default())
@@ -393,7 +384,7 @@ impl DemoKubelet {
                 if !scheduled || kubelet::is_running_and_ready(&pod) {
                     continue;
                 }
-                match mount_and_touch(&client, &name, node_ip).await {
+                match mount_and_touch(&client, &name).await {
                     Ok(what) => {
                         log.set(&name, what);
                         let _ = kubelet::mark_pod_ready(&client, "default", &name).await;
@@ -405,21 +396,25 @@ impl DemoKubelet {
     }
 }
 
-async fn mount_and_touch(client: &Client, pod: &str, _node_ip: IpAddr) -> Result<String> {
-    let claim = format!("data-{pod}");
-    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
-    let c = claims
-        .get(&claim)
+/// The PV bound to claim `claim` in `default`.
+async fn bound_pv(client: &Client, claim: &str) -> Result<PersistentVolume> {
+    let c = Api::<PersistentVolumeClaim>::namespaced(client.clone(), "default")
+        .get(claim)
         .await
         .map_err(Error::kube(format!("read claim {claim}")))?;
     let pv_name = c
         .spec
         .and_then(|s| s.volume_name)
         .ok_or_else(|| step("claim not bound yet"))?;
-    let pv = Api::<PersistentVolume>::all(client.clone())
+    Api::<PersistentVolume>::all(client.clone())
         .get(&pv_name)
         .await
-        .map_err(Error::kube(format!("read PV {pv_name}")))?;
+        .map_err(Error::kube(format!("read PV {pv_name}")))
+}
+
+async fn mount_and_touch(client: &Client, pod: &str) -> Result<String> {
+    let claim = format!("data-{pod}");
+    let pv = bound_pv(client, &claim).await?;
     let url = nfs_url(&pv, &format!("{claim}.txt")).ok_or_else(|| step("PV has no NFS source"))?;
     let cat = tokio::process::Command::new("nfs-cat")
         .arg(&url)

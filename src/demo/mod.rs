@@ -74,7 +74,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     );
     let client = cluster.client();
     let outcome = tokio::select! {
-        o = flow::run(&client, node_ip) => o,
+        o = flow::run(&client) => o,
         _ = shutdown.cancelled() => {
             println!("interrupted; stopping everything");
             drop(components);
