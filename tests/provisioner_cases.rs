@@ -79,11 +79,7 @@ async fn setup(nodes: &[(&str, IpAddr, &str)]) -> (TestCluster, Localnfs) {
     let cluster = TestCluster::start().await.expect("control plane");
     let client = cluster.client();
     let mut lnfs = Localnfs::new(&cluster).await;
-    for (name, addr, capacity) in nodes {
-        kubelet::add_node(&client, name, *addr).await.expect("node");
-        lnfs.start_agent_with(name, *addr, &["--capacity", capacity]);
-    }
-    lnfs.start_controller();
+    lnfs.start_nodes_and_controller(&client, nodes).await;
     (cluster, lnfs)
 }
 
@@ -473,16 +469,7 @@ async fn a_claim_deleted_mid_provisioning_leaves_nothing_behind() {
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
     // The agent has announced itself, then stops: the controller places the claim on
     // node-1 but nobody creates the volume yet.
-    eventually("node-1 agent heartbeat", WAIT, || async {
-        let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
-            Api::namespaced(client.clone(), NAMESPACE);
-        leases
-            .get_opt("localnfs-node-node-1")
-            .await
-            .ok()?
-            .map(|_| ())
-    })
-    .await;
+    wait_for_heartbeat(&client, "node-1").await;
     lnfs.stop_agent("node-1").await;
     claims
         .create(

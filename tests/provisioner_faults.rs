@@ -107,15 +107,7 @@ async fn provisioning_finishes_through_controller_agent_and_apiserver_restarts()
     lnfs.start_agent("node-1", ip(81));
     let mut ctl = lnfs.start_controller();
     storage_class(&client, "now", json!({"volumeBindingMode": "Immediate"})).await;
-    eventually("agent heartbeat", WAIT, || async {
-        let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
-        leases
-            .get_opt("localnfs-node-node-1")
-            .await
-            .ok()?
-            .map(|_| ())
-    })
-    .await;
+    wait_for_heartbeat(&client, "node-1").await;
 
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
     let names: Vec<String> = (0..20).map(|i| format!("c{i:02}")).collect();

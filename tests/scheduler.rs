@@ -25,10 +25,10 @@ fn ip(last: u8) -> IpAddr {
 }
 
 struct Env {
-    cluster: TestCluster,
+    /// Kept alive for the test; torn down on drop.
+    _cluster: TestCluster,
     lnfs: Localnfs,
     client: Client,
-    ports: (u16, u16),
 }
 
 /// A cluster whose scheduler calls the helper's extender, nodes with their agents
@@ -43,19 +43,14 @@ async fn setup(nodes: &[(&str, IpAddr, &str)], class: serde_json::Value) -> Env 
     .expect("control plane");
     let client = cluster.client();
     let mut lnfs = Localnfs::new(&cluster).await;
-    for (name, addr, capacity) in nodes {
-        kubelet::add_node(&client, name, *addr).await.expect("node");
-        lnfs.start_agent_with(name, *addr, &["--capacity", capacity]);
-    }
-    lnfs.start_controller();
+    lnfs.start_nodes_and_controller(&client, nodes).await;
     lnfs.start_scheduler(&client, webhook_port, extender_port)
         .await;
     storage_class(&client, "local", class).await;
     Env {
-        cluster,
+        _cluster: cluster,
         lnfs,
         client,
-        ports: (webhook_port, extender_port),
     }
 }
 
@@ -199,12 +194,11 @@ async fn scheduling_failures(client: &Client, uid: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn rebuilt_pod_goes_home_and_runs_elsewhere_over_nfs_when_home_is_cordoned() {
-    let env = setup(
+    let mut env = setup(
         &[("node-1", ip(21), "10Gi"), ("node-2", ip(22), "10Gi")],
         json!({}),
     )
     .await;
-    let mut env = env;
     let client = env.client.clone();
     let kubelet = NfsKubelet::start(client.clone(), "default");
     statefulset(&client, "db", "1Gi").await;
@@ -264,8 +258,6 @@ async fn rebuilt_pod_goes_home_and_runs_elsewhere_over_nfs_when_home_is_cordoned
     let (node, seen, pod) = running(&client, &kubelet, "db-0", &old).await;
     assert_eq!((node.as_str(), seen.as_str()), (other, "data-db-0:found"));
     assert_eq!(affinity(&pod), (vec![], vec![]), "nobody added affinity");
-    let _ = env.ports;
-    drop(env.cluster);
 }
 
 #[tokio::test]
@@ -315,7 +307,6 @@ async fn strict_volume_keeps_its_pod_pending_while_home_is_cordoned() {
     cordon(&client, &home, false).await;
     let (node, seen, _) = running(&client, &kubelet, "vault-0", &old).await;
     assert_eq!((node, seen), (home, "data-vault-0:found".to_owned()));
-    drop(env.lnfs);
 }
 
 #[tokio::test]
@@ -370,5 +361,4 @@ async fn new_volumes_go_where_there_is_room_and_impossible_ones_say_why() {
         None,
         "no volume for a claim no node can hold"
     );
-    drop(env.lnfs);
 }

@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 use super::eventually;
 use super::nfs::Client as NfsClient;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::coordination::v1::Lease;
 use localnfs::scheduler::config::WEBHOOK_CONFIG;
 
 pub const NAMESPACE: &str = "localnfs-system";
@@ -41,10 +42,19 @@ pub struct Localnfs {
 /// A free TCP port on 127.0.0.1 (for listeners whose address must be known before the
 /// process that opens them starts, such as the extender kube-scheduler calls).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
+    localnfs::testbed::free_port().expect("free port")
+}
+
+/// Waits until `node`'s agent has announced itself (its heartbeat Lease exists).
+pub async fn wait_for_heartbeat(client: &Client, node: &str) {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
+    let name = format!("localnfs-node-{node}");
+    eventually(
+        &format!("{node} agent heartbeat"),
+        Duration::from_secs(90),
+        || async { leases.get_opt(&name).await.ok()?.map(|_| ()) },
+    )
+    .await;
 }
 
 fn spawn(args: &[&str], kubeconfig: &Path, log: &Path) -> Child {
@@ -86,6 +96,20 @@ impl Localnfs {
 
     pub fn root(&self, node: &str) -> PathBuf {
         self.dir.path().join(node)
+    }
+
+    /// Registers each `(node, address, capacity)` as a Ready Node and starts its agent
+    /// with `--capacity`, then starts the controller.
+    pub async fn start_nodes_and_controller(
+        &mut self,
+        client: &Client,
+        nodes: &[(&str, IpAddr, &str)],
+    ) {
+        for (name, addr, capacity) in nodes {
+            kubelet::add_node(client, name, *addr).await.expect("node");
+            self.start_agent_with(name, *addr, &["--capacity", capacity]);
+        }
+        self.start_controller();
     }
 
     /// Starts (or restarts) the node agent for `node`, serving NFS on `ip`.
