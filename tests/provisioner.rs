@@ -20,32 +20,7 @@ const WAIT: Duration = Duration::from_secs(120);
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 fn mysql(replicas: i32, class: &str) -> StatefulSet {
-    serde_json::from_value(json!({
-        "apiVersion": "apps/v1",
-        "kind": "StatefulSet",
-        "metadata": {"name": "mysql"},
-        "spec": {
-            "serviceName": "mysql",
-            "replicas": replicas,
-            "selector": {"matchLabels": {"app": "mysql"}},
-            "template": {
-                "metadata": {"labels": {"app": "mysql"}},
-                "spec": {"containers": [{
-                    "name": "mysql", "image": "mysql:8",
-                    "volumeMounts": [{"name": "data", "mountPath": "/var/lib/mysql"}],
-                }]},
-            },
-            "volumeClaimTemplates": [{
-                "metadata": {"name": "data"},
-                "spec": {
-                    "accessModes": ["ReadWriteOnce"],
-                    "storageClassName": class,
-                    "resources": {"requests": {"storage": "1Gi"}},
-                },
-            }],
-        },
-    }))
-    .expect("StatefulSet")
+    serde_json::from_value(localnfs::demo::mysql(replicas, class)).expect("StatefulSet")
 }
 
 async fn scale(client: &Client, replicas: i32) {

@@ -206,7 +206,7 @@ pub async fn run(client: &Client) -> Result<Outcome> {
     )
     .await?;
     let sets: Api<StatefulSet> = Api::namespaced(client.clone(), "default");
-    create(&sets, mysql(), "StatefulSet mysql").await?;
+    create(&sets, mysql(1, "localnfs"), "StatefulSet mysql").await?;
     println!("StorageClass localnfs and StatefulSet mysql (1 replica) applied");
     let log = Shared::default();
     let _kubelet = DemoKubelet::start(client.clone(), log.clone());
@@ -279,12 +279,16 @@ pub async fn run(client: &Client) -> Result<Outcome> {
     Ok(outcome)
 }
 
-fn mysql() -> serde_json::Value {
+/// The seed workload: StatefulSet `mysql` with one `data` volume claim template of
+/// class `class` (the demo and the provisioner's seed test both run it).
+pub fn mysql(replicas: i32, class: &str) -> serde_json::Value {
     json!({
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
         "metadata": {"name": "mysql"},
         "spec": {
             "serviceName": "mysql",
-            "replicas": 1,
+            "replicas": replicas,
             "selector": {"matchLabels": {"app": "mysql"}},
             "template": {
                 "metadata": {"labels": {"app": "mysql"}},
@@ -297,7 +301,7 @@ fn mysql() -> serde_json::Value {
                 "metadata": {"name": "data"},
                 "spec": {
                     "accessModes": ["ReadWriteOnce"],
-                    "storageClassName": "localnfs",
+                    "storageClassName": class,
                     "resources": {"requests": {"storage": "1Gi"}},
                 },
             }],

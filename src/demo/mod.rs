@@ -6,6 +6,8 @@
 
 mod flow;
 
+pub use flow::mysql;
+
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Instant;
 
