@@ -1,8 +1,9 @@
 //! `localnfs demo`: the whole flow on an embedded single-node test cluster, with a short
-//! report a person can read: control plane, a Ready node, the node agent and the
-//! controller, a StatefulSet scaled 1 → 3 with data written over NFS into each volume,
-//! and a deleted pod rebuilt onto its node finding its data (see [`flow`]). Ctrl-C (or
-//! `--run-for`) tears everything down. The scheduler helper joins when it lands.
+//! report a person can read: control plane (kube-scheduler calling the helper's
+//! extender), a Ready node, the node agent, the controller and the scheduler helper, a
+//! StatefulSet scaled 1 → 3 with data written over NFS into each volume, a deleted pod
+//! rebuilt onto its node with the helper's affinity finding its data (see [`flow`]),
+//! and the `localnfs status` table. Ctrl-C (or `--run-for`) tears everything down.
 
 mod flow;
 
