@@ -54,10 +54,28 @@ fn main() {
         }
     };
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-    let mut results = Vec::new();
+    let mut results: Vec<Vec<Vec<Result<Sample, String>>>> = config
+        .servers
+        .iter()
+        .map(|_| ROWS.iter().map(|_| Vec::new()).collect())
+        .collect();
+    // Servers take turns within each repetition, in rotating order, so whatever the
+    // machine does meanwhile (page cache, memory the VM touches for the first time,
+    // other load) falls on all of them alike.
+    // One untimed sequential write per server first: the first gigabyte a run writes
+    // lands on memory the VM may never have touched, several times slower.
     for target in &config.servers {
-        let mut rows: Vec<Vec<Result<Sample, String>>> = ROWS.iter().map(|_| Vec::new()).collect();
-        for rep in 1..=config.reps {
+        eprintln!("{}: warm-up write", target.name);
+        if let Err(e) = rt.block_on(run_rep(target, &config, 0, &mut Vec::new())) {
+            eprintln!("{}: warm-up failed: {e}", target.name);
+        }
+    }
+    let n = config.servers.len();
+    for rep in 1..=config.reps {
+        for turn in 0..n {
+            let i = (turn + rep - 1) % n;
+            let target = &config.servers[i];
+            let rows = &mut results[i];
             eprintln!("{}: repetition {rep}/{}", target.name, config.reps);
             let mut done = Vec::new();
             let outcome = rt.block_on(run_rep(target, &config, rep, &mut done));
@@ -73,7 +91,6 @@ fn main() {
                 }
             }
         }
-        results.push(rows);
     }
     print_table(&config, &results);
 }
@@ -188,6 +205,7 @@ impl Measured {
 
 /// One repetition: every row in order, on fresh connections and fresh names. Each
 /// completed row is pushed to `out`; the first failure ends the repetition.
+/// Repetition 0 is the warm-up: the sequential write only.
 async fn run_rep(
     target: &Target,
     config: &Config,
@@ -229,6 +247,9 @@ async fn run_rep(
     })
     .await?;
     out.push(m.sample(Measured::mb_per_second));
+    if rep == 0 {
+        return remove_rep_files(&mut conns[0], &root, &tag, &big_name).await;
+    }
 
     let m = parallel_row(&mut conns, &shared, pid, Op::SeqRead, chunks, None).await?;
     out.push(m.sample(Measured::mb_per_second));
@@ -277,14 +298,22 @@ async fn run_rep(
     let m = parallel_row(&mut conns, &shared, pid, Op::Remove, config.files, None).await?;
     out.push(m.sample(Measured::per_second));
 
-    // Leave the export as we found it (not timed).
-    let c = &mut conns[0];
+    remove_rep_files(&mut conns[0], &root, &tag, &big_name).await
+}
+
+/// Leaves the export as the repetition found it (not timed).
+async fn remove_rep_files(
+    c: &mut Conn,
+    root: &nfs_fh3,
+    tag: &str,
+    big: &str,
+) -> Result<(), String> {
     let rmdir = RMDIR3args {
-        object: dirop(&root, &tag),
+        object: dirop(root, tag),
     };
     nfs("RMDIR", c.rmdir(&rmdir)).await?;
     let remove = REMOVE3args {
-        object: dirop(&root, &big_name),
+        object: dirop(root, big),
     };
     nfs("REMOVE", c.remove(&remove)).await?;
     Ok(())

@@ -52,6 +52,71 @@ async fn libnfs_client_copies_lists_and_reads_back_files() {
     assert_eq!(std::fs::read(&back).expect("copy back"), data);
 }
 
+/// READ replies come three ways (data spliced from the page cache for large READs,
+/// copied on the connection task when cached, copied on the blocking pool when not):
+/// all must carry the exact bytes, count, eof flag and XDR padding.
+#[tokio::test]
+async fn reads_of_every_size_return_exact_bytes_cached_or_not() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    create_volume(dir.path(), "vol", 64 * MIB);
+    let node = Node::start(dir.path()).await;
+    let len = MIB as usize + 3; // odd: the last READ needs padding
+    let data: Vec<u8> = (0..len as u32).map(|i| (i * 13 % 251) as u8).collect();
+    let path = dir.path().join("volumes/vol/big.bin");
+    std::fs::write(&path, &data).expect("write file");
+    let mut c = Client::mount(node.port, "vol").await;
+    let root = c.root.clone();
+    let f = c.lookup(&root, b"big.bin").await.expect("LOOKUP");
+    let cases: [(u64, u32); 7] = [
+        (0, 1 << 20),            // spliced, not the end
+        (MIB, 1 << 20),          // spliced, 3 bytes and eof
+        (7, 100_001),            // spliced, odd offset and count
+        (MIB - 1000, 65_536),    // spliced, crosses the end
+        (4096, 4096),            // small
+        (len as u64 - 1, 4096),  // small, 1 byte and eof
+        (len as u64 + 10, 4096), // past the end: nothing, eof
+    ];
+    for evicted in [false, true] {
+        for (offset, count) in cases {
+            if evicted {
+                evict_from_page_cache(&path);
+            }
+            let r = c
+                .nfs
+                .read(&READ3args {
+                    file: f.clone(),
+                    offset,
+                    count,
+                })
+                .await
+                .expect("rpc");
+            let Nfs3Result::Ok(ok) = r else {
+                panic!("READ {offset}+{count} failed (evicted: {evicted})");
+            };
+            let start = (offset as usize).min(len);
+            let end = (start + count as usize).min(len);
+            assert_eq!(ok.count as usize, end - start, "count of {offset}+{count}");
+            assert!(
+                ok.data.as_ref() == &data[start..end],
+                "bytes of {offset}+{count}"
+            );
+            assert_eq!(ok.eof, end == len, "eof of {offset}+{count}");
+        }
+    }
+    // Still in step after all of that: the next call on the connection decodes.
+    assert_eq!(c.getattr(&f).await.expect("GETATTR").size, len as u64);
+}
+
+/// Drops a file's pages from the page cache, so the next READ has to go to disk.
+fn evict_from_page_cache(path: &std::path::Path) {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).expect("open");
+    f.sync_all().expect("sync");
+    // SAFETY: plain syscall on a descriptor we own.
+    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(r, 0, "posix_fadvise");
+}
+
 #[tokio::test]
 async fn every_nfsv3_procedure_answers() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -517,23 +517,30 @@ pub fn readdir(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>, plus: bool) -> Pr
     let mut size = 4 + 88 + 8 + 8;
     let mut dsize = 0usize;
     let mut count = 0usize;
-    let result = sys::read_dir_from(raw(&rd), cookie, |e| {
+    // A kernel dirent takes about what an entry takes of `dircount` (RFC 1813 §3.3.17:
+    // fileid, name, cookie); READDIRPLUS entries also carry attributes and a handle.
+    let want = if plus {
+        dircount.min(maxcount / 4)
+    } else {
+        dircount
+    };
+    let result = sys::read_dir_from(raw(&rd), cookie, want + 512, |e| {
         let pad = (e.name.len() + 3) & !3;
         let entry_size = 4 + 8 + 4 + pad + 8;
         let parent_of_root = at_root && e.name == b"..";
         let mut attrs = None;
         let mut fh = None;
         if plus {
-            let target = if e.name == b"." || parent_of_root {
-                sys::reopen(raw(&dir), libc::O_PATH)
+            // By name from the directory, no descriptor per entry; `..` of the volume
+            // root shows the root itself and gets no handle (DESIGN invariant 5).
+            let name: &[u8] = if e.name == b"." || parent_of_root {
+                b""
             } else {
-                sys::openat(raw(&dir), &e.name, libc::O_PATH, 0)
+                &e.name
             };
-            if let Ok(fd) = target {
-                attrs = sys::fstat(raw(&fd)).ok();
-                if !parent_of_root {
-                    fh = ctx.ex.handle_for(&v, raw(&fd)).ok();
-                }
+            attrs = sys::stat_at(raw(&dir), name).ok();
+            if attrs.is_some() && !parent_of_root {
+                fh = ctx.ex.handle_for_entry(&v, raw(&dir), name).ok();
             }
         }
         let plus_size = if plus { 4 + 84 + 4 + 4 + 64 } else { 0 };

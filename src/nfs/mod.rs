@@ -5,10 +5,12 @@
 //! Layers, outermost first: [`server`] accepts (allow-list, connection cap, drain),
 //! `conn` frames records and dispatches, `rpc`/`xdr` decode untrusted bytes,
 //! `ops`/`dirops`/`mount` implement procedures, `state` maps handles to descriptors,
-//! `sys` is the only place that makes system calls.
+//! `sys` and `splice` (zero-copy READ replies) are the only places that make system
+//! calls.
 
 mod allow;
 mod attr;
+mod buffers;
 mod conn;
 mod dirops;
 pub mod handle;
@@ -16,6 +18,7 @@ mod mount;
 mod ops;
 mod reply;
 pub mod rpc;
+mod splice;
 mod state;
 mod sys;
 pub mod xdr;
@@ -37,13 +40,15 @@ pub async fn serve(
     max_connections: usize,
     shutdown: CancellationToken,
 ) {
+    // Enough for every READ/WRITE-sized record of a few busy clients.
+    let buffers = Arc::new(buffers::BufferPool::new(32));
     crate::server::serve(
         "nfs",
         listener,
         max_connections,
         shutdown,
         move |stream, peer, shutdown| {
-            let exports = exports.clone();
+            let (exports, buffers) = (exports.clone(), buffers.clone());
             let allowed = allow.allows(peer.ip());
             async move {
                 if !allowed {
@@ -51,7 +56,7 @@ pub async fn serve(
                     tracing::warn!(%peer, "refused connection from a client not on the allow-list");
                     return;
                 }
-                conn::serve(stream, peer, exports, shutdown).await;
+                conn::serve(stream, peer, exports, buffers, shutdown).await;
             }
         },
     )

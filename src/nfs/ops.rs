@@ -5,6 +5,7 @@
 //! CAP_DAC_READ_SEARCH), then acts with the caller's fs credentials so the kernel
 //! enforces permissions and ownership (DESIGN invariant 7).
 
+use std::cell::Cell;
 use std::net::IpAddr;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use nfs3_types::nfs3::{Nfs3Option, nfsstat3, set_atime, set_mtime, stable_how};
 use super::attr::{self, Caller};
 use super::reply::{post_op, status, wcc};
 use super::rpc::Credential;
+use super::splice::{self, Piped};
 use super::state::{Exports, Obj, Volume};
 use super::sys::{self, AsCaller, raw, to_nfsstat};
 use super::xdr::{Garbage, XdrIn, put, put_bool, put_opaque, put_u32, put_u64};
@@ -244,7 +246,29 @@ pub fn readlink(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
     Ok(())
 }
 
-pub fn read(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
+/// How a READ may get its data.
+pub enum ReadHow<'a> {
+    /// Into the reply, however long the disk takes.
+    Copy,
+    /// Large READs into this thread's pipe, left in `.0` to be spliced into the socket
+    /// after the reply; small ones into the reply.
+    Splice(&'a mut Option<Piped>),
+    /// Only if the page cache holds all of it (the caller is an async task that must not
+    /// wait for a disk); otherwise nothing is written and `.0` is set.
+    CachedOnly(&'a Cell<bool>),
+}
+
+/// Where a READ's data went.
+enum ReadInto {
+    /// This many bytes, appended to the reply.
+    Reply(usize),
+    /// Into this thread's pipe, to be spliced into the socket after the reply.
+    Pipe(Piped),
+    /// Nowhere: not all in the page cache.
+    WouldBlock,
+}
+
+pub fn read(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>, how: ReadHow) -> ProcResult {
     let fh = args.fh()?;
     let offset = args.u64()?;
     let count = args.u32()?.min(MAX_IO) as usize;
@@ -261,28 +285,60 @@ pub fn read(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
             return Ok(());
         }
     };
-    // Read straight into the reply buffer: status, attrs, count, eof, then data.
-    let mut head = Vec::with_capacity(128);
-    status(&mut head, nfsstat3::NFS3_OK);
-    post_op(&mut head, Some(&st), v.meta.id);
+    // Status, attributes, then count, eof and the data's length, filled in below.
     let start = out.len();
-    out.extend_from_slice(&head);
+    status(out, nfsstat3::NFS3_OK);
+    post_op(out, Some(&st), v.meta.id);
     let counts_at = out.len();
-    out.extend_from_slice(&[0u8; 12]); // count, eof, opaque length
-    match sys::pread_append(rfd, out, count, offset) {
-        Ok(n) => {
+    out.extend_from_slice(&[0u8; 12]);
+    let got = match &how {
+        ReadHow::Splice(_) if count >= splice::MIN_SPLICE => {
+            splice::file_to_pipe(rfd, offset, count).and_then(|piped| match piped {
+                Some(p) => Ok(ReadInto::Pipe(p)),
+                None => sys::pread_append(rfd, out, count, offset, false).map(ReadInto::Reply),
+            })
+        }
+        // Large READs go to the blocking pool, to be spliced.
+        ReadHow::CachedOnly(_) if count >= splice::MIN_SPLICE => Ok(ReadInto::WouldBlock),
+        ReadHow::CachedOnly(_) => match sys::pread_append(rfd, out, count, offset, true) {
+            // All of it, or all there is before the end of the file.
+            Ok(n) if n == count || offset + n as u64 >= st.st_size as u64 => Ok(ReadInto::Reply(n)),
+            // Short, not cached, or not supported here: the blocking path will tell.
+            _ => Ok(ReadInto::WouldBlock),
+        },
+        _ => sys::pread_append(rfd, out, count, offset, false).map(ReadInto::Reply),
+    };
+    let n = match got {
+        Ok(ReadInto::Reply(n)) => {
             out.extend_from_slice(&[0u8; 3][..(4 - n % 4) % 4]);
-            let eof = offset.saturating_add(n as u64) >= st.st_size as u64;
-            out[counts_at..counts_at + 4].copy_from_slice(&(n as u32).to_be_bytes());
-            out[counts_at + 4..counts_at + 8].copy_from_slice(&u32::from(eof).to_be_bytes());
-            out[counts_at + 8..counts_at + 12].copy_from_slice(&(n as u32).to_be_bytes());
+            n
+        }
+        Ok(ReadInto::Pipe(p)) => {
+            let n = p.len();
+            // Padded when it is sent.
+            if let ReadHow::Splice(slot) = how {
+                *slot = Some(p);
+            }
+            n
+        }
+        Ok(ReadInto::WouldBlock) => {
+            out.truncate(start);
+            if let ReadHow::CachedOnly(flag) = how {
+                flag.set(true);
+            }
+            return Ok(());
         }
         Err(e) => {
             out.truncate(start);
             status(out, to_nfsstat(e));
             post_op(out, Some(&st), v.meta.id);
+            return Ok(());
         }
-    }
+    };
+    let eof = offset.saturating_add(n as u64) >= st.st_size as u64;
+    out[counts_at..counts_at + 4].copy_from_slice(&(n as u32).to_be_bytes());
+    out[counts_at + 4..counts_at + 8].copy_from_slice(&u32::from(eof).to_be_bytes());
+    out[counts_at + 8..counts_at + 12].copy_from_slice(&(n as u32).to_be_bytes());
     Ok(())
 }
 

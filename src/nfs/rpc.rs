@@ -78,9 +78,14 @@ pub async fn read_record<R: AsyncRead + Unpin>(
                 format!("RPC record larger than {max} bytes"),
             ));
         }
-        let start = buf.len();
-        buf.resize(start + len, 0);
-        r.read_exact(&mut buf[start..]).await?;
+        // Read into spare capacity: no zero-filling of up to a megabyte first.
+        buf.reserve(len);
+        let mut fragment = (&mut *r).take(len as u64);
+        while fragment.limit() > 0 {
+            if fragment.read_buf(buf).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
         if mark & LAST_FRAGMENT != 0 {
             return Ok(true);
         }
@@ -207,9 +212,10 @@ pub fn denied_auth(xid: u32, stat: AuthStat) -> Vec<u8> {
     out
 }
 
-/// Fills in the record mark reserved by [`accepted`] / [`denied_auth`]: one fragment.
-pub fn finish_record(reply: &mut [u8]) {
-    let len = (reply.len() - 4) as u32 | LAST_FRAGMENT;
+/// Fills in the record mark reserved by [`accepted`] / [`denied_auth`]: one fragment,
+/// `reply` followed on the wire by `trailing` more bytes (spliced READ data).
+pub fn finish_record(reply: &mut [u8], trailing: usize) {
+    let len = (reply.len() - 4 + trailing) as u32 | LAST_FRAGMENT;
     reply[..4].copy_from_slice(&len.to_be_bytes());
 }
 

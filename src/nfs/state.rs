@@ -380,7 +380,18 @@ impl Exports {
 
     /// Seals a handle for the object `fd` in `volume`.
     pub fn handle_for(&self, volume: &Volume, fd: RawFd) -> Result<Vec<u8>, nfsstat3> {
-        let (kind, kernel) = sys::name_to_handle(fd).map_err(to_nfsstat)?;
+        self.handle_for_entry(volume, fd, b"")
+    }
+
+    /// Seals a handle for `name` in the directory `dir` of `volume` (a name straight
+    /// from the directory, never a path: no `/`, and a symlink is not followed).
+    pub fn handle_for_entry(
+        &self,
+        volume: &Volume,
+        dir: RawFd,
+        name: &[u8],
+    ) -> Result<Vec<u8>, nfsstat3> {
+        let (kind, kernel) = sys::handle_at(dir, name).map_err(to_nfsstat)?;
         self.key
             .seal(&FileHandle {
                 volume: volume.meta.id,

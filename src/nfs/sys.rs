@@ -62,12 +62,19 @@ const EMPTY: &[u8] = b"\0";
 
 /// `fstatat(fd, "", AT_EMPTY_PATH)`: works on O_PATH descriptors.
 pub fn fstat(fd: RawFd) -> SysResult<libc::stat> {
+    stat_at(fd, b"")
+}
+
+/// Attributes of `name` in `dir` (of `dir` itself when `name` is empty), never
+/// following a symlink.
+pub fn stat_at(dir: RawFd, name: &[u8]) -> SysResult<libc::stat> {
+    let c = cstr(name)?;
     let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
     // SAFETY: valid NUL-terminated path and an out-pointer the kernel fills.
     check(unsafe {
         libc::fstatat(
-            fd,
-            EMPTY.as_ptr().cast(),
+            dir,
+            c.as_ptr(),
             st.as_mut_ptr(),
             libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
         )
@@ -112,6 +119,13 @@ struct RawHandle {
 
 /// The kernel's persistent handle for the object `fd` refers to.
 pub fn name_to_handle(fd: RawFd) -> SysResult<(i32, Vec<u8>)> {
+    handle_at(fd, b"")
+}
+
+/// The kernel's persistent handle for `name` in `dir` (for `dir` itself when `name` is
+/// empty); a symlink is not followed.
+pub fn handle_at(dir: RawFd, name: &[u8]) -> SysResult<(i32, Vec<u8>)> {
+    let c = cstr(name)?;
     let mut h = RawHandle {
         handle_bytes: 128,
         handle_type: 0,
@@ -121,8 +135,8 @@ pub fn name_to_handle(fd: RawFd) -> SysResult<(i32, Vec<u8>)> {
     // SAFETY: `h` is a file_handle with 128 bytes of room, as handle_bytes says.
     check(unsafe {
         libc::name_to_handle_at(
-            fd,
-            EMPTY.as_ptr().cast(),
+            dir,
+            c.as_ptr(),
             (&raw mut h).cast(),
             &mut mount_id,
             libc::AT_EMPTY_PATH,
@@ -272,19 +286,31 @@ pub fn ftruncate(fd: RawFd, len: u64) -> SysResult<()> {
 }
 
 /// Reads up to `count` bytes at `off` and appends them to `out` without zero-filling
-/// the buffer first; returns how many were read.
-pub fn pread_append(fd: RawFd, out: &mut Vec<u8>, count: usize, off: u64) -> SysResult<usize> {
+/// the buffer first; returns how many were read. With `nowait`, only what the page
+/// cache holds (`RWF_NOWAIT`): `EAGAIN` if that is nothing, or a short count.
+pub fn pread_append(
+    fd: RawFd,
+    out: &mut Vec<u8>,
+    count: usize,
+    off: u64,
+    nowait: bool,
+) -> SysResult<usize> {
     let off = i64::try_from(off).map_err(|_| Errno(libc::EINVAL))?;
     out.reserve(count);
     let spare = out.spare_capacity_mut();
+    let iov = libc::iovec {
+        iov_base: spare.as_mut_ptr().cast(),
+        iov_len: count,
+    };
+    let flags = if nowait { libc::RWF_NOWAIT } else { 0 };
     // SAFETY: the kernel writes at most `count` bytes into the reserved spare capacity;
     // only the `n` bytes it reports are then marked initialised.
-    let n = unsafe { libc::pread(fd, spare.as_mut_ptr().cast(), count, off) };
+    let n = unsafe { libc::preadv2(fd, &iov, 1, off, flags) };
     if n < 0 {
         return Err(last());
     }
     let n = n as usize;
-    // SAFETY: pread initialised the first `n` bytes of the spare capacity.
+    // SAFETY: preadv2 initialised the first `n` bytes of the spare capacity.
     unsafe { out.set_len(out.len() + n) };
     Ok(n)
 }
@@ -336,9 +362,13 @@ pub struct DirEntry {
 
 /// Reads entries from `dir` (opened O_RDONLY|O_DIRECTORY) starting at `cookie`, calling
 /// `f` until it returns false or the directory ends. Returns true at end of directory.
+/// `want` is about how many bytes of entries the caller will take: the kernel's batches
+/// are sized to it (whatever a batch holds past what `f` takes is work thrown away,
+/// and on a hashed ext4 directory that work is most of a listing's cost).
 pub fn read_dir_from(
     dir: RawFd,
     cookie: u64,
+    want: usize,
     mut f: impl FnMut(DirEntry) -> bool,
 ) -> SysResult<bool> {
     let start = i64::try_from(cookie).map_err(|_| Errno(libc::EINVAL))?;
@@ -346,7 +376,7 @@ pub fn read_dir_from(
     if unsafe { libc::lseek(dir, start, libc::SEEK_SET) } < 0 {
         return Err(last());
     }
-    let mut buf = vec![0u8; 32 * 1024];
+    let mut buf = vec![0u8; want.clamp(1024, 32 * 1024)];
     loop {
         // SAFETY: buffer of the given length.
         let n = unsafe {
