@@ -3,9 +3,11 @@
 //! data. One binary; see `cli` for the commands and DESIGN.md for the invariants.
 
 pub mod admin;
+pub mod cache;
 pub mod cli;
 pub mod demo;
 pub mod error;
+pub mod events;
 pub mod kubeclient;
 pub mod metrics;
 pub mod nfs;

@@ -15,8 +15,8 @@ use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
 use kube::runtime::{reflector, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
@@ -40,7 +40,7 @@ struct Agent {
     exports: Arc<Exports>,
     nfs_port: u16,
     capacity: Option<u64>,
-    recorder: Recorder,
+    events: crate::events::Events,
     /// Wakes the heartbeat early when free space changed.
     changed: Notify,
 }
@@ -74,13 +74,7 @@ pub async fn run(
         extra_allow,
     } = cfg;
     let agent = Arc::new(Agent {
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: "localnfs-node".into(),
-                instance: Some(node.clone()),
-            },
-        ),
+        events: crate::events::Events::new(client.clone(), "localnfs-node", &node),
         client,
         node,
         namespace,
@@ -90,14 +84,14 @@ pub async fn run(
         changed: Notify::new(),
     });
     let mine = watcher::Config::default().labels(&format!("{NODE_LABEL}={}", agent.node));
-    let claims = Controller::new(
+    let claims = crate::cache::controller(
         Api::<PersistentVolumeClaim>::all(agent.client.clone()),
         mine.clone(),
     )
     .graceful_shutdown_on(shutdown.clone().cancelled_owned())
     .run(reconcile_claim, error_policy, agent.clone())
     .for_each(|_| futures::future::ready(()));
-    let pvs = Controller::new(Api::<PersistentVolume>::all(agent.client.clone()), mine)
+    let pvs = crate::cache::controller(Api::<PersistentVolume>::all(agent.client.clone()), mine)
         .graceful_shutdown_on(shutdown.clone().cancelled_owned())
         .run(reconcile_pv, error_policy, agent.clone())
         .for_each(|_| futures::future::ready(()));
@@ -133,16 +127,9 @@ impl Agent {
         reason: &str,
         note: String,
     ) {
-        let ev = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: "Volume".into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
-            tracing::warn!(error = %e, reason, "cannot record event");
-        }
+        self.events
+            .publish(obj, type_, reason, "Volume", note)
+            .await;
     }
 
     /// Runs a blocking store operation, then re-reads the exports so the NFS server

@@ -11,7 +11,7 @@ use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::EventType;
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
@@ -27,7 +27,7 @@ pub struct Ctx {
     pub provisioner: String,
     /// Namespace of the node agents' Leases.
     pub namespace: String,
-    pub recorder: Recorder,
+    pub events: crate::events::Events,
     pub metrics: ControllerMetrics,
     /// The node agents as their Leases say (only `agents` is filled).
     pub agents: crate::scheduler::watch::Shared,
@@ -63,7 +63,7 @@ impl Ctx {
         self.event_on(pvc, type_, reason, "Provision", note).await;
     }
 
-    /// Records an event about `obj` (deduplicated into a series by the recorder).
+    /// Records an event about `obj`.
     pub async fn event_on<K: Resource<DynamicType = ()>>(
         &self,
         obj: &K,
@@ -72,16 +72,7 @@ impl Ctx {
         action: &str,
         note: String,
     ) {
-        let ev = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: action.into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
-            tracing::warn!(error = %e, reason, "cannot record event");
-        }
+        self.events.publish(obj, type_, reason, action, note).await;
     }
 
     async fn patch_meta(

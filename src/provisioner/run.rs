@@ -7,8 +7,7 @@ use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::api::Api;
-use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use tokio_util::sync::CancellationToken;
@@ -40,13 +39,7 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
         client: client.clone(),
         provisioner: args.install.provisioner_name.clone(),
         namespace: args.install.namespace.clone(),
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: "localnfs-controller".into(),
-                instance: Some(identity.clone()),
-            },
-        ),
+        events: crate::events::Events::new(client.clone(), "localnfs-controller", &identity),
         metrics: metrics.clone(),
         agents,
     });
@@ -141,7 +134,7 @@ fn error_policy<K>(_obj: Arc<K>, err: &Error, ctx: Arc<Ctx>) -> Action {
 async fn controllers(ctx: Arc<Ctx>, stop: CancellationToken) {
     let client = ctx.client.clone();
     let ours = watcher::Config::default().labels(NODE_LABEL);
-    let claims = Controller::new(
+    let claims = crate::cache::controller(
         Api::<PersistentVolumeClaim>::all(client.clone()),
         watcher::Config::default(),
     )
@@ -156,7 +149,7 @@ async fn controllers(ctx: Arc<Ctx>, stop: CancellationToken) {
     .graceful_shutdown_on(stop.clone().cancelled_owned())
     .run(claims::reconcile, error_policy, ctx.clone())
     .for_each(|_| futures::future::ready(()));
-    let pvs = Controller::new(Api::<PersistentVolume>::all(client), ours)
+    let pvs = crate::cache::controller(Api::<PersistentVolume>::all(client), ours)
         .graceful_shutdown_on(stop.cancelled_owned())
         .run(volumes::reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()));
