@@ -67,7 +67,10 @@ mod tests {
         assert!(pvc.metadata.managed_fields.is_none());
         let ann = pvc.metadata.annotations.as_ref().expect("annotations");
         assert!(!ann.contains_key(LAST_APPLIED));
-        assert_eq!(ann.get("localnfs.io/volume-ready").map(String::as_str), Some("v"));
+        assert_eq!(
+            ann.get("localnfs.io/volume-ready").map(String::as_str),
+            Some("v")
+        );
         let after = serde_json::to_value(&pvc).expect("json");
         for kept in ["spec", "status"] {
             assert_eq!(after[kept], before[kept], "{kept} must be untouched");

@@ -111,8 +111,10 @@ mod tests {
 
     #[tokio::test]
     async fn normal_events_name_their_object_and_reporter() {
-        let client = Client::try_from(kube::Config::new("http://127.0.0.1:1".parse().expect("url")))
-            .expect("client");
+        let client = Client::try_from(kube::Config::new(
+            "http://127.0.0.1:1".parse().expect("url"),
+        ))
+        .expect("client");
         let events = Events::new(client, "localnfs-controller", "ctl-1");
         let regarding = ObjectReference {
             kind: Some("PersistentVolumeClaim".into()),
@@ -120,14 +122,25 @@ mod tests {
             name: Some("data-0".into()),
             ..Default::default()
         };
-        let ev = events.normal(regarding, "ProvisioningSucceeded", "Provision", "made".into());
+        let ev = events.normal(
+            regarding,
+            "ProvisioningSucceeded",
+            "Provision",
+            "made".into(),
+        );
         let name = ev.metadata.name.as_deref().expect("name");
         assert!(name.starts_with("data-0."), "{name}");
         assert_eq!(ev.metadata.namespace.as_deref(), Some("db"));
         assert_eq!(ev.type_.as_deref(), Some("Normal"));
-        assert_eq!(ev.reporting_controller.as_deref(), Some("localnfs-controller"));
+        assert_eq!(
+            ev.reporting_controller.as_deref(),
+            Some("localnfs-controller")
+        );
         assert_eq!(ev.reporting_instance.as_deref(), Some("ctl-1"));
         assert_eq!(ev.regarding.and_then(|r| r.name).as_deref(), Some("data-0"));
-        assert!(ev.event_time.is_some(), "events.k8s.io/v1 requires eventTime");
+        assert!(
+            ev.event_time.is_some(),
+            "events.k8s.io/v1 requires eventTime"
+        );
     }
 }

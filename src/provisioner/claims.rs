@@ -6,12 +6,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::queue::Next;
 use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
@@ -19,6 +20,7 @@ use super::metrics::ControllerMetrics;
 use super::params::{ClassParams, quantity_bytes};
 use super::protocol::*;
 use super::pv::{self, NodeRoom, PvInput, SELECTED_NODE};
+use super::triggers::ClaimKey;
 use crate::error::{Error, Result};
 
 /// Shared by every reconcile.
@@ -31,6 +33,8 @@ pub struct Ctx {
     pub metrics: ControllerMetrics,
     /// The node agents as their Leases say (only `agents` is filled).
     pub agents: crate::scheduler::watch::Shared,
+    /// StorageClasses, watched (a handful of small objects).
+    pub classes: Store<StorageClass>,
 }
 
 const BETA_PROVISIONER: &str = "volume.beta.kubernetes.io/storage-provisioner";
@@ -214,27 +218,57 @@ pub fn claimed_by(pvc: &PersistentVolumeClaim, class_provisioner: &str, me: &str
             .any(|k| annotation(pvc, k) == Some(me))
 }
 
-async fn our_class(ctx: &Ctx, pvc: &PersistentVolumeClaim) -> Result<Option<StorageClass>> {
+/// The claim's class if it is ours. From the class cache; a class too new for the
+/// cache is read from the API server, so a claim created right after its class is not
+/// taken for someone else's.
+async fn our_class(ctx: &Ctx, pvc: &PersistentVolumeClaim) -> Result<Option<Arc<StorageClass>>> {
     let Some(class_name) = pvc.spec.as_ref().and_then(|s| s.storage_class_name.clone()) else {
         return Ok(None);
     };
-    let classes: Api<StorageClass> = Api::all(ctx.client.clone());
-    let class = classes
-        .get_opt(&class_name)
-        .await
-        .map_err(Error::kube(format!("read StorageClass {class_name}")))?;
+    let class = match ctx.classes.get(&ObjectRef::new(&class_name)) {
+        Some(c) => Some(c),
+        None => Api::<StorageClass>::all(ctx.client.clone())
+            .get_opt(&class_name)
+            .await
+            .map_err(Error::kube(format!("read StorageClass {class_name}")))?
+            .map(Arc::new),
+    };
     Ok(class.filter(|c| claimed_by(pvc, &c.provisioner, &ctx.provisioner)))
 }
 
-/// Reconciles one claim.
-pub async fn reconcile(pvc: Arc<PersistentVolumeClaim>, ctx: Arc<Ctx>) -> Result<Action> {
-    let Some(class) = our_class(&ctx, &pvc).await? else {
-        // Not ours, but clean up if we were mid-way when its class vanished.
-        if has_finalizer(pvc.as_ref(), CLAIM_FINALIZER) && pvc.metadata.deletion_timestamp.is_some()
-        {
-            return abandon(&ctx, &pvc).await;
+/// Reconciles the claim `key` as the API server has it now; errors become a retry.
+pub async fn reconcile_key(key: ClaimKey, ctx: &Ctx) -> Next {
+    let (ns, name) = &key;
+    let result = match ctx.claims(ns).get_opt(name).await {
+        Ok(Some(pvc)) => reconcile(&pvc, ctx).await,
+        Ok(None) => return Next::Wait, // gone: nothing of ours can be left on it
+        Err(e) => Err(Error::kube(format!("read claim {ns}/{name}"))(e)),
+    };
+    result.unwrap_or_else(|e| ctx.after_error(&e))
+}
+
+impl Ctx {
+    /// When to retry after a failed reconcile.
+    pub fn after_error(&self, err: &Error) -> Next {
+        self.metrics.reconcile_errors.inc();
+        if crate::kubeclient::lost_race(err) {
+            // Someone updated the object between our read and write: retry on a fresh copy.
+            tracing::debug!(error = %err, "lost an update race; retrying");
+            return Next::After(Duration::from_millis(200));
         }
-        return Ok(Action::await_change());
+        tracing::warn!(error = %err, "reconcile failed; retrying");
+        Next::After(Duration::from_secs(5))
+    }
+}
+
+/// Reconciles one claim.
+pub async fn reconcile(pvc: &PersistentVolumeClaim, ctx: &Ctx) -> Result<Next> {
+    let Some(class) = our_class(ctx, pvc).await? else {
+        // Not ours, but clean up if we were mid-way when its class vanished.
+        if has_finalizer(pvc, CLAIM_FINALIZER) && pvc.metadata.deletion_timestamp.is_some() {
+            return abandon(ctx, pvc).await;
+        }
+        return Ok(Next::Wait);
     };
     let uid = pvc.uid().unwrap_or_default();
     let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
@@ -244,36 +278,36 @@ pub async fn reconcile(pvc: Arc<PersistentVolumeClaim>, ctx: Arc<Ctx>) -> Result
         .await
         .map_err(Error::kube(format!("read PV {pv_name}")))?
     {
-        ctx.complete_binding(&pvc, &existing).await?;
-        ctx.remove_finalizer(&pvc).await?;
-        return super::expand::reconcile(&ctx, &pvc, &class, &existing).await;
+        ctx.complete_binding(pvc, &existing).await?;
+        ctx.remove_finalizer(pvc).await?;
+        return super::expand::reconcile(ctx, pvc, &class, &existing).await;
     }
     if pvc.metadata.deletion_timestamp.is_some() {
-        return abandon(&ctx, &pvc).await;
+        return abandon(ctx, pvc).await;
     }
     let phase = pvc.status.as_ref().and_then(|s| s.phase.as_deref());
-    if phase == Some("Bound") || annotation(pvc.as_ref(), ABANDON).is_some() {
-        return Ok(Action::await_change());
+    if phase == Some("Bound") || annotation(pvc, ABANDON).is_some() {
+        return Ok(Next::Wait);
     }
-    provision(&ctx, &pvc, &class, &pv_name).await
+    provision(ctx, pvc, &class, &pv_name).await
 }
 
 /// A claim going away before its PV exists: have the node agent delete the volume.
-async fn abandon(ctx: &Ctx, pvc: &PersistentVolumeClaim) -> Result<Action> {
+async fn abandon(ctx: &Ctx, pvc: &PersistentVolumeClaim) -> Result<Next> {
     if !has_finalizer(pvc, CLAIM_FINALIZER) {
-        return Ok(Action::await_change());
+        return Ok(Next::Wait);
     }
     let placed = pvc.labels().contains_key(NODE_LABEL);
     if !placed || annotation(pvc, REMOVED).is_some() {
         ctx.remove_finalizer(pvc).await?;
-        return Ok(Action::await_change());
+        return Ok(Next::Wait);
     }
     if annotation(pvc, ABANDON).is_none() {
         ctx.patch_meta(pvc, json!({"metadata": {"annotations": {ABANDON: "true"}}}))
             .await?;
     }
     // The node agent's answer arrives as a watch event; poll in case it is down.
-    Ok(Action::requeue(Duration::from_secs(30)))
+    Ok(Next::After(Duration::from_secs(30)))
 }
 
 async fn provision(
@@ -281,7 +315,7 @@ async fn provision(
     pvc: &PersistentVolumeClaim,
     class: &StorageClass,
     pv_name: &str,
-) -> Result<Action> {
+) -> Result<Next> {
     let checked = ClassParams::parse(&class.parameters.clone().unwrap_or_default())
         .and_then(|p| pv::validate_claim(pvc).map(|r| (p, r)));
     let (params, request) = match checked {
@@ -290,11 +324,12 @@ async fn provision(
             ctx.metrics.failed("invalid");
             ctx.event(pvc, EventType::Warning, "ProvisioningFailed", msg)
                 .await;
-            return Ok(Action::requeue(Duration::from_secs(300)));
+            return Ok(Next::After(Duration::from_secs(300)));
         }
     };
-    // After each write of our own, come back soon even if its watch event is missed.
-    let next_step = Action::requeue(Duration::from_secs(2));
+    // Our own write changes what the claim watch fingerprints, which brings the claim
+    // back; the timer is only the safety net should that event be missed.
+    let next_step = Next::After(Duration::from_secs(15));
     if !has_finalizer(pvc, CLAIM_FINALIZER) {
         ctx.add_finalizer(pvc).await?;
         return Ok(next_step);
@@ -305,7 +340,7 @@ async fn provision(
         && !pvc.labels().contains_key(NODE_LABEL)
     {
         // The scheduler has not picked the pod's node yet; its annotation will wake us.
-        return Ok(Action::await_change());
+        return Ok(Next::Wait);
     }
     let rooms = ctx.node_rooms();
     let Some(node) = pvc.labels().get(NODE_LABEL).cloned() else {
@@ -317,7 +352,7 @@ async fn provision(
                 ctx.metrics.failed("no-room");
                 ctx.event(pvc, EventType::Warning, "ProvisioningFailed", msg)
                     .await;
-                return Ok(Action::requeue(Duration::from_secs(15)));
+                return Ok(Next::After(Duration::from_secs(15)));
             }
         };
         let (ns, name, uid) = (
@@ -331,7 +366,7 @@ async fn provision(
                 ctx.metrics.failed("invalid");
                 ctx.event(pvc, EventType::Warning, "ProvisioningFailed", msg)
                     .await;
-                return Ok(Action::requeue(Duration::from_secs(300)));
+                return Ok(Next::After(Duration::from_secs(300)));
             }
         };
         let req = VolumeRequest {
@@ -363,7 +398,8 @@ async fn provision(
         return Ok(next_step);
     };
     let Some(volume) = annotation(pvc, READY) else {
-        return Ok(Action::requeue(Duration::from_secs(10)));
+        // The node agent's annotation brings the claim back; poll in case it is down.
+        return Ok(Next::After(Duration::from_secs(30)));
     };
     let nodes: Api<Node> = Api::all(ctx.client.clone());
     let node_obj = nodes
@@ -378,7 +414,7 @@ async fn provision(
             format!("node {node} has no InternalIP"),
         )
         .await;
-        return Ok(Action::requeue(Duration::from_secs(30)));
+        return Ok(Next::After(Duration::from_secs(30)));
     };
     let port = rooms
         .iter()
@@ -418,7 +454,7 @@ async fn provision(
     // The PV as created carries the claim's uid; its status is still empty.
     ctx.complete_binding(pvc, &pv).await?;
     ctx.remove_finalizer(pvc).await?;
-    Ok(Action::await_change())
+    Ok(Next::Wait)
 }
 
 fn internal_ip(node: &Node) -> Option<String> {

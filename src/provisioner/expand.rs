@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
+use super::queue::Next;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
@@ -42,9 +42,9 @@ pub async fn reconcile(
     pvc: &PersistentVolumeClaim,
     class: &StorageClass,
     pv: &PersistentVolume,
-) -> Result<Action> {
+) -> Result<Next> {
     let (Some(want), Some((have_q, have))) = (requested_bytes(pvc), pv_capacity(pv)) else {
-        return Ok(Action::await_change());
+        return Ok(Next::Wait);
     };
     let request = pvc.spec.as_ref().and_then(|s| {
         s.resources
@@ -79,7 +79,7 @@ pub async fn reconcile(
                 .await
                 .map_err(Error::kube(format!("update capacity of claim {ns}/{name}")))?;
         }
-        return Ok(Action::await_change());
+        return Ok(Next::Wait);
     }
     if !class.allow_volume_expansion.unwrap_or(false) {
         ctx.event_on(
@@ -93,12 +93,12 @@ pub async fn reconcile(
             ),
         )
         .await;
-        return Ok(Action::await_change());
+        return Ok(Next::Wait);
     }
     let applied = ann(pv, SIZE).and_then(|s| s.parse::<u64>().ok());
     if applied.is_some_and(|a| a >= want) {
         let Some(request) = request else {
-            return Ok(Action::await_change());
+            return Ok(Next::Wait);
         };
         pvs.patch(
             &pv_name,
@@ -123,7 +123,7 @@ pub async fn reconcile(
             format!("volume {pv_name} expanded to {want} bytes"),
         )
         .await;
-        return Ok(Action::await_change());
+        return Ok(Next::Wait);
     }
     if ann(pv, RESIZE_TO) != Some(want.to_string().as_str()) {
         pvs.patch(
@@ -142,5 +142,5 @@ pub async fn reconcile(
         )
         .await;
     }
-    Ok(Action::requeue(Duration::from_secs(30)))
+    Ok(Next::After(Duration::from_secs(30)))
 }

@@ -10,5 +10,7 @@ pub mod metrics;
 pub mod params;
 pub mod protocol;
 pub mod pv;
+pub mod queue;
 pub mod run;
+pub mod triggers;
 pub mod volumes;

@@ -1,25 +1,26 @@
 //! `localnfs controller`: leader election, then the claim and PV reconcilers.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::Api;
-use kube::runtime::controller::Action;
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use tokio_util::sync::CancellationToken;
 
 use super::claims::{self, Ctx};
 use super::leader::{LEASE_DURATION, LeaderElector, RENEW_EVERY};
 use super::metrics::ControllerMetrics;
 use super::protocol::NODE_LABEL;
+use super::queue::{WorkQueue, run_workers};
+use super::triggers;
 use super::volumes;
 use crate::admin;
 use crate::cli::ControllerArgs;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// The Lease the controllers compete for.
 pub const LEADER_LEASE: &str = "localnfs-controller";
@@ -42,6 +43,7 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
         events: crate::events::Events::new(client.clone(), "localnfs-controller", &identity),
         metrics: metrics.clone(),
         agents,
+        classes: watch_classes(&client, &shutdown),
     });
     // Placing a volume needs the agents' free space: know it before leading.
     tokio::select! {
@@ -112,6 +114,22 @@ async fn step_down(leading: &mut Leading, metrics: &ControllerMetrics, why: &str
     }
 }
 
+/// A cache of StorageClasses, kept current until `shutdown`.
+fn watch_classes(client: &kube::Client, shutdown: &CancellationToken) -> Store<StorageClass> {
+    let (store, writer) = reflector::store();
+    let classes = watcher(
+        Api::<StorageClass>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .modify(crate::cache::trim)
+    .reflect(writer)
+    .take_until(shutdown.clone().cancelled_owned())
+    .for_each(|_| futures::future::ready(()));
+    tokio::spawn(classes);
+    store
+}
+
 fn default_identity() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
@@ -119,39 +137,43 @@ fn default_identity() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-fn error_policy<K>(_obj: Arc<K>, err: &Error, ctx: Arc<Ctx>) -> Action {
-    ctx.metrics.reconcile_errors.inc();
-    if crate::kubeclient::lost_race(err) {
-        // Someone updated the object between our read and write: retry on a fresh copy.
-        tracing::debug!(error = %err, "lost an update race; retrying");
-        return Action::requeue(Duration::from_millis(200));
-    }
-    tracing::warn!(error = %err, "reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(5))
-}
+/// Claims reconciled at once: enough to keep the API server busy, few enough that the
+/// controller holds a few dozen connections and requests, not thousands.
+const CLAIM_WORKERS: usize = 64;
+/// PVs deleted at once (reclaim is rare and quick).
+const PV_WORKERS: usize = 4;
 
-/// Runs both reconcilers until `stop` fires.
+/// Runs both reconcilers until `stop` fires: watches queue the keys of claims and PVs
+/// that changed, workers reconcile them (see `queue`, `triggers`).
 async fn controllers(ctx: Arc<Ctx>, stop: CancellationToken) {
-    let client = ctx.client.clone();
+    let claims = WorkQueue::new();
+    let pvs = WorkQueue::new();
     let ours = watcher::Config::default().labels(NODE_LABEL);
-    let claims = crate::cache::controller(
-        Api::<PersistentVolumeClaim>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .watches(
-        Api::<PersistentVolume>::all(client.clone()),
-        ours.clone(),
-        |pv: PersistentVolume| {
-            let r = pv.spec?.claim_ref?;
-            Some(ObjectRef::new(r.name.as_deref()?).within(r.namespace.as_deref()?))
-        },
-    )
-    .graceful_shutdown_on(stop.clone().cancelled_owned())
-    .run(claims::reconcile, error_policy, ctx.clone())
-    .for_each(|_| futures::future::ready(()));
-    let pvs = crate::cache::controller(Api::<PersistentVolume>::all(client), ours)
-        .graceful_shutdown_on(stop.cancelled_owned())
-        .run(volumes::reconcile, error_policy, ctx)
-        .for_each(|_| futures::future::ready(()));
-    tokio::join!(claims, pvs);
+    let watch_claims = triggers::watch_claims(ctx.client.clone(), claims.clone(), stop.clone());
+    let watch_pvs = triggers::watch_pvs(
+        ctx.client.clone(),
+        ours,
+        ctx.provisioner.clone(),
+        claims.clone(),
+        pvs.clone(),
+        stop.clone(),
+    );
+    let close = async {
+        stop.cancelled().await;
+        claims.close();
+        pvs.close();
+    };
+    tokio::join!(
+        watch_claims,
+        watch_pvs,
+        close,
+        run_workers(claims.clone(), CLAIM_WORKERS, |key| {
+            let ctx = ctx.clone();
+            async move { claims::reconcile_key(key, &ctx).await }
+        }),
+        run_workers(pvs.clone(), PV_WORKERS, |name| {
+            let ctx = ctx.clone();
+            async move { volumes::reconcile_name(name, &ctx).await }
+        }),
+    );
 }

@@ -2,12 +2,10 @@
 //! its finalizer keeps it until the node agent has dealt with the directory
 //! (DESIGN invariant 2: data goes only through this path, never on an API error).
 
-use std::sync::Arc;
-
+use super::queue::Next;
 use k8s_openapi::api::core::v1::PersistentVolume;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams};
-use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 
 use super::claims::Ctx;
@@ -36,14 +34,27 @@ pub fn decide(pv: &PersistentVolume, provisioner: &str) -> PvAction {
     }
 }
 
-pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Ctx>) -> Result<Action> {
+/// Reconciles the PV `name` as the API server has it now; errors become a retry.
+pub async fn reconcile_name(name: String, ctx: &Ctx) -> Next {
+    reconcile(&name, ctx)
+        .await
+        .unwrap_or_else(|e| ctx.after_error(&e))
+}
+
+async fn reconcile(name: &str, ctx: &Ctx) -> Result<Next> {
+    let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    let Some(pv) = pvs
+        .get_opt(name)
+        .await
+        .map_err(Error::kube(format!("read PV {name}")))?
+    else {
+        return Ok(Next::Wait);
+    };
     if decide(&pv, &ctx.provisioner) == PvAction::Delete {
-        let name = pv.name_any();
-        let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
-        match pvs.delete(&name, &DeleteParams::default()).await {
+        match pvs.delete(name, &DeleteParams::default()).await {
             Ok(_) => {
                 ctx.metrics.deleted.inc();
-                ctx.event_on(pv.as_ref(), EventType::Normal, "Reclaiming", "Delete", format!(
+                ctx.event_on(&pv, EventType::Normal, "Reclaiming", "Delete", format!(
                     "claim released with reclaim policy Delete: deleting {name} once its node agent has removed the data"
                 ))
                 .await;
@@ -52,7 +63,7 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Ctx>) -> Result<Actio
             Err(e) => return Err(Error::kube(format!("delete PV {name}"))(e)),
         }
     }
-    Ok(Action::await_change())
+    Ok(Next::Wait)
 }
 
 #[cfg(test)]
