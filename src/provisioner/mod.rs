@@ -1,7 +1,9 @@
 //! The provisioner (`localnfs controller`): turns claims of localnfs StorageClasses
 //! into volumes on a node and PersistentVolumes, reclaims and expands them.
 //!
-//! `params` and `pv` are pure decisions; the reconcilers do the I/O.
+//! `params` and `pv` are pure decisions; the reconcilers (`claims`, `expand`, `volumes`)
+//! do the I/O; `triggers` decides which objects to reconcile and `queue` hands their
+//! keys to a bounded set of workers.
 
 pub mod claims;
 pub mod expand;
