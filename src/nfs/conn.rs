@@ -161,19 +161,10 @@ pub async fn serve(
 }
 
 /// A framed reply: `head` (record mark included), then, for a spliced READ, its data
-/// (padded when sent).
+/// waiting in this thread's pipe (padded when sent).
 pub struct Reply {
     pub head: Vec<u8>,
-    pub data: Option<SplicedData>,
-}
-
-/// READ data waiting in this thread's pipe, and the padding that follows it.
-pub struct SplicedData(Piped);
-
-impl SplicedData {
-    fn pad(&self) -> &'static [u8] {
-        &[0u8; 3][..(4 - self.0.len() % 4) % 4]
-    }
+    pub data: Option<Piped>,
 }
 
 impl Reply {
@@ -184,7 +175,7 @@ impl Reply {
         match self.data {
             Some(data) => {
                 let pad = data.pad();
-                data.0.send(sock, &self.head, pad)
+                data.send(sock, &self.head, pad)
             }
             None => splice::send_all(sock, &self.head, 0),
         }
@@ -306,8 +297,10 @@ fn respond(
         out = rpc::accepted(xid, AcceptStat::GarbageArgs);
         spliced = None;
     }
-    let data = spliced.map(SplicedData);
-    let trailing = data.as_ref().map_or(0, |d| d.0.len() + d.pad().len());
+    let trailing = spliced.as_ref().map_or(0, |d| d.len() + d.pad().len());
     rpc::finish_record(&mut out, trailing);
-    Ok(Some(Reply { head: out, data }))
+    Ok(Some(Reply {
+        head: out,
+        data: spliced,
+    }))
 }

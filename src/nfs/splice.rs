@@ -82,6 +82,11 @@ impl Piped {
         self.len
     }
 
+    /// The XDR padding that follows the data on the wire (RFC 4506 §4.10).
+    pub fn pad(&self) -> &'static [u8] {
+        &[0u8; 3][..(4 - self.len % 4) % 4]
+    }
+
     /// Reads the data out of the pipe into `out`.
     #[cfg(test)]
     pub fn append_to(mut self, out: &mut Vec<u8>) -> SysResult<()> {

@@ -60,6 +60,16 @@ fn cstr(name: &[u8]) -> SysResult<CString> {
 
 const EMPTY: &[u8] = b"\0";
 
+/// Runs `f` with `name` as a C string; the empty name (the descriptor itself, with
+/// `AT_EMPTY_PATH`) costs no allocation, as it is on every attribute call.
+fn with_cname<T>(name: &[u8], f: impl FnOnce(*const libc::c_char) -> SysResult<T>) -> SysResult<T> {
+    if name.is_empty() {
+        return f(EMPTY.as_ptr().cast());
+    }
+    let c = cstr(name)?;
+    f(c.as_ptr())
+}
+
 /// `fstatat(fd, "", AT_EMPTY_PATH)`: works on O_PATH descriptors.
 pub fn fstat(fd: RawFd) -> SysResult<libc::stat> {
     stat_at(fd, b"")
@@ -68,16 +78,17 @@ pub fn fstat(fd: RawFd) -> SysResult<libc::stat> {
 /// Attributes of `name` in `dir` (of `dir` itself when `name` is empty), never
 /// following a symlink.
 pub fn stat_at(dir: RawFd, name: &[u8]) -> SysResult<libc::stat> {
-    let c = cstr(name)?;
     let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-    // SAFETY: valid NUL-terminated path and an out-pointer the kernel fills.
-    check(unsafe {
-        libc::fstatat(
-            dir,
-            c.as_ptr(),
-            st.as_mut_ptr(),
-            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
-        )
+    with_cname(name, |path| {
+        // SAFETY: valid NUL-terminated path and an out-pointer the kernel fills.
+        check(unsafe {
+            libc::fstatat(
+                dir,
+                path,
+                st.as_mut_ptr(),
+                libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+            )
+        })
     })?;
     // SAFETY: fstatat succeeded, so the struct is initialised.
     Ok(unsafe { st.assume_init() })
@@ -125,22 +136,23 @@ pub fn name_to_handle(fd: RawFd) -> SysResult<(i32, Vec<u8>)> {
 /// The kernel's persistent handle for `name` in `dir` (for `dir` itself when `name` is
 /// empty); a symlink is not followed.
 pub fn handle_at(dir: RawFd, name: &[u8]) -> SysResult<(i32, Vec<u8>)> {
-    let c = cstr(name)?;
     let mut h = RawHandle {
         handle_bytes: 128,
         handle_type: 0,
         f_handle: [0; 128],
     };
     let mut mount_id: libc::c_int = 0;
-    // SAFETY: `h` is a file_handle with 128 bytes of room, as handle_bytes says.
-    check(unsafe {
-        libc::name_to_handle_at(
-            dir,
-            c.as_ptr(),
-            (&raw mut h).cast(),
-            &mut mount_id,
-            libc::AT_EMPTY_PATH,
-        )
+    with_cname(name, |path| {
+        // SAFETY: `h` is a file_handle with 128 bytes of room, as handle_bytes says.
+        check(unsafe {
+            libc::name_to_handle_at(
+                dir,
+                path,
+                (&raw mut h).cast(),
+                &mut mount_id,
+                libc::AT_EMPTY_PATH,
+            )
+        })
     })?;
     let n = (h.handle_bytes as usize).min(128);
     Ok((h.handle_type, h.f_handle[..n].to_vec()))

@@ -64,19 +64,9 @@ impl Ctx {
         reason: &str,
         note: String,
     ) {
-        self.event_on(pvc, type_, reason, "Provision", note).await;
-    }
-
-    /// Records an event about `obj`.
-    pub async fn event_on<K: Resource<DynamicType = ()>>(
-        &self,
-        obj: &K,
-        type_: EventType,
-        reason: &str,
-        action: &str,
-        note: String,
-    ) {
-        self.events.publish(obj, type_, reason, action, note).await;
+        self.events
+            .publish(pvc, type_, reason, "Provision", note)
+            .await;
     }
 
     async fn patch_meta(

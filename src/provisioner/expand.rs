@@ -82,17 +82,18 @@ pub async fn reconcile(
         return Ok(Next::Wait);
     }
     if !class.allow_volume_expansion.unwrap_or(false) {
-        ctx.event_on(
-            pvc,
-            EventType::Warning,
-            "ExpansionFailed",
-            "Expand",
-            format!(
-                "StorageClass {} does not allow volume expansion",
-                class.name_any()
-            ),
-        )
-        .await;
+        ctx.events
+            .publish(
+                pvc,
+                EventType::Warning,
+                "ExpansionFailed",
+                "Expand",
+                format!(
+                    "StorageClass {} does not allow volume expansion",
+                    class.name_any()
+                ),
+            )
+            .await;
         return Ok(Next::Wait);
     }
     let applied = ann(pv, SIZE).and_then(|s| s.parse::<u64>().ok());
@@ -115,14 +116,15 @@ pub async fn reconcile(
             )
             .await
             .map_err(Error::kube(format!("update capacity of claim {ns}/{name}")))?;
-        ctx.event_on(
-            pvc,
-            EventType::Normal,
-            "VolumeResizeSuccessful",
-            "Expand",
-            format!("volume {pv_name} expanded to {want} bytes"),
-        )
-        .await;
+        ctx.events
+            .publish(
+                pvc,
+                EventType::Normal,
+                "VolumeResizeSuccessful",
+                "Expand",
+                format!("volume {pv_name} expanded to {want} bytes"),
+            )
+            .await;
         return Ok(Next::Wait);
     }
     if ann(pv, RESIZE_TO) != Some(want.to_string().as_str()) {
@@ -133,14 +135,15 @@ pub async fn reconcile(
         )
         .await
         .map_err(Error::kube(format!("request resize of PV {pv_name}")))?;
-        ctx.event_on(
-            pvc,
-            EventType::Normal,
-            "Resizing",
-            "Expand",
-            format!("asking the node agent to grow {pv_name} from {have} to {want} bytes"),
-        )
-        .await;
+        ctx.events
+            .publish(
+                pvc,
+                EventType::Normal,
+                "Resizing",
+                "Expand",
+                format!("asking the node agent to grow {pv_name} from {have} to {want} bytes"),
+            )
+            .await;
     }
     Ok(Next::After(Duration::from_secs(30)))
 }

@@ -87,13 +87,12 @@ async fn watch_fingerprints<K, Key>(
             watcher::Event::Init => relist = Some(HashMap::new()),
             watcher::Event::InitApply(obj) | watcher::Event::Apply(obj) => {
                 let (k, fp) = (key(&obj), fingerprint(&obj));
-                if seen.get(&k) != Some(&fp) {
+                if seen.insert(k, fp) != Some(fp) {
                     changed(&obj);
                 }
                 if let Some(r) = relist.as_mut() {
                     r.insert(key(&obj), fp);
                 }
-                seen.insert(k, fp);
             }
             watcher::Event::InitDone => {
                 if let Some(r) = relist.take() {

@@ -54,7 +54,7 @@ async fn reconcile(name: &str, ctx: &Ctx) -> Result<Next> {
         match pvs.delete(name, &DeleteParams::default()).await {
             Ok(_) => {
                 ctx.metrics.deleted.inc();
-                ctx.event_on(&pv, EventType::Normal, "Reclaiming", "Delete", format!(
+                ctx.events.publish(&pv, EventType::Normal, "Reclaiming", "Delete", format!(
                     "claim released with reclaim policy Delete: deleting {name} once its node agent has removed the data"
                 ))
                 .await;
