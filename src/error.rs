@@ -63,6 +63,12 @@ pub enum Error {
         tail: String,
     },
 
+    #[error("failed to set up the test network: `{command}`: {stderr}")]
+    TestNetwork { command: String, stderr: String },
+
+    #[error("test node {node}: {detail}")]
+    GuestCommand { node: String, detail: String },
+
     #[error("timed out after {after:?} waiting for {what}")]
     Timeout { what: String, after: Duration },
 

@@ -13,6 +13,7 @@
 
 mod process;
 
+pub mod kernel;
 pub mod kubelet;
 
 use std::net::TcpListener;

@@ -22,11 +22,24 @@ pub struct Process {
     log: PathBuf,
     program: std::ffi::OsString,
     args: Vec<std::ffi::OsString>,
+    /// Killed as a whole process group (programs that fork helpers, such as
+    /// `linux.uml`, whose helpers outlive it otherwise).
+    group: bool,
 }
 
 impl Process {
     /// Starts `cmd` with stdout and stderr appended to `log`.
     pub fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Result<Self> {
+        Self::spawn_inner(name, cmd, log, false)
+    }
+
+    /// Same, in a process group of its own that [`Process::kill`] kills whole.
+    pub fn spawn_group(name: &str, cmd: &mut Command, log: &Path) -> Result<Self> {
+        cmd.process_group(0);
+        Self::spawn_inner(name, cmd, log, true)
+    }
+
+    fn spawn_inner(name: &str, cmd: &mut Command, log: &Path, group: bool) -> Result<Self> {
         let spawn_err = |source| Error::SpawnProcess {
             name: name.to_owned(),
             source,
@@ -56,6 +69,7 @@ impl Process {
             log: log.to_owned(),
             program: cmd.get_program().to_owned(),
             args: cmd.get_args().map(ToOwned::to_owned).collect(),
+            group,
         })
     }
 
@@ -65,7 +79,10 @@ impl Process {
         self.kill();
         let mut cmd = Command::new(&self.program);
         cmd.args(&self.args);
-        let fresh = Self::spawn(&self.name, &mut cmd, &self.log.clone())?;
+        if self.group {
+            cmd.process_group(0);
+        }
+        let fresh = Self::spawn_inner(&self.name, &mut cmd, &self.log.clone(), self.group)?;
         *self = fresh;
         Ok(())
     }
@@ -123,6 +140,15 @@ impl Process {
     pub fn kill(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
             signal(self.pid(), libc::SIGKILL);
+        }
+        if self.group {
+            // Before the leader is reaped, so the group id cannot have been reused.
+            if let Ok(pgid) = libc::pid_t::try_from(self.pid()) {
+                // SAFETY: plain syscall on the group made at spawn.
+                unsafe {
+                    libc::kill(-pgid, libc::SIGKILL);
+                }
+            }
         }
         let _ = self.child.wait();
     }

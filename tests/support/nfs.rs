@@ -22,6 +22,8 @@ use tokio::process::{Child, Command};
 /// A `localnfs node --standalone` process serving `root`.
 pub struct Node {
     child: Child,
+    /// Where it serves NFS and MOUNT.
+    pub addr: SocketAddr,
     pub port: u16,
     pub root: PathBuf,
     extra: Vec<String>,
@@ -32,14 +34,24 @@ impl Node {
         Self::start_with(root, 0, &[]).await
     }
 
-    /// Starts on `port` (0: any) with extra flags.
+    /// Starts on `127.0.0.1:port` (0: any) with extra flags.
     pub async fn start_with(root: &Path, port: u16, extra: &[&str]) -> Node {
+        Self::start_on(
+            root,
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port),
+            extra,
+        )
+        .await
+    }
+
+    /// Starts on `listen` (port 0: any) with extra flags.
+    pub async fn start_on(root: &Path, listen: SocketAddr, extra: &[&str]) -> Node {
         let mut child = Command::new(env!("CARGO_BIN_EXE_localnfs"))
             .args(["node", "--standalone", "--admin-addr", "127.0.0.1:0"])
             .arg("--root")
             .arg(root)
             .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
+            .arg(listen.to_string())
             .args(extra)
             .env("LOCALNFS_LOG", "warn")
             .stdout(Stdio::piped())
@@ -61,6 +73,7 @@ impl Node {
             .expect("socket address");
         Node {
             child,
+            addr,
             port: addr.port(),
             root: root.to_owned(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
@@ -76,7 +89,7 @@ impl Node {
         self.child.start_kill().expect("kill");
         self.child.wait().await.expect("reap");
         let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
-        *self = Node::start_with(&self.root.clone(), self.port, &extra).await;
+        *self = Node::start_on(&self.root.clone(), self.addr, &extra).await;
     }
 
     pub async fn sigterm(&mut self) -> std::process::ExitStatus {

@@ -1,0 +1,393 @@
+//! Test nodes that are real Linux kernels: each [`KernelNode`] is a User-Mode Linux
+//! guest (Debian's `user-mode-linux`, a Linux kernel run as an ordinary process), so a
+//! volume is mounted exactly as kubelet mounts it — `mount -t nfs` with the PV's
+//! server, path and mountOptions — and every READ, WRITE, COMMIT and READDIRPLUS after
+//! that comes from the kernel's NFS client with its own caching and retries.
+//!
+//! The network: a [`TestNetwork`] is a network namespace of the test's own with a
+//! bridge, joined to this (the host's) namespace by a veth pair whose host end carries
+//! one /24 of `10.213.0.0/16`. Guests sit on the bridge through tap devices; node
+//! agents listen on extra addresses of the host end. Nothing is routed anywhere else,
+//! and dropping the network deletes the namespace and the veth.
+//!
+//! A node is therefore two addresses on that /24: the one its agent serves NFS on and
+//! the one its kernel mounts from. Both are the Node's InternalIPs (agent first, which
+//! is what PVs point at), as on a node with two interfaces, so the agents' allow-list
+//! (every node's InternalIPs) admits exactly the test nodes' kernels and nothing else.
+//!
+//! Inside, the guest's root is this machine's `/` read-only (`hostfs`), so it runs the
+//! same `mount.nfs`, `mariadbd` or `prove` as the host; `/run`, `/tmp` and `/mnt` are
+//! tmpfs. PID 1 is a shell script that loads the NFS modules and starts a small command
+//! server (`guest_agent.py`, port 7000) through which [`KernelNode::run`] executes shell
+//! scripts. Each guest is killed by its process group when dropped.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+use super::process::Process;
+use crate::error::{Error, Result};
+
+/// Port of the command server inside each guest.
+const AGENT_PORT: u16 = 7000;
+/// Memory of each guest (mariadbd with a small buffer pool fits).
+const GUEST_MEMORY: &str = "512M";
+/// How long a guest may take to boot and start its command server.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+/// The command server, started by the guest's init.
+const GUEST_AGENT: &str = include_str!("guest_agent.py");
+
+/// A private network for test nodes; see the module docs.
+pub struct TestNetwork {
+    netns: String,
+    host_if: String,
+    /// The first three octets of the network's /24.
+    prefix: [u8; 3],
+    taps: std::sync::atomic::AtomicU32,
+}
+
+/// What a test node's command printed.
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub rc: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `ip` (or another setup command), failing with what it printed.
+fn sh(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|source| Error::SpawnProcess {
+            name: program.to_owned(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(Error::TestNetwork {
+            command: format!("{program} {}", args.join(" ")),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Serialises the choice of a free /24 between tests (threads and processes).
+fn lock_subnets() -> Result<std::fs::File> {
+    let path = std::env::temp_dir().join("localnfs-testnet.lock");
+    let file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| Error::PrepareTestDir { path, source })?;
+    // SAFETY: flock on a descriptor we own; released when the file is closed.
+    unsafe {
+        libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX);
+    }
+    Ok(file)
+}
+
+impl TestNetwork {
+    /// Creates the namespace, its bridge and the veth pair, with `10.213.N.1/24` on the
+    /// host end for the first free `N`.
+    pub fn create() -> Result<Self> {
+        for program in ["ip", "linux.uml"] {
+            if super::find_on_path(program).is_none() {
+                return Err(Error::MissingProgram {
+                    program: if program == "ip" { "ip" } else { "linux.uml" },
+                    hint: "run scripts/deps (Debian packages iproute2, user-mode-linux, kmod, nfs-common)",
+                });
+            }
+        }
+        let _lock = lock_subnets()?;
+        let taken = sh("ip", &["-o", "-4", "addr", "show"])?;
+        let n = (1..=250u8)
+            .find(|n| !taken.contains(&format!(" 10.213.{n}.")))
+            .ok_or_else(|| Error::TestNetwork {
+                command: "pick a free 10.213.N.0/24".into(),
+                stderr: "all taken".into(),
+            })?;
+        let id = format!("{}x{n}", std::process::id());
+        let net = TestNetwork {
+            netns: format!("lnfs{id}"),
+            host_if: format!("lnh{id}"),
+            prefix: [10, 213, n],
+            taps: Default::default(),
+        };
+        let peer = format!("lnp{id}");
+        let ns = net.netns.as_str();
+        sh("ip", &["netns", "add", ns])?;
+        // From here on, Drop removes what was made.
+        net.in_ns(&["link", "set", "lo", "up"])?;
+        net.in_ns(&["link", "add", "br0", "type", "bridge"])?;
+        net.in_ns(&["link", "set", "br0", "up"])?;
+        sh(
+            "ip",
+            &[
+                "link",
+                "add",
+                &net.host_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &peer,
+                "netns",
+                ns,
+            ],
+        )?;
+        net.in_ns(&["link", "set", &peer, "master", "br0"])?;
+        net.in_ns(&["link", "set", &peer, "up"])?;
+        net.add_host_address(net.address(1))?;
+        sh("ip", &["link", "set", &net.host_if, "up"])?;
+        Ok(net)
+    }
+
+    fn in_ns(&self, args: &[&str]) -> Result<String> {
+        let mut all = vec!["netns", "exec", &self.netns, "ip"];
+        all.extend_from_slice(args);
+        sh("ip", &all)
+    }
+
+    /// `10.213.N.host` on this network.
+    pub fn address(&self, host: u8) -> IpAddr {
+        let [a, b, c] = self.prefix;
+        IpAddr::V4(Ipv4Addr::new(a, b, c, host))
+    }
+
+    /// Adds `addr` to the host end, so a process here can listen on it (a node agent).
+    pub fn add_host_address(&self, addr: IpAddr) -> Result<()> {
+        sh(
+            "ip",
+            &["addr", "add", &format!("{addr}/24"), "dev", &self.host_if],
+        )
+        .map(drop)
+    }
+
+    /// A new tap device on the bridge, for one guest.
+    fn add_tap(&self) -> Result<String> {
+        let i = self.taps.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tap = format!("tap{i}");
+        self.in_ns(&["tuntap", "add", "dev", &tap, "mode", "tap"])?;
+        self.in_ns(&["link", "set", &tap, "master", "br0"])?;
+        self.in_ns(&["link", "set", &tap, "up"])?;
+        Ok(tap)
+    }
+}
+
+impl Drop for TestNetwork {
+    fn drop(&mut self) {
+        // Guests hold their taps open; they are dropped before the network by their owners.
+        let _ = sh("ip", &["link", "del", &self.host_if]);
+        let _ = sh("ip", &["netns", "del", &self.netns]);
+    }
+}
+
+/// One test node: a Linux kernel (User-Mode Linux) on a [`TestNetwork`].
+pub struct KernelNode {
+    name: String,
+    addr: IpAddr,
+    // Field order matters: the guest dies before its directory is removed.
+    process: Process,
+    dir: tempfile::TempDir,
+}
+
+impl KernelNode {
+    /// Boots a guest called `name` with address `addr` on `net` and waits until it
+    /// answers commands. `<dir>/shared` on the host is `/mnt/host` in the guest.
+    pub async fn boot(net: &TestNetwork, name: &str, addr: IpAddr) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("localnfs-{name}-"))
+            .tempdir()
+            .map_err(|source| Error::PrepareTestDir {
+                path: std::env::temp_dir(),
+                source,
+            })?;
+        let io = |source| Error::PrepareTestDir {
+            path: dir.path().to_owned(),
+            source,
+        };
+        let shared = dir.path().join("shared");
+        std::fs::create_dir(&shared).map_err(io)?;
+        let agent = dir.path().join("agent.py");
+        std::fs::write(&agent, GUEST_AGENT).map_err(io)?;
+        let init = dir.path().join("init");
+        std::fs::write(&init, init_script(name, addr, &agent, &shared)).map_err(io)?;
+        std::fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .map_err(io)?;
+        let tap = net.add_tap()?;
+        let mut process = Process::spawn_group(
+            &format!("test node {name}"),
+            Command::new("ip")
+                .args(["netns", "exec", &net.netns, "linux.uml"])
+                .arg(format!("mem={GUEST_MEMORY}"))
+                .args(["root=/dev/root", "rootfstype=hostfs", "rootflags=/", "ro"])
+                .arg(format!("init={}", init.display()))
+                .args(["con0=fd:0,fd:1", "con=null"])
+                // gro=1: without it the guest drops the large segments of big READ
+                // replies and the mount stalls.
+                .arg(format!("vec0:transport=tap,ifname={tap},gro=1")),
+            &dir.path().join("console.log"),
+        )?;
+        let node = KernelNode {
+            name: name.to_owned(),
+            addr,
+            process: {
+                let start = Instant::now();
+                loop {
+                    process.ensure_running()?;
+                    if tokio::net::TcpStream::connect(SocketAddr::new(addr, AGENT_PORT))
+                        .await
+                        .is_ok()
+                    {
+                        break process;
+                    }
+                    if start.elapsed() > BOOT_TIMEOUT {
+                        return Err(Error::Timeout {
+                            what: format!("test node {name} to boot"),
+                            after: BOOT_TIMEOUT,
+                        });
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            dir,
+        };
+        Ok(node)
+    }
+
+    /// The node's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The address its kernel mounts from.
+    pub fn address(&self) -> IpAddr {
+        self.addr
+    }
+
+    /// The host directory the guest sees as `/mnt/host` (read-write).
+    pub fn shared_dir(&self) -> PathBuf {
+        self.dir.path().join("shared")
+    }
+
+    /// The guest's console output (kernel messages).
+    pub fn console_log(&self) -> &Path {
+        self.process.log()
+    }
+
+    /// Runs `script` with `/bin/sh` as root in the guest, for at most `timeout`.
+    pub async fn run(&self, script: &str, timeout: Duration) -> Result<Output> {
+        let fail = |detail: String| Error::GuestCommand {
+            node: self.name.clone(),
+            detail,
+        };
+        let request = serde_json::json!({"script": script, "timeout": timeout.as_secs_f64()});
+        let exchange = async {
+            let mut s = tokio::net::TcpStream::connect(SocketAddr::new(self.addr, AGENT_PORT))
+                .await
+                .map_err(|e| fail(format!("connect to the command server: {e}")))?;
+            let mut line = request.to_string();
+            line.push('\n');
+            s.write_all(line.as_bytes())
+                .await
+                .map_err(|e| fail(format!("send the command: {e}")))?;
+            let mut reply = String::new();
+            BufReader::new(s)
+                .read_line(&mut reply)
+                .await
+                .map_err(|e| fail(format!("read the reply: {e}")))?;
+            let v: serde_json::Value = serde_json::from_str(&reply)
+                .map_err(|e| fail(format!("unreadable reply {reply:?}: {e}")))?;
+            Ok(Output {
+                rc: v["rc"].as_i64().unwrap_or(-1) as i32,
+                stdout: v["stdout"].as_str().unwrap_or_default().to_owned(),
+                stderr: v["stderr"].as_str().unwrap_or_default().to_owned(),
+            })
+        };
+        // The guest enforces `timeout`; this bound only catches a guest that died.
+        tokio::time::timeout(timeout + Duration::from_secs(30), exchange)
+            .await
+            .map_err(|_| fail(format!("no reply within {timeout:?}")))?
+    }
+
+    /// Like [`KernelNode::run`], failing unless the script exits 0.
+    pub async fn run_ok(&self, script: &str, timeout: Duration) -> Result<String> {
+        let out = self.run(script, timeout).await?;
+        if out.rc != 0 {
+            return Err(Error::GuestCommand {
+                node: self.name.clone(),
+                detail: format!(
+                    "`{script}` exited {}:\n{}\n{}",
+                    out.rc,
+                    out.stdout.trim_end(),
+                    out.stderr.trim_end()
+                ),
+            });
+        }
+        Ok(out.stdout)
+    }
+
+    /// Mounts `server:path` at `target` with `options`, as kubelet does for an NFS PV
+    /// (`mount -t nfs -o <mountOptions> <server>:<path> <dir>`).
+    pub async fn mount_nfs(
+        &self,
+        server: &str,
+        path: &str,
+        options: &[String],
+        target: &str,
+    ) -> Result<()> {
+        let mut script = format!("mkdir -p {} && mount -t nfs", quote(target));
+        if !options.is_empty() {
+            let _ = write!(script, " -o {}", quote(&options.join(",")));
+        }
+        let _ = write!(
+            script,
+            " {} {}",
+            quote(&format!("{server}:{path}")),
+            quote(target)
+        );
+        self.run_ok(&script, Duration::from_secs(60))
+            .await
+            .map(drop)
+    }
+}
+
+/// `s` as one single-quoted shell word.
+pub fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// PID 1 of a guest: mounts, NFS modules, network, then the command server.
+fn init_script(name: &str, addr: IpAddr, agent: &Path, shared: &Path) -> String {
+    format!(
+        r#"#!/bin/sh
+# PID 1 of test node {name}.
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t tmpfs -o mode=0755 tmpfs /run
+mount -t tmpfs -o mode=0755 tmpfs /mnt
+cp {agent} /run/guest_agent.py
+mount -t tmpfs -o mode=1777 tmpfs /tmp
+mkdir -p /mnt/host /run/modroot/lib/modules /run/mysqld
+mount -t hostfs none /mnt/host -o {shared}
+# The modules are not under /lib/modules (the host's root is read-only here).
+ln -s /usr/lib/uml/modules/$(uname -r) /run/modroot/lib/modules/$(uname -r)
+modprobe -d /run/modroot nfsv3
+echo {name} > /proc/sys/kernel/hostname
+echo 1 > /proc/sys/kernel/printk
+ip link set lo up
+ip addr add {addr}/24 dev vec0
+ip link set vec0 up
+cd /
+exec /usr/bin/python3 /run/guest_agent.py
+"#,
+        agent = agent.display(),
+        shared = shared.display(),
+    )
+}

@@ -1,0 +1,103 @@
+//! The Linux kernel NFS client (what every pod uses) against the real `localnfs node`:
+//! each test boots User-Mode Linux test nodes on a private network and mounts volumes
+//! with `mount -t nfs` and the PVs' default mountOptions.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use localnfs::provisioner::pv::default_mount_options;
+use localnfs::testbed::kernel::{KernelNode, TestNetwork};
+use support::nfs::{Node, create_volume};
+
+const MIB: u64 = 1 << 20;
+
+/// A standalone agent on the network's host address, allowing only `clients`.
+async fn agent_for(net: &TestNetwork, root: &std::path::Path, clients: &[&KernelNode]) -> Node {
+    let mut args = Vec::new();
+    for c in clients {
+        args.push("--allow".to_owned());
+        args.push(format!("{}/32", c.address()));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Node::start_on(root, SocketAddr::new(net.address(1), 0), &args).await
+}
+
+async fn mount(node: &KernelNode, agent: &Node, volume: &str, target: &str) {
+    node.mount_nfs(
+        &agent.addr.ip().to_string(),
+        &format!("/{volume}"),
+        &default_mount_options(agent.port),
+        target,
+    )
+    .await
+    .expect("mount through the kernel client");
+}
+
+#[tokio::test]
+async fn kernel_client_data_survives_remount_and_matches_the_disk() {
+    let net = TestNetwork::create().expect("test network");
+    let node = KernelNode::boot(&net, "node-1", net.address(101))
+        .await
+        .expect("boot test node");
+    let root = tempfile::tempdir().expect("root");
+    create_volume(root.path(), "vol", 64 * MIB);
+    let agent = agent_for(&net, root.path(), &[&node]).await;
+
+    mount(&node, &agent, "vol", "/mnt/vol").await;
+    let written = node
+        .run_ok(
+            "set -e; cd /mnt/vol; head -c 12582912 /dev/urandom > data; sync data; \
+             mkdir -p d/e; echo hello > d/e/f; ln -s d/e/f link; \
+             sha256sum data | cut -d' ' -f1",
+            Duration::from_secs(120),
+        )
+        .await
+        .expect("write through the mount");
+    node.run_ok("umount /mnt/vol", Duration::from_secs(30))
+        .await
+        .expect("umount");
+    mount(&node, &agent, "vol", "/mnt/vol").await;
+    let read = node
+        .run_ok(
+            "set -e; cd /mnt/vol; cat link; sha256sum data | cut -d' ' -f1",
+            Duration::from_secs(120),
+        )
+        .await
+        .expect("read back after remount");
+    assert_eq!(read, format!("hello\n{written}"));
+    let on_disk = std::fs::read(root.path().join("volumes/vol/data")).expect("file on disk");
+    assert_eq!(on_disk.len(), 12 << 20, "the whole file reached the disk");
+}
+
+#[tokio::test]
+async fn kernel_client_from_an_address_not_allowed_cannot_mount() {
+    let net = TestNetwork::create().expect("test network");
+    let node = KernelNode::boot(&net, "node-1", net.address(101))
+        .await
+        .expect("boot node");
+    let stranger = KernelNode::boot(&net, "stranger", net.address(200))
+        .await
+        .expect("boot stranger");
+    let root = tempfile::tempdir().expect("root");
+    create_volume(root.path(), "vol", 16 * MIB);
+    let agent = agent_for(&net, root.path(), &[&node]).await;
+
+    mount(&node, &agent, "vol", "/mnt/vol").await;
+    let opts = default_mount_options(agent.port)
+        .into_iter()
+        .chain([
+            "retry=0".to_owned(),
+            "timeo=50".to_owned(),
+            "retrans=1".to_owned(),
+        ])
+        .collect::<Vec<_>>();
+    let refused = stranger
+        .mount_nfs(&agent.addr.ip().to_string(), "/vol", &opts, "/mnt/vol")
+        .await;
+    assert!(
+        refused.is_err(),
+        "a machine that is not an allowed node mounted the volume"
+    );
+}
