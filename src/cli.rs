@@ -207,6 +207,11 @@ pub struct NodeArgs {
     #[arg(long, env = "LOCALNFS_STANDALONE")]
     pub standalone: bool,
 
+    /// Let MKNOD make block and character device nodes in volumes (off: NFS3ERR_NOTSUPP).
+    /// For conformance runs; a device node in a volume reaches the node's hardware.
+    #[arg(long, env = "LOCALNFS_ALLOW_DEVICE_NODES")]
+    pub allow_device_nodes: bool,
+
     /// Bytes this node offers to volumes in total (default: whatever the disk has
     /// free). New volumes are placed only where their full size still fits.
     #[arg(long, env = "LOCALNFS_CAPACITY", value_parser = parse_size)]

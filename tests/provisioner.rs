@@ -4,7 +4,7 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr};
+
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -17,7 +17,6 @@ use support::cluster::*;
 use support::eventually;
 
 const WAIT: Duration = Duration::from_secs(120);
-const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 fn mysql(replicas: i32, class: &str) -> StatefulSet {
     serde_json::from_value(localnfs::demo::mysql(replicas, class)).expect("StatefulSet")
@@ -66,14 +65,12 @@ async fn wait_ready(client: &Client, n: usize, lnfs: &Localnfs) {
 async fn statefulset_scales_to_five_volumes_on_one_node_and_keeps_data_across_scale_down() {
     let cluster = TestCluster::start().await.expect("control plane");
     let client = cluster.client();
-    kubelet::add_node(&client, "node-1", LOCALHOST)
-        .await
-        .expect("node");
     let mut lnfs = Localnfs::new(&cluster).await;
-    lnfs.start_agent("node-1", LOCALHOST);
-    lnfs.start_controller();
+    let kernel = lnfs
+        .start_kernel_nodes_and_controller(&client, &[("node-1", "100Gi")])
+        .await;
     storage_class(&client, "localnfs", json!({})).await;
-    let kubelet = NfsKubelet::start(client.clone(), "default");
+    let kubelet = NfsKubelet::start(client.clone(), "default", &kernel);
 
     let sets: Api<StatefulSet> = Api::namespaced(client.clone(), "default");
     sets.create(&PostParams::default(), &mysql(1, "localnfs"))
@@ -106,7 +103,7 @@ async fn statefulset_scales_to_five_volumes_on_one_node_and_keeps_data_across_sc
             .expect("pv");
         assert_eq!(pv.name_any(), format!("pvc-{}", claim.uid().expect("uid")));
         let (server, _, volume) = nfs_target(&pv);
-        assert_eq!(server, LOCALHOST);
+        assert_eq!(server, kernel.agent_ip("node-1"));
         let file = lnfs
             .root("node-1")
             .join("volumes")

@@ -85,10 +85,14 @@ async fn setup(nodes: &[(&str, IpAddr, &str)]) -> (TestCluster, Localnfs) {
 
 #[tokio::test]
 async fn volumes_land_on_the_node_the_scheduler_picked() {
-    let (cluster, lnfs) = setup(&[("node-1", ip(11), "10Gi"), ("node-2", ip(12), "10Gi")]).await;
+    let cluster = TestCluster::start().await.expect("control plane");
     let client = cluster.client();
+    let mut lnfs = Localnfs::new(&cluster).await;
+    let kernel = lnfs
+        .start_kernel_nodes_and_controller(&client, &[("node-1", "10Gi"), ("node-2", "10Gi")])
+        .await;
     storage_class(&client, "local", json!({})).await;
-    let _kubelet = NfsKubelet::start(client.clone(), "default");
+    let _kubelet = NfsKubelet::start(client.clone(), "default", &kernel);
     let sts: StatefulSet = serde_json::from_value(json!({
         "metadata": {"name": "db"},
         "spec": {
@@ -118,7 +122,7 @@ async fn volumes_land_on_the_node_the_scheduler_picked() {
         })
         .await;
         let (server, _, volume) = nfs_target(&pv);
-        let want_ip = if pod == "node-1" { ip(11) } else { ip(12) };
+        let want_ip = kernel.agent_ip(&pod);
         assert_eq!(
             server, want_ip,
             "db-{i} runs on {pod} but its volume is served from {server}"

@@ -1,10 +1,10 @@
 //! The scheduler helper on the real control plane: kube-scheduler calls its extender,
 //! the API server calls its webhook over HTTPS, and the test-kubelet mounts volumes
-//! over NFS from the node each pod runs on.
+//! with the Linux kernel NFS client of the node (a User-Mode Linux guest) each pod
+//! runs on.
 
 mod support;
 
-use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -20,20 +20,20 @@ use support::eventually;
 
 const WAIT: Duration = Duration::from_secs(90);
 
-fn ip(last: u8) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
-}
-
 struct Env {
+    // Field order matters: processes stop before the test nodes, nodes before the
+    // control plane.
+    lnfs: Localnfs,
+    kernel: KernelNodes,
     /// Kept alive for the test; torn down on drop.
     _cluster: TestCluster,
-    lnfs: Localnfs,
     client: Client,
 }
 
-/// A cluster whose scheduler calls the helper's extender, nodes with their agents
-/// (`--capacity` each), the controller, and the helper with its webhook registered.
-async fn setup(nodes: &[(&str, IpAddr, &str)], class: serde_json::Value) -> Env {
+/// A cluster whose scheduler calls the helper's extender, kernel test nodes with their
+/// agents (`--capacity` each), the controller, and the helper with its webhook
+/// registered.
+async fn setup(nodes: &[(&str, &str)], class: serde_json::Value) -> Env {
     let (webhook_port, extender_port) = (free_port(), free_port());
     let cluster = TestCluster::start_with(ClusterOptions {
         scheduler_extenders: vec![extender_entry(&format!("http://127.0.0.1:{extender_port}"))],
@@ -43,13 +43,14 @@ async fn setup(nodes: &[(&str, IpAddr, &str)], class: serde_json::Value) -> Env 
     .expect("control plane");
     let client = cluster.client();
     let mut lnfs = Localnfs::new(&cluster).await;
-    lnfs.start_nodes_and_controller(&client, nodes).await;
+    let kernel = lnfs.start_kernel_nodes_and_controller(&client, nodes).await;
     lnfs.start_scheduler(&client, webhook_port, extender_port)
         .await;
     storage_class(&client, "local", class).await;
     Env {
-        _cluster: cluster,
         lnfs,
+        kernel,
+        _cluster: cluster,
         client,
     }
 }
@@ -194,18 +195,14 @@ async fn scheduling_failures(client: &Client, uid: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn rebuilt_pod_goes_home_and_runs_elsewhere_over_nfs_when_home_is_cordoned() {
-    let mut env = setup(
-        &[("node-1", ip(21), "10Gi"), ("node-2", ip(22), "10Gi")],
-        json!({}),
-    )
-    .await;
+    let mut env = setup(&[("node-1", "10Gi"), ("node-2", "10Gi")], json!({})).await;
     let client = env.client.clone();
-    let kubelet = NfsKubelet::start(client.clone(), "default");
+    let kubelet = NfsKubelet::start(client.clone(), "default", &env.kernel);
     statefulset(&client, "db", "1Gi").await;
     let (home, seen, _) = running(&client, &kubelet, "db-0", "").await;
     assert_eq!(seen, "data-db-0:wrote");
     let other = if home == "node-1" { "node-2" } else { "node-1" };
-    let home_ip = if home == "node-1" { ip(21) } else { ip(22) };
+    let home_ip = env.kernel.agent_ip(&home);
 
     // Home is now the busier node; the rebuilt pod still goes home.
     crowd(&client, &home).await;
@@ -225,7 +222,7 @@ async fn rebuilt_pod_goes_home_and_runs_elsewhere_over_nfs_when_home_is_cordoned
     );
 
     // Home cordoned: preferred means the pod runs elsewhere and reads its data over
-    // NFS from home (the test-kubelet mounts from the other node's address).
+    // NFS from home (the test-kubelet mounts in the other node's kernel).
     cordon(&client, &home, true).await;
     let old = delete_pod(&client, "db-0").await;
     let (node, seen, _) = running(&client, &kubelet, "db-0", &old).await;
@@ -263,12 +260,12 @@ async fn rebuilt_pod_goes_home_and_runs_elsewhere_over_nfs_when_home_is_cordoned
 #[tokio::test]
 async fn strict_volume_keeps_its_pod_pending_while_home_is_cordoned() {
     let env = setup(
-        &[("node-1", ip(23), "10Gi"), ("node-2", ip(24), "10Gi")],
+        &[("node-1", "10Gi"), ("node-2", "10Gi")],
         json!({"parameters": {"locality": "strict"}}),
     )
     .await;
     let client = env.client.clone();
-    let kubelet = NfsKubelet::start(client.clone(), "default");
+    let kubelet = NfsKubelet::start(client.clone(), "default", &env.kernel);
     statefulset(&client, "vault", "1Gi").await;
     let (home, _, _) = running(&client, &kubelet, "vault-0", "").await;
 
@@ -311,13 +308,9 @@ async fn strict_volume_keeps_its_pod_pending_while_home_is_cordoned() {
 
 #[tokio::test]
 async fn new_volumes_go_where_there_is_room_and_impossible_ones_say_why() {
-    let env = setup(
-        &[("node-1", ip(25), "1Gi"), ("node-2", ip(26), "20Gi")],
-        json!({}),
-    )
-    .await;
+    let env = setup(&[("node-1", "1Gi"), ("node-2", "20Gi")], json!({})).await;
     let client = env.client.clone();
-    let kubelet = NfsKubelet::start(client.clone(), "default");
+    let kubelet = NfsKubelet::start(client.clone(), "default", &env.kernel);
     // node-1 looks better to kube-scheduler on its own (idle); only the extender
     // knows its disk is too small for the claim.
     crowd(&client, "node-2").await;

@@ -381,7 +381,7 @@ impl DemoKubelet {
             while let Some(Ok(pod)) = events.next().await {
                 let name = pod.name_any();
                 if pod.metadata.deletion_timestamp.is_some() {
-                    let _ = kubelet::finish_pod_deletion(&client, "default", &name).await;
+                    let _ = kubelet::finish_pod_deletion(&client, &pod).await;
                     continue;
                 }
                 let scheduled = pod.spec.as_ref().is_some_and(|s| s.node_name.is_some());

@@ -295,8 +295,19 @@ pub fn mknod(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
     let dir_fh = args.fh()?;
     let name = args.filename()?;
     let kind = args.u32()?;
-    // FIFOs and sockets only: device nodes inside a tenant's volume are refused.
-    let (s, fmt) = match kind {
+    // FIFOs and sockets; device nodes only when the agent allows them (RFC 1813
+    // §3.3.11: NF3BLK = 3 and NF3CHR = 4 carry major/minor in specdata3).
+    let (s, fmt, dev) = match kind {
+        3 | 4 if ctx.ex.device_nodes => {
+            let s = args.sattr()?;
+            let spec = args.specdata()?;
+            let fmt = if kind == 3 {
+                libc::S_IFBLK
+            } else {
+                libc::S_IFCHR
+            };
+            (s, fmt, libc::makedev(spec.specdata1, spec.specdata2))
+        }
         3 | 4 => {
             let _ = args.sattr()?;
             let _ = args.specdata()?;
@@ -304,8 +315,8 @@ pub fn mknod(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
             wcc(out, None, None, 0);
             return Ok(());
         }
-        6 => (args.sattr()?, libc::S_IFSOCK),
-        7 => (args.sattr()?, libc::S_IFIFO),
+        6 => (args.sattr()?, libc::S_IFSOCK, 0),
+        7 => (args.sattr()?, libc::S_IFIFO, 0),
         1 | 2 | 5 => {
             status(out, nfsstat3::NFS3ERR_BADTYPE);
             wcc(out, None, None, 0);
@@ -314,7 +325,7 @@ pub fn mknod(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
         _ => return Err(Garbage),
     };
     create_common(ctx, dir_fh, name, out, |v, dir| {
-        sys::mknodat(raw(dir), name, fmt | mode_or(&s, 0o644), 0).map_err(to_nfsstat)?;
+        sys::mknodat(raw(dir), name, fmt | mode_or(&s, 0o644), dev).map_err(to_nfsstat)?;
         let fd = sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
         apply_sattr(
             v,

@@ -128,6 +128,10 @@ pub struct Exports {
     /// Write verifier: new on every start, so clients resend unstable writes the
     /// previous process may have lost (RFC 1813 §3.3.7, DESIGN invariant 4).
     pub verifier: [u8; 8],
+    /// MKNOD may make block and character devices (`--allow-device-nodes`). Off by
+    /// default: a device node in a volume is a way into the node's hardware for any
+    /// pod that mounts it without `nodev`.
+    pub device_nodes: bool,
 }
 
 impl Exports {
@@ -161,9 +165,16 @@ impl Exports {
             objects: Mutex::new(HashMap::new()),
             refreshing: Mutex::new(()),
             verifier,
+            device_nodes: false,
         };
         exports.refresh()?;
         Ok(exports)
+    }
+
+    /// Lets MKNOD make block and character devices (see [`Exports::device_nodes`]).
+    pub fn with_device_nodes(mut self, allow: bool) -> Self {
+        self.device_nodes = allow;
+        self
     }
 
     pub fn store(&self) -> &VolumeStore {

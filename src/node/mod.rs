@@ -40,7 +40,10 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     }
     let shutdown = crate::shutdown::on_signals()?;
     let store = VolumeStore::open(&args.root)?;
-    let exports = Arc::new(tokio::task::block_in_place(|| Exports::load(store))?);
+    let exports = Arc::new(
+        tokio::task::block_in_place(|| Exports::load(store))?
+            .with_device_nodes(args.allow_device_nodes),
+    );
 
     let listener = crate::server::bind("NFS", args.listen).await?;
     let nfs_addr = listener.local_addr().unwrap_or(args.listen);

@@ -14,13 +14,25 @@ use crate::error::{Error, Result};
 /// Registers a schedulable, Ready node called `name` with `internal_ip` as its
 /// InternalIP, 8 CPUs, 32 GiB and room for 1000 pods (enough for the provisioning benchmark).
 pub async fn add_node(client: &Client, name: &str, internal_ip: IpAddr) -> Result<Node> {
+    add_node_with_addresses(client, name, &[internal_ip]).await
+}
+
+/// Same, with several InternalIPs (in this order), as a node with several interfaces
+/// reports them.
+pub async fn add_node_with_addresses(
+    client: &Client,
+    name: &str,
+    internal_ips: &[IpAddr],
+) -> Result<Node> {
     let nodes: Api<Node> = Api::all(client.clone());
+    let mut addresses: Vec<_> = internal_ips
+        .iter()
+        .map(|ip| json!({"type": "InternalIP", "address": ip.to_string()}))
+        .collect();
+    addresses.push(json!({"type": "Hostname", "address": name}));
     let status = json!({
         "conditions": [ready_condition("KubeletReady", "test kubelet is posting ready status")],
-        "addresses": [
-            {"type": "InternalIP", "address": internal_ip.to_string()},
-            {"type": "Hostname", "address": name},
-        ],
+        "addresses": addresses,
         "capacity": {"cpu": "8", "memory": "32Gi", "pods": "1000", "ephemeral-storage": "100Gi"},
         "allocatable": {"cpu": "8", "memory": "32Gi", "pods": "1000", "ephemeral-storage": "100Gi"},
         "nodeInfo": {
@@ -108,16 +120,26 @@ pub async fn mark_pod_ready(client: &Client, namespace: &str, name: &str) -> Res
 }
 
 /// Finishes a graceful pod deletion, as a kubelet does once the containers stopped
-/// (without a kubelet, pods stay Terminating forever).
-pub async fn finish_pod_deletion(client: &Client, namespace: &str, name: &str) -> Result<()> {
+/// (without a kubelet, pods stay Terminating forever). Only this incarnation of the
+/// pod: a StatefulSet pod recreated under the same name meanwhile is left alone.
+pub async fn finish_pod_deletion(client: &Client, pod: &Pod) -> Result<()> {
+    let (namespace, name) = (
+        pod.metadata.namespace.as_deref().unwrap_or("default"),
+        pod.metadata.name.as_deref().unwrap_or_default(),
+    );
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let params = kube::api::DeleteParams {
         grace_period_seconds: Some(0),
+        preconditions: Some(kube::api::Preconditions {
+            uid: pod.metadata.uid.clone(),
+            resource_version: None,
+        }),
         ..kube::api::DeleteParams::default()
     };
     match pods.delete(name, &params).await {
         Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        // Gone, or a new pod of the same name (uid precondition failed).
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
         Err(e) => Err(Error::kube(format!(
             "finish deleting pod {namespace}/{name}"
         ))(e)),

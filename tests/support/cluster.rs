@@ -16,14 +16,13 @@ use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Api, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
+use localnfs::testbed::kernel::{KernelNode, TestNetwork, quote};
 use localnfs::testbed::{TestCluster, kubelet};
-use nfs3_types::nfs3::{nfs_fh3, stable_how};
 use serde_json::json;
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 
 use super::eventually;
-use super::nfs::Client as NfsClient;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::coordination::v1::Lease;
 use localnfs::scheduler::config::WEBHOOK_CONFIG;
@@ -278,9 +277,75 @@ pub async fn storage_class(client: &Client, name: &str, extra: serde_json::Value
 /// previous incarnation was already there).
 pub type KubeletLog = Arc<Mutex<BTreeMap<String, Vec<String>>>>;
 
-/// A kubelet stand-in: for each pod scheduled to a node, mounts every localnfs volume
-/// with a real NFS client from the node's address, checks for `<claim>.txt`, writes it
-/// if missing, then reports the pod Running and Ready.
+/// Test nodes that are real kernels (User-Mode Linux), one per Node, on one private
+/// network; see `localnfs::testbed::kernel`.
+pub struct KernelNodes {
+    // Field order matters: the guests stop before their network is removed.
+    pub nodes: BTreeMap<String, Arc<KernelNode>>,
+    /// Each node's agent address (its first InternalIP, the one PVs point at).
+    pub agent_ips: BTreeMap<String, IpAddr>,
+    pub net: TestNetwork,
+}
+
+impl KernelNodes {
+    pub fn node(&self, name: &str) -> &KernelNode {
+        &self.nodes[name]
+    }
+
+    pub fn agent_ip(&self, name: &str) -> IpAddr {
+        self.agent_ips[name]
+    }
+}
+
+impl Localnfs {
+    /// Boots one kernel test node per `(node, capacity)`, registers each as a Ready
+    /// Node whose InternalIPs are its agent's address and its kernel's address, starts
+    /// each agent on its address with `--capacity`, then the controller.
+    pub async fn start_kernel_nodes_and_controller(
+        &mut self,
+        client: &Client,
+        nodes: &[(&str, &str)],
+    ) -> KernelNodes {
+        let net = TestNetwork::create().expect("test network");
+        let guests = futures::future::join_all(
+            nodes
+                .iter()
+                .zip(101u8..)
+                .map(|((name, _), host)| KernelNode::boot(&net, name, net.address(host))),
+        )
+        .await;
+        let mut kernel = KernelNodes {
+            nodes: BTreeMap::new(),
+            agent_ips: BTreeMap::new(),
+            net,
+        };
+        for (((name, capacity), guest), host) in nodes.iter().zip(guests).zip(1u8..) {
+            let guest = guest.expect("boot test node");
+            let agent_ip = kernel.net.address(host);
+            if host > 1 {
+                kernel
+                    .net
+                    .add_host_address(agent_ip)
+                    .expect("agent address");
+            }
+            kubelet::add_node_with_addresses(client, name, &[agent_ip, guest.address()])
+                .await
+                .expect("node");
+            self.start_agent_with(name, agent_ip, &["--capacity", capacity]);
+            kernel.nodes.insert(name.to_string(), Arc::new(guest));
+            kernel.agent_ips.insert(name.to_string(), agent_ip);
+        }
+        self.start_controller();
+        kernel
+    }
+}
+
+/// A kubelet stand-in: for each pod scheduled to a node, mounts every PV of the pod
+/// inside that node's kernel exactly as kubelet does (`mount -t nfs` with the PV's
+/// server, path and mountOptions), then does the container's work on the mount: reads
+/// `<claim>.txt` if it exists (checking its content), else writes and syncs it; then
+/// reports the pod Running and Ready. A deleted pod's mounts are unmounted before its
+/// deletion is finished.
 pub struct NfsKubelet {
     task: JoinHandle<()>,
     pub log: KubeletLog,
@@ -293,27 +358,44 @@ impl Drop for NfsKubelet {
 }
 
 impl NfsKubelet {
-    pub fn start(client: Client, namespace: &str) -> Self {
+    pub fn start(client: Client, namespace: &str, nodes: &KernelNodes) -> Self {
         let log: KubeletLog = Arc::default();
         let ns = namespace.to_owned();
         let record = log.clone();
+        let guests = nodes.nodes.clone();
         let task = tokio::spawn(async move {
             let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
             let mut events = watcher(pods, watcher::Config::default())
                 .applied_objects()
                 .boxed();
+            // Pods whose start is under way or done: one mount per pod and volume.
+            let mut started = std::collections::BTreeSet::new();
             while let Some(Ok(pod)) = events.next().await {
-                let scheduled = pod.spec.as_ref().is_some_and(|s| s.node_name.is_some());
+                let node = pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.node_name.as_ref())
+                    .and_then(|n| guests.get(n))
+                    .cloned();
                 if pod.metadata.deletion_timestamp.is_some() {
-                    let _ = kubelet::finish_pod_deletion(&client, &ns, &pod.name_any()).await;
+                    if let (Some(node), Some(uid)) = (&node, pod.uid()) {
+                        let umount = format!(
+                            "for m in /mnt/pods/{uid}/*; do [ -d \"$m\" ] && umount \"$m\"; done; true"
+                        );
+                        if let Err(e) = node.run_ok(&umount, Duration::from_secs(60)).await {
+                            eprintln!("test-kubelet: unmounting pod {}: {e}", pod.name_any());
+                        }
+                    }
+                    let _ = kubelet::finish_pod_deletion(&client, &pod).await;
                     continue;
                 }
-                if !scheduled || kubelet::is_running_and_ready(&pod) {
+                let Some(node) = node else { continue };
+                if kubelet::is_running_and_ready(&pod) || !started.insert(pod.uid()) {
                     continue;
                 }
                 let (client, ns, record) = (client.clone(), ns.clone(), record.clone());
                 tokio::spawn(async move {
-                    match start_pod(&client, &ns, &pod).await {
+                    match start_pod(&client, &ns, &pod, &node).await {
                         Ok(done) => {
                             record.lock().expect("log").insert(pod.name_any(), done);
                             if let Err(e) =
@@ -349,25 +431,20 @@ pub fn nfs_target(pv: &PersistentVolume) -> (IpAddr, u16, String) {
     )
 }
 
-/// The InternalIP of the node a pod is scheduled to.
-pub async fn node_ip(client: &Client, pod: &Pod) -> Option<IpAddr> {
-    let node_name = pod.spec.as_ref()?.node_name.clone()?;
-    let node = Api::<k8s_openapi::api::core::v1::Node>::all(client.clone())
-        .get(&node_name)
-        .await
-        .ok()?;
-    node.status?
-        .addresses?
-        .into_iter()
-        .find(|a| a.type_ == "InternalIP")?
-        .address
-        .parse()
-        .ok()
+/// Where the test-kubelet mounts a pod's volume inside its node.
+pub fn pod_mount(pod_uid: &str, volume: &str) -> String {
+    format!("/mnt/pods/{pod_uid}/{volume}")
 }
 
-async fn start_pod(client: &Client, ns: &str, pod: &Pod) -> Result<Vec<String>, String> {
+async fn start_pod(
+    client: &Client,
+    ns: &str,
+    pod: &Pod,
+    node: &KernelNode,
+) -> Result<Vec<String>, String> {
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
     let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    let uid = pod.uid().ok_or("pod without uid")?;
     let mut done = Vec::new();
     let volumes = pod
         .spec
@@ -392,31 +469,31 @@ async fn start_pod(client: &Client, ns: &str, pod: &Pod) -> Result<Vec<String>, 
             .get(&pv_name.ok_or("claim never bound")?)
             .await
             .map_err(|e| e.to_string())?;
-        let (server, port, volume) = nfs_target(&pv);
-        // Mount from the pod's node, as its kubelet would: that node's address, which
-        // is not the volume's home when the pod runs elsewhere.
-        let from = node_ip(client, pod).await.unwrap_or(server);
-        let mut c = NfsClient::mount_at(SocketAddr::new(server, port), &volume, from, 0, 0).await;
-        let root = c.root.clone();
-        let file = format!("{claim}.txt");
-        let state = match c.lookup(&root, file.as_bytes()).await {
-            Ok(fh) => {
-                let data = c.read(&fh, 0, 4096).await.map_err(|s| format!("{s:?}"))?;
-                if data != claim.as_bytes() {
-                    return Err(format!("{file} holds unexpected data"));
-                }
-                "found"
-            }
-            Err(_) => {
-                let fh: nfs_fh3 = c
-                    .create(&root, file.as_bytes(), 0o644)
-                    .await
-                    .map_err(|s| format!("{s:?}"))?;
-                c.write(&fh, 0, claim.as_bytes(), stable_how::FILE_SYNC)
-                    .await
-                    .map_err(|s| format!("{s:?}"))?;
-                "wrote"
-            }
+        let spec = pv.spec.as_ref().ok_or("PV without spec")?;
+        let nfs = spec.nfs.as_ref().ok_or("PV without an nfs source")?;
+        let target = pod_mount(&uid, &v.name);
+        node.mount_nfs(
+            &nfs.server,
+            &nfs.path,
+            spec.mount_options.as_deref().unwrap_or_default(),
+            &target,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let file = quote(&format!("{target}/{claim}.txt"));
+        let work = format!(
+            "if [ -e {file} ]; then echo found; cat {file}; \
+             else printf %s {c} > {file} && sync {file} && echo wrote; fi",
+            c = quote(&claim),
+        );
+        let out = node
+            .run_ok(&work, Duration::from_secs(60))
+            .await
+            .map_err(|e| e.to_string())?;
+        let state = match out.split_once('\n') {
+            Some(("found", data)) if data == claim => "found",
+            Some(("found", data)) => return Err(format!("{claim}.txt holds {data:?}")),
+            _ => "wrote",
         };
         done.push(format!("{claim}:{state}"));
     }

@@ -4,6 +4,7 @@
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
 pub mod cluster;
+pub mod kernel;
 pub mod nfs;
 
 use std::future::Future;
@@ -51,8 +52,7 @@ impl TestKubelet {
             while let Some(event) = events.next().await {
                 let Ok(pod) = event else { continue };
                 if pod.metadata.deletion_timestamp.is_some() {
-                    let name = pod.metadata.name.clone().unwrap_or_default();
-                    let _ = kubelet::finish_pod_deletion(&client, &ns, &name).await;
+                    let _ = kubelet::finish_pod_deletion(&client, &pod).await;
                     continue;
                 }
                 let scheduled = pod.spec.as_ref().is_some_and(|s| s.node_name.is_some());
