@@ -385,7 +385,11 @@ ip link set lo up
 ip addr add {addr}/24 dev vec0
 ip link set vec0 up
 cd /
-exec /usr/bin/python3 /run/guest_agent.py
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+# PID 1 stays a shell: its `wait` reaps every orphan (a killed daemon must not linger
+# as a zombie that looks alive).
+/usr/bin/python3 /run/guest_agent.py &
+while :; do wait; sleep 1; done
 "#,
         agent = agent.display(),
         shared = shared.display(),

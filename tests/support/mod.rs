@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod kernel;
+pub mod mariadb;
 pub mod nfs;
 
 use std::future::Future;
