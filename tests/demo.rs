@@ -1,6 +1,8 @@
 //! `localnfs demo` as a user runs it: it comes up, provisions a StatefulSet's volumes,
-//! shows a rebuilt pod finding its data (sent home by the scheduler helper), serves its admin endpoints, and on SIGTERM
-//! stops every process it started and removes its directory.
+//! mounts them with its node's Linux kernel NFS client, shows a rebuilt pod finding
+//! its data (sent home by the scheduler helper), serves its admin endpoints, and on
+//! SIGTERM stops every process it started (the node's kernel too) and removes its
+//! directory.
 
 mod support;
 
@@ -19,6 +21,17 @@ const COMPONENTS: [&str; 4] = [
     "kube-scheduler",
 ];
 
+/// The process group of `pid` (field 5 of /proc/<pid>/stat).
+fn process_group(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(2)?
+        .parse()
+        .ok()
+}
+
 #[tokio::test]
 async fn demo_stops_everything_it_started_on_sigterm() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_localnfs"))
@@ -34,6 +47,7 @@ async fn demo_stops_everything_it_started_on_sigterm() {
     let mut admin = None;
     let mut localnfs_pids = Vec::new();
     let mut rebuilt_found_data = false;
+    let mut kernel_pid = None;
     let read_report = async {
         while let Some(line) = lines.next_line().await.expect("read stdout") {
             let words: Vec<&str> = line.split_whitespace().collect();
@@ -46,7 +60,11 @@ async fn demo_stops_everything_it_started_on_sigterm() {
             if let ["localnfs", "node" | "controller" | "scheduler", pid, _log] = words[..] {
                 localnfs_pids.push(pid.parse::<u32>().expect("pid is a number"));
             }
+            if let ["linux.uml", "(node-1)", pid, _log] = words[..] {
+                kernel_pid = Some(pid.parse::<u32>().expect("pid is a number"));
+            }
             if line.contains("rebuilt on node-1: it found its data")
+                && line.contains("mounted by the Linux kernel NFS client on node-1")
                 && line.contains("preferred node affinity for node-1")
             {
                 rebuilt_found_data = true;
@@ -75,6 +93,7 @@ async fn demo_stops_everything_it_started_on_sigterm() {
         "the rebuilt pod did not find its data or got no affinity from the helper"
     );
     pids.extend(localnfs_pids);
+    pids.push(kernel_pid.expect("report lists the node's kernel"));
     let dir = dir.expect("report names the cluster directory");
     assert!(dir.join("kubeconfig").is_file());
     let admin = admin.expect("report names the admin address");
@@ -91,6 +110,17 @@ async fn demo_stops_everything_it_started_on_sigterm() {
     for pid in pids {
         assert!(!process_exists(pid), "pid {pid} outlived the demo");
     }
+    let group = kernel_pid.expect("kernel pid");
+    let leftovers: Vec<u32> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| process_exists(*pid) && process_group(*pid) == Some(group))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "the node kernel's processes outlived the demo: {leftovers:?}"
+    );
     assert!(!dir.exists(), "{} left behind", dir.display());
 }
 

@@ -101,3 +101,43 @@ async fn kernel_client_from_an_address_not_allowed_cannot_mount() {
         "a machine that is not an allowed node mounted the volume"
     );
 }
+
+#[tokio::test]
+async fn one_pod_unmounting_a_shared_volume_leaves_the_other_pod_working() {
+    let net = TestNetwork::create().expect("test network");
+    let node = KernelNode::boot(&net, "node-1", net.address(101))
+        .await
+        .expect("boot test node");
+    let root = tempfile::tempdir().expect("root");
+    create_volume(root.path(), "shared", 64 * MIB);
+    let agent = agent_for(&net, root.path(), &[&node]).await;
+
+    // Two pods on one node, one ReadWriteMany volume: kubelet mounts it once per pod.
+    mount(&node, &agent, "shared", "/mnt/pod-a").await;
+    mount(&node, &agent, "shared", "/mnt/pod-b").await;
+    node.run_ok(
+        "set -e; echo a > /mnt/pod-a/from-a; echo b > /mnt/pod-b/from-b; sync",
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("both pods write");
+    // Pod A goes away: its mount is unmounted (mount.nfs sends MOUNT's UMNT).
+    node.run_ok("umount /mnt/pod-a", Duration::from_secs(60))
+        .await
+        .expect("umount pod A");
+    // Pod B keeps reading and writing; drop the client's caches so it must ask.
+    let out = node
+        .run(
+            "set -e; echo 3 > /proc/sys/vm/drop_caches; cat /mnt/pod-b/from-a; \
+             echo again > /mnt/pod-b/later; sync; ls /mnt/pod-b | sort | tr '\\n' ' '",
+            Duration::from_secs(60),
+        )
+        .await
+        .expect("run in node");
+    assert_eq!(
+        (out.rc, out.stdout.as_str()),
+        (0, "a\nfrom-a from-b later "),
+        "pod B lost access when pod A unmounted: {}",
+        out.stderr
+    );
+}

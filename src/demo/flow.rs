@@ -1,13 +1,15 @@
 //! The demo's volume flow on the embedded cluster: a node agent, a controller and the
 //! scheduler helper (this same binary, as child processes), the default StorageClass,
-//! a `mysql` StatefulSet scaled 1 → 3, data written into each volume over NFS by a
-//! stand-in kubelet (using libnfs-utils' `nfs-cp`, a client nobody here wrote), and a
-//! pod deleted and rebuilt that finds its data again.
+//! a `mysql` StatefulSet scaled 1 → 3, each pod's volume mounted by the node's Linux
+//! kernel exactly as kubelet mounts it (`mount -t nfs` with the PV's server, path and
+//! mountOptions) and the pod's data written there, and a pod deleted and rebuilt that
+//! finds its data again through the same kernel client.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -23,6 +25,7 @@ use serde_json::json;
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
+use crate::testbed::kernel::{KernelNode, quote};
 use crate::testbed::{Process, kubelet};
 
 const NAMESPACE: &str = "localnfs-system";
@@ -172,13 +175,13 @@ where
 /// What the demo did, for the report.
 #[derive(Debug, Default)]
 pub struct Outcome {
-    /// pod → (claim, PV, node, NFS URL, what the kubelet found).
+    /// pod → (claim, PV, node, the kubelet's mount command, what the pod found).
     pub volumes: BTreeMap<String, (String, String, String, String, String)>,
     pub rebuilt: Option<(String, String)>,
 }
 
 /// Runs the flow; returns what happened.
-pub async fn run(client: &Client) -> Result<Outcome> {
+pub async fn run(client: &Client, node: Arc<KernelNode>) -> Result<Outcome> {
     println!("waiting for the node agent's heartbeat...");
     let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
     wait_until("node agent heartbeat", || async {
@@ -209,7 +212,7 @@ pub async fn run(client: &Client) -> Result<Outcome> {
     create(&sets, mysql(1, "localnfs"), "StatefulSet mysql").await?;
     println!("StorageClass localnfs and StatefulSet mysql (1 replica) applied");
     let log = Shared::default();
-    let _kubelet = DemoKubelet::start(client.clone(), log.clone());
+    let _kubelet = DemoKubelet::start(client.clone(), log.clone(), node);
     wait_ready(client, 1).await?;
     println!("scaling mysql to 3 replicas (kubectl scale statefulset mysql --replicas=3)");
     sets.patch_scale(
@@ -234,11 +237,11 @@ pub async fn run(client: &Client) -> Result<Outcome> {
             .ok()
             .and_then(|p| p.spec?.node_name)
             .unwrap_or_default();
-        let url = nfs_url(&pv, &format!("{claim}.txt")).unwrap_or_default();
+        let mount = mount_command(&pv).unwrap_or_default();
         let found = log.get(&pod).unwrap_or_default();
         outcome
             .volumes
-            .insert(pod, (claim, pv_name, node, url, found));
+            .insert(pod, (claim, pv_name, node, mount, found));
     }
 
     println!("deleting pod mysql-1 to show it coming back to its data...");
@@ -321,22 +324,17 @@ async fn wait_ready(client: &Client, n: usize) -> Result<()> {
         (ready == n).then_some(())
     })
     .await?;
-    println!("{n} pod(s) Ready, each with its volume mounted over NFS");
+    println!("{n} pod(s) Ready, each with its volume mounted by the node's kernel NFS client");
     Ok(())
 }
 
-/// `nfs://server/volume/file?nfsport=P&mountport=P` for a PV.
-fn nfs_url(pv: &PersistentVolume, file: &str) -> Option<String> {
+/// The mount kubelet runs for a PV: `mount -t nfs -o <mountOptions> <server>:<path>`.
+fn mount_command(pv: &PersistentVolume) -> Option<String> {
     let spec = pv.spec.as_ref()?;
     let nfs = spec.nfs.as_ref()?;
-    let port = spec
-        .mount_options
-        .iter()
-        .flatten()
-        .find_map(|o| o.strip_prefix("port="))
-        .unwrap_or("2049");
+    let options = spec.mount_options.as_deref().unwrap_or_default().join(",");
     Some(format!(
-        "nfs://{}{}/{file}?nfsport={port}&mountport={port}",
+        "mount -t nfs -o {options} {}:{}",
         nfs.server, nfs.path
     ))
 }
@@ -361,8 +359,9 @@ impl Shared {
     }
 }
 
-/// Plays kubelet: for each scheduled pod, reads `<claim>.txt` from its volume over NFS
-/// (`nfs-cat`), writes it if missing (`nfs-cp`), then reports the pod Ready.
+/// Plays kubelet: for each scheduled pod, mounts its volume in the node's kernel as
+/// kubelet would, reads `<claim>.txt` there or writes it if missing, then reports the
+/// pod Ready; a deleted pod's mount is unmounted before its deletion is finished.
 struct DemoKubelet(JoinHandle<()>);
 
 impl Drop for DemoKubelet {
@@ -372,7 +371,7 @@ impl Drop for DemoKubelet {
 }
 
 impl DemoKubelet {
-    fn start(client: Client, log: Shared) -> Self {
+    fn start(client: Client, log: Shared, node: Arc<KernelNode>) -> Self {
         Self(tokio::spawn(async move {
             let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
             let mut events = watcher(pods, watcher::Config::default())
@@ -380,7 +379,10 @@ impl DemoKubelet {
                 .boxed();
             while let Some(Ok(pod)) = events.next().await {
                 let name = pod.name_any();
+                let target = format!("/mnt/pods/{}/data", pod.uid().unwrap_or_default());
                 if pod.metadata.deletion_timestamp.is_some() {
+                    let umount = format!("umount {} || true", quote(&target));
+                    let _ = node.run(&umount, Duration::from_secs(60)).await;
                     let _ = kubelet::finish_pod_deletion(&client, &pod).await;
                     continue;
                 }
@@ -388,7 +390,7 @@ impl DemoKubelet {
                 if !scheduled || kubelet::is_running_and_ready(&pod) {
                     continue;
                 }
-                match mount_and_touch(&client, &name).await {
+                match mount_and_touch(&client, &name, &node, &target).await {
                     Ok(what) => {
                         log.set(&name, what);
                         let _ = kubelet::mark_pod_ready(&client, "default", &name).await;
@@ -416,46 +418,34 @@ async fn bound_pv(client: &Client, claim: &str) -> Result<PersistentVolume> {
         .map_err(Error::kube(format!("read PV {pv_name}")))
 }
 
-async fn mount_and_touch(client: &Client, pod: &str) -> Result<String> {
+async fn mount_and_touch(
+    client: &Client,
+    pod: &str,
+    node: &KernelNode,
+    target: &str,
+) -> Result<String> {
     let claim = format!("data-{pod}");
     let pv = bound_pv(client, &claim).await?;
-    let url = nfs_url(&pv, &format!("{claim}.txt")).ok_or_else(|| step("PV has no NFS source"))?;
-    let cat = tokio::process::Command::new("nfs-cat")
-        .arg(&url)
-        .output()
-        .await
-        .map_err(|source| Error::SpawnProcess {
-            name: "nfs-cat (apt-get install libnfs-utils)".into(),
-            source,
-        })?;
-    if cat.status.success() {
-        let text = String::from_utf8_lossy(&cat.stdout).trim().to_owned();
-        return Ok(format!("found its data: \"{text}\""));
+    // A repeated event for a pod being started mounts nothing twice.
+    let mounted = node
+        .run(&format!("mountpoint -q {}", quote(target)), WAIT)
+        .await?;
+    if mounted.rc != 0 {
+        node.mount_pv(&pv, target).await?;
     }
-    let tmp = std::env::temp_dir().join(format!("localnfs-demo-{}-{pod}.txt", std::process::id()));
+    let file = quote(&format!("{target}/{claim}.txt"));
     let text = format!(
         "{pod} wrote this at {}",
         k8s_openapi::jiff::Timestamp::now()
     );
-    std::fs::write(&tmp, &text).map_err(|source| Error::SpawnProcess {
-        name: "write temp file".into(),
-        source,
-    })?;
-    let cp = tokio::process::Command::new("nfs-cp")
-        .arg(&tmp)
-        .arg(&url)
-        .output()
-        .await;
-    let _ = std::fs::remove_file(&tmp);
-    let cp = cp.map_err(|source| Error::SpawnProcess {
-        name: "nfs-cp".into(),
-        source,
-    })?;
-    if !cp.status.success() {
-        return Err(step(&format!(
-            "nfs-cp to {url} failed: {}",
-            String::from_utf8_lossy(&cp.stderr).trim()
-        )));
-    }
-    Ok(format!("wrote \"{text}\""))
+    let work = format!(
+        "if [ -e {file} ]; then printf 'found its data: %s' \"$(cat {file})\"; \
+         else printf %s {t} > {file} && sync {file} && printf 'wrote: %s' {t}; fi",
+        t = quote(&text),
+    );
+    let did = node.run_ok(&work, WAIT).await?;
+    Ok(format!(
+        "{did} (mounted by the Linux kernel NFS client on {})",
+        node.name()
+    ))
 }

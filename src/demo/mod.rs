@@ -1,23 +1,26 @@
 //! `localnfs demo`: the whole flow on an embedded single-node test cluster, with a short
 //! report a person can read: control plane (kube-scheduler calling the helper's
-//! extender), a Ready node, the node agent, the controller and the scheduler helper, a
-//! StatefulSet scaled 1 → 3 with data written over NFS into each volume, a deleted pod
-//! rebuilt onto its node with the helper's affinity finding its data (see [`flow`]),
-//! and the `localnfs status` table. Ctrl-C (or `--run-for`) tears everything down.
+//! extender), a Ready node that is a real Linux kernel (a User-Mode Linux guest on a
+//! private network, see `testbed::kernel`), the node agent, the controller and the
+//! scheduler helper, a StatefulSet scaled 1 → 3 whose volumes the node's kernel mounts
+//! as kubelet would and writes into, a deleted pod rebuilt onto its node with the
+//! helper's affinity finding its data (see [`flow`]), and the `localnfs status` table.
+//! Ctrl-C (or `--run-for`) tears everything down. Needs root (network namespaces).
 
 mod flow;
 
 pub use flow::mysql;
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::admin;
 use crate::cli::DemoArgs;
 use crate::error::{Error, Result};
+use crate::testbed::kernel::{KernelNode, TestNetwork};
 use crate::testbed::{self, ClusterOptions, TestCluster};
 
-/// The demo's one node; its InternalIP is loopback so NFS mounts stay on this machine.
+/// The demo's one node.
 const NODE: &str = "node-1";
 
 /// Runs the demo until Ctrl-C, SIGTERM or `--run-for` elapses.
@@ -64,12 +67,25 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         "control plane ready in {:.1}s",
         started.elapsed().as_secs_f64()
     );
-    let node_ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
-    testbed::kubelet::add_node(&cluster.client(), NODE, node_ip).await?;
-    println!("node {NODE} registered (InternalIP {node_ip}, Ready)");
+    // The node: a Linux kernel on a private network. Its agent serves on the host end
+    // of that network; both addresses are the Node's InternalIPs (agent first).
+    let net = TestNetwork::create()?;
+    let agent_ip = net.address(1);
+    let kernel = Arc::new(KernelNode::boot(&net, NODE, net.address(101)).await?);
+    testbed::kubelet::add_node_with_addresses(
+        &cluster.client(),
+        NODE,
+        &[agent_ip, kernel.address()],
+    )
+    .await?;
+    println!(
+        "node {NODE} registered (Ready): a Linux kernel (User-Mode Linux) at {}, its node \
+         agent at {agent_ip}",
+        kernel.address()
+    );
     flow::prepare(&cluster.client(), ports.0).await?;
     let components =
-        flow::start_components(cluster.dir(), cluster.kubeconfig(), NODE, node_ip, ports)?;
+        flow::start_components(cluster.dir(), cluster.kubeconfig(), NODE, agent_ip, ports)?;
     println!(
         "started localnfs node (node agent), localnfs controller and localnfs scheduler \
          (webhook on 127.0.0.1:{}, extender on 127.0.0.1:{})",
@@ -77,7 +93,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     );
     let client = cluster.client();
     let outcome = tokio::select! {
-        o = flow::run(&client) => o,
+        o = flow::run(&client, kernel.clone()) => o,
         _ = shutdown.cancelled() => {
             println!("interrupted; stopping everything");
             drop(components);
@@ -100,7 +116,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             cluster.dir().display()
         ),
     }
-    println!("{}", report(&cluster, &components, admin_addr));
+    println!("{}", report(&cluster, &components, &kernel, admin_addr));
     readiness.set(true);
 
     match args.run_for {
@@ -124,12 +140,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
 }
 
 fn volumes_report(o: &flow::Outcome) -> String {
-    let mut out = String::from(
-        "\n  pod       claim            node     PV / what the pod's kubelet saw over NFS\n",
-    );
-    for (pod, (claim, pv, node, url, found)) in &o.volumes {
+    let mut out =
+        String::from("\n  pod       claim            node     PV / what the pod's kubelet did\n");
+    for (pod, (claim, pv, node, mount, found)) in &o.volumes {
         out.push_str(&format!(
-            "  {pod:<9} {claim:<16} {node:<8} {pv}\n  {:<35}{found}\n  {:<35}{url}\n",
+            "  {pod:<9} {claim:<16} {node:<8} {pv}\n  {:<35}{mount}\n  {:<35}{found}\n",
             "", ""
         ));
     }
@@ -144,6 +159,7 @@ fn volumes_report(o: &flow::Outcome) -> String {
 fn report(
     cluster: &TestCluster,
     components: &[testbed::Process],
+    kernel: &KernelNode,
     admin_addr: std::net::SocketAddr,
 ) -> String {
     let mut out = String::from("\n  component                 pid      log\n");
@@ -155,6 +171,12 @@ fn report(
             p.log().display()
         ));
     }
+    out.push_str(&format!(
+        "  {:<25} {:<8} {}\n",
+        format!("linux.uml ({})", kernel.name()),
+        kernel.pid(),
+        kernel.console_log().display()
+    ));
     out.push_str(&format!(
         "\n  admin endpoints: http://{admin_addr}/healthz /readyz /metrics\
          \n  kubectl --kubeconfig {} get pods,pvc,pv\n",

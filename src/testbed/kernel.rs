@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::core::v1::PersistentVolume;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use super::process::Process;
@@ -266,6 +267,11 @@ impl KernelNode {
         &self.name
     }
 
+    /// The process id of the guest kernel (`linux.uml`).
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
     /// The address its kernel mounts from.
     pub fn address(&self) -> IpAddr {
         self.addr
@@ -331,6 +337,20 @@ impl KernelNode {
             });
         }
         Ok(out.stdout)
+    }
+
+    /// Mounts a PV's NFS volume at `target` exactly as kubelet does: the PV's
+    /// `nfs.server`, `nfs.path` and `mountOptions`.
+    pub async fn mount_pv(&self, pv: &PersistentVolume, target: &str) -> Result<()> {
+        let fail = |what: &str| Error::GuestCommand {
+            node: self.name.clone(),
+            detail: format!("PV {}: {what}", pv.metadata.name.as_deref().unwrap_or("?")),
+        };
+        let spec = pv.spec.as_ref().ok_or_else(|| fail("no spec"))?;
+        let nfs = spec.nfs.as_ref().ok_or_else(|| fail("no nfs source"))?;
+        let options = spec.mount_options.as_deref().unwrap_or_default();
+        self.mount_nfs(&nfs.server, &nfs.path, options, target)
+            .await
     }
 
     /// Mounts `server:path` at `target` with `options`, as kubelet does for an NFS PV

@@ -469,17 +469,10 @@ async fn start_pod(
             .get(&pv_name.ok_or("claim never bound")?)
             .await
             .map_err(|e| e.to_string())?;
-        let spec = pv.spec.as_ref().ok_or("PV without spec")?;
-        let nfs = spec.nfs.as_ref().ok_or("PV without an nfs source")?;
         let target = pod_mount(&uid, &v.name);
-        node.mount_nfs(
-            &nfs.server,
-            &nfs.path,
-            spec.mount_options.as_deref().unwrap_or_default(),
-            &target,
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+        node.mount_pv(&pv, &target)
+            .await
+            .map_err(|e| e.to_string())?;
         let file = quote(&format!("{target}/{claim}.txt"));
         let work = format!(
             "if [ -e {file} ]; then echo found; cat {file}; \
