@@ -13,6 +13,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use localnfs::provisioner::pv::HOSTNAME_LABEL;
 use localnfs::scheduler::config::extender_entry;
+use localnfs::testbed::kernel::KernelNode;
 use localnfs::testbed::{ClusterOptions, TestCluster, kubelet};
 use serde_json::json;
 use support::cluster::*;
@@ -246,6 +247,27 @@ async fn rebuilt_pod_goes_home_and_runs_elsewhere_over_nfs_when_home_is_cordoned
         nfs_target(&pv).0,
         home_ip,
         "the volume stays on its home node"
+    );
+
+    // A machine on the node network that is not a node cannot mount the volume.
+    let net = &env.kernel.net;
+    let stranger = KernelNode::boot(net, "stranger", net.address(200))
+        .await
+        .expect("boot a machine that is not a node");
+    let mut stranger_pv = pv.clone();
+    if let Some(opts) = stranger_pv
+        .spec
+        .as_mut()
+        .and_then(|s| s.mount_options.as_mut())
+    {
+        opts.extend(["retry=0".into(), "timeo=50".into(), "retrans=1".into()]);
+    }
+    assert!(
+        stranger
+            .mount_pv(&stranger_pv, "/mnt/stolen")
+            .await
+            .is_err(),
+        "an address that is not a node mounted a volume"
     );
 
     // Helper down: pods are still created and scheduled (failurePolicy Ignore, an
