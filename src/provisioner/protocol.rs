@@ -14,13 +14,17 @@
 //!    (invariant 1).
 //!
 //! A claim deleted before its PV exists: C sets [`ABANDON`] (and from then on never
-//! creates a PV for it); N deletes the directory and sets [`REMOVED`]; C removes
+//! creates a PV for it); N, after checking the claim is being deleted and no PV
+//! `pvc-<uid>` exists, deletes the directory and sets [`REMOVED`]; C removes
 //! [`CLAIM_FINALIZER`]. Nothing is left behind.
 //!
-//! Reclaim: a Released PV with policy Delete is deleted by C; its finalizer holds it
-//! until N has deleted or archived the directory (per the class's `onDelete`) and
-//! removed the finalizer. Retain PVs are never touched; if someone deletes one, N
-//! keeps the directory and just lets the PV go.
+//! Reclaim (`super::reclaim`): a Released PV with policy Delete is deleted by C once
+//! a fresh read shows its claim gone; its finalizer holds it until N, reading the
+//! claim again, has deleted or archived the directory (per the class's `onDelete`)
+//! and removed the finalizer. A PV deleted while its claim exists (say `kubectl delete
+//! pv` on a Bound PV) stays Terminating with its data until the claim is deleted.
+//! Retain PVs, and `onDelete` values N does not know, keep the directory: N just lets
+//! the PV go (with a warning event for an unknown value).
 //!
 //! Expansion: C sets [`RESIZE_TO`] on the PV; N raises the limit and sets
 //! [`SIZE`]; C then updates the PV capacity and the claim's status capacity.

@@ -161,11 +161,7 @@ pub fn build_pv(i: &PvInput) -> Result<PersistentVolume, String> {
         .mount_options
         .clone()
         .unwrap_or_else(|| default_mount_options(i.nfs_port));
-    let on_delete = match i.params.on_delete {
-        super::params::OnDelete::Delete => "delete",
-        super::params::OnDelete::Archive => "archive",
-        super::params::OnDelete::Retain => "retain",
-    };
+    let on_delete = i.params.on_delete.as_str();
     let mut spec = json!({
         "capacity": {"storage": i.request.size},
         "accessModes": i.request.access_modes,
