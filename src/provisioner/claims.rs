@@ -3,6 +3,7 @@
 //! reads the claim's current annotations and does the next missing thing, so a
 //! controller killed between any two steps resumes where it stopped.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ use super::queue::Next;
 use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
@@ -275,8 +276,7 @@ pub async fn reconcile(pvc: &PersistentVolumeClaim, ctx: &Ctx) -> Result<Next> {
     if pvc.metadata.deletion_timestamp.is_some() {
         return abandon(ctx, pvc).await;
     }
-    let phase = pvc.status.as_ref().and_then(|s| s.phase.as_deref());
-    if phase == Some("Bound") || annotation(pvc, ABANDON).is_some() {
+    if !pv::needs_volume(pvc) || annotation(pvc, ABANDON).is_some() {
         return Ok(Next::Wait);
     }
     provision(ctx, pvc, &class, &pv_name).await
@@ -335,9 +335,28 @@ async fn provision(
     let rooms = ctx.node_rooms();
     let Some(node) = pvc.labels().get(NODE_LABEL).cloned() else {
         let free: Vec<NodeRoom> = rooms.iter().map(|(r, _)| r.clone()).collect();
-        let node = match pv::choose_node(annotation(pvc, SELECTED_NODE), &free, request.size_bytes)
-        {
+        let allowed = allowed_nodes(ctx, class).await?;
+        let selected = annotation(pvc, SELECTED_NODE);
+        let node = match pv::choose_node(selected, &free, request.size_bytes, allowed.as_ref()) {
             Ok(n) => n,
+            Err(msg) if selected.is_some() => {
+                // As kube's external-provisioner does: hand the choice back to the
+                // scheduler, which picks again (the pod stays Pending meanwhile).
+                ctx.metrics.failed("no-room");
+                ctx.event(
+                    pvc,
+                    EventType::Warning,
+                    "ProvisioningFailed",
+                    format!("{msg}; asking the scheduler to choose another node"),
+                )
+                .await;
+                ctx.patch_meta(
+                    pvc,
+                    json!({"metadata": {"annotations": {SELECTED_NODE: null}}}),
+                )
+                .await?;
+                return Ok(Next::Wait);
+            }
             Err(msg) => {
                 ctx.metrics.failed("no-room");
                 ctx.event(pvc, EventType::Warning, "ProvisioningFailed", msg)
@@ -445,6 +464,32 @@ async fn provision(
     ctx.complete_binding(pvc, &pv).await?;
     ctx.remove_finalizer(pvc).await?;
     Ok(Next::Wait)
+}
+
+/// The nodes a class's `allowedTopologies` admit, by their labels; `None` when the
+/// class sets none (every node). Read only for such classes.
+async fn allowed_nodes(ctx: &Ctx, class: &StorageClass) -> Result<Option<BTreeSet<String>>> {
+    let terms = class.allowed_topologies.as_deref().unwrap_or_default();
+    if terms.is_empty() {
+        return Ok(None);
+    }
+    let nodes = Api::<Node>::all(ctx.client.clone())
+        .list_metadata(&ListParams::default())
+        .await
+        .map_err(Error::kube("list nodes for allowedTopologies".to_owned()))?;
+    Ok(Some(
+        nodes
+            .items
+            .iter()
+            .filter(|n| {
+                pv::topology_allows(
+                    terms,
+                    n.metadata.labels.as_ref().unwrap_or(&BTreeMap::new()),
+                )
+            })
+            .map(|n| n.name_any())
+            .collect(),
+    ))
 }
 
 fn internal_ip(node: &Node) -> Option<String> {
