@@ -8,9 +8,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::{Client, ResourceExt};
-use localnfs::testbed::kubelet;
+use localnfs::testbed::{TestCluster, kubelet};
 use serde_json::json;
 use support::cluster::*;
 use support::eventually;
@@ -118,4 +118,66 @@ async fn a_selected_node_that_cannot_take_the_volume_is_handed_back_to_the_sched
         "{evs:?}"
     );
     assert_eq!(pv_count(&client).await, 0);
+}
+
+#[tokio::test]
+async fn claims_waiting_on_a_silent_agent_are_placed_again_or_let_go() {
+    let cluster = TestCluster::start().await.expect("control plane");
+    let client = cluster.client();
+    let mut lnfs = Localnfs::new(&cluster).await;
+    for (node, last, cap) in [("alive", 131, "2Gi"), ("dying", 132, "5Gi")] {
+        kubelet::add_node(&client, node, ip(last))
+            .await
+            .expect("node");
+        lnfs.start_agent_with(node, ip(last), &["--capacity", cap]);
+        wait_for_heartbeat(&client, node).await;
+    }
+    lnfs.start_controller_with(&["--agent-grace", "1s"]);
+    storage_class(&client, "now", json!({"volumeBindingMode": "Immediate"})).await;
+    // The roomier node's agent dies; its lease still says it is alive for a while, so
+    // both claims are placed there.
+    lnfs.stop_agent("dying").await;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    for name in ["moved", "doomed"] {
+        claims
+            .create(
+                &PostParams::default(),
+                &claim(name, "now", "1Gi", json!({})),
+            )
+            .await
+            .expect("create");
+        eventually(&format!("{name} placed on dying"), WAIT, || async {
+            let c = claims.get(name).await.ok()?;
+            (c.labels().get("localnfs.io/node")? == "dying").then_some(())
+        })
+        .await;
+    }
+    claims
+        .delete("doomed", &DeleteParams::default())
+        .await
+        .expect("delete");
+
+    let pv = bound_pv(&client, "moved").await;
+    assert_eq!(
+        nfs_target(&pv).0,
+        ip(131),
+        "not placed again on the live node"
+    );
+    let evs = events(&client, "moved").await;
+    assert!(
+        evs.iter()
+            .any(|(r, m)| r == "ProvisioningFailed" && m.contains("placing the claim again")),
+        "{evs:?}"
+    );
+    eventually("deleted claim let go", WAIT, || async {
+        claims.get_opt("doomed").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    let evs = events(&client, "doomed").await;
+    assert!(
+        evs.iter()
+            .any(|(r, m)| r == "VolumeLeftOnNode" && m.contains("node dying")),
+        "{evs:?}"
+    );
+    assert_eq!(volume_dirs(&lnfs, "alive").len(), 1);
 }

@@ -242,7 +242,19 @@ async fn reconcile_claim(pvc: Arc<PersistentVolumeClaim>, agent: Arc<Agent>) -> 
     match agent.store_op(move |s| s.create(&spec)).await {
         Ok(meta) => {
             tracing::info!(volume = %meta.name, size = meta.size_bytes, "created volume");
-            annotate(READY, meta.name.to_string()).await?;
+            // Only while the claim is still placed here: the controller takes back the
+            // placement of an agent silent for too long, and a READY on a claim placed
+            // elsewhere since would point its PV at a node without the volume.
+            let ops = json!([
+                {"op": "test", "path": json_pointer(&["metadata", "labels", NODE_LABEL]), "value": agent.node},
+                {"op": "add", "path": json_pointer(&["metadata", "annotations", READY]), "value": meta.name.to_string()},
+            ]);
+            let patch = serde_json::from_value(ops)
+                .map_err(|e| Error::BuildObject(format!("ready patch: {e}")))?;
+            claims
+                .patch(&name, &PatchParams::default(), &Patch::<()>::Json(patch))
+                .await
+                .map_err(Error::kube(format!("mark claim {ns}/{name} ready")))?;
         }
         Err(e @ (Error::VolumeConflict { .. } | Error::InvalidVolumeSize { .. })) => {
             agent
@@ -258,6 +270,13 @@ async fn reconcile_claim(pvc: Arc<PersistentVolumeClaim>, agent: Arc<Agent>) -> 
         Err(e) => return Err(e),
     }
     Ok(Action::await_change())
+}
+
+/// An RFC 6901 pointer to the field at `path` (keys such as `localnfs.io/node` escaped).
+fn json_pointer(path: &[&str]) -> String {
+    path.iter()
+        .map(|k| format!("/{}", k.replace('~', "~0").replace('/', "~1")))
+        .collect()
 }
 
 async fn reconcile_pv(pv: Arc<PersistentVolume>, agent: Arc<Agent>) -> Result<Action> {

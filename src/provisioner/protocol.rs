@@ -7,7 +7,14 @@
 //! 1. C adds [`CLAIM_FINALIZER`] to the claim, picks a node, and sets the
 //!    [`NODE_LABEL`] label and the [`REQUEST`] annotation (a [`VolumeRequest`]).
 //! 2. N (watching claims labelled with its node) creates the directory with its size
-//!    limit, then sets [`READY`] to the volume name.
+//!    limit, then sets [`READY`] to the volume name — with a JSON patch that first
+//!    tests the claim is still labelled with N's node.
+//!
+//! An agent silent past its lease and the controller's `--agent-grace`: C takes back
+//! a placement not yet READY (removes [`NODE_LABEL`], [`REQUEST`] and the scheduler's
+//! selected node, if the claim is unchanged since C read it) and places it again; a
+//! deleted claim waiting for [`REMOVED`] is let go with an event naming what may be
+//! left on the node.
 //! 3. C creates the pre-bound PV (with [`super::pv::PV_FINALIZER`]), completes the
 //!    binding (claim `volumeName` and [`BIND_COMPLETED`], PV and claim phase Bound),
 //!    then removes [`CLAIM_FINALIZER`]. A PV therefore exists only after its directory

@@ -169,6 +169,12 @@ pub fn choose_node(
         })
 }
 
+/// Whether to stop waiting for a node's agent: its heartbeat lease (`expires`, unix
+/// seconds; `None`: it has none) ran out more than `grace` seconds before `now`.
+pub fn agent_given_up(expires: Option<i64>, now: i64, grace: i64) -> bool {
+    expires.is_none_or(|e| now > e.saturating_add(grace))
+}
+
 /// Everything [`build_pv`] needs.
 pub struct PvInput<'a> {
     pub pvc: &'a PersistentVolumeClaim,
@@ -367,6 +373,25 @@ mod tests {
                 .expect_err("selected outside")
                 .contains("node b is outside")
         );
+    }
+
+    #[test]
+    fn an_agent_is_given_up_only_past_its_lease_and_the_grace() {
+        let cases = [
+            (Some(100), 90, 60, false),
+            (Some(100), 160, 60, false),
+            (Some(100), 161, 60, true),
+            (Some(100), 101, 0, true),
+            (None, 0, 60, true),
+            (Some(i64::MAX), i64::MAX, 60, false),
+        ];
+        for (expires, now, grace, want) in cases {
+            assert_eq!(
+                agent_given_up(expires, now, grace),
+                want,
+                "{expires:?} {now} {grace}"
+            );
+        }
     }
 
     #[test]

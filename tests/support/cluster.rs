@@ -144,12 +144,18 @@ impl Localnfs {
     }
 
     pub fn start_controller(&mut self) -> usize {
+        self.start_controller_with(&[])
+    }
+
+    /// Same, with extra flags (e.g. `--agent-grace 1s`).
+    pub fn start_controller_with(&mut self, extra: &[&str]) -> usize {
         let log = self
             .dir
             .path()
             .join(format!("controller-{}.log", self.controllers.len()));
-        self.controllers
-            .push(spawn(&["controller"], &self.kubeconfig, &log));
+        let mut args = vec!["controller"];
+        args.extend_from_slice(extra);
+        self.controllers.push(spawn(&args, &self.kubeconfig, &log));
         self.controllers.len() - 1
     }
 
