@@ -106,6 +106,12 @@ pub struct ControllerArgs {
     /// This replica's name in leader election (default: hostname-pid).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+
+    /// How long past its heartbeat lease a node agent may stay silent before the
+    /// controller stops waiting for it: a claim placed there but not yet created is
+    /// placed again, a claim deleted meanwhile is let go (its volume left on the node).
+    #[arg(long, env = "LOCALNFS_AGENT_GRACE", default_value = "60s", value_parser = parse_duration)]
+    pub agent_grace: Duration,
 }
 
 #[derive(Debug, Args)]

@@ -5,6 +5,12 @@
 //! keeps every event it sent for six minutes to do that, so normal events, which happen
 //! once per step of an object's life, are created directly and not remembered: a
 //! controller provisioning 5,000 claims would otherwise hold 10,000 events in memory.
+//!
+//! Events about cluster-scoped objects (PVs) go to `kube-system`, created directly
+//! whatever their type: the API server refuses an events.k8s.io/v1 event about a
+//! cluster-scoped object in any other namespace up to 1.21 (later ones also take
+//! `default`), and kube's recorder always uses `default`. Callers publish such
+//! warnings once per occurrence, not on every retry.
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::events::v1::Event as K8sEvent;
@@ -13,6 +19,9 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource};
+
+/// Where events about cluster-scoped objects go (see the module doc).
+pub const CLUSTER_SCOPED_NS: &str = "kube-system";
 
 /// Publishes events as one component instance (`reportingController`/`Instance`).
 pub struct Events {
@@ -51,7 +60,7 @@ impl Events {
     ) {
         let regarding = obj.object_ref(&());
         let sent = match type_ {
-            EventType::Warning => {
+            EventType::Warning if regarding.namespace.is_some() => {
                 let ev = Event {
                     type_,
                     reason: reason.into(),
@@ -61,9 +70,13 @@ impl Events {
                 };
                 self.warnings.publish(&ev, &regarding).await
             }
-            EventType::Normal => {
-                let ev = self.normal(regarding, reason, action, note);
-                let ns = ev.metadata.namespace.as_deref().unwrap_or("default");
+            _ => {
+                let ev = self.direct(regarding, type_, reason, action, note);
+                let ns = ev
+                    .metadata
+                    .namespace
+                    .as_deref()
+                    .unwrap_or(CLUSTER_SCOPED_NS);
                 Api::<K8sEvent>::namespaced(self.client.clone(), ns)
                     .create(&PostParams::default(), &ev)
                     .await
@@ -75,11 +88,12 @@ impl Events {
         }
     }
 
-    /// A normal event, named like kube's recorder names them (object name and the
-    /// time in nanoseconds, so two events never share a name in practice).
-    fn normal(
+    /// An event created directly, named like kube's recorder names them (object name
+    /// and the time in nanoseconds, so two events never share a name in practice).
+    fn direct(
         &self,
         regarding: ObjectReference,
+        type_: EventType,
         reason: &str,
         action: &str,
         note: String,
@@ -89,11 +103,22 @@ impl Events {
         K8sEvent {
             metadata: ObjectMeta {
                 name: Some(format!("{base}.{:x}", now.as_nanosecond())),
-                namespace: regarding.namespace.clone(),
+                namespace: Some(
+                    regarding
+                        .namespace
+                        .clone()
+                        .unwrap_or_else(|| CLUSTER_SCOPED_NS.into()),
+                ),
                 ..Default::default()
             },
             event_time: Some(MicroTime(now)),
-            type_: Some("Normal".into()),
+            type_: Some(
+                match type_ {
+                    EventType::Normal => "Normal",
+                    EventType::Warning => "Warning",
+                }
+                .into(),
+            ),
             reason: Some(reason.into()),
             action: Some(action.into()),
             note: Some(note),
@@ -122,8 +147,9 @@ mod tests {
             name: Some("data-0".into()),
             ..Default::default()
         };
-        let ev = events.normal(
+        let ev = events.direct(
             regarding,
+            EventType::Normal,
             "ProvisioningSucceeded",
             "Provision",
             "made".into(),
@@ -142,5 +168,28 @@ mod tests {
             ev.event_time.is_some(),
             "events.k8s.io/v1 requires eventTime"
         );
+    }
+
+    #[tokio::test]
+    async fn events_about_cluster_scoped_objects_go_to_kube_system() {
+        let client = Client::try_from(kube::Config::new(
+            "http://127.0.0.1:1".parse().expect("url"),
+        ))
+        .expect("client");
+        let events = Events::new(client, "localnfs-node", "node-1");
+        let regarding = ObjectReference {
+            kind: Some("PersistentVolume".into()),
+            name: Some("pvc-1".into()),
+            ..Default::default()
+        };
+        let ev = events.direct(
+            regarding,
+            EventType::Warning,
+            "VolumeInUse",
+            "Reclaim",
+            "kept".into(),
+        );
+        assert_eq!(ev.metadata.namespace.as_deref(), Some(CLUSTER_SCOPED_NS));
+        assert_eq!(ev.type_.as_deref(), Some("Warning"));
     }
 }

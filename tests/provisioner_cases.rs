@@ -7,9 +7,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Event, PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt};
 use localnfs::testbed::{TestCluster, kubelet};
 use nfs3_types::nfs3::{nfsstat3, stable_how};
 use serde_json::json;
@@ -22,65 +22,6 @@ const MIB: u64 = 1 << 20;
 
 fn ip(last: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
-}
-
-fn claim(name: &str, class: &str, size: &str, extra: serde_json::Value) -> PersistentVolumeClaim {
-    let mut spec = json!({
-        "accessModes": ["ReadWriteOnce"],
-        "storageClassName": class,
-        "resources": {"requests": {"storage": size}},
-    });
-    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
-        s.extend(e.clone());
-    }
-    serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).expect("claim")
-}
-
-async fn bound_pv(client: &Client, name: &str) -> PersistentVolume {
-    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
-    let pvs: Api<PersistentVolume> = Api::all(client.clone());
-    let pv_name = eventually(&format!("{name} Bound"), WAIT, || async {
-        let c = claims.get(name).await.ok()?;
-        if c.status.as_ref()?.phase.as_deref()? != "Bound" {
-            return None;
-        }
-        c.spec?.volume_name
-    })
-    .await;
-    pvs.get(&pv_name).await.expect("pv")
-}
-
-/// Events about a claim: (reason, message).
-async fn events(client: &Client, name: &str) -> Vec<(String, String)> {
-    let evs: Api<Event> = Api::namespaced(client.clone(), "default");
-    evs.list(&ListParams::default())
-        .await
-        .map(|l| {
-            l.items
-                .into_iter()
-                .filter(|e| e.involved_object.name.as_deref() == Some(name))
-                .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn volume_dirs(lnfs: &Localnfs, node: &str) -> Vec<String> {
-    std::fs::read_dir(lnfs.root(node).join("volumes"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-async fn setup(nodes: &[(&str, IpAddr, &str)]) -> (TestCluster, Localnfs) {
-    let cluster = TestCluster::start().await.expect("control plane");
-    let client = cluster.client();
-    let mut lnfs = Localnfs::new(&cluster).await;
-    lnfs.start_nodes_and_controller(&client, nodes).await;
-    (cluster, lnfs)
 }
 
 #[tokio::test]
@@ -171,7 +112,7 @@ async fn volumes_land_on_the_node_the_scheduler_picked() {
 
 #[tokio::test]
 async fn immediate_claims_go_to_the_node_with_most_room_and_oversized_ones_fail() {
-    let (cluster, lnfs) = setup(&[("small", ip(21), "2Gi"), ("big", ip(22), "5Gi")]).await;
+    let (cluster, lnfs) = start_localnfs(&[("small", ip(21), "2Gi"), ("big", ip(22), "5Gi")]).await;
     let client = cluster.client();
     storage_class(&client, "now", json!({"volumeBindingMode": "Immediate"})).await;
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
@@ -220,7 +161,7 @@ async fn immediate_claims_go_to_the_node_with_most_room_and_oversized_ones_fail(
 
 #[tokio::test]
 async fn bad_requests_get_provisioning_failed_events_and_nothing_is_made() {
-    let (cluster, lnfs) = setup(&[("node-1", ip(31), "10Gi")]).await;
+    let (cluster, lnfs) = start_localnfs(&[("node-1", ip(31), "10Gi")]).await;
     let client = cluster.client();
     storage_class(&client, "now", json!({"volumeBindingMode": "Immediate"})).await;
     storage_class(
@@ -299,7 +240,7 @@ async fn bad_requests_get_provisioning_failed_events_and_nothing_is_made() {
 
 #[tokio::test]
 async fn expansion_raises_the_limit_then_pv_then_claim() {
-    let (cluster, _lnfs) = setup(&[("node-1", ip(41), "10Gi")]).await;
+    let (cluster, _lnfs) = start_localnfs(&[("node-1", ip(41), "10Gi")]).await;
     let client = cluster.client();
     storage_class(&client, "now", json!({"volumeBindingMode": "Immediate"})).await;
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
@@ -371,7 +312,7 @@ async fn expansion_raises_the_limit_then_pv_then_claim() {
 
 #[tokio::test]
 async fn retain_keeps_the_data_and_archive_moves_it_aside() {
-    let (cluster, lnfs) = setup(&[("node-1", ip(51), "10Gi")]).await;
+    let (cluster, lnfs) = start_localnfs(&[("node-1", ip(51), "10Gi")]).await;
     let client = cluster.client();
     storage_class(
         &client,
@@ -467,7 +408,7 @@ async fn retain_keeps_the_data_and_archive_moves_it_aside() {
 
 #[tokio::test]
 async fn a_claim_deleted_mid_provisioning_leaves_nothing_behind() {
-    let (cluster, mut lnfs) = setup(&[("node-1", ip(61), "10Gi")]).await;
+    let (cluster, mut lnfs) = start_localnfs(&[("node-1", ip(61), "10Gi")]).await;
     let client = cluster.client();
     storage_class(&client, "now", json!({"volumeBindingMode": "Immediate"})).await;
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");

@@ -27,6 +27,7 @@ use crate::error::{Error, Result};
 use crate::nfs::{AllowList, Exports, Network};
 use crate::provisioner::protocol::*;
 use crate::provisioner::pv::{ON_DELETE_KEY, PV_FINALIZER, VOLUME_KEY};
+use crate::provisioner::reclaim::{self, Reclaim};
 use crate::volume::VolumeName;
 
 /// How often the heartbeat Lease is renewed (it is considered dead after 30 s).
@@ -43,6 +44,10 @@ struct Agent {
     events: crate::events::Events,
     /// Wakes the heartbeat early when free space changed.
     changed: Notify,
+    /// (PV, reason) of warnings already published about PVs being reclaimed: events
+    /// about PVs are not folded into series (see `events`), so a retry must not repeat
+    /// them.
+    warned: std::sync::Mutex<std::collections::HashSet<(String, &'static str)>>,
 }
 
 /// Who and where this agent is in the cluster.
@@ -82,6 +87,7 @@ pub async fn run(
         nfs_port,
         capacity,
         changed: Notify::new(),
+        warned: Default::default(),
     });
     let mine = watcher::Config::default().labels(&format!("{NODE_LABEL}={}", agent.node));
     let claims = crate::cache::controller(
@@ -130,6 +136,25 @@ impl Agent {
         self.events
             .publish(obj, type_, reason, "Volume", note)
             .await;
+    }
+
+    /// Publishes a warning about a PV unless this one was already published.
+    async fn warn_pv_once(&self, pv: &PersistentVolume, reason: &'static str, note: String) {
+        let first = self
+            .warned
+            .lock()
+            .map(|mut w| w.insert((pv.name_any(), reason)))
+            .unwrap_or(true);
+        if first {
+            self.event(pv, EventType::Warning, reason, note).await;
+        }
+    }
+
+    /// Forgets the warnings published about a PV (it is gone).
+    fn forget_pv(&self, pv_name: &str) {
+        if let Ok(mut w) = self.warned.lock() {
+            w.retain(|(name, _)| name != pv_name);
+        }
     }
 
     /// Runs a blocking store operation, then re-reads the exports so the NFS server
@@ -187,6 +212,22 @@ async fn reconcile_claim(pvc: Arc<PersistentVolumeClaim>, agent: Arc<Agent>) -> 
     };
     if ann(pvc.as_ref(), ABANDON).is_some() {
         if ann(pvc.as_ref(), REMOVED).is_none() {
+            // Only a claim going away whose PV was never made: a PV means the data was
+            // handed out, and the PV's own reclaim decides its fate.
+            if pvc.metadata.deletion_timestamp.is_none() {
+                tracing::warn!(claim = %format!("{ns}/{name}"), "abandon annotation on a claim that is not being deleted: keeping its volume");
+                return Ok(Action::await_change());
+            }
+            let pv_name = crate::provisioner::pv::pv_name(&pvc.uid().unwrap_or_default());
+            if Api::<PersistentVolume>::all(agent.client.clone())
+                .get_opt(&pv_name)
+                .await
+                .map_err(Error::kube(format!("read PV {pv_name}")))?
+                .is_some()
+            {
+                tracing::warn!(claim = %format!("{ns}/{name}"), pv = %pv_name, "abandoned claim has a PV: leaving the volume to the PV's reclaim");
+                return Ok(Action::await_change());
+            }
             let vol = request.name.clone();
             agent.store_op(move |s| s.delete(&vol)).await?;
             tracing::info!(volume = %request.name, claim = %format!("{ns}/{name}"), "removed volume of abandoned claim");
@@ -201,7 +242,19 @@ async fn reconcile_claim(pvc: Arc<PersistentVolumeClaim>, agent: Arc<Agent>) -> 
     match agent.store_op(move |s| s.create(&spec)).await {
         Ok(meta) => {
             tracing::info!(volume = %meta.name, size = meta.size_bytes, "created volume");
-            annotate(READY, meta.name.to_string()).await?;
+            // Only while the claim is still placed here: the controller takes back the
+            // placement of an agent silent for too long, and a READY on a claim placed
+            // elsewhere since would point its PV at a node without the volume.
+            let ops = json!([
+                {"op": "test", "path": json_pointer(&["metadata", "labels", NODE_LABEL]), "value": agent.node},
+                {"op": "add", "path": json_pointer(&["metadata", "annotations", READY]), "value": meta.name.to_string()},
+            ]);
+            let patch = serde_json::from_value(ops)
+                .map_err(|e| Error::BuildObject(format!("ready patch: {e}")))?;
+            claims
+                .patch(&name, &PatchParams::default(), &Patch::<()>::Json(patch))
+                .await
+                .map_err(Error::kube(format!("mark claim {ns}/{name} ready")))?;
         }
         Err(e @ (Error::VolumeConflict { .. } | Error::InvalidVolumeSize { .. })) => {
             agent
@@ -219,6 +272,13 @@ async fn reconcile_claim(pvc: Arc<PersistentVolumeClaim>, agent: Arc<Agent>) -> 
     Ok(Action::await_change())
 }
 
+/// An RFC 6901 pointer to the field at `path` (keys such as `localnfs.io/node` escaped).
+fn json_pointer(path: &[&str]) -> String {
+    path.iter()
+        .map(|k| format!("/{}", k.replace('~', "~0").replace('/', "~1")))
+        .collect()
+}
+
 async fn reconcile_pv(pv: Arc<PersistentVolume>, agent: Arc<Agent>) -> Result<Action> {
     let pv_name = pv.name_any();
     let pvs: Api<PersistentVolume> = Api::all(agent.client.clone());
@@ -228,41 +288,7 @@ async fn reconcile_pv(pv: Arc<PersistentVolume>, agent: Arc<Agent>) -> Result<Ac
     let finalizing = pv.metadata.deletion_timestamp.is_some()
         && pv.finalizers().iter().any(|f| f == PV_FINALIZER);
     if finalizing {
-        let policy = pv
-            .spec
-            .as_ref()
-            .and_then(|s| s.persistent_volume_reclaim_policy.clone());
-        let on_delete = ann(pv.as_ref(), ON_DELETE_KEY)
-            .unwrap_or("delete")
-            .to_owned();
-        if policy.as_deref() == Some("Delete") {
-            let vol = volume.clone();
-            let result = match on_delete.as_str() {
-                "retain" => Ok(()),
-                "archive" => agent.store_op(move |s| s.archive(&vol).map(drop)).await,
-                _ => agent.store_op(move |s| s.delete(&vol)).await,
-            };
-            if let Err(e) = result {
-                agent
-                    .event(
-                        pv.as_ref(),
-                        EventType::Warning,
-                        "VolumeFailedDelete",
-                        format!("node {}: {e}", agent.node),
-                    )
-                    .await;
-                return Err(e);
-            }
-            tracing::info!(%volume, pv = %pv_name, on_delete, "reclaimed volume");
-        } else {
-            tracing::info!(%volume, pv = %pv_name, "PV deleted under Retain: keeping the directory");
-        }
-        if let Some(patch) = crate::kubeclient::remove_finalizer(pv.finalizers(), PV_FINALIZER) {
-            pvs.patch(&pv_name, &PatchParams::default(), &patch)
-                .await
-                .map_err(Error::kube(format!("release finalizer of PV {pv_name}")))?;
-        }
-        return Ok(Action::await_change());
+        return reclaim(&agent, &pv, &volume).await;
     }
     let want = ann(pv.as_ref(), RESIZE_TO).and_then(|s| s.parse::<u64>().ok());
     let have = ann(pv.as_ref(), SIZE).and_then(|s| s.parse::<u64>().ok());
@@ -287,6 +313,84 @@ async fn reconcile_pv(pv: Arc<PersistentVolume>, agent: Arc<Agent>) -> Result<Ac
         .await
         .map_err(Error::kube(format!("annotate PV {pv_name}")))?;
     }
+    Ok(Action::await_change())
+}
+
+/// How often a PV deleted while its claim still exists is looked at again (its claim's
+/// deletion also shows up as the PV turning Released).
+const IN_USE_RECHECK: Duration = Duration::from_secs(10);
+
+/// A PV with our finalizer is being deleted: deal with its directory as
+/// [`reclaim::on_pv_deleted`] says, from a fresh read of its claim, then let it go. A
+/// failed read is an error (retried), never a reason to delete.
+async fn reclaim(agent: &Agent, pv: &PersistentVolume, volume: &VolumeName) -> Result<Action> {
+    let pv_name = pv.name_any();
+    let found = match reclaim::claim_ref(pv) {
+        Some((ns, claim)) => Api::<PersistentVolumeClaim>::namespaced(agent.client.clone(), ns)
+            .get_opt(claim)
+            .await
+            .map_err(Error::kube(format!(
+                "read claim {ns}/{claim} of PV {pv_name}"
+            )))?,
+        None => None,
+    };
+    let claim = reclaim::claim_state(pv, found.as_ref());
+    let policy = pv
+        .spec
+        .as_ref()
+        .and_then(|s| s.persistent_volume_reclaim_policy.as_deref());
+    let on_delete = ann(pv, ON_DELETE_KEY);
+    let decision = reclaim::on_pv_deleted(policy, on_delete, claim);
+    let vol = volume.clone();
+    let result = match &decision {
+        Reclaim::Wait => {
+            let (ns, name) = reclaim::claim_ref(pv).unwrap_or_default();
+            agent
+                .warn_pv_once(
+                    pv,
+                    "VolumeInUse",
+                    format!(
+                        "PV deleted while claim {ns}/{name} still uses it: keeping the PV (Terminating) and volume {volume} on node {} until the claim is deleted",
+                        agent.node
+                    ),
+                )
+                .await;
+            return Ok(Action::requeue(IN_USE_RECHECK));
+        }
+        Reclaim::Delete => agent.store_op(move |s| s.delete(&vol)).await,
+        Reclaim::Archive => agent.store_op(move |s| s.archive(&vol).map(drop)).await,
+        Reclaim::Keep { warning } => {
+            if let Some(w) = warning {
+                agent
+                    .event(
+                        pv,
+                        EventType::Warning,
+                        "VolumeKept",
+                        format!("node {}: volume {volume}: {w}", agent.node),
+                    )
+                    .await;
+            }
+            Ok(())
+        }
+    };
+    if let Err(e) = result {
+        agent
+            .warn_pv_once(
+                pv,
+                "VolumeFailedDelete",
+                format!("node {}: {e}", agent.node),
+            )
+            .await;
+        return Err(e);
+    }
+    tracing::info!(%volume, pv = %pv_name, ?decision, "PV deleted: dealt with its volume");
+    if let Some(patch) = crate::kubeclient::remove_finalizer(pv.finalizers(), PV_FINALIZER) {
+        Api::<PersistentVolume>::all(agent.client.clone())
+            .patch(&pv_name, &PatchParams::default(), &patch)
+            .await
+            .map_err(Error::kube(format!("release finalizer of PV {pv_name}")))?;
+    }
+    agent.forget_pv(&pv_name);
     Ok(Action::await_change())
 }
 

@@ -3,6 +3,7 @@
 //! reads the claim's current annotations and does the next missing thing, so a
 //! controller killed between any two steps resumes where it stopped.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ use super::queue::Next;
 use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
@@ -35,6 +36,8 @@ pub struct Ctx {
     pub agents: crate::scheduler::watch::Shared,
     /// StorageClasses, watched (a handful of small objects).
     pub classes: Store<StorageClass>,
+    /// How long past its lease a silent node agent is waited for (`--agent-grace`).
+    pub agent_grace: Duration,
 }
 
 const BETA_PROVISIONER: &str = "volume.beta.kubernetes.io/storage-provisioner";
@@ -177,6 +180,26 @@ impl Ctx {
         }
     }
 
+    /// Why we stop waiting for `node`'s agent, when it has been silent past its lease
+    /// and the grace ([`pv::agent_given_up`]); `None` while it may still answer.
+    fn agent_gone(&self, node: &str) -> Option<String> {
+        let now = crate::scheduler::inventory::unix_now();
+        let expires = crate::scheduler::watch::with(&self.agents, |inv| {
+            inv.agents.get(node).map(|a| a.expires)
+        });
+        let grace = i64::try_from(self.agent_grace.as_secs()).unwrap_or(i64::MAX);
+        if !pv::agent_given_up(expires, now, grace) {
+            return None;
+        }
+        Some(match expires {
+            Some(e) => format!(
+                "has not renewed its heartbeat lease, which ran out {} s ago",
+                now - e
+            ),
+            None => "has no heartbeat lease".to_owned(),
+        })
+    }
+
     /// Live node agents, their free space and NFS port, from the heartbeat Leases
     /// (watched, not listed per claim: the Leases also carry per-volume usage).
     fn node_rooms(&self) -> Vec<(NodeRoom, u16)> {
@@ -275,8 +298,7 @@ pub async fn reconcile(pvc: &PersistentVolumeClaim, ctx: &Ctx) -> Result<Next> {
     if pvc.metadata.deletion_timestamp.is_some() {
         return abandon(ctx, pvc).await;
     }
-    let phase = pvc.status.as_ref().and_then(|s| s.phase.as_deref());
-    if phase == Some("Bound") || annotation(pvc, ABANDON).is_some() {
+    if !pv::needs_volume(pvc) || annotation(pvc, ABANDON).is_some() {
         return Ok(Next::Wait);
     }
     provision(ctx, pvc, &class, &pv_name).await
@@ -296,8 +318,66 @@ async fn abandon(ctx: &Ctx, pvc: &PersistentVolumeClaim) -> Result<Next> {
         ctx.patch_meta(pvc, json!({"metadata": {"annotations": {ABANDON: "true"}}}))
             .await?;
     }
+    let node = pvc.labels().get(NODE_LABEL).cloned().unwrap_or_default();
+    if let Some(why) = ctx.agent_gone(&node) {
+        // Waiting longer could be forever (the node may be gone for good): let the
+        // claim go and say exactly what may be left on the node.
+        let volume = annotation(pvc, REQUEST)
+            .and_then(|r| serde_json::from_str::<VolumeRequest>(r).ok())
+            .map_or_else(|| "(unknown)".to_owned(), |r| r.name.to_string());
+        ctx.event(
+            pvc,
+            EventType::Warning,
+            "VolumeLeftOnNode",
+            format!(
+                "node {node}'s agent {why}: releasing the deleted claim without removing its volume; directory volumes/{volume} may be left under the agent's root on node {node} (remove it when the node is back, see the README)"
+            ),
+        )
+        .await;
+        ctx.remove_finalizer(pvc).await?;
+        return Ok(Next::Wait);
+    }
     // The node agent's answer arrives as a watch event; poll in case it is down.
-    Ok(Next::After(Duration::from_secs(30)))
+    Ok(Next::After(AGENT_POLL))
+}
+
+/// How often a claim waiting on a node agent is looked at again (its answer normally
+/// arrives as a watch event; this catches an agent that went away).
+const AGENT_POLL: Duration = Duration::from_secs(10);
+
+/// The agent of the node a claim was placed on went silent before creating the
+/// volume: take the placement back (only if the claim is unchanged since we read it,
+/// so a volume that was just made is not lost track of) so the next reconcile, or
+/// the scheduler under WaitForFirstConsumer, picks a live node.
+async fn place_again(
+    ctx: &Ctx,
+    pvc: &PersistentVolumeClaim,
+    node: &str,
+    why: &str,
+) -> Result<Next> {
+    let mut annotations = json!({REQUEST: null});
+    if annotation(pvc, SELECTED_NODE).is_some() {
+        annotations[SELECTED_NODE] = serde_json::Value::Null;
+    }
+    ctx.patch_meta(
+        pvc,
+        json!({"metadata": {
+            "resourceVersion": pvc.resource_version(),
+            "labels": {NODE_LABEL: null},
+            "annotations": annotations,
+        }}),
+    )
+    .await?;
+    ctx.event(
+        pvc,
+        EventType::Warning,
+        "ProvisioningFailed",
+        format!(
+            "node {node}'s agent {why} and has not created the volume: placing the claim again"
+        ),
+    )
+    .await;
+    Ok(Next::Wait)
 }
 
 async fn provision(
@@ -335,9 +415,28 @@ async fn provision(
     let rooms = ctx.node_rooms();
     let Some(node) = pvc.labels().get(NODE_LABEL).cloned() else {
         let free: Vec<NodeRoom> = rooms.iter().map(|(r, _)| r.clone()).collect();
-        let node = match pv::choose_node(annotation(pvc, SELECTED_NODE), &free, request.size_bytes)
-        {
+        let allowed = allowed_nodes(ctx, class).await?;
+        let selected = annotation(pvc, SELECTED_NODE);
+        let node = match pv::choose_node(selected, &free, request.size_bytes, allowed.as_ref()) {
             Ok(n) => n,
+            Err(msg) if selected.is_some() => {
+                // As kube's external-provisioner does: hand the choice back to the
+                // scheduler, which picks again (the pod stays Pending meanwhile).
+                ctx.metrics.failed("no-room");
+                ctx.event(
+                    pvc,
+                    EventType::Warning,
+                    "ProvisioningFailed",
+                    format!("{msg}; asking the scheduler to choose another node"),
+                )
+                .await;
+                ctx.patch_meta(
+                    pvc,
+                    json!({"metadata": {"annotations": {SELECTED_NODE: null}}}),
+                )
+                .await?;
+                return Ok(Next::Wait);
+            }
             Err(msg) => {
                 ctx.metrics.failed("no-room");
                 ctx.event(pvc, EventType::Warning, "ProvisioningFailed", msg)
@@ -388,8 +487,11 @@ async fn provision(
         return Ok(next_step);
     };
     let Some(volume) = annotation(pvc, READY) else {
+        if let Some(why) = ctx.agent_gone(&node) {
+            return place_again(ctx, pvc, &node, &why).await;
+        }
         // The node agent's annotation brings the claim back; poll in case it is down.
-        return Ok(Next::After(Duration::from_secs(30)));
+        return Ok(Next::After(AGENT_POLL));
     };
     let nodes: Api<Node> = Api::all(ctx.client.clone());
     let node_obj = nodes
@@ -445,6 +547,32 @@ async fn provision(
     ctx.complete_binding(pvc, &pv).await?;
     ctx.remove_finalizer(pvc).await?;
     Ok(Next::Wait)
+}
+
+/// The nodes a class's `allowedTopologies` admit, by their labels; `None` when the
+/// class sets none (every node). Read only for such classes.
+async fn allowed_nodes(ctx: &Ctx, class: &StorageClass) -> Result<Option<BTreeSet<String>>> {
+    let terms = class.allowed_topologies.as_deref().unwrap_or_default();
+    if terms.is_empty() {
+        return Ok(None);
+    }
+    let nodes = Api::<Node>::all(ctx.client.clone())
+        .list_metadata(&ListParams::default())
+        .await
+        .map_err(Error::kube("list nodes for allowedTopologies".to_owned()))?;
+    Ok(Some(
+        nodes
+            .items
+            .iter()
+            .filter(|n| {
+                pv::topology_allows(
+                    terms,
+                    n.metadata.labels.as_ref().unwrap_or(&BTreeMap::new()),
+                )
+            })
+            .map(|n| n.name_any())
+            .collect(),
+    ))
 }
 
 fn internal_ip(node: &Node) -> Option<String> {

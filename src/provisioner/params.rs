@@ -52,6 +52,27 @@ pub enum OnDelete {
     Retain,
 }
 
+impl OnDelete {
+    /// The class parameter value (also the PV's [`super::pv::ON_DELETE_KEY`] annotation).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnDelete::Delete => "delete",
+            OnDelete::Archive => "archive",
+            OnDelete::Retain => "retain",
+        }
+    }
+
+    /// Reads a class parameter or PV annotation value; anything else is `None`.
+    pub fn parse(value: &str) -> Option<Self> {
+        match value {
+            "delete" => Some(OnDelete::Delete),
+            "archive" => Some(OnDelete::Archive),
+            "retain" => Some(OnDelete::Retain),
+            _ => None,
+        }
+    }
+}
+
 /// Validated class parameters.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClassParams {
@@ -116,12 +137,8 @@ impl ClassParams {
                         .ok_or_else(|| bad(key, value, "preferred, strict or none"))?
                 }
                 "onDelete" => {
-                    p.on_delete = match value.as_str() {
-                        "delete" => OnDelete::Delete,
-                        "archive" => OnDelete::Archive,
-                        "retain" => OnDelete::Retain,
-                        _ => return Err(bad(key, value, "delete, archive or retain")),
-                    }
+                    p.on_delete = OnDelete::parse(value)
+                        .ok_or_else(|| bad(key, value, "delete, archive or retain"))?
                 }
                 "uid" => p.uid = id(key, value)?,
                 "gid" => p.gid = id(key, value)?,

@@ -7,20 +7,31 @@
 //! 1. C adds [`CLAIM_FINALIZER`] to the claim, picks a node, and sets the
 //!    [`NODE_LABEL`] label and the [`REQUEST`] annotation (a [`VolumeRequest`]).
 //! 2. N (watching claims labelled with its node) creates the directory with its size
-//!    limit, then sets [`READY`] to the volume name.
+//!    limit, then sets [`READY`] to the volume name — with a JSON patch that first
+//!    tests the claim is still labelled with N's node.
+//!
+//! An agent silent past its lease and the controller's `--agent-grace`: C takes back
+//! a placement not yet READY (removes [`NODE_LABEL`], [`REQUEST`] and the scheduler's
+//! selected node, if the claim is unchanged since C read it) and places it again; a
+//! deleted claim waiting for [`REMOVED`] is let go with an event naming what may be
+//! left on the node.
 //! 3. C creates the pre-bound PV (with [`super::pv::PV_FINALIZER`]), completes the
 //!    binding (claim `volumeName` and [`BIND_COMPLETED`], PV and claim phase Bound),
 //!    then removes [`CLAIM_FINALIZER`]. A PV therefore exists only after its directory
 //!    (invariant 1).
 //!
 //! A claim deleted before its PV exists: C sets [`ABANDON`] (and from then on never
-//! creates a PV for it); N deletes the directory and sets [`REMOVED`]; C removes
+//! creates a PV for it); N, after checking the claim is being deleted and no PV
+//! `pvc-<uid>` exists, deletes the directory and sets [`REMOVED`]; C removes
 //! [`CLAIM_FINALIZER`]. Nothing is left behind.
 //!
-//! Reclaim: a Released PV with policy Delete is deleted by C; its finalizer holds it
-//! until N has deleted or archived the directory (per the class's `onDelete`) and
-//! removed the finalizer. Retain PVs are never touched; if someone deletes one, N
-//! keeps the directory and just lets the PV go.
+//! Reclaim (`super::reclaim`): a Released PV with policy Delete is deleted by C once
+//! a fresh read shows its claim gone; its finalizer holds it until N, reading the
+//! claim again, has deleted or archived the directory (per the class's `onDelete`)
+//! and removed the finalizer. A PV deleted while its claim exists (say `kubectl delete
+//! pv` on a Bound PV) stays Terminating with its data until the claim is deleted.
+//! Retain PVs, and `onDelete` values N does not know, keep the directory: N just lets
+//! the PV go (with a warning event for an unknown value).
 //!
 //! Expansion: C sets [`RESIZE_TO`] on the PV; N raises the limit and sets
 //! [`SIZE`]; C then updates the PV capacity and the claim's status capacity.

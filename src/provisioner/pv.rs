@@ -1,9 +1,9 @@
 //! Pure decisions of the provisioner: is a claim something we can provision, which
 //! node gets it, and what its PersistentVolume looks like. No I/O; table-tested.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, TopologySelectorTerm};
 use k8s_openapi::api::storage::v1::StorageClass;
 use serde_json::json;
 
@@ -97,15 +97,50 @@ pub struct NodeRoom {
     pub free_bytes: u64,
 }
 
+/// Whether a claim still needs a volume from us (no event when not): not Bound, and
+/// not pointed at a PV by its author (`spec.volumeName`: static binding, or a claim
+/// whose PV was lost). kube's external-provisioner leaves such claims alone too.
+pub fn needs_volume(pvc: &PersistentVolumeClaim) -> bool {
+    let bound = pvc.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound");
+    let named = pvc
+        .spec
+        .as_ref()
+        .and_then(|s| s.volume_name.as_deref())
+        .is_some_and(|v| !v.is_empty());
+    !bound && !named
+}
+
+/// Whether a node with `labels` lies inside a class's `allowedTopologies`, read as
+/// kube's volume binder reads them: no terms allow every node; terms are ORed, the
+/// expressions of a term ANDed, and a term without expressions matches nothing.
+pub fn topology_allows(terms: &[TopologySelectorTerm], labels: &BTreeMap<String, String>) -> bool {
+    terms.is_empty()
+        || terms.iter().any(|t| {
+            let exprs = t.match_label_expressions.as_deref().unwrap_or_default();
+            !exprs.is_empty()
+                && exprs
+                    .iter()
+                    .all(|e| labels.get(&e.key).is_some_and(|v| e.values.contains(v)))
+        })
+}
+
 /// Picks the node for a new volume: the scheduler's choice under WaitForFirstConsumer
-/// (it must have an agent and room), otherwise the live node with the most free space
-/// that fits (ties: by name, so the choice is stable).
+/// (it must be allowed, have an agent and room), otherwise the allowed live node with
+/// the most free space that fits (ties: by name, so the choice is stable). `allowed`:
+/// the nodes the class's `allowedTopologies` admit (`None`: every node).
 pub fn choose_node(
     selected: Option<&str>,
     nodes: &[NodeRoom],
     size: u64,
+    allowed: Option<&BTreeSet<String>>,
 ) -> Result<String, String> {
+    let admits = |n: &str| allowed.is_none_or(|a| a.contains(n));
     if let Some(sel) = selected {
+        if !admits(sel) {
+            return Err(format!(
+                "node {sel} is outside the StorageClass's allowedTopologies"
+            ));
+        }
         let room = nodes
             .iter()
             .find(|n| n.node == sel)
@@ -118,15 +153,26 @@ pub fn choose_node(
         }
         return Ok(sel.to_owned());
     }
-    nodes
+    let candidates: Vec<&NodeRoom> = nodes.iter().filter(|n| admits(&n.node)).collect();
+    candidates
         .iter()
         .filter(|n| n.free_bytes >= size)
         .max_by(|a, b| a.free_bytes.cmp(&b.free_bytes).then(b.node.cmp(&a.node)))
         .map(|n| n.node.clone())
-        .ok_or_else(|| match nodes.iter().map(|n| n.free_bytes).max() {
+        .ok_or_else(|| match candidates.iter().map(|n| n.free_bytes).max() {
+            None if allowed.is_some() => {
+                "no node in the StorageClass's allowedTopologies runs a localnfs node agent"
+                    .to_owned()
+            }
             None => "no node runs a localnfs node agent".to_owned(),
             Some(max) => format!("no node has room for {size} bytes (the most free is {max})"),
         })
+}
+
+/// Whether to stop waiting for a node's agent: its heartbeat lease (`expires`, unix
+/// seconds; `None`: it has none) ran out more than `grace` seconds before `now`.
+pub fn agent_given_up(expires: Option<i64>, now: i64, grace: i64) -> bool {
+    expires.is_none_or(|e| now > e.saturating_add(grace))
 }
 
 /// Everything [`build_pv`] needs.
@@ -161,11 +207,7 @@ pub fn build_pv(i: &PvInput) -> Result<PersistentVolume, String> {
         .mount_options
         .clone()
         .unwrap_or_else(|| default_mount_options(i.nfs_port));
-    let on_delete = match i.params.on_delete {
-        super::params::OnDelete::Delete => "delete",
-        super::params::OnDelete::Archive => "archive",
-        super::params::OnDelete::Retain => "retain",
-    };
+    let on_delete = i.params.on_delete.as_str();
     let mut spec = json!({
         "capacity": {"storage": i.request.size},
         "accessModes": i.request.access_modes,
@@ -279,31 +321,123 @@ mod tests {
     fn node_choice_follows_the_scheduler_or_the_most_free_space() {
         let nodes = rooms(&[("a", 100), ("b", 300), ("c", 300), ("d", 50)]);
         assert_eq!(
-            choose_node(None, &nodes, 10),
+            choose_node(None, &nodes, 10, None),
             Ok("b".into()),
             "ties go to the first name"
         );
-        assert_eq!(choose_node(Some("d"), &nodes, 10), Ok("d".into()));
+        assert_eq!(choose_node(Some("d"), &nodes, 10, None), Ok("d".into()));
         assert!(
-            choose_node(Some("d"), &nodes, 60)
+            choose_node(Some("d"), &nodes, 60, None)
                 .expect_err("full")
                 .contains("50 bytes free")
         );
         assert!(
-            choose_node(Some("x"), &nodes, 1)
+            choose_node(Some("x"), &nodes, 1, None)
                 .expect_err("no agent")
                 .contains("no running")
         );
         assert!(
-            choose_node(None, &nodes, 301)
+            choose_node(None, &nodes, 301, None)
                 .expect_err("none fits")
                 .contains("most free is 300")
         );
         assert!(
-            choose_node(None, &[], 1)
+            choose_node(None, &[], 1, None)
                 .expect_err("empty")
                 .contains("no node runs")
         );
+    }
+
+    #[test]
+    fn allowed_topologies_limit_where_volumes_go() {
+        let nodes = rooms(&[("a", 100), ("b", 300), ("c", 300)]);
+        let a_only: BTreeSet<String> = ["a".to_owned()].into();
+        let none = BTreeSet::new();
+        assert_eq!(
+            choose_node(None, &nodes, 10, Some(&a_only)),
+            Ok("a".into()),
+            "less room, but the only allowed node"
+        );
+        assert!(
+            choose_node(None, &nodes, 200, Some(&a_only))
+                .expect_err("allowed node too small")
+                .contains("most free is 100")
+        );
+        assert!(
+            choose_node(None, &nodes, 10, Some(&none))
+                .expect_err("nothing allowed")
+                .contains("allowedTopologies")
+        );
+        assert!(
+            choose_node(Some("b"), &nodes, 10, Some(&a_only))
+                .expect_err("selected outside")
+                .contains("node b is outside")
+        );
+    }
+
+    #[test]
+    fn an_agent_is_given_up_only_past_its_lease_and_the_grace() {
+        let cases = [
+            (Some(100), 90, 60, false),
+            (Some(100), 160, 60, false),
+            (Some(100), 161, 60, true),
+            (Some(100), 101, 0, true),
+            (None, 0, 60, true),
+            (Some(i64::MAX), i64::MAX, 60, false),
+        ];
+        for (expires, now, grace, want) in cases {
+            assert_eq!(
+                agent_given_up(expires, now, grace),
+                want,
+                "{expires:?} {now} {grace}"
+            );
+        }
+    }
+
+    #[test]
+    fn topology_terms_are_ored_and_their_expressions_anded() {
+        let terms: Vec<TopologySelectorTerm> = serde_json::from_value(json!([
+            {"matchLabelExpressions": [
+                {"key": "zone", "values": ["z1", "z2"]},
+                {"key": "disk", "values": ["ssd"]},
+            ]},
+            {"matchLabelExpressions": [{"key": "kubernetes.io/hostname", "values": ["n9"]}]},
+        ]))
+        .expect("terms");
+        let labels = |v: &[(&str, &str)]| -> BTreeMap<String, String> {
+            v.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let cases = [
+            (labels(&[("zone", "z2"), ("disk", "ssd")]), true),
+            (labels(&[("zone", "z2")]), false),
+            (labels(&[("zone", "z3"), ("disk", "ssd")]), false),
+            (labels(&[("kubernetes.io/hostname", "n9")]), true),
+            (labels(&[]), false),
+        ];
+        for (l, want) in cases {
+            assert_eq!(topology_allows(&terms, &l), want, "{l:?}");
+        }
+        assert!(topology_allows(&[], &labels(&[])), "no terms: anywhere");
+        let empty_term: Vec<TopologySelectorTerm> =
+            serde_json::from_value(json!([{}])).expect("terms");
+        assert!(!topology_allows(&empty_term, &labels(&[("a", "b")])));
+    }
+
+    #[test]
+    fn claims_already_bound_or_naming_a_volume_are_left_alone() {
+        let mut bound = claim(json!({}));
+        bound.status = serde_json::from_value(json!({"phase": "Bound"})).expect("status");
+        let cases = [
+            (claim(json!({})), true),
+            (claim(json!({"volumeName": ""})), true),
+            (claim(json!({"volumeName": "someone-elses-pv"})), false),
+            (bound, false),
+        ];
+        for (c, want) in cases {
+            assert_eq!(needs_volume(&c), want, "{:?}", c.spec);
+        }
     }
 
     fn pv_for(params: &ClassParams, class_extra: serde_json::Value) -> PersistentVolume {

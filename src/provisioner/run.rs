@@ -44,6 +44,7 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
         metrics: metrics.clone(),
         agents,
         classes: watch_classes(&client, &shutdown),
+        agent_grace: args.agent_grace,
     });
     // Placing a volume needs the agents' free space: know it before leading.
     tokio::select! {

@@ -1,24 +1,29 @@
-//! The PV reconciler: a Released localnfs PV with reclaim policy Delete is deleted;
-//! its finalizer keeps it until the node agent has dealt with the directory
-//! (DESIGN invariant 2: data goes only through this path, never on an API error).
+//! The PV reconciler: a Released localnfs PV with reclaim policy Delete is deleted
+//! once a fresh read shows its claim is really gone (see `reclaim`); its finalizer
+//! keeps it until the node agent has dealt with the directory (DESIGN invariant 2:
+//! data goes only through this path, never on an API error).
 
 use super::queue::Next;
-use k8s_openapi::api::core::v1::PersistentVolume;
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams};
+use kube::api::{Api, DeleteParams, Preconditions};
 use kube::runtime::events::EventType;
 
 use super::claims::Ctx;
 use super::pv::PROVISIONED_BY;
+use super::reclaim::{ClaimState, claim_ref, claim_state};
 use crate::error::{Error, Result};
 
 /// What to do with a PV (pure).
 #[derive(Debug, PartialEq, Eq)]
 pub enum PvAction {
+    /// Delete it, once its claim is confirmed gone ([`ClaimState::Gone`]).
     Delete,
     Nothing,
 }
 
+/// Whether a PV is a candidate for deletion: ours, Released, policy Delete, not already
+/// being deleted. The phase is the PV binder's view; the reconcile confirms the claim.
 pub fn decide(pv: &PersistentVolume, provisioner: &str) -> PvAction {
     let ours = pv.annotations().get(PROVISIONED_BY).map(String::as_str) == Some(provisioner);
     let released = pv.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Released");
@@ -50,18 +55,43 @@ async fn reconcile(name: &str, ctx: &Ctx) -> Result<Next> {
     else {
         return Ok(Next::Wait);
     };
-    if decide(&pv, &ctx.provisioner) == PvAction::Delete {
-        match pvs.delete(name, &DeleteParams::default()).await {
-            Ok(_) => {
-                ctx.metrics.deleted.inc();
-                ctx.events.publish(&pv, EventType::Normal, "Reclaiming", "Delete", format!(
-                    "claim released with reclaim policy Delete: deleting {name} once its node agent has removed the data"
-                ))
-                .await;
-            }
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => return Err(Error::kube(format!("delete PV {name}"))(e)),
+    if decide(&pv, &ctx.provisioner) != PvAction::Delete {
+        return Ok(Next::Wait);
+    }
+    let found = match claim_ref(&pv) {
+        Some((ns, claim)) => Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), ns)
+            .get_opt(claim)
+            .await
+            .map_err(Error::kube(format!("read claim {ns}/{claim} of PV {name}")))?,
+        None => None,
+    };
+    let state = claim_state(&pv, found.as_ref());
+    if state != ClaimState::Gone {
+        tracing::warn!(
+            pv = name,
+            ?state,
+            "PV is Released but its claim is not gone: not deleting it"
+        );
+        return Ok(Next::Wait);
+    }
+    // Only the PV as read: not one re-bound or re-created since.
+    let unchanged = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: pv.uid(),
+            resource_version: pv.resource_version(),
+        }),
+        ..DeleteParams::default()
+    };
+    match pvs.delete(name, &unchanged).await {
+        Ok(_) => {
+            ctx.metrics.deleted.inc();
+            ctx.events.publish(&pv, EventType::Normal, "Reclaiming", "Delete", format!(
+                "claim released with reclaim policy Delete: deleting {name} once its node agent has removed the data"
+            ))
+            .await;
         }
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(e) => return Err(Error::kube(format!("delete PV {name}"))(e)),
     }
     Ok(Next::Wait)
 }

@@ -11,9 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{Event, Namespace, PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::StorageClass;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, ListParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use localnfs::testbed::kernel::{KernelNode, TestNetwork, quote};
@@ -143,12 +143,18 @@ impl Localnfs {
     }
 
     pub fn start_controller(&mut self) -> usize {
+        self.start_controller_with(&[])
+    }
+
+    /// Same, with extra flags (e.g. `--agent-grace 1s`).
+    pub fn start_controller_with(&mut self, extra: &[&str]) -> usize {
         let log = self
             .dir
             .path()
             .join(format!("controller-{}.log", self.controllers.len()));
-        self.controllers
-            .push(spawn(&["controller"], &self.kubeconfig, &log));
+        let mut args = vec!["controller"];
+        args.extend_from_slice(extra);
+        self.controllers.push(spawn(&args, &self.kubeconfig, &log));
         self.controllers.len() - 1
     }
 
@@ -491,4 +497,85 @@ async fn start_pod(
         done.push(format!("{claim}:{state}"));
     }
     Ok(done)
+}
+
+/// A claim in `default` of `class` asking for `size`; `extra` is merged into its spec.
+pub fn claim(
+    name: &str,
+    class: &str,
+    size: &str,
+    extra: serde_json::Value,
+) -> PersistentVolumeClaim {
+    let mut spec = json!({
+        "accessModes": ["ReadWriteOnce"],
+        "storageClassName": class,
+        "resources": {"requests": {"storage": size}},
+    });
+    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+        s.extend(e.clone());
+    }
+    serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).expect("claim")
+}
+
+/// Waits (90 s at most) for claim `name` in `default` to be Bound; returns its PV.
+pub async fn bound_pv(client: &Client, name: &str) -> PersistentVolume {
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    let pv_name = eventually(
+        &format!("{name} Bound"),
+        Duration::from_secs(90),
+        || async {
+            let c = claims.get(name).await.ok()?;
+            if c.status.as_ref()?.phase.as_deref()? != "Bound" {
+                return None;
+            }
+            c.spec?.volume_name
+        },
+    )
+    .await;
+    pvs.get(&pv_name).await.expect("pv")
+}
+
+/// Events about an object in `default`: (reason, message).
+pub async fn events(client: &Client, name: &str) -> Vec<(String, String)> {
+    events_in(client, "default", name).await
+}
+
+/// Events about a PV (they live in `kube-system`): (reason, message).
+pub async fn pv_events(client: &Client, name: &str) -> Vec<(String, String)> {
+    events_in(client, "kube-system", name).await
+}
+
+async fn events_in(client: &Client, ns: &str, name: &str) -> Vec<(String, String)> {
+    let evs: Api<Event> = Api::namespaced(client.clone(), ns);
+    evs.list(&ListParams::default())
+        .await
+        .map(|l| {
+            l.items
+                .into_iter()
+                .filter(|e| e.involved_object.name.as_deref() == Some(name))
+                .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The volume directories on `node`'s disk.
+pub fn volume_dirs(lnfs: &Localnfs, node: &str) -> Vec<String> {
+    std::fs::read_dir(lnfs.root(node).join("volumes"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A test control plane with `nodes` (see [`Localnfs::start_nodes_and_controller`]).
+pub async fn start_localnfs(nodes: &[(&str, IpAddr, &str)]) -> (TestCluster, Localnfs) {
+    let cluster = TestCluster::start().await.expect("control plane");
+    let client = cluster.client();
+    let mut lnfs = Localnfs::new(&cluster).await;
+    lnfs.start_nodes_and_controller(&client, nodes).await;
+    (cluster, lnfs)
 }

@@ -1,0 +1,183 @@
+//! Where volumes may go, and what happens when they cannot (issue 14 items 3, 4, 5):
+//! `allowedTopologies`, claims that name their volume, a scheduler's choice that
+//! cannot take the volume.
+
+mod support;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::{Client, ResourceExt};
+use localnfs::testbed::{TestCluster, kubelet};
+use serde_json::json;
+use support::cluster::*;
+use support::eventually;
+
+const WAIT: Duration = Duration::from_secs(90);
+
+fn ip(last: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
+}
+
+async fn pv_count(client: &Client) -> usize {
+    Api::<PersistentVolume>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .expect("pvs")
+        .items
+        .len()
+}
+
+#[tokio::test]
+async fn allowed_topologies_are_honoured_and_claims_naming_a_volume_are_left_alone() {
+    let (cluster, lnfs) =
+        start_localnfs(&[("small", ip(111), "2Gi"), ("big", ip(112), "5Gi")]).await;
+    let client = cluster.client();
+    storage_class(&client, "now", json!({"volumeBindingMode": "Immediate"})).await;
+    storage_class(
+        &client,
+        "only-small",
+        json!({"volumeBindingMode": "Immediate", "allowedTopologies": [{"matchLabelExpressions": [
+            {"key": "kubernetes.io/hostname", "values": ["small"]}]}]}),
+    )
+    .await;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    // A statically bound claim: its author named the PV; nothing of ours may follow.
+    claims
+        .create(
+            &PostParams::default(),
+            &claim("static", "now", "1Mi", json!({"volumeName": "manual-pv"})),
+        )
+        .await
+        .expect("static");
+    claims
+        .create(
+            &PostParams::default(),
+            &claim("zoned", "only-small", "1Gi", json!({})),
+        )
+        .await
+        .expect("zoned");
+    let pv = bound_pv(&client, "zoned").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let fixed = claims.get("static").await.expect("static");
+    assert!(
+        !fixed.labels().contains_key("localnfs.io/node")
+            && !fixed
+                .finalizers()
+                .iter()
+                .any(|f| f == "localnfs.io/provisioning"),
+        "a claim naming its volume was provisioned: {:?}",
+        fixed.metadata
+    );
+    assert_eq!(
+        nfs_target(&pv).0,
+        ip(111),
+        "placed outside allowedTopologies (big has more room)"
+    );
+    assert_eq!(pv_count(&client).await, 1);
+    assert!(volume_dirs(&lnfs, "big").is_empty());
+}
+
+#[tokio::test]
+async fn a_selected_node_that_cannot_take_the_volume_is_handed_back_to_the_scheduler() {
+    let (cluster, _lnfs) = start_localnfs(&[("node-1", ip(121), "10Gi")]).await;
+    let client = cluster.client();
+    // A node with no localnfs agent, as the scheduler may pick when the extender is
+    // not configured.
+    kubelet::add_node(&client, "ghost", ip(122))
+        .await
+        .expect("node");
+    storage_class(&client, "wait", json!({})).await;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    let mut c = claim("w", "wait", "1Mi", json!({}));
+    c.metadata.annotations = Some(
+        [(
+            "volume.kubernetes.io/selected-node".to_owned(),
+            "ghost".to_owned(),
+        )]
+        .into(),
+    );
+    claims
+        .create(&PostParams::default(), &c)
+        .await
+        .expect("create");
+    eventually("selected-node annotation removed", WAIT, || async {
+        let c = claims.get("w").await.ok()?;
+        (!c.annotations()
+            .contains_key("volume.kubernetes.io/selected-node"))
+        .then_some(())
+    })
+    .await;
+    let evs = events(&client, "w").await;
+    assert!(
+        evs.iter().any(|(r, m)| r == "ProvisioningFailed"
+            && m.contains("node ghost has no running localnfs node agent")
+            && m.contains("asking the scheduler to choose another node")),
+        "{evs:?}"
+    );
+    assert_eq!(pv_count(&client).await, 0);
+}
+
+#[tokio::test]
+async fn claims_waiting_on_a_silent_agent_are_placed_again_or_let_go() {
+    let cluster = TestCluster::start().await.expect("control plane");
+    let client = cluster.client();
+    let mut lnfs = Localnfs::new(&cluster).await;
+    for (node, last, cap) in [("alive", 131, "2Gi"), ("dying", 132, "5Gi")] {
+        kubelet::add_node(&client, node, ip(last))
+            .await
+            .expect("node");
+        lnfs.start_agent_with(node, ip(last), &["--capacity", cap]);
+        wait_for_heartbeat(&client, node).await;
+    }
+    lnfs.start_controller_with(&["--agent-grace", "1s"]);
+    storage_class(&client, "now", json!({"volumeBindingMode": "Immediate"})).await;
+    // The roomier node's agent dies; its lease still says it is alive for a while, so
+    // both claims are placed there.
+    lnfs.stop_agent("dying").await;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    for name in ["moved", "doomed"] {
+        claims
+            .create(
+                &PostParams::default(),
+                &claim(name, "now", "1Gi", json!({})),
+            )
+            .await
+            .expect("create");
+        eventually(&format!("{name} placed on dying"), WAIT, || async {
+            let c = claims.get(name).await.ok()?;
+            (c.labels().get("localnfs.io/node")? == "dying").then_some(())
+        })
+        .await;
+    }
+    claims
+        .delete("doomed", &DeleteParams::default())
+        .await
+        .expect("delete");
+
+    let pv = bound_pv(&client, "moved").await;
+    assert_eq!(
+        nfs_target(&pv).0,
+        ip(131),
+        "not placed again on the live node"
+    );
+    let evs = events(&client, "moved").await;
+    assert!(
+        evs.iter()
+            .any(|(r, m)| r == "ProvisioningFailed" && m.contains("placing the claim again")),
+        "{evs:?}"
+    );
+    eventually("deleted claim let go", WAIT, || async {
+        claims.get_opt("doomed").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    let evs = events(&client, "doomed").await;
+    assert!(
+        evs.iter()
+            .any(|(r, m)| r == "VolumeLeftOnNode" && m.contains("node dying")),
+        "{evs:?}"
+    );
+    assert_eq!(volume_dirs(&lnfs, "alive").len(), 1);
+}

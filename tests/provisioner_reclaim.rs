@@ -1,0 +1,173 @@
+//! Reclaim never destroys live data (DESIGN invariant 2, issue 14 item 1): a PV
+//! deleted while its claim exists keeps its data until the claim goes, whichever is
+//! deleted first and whether or not the node agent restarts in between; an `onDelete`
+//! annotation we do not know keeps the data.
+
+mod support;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use support::cluster::*;
+use support::eventually;
+
+const WAIT: Duration = Duration::from_secs(90);
+
+fn ip(last: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
+}
+
+/// Creates claim `name` of class `now`, waits for its PV and writes a file into the
+/// volume's directory; returns the PV and the file.
+async fn claim_with_data(
+    client: &Client,
+    lnfs: &Localnfs,
+    name: &str,
+) -> (PersistentVolume, PathBuf) {
+    Api::<PersistentVolumeClaim>::namespaced(client.clone(), "default")
+        .create(
+            &PostParams::default(),
+            &claim(name, "now", "1Mi", json!({})),
+        )
+        .await
+        .expect("create claim");
+    let pv = bound_pv(client, name).await;
+    let file = lnfs
+        .root("node-1")
+        .join("volumes")
+        .join(nfs_target(&pv).2)
+        .join("precious");
+    std::fs::write(&file, b"rows").expect("write data");
+    (pv, file)
+}
+
+fn still_there(file: &PathBuf, what: &str) {
+    assert_eq!(
+        std::fs::read(file).ok().as_deref(),
+        Some(&b"rows"[..]),
+        "{what}: data that must be kept was removed"
+    );
+}
+
+#[tokio::test]
+async fn deleting_a_bound_pv_keeps_its_data_until_the_claim_is_deleted() {
+    let (cluster, mut lnfs) = start_localnfs(&[("node-1", ip(101), "10Gi")]).await;
+    let client = cluster.client();
+    storage_class(&client, "now", json!({"volumeBindingMode": "Immediate"})).await;
+    let (pv, file) = claim_with_data(&client, &lnfs, "live").await;
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+
+    // `kubectl delete pv` on a Bound PV whose class says Delete.
+    pvs.delete(&pv.name_any(), &DeleteParams::default())
+        .await
+        .expect("delete PV");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    still_there(&file, "PV deleted while Bound");
+    let terminating = pvs.get(&pv.name_any()).await.expect("PV kept while Bound");
+    assert!(terminating.metadata.deletion_timestamp.is_some());
+    let evs = eventually("VolumeInUse event", WAIT, || async {
+        let e = pv_events(&client, &pv.name_any()).await;
+        e.iter().any(|(r, _)| r == "VolumeInUse").then_some(e)
+    })
+    .await;
+    assert!(
+        evs.iter().any(|(_, m)| m.contains("default/live")),
+        "{evs:?}"
+    );
+
+    // The agent restarting sees the same Terminating PV and still keeps the data.
+    lnfs.stop_agent("node-1").await;
+    lnfs.start_agent_with("node-1", ip(101), &["--capacity", "10Gi"]);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    still_there(&file, "agent restarted with the PV Terminating");
+    assert_eq!(
+        claims
+            .get("live")
+            .await
+            .expect("claim")
+            .status
+            .and_then(|s| s.phase),
+        Some("Bound".into())
+    );
+
+    // The claim goes: now the PV is released and reclaim proceeds.
+    claims
+        .delete("live", &DeleteParams::default())
+        .await
+        .expect("delete claim");
+    eventually("PV gone after its claim", WAIT, || async {
+        pvs.get_opt(&pv.name_any())
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(
+        !file.exists() && volume_dirs(&lnfs, "node-1").is_empty(),
+        "directory left after reclaim: {:?}\n{}",
+        volume_dirs(&lnfs, "node-1"),
+        lnfs.logs()
+    );
+}
+
+#[tokio::test]
+async fn deleting_the_claim_first_reclaims_after_an_agent_restart_and_unknown_on_delete_keeps_data()
+{
+    let (cluster, mut lnfs) = start_localnfs(&[("node-1", ip(102), "10Gi")]).await;
+    let client = cluster.client();
+    storage_class(&client, "now", json!({"volumeBindingMode": "Immediate"})).await;
+    let (pv, file) = claim_with_data(&client, &lnfs, "first").await;
+    let (odd, odd_file) = claim_with_data(&client, &lnfs, "odd").await;
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    // A PV whose onDelete annotation was edited to something we do not know.
+    pvs.patch(
+        &odd.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {"localnfs.io/on-delete": "shred"}}})),
+    )
+    .await
+    .expect("annotate");
+
+    // The agent is down while the claims go: the PVs are Released and deleted, and
+    // wait (Terminating) for the agent.
+    lnfs.stop_agent("node-1").await;
+    for name in ["first", "odd"] {
+        claims
+            .delete(name, &DeleteParams::default())
+            .await
+            .expect("delete claim");
+    }
+    eventually("PV Terminating", WAIT, || async {
+        pvs.get(&pv.name_any())
+            .await
+            .ok()?
+            .metadata
+            .deletion_timestamp
+            .map(|_| ())
+    })
+    .await;
+    still_there(&file, "agent down");
+    lnfs.start_agent_with("node-1", ip(102), &["--capacity", "10Gi"]);
+    for name in [pv.name_any(), odd.name_any()] {
+        eventually(&format!("{name} gone"), WAIT, || async {
+            pvs.get_opt(&name).await.ok()?.is_none().then_some(())
+        })
+        .await;
+    }
+    assert!(!file.exists(), "released volume not deleted");
+    still_there(&odd_file, "unknown onDelete value");
+    let evs = pv_events(&client, &odd.name_any()).await;
+    assert!(
+        evs.iter()
+            .any(|(r, m)| r == "VolumeKept" && m.contains("shred")),
+        "{evs:?}"
+    );
+}
