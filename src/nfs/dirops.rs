@@ -65,7 +65,7 @@ fn lookup_in(
     if name == b".." && v.is_root(dir_st) {
         return Err(nfsstat3::NFS3ERR_ACCES);
     }
-    let _as = ctx.become_caller(v);
+    let _as = ctx.become_caller(v)?;
     sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)
 }
 
@@ -120,7 +120,7 @@ fn create_common(
     };
     let r = check_new_name(name).and_then(|()| {
         let fd = {
-            let _as = ctx.become_caller(&v);
+            let _as = ctx.become_caller(&v)?;
             make(&v, &dir)?
         };
         let st = sys::fstat(raw(&fd)).map_err(to_nfsstat)?;
@@ -358,7 +358,7 @@ fn remove_common(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>, flags: i32) -> 
         }
         // No size lock: giving space back is one atomic update, and holding the lock
         // across the unlink would serialise every removal in the volume.
-        let _as = ctx.become_caller(&v);
+        let _as = ctx.become_caller(&v)?;
         let victim_fd = sys::openat(raw(&dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
         let victim = sys::fstat(raw(&victim_fd)).map_err(to_nfsstat)?;
         sys::unlinkat(raw(&dir), name, flags).map_err(to_nfsstat)?;
@@ -414,7 +414,7 @@ pub fn rename(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
         check_new_name(to)?;
         // No size lock: giving space back is one atomic update, and holding the lock
         // across the unlink would serialise every removal in the volume.
-        let _as = ctx.become_caller(&v);
+        let _as = ctx.become_caller(&v)?;
         let src = sys::openat(raw(&from_dir), from, libc::O_PATH, 0)
             .and_then(|fd| sys::fstat(raw(&fd)))
             .map_err(to_nfsstat)?;
@@ -467,7 +467,7 @@ pub fn link(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
             return Err(nfsstat3::NFS3ERR_XDEV);
         }
         check_new_name(name)?;
-        let _as = ctx.become_caller(&v);
+        let _as = ctx.become_caller(&v)?;
         sys::link_fd(raw(&file), raw(&dir), name).map_err(to_nfsstat)
     })();
     let file_st = sys::fstat(raw(&file)).ok();
@@ -499,14 +499,13 @@ pub fn readdir(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>, plus: bool) -> Pr
             return Ok(());
         }
     };
-    let opened = {
-        let _as = ctx.become_caller(&v);
-        sys::reopen(raw(&dir), libc::O_RDONLY | libc::O_DIRECTORY)
-    };
+    let opened = ctx.become_caller(&v).and_then(|_as| {
+        sys::reopen(raw(&dir), libc::O_RDONLY | libc::O_DIRECTORY).map_err(to_nfsstat)
+    });
     let rd = match opened {
         Ok(f) => f,
-        Err(e) => {
-            status(out, to_nfsstat(e));
+        Err(s) => {
+            status(out, s);
             post_op(out, Some(&dir_st), v.meta.id);
             return Ok(());
         }

@@ -32,13 +32,29 @@ pub struct Ctx<'a> {
 
 impl Ctx<'_> {
     pub fn caller(&self, v: &Volume) -> Caller {
-        attr::effective_caller(self.cred, v.meta.squash, v.meta.anon_uid, v.meta.anon_gid)
+        attr::effective_caller(
+            self.cred,
+            v.meta.squash,
+            v.meta.anon_uid,
+            v.meta.anon_gid,
+            sys::id_maps(),
+        )
     }
 
-    /// Switches this thread to the caller's identity until the guard drops.
-    pub fn become_caller(&self, v: &Volume) -> AsCaller {
+    /// Switches this thread to the caller's identity until the guard drops. If the
+    /// kernel refuses it (anonymous ids outside the id map), the call is refused
+    /// rather than run as root (DESIGN invariant 7).
+    pub fn become_caller(&self, v: &Volume) -> Result<AsCaller, nfsstat3> {
         let c = self.caller(v);
-        AsCaller::new(c.uid, c.gid, &c.gids)
+        AsCaller::new(c.uid, c.gid, &c.gids).map_err(|e| {
+            tracing::warn!(
+                uid = c.uid,
+                gid = c.gid,
+                errno = e.0,
+                "cannot switch to the caller's ids"
+            );
+            nfsstat3::NFS3ERR_ACCES
+        })
     }
 
     pub fn resolve(&self, fh: &[u8]) -> Result<(Arc<Volume>, Arc<Obj>), nfsstat3> {
@@ -121,7 +137,7 @@ pub fn setattr(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
                 return Err(nfsstat3::NFS3ERR_NOT_SYNC);
             }
         }
-        let _as = ctx.become_caller(&v);
+        let _as = ctx.become_caller(&v)?;
         if let Nfs3Option::Some(size) = sattr.size {
             if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
                 return Err(nfsstat3::NFS3ERR_ISDIR);

@@ -225,6 +225,13 @@ impl VolumeStore {
                 name: spec.name.to_string(),
             });
         }
+        if spec.anon_uid == u32::MAX || spec.anon_gid == u32::MAX {
+            // The kernel cannot switch to it: squashed calls would all be refused.
+            return Err(Error::InvalidVolumeSpec {
+                name: spec.name.to_string(),
+                why: "the anonymous uid and gid must be below 4294967295",
+            });
+        }
         if let Some(meta) = self.get(&spec.name)? {
             if meta.matches(spec) {
                 return Ok(meta);

@@ -1,0 +1,131 @@
+//! Hostile callers, one procedure at a time (issue 13): identities the kernel refuses,
+//! special files, oversized listing counts, the shared descriptor cache, durable
+//! namespace changes and racing quota charges. Each test drives the real
+//! `localnfs node` binary with the `nfs3_client` crate and forged credentials.
+
+mod support;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use localnfs::volume::{Squash, VolumeName, VolumeSpec};
+use nfs3_client::Nfs3Client;
+use nfs3_types::nfs3::*;
+use nfs3_types::rpc::{auth_unix, opaque_auth};
+use nfs3_types::xdr_codec::Opaque;
+use support::nfs::*;
+
+const MIB: u64 = 1 << 20;
+
+/// An NFS client that says it is `uid`/`gid` with supplementary `gids`, using handles
+/// of a mount made from the same address (no MOUNT of its own).
+async fn forged(port: u16, uid: u32, gid: u32, gids: &[u32], root: &nfs_fh3) -> Client {
+    let cred = opaque_auth::auth_unix(&auth_unix {
+        stamp: 7,
+        machinename: Opaque::borrowed(b"hostile"),
+        uid,
+        gid,
+        gids: gids.to_vec(),
+    });
+    Client {
+        nfs: Nfs3Client::new_with_auth(tcp(port, LOCAL).await, cred, opaque_auth::default()),
+        root: root.clone(),
+    }
+}
+
+async fn setattr(c: &mut Client, fh: &nfs_fh3, s: sattr3) -> Result<(), nfsstat3> {
+    match c
+        .nfs
+        .setattr(&SETATTR3args {
+            object: fh.clone(),
+            new_attributes: s,
+            guard: Nfs3Option::None,
+        })
+        .await
+        .expect("rpc")
+    {
+        Nfs3Result::Ok(_) => Ok(()),
+        Nfs3Result::Err((s, _)) => Err(s),
+    }
+}
+
+fn mode(m: u32) -> sattr3 {
+    sattr3 {
+        mode: Nfs3Option::Some(m),
+        ..sattr3::default()
+    }
+}
+
+fn squashed_volume(root: &Path, name: &str, squash: Squash) {
+    let spec = VolumeSpec {
+        squash,
+        anon_uid: 5000,
+        anon_gid: 5001,
+        ..VolumeSpec::new(VolumeName::new(name).expect("name"), 4 * MIB)
+    };
+    create_volume_with(root, &spec);
+}
+
+/// Root's private corner of a volume, made on the disk: `secret/` (0700) holding
+/// `secret/f`, `rootfile` (0644) and `group0` (0640, group 0), all owned by root.
+fn roots_files(vol: &Path) {
+    std::fs::create_dir(vol.join("secret")).expect("mkdir");
+    std::fs::set_permissions(vol.join("secret"), PermissionsExt::from_mode(0o700)).expect("chmod");
+    std::fs::write(vol.join("secret/f"), b"root only").expect("write");
+    for (name, m) in [("rootfile", 0o644), ("group0", 0o640)] {
+        std::fs::write(vol.join(name), b"root's").expect("write");
+        std::fs::set_permissions(vol.join(name), PermissionsExt::from_mode(m)).expect("chmod");
+    }
+}
+
+#[tokio::test]
+async fn ids_the_kernel_refuses_get_no_more_rights_than_the_anonymous_user() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    squashed_volume(dir.path(), "sq", Squash::Root);
+    let vol = dir.path().join("volumes/sq");
+    roots_files(&vol);
+    let node = Node::start(dir.path()).await;
+    let root = Client::mount(node.port, "sq").await.root;
+
+    // uid/gid 4294967295: setfsuid refuses it, which used to leave the call as root.
+    let mut h = forged(node.port, u32::MAX, u32::MAX, &[u32::MAX], &root).await;
+    let secret = h.lookup(&root, b"secret").await.expect("lookup secret");
+    assert_eq!(
+        h.lookup(&secret, b"f").await,
+        Err(nfsstat3::NFS3ERR_ACCES),
+        "LOOKUP inside root's 0700 directory"
+    );
+    let rootfile = h.lookup(&root, b"rootfile").await.expect("lookup");
+    assert_eq!(
+        setattr(&mut h, &rootfile, mode(0o666)).await,
+        Err(nfsstat3::NFS3ERR_PERM),
+        "chmod of root's file"
+    );
+    assert_eq!(
+        std::fs::metadata(vol.join("rootfile"))
+            .expect("stat")
+            .mode()
+            & 0o7777,
+        0o644
+    );
+    // What such a caller creates belongs to the anonymous ids.
+    h.create(&root, b"by-max", 0o644).await.expect("create");
+    let md = std::fs::metadata(vol.join("by-max")).expect("stat");
+    assert_eq!((md.uid(), md.gid()), (5000, 5001));
+
+    // Root squash also squashes group 0, primary or supplementary (as knfsd).
+    let group0 = h.lookup(&root, b"group0").await.expect("lookup");
+    for (gid, gids) in [(0, vec![]), (1000, vec![0])] {
+        let mut c = forged(node.port, 1000, gid, &gids, &root).await;
+        assert_eq!(
+            c.read(&group0, 0, 10).await,
+            Err(nfsstat3::NFS3ERR_ACCES),
+            "group-0 file read by gid {gid} groups {gids:?}"
+        );
+        assert_eq!(
+            c.lookup(&secret, b"f").await,
+            Err(nfsstat3::NFS3ERR_ACCES),
+            "gid {gid} groups {gids:?}"
+        );
+    }
+}
