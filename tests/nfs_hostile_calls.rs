@@ -7,6 +7,7 @@ mod support;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
+use std::time::Duration;
 
 use localnfs::volume::{Squash, VolumeName, VolumeSpec};
 use nfs3_client::Nfs3Client;
@@ -128,4 +129,129 @@ async fn ids_the_kernel_refuses_get_no_more_rights_than_the_anonymous_user() {
             "gid {gid} groups {gids:?}"
         );
     }
+}
+
+async fn create_how(
+    c: &mut Client,
+    dir: &nfs_fh3,
+    name: &[u8],
+    how: createhow3,
+) -> Result<nfs_fh3, nfsstat3> {
+    let r = c
+        .nfs
+        .create(&CREATE3args {
+            where_: diropargs3 {
+                dir: dir.clone(),
+                name: filename3(Opaque::borrowed(name)),
+            },
+            how,
+        })
+        .await
+        .expect("rpc");
+    match r {
+        Nfs3Result::Ok(ok) => match ok.obj {
+            Nfs3Option::Some(fh) => Ok(fh),
+            Nfs3Option::None => Err(nfsstat3::NFS3ERR_SERVERFAULT),
+        },
+        Nfs3Result::Err((s, _)) => Err(s),
+    }
+}
+
+/// Answers within 5 s, or the test fails saying what hung.
+async fn prompt<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(5), f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no reply within 5 s"))
+}
+
+#[tokio::test]
+async fn special_files_never_block_a_call() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    create_volume(dir.path(), "vol", 4 * MIB);
+    let vol = dir.path().join("volumes/vol");
+    let c_path =
+        |n: &str| std::ffi::CString::new(vol.join(n).as_os_str().as_encoded_bytes()).expect("path");
+    // SAFETY: valid C paths; the test runs as root (device nodes need it).
+    unsafe {
+        assert_eq!(libc::mkfifo(c_path("fifo").as_ptr(), 0o666), 0);
+        assert_eq!(
+            libc::mknod(
+                c_path("null").as_ptr(),
+                libc::S_IFCHR | 0o666,
+                libc::makedev(1, 3)
+            ),
+            0
+        );
+    }
+    let _sock = std::os::unix::net::UnixListener::bind(vol.join("sock")).expect("socket");
+    let node = Node::start(dir.path()).await;
+    let root = Client::mount(node.port, "vol").await.root;
+
+    // Many at once, each on its own connection: every one must answer, and
+    // none may pin a worker (an open of a FIFO with no writer waits forever).
+    let mut calls = Vec::new();
+    for i in 0..8 {
+        let root = root.clone();
+        let port = node.port;
+        calls.push(tokio::spawn(async move {
+            let mut c = Client::connect(port, LOCAL, 1000, 1000, root.clone()).await;
+            let name: &[u8] = [b"fifo".as_slice(), b"null", b"sock"][i % 3];
+            let how = createhow3::UNCHECKED(sattr3 {
+                size: Nfs3Option::Some(0),
+                ..sattr3::default()
+            });
+            let fh = prompt(
+                "CREATE UNCHECKED over a special file",
+                create_how(&mut c, &root, name, how),
+            )
+            .await
+            .expect("an existing object is taken as it is");
+            assert_eq!(
+                prompt("READ", c.read(&fh, 0, 10)).await,
+                Err(nfsstat3::NFS3ERR_INVAL)
+            );
+            assert_eq!(
+                prompt("WRITE", c.write(&fh, 0, b"x", stable_how::FILE_SYNC))
+                    .await
+                    .map(drop),
+                Err(nfsstat3::NFS3ERR_INVAL)
+            );
+            let size = sattr3 {
+                size: Nfs3Option::Some(0),
+                ..sattr3::default()
+            };
+            assert_eq!(
+                prompt("SETATTR size", setattr(&mut c, &fh, size)).await,
+                Err(nfsstat3::NFS3ERR_INVAL)
+            );
+            prompt("COMMIT", c.commit(&fh))
+                .await
+                .expect_err("not a regular file");
+        }));
+    }
+    for call in calls {
+        call.await.expect("call task");
+    }
+    // GUARDED and EXCLUSIVE over them: EXIST, at once.
+    let mut c = Client::mount(node.port, "vol").await;
+    for name in [b"fifo".as_slice(), b"null", b"sock"] {
+        let guarded = createhow3::GUARDED(sattr3::default());
+        assert_eq!(
+            prompt("CREATE GUARDED", create_how(&mut c, &root, name, guarded)).await,
+            Err(nfsstat3::NFS3ERR_EXIST)
+        );
+        let excl = createhow3::EXCLUSIVE(createverf3([1; 8]));
+        assert_eq!(
+            prompt("CREATE EXCLUSIVE", create_how(&mut c, &root, name, excl)).await,
+            Err(nfsstat3::NFS3ERR_EXIST)
+        );
+    }
+    // And the server still answers everyone promptly.
+    prompt("GETATTR", c.getattr(&root)).await.expect("getattr");
+    let f = prompt("CREATE", c.create(&root, b"plain", 0o644))
+        .await
+        .expect("create");
+    prompt("WRITE", c.write(&f, 0, b"ok", stable_how::FILE_SYNC))
+        .await
+        .expect("write");
 }

@@ -155,6 +155,10 @@ fn apply_sattr(v: &Volume, fd: &OwnedFd, s: &sattr3) -> Result<(), nfsstat3> {
         sys::fchownat_empty(raw(fd), uid, gid).map_err(to_nfsstat)?;
     }
     if let Nfs3Option::Some(size) = s.size {
+        // Opening anything but a regular file could block (a FIFO) or reach a device.
+        if sys::fstat(raw(fd)).map_err(to_nfsstat)?.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(nfsstat3::NFS3ERR_INVAL);
+        }
         let wfd = sys::reopen(raw(fd), libc::O_WRONLY).map_err(to_nfsstat)?;
         set_size(v, raw(&wfd), size)?;
     }
@@ -183,57 +187,71 @@ pub fn create(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
         2 => How::Exclusive(args.createverf()?),
         _ => return Err(Garbage),
     };
-    create_common(ctx, dir_fh, name, out, |v, dir| match &how {
-        How::Unchecked(s) | How::Guarded(s) => {
-            let excl = if matches!(how, How::Guarded(_)) {
-                libc::O_EXCL
-            } else {
-                0
-            };
-            let f = sys::openat(
-                raw(dir),
-                name,
-                libc::O_CREAT | excl | libc::O_RDONLY,
-                mode_or(s, 0o644),
-            )
-            .map_err(to_nfsstat)?;
-            let fd = sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
-            drop(f);
-            apply_sattr(v, &fd, s)?;
-            Ok(fd)
-        }
-        How::Exclusive(verf) => {
-            // The verifier lives in atime/mtime, as RFC 1813 §3.3.8 suggests, so a
-            // retransmitted CREATE finds its own file and succeeds.
-            let (a, m) = verf_times(verf);
-            match sys::openat(
-                raw(dir),
-                name,
-                libc::O_CREAT | libc::O_EXCL | libc::O_RDONLY,
-                0o600,
-            ) {
-                Ok(f) => {
-                    drop(f);
-                    let fd = sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
-                    sys::utimes_fd(raw(&fd), Some(Some(a)), Some(Some(m))).map_err(to_nfsstat)?;
-                    Ok(fd)
-                }
-                Err(e) if e.0 == libc::EEXIST => {
-                    let fd = sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
-                    let st = sys::fstat(raw(&fd)).map_err(to_nfsstat)?;
-                    if (st.st_atime, st.st_atime_nsec, st.st_mtime, st.st_mtime_nsec)
-                        == (a.0, a.1, m.0, m.1)
-                    {
-                        Ok(fd)
-                    } else {
-                        Err(nfsstat3::NFS3ERR_EXIST)
-                    }
-                }
-                Err(e) => Err(to_nfsstat(e)),
+    create_common(ctx, dir_fh, name, out, |v, dir| {
+        // The file is made with mknod, never opened: an existing name may be a FIFO
+        // (an open would wait for a writer forever), a socket or a device, and no
+        // CREATE opens it (DESIGN invariant 9).
+        let made = sys::mknodat(raw(dir), name, libc::S_IFREG | create_mode(&how), 0);
+        match (&how, made) {
+            (How::Unchecked(s) | How::Guarded(s), Ok(())) => {
+                let fd = sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
+                apply_sattr(v, &fd, s)?;
+                Ok(fd)
             }
+            // RFC 1813 §3.3.8: UNCHECKED takes an existing object as it is. As knfsd,
+            // only a size is applied, and only to a regular file.
+            (How::Unchecked(s), Err(e)) if e.0 == libc::EEXIST => {
+                let fd = sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
+                let st = sys::fstat(raw(&fd)).map_err(to_nfsstat)?;
+                if st.st_mode & libc::S_IFMT == libc::S_IFREG {
+                    let size_only = sattr3 {
+                        size: s.size,
+                        ..sattr3::default()
+                    };
+                    apply_sattr(v, &fd, &size_only)?;
+                }
+                Ok(fd)
+            }
+            (How::Exclusive(verf), made) => {
+                // The verifier lives in atime/mtime, as RFC 1813 §3.3.8 suggests, so a
+                // retransmitted CREATE finds its own file and succeeds.
+                let (a, m) = verf_times(verf);
+                match made {
+                    Ok(()) => {
+                        let fd =
+                            sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
+                        sys::utimes_fd(raw(&fd), Some(Some(a)), Some(Some(m)))
+                            .map_err(to_nfsstat)?;
+                        Ok(fd)
+                    }
+                    Err(e) if e.0 == libc::EEXIST => {
+                        let fd =
+                            sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
+                        let st = sys::fstat(raw(&fd)).map_err(to_nfsstat)?;
+                        if st.st_mode & libc::S_IFMT == libc::S_IFREG
+                            && (st.st_atime, st.st_atime_nsec, st.st_mtime, st.st_mtime_nsec)
+                                == (a.0, a.1, m.0, m.1)
+                        {
+                            Ok(fd)
+                        } else {
+                            Err(nfsstat3::NFS3ERR_EXIST)
+                        }
+                    }
+                    Err(e) => Err(to_nfsstat(e)),
+                }
+            }
+            (_, Err(e)) => Err(to_nfsstat(e)),
         }
     });
     Ok(())
+}
+
+/// The mode a CREATE makes a new file with.
+fn create_mode(how: &How) -> u32 {
+    match how {
+        How::Unchecked(s) | How::Guarded(s) => mode_or(s, 0o644),
+        How::Exclusive(_) => 0o600,
+    }
 }
 
 fn verf_times(v: &createverf3) -> ((i64, i64), (i64, i64)) {
