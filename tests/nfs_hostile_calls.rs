@@ -255,3 +255,63 @@ async fn special_files_never_block_a_call() {
         .await
         .expect("write");
 }
+
+#[tokio::test]
+async fn listing_counts_are_clamped_to_the_servers_maximum() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    create_volume(dir.path(), "vol", 4 * MIB);
+    let vol = dir.path().join("volumes/vol");
+    std::fs::create_dir(vol.join("big")).expect("mkdir");
+    // 6,000 names of 200 bytes: about 1.7 MB of READDIR entries, more with attributes.
+    let files = 6000;
+    for i in 0..files {
+        std::fs::write(vol.join("big").join(format!("{i:0>200}")), b"").expect("file");
+    }
+    let node = Node::start(dir.path()).await;
+    let mut c = Client::mount(node.port, "vol").await;
+    let root = c.root.clone();
+    let big = c.lookup(&root, b"big").await.expect("lookup");
+    let r = c
+        .nfs
+        .readdirplus(&READDIRPLUS3args {
+            dir: big.clone(),
+            cookie: 0,
+            cookieverf: cookieverf3::default(),
+            dircount: u32::MAX,
+            maxcount: u32::MAX,
+        })
+        .await
+        .expect("rpc");
+    let Nfs3Result::Ok(ok) = r else {
+        panic!("READDIRPLUS failed")
+    };
+    let n = ok.reply.entries.0.len();
+    // An entry but `.` and `..` takes at least 200 + 24 bytes: at most 1 MiB of them.
+    assert!(
+        !ok.reply.eof && n > 0 && n <= 2 + (1 << 20) / 224,
+        "{n} entries in one reply"
+    );
+    let r = c
+        .nfs
+        .readdir(&READDIR3args {
+            dir: big.clone(),
+            cookie: 0,
+            cookieverf: cookieverf3::default(),
+            count: u32::MAX,
+        })
+        .await
+        .expect("rpc");
+    let Nfs3Result::Ok(ok) = r else {
+        panic!("READDIR failed")
+    };
+    let n = ok.reply.entries.0.len();
+    assert!(
+        !ok.reply.eof && n > 0 && n <= 2 + (1 << 20) / 224,
+        "{n} entries in one reply"
+    );
+    // Paging still lists everything.
+    assert_eq!(
+        c.list(&big, true, u32::MAX).await.expect("list").len(),
+        files + 2
+    );
+}

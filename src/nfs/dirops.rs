@@ -20,6 +20,10 @@ use super::xdr::{Garbage, XdrIn, put_bool, put_opaque, put_u64};
 /// NAME_MAX.
 const NAME_MAX: usize = 255;
 
+/// Largest READDIR/READDIRPLUS reply body we build, whatever the client asks for: the
+/// largest READ we answer (FSINFO `rtmax`), 16 times the `dtpref` we advertise.
+const MAX_DIR_REPLY: usize = super::ops::MAX_IO as usize;
+
 /// A name that may be looked up: one path component.
 fn check_name(name: &[u8]) -> Result<(), nfsstat3> {
     if name.is_empty() {
@@ -509,6 +513,10 @@ pub fn readdir(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>, plus: bool) -> Pr
         let c = args.u32()? as usize;
         (c, c)
     };
+    // The counts are the client's upper bounds, not a request the server must fill
+    // (RFC 1813 §3.3.16, §3.3.17): a hostile 4 GiB count would otherwise build a reply
+    // of the whole directory, past what memory and a record mark (31 bits) can carry.
+    let (dircount, maxcount) = (dircount.min(MAX_DIR_REPLY), maxcount.min(MAX_DIR_REPLY));
     let (v, dir, dir_st) = match resolve_dir(ctx, dir_fh) {
         Ok(x) => x,
         Err(s) => {
@@ -529,7 +537,7 @@ pub fn readdir(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>, plus: bool) -> Pr
         }
     };
     let at_root = v.is_root(&dir_st);
-    let mut body = Vec::with_capacity(maxcount.min(1 << 20));
+    let mut body = Vec::with_capacity(maxcount);
     // Reply overhead: status, dir attributes, verifier, list end, eof.
     let mut size = 4 + 88 + 8 + 8;
     let mut dsize = 0usize;
