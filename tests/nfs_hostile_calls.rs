@@ -315,3 +315,48 @@ async fn listing_counts_are_clamped_to_the_servers_maximum() {
         files + 2
     );
 }
+
+#[tokio::test]
+async fn an_owners_truncate_of_a_read_only_file_leaves_writes_working_for_all() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    create_volume(dir.path(), "vol", 4 * MIB);
+    let node = Node::start(dir.path()).await;
+    let mut owner = Client::mount_as(node.port, "vol", LOCAL, 1000, 1000).await;
+    let root = owner.root.clone();
+    // The owner may change the size of a file whose mode denies them writing
+    // (RFC 1813 §4.4, as knfsd); their own rights cannot open it read-write.
+    let f = owner.create(&root, b"ro", 0o444).await.expect("create");
+    let size = sattr3 {
+        size: Nfs3Option::Some(10),
+        ..sattr3::default()
+    };
+    setattr(&mut owner, &f, size)
+        .await
+        .expect("owner sets the size");
+    let mut root_c = Client::mount(node.port, "vol").await;
+    root_c
+        .write(&f, 0, b"by root", stable_how::FILE_SYNC)
+        .await
+        .expect("root writes after the owner's truncate");
+    owner
+        .write(&f, 7, b"!", stable_how::FILE_SYNC)
+        .await
+        .expect("the owner writes too");
+    assert_eq!(
+        root_c.read(&f, 0, 100).await.expect("read"),
+        b"by root!\0\0"
+    );
+    // A caller without the right is refused, and that changes nothing for others.
+    let mut other = Client::connect(node.port, LOCAL, 2000, 2000, root.clone()).await;
+    assert_eq!(
+        other
+            .write(&f, 0, b"x", stable_how::FILE_SYNC)
+            .await
+            .map(drop),
+        Err(nfsstat3::NFS3ERR_ACCES)
+    );
+    root_c
+        .write(&f, 0, b"B", stable_how::UNSTABLE)
+        .await
+        .expect("still writable");
+}

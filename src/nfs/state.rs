@@ -75,9 +75,13 @@ impl Volume {
 pub struct Obj {
     /// O_PATH descriptor of the object.
     fd: OwnedFd,
-    /// Regular files: a descriptor for I/O opened as root, writable if possible;
-    /// callers check the caller's permission first.
-    io: OnceLock<Result<(OwnedFd, bool), Errno>>,
+    /// Regular files: the shared descriptor for I/O, opened read-write as root (callers
+    /// check the caller's permission first). Only a successful open is kept: one
+    /// caller's failure never answers the next caller.
+    rw: OnceLock<OwnedFd>,
+    /// Regular files root cannot open for writing (a running executable, a read-only
+    /// mount): a read-only descriptor, for reads only.
+    ro: OnceLock<OwnedFd>,
 }
 
 impl Deref for Obj {
@@ -88,19 +92,36 @@ impl Deref for Obj {
 }
 
 impl Obj {
-    /// The I/O descriptor, opened on first use; `write` asks for a writable one.
+    fn new(fd: OwnedFd) -> Self {
+        Self {
+            fd,
+            rw: OnceLock::new(),
+            ro: OnceLock::new(),
+        }
+    }
+
+    /// The I/O descriptor of a regular file (callers check the type: opening a FIFO
+    /// would block), opened on first use; `write` needs a writable one.
     pub fn io_fd(&self, write: bool) -> Result<RawFd, nfsstat3> {
-        let io = self.io.get_or_init(|| {
-            let path = sys::raw(&self.fd);
-            match sys::reopen(path, libc::O_RDWR) {
-                Ok(f) => Ok((f, true)),
-                Err(_) => sys::reopen(path, libc::O_RDONLY).map(|f| (f, false)),
+        if let Some(f) = self.rw.get() {
+            return Ok(sys::raw(f));
+        }
+        if !write && let Some(f) = self.ro.get() {
+            return Ok(sys::raw(f));
+        }
+        // As root whoever is asking, so the descriptor everyone shares is never
+        // narrowed by one caller's rights (the SETATTR of an owner of a 0444 file
+        // runs as that owner).
+        let _root = sys::AsRoot::begin();
+        let path = sys::raw(&self.fd);
+        match sys::reopen(path, libc::O_RDWR) {
+            // A racing caller's descriptor may have won; ours is then dropped.
+            Ok(f) => Ok(sys::raw(self.rw.get_or_init(|| f))),
+            Err(e) if write => Err(to_nfsstat(e)),
+            Err(_) => {
+                let f = sys::reopen(path, libc::O_RDONLY).map_err(to_nfsstat)?;
+                Ok(sys::raw(self.ro.get_or_init(|| f)))
             }
-        });
-        match io {
-            Ok((_, false)) if write => Err(nfsstat3::NFS3ERR_ROFS),
-            Ok((f, _)) => Ok(sys::raw(f)),
-            Err(e) => Err(to_nfsstat(*e)),
         }
     }
 }
@@ -355,10 +376,7 @@ impl Exports {
             libc::ESTALE | libc::ENOENT | libc::EINVAL => nfsstat3::NFS3ERR_STALE,
             _ => to_nfsstat(e),
         })?;
-        let obj = Arc::new(Obj {
-            fd,
-            io: OnceLock::new(),
-        });
+        let obj = Arc::new(Obj::new(fd));
         let mut cache = self.objects.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= MAX_CACHED {
             cache.clear();

@@ -502,6 +502,38 @@ impl Drop for AsCaller {
     }
 }
 
+/// Root's filesystem credentials on this thread until dropped, then whatever they were
+/// (a caller's, inside an [`AsCaller`]): for opens the server makes on its own behalf,
+/// such as the shared I/O descriptor of a file, which must not depend on which caller
+/// happened to open it first.
+pub struct AsRoot {
+    uid: u32,
+    gid: u32,
+}
+
+impl AsRoot {
+    #[must_use = "root credentials last only while the guard lives"]
+    pub fn begin() -> Self {
+        // SAFETY: these calls only read and change this thread's filesystem ids;
+        // capabilities come back with fsuid 0 (capabilities(7)).
+        unsafe {
+            let uid = libc::setfsuid(0) as u32;
+            let gid = libc::setfsgid(0) as u32;
+            Self { uid, gid }
+        }
+    }
+}
+
+impl Drop for AsRoot {
+    fn drop(&mut self) {
+        // SAFETY: puts back the ids `new` found; only this thread's.
+        unsafe {
+            libc::setfsgid(self.gid);
+            libc::setfsuid(self.uid);
+        }
+    }
+}
+
 /// The ids this process can switch to: the ranges of `/proc/self/uid_map` and
 /// `gid_map` (the whole 32-bit space but `u32::MAX` outside a user namespace).
 #[derive(Debug, Clone, PartialEq, Eq)]
