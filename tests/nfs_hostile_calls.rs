@@ -360,3 +360,154 @@ async fn an_owners_truncate_of_a_read_only_file_leaves_writes_working_for_all() 
         .await
         .expect("still writable");
 }
+
+/// `strace` attached to the node, recording its fsync-family calls.
+struct FsyncTrace {
+    child: std::process::Child,
+    log: tempfile::NamedTempFile,
+    /// Calls that answered without syncing anything.
+    unsynced: std::cell::RefCell<Vec<String>>,
+}
+
+impl FsyncTrace {
+    fn attach(pid: u32) -> FsyncTrace {
+        let log = tempfile::NamedTempFile::new().expect("log file");
+        let child = std::process::Command::new("strace")
+            .args(["-f", "-qq", "-e", "trace=fsync,fdatasync,syncfs,sync", "-o"])
+            .arg(log.path())
+            .args(["-p", &pid.to_string()])
+            .spawn()
+            .unwrap_or_else(|e| panic!("strace runs (apt-get install strace): {e}"));
+        // Attaching to every thread takes a moment.
+        std::thread::sleep(Duration::from_millis(1500));
+        FsyncTrace {
+            child,
+            log,
+            unsynced: Default::default(),
+        }
+    }
+
+    fn count(&self) -> usize {
+        std::fs::read_to_string(self.log.path())
+            .expect("read trace")
+            .lines()
+            .filter(|l| l.contains("sync(") && l.contains("= 0"))
+            .count()
+    }
+
+    /// Runs `call` and notes it in `unsynced` if the node synced nothing before answering.
+    async fn synced<T>(&self, what: &str, call: impl std::future::Future<Output = T>) -> T {
+        let before = self.count();
+        let out = call.await;
+        // The fsync returned before the reply was sent; give strace time to print it.
+        std::thread::sleep(Duration::from_millis(300));
+        if self.count() == before {
+            self.unsynced.borrow_mut().push(what.to_owned());
+        }
+        out
+    }
+}
+
+impl Drop for FsyncTrace {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn dirop<'a>(dir: &nfs_fh3, name: &'a [u8]) -> diropargs3<'a> {
+    diropargs3 {
+        dir: dir.clone(),
+        name: filename3(Opaque::borrowed(name)),
+    }
+}
+
+#[tokio::test]
+async fn namespace_changes_are_synced_before_the_reply() {
+    let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir on a disk");
+    create_volume(dir.path(), "vol", 4 * MIB);
+    let node = Node::start(dir.path()).await;
+    let mut c = Client::mount(node.port, "vol").await;
+    let root = c.root.clone();
+    let t = FsyncTrace::attach(node.pid());
+
+    let f = t
+        .synced("CREATE", c.create(&root, b"f", 0o644))
+        .await
+        .expect("create");
+    let d = t
+        .synced("MKDIR", c.mkdir(&root, b"d"))
+        .await
+        .expect("mkdir");
+    let r = t
+        .synced(
+            "SYMLINK",
+            c.nfs.symlink(&SYMLINK3args {
+                where_: dirop(&root, b"l"),
+                symlink: symlinkdata3 {
+                    symlink_attributes: sattr3::default(),
+                    symlink_data: nfspath3(Opaque::borrowed(b"f")),
+                },
+            }),
+        )
+        .await
+        .expect("rpc");
+    assert!(matches!(r, Nfs3Result::Ok(_)), "SYMLINK");
+    let r = t
+        .synced(
+            "MKNOD",
+            c.nfs.mknod(&MKNOD3args {
+                where_: dirop(&root, b"p"),
+                what: mknoddata3::NF3FIFO(sattr3::default()),
+            }),
+        )
+        .await
+        .expect("rpc");
+    assert!(matches!(r, Nfs3Result::Ok(_)), "MKNOD");
+    let r = t
+        .synced(
+            "LINK",
+            c.nfs.link(&LINK3args {
+                file: f.clone(),
+                link: dirop(&d, b"g"),
+            }),
+        )
+        .await
+        .expect("rpc");
+    assert!(matches!(r, Nfs3Result::Ok(_)), "LINK");
+    let r = t
+        .synced(
+            "RENAME",
+            c.nfs.rename(&RENAME3args {
+                from: dirop(&root, b"f"),
+                to: dirop(&d, b"h"),
+            }),
+        )
+        .await
+        .expect("rpc");
+    assert!(matches!(r, Nfs3Result::Ok(_)), "RENAME");
+    t.synced("SETATTR", setattr(&mut c, &f, mode(0o600)))
+        .await
+        .expect("setattr");
+    t.synced("REMOVE", c.remove(&d, b"g"))
+        .await
+        .expect("remove");
+    t.synced("REMOVE", c.remove(&d, b"h"))
+        .await
+        .expect("remove");
+    let r = t
+        .synced(
+            "RMDIR",
+            c.nfs.rmdir(&RMDIR3args {
+                object: dirop(&root, b"d"),
+            }),
+        )
+        .await
+        .expect("rpc");
+    assert!(matches!(r, Nfs3Result::Ok(_)), "RMDIR");
+    assert_eq!(
+        *t.unsynced.borrow(),
+        Vec::<String>::new(),
+        "replied before syncing"
+    );
+}

@@ -127,6 +127,7 @@ fn create_common(
             let _as = ctx.become_caller(&v)?;
             make(&v, &dir)?
         };
+        dir.sync(&v, before.st_mode)?;
         let st = sys::fstat(raw(&fd)).map_err(to_nfsstat)?;
         let fh = ctx.ex.handle_for(&v, raw(&fd))?;
         Ok((fh, st))
@@ -384,6 +385,7 @@ fn remove_common(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>, flags: i32) -> 
         let victim_fd = sys::openat(raw(&dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
         let victim = sys::fstat(raw(&victim_fd)).map_err(to_nfsstat)?;
         sys::unlinkat(raw(&dir), name, flags).map_err(to_nfsstat)?;
+        dir.sync(&v, before.st_mode)?;
         v.shrink(freed_by_unlink(&victim));
         if victim.st_nlink <= 1 {
             ctx.ex.forget(&v, raw(&victim_fd));
@@ -445,6 +447,10 @@ pub fn rename(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
             .and_then(|fd| Some((sys::fstat(raw(&fd)).ok()?, fd)))
             .filter(|(t, _)| (t.st_ino, t.st_dev) != (src.st_ino, src.st_dev));
         sys::renameat(raw(&from_dir), from, raw(&to_dir), to).map_err(to_nfsstat)?;
+        from_dir.sync(&v, from_before.st_mode)?;
+        if (to_before.st_ino, to_before.st_dev) != (from_before.st_ino, from_before.st_dev) {
+            to_dir.sync(&v, to_before.st_mode)?;
+        }
         if let Some((t, fd)) = replaced {
             v.shrink(freed_by_unlink(&t));
             if t.st_nlink <= 1 {
@@ -489,8 +495,11 @@ pub fn link(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
             return Err(nfsstat3::NFS3ERR_XDEV);
         }
         check_new_name(name)?;
-        let _as = ctx.become_caller(&v)?;
-        sys::link_fd(raw(&file), raw(&dir), name).map_err(to_nfsstat)
+        {
+            let _as = ctx.become_caller(&v)?;
+            sys::link_fd(raw(&file), raw(&dir), name).map_err(to_nfsstat)?;
+        }
+        dir.sync(&v, before.st_mode)
     })();
     let file_st = sys::fstat(raw(&file)).ok();
     let after = sys::fstat(raw(&dir)).ok();

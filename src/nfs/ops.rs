@@ -137,7 +137,7 @@ pub fn setattr(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
                 return Err(nfsstat3::NFS3ERR_NOT_SYNC);
             }
         }
-        let _as = ctx.become_caller(&v)?;
+        let as_caller = ctx.become_caller(&v)?;
         if let Nfs3Option::Some(size) = sattr.size {
             if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
                 return Err(nfsstat3::NFS3ERR_ISDIR);
@@ -178,7 +178,8 @@ pub fn setattr(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
         if (atime.is_some() || mtime.is_some()) && st.st_mode & libc::S_IFMT != libc::S_IFLNK {
             sys::utimes_fd(raw(&fd), atime, mtime).map_err(to_nfsstat)?;
         }
-        Ok(())
+        drop(as_caller);
+        fd.sync(&v, st.st_mode)
     })();
     let after = stat_opt(&fd);
     status(out, result.err().unwrap_or(nfsstat3::NFS3_OK));

@@ -80,7 +80,8 @@ pub struct Obj {
     /// caller's failure never answers the next caller.
     rw: OnceLock<OwnedFd>,
     /// Regular files root cannot open for writing (a running executable, a read-only
-    /// mount): a read-only descriptor, for reads only.
+    /// mount): a read-only descriptor, for reads only. Directories: the descriptor
+    /// [`Obj::sync`] fsyncs.
     ro: OnceLock<OwnedFd>,
 }
 
@@ -123,6 +124,33 @@ impl Obj {
                 Ok(sys::raw(self.ro.get_or_init(|| f)))
             }
         }
+    }
+
+    /// Puts the object's last change on stable storage before the reply: RFC 1813
+    /// §1.6 makes CREATE, MKDIR, SYMLINK, MKNOD, REMOVE, RMDIR, RENAME and LINK
+    /// synchronous, and DESIGN invariant 10 adds SETATTR (knfsd commits its metadata
+    /// too). `mode` is the object's `st_mode`; call it on the directory a name changed
+    /// in. On a journalling filesystem (ext4, xfs) the fsync commits the transaction
+    /// that holds the change, new or removed inodes included, and fsyncs running at
+    /// the same time share one journal commit: the kernel does the batching.
+    pub fn sync(&self, v: &Volume, mode: u32) -> Result<(), nfsstat3> {
+        let fd = match mode & libc::S_IFMT {
+            libc::S_IFREG => self.io_fd(false)?,
+            libc::S_IFDIR => match self.ro.get() {
+                Some(f) => sys::raw(f),
+                None => {
+                    let _root = sys::AsRoot::begin();
+                    let f = sys::reopen(sys::raw(&self.fd), libc::O_RDONLY | libc::O_DIRECTORY)
+                        .map_err(to_nfsstat)?;
+                    sys::raw(self.ro.get_or_init(|| f))
+                }
+            },
+            // Symlinks, FIFOs, sockets and devices cannot be opened to be synced (or
+            // must not be): any fsync on the filesystem commits the running
+            // transaction, so the volume root's does.
+            _ => sys::raw(&v.mount_fd),
+        };
+        sys::fsync(fd).map_err(to_nfsstat)
     }
 }
 
