@@ -511,3 +511,79 @@ async fn namespace_changes_are_synced_before_the_reply() {
         "replied before syncing"
     );
 }
+
+/// Bytes the files under `dir` really spend on the disk (each inode once).
+fn allocated(dir: &Path) -> u64 {
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0;
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir") {
+            let e = e.expect("entry");
+            let md = e.metadata().expect("stat");
+            if md.is_dir() {
+                stack.push(e.path());
+            }
+            if seen.insert(md.ino()) {
+                total += md.blocks() * 512;
+            }
+        }
+    }
+    total
+}
+
+#[tokio::test]
+async fn many_small_files_cannot_spend_more_disk_than_the_volume_size() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let limit = 256 * 1024;
+    create_volume(dir.path(), "vol", limit);
+    let node = Node::start(dir.path()).await;
+    let mut c = Client::mount(node.port, "vol").await;
+    let root = c.root.clone();
+    // One byte each: 100 bytes by size, but every file spends a 4 KiB block.
+    let mut refused = None;
+    for i in 0..100 {
+        let name = format!("f{i}");
+        let r = match c.create(&root, name.as_bytes(), 0o644).await {
+            Ok(f) => c.write(&f, 0, b"x", stable_how::FILE_SYNC).await.map(drop),
+            Err(s) => Err(s),
+        };
+        if let Err(s) = r {
+            refused = Some((i, s));
+            break;
+        }
+    }
+    let (at, status) = refused.expect("a 256 KiB volume refuses 100 4-KiB files");
+    assert_eq!(status, nfsstat3::NFS3ERR_DQUOT);
+    assert!(at > 40, "refused too early, at file {at}");
+    let spent = allocated(&dir.path().join("volumes/vol"));
+    assert!(spent <= limit, "{spent} bytes on disk, limit {limit}");
+    let st = c.fsstat().await.expect("fsstat");
+    assert!(st.fbytes < 4096, "FSSTAT free {} after DQUOT", st.fbytes);
+}
+
+#[tokio::test]
+async fn a_volume_holds_a_bounded_number_of_objects() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // 1 MiB: the floor of 1,024 objects.
+    create_volume(dir.path(), "vol", MIB);
+    let node = Node::start(dir.path()).await;
+    let mut c = Client::mount(node.port, "vol").await;
+    let root = c.root.clone();
+    let d = c.mkdir(&root, b"d").await.expect("mkdir");
+    let mut made = 1;
+    let last = loop {
+        let name = format!("{made}");
+        match c.create(&d, name.as_bytes(), 0o644).await {
+            Ok(_) => made += 1,
+            Err(s) => break s,
+        }
+        assert!(made <= 1024, "more than 1,024 objects in a 1 MiB volume");
+    };
+    assert_eq!((made, last), (1024, nfsstat3::NFS3ERR_DQUOT));
+    // Freed objects can be made again.
+    c.remove(&d, b"1").await.expect("remove");
+    c.create(&d, b"again", 0o644)
+        .await
+        .expect("room for one again");
+}

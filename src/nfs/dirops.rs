@@ -12,6 +12,7 @@ use std::sync::Arc;
 use nfs3_types::nfs3::{Nfs3Option, createverf3, nfsstat3, sattr3};
 
 use super::ops::{Ctx, ProcResult, set_size};
+use super::quota::{self, Charging};
 use super::reply::{post_op, post_op_fh, status, wcc};
 use super::state::{Obj, Volume};
 use super::sys::{self, raw, to_nfsstat};
@@ -105,14 +106,15 @@ pub fn lookup(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
 }
 
 /// Shared shape of CREATE, MKDIR, SYMLINK and MKNOD: resolve the directory, run `make`
-/// as the caller, then answer with the new object's handle and attributes and the
-/// directory's wcc data.
+/// as the caller (it returns the object and whether it is new), charge the volume for
+/// it and make it durable, then answer with the new object's handle and attributes and
+/// the directory's wcc data.
 fn create_common(
     ctx: &Ctx,
     dir_fh: &[u8],
     name: &[u8],
     out: &mut Vec<u8>,
-    make: impl FnOnce(&Volume, &OwnedFd) -> Result<OwnedFd, nfsstat3>,
+    make: impl FnOnce(&Charging, &OwnedFd) -> Result<(OwnedFd, bool), nfsstat3>,
 ) {
     let (v, dir, before) = match resolve_dir(ctx, dir_fh) {
         Ok(x) => x,
@@ -124,9 +126,30 @@ fn create_common(
     };
     let r = check_new_name(name).and_then(|()| {
         let fd = {
-            let _as = ctx.become_caller(&v)?;
-            make(&v, &dir)?
+            let charging = v.charging();
+            let dir_before = dir_charge(&dir);
+            charging.add_inode()?;
+            if let Err(s) = charging.reserve(quota::NAMESPACE_RESERVE) {
+                charging.remove_inode();
+                return Err(s);
+            }
+            let made = ctx.become_caller(&v).and_then(|_as| make(&charging, &dir));
+            let dir_after = dir_charge(&dir);
+            let (new, created) = match &made {
+                Ok((fd, true)) => (
+                    sys::fstat(raw(fd)).map_or(0, |st| quota::charge_of(&st)),
+                    true,
+                ),
+                _ => (0, false),
+            };
+            if !created {
+                charging.remove_inode();
+            }
+            charging.settle(quota::NAMESPACE_RESERVE, dir_before, dir_after + new);
+            made?.0
         };
+        // After the charge lock is released: syncs of concurrent calls then share
+        // journal commits.
         dir.sync(&v, before.st_mode)?;
         let st = sys::fstat(raw(&fd)).map_err(to_nfsstat)?;
         let fh = ctx.ex.handle_for(&v, raw(&fd))?;
@@ -144,8 +167,14 @@ fn create_common(
     wcc(out, Some(&before), after.as_ref(), v.meta.id);
 }
 
+/// What a directory is charged now (0 if it cannot be read: the settle then charges
+/// nothing for it).
+fn dir_charge(dir: &Obj) -> u64 {
+    sys::fstat(raw(dir)).map_or(0, |st| quota::charge_of(&st))
+}
+
 /// Applies the attributes a create call carried beyond the mode.
-fn apply_sattr(v: &Volume, fd: &OwnedFd, s: &sattr3) -> Result<(), nfsstat3> {
+fn apply_sattr(charging: &Charging, fd: &OwnedFd, s: &sattr3) -> Result<(), nfsstat3> {
     let uid = if let Nfs3Option::Some(u) = s.uid {
         u
     } else {
@@ -165,7 +194,7 @@ fn apply_sattr(v: &Volume, fd: &OwnedFd, s: &sattr3) -> Result<(), nfsstat3> {
             return Err(nfsstat3::NFS3ERR_INVAL);
         }
         let wfd = sys::reopen(raw(fd), libc::O_WRONLY).map_err(to_nfsstat)?;
-        set_size(v, raw(&wfd), size)?;
+        set_size(charging, raw(&wfd), size)?;
     }
     Ok(())
 }
@@ -192,7 +221,7 @@ pub fn create(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
         2 => How::Exclusive(args.createverf()?),
         _ => return Err(Garbage),
     };
-    create_common(ctx, dir_fh, name, out, |v, dir| {
+    create_common(ctx, dir_fh, name, out, |charging, dir| {
         // The file is made with mknod, never opened: an existing name may be a FIFO
         // (an open would wait for a writer forever), a socket or a device, and no
         // CREATE opens it (DESIGN invariant 9).
@@ -200,8 +229,8 @@ pub fn create(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
         match (&how, made) {
             (How::Unchecked(s) | How::Guarded(s), Ok(())) => {
                 let fd = sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
-                apply_sattr(v, &fd, s)?;
-                Ok(fd)
+                apply_sattr(charging, &fd, s)?;
+                Ok((fd, true))
             }
             // RFC 1813 §3.3.8: UNCHECKED takes an existing object as it is. As knfsd,
             // only a size is applied, and only to a regular file.
@@ -213,9 +242,9 @@ pub fn create(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
                         size: s.size,
                         ..sattr3::default()
                     };
-                    apply_sattr(v, &fd, &size_only)?;
+                    apply_sattr(charging, &fd, &size_only)?;
                 }
-                Ok(fd)
+                Ok((fd, false))
             }
             (How::Exclusive(verf), made) => {
                 // The verifier lives in atime/mtime, as RFC 1813 §3.3.8 suggests, so a
@@ -227,7 +256,7 @@ pub fn create(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
                             sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
                         sys::utimes_fd(raw(&fd), Some(Some(a)), Some(Some(m)))
                             .map_err(to_nfsstat)?;
-                        Ok(fd)
+                        Ok((fd, true))
                     }
                     Err(e) if e.0 == libc::EEXIST => {
                         let fd =
@@ -237,7 +266,7 @@ pub fn create(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
                             && (st.st_atime, st.st_atime_nsec, st.st_mtime, st.st_mtime_nsec)
                                 == (a.0, a.1, m.0, m.1)
                         {
-                            Ok(fd)
+                            Ok((fd, false))
                         } else {
                             Err(nfsstat3::NFS3ERR_EXIST)
                         }
@@ -273,18 +302,18 @@ pub fn mkdir(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
     let dir_fh = args.fh()?;
     let name = args.filename()?;
     let s = args.sattr()?;
-    create_common(ctx, dir_fh, name, out, |v, dir| {
+    create_common(ctx, dir_fh, name, out, |charging, dir| {
         sys::mkdirat(raw(dir), name, mode_or(&s, 0o755)).map_err(to_nfsstat)?;
         let fd = sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
         apply_sattr(
-            v,
+            charging,
             &fd,
             &sattr3 {
                 size: Nfs3Option::None,
                 ..s.clone()
             },
         )?;
-        Ok(fd)
+        Ok((fd, true))
     });
     Ok(())
 }
@@ -294,14 +323,14 @@ pub fn symlink(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
     let name = args.filename()?;
     let s = args.sattr()?;
     let target = args.path()?;
-    create_common(ctx, dir_fh, name, out, |v, dir| {
+    create_common(ctx, dir_fh, name, out, |charging, dir| {
         if target.is_empty() || target.contains(&0) {
             return Err(nfsstat3::NFS3ERR_INVAL);
         }
         sys::symlinkat(target, raw(dir), name).map_err(to_nfsstat)?;
         let fd = sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
         apply_sattr(
-            v,
+            charging,
             &fd,
             &sattr3 {
                 size: Nfs3Option::None,
@@ -309,7 +338,7 @@ pub fn symlink(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
                 ..s.clone()
             },
         )?;
-        Ok(fd)
+        Ok((fd, true))
     });
     Ok(())
 }
@@ -336,28 +365,33 @@ pub fn mknod(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
         }
         _ => return Err(Garbage),
     };
-    create_common(ctx, dir_fh, name, out, |v, dir| {
+    create_common(ctx, dir_fh, name, out, |charging, dir| {
         sys::mknodat(raw(dir), name, fmt | mode_or(&s, 0o644), 0).map_err(to_nfsstat)?;
         let fd = sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
         apply_sattr(
-            v,
+            charging,
             &fd,
             &sattr3 {
                 size: Nfs3Option::None,
                 ..s.clone()
             },
         )?;
-        Ok(fd)
+        Ok((fd, true))
     });
     Ok(())
 }
 
-/// Bytes a volume gets back when the last link to `st` goes.
-fn freed_by_unlink(st: &libc::stat) -> u64 {
-    if st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_nlink == 1 {
-        st.st_size as u64
-    } else {
-        0
+/// After an unlink or a RENAME over it, releases what the object `fd` was charged if
+/// that was its last link (checked after the fact, so a racing LINK is seen); true if
+/// it is gone. Call with the charge lock held.
+fn release_if_gone(charging: &Charging, fd: &OwnedFd) -> bool {
+    match sys::fstat(raw(fd)) {
+        Ok(st) if st.st_nlink == 0 => {
+            charging.settle(0, quota::charge_of(&st), 0);
+            charging.remove_inode();
+            true
+        }
+        _ => false,
     }
 }
 
@@ -379,15 +413,20 @@ fn remove_common(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>, flags: i32) -> 
         if name == b".." {
             return Err(nfsstat3::NFS3ERR_NOTEMPTY);
         }
-        // No size lock: giving space back is one atomic update, and holding the lock
-        // across the unlink would serialise every removal in the volume.
         let _as = ctx.become_caller(&v)?;
-        let victim_fd = sys::openat(raw(&dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
-        let victim = sys::fstat(raw(&victim_fd)).map_err(to_nfsstat)?;
-        sys::unlinkat(raw(&dir), name, flags).map_err(to_nfsstat)?;
+        let (victim_fd, gone) = {
+            // Under the charge lock: a LINK of the victim racing the unlink can no
+            // longer make us give back space that a new link still holds.
+            let charging = v.charging();
+            let victim_fd = sys::openat(raw(&dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
+            let dir_before = dir_charge(&dir);
+            sys::unlinkat(raw(&dir), name, flags).map_err(to_nfsstat)?;
+            let gone = release_if_gone(&charging, &victim_fd);
+            charging.settle(0, dir_before, dir_charge(&dir));
+            (victim_fd, gone)
+        };
         dir.sync(&v, before.st_mode)?;
-        v.shrink(freed_by_unlink(&victim));
-        if victim.st_nlink <= 1 {
+        if gone {
             ctx.ex.forget(&v, raw(&victim_fd));
         }
         Ok(())
@@ -436,26 +475,29 @@ pub fn rename(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
         }
         check_new_name(from)?;
         check_new_name(to)?;
-        // No size lock: giving space back is one atomic update, and holding the lock
-        // across the unlink would serialise every removal in the volume.
         let _as = ctx.become_caller(&v)?;
-        let src = sys::openat(raw(&from_dir), from, libc::O_PATH, 0)
-            .and_then(|fd| sys::fstat(raw(&fd)))
-            .map_err(to_nfsstat)?;
-        let replaced = sys::openat(raw(&to_dir), to, libc::O_PATH, 0)
-            .ok()
-            .and_then(|fd| Some((sys::fstat(raw(&fd)).ok()?, fd)))
-            .filter(|(t, _)| (t.st_ino, t.st_dev) != (src.st_ino, src.st_dev));
-        sys::renameat(raw(&from_dir), from, raw(&to_dir), to).map_err(to_nfsstat)?;
+        let replaced_gone = {
+            // Under the charge lock, as REMOVE: the object a RENAME replaces is
+            // released only if its last link went.
+            let charging = v.charging();
+            let replaced = sys::openat(raw(&to_dir), to, libc::O_PATH, 0).ok();
+            charging.reserve(quota::NAMESPACE_RESERVE)?;
+            let to_before_charge = dir_charge(&to_dir);
+            let r = sys::renameat(raw(&from_dir), from, raw(&to_dir), to).map_err(to_nfsstat);
+            charging.settle(
+                quota::NAMESPACE_RESERVE,
+                to_before_charge,
+                dir_charge(&to_dir),
+            );
+            r?;
+            replaced.filter(|fd| release_if_gone(&charging, fd))
+        };
         from_dir.sync(&v, from_before.st_mode)?;
         if (to_before.st_ino, to_before.st_dev) != (from_before.st_ino, from_before.st_dev) {
             to_dir.sync(&v, to_before.st_mode)?;
         }
-        if let Some((t, fd)) = replaced {
-            v.shrink(freed_by_unlink(&t));
-            if t.st_nlink <= 1 {
-                ctx.ex.forget(&v, raw(&fd));
-            }
+        if let Some(fd) = replaced_gone {
+            ctx.ex.forget(&v, raw(&fd));
         }
         Ok(())
     })();
@@ -497,7 +539,12 @@ pub fn link(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
         check_new_name(name)?;
         {
             let _as = ctx.become_caller(&v)?;
-            sys::link_fd(raw(&file), raw(&dir), name).map_err(to_nfsstat)?;
+            let charging = v.charging();
+            charging.reserve(quota::NAMESPACE_RESERVE)?;
+            let dir_before = dir_charge(&dir);
+            let r = sys::link_fd(raw(&file), raw(&dir), name).map_err(to_nfsstat);
+            charging.settle(quota::NAMESPACE_RESERVE, dir_before, dir_charge(&dir));
+            r?;
         }
         dir.sync(&v, before.st_mode)
     })();

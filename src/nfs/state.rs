@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use nfs3_types::nfs3::nfsstat3;
 
 use super::handle::{FileHandle, HandleKey};
+use super::quota;
 use super::sys::{self, Errno, to_nfsstat};
 use crate::error::{Error, Result};
 use crate::volume::{VolumeMeta, VolumeName, VolumeStore};
@@ -29,10 +30,16 @@ pub struct Volume {
     /// The root's sealed handle, returned by MNT.
     pub root_fh: Vec<u8>,
     pub limit: AtomicU64,
+    /// Bytes charged to the volume (see [`quota::charge_of`]).
     pub used: AtomicU64,
-    /// Held by every operation that changes a file's size, so the check against the
-    /// limit and the change are one step (DESIGN invariant 6).
-    pub size_lock: Mutex<()>,
+    /// Objects in the volume (its root not counted), and how many it may hold.
+    pub inodes: AtomicU64,
+    pub max_inodes: AtomicU64,
+    /// Bumped by every charge, so a re-count from the disk that raced one is dropped.
+    pub charges: AtomicU64,
+    /// Held by every operation that changes what the volume is charged, so the check
+    /// against the limit and the change are one step (DESIGN invariant 6).
+    pub charge_lock: Mutex<()>,
 }
 
 impl Volume {
@@ -41,24 +48,9 @@ impl Volume {
         st.st_ino == self.root_ino && st.st_dev == self.root_dev
     }
 
-    /// Reserves `bytes` of growth, or fails with DQUOT if the limit would be passed.
-    /// Call with `size_lock` held.
-    pub fn grow(&self, bytes: u64) -> Result<(), nfsstat3> {
-        let used = self.used.load(Ordering::Acquire);
-        if used.saturating_add(bytes) > self.limit.load(Ordering::Acquire) {
-            return Err(nfsstat3::NFS3ERR_DQUOT);
-        }
-        self.used.store(used + bytes, Ordering::Release);
-        Ok(())
-    }
-
-    /// Returns `bytes` to the free space.
-    pub fn shrink(&self, bytes: u64) {
-        let _ = self
-            .used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
-                Some(u.saturating_sub(bytes))
-            });
+    /// Starts a change of the volume's usage: holds the charge lock until dropped.
+    pub fn charging(&self) -> quota::Charging<'_> {
+        quota::Charging::new(self)
     }
 
     pub fn free(&self) -> u64 {
@@ -174,6 +166,8 @@ pub struct Exports {
     /// One refresh at a time: two interleaved ones could each write a map missing the
     /// other's new volume.
     refreshing: Mutex<()>,
+    /// One usage recount at a time.
+    recounting: Mutex<()>,
     /// Write verifier: new on every start, so clients resend unstable writes the
     /// previous process may have lost (RFC 1813 §3.3.7, DESIGN invariant 4).
     pub verifier: [u8; 8],
@@ -209,6 +203,7 @@ impl Exports {
             mounts: RwLock::new(mounts),
             objects: Mutex::new(HashMap::new()),
             refreshing: Mutex::new(()),
+            recounting: Mutex::new(()),
             verifier,
         };
         exports.refresh()?;
@@ -230,6 +225,8 @@ impl Exports {
             match current.get(&meta.id) {
                 Some(v) if v.meta.name == meta.name => {
                     v.limit.store(meta.size_bytes, Ordering::Release);
+                    v.max_inodes
+                        .store(quota::max_inodes(meta.size_bytes), Ordering::Release);
                     next.insert(meta.id, v.clone());
                 }
                 _ => match self.open_volume(meta) {
@@ -279,7 +276,7 @@ impl Exports {
                 kernel,
             })
             .ok_or_else(|| io("seal volume root handle")(Errno(libc::EOVERFLOW)))?;
-        let used = self.store.usage(&meta.name)?;
+        let usage = self.store.usage(&meta.name)?;
         Ok(Volume {
             root,
             mount_fd,
@@ -287,10 +284,32 @@ impl Exports {
             root_dev: st.st_dev,
             root_fh,
             limit: AtomicU64::new(meta.size_bytes),
-            used: AtomicU64::new(used),
-            size_lock: Mutex::new(()),
+            used: AtomicU64::new(usage.bytes),
+            inodes: AtomicU64::new(usage.inodes),
+            max_inodes: AtomicU64::new(quota::max_inodes(meta.size_bytes)),
+            charges: AtomicU64::new(0),
+            charge_lock: Mutex::new(()),
             meta,
         })
+    }
+
+    /// Re-counts every volume's usage from the disk, correcting drift (DESIGN
+    /// invariant 6); one run at a time.
+    pub fn recount_usage(&self) {
+        let Ok(_one) = self.recounting.try_lock() else {
+            return;
+        };
+        for v in self.all() {
+            match quota::resync(&v, || self.store.usage(&v.meta.name)) {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::debug!(volume = %v.meta.name, "usage changed during the recount; next time")
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %v.meta.name, error = %e, "cannot recount volume usage")
+                }
+            }
+        }
     }
 
     /// The exported volume called `name`.
