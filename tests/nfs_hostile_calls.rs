@@ -587,3 +587,86 @@ async fn a_volume_holds_a_bounded_number_of_objects() {
         .await
         .expect("room for one again");
 }
+
+/// What the volume at `dir` holds by the server's rule: a file its allocated blocks and
+/// at least its size, anything else its blocks; each inode once, the root not counted.
+fn charged(dir: &Path) -> u64 {
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0;
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir") {
+            let e = e.expect("entry");
+            let md = std::fs::symlink_metadata(e.path()).expect("stat");
+            if md.is_dir() {
+                stack.push(e.path());
+            }
+            if seen.insert(md.ino()) {
+                let blocks = md.blocks() * 512;
+                total += if md.is_file() {
+                    blocks.max(md.size())
+                } else {
+                    blocks
+                };
+            }
+        }
+    }
+    total
+}
+
+#[tokio::test]
+async fn racing_links_removes_renames_and_writes_keep_usage_equal_to_the_disk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    create_volume(dir.path(), "vol", 64 * MIB);
+    let node = Node::start(dir.path()).await;
+    let root = Client::mount(node.port, "vol").await.root;
+    let mut tasks = Vec::new();
+    for t in 0..4u32 {
+        let root = root.clone();
+        let port = node.port;
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connect(port, LOCAL, 0, 0, root.clone()).await;
+            for i in 0..40u32 {
+                let name = format!("t{t}-{i}");
+                let Ok(f) = c.create(&root, name.as_bytes(), 0o644).await else {
+                    continue;
+                };
+                let _ = c
+                    .write(&f, u64::from(i) * 512, &[7u8; 9000], stable_how::UNSTABLE)
+                    .await;
+                // Shared names: every client links, renames over and removes them.
+                let _ = c
+                    .nfs
+                    .link(&LINK3args {
+                        file: f.clone(),
+                        link: dirop(&root, b"shared"),
+                    })
+                    .await;
+                let _ = c.remove(&root, b"shared").await;
+                if i % 2 == 1 {
+                    let _ = c
+                        .nfs
+                        .rename(&RENAME3args {
+                            from: dirop(&root, name.as_bytes()),
+                            to: dirop(&root, b"over"),
+                        })
+                        .await;
+                }
+                if i % 5 == 0 {
+                    let _ = c.remove(&root, b"over").await;
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("client task");
+    }
+    let mut c = Client::mount(node.port, "vol").await;
+    let st = c.fsstat().await.expect("fsstat");
+    let vol = dir.path().join("volumes/vol");
+    assert_eq!(
+        st.tbytes - st.fbytes,
+        charged(&vol),
+        "usage drifted from the disk"
+    );
+}

@@ -127,14 +127,14 @@ fn create_common(
     let r = check_new_name(name).and_then(|()| {
         let fd = {
             let charging = v.charging();
-            let dir_before = dir_charge(&dir);
+            let dir_before = dir_charge(&v, &dir);
             charging.add_inode()?;
             if let Err(s) = charging.reserve(quota::NAMESPACE_RESERVE) {
                 charging.remove_inode();
                 return Err(s);
             }
             let made = ctx.become_caller(&v).and_then(|_as| make(&charging, &dir));
-            let dir_after = dir_charge(&dir);
+            let dir_after = dir_charge(&v, &dir);
             let (new, created) = match &made {
                 Ok((fd, true)) => (
                     sys::fstat(raw(fd)).map_or(0, |st| quota::charge_of(&st)),
@@ -167,10 +167,14 @@ fn create_common(
     wcc(out, Some(&before), after.as_ref(), v.meta.id);
 }
 
-/// What a directory is charged now (0 if it cannot be read: the settle then charges
+/// What a directory is charged now: 0 for the volume's root, which its usage does not
+/// count (`VolumeStore::usage`), and if it cannot be read (the settle then charges
 /// nothing for it).
-fn dir_charge(dir: &Obj) -> u64 {
-    sys::fstat(raw(dir)).map_or(0, |st| quota::charge_of(&st))
+fn dir_charge(v: &Volume, dir: &Obj) -> u64 {
+    match sys::fstat(raw(dir)) {
+        Ok(st) if !v.is_root(&st) => quota::charge_of(&st),
+        _ => 0,
+    }
 }
 
 /// Applies the attributes a create call carried beyond the mode.
@@ -419,10 +423,10 @@ fn remove_common(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>, flags: i32) -> 
             // longer make us give back space that a new link still holds.
             let charging = v.charging();
             let victim_fd = sys::openat(raw(&dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
-            let dir_before = dir_charge(&dir);
+            let dir_before = dir_charge(&v, &dir);
             sys::unlinkat(raw(&dir), name, flags).map_err(to_nfsstat)?;
             let gone = release_if_gone(&charging, &victim_fd);
-            charging.settle(0, dir_before, dir_charge(&dir));
+            charging.settle(0, dir_before, dir_charge(&v, &dir));
             (victim_fd, gone)
         };
         dir.sync(&v, before.st_mode)?;
@@ -482,12 +486,12 @@ pub fn rename(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
             let charging = v.charging();
             let replaced = sys::openat(raw(&to_dir), to, libc::O_PATH, 0).ok();
             charging.reserve(quota::NAMESPACE_RESERVE)?;
-            let to_before_charge = dir_charge(&to_dir);
+            let to_before_charge = dir_charge(&v, &to_dir);
             let r = sys::renameat(raw(&from_dir), from, raw(&to_dir), to).map_err(to_nfsstat);
             charging.settle(
                 quota::NAMESPACE_RESERVE,
                 to_before_charge,
-                dir_charge(&to_dir),
+                dir_charge(&v, &to_dir),
             );
             r?;
             replaced.filter(|fd| release_if_gone(&charging, fd))
@@ -541,9 +545,9 @@ pub fn link(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
             let _as = ctx.become_caller(&v)?;
             let charging = v.charging();
             charging.reserve(quota::NAMESPACE_RESERVE)?;
-            let dir_before = dir_charge(&dir);
+            let dir_before = dir_charge(&v, &dir);
             let r = sys::link_fd(raw(&file), raw(&dir), name).map_err(to_nfsstat);
-            charging.settle(quota::NAMESPACE_RESERVE, dir_before, dir_charge(&dir));
+            charging.settle(quota::NAMESPACE_RESERVE, dir_before, dir_charge(&v, &dir));
             r?;
         }
         dir.sync(&v, before.st_mode)
