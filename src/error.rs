@@ -99,6 +99,9 @@ pub enum Error {
     #[error("volume {name}: size must be greater than zero")]
     InvalidVolumeSize { name: String },
 
+    #[error("volume {name}: {why}")]
+    InvalidVolumeSpec { name: String, why: &'static str },
+
     #[error("volume {name}: cannot shrink to {requested} bytes, {used} bytes are in use")]
     ShrinkBelowUsage {
         name: String,

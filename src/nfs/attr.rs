@@ -7,6 +7,7 @@ use nfs3_types::nfs3::{
 };
 
 use super::rpc::Credential;
+use super::sys::IdMaps;
 use crate::volume::Squash;
 
 /// The identity a request runs as, after the volume's squash policy.
@@ -18,20 +19,41 @@ pub struct Caller {
 }
 
 /// Applies the volume's squash policy to the RPC credential (DESIGN invariant 7).
-pub fn effective_caller(cred: &Credential, squash: Squash, anon_uid: u32, anon_gid: u32) -> Caller {
+///
+/// Root squash maps uid 0 to the anonymous identity (no groups) and, for other callers,
+/// gid 0 and supplementary group 0 to the anonymous gid, as knfsd does: group 0 owns
+/// files that only root should reach. Ids the kernel cannot switch this process to
+/// (`ids`) are squashed to the anonymous ones: a switch to them would fail and leave
+/// the call running with the agent's own rights.
+pub fn effective_caller(
+    cred: &Credential,
+    squash: Squash,
+    anon_uid: u32,
+    anon_gid: u32,
+    ids: &IdMaps,
+) -> Caller {
     let anon = Caller {
         uid: anon_uid,
         gid: anon_gid,
         gids: Vec::new(),
     };
-    match (cred, squash) {
-        (Credential::None, _) | (_, Squash::All) => anon,
-        (Credential::Sys { uid: 0, .. }, Squash::Root) => anon,
-        (Credential::Sys { uid, gid, gids }, _) => Caller {
-            uid: *uid,
-            gid: *gid,
-            gids: gids.clone(),
-        },
+    let (uid, gid, gids) = match (cred, squash) {
+        (Credential::None, _) | (_, Squash::All) => return anon,
+        (Credential::Sys { uid: 0, .. }, Squash::Root) => return anon,
+        (Credential::Sys { uid, gid, gids }, _) => (*uid, *gid, gids),
+    };
+    let root_squash = squash == Squash::Root;
+    let map_gid = |g: u32| {
+        if (root_squash && g == 0) || !ids.valid_gid(g) {
+            anon_gid
+        } else {
+            g
+        }
+    };
+    Caller {
+        uid: if ids.valid_uid(uid) { uid } else { anon_uid },
+        gid: map_gid(gid),
+        gids: gids.iter().map(|&g| map_gid(g)).collect(),
     }
 }
 
@@ -194,18 +216,23 @@ mod tests {
         );
     }
 
+    /// The map outside a user namespace: everything but `u32::MAX`.
+    fn host_ids() -> IdMaps {
+        IdMaps::parse("0 0 4294967295\n", "0 0 4294967295\n")
+    }
+
+    fn sys(uid: u32, gid: u32, gids: &[u32]) -> Credential {
+        Credential::Sys {
+            uid,
+            gid,
+            gids: gids.to_vec(),
+        }
+    }
+
     #[test]
     fn squash_policies_map_callers() {
-        let root = Credential::Sys {
-            uid: 0,
-            gid: 0,
-            gids: vec![1],
-        };
-        let user = Credential::Sys {
-            uid: 999,
-            gid: 999,
-            gids: vec![],
-        };
+        let root = sys(0, 0, &[1]);
+        let user = sys(999, 999, &[]);
         let anon = caller(100, 101, &[]);
         let cases = [
             (&root, Squash::None, caller(0, 0, &[1])),
@@ -216,10 +243,33 @@ mod tests {
         ];
         for (cred, squash, want) in cases {
             assert_eq!(
-                effective_caller(cred, squash, 100, 101),
+                effective_caller(cred, squash, 100, 101, &host_ids()),
                 want,
                 "{cred:?} {squash:?}"
             );
         }
+    }
+
+    #[test]
+    fn root_squash_also_squashes_group_zero() {
+        let got = effective_caller(&sys(5, 0, &[0, 7]), Squash::Root, 100, 101, &host_ids());
+        assert_eq!(got, caller(5, 101, &[101, 7]));
+        // Without squashing, group 0 is the caller's to claim.
+        let got = effective_caller(&sys(5, 0, &[0]), Squash::None, 100, 101, &host_ids());
+        assert_eq!(got, caller(5, 0, &[0]));
+    }
+
+    #[test]
+    fn ids_the_kernel_cannot_switch_to_become_anonymous() {
+        let max = u32::MAX;
+        for squash in [Squash::None, Squash::Root] {
+            let got = effective_caller(&sys(max, max, &[max, 3]), squash, 100, 101, &host_ids());
+            assert_eq!(got, caller(100, 101, &[101, 3]), "{squash:?}");
+        }
+        // In a user namespace that maps only 0..65536, 70000 cannot be switched to.
+        let ns = IdMaps::parse("0 100000 65536\n", "0 100000 65536\n");
+        let got = effective_caller(&sys(70000, 70000, &[]), Squash::None, 100, 101, &ns);
+        assert_eq!(got, caller(100, 101, &[]));
+        assert!(ns.valid_uid(65535) && !ns.valid_uid(65536));
     }
 }

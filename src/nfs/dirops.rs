@@ -12,6 +12,7 @@ use std::sync::Arc;
 use nfs3_types::nfs3::{Nfs3Option, createverf3, nfsstat3, sattr3};
 
 use super::ops::{Ctx, ProcResult, set_size};
+use super::quota::{self, Charging};
 use super::reply::{post_op, post_op_fh, status, wcc};
 use super::state::{Obj, Volume};
 use super::sys::{self, raw, to_nfsstat};
@@ -19,6 +20,10 @@ use super::xdr::{Garbage, XdrIn, put_bool, put_opaque, put_u64};
 
 /// NAME_MAX.
 const NAME_MAX: usize = 255;
+
+/// Largest READDIR/READDIRPLUS reply body we build, whatever the client asks for: the
+/// largest READ we answer (FSINFO `rtmax`), 16 times the `dtpref` we advertise.
+const MAX_DIR_REPLY: usize = super::ops::MAX_IO as usize;
 
 /// A name that may be looked up: one path component.
 fn check_name(name: &[u8]) -> Result<(), nfsstat3> {
@@ -65,7 +70,7 @@ fn lookup_in(
     if name == b".." && v.is_root(dir_st) {
         return Err(nfsstat3::NFS3ERR_ACCES);
     }
-    let _as = ctx.become_caller(v);
+    let _as = ctx.become_caller(v)?;
     sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)
 }
 
@@ -101,14 +106,15 @@ pub fn lookup(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
 }
 
 /// Shared shape of CREATE, MKDIR, SYMLINK and MKNOD: resolve the directory, run `make`
-/// as the caller, then answer with the new object's handle and attributes and the
-/// directory's wcc data.
+/// as the caller (it returns the object and whether it is new), charge the volume for
+/// it and make it durable, then answer with the new object's handle and attributes and
+/// the directory's wcc data.
 fn create_common(
     ctx: &Ctx,
     dir_fh: &[u8],
     name: &[u8],
     out: &mut Vec<u8>,
-    make: impl FnOnce(&Volume, &OwnedFd) -> Result<OwnedFd, nfsstat3>,
+    make: impl FnOnce(&Charging, &OwnedFd) -> Result<(OwnedFd, bool), nfsstat3>,
 ) {
     let (v, dir, before) = match resolve_dir(ctx, dir_fh) {
         Ok(x) => x,
@@ -120,9 +126,31 @@ fn create_common(
     };
     let r = check_new_name(name).and_then(|()| {
         let fd = {
-            let _as = ctx.become_caller(&v);
-            make(&v, &dir)?
+            let charging = v.charging();
+            let dir_before = dir_charge(&v, &dir);
+            charging.add_inode()?;
+            if let Err(s) = charging.reserve(quota::NAMESPACE_RESERVE) {
+                charging.remove_inode();
+                return Err(s);
+            }
+            let made = ctx.become_caller(&v).and_then(|_as| make(&charging, &dir));
+            let dir_after = dir_charge(&v, &dir);
+            let (new, created) = match &made {
+                Ok((fd, true)) => (
+                    sys::fstat(raw(fd)).map_or(0, |st| quota::charge_of(&st)),
+                    true,
+                ),
+                _ => (0, false),
+            };
+            if !created {
+                charging.remove_inode();
+            }
+            charging.settle(quota::NAMESPACE_RESERVE, dir_before, dir_after + new);
+            made?.0
         };
+        // After the charge lock is released: syncs of concurrent calls then share
+        // journal commits.
+        dir.sync(&v, before.st_mode)?;
         let st = sys::fstat(raw(&fd)).map_err(to_nfsstat)?;
         let fh = ctx.ex.handle_for(&v, raw(&fd))?;
         Ok((fh, st))
@@ -139,8 +167,18 @@ fn create_common(
     wcc(out, Some(&before), after.as_ref(), v.meta.id);
 }
 
+/// What a directory is charged now: 0 for the volume's root, which its usage does not
+/// count (`VolumeStore::usage`), and if it cannot be read (the settle then charges
+/// nothing for it).
+fn dir_charge(v: &Volume, dir: &Obj) -> u64 {
+    match sys::fstat(raw(dir)) {
+        Ok(st) if !v.is_root(&st) => quota::charge_of(&st),
+        _ => 0,
+    }
+}
+
 /// Applies the attributes a create call carried beyond the mode.
-fn apply_sattr(v: &Volume, fd: &OwnedFd, s: &sattr3) -> Result<(), nfsstat3> {
+fn apply_sattr(charging: &Charging, fd: &OwnedFd, s: &sattr3) -> Result<(), nfsstat3> {
     let uid = if let Nfs3Option::Some(u) = s.uid {
         u
     } else {
@@ -155,8 +193,12 @@ fn apply_sattr(v: &Volume, fd: &OwnedFd, s: &sattr3) -> Result<(), nfsstat3> {
         sys::fchownat_empty(raw(fd), uid, gid).map_err(to_nfsstat)?;
     }
     if let Nfs3Option::Some(size) = s.size {
+        // Opening anything but a regular file could block (a FIFO) or reach a device.
+        if sys::fstat(raw(fd)).map_err(to_nfsstat)?.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(nfsstat3::NFS3ERR_INVAL);
+        }
         let wfd = sys::reopen(raw(fd), libc::O_WRONLY).map_err(to_nfsstat)?;
-        set_size(v, raw(&wfd), size)?;
+        set_size(charging, raw(&wfd), size)?;
     }
     Ok(())
 }
@@ -183,57 +225,71 @@ pub fn create(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
         2 => How::Exclusive(args.createverf()?),
         _ => return Err(Garbage),
     };
-    create_common(ctx, dir_fh, name, out, |v, dir| match &how {
-        How::Unchecked(s) | How::Guarded(s) => {
-            let excl = if matches!(how, How::Guarded(_)) {
-                libc::O_EXCL
-            } else {
-                0
-            };
-            let f = sys::openat(
-                raw(dir),
-                name,
-                libc::O_CREAT | excl | libc::O_RDONLY,
-                mode_or(s, 0o644),
-            )
-            .map_err(to_nfsstat)?;
-            let fd = sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
-            drop(f);
-            apply_sattr(v, &fd, s)?;
-            Ok(fd)
-        }
-        How::Exclusive(verf) => {
-            // The verifier lives in atime/mtime, as RFC 1813 §3.3.8 suggests, so a
-            // retransmitted CREATE finds its own file and succeeds.
-            let (a, m) = verf_times(verf);
-            match sys::openat(
-                raw(dir),
-                name,
-                libc::O_CREAT | libc::O_EXCL | libc::O_RDONLY,
-                0o600,
-            ) {
-                Ok(f) => {
-                    drop(f);
-                    let fd = sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
-                    sys::utimes_fd(raw(&fd), Some(Some(a)), Some(Some(m))).map_err(to_nfsstat)?;
-                    Ok(fd)
-                }
-                Err(e) if e.0 == libc::EEXIST => {
-                    let fd = sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
-                    let st = sys::fstat(raw(&fd)).map_err(to_nfsstat)?;
-                    if (st.st_atime, st.st_atime_nsec, st.st_mtime, st.st_mtime_nsec)
-                        == (a.0, a.1, m.0, m.1)
-                    {
-                        Ok(fd)
-                    } else {
-                        Err(nfsstat3::NFS3ERR_EXIST)
-                    }
-                }
-                Err(e) => Err(to_nfsstat(e)),
+    create_common(ctx, dir_fh, name, out, |charging, dir| {
+        // The file is made with mknod, never opened: an existing name may be a FIFO
+        // (an open would wait for a writer forever), a socket or a device, and no
+        // CREATE opens it (DESIGN invariant 9).
+        let made = sys::mknodat(raw(dir), name, libc::S_IFREG | create_mode(&how), 0);
+        match (&how, made) {
+            (How::Unchecked(s) | How::Guarded(s), Ok(())) => {
+                let fd = sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
+                apply_sattr(charging, &fd, s)?;
+                Ok((fd, true))
             }
+            // RFC 1813 §3.3.8: UNCHECKED takes an existing object as it is. As knfsd,
+            // only a size is applied, and only to a regular file.
+            (How::Unchecked(s), Err(e)) if e.0 == libc::EEXIST => {
+                let fd = sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
+                let st = sys::fstat(raw(&fd)).map_err(to_nfsstat)?;
+                if st.st_mode & libc::S_IFMT == libc::S_IFREG {
+                    let size_only = sattr3 {
+                        size: s.size,
+                        ..sattr3::default()
+                    };
+                    apply_sattr(charging, &fd, &size_only)?;
+                }
+                Ok((fd, false))
+            }
+            (How::Exclusive(verf), made) => {
+                // The verifier lives in atime/mtime, as RFC 1813 §3.3.8 suggests, so a
+                // retransmitted CREATE finds its own file and succeeds.
+                let (a, m) = verf_times(verf);
+                match made {
+                    Ok(()) => {
+                        let fd =
+                            sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
+                        sys::utimes_fd(raw(&fd), Some(Some(a)), Some(Some(m)))
+                            .map_err(to_nfsstat)?;
+                        Ok((fd, true))
+                    }
+                    Err(e) if e.0 == libc::EEXIST => {
+                        let fd =
+                            sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
+                        let st = sys::fstat(raw(&fd)).map_err(to_nfsstat)?;
+                        if st.st_mode & libc::S_IFMT == libc::S_IFREG
+                            && (st.st_atime, st.st_atime_nsec, st.st_mtime, st.st_mtime_nsec)
+                                == (a.0, a.1, m.0, m.1)
+                        {
+                            Ok((fd, false))
+                        } else {
+                            Err(nfsstat3::NFS3ERR_EXIST)
+                        }
+                    }
+                    Err(e) => Err(to_nfsstat(e)),
+                }
+            }
+            (_, Err(e)) => Err(to_nfsstat(e)),
         }
     });
     Ok(())
+}
+
+/// The mode a CREATE makes a new file with.
+fn create_mode(how: &How) -> u32 {
+    match how {
+        How::Unchecked(s) | How::Guarded(s) => mode_or(s, 0o644),
+        How::Exclusive(_) => 0o600,
+    }
 }
 
 fn verf_times(v: &createverf3) -> ((i64, i64), (i64, i64)) {
@@ -250,18 +306,18 @@ pub fn mkdir(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
     let dir_fh = args.fh()?;
     let name = args.filename()?;
     let s = args.sattr()?;
-    create_common(ctx, dir_fh, name, out, |v, dir| {
+    create_common(ctx, dir_fh, name, out, |charging, dir| {
         sys::mkdirat(raw(dir), name, mode_or(&s, 0o755)).map_err(to_nfsstat)?;
         let fd = sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
         apply_sattr(
-            v,
+            charging,
             &fd,
             &sattr3 {
                 size: Nfs3Option::None,
                 ..s.clone()
             },
         )?;
-        Ok(fd)
+        Ok((fd, true))
     });
     Ok(())
 }
@@ -271,14 +327,14 @@ pub fn symlink(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
     let name = args.filename()?;
     let s = args.sattr()?;
     let target = args.path()?;
-    create_common(ctx, dir_fh, name, out, |v, dir| {
+    create_common(ctx, dir_fh, name, out, |charging, dir| {
         if target.is_empty() || target.contains(&0) {
             return Err(nfsstat3::NFS3ERR_INVAL);
         }
         sys::symlinkat(target, raw(dir), name).map_err(to_nfsstat)?;
         let fd = sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
         apply_sattr(
-            v,
+            charging,
             &fd,
             &sattr3 {
                 size: Nfs3Option::None,
@@ -286,7 +342,7 @@ pub fn symlink(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
                 ..s.clone()
             },
         )?;
-        Ok(fd)
+        Ok((fd, true))
     });
     Ok(())
 }
@@ -324,28 +380,33 @@ pub fn mknod(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
         }
         _ => return Err(Garbage),
     };
-    create_common(ctx, dir_fh, name, out, |v, dir| {
+    create_common(ctx, dir_fh, name, out, |charging, dir| {
         sys::mknodat(raw(dir), name, fmt | mode_or(&s, 0o644), dev).map_err(to_nfsstat)?;
         let fd = sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
         apply_sattr(
-            v,
+            charging,
             &fd,
             &sattr3 {
                 size: Nfs3Option::None,
                 ..s.clone()
             },
         )?;
-        Ok(fd)
+        Ok((fd, true))
     });
     Ok(())
 }
 
-/// Bytes a volume gets back when the last link to `st` goes.
-fn freed_by_unlink(st: &libc::stat) -> u64 {
-    if st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_nlink == 1 {
-        st.st_size as u64
-    } else {
-        0
+/// After an unlink or a RENAME over it, releases what the object `fd` was charged if
+/// that was its last link (checked after the fact, so a racing LINK is seen); true if
+/// it is gone. Call with the charge lock held.
+fn release_if_gone(charging: &Charging, fd: &OwnedFd) -> bool {
+    match sys::fstat(raw(fd)) {
+        Ok(st) if st.st_nlink == 0 => {
+            charging.settle(0, quota::charge_of(&st), 0);
+            charging.remove_inode();
+            true
+        }
+        _ => false,
     }
 }
 
@@ -367,14 +428,20 @@ fn remove_common(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>, flags: i32) -> 
         if name == b".." {
             return Err(nfsstat3::NFS3ERR_NOTEMPTY);
         }
-        // No size lock: giving space back is one atomic update, and holding the lock
-        // across the unlink would serialise every removal in the volume.
-        let _as = ctx.become_caller(&v);
-        let victim_fd = sys::openat(raw(&dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
-        let victim = sys::fstat(raw(&victim_fd)).map_err(to_nfsstat)?;
-        sys::unlinkat(raw(&dir), name, flags).map_err(to_nfsstat)?;
-        v.shrink(freed_by_unlink(&victim));
-        if victim.st_nlink <= 1 {
+        let _as = ctx.become_caller(&v)?;
+        let (victim_fd, gone) = {
+            // Under the charge lock: a LINK of the victim racing the unlink can no
+            // longer make us give back space that a new link still holds.
+            let charging = v.charging();
+            let victim_fd = sys::openat(raw(&dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
+            let dir_before = dir_charge(&v, &dir);
+            sys::unlinkat(raw(&dir), name, flags).map_err(to_nfsstat)?;
+            let gone = release_if_gone(&charging, &victim_fd);
+            charging.settle(0, dir_before, dir_charge(&v, &dir));
+            (victim_fd, gone)
+        };
+        dir.sync(&v, before.st_mode)?;
+        if gone {
             ctx.ex.forget(&v, raw(&victim_fd));
         }
         Ok(())
@@ -423,22 +490,29 @@ pub fn rename(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
         }
         check_new_name(from)?;
         check_new_name(to)?;
-        // No size lock: giving space back is one atomic update, and holding the lock
-        // across the unlink would serialise every removal in the volume.
-        let _as = ctx.become_caller(&v);
-        let src = sys::openat(raw(&from_dir), from, libc::O_PATH, 0)
-            .and_then(|fd| sys::fstat(raw(&fd)))
-            .map_err(to_nfsstat)?;
-        let replaced = sys::openat(raw(&to_dir), to, libc::O_PATH, 0)
-            .ok()
-            .and_then(|fd| Some((sys::fstat(raw(&fd)).ok()?, fd)))
-            .filter(|(t, _)| (t.st_ino, t.st_dev) != (src.st_ino, src.st_dev));
-        sys::renameat(raw(&from_dir), from, raw(&to_dir), to).map_err(to_nfsstat)?;
-        if let Some((t, fd)) = replaced {
-            v.shrink(freed_by_unlink(&t));
-            if t.st_nlink <= 1 {
-                ctx.ex.forget(&v, raw(&fd));
-            }
+        let _as = ctx.become_caller(&v)?;
+        let replaced_gone = {
+            // Under the charge lock, as REMOVE: the object a RENAME replaces is
+            // released only if its last link went.
+            let charging = v.charging();
+            let replaced = sys::openat(raw(&to_dir), to, libc::O_PATH, 0).ok();
+            charging.reserve(quota::NAMESPACE_RESERVE)?;
+            let to_before_charge = dir_charge(&v, &to_dir);
+            let r = sys::renameat(raw(&from_dir), from, raw(&to_dir), to).map_err(to_nfsstat);
+            charging.settle(
+                quota::NAMESPACE_RESERVE,
+                to_before_charge,
+                dir_charge(&v, &to_dir),
+            );
+            r?;
+            replaced.filter(|fd| release_if_gone(&charging, fd))
+        };
+        from_dir.sync(&v, from_before.st_mode)?;
+        if (to_before.st_ino, to_before.st_dev) != (from_before.st_ino, from_before.st_dev) {
+            to_dir.sync(&v, to_before.st_mode)?;
+        }
+        if let Some(fd) = replaced_gone {
+            ctx.ex.forget(&v, raw(&fd));
         }
         Ok(())
     })();
@@ -478,8 +552,16 @@ pub fn link(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
             return Err(nfsstat3::NFS3ERR_XDEV);
         }
         check_new_name(name)?;
-        let _as = ctx.become_caller(&v);
-        sys::link_fd(raw(&file), raw(&dir), name).map_err(to_nfsstat)
+        {
+            let _as = ctx.become_caller(&v)?;
+            let charging = v.charging();
+            charging.reserve(quota::NAMESPACE_RESERVE)?;
+            let dir_before = dir_charge(&v, &dir);
+            let r = sys::link_fd(raw(&file), raw(&dir), name).map_err(to_nfsstat);
+            charging.settle(quota::NAMESPACE_RESERVE, dir_before, dir_charge(&v, &dir));
+            r?;
+        }
+        dir.sync(&v, before.st_mode)
     })();
     let file_st = sys::fstat(raw(&file)).ok();
     let after = sys::fstat(raw(&dir)).ok();
@@ -502,6 +584,10 @@ pub fn readdir(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>, plus: bool) -> Pr
         let c = args.u32()? as usize;
         (c, c)
     };
+    // The counts are the client's upper bounds, not a request the server must fill
+    // (RFC 1813 §3.3.16, §3.3.17): a hostile 4 GiB count would otherwise build a reply
+    // of the whole directory, past what memory and a record mark (31 bits) can carry.
+    let (dircount, maxcount) = (dircount.min(MAX_DIR_REPLY), maxcount.min(MAX_DIR_REPLY));
     let (v, dir, dir_st) = match resolve_dir(ctx, dir_fh) {
         Ok(x) => x,
         Err(s) => {
@@ -510,20 +596,19 @@ pub fn readdir(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>, plus: bool) -> Pr
             return Ok(());
         }
     };
-    let opened = {
-        let _as = ctx.become_caller(&v);
-        sys::reopen(raw(&dir), libc::O_RDONLY | libc::O_DIRECTORY)
-    };
+    let opened = ctx.become_caller(&v).and_then(|_as| {
+        sys::reopen(raw(&dir), libc::O_RDONLY | libc::O_DIRECTORY).map_err(to_nfsstat)
+    });
     let rd = match opened {
         Ok(f) => f,
-        Err(e) => {
-            status(out, to_nfsstat(e));
+        Err(s) => {
+            status(out, s);
             post_op(out, Some(&dir_st), v.meta.id);
             return Ok(());
         }
     };
     let at_root = v.is_root(&dir_st);
-    let mut body = Vec::with_capacity(maxcount.min(1 << 20));
+    let mut body = Vec::with_capacity(maxcount);
     // Reply overhead: status, dir attributes, verifier, list end, eof.
     let mut size = 4 + 88 + 8 + 8;
     let mut dsize = 0usize;

@@ -16,6 +16,7 @@ mod dirops;
 pub mod handle;
 mod mount;
 mod ops;
+mod quota;
 mod reply;
 pub mod rpc;
 mod splice;
@@ -31,6 +32,9 @@ use tokio_util::sync::CancellationToken;
 pub use allow::{AllowList, Network};
 pub use conn::dispatch;
 pub use state::Exports;
+
+/// How often each volume's usage is re-counted from the disk (see `quota::resync`).
+pub const USAGE_RECOUNT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Serves NFS and MOUNT on `listener` until `shutdown` fires, then drains.
 pub async fn serve(

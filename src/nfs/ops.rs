@@ -13,6 +13,7 @@ use std::sync::Arc;
 use nfs3_types::nfs3::{Nfs3Option, nfsstat3, set_atime, set_mtime, stable_how};
 
 use super::attr::{self, Caller};
+use super::quota;
 use super::reply::{post_op, status, wcc};
 use super::rpc::Credential;
 use super::splice::{self, Piped};
@@ -32,13 +33,29 @@ pub struct Ctx<'a> {
 
 impl Ctx<'_> {
     pub fn caller(&self, v: &Volume) -> Caller {
-        attr::effective_caller(self.cred, v.meta.squash, v.meta.anon_uid, v.meta.anon_gid)
+        attr::effective_caller(
+            self.cred,
+            v.meta.squash,
+            v.meta.anon_uid,
+            v.meta.anon_gid,
+            sys::id_maps(),
+        )
     }
 
-    /// Switches this thread to the caller's identity until the guard drops.
-    pub fn become_caller(&self, v: &Volume) -> AsCaller {
+    /// Switches this thread to the caller's identity until the guard drops. If the
+    /// kernel refuses it (anonymous ids outside the id map), the call is refused
+    /// rather than run as root (DESIGN invariant 7).
+    pub fn become_caller(&self, v: &Volume) -> Result<AsCaller, nfsstat3> {
         let c = self.caller(v);
-        AsCaller::new(c.uid, c.gid, &c.gids)
+        AsCaller::new(c.uid, c.gid, &c.gids).map_err(|e| {
+            tracing::warn!(
+                uid = c.uid,
+                gid = c.gid,
+                errno = e.0,
+                "cannot switch to the caller's ids"
+            );
+            nfsstat3::NFS3ERR_ACCES
+        })
     }
 
     pub fn resolve(&self, fh: &[u8]) -> Result<(Arc<Volume>, Arc<Obj>), nfsstat3> {
@@ -121,13 +138,13 @@ pub fn setattr(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
                 return Err(nfsstat3::NFS3ERR_NOT_SYNC);
             }
         }
-        let _as = ctx.become_caller(&v);
+        let as_caller = ctx.become_caller(&v)?;
         if let Nfs3Option::Some(size) = sattr.size {
             if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
                 return Err(nfsstat3::NFS3ERR_ISDIR);
             }
             let wfd = io_for(ctx, &v, &fd, &st, true)?;
-            set_size(&v, wfd, size)?;
+            set_size(&v.charging(), wfd, size)?;
         }
         if let Nfs3Option::Some(mode) = sattr.mode
             && st.st_mode & libc::S_IFMT != libc::S_IFLNK
@@ -162,7 +179,8 @@ pub fn setattr(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
         if (atime.is_some() || mtime.is_some()) && st.st_mode & libc::S_IFMT != libc::S_IFLNK {
             sys::utimes_fd(raw(&fd), atime, mtime).map_err(to_nfsstat)?;
         }
-        Ok(())
+        drop(as_caller);
+        fd.sync(&v, st.st_mode)
     })();
     let after = stat_opt(&fd);
     status(out, result.err().unwrap_or(nfsstat3::NFS3_OK));
@@ -172,22 +190,19 @@ pub fn setattr(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
 
 /// Truncates or extends a file, keeping the volume's usage right. Growth past the
 /// limit fails with DQUOT and changes nothing.
-pub fn set_size(v: &Volume, fd: std::os::fd::RawFd, size: u64) -> Result<(), nfsstat3> {
-    let _lock = v.size_lock.lock().unwrap_or_else(|p| p.into_inner());
-    let old = sys::fstat(fd).map_err(to_nfsstat)?.st_size as u64;
-    if size > old {
-        v.grow(size - old)?;
-    }
-    if let Err(e) = sys::ftruncate(fd, size) {
-        if size > old {
-            v.shrink(size - old);
-        }
-        return Err(to_nfsstat(e));
-    }
-    if size < old {
-        v.shrink(old - size);
-    }
-    Ok(())
+pub fn set_size(
+    charging: &quota::Charging,
+    fd: std::os::fd::RawFd,
+    size: u64,
+) -> Result<(), nfsstat3> {
+    let before = quota::charge_of(&sys::fstat(fd).map_err(to_nfsstat)?);
+    // A regular file is charged at least its size (truncating up allocates nothing).
+    let reserve = size.saturating_sub(before);
+    charging.reserve(reserve)?;
+    let r = sys::ftruncate(fd, size).map_err(to_nfsstat);
+    let after = sys::fstat(fd).map_or(before + reserve, |st| quota::charge_of(&st));
+    charging.settle(reserve, before, after);
+    r
 }
 
 /// The I/O descriptor of a regular file, after checking the caller may read (or
@@ -371,17 +386,23 @@ pub fn write(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
             .checked_add(data.len() as u64)
             .ok_or(nfsstat3::NFS3ERR_FBIG)?;
         {
-            let _lock = v.size_lock.lock().unwrap_or_else(|p| p.into_inner());
-            let size = sys::fstat(wfd).map_err(to_nfsstat)?.st_size as u64;
-            let growth = end.saturating_sub(size);
-            v.grow(growth)?;
-            if let Err(e) = sys::pwrite_all(wfd, data, offset) {
-                // Give back what was not written (a short write still extended the file
-                // as far as it got; recount from the file).
-                let now = sys::fstat(wfd).map(|s| s.st_size as u64).unwrap_or(size);
-                v.shrink(growth.saturating_sub(now.saturating_sub(size)));
-                return Err(to_nfsstat(e));
-            }
+            let charging = v.charging();
+            let st = sys::fstat(wfd).map_err(to_nfsstat)?;
+            let before = quota::charge_of(&st);
+            // At most: the new size, rounded up to whole blocks.
+            let block = (st.st_blksize as u64).max(512);
+            let reserve = end
+                .max(st.st_size as u64)
+                .div_ceil(block)
+                .saturating_mul(block)
+                .saturating_sub(before);
+            charging.reserve(reserve)?;
+            let r = sys::pwrite_all(wfd, data, offset);
+            // What the disk spent, short writes included; if even fstat fails the
+            // reservation stays charged (the periodic re-count corrects it).
+            let after = sys::fstat(wfd).map_or(before + reserve, |st| quota::charge_of(&st));
+            charging.settle(reserve, before, after);
+            r.map_err(to_nfsstat)?;
         }
         // Synced before the reply (DESIGN invariant 4).
         match stable {

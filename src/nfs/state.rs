@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use nfs3_types::nfs3::nfsstat3;
 
 use super::handle::{FileHandle, HandleKey};
+use super::quota;
 use super::sys::{self, Errno, to_nfsstat};
 use crate::error::{Error, Result};
 use crate::volume::{VolumeMeta, VolumeName, VolumeStore};
@@ -29,10 +30,16 @@ pub struct Volume {
     /// The root's sealed handle, returned by MNT.
     pub root_fh: Vec<u8>,
     pub limit: AtomicU64,
+    /// Bytes charged to the volume (see [`quota::charge_of`]).
     pub used: AtomicU64,
-    /// Held by every operation that changes a file's size, so the check against the
-    /// limit and the change are one step (DESIGN invariant 6).
-    pub size_lock: Mutex<()>,
+    /// Objects in the volume (its root not counted), and how many it may hold.
+    pub inodes: AtomicU64,
+    pub max_inodes: AtomicU64,
+    /// Bumped by every charge, so a re-count from the disk that raced one is dropped.
+    pub charges: AtomicU64,
+    /// Held by every operation that changes what the volume is charged, so the check
+    /// against the limit and the change are one step (DESIGN invariant 6).
+    pub charge_lock: Mutex<()>,
 }
 
 impl Volume {
@@ -41,24 +48,9 @@ impl Volume {
         st.st_ino == self.root_ino && st.st_dev == self.root_dev
     }
 
-    /// Reserves `bytes` of growth, or fails with DQUOT if the limit would be passed.
-    /// Call with `size_lock` held.
-    pub fn grow(&self, bytes: u64) -> Result<(), nfsstat3> {
-        let used = self.used.load(Ordering::Acquire);
-        if used.saturating_add(bytes) > self.limit.load(Ordering::Acquire) {
-            return Err(nfsstat3::NFS3ERR_DQUOT);
-        }
-        self.used.store(used + bytes, Ordering::Release);
-        Ok(())
-    }
-
-    /// Returns `bytes` to the free space.
-    pub fn shrink(&self, bytes: u64) {
-        let _ = self
-            .used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
-                Some(u.saturating_sub(bytes))
-            });
+    /// Starts a change of the volume's usage: holds the charge lock until dropped.
+    pub fn charging(&self) -> quota::Charging<'_> {
+        quota::Charging::new(self)
     }
 
     pub fn free(&self) -> u64 {
@@ -75,9 +67,14 @@ impl Volume {
 pub struct Obj {
     /// O_PATH descriptor of the object.
     fd: OwnedFd,
-    /// Regular files: a descriptor for I/O opened as root, writable if possible;
-    /// callers check the caller's permission first.
-    io: OnceLock<Result<(OwnedFd, bool), Errno>>,
+    /// Regular files: the shared descriptor for I/O, opened read-write as root (callers
+    /// check the caller's permission first). Only a successful open is kept: one
+    /// caller's failure never answers the next caller.
+    rw: OnceLock<OwnedFd>,
+    /// Regular files root cannot open for writing (a running executable, a read-only
+    /// mount): a read-only descriptor, for reads only. Directories: the descriptor
+    /// [`Obj::sync`] fsyncs.
+    ro: OnceLock<OwnedFd>,
 }
 
 impl Deref for Obj {
@@ -88,20 +85,64 @@ impl Deref for Obj {
 }
 
 impl Obj {
-    /// The I/O descriptor, opened on first use; `write` asks for a writable one.
-    pub fn io_fd(&self, write: bool) -> Result<RawFd, nfsstat3> {
-        let io = self.io.get_or_init(|| {
-            let path = sys::raw(&self.fd);
-            match sys::reopen(path, libc::O_RDWR) {
-                Ok(f) => Ok((f, true)),
-                Err(_) => sys::reopen(path, libc::O_RDONLY).map(|f| (f, false)),
-            }
-        });
-        match io {
-            Ok((_, false)) if write => Err(nfsstat3::NFS3ERR_ROFS),
-            Ok((f, _)) => Ok(sys::raw(f)),
-            Err(e) => Err(to_nfsstat(*e)),
+    fn new(fd: OwnedFd) -> Self {
+        Self {
+            fd,
+            rw: OnceLock::new(),
+            ro: OnceLock::new(),
         }
+    }
+
+    /// The I/O descriptor of a regular file (callers check the type: opening a FIFO
+    /// would block), opened on first use; `write` needs a writable one.
+    pub fn io_fd(&self, write: bool) -> Result<RawFd, nfsstat3> {
+        if let Some(f) = self.rw.get() {
+            return Ok(sys::raw(f));
+        }
+        if !write && let Some(f) = self.ro.get() {
+            return Ok(sys::raw(f));
+        }
+        // As root whoever is asking, so the descriptor everyone shares is never
+        // narrowed by one caller's rights (the SETATTR of an owner of a 0444 file
+        // runs as that owner).
+        let _root = sys::AsRoot::begin();
+        let path = sys::raw(&self.fd);
+        match sys::reopen(path, libc::O_RDWR) {
+            // A racing caller's descriptor may have won; ours is then dropped.
+            Ok(f) => Ok(sys::raw(self.rw.get_or_init(|| f))),
+            Err(e) if write => Err(to_nfsstat(e)),
+            Err(_) => {
+                let f = sys::reopen(path, libc::O_RDONLY).map_err(to_nfsstat)?;
+                Ok(sys::raw(self.ro.get_or_init(|| f)))
+            }
+        }
+    }
+
+    /// Puts the object's last change on stable storage before the reply: RFC 1813
+    /// §1.6 makes CREATE, MKDIR, SYMLINK, MKNOD, REMOVE, RMDIR, RENAME and LINK
+    /// synchronous, and DESIGN invariant 10 adds SETATTR (knfsd commits its metadata
+    /// too). `mode` is the object's `st_mode`; call it on the directory a name changed
+    /// in. On a journalling filesystem (ext4, xfs) the fsync commits the transaction
+    /// that holds the change, new or removed inodes included, and fsyncs running at
+    /// the same time share one journal commit: the kernel does the batching.
+    pub fn sync(&self, v: &Volume, mode: u32) -> Result<(), nfsstat3> {
+        let fd = match mode & libc::S_IFMT {
+            libc::S_IFREG => self.io_fd(false)?,
+            libc::S_IFDIR => match self.ro.get() {
+                Some(f) => sys::raw(f),
+                None => {
+                    let _root = sys::AsRoot::begin();
+                    let f = sys::reopen(sys::raw(&self.fd), libc::O_RDONLY | libc::O_DIRECTORY)
+                        .map_err(to_nfsstat)?;
+                    sys::raw(self.ro.get_or_init(|| f))
+                }
+            },
+            // Symlinks, FIFOs, sockets and devices cannot be opened to be synced (or
+            // must not be): any fsync on the filesystem commits the running
+            // transaction, so the volume root's does.
+            _ => sys::raw(&v.mount_fd),
+        };
+        sys::fsync(fd).map_err(to_nfsstat)
     }
 }
 
@@ -125,6 +166,8 @@ pub struct Exports {
     /// One refresh at a time: two interleaved ones could each write a map missing the
     /// other's new volume.
     refreshing: Mutex<()>,
+    /// One usage recount at a time.
+    recounting: Mutex<()>,
     /// Write verifier: new on every start, so clients resend unstable writes the
     /// previous process may have lost (RFC 1813 §3.3.7, DESIGN invariant 4).
     pub verifier: [u8; 8],
@@ -164,6 +207,7 @@ impl Exports {
             mounts: RwLock::new(mounts),
             objects: Mutex::new(HashMap::new()),
             refreshing: Mutex::new(()),
+            recounting: Mutex::new(()),
             verifier,
             device_nodes: false,
         };
@@ -192,6 +236,8 @@ impl Exports {
             match current.get(&meta.id) {
                 Some(v) if v.meta.name == meta.name => {
                     v.limit.store(meta.size_bytes, Ordering::Release);
+                    v.max_inodes
+                        .store(quota::max_inodes(meta.size_bytes), Ordering::Release);
                     next.insert(meta.id, v.clone());
                 }
                 _ => match self.open_volume(meta) {
@@ -241,7 +287,7 @@ impl Exports {
                 kernel,
             })
             .ok_or_else(|| io("seal volume root handle")(Errno(libc::EOVERFLOW)))?;
-        let used = self.store.usage(&meta.name)?;
+        let usage = self.store.usage(&meta.name)?;
         Ok(Volume {
             root,
             mount_fd,
@@ -249,10 +295,32 @@ impl Exports {
             root_dev: st.st_dev,
             root_fh,
             limit: AtomicU64::new(meta.size_bytes),
-            used: AtomicU64::new(used),
-            size_lock: Mutex::new(()),
+            used: AtomicU64::new(usage.bytes),
+            inodes: AtomicU64::new(usage.inodes),
+            max_inodes: AtomicU64::new(quota::max_inodes(meta.size_bytes)),
+            charges: AtomicU64::new(0),
+            charge_lock: Mutex::new(()),
             meta,
         })
+    }
+
+    /// Re-counts every volume's usage from the disk, correcting drift (DESIGN
+    /// invariant 6); one run at a time.
+    pub fn recount_usage(&self) {
+        let Ok(_one) = self.recounting.try_lock() else {
+            return;
+        };
+        for v in self.all() {
+            match quota::resync(&v, || self.store.usage(&v.meta.name)) {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::debug!(volume = %v.meta.name, "usage changed during the recount; next time")
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %v.meta.name, error = %e, "cannot recount volume usage")
+                }
+            }
+        }
     }
 
     /// The exported volume called `name`.
@@ -366,10 +434,7 @@ impl Exports {
             libc::ESTALE | libc::ENOENT | libc::EINVAL => nfsstat3::NFS3ERR_STALE,
             _ => to_nfsstat(e),
         })?;
-        let obj = Arc::new(Obj {
-            fd,
-            io: OnceLock::new(),
-        });
+        let obj = Arc::new(Obj::new(fd));
         let mut cache = self.objects.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= MAX_CACHED {
             cache.clear();

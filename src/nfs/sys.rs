@@ -439,31 +439,49 @@ pub fn read_dir_from(
 /// only (glibc's `setgroups` would change every thread). Threads run with no
 /// supplementary groups ([`drop_supplementary_groups`] at start), so a caller without
 /// groups needs no `setgroups`, and root with no groups needs no switch at all.
+///
+/// `setfsuid`/`setfsgid` report no error: for an id the kernel refuses (`u32::MAX`,
+/// or one outside this user namespace's map) they leave the thread as it was, root
+/// with every capability. So each switch is read back (`setfsuid(-1)` always fails
+/// and returns the current id) and a switch that did not take is an error: a request
+/// never runs with more rights than its caller (DESIGN invariant 7).
 pub struct AsCaller {
     switched: bool,
     groups: bool,
 }
 
 impl AsCaller {
-    pub fn new(uid: u32, gid: u32, gids: &[u32]) -> Self {
+    pub fn new(uid: u32, gid: u32, gids: &[u32]) -> Result<Self, Errno> {
         if uid == 0 && gid == 0 && gids.is_empty() {
-            return Self {
+            return Ok(Self {
                 switched: false,
                 groups: false,
-            };
+            });
         }
-        // SAFETY: these syscalls only change the calling thread's credentials.
-        unsafe {
-            if !gids.is_empty() {
-                libc::syscall(libc::SYS_setgroups, gids.len(), gids.as_ptr());
-            }
-            libc::setfsgid(gid);
-            libc::setfsuid(uid);
-        }
-        Self {
+        // From here on, dropping the guard puts root's credentials back whatever
+        // happened half-way.
+        let guard = Self {
             switched: true,
             groups: !gids.is_empty(),
+        };
+        if !gids.is_empty() {
+            // SAFETY: a list of `gids.len()` ids; changes this thread's groups only.
+            let ret = unsafe { libc::syscall(libc::SYS_setgroups, gids.len(), gids.as_ptr()) };
+            if ret < 0 {
+                return Err(last());
+            }
         }
+        // SAFETY: these calls only change (or, with -1, read) the calling thread's
+        // filesystem ids.
+        let (now_gid, now_uid) = unsafe {
+            libc::setfsgid(gid);
+            libc::setfsuid(uid);
+            (libc::setfsgid(u32::MAX), libc::setfsuid(u32::MAX))
+        };
+        if now_gid as u32 != gid || now_uid as u32 != uid {
+            return Err(Errno(libc::EPERM));
+        }
+        Ok(guard)
     }
 }
 
@@ -482,6 +500,96 @@ impl Drop for AsCaller {
             }
         }
     }
+}
+
+/// Root's filesystem credentials on this thread until dropped, then whatever they were
+/// (a caller's, inside an [`AsCaller`]): for opens the server makes on its own behalf,
+/// such as the shared I/O descriptor of a file, which must not depend on which caller
+/// happened to open it first.
+pub struct AsRoot {
+    uid: u32,
+    gid: u32,
+}
+
+impl AsRoot {
+    #[must_use = "root credentials last only while the guard lives"]
+    pub fn begin() -> Self {
+        // SAFETY: these calls only read and change this thread's filesystem ids;
+        // capabilities come back with fsuid 0 (capabilities(7)).
+        unsafe {
+            let uid = libc::setfsuid(0) as u32;
+            let gid = libc::setfsgid(0) as u32;
+            Self { uid, gid }
+        }
+    }
+}
+
+impl Drop for AsRoot {
+    fn drop(&mut self) {
+        // SAFETY: puts back the ids `new` found; only this thread's.
+        unsafe {
+            libc::setfsgid(self.gid);
+            libc::setfsuid(self.uid);
+        }
+    }
+}
+
+/// The ids this process can switch to: the ranges of `/proc/self/uid_map` and
+/// `gid_map` (the whole 32-bit space but `u32::MAX` outside a user namespace).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdMaps {
+    uids: Vec<(u32, u32)>,
+    gids: Vec<(u32, u32)>,
+}
+
+impl IdMaps {
+    /// Parses `/proc/self/*_map` text: `inside outside count` per line.
+    pub fn parse(uid_map: &str, gid_map: &str) -> Self {
+        let ranges = |text: &str| {
+            text.lines()
+                .filter_map(|l| {
+                    let mut w = l.split_whitespace().map(|n| n.parse::<u64>().ok());
+                    let (Some(Some(start)), Some(Some(_)), Some(Some(count))) =
+                        (w.next(), w.next(), w.next())
+                    else {
+                        return None;
+                    };
+                    let start = u32::try_from(start).ok()?;
+                    let count = u32::try_from(count).ok()?;
+                    Some((start, count))
+                })
+                .collect()
+        };
+        Self {
+            uids: ranges(uid_map),
+            gids: ranges(gid_map),
+        }
+    }
+
+    fn contains(ranges: &[(u32, u32)], id: u32) -> bool {
+        // `u32::MAX` is "no id" to every set*id call, whatever the map says.
+        id != u32::MAX
+            && ranges.iter().any(|&(start, count)| {
+                id >= start && u64::from(id) < u64::from(start) + u64::from(count)
+            })
+    }
+
+    pub fn valid_uid(&self, uid: u32) -> bool {
+        Self::contains(&self.uids, uid)
+    }
+
+    pub fn valid_gid(&self, gid: u32) -> bool {
+        Self::contains(&self.gids, gid)
+    }
+}
+
+/// This process's [`IdMaps`], read once.
+pub fn id_maps() -> &'static IdMaps {
+    static MAPS: std::sync::OnceLock<IdMaps> = std::sync::OnceLock::new();
+    MAPS.get_or_init(|| {
+        let read = |p| std::fs::read_to_string(p).unwrap_or_default();
+        IdMaps::parse(&read("/proc/self/uid_map"), &read("/proc/self/gid_map"))
+    })
 }
 
 /// Clears the process's supplementary groups on every thread (glibc broadcasts

@@ -57,10 +57,17 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     let refresher = {
         let (exports, shutdown) = (exports.clone(), shutdown.clone());
         tokio::spawn(async move {
+            let mut last_recount = tokio::time::Instant::now();
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(REFRESH) => {}
+                }
+                if last_recount.elapsed() >= crate::nfs::USAGE_RECOUNT {
+                    last_recount = tokio::time::Instant::now();
+                    let ex = exports.clone();
+                    // Not awaited: a large volume's walk must not hold up the refresh.
+                    tokio::task::spawn_blocking(move || ex.recount_usage());
                 }
                 let ex = exports.clone();
                 match tokio::task::spawn_blocking(move || ex.refresh()).await {

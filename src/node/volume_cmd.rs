@@ -40,7 +40,7 @@ pub fn run(args: VolumeArgs) -> Result<()> {
                 "NAME", "ID", "SIZE", "USED", "SQUASH"
             );
             for m in store.list()? {
-                let used = store.usage(&m.name)?;
+                let used = store.usage(&m.name)?.bytes;
                 println!(
                     "{:<40} {:>6} {:>14} {:>14} {:>6}",
                     m.name,

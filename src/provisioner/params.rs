@@ -104,7 +104,7 @@ impl Default for ClassParams {
 }
 
 /// The parameter keys a class may set.
-pub const KEYS: [&str; 9] = [
+pub const KEYS: [&str; 10] = [
     "locality",
     "onDelete",
     "uid",
@@ -113,6 +113,7 @@ pub const KEYS: [&str; 9] = [
     "squash",
     "anonUid",
     "anonGid",
+    "allowRootAnon",
     "pathPattern",
 ];
 
@@ -130,8 +131,16 @@ impl ClassParams {
     /// Parses a class's `parameters`.
     pub fn parse(params: &BTreeMap<String, String>) -> Result<Self, String> {
         let mut p = Self::default();
+        let mut allow_root_anon = false;
         for (key, value) in params {
             match key.as_str() {
+                "allowRootAnon" => {
+                    allow_root_anon = match value.as_str() {
+                        "true" => true,
+                        "false" => false,
+                        _ => return Err(bad(key, value, "true or false")),
+                    }
+                }
                 "locality" => {
                     p.locality = Locality::parse(value)
                         .ok_or_else(|| bad(key, value, "preferred, strict or none"))?
@@ -166,6 +175,20 @@ impl ClassParams {
                         KEYS.join(", ")
                     ));
                 }
+            }
+        }
+        // Squashing to root would undo the squash; 4294967295 is "no id" to the
+        // kernel, and a switch to it fails (DESIGN invariant 7).
+        for (key, value) in [("anonUid", p.anon_uid), ("anonGid", p.anon_gid)] {
+            if value == u32::MAX {
+                return Err(bad(key, &value.to_string(), "a number below 4294967295"));
+            }
+            if value == 0 && !allow_root_anon {
+                return Err(bad(
+                    key,
+                    "0",
+                    "not 0 (root) unless allowRootAnon is \"true\"",
+                ));
             }
         }
         Ok(p)
@@ -313,11 +336,26 @@ mod tests {
             (("pathPattern", "../{uid}"), "only {namespace}"),
             (("pathPattern", "{namespace}/{uid}"), "only {namespace}"),
             (("pathPattern", "{namespace}-{name}"), "never share"),
+            (("anonUid", "0"), "allowRootAnon"),
+            (("anonGid", "0"), "allowRootAnon"),
+            (("anonUid", "4294967295"), "below 4294967295"),
+            (("allowRootAnon", "yes"), "true or false"),
         ];
         for ((k, v), want) in cases {
             let err = ClassParams::parse(&map(&[(k, v)])).expect_err(k);
             assert!(err.contains(want), "{k}={v}: {err}");
         }
+    }
+
+    #[test]
+    fn root_as_the_anonymous_id_needs_saying_so() {
+        let p = ClassParams::parse(&map(&[
+            ("anonUid", "0"),
+            ("anonGid", "0"),
+            ("allowRootAnon", "true"),
+        ]))
+        .expect("allowed explicitly");
+        assert_eq!((p.anon_uid, p.anon_gid), (0, 0));
     }
 
     #[test]

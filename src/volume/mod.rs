@@ -18,4 +18,4 @@ mod name;
 mod store;
 
 pub use name::{InvalidName, VolumeName};
-pub use store::{Squash, VolumeMeta, VolumeSpec, VolumeStore, write_atomic};
+pub use store::{Squash, Usage, VolumeMeta, VolumeSpec, VolumeStore, charge, write_atomic};

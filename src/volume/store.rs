@@ -225,6 +225,13 @@ impl VolumeStore {
                 name: spec.name.to_string(),
             });
         }
+        if spec.anon_uid == u32::MAX || spec.anon_gid == u32::MAX {
+            // The kernel cannot switch to it: squashed calls would all be refused.
+            return Err(Error::InvalidVolumeSpec {
+                name: spec.name.to_string(),
+                why: "the anonymous uid and gid must be below 4294967295",
+            });
+        }
         if let Some(meta) = self.get(&spec.name)? {
             if meta.matches(spec) {
                 return Ok(meta);
@@ -270,7 +277,7 @@ impl VolumeStore {
                 name: name.to_string(),
             });
         }
-        let used = self.usage(name)?;
+        let used = self.usage(name)?.bytes;
         if size_bytes < used {
             return Err(Error::ShrinkBelowUsage {
                 name: name.to_string(),
@@ -367,10 +374,11 @@ impl VolumeStore {
         Ok(out)
     }
 
-    /// Bytes stored in the volume: the sum of regular files' sizes, each inode once.
-    pub fn usage(&self, name: &VolumeName) -> Result<u64> {
+    /// What the volume holds: bytes charged ([`charge`]) and objects, each inode once,
+    /// the volume's root not counted.
+    pub fn usage(&self, name: &VolumeName) -> Result<Usage> {
         let mut seen = HashSet::new();
-        let mut total = 0u64;
+        let mut usage = Usage::default();
         let mut stack = vec![self.data_dir(name)];
         while let Some(dir) = stack.pop() {
             let entries = match fs::read_dir(&dir) {
@@ -380,17 +388,22 @@ impl VolumeStore {
             };
             for entry in entries {
                 let entry = entry.map_err(io("walk volume", &dir))?;
-                let md = entry
-                    .metadata()
-                    .map_err(io("stat volume file", &entry.path()))?;
+                let md = match entry.metadata() {
+                    Ok(md) => md,
+                    // Removed while we walk (a running server's volume).
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io("stat volume file", &entry.path())(e)),
+                };
                 if md.is_dir() {
                     stack.push(entry.path());
-                } else if md.is_file() && (md.nlink() == 1 || seen.insert(md.ino())) {
-                    total += md.size();
+                } else if md.nlink() > 1 && !seen.insert(md.ino()) {
+                    continue;
                 }
+                usage.bytes += charge(md.is_file(), md.size(), md.blocks());
+                usage.inodes += 1;
             }
         }
-        Ok(total)
+        Ok(usage)
     }
 
     fn write_meta(&self, meta: &VolumeMeta) -> Result<()> {
@@ -415,6 +428,26 @@ impl VolumeStore {
         let id = last.max(in_use) + 1;
         write_atomic(&path, id.to_string().as_bytes(), 0o644)?;
         Ok(id)
+    }
+}
+
+/// What a volume holds (DESIGN invariant 6).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub bytes: u64,
+    pub inodes: u64,
+}
+
+/// What one object costs its volume: the blocks the filesystem allocated to it (a
+/// one-byte file spends a whole block, a directory its blocks), and for a regular file
+/// at least its size, so a sparse file or a truncate up cannot promise space the disk
+/// may not have when the holes fill.
+pub fn charge(regular: bool, size: u64, blocks: u64) -> u64 {
+    let allocated = blocks.saturating_mul(512);
+    if regular {
+        allocated.max(size)
+    } else {
+        allocated
     }
 }
 
@@ -523,12 +556,17 @@ mod tests {
         fs::write(dir.join("sub/f"), vec![1u8; 1000]).expect("write");
         fs::hard_link(dir.join("sub/f"), dir.join("g")).expect("link");
         fs::write(dir.join("h"), vec![1u8; 24]).expect("write");
-        assert_eq!(s.usage(&n).expect("usage"), 1024);
+        let usage = s.usage(&n).expect("usage");
+        // sub, f (= g) and h; each file and the directory spends at least a block.
+        assert_eq!(usage.inodes, 3);
+        let block = |p: &str| fs::metadata(dir.join(p)).expect("stat").blocks() * 512;
+        assert!(block("h") > 0 && block("sub") > 0);
+        assert_eq!(usage.bytes, block("sub") + block("g") + block("h"));
         assert!(matches!(
             s.resize(&n, 1000),
-            Err(Error::ShrinkBelowUsage { used: 1024, .. })
+            Err(Error::ShrinkBelowUsage { .. })
         ));
-        assert_eq!(s.resize(&n, 4096).expect("grow").size_bytes, 4096);
+        assert_eq!(s.resize(&n, 1 << 20).expect("grow").size_bytes, 1 << 20);
     }
 
     #[test]

@@ -1,0 +1,105 @@
+//! A volume's size and object limits (DESIGN invariant 6), enforced by the server
+//! since the node's filesystem may have no project quota.
+//!
+//! Every change of what a volume is charged (WRITE, SETATTR size, CREATE over an
+//! existing file, the namespace procedures) runs inside one [`Charging`], which holds
+//! the volume's charge lock: the check against the limit, the change on disk and the
+//! new count are one step, so racing clients cannot pass the limit together. A change
+//! reserves what it may cost first, and settles to what `fstat` says it cost after.
+//! The count is also re-taken from the disk at start and periodically ([`resync`]).
+
+use std::sync::MutexGuard;
+use std::sync::atomic::Ordering;
+
+use nfs3_types::nfs3::nfsstat3;
+
+use super::state::Volume;
+
+/// Bytes an object costs its volume: see [`crate::volume::charge`].
+pub fn charge_of(st: &libc::stat) -> u64 {
+    crate::volume::charge(
+        st.st_mode & libc::S_IFMT == libc::S_IFREG,
+        st.st_size as u64,
+        st.st_blocks as u64,
+    )
+}
+
+/// Objects a volume of `size_bytes` may hold: one per 4 KiB (the block a small file
+/// spends), at least 1024, so a flood of empty files cannot exhaust the node's inodes.
+pub fn max_inodes(size_bytes: u64) -> u64 {
+    (size_bytes / 4096).max(1024)
+}
+
+/// What one block of a new directory entry or directory may cost: reserved before a
+/// namespace change, settled after.
+pub const NAMESPACE_RESERVE: u64 = 4096;
+
+/// A change of a volume's usage in progress; holds its charge lock.
+pub struct Charging<'a> {
+    v: &'a Volume,
+    _lock: MutexGuard<'a, ()>,
+}
+
+impl<'a> Charging<'a> {
+    pub(super) fn new(v: &'a Volume) -> Self {
+        let lock = v.charge_lock.lock().unwrap_or_else(|p| p.into_inner());
+        Self { v, _lock: lock }
+    }
+
+    /// Reserves `bytes`, or fails with DQUOT if the limit would be passed.
+    pub fn reserve(&self, bytes: u64) -> Result<(), nfsstat3> {
+        let used = self.v.used.load(Ordering::Acquire);
+        if used.saturating_add(bytes) > self.v.limit.load(Ordering::Acquire) {
+            return Err(nfsstat3::NFS3ERR_DQUOT);
+        }
+        self.v.used.store(used + bytes, Ordering::Release);
+        self.v.charges.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Replaces a reservation of `reserved` bytes by what the change really cost: an
+    /// object's charge went from `before` to `after` (either way).
+    pub fn settle(&self, reserved: u64, before: u64, after: u64) {
+        let used = self.v.used.load(Ordering::Acquire).saturating_sub(reserved);
+        let used = (used + after).saturating_sub(before);
+        self.v.used.store(used, Ordering::Release);
+        self.v.charges.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Counts one new object, or fails with DQUOT past the volume's object limit.
+    pub fn add_inode(&self) -> Result<(), nfsstat3> {
+        let n = self.v.inodes.load(Ordering::Acquire);
+        if n >= self.v.max_inodes.load(Ordering::Acquire) {
+            return Err(nfsstat3::NFS3ERR_DQUOT);
+        }
+        self.v.inodes.store(n + 1, Ordering::Release);
+        self.v.charges.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// An object went away (or was never made after [`Charging::add_inode`]).
+    pub fn remove_inode(&self) {
+        let n = self.v.inodes.load(Ordering::Acquire);
+        self.v.inodes.store(n.saturating_sub(1), Ordering::Release);
+        self.v.charges.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// Re-takes the volume's usage from the disk (`count`, run without the lock: a walk
+/// of a large volume takes a while) and adopts it if no charge happened meanwhile;
+/// otherwise the next round tries again. Corrects any drift: objects changed behind
+/// the server's back, a usage charged for a file deleted while a client wrote to it.
+pub fn resync(
+    v: &Volume,
+    count: impl FnOnce() -> crate::error::Result<crate::volume::Usage>,
+) -> crate::error::Result<bool> {
+    let seen = v.charges.load(Ordering::Acquire);
+    let usage = count()?;
+    let _lock = v.charge_lock.lock().unwrap_or_else(|p| p.into_inner());
+    if v.charges.load(Ordering::Acquire) != seen {
+        return Ok(false);
+    }
+    v.used.store(usage.bytes, Ordering::Release);
+    v.inodes.store(usage.inodes, Ordering::Release);
+    Ok(true)
+}
