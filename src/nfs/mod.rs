@@ -8,6 +8,7 @@
 //! `sys` and `splice` (zero-copy READ replies) are the only places that make system
 //! calls.
 
+mod access;
 mod allow;
 mod attr;
 mod buffers;
@@ -17,6 +18,7 @@ pub mod handle;
 mod mount;
 mod ops;
 mod reply;
+mod rmtab;
 pub mod rpc;
 mod splice;
 mod state;

@@ -3,7 +3,7 @@
 //! new size limits take effect without a remount), and exposes the admin endpoints.
 //!
 //! Standalone mode (`--standalone`) needs no cluster: volumes are managed with
-//! `localnfs volume`. In cluster mode (`--node-name`) the agent also runs [`cluster`]:
+//! `localnfs volume`; per-volume grants come from `<root>/access.json`. In cluster mode (`--node-name`) the agent also runs [`cluster`]:
 //! heartbeat, volume creation and reclaim for the controller, allow-list from Nodes.
 
 pub mod cluster;
@@ -40,7 +40,10 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     }
     let shutdown = crate::shutdown::on_signals()?;
     let store = VolumeStore::open(&args.root)?;
-    let exports = Arc::new(tokio::task::block_in_place(|| Exports::load(store))?);
+    let allow = AllowList::new(args.allow.clone());
+    let exports = Arc::new(tokio::task::block_in_place(|| {
+        Exports::load(store, allow.clone())
+    })?);
 
     let listener = crate::server::bind("NFS", args.listen).await?;
     let nfs_addr = listener.local_addr().unwrap_or(args.listen);
@@ -60,7 +63,13 @@ pub async fn run(args: NodeArgs) -> Result<()> {
                     _ = tokio::time::sleep(REFRESH) => {}
                 }
                 let ex = exports.clone();
-                match tokio::task::spawn_blocking(move || ex.refresh()).await {
+                let refreshed = tokio::task::spawn_blocking(move || {
+                    // A mount table save that failed is retried here until it lands.
+                    ex.mounts.flush();
+                    ex.access.reload();
+                    ex.refresh()
+                });
+                match refreshed.await {
                     Ok(Err(e)) => tracing::error!(error = %e, "cannot re-read volumes"),
                     Err(e) => tracing::error!(error = %e, "volume refresh task failed"),
                     Ok(Ok(())) => {}
@@ -78,7 +87,6 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     );
     // A machine-readable line for scripts and tests that asked for port 0.
     println!("nfs listening on {nfs_addr}");
-    let allow = AllowList::new(args.allow.clone());
     let agent = cluster.map(|(client, node)| {
         let cfg = cluster::ClusterConfig {
             client,
