@@ -76,6 +76,8 @@ pub fn start_components(
             node,
             "--listen",
             &format!("{ip}:0"),
+            // The stand-in kubelet is libnfs (unreserved source ports).
+            "--insecure-ports",
             "--root",
         ])
         .arg(dir.join(node));

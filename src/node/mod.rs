@@ -108,7 +108,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
         listener,
         exports,
         allow,
-        args.max_connections,
+        args.nfs_limits(),
         shutdown.clone(),
     )
     .await;

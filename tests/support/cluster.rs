@@ -131,6 +131,8 @@ impl Localnfs {
             &root,
             "--listen",
             &listen,
+            // Test clients (libnfs, nfs3_client) bind unreserved source ports.
+            "--insecure-ports",
         ];
         args.extend_from_slice(extra);
         let child = spawn(&args, &self.kubeconfig, &log);

@@ -27,13 +27,24 @@ pub struct Node {
     extra: Vec<String>,
 }
 
+/// Our test clients (`nfs3_client`, libnfs, hand-built RPC) bind unreserved source
+/// ports, so test nodes accept them unless a test says otherwise.
+const INSECURE: &str = "--insecure-ports";
+
 impl Node {
     pub async fn start(root: &Path) -> Node {
         Self::start_with(root, 0, &[]).await
     }
 
-    /// Starts on `port` (0: any) with extra flags.
+    /// Starts on `port` (0: any) with extra flags, accepting unreserved ports.
     pub async fn start_with(root: &Path, port: u16, extra: &[&str]) -> Node {
+        let mut args = vec![INSECURE];
+        args.extend_from_slice(extra);
+        Self::start_exactly(root, port, &args).await
+    }
+
+    /// Starts with exactly these flags (no `--insecure-ports` unless given).
+    pub async fn start_exactly(root: &Path, port: u16, extra: &[&str]) -> Node {
         let mut child = Command::new(env!("CARGO_BIN_EXE_localnfs"))
             .args(["node", "--standalone", "--admin-addr", "127.0.0.1:0"])
             .arg("--root")
@@ -76,7 +87,7 @@ impl Node {
         self.child.start_kill().expect("kill");
         self.child.wait().await.expect("reap");
         let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
-        *self = Node::start_with(&self.root.clone(), self.port, &extra).await;
+        *self = Node::start_exactly(&self.root.clone(), self.port, &extra).await;
     }
 
     pub async fn sigterm(&mut self) -> std::process::ExitStatus {
