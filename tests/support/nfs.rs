@@ -25,11 +25,14 @@ pub struct Node {
     pub port: u16,
     pub root: PathBuf,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 /// Our test clients (`nfs3_client`, libnfs, hand-built RPC) bind unreserved source
-/// ports, so test nodes accept them unless a test says otherwise.
-const INSECURE: &str = "--insecure-ports";
+/// ports, so test nodes accept them unless a test says otherwise. Given as
+/// environment (like the limits tests set), so a test can also run against a build
+/// that predates the setting.
+const INSECURE: (&str, &str) = ("LOCALNFS_INSECURE_PORTS", "true");
 
 impl Node {
     pub async fn start(root: &Path) -> Node {
@@ -38,13 +41,22 @@ impl Node {
 
     /// Starts on `port` (0: any) with extra flags, accepting unreserved ports.
     pub async fn start_with(root: &Path, port: u16, extra: &[&str]) -> Node {
-        let mut args = vec![INSECURE];
-        args.extend_from_slice(extra);
-        Self::start_exactly(root, port, &args).await
+        Self::spawn(root, port, extra, &[INSECURE]).await
     }
 
-    /// Starts with exactly these flags (no `--insecure-ports` unless given).
-    pub async fn start_exactly(root: &Path, port: u16, extra: &[&str]) -> Node {
+    /// Starts with these `LOCALNFS_*` settings, accepting unreserved ports.
+    pub async fn start_env(root: &Path, env: &[(&str, &str)]) -> Node {
+        let mut all = vec![INSECURE];
+        all.extend_from_slice(env);
+        Self::spawn(root, 0, &[], &all).await
+    }
+
+    /// Starts with the defaults: calls from unreserved ports are refused.
+    pub async fn start_secure(root: &Path) -> Node {
+        Self::spawn(root, 0, &[], &[]).await
+    }
+
+    async fn spawn(root: &Path, port: u16, extra: &[&str], env: &[(&str, &str)]) -> Node {
         let mut child = Command::new(env!("CARGO_BIN_EXE_localnfs"))
             .args(["node", "--standalone", "--admin-addr", "127.0.0.1:0"])
             .arg("--root")
@@ -52,6 +64,7 @@ impl Node {
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .args(extra)
+            .envs(env.iter().copied())
             .env("LOCALNFS_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -75,6 +88,10 @@ impl Node {
             port: addr.port(),
             root: root.to_owned(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         }
     }
 
@@ -87,7 +104,12 @@ impl Node {
         self.child.start_kill().expect("kill");
         self.child.wait().await.expect("reap");
         let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
-        *self = Node::start_exactly(&self.root.clone(), self.port, &extra).await;
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        *self = Node::spawn(&self.root.clone(), self.port, &extra, &env).await;
     }
 
     pub async fn sigterm(&mut self) -> std::process::ExitStatus {
