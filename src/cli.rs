@@ -221,7 +221,7 @@ pub struct NodeArgs {
     /// Bytes of RPC records and replies held for all clients together; past it,
     /// connections stop reading until replies leave. Keep it well inside the
     /// container's memory limit (about 60 MiB more is the rest of the agent).
-    #[arg(long, env = "LOCALNFS_MAX_BYTES_IN_FLIGHT", value_parser = parse_size, default_value = "192Mi")]
+    #[arg(long, env = "LOCALNFS_MAX_BYTES_IN_FLIGHT", value_parser = parse_size, default_value = "128Mi")]
     pub max_bytes_in_flight: u64,
 
     /// Accept NFS and MOUNT calls from source ports >= 1024 (knfsd's `insecure`).
