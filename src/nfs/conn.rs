@@ -177,22 +177,24 @@ pub async fn serve(
             _ = stop() => break,
             next = next_record(&mut rd, &slots, limits) => next,
         };
-        if let Err(why) = next {
-            tracing::debug!(%peer, why, "closing connection");
-            break;
-        }
+        let first = match next {
+            Ok(b) => b,
+            Err(why) => {
+                tracing::debug!(%peer, why, "closing connection");
+                break;
+            }
+        };
         let mut buf = shared.buffers.take();
         let mut charge = shared.budget.charge(&out.dropped);
         let read = tokio::select! {
             _ = stop() => break,
             r = tokio::time::timeout(
                 limits.record_timeout,
-                rpc::read_record(&mut rd, &mut buf, MAX_RECORD, &mut charge),
+                rpc::read_record(&mut rd, first, &mut buf, MAX_RECORD, &mut charge),
             ) => r,
         };
         match read {
-            Ok(Ok(true)) => charge.complete(),
-            Ok(Ok(false)) => break,
+            Ok(Ok(())) => charge.complete(),
             Ok(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "closing connection");
                 break;
@@ -271,18 +273,18 @@ pub async fn serve(
     let _ = writer.await;
 }
 
-/// Waits for the first byte of the next record: as long as calls are in flight (their
-/// replies are the client's reason to keep quiet), else up to the idle timeout.
+/// Reads the first byte of the next record, waiting as long as calls are in flight
+/// (their replies are the client's reason to keep quiet), else up to the idle timeout.
 async fn next_record(
     rd: &mut OwnedReadHalf,
     slots: &Semaphore,
     limits: Limits,
-) -> Result<(), &'static str> {
-    let mut byte = [0u8; 1];
+) -> Result<u8, &'static str> {
     loop {
-        match tokio::time::timeout(limits.idle_timeout, rd.peek(&mut byte)).await {
-            Ok(Ok(0)) => return Err("closed by the client"),
-            Ok(Ok(_)) => return Ok(()),
+        // Cancel-safe: a byte is either read and returned, or not read.
+        match tokio::time::timeout(limits.idle_timeout, rpc::first_byte(rd)).await {
+            Ok(Ok(Some(b))) => return Ok(b),
+            Ok(Ok(None)) => return Err("closed by the client"),
             Ok(Err(_)) => return Err("read failed"),
             // Only the slot this loop holds is taken: nothing in flight, nothing queued.
             Err(_) if slots.available_permits() + 1 >= MAX_IN_FLIGHT => {

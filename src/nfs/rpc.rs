@@ -55,30 +55,41 @@ pub enum Reject {
 const FIRST_STEP: usize = 4 * 1024;
 const LAST_STEP: usize = 256 * 1024;
 
-/// Reads one record (all fragments) into `buf`, charging `charge` for each byte before
-/// it is read (see `limits`). `Ok(false)` is a clean end of stream between records; a
-/// record over `max` bytes or a stream ending mid-record is an error.
+/// Reads the first byte of the next record; `None` at a clean end of stream (EOF
+/// between records is a normal close). Apart from the rest of the record, so the
+/// caller can wait for it under a different bound.
+pub async fn first_byte<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Option<u8>> {
+    let mut b = [0u8; 1];
+    Ok(match r.read(&mut b).await? {
+        0 => None,
+        _ => Some(b[0]),
+    })
+}
+
+/// Reads the rest of a record that began with `first` (all fragments) into `buf`,
+/// charging `charge` for each byte before it is read (see `limits`). A record over
+/// `max` bytes or a stream ending mid-record is an error.
 pub async fn read_record<R: AsyncRead + Unpin>(
     r: &mut R,
+    first: u8,
     buf: &mut Vec<u8>,
     max: usize,
     charge: &mut Charge,
-) -> std::io::Result<bool> {
+) -> std::io::Result<()> {
     buf.clear();
-    let mut first = true;
+    let mut first = Some(first);
     let mut step = FIRST_STEP;
     loop {
         let mut mark = [0u8; 4];
-        if first {
-            // EOF before a new record is a normal close.
-            match r.read(&mut mark[..1]).await? {
-                0 => return Ok(false),
-                _ => r.read_exact(&mut mark[1..]).await?,
-            };
-        } else {
-            r.read_exact(&mut mark).await?;
+        match first.take() {
+            Some(b) => {
+                mark[0] = b;
+                r.read_exact(&mut mark[1..]).await?;
+            }
+            None => {
+                r.read_exact(&mut mark).await?;
+            }
         }
-        first = false;
         let mark = u32::from_be_bytes(mark);
         let len = (mark & !LAST_FRAGMENT) as usize;
         if buf.len() + len > max {
@@ -103,7 +114,7 @@ pub async fn read_record<R: AsyncRead + Unpin>(
             }
         }
         if mark & LAST_FRAGMENT != 0 {
-            return Ok(true);
+            return Ok(());
         }
     }
 }
@@ -313,38 +324,37 @@ mod tests {
         }
     }
 
+    fn charge(budget: &Budget) -> Charge {
+        budget.charge(&tokio_util::sync::CancellationToken::new())
+    }
+
+    /// A whole record from `data`, or None at a clean end of stream.
+    async fn next(data: &mut &[u8], budget: &Budget) -> std::io::Result<Option<Vec<u8>>> {
+        let Some(first) = first_byte(data).await? else {
+            return Ok(None);
+        };
+        let mut buf = Vec::new();
+        read_record(data, first, &mut buf, 100, &mut charge(budget)).await?;
+        Ok(Some(buf))
+    }
+
     #[tokio::test]
     async fn records_over_the_limit_are_refused_before_reading_them() {
-        let mut data: &[u8] = &[0x80, 0x10, 0x00, 0x00]; // one fragment of 1 MiB
+        let mut data: &[u8] = &[0x10, 0x00, 0x00]; // after 0x80: one fragment of 1 MiB
         let mut buf = Vec::new();
-        let mut charge = Budget::new(1 << 30).charge(&tokio_util::sync::CancellationToken::new());
-        assert!(
-            read_record(&mut data, &mut buf, 1000, &mut charge)
-                .await
-                .is_err()
-        );
+        let mut charge = charge(&Budget::new(1 << 30));
+        let read = read_record(&mut data, 0x80, &mut buf, 1000, &mut charge).await;
+        assert!(read.is_err());
         assert!(buf.capacity() < 1000);
     }
 
     #[tokio::test]
     async fn fragments_are_joined_into_one_record() {
         let mut data: &[u8] = &[0, 0, 0, 2, b'a', b'b', 0x80, 0, 0, 1, b'c'];
-        let mut buf = Vec::new();
         let budget = Budget::new(1 << 30);
-        let mut charge = budget.charge(&tokio_util::sync::CancellationToken::new());
-        assert!(
-            read_record(&mut data, &mut buf, 100, &mut charge)
-                .await
-                .expect("reads")
-        );
-        assert_eq!(buf, b"abc");
-        assert_eq!(charge.bytes(), 3, "charged what was read");
-        let mut charge = budget.charge(&tokio_util::sync::CancellationToken::new());
-        assert!(
-            !read_record(&mut data, &mut buf, 100, &mut charge)
-                .await
-                .expect("eof")
-        );
+        let record = next(&mut data, &budget).await.expect("reads");
+        assert_eq!(record.as_deref(), Some(&b"abc"[..]));
+        assert!(next(&mut data, &budget).await.expect("eof").is_none());
     }
 
     #[tokio::test]
@@ -353,12 +363,12 @@ mod tests {
         let budget = Budget::new(1 << 30);
         let (mut client, mut server) = tokio::io::duplex(64);
         client
-            .write_all(&[0x80, 0x10, 0, 0, 1, 2, 3])
+            .write_all(&[0x10, 0, 0, 1, 2, 3])
             .await
             .expect("send");
         let mut buf = Vec::new();
-        let mut charge = budget.charge(&tokio_util::sync::CancellationToken::new());
-        let read = read_record(&mut server, &mut buf, 2 << 20, &mut charge);
+        let mut charge = charge(&budget);
+        let read = read_record(&mut server, 0x80, &mut buf, 2 << 20, &mut charge);
         assert!(
             tokio::time::timeout(std::time::Duration::from_millis(50), read)
                 .await
