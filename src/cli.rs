@@ -209,6 +209,33 @@ pub struct NodeArgs {
     #[arg(long, env = "LOCALNFS_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
 
+    /// An NFS connection with no call in flight and nothing received for this long is
+    /// closed (clients reconnect on their next call).
+    #[arg(long, env = "LOCALNFS_IDLE_TIMEOUT", value_parser = parse_duration, default_value = "6m")]
+    pub idle_timeout: Duration,
+
+    /// An RPC record must arrive whole within this long of its first byte, else the
+    /// connection is closed.
+    #[arg(long, env = "LOCALNFS_RECORD_TIMEOUT", value_parser = parse_duration, default_value = "30s")]
+    pub record_timeout: Duration,
+
+    /// A reply must be taken by the client within this long, else the connection is
+    /// closed.
+    #[arg(long, env = "LOCALNFS_SEND_TIMEOUT", value_parser = parse_duration, default_value = "30s")]
+    pub send_timeout: Duration,
+
+    /// Bytes of RPC records and replies held for all clients together; past it,
+    /// connections stop reading until replies leave. Keep it well inside the
+    /// container's memory limit (about 60 MiB more is the rest of the agent).
+    #[arg(long, env = "LOCALNFS_MAX_BYTES_IN_FLIGHT", value_parser = parse_size, default_value = "128Mi")]
+    pub max_bytes_in_flight: u64,
+
+    /// Accept NFS and MOUNT calls from source ports >= 1024 (knfsd's `insecure`).
+    /// Off by default: the Linux kernel client uses reserved ports; userspace clients
+    /// such as libnfs need this.
+    #[arg(long, env = "LOCALNFS_INSECURE_PORTS")]
+    pub insecure_ports: bool,
+
     /// Run without a Kubernetes cluster (volumes managed with `localnfs volume`).
     #[arg(long, env = "LOCALNFS_STANDALONE")]
     pub standalone: bool,
@@ -233,6 +260,20 @@ pub struct NodeArgs {
 
     #[command(flatten)]
     pub kube: KubeArgs,
+}
+
+impl NodeArgs {
+    /// The NFS server's limits, from the flags.
+    pub fn nfs_limits(&self) -> crate::nfs::Limits {
+        crate::nfs::Limits {
+            max_connections: self.max_connections,
+            idle_timeout: self.idle_timeout,
+            record_timeout: self.record_timeout,
+            send_timeout: self.send_timeout,
+            bytes_in_flight: usize::try_from(self.max_bytes_in_flight).unwrap_or(usize::MAX),
+            require_reserved_port: !self.insecure_ports,
+        }
+    }
 }
 
 #[derive(Debug, Args)]

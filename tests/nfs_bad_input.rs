@@ -173,12 +173,7 @@ async fn random_bytes_never_take_the_server_down() {
         let _ = tokio::time::timeout(Duration::from_millis(200), exchange(&mut s, &bytes)).await;
     }
     assert!(null_works(node.port).await, "server stopped answering");
-    let status = std::fs::read_to_string(format!("/proc/{}/status", node.pid())).expect("alive");
-    let rss_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .expect("VmRSS");
+    let rss_kib = proc_status(node.pid(), "VmRSS");
     assert!(rss_kib < 256 * 1024, "RSS grew to {rss_kib} KiB");
 }
 
@@ -243,4 +238,279 @@ async fn sigterm_finishes_in_flight_calls_and_exits_cleanly() {
             1 << 20
         );
     }
+}
+
+// --- Nothing blocks forever, memory stays bounded (DESIGN invariant 9) ------------------
+// Limits are given as `LOCALNFS_*` environment, so the same tests run against a build
+// without them (to see them fail there).
+
+/// Whether the server closed `s` within `within` (EOF or reset, nothing else read).
+async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(within, s.read(&mut buf)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    create_volume(dir.path(), "vol", MIB);
+    let node = Node::start_env(dir.path(), &[("LOCALNFS_IDLE_TIMEOUT", "1s")]).await;
+    let mut s = connect(node.port, LOCAL).await;
+    assert!(
+        exchange(&mut s, &call(1, 100_003, 3, 0, 1, &[]))
+            .await
+            .is_some()
+    );
+    assert!(
+        closed_within(&mut s, Duration::from_secs(5)).await,
+        "idle connection kept open"
+    );
+}
+
+#[tokio::test]
+async fn a_record_that_never_completes_is_dropped_in_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    create_volume(dir.path(), "vol", MIB);
+    let node = Node::start_env(
+        dir.path(),
+        &[
+            ("LOCALNFS_RECORD_TIMEOUT", "1s"),
+            ("LOCALNFS_IDLE_TIMEOUT", "1h"),
+        ],
+    )
+    .await;
+    let mut s = connect(node.port, LOCAL).await;
+    // A record mark promising 100 bytes, and 10 of them.
+    s.write_all(&[0x80, 0, 0, 100, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0])
+        .await
+        .expect("write");
+    assert!(
+        closed_within(&mut s, Duration::from_secs(5)).await,
+        "a stalled record held its connection"
+    );
+    assert!(null_works(node.port).await);
+}
+
+/// A READ call for `count` bytes at offset 0 of `fh`.
+fn read_call(xid: u32, fh: &[u8], count: u32) -> Vec<u8> {
+    let mut args = Vec::new();
+    put(&mut args, fh.len() as u32);
+    args.extend_from_slice(fh);
+    args.resize(args.len().next_multiple_of(4), 0);
+    args.extend_from_slice(&0u64.to_be_bytes());
+    put(&mut args, count);
+    call(xid, 100_003, 3, 6, 1, &args)
+}
+
+/// A value from `/proc/<pid>/status` (`VmRSS` in KiB, `Threads`).
+fn proc_status(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("alive");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+}
+
+/// Mounts `vol`, writes 64 KiB and reads them back: what a pod does.
+async fn honest_client_round_trip(port: u16) {
+    let mut c = Client::mount(port, "vol").await;
+    let root = c.root.clone();
+    let name = format!("honest-{}", std::process::id());
+    let f = match c.lookup(&root, name.as_bytes()).await {
+        Ok(f) => f,
+        Err(_) => c
+            .create(&root, name.as_bytes(), 0o644)
+            .await
+            .expect("create"),
+    };
+    let data = vec![7u8; 64 * 1024];
+    c.write(&f, 0, &data, nfs3_types::nfs3::stable_how::FILE_SYNC)
+        .await
+        .expect("write");
+    assert_eq!(c.read(&f, 0, data.len() as u32).await.expect("read"), data);
+}
+
+#[tokio::test]
+async fn clients_that_stop_reading_pin_neither_threads_nor_the_server() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    create_volume(dir.path(), "vol", 64 * MIB);
+    let node = Node::start_env(dir.path(), &[("LOCALNFS_MAX_BYTES_IN_FLIGHT", "64Mi")]).await;
+    let mut c = Client::mount(node.port, "vol").await;
+    let root = c.root.clone();
+    let big = c.create(&root, b"big", 0o644).await.expect("create");
+    c.write(
+        &big,
+        0,
+        &vec![1u8; 1 << 20],
+        nfs3_types::nfs3::stable_how::FILE_SYNC,
+    )
+    .await
+    .expect("write");
+    let fh = big.data.to_vec();
+
+    // 16 clients each ask for 64 MiB in 1 MiB READs and never read their sockets:
+    // far more calls than the blocking pool has threads.
+    let mut hostile = Vec::new();
+    for _ in 0..16 {
+        let socket = TcpSocket::new_v4().expect("socket");
+        socket
+            .set_recv_buffer_size(4096)
+            .expect("small receive buffer");
+        let mut s = socket
+            .connect(SocketAddr::new(LOCAL, node.port))
+            .await
+            .expect("connect");
+        let calls: Vec<u8> = (0..64).flat_map(|x| read_call(x, &fh, 1 << 20)).collect();
+        s.write_all(&calls).await.expect("send calls");
+        hostile.push(s);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let threads = proc_status(node.pid(), "Threads");
+
+    let start = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(8), honest_client_round_trip(node.port))
+        .await
+        .expect("an honest client is served while others stop reading");
+    eprintln!(
+        "stalled readers: {} threads in the agent; honest round trip {:?}",
+        threads,
+        start.elapsed()
+    );
+    assert!(
+        threads < 200,
+        "{threads} threads: workers pinned by stalled clients"
+    );
+}
+
+#[tokio::test]
+async fn thousands_of_stalled_records_leave_memory_bounded_and_others_served() {
+    const CONNECTIONS: usize = 3000;
+    const SENT: usize = 100 * 1024; // of a record promising 1 MiB
+    let limit = libc::rlimit {
+        rlim_cur: 20_000,
+        rlim_max: 20_000,
+    };
+    // SAFETY: plain syscall on this process (the node inherits the limit).
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+    let dir = tempfile::tempdir().expect("tempdir");
+    create_volume(dir.path(), "vol", 64 * MIB);
+    let node = Node::start_env(
+        dir.path(),
+        &[
+            ("LOCALNFS_MAX_CONNECTIONS", "4000"),
+            ("LOCALNFS_MAX_BYTES_IN_FLIGHT", "64Mi"),
+            ("LOCALNFS_RECORD_TIMEOUT", "5m"),
+        ],
+    )
+    .await;
+    honest_client_round_trip(node.port).await;
+    let rss_before = proc_status(node.pid(), "VmRSS");
+
+    let mut partial = vec![0u8; 4 + SENT];
+    partial[..4].copy_from_slice(&(0x8000_0000u32 | (1 << 20)).to_be_bytes());
+    let mut held = Vec::with_capacity(CONNECTIONS);
+    for batch in 0..CONNECTIONS / 100 {
+        let opened = futures::future::join_all((0..100).map(|i| {
+            let partial = &partial;
+            async move {
+                let from = IpAddr::V4(Ipv4Addr::new(127, 0, 1 + (batch % 50) as u8, 1 + i as u8));
+                let mut s = connect(node.port, from).await;
+                // The kernel takes what the server does not read yet.
+                let _ = tokio::time::timeout(Duration::from_secs(2), s.write_all(partial)).await;
+                s
+            }
+        }))
+        .await;
+        held.extend(opened);
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rss_held = proc_status(node.pid(), "VmRSS");
+
+    let start = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), honest_client_round_trip(node.port))
+        .await
+        .expect("an honest client is served next to thousands of stalled records");
+    let latency = start.elapsed();
+    let rss_after = proc_status(node.pid(), "VmRSS");
+    let mut still_open = 0;
+    for s in &mut held {
+        let mut b = [0u8; 1];
+        // Nothing to read and no EOF: the server still holds it.
+        if tokio::time::timeout(Duration::from_millis(1), s.read(&mut b))
+            .await
+            .is_err()
+        {
+            still_open += 1;
+        }
+    }
+    eprintln!(
+        "{CONNECTIONS} connections x {SENT} B of a 1 MiB record, budget 64 MiB: \
+         agent RSS {} MiB before, {} MiB while held, {} MiB after an honest round trip \
+         in {latency:?}; {still_open} stalled connections still open",
+        rss_before / 1024,
+        rss_held / 1024,
+        rss_after / 1024,
+    );
+    let grown = rss_held.max(rss_after).saturating_sub(rss_before);
+    assert!(
+        grown < 160 * 1024,
+        "RSS grew by {} MiB holding stalled records",
+        grown / 1024
+    );
+}
+
+#[tokio::test]
+async fn calls_from_unreserved_ports_are_refused_by_default() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    create_volume(dir.path(), "vol", MIB);
+    let node = Node::start_secure(dir.path()).await;
+    // An ordinary process's socket: an ephemeral port.
+    let mut s = connect(node.port, LOCAL).await;
+    let null = exchange(&mut s, &call(1, 100_003, 3, 0, 1, &[])).await;
+    assert_eq!(null.map(|r| stats(&r)), Some((0, 0)), "NULL is answered");
+    let getattr = exchange(
+        &mut s,
+        &call(2, 100_003, 3, 1, 1, &[0, 0, 0, 4, 1, 2, 3, 4]),
+    )
+    .await;
+    assert_eq!(
+        getattr.map(|r| stats(&r)),
+        Some((1, 1)),
+        "MSG_DENIED/AUTH_ERROR"
+    );
+    let mnt = exchange(
+        &mut s,
+        &call(3, 100_005, 3, 1, 1, &[0, 0, 0, 4, b'/', b'v', b'o', b'l']),
+    )
+    .await;
+    assert_eq!(mnt.map(|r| stats(&r)), Some((1, 1)), "MNT refused");
+    assert!(mount(node.port, "vol", LOCAL, 0, 0).await.is_err());
+
+    // A root process's socket on a reserved port, as the kernel client uses.
+    let mut reserved = None;
+    for port in (600..1024).rev() {
+        let socket = TcpSocket::new_v4().expect("socket");
+        if socket.bind(SocketAddr::new(LOCAL, port)).is_ok() {
+            reserved = Some(
+                socket
+                    .connect(SocketAddr::new(LOCAL, node.port))
+                    .await
+                    .expect("connect"),
+            );
+            break;
+        }
+    }
+    let mut s = reserved.expect("a free reserved port (tests run as root)");
+    let mnt = exchange(
+        &mut s,
+        &call(4, 100_005, 3, 1, 1, &[0, 0, 0, 4, b'/', b'v', b'o', b'l']),
+    )
+    .await;
+    let mnt = mnt.expect("MNT reply");
+    assert_eq!(stats(&mnt), (0, 0));
+    assert_eq!(word(&mnt, 6), 0, "MNT3_OK from a reserved port");
 }

@@ -176,10 +176,12 @@ async fn symlinks_are_never_followed_by_the_server() {
 }
 
 #[tokio::test]
-async fn handles_from_a_volume_the_client_did_not_mount_are_refused() {
+async fn handles_of_a_volume_not_granted_to_the_client_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     create_volume(dir.path(), "a", MIB);
     create_volume(dir.path(), "b", MIB);
+    // `a` is served to 127.0.0.2 only; `b` to every allow-listed client.
+    std::fs::write(dir.path().join("access.json"), br#"{"a": ["127.0.0.2"]}"#).expect("grants");
     let node = Node::start(dir.path()).await;
     let mut owner = Client::mount_as(node.port, "a", ip(2), 0, 0).await;
     let a_root = owner.root.clone();
@@ -192,6 +194,10 @@ async fn handles_from_a_volume_the_client_did_not_mount_are_refused() {
         .await
         .expect("write");
 
+    assert!(
+        mount(node.port, "a", ip(3), 0, 0).await.is_err(),
+        "MNT of a volume not granted to the client"
+    );
     let mut other = Client::mount_as(node.port, "b", ip(3), 0, 0).await;
     assert_eq!(
         other.getattr(&a_root).await.err(),

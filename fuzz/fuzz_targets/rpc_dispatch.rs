@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use localnfs::nfs::Exports;
+use localnfs::nfs::{AllowList, Exports};
 use localnfs::volume::{VolumeName, VolumeSpec, VolumeStore};
 
 fn exports() -> &'static Exports {
@@ -24,7 +24,8 @@ fn exports() -> &'static Exports {
             store
                 .create(&VolumeSpec::new(name, 1 << 20))
                 .expect("volume");
-            let exports = Exports::load(store).expect("exports");
+            let allow = AllowList::new(vec!["127.0.0.1".parse().expect("network")]);
+            let exports = Exports::load(store, allow).expect("exports");
             (dir, exports)
         })
         .1

@@ -3,33 +3,42 @@
 //! connection task; write replies as they finish, small ones coalesced into one write.
 //! Large READs are the exception: the thread that ran the call splices the data from
 //! the page cache straight into the socket (see `splice`), under the same send lock the
-//! writer task takes, so records never interleave.
+//! writer task takes, so records never interleave. A thread that finds the lock taken
+//! hands its reply to the writer task instead of waiting: only one thread per
+//! connection ever waits on the client's socket, and for at most the send timeout.
 //! Clients keep many calls in flight on one connection, so replies may leave out of
 //! order; the XID pairs them up.
 //!
-//! Bounds: [`MAX_RECORD`] per record, [`MAX_IN_FLIGHT`] calls per connection (reading
-//! pauses beyond that), so a connection holds at most about 70 MiB of buffers. On
-//! shutdown the connection stops reading, finishes the calls it has, sends their
-//! replies, then closes.
+//! Bounds (see `limits`): [`MAX_RECORD`] per record and [`MAX_IN_FLIGHT`] calls per
+//! connection (reading pauses beyond that); every byte of a record and the largest
+//! reply its call can produce are charged to the server-wide budget until the reply
+//! has left. No wait on the client is unbounded: the next record's first byte
+//! (idle timeout, while nothing is in flight), the rest of a record (record timeout),
+//! a reply's way out (send timeout; then the connection is dropped). On shutdown the
+//! connection stops reading, finishes the calls it has, sends their replies, then
+//! closes.
 
 use std::cell::Cell;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::{Mutex, Semaphore, mpsc};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::buffers::BufferPool;
 use super::dirops;
+use super::limits::{Budget, Charge, Limits};
 use super::mount;
-use super::ops::{self, Ctx, ReadHow};
-use super::rpc::{self, AcceptStat, MAX_RECORD, Reject};
+use super::ops::{self, Ctx, MAX_IO, ReadHow};
+use super::rpc::{self, AcceptStat, AuthStat, MAX_RECORD, Reject};
 use super::splice::{self, Piped};
 use super::state::Exports;
-use super::xdr::Garbage;
+use super::xdr::{Garbage, XdrIn};
 
 pub const MAX_IN_FLIGHT: usize = 64;
 
@@ -37,6 +46,9 @@ pub const MAX_IN_FLIGHT: usize = 64;
 const COALESCE_BYTES: usize = 256 * 1024;
 /// Replies larger than this are written on their own rather than copied into a batch.
 const SMALL_REPLY: usize = 16 * 1024;
+/// What a reply other than READ's and READDIR's data can take: attributes, wcc data,
+/// a handle, a path (RFC 1813 limits each).
+const SMALL_RESULT: usize = 4 * 1024;
 
 pub const NFS_PROGRAM: u32 = 100_003;
 
@@ -55,109 +67,334 @@ fn try_inline(record: &[u8]) -> bool {
 }
 pub const MOUNT_PROGRAM: u32 = 100_005;
 
-/// Serves one connection until the peer closes it, it breaks the protocol, or
-/// `shutdown` fires.
+/// The largest reply `record`'s call can produce, charged before it runs: READ's
+/// `count` and READDIR/READDIRPLUS's `count`/`maxcount` (RFC 1813 §3.3.6, §3.3.16,
+/// §3.3.17), clamped to the server's maximum, plus room for the results around them.
+fn reply_bound(record: &[u8]) -> usize {
+    let Ok(call) = rpc::parse_call(record) else {
+        return SMALL_RESULT;
+    };
+    if (call.prog, call.vers) != (NFS_PROGRAM, 3) {
+        return SMALL_RESULT;
+    }
+    let mut args = call.args;
+    let data = |args: &mut XdrIn| -> Result<u32, Garbage> {
+        args.opaque(64)?; // the handle
+        match call.procedure {
+            6 => {
+                args.u64()?; // offset
+                args.u32() // count
+            }
+            16 => {
+                args.u64()?; // cookie
+                args.fixed::<8>()?; // cookieverf
+                args.u32() // count
+            }
+            17 => {
+                args.u64()?;
+                args.fixed::<8>()?;
+                args.u32()?; // dircount
+                args.u32() // maxcount
+            }
+            _ => Ok(0),
+        }
+    };
+    let data = data(&mut args).unwrap_or(0).min(MAX_IO) as usize;
+    data + SMALL_RESULT
+}
+
+/// A reply waiting for the writer task, with the call slot and budget it holds until
+/// it has left.
+struct Queued {
+    bytes: Vec<u8>,
+    _held: (OwnedSemaphorePermit, Charge),
+}
+
+/// What every connection of one server shares.
+pub struct Shared {
+    pub exports: Arc<Exports>,
+    pub buffers: BufferPool,
+    pub budget: Budget,
+    pub limits: Limits,
+}
+
+/// The sending side of one connection, shared by its writer task and the blocking
+/// threads that write their own replies.
+struct Outbox {
+    /// The send lock: whoever holds it writes whole records.
+    sink: Mutex<OwnedWriteHalf>,
+    /// Cancelled when the budget drops this connection to make room.
+    dropped: CancellationToken,
+    budget: Budget,
+    limits: Limits,
+    peer: SocketAddr,
+}
+
+/// Serves one connection until the peer closes it, it breaks the protocol, it idles
+/// or stalls past a limit, or `shutdown` fires.
 pub async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
-    exports: Arc<Exports>,
-    buffers: Arc<BufferPool>,
+    shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
+    // RFC 1813 leaves client authentication to the RPC layer; AUTH_SYS ids mean
+    // something only if an unprivileged process on the client cannot send them, which
+    // is what a source port below 1024 attests (knfsd's `secure`, the default).
+    let secure = !shared.limits.require_reserved_port || peer.port() < 1024;
+    if !secure {
+        tracing::warn!(%peer, "calls refused: source port is not reserved (see --insecure-ports)");
+    }
+    let limits = shared.limits;
+    let fd = stream.as_raw_fd();
     let (mut rd, wr) = stream.into_split();
-    // The send lock: whoever holds it writes whole records.
-    let sink = Arc::new(Mutex::new(wr));
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(MAX_IN_FLIGHT);
-    let writer_sink = sink.clone();
-    let writer = tokio::spawn(async move {
-        // Small replies that finished together leave in one write (fewer syscalls under
-        // load); large ones are written as they are, never copied again.
-        let mut batch = Vec::new();
-        'replies: while let Some(first) = rx.recv().await {
-            let mut wr = writer_sink.lock().await;
-            let mut next = Some(first);
-            while let Some(reply) = next.take() {
-                if reply.len() > SMALL_REPLY {
-                    if !batch.is_empty() && wr.write_all(&batch).await.is_err() {
-                        break 'replies;
-                    }
-                    batch.clear();
-                    if wr.write_all(&reply).await.is_err() {
-                        break 'replies;
-                    }
-                } else {
-                    batch.extend_from_slice(&reply);
-                }
-                if batch.len() < COALESCE_BYTES {
-                    next = rx.try_recv().ok();
-                }
-            }
-            if !batch.is_empty() && wr.write_all(&batch).await.is_err() {
+    let (tx, rx) = mpsc::channel::<Queued>(MAX_IN_FLIGHT);
+    let out = Arc::new(Outbox {
+        sink: Mutex::new(wr),
+        dropped: CancellationToken::new(),
+        budget: shared.budget.clone(),
+        limits,
+        peer,
+    });
+    let writer = tokio::spawn(write_replies(rx, out.clone()));
+    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let stop = || async {
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = out.dropped.cancelled() => {}
+        }
+    };
+    loop {
+        let slot = tokio::select! {
+            _ = stop() => break,
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(s) => s,
+                Err(_) => break,
+            },
+        };
+        let next = tokio::select! {
+            _ = stop() => break,
+            next = next_record(&mut rd, &slots, limits) => next,
+        };
+        let first = match next {
+            Ok(b) => b,
+            Err(why) => {
+                tracing::debug!(%peer, why, "closing connection");
                 break;
             }
-            batch.clear();
-        }
-        let _ = writer_sink.lock().await.shutdown().await;
-    });
-    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            break;
         };
-        let mut buf = buffers.take();
+        let mut buf = shared.buffers.take();
+        let mut charge = shared.budget.charge(&out.dropped);
         let read = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = rpc::read_record(&mut rd, &mut buf, MAX_RECORD) => r,
+            _ = stop() => break,
+            r = tokio::time::timeout(
+                limits.record_timeout,
+                rpc::read_record(&mut rd, first, &mut buf, MAX_RECORD, &mut charge),
+            ) => r,
         };
         match read {
-            Ok(true) => {}
-            Ok(false) => break,
-            Err(e) => {
+            Ok(Ok(())) => charge.complete(),
+            Ok(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "closing connection");
+                break;
+            }
+            Err(_) => {
+                tracing::info!(%peer, timeout = ?limits.record_timeout, "closing connection: record not completed in time");
                 break;
             }
         }
         let record = buf;
+        if !secure {
+            let reply = insecure_reply(&record);
+            shared.buffers.give(record);
+            if let Some(bytes) = reply {
+                queue(
+                    &tx,
+                    Queued {
+                        bytes,
+                        _held: (slot, charge),
+                    },
+                );
+            }
+            continue;
+        }
+        // The reply's worst case is the client's to wait for, not the server's to find
+        // room for after the fact.
+        let want = record.len() + reply_bound(&record);
+        let charged = tokio::select! {
+            _ = stop() => break,
+            r = charge.at_least(want) => r,
+        };
+        if charged.is_err() {
+            break;
+        }
         let client = peer.ip();
         if try_inline(&record) {
             // These take microseconds when they need no disk: handing them to the
             // blocking pool (a thread wake-up each) would cost more than running them.
             // Never spliced here: the reply is all in `head`.
-            let inline = respond(&exports, client, &record, Runner::AsyncTask)
+            let inline = respond(&shared.exports, client, &record, Runner::AsyncTask)
                 .map(|reply| reply.map(|r| r.head));
             match inline {
                 Err(WouldBlock) => {}
                 Ok(head) => {
-                    buffers.give(record);
-                    if let Some(head) = head
-                        && tx.send(head).await.is_err()
-                    {
-                        break;
+                    shared.buffers.give(record);
+                    if let Some(bytes) = head {
+                        queue(
+                            &tx,
+                            Queued {
+                                bytes,
+                                _held: (slot, charge),
+                            },
+                        );
                     }
-                    drop(permit);
                     continue;
                 }
             }
         }
-        let (ex, tx, sink, pool) = (exports.clone(), tx.clone(), sink.clone(), buffers.clone());
+        let (sh, out, tx) = (shared.clone(), out.clone(), tx.clone());
         tokio::task::spawn_blocking(move || {
-            if let Ok(Some(reply)) = respond(&ex, client, &record, Runner::BlockingPool) {
+            let reply = respond(&sh.exports, client, &record, Runner::BlockingPool);
+            sh.buffers.give(record);
+            if let Ok(Some(reply)) = reply {
+                out.send_or_hand_off(reply, &tx, (slot, charge));
+            }
+        });
+    }
+    if out.dropped.is_cancelled() {
+        // Dropped for room: whatever waits on this client (the writer task, a thread
+        // in `poll`) fails now instead of at its timeout, giving its bytes back.
+        splice::abort(fd);
+    }
+    // Replies of calls still running go out before the socket closes. The writer
+    // ends when every sender is gone: this task's, and those of calls still running.
+    drop(tx);
+    let _ = writer.await;
+}
+
+/// Reads the first byte of the next record, waiting as long as calls are in flight
+/// (their replies are the client's reason to keep quiet), else up to the idle timeout.
+async fn next_record(
+    rd: &mut OwnedReadHalf,
+    slots: &Semaphore,
+    limits: Limits,
+) -> Result<u8, &'static str> {
+    loop {
+        // Cancel-safe: a byte is either read and returned, or not read.
+        match tokio::time::timeout(limits.idle_timeout, rpc::first_byte(rd)).await {
+            Ok(Ok(Some(b))) => return Ok(b),
+            Ok(Ok(None)) => return Err("closed by the client"),
+            Ok(Err(_)) => return Err("read failed"),
+            // Only the slot this loop holds is taken: nothing in flight, nothing queued.
+            Err(_) if slots.available_permits() + 1 >= MAX_IN_FLIGHT => {
+                return Err("idle");
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Gives `reply` to the writer task. At most MAX_IN_FLIGHT replies exist (each holds a
+/// call slot), the channel's capacity: this never waits.
+fn queue(tx: &mpsc::Sender<Queued>, reply: Queued) {
+    let _ = tx.try_send(reply);
+}
+
+impl Outbox {
+    /// From a blocking-pool thread: writes `reply` itself if the socket is free, else
+    /// hands it to the writer task, so a thread never waits for another's send and
+    /// only one thread per connection ever waits on the client.
+    fn send_or_hand_off(
+        &self,
+        reply: Reply,
+        tx: &mpsc::Sender<Queued>,
+        held: (OwnedSemaphorePermit, Charge),
+    ) {
+        match self.sink.try_lock() {
+            Ok(wr) => {
                 // Written from this thread: no hand-off to the writer task, no wake-up.
-                let wr = sink.blocking_lock();
                 let sock = wr.as_ref().as_raw_fd();
-                if let Err(e) = reply.send(sock) {
-                    tracing::debug!(%peer, errno = e.0, "closing connection: reply not sent");
+                let _waiting = self.budget.waiting(&self.dropped);
+                let deadline = Instant::now() + self.limits.send_timeout;
+                if let Err(e) = reply.send(sock, deadline) {
+                    tracing::info!(peer = %self.peer, errno = e.0, "closing connection: reply not taken in time");
                     splice::abort(sock);
                 }
             }
-            pool.give(record);
-            drop((permit, tx));
-        });
+            Err(_) => match reply.into_bytes() {
+                Ok(bytes) => queue(tx, Queued { bytes, _held: held }),
+                Err(e) => {
+                    tracing::debug!(peer = %self.peer, errno = e.0, "reply lost: pipe read failed");
+                }
+            },
+        }
     }
-    // Replies of calls still running go out before the socket closes.
-    drop(tx);
-    let _ = writer.await;
+
+    /// Writes `bytes` within the send timeout; false (and the connection cut) if not.
+    async fn write(&self, wr: &mut OwnedWriteHalf, bytes: &[u8]) -> bool {
+        if bytes.is_empty() {
+            return true;
+        }
+        let _waiting = self.budget.waiting(&self.dropped);
+        let sent = tokio::time::timeout(self.limits.send_timeout, wr.write_all(bytes)).await;
+        if !matches!(sent, Ok(Ok(()))) {
+            if sent.is_err() {
+                tracing::info!(peer = %self.peer, timeout = ?self.limits.send_timeout, "closing connection: client stopped reading");
+            }
+            splice::abort(wr.as_ref().as_raw_fd());
+            return false;
+        }
+        true
+    }
+}
+
+/// The writer task: small replies that finished together leave in one write (fewer
+/// syscalls under load); large ones are written as they are, never copied again.
+async fn write_replies(mut rx: mpsc::Receiver<Queued>, out: Arc<Outbox>) {
+    let mut batch = Vec::new();
+    let mut sent = Vec::new();
+    'replies: while let Some(first) = rx.recv().await {
+        let mut wr = out.sink.lock().await;
+        let mut next = Some(first);
+        while let Some(reply) = next.take() {
+            if reply.bytes.len() > SMALL_REPLY {
+                if !out.write(&mut wr, &batch).await || !out.write(&mut wr, &reply.bytes).await {
+                    break 'replies;
+                }
+                batch.clear();
+                sent.clear();
+            } else {
+                batch.extend_from_slice(&reply.bytes);
+                sent.push(reply);
+            }
+            if batch.len() < COALESCE_BYTES {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !out.write(&mut wr, &batch).await {
+            break;
+        }
+        batch.clear();
+        // Their slots and budget come back now that they have left.
+        sent.clear();
+    }
+    let _ = out.sink.lock().await.shutdown().await;
+}
+
+/// The answer to a call from an unreserved port when reserved ports are required:
+/// NULL is answered (it reveals nothing and lets the client see the server is up),
+/// anything else is denied as AUTH_TOOWEAK (RFC 5531 §9: "rejected for security
+/// reasons"), which mount.nfs reports as "access denied".
+fn insecure_reply(record: &[u8]) -> Option<Vec<u8>> {
+    let mut out = match rpc::parse_call(record) {
+        Ok(c) if c.procedure == 0 => rpc::accepted(c.xid, AcceptStat::Success),
+        Ok(c) => rpc::denied_auth(c.xid, AuthStat::TooWeak),
+        Err(Reject::Ignore) => return None,
+        Err(Reject::Reply(r)) => r,
+    };
+    rpc::finish_record(&mut out, 0);
+    Some(out)
 }
 
 /// A framed reply: `head` (record mark included), then, for a spliced READ, its data
@@ -168,17 +405,29 @@ pub struct Reply {
 }
 
 impl Reply {
-    /// Writes the whole record to the non-blocking socket `sock`, waiting for room as
-    /// needed; call from a blocking-pool thread holding the send lock. On error the
-    /// stream may be cut mid-record: close the connection.
-    fn send(self, sock: std::os::fd::RawFd) -> Result<(), super::sys::Errno> {
+    /// Writes the whole record to the non-blocking socket `sock`, waiting for room
+    /// until `deadline`; call from a blocking-pool thread holding the send lock. On
+    /// error the stream may be cut mid-record: close the connection.
+    fn send(self, sock: std::os::fd::RawFd, deadline: Instant) -> Result<(), super::sys::Errno> {
         match self.data {
             Some(data) => {
                 let pad = data.pad();
-                data.send(sock, &self.head, pad)
+                data.send(sock, &self.head, pad, deadline)
             }
-            None => splice::send_all(sock, &self.head, 0),
+            None => splice::send_all(sock, &self.head, 0, deadline),
         }
+    }
+
+    /// The whole record as bytes (spliced data copied out of the pipe), for a writer
+    /// on another thread.
+    fn into_bytes(self) -> Result<Vec<u8>, super::sys::Errno> {
+        let mut out = self.head;
+        if let Some(data) = self.data {
+            let pad = data.pad();
+            data.append_to(&mut out)?;
+            out.extend_from_slice(pad);
+        }
+        Ok(out)
     }
 }
 

@@ -8,16 +8,19 @@
 //! `sys` and `splice` (zero-copy READ replies) are the only places that make system
 //! calls.
 
+mod access;
 mod allow;
 mod attr;
 mod buffers;
 mod conn;
 mod dirops;
 pub mod handle;
+mod limits;
 mod mount;
 mod ops;
 mod quota;
 mod reply;
+mod rmtab;
 pub mod rpc;
 mod splice;
 mod state;
@@ -31,28 +34,38 @@ use tokio_util::sync::CancellationToken;
 
 pub use allow::{AllowList, Network};
 pub use conn::dispatch;
+pub use limits::Limits;
 pub use state::Exports;
 
 /// How often each volume's usage is re-counted from the disk (see `quota::resync`).
 pub const USAGE_RECOUNT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Large record buffers kept for reuse: enough for the READ/WRITE-sized records of a
+/// few busy clients. They sit outside the byte budget, so this is part of the memory
+/// bound (about 34 MiB).
+const POOLED_BUFFERS: usize = 32;
 
 /// Serves NFS and MOUNT on `listener` until `shutdown` fires, then drains.
 pub async fn serve(
     listener: TcpListener,
     exports: Arc<Exports>,
     allow: AllowList,
-    max_connections: usize,
+    limits: Limits,
     shutdown: CancellationToken,
 ) {
-    // Enough for every READ/WRITE-sized record of a few busy clients.
-    let buffers = Arc::new(buffers::BufferPool::new(32));
+    let shared = Arc::new(conn::Shared {
+        exports,
+        buffers: buffers::BufferPool::new(POOLED_BUFFERS),
+        budget: limits::Budget::new(limits.bytes_in_flight),
+        limits,
+    });
     crate::server::serve(
         "nfs",
         listener,
-        max_connections,
+        limits.max_connections,
         shutdown,
         move |stream, peer, shutdown| {
-            let (exports, buffers) = (exports.clone(), buffers.clone());
+            let shared = shared.clone();
             let allowed = allow.allows(peer.ip());
             async move {
                 if !allowed {
@@ -60,7 +73,7 @@ pub async fn serve(
                     tracing::warn!(%peer, "refused connection from a client not on the allow-list");
                     return;
                 }
-                conn::serve(stream, peer, exports, buffers, shutdown).await;
+                conn::serve(stream, peer, shared, shutdown).await;
             }
         },
     )

@@ -1,6 +1,9 @@
 //! MOUNT v3 (RFC 1813 appendix I) on the NFS port: MNT hands out a volume's root
-//! handle for the exact path `/<volume>` and records the mount; UMNT/UMNTALL forget it;
-//! DUMP and EXPORT list mounts and volumes.
+//! handle for the exact path `/<volume>` to a client the volume's access rule admits
+//! (`access`), and records the mount; UMNT/UMNTALL remove the caller's own entries from
+//! that record and nothing else (access never depended on it). DUMP and EXPORT show a
+//! client only its own mounts and the volumes it may mount: the list of every volume
+//! and every client address on a node is nobody else's business.
 
 use nfs3_types::mount::mountstat3;
 
@@ -31,8 +34,14 @@ pub fn mnt(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
         })
     });
     match volume {
+        // Not admitted: the same answer as knfsd's for a host outside the export's
+        // client list (RFC 1813 appendix I, MNT3ERR_ACCES).
+        Some(v) if !ctx.ex.access.allows(ctx.client, &v.meta.name) => {
+            tracing::warn!(client = %ctx.client, volume = %v.meta.name, "mount refused: client not granted this volume");
+            put_u32(out, mountstat3::MNT3ERR_ACCES as u32);
+        }
         Some(v) => {
-            ctx.ex.add_mount(ctx.client, &v.meta.name);
+            ctx.ex.mounts.add(ctx.client, &v.meta.name);
             tracing::info!(client = %ctx.client, volume = %v.meta.name, "mounted");
             put_u32(out, mountstat3::MNT3_OK as u32);
             put_opaque(out, &v.root_fh);
@@ -47,31 +56,39 @@ pub fn mnt(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
 pub fn umnt(ctx: &Ctx, args: &mut XdrIn, _out: &mut Vec<u8>) -> ProcResult {
     let path = args.opaque(MNTPATHLEN)?;
     if let Some(name) = volume_for_path(path) {
-        ctx.ex.remove_mount(ctx.client, Some(&name));
+        ctx.ex.mounts.remove(ctx.client, Some(&name));
     }
     Ok(())
 }
 
 pub fn umntall(ctx: &Ctx, _args: &mut XdrIn, _out: &mut Vec<u8>) -> ProcResult {
-    ctx.ex.remove_mount(ctx.client, None);
+    ctx.ex.mounts.remove(ctx.client, None);
     Ok(())
 }
 
+/// The caller's own mount entries (RFC 1813 appendix I, MOUNTPROC3_DUMP lists "the
+/// remotely mounted file systems"; which other hosts mount what is not the caller's
+/// to see).
 pub fn dump(ctx: &Ctx, _args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
-    for (ip, name) in ctx.ex.mounts() {
+    let host = ctx.client.to_string();
+    for name in ctx.ex.mounts.of(ctx.client) {
         put_bool(out, true);
-        put_opaque(out, ip.to_string().as_bytes());
+        put_opaque(out, host.as_bytes());
         put_opaque(out, format!("/{name}").as_bytes());
     }
     put_bool(out, false);
     Ok(())
 }
 
+/// The volumes the caller may mount (`showmount -e` from that address).
 pub fn export(ctx: &Ctx, _args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
     for v in ctx.ex.all() {
+        if !ctx.ex.access.allows(ctx.client, &v.meta.name) {
+            continue;
+        }
         put_bool(out, true);
         put_opaque(out, format!("/{}", v.meta.name).as_bytes());
-        put_bool(out, false); // no group list: access is by the server's allow-list
+        put_bool(out, false); // no group list: it would name other clients
     }
     put_bool(out, false);
     Ok(())

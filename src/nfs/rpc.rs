@@ -8,6 +8,7 @@
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use super::limits::Charge;
 use super::xdr::{Garbage, XdrIn, put_opaque, put_u32};
 
 /// Largest record accepted: a 1 MiB WRITE plus headers.
@@ -49,27 +50,46 @@ pub enum Reject {
     Reply(Vec<u8>),
 }
 
-/// Reads one record (all fragments) into `buf`. `Ok(false)` is a clean end of stream
-/// between records; a record over `max` bytes or a stream ending mid-record is an error.
+/// First read of a record's fragment data: small, so a peer that sends a mark and then
+/// stalls holds little of the budget; later reads double up to [`LAST_STEP`].
+const FIRST_STEP: usize = 4 * 1024;
+const LAST_STEP: usize = 256 * 1024;
+
+/// Reads the first byte of the next record; `None` at a clean end of stream (EOF
+/// between records is a normal close). Apart from the rest of the record, so the
+/// caller can wait for it under a different bound.
+pub async fn first_byte<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Option<u8>> {
+    let mut b = [0u8; 1];
+    Ok(match r.read(&mut b).await? {
+        0 => None,
+        _ => Some(b[0]),
+    })
+}
+
+/// Reads the rest of a record that began with `first` (all fragments) into `buf`,
+/// charging `charge` for each byte before it is read (see `limits`). A record over
+/// `max` bytes or a stream ending mid-record is an error.
 pub async fn read_record<R: AsyncRead + Unpin>(
     r: &mut R,
+    first: u8,
     buf: &mut Vec<u8>,
     max: usize,
-) -> std::io::Result<bool> {
+    charge: &mut Charge,
+) -> std::io::Result<()> {
     buf.clear();
-    let mut first = true;
+    let mut first = Some(first);
+    let mut step = FIRST_STEP;
     loop {
         let mut mark = [0u8; 4];
-        if first {
-            // EOF before a new record is a normal close.
-            match r.read(&mut mark[..1]).await? {
-                0 => return Ok(false),
-                _ => r.read_exact(&mut mark[1..]).await?,
-            };
-        } else {
-            r.read_exact(&mut mark).await?;
+        match first.take() {
+            Some(b) => {
+                mark[0] = b;
+                r.read_exact(&mut mark[1..]).await?;
+            }
+            None => {
+                r.read_exact(&mut mark).await?;
+            }
         }
-        first = false;
         let mark = u32::from_be_bytes(mark);
         let len = (mark & !LAST_FRAGMENT) as usize;
         if buf.len() + len > max {
@@ -78,16 +98,23 @@ pub async fn read_record<R: AsyncRead + Unpin>(
                 format!("RPC record larger than {max} bytes"),
             ));
         }
-        // Read into spare capacity: no zero-filling of up to a megabyte first.
-        buf.reserve(len);
-        let mut fragment = (&mut *r).take(len as u64);
-        while fragment.limit() > 0 {
-            if fragment.read_buf(buf).await? == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
+        // Read into spare capacity (no zero-filling of up to a megabyte first), as much
+        // as has been charged: the budget is what bounds memory, not the mark's promise.
+        let end = buf.len() + len;
+        while buf.len() < end {
+            let want = (end - buf.len()).min(step);
+            step = (step * 2).min(LAST_STEP);
+            charge.at_least(buf.len() + want).await?;
+            buf.reserve(want);
+            let mut chunk = (&mut *r).take(want as u64);
+            while chunk.limit() > 0 {
+                if chunk.read_buf(buf).await? == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
             }
         }
         if mark & LAST_FRAGMENT != 0 {
-            return Ok(true);
+            return Ok(());
         }
     }
 }
@@ -222,6 +249,7 @@ pub fn finish_record(reply: &mut [u8], trailing: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nfs::limits::Budget;
     use crate::nfs::xdr::put_u32;
 
     fn call_header(rpcvers: u32, cred_flavor: u32, cred: &[u8]) -> Vec<u8> {
@@ -296,20 +324,56 @@ mod tests {
         }
     }
 
+    fn charge(budget: &Budget) -> Charge {
+        budget.charge(&tokio_util::sync::CancellationToken::new())
+    }
+
+    /// A whole record from `data`, or None at a clean end of stream.
+    async fn next(data: &mut &[u8], budget: &Budget) -> std::io::Result<Option<Vec<u8>>> {
+        let Some(first) = first_byte(data).await? else {
+            return Ok(None);
+        };
+        let mut buf = Vec::new();
+        read_record(data, first, &mut buf, 100, &mut charge(budget)).await?;
+        Ok(Some(buf))
+    }
+
     #[tokio::test]
     async fn records_over_the_limit_are_refused_before_reading_them() {
-        let mut data: &[u8] = &[0x80, 0x10, 0x00, 0x00]; // one fragment of 1 MiB
+        let mut data: &[u8] = &[0x10, 0x00, 0x00]; // after 0x80: one fragment of 1 MiB
         let mut buf = Vec::new();
-        assert!(read_record(&mut data, &mut buf, 1000).await.is_err());
+        let mut charge = charge(&Budget::new(1 << 30));
+        let read = read_record(&mut data, 0x80, &mut buf, 1000, &mut charge).await;
+        assert!(read.is_err());
         assert!(buf.capacity() < 1000);
     }
 
     #[tokio::test]
     async fn fragments_are_joined_into_one_record() {
         let mut data: &[u8] = &[0, 0, 0, 2, b'a', b'b', 0x80, 0, 0, 1, b'c'];
+        let budget = Budget::new(1 << 30);
+        let record = next(&mut data, &budget).await.expect("reads");
+        assert_eq!(record.as_deref(), Some(&b"abc"[..]));
+        assert!(next(&mut data, &budget).await.expect("eof").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_stalled_record_holds_only_what_it_sent_and_a_small_step() {
+        use tokio::io::AsyncWriteExt;
+        let budget = Budget::new(1 << 30);
+        let (mut client, mut server) = tokio::io::duplex(64);
+        client
+            .write_all(&[0x10, 0, 0, 1, 2, 3])
+            .await
+            .expect("send");
         let mut buf = Vec::new();
-        assert!(read_record(&mut data, &mut buf, 100).await.expect("reads"));
-        assert_eq!(buf, b"abc");
-        assert!(!read_record(&mut data, &mut buf, 100).await.expect("eof"));
+        let mut charge = charge(&budget);
+        let read = read_record(&mut server, 0x80, &mut buf, 2 << 20, &mut charge);
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(50), read)
+                .await
+                .is_err()
+        );
+        assert!(charge.bytes() <= FIRST_STEP, "held {}", charge.bytes());
     }
 }

@@ -10,22 +10,20 @@
 //! the record is contiguous on the wire.
 //!
 //! The socket is the tokio-owned non-blocking one: on `EAGAIN` the writer waits with
-//! `poll(2)` on this (blocking-pool) thread, and gives up after [`STALL`] without
-//! progress, closing the connection (a client that stops reading must not hold server
-//! threads forever).
+//! `poll(2)` on this (blocking-pool) thread, and gives up once the send timeout has
+//! passed since the reply's first byte, closing the connection (a client that stops
+//! reading must not hold server threads; a client that reads a byte a minute must not
+//! either, so the bound is on the whole reply, not on each wait).
 
 use std::cell::RefCell;
 use std::marker::PhantomData;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::time::Duration;
+use std::time::Instant;
 
 use super::sys::{Errno, SysResult};
 
 /// READs at least this large are spliced; smaller ones are cheaper as one `pread`.
 pub const MIN_SPLICE: usize = 64 * 1024;
-
-/// How long a reply may wait for the client to make room in its socket.
-pub const STALL: Duration = Duration::from_secs(120);
 
 fn last() -> Errno {
     Errno(
@@ -87,8 +85,7 @@ impl Piped {
         &[0u8; 3][..(4 - self.len % 4) % 4]
     }
 
-    /// Reads the data out of the pipe into `out`.
-    #[cfg(test)]
+    /// Reads the data out of the pipe into `out` (a reply handed to another writer).
     pub fn append_to(mut self, out: &mut Vec<u8>) -> SysResult<()> {
         let len = std::mem::take(&mut self.len);
         let r = with_pipe(|p| {
@@ -114,9 +111,16 @@ impl Piped {
     }
 
     /// Writes `head`, then the piped data, then `tail` to the non-blocking socket
-    /// `sock`, as one contiguous stretch of the stream. The caller holds the socket's
-    /// send lock. On error the stream is left mid-record: close the connection.
-    pub fn send(mut self, sock: RawFd, head: &[u8], tail: &[u8]) -> SysResult<()> {
+    /// `sock`, as one contiguous stretch of the stream, giving up at `deadline`. The
+    /// caller holds the socket's send lock. On error the stream is left mid-record:
+    /// close the connection.
+    pub fn send(
+        mut self,
+        sock: RawFd,
+        head: &[u8],
+        tail: &[u8],
+        deadline: Instant,
+    ) -> SysResult<()> {
         let len = std::mem::take(&mut self.len);
         // MORE while something of this record follows, so TCP need not push a short
         // segment; the last piece goes without it and is pushed at once.
@@ -125,9 +129,10 @@ impl Piped {
         } else {
             libc::SPLICE_F_MORE
         };
-        let r = send_all(sock, head, if len > 0 { libc::MSG_MORE } else { 0 })
-            .and_then(|()| with_pipe(|p| splice_out(p, sock, len, data_more)))
-            .and_then(|()| send_all(sock, tail, 0));
+        let more = if len > 0 { libc::MSG_MORE } else { 0 };
+        let r = send_all(sock, head, more, deadline)
+            .and_then(|()| with_pipe(|p| splice_out(p, sock, len, data_more, deadline)))
+            .and_then(|()| send_all(sock, tail, 0, deadline));
         if r.is_err() {
             discard_pipe();
         }
@@ -207,15 +212,16 @@ pub fn file_to_pipe(fd: RawFd, off: u64, count: usize) -> SysResult<Option<Piped
     })
 }
 
-/// Waits until `sock` can take more bytes, or fails after [`STALL`].
-fn wait_writable(sock: RawFd) -> SysResult<()> {
+/// Waits until `sock` can take more bytes, or fails with `ETIMEDOUT` at `deadline`.
+fn wait_writable(sock: RawFd, deadline: Instant) -> SysResult<()> {
     let mut pfd = libc::pollfd {
         fd: sock,
         events: libc::POLLOUT,
         revents: 0,
     };
-    let ms = libc::c_int::try_from(STALL.as_millis()).unwrap_or(libc::c_int::MAX);
     loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ms = libc::c_int::try_from(left.as_millis()).unwrap_or(libc::c_int::MAX);
         // SAFETY: one valid pollfd.
         let n = unsafe { libc::poll(&mut pfd, 1, ms) };
         match n {
@@ -245,8 +251,9 @@ pub fn abort(sock: RawFd) {
     unsafe { libc::shutdown(sock, libc::SHUT_RDWR) };
 }
 
-/// Writes all of `buf` to the non-blocking socket `sock`, waiting for room with `poll`.
-pub fn send_all(sock: RawFd, mut buf: &[u8], flags: i32) -> SysResult<()> {
+/// Writes all of `buf` to the non-blocking socket `sock`, waiting for room with `poll`
+/// until `deadline`.
+pub fn send_all(sock: RawFd, mut buf: &[u8], flags: i32, deadline: Instant) -> SysResult<()> {
     while !buf.is_empty() {
         // SAFETY: a buffer of the given length; MSG_NOSIGNAL turns SIGPIPE into EPIPE.
         let n = unsafe {
@@ -263,14 +270,20 @@ pub fn send_all(sock: RawFd, mut buf: &[u8], flags: i32) -> SysResult<()> {
         }
         match last() {
             Errno(libc::EINTR) => {}
-            Errno(libc::EAGAIN) => wait_writable(sock)?,
+            Errno(libc::EAGAIN) => wait_writable(sock, deadline)?,
             e => return Err(e),
         }
     }
     Ok(())
 }
 
-fn splice_out(p: &Pipe, sock: RawFd, mut left: usize, more: libc::c_uint) -> SysResult<()> {
+fn splice_out(
+    p: &Pipe,
+    sock: RawFd,
+    mut left: usize,
+    more: libc::c_uint,
+    deadline: Instant,
+) -> SysResult<()> {
     while left > 0 {
         // SAFETY: our pipe and the caller's socket; no offsets (neither is seekable).
         let n = unsafe {
@@ -288,7 +301,7 @@ fn splice_out(p: &Pipe, sock: RawFd, mut left: usize, more: libc::c_uint) -> Sys
             n if n > 0 => left -= n as usize,
             _ => match last() {
                 Errno(libc::EINTR) => {}
-                Errno(libc::EAGAIN) => wait_writable(sock)?,
+                Errno(libc::EAGAIN) => wait_writable(sock, deadline)?,
                 e => return Err(e),
             },
         }
@@ -300,6 +313,10 @@ fn splice_out(p: &Pipe, sock: RawFd, mut left: usize, more: libc::c_uint) -> Sys
 mod tests {
     use super::*;
     use std::io::{Read, Write};
+
+    fn far() -> Instant {
+        Instant::now() + std::time::Duration::from_secs(60)
+    }
 
     fn file_with(bytes: &[u8]) -> std::fs::File {
         let mut f = tempfile::tempfile().expect("temp file");
@@ -335,7 +352,9 @@ mod tests {
         let piped = file_to_pipe(f.as_raw_fd(), 0, 1 << 20)
             .expect("splice")
             .expect("pipe");
-        piped.send(b.as_raw_fd(), b"HEAD", b"TL").expect("send");
+        piped
+            .send(b.as_raw_fd(), b"HEAD", b"TL", far())
+            .expect("send");
         drop(b);
         let got = reader.join().expect("reader");
         assert_eq!(got.len(), 4 + data.len() + 2);

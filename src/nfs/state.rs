@@ -1,7 +1,8 @@
 //! What the NFS server serves: the volumes of one store, their size accounting, the
-//! mount table, and turning a wire handle into an open descriptor inside its volume.
+//! mount table, who may use each volume, and turning a wire handle into an open
+//! descriptor inside its volume.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::ops::Deref;
 use std::os::fd::{OwnedFd, RawFd};
@@ -10,8 +11,11 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use nfs3_types::nfs3::nfsstat3;
 
+use super::access::Access;
+use super::allow::AllowList;
 use super::handle::{FileHandle, HandleKey};
 use super::quota;
+use super::rmtab::MountTable;
 use super::sys::{self, Errno, to_nfsstat};
 use crate::error::{Error, Result};
 use crate::volume::{VolumeMeta, VolumeName, VolumeStore};
@@ -152,16 +156,15 @@ type ObjectCache = HashMap<Vec<u8>, (u32, Arc<Obj>)>;
 /// Most objects kept open; past it the cache starts over (cheap, and rare).
 const MAX_CACHED: usize = 1024;
 
-/// Which client addresses have mounted which volumes (the classic `rmtab`), persisted
-/// so a restarted server still honours mounts made before it (DESIGN invariant 3).
-type MountTable = BTreeMap<IpAddr, BTreeSet<VolumeName>>;
-
 /// The server's shared state.
 pub struct Exports {
     store: VolumeStore,
     pub key: HandleKey,
     volumes: RwLock<HashMap<u32, Arc<Volume>>>,
-    mounts: RwLock<MountTable>,
+    /// Who mounted what: for DUMP, never for access.
+    pub mounts: MountTable,
+    /// Who may use each volume, checked on MNT and on every call.
+    pub access: Access,
     objects: Mutex<ObjectCache>,
     /// One refresh at a time: two interleaved ones could each write a map missing the
     /// other's new volume.
@@ -178,9 +181,10 @@ pub struct Exports {
 }
 
 impl Exports {
-    /// Loads every volume of `store` and the persisted mount table. Clears the
-    /// process's supplementary groups (see `sys::AsCaller`).
-    pub fn load(store: VolumeStore) -> Result<Self> {
+    /// Loads every volume of `store`, the persisted mount table and the per-volume
+    /// grants; clients are admitted by `allow` and the grants. Clears the process's
+    /// supplementary groups (see `sys::AsCaller`).
+    pub fn load(store: VolumeStore, allow: AllowList) -> Result<Self> {
         // Callers' groups are set per request; root's own must never leak into one.
         sys::drop_supplementary_groups().map_err(|e| Error::VolumeIo {
             action: "clear supplementary groups",
@@ -196,15 +200,14 @@ impl Exports {
                 source: std::io::ErrorKind::Other.into(),
             },
         )?;
-        let mounts = match std::fs::read(store.root().join("rmtab")) {
-            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
-            Err(_) => MountTable::new(),
-        };
+        let mounts = MountTable::load(store.root().join("rmtab"));
+        let access = Access::new(allow, store.root().join("access.json"));
         let exports = Self {
             store,
             key,
             volumes: RwLock::new(HashMap::new()),
-            mounts: RwLock::new(mounts),
+            mounts,
+            access,
             objects: Mutex::new(HashMap::new()),
             refreshing: Mutex::new(()),
             recounting: Mutex::new(()),
@@ -338,58 +341,12 @@ impl Exports {
         v
     }
 
-    /// Records that `client` mounted `name`.
-    pub fn add_mount(&self, client: IpAddr, name: &VolumeName) {
-        let mut m = self.mounts.write().unwrap_or_else(|p| p.into_inner());
-        if m.entry(client).or_default().insert(name.clone()) {
-            self.save_mounts(&m);
-        }
-    }
-
-    /// Forgets `client`'s mount of `name`, or all of its mounts.
-    pub fn remove_mount(&self, client: IpAddr, name: Option<&VolumeName>) {
-        let mut m = self.mounts.write().unwrap_or_else(|p| p.into_inner());
-        let changed = match name {
-            Some(n) => m.get_mut(&client).is_some_and(|s| s.remove(n)),
-            None => m.remove(&client).is_some(),
-        };
-        m.retain(|_, s| !s.is_empty());
-        if changed {
-            self.save_mounts(&m);
-        }
-    }
-
-    /// (client, volume) pairs for MOUNT DUMP.
-    pub fn mounts(&self) -> Vec<(IpAddr, VolumeName)> {
-        let m = self.mounts.read().unwrap_or_else(|p| p.into_inner());
-        m.iter()
-            .flat_map(|(ip, set)| set.iter().map(move |n| (*ip, n.clone())))
-            .collect()
-    }
-
-    fn has_mounted(&self, client: IpAddr, name: &VolumeName) -> bool {
-        let m = self.mounts.read().unwrap_or_else(|p| p.into_inner());
-        m.get(&client).is_some_and(|s| s.contains(name))
-    }
-
-    fn save_mounts(&self, m: &MountTable) {
-        let path = self.store.root().join("rmtab");
-        let result = serde_json::to_vec(m)
-            .map_err(|e| Error::VolumeIo {
-                action: "encode mount table",
-                path: path.clone(),
-                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-            })
-            .and_then(|b| crate::volume::write_atomic(&path, &b, 0o600));
-        if let Err(e) = result {
-            tracing::error!(error = %e, "cannot persist mount table");
-        }
-    }
-
-    /// Authenticates `wire`, checks `client` mounted its volume, and returns the object
+    /// Authenticates `wire`, checks `client` may use its volume, and returns the object
     /// it names (opened O_PATH, never following a symlink; cached). Forged or altered
-    /// handles are BADHANDLE; deleted objects or volumes STALE; volumes the client did
-    /// not mount ACCES (DESIGN invariant 5).
+    /// handles are BADHANDLE; deleted objects or volumes STALE; volumes the client may
+    /// not use ACCES (DESIGN invariants 5 and 8). Whether the client said MNT does not
+    /// matter: a handle is proof of nothing but the server's MAC, and access is the
+    /// same rule MNT applies.
     pub fn resolve(
         &self,
         client: IpAddr,
@@ -404,7 +361,7 @@ impl Exports {
             .get(&fh.volume)
             .cloned()
             .ok_or(nfsstat3::NFS3ERR_STALE)?;
-        if !self.has_mounted(client, &volume.meta.name) {
+        if !self.access.allows(client, &volume.meta.name) {
             return Err(nfsstat3::NFS3ERR_ACCES);
         }
         let cached = self

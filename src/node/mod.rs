@@ -3,7 +3,7 @@
 //! new size limits take effect without a remount), and exposes the admin endpoints.
 //!
 //! Standalone mode (`--standalone`) needs no cluster: volumes are managed with
-//! `localnfs volume`. In cluster mode (`--node-name`) the agent also runs [`cluster`]:
+//! `localnfs volume`; per-volume grants come from `<root>/access.json`. In cluster mode (`--node-name`) the agent also runs [`cluster`]:
 //! heartbeat, volume creation and reclaim for the controller, allow-list from Nodes.
 
 pub mod cluster;
@@ -40,8 +40,9 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     }
     let shutdown = crate::shutdown::on_signals()?;
     let store = VolumeStore::open(&args.root)?;
+    let allow = AllowList::new(args.allow.clone());
     let exports = Arc::new(
-        tokio::task::block_in_place(|| Exports::load(store))?
+        tokio::task::block_in_place(|| Exports::load(store, allow.clone()))?
             .with_device_nodes(args.allow_device_nodes),
     );
 
@@ -70,7 +71,13 @@ pub async fn run(args: NodeArgs) -> Result<()> {
                     tokio::task::spawn_blocking(move || ex.recount_usage());
                 }
                 let ex = exports.clone();
-                match tokio::task::spawn_blocking(move || ex.refresh()).await {
+                let refreshed = tokio::task::spawn_blocking(move || {
+                    // A mount table save that failed is retried here until it lands.
+                    ex.mounts.flush();
+                    ex.access.reload();
+                    ex.refresh()
+                });
+                match refreshed.await {
                     Ok(Err(e)) => tracing::error!(error = %e, "cannot re-read volumes"),
                     Err(e) => tracing::error!(error = %e, "volume refresh task failed"),
                     Ok(Ok(())) => {}
@@ -88,7 +95,6 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     );
     // A machine-readable line for scripts and tests that asked for port 0.
     println!("nfs listening on {nfs_addr}");
-    let allow = AllowList::new(args.allow.clone());
     let agent = cluster.map(|(client, node)| {
         let cfg = cluster::ClusterConfig {
             client,
@@ -110,7 +116,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
         listener,
         exports,
         allow,
-        args.max_connections,
+        args.nfs_limits(),
         shutdown.clone(),
     )
     .await;

@@ -118,6 +118,15 @@ impl Localnfs {
 
     /// Same, with extra flags (e.g. `--capacity 2Gi`).
     pub fn start_agent_with(&mut self, node: &str, ip: IpAddr, extra: &[&str]) {
+        // Userspace test clients (libnfs, nfs3_client) bind unreserved source ports.
+        let mut all = vec!["--insecure-ports"];
+        all.extend_from_slice(extra);
+        self.start_agent_args(node, ip, &all);
+    }
+
+    /// Starts the agent with exactly these extra flags (the default port check: for
+    /// kernel test nodes, whose client uses reserved ports).
+    fn start_agent_args(&mut self, node: &str, ip: IpAddr, extra: &[&str]) {
         let root = self.root(node);
         let listen = SocketAddr::new(ip, 0).to_string();
         let log = self.dir.path().join(format!("agent-{node}.log"));
@@ -337,7 +346,7 @@ impl Localnfs {
             kubelet::add_node_with_addresses(client, name, &[agent_ip, guest.address()])
                 .await
                 .expect("node");
-            self.start_agent_with(name, agent_ip, &["--capacity", capacity]);
+            self.start_agent_args(name, agent_ip, &["--capacity", capacity]);
             kernel.nodes.insert(name.to_string(), Arc::new(guest));
             kernel.agent_ips.insert(name.to_string(), agent_ip);
         }

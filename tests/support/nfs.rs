@@ -27,25 +27,57 @@ pub struct Node {
     pub port: u16,
     pub root: PathBuf,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
 }
+
+/// Our test clients (`nfs3_client`, libnfs, hand-built RPC) bind unreserved source
+/// ports, so test nodes accept them unless a test says otherwise. Given as
+/// environment (like the limits tests set), so a test can also run against a build
+/// that predates the setting.
+const INSECURE: (&str, &str) = ("LOCALNFS_INSECURE_PORTS", "true");
 
 impl Node {
     pub async fn start(root: &Path) -> Node {
         Self::start_with(root, 0, &[]).await
     }
 
-    /// Starts on `127.0.0.1:port` (0: any) with extra flags.
+    /// Starts on `127.0.0.1:port` (0: any) with extra flags, accepting unreserved ports.
     pub async fn start_with(root: &Path, port: u16, extra: &[&str]) -> Node {
-        Self::start_on(
+        let listen = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
+        Self::spawn(root, listen, extra, &[INSECURE]).await
+    }
+
+    /// Starts on `listen` (port 0: any) with extra flags and the default port check
+    /// (for the kernel client of test nodes, which uses reserved ports).
+    pub async fn start_on(root: &Path, listen: SocketAddr, extra: &[&str]) -> Node {
+        Self::spawn(root, listen, extra, &[]).await
+    }
+
+    /// Starts with these `LOCALNFS_*` settings, accepting unreserved ports.
+    pub async fn start_env(root: &Path, env: &[(&str, &str)]) -> Node {
+        let mut all = vec![INSECURE];
+        all.extend_from_slice(env);
+        Self::spawn(
             root,
-            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port),
-            extra,
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0),
+            &[],
+            &all,
         )
         .await
     }
 
-    /// Starts on `listen` (port 0: any) with extra flags.
-    pub async fn start_on(root: &Path, listen: SocketAddr, extra: &[&str]) -> Node {
+    /// Starts with the defaults: calls from unreserved ports are refused.
+    pub async fn start_secure(root: &Path) -> Node {
+        Self::spawn(
+            root,
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0),
+            &[],
+            &[],
+        )
+        .await
+    }
+
+    async fn spawn(root: &Path, listen: SocketAddr, extra: &[&str], env: &[(&str, &str)]) -> Node {
         let mut child = Command::new(env!("CARGO_BIN_EXE_localnfs"))
             .args(["node", "--standalone", "--admin-addr", "127.0.0.1:0"])
             .arg("--root")
@@ -53,6 +85,7 @@ impl Node {
             .arg("--listen")
             .arg(listen.to_string())
             .args(extra)
+            .envs(env.iter().copied())
             .env("LOCALNFS_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -77,6 +110,10 @@ impl Node {
             port: addr.port(),
             root: root.to_owned(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         }
     }
 
@@ -89,7 +126,12 @@ impl Node {
         self.child.start_kill().expect("kill");
         self.child.wait().await.expect("reap");
         let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
-        *self = Node::start_on(&self.root.clone(), self.addr, &extra).await;
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        *self = Node::spawn(&self.root.clone(), self.addr, &extra, &env).await;
     }
 
     pub async fn sigterm(&mut self) -> std::process::ExitStatus {

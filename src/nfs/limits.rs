@@ -1,0 +1,242 @@
+//! What bounds the NFS server against clients that are slow, stuck or hostile (DESIGN
+//! invariant 9): time limits on every wait that depends on a client, and one memory
+//! budget for every byte the server holds on a client's behalf.
+//!
+//! The budget admits bytes, not connections: a record's bytes are charged as they
+//! arrive (in steps that start small, so a connection that sends a record mark and then
+//! stalls holds a few KiB, not the megabyte the mark promises), and before a call runs
+//! the largest reply it can produce is charged too (a 200-byte READ call can ask for a
+//! 1 MiB reply). The charge is returned when the reply has left or the call is dropped.
+//! When the budget is spent, connections stop reading (TCP pushes back on the clients)
+//! until replies go out; nothing is allocated beyond it. A client cannot hold its share
+//! forever: records must complete within the record timeout and replies leave within
+//! the send timeout, and while others wait for room the connection whose record or
+//! reply has stalled longest is dropped.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+/// The server's time and memory limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most connections served at once (more wait in the accept backlog).
+    pub max_connections: usize,
+    /// A connection with no call in flight and no byte received for this long is
+    /// closed; clients reconnect when they next need the server (knfsd closes idle TCP
+    /// connections after 6 minutes the same way).
+    pub idle_timeout: Duration,
+    /// A record must arrive whole within this long of its first byte.
+    pub record_timeout: Duration,
+    /// A reply must leave within this long of the first attempt to send it (the client
+    /// reads its socket); else the connection is dropped.
+    pub send_timeout: Duration,
+    /// Bytes of records and replies held for all clients together.
+    pub bytes_in_flight: usize,
+    /// Whether calls from source ports >= 1024 are refused (knfsd's `secure`).
+    pub require_reserved_port: bool,
+}
+
+/// How long a charge waits for the budget before it makes room by dropping the
+/// connection stalled longest.
+const PRESSURE_WAIT: Duration = Duration::from_millis(50);
+/// A record younger than this is still arriving, a reply younger than this still
+/// leaving: never dropped for room.
+const STALLED_AFTER: Duration = Duration::from_secs(2);
+
+/// The server-wide byte budget.
+#[derive(Debug, Clone)]
+pub struct Budget(Arc<Inner>);
+
+type StallKey = (Instant, u64);
+
+#[derive(Debug)]
+struct Inner {
+    bytes: Arc<Semaphore>,
+    /// Records being read and replies being written: since when, and how to drop
+    /// their connection.
+    waits: Mutex<BTreeMap<StallKey, CancellationToken>>,
+    next_id: AtomicU64,
+}
+
+impl Budget {
+    pub fn new(bytes: usize) -> Budget {
+        Budget(Arc::new(Inner {
+            bytes: Arc::new(Semaphore::new(bytes.min(Semaphore::MAX_PERMITS))),
+            waits: Mutex::new(BTreeMap::new()),
+            next_id: AtomicU64::new(0),
+        }))
+    }
+
+    /// Bytes not charged to anyone right now.
+    #[cfg(test)]
+    pub fn available(&self) -> usize {
+        self.0.bytes.available_permits()
+    }
+
+    /// An empty charge for a record whose first byte has just arrived. Until
+    /// [`Charge::complete`], the record counts as a wait on the client (see
+    /// [`Budget::waiting`]).
+    pub fn charge(&self, conn: &CancellationToken) -> Charge {
+        Charge {
+            budget: self.clone(),
+            held: None,
+            bytes: 0,
+            partial: Some(self.waiting(conn)),
+        }
+    }
+
+    /// Marks a wait on the client of connection `conn` (the rest of a record, or room
+    /// in its socket for a reply) until the guard drops. While others wait for room in
+    /// the budget, the connection waited on longest is dropped by cancelling `conn`,
+    /// as knfsd drops its oldest connection under pressure: a client holding bytes it
+    /// does not complete or take cannot starve those that do.
+    pub fn waiting(&self, conn: &CancellationToken) -> Waiting {
+        let key = (
+            Instant::now(),
+            self.0.next_id.fetch_add(1, Ordering::Relaxed),
+        );
+        self.0
+            .waits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, conn.clone());
+        Waiting {
+            budget: self.clone(),
+            key,
+        }
+    }
+
+    /// Drops the connection waited on longest, if past [`STALLED_AFTER`], other than
+    /// `except`.
+    fn drop_most_stalled(&self, except: Option<StallKey>) {
+        let mut waits = self.0.waits.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let victim = waits
+            .keys()
+            .find(|k| Some(**k) != except)
+            .filter(|(since, _)| now.duration_since(*since) >= STALLED_AFTER)
+            .copied();
+        if let Some(conn) = victim.and_then(|k| waits.remove(&k)) {
+            tracing::info!("dropping the connection stalled longest to make room");
+            conn.cancel();
+        }
+    }
+}
+
+/// A wait on a client, registered with the budget until dropped.
+#[derive(Debug)]
+pub struct Waiting {
+    budget: Budget,
+    key: StallKey,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.budget
+            .0
+            .waits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
+}
+
+/// Bytes one call holds of the budget; returned on drop.
+#[derive(Debug)]
+pub struct Charge {
+    budget: Budget,
+    held: Option<OwnedSemaphorePermit>,
+    bytes: usize,
+    /// The record is still arriving.
+    partial: Option<Waiting>,
+}
+
+impl Charge {
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The record is whole: no longer a wait on the client.
+    pub fn complete(&mut self) {
+        self.partial = None;
+    }
+
+    /// Holds at least `bytes` in total, waiting for the budget to have them; while it
+    /// waits, the connection stalled longest is dropped to make room.
+    pub async fn at_least(&mut self, bytes: usize) -> std::io::Result<()> {
+        let more = bytes.saturating_sub(self.bytes);
+        if more == 0 {
+            return Ok(());
+        }
+        let n = u32::try_from(more).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+        let sem = &self.budget.0.bytes;
+        let permit = loop {
+            // The common case, room at once, costs no timer.
+            if let Ok(p) = sem.clone().try_acquire_many_owned(n) {
+                break p;
+            }
+            match tokio::time::timeout(PRESSURE_WAIT, sem.clone().acquire_many_owned(n)).await {
+                Ok(Ok(p)) => break p,
+                Ok(Err(_)) => return Err(std::io::ErrorKind::BrokenPipe.into()),
+                Err(_) => self
+                    .budget
+                    .drop_most_stalled(self.partial.as_ref().map(|w| w.key)),
+            }
+        };
+        match &mut self.held {
+            Some(p) => p.merge(permit),
+            None => self.held = Some(permit),
+        }
+        self.bytes = bytes;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn charges_come_back_when_dropped_and_wait_when_spent() {
+        let budget = Budget::new(100);
+        let mut a = budget.charge(&CancellationToken::new());
+        a.at_least(60).await.expect("fits");
+        a.at_least(30).await.expect("already held");
+        assert_eq!((a.bytes(), budget.available()), (60, 40));
+        let mut b = budget.charge(&CancellationToken::new());
+        let waiting = tokio::time::timeout(Duration::from_millis(50), b.at_least(50)).await;
+        assert!(waiting.is_err(), "over budget must wait");
+        drop(a);
+        b.at_least(50).await.expect("fits once a is gone");
+        assert_eq!(budget.available(), 50);
+    }
+
+    #[tokio::test]
+    async fn a_stalled_record_is_dropped_for_one_that_needs_room() {
+        let budget = Budget::new(100);
+        let stalled_conn = CancellationToken::new();
+        let mut stalled = budget.charge(&stalled_conn);
+        stalled.at_least(100).await.expect("fits");
+        let fresh_conn = CancellationToken::new();
+        let mut fresh = budget.charge(&fresh_conn);
+        // Too young to be called stalled: the newcomer waits.
+        let early = tokio::time::timeout(Duration::from_millis(300), fresh.at_least(10)).await;
+        assert!(early.is_err() && !stalled_conn.is_cancelled());
+        tokio::time::sleep(STALLED_AFTER).await;
+        let waiting = tokio::spawn(async move {
+            fresh.at_least(10).await.expect("room made");
+            fresh
+        });
+        stalled_conn.cancelled().await; // the stalled connection is told to go...
+        drop(stalled); // ...and its bytes come back as it closes
+        let mut fresh = waiting.await.expect("task");
+        fresh.complete();
+        assert!(!fresh_conn.is_cancelled());
+    }
+}
