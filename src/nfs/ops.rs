@@ -403,6 +403,7 @@ pub fn write(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
             let after = sys::fstat(wfd).map_or(before + reserve, |st| quota::charge_of(&st));
             charging.settle(reserve, before, after);
             r.map_err(to_nfsstat)?;
+            drop_setid_bits(ctx, &v, wfd, st.st_mode)?;
         }
         // Synced before the reply (DESIGN invariant 4).
         match stable {
@@ -425,6 +426,30 @@ pub fn write(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
             status(out, s);
             wcc(out, before.as_ref(), after.as_ref(), v.meta.id);
         }
+    }
+    Ok(())
+}
+
+/// After a WRITE: a writer other than root loses a file's set-user-ID bit, and its
+/// set-group-ID bit when the group may execute it — what the kernel does to a local
+/// write by a process without CAP_FSETID. The agent writes through a descriptor it
+/// opened as root, so the kernel will not do it here by itself.
+fn drop_setid_bits(
+    ctx: &Ctx,
+    v: &Volume,
+    fd: std::os::fd::RawFd,
+    mode: u32,
+) -> Result<(), nfsstat3> {
+    if ctx.caller(v).uid == 0 {
+        return Ok(());
+    }
+    let mut keep = mode & 0o7777;
+    keep &= !libc::S_ISUID;
+    if mode & libc::S_IXGRP != 0 {
+        keep &= !libc::S_ISGID;
+    }
+    if keep != mode & 0o7777 {
+        sys::chmod_fd(fd, keep).map_err(to_nfsstat)?;
     }
     Ok(())
 }
