@@ -10,14 +10,13 @@
 mod support;
 
 use std::fmt::Write as _;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use localnfs::testbed::Process;
 use localnfs::testbed::kernel::{KernelNode, TestNetwork};
 use support::kernel::{TapCounts, agent_for, mount, pjdfstest_dir, run_pjdfstest};
+use support::ganesha::Ganesha;
 use support::nfs::create_volume;
 
 /// pjdfstest files CI runs: every syscall family the kernel client turns into NFS
@@ -104,89 +103,6 @@ fn all_files(pjd: &Path) -> Vec<String> {
     files
 }
 
-/// NFS-Ganesha (VFS back end) exporting `export` on `addr`, with the rpcbind it needs
-/// (started here unless one runs). Stopped by PID on drop.
-struct Ganesha {
-    _processes: Vec<Process>,
-    nfs_port: u16,
-    mount_port: u16,
-}
-
-impl Ganesha {
-    async fn start(dir: &Path, export: &Path, addr: IpAddr) -> Ganesha {
-        let mut processes = Vec::new();
-        let rpcbind_up = || {
-            Command::new("rpcinfo")
-                .args(["-p", "127.0.0.1"])
-                .output()
-                .is_ok_and(|o| o.status.success())
-        };
-        if !rpcbind_up() {
-            processes.push(
-                Process::spawn(
-                    "rpcbind",
-                    Command::new("rpcbind").arg("-f"),
-                    &dir.join("rpcbind.log"),
-                )
-                .expect("start rpcbind (apt-get install rpcbind)"),
-            );
-            support::eventually("rpcbind", Duration::from_secs(20), || async {
-                rpcbind_up().then_some(())
-            })
-            .await;
-        }
-        let (nfs_port, mount_port) = (
-            localnfs::testbed::free_port().expect("port"),
-            localnfs::testbed::free_port().expect("port"),
-        );
-        std::fs::create_dir_all(dir.join("recovery")).expect("recovery dir");
-        let plugins = "/usr/lib/x86_64-linux-gnu/ganesha";
-        let conf = format!(
-            "NFS_CORE_PARAM {{ Protocols = 3; Bind_addr = {addr}; NFS_Port = {nfs_port};
-                MNT_Port = {mount_port}; Enable_NLM = false; Enable_RQUOTA = false;
-                Enable_UDP = false; Plugins_Dir = \"{plugins}\"; }}
-             NFSV4 {{ RecoveryRoot = \"{rec}\"; Graceless = true; }}
-             EXPORT {{ Export_Id = 1; Path = \"{e}\"; Pseudo = \"{e}\"; Protocols = 3;
-                Transports = TCP; Access_Type = RW; Squash = No_Root_Squash; SecType = sys;
-                FSAL {{ Name = VFS; }} }}
-             LOG {{ Default_Log_Level = EVENT; }}",
-            rec = dir.join("recovery").display(),
-            e = export.display(),
-        );
-        let conf_path = dir.join("ganesha.conf");
-        std::fs::write(&conf_path, conf).expect("ganesha.conf");
-        processes.push(
-            Process::spawn(
-                "ganesha.nfsd",
-                Command::new("ganesha.nfsd")
-                    .args(["-F", "-N", "NIV_EVENT", "-f"])
-                    .arg(&conf_path)
-                    .arg("-L")
-                    .arg(dir.join("ganesha.log"))
-                    .arg("-p")
-                    .arg(dir.join("ganesha.pid")),
-                &dir.join("ganesha.out"),
-            )
-            .expect("start ganesha.nfsd (apt-get install nfs-ganesha nfs-ganesha-vfs)"),
-        );
-        support::eventually(
-            "ganesha.nfsd listening",
-            Duration::from_secs(60),
-            || async {
-                let nfs = tokio::net::TcpStream::connect(SocketAddr::new(addr, nfs_port)).await;
-                let mnt = tokio::net::TcpStream::connect(SocketAddr::new(addr, mount_port)).await;
-                (nfs.is_ok() && mnt.is_ok()).then_some(())
-            },
-        )
-        .await;
-        Ganesha {
-            _processes: processes,
-            nfs_port,
-            mount_port,
-        }
-    }
-}
-
 /// Runs every file in `files` on `mountpoint` of `node`, in order.
 async fn run_all(
     node: &KernelNode,
@@ -255,23 +171,7 @@ async fn posix_conformance_table_against_ganesha() {
     let export = ganesha_dir.join("export");
     std::fs::create_dir_all(&export).expect("export dir");
     let ganesha = Ganesha::start(&ganesha_dir, &export, ganesha_ip).await;
-    let options = [
-        "nfsvers=3".to_owned(),
-        "proto=tcp".to_owned(),
-        format!("port={}", ganesha.nfs_port),
-        format!("mountport={}", ganesha.mount_port),
-        "nolock".to_owned(),
-        "hard".to_owned(),
-    ];
-    peer_node
-        .mount_nfs(
-            &ganesha_ip.to_string(),
-            &export.to_string_lossy(),
-            &options,
-            "/mnt/vol",
-        )
-        .await
-        .expect("mount Ganesha's export");
+    ganesha.mount(&peer_node, ganesha_ip, &export, "/mnt/vol").await;
 
     let started = Instant::now();
     let (x, y, z) = tokio::join!(

@@ -107,3 +107,16 @@ pub fn tps_and_p95(report: &str) -> Option<(f64, f64)> {
         number_after("95th percentile:")?,
     ))
 }
+
+/// Stops mariadbd cleanly and waits until it is gone.
+pub async fn stop(node: &KernelNode) {
+    node.run_ok(
+        &format!(
+            "mariadb-admin --defaults-file={CNF} shutdown; \
+             for i in $(seq 600); do pgrep -x mariadbd >/dev/null || exit 0; sleep 0.1; done; exit 1"
+        ),
+        Duration::from_secs(90),
+    )
+    .await
+    .expect("mariadbd stops");
+}
