@@ -22,7 +22,8 @@ use std::cell::Cell;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -32,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::buffers::BufferPool;
 use super::dirops;
-use super::limits::{Budget, Charge, Limits};
+use super::limits::{Budget, Charge, Limits, Waits};
 use super::mount;
 use super::ops::{self, Ctx, MAX_IO, ReadHow};
 use super::rpc::{self, AcceptStat, AuthStat, MAX_RECORD, Reject};
@@ -116,6 +117,10 @@ pub struct Shared {
     pub buffers: BufferPool,
     pub budget: Budget,
     pub limits: Limits,
+    /// Connections with nothing in flight, waiting for their client's next call.
+    pub idle: Waits,
+    /// Connections being served.
+    pub connections: AtomicUsize,
 }
 
 /// The sending side of one connection, shared by its writer task and the blocking
@@ -159,6 +164,15 @@ pub async fn serve(
     });
     let writer = tokio::spawn(write_replies(rx, out.clone()));
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    // The last free connection slot was just taken: close the connection idle longest
+    // so the next client is not left in the backlog until someone's idle timeout
+    // (knfsd does the same when it runs out of connections).
+    let _counted = Counted::new(&shared.connections);
+    if shared.connections.load(Ordering::Relaxed) >= limits.max_connections
+        && shared.idle.drop_oldest(Duration::ZERO, None)
+    {
+        tracing::info!("connection limit reached: closed the connection idle longest");
+    }
     let stop = || async {
         tokio::select! {
             _ = shutdown.cancelled() => {}
@@ -175,7 +189,7 @@ pub async fn serve(
         };
         let next = tokio::select! {
             _ = stop() => break,
-            next = next_record(&mut rd, &slots, limits) => next,
+            next = next_record(&mut rd, &slots, limits, &shared.idle, &out.dropped) => next,
         };
         let first = match next {
             Ok(b) => b,
@@ -275,23 +289,50 @@ pub async fn serve(
 
 /// Reads the first byte of the next record, waiting as long as calls are in flight
 /// (their replies are the client's reason to keep quiet), else up to the idle timeout.
+/// While nothing is in flight the connection is registered in `idle`, where a new
+/// connection that finds every slot taken may close it (by cancelling `conn`).
 async fn next_record(
     rd: &mut OwnedReadHalf,
     slots: &Semaphore,
     limits: Limits,
+    idle: &Waits,
+    conn: &CancellationToken,
 ) -> Result<u8, &'static str> {
-    loop {
+    let byte = |r: std::io::Result<Option<u8>>| match r {
+        Ok(Some(b)) => Ok(b),
+        Ok(None) => Err("closed by the client"),
+        Err(_) => Err("read failed"),
+    };
+    // The other slots all free: nothing in flight, nothing queued (this loop is their
+    // only taker, so waiting for all of them holds up no one).
+    let others = u32::try_from(MAX_IN_FLIGHT - 1).unwrap_or(u32::MAX);
+    if slots.available_permits() < MAX_IN_FLIGHT - 1 {
         // Cancel-safe: a byte is either read and returned, or not read.
-        match tokio::time::timeout(limits.idle_timeout, rpc::first_byte(rd)).await {
-            Ok(Ok(Some(b))) => return Ok(b),
-            Ok(Ok(None)) => return Err("closed by the client"),
-            Ok(Err(_)) => return Err("read failed"),
-            // Only the slot this loop holds is taken: nothing in flight, nothing queued.
-            Err(_) if slots.available_permits() + 1 >= MAX_IN_FLIGHT => {
-                return Err("idle");
-            }
-            Err(_) => {}
+        tokio::select! {
+            r = rpc::first_byte(rd) => return byte(r),
+            _ = slots.acquire_many(others) => {}
         }
+    }
+    let _idle = idle.start(conn);
+    match tokio::time::timeout(limits.idle_timeout, rpc::first_byte(rd)).await {
+        Ok(r) => byte(r),
+        Err(_) => Err("idle"),
+    }
+}
+
+/// Counts a connection in `n` while alive.
+struct Counted<'a>(&'a AtomicUsize);
+
+impl<'a> Counted<'a> {
+    fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Counted(n)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -54,6 +54,8 @@ pub async fn serve(
         buffers: buffers::BufferPool::new(POOLED_BUFFERS),
         budget: limits::Budget::new(limits.bytes_in_flight),
         limits,
+        idle: limits::Waits::default(),
+        connections: std::sync::atomic::AtomicUsize::new(0),
     });
     crate::server::serve(
         "nfs",
