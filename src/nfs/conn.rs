@@ -219,10 +219,34 @@ pub async fn serve(
             }
         }
         let record = buf;
-        if !secure {
-            let reply = insecure_reply(&record);
+        if secure {
+            // The reply's worst case is the client's to wait for, not the server's to
+            // find room for after the fact.
+            let want = record.len() + reply_bound(&record);
+            let charged = tokio::select! {
+                _ = stop() => break,
+                r = charge.at_least(want) => r,
+            };
+            if charged.is_err() {
+                break;
+            }
+        }
+        let client = peer.ip();
+        // Answered on this task: refusals, and calls that take microseconds when they
+        // need no disk (handing them to the blocking pool, a thread wake-up each, would
+        // cost more than running them; never spliced here: the reply is all in `head`).
+        let here = if !secure {
+            Some(insecure_reply(&record))
+        } else if try_inline(&record) {
+            respond(&shared.exports, client, &record, Runner::AsyncTask)
+                .ok()
+                .map(|reply| reply.map(|r| r.head))
+        } else {
+            None
+        };
+        if let Some(head) = here {
             shared.buffers.give(record);
-            if let Some(bytes) = reply {
+            if let Some(bytes) = head {
                 queue(
                     &tx,
                     Queued {
@@ -232,40 +256,6 @@ pub async fn serve(
                 );
             }
             continue;
-        }
-        // The reply's worst case is the client's to wait for, not the server's to find
-        // room for after the fact.
-        let want = record.len() + reply_bound(&record);
-        let charged = tokio::select! {
-            _ = stop() => break,
-            r = charge.at_least(want) => r,
-        };
-        if charged.is_err() {
-            break;
-        }
-        let client = peer.ip();
-        if try_inline(&record) {
-            // These take microseconds when they need no disk: handing them to the
-            // blocking pool (a thread wake-up each) would cost more than running them.
-            // Never spliced here: the reply is all in `head`.
-            let inline = respond(&shared.exports, client, &record, Runner::AsyncTask)
-                .map(|reply| reply.map(|r| r.head));
-            match inline {
-                Err(WouldBlock) => {}
-                Ok(head) => {
-                    shared.buffers.give(record);
-                    if let Some(bytes) = head {
-                        queue(
-                            &tx,
-                            Queued {
-                                bytes,
-                                _held: (slot, charge),
-                            },
-                        );
-                    }
-                    continue;
-                }
-            }
         }
         let (sh, out, tx) = (shared.clone(), out.clone(), tx.clone());
         tokio::task::spawn_blocking(move || {
