@@ -584,3 +584,50 @@ fn respond(
         data: spliced,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nfs::xdr::{put_opaque, put_u32};
+
+    /// An NFSv3 call record of `procedure` with `args`.
+    fn call(procedure: u32, args: &[u32]) -> Vec<u8> {
+        let mut b = Vec::new();
+        for v in [1, 0, 2, NFS_PROGRAM, 3, procedure, 0] {
+            put_u32(&mut b, v);
+        }
+        put_opaque(&mut b, &[]); // AUTH_NONE credential
+        put_u32(&mut b, 0);
+        put_opaque(&mut b, &[]);
+        put_opaque(&mut b, &[9; 32]); // the handle
+        for a in args {
+            put_u32(&mut b, *a);
+        }
+        b
+    }
+
+    #[test]
+    fn the_largest_reply_is_charged_before_the_call_runs() {
+        let max = MAX_IO as usize + SMALL_RESULT;
+        let cases = [
+            ("GETATTR", call(1, &[]), SMALL_RESULT),
+            ("READ 64 KiB", call(6, &[0, 0, 65536]), 65536 + SMALL_RESULT),
+            ("READ 4 GiB", call(6, &[0, 0, u32::MAX]), max),
+            (
+                "READDIR 8 KiB",
+                call(16, &[0, 0, 0, 0, 8192]),
+                8192 + SMALL_RESULT,
+            ),
+            (
+                "READDIRPLUS huge",
+                call(17, &[0, 0, 0, 0, 1024, u32::MAX]),
+                max,
+            ),
+            ("READ cut short", call(6, &[0]), SMALL_RESULT),
+            ("garbage", vec![1, 2, 3], SMALL_RESULT),
+        ];
+        for (what, record, want) in cases {
+            assert_eq!(reply_bound(&record), want, "{what}");
+        }
+    }
+}
