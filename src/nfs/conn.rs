@@ -4,8 +4,9 @@
 //! Large READs are the exception: the thread that ran the call splices the data from
 //! the page cache straight into the socket (see `splice`), under the same send lock the
 //! writer task takes, so records never interleave. A thread that finds the lock taken
-//! hands its reply to the writer task instead of waiting: only one thread per
-//! connection ever waits on the client's socket, and for at most the send timeout.
+//! for more than a few milliseconds hands its reply to the writer task instead of
+//! waiting: only one thread per connection ever waits on the client's socket, and for
+//! at most the send timeout.
 //! Clients keep many calls in flight on one connection, so replies may leave out of
 //! order; the XID pairs them up.
 //!
@@ -47,6 +48,10 @@ pub const MAX_IN_FLIGHT: usize = 64;
 const COALESCE_BYTES: usize = 256 * 1024;
 /// Replies larger than this are written on their own rather than copied into a batch.
 const SMALL_REPLY: usize = 16 * 1024;
+/// How long a blocking thread waits for another writer to free the socket before it
+/// hands its reply to the writer task: several 1 MiB sends to a client that reads.
+const LOCK_WAIT: Duration = Duration::from_millis(5);
+const LOCK_POLL: Duration = Duration::from_micros(50);
 /// What a reply other than READ's and READDIR's data can take: attributes, wcc data,
 /// a handle, a path (RFC 1813 limits each).
 const SMALL_RESULT: usize = 4 * 1024;
@@ -333,17 +338,28 @@ fn queue(tx: &mpsc::Sender<Queued>, reply: Queued) {
 }
 
 impl Outbox {
-    /// From a blocking-pool thread: writes `reply` itself if the socket is free, else
-    /// hands it to the writer task, so a thread never waits for another's send and
-    /// only one thread per connection ever waits on the client.
+    /// From a blocking-pool thread: writes `reply` itself once the socket is free,
+    /// else, if another writer keeps it longer than [`LOCK_WAIT`] (its client is slow
+    /// or has stopped reading), hands it to the writer task: a thread waits for
+    /// another's send only briefly, and only one thread per connection ever waits on
+    /// the client. Waiting a little first keeps spliced READs zero-copy when several
+    /// finish together; handing off copies the data out of the pipe.
     fn send_or_hand_off(
         &self,
         reply: Reply,
         tx: &mpsc::Sender<Queued>,
         held: (OwnedSemaphorePermit, Charge),
     ) {
-        match self.sink.try_lock() {
-            Ok(wr) => {
+        let give_up = Instant::now() + LOCK_WAIT;
+        let wr = loop {
+            match self.sink.try_lock() {
+                Ok(wr) => break Some(wr),
+                Err(_) if Instant::now() >= give_up => break None,
+                Err(_) => std::thread::sleep(LOCK_POLL),
+            }
+        };
+        match wr {
+            Some(wr) => {
                 // Written from this thread: no hand-off to the writer task, no wake-up.
                 let sock = wr.as_ref().as_raw_fd();
                 let _waiting = self.budget.waiting(&self.dropped);
@@ -353,7 +369,7 @@ impl Outbox {
                     splice::abort(sock);
                 }
             }
-            Err(_) => match reply.into_bytes() {
+            None => match reply.into_bytes() {
                 Ok(bytes) => queue(tx, Queued { bytes, _held: held }),
                 Err(e) => {
                     tracing::debug!(peer = %self.peer, errno = e.0, "reply lost: pipe read failed");
