@@ -514,3 +514,27 @@ async fn calls_from_unreserved_ports_are_refused_by_default() {
     assert_eq!(stats(&mnt), (0, 0));
     assert_eq!(word(&mnt, 6), 0, "MNT3_OK from a reserved port");
 }
+
+#[tokio::test]
+async fn idle_connections_filling_every_slot_make_room_for_a_new_client() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    create_volume(dir.path(), "vol", MIB);
+    let node = Node::start_env(dir.path(), &[("LOCALNFS_MAX_CONNECTIONS", "50")]).await;
+    let mut squatters = Vec::new();
+    for i in 0..50 {
+        let mut s = connect(node.port, LOCAL).await;
+        assert!(
+            exchange(&mut s, &call(i, 100_003, 3, 0, 1, &[]))
+                .await
+                .is_some()
+        );
+        squatters.push(s);
+    }
+    tokio::time::timeout(Duration::from_secs(5), honest_client_round_trip(node.port))
+        .await
+        .expect("a new client is served although idle connections hold every slot");
+    assert!(
+        closed_within(&mut squatters[0], Duration::from_secs(1)).await,
+        "the connection idle longest made room"
+    );
+}

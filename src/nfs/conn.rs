@@ -4,8 +4,9 @@
 //! Large READs are the exception: the thread that ran the call splices the data from
 //! the page cache straight into the socket (see `splice`), under the same send lock the
 //! writer task takes, so records never interleave. A thread that finds the lock taken
-//! hands its reply to the writer task instead of waiting: only one thread per
-//! connection ever waits on the client's socket, and for at most the send timeout.
+//! for more than a few milliseconds hands its reply to the writer task instead of
+//! waiting: only one thread per connection ever waits on the client's socket, and for
+//! at most the send timeout.
 //! Clients keep many calls in flight on one connection, so replies may leave out of
 //! order; the XID pairs them up.
 //!
@@ -22,7 +23,8 @@ use std::cell::Cell;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -32,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::buffers::BufferPool;
 use super::dirops;
-use super::limits::{Budget, Charge, Limits};
+use super::limits::{Budget, Charge, Limits, Waits};
 use super::mount;
 use super::ops::{self, Ctx, MAX_IO, ReadHow};
 use super::rpc::{self, AcceptStat, AuthStat, MAX_RECORD, Reject};
@@ -46,6 +48,10 @@ pub const MAX_IN_FLIGHT: usize = 64;
 const COALESCE_BYTES: usize = 256 * 1024;
 /// Replies larger than this are written on their own rather than copied into a batch.
 const SMALL_REPLY: usize = 16 * 1024;
+/// How long a blocking thread waits for another writer to free the socket before it
+/// hands its reply to the writer task: several 1 MiB sends to a client that reads.
+const LOCK_WAIT: Duration = Duration::from_millis(5);
+const LOCK_POLL: Duration = Duration::from_micros(50);
 /// What a reply other than READ's and READDIR's data can take: attributes, wcc data,
 /// a handle, a path (RFC 1813 limits each).
 const SMALL_RESULT: usize = 4 * 1024;
@@ -116,6 +122,10 @@ pub struct Shared {
     pub buffers: BufferPool,
     pub budget: Budget,
     pub limits: Limits,
+    /// Connections with nothing in flight, waiting for their client's next call.
+    pub idle: Waits,
+    /// Connections being served.
+    pub connections: AtomicUsize,
 }
 
 /// The sending side of one connection, shared by its writer task and the blocking
@@ -159,6 +169,15 @@ pub async fn serve(
     });
     let writer = tokio::spawn(write_replies(rx, out.clone()));
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    // The last free connection slot was just taken: close the connection idle longest
+    // so the next client is not left in the backlog until someone's idle timeout
+    // (knfsd does the same when it runs out of connections).
+    let _counted = Counted::new(&shared.connections);
+    if shared.connections.load(Ordering::Relaxed) >= limits.max_connections
+        && shared.idle.drop_oldest(Duration::ZERO, None)
+    {
+        tracing::info!("connection limit reached: closed the connection idle longest");
+    }
     let stop = || async {
         tokio::select! {
             _ = shutdown.cancelled() => {}
@@ -175,7 +194,7 @@ pub async fn serve(
         };
         let next = tokio::select! {
             _ = stop() => break,
-            next = next_record(&mut rd, &slots, limits) => next,
+            next = next_record(&mut rd, &slots, limits, &shared.idle, &out.dropped) => next,
         };
         let first = match next {
             Ok(b) => b,
@@ -205,10 +224,34 @@ pub async fn serve(
             }
         }
         let record = buf;
-        if !secure {
-            let reply = insecure_reply(&record);
+        if secure {
+            // The reply's worst case is the client's to wait for, not the server's to
+            // find room for after the fact.
+            let want = record.len() + reply_bound(&record);
+            let charged = tokio::select! {
+                _ = stop() => break,
+                r = charge.at_least(want) => r,
+            };
+            if charged.is_err() {
+                break;
+            }
+        }
+        let client = peer.ip();
+        // Answered on this task: refusals, and calls that take microseconds when they
+        // need no disk (handing them to the blocking pool, a thread wake-up each, would
+        // cost more than running them; never spliced here: the reply is all in `head`).
+        let here = if !secure {
+            Some(insecure_reply(&record))
+        } else if try_inline(&record) {
+            respond(&shared.exports, client, &record, Runner::AsyncTask)
+                .ok()
+                .map(|reply| reply.map(|r| r.head))
+        } else {
+            None
+        };
+        if let Some(head) = here {
             shared.buffers.give(record);
-            if let Some(bytes) = reply {
+            if let Some(bytes) = head {
                 queue(
                     &tx,
                     Queued {
@@ -218,40 +261,6 @@ pub async fn serve(
                 );
             }
             continue;
-        }
-        // The reply's worst case is the client's to wait for, not the server's to find
-        // room for after the fact.
-        let want = record.len() + reply_bound(&record);
-        let charged = tokio::select! {
-            _ = stop() => break,
-            r = charge.at_least(want) => r,
-        };
-        if charged.is_err() {
-            break;
-        }
-        let client = peer.ip();
-        if try_inline(&record) {
-            // These take microseconds when they need no disk: handing them to the
-            // blocking pool (a thread wake-up each) would cost more than running them.
-            // Never spliced here: the reply is all in `head`.
-            let inline = respond(&shared.exports, client, &record, Runner::AsyncTask)
-                .map(|reply| reply.map(|r| r.head));
-            match inline {
-                Err(WouldBlock) => {}
-                Ok(head) => {
-                    shared.buffers.give(record);
-                    if let Some(bytes) = head {
-                        queue(
-                            &tx,
-                            Queued {
-                                bytes,
-                                _held: (slot, charge),
-                            },
-                        );
-                    }
-                    continue;
-                }
-            }
         }
         let (sh, out, tx) = (shared.clone(), out.clone(), tx.clone());
         tokio::task::spawn_blocking(move || {
@@ -275,23 +284,50 @@ pub async fn serve(
 
 /// Reads the first byte of the next record, waiting as long as calls are in flight
 /// (their replies are the client's reason to keep quiet), else up to the idle timeout.
+/// While nothing is in flight the connection is registered in `idle`, where a new
+/// connection that finds every slot taken may close it (by cancelling `conn`).
 async fn next_record(
     rd: &mut OwnedReadHalf,
     slots: &Semaphore,
     limits: Limits,
+    idle: &Waits,
+    conn: &CancellationToken,
 ) -> Result<u8, &'static str> {
-    loop {
+    let byte = |r: std::io::Result<Option<u8>>| match r {
+        Ok(Some(b)) => Ok(b),
+        Ok(None) => Err("closed by the client"),
+        Err(_) => Err("read failed"),
+    };
+    // The other slots all free: nothing in flight, nothing queued (this loop is their
+    // only taker, so waiting for all of them holds up no one).
+    let others = u32::try_from(MAX_IN_FLIGHT - 1).unwrap_or(u32::MAX);
+    if slots.available_permits() < MAX_IN_FLIGHT - 1 {
         // Cancel-safe: a byte is either read and returned, or not read.
-        match tokio::time::timeout(limits.idle_timeout, rpc::first_byte(rd)).await {
-            Ok(Ok(Some(b))) => return Ok(b),
-            Ok(Ok(None)) => return Err("closed by the client"),
-            Ok(Err(_)) => return Err("read failed"),
-            // Only the slot this loop holds is taken: nothing in flight, nothing queued.
-            Err(_) if slots.available_permits() + 1 >= MAX_IN_FLIGHT => {
-                return Err("idle");
-            }
-            Err(_) => {}
+        tokio::select! {
+            r = rpc::first_byte(rd) => return byte(r),
+            _ = slots.acquire_many(others) => {}
         }
+    }
+    let _idle = idle.start(conn);
+    match tokio::time::timeout(limits.idle_timeout, rpc::first_byte(rd)).await {
+        Ok(r) => byte(r),
+        Err(_) => Err("idle"),
+    }
+}
+
+/// Counts a connection in `n` while alive.
+struct Counted<'a>(&'a AtomicUsize);
+
+impl<'a> Counted<'a> {
+    fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Counted(n)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -302,17 +338,28 @@ fn queue(tx: &mpsc::Sender<Queued>, reply: Queued) {
 }
 
 impl Outbox {
-    /// From a blocking-pool thread: writes `reply` itself if the socket is free, else
-    /// hands it to the writer task, so a thread never waits for another's send and
-    /// only one thread per connection ever waits on the client.
+    /// From a blocking-pool thread: writes `reply` itself once the socket is free,
+    /// else, if another writer keeps it longer than [`LOCK_WAIT`] (its client is slow
+    /// or has stopped reading), hands it to the writer task: a thread waits for
+    /// another's send only briefly, and only one thread per connection ever waits on
+    /// the client. Waiting a little first keeps spliced READs zero-copy when several
+    /// finish together; handing off copies the data out of the pipe.
     fn send_or_hand_off(
         &self,
         reply: Reply,
         tx: &mpsc::Sender<Queued>,
         held: (OwnedSemaphorePermit, Charge),
     ) {
-        match self.sink.try_lock() {
-            Ok(wr) => {
+        let give_up = Instant::now() + LOCK_WAIT;
+        let wr = loop {
+            match self.sink.try_lock() {
+                Ok(wr) => break Some(wr),
+                Err(_) if Instant::now() >= give_up => break None,
+                Err(_) => std::thread::sleep(LOCK_POLL),
+            }
+        };
+        match wr {
+            Some(wr) => {
                 // Written from this thread: no hand-off to the writer task, no wake-up.
                 let sock = wr.as_ref().as_raw_fd();
                 let _waiting = self.budget.waiting(&self.dropped);
@@ -322,7 +369,7 @@ impl Outbox {
                     splice::abort(sock);
                 }
             }
-            Err(_) => match reply.into_bytes() {
+            None => match reply.into_bytes() {
                 Ok(bytes) => queue(tx, Queued { bytes, _held: held }),
                 Err(e) => {
                     tracing::debug!(peer = %self.peer, errno = e.0, "reply lost: pipe read failed");
@@ -552,4 +599,51 @@ fn respond(
         head: out,
         data: spliced,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nfs::xdr::{put_opaque, put_u32};
+
+    /// An NFSv3 call record of `procedure` with `args`.
+    fn call(procedure: u32, args: &[u32]) -> Vec<u8> {
+        let mut b = Vec::new();
+        for v in [1, 0, 2, NFS_PROGRAM, 3, procedure, 0] {
+            put_u32(&mut b, v);
+        }
+        put_opaque(&mut b, &[]); // AUTH_NONE credential
+        put_u32(&mut b, 0);
+        put_opaque(&mut b, &[]);
+        put_opaque(&mut b, &[9; 32]); // the handle
+        for a in args {
+            put_u32(&mut b, *a);
+        }
+        b
+    }
+
+    #[test]
+    fn the_largest_reply_is_charged_before_the_call_runs() {
+        let max = MAX_IO as usize + SMALL_RESULT;
+        let cases = [
+            ("GETATTR", call(1, &[]), SMALL_RESULT),
+            ("READ 64 KiB", call(6, &[0, 0, 65536]), 65536 + SMALL_RESULT),
+            ("READ 4 GiB", call(6, &[0, 0, u32::MAX]), max),
+            (
+                "READDIR 8 KiB",
+                call(16, &[0, 0, 0, 0, 8192]),
+                8192 + SMALL_RESULT,
+            ),
+            (
+                "READDIRPLUS huge",
+                call(17, &[0, 0, 0, 0, 1024, u32::MAX]),
+                max,
+            ),
+            ("READ cut short", call(6, &[0]), SMALL_RESULT),
+            ("garbage", vec![1, 2, 3], SMALL_RESULT),
+        ];
+        for (what, record, want) in cases {
+            assert_eq!(reply_bound(&record), want, "{what}");
+        }
+    }
 }

@@ -48,34 +48,93 @@ const PRESSURE_WAIT: Duration = Duration::from_millis(50);
 /// leaving: never dropped for room.
 const STALLED_AFTER: Duration = Duration::from_secs(2);
 
+/// Connections waited on, oldest first: since when, and how to drop each one (by
+/// cancelling its token). Dropping the oldest under pressure is what knfsd does when it
+/// runs out of connections (`svc_check_conn_limits`): a client holding a resource
+/// without using it cannot starve those that do.
+#[derive(Debug, Clone, Default)]
+pub struct Waits(Arc<WaitsInner>);
+
+#[derive(Debug, Default)]
+struct WaitsInner {
+    map: Mutex<BTreeMap<WaitKey, CancellationToken>>,
+    next_id: AtomicU64,
+}
+
+type WaitKey = (Instant, u64);
+
+impl Waits {
+    /// Registers a wait on connection `conn` until the guard drops.
+    pub fn start(&self, conn: &CancellationToken) -> Waiting {
+        let key = (
+            Instant::now(),
+            self.0.next_id.fetch_add(1, Ordering::Relaxed),
+        );
+        self.lock().insert(key, conn.clone());
+        Waiting {
+            waits: self.clone(),
+            key,
+        }
+    }
+
+    /// Drops the connection waited on longest, if for at least `min_age`, other than
+    /// `except`. Returns whether one was dropped.
+    pub fn drop_oldest(&self, min_age: Duration, except: Option<&Waiting>) -> bool {
+        let mut map = self.lock();
+        let now = Instant::now();
+        let victim = map
+            .keys()
+            .find(|k| Some(**k) != except.map(|w| w.key))
+            .filter(|(since, _)| now.duration_since(*since) >= min_age)
+            .copied();
+        match victim.and_then(|k| map.remove(&k)) {
+            Some(conn) => {
+                conn.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<WaitKey, CancellationToken>> {
+        self.0.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A registered wait; ends when dropped.
+#[derive(Debug)]
+pub struct Waiting {
+    waits: Waits,
+    key: WaitKey,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.waits.lock().remove(&self.key);
+    }
+}
+
 /// The server-wide byte budget.
 #[derive(Debug, Clone)]
-pub struct Budget(Arc<Inner>);
-
-type StallKey = (Instant, u64);
-
-#[derive(Debug)]
-struct Inner {
+pub struct Budget {
     bytes: Arc<Semaphore>,
-    /// Records being read and replies being written: since when, and how to drop
-    /// their connection.
-    waits: Mutex<BTreeMap<StallKey, CancellationToken>>,
-    next_id: AtomicU64,
+    /// Records being read and replies being written: waits on clients that hold
+    /// budget.
+    stalls: Waits,
 }
 
 impl Budget {
     pub fn new(bytes: usize) -> Budget {
-        Budget(Arc::new(Inner {
+        Budget {
             bytes: Arc::new(Semaphore::new(bytes.min(Semaphore::MAX_PERMITS))),
-            waits: Mutex::new(BTreeMap::new()),
-            next_id: AtomicU64::new(0),
-        }))
+            stalls: Waits::default(),
+        }
     }
 
     /// Bytes not charged to anyone right now.
     #[cfg(test)]
     pub fn available(&self) -> usize {
-        self.0.bytes.available_permits()
+        self.bytes.available_permits()
     }
 
     /// An empty charge for a record whose first byte has just arrived. Until
@@ -92,57 +151,9 @@ impl Budget {
 
     /// Marks a wait on the client of connection `conn` (the rest of a record, or room
     /// in its socket for a reply) until the guard drops. While others wait for room in
-    /// the budget, the connection waited on longest is dropped by cancelling `conn`,
-    /// as knfsd drops its oldest connection under pressure: a client holding bytes it
-    /// does not complete or take cannot starve those that do.
+    /// the budget, the connection waited on longest (past [`STALLED_AFTER`]) is dropped.
     pub fn waiting(&self, conn: &CancellationToken) -> Waiting {
-        let key = (
-            Instant::now(),
-            self.0.next_id.fetch_add(1, Ordering::Relaxed),
-        );
-        self.0
-            .waits
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key, conn.clone());
-        Waiting {
-            budget: self.clone(),
-            key,
-        }
-    }
-
-    /// Drops the connection waited on longest, if past [`STALLED_AFTER`], other than
-    /// `except`.
-    fn drop_most_stalled(&self, except: Option<StallKey>) {
-        let mut waits = self.0.waits.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        let victim = waits
-            .keys()
-            .find(|k| Some(**k) != except)
-            .filter(|(since, _)| now.duration_since(*since) >= STALLED_AFTER)
-            .copied();
-        if let Some(conn) = victim.and_then(|k| waits.remove(&k)) {
-            tracing::info!("dropping the connection stalled longest to make room");
-            conn.cancel();
-        }
-    }
-}
-
-/// A wait on a client, registered with the budget until dropped.
-#[derive(Debug)]
-pub struct Waiting {
-    budget: Budget,
-    key: StallKey,
-}
-
-impl Drop for Waiting {
-    fn drop(&mut self) {
-        self.budget
-            .0
-            .waits
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.key);
+        self.stalls.start(conn)
     }
 }
 
@@ -175,7 +186,7 @@ impl Charge {
             return Ok(());
         }
         let n = u32::try_from(more).map_err(|_| std::io::ErrorKind::InvalidInput)?;
-        let sem = &self.budget.0.bytes;
+        let sem = &self.budget.bytes;
         let permit = loop {
             // The common case, room at once, costs no timer.
             if let Ok(p) = sem.clone().try_acquire_many_owned(n) {
@@ -184,9 +195,15 @@ impl Charge {
             match tokio::time::timeout(PRESSURE_WAIT, sem.clone().acquire_many_owned(n)).await {
                 Ok(Ok(p)) => break p,
                 Ok(Err(_)) => return Err(std::io::ErrorKind::BrokenPipe.into()),
-                Err(_) => self
-                    .budget
-                    .drop_most_stalled(self.partial.as_ref().map(|w| w.key)),
+                Err(_) => {
+                    if self
+                        .budget
+                        .stalls
+                        .drop_oldest(STALLED_AFTER, self.partial.as_ref())
+                    {
+                        tracing::info!("dropped the connection stalled longest to make room");
+                    }
+                }
             }
         };
         match &mut self.held {

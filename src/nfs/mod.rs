@@ -3,10 +3,11 @@
 //! derives handles from its start time; see DESIGN.md).
 //!
 //! Layers, outermost first: [`server`] accepts (allow-list, connection cap, drain),
-//! `conn` frames records and dispatches, `rpc`/`xdr` decode untrusted bytes,
-//! `ops`/`dirops`/`mount` implement procedures, `state` maps handles to descriptors,
-//! `sys` and `splice` (zero-copy READ replies) are the only places that make system
-//! calls.
+//! `conn` frames records and dispatches within the time and memory bounds of `limits`,
+//! `rpc`/`xdr` decode untrusted bytes, `ops`/`dirops`/`mount` implement procedures,
+//! `access` decides who may use each volume (per call), `rmtab` remembers who mounted
+//! what (for DUMP only), `state` maps handles to descriptors, `sys` and `splice`
+//! (zero-copy READ replies) are the only places that make system calls.
 
 mod access;
 mod allow;
@@ -58,6 +59,8 @@ pub async fn serve(
         buffers: buffers::BufferPool::new(POOLED_BUFFERS),
         budget: limits::Budget::new(limits.bytes_in_flight),
         limits,
+        idle: limits::Waits::default(),
+        connections: std::sync::atomic::AtomicUsize::new(0),
     });
     crate::server::serve(
         "nfs",
