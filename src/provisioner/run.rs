@@ -45,6 +45,7 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
         agents,
         classes: watch_classes(&client, &shutdown),
         agent_grace: args.agent_grace,
+        reservations: Default::default(),
     });
     // Placing a volume needs the agents' free space: know it before leading.
     tokio::select! {
