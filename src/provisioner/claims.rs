@@ -41,6 +41,8 @@ pub struct Ctx {
     pub agent_grace: Duration,
     /// Space held on each node for placements in progress.
     pub reservations: std::sync::Mutex<Reservations>,
+    /// Whether we may still write as leader; checked before every write.
+    pub fence: super::leader::Fence,
 }
 
 const BETA_PROVISIONER: &str = "volume.beta.kubernetes.io/storage-provisioner";
@@ -81,6 +83,7 @@ impl Ctx {
         patch: serde_json::Value,
     ) -> Result<()> {
         let (ns, name) = (pvc.namespace().unwrap_or_default(), pvc.name_any());
+        self.fence.check()?;
         self.claims(&ns)
             .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
             .await
@@ -94,6 +97,7 @@ impl Ctx {
         patch: kube::api::Patch<()>,
     ) -> Result<()> {
         let (ns, name) = (pvc.namespace().unwrap_or_default(), pvc.name_any());
+        self.fence.check()?;
         self.claims(&ns)
             .patch(&name, &PatchParams::default(), &patch)
             .await
@@ -149,6 +153,7 @@ impl Ctx {
             Some(_) => return Ok(()), // bound elsewhere by someone else: not ours to touch
         }
         let pv_phase = pv.status.as_ref().and_then(|s| s.phase.as_deref());
+        self.fence.check()?;
         if pv_phase != Some("Bound") && pv_phase != Some("Released") {
             Api::<PersistentVolume>::all(self.client.clone())
                 .patch_status(
@@ -160,6 +165,7 @@ impl Ctx {
                 .map_err(Error::kube(format!("set PV {pv_name} Bound")))?;
         }
         if pvc.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Bound") {
+            self.fence.check()?;
             self.claims(&ns)
                 .patch_status(
                     &name,
@@ -509,7 +515,13 @@ async fn provision(
         let placed = ctx
             .patch_meta(
                 pvc,
-                json!({"metadata": {"labels": {NODE_LABEL: node}, "annotations": {REQUEST: req_json}}}),
+                // Only the claim as read: a stale leader's placement of a claim placed
+                // since by another fails (409) instead of moving it.
+                json!({"metadata": {
+                    "resourceVersion": pvc.resource_version(),
+                    "labels": {NODE_LABEL: node},
+                    "annotations": {REQUEST: req_json},
+                }}),
             )
             .await;
         if let Err(e) = placed {
@@ -572,6 +584,7 @@ async fn provision(
     })
     .map_err(Error::BuildObject)?;
     let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    ctx.fence.check()?;
     match pvs.create(&PostParams::default(), &pv).await {
         Ok(_) => {
             ctx.metrics.provisioned.inc();
