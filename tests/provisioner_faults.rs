@@ -7,10 +7,9 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use kube::ResourceExt;
 use kube::api::{Api, ListParams, PostParams};
-use kube::{Client, ResourceExt};
 use localnfs::testbed::{TestCluster, kubelet};
 use serde_json::json;
 use support::cluster::*;
@@ -34,16 +33,6 @@ fn claim(name: &str) -> PersistentVolumeClaim {
     .expect("claim")
 }
 
-async fn holder(client: &Client) -> Option<String> {
-    let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
-    leases
-        .get_opt("localnfs-controller")
-        .await
-        .ok()??
-        .spec?
-        .holder_identity
-}
-
 #[tokio::test]
 async fn a_standby_controller_takes_over_within_15_seconds() {
     let cluster = TestCluster::start().await.expect("control plane");
@@ -56,12 +45,7 @@ async fn a_standby_controller_takes_over_within_15_seconds() {
     lnfs.start_controller();
     lnfs.start_controller();
     storage_class(&client, "now", json!({"volumeBindingMode": "Immediate"})).await;
-    let first = eventually("a leader", WAIT, || holder(&client)).await;
-    let leader_pid: u32 = first
-        .rsplit('-')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("identity ends in the pid");
+    let (first, leader_pid) = wait_for_leader(&client).await;
     let idx = lnfs
         .controllers
         .iter()
@@ -71,7 +55,7 @@ async fn a_standby_controller_takes_over_within_15_seconds() {
     lnfs.kill_controller(idx).await;
     let killed = Instant::now();
     let next = eventually("a new leader", WAIT, || async {
-        holder(&client).await.filter(|h| *h != first)
+        leader_holder(&client).await.filter(|h| *h != first)
     })
     .await;
     let takeover = killed.elapsed();

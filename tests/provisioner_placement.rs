@@ -181,3 +181,68 @@ async fn claims_waiting_on_a_silent_agent_are_placed_again_or_let_go() {
     );
     assert_eq!(volume_dirs(&lnfs, "alive").len(), 1);
 }
+
+/// Names of the claims in `default`: (Bound, the rest).
+async fn bound_and_pending(claims: &Api<PersistentVolumeClaim>) -> (Vec<String>, Vec<String>) {
+    let list = claims.list(&ListParams::default()).await.expect("claims");
+    let (bound, rest): (Vec<_>, Vec<_>) = list
+        .items
+        .into_iter()
+        .partition(|c| c.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound"));
+    let names = |v: Vec<PersistentVolumeClaim>| v.iter().map(|c| c.name_any()).collect();
+    (names(bound), names(rest))
+}
+
+#[tokio::test]
+async fn a_burst_of_claims_never_places_more_than_a_node_offers() {
+    let (cluster, mut lnfs) = start_localnfs(&[("node-1", ip(141), "10Mi")]).await;
+    let client = cluster.client();
+    storage_class(&client, "now", json!({"volumeBindingMode": "Immediate"})).await;
+    wait_for_heartbeat(&client, "node-1").await;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    futures::future::join_all((0..20).map(|i| {
+        let claims = claims.clone();
+        async move {
+            claims
+                .create(
+                    &PostParams::default(),
+                    &claim(&format!("c{i:02}"), "now", "1Mi", json!({})),
+                )
+                .await
+                .expect("create")
+        }
+    }))
+    .await;
+    // Room for 10: 10 Bound, and each of the other 10 told why.
+    eventually("10 Bound and 10 told there is no room", WAIT, || async {
+        let (bound, pending) = bound_and_pending(&claims).await;
+        if bound.len() != 10 {
+            return None;
+        }
+        for name in &pending {
+            let evs = events(&client, name).await;
+            if !evs
+                .iter()
+                .any(|(r, m)| r == "ProvisioningFailed" && m.contains("no node has room"))
+            {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    // Past the holds and a retry: still 10 and 10 directories.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let (bound, _) = bound_and_pending(&claims).await;
+    assert_eq!(bound.len(), 10, "overcommitted: {bound:?}");
+    assert_eq!(volume_dirs(&lnfs, "node-1").len(), 10);
+    assert_eq!(pv_count(&client).await, 10);
+
+    // Room appears: the rest bind.
+    lnfs.stop_agent("node-1").await;
+    lnfs.start_agent_with("node-1", ip(141), &["--capacity", "20Mi"]);
+    eventually("all 20 Bound once there is room", WAIT, || async {
+        (bound_and_pending(&claims).await.0.len() == 20).then_some(())
+    })
+    .await;
+}

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::queue::Next;
 use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
@@ -21,6 +21,7 @@ use super::metrics::ControllerMetrics;
 use super::params::{ClassParams, quantity_bytes};
 use super::protocol::*;
 use super::pv::{self, NodeRoom, PvInput, SELECTED_NODE};
+use super::reserve::Reservations;
 use super::triggers::ClaimKey;
 use crate::error::{Error, Result};
 
@@ -38,6 +39,10 @@ pub struct Ctx {
     pub classes: Store<StorageClass>,
     /// How long past its lease a silent node agent is waited for (`--agent-grace`).
     pub agent_grace: Duration,
+    /// Space held on each node for placements in progress.
+    pub reservations: std::sync::Mutex<Reservations>,
+    /// Whether we may still write as leader; checked before every write.
+    pub fence: super::leader::Fence,
 }
 
 const BETA_PROVISIONER: &str = "volume.beta.kubernetes.io/storage-provisioner";
@@ -78,6 +83,7 @@ impl Ctx {
         patch: serde_json::Value,
     ) -> Result<()> {
         let (ns, name) = (pvc.namespace().unwrap_or_default(), pvc.name_any());
+        self.fence.check()?;
         self.claims(&ns)
             .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
             .await
@@ -91,6 +97,7 @@ impl Ctx {
         patch: kube::api::Patch<()>,
     ) -> Result<()> {
         let (ns, name) = (pvc.namespace().unwrap_or_default(), pvc.name_any());
+        self.fence.check()?;
         self.claims(&ns)
             .patch(&name, &PatchParams::default(), &patch)
             .await
@@ -146,6 +153,7 @@ impl Ctx {
             Some(_) => return Ok(()), // bound elsewhere by someone else: not ours to touch
         }
         let pv_phase = pv.status.as_ref().and_then(|s| s.phase.as_deref());
+        self.fence.check()?;
         if pv_phase != Some("Bound") && pv_phase != Some("Released") {
             Api::<PersistentVolume>::all(self.client.clone())
                 .patch_status(
@@ -157,6 +165,7 @@ impl Ctx {
                 .map_err(Error::kube(format!("set PV {pv_name} Bound")))?;
         }
         if pvc.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Bound") {
+            self.fence.check()?;
             self.claims(&ns)
                 .patch_status(
                     &name,
@@ -178,6 +187,32 @@ impl Ctx {
             Some(patch) => self.patch_finalizers(pvc, patch).await,
             None => Ok(()),
         }
+    }
+
+    /// The space held for placements in progress (never held across an await).
+    fn reservations(&self) -> std::sync::MutexGuard<'_, Reservations> {
+        self.reservations
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Picks a node as [`pv::choose_node`] does from free space less what placements in
+    /// progress hold, and holds the claim's bytes there, in one step: concurrent
+    /// workers never both count the same free bytes.
+    fn choose_and_hold(
+        &self,
+        uid: &str,
+        selected: Option<&str>,
+        rooms: &[NodeRoom],
+        size: u64,
+        allowed: Option<&BTreeSet<String>>,
+    ) -> std::result::Result<String, String> {
+        let now = Instant::now();
+        let mut held = self.reservations();
+        held.expire(now);
+        let node = pv::choose_node(selected, &held.discount(rooms), size, allowed)?;
+        held.hold(uid, &node, size, now);
+        Ok(node)
     }
 
     /// Why we stop waiting for `node`'s agent, when it has been silent past its lease
@@ -317,6 +352,7 @@ async fn abandon(ctx: &Ctx, pvc: &PersistentVolumeClaim) -> Result<Next> {
     if annotation(pvc, ABANDON).is_none() {
         ctx.patch_meta(pvc, json!({"metadata": {"annotations": {ABANDON: "true"}}}))
             .await?;
+        ctx.reservations().release(&pvc.uid().unwrap_or_default());
     }
     let node = pvc.labels().get(NODE_LABEL).cloned().unwrap_or_default();
     if let Some(why) = ctx.agent_gone(&node) {
@@ -368,6 +404,7 @@ async fn place_again(
         }}),
     )
     .await?;
+    ctx.reservations().release(&pvc.uid().unwrap_or_default());
     ctx.event(
         pvc,
         EventType::Warning,
@@ -414,10 +451,30 @@ async fn provision(
     }
     let rooms = ctx.node_rooms();
     let Some(node) = pvc.labels().get(NODE_LABEL).cloned() else {
+        let (ns, name, uid) = (
+            pvc.namespace().unwrap_or_default(),
+            pvc.name_any(),
+            pvc.uid().unwrap_or_default(),
+        );
+        let volume = match params.volume_name(pv_name, &ns, &name, &uid) {
+            Ok(v) => v,
+            Err(msg) => {
+                ctx.metrics.failed("invalid");
+                ctx.event(pvc, EventType::Warning, "ProvisioningFailed", msg)
+                    .await;
+                return Ok(Next::After(Duration::from_secs(300)));
+            }
+        };
         let free: Vec<NodeRoom> = rooms.iter().map(|(r, _)| r.clone()).collect();
         let allowed = allowed_nodes(ctx, class).await?;
         let selected = annotation(pvc, SELECTED_NODE);
-        let node = match pv::choose_node(selected, &free, request.size_bytes, allowed.as_ref()) {
+        let node = match ctx.choose_and_hold(
+            &uid,
+            selected,
+            &free,
+            request.size_bytes,
+            allowed.as_ref(),
+        ) {
             Ok(n) => n,
             Err(msg) if selected.is_some() => {
                 // As kube's external-provisioner does: hand the choice back to the
@@ -444,20 +501,6 @@ async fn provision(
                 return Ok(Next::After(Duration::from_secs(15)));
             }
         };
-        let (ns, name, uid) = (
-            pvc.namespace().unwrap_or_default(),
-            pvc.name_any(),
-            pvc.uid().unwrap_or_default(),
-        );
-        let volume = match params.volume_name(pv_name, &ns, &name, &uid) {
-            Ok(v) => v,
-            Err(msg) => {
-                ctx.metrics.failed("invalid");
-                ctx.event(pvc, EventType::Warning, "ProvisioningFailed", msg)
-                    .await;
-                return Ok(Next::After(Duration::from_secs(300)));
-            }
-        };
         let req = VolumeRequest {
             name: volume.clone(),
             size_bytes: request.size_bytes,
@@ -469,11 +512,22 @@ async fn provision(
             anon_gid: params.anon_gid,
         };
         let req_json = serde_json::to_string(&req).unwrap_or_default();
-        ctx.patch_meta(
-            pvc,
-            json!({"metadata": {"labels": {NODE_LABEL: node}, "annotations": {REQUEST: req_json}}}),
-        )
-        .await?;
+        let placed = ctx
+            .patch_meta(
+                pvc,
+                // Only the claim as read: a stale leader's placement of a claim placed
+                // since by another fails (409) instead of moving it.
+                json!({"metadata": {
+                    "resourceVersion": pvc.resource_version(),
+                    "labels": {NODE_LABEL: node},
+                    "annotations": {REQUEST: req_json},
+                }}),
+            )
+            .await;
+        if let Err(e) = placed {
+            ctx.reservations().release(&uid);
+            return Err(e);
+        }
         ctx.event(
             pvc,
             EventType::Normal,
@@ -486,13 +540,18 @@ async fn provision(
         .await;
         return Ok(next_step);
     };
+    let uid = pvc.uid().unwrap_or_default();
     let Some(volume) = annotation(pvc, READY) else {
         if let Some(why) = ctx.agent_gone(&node) {
             return place_again(ctx, pvc, &node, &why).await;
         }
+        // Placed by an earlier leader: hold its space here too.
+        ctx.reservations()
+            .hold(&uid, &node, request.size_bytes, Instant::now());
         // The node agent's annotation brings the claim back; poll in case it is down.
         return Ok(Next::After(AGENT_POLL));
     };
+    ctx.reservations().ready(&uid, Instant::now());
     let nodes: Api<Node> = Api::all(ctx.client.clone());
     let node_obj = nodes
         .get(&node)
@@ -525,6 +584,7 @@ async fn provision(
     })
     .map_err(Error::BuildObject)?;
     let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    ctx.fence.check()?;
     match pvs.create(&PostParams::default(), &pv).await {
         Ok(_) => {
             ctx.metrics.provisioned.inc();

@@ -70,6 +70,7 @@ pub async fn reconcile(
             .and_then(|q| quantity_bytes(&q.0).ok());
         let bound = pvc.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound");
         if bound && status_cap.is_some_and(|c| c < have) {
+            ctx.fence.check()?;
             claims
                 .patch_status(
                     &name,
@@ -101,6 +102,7 @@ pub async fn reconcile(
         let Some(request) = request else {
             return Ok(Next::Wait);
         };
+        ctx.fence.check()?;
         pvs.patch(
             &pv_name,
             &PatchParams::default(),
@@ -128,6 +130,7 @@ pub async fn reconcile(
         return Ok(Next::Wait);
     }
     if ann(pv, RESIZE_TO) != Some(want.to_string().as_str()) {
+        ctx.fence.check()?;
         pvs.patch(
             &pv_name,
             &PatchParams::default(),

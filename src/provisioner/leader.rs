@@ -1,15 +1,26 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease: one controller acts, the
 //! others wait; if the leader stops renewing, another takes over once the lease has
-//! expired (duration 10 s, renewed every 2 s, so a takeover happens within ~12 s).
+//! been seen unchanged for its whole duration (10 s, renewed every 2 s, so a takeover
+//! happens within ~12 s).
 //!
-//! The decision is a pure function of the Lease and the clock ([`decide`]); updates
-//! use the Lease's resourceVersion, so two candidates can never both win a round.
+//! Fencing (client-go's rules): expiry is measured on the candidate's own monotonic
+//! clock from when it first saw the current lease record, never by comparing the
+//! holder's `renewTime` with our clock; every lease call times out; and the leader
+//! acts only until [`ACT_FOR`] after the *start* of its last successful renewal
+//! ([`Fence`]), which is before anyone else may take over. A leader that cannot renew
+//! in time exits (the Deployment restarts it) rather than keep writing.
+//!
+//! The decision is a pure function of the Lease and how long it has been seen
+//! unchanged ([`decide`]); updates use the Lease's resourceVersion, so two candidates
+//! can never both win a round.
 
-use std::time::Duration;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
 
 use crate::error::{Error, Result};
@@ -18,6 +29,11 @@ use crate::error::{Error, Result};
 pub const LEASE_DURATION: Duration = Duration::from_secs(10);
 /// How often the holder renews (and candidates retry).
 pub const RENEW_EVERY: Duration = Duration::from_secs(2);
+/// The most one lease call may take.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long after starting its last successful renewal the leader may act: the lease
+/// less a margin for clock rate differences and a write already on the wire.
+pub const ACT_FOR: Duration = Duration::from_secs(7);
 
 /// What to do with the lease this round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,8 +48,9 @@ pub enum Decision {
     Wait,
 }
 
-/// Decides from the current lease (if any), our identity and the time.
-pub fn decide(lease: Option<&LeaseSpec>, me: &str, now: Timestamp) -> Decision {
+/// Decides from the current lease (if any), our identity and how long we have seen
+/// this very lease record (its resourceVersion) unchanged, on our own clock.
+pub fn decide(lease: Option<&LeaseSpec>, me: &str, unchanged_for: Duration) -> Decision {
     let Some(spec) = lease else {
         return Decision::Create;
     };
@@ -41,12 +58,59 @@ pub fn decide(lease: Option<&LeaseSpec>, me: &str, now: Timestamp) -> Decision {
         Some(h) if h == me => Decision::Renew,
         None | Some("") => Decision::TakeOver,
         Some(_) => {
-            let duration = i64::from(spec.lease_duration_seconds.unwrap_or(10));
-            let renewed = spec.renew_time.as_ref().map(|t| t.0);
-            match renewed {
-                Some(t) if t + SignedDuration::from_secs(duration) > now => Decision::Wait,
-                _ => Decision::TakeOver,
+            let secs = u64::try_from(spec.lease_duration_seconds.unwrap_or(10)).unwrap_or(10);
+            if unchanged_for >= Duration::from_secs(secs) {
+                Decision::TakeOver
+            } else {
+                Decision::Wait
             }
+        }
+    }
+}
+
+/// Until when this process may act as leader, on its monotonic clock (which keeps
+/// counting while the process is stopped, so a leader resumed after SIGSTOP sees at
+/// once that its time is up).
+#[derive(Debug)]
+pub struct Fence {
+    base: Instant,
+    /// Milliseconds after `base`; 0: not leading.
+    until_ms: AtomicU64,
+}
+
+impl Default for Fence {
+    fn default() -> Self {
+        Self {
+            base: Instant::now(),
+            until_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Fence {
+    /// A renewal that started at `round_started` succeeded.
+    pub fn renewed(&self, round_started: Instant) {
+        let until = round_started.saturating_duration_since(self.base) + ACT_FOR;
+        let ms = u64::try_from(until.as_millis()).unwrap_or(u64::MAX);
+        self.until_ms.fetch_max(ms, Ordering::AcqRel);
+    }
+
+    /// Whether we may still act at `now`.
+    pub fn holds_at(&self, now: Instant) -> bool {
+        let ms =
+            u64::try_from(now.saturating_duration_since(self.base).as_millis()).unwrap_or(u64::MAX);
+        ms < self.until_ms.load(Ordering::Acquire)
+    }
+
+    /// Checked before every write the controller makes: an error once our time is up.
+    pub fn check(&self) -> Result<()> {
+        if self.holds_at(Instant::now()) {
+            Ok(())
+        } else {
+            Err(Error::Timeout {
+                what: "leader lease renewal (not writing as leader)".into(),
+                after: ACT_FOR,
+            })
         }
     }
 }
@@ -56,6 +120,8 @@ pub struct LeaderElector {
     api: Api<Lease>,
     name: String,
     identity: String,
+    /// The lease record (resourceVersion) last seen and when we first saw it.
+    observed: Mutex<Option<(String, Instant)>>,
 }
 
 impl LeaderElector {
@@ -64,6 +130,22 @@ impl LeaderElector {
             api,
             name: name.to_owned(),
             identity: identity.to_owned(),
+            observed: Mutex::new(None),
+        }
+    }
+
+    /// How long the record with `version` has been seen unchanged (zero when new).
+    fn unchanged_for(&self, version: &str, now: Instant) -> Duration {
+        let mut seen = self
+            .observed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match seen.as_ref() {
+            Some((v, since)) if v == version => now.saturating_duration_since(*since),
+            _ => {
+                *seen = Some((version.to_owned(), now));
+                Duration::ZERO
+            }
         }
     }
 
@@ -81,46 +163,62 @@ impl LeaderElector {
     /// One round: returns whether we hold the lease afterwards. Losing a race (409)
     /// is "not leader", not an error.
     pub async fn try_lead(&self) -> Result<bool> {
-        let now = Timestamp::now();
-        let current = self
-            .api
-            .get_opt(&self.name)
+        let timed_out = |what: &str| Error::Timeout {
+            what: format!("{what} lease {}", self.name),
+            after: CALL_TIMEOUT,
+        };
+        let current = tokio::time::timeout(CALL_TIMEOUT, self.api.get_opt(&self.name))
             .await
+            .map_err(|_| timed_out("read"))?
             .map_err(Error::kube(format!("read lease {}", self.name)))?;
+        let version = current
+            .as_ref()
+            .and_then(|l| l.metadata.resource_version.clone())
+            .unwrap_or_default();
         let decision = decide(
             current.as_ref().and_then(|l| l.spec.as_ref()),
             &self.identity,
-            now,
+            self.unchanged_for(&version, Instant::now()),
         );
-        let result = match (decision, current) {
-            (Decision::Wait, _) => return Ok(false),
-            (Decision::Create, _) => {
-                let lease = Lease {
-                    metadata: ObjectMeta {
-                        name: Some(self.name.clone()),
-                        ..ObjectMeta::default()
-                    },
-                    spec: Some(self.spec(now, None, 0)),
-                };
-                self.api.create(&PostParams::default(), &lease).await
-            }
-            (_, None) => return Ok(false),
-            (d, Some(mut lease)) => {
-                let old = lease.spec.take().unwrap_or_default();
-                let transitions = old.lease_transitions.unwrap_or(0);
-                lease.spec = Some(if d == Decision::Renew {
-                    self.spec(now, old.acquire_time, transitions)
-                } else {
-                    self.spec(now, None, transitions + 1)
-                });
-                // resourceVersion is kept: a concurrent writer makes this fail with 409.
-                self.api
-                    .replace(&self.name, &PostParams::default(), &lease)
-                    .await
+        let now = Timestamp::now();
+        let write = async {
+            match (decision, current) {
+                (Decision::Wait, _) => Ok(None),
+                (Decision::Create, _) => {
+                    let lease = Lease {
+                        metadata: ObjectMeta {
+                            name: Some(self.name.clone()),
+                            ..ObjectMeta::default()
+                        },
+                        spec: Some(self.spec(now, None, 0)),
+                    };
+                    self.api
+                        .create(&PostParams::default(), &lease)
+                        .await
+                        .map(Some)
+                }
+                (_, None) => Ok(None),
+                (d, Some(mut lease)) => {
+                    let old = lease.spec.take().unwrap_or_default();
+                    let transitions = old.lease_transitions.unwrap_or(0);
+                    lease.spec = Some(if d == Decision::Renew {
+                        self.spec(now, old.acquire_time, transitions)
+                    } else {
+                        self.spec(now, None, transitions + 1)
+                    });
+                    // resourceVersion is kept: a concurrent writer makes this fail with 409.
+                    self.api
+                        .replace(&self.name, &PostParams::default(), &lease)
+                        .await
+                        .map(Some)
+                }
             }
         };
+        let result = tokio::time::timeout(CALL_TIMEOUT, write)
+            .await
+            .map_err(|_| timed_out("write"))?;
         match result {
-            Ok(_) => Ok(true),
+            Ok(written) => Ok(written.is_some()),
             Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
             Err(e) => Err(Error::kube(format!("write lease {}", self.name))(e)),
         }
@@ -131,32 +229,49 @@ impl LeaderElector {
 mod tests {
     use super::*;
 
-    fn lease(holder: Option<&str>, renewed_secs_ago: Option<i64>, now: Timestamp) -> LeaseSpec {
+    fn lease(holder: Option<&str>) -> LeaseSpec {
         LeaseSpec {
             holder_identity: holder.map(String::from),
             lease_duration_seconds: Some(10),
-            renew_time: renewed_secs_ago.map(|s| MicroTime(now - SignedDuration::from_secs(s))),
+            renew_time: Some(MicroTime(Timestamp::now())),
             ..LeaseSpec::default()
         }
     }
 
     #[test]
-    fn decisions_follow_holder_and_expiry() {
-        let now = Timestamp::now();
+    fn decisions_follow_holder_and_how_long_the_lease_was_seen_unchanged() {
+        let s = Duration::from_secs;
         let cases = [
-            (None, Decision::Create),
-            (Some(lease(Some("me"), Some(1), now)), Decision::Renew),
-            (Some(lease(Some("me"), Some(60), now)), Decision::Renew),
-            (Some(lease(Some("other"), Some(3), now)), Decision::Wait),
-            (
-                Some(lease(Some("other"), Some(11), now)),
-                Decision::TakeOver,
-            ),
-            (Some(lease(Some("other"), None, now)), Decision::TakeOver),
-            (Some(lease(None, Some(1), now)), Decision::TakeOver),
+            (None, s(0), Decision::Create),
+            (Some(lease(Some("me"))), s(0), Decision::Renew),
+            (Some(lease(Some("me"))), s(60), Decision::Renew),
+            (Some(lease(Some("other"))), s(3), Decision::Wait),
+            // Whatever its renewTime says (another machine's clock), a lease is taken
+            // over only once we have seen it unchanged for its duration.
+            (Some(lease(Some("other"))), s(9), Decision::Wait),
+            (Some(lease(Some("other"))), s(10), Decision::TakeOver),
+            (Some(lease(None)), s(0), Decision::TakeOver),
         ];
-        for (spec, want) in cases {
-            assert_eq!(decide(spec.as_ref(), "me", now), want, "{spec:?}");
+        for (spec, seen, want) in cases {
+            assert_eq!(decide(spec.as_ref(), "me", seen), want, "{spec:?} {seen:?}");
         }
+    }
+
+    #[test]
+    fn the_fence_closes_before_another_replica_may_take_over() {
+        let fence = Fence::default();
+        let t0 = Instant::now();
+        assert!(!fence.holds_at(t0), "not leading yet");
+        fence.renewed(t0);
+        assert!(fence.holds_at(t0 + ACT_FOR - Duration::from_millis(10)));
+        assert!(!fence.holds_at(t0 + ACT_FOR));
+        assert!(ACT_FOR + RENEW_EVERY < LEASE_DURATION);
+        fence.renewed(t0 + Duration::from_secs(2));
+        assert!(fence.holds_at(t0 + ACT_FOR));
+        fence.renewed(t0);
+        assert!(
+            fence.holds_at(t0 + ACT_FOR),
+            "an older renewal never shortens it"
+        );
     }
 }

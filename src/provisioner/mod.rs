@@ -1,7 +1,7 @@
 //! The provisioner (`localnfs controller`): turns claims of localnfs StorageClasses
 //! into volumes on a node and PersistentVolumes, reclaims and expands them.
 //!
-//! `params`, `pv` and `reclaim` are pure decisions; the reconcilers (`claims`, `expand`, `volumes`)
+//! `params`, `pv`, `reclaim` and `reserve` are pure decisions and bookkeeping; the reconcilers (`claims`, `expand`, `volumes`)
 //! do the I/O; `triggers` decides which objects to reconcile and `queue` hands their
 //! keys to a bounded set of workers.
 
@@ -14,6 +14,7 @@ pub mod protocol;
 pub mod pv;
 pub mod queue;
 pub mod reclaim;
+pub mod reserve;
 pub mod run;
 pub mod triggers;
 pub mod volumes;

@@ -249,7 +249,7 @@ pub fn build_pv(i: &PvInput) -> Result<PersistentVolume, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn claim(extra: serde_json::Value) -> PersistentVolumeClaim {
@@ -308,7 +308,8 @@ mod tests {
         }
     }
 
-    fn rooms(v: &[(&str, u64)]) -> Vec<NodeRoom> {
+    /// Node rooms from `(node, free bytes)` pairs.
+    pub(crate) fn rooms(v: &[(&str, u64)]) -> Vec<NodeRoom> {
         v.iter()
             .map(|(n, f)| NodeRoom {
                 node: n.to_string(),

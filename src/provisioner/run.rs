@@ -1,7 +1,7 @@
 //! `localnfs controller`: leader election, then the claim and PV reconcilers.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -12,7 +12,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use tokio_util::sync::CancellationToken;
 
 use super::claims::{self, Ctx};
-use super::leader::{LEASE_DURATION, LeaderElector, RENEW_EVERY};
+use super::leader::{LeaderElector, RENEW_EVERY};
 use super::metrics::ControllerMetrics;
 use super::protocol::NODE_LABEL;
 use super::queue::{WorkQueue, run_workers};
@@ -45,6 +45,8 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
         agents,
         classes: watch_classes(&client, &shutdown),
         agent_grace: args.agent_grace,
+        reservations: Default::default(),
+        fence: Default::default(),
     });
     // Placing a volume needs the agents' free space: know it before leading.
     tokio::select! {
@@ -62,45 +64,73 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
     );
     tracing::info!(%identity, provisioner = %args.install.provisioner_name, "controller starting");
     let mut leading: Leading = None;
-    let mut last_renewal = Instant::now();
     loop {
+        let round_started = Instant::now();
         match elector.try_lead().await {
             Ok(true) => {
+                ctx.fence.renewed(round_started);
                 readiness.set(true);
-                last_renewal = Instant::now();
                 if leading.is_none() {
                     tracing::info!(%identity, "became leader");
                     metrics.leader.set(1);
                     let stop = shutdown.child_token();
+                    tokio::spawn(watchdog(ctx.clone(), stop.clone()));
                     leading = Some((stop.clone(), tokio::spawn(controllers(ctx.clone(), stop))));
                 }
             }
             Ok(false) => {
                 readiness.set(true);
-                step_down(&mut leading, &metrics, "lost leadership").await;
+                if leading.is_some() {
+                    // Someone else holds the lease: stop at once, in-flight writes too.
+                    give_up("another replica holds the leader lease");
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "leader election round failed");
-                // Step down before the lease can have expired for the others.
-                if last_renewal.elapsed() > LEASE_DURATION - RENEW_EVERY {
-                    step_down(
-                        &mut leading,
-                        &metrics,
-                        "could not renew the leader lease in time",
-                    )
-                    .await;
+                if leading.is_some() && !ctx.fence.holds_at(Instant::now()) {
+                    give_up("could not renew the leader lease in time");
                 }
             }
         }
+        // Candidates look more often than the leader renews, so they see the last
+        // renewal of a leader that stopped soon after it was made.
+        let next_round = if leading.is_some() {
+            RENEW_EVERY
+        } else {
+            RENEW_EVERY / 2
+        };
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(RENEW_EVERY) => {}
+            _ = tokio::time::sleep(next_round) => {}
         }
     }
     step_down(&mut leading, &metrics, "shutting down").await;
     let _ = admin.task.await;
     tracing::info!("controller stopped");
     Ok(())
+}
+
+/// Ends the process: a leader that may have lost its lease must not write another
+/// byte, and a restart (the Deployment's) is the one way to be sure nothing it
+/// started is still running.
+fn give_up(why: &str) -> ! {
+    tracing::error!(why, "stopping: no longer sure to be the leader");
+    std::process::exit(1)
+}
+
+/// While leading, checks the fence often: a leader resumed after a stall (SIGSTOP, a
+/// long GC-like pause, a partition) gives up before its reconcilers write, as they also
+/// check the fence before each write.
+async fn watchdog(ctx: Arc<Ctx>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+        if !ctx.fence.holds_at(Instant::now()) {
+            give_up("the leader lease was not renewed in time");
+        }
+    }
 }
 
 type Leading = Option<(CancellationToken, tokio::task::JoinHandle<()>)>;

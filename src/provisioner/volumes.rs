@@ -82,6 +82,7 @@ async fn reconcile(name: &str, ctx: &Ctx) -> Result<Next> {
         }),
         ..DeleteParams::default()
     };
+    ctx.fence.check()?;
     match pvs.delete(name, &unchanged).await {
         Ok(_) => {
             ctx.metrics.deleted.inc();

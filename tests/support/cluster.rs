@@ -588,3 +588,27 @@ pub async fn start_localnfs(nodes: &[(&str, IpAddr, &str)]) -> (TestCluster, Loc
     lnfs.start_nodes_and_controller(&client, nodes).await;
     (cluster, lnfs)
 }
+
+/// The identity holding the controllers' leader Lease, if any.
+pub async fn leader_holder(client: &Client) -> Option<String> {
+    Api::<Lease>::namespaced(client.clone(), NAMESPACE)
+        .get_opt("localnfs-controller")
+        .await
+        .ok()??
+        .spec?
+        .holder_identity
+}
+
+/// Waits for a leader; returns its identity and PID (test identities end in the PID).
+pub async fn wait_for_leader(client: &Client) -> (String, u32) {
+    let id = eventually("a leader", Duration::from_secs(120), || {
+        leader_holder(client)
+    })
+    .await;
+    let pid = id
+        .rsplit('-')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("identity ends in the pid");
+    (id, pid)
+}

@@ -1,0 +1,135 @@
+//! Space held for placements in progress, so a burst of claims never places more bytes
+//! on a node than its agent offers (issue 14 item 4). Pure bookkeeping, no I/O.
+//!
+//! An agent's heartbeat reports its free space only after it has created a volume;
+//! until then, and for a while after the controller sees the volume ready (the next
+//! heartbeats carry the new free space: one is sent at once after a creation, then
+//! every 5 s), the claim's bytes are held here and taken off that node's free space.
+//! Durations are measured on this process's monotonic clock, never compared with
+//! another machine's.
+//!
+//! Held in memory by the leader: a new leader re-holds a placed claim when it first
+//! reconciles it, so right after a takeover a node can briefly be offered twice.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use super::pv::NodeRoom;
+
+/// How long a hold outlives the volume becoming ready (two heartbeats and slack).
+pub const HOLD_AFTER_READY: Duration = Duration::from_secs(15);
+/// How long a hold lasts for a placement that never becomes ready and is never
+/// released (its claim vanished without the controller seeing it go).
+pub const HOLD_UNREADY: Duration = Duration::from_secs(600);
+
+#[derive(Debug)]
+struct Held {
+    node: String,
+    bytes: u64,
+    placed: Instant,
+    ready: Option<Instant>,
+}
+
+/// Holds by claim uid.
+#[derive(Debug, Default)]
+pub struct Reservations {
+    held: HashMap<String, Held>,
+}
+
+impl Reservations {
+    /// Drops holds the agents' reports now include, or that were never finished.
+    pub fn expire(&mut self, now: Instant) {
+        self.held.retain(|_, h| match h.ready {
+            Some(r) => now.saturating_duration_since(r) < HOLD_AFTER_READY,
+            None => now.saturating_duration_since(h.placed) < HOLD_UNREADY,
+        });
+    }
+
+    /// `rooms` less what is held on each node.
+    pub fn discount(&self, rooms: &[NodeRoom]) -> Vec<NodeRoom> {
+        rooms
+            .iter()
+            .map(|r| {
+                let held: u64 = self
+                    .held
+                    .values()
+                    .filter(|h| h.node == r.node)
+                    .map(|h| h.bytes)
+                    .sum();
+                NodeRoom {
+                    node: r.node.clone(),
+                    free_bytes: r.free_bytes.saturating_sub(held),
+                }
+            })
+            .collect()
+    }
+
+    /// Holds `bytes` on `node` for claim `uid`; an existing hold for it stays as it is.
+    pub fn hold(&mut self, uid: &str, node: &str, bytes: u64, now: Instant) {
+        self.held.entry(uid.to_owned()).or_insert_with(|| Held {
+            node: node.to_owned(),
+            bytes,
+            placed: now,
+            ready: None,
+        });
+    }
+
+    /// The claim's volume exists: its hold ends [`HOLD_AFTER_READY`] from the first
+    /// time this is said.
+    pub fn ready(&mut self, uid: &str, now: Instant) {
+        if let Some(h) = self.held.get_mut(uid) {
+            h.ready.get_or_insert(now);
+        }
+    }
+
+    /// The placement was taken back or abandoned: nothing more will be created.
+    pub fn release(&mut self, uid: &str) {
+        self.held.remove(uid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provisioner::pv::tests::rooms;
+
+    fn free(r: &Reservations) -> Vec<u64> {
+        r.discount(&rooms(&[("a", 100), ("b", 50)]))
+            .iter()
+            .map(|n| n.free_bytes)
+            .collect()
+    }
+
+    #[test]
+    fn holds_come_off_their_node_until_reported_or_released() {
+        let t0 = Instant::now();
+        let mut r = Reservations::default();
+        r.hold("c1", "a", 30, t0);
+        r.hold("c2", "a", 30, t0);
+        r.hold("c3", "b", 80, t0);
+        assert_eq!(free(&r), vec![40, 0], "held bytes, never below zero");
+        r.hold("c1", "b", 1, t0);
+        assert_eq!(
+            free(&r),
+            vec![40, 0],
+            "a second hold for a claim changes nothing"
+        );
+        r.release("c3");
+        assert_eq!(free(&r), vec![40, 50]);
+
+        r.ready("c1", t0 + Duration::from_secs(1));
+        r.expire(t0 + HOLD_AFTER_READY);
+        assert_eq!(free(&r), vec![40, 50], "still within the hold after ready");
+        r.ready("c1", t0 + HOLD_AFTER_READY);
+        r.expire(t0 + HOLD_AFTER_READY + Duration::from_secs(1));
+        assert_eq!(
+            free(&r),
+            vec![70, 50],
+            "the first ready counts, not a later one"
+        );
+        r.expire(t0 + HOLD_UNREADY);
+        assert_eq!(free(&r), vec![100, 50], "never finished: dropped at last");
+        r.ready("gone", t0);
+        assert_eq!(free(&r), vec![100, 50]);
+    }
+}
