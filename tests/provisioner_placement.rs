@@ -246,3 +246,57 @@ async fn a_burst_of_claims_never_places_more_than_a_node_offers() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_volume_the_selected_nodes_agent_refuses_is_handed_back_to_the_scheduler() {
+    let (cluster, lnfs) = start_localnfs(&[("node-1", ip(161), "10Gi")]).await;
+    let client = cluster.client();
+    storage_class(&client, "wait", json!({})).await;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    let created = claims
+        .create(
+            &PostParams::default(),
+            &claim("r", "wait", "1Mi", json!({})),
+        )
+        .await
+        .expect("create");
+    // A different volume by the name this claim's volume will have is already there.
+    let name = format!("pvc-{}", created.uid().expect("uid"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_localnfs"))
+        .args(["volume", "--root"])
+        .arg(lnfs.root("node-1"))
+        .args(["create", &name, "--size", "2Mi"])
+        .output()
+        .expect("localnfs volume create");
+    assert!(out.status.success(), "{out:?}");
+    claims
+        .patch(
+            "r",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(
+                json!({"metadata": {"annotations": {"volume.kubernetes.io/selected-node": "node-1"}}}),
+            ),
+        )
+        .await
+        .expect("select node");
+    let evs = eventually("refusal handed back to the scheduler", WAIT, || async {
+        let e = events(&client, "r").await;
+        e.iter()
+            .any(|(r, m)| {
+                r == "ProvisioningFailed"
+                    && m.starts_with("node node-1:")
+                    && m.contains("asking the scheduler to choose another node")
+            })
+            .then_some(e)
+    })
+    .await;
+    let c = claims.get("r").await.expect("claim");
+    assert!(
+        !c.annotations()
+            .contains_key("volume.kubernetes.io/selected-node")
+            && !c.labels().contains_key("localnfs.io/node"),
+        "{:?} {evs:?}",
+        c.metadata
+    );
+    assert_eq!(pv_count(&client).await, 0);
+}

@@ -242,34 +242,50 @@ async fn reconcile_claim(pvc: Arc<PersistentVolumeClaim>, agent: Arc<Agent>) -> 
     match agent.store_op(move |s| s.create(&spec)).await {
         Ok(meta) => {
             tracing::info!(volume = %meta.name, size = meta.size_bytes, "created volume");
-            // Only while the claim is still placed here: the controller takes back the
-            // placement of an agent silent for too long, and a READY on a claim placed
-            // elsewhere since would point its PV at a node without the volume.
-            let ops = json!([
-                {"op": "test", "path": json_pointer(&["metadata", "labels", NODE_LABEL]), "value": agent.node},
-                {"op": "add", "path": json_pointer(&["metadata", "annotations", READY]), "value": meta.name.to_string()},
-            ]);
-            let patch = serde_json::from_value(ops)
-                .map_err(|e| Error::BuildObject(format!("ready patch: {e}")))?;
-            claims
-                .patch(&name, &PatchParams::default(), &Patch::<()>::Json(patch))
-                .await
-                .map_err(Error::kube(format!("mark claim {ns}/{name} ready")))?;
+            answer(&agent, &claims, &name, READY, meta.name.to_string()).await?;
         }
         Err(e @ (Error::VolumeConflict { .. } | Error::InvalidVolumeSize { .. })) => {
+            let why = format!("node {}: {e}", agent.node);
             agent
                 .event(
                     pvc.as_ref(),
                     EventType::Warning,
                     "ProvisioningFailed",
-                    format!("node {}: {e}", agent.node),
+                    why.clone(),
                 )
                 .await;
+            if ann(pvc.as_ref(), REFUSED).is_none() {
+                answer(&agent, &claims, &name, REFUSED, why).await?;
+            }
             return Ok(Action::requeue(Duration::from_secs(300)));
         }
         Err(e) => return Err(e),
     }
     Ok(Action::await_change())
+}
+
+/// Sets the annotation `key` on claim `name` — only while the claim is still placed
+/// on this node: the controller takes back the placement of an agent silent for too
+/// long, and a READY on a claim placed elsewhere since would point its PV at a node
+/// without the volume.
+async fn answer(
+    agent: &Agent,
+    claims: &Api<PersistentVolumeClaim>,
+    name: &str,
+    key: &str,
+    value: String,
+) -> Result<()> {
+    let ops = json!([
+        {"op": "test", "path": json_pointer(&["metadata", "labels", NODE_LABEL]), "value": agent.node},
+        {"op": "add", "path": json_pointer(&["metadata", "annotations", key]), "value": value},
+    ]);
+    let patch = serde_json::from_value(ops)
+        .map_err(|e| Error::BuildObject(format!("claim answer patch: {e}")))?;
+    claims
+        .patch(name, &PatchParams::default(), &Patch::<()>::Json(patch))
+        .await
+        .map_err(Error::kube(format!("annotate claim {name} with {key}")))?;
+    Ok(())
 }
 
 /// An RFC 6901 pointer to the field at `path` (keys such as `localnfs.io/node` escaped).

@@ -381,17 +381,12 @@ async fn abandon(ctx: &Ctx, pvc: &PersistentVolumeClaim) -> Result<Next> {
 /// arrives as a watch event; this catches an agent that went away).
 const AGENT_POLL: Duration = Duration::from_secs(10);
 
-/// The agent of the node a claim was placed on went silent before creating the
-/// volume: take the placement back (only if the claim is unchanged since we read it,
-/// so a volume that was just made is not lost track of) so the next reconcile, or
-/// the scheduler under WaitForFirstConsumer, picks a live node.
-async fn place_again(
-    ctx: &Ctx,
-    pvc: &PersistentVolumeClaim,
-    node: &str,
-    why: &str,
-) -> Result<Next> {
-    let mut annotations = json!({REQUEST: null});
+/// The node a claim was placed on will not create its volume (its agent went silent,
+/// or refused): take the placement back (only if the claim is unchanged since we read
+/// it, so a volume that was just made is not lost track of) so the next reconcile, or
+/// the scheduler under WaitForFirstConsumer, picks a node again. `event`: why.
+async fn place_again(ctx: &Ctx, pvc: &PersistentVolumeClaim, event: String) -> Result<Next> {
+    let mut annotations = json!({REQUEST: null, REFUSED: null});
     if annotation(pvc, SELECTED_NODE).is_some() {
         annotations[SELECTED_NODE] = serde_json::Value::Null;
     }
@@ -405,15 +400,8 @@ async fn place_again(
     )
     .await?;
     ctx.reservations().release(&pvc.uid().unwrap_or_default());
-    ctx.event(
-        pvc,
-        EventType::Warning,
-        "ProvisioningFailed",
-        format!(
-            "node {node}'s agent {why} and has not created the volume: placing the claim again"
-        ),
-    )
-    .await;
+    ctx.event(pvc, EventType::Warning, "ProvisioningFailed", event)
+        .await;
     Ok(Next::Wait)
 }
 
@@ -543,7 +531,25 @@ async fn provision(
     let uid = pvc.uid().unwrap_or_default();
     let Some(volume) = annotation(pvc, READY) else {
         if let Some(why) = ctx.agent_gone(&node) {
-            return place_again(ctx, pvc, &node, &why).await;
+            return place_again(
+                ctx,
+                pvc,
+                format!("node {node}'s agent {why} and has not created the volume: placing the claim again"),
+            )
+            .await;
+        }
+        if let Some(refusal) = annotation(pvc, REFUSED) {
+            ctx.reservations().release(&uid);
+            if annotation(pvc, SELECTED_NODE).is_some() {
+                return place_again(
+                    ctx,
+                    pvc,
+                    format!("{refusal}; asking the scheduler to choose another node"),
+                )
+                .await;
+            }
+            // Immediate: the agent's event says why; a person has to act.
+            return Ok(Next::After(Duration::from_secs(300)));
         }
         // Placed by an earlier leader: hold its space here too.
         ctx.reservations()

@@ -10,6 +10,10 @@
 //!    limit, then sets [`READY`] to the volume name — with a JSON patch that first
 //!    tests the claim is still labelled with N's node.
 //!
+//! An agent that will not create the volume sets [`REFUSED`] (with the same label
+//! test); under WaitForFirstConsumer C then takes the placement back and removes the
+//! scheduler's selected node, so the scheduler picks again.
+//!
 //! An agent silent past its lease and the controller's `--agent-grace`: C takes back
 //! a placement not yet READY (removes [`NODE_LABEL`], [`REQUEST`] and the scheduler's
 //! selected node, if the claim is unchanged since C read it) and places it again; a
@@ -44,6 +48,10 @@ pub const NODE_LABEL: &str = "localnfs.io/node";
 pub const REQUEST: &str = "localnfs.io/volume-request";
 /// Claim annotation set by the node agent: the created volume's name.
 pub const READY: &str = "localnfs.io/volume-ready";
+/// Claim annotation set by the node agent when it will not create the requested
+/// volume (a different volume by that name exists, a bad size): why, for the
+/// controller to hand the choice of node back to the scheduler.
+pub const REFUSED: &str = "localnfs.io/volume-refused";
 /// Claim annotation set by the controller: delete the volume, no PV will follow.
 pub const ABANDON: &str = "localnfs.io/abandon";
 /// Claim annotation set by the node agent once an abandoned volume is gone.
