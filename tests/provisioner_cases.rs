@@ -81,9 +81,9 @@ async fn volumes_land_on_the_node_the_scheduler_picked() {
         "spread constraint should use both nodes"
     );
 
-    // `localnfs status` lists each volume on its node with what its files use (the
-    // test-kubelet wrote "<claim>" into <claim>.txt: 9 bytes), from the agents'
-    // heartbeats, which follow within seconds.
+    // `localnfs status` lists each volume on its node with what its files use on disk
+    // (the test-kubelet wrote "<claim>" into <claim>.txt: one 4 KiB block), from the
+    // agents' heartbeats, which follow within seconds.
     let table = eventually("status with usage", WAIT, || async {
         let t = status(cluster.kubeconfig()).await;
         let rows: Vec<String> = t
@@ -94,7 +94,7 @@ async fn volumes_land_on_the_node_the_scheduler_picked() {
         (rows.len() == 4
             && rows
                 .iter()
-                .all(|r| r.contains(" 9 B ") && r.ends_with("Bound")))
+                .all(|r| r.contains(" 4.0 KiB ") && r.ends_with("Bound")))
         .then_some(t)
     })
     .await;
