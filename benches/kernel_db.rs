@@ -48,10 +48,11 @@ async fn main() {
 
     let root = dir.path().join("localnfs");
     create_volume(&root, "db", 16 << 30);
-    let agent = Node::start_on(&root, SocketAddr::new(net.address(1), 0), &[
-        "--allow",
-        &format!("{}/32", node.address()),
-    ])
+    let agent = Node::start_on(
+        &root,
+        SocketAddr::new(net.address(1), 0),
+        &["--allow", &format!("{}/32", node.address())],
+    )
     .await;
     mount(&node, &agent, "db", "/mnt/localnfs").await;
     let ganesha_ip = net.address(2);
@@ -90,7 +91,10 @@ async fn main() {
                     .await
                     .expect("sysbench run");
                 let r = mariadb::tps_and_p95(&out).expect("sysbench report");
-                eprintln!("rep {rep} {} {workload}: {:.1} tps, p95 {} ms", servers[s], r.0, r.1);
+                eprintln!(
+                    "rep {rep} {} {workload}: {:.1} tps, p95 {} ms",
+                    servers[s], r.0, r.1
+                );
                 results[w][s].push(r);
             }
             mariadb::stop(&node).await;

@@ -15,8 +15,8 @@ use std::path::Path;
 use std::time::Instant;
 
 use localnfs::testbed::kernel::{KernelNode, TestNetwork};
-use support::kernel::{TapCounts, agent_for, mount, pjdfstest_dir, run_pjdfstest};
 use support::ganesha::Ganesha;
+use support::kernel::{TapCounts, agent_for, mount, pjdfstest_dir, run_pjdfstest};
 use support::nfs::create_volume;
 
 /// pjdfstest files CI runs: every syscall family the kernel client turns into NFS
@@ -171,7 +171,9 @@ async fn posix_conformance_table_against_ganesha() {
     let export = ganesha_dir.join("export");
     std::fs::create_dir_all(&export).expect("export dir");
     let ganesha = Ganesha::start(&ganesha_dir, &export, ganesha_ip).await;
-    ganesha.mount(&peer_node, ganesha_ip, &export, "/mnt/vol").await;
+    ganesha
+        .mount(&peer_node, ganesha_ip, &export, "/mnt/vol")
+        .await;
 
     let started = Instant::now();
     let (x, y, z) = tokio::join!(

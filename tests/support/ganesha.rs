@@ -103,8 +103,13 @@ impl Ganesha {
             "nolock".to_owned(),
             "hard".to_owned(),
         ];
-        node.mount_nfs(&addr.to_string(), &export.to_string_lossy(), &options, target)
-            .await
-            .expect("mount Ganesha's export");
+        node.mount_nfs(
+            &addr.to_string(),
+            &export.to_string_lossy(),
+            &options,
+            target,
+        )
+        .await
+        .expect("mount Ganesha's export");
     }
 }
