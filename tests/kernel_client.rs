@@ -84,7 +84,6 @@ async fn kernel_client_from_an_address_not_allowed_cannot_mount() {
     create_volume(root.path(), "vol", 16 * MIB);
     let agent = agent_for(&net, root.path(), &[&node]).await;
 
-    mount(&node, &agent, "vol", "/mnt/vol").await;
     let opts = default_mount_options(agent.port)
         .into_iter()
         .chain([
@@ -93,6 +92,10 @@ async fn kernel_client_from_an_address_not_allowed_cannot_mount() {
             "retrans=1".to_owned(),
         ])
         .collect::<Vec<_>>();
+    // The control: an allowed node mounts with exactly these options.
+    node.mount_nfs(&agent.addr.ip().to_string(), "/vol", &opts, "/mnt/vol")
+        .await
+        .expect("an allowed node mounts");
     let refused = stranger
         .mount_nfs(&agent.addr.ip().to_string(), "/vol", &opts, "/mnt/vol")
         .await;

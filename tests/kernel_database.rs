@@ -32,6 +32,8 @@ while [ $(date +%s) -lt $end ]; do
     dd if=/tmp/src of=/mnt/db/files/f$i bs=65536 conv=fsync status=none
     echo "$(sha256sum < /tmp/src | cut -d' ' -f1)  f$i" >> /tmp/sums
 done
+# Read back from the server, not from this kernel's cache of what it wrote.
+sync; echo 3 > /proc/sys/vm/drop_caches
 cd /mnt/db/files && sha256sum -c --quiet /tmp/sums
 echo "files=$i"
 "#;

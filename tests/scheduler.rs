@@ -269,6 +269,12 @@ async fn rebuilt_pod_goes_home_and_runs_elsewhere_over_nfs_when_home_is_cordoned
             .is_err(),
         "an address that is not a node mounted a volume"
     );
+    // The control: a node mounts with exactly those options.
+    env.kernel
+        .node(&home)
+        .mount_pv(&stranger_pv, "/mnt/control")
+        .await
+        .expect("a node mounts with the same options");
 
     // Helper down: pods are still created and scheduled (failurePolicy Ignore, an
     // ignorable extender).

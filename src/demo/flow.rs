@@ -439,7 +439,8 @@ async fn mount_and_touch(
         k8s_openapi::jiff::Timestamp::now()
     );
     let work = format!(
-        "if [ -e {file} ]; then printf 'found its data: %s' \"$(cat {file})\"; \
+        "echo 3 > /proc/sys/vm/drop_caches; \
+         if [ -e {file} ]; then printf 'found its data: %s' \"$(cat {file})\"; \
          else printf %s {t} > {file} && sync {file} && printf 'wrote: %s' {t}; fi",
         t = quote(&text),
     );

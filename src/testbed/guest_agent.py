@@ -1,25 +1,39 @@
 # Runs inside a test node (a User-Mode Linux guest): executes shell scripts the host
 # sends, one per TCP connection, and answers with their exit status and output.
-# Request: one JSON line {"script": "...", "timeout": seconds}.
-# Reply:   one JSON line {"rc": int, "stdout": str, "stderr": str}; rc -1 on timeout.
+# Request: one JSON line {"token": "...", "script": "...", "timeout": seconds}; the token
+# is read from the file named on the command line (in the host's 0700 node directory),
+# so only the test that booted the node can run commands as the guest's root.
+# Reply:   one JSON line {"rc": int, "stdout": str, "stderr": str}; rc -1 on timeout,
+# after the script's whole process group is killed.
 import json
+import os
+import signal
 import socketserver
 import subprocess
+import sys
+
+TOKEN = open(sys.argv[1]).read().strip()
 
 
 class Handler(socketserver.StreamRequestHandler):
     def handle(self):
         req = json.loads(self.rfile.readline())
+        if req.get("token") != TOKEN:
+            return
+        p = subprocess.Popen(
+            ["/bin/sh", "-c", req["script"]],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
-            done = subprocess.run(
-                ["/bin/sh", "-c", req["script"]],
-                capture_output=True,
-                timeout=req.get("timeout", 600),
-                stdin=subprocess.DEVNULL,
-            )
-            reply = {"rc": done.returncode, "stdout": done.stdout, "stderr": done.stderr}
-        except subprocess.TimeoutExpired as e:
-            reply = {"rc": -1, "stdout": e.stdout or b"", "stderr": (e.stderr or b"") + b"\n(timed out)"}
+            out, err = p.communicate(timeout=req.get("timeout", 600))
+            reply = {"rc": p.returncode, "stdout": out, "stderr": err}
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out, err = p.communicate()
+            reply = {"rc": -1, "stdout": out, "stderr": err + b"\n(timed out)"}
         for k in ("stdout", "stderr"):
             reply[k] = reply[k].decode("utf-8", "replace")
         self.wfile.write(json.dumps(reply).encode() + b"\n")
@@ -30,4 +44,4 @@ class Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
 
 
-Server(("0.0.0.0", 7000), Handler).serve_forever()
+Server((sys.argv[2], 7000), Handler).serve_forever()

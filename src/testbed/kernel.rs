@@ -77,20 +77,63 @@ fn sh(program: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Serialises the choice of a free /24 between tests (threads and processes).
+/// Serialises the choice of a free /24 between tests (threads and processes, whatever
+/// their TMPDIR).
 fn lock_subnets() -> Result<std::fs::File> {
-    let path = std::env::temp_dir().join("localnfs-testnet.lock");
+    let path = PathBuf::from("/run/localnfs-testnet.lock");
     let file = std::fs::File::options()
         .create(true)
         .truncate(false)
         .write(true)
         .open(&path)
-        .map_err(|source| Error::PrepareTestDir { path, source })?;
+        .map_err(|source| Error::PrepareTestDir {
+            path: path.clone(),
+            source,
+        })?;
     // SAFETY: flock on a descriptor we own; released when the file is closed.
-    unsafe {
-        libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX);
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) } != 0 {
+        return Err(Error::PrepareTestDir {
+            path,
+            source: std::io::Error::last_os_error(),
+        });
     }
     Ok(file)
+}
+
+/// Removes what test processes that died without unwinding (SIGKILL, a CI timeout)
+/// left: their namespaces (`lnfs<pid>x<n>`) with every process still in them, and
+/// their veths (`lnh<pid>x<n>`), so their addresses are free again.
+fn remove_leftovers() {
+    let dead = |name: &str, prefix: &str| {
+        name.strip_prefix(prefix)
+            .and_then(|rest| rest.split_once('x'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+            .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+    };
+    for ns in sh("ip", &["netns", "list"]).unwrap_or_default().lines() {
+        let ns = ns.split_whitespace().next().unwrap_or_default();
+        if dead(ns, "lnfs") {
+            for pid in sh("ip", &["netns", "pids", ns]).unwrap_or_default().lines() {
+                if let Ok(pid) = pid.trim().parse::<libc::pid_t>() {
+                    // SAFETY: plain syscall; these are the guests of a dead test.
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
+                    }
+                }
+            }
+            let _ = sh("ip", &["netns", "del", ns]);
+        }
+    }
+    for link in sh("ip", &["-o", "link", "show"])
+        .unwrap_or_default()
+        .lines()
+    {
+        let name = link.split(": ").nth(1).unwrap_or_default();
+        let name = name.split('@').next().unwrap_or_default();
+        if dead(name, "lnh") {
+            let _ = sh("ip", &["link", "del", name]);
+        }
+    }
 }
 
 impl TestNetwork {
@@ -106,6 +149,7 @@ impl TestNetwork {
             }
         }
         let _lock = lock_subnets()?;
+        remove_leftovers();
         let taken = sh("ip", &["-o", "-4", "addr", "show"])?;
         let n = (1..=250u8)
             .find(|n| !taken.contains(&format!(" 10.213.{n}.")))
@@ -193,6 +237,8 @@ impl Drop for TestNetwork {
 pub struct KernelNode {
     name: String,
     addr: IpAddr,
+    /// Proves to the guest's command server that a request comes from this test.
+    token: String,
     // Field order matters: the guest dies before its directory is removed.
     process: Process,
     dir: tempfile::TempDir,
@@ -217,8 +263,12 @@ impl KernelNode {
         std::fs::create_dir(&shared).map_err(io)?;
         let agent = dir.path().join("agent.py");
         std::fs::write(&agent, GUEST_AGENT).map_err(io)?;
+        // The directory is 0700: only root on the host (and the guest) reads the token.
+        let token = super::random_hex(16).map_err(io)?;
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, &token).map_err(io)?;
         let init = dir.path().join("init");
-        std::fs::write(&init, init_script(name, addr, &agent, &shared)).map_err(io)?;
+        std::fs::write(&init, init_script(name, addr, &agent, &token_file, &shared)).map_err(io)?;
         std::fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .map_err(io)?;
         let tap = net.add_tap()?;
@@ -238,6 +288,7 @@ impl KernelNode {
         let node = KernelNode {
             name: name.to_owned(),
             addr,
+            token,
             process: {
                 let start = Instant::now();
                 loop {
@@ -293,7 +344,11 @@ impl KernelNode {
             node: self.name.clone(),
             detail,
         };
-        let request = serde_json::json!({"script": script, "timeout": timeout.as_secs_f64()});
+        let request = serde_json::json!({
+            "token": self.token,
+            "script": script,
+            "timeout": timeout.as_secs_f64(),
+        });
         let exchange = async {
             let mut s = tokio::net::TcpStream::connect(SocketAddr::new(self.addr, AGENT_PORT))
                 .await
@@ -383,8 +438,9 @@ pub fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-/// PID 1 of a guest: mounts, NFS modules, network, then the command server.
-fn init_script(name: &str, addr: IpAddr, agent: &Path, shared: &Path) -> String {
+/// PID 1 of a guest: mounts, NFS modules, network, then the command server (listening
+/// on the guest's address only). A step that fails says so on the console.
+fn init_script(name: &str, addr: IpAddr, agent: &Path, token: &Path, shared: &Path) -> String {
     format!(
         r#"#!/bin/sh
 # PID 1 of test node {name}.
@@ -393,12 +449,13 @@ mount -t sysfs sys /sys
 mount -t tmpfs -o mode=0755 tmpfs /run
 mount -t tmpfs -o mode=0755 tmpfs /mnt
 cp {agent} /run/guest_agent.py
+cp {token} /run/guest_agent.token
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 mkdir -p /mnt/host /run/modroot/lib/modules /run/mysqld
-mount -t hostfs none /mnt/host -o {shared}
+mount -t hostfs none /mnt/host -o {shared} || echo "init: cannot mount hostfs {shared}"
 # The modules are not under /lib/modules (the host's root is read-only here).
 ln -s /usr/lib/uml/modules/$(uname -r) /run/modroot/lib/modules/$(uname -r)
-modprobe -d /run/modroot nfsv3
+modprobe -d /run/modroot nfsv3 || echo "init: cannot load the NFS modules for $(uname -r)"
 echo {name} > /proc/sys/kernel/hostname
 echo 1 > /proc/sys/kernel/printk
 ip link set lo up
@@ -408,10 +465,12 @@ cd /
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 # PID 1 stays a shell: its `wait` reaps every orphan (a killed daemon must not linger
 # as a zombie that looks alive).
-/usr/bin/python3 /run/guest_agent.py &
+/usr/bin/python3 /run/guest_agent.py /run/guest_agent.token {addr} &
 while :; do wait; sleep 1; done
 "#,
-        agent = agent.display(),
-        shared = shared.display(),
+        agent = quote(&agent.to_string_lossy()),
+        token = quote(&token.to_string_lossy()),
+        shared = quote(&shared.to_string_lossy()),
+        name = quote(name),
     )
 }

@@ -490,7 +490,8 @@ async fn start_pod(
             .map_err(|e| e.to_string())?;
         let file = quote(&format!("{target}/{claim}.txt"));
         let work = format!(
-            "if [ -e {file} ]; then echo found; cat {file}; \
+            // From the server, not from a cache of an earlier mount of the same export.
+            "echo 3 > /proc/sys/vm/drop_caches; if [ -e {file} ]; then echo found; cat {file}; \
              else printf %s {c} > {file} && sync {file} && echo wrote; fi",
             c = quote(&claim),
         );

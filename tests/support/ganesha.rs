@@ -47,7 +47,14 @@ impl Ganesha {
             localnfs::testbed::free_port().expect("port"),
         );
         std::fs::create_dir_all(dir.join("recovery")).expect("recovery dir");
-        let plugins = "/usr/lib/x86_64-linux-gnu/ganesha";
+        // Debian installs the FSALs under the architecture's multiarch directory.
+        let plugins = std::fs::read_dir("/usr/lib")
+            .expect("/usr/lib")
+            .flatten()
+            .map(|d| d.path().join("ganesha"))
+            .find(|d| d.join("libfsalvfs.so").is_file())
+            .expect("libfsalvfs.so (apt-get install nfs-ganesha-vfs)");
+        let plugins = plugins.display();
         let conf = format!(
             "NFS_CORE_PARAM {{ Protocols = 3; Bind_addr = {addr}; NFS_Port = {nfs_port};
                 MNT_Port = {mount_port}; Enable_NLM = false; Enable_RQUOTA = false;

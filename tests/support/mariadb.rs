@@ -14,7 +14,7 @@ fn my_cnf(datadir: &str) -> String {
         "[client]\nsocket=/run/mysqld/mysqld.sock\nuser=root\n\
          [mariadbd]\nuser=root\ndatadir={datadir}\nsocket=/run/mysqld/mysqld.sock\n\
          skip-networking\nskip-name-resolve\ninnodb-buffer-pool-size=64M\n\
-         innodb-buffer-pool-size-max=256M\ninnodb-log-file-size=32M\n\
+         loose-innodb-buffer-pool-size-max=256M\ninnodb-log-file-size=32M\n\
          innodb-flush-log-at-trx-commit=1\n"
     )
 }
