@@ -4,36 +4,14 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use localnfs::provisioner::pv::default_mount_options;
 use localnfs::testbed::kernel::{KernelNode, TestNetwork};
-use support::nfs::{Node, create_volume};
+use support::kernel::{agent_for, mount};
+use support::nfs::create_volume;
 
 const MIB: u64 = 1 << 20;
-
-/// A standalone agent on the network's host address, allowing only `clients`.
-async fn agent_for(net: &TestNetwork, root: &std::path::Path, clients: &[&KernelNode]) -> Node {
-    let mut args = Vec::new();
-    for c in clients {
-        args.push("--allow".to_owned());
-        args.push(format!("{}/32", c.address()));
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Node::start_on(root, SocketAddr::new(net.address(1), 0), &args).await
-}
-
-async fn mount(node: &KernelNode, agent: &Node, volume: &str, target: &str) {
-    node.mount_nfs(
-        &agent.addr.ip().to_string(),
-        &format!("/{volume}"),
-        &default_mount_options(agent.port),
-        target,
-    )
-    .await
-    .expect("mount through the kernel client");
-}
 
 #[tokio::test]
 async fn kernel_client_data_survives_remount_and_matches_the_disk() {
@@ -43,7 +21,7 @@ async fn kernel_client_data_survives_remount_and_matches_the_disk() {
         .expect("boot test node");
     let root = tempfile::tempdir().expect("root");
     create_volume(root.path(), "vol", 64 * MIB);
-    let agent = agent_for(&net, root.path(), &[&node]).await;
+    let agent = agent_for(&net, root.path(), &[&node], &[]).await;
 
     mount(&node, &agent, "vol", "/mnt/vol").await;
     let written = node
@@ -82,7 +60,7 @@ async fn kernel_client_from_an_address_not_allowed_cannot_mount() {
         .expect("boot stranger");
     let root = tempfile::tempdir().expect("root");
     create_volume(root.path(), "vol", 16 * MIB);
-    let agent = agent_for(&net, root.path(), &[&node]).await;
+    let agent = agent_for(&net, root.path(), &[&node], &[]).await;
 
     let opts = default_mount_options(agent.port)
         .into_iter()
@@ -113,7 +91,7 @@ async fn one_pod_unmounting_a_shared_volume_leaves_the_other_pod_working() {
         .expect("boot test node");
     let root = tempfile::tempdir().expect("root");
     create_volume(root.path(), "shared", 64 * MIB);
-    let agent = agent_for(&net, root.path(), &[&node]).await;
+    let agent = agent_for(&net, root.path(), &[&node], &[]).await;
 
     // Two pods on one node, one ReadWriteMany volume: kubelet mounts it once per pod.
     mount(&node, &agent, "shared", "/mnt/pod-a").await;
