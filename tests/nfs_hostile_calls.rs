@@ -34,22 +34,6 @@ async fn forged(port: u16, uid: u32, gid: u32, gids: &[u32], root: &nfs_fh3) -> 
     }
 }
 
-async fn setattr(c: &mut Client, fh: &nfs_fh3, s: sattr3) -> Result<(), nfsstat3> {
-    match c
-        .nfs
-        .setattr(&SETATTR3args {
-            object: fh.clone(),
-            new_attributes: s,
-            guard: Nfs3Option::None,
-        })
-        .await
-        .expect("rpc")
-    {
-        Nfs3Result::Ok(_) => Ok(()),
-        Nfs3Result::Err((s, _)) => Err(s),
-    }
-}
-
 fn mode(m: u32) -> sattr3 {
     sattr3 {
         mode: Nfs3Option::Some(m),
@@ -98,7 +82,7 @@ async fn ids_the_kernel_refuses_get_no_more_rights_than_the_anonymous_user() {
     );
     let rootfile = h.lookup(&root, b"rootfile").await.expect("lookup");
     assert_eq!(
-        setattr(&mut h, &rootfile, mode(0o666)).await,
+        h.setattr(&rootfile, mode(0o666)).await,
         Err(nfsstat3::NFS3ERR_PERM),
         "chmod of root's file"
     );
@@ -128,32 +112,6 @@ async fn ids_the_kernel_refuses_get_no_more_rights_than_the_anonymous_user() {
             Err(nfsstat3::NFS3ERR_ACCES),
             "gid {gid} groups {gids:?}"
         );
-    }
-}
-
-async fn create_how(
-    c: &mut Client,
-    dir: &nfs_fh3,
-    name: &[u8],
-    how: createhow3,
-) -> Result<nfs_fh3, nfsstat3> {
-    let r = c
-        .nfs
-        .create(&CREATE3args {
-            where_: diropargs3 {
-                dir: dir.clone(),
-                name: filename3(Opaque::borrowed(name)),
-            },
-            how,
-        })
-        .await
-        .expect("rpc");
-    match r {
-        Nfs3Result::Ok(ok) => match ok.obj {
-            Nfs3Option::Some(fh) => Ok(fh),
-            Nfs3Option::None => Err(nfsstat3::NFS3ERR_SERVERFAULT),
-        },
-        Nfs3Result::Err((s, _)) => Err(s),
     }
 }
 
@@ -202,7 +160,7 @@ async fn special_files_never_block_a_call() {
             });
             let fh = prompt(
                 "CREATE UNCHECKED over a special file",
-                create_how(&mut c, &root, name, how),
+                c.create_how(&root, name, how),
             )
             .await
             .expect("an existing object is taken as it is");
@@ -221,7 +179,7 @@ async fn special_files_never_block_a_call() {
                 ..sattr3::default()
             };
             assert_eq!(
-                prompt("SETATTR size", setattr(&mut c, &fh, size)).await,
+                prompt("SETATTR size", c.setattr(&fh, size)).await,
                 Err(nfsstat3::NFS3ERR_INVAL)
             );
             prompt("COMMIT", c.commit(&fh))
@@ -237,12 +195,12 @@ async fn special_files_never_block_a_call() {
     for name in [b"fifo".as_slice(), b"null", b"sock"] {
         let guarded = createhow3::GUARDED(sattr3::default());
         assert_eq!(
-            prompt("CREATE GUARDED", create_how(&mut c, &root, name, guarded)).await,
+            prompt("CREATE GUARDED", c.create_how(&root, name, guarded)).await,
             Err(nfsstat3::NFS3ERR_EXIST)
         );
         let excl = createhow3::EXCLUSIVE(createverf3([1; 8]));
         assert_eq!(
-            prompt("CREATE EXCLUSIVE", create_how(&mut c, &root, name, excl)).await,
+            prompt("CREATE EXCLUSIVE", c.create_how(&root, name, excl)).await,
             Err(nfsstat3::NFS3ERR_EXIST)
         );
     }
@@ -330,9 +288,7 @@ async fn an_owners_truncate_of_a_read_only_file_leaves_writes_working_for_all() 
         size: Nfs3Option::Some(10),
         ..sattr3::default()
     };
-    setattr(&mut owner, &f, size)
-        .await
-        .expect("owner sets the size");
+    owner.setattr(&f, size).await.expect("owner sets the size");
     let mut root_c = Client::mount(node.port, "vol").await;
     root_c
         .write(&f, 0, b"by root", stable_how::FILE_SYNC)
@@ -486,7 +442,7 @@ async fn namespace_changes_are_synced_before_the_reply() {
         .await
         .expect("rpc");
     assert!(matches!(r, Nfs3Result::Ok(_)), "RENAME");
-    t.synced("SETATTR", setattr(&mut c, &f, mode(0o600)))
+    t.synced("SETATTR", c.setattr(&f, mode(0o600)))
         .await
         .expect("setattr");
     t.synced("REMOVE", c.remove(&d, b"g"))

@@ -336,22 +336,6 @@ async fn writes_past_the_volume_size_fail_with_dquot_and_keep_earlier_data() {
     assert_eq!(c.fsstat().await.expect("fsstat").fbytes, 2 * MIB);
 }
 
-async fn setattr(c: &mut Client, fh: &nfs_fh3, s: sattr3) -> Result<(), nfsstat3> {
-    match c
-        .nfs
-        .setattr(&SETATTR3args {
-            object: fh.clone(),
-            new_attributes: s,
-            guard: Nfs3Option::None,
-        })
-        .await
-        .expect("rpc")
-    {
-        Nfs3Result::Ok(_) => Ok(()),
-        Nfs3Result::Err((s, _)) => Err(s),
-    }
-}
-
 #[tokio::test]
 async fn files_are_created_as_the_caller_and_chown_follows_unix_rules() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -394,17 +378,14 @@ async fn files_are_created_as_the_caller_and_chown_follows_unix_rules() {
         uid: Nfs3Option::Some(0),
         ..sattr3::default()
     };
-    assert_eq!(
-        setattr(&mut user, &f, give).await,
-        Err(nfsstat3::NFS3ERR_PERM)
-    );
+    assert_eq!(user.setattr(&f, give).await, Err(nfsstat3::NFS3ERR_PERM));
     let mut root_c = Client::mount(node.port, "vol").await;
     let take = sattr3 {
         uid: Nfs3Option::Some(1234),
         gid: Nfs3Option::Some(4321),
         ..sattr3::default()
     };
-    setattr(&mut root_c, &f, take).await.expect("root chowns");
+    root_c.setattr(&f, take).await.expect("root chowns");
     let md = std::fs::metadata(vol.join("f")).expect("stat");
     assert_eq!((md.uid(), md.gid()), (1234, 4321));
 

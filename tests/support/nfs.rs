@@ -316,6 +316,20 @@ impl Client {
         name: &[u8],
         mode: u32,
     ) -> Result<nfs_fh3, nfsstat3> {
+        let how = createhow3::GUARDED(sattr3 {
+            mode: Nfs3Option::Some(mode),
+            ..sattr3::default()
+        });
+        self.create_how(dir, name, how).await
+    }
+
+    /// CREATE with any mode (UNCHECKED, GUARDED, EXCLUSIVE).
+    pub async fn create_how(
+        &mut self,
+        dir: &nfs_fh3,
+        name: &[u8],
+        how: createhow3,
+    ) -> Result<nfs_fh3, nfsstat3> {
         let r = self
             .nfs
             .create(&CREATE3args {
@@ -323,10 +337,7 @@ impl Client {
                     dir: dir.clone(),
                     name: filename3(Opaque::borrowed(name)),
                 },
-                how: createhow3::GUARDED(sattr3 {
-                    mode: Nfs3Option::Some(mode),
-                    ..sattr3::default()
-                }),
+                how,
             })
             .await
             .expect("rpc");
@@ -335,6 +346,23 @@ impl Client {
                 Nfs3Option::Some(fh) => Ok(fh),
                 Nfs3Option::None => Err(nfsstat3::NFS3ERR_SERVERFAULT),
             },
+            Nfs3Result::Err((s, _)) => Err(s),
+        }
+    }
+
+    /// SETATTR without a guard.
+    pub async fn setattr(&mut self, fh: &nfs_fh3, s: sattr3) -> Result<(), nfsstat3> {
+        match self
+            .nfs
+            .setattr(&SETATTR3args {
+                object: fh.clone(),
+                new_attributes: s,
+                guard: Nfs3Option::None,
+            })
+            .await
+            .expect("rpc")
+        {
+            Nfs3Result::Ok(_) => Ok(()),
             Nfs3Result::Err((s, _)) => Err(s),
         }
     }
