@@ -241,12 +241,13 @@ pub struct KernelNode {
     token: String,
     // Field order matters: the guest dies before its directory is removed.
     process: Process,
-    dir: tempfile::TempDir,
+    /// Init script, command server and token; removed on drop.
+    _dir: tempfile::TempDir,
 }
 
 impl KernelNode {
     /// Boots a guest called `name` with address `addr` on `net` and waits until it
-    /// answers commands. `<dir>/shared` on the host is `/mnt/host` in the guest.
+    /// answers commands.
     pub async fn boot(net: &TestNetwork, name: &str, addr: IpAddr) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix(&format!("localnfs-{name}-"))
@@ -259,8 +260,6 @@ impl KernelNode {
             path: dir.path().to_owned(),
             source,
         };
-        let shared = dir.path().join("shared");
-        std::fs::create_dir(&shared).map_err(io)?;
         let agent = dir.path().join("agent.py");
         std::fs::write(&agent, GUEST_AGENT).map_err(io)?;
         // The directory is 0700: only root on the host (and the guest) reads the token.
@@ -268,7 +267,7 @@ impl KernelNode {
         let token_file = dir.path().join("token");
         std::fs::write(&token_file, &token).map_err(io)?;
         let init = dir.path().join("init");
-        std::fs::write(&init, init_script(name, addr, &agent, &token_file, &shared)).map_err(io)?;
+        std::fs::write(&init, init_script(name, addr, &agent, &token_file)).map_err(io)?;
         std::fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .map_err(io)?;
         let tap = net.add_tap()?;
@@ -308,7 +307,7 @@ impl KernelNode {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
-            dir,
+            _dir: dir,
         };
         Ok(node)
     }
@@ -326,11 +325,6 @@ impl KernelNode {
     /// The address its kernel mounts from.
     pub fn address(&self) -> IpAddr {
         self.addr
-    }
-
-    /// The host directory the guest sees as `/mnt/host` (read-write).
-    pub fn shared_dir(&self) -> PathBuf {
-        self.dir.path().join("shared")
     }
 
     /// The guest's console output (kernel messages).
@@ -440,7 +434,7 @@ pub fn quote(s: &str) -> String {
 
 /// PID 1 of a guest: mounts, NFS modules, network, then the command server (listening
 /// on the guest's address only). A step that fails says so on the console.
-fn init_script(name: &str, addr: IpAddr, agent: &Path, token: &Path, shared: &Path) -> String {
+fn init_script(name: &str, addr: IpAddr, agent: &Path, token: &Path) -> String {
     format!(
         r#"#!/bin/sh
 # PID 1 of test node {name}.
@@ -451,8 +445,7 @@ mount -t tmpfs -o mode=0755 tmpfs /mnt
 cp {agent} /run/guest_agent.py
 cp {token} /run/guest_agent.token
 mount -t tmpfs -o mode=1777 tmpfs /tmp
-mkdir -p /mnt/host /run/modroot/lib/modules /run/mysqld
-mount -t hostfs none /mnt/host -o {shared} || echo "init: cannot mount hostfs {shared}"
+mkdir -p /run/modroot/lib/modules /run/mysqld
 # The modules are not under /lib/modules (the host's root is read-only here).
 ln -s /usr/lib/uml/modules/$(uname -r) /run/modroot/lib/modules/$(uname -r)
 modprobe -d /run/modroot nfsv3 || echo "init: cannot load the NFS modules for $(uname -r)"
@@ -470,7 +463,6 @@ while :; do wait; sleep 1; done
 "#,
         agent = quote(&agent.to_string_lossy()),
         token = quote(&token.to_string_lossy()),
-        shared = quote(&shared.to_string_lossy()),
         name = quote(name),
     )
 }
