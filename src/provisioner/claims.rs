@@ -3,7 +3,7 @@
 //! reads the claim's current annotations and does the next missing thing, so a
 //! controller killed between any two steps resumes where it stopped.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,16 +14,19 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, ResourceExt};
 use serde_json::json;
 
 use super::metrics::ControllerMetrics;
-use super::params::{ClassParams, quantity_bytes};
-use super::protocol::*;
-use super::pv::{self, NodeRoom, PvInput, SELECTED_NODE};
+use super::pv::{self, NodeRoom, PvInput};
 use super::reserve::Reservations;
 use super::triggers::ClaimKey;
 use crate::error::{Error, Result};
+use crate::kubeclient::{annotation, has_finalizer};
+use crate::objects::agents::{AgentInfo, unix_now};
+use crate::objects::claim::{claimed_by, pv_name};
+use crate::objects::class::ClassParams;
+use crate::objects::keys::*;
 
 /// Shared by every reconcile.
 pub struct Ctx {
@@ -34,7 +37,7 @@ pub struct Ctx {
     pub events: crate::events::Events,
     pub metrics: ControllerMetrics,
     /// The node agents as their Leases say (only `agents` is filled).
-    pub agents: crate::scheduler::watch::Shared,
+    pub agents: crate::kubeclient::Shared<HashMap<String, AgentInfo>>,
     /// StorageClasses, watched (a handful of small objects).
     pub classes: Store<StorageClass>,
     /// How long past its lease a silent node agent is waited for (`--agent-grace`).
@@ -43,21 +46,6 @@ pub struct Ctx {
     pub reservations: std::sync::Mutex<Reservations>,
     /// Whether we may still write as leader; checked before every write.
     pub fence: super::leader::Fence,
-}
-
-const BETA_PROVISIONER: &str = "volume.beta.kubernetes.io/storage-provisioner";
-const GA_PROVISIONER: &str = "volume.kubernetes.io/storage-provisioner";
-
-fn has_finalizer<K: Resource>(obj: &K, f: &str) -> bool {
-    obj.meta().finalizers.iter().flatten().any(|x| x == f)
-}
-
-fn annotation<'a, K: Resource>(obj: &'a K, key: &str) -> Option<&'a str> {
-    obj.meta()
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(key))
-        .map(String::as_str)
 }
 
 impl Ctx {
@@ -218,10 +206,9 @@ impl Ctx {
     /// Why we stop waiting for `node`'s agent, when it has been silent past its lease
     /// and the grace ([`pv::agent_given_up`]); `None` while it may still answer.
     fn agent_gone(&self, node: &str) -> Option<String> {
-        let now = crate::scheduler::inventory::unix_now();
-        let expires = crate::scheduler::watch::with(&self.agents, |inv| {
-            inv.agents.get(node).map(|a| a.expires)
-        });
+        let now = unix_now();
+        let expires =
+            crate::kubeclient::read(&self.agents, |agents| agents.get(node).map(|a| a.expires));
         let grace = i64::try_from(self.agent_grace.as_secs()).unwrap_or(i64::MAX);
         if !pv::agent_given_up(expires, now, grace) {
             return None;
@@ -238,9 +225,9 @@ impl Ctx {
     /// Live node agents, their free space and NFS port, from the heartbeat Leases
     /// (watched, not listed per claim: the Leases also carry per-volume usage).
     fn node_rooms(&self) -> Vec<(NodeRoom, u16)> {
-        let now = crate::scheduler::inventory::unix_now();
-        crate::scheduler::watch::with(&self.agents, |inv| {
-            inv.agents
+        let now = unix_now();
+        crate::kubeclient::read(&self.agents, |agents| {
+            agents
                 .iter()
                 .filter(|(_, a)| a.expires >= now)
                 .map(|(node, a)| {
@@ -253,17 +240,6 @@ impl Ctx {
                 .collect()
         })
     }
-}
-
-/// Whether this claim is for us: its class names our provisioner.
-/// Whether a claim is ours: its class names our provisioner, or the control plane
-/// annotated it for us (`volume.beta.kubernetes.io/storage-provisioner` up to 1.22,
-/// `volume.kubernetes.io/storage-provisioner` from 1.23).
-pub fn claimed_by(pvc: &PersistentVolumeClaim, class_provisioner: &str, me: &str) -> bool {
-    class_provisioner == me
-        || [BETA_PROVISIONER, GA_PROVISIONER]
-            .iter()
-            .any(|k| annotation(pvc, k) == Some(me))
 }
 
 /// The claim's class if it is ours. From the class cache; a class too new for the
@@ -299,13 +275,7 @@ impl Ctx {
     /// When to retry after a failed reconcile.
     pub fn after_error(&self, err: &Error) -> Next {
         self.metrics.reconcile_errors.inc();
-        if crate::kubeclient::lost_race(err) {
-            // Someone updated the object between our read and write: retry on a fresh copy.
-            tracing::debug!(error = %err, "lost an update race; retrying");
-            return Next::After(Duration::from_millis(200));
-        }
-        tracing::warn!(error = %err, "reconcile failed; retrying");
-        Next::After(Duration::from_secs(5))
+        Next::After(crate::kubeclient::retry_after(err))
     }
 }
 
@@ -320,7 +290,7 @@ pub async fn reconcile(pvc: &PersistentVolumeClaim, ctx: &Ctx) -> Result<Next> {
     };
     let uid = pvc.uid().unwrap_or_default();
     let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
-    let pv_name = pv::pv_name(&uid);
+    let pv_name = pv_name(&uid);
     if let Some(existing) = pvs
         .get_opt(&pv_name)
         .await
@@ -344,7 +314,7 @@ async fn abandon(ctx: &Ctx, pvc: &PersistentVolumeClaim) -> Result<Next> {
     if !has_finalizer(pvc, CLAIM_FINALIZER) {
         return Ok(Next::Wait);
     }
-    let placed = pvc.labels().contains_key(NODE_LABEL);
+    let placed = pvc.labels().contains_key(NODE_KEY);
     if !placed || annotation(pvc, REMOVED).is_some() {
         ctx.remove_finalizer(pvc).await?;
         return Ok(Next::Wait);
@@ -354,7 +324,7 @@ async fn abandon(ctx: &Ctx, pvc: &PersistentVolumeClaim) -> Result<Next> {
             .await?;
         ctx.reservations().release(&pvc.uid().unwrap_or_default());
     }
-    let node = pvc.labels().get(NODE_LABEL).cloned().unwrap_or_default();
+    let node = pvc.labels().get(NODE_KEY).cloned().unwrap_or_default();
     if let Some(why) = ctx.agent_gone(&node) {
         // Waiting longer could be forever (the node may be gone for good): let the
         // claim go and say exactly what may be left on the node.
@@ -394,7 +364,7 @@ async fn place_again(ctx: &Ctx, pvc: &PersistentVolumeClaim, event: String) -> R
         pvc,
         json!({"metadata": {
             "resourceVersion": pvc.resource_version(),
-            "labels": {NODE_LABEL: null},
+            "labels": {NODE_KEY: null},
             "annotations": annotations,
         }}),
     )
@@ -432,13 +402,13 @@ async fn provision(
     let wait_for_scheduler = class.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer");
     if wait_for_scheduler
         && annotation(pvc, SELECTED_NODE).is_none()
-        && !pvc.labels().contains_key(NODE_LABEL)
+        && !pvc.labels().contains_key(NODE_KEY)
     {
         // The scheduler has not picked the pod's node yet; its annotation will wake us.
         return Ok(Next::Wait);
     }
     let rooms = ctx.node_rooms();
-    let Some(node) = pvc.labels().get(NODE_LABEL).cloned() else {
+    let Some(node) = pvc.labels().get(NODE_KEY).cloned() else {
         let (ns, name, uid) = (
             pvc.namespace().unwrap_or_default(),
             pvc.name_any(),
@@ -507,7 +477,7 @@ async fn provision(
                 // since by another fails (409) instead of moving it.
                 json!({"metadata": {
                     "resourceVersion": pvc.resource_version(),
-                    "labels": {NODE_LABEL: node},
+                    "labels": {NODE_KEY: node},
                     "annotations": {REQUEST: req_json},
                 }}),
             )
@@ -563,7 +533,10 @@ async fn provision(
         .get(&node)
         .await
         .map_err(Error::kube(format!("read node {node}")))?;
-    let Some(ip) = internal_ip(&node_obj) else {
+    let Some(ip) = crate::kubeclient::internal_ips(&node_obj)
+        .next()
+        .map(str::to_owned)
+    else {
         ctx.event(
             pvc,
             EventType::Warning,
@@ -639,51 +612,4 @@ async fn allowed_nodes(ctx: &Ctx, class: &StorageClass) -> Result<Option<BTreeSe
             .map(|n| n.name_any())
             .collect(),
     ))
-}
-
-fn internal_ip(node: &Node) -> Option<String> {
-    node.status
-        .as_ref()?
-        .addresses
-        .as_ref()?
-        .iter()
-        .find(|a| a.type_ == "InternalIP")
-        .map(|a| a.address.clone())
-}
-
-/// The size a claim requests, in bytes.
-pub fn requested_bytes(pvc: &PersistentVolumeClaim) -> Option<u64> {
-    let q = pvc
-        .spec
-        .as_ref()?
-        .resources
-        .as_ref()?
-        .requests
-        .as_ref()?
-        .get("storage")?;
-    quantity_bytes(&q.0).ok()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn claims_annotated_with_either_provisioner_key_are_ours() {
-        // Recorded from a newer API server: only the GA key is set.
-        let ga: PersistentVolumeClaim = serde_json::from_str(include_str!(
-            "../../tests/fixtures/pvc-ga-provisioner-annotation.json"
-        ))
-        .expect("fixture");
-        assert!(claimed_by(&ga, "someone.else/x", "localnfs.io/nfs"));
-        let mut beta = ga.clone();
-        let ann = beta.metadata.annotations.get_or_insert_default();
-        let v = ann.remove(GA_PROVISIONER).expect("annotation");
-        ann.insert(BETA_PROVISIONER.into(), v);
-        assert!(claimed_by(&beta, "someone.else/x", "localnfs.io/nfs"));
-        let mut none = ga.clone();
-        none.metadata.annotations = None;
-        assert!(!claimed_by(&none, "someone.else/x", "localnfs.io/nfs"));
-        assert!(claimed_by(&none, "localnfs.io/nfs", "localnfs.io/nfs"));
-    }
 }
