@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::volume::{Squash, VolumeName};
+use crate::volume::{Squash, VolumeName, VolumeSpec};
 
 /// Where pods using a volume may run (enforced by the scheduler helper and, for
 /// `strict`, by the PV's required node affinity).
@@ -193,6 +193,20 @@ impl ClassParams {
             }
         }
         Ok(p)
+    }
+
+    /// What a node agent is asked to create for a volume of this class.
+    pub fn volume_request(&self, name: VolumeName, size_bytes: u64) -> VolumeSpec {
+        VolumeSpec {
+            name,
+            size_bytes,
+            uid: self.uid,
+            gid: self.gid,
+            mode: self.mode,
+            squash: self.squash,
+            anon_uid: self.anon_uid,
+            anon_gid: self.anon_gid,
+        }
     }
 
     /// The directory name for a claim: `pathPattern` filled in, or the PV name.

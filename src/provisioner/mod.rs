@@ -13,5 +13,6 @@ pub mod pv;
 pub mod queue;
 pub mod reserve;
 pub mod run;
+pub mod step;
 pub mod triggers;
 pub mod volumes;
