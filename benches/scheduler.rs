@@ -9,8 +9,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use localnfs::provisioner::params::Locality;
-use localnfs::scheduler::inventory::{AgentInfo, ClaimInfo, ClassInfo, VolumeInfo, claim_key};
+use localnfs::objects::agents::AgentInfo;
+use localnfs::objects::class::Locality;
+use localnfs::scheduler::inventory::{ClaimInfo, ClassInfo, VolumeInfo, claim_key};
 use localnfs::scheduler::routes::{Helper, HelperMetrics};
 use localnfs::scheduler::tls::{self, Resolver};
 use localnfs::scheduler::watch::Shared;
@@ -228,7 +229,7 @@ async fn main() {
         }
     };
     let shutdown = CancellationToken::new();
-    let now = localnfs::scheduler::inventory::unix_now();
+    let now = localnfs::objects::agents::unix_now();
     let bundle = tls::issue(&["127.0.0.1".into()], None, now).expect("certificate");
     let key = tls::certified_key(&bundle.cert_pem, &bundle.key_pem).expect("key");
     let acceptor = TlsAcceptor::from(tls::server_config(Resolver::new(key)).expect("tls"));

@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::nfs::Network;
+use crate::objects::class::{parse_mode, quantity_bytes};
 use crate::telemetry::LogFormat;
 use crate::volume::{Squash, VolumeName};
 
@@ -227,7 +228,7 @@ pub struct NodeArgs {
     /// Bytes of RPC records and replies held for all clients together; past it,
     /// connections stop reading until replies leave. Keep it well inside the
     /// container's memory limit (about 60 MiB more is the rest of the agent).
-    #[arg(long, env = "LOCALNFS_MAX_BYTES_IN_FLIGHT", value_parser = parse_size, default_value = "128Mi")]
+    #[arg(long, env = "LOCALNFS_MAX_BYTES_IN_FLIGHT", value_parser = quantity_bytes, default_value = "128Mi")]
     pub max_bytes_in_flight: u64,
 
     /// Accept NFS and MOUNT calls from source ports >= 1024 (knfsd's `insecure`).
@@ -247,7 +248,7 @@ pub struct NodeArgs {
 
     /// Bytes this node offers to volumes in total (default: whatever the disk has
     /// free). New volumes are placed only where their full size still fits.
-    #[arg(long, env = "LOCALNFS_CAPACITY", value_parser = parse_size)]
+    #[arg(long, env = "LOCALNFS_CAPACITY", value_parser = quantity_bytes)]
     pub capacity: Option<u64>,
 
     /// This node's name (cluster mode); from the downward API in the DaemonSet.
@@ -294,7 +295,7 @@ pub enum VolumeCommand {
     Resize {
         name: VolumeName,
         /// New size: bytes or with a unit (Ki, Mi, Gi, Ti, K, M, G, T).
-        #[arg(long, value_parser = parse_size)]
+        #[arg(long, value_parser = quantity_bytes)]
         size: u64,
     },
     /// Delete a volume and its data.
@@ -307,7 +308,7 @@ pub enum VolumeCommand {
 pub struct CreateVolume {
     pub name: VolumeName,
     /// Size limit: bytes or with a unit (Ki, Mi, Gi, Ti, K, M, G, T).
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = quantity_bytes)]
     pub size: u64,
     /// Owner of the volume's root directory.
     #[arg(long, default_value_t = 0)]
@@ -326,45 +327,6 @@ pub struct CreateVolume {
     /// gid squashed callers become.
     #[arg(long, default_value_t = 65534)]
     pub anon_gid: u32,
-}
-
-/// Parses `1073741824`, `1Gi`, `512Mi`, `10G` into bytes; zero is refused.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size (try 1Gi, 500Mi or bytes)"))?;
-    let mult: u64 = match unit {
-        "" => 1,
-        "Ki" => 1 << 10,
-        "Mi" => 1 << 20,
-        "Gi" => 1 << 30,
-        "Ti" => 1 << 40,
-        "K" | "k" => 1_000,
-        "M" => 1_000_000,
-        "G" => 1_000_000_000,
-        "T" => 1_000_000_000_000,
-        _ => {
-            return Err(format!(
-                "unknown unit `{unit}` in `{s}` (use Ki, Mi, Gi, Ti, K, M, G, T)"
-            ));
-        }
-    };
-    match n.checked_mul(mult) {
-        Some(0) => Err("size must be greater than zero".into()),
-        Some(b) => Ok(b),
-        None => Err(format!("`{s}` is too large")),
-    }
-}
-
-/// Parses an octal file mode such as `0755` or `750`.
-pub fn parse_mode(s: &str) -> Result<u32, String> {
-    u32::from_str_radix(s.trim_start_matches("0o"), 8)
-        .ok()
-        .filter(|m| *m <= 0o7777)
-        .ok_or_else(|| format!("`{s}` is not an octal mode such as 0755"))
 }
 
 #[derive(Debug, Args)]
@@ -437,29 +399,6 @@ mod tests {
                 .unwrap_err()
                 .contains("not a duration")
         );
-    }
-
-    #[test]
-    fn sizes_parse_with_binary_and_decimal_units() {
-        assert_eq!(parse_size("1Gi"), Ok(1 << 30));
-        assert_eq!(parse_size("500Mi"), Ok(500 << 20));
-        assert_eq!(parse_size("10G"), Ok(10_000_000_000));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert!(parse_size("0").is_err());
-        assert!(parse_size("1Xi").unwrap_err().contains("unknown unit"));
-        assert!(
-            parse_size("99999999999Ti")
-                .unwrap_err()
-                .contains("too large")
-        );
-    }
-
-    #[test]
-    fn modes_are_octal() {
-        assert_eq!(parse_mode("0755"), Ok(0o755));
-        assert_eq!(parse_mode("750"), Ok(0o750));
-        assert!(parse_mode("0999").is_err());
-        assert!(parse_mode("77777").is_err());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! localnfs: a Kubernetes dynamic provisioner that serves directories on a node's local
 //! disk as NFSv3 PersistentVolumes, plus a scheduler helper that keeps pods near their
-//! data. One binary; see `cli` for the commands and DESIGN.md for the invariants.
+//! data. One binary; see `cli` for the commands.
 
 pub mod admin;
 pub mod cache;
@@ -12,6 +12,7 @@ pub mod kubeclient;
 pub mod metrics;
 pub mod nfs;
 pub mod node;
+pub mod objects;
 pub mod provisioner;
 pub mod scheduler;
 pub mod server;

@@ -13,9 +13,8 @@ use kube::api::{Api, ListParams};
 
 use crate::cli::StatusArgs;
 use crate::error::{Error, Result};
-use crate::provisioner::protocol::{SIZE, USED_BYTES};
-use crate::provisioner::pv::{NODE_KEY, PROVISIONED_BY, VOLUME_KEY};
-use crate::scheduler::inventory::{AgentInfo, unix_now};
+use crate::objects::agents::{AgentInfo, unix_now};
+use crate::objects::keys::{NODE_KEY, PROVISIONED_BY, SIZE, USED_BYTES, VOLUME_KEY};
 
 /// Prints the table for the cluster in the kubeconfig.
 pub async fn run(args: StatusArgs) -> Result<()> {
@@ -77,11 +76,7 @@ pub fn table(pvs: &[PersistentVolume], leases: &[Lease], provisioner: &str, now:
     let mut usage: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
     for lease in leases {
         if let Some((node, info)) = AgentInfo::from_lease(lease) {
-            let used = lease
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(USED_BYTES))
+            let used = crate::kubeclient::annotation(lease, USED_BYTES)
                 .and_then(|j| serde_json::from_str(j).ok())
                 .unwrap_or_default();
             usage.insert(node.clone(), used);
@@ -196,7 +191,7 @@ pub fn table(pvs: &[PersistentVolume], leases: &[Lease], provisioner: &str, now:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::provisioner::protocol::FREE_BYTES;
+    use crate::objects::keys::FREE_BYTES;
     use serde_json::json;
 
     fn pv(name: &str, node: &str, claim: &str, phase: &str) -> PersistentVolume {

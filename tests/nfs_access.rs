@@ -1,4 +1,4 @@
-//! Who may use what (DESIGN invariant 8), against the real `localnfs node`: access is
+//! Who may use what, against the real `localnfs node`: access is
 //! decided per call by the allow-list and per-volume grants, never by the mount table,
 //! so one pod's unmount cannot cut off another pod on the same node; the mount table
 //! survives restarts and failed saves; EXPORT and DUMP show a client only its own.

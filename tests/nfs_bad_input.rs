@@ -240,7 +240,7 @@ async fn sigterm_finishes_in_flight_calls_and_exits_cleanly() {
     }
 }
 
-// --- Nothing blocks forever, memory stays bounded (DESIGN invariant 9) ------------------
+// --- Nothing blocks forever, memory stays bounded ---------------------------------------
 // Limits are given as `LOCALNFS_*` environment, so the same tests run against a build
 // without them (to see them fail there).
 

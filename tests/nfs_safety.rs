@@ -1,6 +1,6 @@
-//! The data-safety invariants of DESIGN.md, tested against the real `localnfs node`
-//! binary: restart-safe handles (3), durability (4), the jail (5), size limits (6),
-//! caller identity (7).
+//! What keeps data safe, tested against the real `localnfs node` binary: handles that
+//! survive restarts, acknowledged data on disk, the jail, size limits and caller
+//! identity.
 
 mod support;
 

@@ -1,4 +1,4 @@
-//! Reclaim never destroys live data (DESIGN invariant 2, issue 14 item 1): a PV
+//! Reclaim never destroys live data: a PV
 //! deleted while its claim exists keeps its data until the claim goes, whichever is
 //! deleted first and whether or not the node agent restarts in between; an `onDelete`
 //! annotation we do not know keeps the data.

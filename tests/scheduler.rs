@@ -11,7 +11,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Event, Node, PersistentVolumeClaim, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
-use localnfs::provisioner::pv::HOSTNAME_LABEL;
+use localnfs::objects::keys::HOSTNAME_LABEL;
 use localnfs::scheduler::config::extender_entry;
 use localnfs::testbed::kernel::KernelNode;
 use localnfs::testbed::{ClusterOptions, TestCluster, kubelet};

@@ -18,7 +18,7 @@ pub struct Caller {
     pub gids: Vec<u32>,
 }
 
-/// Applies the volume's squash policy to the RPC credential (DESIGN invariant 7).
+/// Applies the volume's squash policy to the RPC credential.
 ///
 /// Root squash maps uid 0 to the anonymous identity (no groups) and, for other callers,
 /// gid 0 and supplementary group 0 to the anonymous gid, as knfsd does: group 0 owns

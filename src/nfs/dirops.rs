@@ -1,7 +1,7 @@
 //! NFSv3 procedures on the namespace: LOOKUP, CREATE, MKDIR, SYMLINK, MKNOD, REMOVE,
 //! RMDIR, RENAME, LINK, READDIR, READDIRPLUS (RFC 1813 §3.3).
 //!
-//! The jail (DESIGN invariant 5): names are single components (no `/`, no NUL), `..`
+//! The jail (nothing a client sends reaches outside the volume it mounted): names are single components (no `/`, no NUL), `..`
 //! at a volume root is refused, every call is `*at` relative to a descriptor inside the
 //! volume and never follows a symlink, and both handles of RENAME/LINK must belong to
 //! the same volume.
@@ -228,7 +228,7 @@ pub fn create(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
     create_common(ctx, dir_fh, name, out, |charging, dir| {
         // The file is made with mknod, never opened: an existing name may be a FIFO
         // (an open would wait for a writer forever), a socket or a device, and no
-        // CREATE opens it (DESIGN invariant 9).
+        // CREATE opens it (nothing a client does may block a worker forever).
         let made = sys::mknodat(raw(dir), name, libc::S_IFREG | create_mode(&how), 0);
         match (&how, made) {
             (How::Unchecked(s) | How::Guarded(s), Ok(())) => {
@@ -628,7 +628,7 @@ pub fn readdir(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>, plus: bool) -> Pr
         let mut fh = None;
         if plus {
             // By name from the directory, no descriptor per entry; `..` of the volume
-            // root shows the root itself and gets no handle (DESIGN invariant 5).
+            // root shows the root itself and gets no handle (no way out of the jail).
             let name: &[u8] = if e.name == b"." || parent_of_root {
                 b""
             } else {

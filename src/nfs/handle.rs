@@ -1,4 +1,5 @@
-//! NFS file handles: restart-safe and unforgeable (DESIGN invariants 3 and 5).
+//! NFS file handles: restart-safe (valid across agent restarts and upgrades) and
+//! unforgeable (MAC'd with a per-node key, so no handle leads out of its volume).
 //!
 //! A handle is the kernel's own persistent handle for the inode (`name_to_handle_at`,
 //! the same mechanism knfsd uses; it survives reboots, carries the inode generation so

@@ -1,5 +1,5 @@
-//! What bounds the NFS server against clients that are slow, stuck or hostile (DESIGN
-//! invariant 9): time limits on every wait that depends on a client, and one memory
+//! What bounds the NFS server against clients that are slow, stuck or hostile, so that
+//! no client can stop it serving the others: time limits on every wait that depends on a client, and one memory
 //! budget for every byte the server holds on a client's behalf.
 //!
 //! The budget admits bytes, not connections: a record's bytes are charged as they

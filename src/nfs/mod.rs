@@ -1,6 +1,7 @@
 //! The userspace NFSv3 + MOUNT v3 server, on one TCP port, written on `nfs3_types`
 //! (the `nfs3_server` crate's VFS cannot see the caller's identity, fixes FSSTAT and
-//! derives handles from its start time; see DESIGN.md).
+//! derives handles from its start time, which would give mounted pods ESTALE after
+//! every restart).
 //!
 //! Layers, outermost first: [`server`] accepts (allow-list, connection cap, drain),
 //! `conn` frames records and dispatches within the time and memory bounds of `limits`,

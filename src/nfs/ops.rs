@@ -3,7 +3,7 @@
 //!
 //! Every procedure resolves its handle as root (open_by_handle_at needs
 //! CAP_DAC_READ_SEARCH), then acts with the caller's fs credentials so the kernel
-//! enforces permissions and ownership (DESIGN invariant 7).
+//! enforces permissions and ownership: a call never runs with more rights than its caller.
 
 use std::cell::Cell;
 use std::net::IpAddr;
@@ -44,7 +44,7 @@ impl Ctx<'_> {
 
     /// Switches this thread to the caller's identity until the guard drops. If the
     /// kernel refuses it (anonymous ids outside the id map), the call is refused
-    /// rather than run as root (DESIGN invariant 7).
+    /// rather than run as root.
     pub fn become_caller(&self, v: &Volume) -> Result<AsCaller, nfsstat3> {
         let c = self.caller(v);
         AsCaller::new(c.uid, c.gid, &c.gids).map_err(|e| {
@@ -405,7 +405,7 @@ pub fn write(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
             r.map_err(to_nfsstat)?;
             drop_setid_bits(ctx, &v, wfd, st.st_mode)?;
         }
-        // Synced before the reply (DESIGN invariant 4).
+        // Synced before the reply: acknowledged data is on disk.
         match stable {
             stable_how::FILE_SYNC => sys::fsync(wfd).map_err(to_nfsstat)?,
             stable_how::DATA_SYNC => sys::fdatasync(wfd).map_err(to_nfsstat)?,
@@ -495,7 +495,7 @@ pub fn fsstat(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
     with_attrs(ctx, fh, out, |v, _, _, out| {
         let vfs = sys::statvfs(raw(&v.root)).map_err(to_nfsstat)?;
         // The volume's own size and free space, so `df` shows the PVC size
-        // (DESIGN invariant 6). Free space is also capped by the real disk.
+        // (`df` in the pod shows the claim's size). Free space is also capped by the real disk.
         let disk_free = vfs.f_bavail.saturating_mul(vfs.f_frsize);
         let free = v.free().min(disk_free);
         put_u64(out, v.limit.load(std::sync::atomic::Ordering::Acquire));

@@ -1,4 +1,5 @@
-//! A volume's size and object limits (DESIGN invariant 6), enforced by the server
+//! A volume's size and object limits (it cannot grow past what its claim asked for),
+//! enforced by the server
 //! since the node's filesystem may have no project quota.
 //!
 //! Every change of what a volume is charged (WRITE, SETATTR size, CREATE over an

@@ -42,7 +42,7 @@ pub struct Volume {
     /// Bumped by every charge, so a re-count from the disk that raced one is dropped.
     pub charges: AtomicU64,
     /// Held by every operation that changes what the volume is charged, so the check
-    /// against the limit and the change are one step (DESIGN invariant 6).
+    /// against the limit and the change are one step, so racing writers cannot pass it.
     pub charge_lock: Mutex<()>,
 }
 
@@ -124,8 +124,8 @@ impl Obj {
 
     /// Puts the object's last change on stable storage before the reply: RFC 1813
     /// §1.6 makes CREATE, MKDIR, SYMLINK, MKNOD, REMOVE, RMDIR, RENAME and LINK
-    /// synchronous, and DESIGN invariant 10 adds SETATTR (knfsd commits its metadata
-    /// too). `mode` is the object's `st_mode`; call it on the directory a name changed
+    /// synchronous, and we add SETATTR (knfsd commits its metadata too): a reply
+    /// means durable. `mode` is the object's `st_mode`; call it on the directory a name changed
     /// in. On a journalling filesystem (ext4, xfs) the fsync commits the transaction
     /// that holds the change, new or removed inodes included, and fsyncs running at
     /// the same time share one journal commit: the kernel does the batching.
@@ -172,7 +172,7 @@ pub struct Exports {
     /// One usage recount at a time.
     recounting: Mutex<()>,
     /// Write verifier: new on every start, so clients resend unstable writes the
-    /// previous process may have lost (RFC 1813 §3.3.7, DESIGN invariant 4).
+    /// previous process may have lost (RFC 1813 §3.3.7: clients resend unstable writes).
     pub verifier: [u8; 8],
     /// MKNOD may make block and character devices (`--allow-device-nodes`). Off by
     /// default: a device node in a volume is a way into the node's hardware for any
@@ -307,8 +307,8 @@ impl Exports {
         })
     }
 
-    /// Re-counts every volume's usage from the disk, correcting drift (DESIGN
-    /// invariant 6); one run at a time.
+    /// Re-counts every volume's usage from the disk, correcting drift; one run
+    /// at a time.
     pub fn recount_usage(&self) {
         let Ok(_one) = self.recounting.try_lock() else {
             return;
@@ -344,7 +344,7 @@ impl Exports {
     /// Authenticates `wire`, checks `client` may use its volume, and returns the object
     /// it names (opened O_PATH, never following a symlink; cached). Forged or altered
     /// handles are BADHANDLE; deleted objects or volumes STALE; volumes the client may
-    /// not use ACCES (DESIGN invariants 5 and 8). Whether the client said MNT does not
+    /// not use ACCES. Whether the client said MNT does not
     /// matter: a handle is proof of nothing but the server's MAC, and access is the
     /// same rule MNT applies.
     pub fn resolve(

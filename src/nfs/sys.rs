@@ -444,7 +444,7 @@ pub fn read_dir_from(
 /// or one outside this user namespace's map) they leave the thread as it was, root
 /// with every capability. So each switch is read back (`setfsuid(-1)` always fails
 /// and returns the current id) and a switch that did not take is an error: a request
-/// never runs with more rights than its caller (DESIGN invariant 7).
+/// never runs with more rights than its caller.
 pub struct AsCaller {
     switched: bool,
     groups: bool,

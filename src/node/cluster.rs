@@ -1,8 +1,8 @@
 //! The node agent's cluster side: it heartbeats a Lease with its free space, NFS
 //! port and per-volume usage, creates and removes volume directories for claims the
 //! controller placed on this node, reclaims and resizes its PVs, and keeps the NFS
-//! allow-list equal to the cluster's node addresses (plus `--allow`). See
-//! `provisioner::protocol`.
+//! allow-list equal to the cluster's node addresses (plus `--allow`). The protocol
+//! with the controller is in `objects`.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -12,9 +12,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::{reflector, watcher};
@@ -24,15 +22,17 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
+use crate::kubeclient::annotation as ann;
 use crate::nfs::{AllowList, Exports, Network};
-use crate::provisioner::protocol::*;
-use crate::provisioner::pv::{ON_DELETE_KEY, PV_FINALIZER, VOLUME_KEY};
-use crate::provisioner::reclaim::{self, Reclaim};
+use crate::objects::agents::{self, Heartbeat};
+use crate::objects::claim::pv_name;
+use crate::objects::keys::*;
+use crate::objects::reclaim::{self, Reclaim};
 use crate::volume::VolumeName;
 
-/// How often the heartbeat Lease is renewed (it is considered dead after 30 s).
+/// How often the heartbeat Lease is renewed (it is considered dead after
+/// [`agents::LEASE_SECONDS`]).
 const HEARTBEAT: Duration = Duration::from_secs(5);
-const LEASE_SECONDS: i32 = 30;
 
 struct Agent {
     client: Client,
@@ -89,7 +89,7 @@ pub async fn run(
         changed: Notify::new(),
         warned: Default::default(),
     });
-    let mine = watcher::Config::default().labels(&format!("{NODE_LABEL}={}", agent.node));
+    let mine = watcher::Config::default().labels(&format!("{NODE_KEY}={}", agent.node));
     let claims = crate::cache::controller(
         Api::<PersistentVolumeClaim>::all(agent.client.clone()),
         mine.clone(),
@@ -110,19 +110,7 @@ pub async fn run(
 }
 
 fn error_policy<K>(_obj: Arc<K>, err: &Error, _agent: Arc<Agent>) -> Action {
-    if crate::kubeclient::lost_race(err) {
-        return Action::requeue(Duration::from_millis(200));
-    }
-    tracing::warn!(error = %err, "node reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(5))
-}
-
-fn ann<'a>(obj: &'a impl Resource, key: &str) -> Option<&'a str> {
-    obj.meta()
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(key))
-        .map(String::as_str)
+    Action::requeue(crate::kubeclient::retry_after(err))
 }
 
 impl Agent {
@@ -218,7 +206,7 @@ async fn reconcile_claim(pvc: Arc<PersistentVolumeClaim>, agent: Arc<Agent>) -> 
                 tracing::warn!(claim = %format!("{ns}/{name}"), "abandon annotation on a claim that is not being deleted: keeping its volume");
                 return Ok(Action::await_change());
             }
-            let pv_name = crate::provisioner::pv::pv_name(&pvc.uid().unwrap_or_default());
+            let pv_name = pv_name(&pvc.uid().unwrap_or_default());
             if Api::<PersistentVolume>::all(agent.client.clone())
                 .get_opt(&pv_name)
                 .await
@@ -276,7 +264,7 @@ async fn answer(
     value: String,
 ) -> Result<()> {
     let ops = json!([
-        {"op": "test", "path": json_pointer(&["metadata", "labels", NODE_LABEL]), "value": agent.node},
+        {"op": "test", "path": json_pointer(&["metadata", "labels", NODE_KEY]), "value": agent.node},
         {"op": "add", "path": json_pointer(&["metadata", "annotations", key]), "value": value},
     ]);
     let patch = serde_json::from_value(ops)
@@ -416,8 +404,10 @@ async fn reclaim(agent: &Agent, pv: &PersistentVolume, volume: &VolumeName) -> R
 fn free_bytes(exports: &Exports, capacity: Option<u64>) -> u64 {
     let volumes = exports.all();
     let promised: u64 = volumes.iter().map(|v| v.free()).sum();
-    let disk = nix_statvfs(exports.store().root())
-        .unwrap_or(0)
+    let disk = nix::sys::statvfs::statvfs(exports.store().root())
+        .map_or(0, |st| {
+            st.blocks_available().saturating_mul(st.fragment_size())
+        })
         .saturating_sub(promised);
     match capacity {
         Some(cap) => {
@@ -429,18 +419,6 @@ fn free_bytes(exports: &Exports, capacity: Option<u64>) -> u64 {
         }
         None => disk,
     }
-}
-
-fn nix_statvfs(path: &std::path::Path) -> Option<u64> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
-    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: valid C string and out-pointer.
-    if unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) } != 0 {
-        return None;
-    }
-    // SAFETY: initialised on success.
-    let st = unsafe { st.assume_init() };
-    Some(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 /// Largest [`USED_BYTES`] annotation we write (annotations share a 256 KiB budget).
@@ -465,51 +443,20 @@ fn usage_json(exports: &Exports) -> Option<String> {
 
 async fn heartbeat(agent: Arc<Agent>, shutdown: CancellationToken) {
     let leases: Api<Lease> = Api::namespaced(agent.client.clone(), &agent.namespace);
-    let name = format!("{NODE_LEASE_PREFIX}{}", agent.node);
     loop {
-        let (free, usage) = {
+        let (free_bytes, usage) = {
             let (ex, cap) = (agent.exports.clone(), agent.capacity);
             tokio::task::spawn_blocking(move || (free_bytes(&ex, cap), usage_json(&ex)))
                 .await
                 .unwrap_or((0, None))
         };
-        // `null` removes the usage annotation from the Lease when it is too long.
-        let annotations: BTreeMap<&str, Option<String>> = [
-            (FREE_BYTES, Some(free.to_string())),
-            (NFS_PORT, Some(agent.nfs_port.to_string())),
-            (USED_BYTES, usage),
-        ]
-        .into();
-        let body = json!({
-            "apiVersion": "coordination.k8s.io/v1",
-            "kind": "Lease",
-            "metadata": {"name": name, "annotations": annotations},
-            "spec": {
-                "holderIdentity": agent.node,
-                "leaseDurationSeconds": LEASE_SECONDS,
-                "renewTime": MicroTime(Timestamp::now()),
-            },
-        });
-        let result = match leases
-            .patch(&name, &PatchParams::default(), &Patch::Merge(&body))
-            .await
-        {
-            Err(kube::Error::Api(s)) if s.code == 404 => {
-                let mut body = body;
-                if let Some(a) = body["metadata"]["annotations"].as_object_mut() {
-                    a.retain(|_, v| !v.is_null()); // a new object has nothing to remove
-                }
-                match serde_json::from_value::<Lease>(body) {
-                    Ok(lease) => leases
-                        .create(&PostParams::default(), &lease)
-                        .await
-                        .map(drop),
-                    Err(e) => Err(kube::Error::SerdeError(e)),
-                }
-            }
-            other => other.map(drop),
+        let beat = Heartbeat {
+            node: &agent.node,
+            free_bytes,
+            nfs_port: agent.nfs_port,
+            usage,
         };
-        if let Err(e) = result {
+        if let Err(e) = agents::renew(&leases, &beat).await {
             tracing::warn!(error = %e, "cannot renew the node heartbeat lease");
         }
         tokio::select! {
@@ -538,14 +485,8 @@ async fn keep_allow_list(
     while stream.next().await.is_some() {
         let mut nets = extra.clone();
         for node in reader.state() {
-            for addr in node
-                .status
-                .iter()
-                .flat_map(|s| s.addresses.iter().flatten())
-            {
-                if addr.type_ == "InternalIP"
-                    && let Ok(ip) = addr.address.parse::<IpAddr>()
-                {
+            for ip in crate::kubeclient::internal_ips(&node) {
+                if let Ok(ip) = ip.parse::<IpAddr>() {
                     nets.push(Network::host(ip));
                 }
             }

@@ -1,9 +1,10 @@
 //! The claim reconciler: drives one PersistentVolumeClaim of a localnfs class through
-//! the provisioning protocol (see `protocol`) and expansion. Idempotent: every step
-//! reads the claim's current annotations and does the next missing thing, so a
-//! controller killed between any two steps resumes where it stopped.
+//! the provisioning protocol (see `objects`) and expansion. It reads the claim, its
+//! class, its PV and its node's agent, does the step [`super::step::next`] decides,
+//! and comes back; so a controller killed between any two steps resumes where it
+//! stopped.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,16 +15,19 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, ResourceExt};
 use serde_json::json;
 
 use super::metrics::ControllerMetrics;
-use super::params::{ClassParams, quantity_bytes};
-use super::protocol::*;
-use super::pv::{self, NodeRoom, PvInput, SELECTED_NODE};
+use super::pv::{self, NodeRoom, PvInput};
 use super::reserve::Reservations;
+use super::step::{self, Facts, Failure, Placement, Step, Then};
 use super::triggers::ClaimKey;
 use crate::error::{Error, Result};
+use crate::kubeclient::annotation;
+use crate::objects::agents::{AgentInfo, unix_now};
+use crate::objects::claim::{claimed_by, pv_name};
+use crate::objects::keys::*;
 
 /// Shared by every reconcile.
 pub struct Ctx {
@@ -34,7 +38,7 @@ pub struct Ctx {
     pub events: crate::events::Events,
     pub metrics: ControllerMetrics,
     /// The node agents as their Leases say (only `agents` is filled).
-    pub agents: crate::scheduler::watch::Shared,
+    pub agents: crate::kubeclient::Shared<HashMap<String, AgentInfo>>,
     /// StorageClasses, watched (a handful of small objects).
     pub classes: Store<StorageClass>,
     /// How long past its lease a silent node agent is waited for (`--agent-grace`).
@@ -43,21 +47,6 @@ pub struct Ctx {
     pub reservations: std::sync::Mutex<Reservations>,
     /// Whether we may still write as leader; checked before every write.
     pub fence: super::leader::Fence,
-}
-
-const BETA_PROVISIONER: &str = "volume.beta.kubernetes.io/storage-provisioner";
-const GA_PROVISIONER: &str = "volume.kubernetes.io/storage-provisioner";
-
-fn has_finalizer<K: Resource>(obj: &K, f: &str) -> bool {
-    obj.meta().finalizers.iter().flatten().any(|x| x == f)
-}
-
-fn annotation<'a, K: Resource>(obj: &'a K, key: &str) -> Option<&'a str> {
-    obj.meta()
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(key))
-        .map(String::as_str)
 }
 
 impl Ctx {
@@ -218,10 +207,9 @@ impl Ctx {
     /// Why we stop waiting for `node`'s agent, when it has been silent past its lease
     /// and the grace ([`pv::agent_given_up`]); `None` while it may still answer.
     fn agent_gone(&self, node: &str) -> Option<String> {
-        let now = crate::scheduler::inventory::unix_now();
-        let expires = crate::scheduler::watch::with(&self.agents, |inv| {
-            inv.agents.get(node).map(|a| a.expires)
-        });
+        let now = unix_now();
+        let expires =
+            crate::kubeclient::read(&self.agents, |agents| agents.get(node).map(|a| a.expires));
         let grace = i64::try_from(self.agent_grace.as_secs()).unwrap_or(i64::MAX);
         if !pv::agent_given_up(expires, now, grace) {
             return None;
@@ -238,9 +226,9 @@ impl Ctx {
     /// Live node agents, their free space and NFS port, from the heartbeat Leases
     /// (watched, not listed per claim: the Leases also carry per-volume usage).
     fn node_rooms(&self) -> Vec<(NodeRoom, u16)> {
-        let now = crate::scheduler::inventory::unix_now();
-        crate::scheduler::watch::with(&self.agents, |inv| {
-            inv.agents
+        let now = unix_now();
+        crate::kubeclient::read(&self.agents, |agents| {
+            agents
                 .iter()
                 .filter(|(_, a)| a.expires >= now)
                 .map(|(node, a)| {
@@ -253,17 +241,6 @@ impl Ctx {
                 .collect()
         })
     }
-}
-
-/// Whether this claim is for us: its class names our provisioner.
-/// Whether a claim is ours: its class names our provisioner, or the control plane
-/// annotated it for us (`volume.beta.kubernetes.io/storage-provisioner` up to 1.22,
-/// `volume.kubernetes.io/storage-provisioner` from 1.23).
-pub fn claimed_by(pvc: &PersistentVolumeClaim, class_provisioner: &str, me: &str) -> bool {
-    class_provisioner == me
-        || [BETA_PROVISIONER, GA_PROVISIONER]
-            .iter()
-            .any(|k| annotation(pvc, k) == Some(me))
 }
 
 /// The claim's class if it is ours. From the class cache; a class too new for the
@@ -299,292 +276,225 @@ impl Ctx {
     /// When to retry after a failed reconcile.
     pub fn after_error(&self, err: &Error) -> Next {
         self.metrics.reconcile_errors.inc();
-        if crate::kubeclient::lost_race(err) {
-            // Someone updated the object between our read and write: retry on a fresh copy.
-            tracing::debug!(error = %err, "lost an update race; retrying");
-            return Next::After(Duration::from_millis(200));
-        }
-        tracing::warn!(error = %err, "reconcile failed; retrying");
-        Next::After(Duration::from_secs(5))
+        Next::After(crate::kubeclient::retry_after(err))
     }
 }
 
-/// Reconciles one claim.
+/// Reconciles one claim: reads what [`step::next`] decides from, and does the step.
 pub async fn reconcile(pvc: &PersistentVolumeClaim, ctx: &Ctx) -> Result<Next> {
-    let Some(class) = our_class(ctx, pvc).await? else {
-        // Not ours, but clean up if we were mid-way when its class vanished.
-        if has_finalizer(pvc, CLAIM_FINALIZER) && pvc.metadata.deletion_timestamp.is_some() {
-            return abandon(ctx, pvc).await;
-        }
-        return Ok(Next::Wait);
+    let class = our_class(ctx, pvc).await?;
+    let pv_name = pv_name(&pvc.uid().unwrap_or_default());
+    let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    let pv = match class {
+        Some(_) => pvs
+            .get_opt(&pv_name)
+            .await
+            .map_err(Error::kube(format!("read PV {pv_name}")))?,
+        None => None,
+    };
+    let node = pvc.labels().get(NODE_KEY).cloned();
+    let facts = Facts {
+        claim: pvc,
+        class: class.as_deref(),
+        pv_exists: pv.is_some(),
+        agent_gone: node.as_deref().and_then(|n| ctx.agent_gone(n)),
     };
     let uid = pvc.uid().unwrap_or_default();
-    let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
-    let pv_name = pv::pv_name(&uid);
-    if let Some(existing) = pvs
-        .get_opt(&pv_name)
-        .await
-        .map_err(Error::kube(format!("read PV {pv_name}")))?
-    {
-        ctx.complete_binding(pvc, &existing).await?;
-        ctx.remove_finalizer(pvc).await?;
-        return super::expand::reconcile(ctx, pvc, &class, &existing).await;
+    // Our own write changes what the claim watch fingerprints, which brings the claim
+    // back; the timer is only the safety net should that event be missed.
+    let next_step = Next::After(Duration::from_secs(15));
+    match step::next(&facts) {
+        Step::Wait => Ok(Next::Wait),
+        Step::Finish => {
+            let (Some(class), Some(pv)) = (class, pv) else {
+                return Ok(Next::Wait);
+            };
+            ctx.complete_binding(pvc, &pv).await?;
+            ctx.remove_finalizer(pvc).await?;
+            super::expand::reconcile(ctx, pvc, &class, &pv).await
+        }
+        Step::AddFinalizer => {
+            ctx.add_finalizer(pvc).await?;
+            Ok(next_step)
+        }
+        Step::Place(placement) => match class {
+            Some(class) => place(ctx, pvc, &class, &placement).await,
+            None => Ok(Next::Wait),
+        },
+        Step::AwaitAgent { node, size_bytes } => {
+            // Placed by an earlier leader: hold its space here too.
+            ctx.reservations()
+                .hold(&uid, &node, size_bytes, Instant::now());
+            // The node agent's answer brings the claim back; poll in case it is down.
+            Ok(Next::After(AGENT_POLL))
+        }
+        Step::CreatePv(placement, volume) => {
+            let (Some(class), Some(node)) = (class, node) else {
+                return Ok(Next::Wait);
+            };
+            create_pv(ctx, pvc, &class, &placement, &node, &volume).await
+        }
+        Step::Abandon => {
+            ctx.patch_meta(pvc, json!({"metadata": {"annotations": {ABANDON: "true"}}}))
+                .await?;
+            ctx.reservations().release(&uid);
+            Ok(next_step)
+        }
+        // The node agent's answer arrives as a watch event; poll in case it is down.
+        Step::AwaitRemoval => Ok(Next::After(AGENT_POLL)),
+        Step::LetGo { node, volume, why } => {
+            ctx.event(
+                pvc,
+                EventType::Warning,
+                "VolumeLeftOnNode",
+                format!(
+                    "node {node}'s agent {why}: releasing the deleted claim without removing its volume; directory volumes/{volume} may be left under the agent's root on node {node} (remove it when the node is back, see the README)"
+                ),
+            )
+            .await;
+            ctx.remove_finalizer(pvc).await?;
+            Ok(Next::Wait)
+        }
+        Step::Release => {
+            ctx.remove_finalizer(pvc).await?;
+            Ok(Next::Wait)
+        }
+        Step::Fail(failure) => fail(ctx, pvc, failure).await,
     }
-    if pvc.metadata.deletion_timestamp.is_some() {
-        return abandon(ctx, pvc).await;
-    }
-    if !pv::needs_volume(pvc) || annotation(pvc, ABANDON).is_some() {
-        return Ok(Next::Wait);
-    }
-    provision(ctx, pvc, &class, &pv_name).await
-}
-
-/// A claim going away before its PV exists: have the node agent delete the volume.
-async fn abandon(ctx: &Ctx, pvc: &PersistentVolumeClaim) -> Result<Next> {
-    if !has_finalizer(pvc, CLAIM_FINALIZER) {
-        return Ok(Next::Wait);
-    }
-    let placed = pvc.labels().contains_key(NODE_LABEL);
-    if !placed || annotation(pvc, REMOVED).is_some() {
-        ctx.remove_finalizer(pvc).await?;
-        return Ok(Next::Wait);
-    }
-    if annotation(pvc, ABANDON).is_none() {
-        ctx.patch_meta(pvc, json!({"metadata": {"annotations": {ABANDON: "true"}}}))
-            .await?;
-        ctx.reservations().release(&pvc.uid().unwrap_or_default());
-    }
-    let node = pvc.labels().get(NODE_LABEL).cloned().unwrap_or_default();
-    if let Some(why) = ctx.agent_gone(&node) {
-        // Waiting longer could be forever (the node may be gone for good): let the
-        // claim go and say exactly what may be left on the node.
-        let volume = annotation(pvc, REQUEST)
-            .and_then(|r| serde_json::from_str::<VolumeRequest>(r).ok())
-            .map_or_else(|| "(unknown)".to_owned(), |r| r.name.to_string());
-        ctx.event(
-            pvc,
-            EventType::Warning,
-            "VolumeLeftOnNode",
-            format!(
-                "node {node}'s agent {why}: releasing the deleted claim without removing its volume; directory volumes/{volume} may be left under the agent's root on node {node} (remove it when the node is back, see the README)"
-            ),
-        )
-        .await;
-        ctx.remove_finalizer(pvc).await?;
-        return Ok(Next::Wait);
-    }
-    // The node agent's answer arrives as a watch event; poll in case it is down.
-    Ok(Next::After(AGENT_POLL))
 }
 
 /// How often a claim waiting on a node agent is looked at again (its answer normally
 /// arrives as a watch event; this catches an agent that went away).
 const AGENT_POLL: Duration = Duration::from_secs(10);
 
-/// The node a claim was placed on will not create its volume (its agent went silent,
-/// or refused): take the placement back (only if the claim is unchanged since we read
-/// it, so a volume that was just made is not lost track of) so the next reconcile, or
-/// the scheduler under WaitForFirstConsumer, picks a node again. `event`: why.
-async fn place_again(ctx: &Ctx, pvc: &PersistentVolumeClaim, event: String) -> Result<Next> {
-    let mut annotations = json!({REQUEST: null, REFUSED: null});
-    if annotation(pvc, SELECTED_NODE).is_some() {
-        annotations[SELECTED_NODE] = serde_json::Value::Null;
+/// The one way provisioning fails: the metric, the warning event, and what follows.
+async fn fail(ctx: &Ctx, pvc: &PersistentVolumeClaim, failure: Failure) -> Result<Next> {
+    let next = match failure.then {
+        Then::Retry(after) => Next::After(after),
+        Then::HandBack => {
+            ctx.patch_meta(
+                pvc,
+                json!({"metadata": {"annotations": {SELECTED_NODE: null}}}),
+            )
+            .await?;
+            Next::Wait
+        }
+        Then::PlaceAgain => {
+            // Only if the claim is unchanged since we read it, so a volume that was
+            // just made is not lost track of.
+            let mut annotations = json!({REQUEST: null, REFUSED: null});
+            if annotation(pvc, SELECTED_NODE).is_some() {
+                annotations[SELECTED_NODE] = serde_json::Value::Null;
+            }
+            ctx.patch_meta(
+                pvc,
+                json!({"metadata": {
+                    "resourceVersion": pvc.resource_version(),
+                    "labels": {NODE_KEY: null},
+                    "annotations": annotations,
+                }}),
+            )
+            .await?;
+            Next::Wait
+        }
+    };
+    if annotation(pvc, READY).is_none() {
+        // No volume is coming: hold no space for it.
+        ctx.reservations().release(&pvc.uid().unwrap_or_default());
     }
-    ctx.patch_meta(
+    ctx.metrics.failed(failure.metric);
+    ctx.event(
         pvc,
-        json!({"metadata": {
-            "resourceVersion": pvc.resource_version(),
-            "labels": {NODE_LABEL: null},
-            "annotations": annotations,
-        }}),
+        EventType::Warning,
+        "ProvisioningFailed",
+        failure.message,
     )
-    .await?;
-    ctx.reservations().release(&pvc.uid().unwrap_or_default());
-    ctx.event(pvc, EventType::Warning, "ProvisioningFailed", event)
-        .await;
-    Ok(Next::Wait)
+    .await;
+    Ok(next)
 }
 
-async fn provision(
+/// Picks the claim's node, holds its space there and asks the node's agent for the
+/// volume (by labelling the claim with the node and annotating the request).
+async fn place(
     ctx: &Ctx,
     pvc: &PersistentVolumeClaim,
     class: &StorageClass,
-    pv_name: &str,
+    p: &Placement,
 ) -> Result<Next> {
-    let checked = ClassParams::parse(&class.parameters.clone().unwrap_or_default())
-        .and_then(|p| pv::validate_claim(pvc).map(|r| (p, r)));
-    let (params, request) = match checked {
-        Ok(x) => x,
-        Err(msg) => {
-            ctx.metrics.failed("invalid");
-            ctx.event(pvc, EventType::Warning, "ProvisioningFailed", msg)
-                .await;
-            return Ok(Next::After(Duration::from_secs(300)));
-        }
+    let uid = pvc.uid().unwrap_or_default();
+    let free: Vec<NodeRoom> = ctx.node_rooms().into_iter().map(|(r, _)| r).collect();
+    let allowed = allowed_nodes(ctx, class).await?;
+    let selected = annotation(pvc, SELECTED_NODE);
+    let size = p.request.size_bytes;
+    let node = match ctx.choose_and_hold(&uid, selected, &free, size, allowed.as_ref()) {
+        Ok(n) => n,
+        Err(msg) => return fail(ctx, pvc, Failure::no_room(msg, selected.is_some())).await,
     };
-    // Our own write changes what the claim watch fingerprints, which brings the claim
-    // back; the timer is only the safety net should that event be missed.
-    let next_step = Next::After(Duration::from_secs(15));
-    if !has_finalizer(pvc, CLAIM_FINALIZER) {
-        ctx.add_finalizer(pvc).await?;
-        return Ok(next_step);
-    }
-    let wait_for_scheduler = class.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer");
-    if wait_for_scheduler
-        && annotation(pvc, SELECTED_NODE).is_none()
-        && !pvc.labels().contains_key(NODE_LABEL)
-    {
-        // The scheduler has not picked the pod's node yet; its annotation will wake us.
-        return Ok(Next::Wait);
-    }
-    let rooms = ctx.node_rooms();
-    let Some(node) = pvc.labels().get(NODE_LABEL).cloned() else {
-        let (ns, name, uid) = (
-            pvc.namespace().unwrap_or_default(),
-            pvc.name_any(),
-            pvc.uid().unwrap_or_default(),
-        );
-        let volume = match params.volume_name(pv_name, &ns, &name, &uid) {
-            Ok(v) => v,
-            Err(msg) => {
-                ctx.metrics.failed("invalid");
-                ctx.event(pvc, EventType::Warning, "ProvisioningFailed", msg)
-                    .await;
-                return Ok(Next::After(Duration::from_secs(300)));
-            }
-        };
-        let free: Vec<NodeRoom> = rooms.iter().map(|(r, _)| r.clone()).collect();
-        let allowed = allowed_nodes(ctx, class).await?;
-        let selected = annotation(pvc, SELECTED_NODE);
-        let node = match ctx.choose_and_hold(
-            &uid,
-            selected,
-            &free,
-            request.size_bytes,
-            allowed.as_ref(),
-        ) {
-            Ok(n) => n,
-            Err(msg) if selected.is_some() => {
-                // As kube's external-provisioner does: hand the choice back to the
-                // scheduler, which picks again (the pod stays Pending meanwhile).
-                ctx.metrics.failed("no-room");
-                ctx.event(
-                    pvc,
-                    EventType::Warning,
-                    "ProvisioningFailed",
-                    format!("{msg}; asking the scheduler to choose another node"),
-                )
-                .await;
-                ctx.patch_meta(
-                    pvc,
-                    json!({"metadata": {"annotations": {SELECTED_NODE: null}}}),
-                )
-                .await?;
-                return Ok(Next::Wait);
-            }
-            Err(msg) => {
-                ctx.metrics.failed("no-room");
-                ctx.event(pvc, EventType::Warning, "ProvisioningFailed", msg)
-                    .await;
-                return Ok(Next::After(Duration::from_secs(15)));
-            }
-        };
-        let req = VolumeRequest {
-            name: volume.clone(),
-            size_bytes: request.size_bytes,
-            uid: params.uid,
-            gid: params.gid,
-            mode: params.mode,
-            squash: params.squash,
-            anon_uid: params.anon_uid,
-            anon_gid: params.anon_gid,
-        };
-        let req_json = serde_json::to_string(&req).unwrap_or_default();
-        let placed = ctx
-            .patch_meta(
-                pvc,
-                // Only the claim as read: a stale leader's placement of a claim placed
-                // since by another fails (409) instead of moving it.
-                json!({"metadata": {
-                    "resourceVersion": pvc.resource_version(),
-                    "labels": {NODE_LABEL: node},
-                    "annotations": {REQUEST: req_json},
-                }}),
-            )
-            .await;
-        if let Err(e) = placed {
-            ctx.reservations().release(&uid);
-            return Err(e);
-        }
-        ctx.event(
+    let req = p.params.volume_request(p.volume.clone(), size);
+    let req_json = serde_json::to_string(&req).unwrap_or_default();
+    let placed = ctx
+        .patch_meta(
             pvc,
-            EventType::Normal,
-            "Provisioning",
-            format!(
-                "creating volume {volume} ({} bytes) on node {node}",
-                request.size_bytes
-            ),
+            // Only the claim as read: a stale leader's placement of a claim placed
+            // since by another fails (409) instead of moving it.
+            json!({"metadata": {
+                "resourceVersion": pvc.resource_version(),
+                "labels": {NODE_KEY: node},
+                "annotations": {REQUEST: req_json},
+            }}),
         )
         .await;
-        return Ok(next_step);
-    };
-    let uid = pvc.uid().unwrap_or_default();
-    let Some(volume) = annotation(pvc, READY) else {
-        if let Some(why) = ctx.agent_gone(&node) {
-            return place_again(
-                ctx,
-                pvc,
-                format!("node {node}'s agent {why} and has not created the volume: placing the claim again"),
-            )
-            .await;
-        }
-        if let Some(refusal) = annotation(pvc, REFUSED) {
-            ctx.reservations().release(&uid);
-            if annotation(pvc, SELECTED_NODE).is_some() {
-                return place_again(
-                    ctx,
-                    pvc,
-                    format!("{refusal}; asking the scheduler to choose another node"),
-                )
-                .await;
-            }
-            // Immediate: the agent's event says why; a person has to act.
-            return Ok(Next::After(Duration::from_secs(300)));
-        }
-        // Placed by an earlier leader: hold its space here too.
-        ctx.reservations()
-            .hold(&uid, &node, request.size_bytes, Instant::now());
-        // The node agent's annotation brings the claim back; poll in case it is down.
-        return Ok(Next::After(AGENT_POLL));
-    };
-    ctx.reservations().ready(&uid, Instant::now());
-    let nodes: Api<Node> = Api::all(ctx.client.clone());
-    let node_obj = nodes
-        .get(&node)
+    if let Err(e) = placed {
+        ctx.reservations().release(&uid);
+        return Err(e);
+    }
+    ctx.event(
+        pvc,
+        EventType::Normal,
+        "Provisioning",
+        format!("creating volume {} ({size} bytes) on node {node}", p.volume),
+    )
+    .await;
+    Ok(Next::After(Duration::from_secs(15)))
+}
+
+/// The volume exists on `node`: creates the claim's PV and completes the binding.
+async fn create_pv(
+    ctx: &Ctx,
+    pvc: &PersistentVolumeClaim,
+    class: &StorageClass,
+    p: &Placement,
+    node: &str,
+    volume: &str,
+) -> Result<Next> {
+    let pv_name = pv_name(&pvc.uid().unwrap_or_default());
+    ctx.reservations()
+        .ready(&pvc.uid().unwrap_or_default(), Instant::now());
+    let node_obj = Api::<Node>::all(ctx.client.clone())
+        .get(node)
         .await
         .map_err(Error::kube(format!("read node {node}")))?;
-    let Some(ip) = internal_ip(&node_obj) else {
-        ctx.event(
-            pvc,
-            EventType::Warning,
-            "ProvisioningFailed",
-            format!("node {node} has no InternalIP"),
-        )
-        .await;
-        return Ok(Next::After(Duration::from_secs(30)));
+    let Some(ip) = crate::kubeclient::internal_ips(&node_obj).next() else {
+        let failure = Failure {
+            metric: "no-address",
+            message: format!("node {node} has no InternalIP"),
+            then: Then::Retry(Duration::from_secs(30)),
+        };
+        return fail(ctx, pvc, failure).await;
     };
-    let port = rooms
+    let port = ctx
+        .node_rooms()
         .iter()
         .find(|(r, _)| r.node == node)
         .map_or(2049, |(_, p)| *p);
     let pv = pv::build_pv(&PvInput {
         pvc,
         class,
-        params: &params,
-        request: &request,
+        params: &p.params,
+        request: &p.request,
         provisioner: &ctx.provisioner,
-        node: &node,
-        node_ip: &ip,
+        node,
+        node_ip: ip,
         nfs_port: port,
         volume,
     })
@@ -639,51 +549,4 @@ async fn allowed_nodes(ctx: &Ctx, class: &StorageClass) -> Result<Option<BTreeSe
             .map(|n| n.name_any())
             .collect(),
     ))
-}
-
-fn internal_ip(node: &Node) -> Option<String> {
-    node.status
-        .as_ref()?
-        .addresses
-        .as_ref()?
-        .iter()
-        .find(|a| a.type_ == "InternalIP")
-        .map(|a| a.address.clone())
-}
-
-/// The size a claim requests, in bytes.
-pub fn requested_bytes(pvc: &PersistentVolumeClaim) -> Option<u64> {
-    let q = pvc
-        .spec
-        .as_ref()?
-        .resources
-        .as_ref()?
-        .requests
-        .as_ref()?
-        .get("storage")?;
-    quantity_bytes(&q.0).ok()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn claims_annotated_with_either_provisioner_key_are_ours() {
-        // Recorded from a newer API server: only the GA key is set.
-        let ga: PersistentVolumeClaim = serde_json::from_str(include_str!(
-            "../../tests/fixtures/pvc-ga-provisioner-annotation.json"
-        ))
-        .expect("fixture");
-        assert!(claimed_by(&ga, "someone.else/x", "localnfs.io/nfs"));
-        let mut beta = ga.clone();
-        let ann = beta.metadata.annotations.get_or_insert_default();
-        let v = ann.remove(GA_PROVISIONER).expect("annotation");
-        ann.insert(BETA_PROVISIONER.into(), v);
-        assert!(claimed_by(&beta, "someone.else/x", "localnfs.io/nfs"));
-        let mut none = ga.clone();
-        none.metadata.annotations = None;
-        assert!(!claimed_by(&none, "someone.else/x", "localnfs.io/nfs"));
-        assert!(claimed_by(&none, "localnfs.io/nfs", "localnfs.io/nfs"));
-    }
 }

@@ -6,15 +6,17 @@ use std::time::Duration;
 use super::queue::Next;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
+use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::EventType;
-use kube::{Resource, ResourceExt};
 use serde_json::json;
 
-use super::claims::{Ctx, requested_bytes};
-use super::params::quantity_bytes;
-use super::protocol::{RESIZE_TO, SIZE};
+use super::claims::Ctx;
 use crate::error::{Error, Result};
+use crate::kubeclient::annotation as ann;
+use crate::objects::claim::requested_bytes;
+use crate::objects::class::quantity_bytes;
+use crate::objects::keys::{RESIZE_TO, SIZE};
 
 fn pv_capacity(pv: &PersistentVolume) -> Option<(String, u64)> {
     let q = pv
@@ -27,14 +29,6 @@ fn pv_capacity(pv: &PersistentVolume) -> Option<(String, u64)> {
         .clone();
     let b = quantity_bytes(&q).ok()?;
     Some((q, b))
-}
-
-fn ann<'a>(obj: &'a impl Resource, key: &str) -> Option<&'a str> {
-    obj.meta()
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(key))
-        .map(String::as_str)
 }
 
 pub async fn reconcile(

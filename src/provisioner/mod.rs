@@ -1,20 +1,18 @@
 //! The provisioner (`localnfs controller`): turns claims of localnfs StorageClasses
 //! into volumes on a node and PersistentVolumes, reclaims and expands them.
 //!
-//! `params`, `pv`, `reclaim` and `reserve` are pure decisions and bookkeeping; the reconcilers (`claims`, `expand`, `volumes`)
-//! do the I/O; `triggers` decides which objects to reconcile and `queue` hands their
+//! `pv` and `reserve` are pure decisions and bookkeeping; the reconcilers
+//! (`claims`, `expand`, `volumes`) do the I/O; `triggers` decides which objects to reconcile and `queue` hands their
 //! keys to a bounded set of workers.
 
 pub mod claims;
 pub mod expand;
 pub mod leader;
 pub mod metrics;
-pub mod params;
-pub mod protocol;
 pub mod pv;
 pub mod queue;
-pub mod reclaim;
 pub mod reserve;
 pub mod run;
+pub mod step;
 pub mod triggers;
 pub mod volumes;

@@ -7,21 +7,11 @@ use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Topolo
 use k8s_openapi::api::storage::v1::StorageClass;
 use serde_json::json;
 
-use super::params::{ClassParams, Locality, quantity_bytes};
-
-/// Label and annotation keys we own.
-pub use super::protocol::NODE_LABEL as NODE_KEY;
-pub const VOLUME_KEY: &str = "localnfs.io/volume";
-pub const ON_DELETE_KEY: &str = "localnfs.io/on-delete";
-/// PV annotation: the class's `locality` when the PV was made, so the scheduler helper
-/// knows it even if the class changes or goes away.
-pub const LOCALITY_KEY: &str = "localnfs.io/locality";
-/// Finalizer on our PVs: removed by the node agent once the directory has been dealt
-/// with, so a PV never disappears while its data is in an unknown state.
-pub const PV_FINALIZER: &str = "localnfs.io/volume";
-pub const PROVISIONED_BY: &str = "pv.kubernetes.io/provisioned-by";
-pub const SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
-pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
+use crate::objects::claim::pv_name;
+use crate::objects::class::{ClassParams, Locality, quantity_bytes};
+use crate::objects::keys::{
+    HOSTNAME_LABEL, LOCALITY_KEY, NODE_KEY, ON_DELETE_KEY, PROVISIONED_BY, PV_FINALIZER, VOLUME_KEY,
+};
 
 /// Mount options when the class gives none: NFSv3 over TCP on one port, no lock
 /// manager, so kubelet needs no rpcbind.
@@ -186,11 +176,6 @@ pub struct PvInput<'a> {
     pub node_ip: &'a str,
     pub nfs_port: u16,
     pub volume: &'a str,
-}
-
-/// The PV name for a claim.
-pub fn pv_name(pvc_uid: &str) -> String {
-    format!("pvc-{pvc_uid}")
 }
 
 /// The PersistentVolume for a provisioned claim: pre-bound to it, pointing at the

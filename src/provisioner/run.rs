@@ -14,13 +14,13 @@ use tokio_util::sync::CancellationToken;
 use super::claims::{self, Ctx};
 use super::leader::{LeaderElector, RENEW_EVERY};
 use super::metrics::ControllerMetrics;
-use super::protocol::NODE_LABEL;
 use super::queue::{WorkQueue, run_workers};
 use super::triggers;
 use super::volumes;
 use crate::admin;
 use crate::cli::ControllerArgs;
 use crate::error::Result;
+use crate::objects::keys::NODE_KEY;
 
 /// The Lease the controllers compete for.
 pub const LEADER_LEASE: &str = "localnfs-controller";
@@ -33,9 +33,9 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
     let metrics = ControllerMetrics::register(&mut registry);
     let admin = admin::start(args.admin.admin_addr, registry, &shutdown).await?;
     let readiness = admin.readiness.clone();
-    let agents = crate::scheduler::watch::Shared::default();
+    let agents = crate::kubeclient::Shared::default();
     let mut agents_listed =
-        crate::scheduler::watch::watch_agents(&client, &args.install.namespace, &agents, &shutdown);
+        crate::objects::agents::watch(&client, &args.install.namespace, &agents, |a| a, &shutdown);
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         provisioner: args.install.provisioner_name.clone(),
@@ -179,7 +179,7 @@ const PV_WORKERS: usize = 4;
 async fn controllers(ctx: Arc<Ctx>, stop: CancellationToken) {
     let claims = WorkQueue::new();
     let pvs = WorkQueue::new();
-    let ours = watcher::Config::default().labels(NODE_LABEL);
+    let ours = watcher::Config::default().labels(NODE_KEY);
     let watch_claims = triggers::watch_claims(ctx.client.clone(), claims.clone(), stop.clone());
     let watch_pvs = triggers::watch_pvs(
         ctx.client.clone(),

@@ -1,7 +1,7 @@
 //! The PV reconciler: a Released localnfs PV with reclaim policy Delete is deleted
 //! once a fresh read shows its claim is really gone (see `reclaim`); its finalizer
-//! keeps it until the node agent has dealt with the directory (DESIGN invariant 2:
-//! data goes only through this path, never on an API error).
+//! keeps it until the node agent has dealt with the directory. Data goes only through
+//! this path, never because an API call failed.
 
 use super::queue::Next;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
@@ -10,9 +10,9 @@ use kube::api::{Api, DeleteParams, Preconditions};
 use kube::runtime::events::EventType;
 
 use super::claims::Ctx;
-use super::pv::PROVISIONED_BY;
-use super::reclaim::{ClaimState, claim_ref, claim_state};
 use crate::error::{Error, Result};
+use crate::objects::keys::PROVISIONED_BY;
+use crate::objects::reclaim::{ClaimState, claim_ref, claim_state};
 
 /// What to do with a PV (pure).
 #[derive(Debug, PartialEq, Eq)]

@@ -24,8 +24,8 @@ use k8s_openapi::api::core::v1::{
 use serde_json::json;
 
 use super::decide::PodClaims;
-use crate::provisioner::params::Locality;
-use crate::provisioner::pv::HOSTNAME_LABEL;
+use crate::objects::class::Locality;
+use crate::objects::keys::HOSTNAME_LABEL;
 
 /// Pod annotation: `"true"` skips the webhook's affinity.
 pub const OPT_OUT: &str = "localnfs.io/skip-affinity";
@@ -51,12 +51,7 @@ fn on_node(node: &str) -> NodeSelectorTerm {
 
 /// Computes the mutation for `pod`.
 pub fn mutate(pod: &Pod, claims: &PodClaims) -> Mutation {
-    let opted_out = pod
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(OPT_OUT))
-        .is_some_and(|v| v == "true");
+    let opted_out = crate::kubeclient::annotation(pod, OPT_OUT) == Some("true");
     if opted_out || claims.homes.is_empty() {
         return Mutation::default();
     }

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::Pod;
 
 use super::inventory::{Inventory, claim_key};
-use crate::provisioner::params::Locality;
+use crate::objects::class::Locality;
 
 /// Highest score an extender may give (kube-scheduler's `MaxExtenderPriority`).
 pub const MAX_SCORE: i64 = 10;
@@ -220,7 +220,8 @@ pub fn prioritize(claims: &PodClaims, nodes: &[String], inv: &Inventory, now: i6
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scheduler::inventory::{AgentInfo, ClaimInfo, ClassInfo, VolumeInfo};
+    use crate::objects::agents::AgentInfo;
+    use crate::scheduler::inventory::{ClaimInfo, ClassInfo, VolumeInfo};
     use serde_json::json;
 
     const NOW: i64 = 1_000;

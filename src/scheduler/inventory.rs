@@ -5,13 +5,13 @@
 
 use std::collections::HashMap;
 
-use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
 
-use crate::provisioner::params::{ClassParams, Locality};
-use crate::provisioner::protocol::{FREE_BYTES, NFS_PORT, NODE_LEASE_PREFIX};
-use crate::provisioner::pv::{LOCALITY_KEY, NODE_KEY, PROVISIONED_BY};
+use crate::objects::agents::AgentInfo;
+use crate::objects::claim::requested_bytes;
+use crate::objects::class::{ClassParams, Locality};
+use crate::objects::keys::{LOCALITY_KEY, NODE_KEY, PROVISIONED_BY};
 
 /// One of our StorageClasses.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,16 +39,6 @@ pub struct VolumeInfo {
     pub locality: Locality,
 }
 
-/// A node agent's last heartbeat.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AgentInfo {
-    pub free_bytes: u64,
-    /// The agent's NFS port (kubelet mounts with `port=`/`mountport=` this).
-    pub nfs_port: u16,
-    /// Unix seconds after which the agent counts as gone.
-    pub expires: i64,
-}
-
 /// The cluster as the helper's decisions see it.
 #[derive(Debug, Default)]
 pub struct Inventory {
@@ -66,13 +56,6 @@ impl Inventory {
     pub fn agent(&self, node: &str, now: i64) -> Option<&AgentInfo> {
         self.agents.get(node).filter(|a| a.expires >= now)
     }
-}
-
-/// The clock decisions compare heartbeat expiries with: unix seconds now.
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// The key claims are stored under.
@@ -112,7 +95,7 @@ impl ClaimInfo {
             volume: spec
                 .and_then(|s| s.volume_name.clone())
                 .filter(|v| !v.is_empty()),
-            request_bytes: crate::provisioner::claims::requested_bytes(pvc).unwrap_or(0),
+            request_bytes: requested_bytes(pvc).unwrap_or(0),
         }
     }
 }
@@ -133,35 +116,6 @@ impl VolumeInfo {
             None => Locality::Preferred,
         };
         Some(Self { node, locality })
-    }
-}
-
-impl AgentInfo {
-    /// A node agent's heartbeat Lease as `(node, info)`, or `None` for other Leases.
-    pub fn from_lease(lease: &Lease) -> Option<(String, Self)> {
-        let node = lease
-            .metadata
-            .name
-            .as_deref()?
-            .strip_prefix(NODE_LEASE_PREFIX)?
-            .to_owned();
-        let spec = lease.spec.as_ref()?;
-        let renewed = spec.renew_time.as_ref()?.0.as_second();
-        let ttl = i64::from(spec.lease_duration_seconds.unwrap_or(30));
-        let ann = lease.metadata.annotations.as_ref()?;
-        let free_bytes = ann.get(FREE_BYTES)?.parse().ok()?;
-        let nfs_port = ann
-            .get(NFS_PORT)
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(2049);
-        Some((
-            node,
-            Self {
-                free_bytes,
-                nfs_port,
-                expires: renewed + ttl,
-            },
-        ))
     }
 }
 
@@ -227,21 +181,16 @@ mod tests {
     }
 
     #[test]
-    fn agent_heartbeats_expire() {
-        let lease: Lease = serde_json::from_value(json!({
-            "metadata": {"name": "localnfs-node-n1", "annotations": {FREE_BYTES: "1000"}},
-            "spec": {"renewTime": "2026-01-01T00:00:00.000000Z", "leaseDurationSeconds": 30}}))
-        .expect("lease");
-        let (node, info) = AgentInfo::from_lease(&lease).expect("agent lease");
-        assert_eq!(node, "n1");
-        assert_eq!(info.free_bytes, 1000);
+    fn agents_count_until_their_heartbeat_expires() {
+        let info = AgentInfo {
+            free_bytes: 1000,
+            nfs_port: 2049,
+            expires: 100,
+        };
         let mut inv = Inventory::default();
-        inv.agents.insert(node, info.clone());
-        assert!(inv.agent("n1", info.expires).is_some());
-        assert!(inv.agent("n1", info.expires + 1).is_none());
-        let other: Lease =
-            serde_json::from_value(json!({"metadata": {"name": "localnfs-controller"}}))
-                .expect("lease");
-        assert_eq!(AgentInfo::from_lease(&other), None);
+        inv.agents.insert("n1".into(), info);
+        assert!(inv.agent("n1", 100).is_some());
+        assert!(inv.agent("n1", 101).is_none());
+        assert!(inv.agent("n2", 0).is_none());
     }
 }

@@ -84,7 +84,7 @@ impl Helper {
     /// Decodes, decides and encodes one call of `route` (`filter`, `prioritize`,
     /// `mutate`).
     pub fn answer(&self, route: &'static str, body: &[u8]) -> Response<Full<Bytes>> {
-        let now = super::inventory::unix_now();
+        let now = crate::objects::agents::unix_now();
         let inv = &self.inventory;
         let bad = |e: serde_json::Error| {
             self.metrics

@@ -286,7 +286,7 @@ fn to_secret(name: &str, b: &Bundle) -> Secret {
 impl SecretSource {
     /// Reads the Secret, creating or renewing it as needed.
     async fn ensure(&self) -> Result<Bundle> {
-        let now = super::inventory::unix_now();
+        let now = crate::objects::agents::unix_now();
         for _ in 0..5 {
             let existing = self
                 .secrets

@@ -148,7 +148,7 @@ pub fn admit(review: AdmissionReview<Pod>, inv: &Inventory) -> AdmissionReview<D
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::provisioner::params::Locality;
+    use crate::objects::class::Locality;
     use crate::scheduler::inventory::{ClaimInfo, VolumeInfo, claim_key};
     use serde_json::json;
 

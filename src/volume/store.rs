@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::VolumeName;
 use crate::error::{Error, Result};
 
-/// Identity squashing for a volume (DESIGN invariant 7).
+/// Identity squashing for a volume: which callers are served as the anonymous ids.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Squash {
@@ -175,7 +175,7 @@ impl VolumeStore {
     }
 
     /// The per-node handle key, created on first use. Stable across restarts and
-    /// upgrades, so handles stay valid (DESIGN invariant 3).
+    /// upgrades, so handles stay valid and mounted pods never see ESTALE.
     pub fn node_key(&self) -> Result<[u8; 32]> {
         let path = self.root.join("node.key");
         match fs::read(&path) {
@@ -431,7 +431,7 @@ impl VolumeStore {
     }
 }
 
-/// What a volume holds (DESIGN invariant 6).
+/// What a volume holds, as its size and object limits count it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Usage {
     pub bytes: u64,

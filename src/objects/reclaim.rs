@@ -1,4 +1,4 @@
-//! When a volume's data may go (DESIGN invariant 2), as pure decisions shared by the
+//! When a volume's data may go, as pure decisions shared by the
 //! controller (which deletes Released PVs) and the node agent (which deletes or
 //! archives the directory of a deleted PV, then releases its finalizer).
 //!
@@ -13,8 +13,8 @@
 use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolume, PersistentVolumeClaim};
 use kube::ResourceExt;
 
-use super::params::OnDelete;
-use super::pv::ON_DELETE_KEY;
+use crate::objects::class::OnDelete;
+use crate::objects::keys::ON_DELETE_KEY;
 
 /// The claim a PV's `claimRef` names, as the API server has it now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

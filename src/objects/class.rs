@@ -1,10 +1,11 @@
-//! StorageClass parameters → a validated [`ClassParams`]; PVC sizes → bytes. Pure,
+//! StorageClass parameters → a validated [`ClassParams`]; sizes and modes as users
+//! write them → numbers. Pure,
 //! so every rule has a table test. Unknown keys and bad values are errors that end up
 //! verbatim in a `ProvisioningFailed` event.
 
 use std::collections::BTreeMap;
 
-use crate::volume::{Squash, VolumeName};
+use crate::volume::{Squash, VolumeName, VolumeSpec};
 
 /// Where pods using a volume may run (enforced by the scheduler helper and, for
 /// `strict`, by the PV's required node affinity).
@@ -20,7 +21,7 @@ pub enum Locality {
 }
 
 impl Locality {
-    /// The class parameter value (also the PV's [`super::pv::LOCALITY_KEY`] annotation).
+    /// The class parameter value (also the PV's [`super::keys::LOCALITY_KEY`] annotation).
     pub fn as_str(self) -> &'static str {
         match self {
             Locality::Preferred => "preferred",
@@ -53,7 +54,7 @@ pub enum OnDelete {
 }
 
 impl OnDelete {
-    /// The class parameter value (also the PV's [`super::pv::ON_DELETE_KEY`] annotation).
+    /// The class parameter value (also the PV's [`super::keys::ON_DELETE_KEY`] annotation).
     pub fn as_str(self) -> &'static str {
         match self {
             OnDelete::Delete => "delete",
@@ -154,7 +155,7 @@ impl ClassParams {
                 "anonUid" => p.anon_uid = id(key, value)?,
                 "anonGid" => p.anon_gid = id(key, value)?,
                 "mode" => {
-                    p.mode = crate::cli::parse_mode(value)
+                    p.mode = parse_mode(value)
                         .map_err(|_| bad(key, value, "an octal mode such as 0770"))?
                 }
                 "squash" => {
@@ -178,7 +179,7 @@ impl ClassParams {
             }
         }
         // Squashing to root would undo the squash; 4294967295 is "no id" to the
-        // kernel, and a switch to it fails (DESIGN invariant 7).
+        // kernel, and a switch to it fails, which must never leave a call running as the agent.
         for (key, value) in [("anonUid", p.anon_uid), ("anonGid", p.anon_gid)] {
             if value == u32::MAX {
                 return Err(bad(key, &value.to_string(), "a number below 4294967295"));
@@ -192,6 +193,20 @@ impl ClassParams {
             }
         }
         Ok(p)
+    }
+
+    /// What a node agent is asked to create for a volume of this class.
+    pub fn volume_request(&self, name: VolumeName, size_bytes: u64) -> VolumeSpec {
+        VolumeSpec {
+            name,
+            size_bytes,
+            uid: self.uid,
+            gid: self.gid,
+            mode: self.mode,
+            squash: self.squash,
+            anon_uid: self.anon_uid,
+            anon_gid: self.anon_gid,
+        }
     }
 
     /// The directory name for a claim: `pathPattern` filled in, or the PV name.
@@ -232,9 +247,23 @@ fn check_pattern(p: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// A Kubernetes quantity (`1Gi`, `500M`, `1.5Gi`, `1e9`, `100`) in bytes, rounded up.
+/// Parses an octal file mode such as `0755` or `750`.
+pub fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| format!("`{s}` is not an octal mode such as 0755"))
+}
+
+/// A size as Kubernetes writes quantities (`1Gi`, `500M`, `1.5Gi`, `1e9`, `100`) in
+/// bytes, rounded up; zero is refused. Claims' requests and the command line's sizes
+/// both use it.
 pub fn quantity_bytes(q: &str) -> Result<u64, String> {
-    let err = || format!("storage request {q:?} is not a valid size");
+    let err = || {
+        format!(
+            "size {q:?} is not valid: use a number of bytes or a quantity such as 1Gi, 500Mi, 10G"
+        )
+    };
     let q = q.trim();
     let split = q
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -272,7 +301,7 @@ pub fn quantity_bytes(q: &str) -> Result<u64, String> {
     let denom = scale * div;
     let bytes = numer.div_ceil(denom);
     match u64::try_from(bytes) {
-        Ok(0) => Err(format!("storage request {q:?} must be greater than zero")),
+        Ok(0) => Err(format!("size {q:?} must be greater than zero")),
         Ok(b) => Ok(b),
         Err(_) => Err(err()),
     }
@@ -373,6 +402,14 @@ mod tests {
         for (q, want) in cases {
             assert_eq!(quantity_bytes(q), Ok(want), "{q}");
         }
+    }
+
+    #[test]
+    fn modes_are_octal() {
+        assert_eq!(parse_mode("0755"), Ok(0o755));
+        assert_eq!(parse_mode("750"), Ok(0o750));
+        assert!(parse_mode("0999").is_err());
+        assert!(parse_mode("77777").is_err());
     }
 
     #[test]
