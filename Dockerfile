@@ -18,9 +18,12 @@ FROM ${BUILD_IMAGE} AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+COPY crates ./crates
 COPY benches ./benches
 COPY tests ./tests
-RUN cargo build --release --locked --bin localnfs
+# Without the `demo` feature: the test cluster harness (crates/testbed) is not in the
+# shipped binary.
+RUN cargo build --release --locked --no-default-features --bin localnfs
 
 FROM ${RUNTIME_IMAGE}
 COPY --from=build /src/target/release/localnfs /usr/local/bin/localnfs

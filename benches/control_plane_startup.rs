@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use localnfs::testbed::TestCluster;
+use localnfs_testbed::TestCluster;
 
 fn main() {
     let runs: usize = std::env::var("LOCALNFS_BENCH_RUNS")

@@ -12,7 +12,7 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use localnfs::testbed::kernel::{KernelNode, TestNetwork};
+use localnfs_testbed::kernel::{KernelNode, TestNetwork};
 use support::ganesha::Ganesha;
 use support::kernel::mount;
 use support::mariadb;

@@ -20,7 +20,7 @@ use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::api::{Api, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
-use localnfs::testbed::{TestCluster, kubelet};
+use localnfs_testbed::{TestCluster, kubelet};
 use serde_json::json;
 use support::cluster::{Localnfs, NAMESPACE, storage_class};
 
@@ -126,7 +126,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 async fn run(wffc: bool, count: usize, nodes: u8, kcm_qps: Option<u32>) -> Row {
-    let mut opts = localnfs::testbed::ClusterOptions::default();
+    let mut opts = localnfs_testbed::ClusterOptions::default();
     if let Some(q) = kcm_qps {
         opts.controller_manager_args = vec![
             format!("--kube-api-qps={q}"),

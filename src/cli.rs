@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::nfs::Network;
-use crate::objects::class::{parse_mode, quantity_bytes};
+use crate::objects::class::{parse_mode, parse_squash, quantity_bytes};
 use crate::telemetry::LogFormat;
 use crate::volume::{Squash, VolumeName};
 
@@ -319,7 +319,7 @@ pub struct CreateVolume {
     #[arg(long, value_parser = parse_mode, default_value = "0777")]
     pub mode: u32,
     /// Identity squashing: none, root or all.
-    #[arg(long, value_enum, default_value_t)]
+    #[arg(long, value_parser = parse_squash, default_value = "none")]
     pub squash: Squash,
     /// uid squashed callers become.
     #[arg(long, default_value_t = 65534)]

@@ -1,7 +1,7 @@
-//! The crate's one error type. Variants are named for the action that failed and keep
+//! The binary's one error type (the data path's own, `localnfs_nfs::Error`, is one of
+//! its variants). Variants are named for the action that failed and keep
 //! their cause as `#[source]`, so a log line reads as "failed to X: because Y".
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -9,13 +9,14 @@ use std::time::Duration;
 /// with `nfsstat3` values instead).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("failed to bind {what} listener on {addr}")]
-    Bind {
-        what: &'static str,
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The data path's own errors: listening, the volume store.
+    #[error(transparent)]
+    Nfs(#[from] localnfs_nfs::Error),
+
+    /// The test cluster's (the demo runs on it).
+    #[cfg(feature = "demo")]
+    #[error(transparent)]
+    Testbed(#[from] localnfs_testbed::Error),
 
     #[error("demo step failed: {0}")]
     DemoStep(String),
@@ -29,46 +30,6 @@ pub enum Error {
     #[error("failed to install the signal handler")]
     SignalHandler(#[source] std::io::Error),
 
-    #[error(
-        "Kubernetes test binaries not found in {dir}: run scripts/k8s-binaries (it unpacks \
-         ../shared/testbed or builds them from Debian's source package)"
-    )]
-    MissingTestBinaries { dir: PathBuf },
-
-    #[error("`{program}` not found on PATH: {hint}")]
-    MissingProgram {
-        program: &'static str,
-        hint: &'static str,
-    },
-
-    #[error("failed to prepare the test cluster directory {path}")]
-    PrepareTestDir {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-
-    #[error("failed to start {name}")]
-    SpawnProcess {
-        name: String,
-        #[source]
-        source: std::io::Error,
-    },
-
-    #[error("{name} exited during start-up ({status}); last lines of {log}:\n{tail}")]
-    ProcessExited {
-        name: String,
-        status: String,
-        log: PathBuf,
-        tail: String,
-    },
-
-    #[error("failed to set up the test network: `{command}`: {stderr}")]
-    TestNetwork { command: String, stderr: String },
-
-    #[error("test node {node}: {detail}")]
-    GuestCommand { node: String, detail: String },
-
     #[error("timed out after {after:?} waiting for {what}")]
     Timeout { what: String, after: Duration },
 
@@ -81,33 +42,6 @@ pub enum Error {
 
     #[error("failed to build a Kubernetes client")]
     BuildClient(#[source] kube::Error),
-
-    #[error("failed to {action}: {path}")]
-    VolumeIo {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-
-    #[error("volume {name} not found")]
-    VolumeNotFound { name: String },
-
-    #[error("volume {name} already exists with a different size, owner, mode or squash policy")]
-    VolumeConflict { name: String },
-
-    #[error("volume {name}: size must be greater than zero")]
-    InvalidVolumeSize { name: String },
-
-    #[error("volume {name}: {why}")]
-    InvalidVolumeSpec { name: String, why: &'static str },
-
-    #[error("volume {name}: cannot shrink to {requested} bytes, {used} bytes are in use")]
-    ShrinkBelowUsage {
-        name: String,
-        used: u64,
-        requested: u64,
-    },
 
     #[error("failed to set up the webhook certificate: {0}")]
     Tls(String),

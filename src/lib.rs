@@ -5,22 +5,21 @@
 pub mod admin;
 pub mod cache;
 pub mod cli;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod error;
 pub mod events;
 pub mod kubeclient;
 pub mod metrics;
-pub mod nfs;
 pub mod node;
 pub mod objects;
 pub mod provisioner;
 pub mod scheduler;
-pub mod server;
 pub mod shutdown;
 pub mod status;
 pub mod telemetry;
-pub mod testbed;
-pub mod volume;
 pub mod web;
 
 pub use error::{Error, Result};
+/// The data path lives in its own crate (no Kubernetes in it); these are its modules.
+pub use localnfs_nfs::{nfs, server, volume};

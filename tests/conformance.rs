@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Instant;
 
-use localnfs::testbed::kernel::{KernelNode, TestNetwork};
+use localnfs_testbed::kernel::{KernelNode, TestNetwork};
 use support::ganesha::Ganesha;
 use support::kernel::{TapCounts, agent_for, mount, pjdfstest_dir, run_pjdfstest};
 use support::nfs::create_volume;

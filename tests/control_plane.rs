@@ -11,7 +11,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
-use localnfs::testbed::{TestCluster, kubelet};
+use localnfs_testbed::{TestCluster, kubelet};
 use serde_json::json;
 use support::{TestKubelet, eventually, process_exists};
 

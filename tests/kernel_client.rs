@@ -7,7 +7,7 @@ mod support;
 use std::time::Duration;
 
 use localnfs::provisioner::pv::default_mount_options;
-use localnfs::testbed::kernel::{KernelNode, TestNetwork};
+use localnfs_testbed::kernel::{KernelNode, TestNetwork};
 use support::kernel::{agent_for, mount};
 use support::nfs::create_volume;
 

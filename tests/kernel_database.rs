@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use localnfs::testbed::kernel::{KernelNode, TestNetwork};
+use localnfs_testbed::kernel::{KernelNode, TestNetwork};
 use support::kernel::{agent_for, mount};
 use support::mariadb;
 use support::nfs::create_volume;

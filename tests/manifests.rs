@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use localnfs::testbed::{ClusterOptions, TestCluster, kubelet};
+use localnfs_testbed::{ClusterOptions, TestCluster, kubelet};
 use pod_security::Level;
 use serde_json::Value;
 

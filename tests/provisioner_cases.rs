@@ -10,7 +10,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use localnfs::testbed::{TestCluster, kubelet};
+use localnfs_testbed::{TestCluster, kubelet};
 use nfs3_types::nfs3::{nfsstat3, stable_how};
 use serde_json::json;
 use support::cluster::*;

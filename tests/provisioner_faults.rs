@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, PostParams};
-use localnfs::testbed::{TestCluster, kubelet};
+use localnfs_testbed::{TestCluster, kubelet};
 use serde_json::json;
 use support::cluster::*;
 use support::eventually;

@@ -11,7 +11,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::api::{Api, ListParams, PostParams};
 use kube::{Client, ResourceExt};
-use localnfs::testbed::{TestCluster, kubelet};
+use localnfs_testbed::{TestCluster, kubelet};
 use serde_json::json;
 use support::cluster::*;
 use support::{eventually, process_exists};

@@ -11,8 +11,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use localnfs::nfs::{AllowList, Exports};
-use localnfs::volume::{VolumeName, VolumeSpec, VolumeStore};
+use localnfs_nfs::nfs::{AllowList, Exports};
+use localnfs_nfs::volume::{VolumeName, VolumeSpec, VolumeStore};
 
 fn exports() -> &'static Exports {
     static STATE: OnceLock<(tempfile::TempDir, Exports)> = OnceLock::new();
@@ -37,7 +37,7 @@ const MAX_REPLY: usize = (1 << 20) + 4096;
 
 fuzz_target!(|data: &[u8]| {
     let ex = exports();
-    let reply = localnfs::nfs::dispatch(ex, IpAddr::V4(Ipv4Addr::LOCALHOST), data);
+    let reply = localnfs_nfs::nfs::dispatch(ex, IpAddr::V4(Ipv4Addr::LOCALHOST), data);
     // The limits of issue 13 hold whatever the input: replies stay within what the
     // server admits and a record mark carries, every volume within its size and
     // object limits, and no call leaves this thread with a caller's credentials.

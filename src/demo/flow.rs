@@ -25,8 +25,8 @@ use serde_json::json;
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
-use crate::testbed::kernel::{KernelNode, quote};
-use crate::testbed::{Process, kubelet};
+use localnfs_testbed::kernel::{KernelNode, quote};
+use localnfs_testbed::{Process, kubelet};
 
 const NAMESPACE: &str = "localnfs-system";
 const WAIT: Duration = Duration::from_secs(120);
@@ -61,9 +61,11 @@ pub fn start_components(
     ip: IpAddr,
     (webhook_port, extender_port): (u16, u16),
 ) -> Result<Vec<Process>> {
-    let exe = std::env::current_exe().map_err(|source| Error::SpawnProcess {
-        name: "localnfs".into(),
-        source,
+    let exe = std::env::current_exe().map_err(|source| {
+        Error::from(localnfs_testbed::Error::SpawnProcess {
+            name: "localnfs".into(),
+            source,
+        })
     })?;
     let common = |cmd: &mut Command| {
         cmd.arg("--kubeconfig")

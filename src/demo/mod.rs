@@ -1,7 +1,7 @@
 //! `localnfs demo`: the whole flow on an embedded single-node test cluster, with a short
 //! report a person can read: control plane (kube-scheduler calling the helper's
 //! extender), a Ready node that is a real Linux kernel (a User-Mode Linux guest on a
-//! private network, see `testbed::kernel`), the node agent, the controller and the
+//! private network, see `localnfs_testbed::kernel`), the node agent, the controller and the
 //! scheduler helper, a StatefulSet scaled 1 → 3 whose volumes the node's kernel mounts
 //! as kubelet would and writes into, a deleted pod rebuilt onto its node with the
 //! helper's affinity finding its data (see [`flow`]), and the `localnfs status` table.
@@ -17,8 +17,8 @@ use std::time::Instant;
 use crate::admin;
 use crate::cli::DemoArgs;
 use crate::error::{Error, Result};
-use crate::testbed::kernel::{KernelNode, TestNetwork};
-use crate::testbed::{self, ClusterOptions, TestCluster};
+use localnfs_testbed::kernel::{KernelNode, TestNetwork};
+use localnfs_testbed::{self as testbed, ClusterOptions, TestCluster};
 
 /// The demo's one node.
 const NODE: &str = "node-1";
@@ -35,10 +35,12 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let (admin_addr, readiness) = (admin.addr, admin.readiness.clone());
 
     let port = |what: &'static str| {
-        testbed::free_port().map_err(|source| Error::Bind {
-            what,
-            addr: ([127, 0, 0, 1], 0).into(),
-            source,
+        testbed::free_port().map_err(|source| {
+            Error::from(localnfs_nfs::Error::Bind {
+                what,
+                addr: ([127, 0, 0, 1], 0).into(),
+                source,
+            })
         })
     };
     let ports = (port("webhook")?, port("extender")?);

@@ -29,6 +29,7 @@ use crate::objects::claim::pv_name;
 use crate::objects::keys::*;
 use crate::objects::reclaim::{self, Reclaim};
 use crate::volume::VolumeName;
+use localnfs_nfs::Error as NfsError;
 
 /// How often the heartbeat Lease is renewed (it is considered dead after
 /// [`agents::LEASE_SECONDS`]).
@@ -149,7 +150,7 @@ impl Agent {
     /// sees the change at once.
     async fn store_op<T: Send + 'static>(
         &self,
-        op: impl FnOnce(&crate::volume::VolumeStore) -> Result<T> + Send + 'static,
+        op: impl FnOnce(&crate::volume::VolumeStore) -> localnfs_nfs::Result<T> + Send + 'static,
     ) -> Result<T> {
         let exports = self.exports.clone();
         let out = tokio::task::spawn_blocking(move || {
@@ -232,7 +233,9 @@ async fn reconcile_claim(pvc: Arc<PersistentVolumeClaim>, agent: Arc<Agent>) -> 
             tracing::info!(volume = %meta.name, size = meta.size_bytes, "created volume");
             answer(&agent, &claims, &name, READY, meta.name.to_string()).await?;
         }
-        Err(e @ (Error::VolumeConflict { .. } | Error::InvalidVolumeSize { .. })) => {
+        Err(
+            e @ Error::Nfs(NfsError::VolumeConflict { .. } | NfsError::InvalidVolumeSize { .. }),
+        ) => {
             let why = format!("node {}: {e}", agent.node);
             agent
                 .event(

@@ -159,12 +159,8 @@ impl ClassParams {
                         .map_err(|_| bad(key, value, "an octal mode such as 0770"))?
                 }
                 "squash" => {
-                    p.squash = match value.as_str() {
-                        "none" => Squash::None,
-                        "root" => Squash::Root,
-                        "all" => Squash::All,
-                        _ => return Err(bad(key, value, "none, root or all")),
-                    }
+                    p.squash =
+                        parse_squash(value).map_err(|_| bad(key, value, "none, root or all"))?
                 }
                 "pathPattern" => {
                     check_pattern(value).map_err(|why| bad(key, value, &why))?;
@@ -245,6 +241,11 @@ fn check_pattern(p: &str) -> Result<(), String> {
         return Err("a pattern containing {uid} or {pv}, so claims never share a directory".into());
     }
     Ok(())
+}
+
+/// Parses a squash policy: `none`, `root` or `all`.
+pub fn parse_squash(s: &str) -> Result<Squash, String> {
+    Squash::parse(s).ok_or_else(|| format!("`{s}` is not a squash policy: none, root or all"))
 }
 
 /// Parses an octal file mode such as `0755` or `750`.

@@ -16,8 +16,8 @@ use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Api, ListParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
-use localnfs::testbed::kernel::{KernelNode, TestNetwork, quote};
-use localnfs::testbed::{TestCluster, kubelet};
+use localnfs_testbed::kernel::{KernelNode, TestNetwork, quote};
+use localnfs_testbed::{TestCluster, kubelet};
 use serde_json::json;
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
@@ -41,7 +41,7 @@ pub struct Localnfs {
 /// A free TCP port on 127.0.0.1 (for listeners whose address must be known before the
 /// process that opens them starts, such as the extender kube-scheduler calls).
 pub fn free_port() -> u16 {
-    localnfs::testbed::free_port().expect("free port")
+    localnfs_testbed::free_port().expect("free port")
 }
 
 /// Waits until `node`'s agent has announced itself (its heartbeat Lease exists).
@@ -293,7 +293,7 @@ pub async fn storage_class(client: &Client, name: &str, extra: serde_json::Value
 pub type KubeletLog = Arc<Mutex<BTreeMap<String, Vec<String>>>>;
 
 /// Test nodes that are real kernels (User-Mode Linux), one per Node, on one private
-/// network; see `localnfs::testbed::kernel`.
+/// network; see `localnfs_testbed::kernel`.
 pub struct KernelNodes {
     // Field order matters: the guests stop before their network is removed.
     pub nodes: BTreeMap<String, Arc<KernelNode>>,

@@ -8,8 +8,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use localnfs::testbed::Process;
-use localnfs::testbed::kernel::KernelNode;
+use localnfs_testbed::Process;
+use localnfs_testbed::kernel::KernelNode;
 
 /// NFS-Ganesha (VFS back end) exporting `export` on `addr`, with the rpcbind it needs
 /// (started here unless one runs). Stopped by PID on drop.
@@ -43,8 +43,8 @@ impl Ganesha {
             .await;
         }
         let (nfs_port, mount_port) = (
-            localnfs::testbed::free_port().expect("port"),
-            localnfs::testbed::free_port().expect("port"),
+            localnfs_testbed::free_port().expect("port"),
+            localnfs_testbed::free_port().expect("port"),
         );
         std::fs::create_dir_all(dir.join("recovery")).expect("recovery dir");
         // Debian installs the FSALs under the architecture's multiarch directory.

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use localnfs::provisioner::pv::default_mount_options;
-use localnfs::testbed::kernel::{KernelNode, TestNetwork};
+use localnfs_testbed::kernel::{KernelNode, TestNetwork};
 
 use super::nfs::Node;
 
@@ -97,8 +97,8 @@ pub async fn run_pjdfstest(
     let work = format!("{mountpoint}/pjd-{}", file.replace(['/', '.'], "-"));
     let script = format!(
         "mkdir -p {w} && cd {w} && sh {t} 2>&1",
-        w = localnfs::testbed::kernel::quote(&work),
-        t = localnfs::testbed::kernel::quote(&pjd.join("tests").join(file).to_string_lossy()),
+        w = localnfs_testbed::kernel::quote(&work),
+        t = localnfs_testbed::kernel::quote(&pjd.join("tests").join(file).to_string_lossy()),
     );
     let out = node
         .run(&script, Duration::from_secs(600))

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use localnfs::testbed::kernel::{KernelNode, quote};
+use localnfs_testbed::kernel::{KernelNode, quote};
 
 /// The server's options. The buffer pool maximum must be small: under User-Mode Linux
 /// mariadbd cannot map its default (8 TiB of address space) and InnoDB fails to start.

@@ -16,7 +16,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
-use localnfs::testbed::kubelet;
+use localnfs_testbed::kubelet;
 use tokio::task::JoinHandle;
 
 /// Polls `check` every 100 ms until it returns `Some`, panicking with `what` after

@@ -12,7 +12,7 @@ use super::VolumeName;
 use crate::error::{Error, Result};
 
 /// Identity squashing for a volume: which callers are served as the anonymous ids.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Squash {
     /// Callers keep their uid/gid, root included.
@@ -22,6 +22,18 @@ pub enum Squash {
     Root,
     /// Every caller becomes the anonymous uid/gid.
     All,
+}
+
+impl Squash {
+    /// Reads `none`, `root` or `all` (as StorageClasses and the command line write it).
+    pub fn parse(value: &str) -> Option<Self> {
+        match value {
+            "none" => Some(Squash::None),
+            "root" => Some(Squash::Root),
+            "all" => Some(Squash::All),
+            _ => None,
+        }
+    }
 }
 
 /// What a volume should be; the input to [`VolumeStore::create`], and what the

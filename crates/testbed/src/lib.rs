@@ -11,6 +11,7 @@
 //! Binaries: `LOCALNFS_K8S_BIN_DIR`, else `~/.cache/localnfs/k8s-1.20.2/bin`, filled by
 //! `scripts/k8s-binaries`. Set `LOCALNFS_KEEP_CLUSTER_DIR=1` to keep the logs.
 
+pub mod error;
 mod process;
 
 pub mod kernel;
@@ -26,7 +27,7 @@ use kube::{Api, Client};
 use tracing::instrument::WithSubscriber;
 
 pub use self::process::Process;
-use crate::error::{Error, Result};
+pub use crate::error::{Error, Result};
 
 /// The Kubernetes version these binaries are.
 pub const K8S_VERSION: &str = "v1.20.2";
@@ -455,7 +456,18 @@ fn write_scheduler_config(
 
 /// A client built from a kubeconfig file, the way every localnfs component builds one
 /// when run outside a cluster.
-pub use crate::kubeclient::from_kubeconfig as client_from_kubeconfig;
+pub async fn client_from_kubeconfig(path: &Path) -> Result<Client> {
+    use kube::config::{KubeConfigOptions, Kubeconfig};
+    let read_error = |source| Error::ReadKubeconfig {
+        path: path.to_owned(),
+        source,
+    };
+    let kubeconfig = Kubeconfig::read_from(path).map_err(read_error)?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .map_err(read_error)?;
+    Client::try_from(config).map_err(Error::BuildClient)
+}
 
 /// Polls `check` until it is true, failing early if a component dies; returns how long
 /// it waited.

@@ -1,0 +1,47 @@
+//! What can go wrong outside the NFS request path (which answers with `nfsstat3`
+//! values instead): listening, and changing the volume store. Variants are named for
+//! the action that failed and keep their cause as `#[source]`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("failed to bind {what} listener on {addr}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("failed to {action}: {path}")]
+    VolumeIo {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("volume {name} not found")]
+    VolumeNotFound { name: String },
+
+    #[error("volume {name} already exists with a different size, owner, mode or squash policy")]
+    VolumeConflict { name: String },
+
+    #[error("volume {name}: size must be greater than zero")]
+    InvalidVolumeSize { name: String },
+
+    #[error("volume {name}: {why}")]
+    InvalidVolumeSpec { name: String, why: &'static str },
+
+    #[error("volume {name}: cannot shrink to {requested} bytes, {used} bytes are in use")]
+    ShrinkBelowUsage {
+        name: String,
+        used: u64,
+        requested: u64,
+    },
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
