@@ -278,11 +278,7 @@ async fn run(s: &Scenario) -> Row {
     })
     .await;
     let (leader, leader_pid) = wait_for_leader(&client).await;
-    let ctl = lnfs
-        .controllers
-        .iter()
-        .position(|c| c.id() == Some(leader_pid))
-        .expect("the leader is one of ours");
+    let ctl = lnfs.controller_with_pid(leader_pid);
     let cpu_before = cpu_seconds(leader_pid);
 
     let bound_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();

@@ -156,14 +156,7 @@ async fn agents_with_pod_bound_tokens_provision_resize_and_reclaim_their_volumes
         .delete("one", &DeleteParams::default())
         .await
         .expect("delete claim");
-    eventually("PV of claim one gone", WAIT, || async {
-        pvs.get_opt(&pv1.name_any())
-            .await
-            .ok()?
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    wait_pv_gone(client, &pv1.name_any()).await;
     assert!(
         !volume_dirs(&env.lnfs, "node-1").contains(&nfs_target(&pv1).2),
         "directory reclaimed"

@@ -187,6 +187,14 @@ impl Localnfs {
         self.controllers.len() - 1
     }
 
+    /// Which of [`Localnfs::controllers`] has process id `pid`.
+    pub fn controller_with_pid(&self, pid: u32) -> usize {
+        self.controllers
+            .iter()
+            .position(|c| c.id() == Some(pid))
+            .expect("the leader is one of ours")
+    }
+
     pub async fn kill_controller(&mut self, i: usize) {
         let _ = self.controllers[i].kill().await;
     }
@@ -583,6 +591,17 @@ pub async fn bound_pv(client: &Client, name: &str) -> PersistentVolume {
     )
     .await;
     pvs.get(&pv_name).await.expect("pv")
+}
+
+/// Waits (90 s at most) until PV `name` no longer exists (reclaimed and let go).
+pub async fn wait_pv_gone(client: &Client, name: &str) {
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    eventually(
+        &format!("PV {name} gone"),
+        Duration::from_secs(90),
+        || async { pvs.get_opt(name).await.ok()?.is_none().then_some(()) },
+    )
+    .await;
 }
 
 /// Events about an object in `default`: (reason, message).
