@@ -336,11 +336,17 @@ mod tests {
         let err = check("n2", NS, &update(Kind::Claim, &old, &ready)).expect_err("other node");
         assert!(err.contains("not placed on node n2"), "{err}");
 
-        // Moving the claim to itself, or away, is the controller's job.
-        let mut stolen = claim("n2", json!({"localnfs.io/volume-request": "{}"}));
-        stolen["metadata"]["annotations"][READY] = json!("pvc-1");
-        let err = check("n2", NS, &update(Kind::Claim, &stolen, &ready)).expect_err("relabel");
-        assert!(err.contains("not placed on node n2"), "{err}");
+        // Moving a claim to its own node, or away from it, is the controller's job.
+        let mut on_n2 = claim("n2", json!({"localnfs.io/volume-request": "{}"}));
+        on_n2["metadata"]["annotations"][READY] = json!("pvc-1");
+        let err = check("n2", NS, &update(Kind::Claim, &old, &on_n2)).expect_err("take");
+        assert!(err.contains("is not placed on node n2"), "{err}");
+        let stolen = on_n2;
+        let err = check("n2", NS, &update(Kind::Claim, &stolen, &ready)).expect_err("hand");
+        assert!(
+            err.contains("would no longer be placed on node n2"),
+            "{err}"
+        );
         let err = check("n1", NS, &update(Kind::Claim, &old, &stolen)).expect_err("give away");
         assert!(
             err.contains("would no longer be placed on node n1"),
