@@ -5,6 +5,13 @@
 //! Run: `cargo bench --bench provision` (defaults: 100 and 500 claims, both modes,
 //! 5 nodes), or e.g. `cargo bench --bench provision -- --counts 5000 --modes immediate`
 //! for the 5,000-PV memory check. Needs scripts/k8s-binaries and etcd.
+//!
+//! `--failover` (issue 14 item 7): two controller replicas, each burst run twice, once
+//! undisturbed and once with the leader SIGKILLed when half the claims are Bound; the
+//! table adds the standby's takeover time, the time until all are Bound, and checks
+//! that every claim has exactly one PV and every PV one directory (and nothing more).
+//! `--guard`: agents run as the install runs them (shipped RBAC, pod-bound tokens)
+//! behind the agents' write guard served by the scheduler helper, to see its cost.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -16,17 +23,31 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::api::{Api, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use localnfs_testbed::{TestCluster, kubelet};
 use serde_json::json;
-use support::cluster::{Localnfs, NAMESPACE, storage_class};
+use support::cluster::{
+    Localnfs, NAMESPACE, leader_holder, nfs_target, storage_class, volume_dirs, wait_for_leader,
+};
+use support::credentials;
 
 struct Row {
     mode: &'static str,
     count: usize,
+    /// Seconds after the first create when the leader was killed (failover runs).
+    killed_at: Option<f64>,
+    /// Seconds from the kill until another replica held the leader Lease.
+    takeover: Option<f64>,
+    /// Seconds from the first create until the last claim was Bound.
+    all_bound: f64,
+    /// What the end state looked like: PVs, directories, and whether every claim has
+    /// exactly one PV and every PV its directory.
+    pvs: usize,
+    dirs: usize,
+    one_each: bool,
     p50: f64,
     p99: f64,
     max: f64,
@@ -59,17 +80,55 @@ fn main() {
     let nodes: u8 = arg("--nodes").and_then(|n| n.parse().ok()).unwrap_or(5);
     // kube-controller-manager's client limit (default 20 QPS) paces the PV binder.
     let kcm_qps: Option<u32> = arg("--kcm-qps").and_then(|n| n.parse().ok());
+    let failover = std::env::args().any(|a| a == "--failover");
+    let guard = std::env::args().any(|a| a == "--guard");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let mut rows = Vec::new();
     for mode in &modes {
         for &count in &counts {
-            let wffc = mode == "wffc";
-            eprintln!("provision: {count} claims, {mode}, {nodes} nodes");
-            rows.push(rt.block_on(run(wffc, count, nodes, kcm_qps)));
+            for kill in if failover {
+                &[false, true][..]
+            } else {
+                &[false][..]
+            } {
+                let s = Scenario {
+                    wffc: mode == "wffc",
+                    count,
+                    nodes,
+                    kcm_qps,
+                    replicas: if failover { 2 } else { 1 },
+                    kill_leader: *kill,
+                    guard,
+                };
+                eprintln!(
+                    "provision: {count} claims, {mode}, {nodes} nodes, {} controller(s){}{}",
+                    s.replicas,
+                    if s.kill_leader {
+                        ", leader killed midway"
+                    } else {
+                        ""
+                    },
+                    if guard {
+                        ", agents behind the write guard"
+                    } else {
+                        ""
+                    },
+                );
+                rows.push(rt.block_on(run(&s)));
+            }
         }
     }
+    if failover {
+        print_failover(&rows, nodes, guard);
+        return;
+    }
     println!(
-        "\nprovisioning: N claims created at once, {nodes} nodes, time from create to Bound\n"
+        "\nprovisioning: N claims created at once, {nodes} nodes, time from create to Bound{}\n",
+        if guard {
+            ", agents behind the write guard"
+        } else {
+            ""
+        }
     );
     println!(
         "| binding | claims | p50 s | p99 s | max s | controller CPU s | controller peak RSS MiB | RSS 20 s later MiB |"
@@ -81,6 +140,56 @@ fn main() {
             r.mode, r.count, r.p50, r.p99, r.max, r.cpu, r.rss_mib, r.settled_mib
         );
     }
+}
+
+fn print_failover(rows: &[Row], nodes: u8, guard: bool) {
+    println!(
+        "\nprovisioning with 2 controller replicas: N claims created at once (16 requests in flight), {nodes} nodes{}\n",
+        if guard {
+            ", agents behind the write guard"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "| binding | claims | leader | killed at s | takeover s | all Bound s | p50 s | p99 s | PVs | dirs | one PV per claim, one dir per PV |"
+    );
+    println!("|---|--:|---|--:|--:|--:|--:|--:|--:|--:|---|");
+    let secs = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |s| format!("{s:.1}"));
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {} | {} | {:.1} | {:.2} | {:.2} | {} | {} | {} |",
+            r.mode,
+            r.count,
+            if r.killed_at.is_some() {
+                "SIGKILL midway"
+            } else {
+                "kept"
+            },
+            secs(r.killed_at),
+            secs(r.takeover),
+            r.all_bound,
+            r.p50,
+            r.p99,
+            r.pvs,
+            r.dirs,
+            if r.one_each { "yes" } else { "NO" },
+        );
+    }
+}
+
+/// One benchmark run.
+struct Scenario {
+    wffc: bool,
+    count: usize,
+    nodes: u8,
+    kcm_qps: Option<u32>,
+    /// Controller replicas (one leads).
+    replicas: usize,
+    /// SIGKILL the leader once half the claims are Bound.
+    kill_leader: bool,
+    /// Agents with pod-bound tokens behind the write guard (helper running).
+    guard: bool,
 }
 
 /// utime + stime of a process, in seconds.
@@ -125,9 +234,10 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-async fn run(wffc: bool, count: usize, nodes: u8, kcm_qps: Option<u32>) -> Row {
+async fn run(s: &Scenario) -> Row {
+    let (wffc, count, nodes) = (s.wffc, s.count, s.nodes);
     let mut opts = localnfs_testbed::ClusterOptions::default();
-    if let Some(q) = kcm_qps {
+    if let Some(q) = s.kcm_qps {
         opts.controller_manager_args = vec![
             format!("--kube-api-qps={q}"),
             format!("--kube-api-burst={}", q * 2),
@@ -136,13 +246,25 @@ async fn run(wffc: bool, count: usize, nodes: u8, kcm_qps: Option<u32>) -> Row {
     let cluster = TestCluster::start_with(opts).await.expect("control plane");
     let client = cluster.client();
     let mut lnfs = Localnfs::new(&cluster).await;
+    if s.guard {
+        let kc = cluster.kubeconfig();
+        credentials::apply_namespace_and_rbac(kc);
+        let (webhook, extender) = (support::cluster::free_port(), support::cluster::free_port());
+        credentials::register_agent_guard(&client, kc, webhook).await;
+        lnfs.start_scheduler(&client, webhook, extender).await;
+    }
     for i in 1..=nodes {
         let name = format!("node-{i}");
         let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 1, i));
         kubelet::add_node(&client, &name, ip).await.expect("node");
+        if s.guard {
+            lnfs.use_pod_credentials(&client, &name).await;
+        }
         lnfs.start_agent_with(&name, ip, &["--capacity", "100Ti"]);
     }
-    let ctl = lnfs.start_controller();
+    for _ in 0..s.replicas {
+        lnfs.start_controller();
+    }
     let mode = if wffc {
         "WaitForFirstConsumer"
     } else {
@@ -155,8 +277,9 @@ async fn run(wffc: bool, count: usize, nodes: u8, kcm_qps: Option<u32>) -> Row {
         (n > usize::from(nodes)).then_some(()) // agents plus the leader lease
     })
     .await;
-    let pid = lnfs.controllers[ctl].id().expect("controller pid");
-    let cpu_before = cpu_seconds(pid);
+    let (leader, leader_pid) = wait_for_leader(&client).await;
+    let ctl = lnfs.controller_with_pid(leader_pid);
+    let cpu_before = cpu_seconds(leader_pid);
 
     let bound_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let watch = {
@@ -177,7 +300,29 @@ async fn run(wffc: bool, count: usize, nodes: u8, kcm_qps: Option<u32>) -> Row {
             }
         })
     };
-    let created_at = create_all(&client, count, wffc).await;
+    let start = Instant::now();
+    let creating = tokio::spawn(create_all(client.clone(), count, wffc));
+    let (mut killed_at, mut takeover, mut cpu, mut rss_mib) = (None, None, 0.0, 0.0);
+    if s.kill_leader {
+        while bound_at.lock().expect("lock").len() < count / 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // What it used up to here; it keeps nothing after the kill.
+        cpu = cpu_seconds(leader_pid) - cpu_before;
+        rss_mib = peak_rss_mib(leader_pid);
+        lnfs.kill_controller(ctl).await;
+        let t = Instant::now();
+        killed_at = Some(start.elapsed().as_secs_f64());
+        support::eventually("the standby leads", Duration::from_secs(120), || async {
+            leader_holder(&client)
+                .await
+                .filter(|h| *h != leader)
+                .map(drop)
+        })
+        .await;
+        takeover = Some(t.elapsed().as_secs_f64());
+    }
+    let created_at = creating.await.expect("create claims");
     let deadline = Instant::now() + Duration::from_secs(900);
     while bound_at.lock().expect("lock").len() < count {
         assert!(
@@ -187,12 +332,22 @@ async fn run(wffc: bool, count: usize, nodes: u8, kcm_qps: Option<u32>) -> Row {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let all_bound = start.elapsed().as_secs_f64();
     watch.abort();
-    let cpu = cpu_seconds(pid) - cpu_before;
-    let rss_mib = peak_rss_mib(pid);
-    // What the controller keeps while it holds `count` PVs once the burst is over.
+    if !s.kill_leader {
+        cpu = cpu_seconds(leader_pid) - cpu_before;
+        rss_mib = peak_rss_mib(leader_pid);
+    }
+    // What the controller keeps while it holds `count` PVs once the burst is over; the
+    // end state settles meanwhile (nothing more may appear).
     tokio::time::sleep(Duration::from_secs(20)).await;
-    let settled_mib = rss_mib_now(pid);
+    let settled_mib = lnfs
+        .controllers
+        .iter()
+        .filter_map(|c| c.id())
+        .map(rss_mib_now)
+        .fold(0.0, f64::max);
+    let (pvs, dirs, one_each) = end_state(&client, &lnfs, nodes).await;
     let bound = bound_at.lock().expect("lock").clone();
     let mut lat: Vec<f64> = created_at
         .iter()
@@ -206,6 +361,12 @@ async fn run(wffc: bool, count: usize, nodes: u8, kcm_qps: Option<u32>) -> Row {
             "Immediate"
         },
         count,
+        killed_at,
+        takeover,
+        all_bound,
+        pvs,
+        dirs,
+        one_each,
         p50: percentile(&lat, 0.50),
         p99: percentile(&lat, 0.99),
         max: lat[lat.len() - 1],
@@ -215,9 +376,58 @@ async fn run(wffc: bool, count: usize, nodes: u8, kcm_qps: Option<u32>) -> Row {
     }
 }
 
+/// PVs, volume directories on all nodes, and whether each claim has exactly one PV
+/// (by claimRef uid), each PV a directory on its node, and no directory is left over.
+async fn end_state(client: &Client, lnfs: &Localnfs, nodes: u8) -> (usize, usize, bool) {
+    let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), "default")
+        .list(&Default::default())
+        .await
+        .expect("claims")
+        .items;
+    let pvs = Api::<PersistentVolume>::all(client.clone())
+        .list(&Default::default())
+        .await
+        .expect("PVs")
+        .items;
+    let mut per_claim: HashMap<String, usize> = HashMap::new();
+    for pv in &pvs {
+        let uid = pv
+            .spec
+            .as_ref()
+            .and_then(|s| s.claim_ref.as_ref())
+            .and_then(|r| r.uid.clone())
+            .unwrap_or_default();
+        *per_claim.entry(uid).or_default() += 1;
+    }
+    let dirs: Vec<(String, String)> = (1..=nodes)
+        .flat_map(|i| {
+            let node = format!("node-{i}");
+            volume_dirs(lnfs, &node)
+                .into_iter()
+                .map(move |d| (node.clone(), d))
+        })
+        .collect();
+    let each_pv_has_its_dir = pvs.iter().all(|pv| {
+        let node = pv
+            .labels()
+            .get("localnfs.io/node")
+            .cloned()
+            .unwrap_or_default();
+        let dir = nfs_target(pv).2;
+        dirs.iter().any(|(n, d)| *n == node && *d == dir)
+    });
+    let one_each = claims
+        .iter()
+        .all(|c| per_claim.get(&c.uid().unwrap_or_default()) == Some(&1))
+        && pvs.len() == claims.len()
+        && dirs.len() == pvs.len()
+        && each_pv_has_its_dir;
+    (pvs.len(), dirs.len(), one_each)
+}
+
 /// Creates the claims (and, under WaitForFirstConsumer, one pod per claim) with 16
 /// requests in flight; returns when each claim was created.
-async fn create_all(client: &Client, count: usize, wffc: bool) -> HashMap<String, Instant> {
+async fn create_all(client: Client, count: usize, wffc: bool) -> HashMap<String, Instant> {
     let names: Vec<String> = (0..count).map(|i| format!("claim-{i:05}")).collect();
     let results = futures::stream::iter(names.into_iter().map(|name| {
         let client = client.clone();

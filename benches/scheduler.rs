@@ -206,6 +206,7 @@ async fn main() {
     let helper = Arc::new(Helper {
         inventory,
         metrics: HelperMetrics::register(&mut registry),
+        agents: None,
     });
     let direct = helper.clone();
     let in_process = move |route: &'static str, body: &[u8]| {

@@ -181,6 +181,25 @@ pub struct SchedulerArgs {
         default_value = "localnfs-scheduler"
     )]
     pub webhook_config: String,
+
+    /// ValidatingWebhookConfiguration (the node agents' write guard, `/validate`)
+    /// whose `caBundle` the helper fills in with its CA (self-managed certificate only);
+    /// empty: leave it to someone else.
+    #[arg(
+        long,
+        env = "LOCALNFS_AGENT_WEBHOOK_CONFIG",
+        default_value = "localnfs-agents"
+    )]
+    pub agent_webhook_config: String,
+
+    /// The node agents' service account (in `--namespace`): its writes are held to
+    /// the agent's own node by `/validate`.
+    #[arg(
+        long,
+        env = "LOCALNFS_NODE_SERVICE_ACCOUNT",
+        default_value = "localnfs-node"
+    )]
+    pub node_service_account: String,
 }
 
 #[derive(Debug, Args)]

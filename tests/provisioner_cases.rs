@@ -368,14 +368,7 @@ async fn retain_keeps_the_data_and_archive_moves_it_aside() {
         .delete("archived", &DeleteParams::default())
         .await
         .expect("delete");
-    eventually("archived PV gone", WAIT, || async {
-        pvs.get_opt(&archived.name_any())
-            .await
-            .ok()?
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    wait_pv_gone(&client, &archived.name_any()).await;
     let archive = lnfs.root("node-1").join("archive");
     let moved: Vec<_> = std::fs::read_dir(&archive)
         .expect("archive dir")

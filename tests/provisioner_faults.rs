@@ -46,11 +46,7 @@ async fn a_standby_controller_takes_over_within_15_seconds() {
     lnfs.start_controller();
     storage_class(&client, "now", json!({"volumeBindingMode": "Immediate"})).await;
     let (first, leader_pid) = wait_for_leader(&client).await;
-    let idx = lnfs
-        .controllers
-        .iter()
-        .position(|c| c.id() == Some(leader_pid))
-        .expect("leader is one of ours");
+    let idx = lnfs.controller_with_pid(leader_pid);
 
     lnfs.kill_controller(idx).await;
     let killed = Instant::now();

@@ -101,14 +101,7 @@ async fn deleting_a_bound_pv_keeps_its_data_until_the_claim_is_deleted() {
         .delete("live", &DeleteParams::default())
         .await
         .expect("delete claim");
-    eventually("PV gone after its claim", WAIT, || async {
-        pvs.get_opt(&pv.name_any())
-            .await
-            .ok()?
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    wait_pv_gone(&client, &pv.name_any()).await;
     assert!(
         !file.exists() && volume_dirs(&lnfs, "node-1").is_empty(),
         "directory left after reclaim: {:?}\n{}",

@@ -97,6 +97,10 @@ pub fn start_components(
         &format!("127.0.0.1:{extender_port}"),
         "--tls-san",
         "127.0.0.1",
+        // The demo's agent runs with the admin kubeconfig, not as the agents' service
+        // account, so no write guard is registered (see deploy/webhook.yaml).
+        "--agent-webhook-config",
+        "",
     ]);
     common(&mut helper);
     Ok(vec![

@@ -3,6 +3,12 @@
 //! controller placed on this node, reclaims and resizes its PVs, and keeps the NFS
 //! allow-list equal to the cluster's node addresses (plus `--allow`). The protocol
 //! with the controller is in `objects`.
+//!
+//! Everything it writes is its own node's: answer annotations on claims labelled with
+//! its node, the size annotation and our finalizer on its PVs, its own heartbeat Lease
+//! (labelled with its node), and events. The scheduler helper's validating webhook
+//! (`scheduler::guard`) refuses anything else from the agents' service account, so the
+//! agent must call the API server with its pod's projected (pod-bound) token.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

@@ -15,7 +15,7 @@ use serde_json::json;
 use tokio::sync::watch as signal;
 use tokio_util::sync::CancellationToken;
 
-use super::keys::{FREE_BYTES, NFS_PORT, NODE_LEASE_PREFIX, USED_BYTES};
+use super::keys::{FREE_BYTES, NFS_PORT, NODE_KEY, NODE_LEASE_PREFIX, USED_BYTES};
 use crate::kubeclient::{Mirror, Shared, mirror};
 
 /// Seconds a heartbeat stays valid after its renewal.
@@ -99,7 +99,9 @@ pub async fn renew(leases: &Api<Lease>, hb: &Heartbeat<'_>) -> Result<(), kube::
     let body = json!({
         "apiVersion": "coordination.k8s.io/v1",
         "kind": "Lease",
-        "metadata": {"name": name, "annotations": annotations},
+        // The node label puts the Lease under the helper's fail-closed write guard
+        // (only this node's agent may write it).
+        "metadata": {"name": name, "labels": {NODE_KEY: hb.node}, "annotations": annotations},
         "spec": {
             "holderIdentity": hb.node,
             "leaseDurationSeconds": LEASE_SECONDS,

@@ -2,8 +2,10 @@
 //!
 //! How the controller and the node agents talk: through the API server only, with
 //! labels, annotations and finalizers on the claim and its PV. No network API between
-//! them, so nothing to authenticate beyond RBAC, and every step survives restarts of
-//! either side because the state lives on the objects.
+//! them, so what each may do is RBAC plus, for the agents, the scheduler helper's
+//! write guard (`scheduler::guard`: an agent writes only the answers below on its own
+//! node's objects); every step survives restarts of either side because the state
+//! lives on the objects.
 //!
 //! Provisioning (controller C, node agent N):
 //! 1. C adds [`keys::CLAIM_FINALIZER`] to the claim, picks a node, and sets the

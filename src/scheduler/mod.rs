@@ -3,6 +3,9 @@
 //!
 //! - A **mutating admission webhook** (HTTPS, `POST /mutate`) gives each new pod node
 //!   affinity for the node its localnfs volumes live on ([`affinity`]).
+//! - A **validating admission webhook** (HTTPS, `POST /validate`) keeps each node agent
+//!   to its own node's claims, PVs and heartbeat Lease ([`guard`] decides, [`agents`]
+//!   finds the calling agent's node), as NodeRestriction does for kubelets.
 //! - A **kube-scheduler extender** (`POST /filter`, `POST /prioritize`) refuses nodes
 //!   that cannot hold the pod's WaitForFirstConsumer volumes or are not the home of its
 //!   `strict` volumes, and scores the home node highest ([`decide`]).
@@ -12,8 +15,10 @@
 //! provides the webhook's certificate.
 
 pub mod affinity;
+pub mod agents;
 pub mod config;
 pub mod decide;
+pub mod guard;
 pub mod inventory;
 pub mod routes;
 pub mod run;

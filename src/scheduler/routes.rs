@@ -1,5 +1,7 @@
 //! HTTP routes of the scheduler helper. The same table serves the webhook listener
-//! (TLS) and the extender listener (plain HTTP), so either can carry either call.
+//! (TLS) and the extender listener (plain HTTP), so either can carry either call
+//! (`/validate` answers only whoever asks: what it allows is decided by the API server
+//! calling it over TLS, so a forged review on the plain listener changes nothing).
 
 use std::time::Instant;
 
@@ -7,6 +9,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use k8s_openapi::api::core::v1::Pod;
+use kube::core::DynamicObject;
 use kube::core::admission::AdmissionReview;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -68,6 +71,8 @@ impl HelperMetrics {
 pub struct Helper {
     pub inventory: Shared,
     pub metrics: HelperMetrics,
+    /// The node agents' write guard (`/validate`); `None`: not served.
+    pub agents: Option<super::agents::Agents>,
 }
 
 fn encode<T: Serialize>(value: &T) -> Response<Full<Bytes>> {
@@ -81,21 +86,24 @@ fn encode<T: Serialize>(value: &T) -> Response<Full<Bytes>> {
 }
 
 impl Helper {
+    /// A body that could not be read: counted, and answered 400.
+    fn bad_request(&self, route: &'static str, e: serde_json::Error) -> Response<Full<Bytes>> {
+        self.metrics
+            .bad_requests
+            .get_or_create(&RouteLabel { route })
+            .inc();
+        text(
+            StatusCode::BAD_REQUEST,
+            format!("cannot read the {route} request: {e}\n"),
+        )
+    }
+
     /// Decodes, decides and encodes one call of `route` (`filter`, `prioritize`,
     /// `mutate`).
     pub fn answer(&self, route: &'static str, body: &[u8]) -> Response<Full<Bytes>> {
         let now = crate::objects::agents::unix_now();
         let inv = &self.inventory;
-        let bad = |e: serde_json::Error| {
-            self.metrics
-                .bad_requests
-                .get_or_create(&RouteLabel { route })
-                .inc();
-            text(
-                StatusCode::BAD_REQUEST,
-                format!("cannot read the {route} request: {e}\n"),
-            )
-        };
+        let bad = |e| self.bad_request(route, e);
         match route {
             "filter" => match serde_json::from_slice::<ExtenderArgs>(body) {
                 Ok(args) => encode(&with(inv, |i| wire::filter(args, i, now))),
@@ -119,11 +127,20 @@ impl web::Routes for Helper {
             (&Method::POST, "/filter") => "filter",
             (&Method::POST, "/prioritize") => "prioritize",
             (&Method::POST, "/mutate") => "mutate",
+            (&Method::POST, "/validate") if self.agents.is_some() => "validate",
             (&Method::GET, "/healthz") => return text(StatusCode::OK, "ok\n".into()),
             _ => return text(StatusCode::NOT_FOUND, "not found\n".into()),
         };
         let started = Instant::now();
-        let resp = self.answer(route, req.body());
+        let resp = match (route, &self.agents) {
+            ("validate", Some(agents)) => {
+                match serde_json::from_slice::<AdmissionReview<DynamicObject>>(req.body()) {
+                    Ok(review) => encode(&agents.review(review).await),
+                    Err(e) => self.bad_request(route, e),
+                }
+            }
+            _ => self.answer(route, req.body()),
+        };
         let label = RouteLabel { route };
         self.metrics.requests.get_or_create(&label).inc();
         self.metrics

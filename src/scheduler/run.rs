@@ -1,15 +1,19 @@
 //! `localnfs scheduler`: starts the watches, gets the webhook certificate, and serves
-//! the webhook (TLS) and extender (plain HTTP) listeners until SIGTERM.
+//! the webhooks (TLS: `/mutate`, `/validate`) and extender (plain HTTP) listeners until
+//! SIGTERM.
 
 use std::sync::Arc;
 
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
 use tokio_rustls::TlsAcceptor;
 
+use super::agents::Agents;
 use super::routes::{Helper, HelperMetrics};
-use super::tls::{self, Resolver, SecretSource, Source};
+use super::tls::{self, Resolver, SecretSource, Source, WebhookConfig};
 use super::watch;
 use crate::admin;
 use crate::cli::SchedulerArgs;
@@ -39,12 +43,23 @@ pub async fn run(args: SchedulerArgs) -> Result<()> {
             secrets: Api::<Secret>::namespaced(client.clone(), &args.install.namespace),
             name: args.tls_secret.clone(),
             names: tls::service_names(&args.service_name, &args.install.namespace, &args.tls_san),
-            webhook_config: (!args.webhook_config.is_empty()).then(|| {
-                (
-                    Api::<MutatingWebhookConfiguration>::all(client.clone()),
-                    args.webhook_config.clone(),
-                )
-            }),
+            webhook_configs: [
+                (!args.webhook_config.is_empty()).then(|| {
+                    WebhookConfig::Mutating(
+                        Api::<MutatingWebhookConfiguration>::all(client.clone()),
+                        args.webhook_config.clone(),
+                    )
+                }),
+                (!args.agent_webhook_config.is_empty()).then(|| {
+                    WebhookConfig::Validating(
+                        Api::<ValidatingWebhookConfiguration>::all(client.clone()),
+                        args.agent_webhook_config.clone(),
+                    )
+                }),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
         })),
         _ => {
             return Err(Error::Tls(
@@ -80,7 +95,16 @@ pub async fn run(args: SchedulerArgs) -> Result<()> {
         &inventory,
         &shutdown,
     );
-    let helper = Arc::new(Helper { inventory, metrics });
+    let agents = Agents::new(
+        client.clone(),
+        &args.install.namespace,
+        &args.node_service_account,
+    );
+    let helper = Arc::new(Helper {
+        inventory,
+        metrics,
+        agents: Some(agents),
+    });
     let webhook = tokio::spawn(crate::web::serve(
         "webhook",
         webhook_listener,

@@ -9,7 +9,8 @@
 //!   `ca.key`) holds a CA valid for ten years and a serving certificate valid for one,
 //!   for the Service's DNS names plus `--tls-san`. The first replica to start creates
 //!   it (the others lose the create race and read it); every replica writes the CA into
-//!   the MutatingWebhookConfiguration's `caBundle`. A serving certificate with less
+//!   the `caBundle` of the MutatingWebhookConfiguration (pod affinity) and the
+//!   ValidatingWebhookConfiguration (node agents' writes, [`super::agents`]). A serving certificate with less
 //!   than [`RENEW_BEFORE_DAYS`] left, or without a requested name, is re-issued by
 //!   the same CA (so the `caBundle` does not change) and picked up by every replica at
 //!   its next refresh. Deleting the Secret rotates the CA too, at the next refresh.
@@ -20,7 +21,9 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use k8s_openapi::ByteString;
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use rcgen::{
@@ -222,8 +225,15 @@ pub struct SecretSource {
     pub secrets: Api<Secret>,
     pub name: String,
     pub names: Vec<String>,
-    /// MutatingWebhookConfiguration whose `caBundle` we fill in (`None`: nobody's).
-    pub webhook_config: Option<(Api<MutatingWebhookConfiguration>, String)>,
+    /// Webhook configurations whose `caBundle` we fill in.
+    pub webhook_configs: Vec<WebhookConfig>,
+}
+
+/// A webhook configuration (API and name) that calls the helper.
+#[derive(Clone, Debug)]
+pub enum WebhookConfig {
+    Mutating(Api<MutatingWebhookConfiguration>, String),
+    Validating(Api<ValidatingWebhookConfiguration>, String),
 }
 
 impl Source {
@@ -331,46 +341,66 @@ impl SecretSource {
         )))
     }
 
-    /// Writes the CA into every webhook of the configuration.
+    /// Writes the CA into every webhook of each configuration.
     async fn trust(&self, ca_pem: &str) -> Result<()> {
-        let Some((api, name)) = &self.webhook_config else {
-            return Ok(());
-        };
-        let Some(config) = api.get_opt(name).await.map_err(Error::kube(format!(
-            "read MutatingWebhookConfiguration {name}"
-        )))?
-        else {
-            tracing::warn!(%name, "MutatingWebhookConfiguration not found; the API server will not call us");
-            return Ok(());
-        };
         let bundle = ByteString(ca_pem.as_bytes().to_vec());
-        let ops: Vec<serde_json::Value> = config
-            .webhooks
-            .iter()
-            .flatten()
-            .enumerate()
-            .filter(|(_, w)| w.client_config.ca_bundle.as_ref() != Some(&bundle))
-            .flat_map(|(i, w)| {
-                [
-                    // The test guards against the list changing under us.
-                    serde_json::json!({"op": "test", "path": format!("/webhooks/{i}/name"), "value": w.name}),
-                    serde_json::json!({"op": "add", "path": format!("/webhooks/{i}/clientConfig/caBundle"), "value": bundle}),
-                ]
-            })
-            .collect();
-        if ops.is_empty() {
-            return Ok(());
+        for config in &self.webhook_configs {
+            match config {
+                WebhookConfig::Mutating(api, name) => trust_in(api, name, &bundle).await?,
+                WebhookConfig::Validating(api, name) => trust_in(api, name, &bundle).await?,
+            }
         }
-        let patch: json_patch::Patch = serde_json::from_value(serde_json::Value::Array(ops))
-            .map_err(|e| Error::BuildObject(format!("caBundle patch: {e}")))?;
-        api.patch(name, &PatchParams::default(), &Patch::Json::<()>(patch))
-            .await
-            .map_err(Error::kube(format!(
-                "write the caBundle of MutatingWebhookConfiguration {name}"
-            )))?;
-        tracing::info!(%name, "wrote the CA into the webhook configuration");
         Ok(())
     }
+}
+
+/// Writes `bundle` into the `caBundle` of every webhook of configuration `name` (either
+/// kind: both list `webhooks` with a `name` and a `clientConfig`) that lacks it.
+async fn trust_in<K>(api: &Api<K>, name: &str, bundle: &ByteString) -> Result<()>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    let kind = K::kind(&());
+    let Some(config) = api
+        .get_opt(name)
+        .await
+        .map_err(Error::kube(format!("read {kind} {name}")))?
+    else {
+        tracing::warn!(%kind, %name, "webhook configuration not found; the API server will not call us");
+        return Ok(());
+    };
+    let config = serde_json::to_value(&config)
+        .map_err(|e| Error::BuildObject(format!("{kind} {name}: {e}")))?;
+    let want =
+        serde_json::to_value(bundle).map_err(|e| Error::BuildObject(format!("caBundle: {e}")))?;
+    let ops: Vec<serde_json::Value> = config["webhooks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .filter(|(_, w)| w["clientConfig"]["caBundle"] != want)
+        .flat_map(|(i, w)| {
+            [
+                // The test guards against the list changing under us.
+                serde_json::json!({"op": "test", "path": format!("/webhooks/{i}/name"), "value": w["name"]}),
+                serde_json::json!({"op": "add", "path": format!("/webhooks/{i}/clientConfig/caBundle"), "value": bundle}),
+            ]
+        })
+        .collect();
+    if ops.is_empty() {
+        return Ok(());
+    }
+    let patch: json_patch::Patch = serde_json::from_value(serde_json::Value::Array(ops))
+        .map_err(|e| Error::BuildObject(format!("caBundle patch: {e}")))?;
+    api.patch(name, &PatchParams::default(), &Patch::Json::<()>(patch))
+        .await
+        .map_err(Error::kube(format!("write the caBundle of {kind} {name}")))?;
+    tracing::info!(%kind, %name, "wrote the CA into the webhook configuration");
+    Ok(())
 }
 
 #[cfg(test)]

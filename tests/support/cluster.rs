@@ -23,7 +23,9 @@ use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 
 use super::eventually;
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
 use k8s_openapi::api::coordination::v1::Lease;
 use localnfs::scheduler::config::WEBHOOK_CONFIG;
 
@@ -34,6 +36,9 @@ pub struct Localnfs {
     pub kubeconfig: PathBuf,
     pub dir: tempfile::TempDir,
     pub agents: BTreeMap<String, Child>,
+    /// The kubeconfig each node's agent runs with, when not the cluster admin's
+    /// (see [`Localnfs::use_pod_credentials`]).
+    pub agent_kubeconfigs: BTreeMap<String, PathBuf>,
     pub controllers: Vec<Child>,
     pub scheduler: Option<Child>,
 }
@@ -88,6 +93,7 @@ impl Localnfs {
             kubeconfig: cluster.kubeconfig().to_owned(),
             dir: tempfile::tempdir().expect("tempdir"),
             agents: BTreeMap::new(),
+            agent_kubeconfigs: BTreeMap::new(),
             controllers: Vec::new(),
             scheduler: None,
         }
@@ -141,8 +147,22 @@ impl Localnfs {
             &listen,
         ];
         args.extend_from_slice(extra);
-        let child = spawn(&args, &self.kubeconfig, &log);
+        let kubeconfig = self.agent_kubeconfigs.get(node).unwrap_or(&self.kubeconfig);
+        let child = spawn(&args, kubeconfig, &log);
         self.agents.insert(node.to_owned(), child);
+    }
+
+    /// From now on, `node`'s agent runs as the install runs it: as the agents' service
+    /// account of the shipped RBAC, with a token bound to an agent pod on `node` made
+    /// from the DaemonSet template. Returns that pod.
+    pub async fn use_pod_credentials(&mut self, client: &Client, node: &str) -> Pod {
+        use super::credentials::{agent_pod, agent_token, kubeconfig_with_token};
+        let pod = agent_pod(client, &self.kubeconfig, node).await;
+        let token = agent_token(client, Some(&pod)).await;
+        let path = self.dir.path().join(format!("agent-{node}.kubeconfig"));
+        kubeconfig_with_token(&self.kubeconfig, &token, &path);
+        self.agent_kubeconfigs.insert(node.to_owned(), path);
+        pod
     }
 
     pub async fn stop_agent(&mut self, node: &str) {
@@ -167,13 +187,22 @@ impl Localnfs {
         self.controllers.len() - 1
     }
 
+    /// Which of [`Localnfs::controllers`] has process id `pid`.
+    pub fn controller_with_pid(&self, pid: u32) -> usize {
+        self.controllers
+            .iter()
+            .position(|c| c.id() == Some(pid))
+            .expect("the leader is one of ours")
+    }
+
     pub async fn kill_controller(&mut self, i: usize) {
         let _ = self.controllers[i].kill().await;
     }
 
     /// Registers the webhook (at `https://127.0.0.1:<webhook_port>/mutate`) and starts
     /// the scheduler helper with its self-managed certificate; returns once the helper
-    /// has written its CA into the webhook configuration.
+    /// has written its CA into the webhook configuration (and into the agents' write
+    /// guard, when the test registered it).
     pub async fn start_scheduler(
         &mut self,
         client: &Client,
@@ -205,6 +234,24 @@ impl Localnfs {
             },
         )
         .await;
+        let guard: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
+        if guard
+            .get_opt(super::credentials::AGENT_GUARD)
+            .await
+            .expect("read")
+            .is_some()
+        {
+            eventually(
+                "the helper's CA in the agents' write guard",
+                Duration::from_secs(60),
+                || async {
+                    super::credentials::agent_guard_trusted(client)
+                        .await
+                        .then_some(())
+                },
+            )
+            .await;
+        }
     }
 
     /// Starts the helper process (again) on the same ports.
@@ -544,6 +591,17 @@ pub async fn bound_pv(client: &Client, name: &str) -> PersistentVolume {
     )
     .await;
     pvs.get(&pv_name).await.expect("pv")
+}
+
+/// Waits (90 s at most) until PV `name` no longer exists (reclaimed and let go).
+pub async fn wait_pv_gone(client: &Client, name: &str) {
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    eventually(
+        &format!("PV {name} gone"),
+        Duration::from_secs(90),
+        || async { pvs.get_opt(name).await.ok()?.is_none().then_some(()) },
+    )
+    .await;
 }
 
 /// Events about an object in `default`: (reason, message).

@@ -4,6 +4,7 @@
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
 pub mod cluster;
+pub mod credentials;
 pub mod ganesha;
 pub mod kernel;
 pub mod mariadb;
