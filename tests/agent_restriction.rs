@@ -1,6 +1,6 @@
 //! Least privilege for node agents (issue 14 item 6), on the real control plane with
-//! the shipped RBAC (`deploy/rbac.yaml`), agent pods made from the shipped DaemonSet
-//! template, pod-bound tokens, and the shipped write guard (`deploy/webhook.yaml`)
+//! the shipped RBAC (`deploy/base/rbac.yaml`), agent pods made from the shipped DaemonSet
+//! template, pod-bound tokens, and the shipped write guard (`deploy/base/webhook.yaml`)
 //! served by the scheduler helper. RBAC lets the agents' service account patch every
 //! claim and PV and every Lease of the namespace; the guard is what keeps an agent to
 //! its own node's objects, so every refusal below fails without it.

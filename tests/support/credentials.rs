@@ -1,8 +1,8 @@
 //! Running localnfs under the credentials the install manifests give it: the real
-//! RBAC from `deploy/rbac.yaml`, node-agent pods made from the real DaemonSet template
-//! (`deploy/node.yaml`), pod-bound service-account tokens for them (what kubelet puts
+//! RBAC from `deploy/base/rbac.yaml`, node-agent pods made from the real DaemonSet template
+//! (`deploy/base/node.yaml`), pod-bound service-account tokens for them (what kubelet puts
 //! in the projected volume), and the agents' write guard registered from the real
-//! `deploy/webhook.yaml` with its clientConfig pointed at the test's helper.
+//! `deploy/base/webhook.yaml` with its clientConfig pointed at the test's helper.
 
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
@@ -18,14 +18,15 @@ use serde_json::{Value, json};
 
 use super::cluster::NAMESPACE;
 
-/// The agents' service account (deploy/rbac.yaml).
+/// The agents' service account (deploy/base/rbac.yaml).
 pub const AGENT_ACCOUNT: &str = "localnfs-node";
-/// The agents' write guard (deploy/webhook.yaml).
+/// The agents' write guard (deploy/base/webhook.yaml).
 pub const AGENT_GUARD: &str = "localnfs-agents";
 
 fn deploy(file: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("deploy")
+        .join("base")
         .join(file)
 }
 
@@ -46,7 +47,7 @@ pub fn kubectl(kubeconfig: &Path, args: &[&str]) -> String {
     text
 }
 
-/// The objects of a manifest under `deploy/`, as JSON (kubectl reads the YAML).
+/// The objects of a manifest under `deploy/base/`, as JSON (kubectl reads the YAML).
 pub fn manifest_objects(kubeconfig: &Path, file: &str) -> Vec<Value> {
     let path = deploy(file);
     let out = kubectl(

@@ -151,7 +151,47 @@ impl Process {
             }
         }
         let _ = self.child.wait();
+        if self.group
+            && let Ok(pgid) = libc::pid_t::try_from(self.pid())
+        {
+            wait_group_gone(pgid, std::time::Duration::from_secs(10));
+        }
     }
+}
+
+/// Waits (at most `limit`) until no process of group `pgid` is left: the leader's
+/// helpers die of the same SIGKILL, but on a busy machine some are still exiting (or
+/// waiting for their new parent to reap them) when the leader has been reaped.
+fn wait_group_gone(pgid: libc::pid_t, limit: std::time::Duration) {
+    let start = std::time::Instant::now();
+    while group_members(pgid) > 0 && start.elapsed() < limit {
+        // SAFETY: plain syscall on the group made at spawn; members it missed get it again.
+        unsafe {
+            libc::kill(-pgid, libc::SIGKILL);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// How many processes of group `pgid` exist (zombies included).
+fn group_members(pgid: libc::pid_t) -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter(|stat| {
+            // Field 5 (after the parenthesised command) is the process group.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(2)?.parse::<libc::pid_t>().ok())
+                == Some(pgid)
+        })
+        .count()
 }
 
 impl Drop for Process {
