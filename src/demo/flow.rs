@@ -98,7 +98,7 @@ pub fn start_components(
         "--tls-san",
         "127.0.0.1",
         // The demo's agent runs with the admin kubeconfig, not as the agents' service
-        // account, so no write guard is registered (see deploy/webhook.yaml).
+        // account, so no write guard is registered (see deploy/base/webhook.yaml).
         "--agent-webhook-config",
         "",
     ]);
