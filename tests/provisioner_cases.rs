@@ -170,8 +170,19 @@ async fn bad_requests_get_provisioning_failed_events_and_nothing_is_made() {
         json!({"volumeBindingMode": "Immediate", "parameters": {"localty": "strict"}}),
     )
     .await;
+    storage_class(
+        &client,
+        "nofiles",
+        json!({"volumeBindingMode": "Immediate", "parameters": {"maxFiles": "0"}}),
+    )
+    .await;
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
     let cases = [
+        (
+            "no-files",
+            claim("no-files", "nofiles", "1Gi", json!({})),
+            "maxFiles=\"0\" is invalid",
+        ),
         (
             "block",
             claim("block", "now", "1Gi", json!({"volumeMode": "Block"})),

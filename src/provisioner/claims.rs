@@ -498,6 +498,7 @@ async fn provision(
             squash: params.squash,
             anon_uid: params.anon_uid,
             anon_gid: params.anon_gid,
+            max_files: params.max_files,
         };
         let req_json = serde_json::to_string(&req).unwrap_or_default();
         let placed = ctx
