@@ -1,9 +1,10 @@
 //! The provisioner (`localnfs controller`): turns claims of localnfs StorageClasses
 //! into volumes on a node and PersistentVolumes, reclaims and expands them.
 //!
-//! `params`, `pv`, `reclaim` and `reserve` are pure decisions and bookkeeping; the reconcilers (`claims`, `expand`, `volumes`)
-//! do the I/O; `triggers` decides which objects to reconcile and `queue` hands their
-//! keys to a bounded set of workers.
+//! `params`, `pv`, `publish`, `reclaim` and `reserve` are pure decisions and bookkeeping;
+//! the reconcilers (`claims`, `expand`, `volumes`, `pods`) do the I/O; `triggers`
+//! decides which objects to reconcile and `queue` hands their keys to a bounded set of
+//! workers.
 
 pub mod claims;
 pub mod expand;
@@ -11,6 +12,7 @@ pub mod leader;
 pub mod metrics;
 pub mod params;
 pub mod protocol;
+pub mod publish;
 pub mod pv;
 pub mod queue;
 pub mod reclaim;

@@ -39,6 +39,11 @@
 //!
 //! Expansion: C sets [`RESIZE_TO`] on the PV; N raises the limit and sets
 //! [`SIZE`]; C then updates the PV capacity and the claim's status capacity.
+//!
+//! Access: C keeps [`PUBLISHED_NODES`] on each PV equal to the nodes that may mount it
+//! (those running pods that use its claim, one at a time for ReadWriteOnce; see
+//! `super::publish`), creating PVs with `[]`; N serves the volume to those nodes'
+//! InternalIPs only, checked on every call (`node::grants`).
 
 use crate::volume::VolumeSpec;
 
@@ -62,6 +67,9 @@ pub const CLAIM_FINALIZER: &str = "localnfs.io/provisioning";
 pub const RESIZE_TO: &str = "localnfs.io/resize-to";
 /// PV annotation: the size (bytes) the node agent has applied.
 pub const SIZE: &str = "localnfs.io/size";
+/// PV annotation set by the controller: the nodes that may mount the volume, as a
+/// sorted JSON list of node names.
+pub const PUBLISHED_NODES: &str = "localnfs.io/published-nodes";
 
 /// Claim annotations kube-controller-manager's PV binder sets when it binds a claim;
 /// the controller sets them when it completes the binding itself.
