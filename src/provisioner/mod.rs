@@ -11,6 +11,7 @@ pub mod expand;
 pub mod leader;
 pub mod metrics;
 pub mod params;
+pub mod pods;
 pub mod protocol;
 pub mod publish;
 pub mod pv;

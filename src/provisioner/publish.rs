@@ -179,7 +179,14 @@ mod tests {
     #[test]
     fn a_read_write_once_volume_stays_with_its_node_while_a_pod_there_uses_it() {
         // (case, current, pods, published, waiting)
-        let cases: [(&str, Option<Vec<String>>, Vec<PodUse>, &[&str], &[&str]); 7] = [
+        type Case<'a> = (
+            &'a str,
+            Option<Vec<String>>,
+            Vec<PodUse>,
+            &'a [&'a str],
+            &'a [&'a str],
+        );
+        let cases: [Case; 7] = [
             ("unused", Some(vec![]), vec![], &[], &[]),
             (
                 "first user",

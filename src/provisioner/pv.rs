@@ -232,6 +232,8 @@ pub fn build_pv(i: &PvInput) -> Result<PersistentVolume, String> {
         (VOLUME_KEY, i.volume),
         (ON_DELETE_KEY, on_delete),
         (LOCALITY_KEY, i.params.locality.as_str()),
+        // Exact from the start: no node may mount it until a pod there uses it.
+        (super::protocol::PUBLISHED_NODES, "[]"),
     ]
     .into();
     serde_json::from_value(json!({
