@@ -122,6 +122,10 @@ async fn volumes_reach_only_the_nodes_of_their_pods_and_read_write_once_one_node
         "{why:?}"
     );
     let refused = eventually("a refused mount on node-2", WAIT, || async {
+        assert!(
+            !is_ready(&client, "second").await,
+            "a ReadWriteOnce volume was mounted on two nodes at once"
+        );
         kubelet.mount_errors_of("second").into_iter().next()
     })
     .await;
