@@ -387,6 +387,16 @@ async fn reconcile(name: &str, ctx: &Ctx, usage: &Usage) -> Result<Next> {
         .get(VOLUME_KEY)
         .cloned()
         .unwrap_or_default();
+    let once_pod = pv
+        .spec
+        .as_ref()
+        .and_then(|s| s.access_modes.as_ref())
+        .is_some_and(|m| m.iter().any(|m| m == "ReadWriteOncePod"));
+    let mode = if once_pod {
+        "ReadWriteOncePod"
+    } else {
+        "ReadWriteOnce"
+    };
     let (tell, handed): (Vec<PodUse>, Vec<(PodUse, String)>) = {
         let mut s = usage.lock();
         let tell = d
@@ -414,8 +424,8 @@ async fn reconcile(name: &str, ctx: &Ctx, usage: &Usage) -> Result<Next> {
                 "Publish",
                 format!(
                     "waiting for the pods on node {holder} to release volume {volume} \
-                     (PV {name}, claim {claim}): a ReadWriteOnce volume is served to one \
-                     node at a time, so mounts from node {} are refused until then",
+                     (PV {name}, claim {claim}): a {mode} volume is served to one node \
+                     at a time, so mounts from node {} are refused until then",
                     w.node
                 ),
             )
