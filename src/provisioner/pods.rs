@@ -158,18 +158,19 @@ impl State {
 pub struct Usage {
     state: Mutex<State>,
     synced: watch::Sender<bool>,
-}
-
-impl Default for Usage {
-    fn default() -> Self {
-        Usage {
-            state: Mutex::default(),
-            synced: watch::Sender::new(false),
-        }
-    }
+    /// The leadership term's end: reconciles waiting for the first list give up.
+    stop: CancellationToken,
 }
 
 impl Usage {
+    pub fn new(stop: CancellationToken) -> Self {
+        Usage {
+            state: Mutex::default(),
+            synced: watch::Sender::new(false),
+            stop,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -300,8 +301,11 @@ pub async fn watch_pods(
 /// Reconciles the publication of PV `name`, once the pods are listed.
 pub async fn reconcile_name(name: String, ctx: &Ctx, usage: &Usage) -> Next {
     let mut synced = usage.synced.subscribe();
-    if synced.wait_for(|s| *s).await.is_err() {
-        return Next::Wait;
+    tokio::select! {
+        _ = usage.stop.cancelled() => return Next::Wait,
+        r = synced.wait_for(|s| *s) => if r.is_err() {
+            return Next::Wait;
+        },
     }
     reconcile(&name, ctx, usage)
         .await

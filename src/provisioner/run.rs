@@ -184,7 +184,7 @@ async fn controllers(ctx: Arc<Ctx>, stop: CancellationToken) {
     let pvs = WorkQueue::new();
     let publish = WorkQueue::new();
     // Fresh each term: what an earlier term saw may be stale.
-    let usage = Arc::new(Usage::default());
+    let usage = Arc::new(Usage::new(stop.clone()));
     let ours = watcher::Config::default().labels(NODE_LABEL);
     let watch_claims = triggers::watch_claims(ctx.client.clone(), claims.clone(), stop.clone());
     let watch_pvs = triggers::watch_pvs(
