@@ -158,13 +158,13 @@ async fn volumes_reach_only_the_nodes_of_their_pods_and_read_write_once_one_node
         published(&client, &solo_name).await,
         Some(vec!["node-2".into()])
     );
-    let handed = events(&client, "second").await;
-    assert!(
-        handed
-            .iter()
-            .any(|(r, m)| r == "VolumePublished" && m.contains("node-2")),
-        "{handed:?}"
-    );
+    eventually("VolumePublished on the second pod", WAIT, || async {
+        events(&client, "second")
+            .await
+            .into_iter()
+            .find(|(r, m)| r == "VolumePublished" && m.contains("node-2"))
+    })
+    .await;
 
     // node-1 is a cluster node but runs no pod of the claim now: refused.
     let mut quick = solo.clone();

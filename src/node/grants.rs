@@ -178,7 +178,8 @@ pub async fn keep(
         futures::stream::select(node_events, pv_events).take_until(shutdown.cancelled_owned());
     tokio::pin!(events);
     let (mut nodes_listed, mut pvs_listed) = (false, false);
-    let mut saved = load(exports.store().root());
+    let (latest, to_save) = watch::channel(load(exports.store().root()));
+    let saver = tokio::spawn(save(exports.store().root().to_owned(), to_save));
     while let Some((is_node, event)) = events.next().await {
         match event {
             Ok(true) if is_node => nodes_listed = true,
@@ -199,27 +200,55 @@ pub async fn keep(
         }
         apply(&access, &extra, &allow, &exports);
         synced.send_if_modified(|s| !std::mem::replace(s, true));
-        if saved.as_ref() != Some(&access) {
-            tracing::info!(
-                nodes = access.nodes.len(),
-                volumes = access.volumes.0.len(),
-                "cluster access changed"
-            );
-            let (path, bytes) = (
-                snapshot_path(exports.store().root()),
-                serde_json::to_vec(&access).unwrap_or_default(),
-            );
-            let written = tokio::task::spawn_blocking(move || {
-                crate::volume::write_atomic(&path, &bytes, 0o600)
-            })
-            .await;
-            match written {
-                // Not saved: the next change tries again (it only matters at a restart).
-                Ok(Err(e)) => tracing::warn!(error = %e, "cannot save the cluster access"),
-                Err(e) => tracing::warn!(error = %e, "saving the cluster access failed"),
-                Ok(Ok(())) => saved = Some(access),
+        latest.send_if_modified(|last| {
+            let changed = last.as_ref() != Some(&access);
+            if changed {
+                tracing::info!(
+                    nodes = access.nodes.len(),
+                    volumes = access.volumes.0.len(),
+                    "cluster access changed"
+                );
+                *last = Some(access);
             }
+            changed
+        });
+    }
+    drop(latest);
+    let _ = saver.await;
+}
+
+/// Least time between two saves: a burst of PV events (hundreds of claims at once)
+/// becomes a few writes of the latest rules, not one fsync per event.
+const SAVE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Saves the latest rules to `<root>/cluster-access.json` whenever they change, at
+/// most once per [`SAVE_EVERY`], until the sender is dropped. A failed save is tried
+/// again every 10 s (it only matters at the next restart, which then waits for the
+/// cluster).
+async fn save(root: PathBuf, mut latest: watch::Receiver<Option<ClusterAccess>>) {
+    let mut failed = false;
+    loop {
+        if !failed && latest.changed().await.is_err() {
+            return;
         }
+        let Some(bytes) = latest
+            .borrow_and_update()
+            .as_ref()
+            .map(|a| serde_json::to_vec(a).unwrap_or_default())
+        else {
+            continue;
+        };
+        let path = snapshot_path(&root);
+        let written =
+            tokio::task::spawn_blocking(move || crate::volume::write_atomic(&path, &bytes, 0o600))
+                .await;
+        failed = !matches!(written, Ok(Ok(())));
+        match written {
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot save the cluster access; retrying"),
+            Err(e) => tracing::warn!(error = %e, "saving the cluster access failed; retrying"),
+            Ok(Ok(())) => {}
+        }
+        tokio::time::sleep(if failed { SAVE_EVERY * 10 } else { SAVE_EVERY }).await;
     }
 }
 
