@@ -573,11 +573,17 @@ async fn in_cluster_mode_a_volume_is_served_only_to_the_nodes_of_its_pods() {
 
     // Agent restarts, with its saved copy of the rules and without: the first call
     // after either is answered by the rules, never served to everyone or refused.
+    let saved_rules = lnfs.root("node-1").join("cluster-access.json");
+    eventually("the agent's saved rules to grant node-2", WAIT, || async {
+        let rules: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&saved_rules).ok()?).ok()?;
+        (rules["volumes"][volume.as_str()] == json!(["127.0.0.92/32"])).then_some(())
+    })
+    .await;
     for saved in [true, false] {
         lnfs.stop_agent("node-1").await;
         if !saved {
-            std::fs::remove_file(lnfs.root("node-1").join("cluster-access.json"))
-                .expect("the agent saved its rules");
+            std::fs::remove_file(&saved_rules).expect("the agent saved its rules");
         }
         lnfs.start_agent_on("node-1", listen, &flags);
         let mut again = reconnect(addr, ip(92), &root).await;

@@ -217,14 +217,15 @@ pub async fn keep(
     let _ = saver.await;
 }
 
-/// Least time between two saves: a burst of PV events (hundreds of claims at once)
-/// becomes a few writes of the latest rules, not one fsync per event.
-const SAVE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+/// Pause before trying a failed save again.
+const SAVE_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Saves the latest rules to `<root>/cluster-access.json` whenever they change, at
-/// most once per [`SAVE_EVERY`], until the sender is dropped. A failed save is tried
-/// again every 10 s (it only matters at the next restart, which then waits for the
-/// cluster).
+/// Saves the latest rules to `<root>/cluster-access.json` whenever they change, until
+/// the sender is dropped. One save at a time, each of the latest rules: a burst of PV
+/// events (hundreds of claims at once) becomes a few writes, not one fsync per event,
+/// and the copy trails the rules in force by one write at most. A failed save is tried
+/// again every [`SAVE_RETRY`] (it only matters at the next restart, which then waits
+/// for the cluster).
 async fn save(root: PathBuf, mut latest: watch::Receiver<Option<ClusterAccess>>) {
     let mut failed = false;
     loop {
@@ -248,7 +249,9 @@ async fn save(root: PathBuf, mut latest: watch::Receiver<Option<ClusterAccess>>)
             Err(e) => tracing::warn!(error = %e, "saving the cluster access failed; retrying"),
             Ok(Ok(())) => {}
         }
-        tokio::time::sleep(if failed { SAVE_EVERY * 10 } else { SAVE_EVERY }).await;
+        if failed {
+            tokio::time::sleep(SAVE_RETRY).await;
+        }
     }
 }
 
