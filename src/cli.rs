@@ -346,6 +346,10 @@ pub struct CreateVolume {
     /// gid squashed callers become.
     #[arg(long, default_value_t = 65534)]
     pub anon_gid: u32,
+    /// Most objects (files, directories, links) the volume may hold (default: one
+    /// per 4 KiB of its size, at least 1,024).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_files: Option<u64>,
 }
 
 #[derive(Debug, Args)]

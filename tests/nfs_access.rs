@@ -46,14 +46,7 @@ async fn dump(port: u16, from: IpAddr) -> Vec<String> {
 
 /// The paths `from` sees in EXPORT.
 async fn exports(port: u16, from: IpAddr) -> Vec<String> {
-    let mut m = mount_client(port, from).await;
-    m.export()
-        .await
-        .expect("EXPORT")
-        .0
-        .iter()
-        .map(|e| String::from_utf8_lossy(&e.ex_dir.0).into_owned())
-        .collect()
+    exports_at(std::net::SocketAddr::new(LOCAL, port), from).await
 }
 
 #[tokio::test]

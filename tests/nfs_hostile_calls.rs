@@ -544,6 +544,35 @@ async fn a_volume_holds_a_bounded_number_of_objects() {
         .expect("room for one again");
 }
 
+#[tokio::test]
+async fn a_class_object_limit_replaces_the_default_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // 1 GiB would allow 262,144 objects by default; the class says 10 (`maxFiles`).
+    let spec = VolumeSpec {
+        max_files: Some(10),
+        ..VolumeSpec::new(VolumeName::new("few").expect("name"), 1 << 30)
+    };
+    create_volume_with(dir.path(), &spec);
+    let node = Node::start(dir.path()).await;
+    let mut c = Client::mount(node.port, "few").await;
+    let root = c.root.clone();
+    let d = c.mkdir(&root, b"d").await.expect("mkdir");
+    let mut made = 1;
+    let last = loop {
+        match c.create(&d, made.to_string().as_bytes(), 0o644).await {
+            Ok(_) => made += 1,
+            Err(s) => break s,
+        }
+        assert!(made <= 10, "more than maxFiles objects");
+    };
+    assert_eq!((made, last), (10, nfsstat3::NFS3ERR_DQUOT));
+    assert_eq!(
+        c.mkdir(&d, b"sub").await.err(),
+        Some(nfsstat3::NFS3ERR_DQUOT),
+        "directories count too"
+    );
+}
+
 /// What the volume at `dir` holds by the server's rule: a file its allocated blocks and
 /// at least its size, anything else its blocks; each inode once, the root not counted.
 fn charged(dir: &Path) -> u64 {

@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use localnfs_testbed::{TestCluster, kubelet};
-use nfs3_types::nfs3::{nfsstat3, stable_how};
+use nfs3_types::nfs3::{nfs_fh3, nfsstat3, stable_how};
 use serde_json::json;
 use support::cluster::*;
 use support::eventually;
@@ -170,8 +170,19 @@ async fn bad_requests_get_provisioning_failed_events_and_nothing_is_made() {
         json!({"volumeBindingMode": "Immediate", "parameters": {"localty": "strict"}}),
     )
     .await;
+    storage_class(
+        &client,
+        "nofiles",
+        json!({"volumeBindingMode": "Immediate", "parameters": {"maxFiles": "0"}}),
+    )
+    .await;
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
     let cases = [
+        (
+            "no-files",
+            claim("no-files", "nofiles", "1Gi", json!({})),
+            "maxFiles=\"0\" is invalid",
+        ),
         (
             "block",
             claim("block", "now", "1Gi", json!({"volumeMode": "Block"})),
@@ -252,6 +263,9 @@ async fn expansion_raises_the_limit_then_pv_then_claim() {
         .await
         .expect("create");
     let pv = bound_pv(&client, "grow").await;
+    // A pod on node-1 uses the claim: the volume is published to node-1's address.
+    pod_on(&client, "grower", "node-1", &["grow"]).await;
+    wait_published(&client, &pv.name_any(), &["node-1"]).await;
     let (server, port, volume) = nfs_target(&pv);
     let mut c = NfsClient::mount_at(
         std::net::SocketAddr::new(server, port),
@@ -344,7 +358,9 @@ async fn retain_keeps_the_data_and_archive_moves_it_aside() {
         .expect("archived");
     let kept = bound_pv(&client, "kept").await;
     let archived = bound_pv(&client, "archived").await;
+    pod_on(&client, "user", "node-1", &["kept", "archived"]).await;
     for pv in [&kept, &archived] {
+        wait_published(&client, &pv.name_any(), &["node-1"]).await;
         let (server, port, volume) = nfs_target(pv);
         let mut c = NfsClient::mount_at(
             std::net::SocketAddr::new(server, port),
@@ -360,6 +376,8 @@ async fn retain_keeps_the_data_and_archive_moves_it_aside() {
             .await
             .expect("write");
     }
+    // The pod goes first: a claim in use is not deleted (pvc-protection).
+    delete_pod_now(&client, "user").await;
     claims
         .delete("kept", &DeleteParams::default())
         .await
@@ -451,16 +469,40 @@ async fn a_claim_deleted_mid_provisioning_leaves_nothing_behind() {
     assert!(volume_dirs(&lnfs, "node-1").is_empty());
 }
 
+/// A client of the agent at `server` from `from`, using handle `root` it got before
+/// (no MOUNT): connects as soon as something listens there.
+async fn reconnect(server: std::net::SocketAddr, from: IpAddr, root: &nfs_fh3) -> NfsClient {
+    let conn = eventually("the agent listening", WAIT, || async {
+        support::nfs::try_tcp_to(server, from).await.ok()
+    })
+    .await;
+    NfsClient {
+        nfs: nfs3_client::Nfs3Client::new_with_auth(
+            conn,
+            support::nfs::auth(0, 0),
+            nfs3_types::rpc::opaque_auth::default(),
+        ),
+        root: root.clone(),
+    }
+}
+
+/// DESIGN invariant 8 with a raw client: only node addresses may connect, and a volume
+/// is served only to the nodes running pods that use its claim, as the controller
+/// publishes them: MNT, EXPORT and every call with a handle follow the publication,
+/// across agent restarts.
 #[tokio::test]
-async fn in_cluster_mode_only_node_addresses_may_connect_and_the_list_follows_nodes() {
+async fn in_cluster_mode_a_volume_is_served_only_to_the_nodes_of_its_pods() {
     let cluster = TestCluster::start().await.expect("control plane");
     let client = cluster.client();
     let mut lnfs = Localnfs::new(&cluster).await;
     kubelet::add_node(&client, "node-1", ip(91))
         .await
         .expect("node");
-    // --allow replaces the loopback default: only node addresses (and this) remain.
-    lnfs.start_agent_with("node-1", ip(91), &["--allow", "127.0.0.250/32"]);
+    // --allow replaces the loopback default: only node addresses (and this) remain. A
+    // fixed port, so the restarted agent is where the PV points.
+    let listen = std::net::SocketAddr::new(ip(91), free_port());
+    let flags = ["--insecure-ports", "--allow", "127.0.0.250/32"];
+    lnfs.start_agent_on("node-1", listen, &flags);
     lnfs.start_controller();
     storage_class(&client, "now", json!({"volumeBindingMode": "Immediate"})).await;
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
@@ -469,24 +511,107 @@ async fn in_cluster_mode_only_node_addresses_may_connect_and_the_list_follows_no
         .await
         .expect("create");
     let pv = bound_pv(&client, "v").await;
+    let pv_name = pv.name_any();
     let (server, port, volume) = nfs_target(&pv);
     let addr = std::net::SocketAddr::new(server, port);
-    support::nfs::mount_at(addr, &volume, ip(91), 0, 0)
-        .await
-        .expect("the node itself mounts");
+    assert_eq!(addr, listen);
+    assert_eq!(published(&client, &pv_name).await, Some(vec![]));
+
+    // The volume's own node runs no pod of the claim: not mountable, not listed.
+    let refused = support::nfs::mount_at(addr, &volume, ip(91), 0, 0).await;
+    assert!(
+        refused.as_ref().is_err_and(|e| e.contains("ACCES")),
+        "{refused:?}"
+    );
+    assert!(support::nfs::exports_at(addr, ip(91)).await.is_empty());
     assert!(
         support::nfs::mount_at(addr, &volume, ip(92), 0, 0)
             .await
             .is_err(),
         "a non-node address mounted"
     );
+
+    // node-2 joins the cluster and runs a pod using the claim.
     kubelet::add_node(&client, "node-2", ip(92))
         .await
         .expect("second node");
-    eventually("new node allowed", WAIT, || async {
+    pod_on(&client, "p", "node-2", &["v"]).await;
+    wait_published(&client, &pv_name, &["node-2"]).await;
+    eventually("node-2 mounts", WAIT, || async {
         support::nfs::mount_at(addr, &volume, ip(92), 0, 0)
             .await
             .ok()
     })
     .await;
+    let mut c = NfsClient::mount_at(addr, &volume, ip(92), 0, 0).await;
+    let root = c.root.clone();
+    let f = c.create(&root, b"f", 0o644).await.expect("create");
+    c.write(&f, 0, b"rows", stable_how::FILE_SYNC)
+        .await
+        .expect("write");
+    let want = [format!("/{volume}")];
+    assert_eq!(support::nfs::exports_at(addr, ip(92)).await, want);
+    assert!(support::nfs::exports_at(addr, ip(91)).await.is_empty());
+    assert!(support::nfs::exports_at(addr, ip(250)).await.is_empty());
+    // A handle is no pass: node-1 holding node-2's handle gets ACCES on every call.
+    let mut thief = reconnect(addr, ip(91), &root).await;
+    assert_eq!(
+        thief.getattr(&root).await.err(),
+        Some(nfsstat3::NFS3ERR_ACCES)
+    );
+    assert_eq!(
+        thief.read(&f, 0, 4).await.err(),
+        Some(nfsstat3::NFS3ERR_ACCES)
+    );
+
+    // Agent restarts, with its saved copy of the rules and without: the first call
+    // after either is answered by the rules, never served to everyone or refused.
+    let saved_rules = lnfs.root("node-1").join("cluster-access.json");
+    eventually("the agent's saved rules to grant node-2", WAIT, || async {
+        let rules: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&saved_rules).ok()?).ok()?;
+        (rules["volumes"][volume.as_str()] == json!(["127.0.0.92/32"])).then_some(())
+    })
+    .await;
+    for saved in [true, false] {
+        lnfs.stop_agent("node-1").await;
+        if !saved {
+            std::fs::remove_file(&saved_rules).expect("the agent saved its rules");
+        }
+        lnfs.start_agent_on("node-1", listen, &flags);
+        let mut again = reconnect(addr, ip(92), &root).await;
+        assert_eq!(
+            again.read(&f, 0, 4).await.expect("read after restart"),
+            b"rows",
+            "saved copy: {saved}"
+        );
+        let mut thief = reconnect(addr, ip(91), &root).await;
+        assert_eq!(
+            thief.getattr(&root).await.err(),
+            Some(nfsstat3::NFS3ERR_ACCES),
+            "saved copy: {saved}"
+        );
+    }
+
+    // The pod goes away: the handle node-2 holds stops working on its next call.
+    let mut c = reconnect(addr, ip(92), &root).await;
+    c.getattr(&root).await.expect("still published");
+    delete_pod_now(&client, "p").await;
+    wait_published(&client, &pv_name, &[]).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while c.getattr(&root).await.err() != Some(nfsstat3::NFS3ERR_ACCES) {
+        assert!(std::time::Instant::now() < deadline, "node-2 kept access");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(c.read(&f, 0, 4).await.err(), Some(nfsstat3::NFS3ERR_ACCES));
+    assert_eq!(
+        c.write(&f, 0, b"more", stable_how::FILE_SYNC).await.err(),
+        Some(nfsstat3::NFS3ERR_ACCES)
+    );
+    assert!(
+        support::nfs::mount_at(addr, &volume, ip(92), 0, 0)
+            .await
+            .is_err()
+    );
+    assert!(support::nfs::exports_at(addr, ip(92)).await.is_empty());
 }

@@ -269,9 +269,9 @@ async fn rebuilt_pod_goes_home_and_runs_elsewhere_over_nfs_when_home_is_cordoned
             .is_err(),
         "an address that is not a node mounted a volume"
     );
-    // The control: a node mounts with exactly those options.
+    // The control: the node running the pod mounts with exactly those options.
     env.kernel
-        .node(&home)
+        .node(other)
         .mount_pv(&stranger_pv, "/mnt/control")
         .await
         .expect("a node mounts with the same options");

@@ -366,7 +366,7 @@ impl Shared {
 }
 
 /// Plays kubelet: for each scheduled pod, mounts its volume in the node's kernel as
-/// kubelet would, reads `<claim>.txt` there or writes it if missing, then reports the
+/// kubelet would (retrying a refused mount), reads `<claim>.txt` there or writes it if missing, then reports the
 /// pod Ready; a deleted pod's mount is unmounted before its deletion is finished.
 struct DemoKubelet(JoinHandle<()>);
 
@@ -437,7 +437,17 @@ async fn mount_and_touch(
         .run(&format!("mountpoint -q {}", quote(target)), WAIT)
         .await?;
     if mounted.rc != 0 {
-        node.mount_pv(&pv, target).await?;
+        // As kubelet: a refused mount (the controller has not published the volume to
+        // this node yet) is tried again, pausing longer each time.
+        let start = std::time::Instant::now();
+        let mut pause = Duration::from_millis(250);
+        while let Err(e) = node.mount_pv(&pv, target).await {
+            if start.elapsed() > WAIT {
+                return Err(e.into());
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(2));
+        }
     }
     let file = quote(&format!("{target}/{claim}.txt"));
     let text = format!(

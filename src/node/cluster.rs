@@ -1,8 +1,8 @@
 //! The node agent's cluster side: it heartbeats a Lease with its free space, NFS
 //! port and per-volume usage, creates and removes volume directories for claims the
 //! controller placed on this node, reclaims and resizes its PVs, and keeps the NFS
-//! allow-list equal to the cluster's node addresses (plus `--allow`). The protocol
-//! with the controller is in `objects`.
+//! allow-list and per-volume grants equal to what the Nodes and PVs say (`grants`).
+//! The protocol with the controller is in `objects`.
 //!
 //! Everything it writes is its own node's: answer annotations on claims labelled with
 //! its node, the size annotation and our finalizer on its PVs, its own heartbeat Lease
@@ -11,17 +11,16 @@
 //! agent must call the API server with its pod's projected (pod-bound) token.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::runtime::{reflector, watcher};
+use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::Notify;
@@ -70,11 +69,13 @@ pub struct ClusterConfig {
     pub extra_allow: Vec<Network>,
 }
 
-/// Runs the cluster side until `shutdown` fires.
+/// Runs the cluster side until `shutdown` fires; `synced` turns true once the
+/// cluster's access rules are in force (see `grants`).
 pub async fn run(
     cfg: ClusterConfig,
     exports: Arc<Exports>,
     allow: AllowList,
+    synced: tokio::sync::watch::Sender<bool>,
     shutdown: CancellationToken,
 ) {
     let ClusterConfig {
@@ -112,7 +113,15 @@ pub async fn run(
         claims,
         pvs,
         heartbeat(agent.clone(), shutdown.clone()),
-        keep_allow_list(agent.client.clone(), allow, extra_allow, shutdown),
+        super::grants::keep(
+            agent.client.clone(),
+            agent.node.clone(),
+            agent.exports.clone(),
+            allow,
+            extra_allow,
+            synced,
+            shutdown
+        ),
     );
 }
 
@@ -473,33 +482,5 @@ async fn heartbeat(agent: Arc<Agent>, shutdown: CancellationToken) {
             _ = tokio::time::sleep(HEARTBEAT) => {}
             _ = agent.changed.notified() => {}
         }
-    }
-}
-
-/// Keeps the allow-list equal to every node's InternalIP plus the `--allow` networks.
-async fn keep_allow_list(
-    client: Client,
-    allow: AllowList,
-    extra: Vec<Network>,
-    shutdown: CancellationToken,
-) {
-    let (reader, writer) = reflector::store::<Node>();
-    // Every event (including deletions) recomputes the list from the cache.
-    let stream = reflector(
-        writer,
-        watcher(Api::<Node>::all(client), watcher::Config::default()),
-    )
-    .boxed();
-    let mut stream = std::pin::pin!(stream.take_until(shutdown.cancelled_owned()));
-    while stream.next().await.is_some() {
-        let mut nets = extra.clone();
-        for node in reader.state() {
-            for ip in crate::kubeclient::internal_ips(&node) {
-                if let Ok(ip) = ip.parse::<IpAddr>() {
-                    nets.push(Network::host(ip));
-                }
-            }
-        }
-        allow.replace(nets);
     }
 }

@@ -3,10 +3,14 @@
 //! new size limits take effect without a remount), and exposes the admin endpoints.
 //!
 //! Standalone mode (`--standalone`) needs no cluster: volumes are managed with
-//! `localnfs volume`; per-volume grants come from `<root>/access.json`. In cluster mode (`--node-name`) the agent also runs [`cluster`]:
-//! heartbeat, volume creation and reclaim for the controller, allow-list from Nodes.
+//! `localnfs volume`; per-volume grants come from `<root>/access.json`. In cluster mode
+//! (`--node-name`) the agent also runs [`cluster`]: heartbeat, volume creation and
+//! reclaim for the controller, and [`grants`]: the allow-list from Nodes and each
+//! volume's nodes from its PV. It serves no NFS call before those are known (from the
+//! cluster, or saved by its last run).
 
 pub mod cluster;
+pub mod grants;
 pub mod volume_cmd;
 
 use std::sync::Arc;
@@ -46,6 +50,18 @@ pub async fn run(args: NodeArgs) -> Result<()> {
             .with_device_nodes(args.allow_device_nodes),
     );
 
+    // Cluster mode: nothing is served before the cluster's access rules are in force,
+    // from the last run's copy or, without one, from the cluster once listed.
+    let (synced_tx, mut synced) = tokio::sync::watch::channel(cluster.is_none());
+    if cluster.is_some() {
+        match grants::load(&args.root) {
+            Some(saved) => {
+                grants::apply(&saved, &args.allow, &allow, &exports);
+                synced_tx.send_replace(true);
+            }
+            None => exports.access.set_cluster(Default::default()),
+        }
+    }
     let listener = crate::server::bind("NFS", args.listen).await?;
     let nfs_addr = listener.local_addr().unwrap_or(args.listen);
     let admin = admin::start(
@@ -108,9 +124,17 @@ pub async fn run(args: NodeArgs) -> Result<()> {
             cfg,
             exports.clone(),
             allow.clone(),
+            synced_tx,
             shutdown.clone(),
         ))
     });
+    if !*synced.borrow() {
+        tracing::info!("waiting for the cluster's Nodes and PVs before serving NFS");
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = synced.wait_for(|s| *s) => {}
+        }
+    }
     readiness.set(true);
     nfs::serve(
         listener,

@@ -19,6 +19,7 @@ pub fn run(args: VolumeArgs) -> Result<()> {
                 squash: c.squash,
                 anon_uid: c.anon_uid,
                 anon_gid: c.anon_gid,
+                max_files: c.max_files,
             };
             let meta = store.create(&spec)?;
             println!(

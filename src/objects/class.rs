@@ -86,6 +86,8 @@ pub struct ClassParams {
     pub anon_uid: u32,
     pub anon_gid: u32,
     pub path_pattern: Option<String>,
+    /// `maxFiles`: most objects a volume may hold (`None`: proportional to its size).
+    pub max_files: Option<u64>,
 }
 
 impl Default for ClassParams {
@@ -100,12 +102,13 @@ impl Default for ClassParams {
             anon_uid: 65534,
             anon_gid: 65534,
             path_pattern: None,
+            max_files: None,
         }
     }
 }
 
 /// The parameter keys a class may set.
-pub const KEYS: [&str; 10] = [
+pub const KEYS: [&str; 11] = [
     "locality",
     "onDelete",
     "uid",
@@ -116,7 +119,12 @@ pub const KEYS: [&str; 10] = [
     "anonGid",
     "allowRootAnon",
     "pathPattern",
+    "maxFiles",
 ];
+
+/// Largest `maxFiles`: far past what any filesystem holds, small enough that a typo
+/// (a size in bytes, say) is caught.
+pub const MAX_FILES: u64 = 1 << 40;
 
 fn bad(key: &str, value: &str, expected: &str) -> String {
     format!("StorageClass parameter {key}={value:?} is invalid: expected {expected}")
@@ -162,6 +170,17 @@ impl ClassParams {
                     p.squash =
                         parse_squash(value).map_err(|_| bad(key, value, "none, root or all"))?
                 }
+                "maxFiles" => {
+                    p.max_files = Some(
+                        value
+                            .parse::<u64>()
+                            .ok()
+                            .filter(|n| (1..=MAX_FILES).contains(n))
+                            .ok_or_else(|| {
+                                bad(key, value, &format!("a whole number from 1 to {MAX_FILES}"))
+                            })?,
+                    )
+                }
                 "pathPattern" => {
                     check_pattern(value).map_err(|why| bad(key, value, &why))?;
                     p.path_pattern = Some(value.clone());
@@ -202,6 +221,7 @@ impl ClassParams {
             squash: self.squash,
             anon_uid: self.anon_uid,
             anon_gid: self.anon_gid,
+            max_files: self.max_files,
         }
     }
 
@@ -336,6 +356,7 @@ mod tests {
             ("anonUid", "1000"),
             ("anonGid", "1001"),
             ("pathPattern", "{namespace}.{name}.{uid}"),
+            ("maxFiles", "5000"),
         ]))
         .expect("valid");
         assert_eq!(p.locality, Locality::Strict);
@@ -349,6 +370,7 @@ mod tests {
             .volume_name("pvc-1", "db", "data-mysql-0", "1234")
             .expect("name");
         assert_eq!(name.as_str(), "db.data-mysql-0.1234");
+        assert_eq!(p.max_files, Some(5000));
     }
 
     #[test]
@@ -370,6 +392,10 @@ mod tests {
             (("anonGid", "0"), "allowRootAnon"),
             (("anonUid", "4294967295"), "below 4294967295"),
             (("allowRootAnon", "yes"), "true or false"),
+            (("maxFiles", "0"), "from 1 to"),
+            (("maxFiles", "-5"), "from 1 to"),
+            (("maxFiles", "1e6"), "from 1 to"),
+            (("maxFiles", "2199023255553"), "from 1 to"),
         ];
         for ((k, v), want) in cases {
             let err = ClassParams::parse(&map(&[(k, v)])).expect_err(k);

@@ -23,6 +23,9 @@ pub const CLAIM_FINALIZER: &str = "localnfs.io/provisioning";
 pub const RESIZE_TO: &str = "localnfs.io/resize-to";
 /// PV annotation: the size (bytes) the node agent has applied.
 pub const SIZE: &str = "localnfs.io/size";
+/// PV annotation set by the controller: the nodes that may mount the volume, as a
+/// sorted JSON list of node names.
+pub const PUBLISHED_NODES: &str = "localnfs.io/published-nodes";
 
 /// Claim annotations kube-controller-manager's PV binder sets when it binds a claim;
 /// the controller sets them when it completes the binding itself.

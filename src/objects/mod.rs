@@ -44,14 +44,20 @@
 //! Expansion: C sets [`keys::RESIZE_TO`] on the PV; N raises the limit and sets
 //! [`keys::SIZE`]; C then updates the PV capacity and the claim's status capacity.
 //!
+//! Access: C keeps [`keys::PUBLISHED_NODES`] on each PV equal to the nodes that may
+//! mount it (those running pods that use its claim, one at a time for ReadWriteOnce;
+//! see `provisioner::publish`), creating PVs with `[]`; N serves the volume to those
+//! nodes' InternalIPs only, checked on every call (`node::grants`).
+//!
 //! This module is the bottom layer every component shares: those keys ([`keys`]),
 //! the StorageClass vocabulary ([`class`]), what a claim asks for ([`claim`]), when
-//! a volume's data may go ([`reclaim`]) and the agents' heartbeat Leases
-//! ([`agents`]). It depends on no component; the provisioner, scheduler helper, node
+//! a volume's data may go ([`reclaim`]), which nodes may mount a volume
+//! ([`published`]) and the agents' heartbeat Leases ([`agents`]). It depends on no component; the provisioner, scheduler helper, node
 //! agent and `status` depend on it and not on each other.
 
 pub mod agents;
 pub mod claim;
 pub mod class;
 pub mod keys;
+pub mod published;
 pub mod reclaim;

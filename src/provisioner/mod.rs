@@ -1,14 +1,17 @@
 //! The provisioner (`localnfs controller`): turns claims of localnfs StorageClasses
 //! into volumes on a node and PersistentVolumes, reclaims and expands them.
 //!
-//! `pv` and `reserve` are pure decisions and bookkeeping; the reconcilers
-//! (`claims`, `expand`, `volumes`) do the I/O; `triggers` decides which objects to reconcile and `queue` hands their
-//! keys to a bounded set of workers.
+//! `pv`, `publish` and `reserve` are pure decisions and bookkeeping, `step` the next
+//! step for a claim; the reconcilers (`claims`, `expand`, `volumes`, `pods`) do the I/O;
+//! `triggers` decides which objects to reconcile and `queue` hands their keys to a
+//! bounded set of workers.
 
 pub mod claims;
 pub mod expand;
 pub mod leader;
 pub mod metrics;
+pub mod pods;
+pub mod publish;
 pub mod pv;
 pub mod queue;
 pub mod reserve;

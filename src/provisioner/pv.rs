@@ -10,7 +10,8 @@ use serde_json::json;
 use crate::objects::claim::pv_name;
 use crate::objects::class::{ClassParams, Locality, quantity_bytes};
 use crate::objects::keys::{
-    HOSTNAME_LABEL, LOCALITY_KEY, NODE_KEY, ON_DELETE_KEY, PROVISIONED_BY, PV_FINALIZER, VOLUME_KEY,
+    HOSTNAME_LABEL, LOCALITY_KEY, NODE_KEY, ON_DELETE_KEY, PROVISIONED_BY, PUBLISHED_NODES,
+    PV_FINALIZER, VOLUME_KEY,
 };
 
 /// Mount options when the class gives none: NFSv3 over TCP on one port, no lock
@@ -217,6 +218,8 @@ pub fn build_pv(i: &PvInput) -> Result<PersistentVolume, String> {
         (VOLUME_KEY, i.volume),
         (ON_DELETE_KEY, on_delete),
         (LOCALITY_KEY, i.params.locality.as_str()),
+        // Exact from the start: no node may mount it until a pod there uses it.
+        (PUBLISHED_NODES, "[]"),
     ]
     .into();
     serde_json::from_value(json!({

@@ -1,4 +1,4 @@
-//! `localnfs controller`: leader election, then the claim and PV reconcilers.
+//! `localnfs controller`: leader election, then the claim, PV and publish reconcilers.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::claims::{self, Ctx};
 use super::leader::{LeaderElector, RENEW_EVERY};
 use super::metrics::ControllerMetrics;
+use super::pods::{self, Usage};
 use super::queue::{WorkQueue, run_workers};
 use super::triggers;
 use super::volumes;
@@ -173,31 +174,52 @@ fn default_identity() -> String {
 const CLAIM_WORKERS: usize = 64;
 /// PVs deleted at once (reclaim is rare and quick).
 const PV_WORKERS: usize = 4;
+/// PVs whose published nodes are written at once.
+const PUBLISH_WORKERS: usize = 8;
 
-/// Runs both reconcilers until `stop` fires: watches queue the keys of claims and PVs
-/// that changed, workers reconcile them (see `queue`, `triggers`).
+/// Runs the reconcilers until `stop` fires: watches queue the keys of claims and PVs
+/// that changed, workers reconcile them (see `queue`, `triggers`, `pods`).
 async fn controllers(ctx: Arc<Ctx>, stop: CancellationToken) {
     let claims = WorkQueue::new();
     let pvs = WorkQueue::new();
+    let publish = WorkQueue::new();
+    // Fresh each term: what an earlier term saw may be stale.
+    let usage = Arc::new(Usage::new(stop.clone()));
     let ours = watcher::Config::default().labels(NODE_KEY);
     let watch_claims = triggers::watch_claims(ctx.client.clone(), claims.clone(), stop.clone());
     let watch_pvs = triggers::watch_pvs(
         ctx.client.clone(),
         ours,
         ctx.provisioner.clone(),
-        claims.clone(),
-        pvs.clone(),
+        triggers::PvQueues {
+            claims: claims.clone(),
+            pvs: pvs.clone(),
+            publish: publish.clone(),
+            usage: usage.clone(),
+        },
+        stop.clone(),
+    );
+    let watch_pods = pods::watch_pods(
+        ctx.client.clone(),
+        usage.clone(),
+        publish.clone(),
         stop.clone(),
     );
     let close = async {
         stop.cancelled().await;
         claims.close();
         pvs.close();
+        publish.close();
     };
     tokio::join!(
         watch_claims,
         watch_pvs,
+        watch_pods,
         close,
+        run_workers(publish.clone(), PUBLISH_WORKERS, |name| {
+            let (ctx, usage) = (ctx.clone(), usage.clone());
+            async move { pods::reconcile_name(name, &ctx, &usage).await }
+        }),
         run_workers(claims.clone(), CLAIM_WORKERS, |key| {
             let ctx = ctx.clone();
             async move { claims::reconcile_key(key, &ctx).await }

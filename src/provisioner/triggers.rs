@@ -20,8 +20,10 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use super::pods::Usage;
 use super::queue::WorkQueue;
 use super::volumes::{PvAction, decide};
+use crate::objects::keys::PROVISIONED_BY;
 
 /// A claim: namespace and name.
 pub type ClaimKey = (String, String);
@@ -57,13 +59,15 @@ pub fn pv_fingerprint(pv: &PersistentVolume) -> u64 {
 }
 
 /// Watches `api`, calling `changed` for each object whose fingerprint is new or
-/// different, until `stop`. After a relist, objects no longer there are forgotten.
+/// different and `gone` for each deleted one, until `stop`. After a relist, objects no
+/// longer there are forgotten (without `gone`: their deletion was not seen).
 async fn watch_fingerprints<K, Key>(
     api: Api<K>,
     config: watcher::Config,
     fingerprint: fn(&K) -> u64,
     key: fn(&K) -> Key,
     mut changed: impl FnMut(&K),
+    mut gone: impl FnMut(&K),
     stop: CancellationToken,
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
@@ -101,6 +105,7 @@ async fn watch_fingerprints<K, Key>(
             }
             watcher::Event::Delete(obj) => {
                 seen.remove(&key(&obj));
+                gone(&obj);
             }
         }
     }
@@ -122,21 +127,39 @@ pub async fn watch_claims(
         claim_fingerprint,
         claim_key,
         |pvc| claims.add(claim_key(pvc)),
+        |_| {},
         stop,
     )
     .await;
 }
 
-/// Watches our PVs (`config` selects them): a change queues the PV's claim, and a PV
-/// that is due for deletion goes on `pvs`.
+/// Where [`watch_pvs`] sends what it sees.
+pub struct PvQueues {
+    /// The claims of changed PVs.
+    pub claims: Arc<WorkQueue<ClaimKey>>,
+    /// PVs due for deletion.
+    pub pvs: Arc<WorkQueue<String>>,
+    /// PVs whose published nodes need a look (see `pods`).
+    pub publish: Arc<WorkQueue<String>>,
+    pub usage: Arc<Usage>,
+}
+
+/// Watches our PVs (`config` selects them): a change queues the PV's claim, a PV
+/// that is due for deletion goes on `pvs`, and one whose published nodes would change
+/// on `publish`.
 pub async fn watch_pvs(
     client: kube::Client,
     config: watcher::Config,
     provisioner: String,
-    claims: Arc<WorkQueue<ClaimKey>>,
-    pvs: Arc<WorkQueue<String>>,
+    queues: PvQueues,
     stop: CancellationToken,
 ) {
+    let PvQueues {
+        claims,
+        pvs,
+        publish,
+        usage,
+    } = queues;
     watch_fingerprints(
         Api::<PersistentVolume>::all(client),
         config,
@@ -152,7 +175,12 @@ pub async fn watch_pvs(
             if decide(pv, &provisioner) == PvAction::Delete {
                 pvs.add(pv.name_any());
             }
+            let ours = pv.annotations().get(PROVISIONED_BY) == Some(&provisioner);
+            if ours && usage.pv_seen(pv) {
+                publish.add(pv.name_any());
+            }
         },
+        |pv| usage.pv_gone(&pv.name_any()),
         stop,
     )
     .await;

@@ -133,8 +133,14 @@ impl Localnfs {
     /// Starts the agent with exactly these extra flags (the default port check: for
     /// kernel test nodes, whose client uses reserved ports).
     fn start_agent_args(&mut self, node: &str, ip: IpAddr, extra: &[&str]) {
+        self.start_agent_on(node, SocketAddr::new(ip, 0), extra);
+    }
+
+    /// Starts the agent listening on `listen` (a fixed port: a restarted agent where
+    /// its PVs point), with these extra flags.
+    pub fn start_agent_on(&mut self, node: &str, listen: SocketAddr, extra: &[&str]) {
         let root = self.root(node);
-        let listen = SocketAddr::new(ip, 0).to_string();
+        let listen = listen.to_string();
         let log = self.dir.path().join(format!("agent-{node}.log"));
         let root = root.to_str().expect("utf8").to_owned();
         let mut args = vec![
@@ -404,14 +410,21 @@ impl Localnfs {
 
 /// A kubelet stand-in: for each pod scheduled to a node, mounts every PV of the pod
 /// inside that node's kernel exactly as kubelet does (`mount -t nfs` with the PV's
-/// server, path and mountOptions), then does the container's work on the mount: reads
-/// `<claim>.txt` if it exists (checking its content), else writes and syncs it; then
-/// reports the pod Running and Ready. A deleted pod's mounts are unmounted before its
-/// deletion is finished.
+/// server, path and mountOptions), retrying a refused mount with a growing pause as
+/// kubelet does (for as long as the pod exists, at most [`MOUNT_RETRY_FOR`]), then
+/// does the container's work on the mount: reads `<claim>.txt` if it exists (checking
+/// its content), else writes and syncs it; then reports the pod Running and Ready. A
+/// deleted pod's start is stopped and its mounts unmounted before its deletion is
+/// finished.
 pub struct NfsKubelet {
     task: JoinHandle<()>,
     pub log: KubeletLog,
+    /// Each pod's failed mount attempts: what mount said.
+    pub mount_errors: KubeletLog,
 }
+
+/// How long the test-kubelet keeps retrying a pod's refused mount.
+pub const MOUNT_RETRY_FOR: Duration = Duration::from_secs(300);
 
 impl Drop for NfsKubelet {
     fn drop(&mut self) {
@@ -419,11 +432,15 @@ impl Drop for NfsKubelet {
     }
 }
 
+/// A pod start under way: stopped by the token, awaited before the pod's unmount.
+type Start = (tokio_util::sync::CancellationToken, JoinHandle<()>);
+
 impl NfsKubelet {
     pub fn start(client: Client, namespace: &str, nodes: &KernelNodes) -> Self {
         let log: KubeletLog = Arc::default();
+        let mount_errors: KubeletLog = Arc::default();
         let ns = namespace.to_owned();
-        let record = log.clone();
+        let (record, errors) = (log.clone(), mount_errors.clone());
         let guests = nodes.nodes.clone();
         let task = tokio::spawn(async move {
             let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
@@ -431,7 +448,8 @@ impl NfsKubelet {
                 .applied_objects()
                 .boxed();
             // Pods whose start is under way or done: one mount per pod and volume.
-            let mut started = std::collections::BTreeSet::new();
+            let mut started: BTreeMap<String, Start> = BTreeMap::new();
+            let mut deleting = std::collections::BTreeSet::new();
             while let Some(Ok(pod)) = events.next().await {
                 let node = pod
                     .spec
@@ -439,39 +457,68 @@ impl NfsKubelet {
                     .and_then(|s| s.node_name.as_ref())
                     .and_then(|n| guests.get(n))
                     .cloned();
+                let uid = pod.uid().unwrap_or_default();
                 if pod.metadata.deletion_timestamp.is_some() {
-                    if let (Some(node), Some(uid)) = (&node, pod.uid()) {
-                        let umount = format!(
-                            "for m in /mnt/pods/{uid}/*; do [ -d \"$m\" ] && umount \"$m\"; done; true"
-                        );
-                        if let Err(e) = node.run_ok(&umount, Duration::from_secs(60)).await {
-                            eprintln!("test-kubelet: unmounting pod {}: {e}", pod.name_any());
-                        }
+                    if !deleting.insert(uid.clone()) {
+                        continue;
                     }
-                    let _ = kubelet::finish_pod_deletion(&client, &pod).await;
+                    let start = started.remove(&uid);
+                    let client = client.clone();
+                    tokio::spawn(async move {
+                        if let Some((stop, task)) = start {
+                            stop.cancel();
+                            let _ = task.await;
+                        }
+                        if let Some(node) = &node {
+                            let umount = format!(
+                                "for m in /mnt/pods/{uid}/*; do [ -d \"$m\" ] && umount \"$m\"; done; true"
+                            );
+                            if let Err(e) = node.run_ok(&umount, Duration::from_secs(60)).await {
+                                eprintln!("test-kubelet: unmounting pod {}: {e}", pod.name_any());
+                            }
+                        }
+                        let _ = kubelet::finish_pod_deletion(&client, &pod).await;
+                    });
                     continue;
                 }
                 let Some(node) = node else { continue };
-                if kubelet::is_running_and_ready(&pod) || !started.insert(pod.uid()) {
+                if kubelet::is_running_and_ready(&pod) || started.contains_key(&uid) {
                     continue;
                 }
-                let (client, ns, record) = (client.clone(), ns.clone(), record.clone());
-                tokio::spawn(async move {
-                    match start_pod(&client, &ns, &pod, &node).await {
+                let (client, ns, record, errors) =
+                    (client.clone(), ns.clone(), record.clone(), errors.clone());
+                let stop = tokio_util::sync::CancellationToken::new();
+                let cancelled = stop.clone();
+                let task = tokio::spawn(async move {
+                    let name = pod.name_any();
+                    match start_pod(&client, &ns, &pod, &node, &cancelled, &errors).await {
                         Ok(done) => {
-                            record.lock().expect("log").insert(pod.name_any(), done);
-                            if let Err(e) =
-                                kubelet::mark_pod_ready(&client, &ns, &pod.name_any()).await
-                            {
+                            record.lock().expect("log").insert(name.clone(), done);
+                            if let Err(e) = kubelet::mark_pod_ready(&client, &ns, &name).await {
                                 eprintln!("test-kubelet: {e}");
                             }
                         }
-                        Err(e) => eprintln!("test-kubelet: pod {}: {e}", pod.name_any()),
+                        Err(e) => eprintln!("test-kubelet: pod {name}: {e}"),
                     }
                 });
+                started.insert(uid, (stop, task));
             }
         });
-        Self { task, log }
+        Self {
+            task,
+            log,
+            mount_errors,
+        }
+    }
+
+    /// The failed mount attempts of `pod` so far.
+    pub fn mount_errors_of(&self, pod: &str) -> Vec<String> {
+        self.mount_errors
+            .lock()
+            .expect("log")
+            .get(pod)
+            .cloned()
+            .unwrap_or_default()
     }
 }
 
@@ -503,6 +550,8 @@ async fn start_pod(
     ns: &str,
     pod: &Pod,
     node: &KernelNode,
+    stop: &tokio_util::sync::CancellationToken,
+    errors: &KubeletLog,
 ) -> Result<Vec<String>, String> {
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
     let pvs: Api<PersistentVolume> = Api::all(client.clone());
@@ -532,9 +581,37 @@ async fn start_pod(
             .await
             .map_err(|e| e.to_string())?;
         let target = pod_mount(&uid, &v.name);
-        node.mount_pv(&pv, &target)
-            .await
-            .map_err(|e| e.to_string())?;
+        // As kubelet: a refused mount is tried again, pausing longer each time.
+        let deadline = tokio::time::Instant::now() + MOUNT_RETRY_FOR;
+        let mut pause = Duration::from_millis(250);
+        loop {
+            if stop.is_cancelled() {
+                return Err("pod deleted while starting".into());
+            }
+            match node.mount_pv(&pv, &target).await {
+                Ok(()) => break,
+                Err(e) => {
+                    errors
+                        .lock()
+                        .expect("log")
+                        .entry(pod.name_any())
+                        .or_default()
+                        .push(e.to_string());
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(format!("mount still refused: {e}"));
+                    }
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = tokio::time::sleep(pause) => {}
+            }
+            pause = (pause * 2).min(Duration::from_secs(2));
+        }
+        if stop.is_cancelled() {
+            // Mounted after all; the deletion's unmount runs once this returns.
+            return Err("pod deleted while starting".into());
+        }
         let file = quote(&format!("{target}/{claim}.txt"));
         let work = format!(
             // From the server, not from a cache of an earlier mount of the same export.
@@ -554,6 +631,67 @@ async fn start_pod(
         done.push(format!("{claim}:{state}"));
     }
     Ok(done)
+}
+
+/// Creates pod `name` in `default` bound to `node` (no scheduler, no kubelet needed:
+/// the controller publishes the claims' volumes to its node) using `claims`.
+pub async fn pod_on(client: &Client, name: &str, node: &str, claims: &[&str]) -> Pod {
+    let volumes: Vec<_> = claims
+        .iter()
+        .map(|c| json!({"name": c, "persistentVolumeClaim": {"claimName": c}}))
+        .collect();
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "c"}],
+                 "volumes": volumes},
+    }))
+    .expect("pod");
+    Api::<Pod>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &pod)
+        .await
+        .expect("create pod")
+}
+
+/// Deletes pod `name` in `default` at once (as a kubelet finishing its deletion).
+pub async fn delete_pod_now(client: &Client, name: &str) {
+    let params = kube::api::DeleteParams {
+        grace_period_seconds: Some(0),
+        ..kube::api::DeleteParams::default()
+    };
+    Api::<Pod>::namespaced(client.clone(), "default")
+        .delete(name, &params)
+        .await
+        .expect("delete pod");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    eventually(
+        &format!("pod {name} gone"),
+        Duration::from_secs(60),
+        || async { pods.get_opt(name).await.ok()?.is_none().then_some(()) },
+    )
+    .await;
+}
+
+/// The nodes PV `pv` is published to (`None`: no annotation).
+pub async fn published(client: &Client, pv: &str) -> Option<Vec<String>> {
+    let pv = Api::<PersistentVolume>::all(client.clone())
+        .get(pv)
+        .await
+        .expect("read PV");
+    let value = pv
+        .annotations()
+        .get(localnfs::objects::keys::PUBLISHED_NODES)?;
+    Some(localnfs::objects::published::parse(value).expect("annotation"))
+}
+
+/// Waits (90 s at most) until PV `pv` is published to exactly `nodes`.
+pub async fn wait_published(client: &Client, pv: &str, nodes: &[&str]) {
+    let want: Vec<String> = nodes.iter().map(|n| n.to_string()).collect();
+    eventually(
+        &format!("PV {pv} published to {nodes:?}"),
+        Duration::from_secs(90),
+        || async { (published(client, pv).await.as_ref() == Some(&want)).then_some(()) },
+    )
+    .await;
 }
 
 /// A claim in `default` of `class` asking for `size`; `extra` is merged into its spec.

@@ -205,9 +205,30 @@ pub async fn tcp(port: u16, from: IpAddr) -> Conn {
 
 /// A connection to `server` from the local address `from`.
 pub async fn tcp_to(server: SocketAddr, from: IpAddr) -> Conn {
+    try_tcp_to(server, from).await.expect("connect")
+}
+
+/// Same, or the error when nothing listens there.
+pub async fn try_tcp_to(server: SocketAddr, from: IpAddr) -> std::io::Result<Conn> {
     let socket = TcpSocket::new_v4().expect("socket");
     socket.bind(SocketAddr::new(from, 0)).expect("bind source");
-    Conn(socket.connect(server).await.expect("connect"))
+    socket.connect(server).await.map(Conn)
+}
+
+/// The paths `server` lists in EXPORT for a client at `from`.
+pub async fn exports_at(server: SocketAddr, from: IpAddr) -> Vec<String> {
+    let mut m = MountClient::new_with_auth(
+        tcp_to(server, from).await,
+        auth(0, 0),
+        opaque_auth::default(),
+    );
+    m.export()
+        .await
+        .expect("EXPORT")
+        .0
+        .iter()
+        .map(|e| String::from_utf8_lossy(&e.ex_dir.0).into_owned())
+        .collect()
 }
 
 pub const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);

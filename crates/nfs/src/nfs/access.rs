@@ -1,14 +1,21 @@
 //! Who may use which volume, decided afresh on every MNT and every NFS call (as knfsd
-//! checks its export rules per request), never from the mount table (see `rmtab`).
+//! checks its export rules per request), never from the mount table (see `rmtab`). A
+//! handle obtained while a client was admitted stops working (ACCES) on its next call
+//! once it no longer is.
 //!
-//! Two layers: the server's allow-list (`--allow`, or the cluster's node addresses),
-//! and per-volume grants read from `<root>/access.json`, a map from volume name to the
-//! client networks that may use it:
-//! `{"pvc-1234": ["10.0.0.5", "10.0.0.6"], "scratch": ["10.0.0.0/24"]}`.
-//! A volume with an entry is served only to those networks (an empty list: to nobody);
-//! a volume without one to every allow-listed client. The file is re-read when it
-//! changes; one that cannot be parsed keeps the previous grants (a half-written file
-//! must not open every volume to everyone).
+//! Three layers, each of which must admit the client:
+//! 1. the server's allow-list (`--allow`, plus the cluster's node addresses);
+//! 2. per-volume grants read from `<root>/access.json`, a map from volume name to the
+//!    client networks that may use it:
+//!    `{"pvc-1234": ["10.0.0.5", "10.0.0.6"], "scratch": ["10.0.0.0/24"]}`.
+//!    A volume with an entry is served only to those networks (an empty list: to
+//!    nobody); a volume without one is left to the other layers. The file is re-read
+//!    when it changes; one that cannot be parsed keeps the previous grants (a
+//!    half-written file must not open every volume to everyone);
+//! 3. in cluster mode, [`ClusterGrants`]: the addresses of the nodes the controller
+//!    published on each volume's PV (the nodes running pods that use its claim; see
+//!    `provisioner::publish`). A volume no PV names is served to nobody; a PV without
+//!    the annotation (made before it existed) to every allow-listed client.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -21,6 +28,23 @@ use crate::volume::VolumeName;
 
 type Grants = BTreeMap<VolumeName, Vec<Network>>;
 
+/// What the cluster says about each volume of this node: volume → the networks that
+/// may use it, or `None` for a PV that has no published nodes annotation (made before
+/// it existed; served to every allow-listed client, as then). Volumes not listed are
+/// served to nobody.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ClusterGrants(pub BTreeMap<VolumeName, Option<Vec<Network>>>);
+
+impl ClusterGrants {
+    fn admits(&self, client: IpAddr, volume: &VolumeName) -> bool {
+        match self.0.get(volume) {
+            None => false,
+            Some(None) => true,
+            Some(Some(nets)) => nets.iter().any(|n| n.contains(client)),
+        }
+    }
+}
+
 /// The allow-list plus per-volume grants.
 pub struct Access {
     allow: AllowList,
@@ -28,6 +52,8 @@ pub struct Access {
     /// `access.json`, and the modification time of the copy loaded.
     file: PathBuf,
     loaded: RwLock<Option<SystemTime>>,
+    /// Cluster mode only: what the PVs of this node say.
+    cluster: RwLock<Option<ClusterGrants>>,
 }
 
 impl Access {
@@ -38,6 +64,7 @@ impl Access {
             grants: RwLock::new(Grants::new()),
             file,
             loaded: RwLock::new(None),
+            cluster: RwLock::new(None),
         };
         access.reload();
         access
@@ -48,10 +75,25 @@ impl Access {
         if !self.allow.allows(client) {
             return false;
         }
-        let grants = self.grants.read().unwrap_or_else(|p| p.into_inner());
-        grants
+        let by_file = self
+            .grants
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
             .get(volume)
-            .is_none_or(|nets| nets.iter().any(|n| n.contains(client)))
+            .is_none_or(|nets| nets.iter().any(|n| n.contains(client)));
+        by_file
+            && self
+                .cluster
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .is_none_or(|c| c.admits(client, volume))
+    }
+
+    /// Replaces the cluster's grants (cluster mode); takes effect on the next call of
+    /// every client.
+    pub fn set_cluster(&self, grants: ClusterGrants) {
+        *self.cluster.write().unwrap_or_else(|p| p.into_inner()) = Some(grants);
     }
 
     /// Re-reads the grants file if it changed since the last load.
@@ -130,6 +172,51 @@ mod tests {
                 "{client} {volume}"
             );
         }
+    }
+
+    #[test]
+    fn cluster_grants_are_exact_once_published_and_legacy_pvs_keep_the_allow_list() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let access = Access::new(
+            AllowList::new(vec!["127.0.0.0/8".parse().expect("net")]),
+            dir.path().join("access.json"),
+        );
+        assert!(
+            access.allows(ip("127.0.0.3"), &vol("a")),
+            "standalone: the allow-list decides"
+        );
+        access.set_cluster(ClusterGrants(
+            [
+                (vol("a"), Some(vec!["127.0.0.2".parse().expect("net")])),
+                (vol("nobody"), Some(vec![])),
+                (vol("legacy"), None),
+            ]
+            .into(),
+        ));
+        let cases = [
+            ("127.0.0.2", "a", true),
+            ("127.0.0.3", "a", false), // allow-listed, but not published
+            ("127.0.0.2", "nobody", false),
+            ("127.0.0.3", "legacy", true),
+            ("10.0.0.1", "legacy", false), // not allow-listed
+            ("127.0.0.2", "no-pv", false), // no PV names it
+        ];
+        for (client, volume, want) in cases {
+            assert_eq!(
+                access.allows(ip(client), &vol(volume)),
+                want,
+                "{client} {volume}"
+            );
+        }
+        // Both layers must admit: a file entry narrows a published volume further.
+        std::fs::write(
+            dir.path().join("access.json"),
+            br#"{"legacy": ["127.0.0.9"]}"#,
+        )
+        .expect("write");
+        access.reload();
+        assert!(!access.allows(ip("127.0.0.3"), &vol("legacy")));
+        assert!(access.allows(ip("127.0.0.9"), &vol("legacy")));
     }
 
     #[test]

@@ -6,8 +6,12 @@ use std::net::IpAddr;
 use std::str::FromStr;
 use std::sync::{Arc, RwLock};
 
-/// One network in CIDR notation (`10.0.0.0/8`, `127.0.0.1`, `fd00::/8`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One network in CIDR notation (`10.0.0.0/8`, `127.0.0.1`, `fd00::/8`); in JSON, that
+/// string.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(into = "String", try_from = "String")]
 pub struct Network {
     addr: IpAddr,
     prefix: u8,
@@ -66,6 +70,19 @@ impl FromStr for Network {
             None => max,
         };
         Ok(Self { addr, prefix })
+    }
+}
+
+impl From<Network> for String {
+    fn from(n: Network) -> String {
+        n.to_string()
+    }
+}
+
+impl TryFrom<String> for Network {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
     }
 }
 

@@ -34,6 +34,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub use access::ClusterGrants;
 pub use allow::{AllowList, Network};
 pub use conn::dispatch;
 pub use limits::Limits;

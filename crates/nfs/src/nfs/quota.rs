@@ -25,10 +25,12 @@ pub fn charge_of(st: &libc::stat) -> u64 {
     )
 }
 
-/// Objects a volume of `size_bytes` may hold: one per 4 KiB (the block a small file
-/// spends), at least 1024, so a flood of empty files cannot exhaust the node's inodes.
-pub fn max_inodes(size_bytes: u64) -> u64 {
-    (size_bytes / 4096).max(1024)
+/// Objects a volume may hold: `max_files` when its class set one (`maxFiles`), else one
+/// per 4 KiB of `size_bytes` (the block a small file spends), at least 1024, so a flood
+/// of empty files cannot exhaust the node's inodes.
+pub fn max_inodes(meta: &crate::volume::VolumeMeta) -> u64 {
+    meta.max_files
+        .unwrap_or_else(|| (meta.size_bytes / 4096).max(1024))
 }
 
 /// What one block of a new directory entry or directory may cost: reserved before a

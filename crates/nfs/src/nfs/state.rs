@@ -240,7 +240,7 @@ impl Exports {
                 Some(v) if v.meta.name == meta.name => {
                     v.limit.store(meta.size_bytes, Ordering::Release);
                     v.max_inodes
-                        .store(quota::max_inodes(meta.size_bytes), Ordering::Release);
+                        .store(quota::max_inodes(&meta), Ordering::Release);
                     next.insert(meta.id, v.clone());
                 }
                 _ => match self.open_volume(meta) {
@@ -300,7 +300,7 @@ impl Exports {
             limit: AtomicU64::new(meta.size_bytes),
             used: AtomicU64::new(usage.bytes),
             inodes: AtomicU64::new(usage.inodes),
-            max_inodes: AtomicU64::new(quota::max_inodes(meta.size_bytes)),
+            max_inodes: AtomicU64::new(quota::max_inodes(&meta)),
             charges: AtomicU64::new(0),
             charge_lock: Mutex::new(()),
             meta,

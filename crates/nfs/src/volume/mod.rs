@@ -8,6 +8,8 @@
 //! node.key            per-node secret keying file-handle MACs (0600)
 //! last-id             highest volume id ever issued (ids are never reused)
 //! rmtab               which client addresses mounted which volumes
+//! access.json         standalone per-volume grants (optional, written by hand)
+//! cluster-access.json the cluster's access rules last in force (cluster mode)
 //! ```
 //! Invariants: a volume exists (is listed, can be mounted) only once its directory and
 //! its metadata are both on disk; metadata is written atomically (temp file, fsync,

@@ -49,6 +49,10 @@ pub struct VolumeSpec {
     pub squash: Squash,
     pub anon_uid: u32,
     pub anon_gid: u32,
+    /// Most objects (files, directories, links) the volume may hold; `None`: one per
+    /// 4 KiB of its size, at least 1,024 (see `nfs::quota::max_inodes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_files: Option<u64>,
 }
 
 impl VolumeSpec {
@@ -63,6 +67,7 @@ impl VolumeSpec {
             squash: Squash::None,
             anon_uid: 65534,
             anon_gid: 65534,
+            max_files: None,
         }
     }
 }
@@ -80,6 +85,9 @@ pub struct VolumeMeta {
     pub squash: Squash,
     pub anon_uid: u32,
     pub anon_gid: u32,
+    /// See [`VolumeSpec::max_files`]; absent in metadata written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_files: Option<u64>,
 }
 
 impl VolumeMeta {
@@ -92,6 +100,7 @@ impl VolumeMeta {
             && self.squash == spec.squash
             && self.anon_uid == spec.anon_uid
             && self.anon_gid == spec.anon_gid
+            && self.max_files == spec.max_files
     }
 }
 
@@ -237,6 +246,12 @@ impl VolumeStore {
                 name: spec.name.to_string(),
             });
         }
+        if spec.max_files == Some(0) {
+            return Err(Error::InvalidVolumeSpec {
+                name: spec.name.to_string(),
+                why: "the object limit must be at least 1",
+            });
+        }
         if spec.anon_uid == u32::MAX || spec.anon_gid == u32::MAX {
             // The kernel cannot switch to it: squashed calls would all be refused.
             return Err(Error::InvalidVolumeSpec {
@@ -273,6 +288,7 @@ impl VolumeStore {
             squash: spec.squash,
             anon_uid: spec.anon_uid,
             anon_gid: spec.anon_gid,
+            max_files: spec.max_files,
         };
         self.write_meta(&meta)?;
         Ok(meta)
