@@ -235,13 +235,17 @@ async fn reconcile_claim(pvc: Arc<PersistentVolumeClaim>, agent: Arc<Agent>) -> 
         }
         return Ok(Action::await_change());
     }
-    if ann(pvc.as_ref(), READY).is_some() {
+    if let Some(ready) = ann(pvc.as_ref(), READY) {
+        if let Ok(volume) = VolumeName::new(ready) {
+            agent.exports.label_claim(&volume, &ns, &name);
+        }
         return Ok(Action::await_change());
     }
     let spec = request.clone();
     match agent.store_op(move |s| s.create(&spec)).await {
         Ok(meta) => {
             tracing::info!(volume = %meta.name, size = meta.size_bytes, "created volume");
+            agent.exports.label_claim(&meta.name, &ns, &name);
             answer(&agent, &claims, &name, READY, meta.name.to_string()).await?;
         }
         Err(e @ (Error::VolumeConflict { .. } | Error::InvalidVolumeSize { .. })) => {

@@ -177,8 +177,8 @@ const PV_WORKERS: usize = 4;
 /// Runs both reconcilers until `stop` fires: watches queue the keys of claims and PVs
 /// that changed, workers reconcile them (see `queue`, `triggers`).
 async fn controllers(ctx: Arc<Ctx>, stop: CancellationToken) {
-    let claims = WorkQueue::new();
-    let pvs = WorkQueue::new();
+    let claims = WorkQueue::with_depth(ctx.metrics.queue("claims"));
+    let pvs = WorkQueue::with_depth(ctx.metrics.queue("pvs"));
     let ours = watcher::Config::default().labels(NODE_LABEL);
     let watch_claims = triggers::watch_claims(ctx.client.clone(), claims.clone(), stop.clone());
     let watch_pvs = triggers::watch_pvs(
