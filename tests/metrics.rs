@@ -1,7 +1,7 @@
 //! What operators see on `/metrics`: the node agent's counts move with real NFS
 //! traffic (per procedure and per volume: calls, bytes, latency, errors by status,
 //! usage, connections, memory in flight), and the controller reports provisioning
-//! latency, its queues and whether it leads.
+//! latency, its queues and whether it leads; `localnfs status` draws volume use as bars.
 
 mod support;
 
@@ -15,7 +15,7 @@ use localnfs::volume::{VolumeName, VolumeStore};
 use nfs3_types::nfs3::{nfs_fh3, nfsstat3, stable_how};
 use nfs3_types::xdr_codec::Opaque;
 use serde_json::json;
-use support::cluster::{bound_pv, claim, start_localnfs, storage_class, wait_for_leader};
+use support::cluster::{bound_pv, claim, start_localnfs, status, storage_class, wait_for_leader};
 use support::nfs::{Client, Node, create_volume};
 use support::{Metrics, eventually, scrape};
 use tokio::io::AsyncWriteExt;
@@ -314,6 +314,18 @@ async fn controller_reports_leadership_queues_and_provisioning_latency() {
     eventually("the agent's volume series name the claim", WAIT, || async {
         let m = scrape(agent).await;
         (m.get("localnfs_volume_capacity_bytes", &labels) == 4.0 * MIB as f64).then_some(())
+    })
+    .await;
+
+    // `localnfs status` draws the same use, from the agent's heartbeat: an empty 4 MiB
+    // volume, 1024 objects allowed.
+    eventually("status draws the volume's use", WAIT, || async {
+        let table = status(&lnfs.kubeconfig).await;
+        let row = table.lines().find(|l| l.contains("default/data"))?;
+        (row.contains("[..........]   0%       0 B")
+            && row.contains("[..........]   0% 0/1024")
+            && row.ends_with("Bound"))
+        .then_some(())
     })
     .await;
 }

@@ -447,24 +447,31 @@ fn nix_statvfs(path: &std::path::Path) -> Option<u64> {
     Some(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
-/// Largest [`USED_BYTES`] annotation we write (annotations share a 256 KiB budget).
+/// Largest [`USED_BYTES`] or [`USED_INODES`] annotation we write (annotations share a
+/// 256 KiB budget).
 const USAGE_MAX: usize = 64 << 10;
 
-/// Each volume's used bytes as the [`USED_BYTES`] JSON, or `None` when too long.
-fn usage_json(exports: &Exports) -> Option<String> {
-    let usage: BTreeMap<String, u64> = exports
-        .all()
+/// Each volume's used bytes as the [`USED_BYTES`] JSON and its objects as the
+/// [`USED_INODES`] JSON; each `None` when too long.
+fn usage_json(exports: &Exports) -> (Option<String>, Option<String>) {
+    use std::sync::atomic::Ordering::Acquire;
+    let volumes = exports.all();
+    let bytes: BTreeMap<&str, u64> = volumes
+        .iter()
+        .map(|v| (v.meta.name.as_str(), v.used.load(Acquire)))
+        .collect();
+    let inodes: BTreeMap<&str, [u64; 2]> = volumes
         .iter()
         .map(|v| {
-            (
-                v.meta.name.as_str().to_owned(),
-                v.used.load(std::sync::atomic::Ordering::Acquire),
-            )
+            let counts = [v.inodes.load(Acquire), v.max_inodes.load(Acquire)];
+            (v.meta.name.as_str(), counts)
         })
         .collect();
-    serde_json::to_string(&usage)
-        .ok()
-        .filter(|j| j.len() <= USAGE_MAX)
+    let fit = |j: serde_json::Result<String>| j.ok().filter(|j| j.len() <= USAGE_MAX);
+    (
+        fit(serde_json::to_string(&bytes)),
+        fit(serde_json::to_string(&inodes)),
+    )
 }
 
 async fn heartbeat(agent: Arc<Agent>, shutdown: CancellationToken) {
@@ -475,13 +482,14 @@ async fn heartbeat(agent: Arc<Agent>, shutdown: CancellationToken) {
             let (ex, cap) = (agent.exports.clone(), agent.capacity);
             tokio::task::spawn_blocking(move || (free_bytes(&ex, cap), usage_json(&ex)))
                 .await
-                .unwrap_or((0, None))
+                .unwrap_or((0, (None, None)))
         };
         // `null` removes the usage annotation from the Lease when it is too long.
         let annotations: BTreeMap<&str, Option<String>> = [
             (FREE_BYTES, Some(free.to_string())),
             (NFS_PORT, Some(agent.nfs_port.to_string())),
-            (USED_BYTES, usage),
+            (USED_BYTES, usage.0),
+            (USED_INODES, usage.1),
         ]
         .into();
         let body = json!({
