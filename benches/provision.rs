@@ -100,7 +100,8 @@ fn main() {
                 .collect(),
         })
         .collect();
-    let title = format!("Claims created at once on {nodes} nodes: how many are Bound, over time");
+    let title =
+        format!("Claims created 16 at a time on {nodes} nodes: how many are Bound, over time");
     match charts::step_lines(
         &svg,
         &title,
