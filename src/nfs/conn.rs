@@ -213,7 +213,8 @@ pub async fn serve(
                 rpc::read_record(&mut rd, first, &mut buf, MAX_RECORD, &mut charge),
             ) => r,
         };
-        // Latency is measured from here: waits for the budget and a thread count.
+        // A call's latency counts from here: waiting for the budget and for a thread is
+        // part of it.
         let received = Instant::now();
         match read {
             Ok(Ok(())) => charge.complete(),

@@ -76,23 +76,23 @@ impl Server {
         let shared = self.0;
         let limits = shared.limits;
         crate::server::serve(
-        "nfs",
-        listener,
-        limits.max_connections,
-        shutdown,
-        move |stream, peer, shutdown| {
-            let shared = shared.clone();
-            let allowed = allow.allows(peer.ip());
-            async move {
-                if !allowed {
-                    // Dropped before any byte is read.
-                    tracing::warn!(%peer, "refused connection from a client not on the allow-list");
-                    return;
+            "nfs",
+            listener,
+            limits.max_connections,
+            shutdown,
+            move |stream, peer, shutdown| {
+                let shared = shared.clone();
+                let allowed = allow.allows(peer.ip());
+                async move {
+                    if !allowed {
+                        // Dropped before any byte is read.
+                        tracing::warn!(%peer, "refused connection from a client not on the allow-list");
+                        return;
+                    }
+                    conn::serve(stream, peer, shared, shutdown).await;
                 }
-                conn::serve(stream, peer, shared, shutdown).await;
-            }
-        },
-    )
-    .await;
+            },
+        )
+        .await;
     }
 }
