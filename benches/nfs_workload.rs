@@ -6,11 +6,15 @@
 //! Run through `bench/nfs-vs-ganesha`, which starts `localnfs node --standalone` and
 //! NFS-Ganesha and passes them here:
 //! `cargo bench --bench nfs_workload -- --server NAME=HOST:NFSPORT:MOUNTPORT:/path[:PID]`.
+//! Besides the table it draws the rows as an SVG chart (`--svg PATH`, default
+//! `bench/nfs-vs-ganesha.svg`).
 //!
 //! "N in flight" means N client connections, each one call at a time (an `Nfs3Client`
 //! has one outstanding call), driven concurrently. Every call has a timeout and every
 //! row a count and time bound, so a stuck server fails a row instead of hanging.
 
+#[path = "charts.rs"]
+mod charts;
 #[path = "nfs_workload/client.rs"]
 mod client;
 #[path = "nfs_workload/report.rs"]
@@ -25,7 +29,7 @@ use std::time::{Duration, Instant};
 use nfs3_types::nfs3::{GETATTR3args, READ3args, REMOVE3args, RMDIR3args, nfs_fh3, writeverf3};
 
 use client::{Conn, commit, connect_nfs, create, dirop, list_dir, mkdir, mount, nfs, write};
-use report::{ROWS, Sample, print_table};
+use report::{ROWS, Sample, draw_chart, print_table};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -93,10 +97,15 @@ fn main() {
         }
     }
     print_table(&config, &results);
+    let svg = charts::svg_path("nfs-vs-ganesha.svg");
+    match draw_chart(&config, &results, &svg) {
+        Ok(()) => eprintln!("nfs_workload: chart written to {}", svg.display()),
+        Err(e) => eprintln!("nfs_workload: {e}"),
+    }
 }
 
 const USAGE: &str = "usage: nfs_workload --server NAME=HOST:NFSPORT:MOUNTPORT:/export[:PID] \
-[--server ...] [--reps N] [--file-mib N] [--files N] [--random-secs N]";
+[--server ...] [--reps N] [--file-mib N] [--files N] [--random-secs N] [--svg PATH]";
 
 /// One server under test.
 struct Target {
@@ -140,6 +149,10 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Config>, Stri
             "--reps" => {
                 let n = number("--reps", value("--reps")?)?;
                 config.reps = usize::try_from(n).map_err(|e| e.to_string())?;
+            }
+            // Read by `charts::svg_path`.
+            "--svg" => {
+                value("--svg")?;
             }
             "--file-mib" => config.file_bytes = number(&arg, value(&arg)?)? * MIB,
             "--files" => config.files = number(&arg, value(&arg)?)?,

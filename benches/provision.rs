@@ -4,7 +4,9 @@
 //!
 //! Run: `cargo bench --bench provision` (defaults: 100 and 500 claims, both modes,
 //! 5 nodes), or e.g. `cargo bench --bench provision -- --counts 5000 --modes immediate`
-//! for the 5,000-PV memory check. Needs scripts/k8s-binaries and etcd.
+//! for the 5,000-PV memory check. Needs scripts/k8s-binaries and etcd. Besides the
+//! table it draws each burst as claims Bound over time (`--svg PATH`, default
+//! `bench/provision-burst.svg`).
 //!
 //! `--failover` (issue 14 item 7): two controller replicas, each burst run twice, once
 //! undisturbed and once with the leader SIGKILLed when half the claims are Bound; the
@@ -13,6 +15,8 @@
 //! `--guard`: agents run as the install runs them (shipped RBAC, pod-bound tokens)
 //! behind the agents' write guard served by the scheduler helper, to see its cost.
 
+#[path = "charts.rs"]
+mod charts;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -54,6 +58,8 @@ struct Row {
     cpu: f64,
     rss_mib: f64,
     settled_mib: f64,
+    /// When each claim was Bound, seconds after the first was created, in order.
+    bound_after: Vec<f64>,
 }
 
 fn arg(name: &str) -> Option<String> {
@@ -134,11 +140,36 @@ fn main() {
         "| binding | claims | p50 s | p99 s | max s | controller CPU s | controller peak RSS MiB | RSS 20 s later MiB |"
     );
     println!("|---|--:|--:|--:|--:|--:|--:|--:|");
-    for r in rows {
+    for r in &rows {
         println!(
             "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} |",
             r.mode, r.count, r.p50, r.p99, r.max, r.cpu, r.rss_mib, r.settled_mib
         );
+    }
+    let svg = charts::svg_path("provision-burst.svg");
+    let series: Vec<charts::Steps> = rows
+        .iter()
+        .map(|r| charts::Steps {
+            name: format!("{}, {} claims (p50 {:.1} s)", r.mode, r.count, r.p50),
+            points: r
+                .bound_after
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (*t, (i + 1) as f64))
+                .collect(),
+        })
+        .collect();
+    let title =
+        format!("Claims created 16 at a time on {nodes} nodes: how many are Bound, over time");
+    match charts::step_lines(
+        &svg,
+        &title,
+        "seconds since the first claim was created",
+        "claims Bound",
+        &series,
+    ) {
+        Ok(()) => eprintln!("provision: chart written to {}", svg.display()),
+        Err(e) => eprintln!("provision: {e}"),
     }
 }
 
@@ -354,6 +385,12 @@ async fn run(s: &Scenario) -> Row {
         .map(|(name, t)| bound[name].saturating_duration_since(*t).as_secs_f64())
         .collect();
     lat.sort_by(f64::total_cmp);
+    let first = created_at.values().min().copied().expect("claims created");
+    let mut bound_after: Vec<f64> = created_at
+        .keys()
+        .map(|name| bound[name].saturating_duration_since(first).as_secs_f64())
+        .collect();
+    bound_after.sort_by(f64::total_cmp);
     Row {
         mode: if wffc {
             "WaitForFirstConsumer"
@@ -373,6 +410,7 @@ async fn run(s: &Scenario) -> Row {
         cpu,
         rss_mib,
         settled_mib,
+        bound_after,
     }
 }
 

@@ -1,6 +1,9 @@
 //! Prometheus metrics. Each component registers its own families in one shared
-//! [`Registry`]; the admin listener encodes it at `/metrics` in the OpenMetrics text
-//! format.
+//! [`Registry`] (the controller's in `provisioner::metrics`, the scheduler helper's in
+//! `scheduler::routes`; the node agent adds `nfs::NfsCollector`, which reads the NFS
+//! server's per-call counters and the volumes' usage at scrape time); the admin
+//! listener encodes it at `/metrics` in the OpenMetrics text format. Names and labels
+//! are listed in the README ("Metrics").
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;

@@ -1,7 +1,8 @@
 //! `localnfs status`: the volumes of each node as a table, from what the cluster
 //! already holds — our PersistentVolumes (node, directory, size, claim, phase) and the
-//! node agents' heartbeat Leases (alive, free bytes, bytes used per volume). Read-only;
-//! the table is built by a pure function.
+//! node agents' heartbeat Leases (alive, free bytes, bytes and objects used per volume).
+//! Use is drawn as a bar of the size (bytes) and of the object limit (inodes), so a
+//! volume about to fill stands out. Read-only; the table is built by a pure function.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -14,7 +15,8 @@ use kube::api::{Api, ListParams};
 use crate::cli::StatusArgs;
 use crate::error::{Error, Result};
 use crate::objects::agents::{AgentInfo, unix_now};
-use crate::objects::keys::{NODE_KEY, PROVISIONED_BY, SIZE, USED_BYTES, VOLUME_KEY};
+use crate::objects::class::quantity_bytes;
+use crate::objects::keys::{NODE_KEY, PROVISIONED_BY, SIZE, USED_BYTES, USED_INODES, VOLUME_KEY};
 
 /// Prints the table for the cluster in the kubeconfig.
 pub async fn run(args: StatusArgs) -> Result<()> {
@@ -60,12 +62,39 @@ pub fn human(bytes: u64) -> String {
     }
 }
 
+/// Width of a usage bar, between its brackets.
+const BAR: usize = 10;
+
+/// `used` of `total` as a bar and a percentage: `[###.......]  30%`. Past the total
+/// the bar is full and the percentage says by how much; a use too small for 1 % reads
+/// `<1%`, so it is not mistaken for an empty volume.
+pub fn bar(used: u64, total: u64) -> String {
+    let frac = if total == 0 {
+        1.0
+    } else {
+        used as f64 / total as f64
+    };
+    let filled = ((frac * BAR as f64).round() as usize).min(BAR);
+    let pct = match (frac * 100.0).round() as u64 {
+        0 if used > 0 => "<1%".to_owned(),
+        p => format!("{p}%"),
+    };
+    format!(
+        "[{}{}] {pct:>4}",
+        "#".repeat(filled),
+        ".".repeat(BAR - filled)
+    )
+}
+
 struct Row {
     node: String,
     claim: String,
     volume: String,
     size: String,
+    /// Bar, percentage and bytes used; `-` when unknown.
     used: String,
+    /// Bar, percentage and objects used of the limit; `-` when unknown.
+    inodes: String,
     phase: String,
 }
 
@@ -74,12 +103,19 @@ struct Row {
 pub fn table(pvs: &[PersistentVolume], leases: &[Lease], provisioner: &str, now: i64) -> String {
     let mut agents = BTreeMap::new();
     let mut usage: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    let mut objects: BTreeMap<String, BTreeMap<String, [u64; 2]>> = BTreeMap::new();
     for lease in leases {
         if let Some((node, info)) = AgentInfo::from_lease(lease) {
-            let used = crate::kubeclient::annotation(lease, USED_BYTES)
+            let ann = lease.metadata.annotations.as_ref();
+            let json = |key: &str| ann.and_then(|a| a.get(key)).map(String::as_str);
+            let used = json(USED_BYTES)
+                .and_then(|j| serde_json::from_str(j).ok())
+                .unwrap_or_default();
+            let inodes = json(USED_INODES)
                 .and_then(|j| serde_json::from_str(j).ok())
                 .unwrap_or_default();
             usage.insert(node.clone(), used);
+            objects.insert(node.clone(), inodes);
             agents.insert(node, info);
         }
     }
@@ -93,13 +129,17 @@ pub fn table(pvs: &[PersistentVolume], leases: &[Lease], provisioner: &str, now:
             let node = ann.get(NODE_KEY).cloned().unwrap_or_default();
             let volume = ann.get(VOLUME_KEY).cloned().unwrap_or_default();
             let spec = pv.spec.as_ref();
-            let size = match ann.get(SIZE).and_then(|s| s.parse().ok()) {
+            let capacity = spec
+                .and_then(|s| s.capacity.as_ref())
+                .and_then(|c| c.get("storage"))
+                .map(|q| q.0.clone());
+            let size_bytes = ann
+                .get(SIZE)
+                .and_then(|s| s.parse().ok())
+                .or_else(|| capacity.as_deref().and_then(|q| quantity_bytes(q).ok()));
+            let size = match size_bytes {
                 Some(bytes) => human(bytes),
-                None => spec
-                    .and_then(|s| s.capacity.as_ref())
-                    .and_then(|c| c.get("storage"))
-                    .map(|q| q.0.clone())
-                    .unwrap_or_default(),
+                None => capacity.unwrap_or_default(),
             };
             let claim = spec
                 .and_then(|s| s.claim_ref.as_ref())
@@ -111,10 +151,15 @@ pub fn table(pvs: &[PersistentVolume], leases: &[Lease], provisioner: &str, now:
                     )
                 })
                 .unwrap_or_else(|| "-".into());
-            let used = usage
-                .get(&node)
-                .and_then(|u| u.get(&volume))
-                .map_or_else(|| "-".into(), |b| human(*b));
+            let used = match (usage.get(&node).and_then(|u| u.get(&volume)), size_bytes) {
+                (Some(b), Some(size)) => format!("{} {:>9}", bar(*b, size), human(*b)),
+                (Some(b), None) => human(*b),
+                (None, _) => "-".into(),
+            };
+            let inodes = objects.get(&node).and_then(|o| o.get(&volume)).map_or_else(
+                || "-".into(),
+                |[n, max]| format!("{} {n}/{max}", bar(*n, *max)),
+            );
             let phase = pv
                 .status
                 .as_ref()
@@ -131,6 +176,7 @@ pub fn table(pvs: &[PersistentVolume], leases: &[Lease], provisioner: &str, now:
                 volume,
                 size,
                 used,
+                inodes,
                 phase,
             })
         })
@@ -168,21 +214,23 @@ pub fn table(pvs: &[PersistentVolume], leases: &[Lease], provisioner: &str, now:
             .unwrap_or(0)
             .max(title.len())
     };
-    let (wn, wc, wv) = (
+    let (wn, wc, wv, wu, wi) = (
         w(|r| &r.node, "NODE"),
         w(|r| &r.claim, "CLAIM"),
         w(|r| &r.volume, "VOLUME"),
+        w(|r| &r.used, "USED"),
+        w(|r| &r.inodes, "INODES"),
     );
     let _ = writeln!(
         out,
-        "\n{:<wn$} {:<wc$} {:<wv$} {:>10} {:>10} PHASE",
-        "NODE", "CLAIM", "VOLUME", "SIZE", "USED"
+        "\n{:<wn$} {:<wc$} {:<wv$} {:>10} {:<wu$} {:<wi$} PHASE",
+        "NODE", "CLAIM", "VOLUME", "SIZE", "USED", "INODES"
     );
     for r in &rows {
         let _ = writeln!(
             out,
-            "{:<wn$} {:<wc$} {:<wv$} {:>10} {:>10} {}",
-            r.node, r.claim, r.volume, r.size, r.used, r.phase
+            "{:<wn$} {:<wc$} {:<wv$} {:>10} {:<wu$} {:<wi$} {}",
+            r.node, r.claim, r.volume, r.size, r.used, r.inodes, r.phase
         );
     }
     out
@@ -206,9 +254,19 @@ mod tests {
     }
 
     fn lease(node: &str, renewed: &str, used: serde_json::Value) -> Lease {
+        lease_with(node, renewed, used, json!({}))
+    }
+
+    fn lease_with(
+        node: &str,
+        renewed: &str,
+        used: serde_json::Value,
+        inodes: serde_json::Value,
+    ) -> Lease {
         serde_json::from_value(json!({
             "metadata": {"name": format!("localnfs-node-{node}"), "annotations": {
-                FREE_BYTES: "5368709120", USED_BYTES: used.to_string()}},
+                FREE_BYTES: "5368709120", USED_BYTES: used.to_string(),
+                USED_INODES: inodes.to_string()}},
             "spec": {"renewTime": renewed, "leaseDurationSeconds": 30},
         }))
         .expect("lease")
@@ -244,7 +302,7 @@ mod tests {
             .iter()
             .find(|l| l.contains("pvc-a"))
             .expect("pvc-a row");
-        for want in ["db/data-db-0", "1.0 GiB", "4.0 KiB", "Released"] {
+        for want in ["db/data-db-0", "1.0 GiB", " 4.0 KiB ", "Released"] {
             assert!(a.contains(want), "{a}");
         }
         let b = lines
@@ -273,6 +331,70 @@ mod tests {
             .insert(PROVISIONED_BY.into(), "nfs.csi.k8s.io".into());
         let out = table(&[other], &[], "localnfs.io/nfs", 0);
         assert!(out.contains("no localnfs volumes"), "{out}");
+    }
+
+    #[test]
+    fn use_is_drawn_as_bars_of_the_size_and_of_the_object_limit() {
+        let pvs = [
+            pv("pvc-a", "n1", "data-db-0", "Bound"),
+            pv("pvc-b", "n1", "data-db-1", "Bound"),
+            pv("pvc-c", "n1", "data-db-2", "Bound"),
+        ];
+        let renewed = "2026-01-01T00:00:00.000000Z";
+        let leases = [lease_with(
+            "n1",
+            renewed,
+            json!({"pvc-a": 805_306_368u64, "pvc-b": 4096, "pvc-c": 0}),
+            json!({"pvc-a": [262_144, 262_144], "pvc-b": [3, 262_144]}),
+        )];
+        let out = table(&pvs, &leases, "localnfs.io/nfs", 1_767_225_610);
+        let row = |v: &str| {
+            out.lines()
+                .find(|l| l.contains(v))
+                .unwrap_or_else(|| panic!("no {v} row:\n{out}"))
+        };
+        let (a, b, c) = (row("pvc-a"), row("pvc-b"), row("pvc-c"));
+        assert!(
+            a.contains("[########..]  75% 768.0 MiB")
+                && a.contains("[##########] 100% 262144/262144"),
+            "{out}"
+        );
+        assert!(
+            b.contains("[..........]  <1%   4.0 KiB") && b.contains("[..........]  <1% 3/262144"),
+            "a little use is not shown as none:\n{out}"
+        );
+        assert!(
+            c.contains("[..........]   0%       0 B") && c.contains(" - "),
+            "objects unknown (an older agent) read -:\n{out}"
+        );
+        // One column per field: every row's bars start where the header says.
+        let header = out
+            .lines()
+            .find(|l| l.starts_with("NODE") && l.contains("INODES"))
+            .expect("volume header");
+        for r in [a, b, c] {
+            assert_eq!(r.find('['), header.find("USED"), "{out}");
+        }
+        let inodes_col = header.find("INODES").expect("INODES");
+        for r in [a, b] {
+            assert_eq!(r[inodes_col..].chars().next(), Some('['), "{out}");
+        }
+        assert_eq!(c[inodes_col..].chars().next(), Some('-'), "{out}");
+        assert!(header.trim_end().ends_with("PHASE") && a.ends_with("Bound"));
+    }
+
+    #[test]
+    fn bars_round_to_the_nearest_tenth_and_stay_inside_their_brackets() {
+        assert_eq!(bar(0, 100), "[..........]   0%");
+        assert_eq!(bar(1, 1000), "[..........]  <1%");
+        assert_eq!(bar(49, 100), "[#####.....]  49%");
+        assert_eq!(bar(100, 100), "[##########] 100%");
+        assert_eq!(
+            bar(130, 100),
+            "[##########] 130%",
+            "over the limit says by how much"
+        );
+        assert_eq!(bar(5, 0), "[##########] 100%");
     }
 
     #[test]

@@ -1,8 +1,11 @@
 //! The result table: one markdown row per (workload row, server), median/min/max over
-//! the repetitions that succeeded, failures named in the row, and server CPU time.
+//! the repetitions that succeeded, failures named in the row, and server CPU time; and
+//! the same medians and ranges as a chart.
 
+use std::path::Path;
 use std::time::Duration;
 
+use super::charts::{Bar, Panel, bar_panels};
 use super::{Config, MIB, ticks_per_second};
 
 /// What a row reports per repetition.
@@ -55,6 +58,56 @@ pub const ROWS: [RowSpec; 8] = [
     },
 ];
 
+/// The values of the repetitions of one row that succeeded, sorted.
+fn sorted_values(samples: &[Result<Sample, String>]) -> Vec<f64> {
+    let mut values: Vec<f64> = samples
+        .iter()
+        .filter_map(|s| s.as_ref().ok().map(|s| s.value))
+        .collect();
+    values.sort_by(f64::total_cmp);
+    values
+}
+
+/// One panel per row, one bar per server: median, min–max.
+pub fn draw_chart(
+    config: &Config,
+    results: &[Vec<Vec<Result<Sample, String>>>],
+    path: &Path,
+) -> Result<(), String> {
+    let panels: Vec<Panel> = ROWS
+        .iter()
+        .enumerate()
+        .map(|(r, spec)| Panel {
+            title: spec.label.to_owned(),
+            unit: spec.unit.to_owned(),
+            lower_is_better: spec.unit == "s",
+            bars: config
+                .servers
+                .iter()
+                .zip(results)
+                .map(|(target, rows)| {
+                    let values = sorted_values(&rows[r]);
+                    let median = values.get(values.len() / 2).copied();
+                    Bar {
+                        name: target.name.clone(),
+                        median,
+                        min: values.first().copied().unwrap_or(0.0),
+                        max: values.last().copied().unwrap_or(0.0),
+                        label: median.map_or_else(String::new, number),
+                    }
+                })
+                .collect(),
+        })
+        .collect();
+    let names: Vec<&str> = config.servers.iter().map(|t| t.name.as_str()).collect();
+    let title = format!(
+        "NFSv3, same client and run: {} (median of {}, whisker min–max)",
+        names.join(" vs "),
+        config.reps
+    );
+    bar_panels(path, &title, &panels)
+}
+
 pub fn print_table(config: &Config, results: &[Vec<Vec<Result<Sample, String>>>]) {
     println!(
         "\nNFSv3 over TCP, same client and run; {} repetitions (median, min, max); \
@@ -83,8 +136,7 @@ pub fn print_table(config: &Config, results: &[Vec<Vec<Result<Sample, String>>>]
                     samples.len()
                 );
             }
-            let mut values: Vec<f64> = ok.iter().map(|s| s.value).collect();
-            values.sort_by(f64::total_cmp);
+            let values = sorted_values(samples);
             let cell = |v: Option<&f64>| v.map_or("–".to_owned(), |v| number(*v));
             let cpu: Vec<(Duration, u64)> = ok
                 .iter()

@@ -239,13 +239,17 @@ async fn reconcile_claim(pvc: Arc<PersistentVolumeClaim>, agent: Arc<Agent>) -> 
         }
         return Ok(Action::await_change());
     }
-    if ann(pvc.as_ref(), READY).is_some() {
+    if let Some(ready) = ann(pvc.as_ref(), READY) {
+        if let Ok(volume) = VolumeName::new(ready) {
+            agent.exports.label_claim(&volume, &ns, &name);
+        }
         return Ok(Action::await_change());
     }
     let spec = request.clone();
     match agent.store_op(move |s| s.create(&spec)).await {
         Ok(meta) => {
             tracing::info!(volume = %meta.name, size = meta.size_bytes, "created volume");
+            agent.exports.label_claim(&meta.name, &ns, &name);
             answer(&agent, &claims, &name, READY, meta.name.to_string()).await?;
         }
         Err(
@@ -439,24 +443,31 @@ fn free_bytes(exports: &Exports, capacity: Option<u64>) -> u64 {
     }
 }
 
-/// Largest [`USED_BYTES`] annotation we write (annotations share a 256 KiB budget).
+/// Largest [`USED_BYTES`] or [`USED_INODES`] annotation we write (annotations share a
+/// 256 KiB budget).
 const USAGE_MAX: usize = 64 << 10;
 
-/// Each volume's used bytes as the [`USED_BYTES`] JSON, or `None` when too long.
-fn usage_json(exports: &Exports) -> Option<String> {
-    let usage: BTreeMap<String, u64> = exports
-        .all()
+/// Each volume's used bytes as the [`USED_BYTES`] JSON and its objects as the
+/// [`USED_INODES`] JSON; each `None` when too long.
+fn usage_json(exports: &Exports) -> (Option<String>, Option<String>) {
+    use std::sync::atomic::Ordering::Acquire;
+    let volumes = exports.all();
+    let bytes: BTreeMap<&str, u64> = volumes
+        .iter()
+        .map(|v| (v.meta.name.as_str(), v.used.load(Acquire)))
+        .collect();
+    let inodes: BTreeMap<&str, [u64; 2]> = volumes
         .iter()
         .map(|v| {
-            (
-                v.meta.name.as_str().to_owned(),
-                v.used.load(std::sync::atomic::Ordering::Acquire),
-            )
+            let counts = [v.inodes.load(Acquire), v.max_inodes.load(Acquire)];
+            (v.meta.name.as_str(), counts)
         })
         .collect();
-    serde_json::to_string(&usage)
-        .ok()
-        .filter(|j| j.len() <= USAGE_MAX)
+    let fit = |j: serde_json::Result<String>| j.ok().filter(|j| j.len() <= USAGE_MAX);
+    (
+        fit(serde_json::to_string(&bytes)),
+        fit(serde_json::to_string(&inodes)),
+    )
 }
 
 async fn heartbeat(agent: Arc<Agent>, shutdown: CancellationToken) {
@@ -466,13 +477,14 @@ async fn heartbeat(agent: Arc<Agent>, shutdown: CancellationToken) {
             let (ex, cap) = (agent.exports.clone(), agent.capacity);
             tokio::task::spawn_blocking(move || (free_bytes(&ex, cap), usage_json(&ex)))
                 .await
-                .unwrap_or((0, None))
+                .unwrap_or((0, (None, None)))
         };
         let beat = Heartbeat {
             node: &agent.node,
             free_bytes,
             nfs_port: agent.nfs_port,
-            usage,
+            usage: usage.0,
+            inodes: usage.1,
         };
         if let Err(e) = agents::renew(&leases, &beat).await {
             tracing::warn!(error = %e, "cannot renew the node heartbeat lease");

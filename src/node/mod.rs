@@ -1,6 +1,9 @@
 //! `localnfs node`: the node agent. Serves every volume under its root over NFSv3 +
 //! MOUNT on one port, re-reads the volume store every second (new volumes, deletions,
-//! new size limits take effect without a remount), and exposes the admin endpoints.
+//! new size limits take effect without a remount), and exposes the admin endpoints
+//! (`/metrics`: per-procedure and per-volume NFS counts, see `nfs::NfsCollector`). It
+//! prints `nfs listening on ADDR` and `admin listening on ADDR` on stdout, for scripts
+//! and tests that asked for port 0.
 //!
 //! Standalone mode (`--standalone`) needs no cluster: volumes are managed with
 //! `localnfs volume`; per-volume grants come from `<root>/access.json`. In cluster mode
@@ -64,12 +67,10 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     }
     let listener = crate::server::bind("NFS", args.listen).await?;
     let nfs_addr = listener.local_addr().unwrap_or(args.listen);
-    let admin = admin::start(
-        args.admin.admin_addr,
-        crate::metrics::registry("node"),
-        &shutdown,
-    )
-    .await?;
+    let server = nfs::Server::new(exports.clone(), args.nfs_limits());
+    let mut registry = crate::metrics::registry("node");
+    registry.register_collector(Box::new(server.collector()));
+    let admin = admin::start(args.admin.admin_addr, registry, &shutdown).await?;
     let (admin_addr, readiness) = (admin.addr, admin.readiness.clone());
     let refresher = {
         let (exports, shutdown) = (exports.clone(), shutdown.clone());
@@ -109,8 +110,10 @@ pub async fn run(args: NodeArgs) -> Result<()> {
         allow = %args.allow.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
         "node agent serving"
     );
-    // A machine-readable line for scripts and tests that asked for port 0.
-    println!("nfs listening on {nfs_addr}");
+    // Machine-readable lines for scripts and tests that asked for port 0, in one write
+    // (a reader that takes the first line and closes the pipe must not fail the second).
+    let banner = format!("nfs listening on {nfs_addr}\nadmin listening on {admin_addr}\n");
+    print!("{banner}");
     let agent = cluster.map(|(client, node)| {
         let cfg = cluster::ClusterConfig {
             client,
@@ -136,14 +139,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
         }
     }
     readiness.set(true);
-    nfs::serve(
-        listener,
-        exports,
-        allow,
-        args.nfs_limits(),
-        shutdown.clone(),
-    )
-    .await;
+    server.serve(listener, allow, shutdown.clone()).await;
     readiness.set(false);
     if let Some(agent) = agent {
         let _ = agent.await;

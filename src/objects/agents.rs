@@ -15,7 +15,7 @@ use serde_json::json;
 use tokio::sync::watch as signal;
 use tokio_util::sync::CancellationToken;
 
-use super::keys::{FREE_BYTES, NFS_PORT, NODE_KEY, NODE_LEASE_PREFIX, USED_BYTES};
+use super::keys::{FREE_BYTES, NFS_PORT, NODE_KEY, NODE_LEASE_PREFIX, USED_BYTES, USED_INODES};
 use crate::kubeclient::{Mirror, Shared, mirror};
 
 /// Seconds a heartbeat stays valid after its renewal.
@@ -84,6 +84,9 @@ pub struct Heartbeat<'a> {
     /// Each volume's used bytes as JSON (volume name → bytes); `None` removes the
     /// annotation (a node with too many volumes for one annotation).
     pub usage: Option<String>,
+    /// Each volume's objects and object limit as JSON (volume name → `[used, limit]`);
+    /// `None` removes the annotation, as for `usage`.
+    pub inodes: Option<String>,
 }
 
 /// Renews `hb.node`'s heartbeat Lease in `leases`' namespace, creating it the first time.
@@ -94,6 +97,7 @@ pub async fn renew(leases: &Api<Lease>, hb: &Heartbeat<'_>) -> Result<(), kube::
         (FREE_BYTES, Some(hb.free_bytes.to_string())),
         (NFS_PORT, Some(hb.nfs_port.to_string())),
         (USED_BYTES, hb.usage.clone()),
+        (USED_INODES, hb.inodes.clone()),
     ]
     .into();
     let body = json!({

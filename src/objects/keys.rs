@@ -40,6 +40,10 @@ pub const FREE_BYTES: &str = "localnfs.io/free-bytes";
 /// (volume name → bytes), for `localnfs status`. Left out on a node with so many volumes
 /// that it would not fit comfortably in an annotation.
 pub const USED_BYTES: &str = "localnfs.io/used-bytes";
+/// Node Lease annotation: objects in each of the node's volumes and how many each may
+/// hold, as a JSON object (volume name → `[used, limit]`), for `localnfs status`. Left
+/// out like [`USED_BYTES`].
+pub const USED_INODES: &str = "localnfs.io/used-inodes";
 /// Node Lease annotation: the agent's NFS port.
 pub const NFS_PORT: &str = "localnfs.io/nfs-port";
 

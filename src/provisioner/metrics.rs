@@ -15,6 +15,7 @@ pub struct ControllerMetrics {
     pub deleted: Counter,
     pub reconcile_errors: Counter,
     pub leader: Gauge,
+    pub queue_depth: Family<Vec<(String, String)>, Gauge>,
 }
 
 impl ControllerMetrics {
@@ -26,6 +27,7 @@ impl ControllerMetrics {
             deleted: Counter::default(),
             reconcile_errors: Counter::default(),
             leader: Gauge::default(),
+            queue_depth: Family::default(),
         };
         registry.register(
             "provisioned",
@@ -57,7 +59,19 @@ impl ControllerMetrics {
             "1 while this controller is the leader",
             m.leader.clone(),
         );
+        registry.register(
+            "queue_depth",
+            "Keys waiting in the leader's work queues (claims, pvs), not yet being reconciled",
+            m.queue_depth.clone(),
+        );
         m
+    }
+
+    /// The depth gauge of work queue `queue`.
+    pub fn queue(&self, queue: &str) -> Gauge {
+        self.queue_depth
+            .get_or_create(&vec![("queue".to_owned(), queue.to_owned())])
+            .clone()
     }
 
     pub fn failed(&self, reason: &str) {

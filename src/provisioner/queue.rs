@@ -11,6 +11,7 @@ use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::Notify;
 
 /// What a reconcile asks for next.
@@ -25,6 +26,8 @@ pub enum Next {
 pub struct WorkQueue<K> {
     state: Mutex<State<K>>,
     ready: Notify,
+    /// Keys waiting, for the metrics; set under the state lock.
+    depth: Gauge,
 }
 
 struct State<K> {
@@ -38,6 +41,12 @@ struct State<K> {
 
 impl<K: Clone + Eq + Hash + Send + Sync + 'static> WorkQueue<K> {
     pub fn new() -> Arc<Self> {
+        Self::with_depth(Gauge::default())
+    }
+
+    /// A queue that keeps `depth` equal to the number of keys waiting.
+    pub fn with_depth(depth: Gauge) -> Arc<Self> {
+        depth.set(0);
         Arc::new(WorkQueue {
             state: Mutex::new(State {
                 order: VecDeque::new(),
@@ -47,6 +56,7 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> WorkQueue<K> {
                 closed: false,
             }),
             ready: Notify::new(),
+            depth,
         })
     }
 
@@ -64,6 +74,7 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> WorkQueue<K> {
             s.again.insert(key);
         } else if s.queued.insert(key.clone()) {
             s.order.push_back(key);
+            self.depth.set(s.order.len() as i64);
             drop(s);
             self.ready.notify_one();
         }
@@ -94,6 +105,7 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> WorkQueue<K> {
                     return None;
                 }
                 if let Some(key) = s.order.pop_front() {
+                    self.depth.set(s.order.len() as i64);
                     s.queued.remove(&key);
                     s.running.insert(key.clone());
                     if !s.order.is_empty() {
@@ -119,7 +131,11 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> WorkQueue<K> {
 
     /// Stops handing out keys; workers waiting in [`WorkQueue::next`] get `None`.
     pub fn close(&self) {
-        self.lock().closed = true;
+        let mut s = self.lock();
+        s.closed = true;
+        // Nothing waiting will run here any more.
+        self.depth.set(0);
+        drop(s);
         self.ready.notify_waiters();
     }
 
@@ -165,7 +181,9 @@ mod tests {
             q.add(k);
         }
         assert_eq!(q.len(), 3);
+        assert_eq!(q.depth.get(), 3);
         assert_eq!(q.next().await, Some("a"));
+        assert_eq!(q.depth.get(), 2);
         assert_eq!(q.next().await, Some("b"));
         assert_eq!(q.next().await, Some("c"));
     }

@@ -180,8 +180,8 @@ const PUBLISH_WORKERS: usize = 8;
 /// Runs the reconcilers until `stop` fires: watches queue the keys of claims and PVs
 /// that changed, workers reconcile them (see `queue`, `triggers`, `pods`).
 async fn controllers(ctx: Arc<Ctx>, stop: CancellationToken) {
-    let claims = WorkQueue::new();
-    let pvs = WorkQueue::new();
+    let claims = WorkQueue::with_depth(ctx.metrics.queue("claims"));
+    let pvs = WorkQueue::with_depth(ctx.metrics.queue("pvs"));
     let publish = WorkQueue::new();
     // Fresh each term: what an earlier term saw may be stale.
     let usage = Arc::new(Usage::new(stop.clone()));

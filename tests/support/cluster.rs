@@ -41,6 +41,8 @@ pub struct Localnfs {
     pub agent_kubeconfigs: BTreeMap<String, PathBuf>,
     pub controllers: Vec<Child>,
     pub scheduler: Option<Child>,
+    /// Admin listeners (`/metrics`): `agent/<node>`, `controller/<index>`, `scheduler`.
+    pub admin: BTreeMap<String, SocketAddr>,
 }
 
 /// A free TCP port on 127.0.0.1 (for listeners whose address must be known before the
@@ -61,7 +63,17 @@ pub async fn wait_for_heartbeat(client: &Client, node: &str) {
     .await;
 }
 
-fn spawn(args: &[&str], kubeconfig: &Path, log: &Path) -> Child {
+/// Starts `localnfs ARGS` with its admin listener on a free port, recorded in `admin`
+/// under `who`.
+fn spawn(
+    args: &[&str],
+    kubeconfig: &Path,
+    log: &Path,
+    admin: &mut BTreeMap<String, SocketAddr>,
+    who: String,
+) -> Child {
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    admin.insert(who, addr);
     let out = std::fs::File::options()
         .create(true)
         .append(true)
@@ -71,7 +83,7 @@ fn spawn(args: &[&str], kubeconfig: &Path, log: &Path) -> Child {
         .args(args)
         .arg("--kubeconfig")
         .arg(kubeconfig)
-        .args(["--namespace", NAMESPACE, "--admin-addr", "127.0.0.1:0"])
+        .args(["--namespace", NAMESPACE, "--admin-addr", &addr.to_string()])
         .env("LOCALNFS_LOG", "info,kube=warn")
         .stdout(Stdio::null())
         .stderr(out)
@@ -96,6 +108,7 @@ impl Localnfs {
             agent_kubeconfigs: BTreeMap::new(),
             controllers: Vec::new(),
             scheduler: None,
+            admin: BTreeMap::new(),
         }
     }
 
@@ -154,7 +167,8 @@ impl Localnfs {
         ];
         args.extend_from_slice(extra);
         let kubeconfig = self.agent_kubeconfigs.get(node).unwrap_or(&self.kubeconfig);
-        let child = spawn(&args, kubeconfig, &log);
+        let who = format!("agent/{node}");
+        let child = spawn(&args, kubeconfig, &log, &mut self.admin, who);
         self.agents.insert(node.to_owned(), child);
     }
 
@@ -189,7 +203,9 @@ impl Localnfs {
             .join(format!("controller-{}.log", self.controllers.len()));
         let mut args = vec!["controller"];
         args.extend_from_slice(extra);
-        self.controllers.push(spawn(&args, &self.kubeconfig, &log));
+        let who = format!("controller/{}", self.controllers.len());
+        let child = spawn(&args, &self.kubeconfig, &log, &mut self.admin, who);
+        self.controllers.push(child);
         self.controllers.len() - 1
     }
 
@@ -276,7 +292,14 @@ impl Localnfs {
             "--tls-san",
             "127.0.0.1",
         ];
-        self.scheduler = Some(spawn(&args, &self.kubeconfig, &log));
+        let child = spawn(
+            &args,
+            &self.kubeconfig,
+            &log,
+            &mut self.admin,
+            "scheduler".into(),
+        );
+        self.scheduler = Some(child);
     }
 
     pub async fn stop_scheduler(&mut self) {

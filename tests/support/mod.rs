@@ -106,3 +106,63 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or(0);
     (status, body.to_owned())
 }
+
+/// The Prometheus text of the admin listener at `addr`.
+pub async fn scrape(addr: std::net::SocketAddr) -> Metrics {
+    let (status, body) = http_get(addr, "/metrics").await;
+    assert_eq!(status, 200, "GET /metrics: {body}");
+    Metrics(body)
+}
+
+/// One scrape, read the way a Prometheus query would.
+pub struct Metrics(pub String);
+
+impl Metrics {
+    /// The sample `name` whose labels include all of `labels` (summed if several
+    /// match); 0 if none does, as a series not yet created counts nothing.
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.samples(name, labels).map(|(_, v)| v).sum()
+    }
+
+    /// Whether any sample `name` has all of `labels`.
+    pub fn has(&self, name: &str, labels: &[(&str, &str)]) -> bool {
+        self.samples(name, labels).next().is_some()
+    }
+
+    /// (labels, value) of the samples `name` that have all of `labels`.
+    pub fn samples<'a>(
+        &'a self,
+        name: &'a str,
+        labels: &'a [(&'a str, &'a str)],
+    ) -> impl Iterator<Item = (Vec<(String, String)>, f64)> + 'a {
+        self.0.lines().filter_map(move |line| {
+            if line.starts_with('#') {
+                return None;
+            }
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, "}"));
+            if metric != name {
+                return None;
+            }
+            let have = parse_labels(rest.strip_suffix('}')?);
+            let all = labels
+                .iter()
+                .all(|(k, v)| have.iter().any(|(hk, hv)| hk == k && hv == v));
+            let value = match value {
+                "+Inf" => f64::INFINITY,
+                v => v.parse().ok()?,
+            };
+            all.then_some((have, value))
+        })
+    }
+}
+
+/// `a="x",b="y"` (values without escapes, as ours are).
+fn parse_labels(s: &str) -> Vec<(String, String)> {
+    s.split("\",")
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once("=\"")?;
+            Some((k.to_owned(), v.trim_end_matches('"').to_owned()))
+        })
+        .collect()
+}

@@ -25,6 +25,8 @@ pub struct Node {
     /// Where it serves NFS and MOUNT.
     pub addr: SocketAddr,
     pub port: u16,
+    /// Where it serves `/metrics`, `/healthz`, `/readyz`.
+    pub admin: SocketAddr,
     pub root: PathBuf,
     extra: Vec<String>,
     env: Vec<(String, String)>,
@@ -104,10 +106,20 @@ impl Node {
             .expect("address line")
             .parse()
             .expect("socket address");
+        let admin: SocketAddr = lines
+            .next_line()
+            .await
+            .expect("read stdout")
+            .as_deref()
+            .and_then(|l| l.strip_prefix("admin listening on "))
+            .expect("admin address line")
+            .parse()
+            .expect("socket address");
         Node {
             child,
             addr,
             port: addr.port(),
+            admin,
             root: root.to_owned(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             env: env

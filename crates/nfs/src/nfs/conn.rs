@@ -40,6 +40,7 @@ use super::ops::{self, Ctx, MAX_IO, ReadHow};
 use super::rpc::{self, AcceptStat, AuthStat, MAX_RECORD, Reject};
 use super::splice::{self, Piped};
 use super::state::Exports;
+use super::stats;
 use super::xdr::{Garbage, XdrIn};
 
 pub const MAX_IN_FLIGHT: usize = 64;
@@ -212,6 +213,9 @@ pub async fn serve(
                 rpc::read_record(&mut rd, first, &mut buf, MAX_RECORD, &mut charge),
             ) => r,
         };
+        // A call's latency counts from here: waiting for the budget and for a thread is
+        // part of it.
+        let received = Instant::now();
         match read {
             Ok(Ok(())) => charge.complete(),
             Ok(Err(e)) => {
@@ -241,11 +245,21 @@ pub async fn serve(
         // need no disk (handing them to the blocking pool, a thread wake-up each, would
         // cost more than running them; never spliced here: the reply is all in `head`).
         let here = if !secure {
-            Some(insecure_reply(&record))
+            let reply = insecure_reply(&record);
+            if let Some(r) = &reply {
+                count(&shared.exports, stats::slot_of_record(&record), r, received);
+            }
+            Some(reply)
         } else if try_inline(&record) {
-            respond(&shared.exports, client, &record, Runner::AsyncTask)
-                .ok()
-                .map(|reply| reply.map(|r| r.head))
+            respond(
+                &shared.exports,
+                client,
+                &record,
+                Runner::AsyncTask,
+                received,
+            )
+            .ok()
+            .map(|reply| reply.map(|r| r.head))
         } else {
             None
         };
@@ -264,7 +278,7 @@ pub async fn serve(
         }
         let (sh, out, tx) = (shared.clone(), out.clone(), tx.clone());
         tokio::task::spawn_blocking(move || {
-            let reply = respond(&sh.exports, client, &record, Runner::BlockingPool);
+            let reply = respond(&sh.exports, client, &record, Runner::BlockingPool, received);
             sh.buffers.give(record);
             if let Ok(Some(reply)) = reply {
                 out.send_or_hand_off(reply, &tx, (slot, charge));
@@ -495,24 +509,38 @@ struct WouldBlock;
 /// Decodes one record, runs the call, and returns the framed reply (None when the
 /// record is not a call and RFC 5531 says nothing is sent back).
 pub fn dispatch(ex: &Exports, client: IpAddr, record: &[u8]) -> Option<Vec<u8>> {
-    respond(ex, client, record, Runner::Plain)
+    respond(ex, client, record, Runner::Plain, Instant::now())
         .ok()
         .flatten()
         .map(|r| r.head)
 }
 
-/// [`dispatch`] for `runner`.
+/// Counts a call answered with `reply` that touched no volume.
+fn count(ex: &Exports, slot: usize, reply: &[u8], received: Instant) {
+    ex.stats.record(&stats::Call {
+        slot,
+        status: stats::outcome(slot, reply),
+        took: received.elapsed(),
+        volume: None,
+        bytes: 0,
+    });
+}
+
+/// [`dispatch`] for `runner`; the call counts in the metrics as taking from `received`
+/// until its reply is ready.
 fn respond(
     ex: &Exports,
     client: IpAddr,
     record: &[u8],
     runner: Runner,
+    received: Instant,
 ) -> Result<Option<Reply>, WouldBlock> {
     let call = match rpc::parse_call(record) {
         Ok(c) => c,
         Err(Reject::Ignore) => return Ok(None),
         Err(Reject::Reply(mut r)) => {
             rpc::finish_record(&mut r, 0);
+            count(ex, stats::slot_of_record(record), &r, received);
             return Ok(Some(Reply {
                 head: r,
                 data: None,
@@ -525,6 +553,8 @@ fn respond(
         ex,
         client,
         cred: &call.cred,
+        volume: Cell::new(None),
+        bytes: Cell::new(0),
     };
     let mut args = call.args;
     let mut spliced = None;
@@ -595,6 +625,15 @@ fn respond(
     }
     let trailing = spliced.as_ref().map_or(0, |d| d.len() + d.pad().len());
     rpc::finish_record(&mut out, trailing);
+    let slot = stats::slot(call.prog, call.vers, call.procedure);
+    let volume = ctx.volume.take();
+    ex.stats.record(&stats::Call {
+        slot,
+        status: stats::outcome(slot, &out),
+        took: received.elapsed(),
+        volume: volume.as_deref().map(|v| &v.stats),
+        bytes: ctx.bytes.get(),
+    });
     Ok(Some(Reply {
         head: out,
         data: spliced,

@@ -118,6 +118,8 @@ impl Drop for Waiting {
 #[derive(Debug, Clone)]
 pub struct Budget {
     bytes: Arc<Semaphore>,
+    /// What the semaphore started with.
+    limit: usize,
     /// Records being read and replies being written: waits on clients that hold
     /// budget.
     stalls: Waits,
@@ -125,8 +127,10 @@ pub struct Budget {
 
 impl Budget {
     pub fn new(bytes: usize) -> Budget {
+        let limit = bytes.min(Semaphore::MAX_PERMITS);
         Budget {
-            bytes: Arc::new(Semaphore::new(bytes.min(Semaphore::MAX_PERMITS))),
+            bytes: Arc::new(Semaphore::new(limit)),
+            limit,
             stalls: Waits::default(),
         }
     }
@@ -135,6 +139,16 @@ impl Budget {
     #[cfg(test)]
     pub fn available(&self) -> usize {
         self.bytes.available_permits()
+    }
+
+    /// Bytes charged right now (for the metrics).
+    pub fn held(&self) -> usize {
+        self.limit.saturating_sub(self.bytes.available_permits())
+    }
+
+    /// The whole budget.
+    pub fn limit(&self) -> usize {
+        self.limit
     }
 
     /// An empty charge for a record whose first byte has just arrived. Until

@@ -8,7 +8,9 @@
 //! `rpc`/`xdr` decode untrusted bytes, `ops`/`dirops`/`mount` implement procedures,
 //! `access` decides who may use each volume (per call), `rmtab` remembers who mounted
 //! what (for DUMP only), `state` maps handles to descriptors, `sys` and `splice`
-//! (zero-copy READ replies) are the only places that make system calls.
+//! (zero-copy READ replies) are the only places that make system calls. `stats` counts
+//! every call (atomics only), `metrics` turns the counts into Prometheus text at
+//! scrape time.
 
 mod access;
 mod allow;
@@ -18,6 +20,7 @@ mod conn;
 mod dirops;
 pub mod handle;
 mod limits;
+mod metrics;
 mod mount;
 mod ops;
 mod quota;
@@ -26,6 +29,7 @@ mod rmtab;
 pub mod rpc;
 mod splice;
 mod state;
+mod stats;
 mod sys;
 pub mod xdr;
 
@@ -38,6 +42,7 @@ pub use access::ClusterGrants;
 pub use allow::{AllowList, Network};
 pub use conn::dispatch;
 pub use limits::Limits;
+pub use metrics::NfsCollector;
 pub use state::Exports;
 
 /// How often each volume's usage is re-counted from the disk (see `quota::resync`).
@@ -48,39 +53,48 @@ pub const USAGE_RECOUNT: std::time::Duration = std::time::Duration::from_secs(60
 /// bound (about 34 MiB).
 const POOLED_BUFFERS: usize = 32;
 
-/// Serves NFS and MOUNT on `listener` until `shutdown` fires, then drains.
-pub async fn serve(
-    listener: TcpListener,
-    exports: Arc<Exports>,
-    allow: AllowList,
-    limits: Limits,
-    shutdown: CancellationToken,
-) {
-    let shared = Arc::new(conn::Shared {
-        exports,
-        buffers: buffers::BufferPool::new(POOLED_BUFFERS),
-        budget: limits::Budget::new(limits.bytes_in_flight),
-        limits,
-        idle: limits::Waits::default(),
-        connections: std::sync::atomic::AtomicUsize::new(0),
-    });
-    crate::server::serve(
-        "nfs",
-        listener,
-        limits.max_connections,
-        shutdown,
-        move |stream, peer, shutdown| {
-            let shared = shared.clone();
-            let allowed = allow.allows(peer.ip());
-            async move {
-                if !allowed {
-                    // Dropped before any byte is read.
-                    tracing::warn!(%peer, "refused connection from a client not on the allow-list");
-                    return;
+/// The NFS server of one agent: its volumes, limits and what every connection shares.
+pub struct Server(Arc<conn::Shared>);
+
+impl Server {
+    pub fn new(exports: Arc<Exports>, limits: Limits) -> Server {
+        Server(Arc::new(conn::Shared {
+            exports,
+            buffers: buffers::BufferPool::new(POOLED_BUFFERS),
+            budget: limits::Budget::new(limits.bytes_in_flight),
+            limits,
+            idle: limits::Waits::default(),
+            connections: std::sync::atomic::AtomicUsize::new(0),
+        }))
+    }
+
+    /// The server's metrics, for the agent's registry.
+    pub fn collector(&self) -> NfsCollector {
+        NfsCollector(self.0.clone())
+    }
+
+    /// Serves NFS and MOUNT on `listener` until `shutdown` fires, then drains.
+    pub async fn serve(self, listener: TcpListener, allow: AllowList, shutdown: CancellationToken) {
+        let shared = self.0;
+        let limits = shared.limits;
+        crate::server::serve(
+            "nfs",
+            listener,
+            limits.max_connections,
+            shutdown,
+            move |stream, peer, shutdown| {
+                let shared = shared.clone();
+                let allowed = allow.allows(peer.ip());
+                async move {
+                    if !allowed {
+                        // Dropped before any byte is read.
+                        tracing::warn!(%peer, "refused connection from a client not on the allow-list");
+                        return;
+                    }
+                    conn::serve(stream, peer, shared, shutdown).await;
                 }
-                conn::serve(stream, peer, shared, shutdown).await;
-            }
-        },
-    )
-    .await;
+            },
+        )
+        .await;
+    }
 }

@@ -33,6 +33,9 @@ pub fn mnt(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
             ctx.ex.by_name(&n)
         })
     });
+    if let Some(v) = &volume {
+        ctx.counts_for(v);
+    }
     match volume {
         // Not admitted: the same answer as knfsd's for a host outside the export's
         // client list (RFC 1813 appendix I, MNT3ERR_ACCES).

@@ -29,6 +29,10 @@ pub struct Ctx<'a> {
     pub ex: &'a Exports,
     pub client: IpAddr,
     pub cred: &'a Credential,
+    /// The volume the call's (first) handle resolved to, for its metrics.
+    pub volume: Cell<Option<Arc<Volume>>>,
+    /// Data bytes a READ returned or a WRITE wrote, for the metrics.
+    pub bytes: Cell<u64>,
 }
 
 impl Ctx<'_> {
@@ -59,7 +63,15 @@ impl Ctx<'_> {
     }
 
     pub fn resolve(&self, fh: &[u8]) -> Result<(Arc<Volume>, Arc<Obj>), nfsstat3> {
-        self.ex.resolve(self.client, fh)
+        let (v, obj) = self.ex.resolve(self.client, fh)?;
+        self.counts_for(&v);
+        Ok((v, obj))
+    }
+
+    /// Counts the call for `v` in the metrics (unless a handle resolved before).
+    pub fn counts_for(&self, v: &Arc<Volume>) {
+        let first = self.volume.take().unwrap_or_else(|| v.clone());
+        self.volume.set(Some(first));
     }
 }
 
@@ -350,6 +362,7 @@ pub fn read(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>, how: ReadHow) -> Pro
             return Ok(());
         }
     };
+    ctx.bytes.set(n as u64);
     let eof = offset.saturating_add(n as u64) >= st.st_size as u64;
     out[counts_at..counts_at + 4].copy_from_slice(&(n as u32).to_be_bytes());
     out[counts_at + 4..counts_at + 8].copy_from_slice(&u32::from(eof).to_be_bytes());
@@ -416,6 +429,7 @@ pub fn write(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
     let after = stat_opt(&fd);
     match result {
         Ok(()) => {
+            ctx.bytes.set(data.len() as u64);
             status(out, nfsstat3::NFS3_OK);
             wcc(out, before.as_ref(), after.as_ref(), v.meta.id);
             put_u32(out, data.len() as u32);

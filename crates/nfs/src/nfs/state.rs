@@ -16,6 +16,7 @@ use super::allow::AllowList;
 use super::handle::{FileHandle, HandleKey};
 use super::quota;
 use super::rmtab::MountTable;
+use super::stats::{ServerStats, VolumeStats};
 use super::sys::{self, Errno, to_nfsstat};
 use crate::error::{Error, Result};
 use crate::volume::{VolumeMeta, VolumeName, VolumeStore};
@@ -44,6 +45,11 @@ pub struct Volume {
     /// Held by every operation that changes what the volume is charged, so the check
     /// against the limit and the change are one step, so racing writers cannot pass it.
     pub charge_lock: Mutex<()>,
+    /// What calls on the volume did (see `stats`).
+    pub stats: VolumeStats,
+    /// The claim (namespace, name) the volume was made for, once the cluster side has
+    /// seen it: labels for the metrics only.
+    pub claim: OnceLock<(String, String)>,
 }
 
 impl Volume {
@@ -178,6 +184,8 @@ pub struct Exports {
     /// default: a device node in a volume is a way into the node's hardware for any
     /// pod that mounts it without `nodev`.
     pub device_nodes: bool,
+    /// Calls by procedure (see `stats`).
+    pub stats: ServerStats,
 }
 
 impl Exports {
@@ -213,6 +221,7 @@ impl Exports {
             recounting: Mutex::new(()),
             verifier,
             device_nodes: false,
+            stats: ServerStats::default(),
         };
         exports.refresh()?;
         Ok(exports)
@@ -303,6 +312,8 @@ impl Exports {
             max_inodes: AtomicU64::new(quota::max_inodes(&meta)),
             charges: AtomicU64::new(0),
             charge_lock: Mutex::new(()),
+            stats: VolumeStats::default(),
+            claim: OnceLock::new(),
             meta,
         })
     }
@@ -332,6 +343,14 @@ impl Exports {
             .values()
             .find(|v| &v.meta.name == name)
             .cloned()
+    }
+
+    /// Labels the metrics of volume `name` with the claim it was made for (a volume
+    /// belongs to one claim for life: the first label stays).
+    pub fn label_claim(&self, name: &VolumeName, namespace: &str, claim: &str) {
+        if let Some(v) = self.by_name(name) {
+            let _ = v.claim.set((namespace.to_owned(), claim.to_owned()));
+        }
     }
 
     /// Every exported volume.
