@@ -26,7 +26,9 @@ pub enum Error {
     #[error("volume {name} not found")]
     VolumeNotFound { name: String },
 
-    #[error("volume {name} already exists with a different size, owner, mode or squash policy")]
+    #[error(
+        "volume {name} already exists with a different size, owner, mode, squash policy, anonymous ids or object limit"
+    )]
     VolumeConflict { name: String },
 
     #[error("volume {name}: size must be greater than zero")]
