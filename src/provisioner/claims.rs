@@ -368,7 +368,16 @@ pub async fn reconcile(pvc: &PersistentVolumeClaim, ctx: &Ctx) -> Result<Next> {
 const AGENT_POLL: Duration = Duration::from_secs(10);
 
 /// The one way provisioning fails: the metric, the warning event, and what follows.
+/// The event goes first, so whoever sees the claim change can already read why.
 async fn fail(ctx: &Ctx, pvc: &PersistentVolumeClaim, failure: Failure) -> Result<Next> {
+    ctx.metrics.failed(failure.metric);
+    ctx.event(
+        pvc,
+        EventType::Warning,
+        "ProvisioningFailed",
+        failure.message,
+    )
+    .await;
     let next = match failure.then {
         Then::Retry(after) => Next::After(after),
         Then::HandBack => {
@@ -402,14 +411,6 @@ async fn fail(ctx: &Ctx, pvc: &PersistentVolumeClaim, failure: Failure) -> Resul
         // No volume is coming: hold no space for it.
         ctx.reservations().release(&pvc.uid().unwrap_or_default());
     }
-    ctx.metrics.failed(failure.metric);
-    ctx.event(
-        pvc,
-        EventType::Warning,
-        "ProvisioningFailed",
-        failure.message,
-    )
-    .await;
     Ok(next)
 }
 
