@@ -37,6 +37,7 @@ use super::dirops;
 use super::limits::{Budget, Charge, Limits, Waits};
 use super::mount;
 use super::ops::{self, Ctx, MAX_IO, ReadHow};
+use super::reply::{Early, encode};
 use super::rpc::{self, AcceptStat, AuthStat, MAX_RECORD, Reject};
 use super::splice::{self, Piped};
 use super::state::Exports;
@@ -558,38 +559,38 @@ fn respond(
     };
     let mut args = call.args;
     let mut spliced = None;
-    let would_block = Cell::new(false);
-    let result: Result<(), Garbage> = match (call.prog, call.vers) {
+    let a = &mut args;
+    let answered: Result<(), Early> = match (call.prog, call.vers) {
         (NFS_PROGRAM, 3) => match call.procedure {
             0 => Ok(()),
-            1 => ops::getattr(&ctx, &mut args, &mut out),
-            2 => ops::setattr(&ctx, &mut args, &mut out),
-            3 => dirops::lookup(&ctx, &mut args, &mut out),
-            4 => ops::access(&ctx, &mut args, &mut out),
-            5 => ops::readlink(&ctx, &mut args, &mut out),
+            1 => encode(ops::getattr(&ctx, a), &mut out),
+            2 => encode(ops::setattr(&ctx, a), &mut out),
+            3 => encode(dirops::lookup(&ctx, a), &mut out),
+            4 => encode(ops::access(&ctx, a), &mut out),
+            5 => encode(ops::readlink(&ctx, a), &mut out),
             6 => {
                 let how = match runner {
                     Runner::Plain => ReadHow::Copy,
                     Runner::BlockingPool => ReadHow::Splice(&mut spliced),
-                    Runner::AsyncTask => ReadHow::CachedOnly(&would_block),
+                    Runner::AsyncTask => ReadHow::CachedOnly,
                 };
-                ops::read(&ctx, &mut args, &mut out, how)
+                encode(ops::read(&ctx, a, how), &mut out)
             }
-            7 => ops::write(&ctx, &mut args, &mut out),
-            8 => dirops::create(&ctx, &mut args, &mut out),
-            9 => dirops::mkdir(&ctx, &mut args, &mut out),
-            10 => dirops::symlink(&ctx, &mut args, &mut out),
-            11 => dirops::mknod(&ctx, &mut args, &mut out),
-            12 => dirops::remove(&ctx, &mut args, &mut out),
-            13 => dirops::rmdir(&ctx, &mut args, &mut out),
-            14 => dirops::rename(&ctx, &mut args, &mut out),
-            15 => dirops::link(&ctx, &mut args, &mut out),
-            16 => dirops::readdir(&ctx, &mut args, &mut out, false),
-            17 => dirops::readdir(&ctx, &mut args, &mut out, true),
-            18 => ops::fsstat(&ctx, &mut args, &mut out),
-            19 => ops::fsinfo(&ctx, &mut args, &mut out),
-            20 => ops::pathconf(&ctx, &mut args, &mut out),
-            21 => ops::commit(&ctx, &mut args, &mut out),
+            7 => encode(ops::write(&ctx, a), &mut out),
+            8 => encode(dirops::create(&ctx, a), &mut out),
+            9 => encode(dirops::mkdir(&ctx, a), &mut out),
+            10 => encode(dirops::symlink(&ctx, a), &mut out),
+            11 => encode(dirops::mknod(&ctx, a), &mut out),
+            12 => encode(dirops::remove(&ctx, a), &mut out),
+            13 => encode(dirops::rmdir(&ctx, a), &mut out),
+            14 => encode(dirops::rename(&ctx, a), &mut out),
+            15 => encode(dirops::link(&ctx, a), &mut out),
+            16 => encode(dirops::readdir(&ctx, a, false), &mut out),
+            17 => encode(dirops::readdir(&ctx, a, true), &mut out),
+            18 => encode(ops::fsstat(&ctx, a), &mut out),
+            19 => encode(ops::fsinfo(&ctx, a), &mut out),
+            20 => encode(ops::pathconf(&ctx, a), &mut out),
+            21 => encode(ops::commit(&ctx, a), &mut out),
             _ => {
                 out = rpc::accepted(xid, AcceptStat::ProcUnavail);
                 Ok(())
@@ -597,11 +598,11 @@ fn respond(
         },
         (MOUNT_PROGRAM, 3) => match call.procedure {
             0 => Ok(()),
-            1 => mount::mnt(&ctx, &mut args, &mut out),
-            2 => mount::dump(&ctx, &mut args, &mut out),
-            3 => mount::umnt(&ctx, &mut args, &mut out),
-            4 => mount::umntall(&ctx, &mut args, &mut out),
-            5 => mount::export(&ctx, &mut args, &mut out),
+            1 => mount::mnt(&ctx, a, &mut out).map_err(Early::from),
+            2 => mount::dump(&ctx, a, &mut out).map_err(Early::from),
+            3 => mount::umnt(&ctx, a, &mut out).map_err(Early::from),
+            4 => mount::umntall(&ctx, a, &mut out).map_err(Early::from),
+            5 => mount::export(&ctx, a, &mut out).map_err(Early::from),
             _ => {
                 out = rpc::accepted(xid, AcceptStat::ProcUnavail);
                 Ok(())
@@ -616,12 +617,14 @@ fn respond(
             Ok(())
         }
     };
-    if would_block.get() {
-        return Err(WouldBlock);
-    }
-    if result.is_err() {
-        out = rpc::accepted(xid, AcceptStat::GarbageArgs);
-        spliced = None;
+    match answered {
+        Ok(()) => {}
+        Err(Early::WouldBlock) => return Err(WouldBlock),
+        // `encode` answers every status itself; what is left is garbage.
+        Err(Early::Garbage | Early::Status(_)) => {
+            out = rpc::accepted(xid, AcceptStat::GarbageArgs);
+            spliced = None;
+        }
     }
     let trailing = spliced.as_ref().map_or(0, |d| d.len() + d.pad().len());
     rpc::finish_record(&mut out, trailing);

@@ -11,12 +11,12 @@ use std::sync::Arc;
 
 use nfs3_types::nfs3::{Nfs3Option, createverf3, nfsstat3, sattr3};
 
-use super::ops::{Ctx, ProcResult, set_size};
+use super::ops::{Ctx, set_size};
 use super::quota::{self, Charging};
-use super::reply::{post_op, post_op_fh, status, wcc};
+use super::reply::{Answer, Early, Encode, Fh, PostOp, PostOpFh, Proc, Wcc};
 use super::state::{Obj, Volume};
 use super::sys::{self, raw, to_nfsstat};
-use super::xdr::{Garbage, XdrIn, put_bool, put_opaque, put_u64};
+use super::xdr::{XdrIn, put_bool, put_opaque, put_u64};
 
 /// NAME_MAX.
 const NAME_MAX: usize = 255;
@@ -74,35 +74,31 @@ fn lookup_in(
     sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)
 }
 
-pub fn lookup(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
+/// LOOKUP's results (the directory's attributes follow them either way).
+pub struct Found {
+    fh: Fh,
+    attrs: PostOp,
+}
+
+impl Encode for Found {
+    fn encode(self, out: &mut Vec<u8>) {
+        self.fh.encode(out);
+        self.attrs.encode(out);
+    }
+}
+
+pub fn lookup(ctx: &Ctx, args: &mut XdrIn) -> Proc<Found, (), PostOp> {
     let dir_fh = args.fh()?;
     let name = args.filename()?;
-    let (v, dir, dir_st) = match resolve_dir(ctx, dir_fh) {
-        Ok(x) => x,
-        Err(s) => {
-            status(out, s);
-            post_op(out, None, 0);
-            return Ok(());
-        }
-    };
-    let r = lookup_in(ctx, &v, &dir, &dir_st, name).and_then(|fd| {
+    let (v, dir, dir_st) = resolve_dir(ctx, dir_fh)?;
+    let found = lookup_in(ctx, &v, &dir, &dir_st, name).and_then(|fd| {
         let st = sys::fstat(raw(&fd)).map_err(to_nfsstat)?;
-        let fh = ctx.ex.handle_for(&v, raw(&fd))?;
-        Ok((fh, st))
+        Ok(Found {
+            fh: Fh(ctx.ex.handle_for(&v, raw(&fd))?),
+            attrs: PostOp::of(Some(&st), v.meta.id),
+        })
     });
-    match r {
-        Ok((fh, st)) => {
-            status(out, nfsstat3::NFS3_OK);
-            put_opaque(out, &fh);
-            post_op(out, Some(&st), v.meta.id);
-            post_op(out, Some(&dir_st), v.meta.id);
-        }
-        Err(s) => {
-            status(out, s);
-            post_op(out, Some(&dir_st), v.meta.id);
-        }
-    }
-    Ok(())
+    Ok(Answer::then(found, PostOp::of(Some(&dir_st), v.meta.id)))
 }
 
 /// Shared shape of CREATE, MKDIR, SYMLINK and MKNOD: resolve the directory, run `make`
@@ -113,18 +109,10 @@ fn create_common(
     ctx: &Ctx,
     dir_fh: &[u8],
     name: &[u8],
-    out: &mut Vec<u8>,
     make: impl FnOnce(&Charging, &OwnedFd) -> Result<(OwnedFd, bool), nfsstat3>,
-) {
-    let (v, dir, before) = match resolve_dir(ctx, dir_fh) {
-        Ok(x) => x,
-        Err(s) => {
-            status(out, s);
-            wcc(out, None, None, 0);
-            return;
-        }
-    };
-    let r = check_new_name(name).and_then(|()| {
+) -> Proc<Made, (), Wcc> {
+    let (v, dir, before) = resolve_dir(ctx, dir_fh)?;
+    let made = check_new_name(name).and_then(|()| {
         let fd = {
             let charging = v.charging();
             let dir_before = dir_charge(&v, &dir);
@@ -152,19 +140,30 @@ fn create_common(
         // journal commits.
         dir.sync(&v, before.st_mode)?;
         let st = sys::fstat(raw(&fd)).map_err(to_nfsstat)?;
-        let fh = ctx.ex.handle_for(&v, raw(&fd))?;
-        Ok((fh, st))
+        Ok(Made {
+            fh: PostOpFh(Some(ctx.ex.handle_for(&v, raw(&fd))?)),
+            attrs: PostOp::of(Some(&st), v.meta.id),
+        })
     });
     let after = sys::fstat(raw(&dir)).ok();
-    match r {
-        Ok((fh, st)) => {
-            status(out, nfsstat3::NFS3_OK);
-            post_op_fh(out, Some(&fh));
-            post_op(out, Some(&st), v.meta.id);
-        }
-        Err(s) => status(out, s),
+    Ok(Answer::then(
+        made,
+        Wcc::of(Some(&before), after.as_ref(), v.meta.id),
+    ))
+}
+
+/// The results of CREATE, MKDIR, SYMLINK and MKNOD (the directory's wcc data follows
+/// them either way).
+pub struct Made {
+    fh: PostOpFh,
+    attrs: PostOp,
+}
+
+impl Encode for Made {
+    fn encode(self, out: &mut Vec<u8>) {
+        self.fh.encode(out);
+        self.attrs.encode(out);
     }
-    wcc(out, Some(&before), after.as_ref(), v.meta.id);
 }
 
 /// What a directory is charged now: 0 for the volume's root, which its usage does not
@@ -216,16 +215,16 @@ enum How {
     Exclusive(createverf3),
 }
 
-pub fn create(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
+pub fn create(ctx: &Ctx, args: &mut XdrIn) -> Proc<Made, (), Wcc> {
     let dir_fh = args.fh()?;
     let name = args.filename()?;
     let how = match args.u32()? {
         0 => How::Unchecked(args.sattr()?),
         1 => How::Guarded(args.sattr()?),
         2 => How::Exclusive(args.createverf()?),
-        _ => return Err(Garbage),
+        _ => return Err(Early::Garbage),
     };
-    create_common(ctx, dir_fh, name, out, |charging, dir| {
+    create_common(ctx, dir_fh, name, |charging, dir| {
         // The file is made with mknod, never opened: an existing name may be a FIFO
         // (an open would wait for a writer forever), a socket or a device, and no
         // CREATE opens it (nothing a client does may block a worker forever).
@@ -280,8 +279,7 @@ pub fn create(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
             }
             (_, Err(e)) => Err(to_nfsstat(e)),
         }
-    });
-    Ok(())
+    })
 }
 
 /// The mode a CREATE makes a new file with.
@@ -302,11 +300,11 @@ fn verf_times(v: &createverf3) -> ((i64, i64), (i64, i64)) {
     )
 }
 
-pub fn mkdir(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
+pub fn mkdir(ctx: &Ctx, args: &mut XdrIn) -> Proc<Made, (), Wcc> {
     let dir_fh = args.fh()?;
     let name = args.filename()?;
     let s = args.sattr()?;
-    create_common(ctx, dir_fh, name, out, |charging, dir| {
+    create_common(ctx, dir_fh, name, |charging, dir| {
         sys::mkdirat(raw(dir), name, mode_or(&s, 0o755)).map_err(to_nfsstat)?;
         let fd = sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
         apply_sattr(
@@ -318,16 +316,15 @@ pub fn mkdir(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
             },
         )?;
         Ok((fd, true))
-    });
-    Ok(())
+    })
 }
 
-pub fn symlink(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
+pub fn symlink(ctx: &Ctx, args: &mut XdrIn) -> Proc<Made, (), Wcc> {
     let dir_fh = args.fh()?;
     let name = args.filename()?;
     let s = args.sattr()?;
     let target = args.path()?;
-    create_common(ctx, dir_fh, name, out, |charging, dir| {
+    create_common(ctx, dir_fh, name, |charging, dir| {
         if target.is_empty() || target.contains(&0) {
             return Err(nfsstat3::NFS3ERR_INVAL);
         }
@@ -343,11 +340,10 @@ pub fn symlink(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
             },
         )?;
         Ok((fd, true))
-    });
-    Ok(())
+    })
 }
 
-pub fn mknod(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
+pub fn mknod(ctx: &Ctx, args: &mut XdrIn) -> Proc<Made, (), Wcc> {
     let dir_fh = args.fh()?;
     let name = args.filename()?;
     let kind = args.u32()?;
@@ -367,20 +363,14 @@ pub fn mknod(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
         3 | 4 => {
             let _ = args.sattr()?;
             let _ = args.specdata()?;
-            status(out, nfsstat3::NFS3ERR_NOTSUPP);
-            wcc(out, None, None, 0);
-            return Ok(());
+            return Err(nfsstat3::NFS3ERR_NOTSUPP.into());
         }
         6 => (args.sattr()?, libc::S_IFSOCK, 0),
         7 => (args.sattr()?, libc::S_IFIFO, 0),
-        1 | 2 | 5 => {
-            status(out, nfsstat3::NFS3ERR_BADTYPE);
-            wcc(out, None, None, 0);
-            return Ok(());
-        }
-        _ => return Err(Garbage),
+        1 | 2 | 5 => return Err(nfsstat3::NFS3ERR_BADTYPE.into()),
+        _ => return Err(Early::Garbage),
     };
-    create_common(ctx, dir_fh, name, out, |charging, dir| {
+    create_common(ctx, dir_fh, name, |charging, dir| {
         sys::mknodat(raw(dir), name, fmt | mode_or(&s, 0o644), dev).map_err(to_nfsstat)?;
         let fd = sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
         apply_sattr(
@@ -392,8 +382,7 @@ pub fn mknod(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
             },
         )?;
         Ok((fd, true))
-    });
-    Ok(())
+    })
 }
 
 /// After an unlink or a RENAME over it, releases what the object `fd` was charged if
@@ -410,17 +399,10 @@ fn release_if_gone(charging: &Charging, fd: &OwnedFd) -> bool {
     }
 }
 
-fn remove_common(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>, flags: i32) -> ProcResult {
+fn remove_common(ctx: &Ctx, args: &mut XdrIn, flags: i32) -> Proc<(), Wcc> {
     let dir_fh = args.fh()?;
     let name = args.filename()?;
-    let (v, dir, before) = match resolve_dir(ctx, dir_fh) {
-        Ok(x) => x,
-        Err(s) => {
-            status(out, s);
-            wcc(out, None, None, 0);
-            return Ok(());
-        }
-    };
+    let (v, dir, before) = resolve_dir(ctx, dir_fh)?;
     let r = check_name(name).and_then(|()| {
         if name == b"." {
             return Err(nfsstat3::NFS3ERR_INVAL);
@@ -447,43 +429,27 @@ fn remove_common(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>, flags: i32) -> 
         Ok(())
     });
     let after = sys::fstat(raw(&dir)).ok();
-    status(out, r.err().unwrap_or(nfsstat3::NFS3_OK));
-    wcc(out, Some(&before), after.as_ref(), v.meta.id);
-    Ok(())
+    Ok(Answer::with(
+        Wcc::of(Some(&before), after.as_ref(), v.meta.id),
+        r,
+    ))
 }
 
-pub fn remove(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
-    remove_common(ctx, args, out, 0)
+pub fn remove(ctx: &Ctx, args: &mut XdrIn) -> Proc<(), Wcc> {
+    remove_common(ctx, args, 0)
 }
 
-pub fn rmdir(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
-    remove_common(ctx, args, out, libc::AT_REMOVEDIR)
+pub fn rmdir(ctx: &Ctx, args: &mut XdrIn) -> Proc<(), Wcc> {
+    remove_common(ctx, args, libc::AT_REMOVEDIR)
 }
 
-pub fn rename(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
+pub fn rename(ctx: &Ctx, args: &mut XdrIn) -> Proc<(), (Wcc, Wcc)> {
     let from_fh = args.fh()?;
     let from = args.filename()?;
     let to_fh = args.fh()?;
     let to = args.filename()?;
-    let fail = |out: &mut Vec<u8>, s| {
-        status(out, s);
-        wcc(out, None, None, 0);
-        wcc(out, None, None, 0);
-    };
-    let (v, from_dir, from_before) = match resolve_dir(ctx, from_fh) {
-        Ok(x) => x,
-        Err(s) => {
-            fail(out, s);
-            return Ok(());
-        }
-    };
-    let (v2, to_dir, to_before) = match resolve_dir(ctx, to_fh) {
-        Ok(x) => x,
-        Err(s) => {
-            fail(out, s);
-            return Ok(());
-        }
-    };
+    let (v, from_dir, from_before) = resolve_dir(ctx, from_fh)?;
+    let (v2, to_dir, to_before) = resolve_dir(ctx, to_fh)?;
     let r = (|| {
         if v.meta.id != v2.meta.id {
             return Err(nfsstat3::NFS3ERR_XDEV);
@@ -518,35 +484,19 @@ pub fn rename(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
     })();
     let from_after = sys::fstat(raw(&from_dir)).ok();
     let to_after = sys::fstat(raw(&to_dir)).ok();
-    status(out, r.err().unwrap_or(nfsstat3::NFS3_OK));
-    wcc(out, Some(&from_before), from_after.as_ref(), v.meta.id);
-    wcc(out, Some(&to_before), to_after.as_ref(), v.meta.id);
-    Ok(())
+    let wcc = (
+        Wcc::of(Some(&from_before), from_after.as_ref(), v.meta.id),
+        Wcc::of(Some(&to_before), to_after.as_ref(), v2.meta.id),
+    );
+    Ok(Answer::with(wcc, r))
 }
 
-pub fn link(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
+pub fn link(ctx: &Ctx, args: &mut XdrIn) -> Proc<(), (PostOp, Wcc)> {
     let file_fh = args.fh()?;
     let dir_fh = args.fh()?;
     let name = args.filename()?;
-    let fail = |out: &mut Vec<u8>, s| {
-        status(out, s);
-        post_op(out, None, 0);
-        wcc(out, None, None, 0);
-    };
-    let (v, file) = match ctx.resolve(file_fh) {
-        Ok(x) => x,
-        Err(s) => {
-            fail(out, s);
-            return Ok(());
-        }
-    };
-    let (v2, dir, before) = match resolve_dir(ctx, dir_fh) {
-        Ok(x) => x,
-        Err(s) => {
-            fail(out, s);
-            return Ok(());
-        }
-    };
+    let (v, file) = ctx.resolve(file_fh)?;
+    let (v2, dir, before) = resolve_dir(ctx, dir_fh)?;
     let r = (|| {
         if v.meta.id != v2.meta.id {
             return Err(nfsstat3::NFS3ERR_XDEV);
@@ -565,16 +515,32 @@ pub fn link(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
     })();
     let file_st = sys::fstat(raw(&file)).ok();
     let after = sys::fstat(raw(&dir)).ok();
-    status(out, r.err().unwrap_or(nfsstat3::NFS3_OK));
-    post_op(out, file_st.as_ref(), v.meta.id);
-    wcc(out, Some(&before), after.as_ref(), v.meta.id);
-    Ok(())
+    let attrs = (
+        PostOp::of(file_st.as_ref(), v.meta.id),
+        Wcc::of(Some(&before), after.as_ref(), v2.meta.id),
+    );
+    Ok(Answer::with(attrs, r))
 }
 
 /// READDIR (`plus == false`) and READDIRPLUS. Cookies are the directory offsets the
 /// kernel reports, so they stay valid while a client pages through a large directory
 /// and across server restarts; the cookie verifier is always zero.
-pub fn readdir(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>, plus: bool) -> ProcResult {
+/// READDIR's and READDIRPLUS's results: the entries, already in their XDR form.
+pub struct Listing {
+    entries: Vec<u8>,
+    eof: bool,
+}
+
+impl Encode for Listing {
+    fn encode(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&[0u8; 8]); // cookieverf
+        out.extend_from_slice(&self.entries);
+        put_bool(out, false);
+        put_bool(out, self.eof);
+    }
+}
+
+pub fn readdir(ctx: &Ctx, args: &mut XdrIn, plus: bool) -> Proc<Listing, PostOp> {
     let dir_fh = args.fh()?;
     let cookie = args.u64()?;
     let _verf = args.fixed::<8>()?;
@@ -588,26 +554,27 @@ pub fn readdir(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>, plus: bool) -> Pr
     // (RFC 1813 §3.3.16, §3.3.17): a hostile 4 GiB count would otherwise build a reply
     // of the whole directory, past what memory and a record mark (31 bits) can carry.
     let (dircount, maxcount) = (dircount.min(MAX_DIR_REPLY), maxcount.min(MAX_DIR_REPLY));
-    let (v, dir, dir_st) = match resolve_dir(ctx, dir_fh) {
-        Ok(x) => x,
-        Err(s) => {
-            status(out, s);
-            post_op(out, None, 0);
-            return Ok(());
-        }
-    };
-    let opened = ctx.become_caller(&v).and_then(|_as| {
-        sys::reopen(raw(&dir), libc::O_RDONLY | libc::O_DIRECTORY).map_err(to_nfsstat)
-    });
-    let rd = match opened {
-        Ok(f) => f,
-        Err(s) => {
-            status(out, s);
-            post_op(out, Some(&dir_st), v.meta.id);
-            return Ok(());
-        }
-    };
-    let at_root = v.is_root(&dir_st);
+    let (v, dir, dir_st) = resolve_dir(ctx, dir_fh)?;
+    let listing = list(ctx, &v, &dir, &dir_st, cookie, dircount, maxcount, plus);
+    Ok(Answer::with(PostOp::of(Some(&dir_st), v.meta.id), listing))
+}
+
+/// Lists `dir` from `cookie` on, as the caller, within the counts.
+#[allow(clippy::too_many_arguments)]
+fn list(
+    ctx: &Ctx,
+    v: &Volume,
+    dir: &Obj,
+    dir_st: &libc::stat,
+    cookie: u64,
+    dircount: usize,
+    maxcount: usize,
+    plus: bool,
+) -> Result<Listing, nfsstat3> {
+    let rd = ctx.become_caller(v).and_then(|_as| {
+        sys::reopen(raw(dir), libc::O_RDONLY | libc::O_DIRECTORY).map_err(to_nfsstat)
+    })?;
+    let at_root = v.is_root(dir_st);
     let mut body = Vec::with_capacity(maxcount);
     // Reply overhead: status, dir attributes, verifier, list end, eof.
     let mut size = 4 + 88 + 8 + 8;
@@ -634,9 +601,9 @@ pub fn readdir(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>, plus: bool) -> Pr
             } else {
                 &e.name
             };
-            attrs = sys::stat_at(raw(&dir), name).ok();
+            attrs = sys::stat_at(raw(dir), name).ok();
             if attrs.is_some() && !parent_of_root {
-                fh = ctx.ex.handle_for_entry(&v, raw(&dir), name).ok();
+                fh = ctx.ex.handle_for_entry(v, raw(dir), name).ok();
             }
         }
         let plus_size = if plus { 4 + 84 + 4 + 4 + 64 } else { 0 };
@@ -652,33 +619,15 @@ pub fn readdir(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>, plus: bool) -> Pr
         put_opaque(&mut body, &e.name);
         put_u64(&mut body, e.offset);
         if plus {
-            post_op(&mut body, attrs.as_ref(), v.meta.id);
-            post_op_fh(&mut body, fh.as_deref());
+            PostOp::of(attrs.as_ref(), v.meta.id).encode(&mut body);
+            PostOpFh(fh).encode(&mut body);
         }
         true
     });
     match result {
-        Ok(eof) if count > 0 || eof => {
-            status(out, nfsstat3::NFS3_OK);
-            post_op(out, Some(&dir_st), v.meta.id);
-            out.extend_from_slice(&[0u8; 8]); // cookieverf
-            out.extend_from_slice(&body);
-            put_bool(out, false);
-            put_bool(out, eof);
-        }
-        Ok(_) => {
-            status(out, nfsstat3::NFS3ERR_TOOSMALL);
-            post_op(out, Some(&dir_st), v.meta.id);
-        }
-        Err(e) => {
-            let s = if e.0 == libc::EINVAL {
-                nfsstat3::NFS3ERR_BAD_COOKIE
-            } else {
-                to_nfsstat(e)
-            };
-            status(out, s);
-            post_op(out, Some(&dir_st), v.meta.id);
-        }
+        Ok(eof) if count > 0 || eof => Ok(Listing { entries: body, eof }),
+        Ok(_) => Err(nfsstat3::NFS3ERR_TOOSMALL),
+        Err(e) if e.0 == libc::EINVAL => Err(nfsstat3::NFS3ERR_BAD_COOKIE),
+        Err(e) => Err(to_nfsstat(e)),
     }
-    Ok(())
 }

@@ -5,7 +5,8 @@
 //!
 //! Layers, outermost first: [`server`] accepts (allow-list, connection cap, drain),
 //! `conn` frames records and dispatches within the time and memory bounds of `limits`,
-//! `rpc`/`xdr` decode untrusted bytes, `ops`/`dirops`/`mount` implement procedures,
+//! `rpc`/`xdr` decode untrusted bytes, `ops`/`dirops`/`mount` implement procedures
+//! (NFS procedures return a typed answer that `reply` alone turns into bytes),
 //! `access` decides who may use each volume (per call), `rmtab` remembers who mounted
 //! what (for DUMP only), `state` maps handles to descriptors, `sys` and `splice`
 //! (zero-copy READ replies) are the only places that make system calls. `stats` counts

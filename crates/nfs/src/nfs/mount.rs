@@ -7,9 +7,9 @@
 
 use nfs3_types::mount::mountstat3;
 
-use super::ops::{Ctx, ProcResult};
+use super::ops::Ctx;
 use super::rpc::AUTH_SYS;
-use super::xdr::{XdrIn, put_bool, put_opaque, put_u32};
+use super::xdr::{Garbage, XdrIn, put_bool, put_opaque, put_u32};
 use crate::volume::VolumeName;
 
 /// MOUNT's dirpath limit (MNTPATHLEN).
@@ -24,7 +24,7 @@ pub fn volume_for_path(path: &[u8]) -> Option<VolumeName> {
     VolumeName::new(s).ok()
 }
 
-pub fn mnt(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
+pub fn mnt(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> Result<(), Garbage> {
     let path = args.opaque(MNTPATHLEN)?;
     let volume = volume_for_path(path).and_then(|n| {
         ctx.ex.by_name(&n).or_else(|| {
@@ -56,7 +56,7 @@ pub fn mnt(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
     Ok(())
 }
 
-pub fn umnt(ctx: &Ctx, args: &mut XdrIn, _out: &mut Vec<u8>) -> ProcResult {
+pub fn umnt(ctx: &Ctx, args: &mut XdrIn, _out: &mut Vec<u8>) -> Result<(), Garbage> {
     let path = args.opaque(MNTPATHLEN)?;
     if let Some(name) = volume_for_path(path) {
         ctx.ex.mounts.remove(ctx.client, Some(&name));
@@ -64,7 +64,7 @@ pub fn umnt(ctx: &Ctx, args: &mut XdrIn, _out: &mut Vec<u8>) -> ProcResult {
     Ok(())
 }
 
-pub fn umntall(ctx: &Ctx, _args: &mut XdrIn, _out: &mut Vec<u8>) -> ProcResult {
+pub fn umntall(ctx: &Ctx, _args: &mut XdrIn, _out: &mut Vec<u8>) -> Result<(), Garbage> {
     ctx.ex.mounts.remove(ctx.client, None);
     Ok(())
 }
@@ -72,7 +72,7 @@ pub fn umntall(ctx: &Ctx, _args: &mut XdrIn, _out: &mut Vec<u8>) -> ProcResult {
 /// The caller's own mount entries (RFC 1813 appendix I, MOUNTPROC3_DUMP lists "the
 /// remotely mounted file systems"; which other hosts mount what is not the caller's
 /// to see).
-pub fn dump(ctx: &Ctx, _args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
+pub fn dump(ctx: &Ctx, _args: &mut XdrIn, out: &mut Vec<u8>) -> Result<(), Garbage> {
     let host = ctx.client.to_string();
     for name in ctx.ex.mounts.of(ctx.client) {
         put_bool(out, true);
@@ -84,7 +84,7 @@ pub fn dump(ctx: &Ctx, _args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
 }
 
 /// The volumes the caller may mount (`showmount -e` from that address).
-pub fn export(ctx: &Ctx, _args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
+pub fn export(ctx: &Ctx, _args: &mut XdrIn, out: &mut Vec<u8>) -> Result<(), Garbage> {
     for v in ctx.ex.all() {
         if !ctx.ex.access.allows(ctx.client, &v.meta.name) {
             continue;

@@ -4,22 +4,25 @@
 //! Every procedure resolves its handle as root (open_by_handle_at needs
 //! CAP_DAC_READ_SEARCH), then acts with the caller's fs credentials so the kernel
 //! enforces permissions and ownership: a call never runs with more rights than its caller.
+//! A procedure decodes its arguments, resolves its handle with `?` (a call that stops
+//! there is answered with empty attributes) and returns its results with the attributes
+//! its reply carries; `reply::encode` writes them.
 
 use std::cell::Cell;
 use std::net::IpAddr;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
-use nfs3_types::nfs3::{Nfs3Option, nfsstat3, set_atime, set_mtime, stable_how};
+use nfs3_types::nfs3::{Nfs3Option, fattr3, nfsstat3, set_atime, set_mtime, stable_how};
 
 use super::attr::{self, Caller};
 use super::quota;
-use super::reply::{post_op, status, wcc};
+use super::reply::{Answer, Early, Encode, PostOp, Proc, Target, Wcc};
 use super::rpc::Credential;
 use super::splice::{self, Piped};
 use super::state::{Exports, Obj, Volume};
 use super::sys::{self, AsCaller, raw, to_nfsstat};
-use super::xdr::{Garbage, XdrIn, put, put_bool, put_opaque, put_u32, put_u64};
+use super::xdr::{XdrIn, put_bool, put_opaque, put_u32, put_u64};
 
 /// Largest READ/WRITE transfer we advertise and accept.
 pub const MAX_IO: u32 = 1 << 20;
@@ -75,13 +78,6 @@ impl Ctx<'_> {
     }
 }
 
-/// Result of a procedure: `Err(Garbage)` becomes RPC GARBAGE_ARGS.
-pub type ProcResult = Result<(), Garbage>;
-
-fn stat_opt(fd: &OwnedFd) -> Option<libc::stat> {
-    sys::fstat(raw(fd)).ok()
-}
-
 impl Ctx<'_> {
     /// Resolves a handle and stats the object.
     pub fn resolve_stat(&self, fh: &[u8]) -> Result<(Arc<Volume>, Arc<Obj>, libc::stat), nfsstat3> {
@@ -91,77 +87,70 @@ impl Ctx<'_> {
     }
 }
 
-/// The reply shape of procedures that answer `status, post_op_attr, results`: `body`
-/// appends the results; on any failure the reply is the status and the attributes (if
-/// the object resolved) only.
-fn with_attrs(
+fn stat_opt(fd: &OwnedFd) -> Option<libc::stat> {
+    sys::fstat(raw(fd)).ok()
+}
+
+/// The procedures that answer `status, post_op_attr, results`: `body` computes the
+/// results from the resolved object and its attributes.
+fn with_attrs<T>(
     ctx: &Ctx,
     fh: &[u8],
-    out: &mut Vec<u8>,
-    body: impl FnOnce(&Volume, &Obj, &libc::stat, &mut Vec<u8>) -> Result<(), nfsstat3>,
-) {
-    match ctx.resolve_stat(fh) {
-        Ok((v, obj, st)) => {
-            let mut results = Vec::new();
-            let r = body(&v, &obj, &st, &mut results);
-            status(out, r.err().unwrap_or(nfsstat3::NFS3_OK));
-            post_op(out, Some(&st), v.meta.id);
-            if r.is_ok() {
-                out.extend_from_slice(&results);
-            }
-        }
-        Err(s) => {
-            status(out, s);
-            post_op(out, None, 0);
-        }
-    }
+    body: impl FnOnce(&Volume, &Obj, &libc::stat) -> Result<T, nfsstat3>,
+) -> Proc<T, PostOp> {
+    let (v, obj, st) = ctx.resolve_stat(fh)?;
+    let result = body(&v, &obj, &st);
+    Ok(Answer::with(PostOp::of(Some(&st), v.meta.id), result))
 }
 
-pub fn getattr(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
+/// The procedures that change one object and answer `status, wcc_data, results`:
+/// `body` runs with the object and its attributes before the change (if they could be
+/// read); the attributes after are read once it is done, whatever it returned.
+fn changing<T>(
+    ctx: &Ctx,
+    fh: &[u8],
+    body: impl FnOnce(&Volume, &Obj, Option<&libc::stat>) -> Result<T, nfsstat3>,
+) -> Proc<T, Wcc> {
+    let (v, obj) = ctx.resolve(fh)?;
+    let before = stat_opt(&obj);
+    let result = body(&v, &obj, before.as_ref());
+    let after = stat_opt(&obj);
+    Ok(Answer::with(
+        Wcc::of(before.as_ref(), after.as_ref(), v.meta.id),
+        result,
+    ))
+}
+
+pub fn getattr(ctx: &Ctx, args: &mut XdrIn) -> Proc<fattr3> {
     let fh = args.fh()?;
-    match ctx.resolve_stat(fh) {
-        Ok((v, _, st)) => {
-            status(out, nfsstat3::NFS3_OK);
-            put(out, &attr::fattr(&st, v.meta.id));
-        }
-        Err(s) => status(out, s),
-    }
-    Ok(())
+    let (v, _, st) = ctx.resolve_stat(fh)?;
+    Ok(Answer::with((), Ok(attr::fattr(&st, v.meta.id))))
 }
 
-pub fn setattr(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
+pub fn setattr(ctx: &Ctx, args: &mut XdrIn) -> Proc<(), Wcc> {
     let fh = args.fh()?;
     let sattr = args.sattr()?;
     let guard = args.guard()?;
-    let (v, fd) = match ctx.resolve(fh) {
-        Ok(x) => x,
-        Err(s) => {
-            status(out, s);
-            wcc(out, None, None, 0);
-            return Ok(());
-        }
-    };
-    let before = stat_opt(&fd);
-    let result = (|| {
+    changing(ctx, fh, |v, fd, before| {
         let st = before.ok_or(nfsstat3::NFS3ERR_STALE)?;
         if let Some(ctime) = guard {
-            let now = attr::wcc(&st).ctime;
+            let now = attr::wcc(st).ctime;
             if now != ctime {
                 return Err(nfsstat3::NFS3ERR_NOT_SYNC);
             }
         }
-        let as_caller = ctx.become_caller(&v)?;
+        let as_caller = ctx.become_caller(v)?;
         if let Nfs3Option::Some(size) = sattr.size {
             if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
                 return Err(nfsstat3::NFS3ERR_ISDIR);
             }
-            let wfd = io_for(ctx, &v, &fd, &st, true)?;
+            let wfd = io_for(ctx, v, fd, st, true)?;
             set_size(&v.charging(), wfd, size)?;
         }
         if let Nfs3Option::Some(mode) = sattr.mode
             && st.st_mode & libc::S_IFMT != libc::S_IFLNK
         {
-            sys::chmod_fd(raw(&fd), mode & 0o7777).map_err(to_nfsstat)?;
+            sys::chmod_fd(raw(fd), mode & 0o7777).map_err(to_nfsstat)?;
         }
         let uid = match sattr.uid {
             Nfs3Option::Some(u) => u,
@@ -172,7 +161,7 @@ pub fn setattr(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
             Nfs3Option::None => u32::MAX,
         };
         if uid != u32::MAX || gid != u32::MAX {
-            sys::fchownat_empty(raw(&fd), uid, gid).map_err(to_nfsstat)?;
+            sys::fchownat_empty(raw(fd), uid, gid).map_err(to_nfsstat)?;
         }
         let atime = match sattr.atime {
             set_atime::DONT_CHANGE => None,
@@ -189,15 +178,11 @@ pub fn setattr(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
             }
         };
         if (atime.is_some() || mtime.is_some()) && st.st_mode & libc::S_IFMT != libc::S_IFLNK {
-            sys::utimes_fd(raw(&fd), atime, mtime).map_err(to_nfsstat)?;
+            sys::utimes_fd(raw(fd), atime, mtime).map_err(to_nfsstat)?;
         }
         drop(as_caller);
-        fd.sync(&v, st.st_mode)
-    })();
-    let after = stat_opt(&fd);
-    status(out, result.err().unwrap_or(nfsstat3::NFS3_OK));
-    wcc(out, before.as_ref(), after.as_ref(), v.meta.id);
-    Ok(())
+        fd.sync(v, st.st_mode)
+    })
 }
 
 /// Truncates or extends a file, keeping the volume's usage right. Growth past the
@@ -247,30 +232,25 @@ fn io_for(
     obj.io_fd(write)
 }
 
-pub fn access(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
+pub fn access(ctx: &Ctx, args: &mut XdrIn) -> Proc<u32, PostOp> {
     let fh = args.fh()?;
     let requested = args.u32()?;
-    with_attrs(ctx, fh, out, |v, _, st, out| {
+    with_attrs(ctx, fh, |v, _, st| {
         let caller = ctx.caller(v);
-        put_u32(
-            out,
-            attr::access(st.st_mode, st.st_uid, st.st_gid, &caller, requested),
-        );
-        Ok(())
-    });
-    Ok(())
+        Ok(attr::access(
+            st.st_mode, st.st_uid, st.st_gid, &caller, requested,
+        ))
+    })
 }
 
-pub fn readlink(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
+pub fn readlink(ctx: &Ctx, args: &mut XdrIn) -> Proc<Target, PostOp> {
     let fh = args.fh()?;
-    with_attrs(ctx, fh, out, |_, obj, st, out| {
+    with_attrs(ctx, fh, |_, obj, st| {
         if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
             return Err(nfsstat3::NFS3ERR_INVAL);
         }
-        put_opaque(out, &sys::readlink(raw(obj)).map_err(to_nfsstat)?);
-        Ok(())
-    });
-    Ok(())
+        Ok(Target(sys::readlink(raw(obj)).map_err(to_nfsstat)?))
+    })
 }
 
 /// How a READ may get its data.
@@ -281,96 +261,107 @@ pub enum ReadHow<'a> {
     /// after the reply; small ones into the reply.
     Splice(&'a mut Option<Piped>),
     /// Only if the page cache holds all of it (the caller is an async task that must not
-    /// wait for a disk); otherwise nothing is written and `.0` is set.
-    CachedOnly(&'a Cell<bool>),
+    /// wait for a disk); otherwise the call stops with [`Early::WouldBlock`].
+    CachedOnly,
 }
 
-/// Where a READ's data went.
-enum ReadInto {
-    /// This many bytes, appended to the reply.
-    Reply(usize),
-    /// Into this thread's pipe, to be spliced into the socket after the reply.
-    Pipe(Piped),
-    /// Nowhere: not all in the page cache.
-    WouldBlock,
+/// READ's results.
+pub struct ReadOk {
+    eof: bool,
+    data: ReadData,
 }
 
-pub fn read(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>, how: ReadHow) -> ProcResult {
+enum ReadData {
+    /// In the reply.
+    Bytes(Vec<u8>),
+    /// This many bytes in this thread's pipe, spliced into the socket after the reply
+    /// (and padded there).
+    Piped(usize),
+}
+
+impl Encode for ReadOk {
+    fn encode(self, out: &mut Vec<u8>) {
+        match self.data {
+            ReadData::Bytes(b) => {
+                put_u32(out, b.len() as u32);
+                put_bool(out, self.eof);
+                put_opaque(out, &b);
+            }
+            ReadData::Piped(n) => {
+                put_u32(out, n as u32);
+                put_bool(out, self.eof);
+                put_u32(out, n as u32);
+            }
+        }
+    }
+}
+
+/// Up to `count` bytes at `off` (with `nowait`, only what the page cache holds).
+fn pread(fd: std::os::fd::RawFd, count: usize, off: u64, nowait: bool) -> sys::SysResult<Vec<u8>> {
+    let mut b = Vec::with_capacity(count);
+    sys::pread_append(fd, &mut b, count, off, nowait)?;
+    Ok(b)
+}
+
+pub fn read(ctx: &Ctx, args: &mut XdrIn, how: ReadHow) -> Proc<ReadOk, PostOp> {
     let fh = args.fh()?;
     let offset = args.u64()?;
     let count = args.u32()?.min(MAX_IO) as usize;
-    let r = ctx.resolve(fh).and_then(|(v, obj)| {
-        let st = sys::fstat(raw(&obj)).map_err(to_nfsstat)?;
-        let rfd = io_for(ctx, &v, &obj, &st, false)?;
-        Ok((v, st, obj, rfd))
-    });
-    let (v, st, _obj, rfd) = match r {
-        Ok(x) => x,
-        Err(s) => {
-            status(out, s);
-            post_op(out, None, 0);
-            return Ok(());
-        }
-    };
-    // Status, attributes, then count, eof and the data's length, filled in below.
-    let start = out.len();
-    status(out, nfsstat3::NFS3_OK);
-    post_op(out, Some(&st), v.meta.id);
-    let counts_at = out.len();
-    out.extend_from_slice(&[0u8; 12]);
-    let got = match &how {
-        ReadHow::Splice(_) if count >= splice::MIN_SPLICE => {
+    let (v, obj, st) = ctx.resolve_stat(fh)?;
+    let rfd = io_for(ctx, &v, &obj, &st, false)?;
+    let data = match how {
+        ReadHow::Splice(slot) if count >= splice::MIN_SPLICE => {
             splice::file_to_pipe(rfd, offset, count).and_then(|piped| match piped {
-                Some(p) => Ok(ReadInto::Pipe(p)),
-                None => sys::pread_append(rfd, out, count, offset, false).map(ReadInto::Reply),
+                Some(p) => {
+                    let n = p.len();
+                    *slot = Some(p);
+                    Ok(ReadData::Piped(n))
+                }
+                None => pread(rfd, count, offset, false).map(ReadData::Bytes),
             })
         }
         // Large READs go to the blocking pool, to be spliced.
-        ReadHow::CachedOnly(_) if count >= splice::MIN_SPLICE => Ok(ReadInto::WouldBlock),
-        ReadHow::CachedOnly(_) => match sys::pread_append(rfd, out, count, offset, true) {
+        ReadHow::CachedOnly if count >= splice::MIN_SPLICE => return Err(Early::WouldBlock),
+        ReadHow::CachedOnly => match pread(rfd, count, offset, true) {
             // All of it, or all there is before the end of the file.
-            Ok(n) if n == count || offset + n as u64 >= st.st_size as u64 => Ok(ReadInto::Reply(n)),
+            Ok(b) if b.len() == count || offset + b.len() as u64 >= st.st_size as u64 => {
+                Ok(ReadData::Bytes(b))
+            }
             // Short, not cached, or not supported here: the blocking path will tell.
-            _ => Ok(ReadInto::WouldBlock),
+            _ => return Err(Early::WouldBlock),
         },
-        _ => sys::pread_append(rfd, out, count, offset, false).map(ReadInto::Reply),
+        _ => pread(rfd, count, offset, false).map(ReadData::Bytes),
     };
-    let n = match got {
-        Ok(ReadInto::Reply(n)) => {
-            out.extend_from_slice(&[0u8; 3][..(4 - n % 4) % 4]);
-            n
+    let result = data.map_err(to_nfsstat).map(|data| {
+        let n = match &data {
+            ReadData::Bytes(b) => b.len(),
+            ReadData::Piped(n) => *n,
+        };
+        ctx.bytes.set(n as u64);
+        ReadOk {
+            eof: offset.saturating_add(n as u64) >= st.st_size as u64,
+            data,
         }
-        Ok(ReadInto::Pipe(p)) => {
-            let n = p.len();
-            // Padded when it is sent.
-            if let ReadHow::Splice(slot) = how {
-                *slot = Some(p);
-            }
-            n
-        }
-        Ok(ReadInto::WouldBlock) => {
-            out.truncate(start);
-            if let ReadHow::CachedOnly(flag) = how {
-                flag.set(true);
-            }
-            return Ok(());
-        }
-        Err(e) => {
-            out.truncate(start);
-            status(out, to_nfsstat(e));
-            post_op(out, Some(&st), v.meta.id);
-            return Ok(());
-        }
-    };
-    ctx.bytes.set(n as u64);
-    let eof = offset.saturating_add(n as u64) >= st.st_size as u64;
-    out[counts_at..counts_at + 4].copy_from_slice(&(n as u32).to_be_bytes());
-    out[counts_at + 4..counts_at + 8].copy_from_slice(&u32::from(eof).to_be_bytes());
-    out[counts_at + 8..counts_at + 12].copy_from_slice(&(n as u32).to_be_bytes());
-    Ok(())
+    });
+    Ok(Answer::with(PostOp::of(Some(&st), v.meta.id), result))
 }
 
-pub fn write(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
+/// WRITE's results.
+pub struct Written {
+    count: u32,
+    committed: stable_how,
+    verifier: [u8; 8],
+}
+
+impl Encode for Written {
+    fn encode(self, out: &mut Vec<u8>) {
+        put_u32(out, self.count);
+        put_u32(out, self.committed as u32);
+        out.extend_from_slice(&self.verifier);
+    }
+}
+
+pub fn write(ctx: &Ctx, args: &mut XdrIn) -> Proc<Written, Wcc> {
     let fh = args.fh()?;
     let offset = args.u64()?;
     let count = args.u32()?;
@@ -380,21 +371,12 @@ pub fn write(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
         0 => stable_how::UNSTABLE,
         1 => stable_how::DATA_SYNC,
         2 => stable_how::FILE_SYNC,
-        _ => return Err(Garbage),
+        _ => return Err(Early::Garbage),
     };
     let data = &data[..data.len().min(count as usize)];
-    let (v, fd) = match ctx.resolve(fh) {
-        Ok(x) => x,
-        Err(s) => {
-            status(out, s);
-            wcc(out, None, None, 0);
-            return Ok(());
-        }
-    };
-    let before = stat_opt(&fd);
-    let result = (|| {
+    changing(ctx, fh, |v, fd, before| {
         let st = before.ok_or(nfsstat3::NFS3ERR_STALE)?;
-        let wfd = io_for(ctx, &v, &fd, &st, true)?;
+        let wfd = io_for(ctx, v, fd, st, true)?;
         let end = offset
             .checked_add(data.len() as u64)
             .ok_or(nfsstat3::NFS3ERR_FBIG)?;
@@ -416,7 +398,7 @@ pub fn write(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
             let after = sys::fstat(wfd).map_or(before + reserve, |st| quota::charge_of(&st));
             charging.settle(reserve, before, after);
             r.map_err(to_nfsstat)?;
-            drop_setid_bits(ctx, &v, wfd, st.st_mode)?;
+            drop_setid_bits(ctx, v, wfd, st.st_mode)?;
         }
         // Synced before the reply: acknowledged data is on disk.
         match stable {
@@ -424,24 +406,13 @@ pub fn write(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
             stable_how::DATA_SYNC => sys::fdatasync(wfd).map_err(to_nfsstat)?,
             stable_how::UNSTABLE => {}
         }
-        Ok(())
-    })();
-    let after = stat_opt(&fd);
-    match result {
-        Ok(()) => {
-            ctx.bytes.set(data.len() as u64);
-            status(out, nfsstat3::NFS3_OK);
-            wcc(out, before.as_ref(), after.as_ref(), v.meta.id);
-            put_u32(out, data.len() as u32);
-            put_u32(out, stable as u32);
-            out.extend_from_slice(&ctx.ex.verifier);
-        }
-        Err(s) => {
-            status(out, s);
-            wcc(out, before.as_ref(), after.as_ref(), v.meta.id);
-        }
-    }
-    Ok(())
+        ctx.bytes.set(data.len() as u64);
+        Ok(Written {
+            count: data.len() as u32,
+            committed: stable,
+            verifier: ctx.ex.verifier,
+        })
+    })
 }
 
 /// After a WRITE: a writer other than root loses a file's set-user-ID bit, and its
@@ -468,66 +439,70 @@ fn drop_setid_bits(
     Ok(())
 }
 
-pub fn commit(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
+pub fn commit(ctx: &Ctx, args: &mut XdrIn) -> Proc<[u8; 8], Wcc> {
     let fh = args.fh()?;
     let _offset = args.u64()?;
     let _count = args.u32()?;
-    let (v, fd) = match ctx.resolve(fh) {
-        Ok(x) => x,
-        Err(s) => {
-            status(out, s);
-            wcc(out, None, None, 0);
-            return Ok(());
-        }
-    };
-    let before = stat_opt(&fd);
     // Syncing needs no permission; it only makes durable what was already written.
-    let result = match before.as_ref().map(|st| st.st_mode & libc::S_IFMT) {
-        Some(libc::S_IFREG) => fd
-            .io_fd(false)
-            .and_then(|f| sys::fsync(f).map_err(to_nfsstat)),
-        Some(libc::S_IFDIR) => Err(nfsstat3::NFS3ERR_ISDIR),
-        _ => Err(nfsstat3::NFS3ERR_INVAL),
-    };
-    let after = stat_opt(&fd);
-    match result {
-        Ok(()) => {
-            status(out, nfsstat3::NFS3_OK);
-            wcc(out, before.as_ref(), after.as_ref(), v.meta.id);
-            out.extend_from_slice(&ctx.ex.verifier);
+    changing(ctx, fh, |_, fd, before| {
+        match before.map(|st| st.st_mode & libc::S_IFMT) {
+            Some(libc::S_IFREG) => sys::fsync(fd.io_fd(false)?).map_err(to_nfsstat)?,
+            Some(libc::S_IFDIR) => return Err(nfsstat3::NFS3ERR_ISDIR),
+            _ => return Err(nfsstat3::NFS3ERR_INVAL),
         }
-        Err(s) => {
-            status(out, s);
-            wcc(out, before.as_ref(), after.as_ref(), v.meta.id);
-        }
-    }
-    Ok(())
+        Ok(ctx.ex.verifier)
+    })
 }
 
-pub fn fsstat(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
-    let fh = args.fh()?;
-    with_attrs(ctx, fh, out, |v, _, _, out| {
-        let vfs = sys::statvfs(raw(&v.root)).map_err(to_nfsstat)?;
-        // The volume's own size and free space, so `df` shows the PVC size
-        // (`df` in the pod shows the claim's size). Free space is also capped by the real disk.
-        let disk_free = vfs.f_bavail.saturating_mul(vfs.f_frsize);
-        let free = v.free().min(disk_free);
-        put_u64(out, v.limit.load(std::sync::atomic::Ordering::Acquire));
-        put_u64(out, free);
-        put_u64(out, free);
-        put_u64(out, vfs.f_files);
-        put_u64(out, vfs.f_ffree);
-        put_u64(out, vfs.f_favail);
+/// FSSTAT's results.
+pub struct FsStat {
+    bytes: u64,
+    free: u64,
+    files: u64,
+    ffree: u64,
+    favail: u64,
+}
+
+impl Encode for FsStat {
+    fn encode(self, out: &mut Vec<u8>) {
+        for x in [
+            self.bytes,
+            self.free,
+            self.free,
+            self.files,
+            self.ffree,
+            self.favail,
+        ] {
+            put_u64(out, x);
+        }
         put_u32(out, 0); // invarsec
-        Ok(())
-    });
-    Ok(())
+    }
 }
 
-pub fn fsinfo(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
-    use nfs3_types::nfs3::{FSF3_CANSETTIME, FSF3_HOMOGENEOUS, FSF3_LINK, FSF3_SYMLINK};
+pub fn fsstat(ctx: &Ctx, args: &mut XdrIn) -> Proc<FsStat, PostOp> {
     let fh = args.fh()?;
-    with_attrs(ctx, fh, out, |_, _, _, out| {
+    with_attrs(ctx, fh, |v, _, _| {
+        let vfs = sys::statvfs(raw(&v.root)).map_err(to_nfsstat)?;
+        // The volume's own size and free space, so `df` in the pod shows the claim's
+        // size. Free space is also capped by the real disk.
+        let disk_free = vfs.f_bavail.saturating_mul(vfs.f_frsize);
+        Ok(FsStat {
+            bytes: v.limit.load(std::sync::atomic::Ordering::Acquire),
+            free: v.free().min(disk_free),
+            files: vfs.f_files,
+            ffree: vfs.f_ffree,
+            favail: vfs.f_favail,
+        })
+    })
+}
+
+/// FSINFO's results: the same for every volume.
+pub struct FsInfo;
+
+impl Encode for FsInfo {
+    fn encode(self, out: &mut Vec<u8>) {
+        use nfs3_types::nfs3::{FSF3_CANSETTIME, FSF3_HOMOGENEOUS, FSF3_LINK, FSF3_SYMLINK};
+        // rtmax, rtpref, rtmult, wtmax, wtpref, wtmult, dtpref.
         for x in [MAX_IO, MAX_IO, 4096, MAX_IO, MAX_IO, 4096, 64 * 1024] {
             put_u32(out, x);
         }
@@ -538,21 +513,29 @@ pub fn fsinfo(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
             out,
             FSF3_LINK | FSF3_SYMLINK | FSF3_HOMOGENEOUS | FSF3_CANSETTIME,
         );
-        Ok(())
-    });
-    Ok(())
+    }
 }
 
-pub fn pathconf(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> ProcResult {
+pub fn fsinfo(ctx: &Ctx, args: &mut XdrIn) -> Proc<FsInfo, PostOp> {
     let fh = args.fh()?;
-    with_attrs(ctx, fh, out, |_, _, _, out| {
+    with_attrs(ctx, fh, |_, _, _| Ok(FsInfo))
+}
+
+/// PATHCONF's results: the same for every volume.
+pub struct PathConf;
+
+impl Encode for PathConf {
+    fn encode(self, out: &mut Vec<u8>) {
         put_u32(out, 65000); // linkmax
         put_u32(out, 255); // name_max
         put_bool(out, true); // no_trunc
         put_bool(out, true); // chown_restricted
         put_bool(out, false); // case_insensitive
         put_bool(out, true); // case_preserving
-        Ok(())
-    });
-    Ok(())
+    }
+}
+
+pub fn pathconf(ctx: &Ctx, args: &mut XdrIn) -> Proc<PathConf, PostOp> {
+    let fh = args.fh()?;
+    with_attrs(ctx, fh, |_, _, _| Ok(PathConf))
 }
