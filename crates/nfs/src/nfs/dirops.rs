@@ -178,6 +178,20 @@ fn dir_charge(v: &Volume, dir: &Obj) -> u64 {
 
 /// Applies the attributes a create call carried beyond the mode.
 fn apply_sattr(charging: &Charging, fd: &OwnedFd, s: &sattr3) -> Result<(), nfsstat3> {
+    set_owner(fd, s)?;
+    if let Nfs3Option::Some(size) = s.size {
+        // Opening anything but a regular file could block (a FIFO) or reach a device.
+        if sys::fstat(raw(fd)).map_err(to_nfsstat)?.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(nfsstat3::NFS3ERR_INVAL);
+        }
+        let wfd = sys::reopen(raw(fd), libc::O_WRONLY).map_err(to_nfsstat)?;
+        set_size(charging, raw(&wfd), size)?;
+    }
+    Ok(())
+}
+
+/// Gives `fd` the owner and group a create call asked for, if any.
+fn set_owner(fd: &OwnedFd, s: &sattr3) -> Result<(), nfsstat3> {
     let uid = if let Nfs3Option::Some(u) = s.uid {
         u
     } else {
@@ -191,15 +205,15 @@ fn apply_sattr(charging: &Charging, fd: &OwnedFd, s: &sattr3) -> Result<(), nfss
     if uid != u32::MAX || gid != u32::MAX {
         sys::fchownat_empty(raw(fd), uid, gid).map_err(to_nfsstat)?;
     }
-    if let Nfs3Option::Some(size) = s.size {
-        // Opening anything but a regular file could block (a FIFO) or reach a device.
-        if sys::fstat(raw(fd)).map_err(to_nfsstat)?.st_mode & libc::S_IFMT != libc::S_IFREG {
-            return Err(nfsstat3::NFS3ERR_INVAL);
-        }
-        let wfd = sys::reopen(raw(fd), libc::O_WRONLY).map_err(to_nfsstat)?;
-        set_size(charging, raw(&wfd), size)?;
-    }
     Ok(())
+}
+
+/// The object MKDIR, SYMLINK or MKNOD just made as `name`, given the owner the call
+/// asked for (its mode was set when it was made; a size means nothing to it).
+fn made_new(dir: &OwnedFd, name: &[u8], s: &sattr3) -> Result<(OwnedFd, bool), nfsstat3> {
+    let fd = sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
+    set_owner(&fd, s)?;
+    Ok((fd, true))
 }
 
 fn mode_or(s: &sattr3, default: u32) -> u32 {
@@ -304,18 +318,9 @@ pub fn mkdir(ctx: &Ctx, args: &mut XdrIn) -> Proc<Made, (), Wcc> {
     let dir_fh = args.fh()?;
     let name = args.filename()?;
     let s = args.sattr()?;
-    create_common(ctx, dir_fh, name, |charging, dir| {
+    create_common(ctx, dir_fh, name, |_, dir| {
         sys::mkdirat(raw(dir), name, mode_or(&s, 0o755)).map_err(to_nfsstat)?;
-        let fd = sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
-        apply_sattr(
-            charging,
-            &fd,
-            &sattr3 {
-                size: Nfs3Option::None,
-                ..s.clone()
-            },
-        )?;
-        Ok((fd, true))
+        made_new(dir, name, &s)
     })
 }
 
@@ -324,22 +329,12 @@ pub fn symlink(ctx: &Ctx, args: &mut XdrIn) -> Proc<Made, (), Wcc> {
     let name = args.filename()?;
     let s = args.sattr()?;
     let target = args.path()?;
-    create_common(ctx, dir_fh, name, |charging, dir| {
+    create_common(ctx, dir_fh, name, |_, dir| {
         if target.is_empty() || target.contains(&0) {
             return Err(nfsstat3::NFS3ERR_INVAL);
         }
         sys::symlinkat(target, raw(dir), name).map_err(to_nfsstat)?;
-        let fd = sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
-        apply_sattr(
-            charging,
-            &fd,
-            &sattr3 {
-                size: Nfs3Option::None,
-                mode: Nfs3Option::None,
-                ..s.clone()
-            },
-        )?;
-        Ok((fd, true))
+        made_new(dir, name, &s)
     })
 }
 
@@ -370,18 +365,9 @@ pub fn mknod(ctx: &Ctx, args: &mut XdrIn) -> Proc<Made, (), Wcc> {
         1 | 2 | 5 => return Err(nfsstat3::NFS3ERR_BADTYPE.into()),
         _ => return Err(Early::Garbage),
     };
-    create_common(ctx, dir_fh, name, |charging, dir| {
+    create_common(ctx, dir_fh, name, |_, dir| {
         sys::mknodat(raw(dir), name, fmt | mode_or(&s, 0o644), dev).map_err(to_nfsstat)?;
-        let fd = sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
-        apply_sattr(
-            charging,
-            &fd,
-            &sattr3 {
-                size: Nfs3Option::None,
-                ..s.clone()
-            },
-        )?;
-        Ok((fd, true))
+        made_new(dir, name, &s)
     })
 }
 
