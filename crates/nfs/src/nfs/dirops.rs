@@ -50,8 +50,7 @@ fn check_new_name(name: &[u8]) -> Result<(), nfsstat3> {
 
 /// Resolves a directory handle; fails with NOTDIR for anything else.
 fn resolve_dir(ctx: &Ctx, fh: &[u8]) -> Result<(Arc<Volume>, Arc<Obj>, libc::stat), nfsstat3> {
-    let (v, fd) = ctx.resolve(fh)?;
-    let st = sys::fstat(raw(&fd)).map_err(to_nfsstat)?;
+    let (v, fd, st) = ctx.resolve(fh)?;
     if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
         return Err(nfsstat3::NFS3ERR_NOTDIR);
     }
@@ -481,7 +480,7 @@ pub fn link(ctx: &Ctx, args: &mut XdrIn) -> Proc<(), (PostOp, Wcc)> {
     let file_fh = args.fh()?;
     let dir_fh = args.fh()?;
     let name = args.filename()?;
-    let (v, file) = ctx.resolve(file_fh)?;
+    let (v, file, _) = ctx.resolve(file_fh)?;
     let (v2, dir, before) = resolve_dir(ctx, dir_fh)?;
     let r = (|| {
         if v.meta.id != v2.meta.id {

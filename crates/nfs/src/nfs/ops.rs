@@ -65,25 +65,17 @@ impl Ctx<'_> {
         })
     }
 
-    pub fn resolve(&self, fh: &[u8]) -> Result<(Arc<Volume>, Arc<Obj>), nfsstat3> {
-        let (v, obj) = self.ex.resolve(self.client, fh)?;
+    /// Resolves a handle to its volume, object and the object's attributes now.
+    pub fn resolve(&self, fh: &[u8]) -> Result<(Arc<Volume>, Arc<Obj>, libc::stat), nfsstat3> {
+        let (v, obj, st) = self.ex.resolve(self.client, fh)?;
         self.counts_for(&v);
-        Ok((v, obj))
+        Ok((v, obj, st))
     }
 
     /// Counts the call for `v` in the metrics (unless a handle resolved before).
     pub fn counts_for(&self, v: &Arc<Volume>) {
         let first = self.volume.take().unwrap_or_else(|| v.clone());
         self.volume.set(Some(first));
-    }
-}
-
-impl Ctx<'_> {
-    /// Resolves a handle and stats the object.
-    pub fn resolve_stat(&self, fh: &[u8]) -> Result<(Arc<Volume>, Arc<Obj>, libc::stat), nfsstat3> {
-        let (v, obj) = self.resolve(fh)?;
-        let st = sys::fstat(raw(&obj)).map_err(to_nfsstat)?;
-        Ok((v, obj, st))
     }
 }
 
@@ -98,32 +90,31 @@ fn with_attrs<T>(
     fh: &[u8],
     body: impl FnOnce(&Volume, &Obj, &libc::stat) -> Result<T, nfsstat3>,
 ) -> Proc<T, PostOp> {
-    let (v, obj, st) = ctx.resolve_stat(fh)?;
+    let (v, obj, st) = ctx.resolve(fh)?;
     let result = body(&v, &obj, &st);
     Ok(Answer::with(PostOp::of(Some(&st), v.meta.id), result))
 }
 
 /// The procedures that change one object and answer `status, wcc_data, results`:
-/// `body` runs with the object and its attributes before the change (if they could be
-/// read); the attributes after are read once it is done, whatever it returned.
+/// `body` runs with the object and its attributes before the change; the attributes
+/// after are read once it is done, whatever it returned.
 fn changing<T>(
     ctx: &Ctx,
     fh: &[u8],
-    body: impl FnOnce(&Volume, &Obj, Option<&libc::stat>) -> Result<T, nfsstat3>,
+    body: impl FnOnce(&Volume, &Obj, &libc::stat) -> Result<T, nfsstat3>,
 ) -> Proc<T, Wcc> {
-    let (v, obj) = ctx.resolve(fh)?;
-    let before = stat_opt(&obj);
-    let result = body(&v, &obj, before.as_ref());
+    let (v, obj, before) = ctx.resolve(fh)?;
+    let result = body(&v, &obj, &before);
     let after = stat_opt(&obj);
     Ok(Answer::with(
-        Wcc::of(before.as_ref(), after.as_ref(), v.meta.id),
+        Wcc::of(Some(&before), after.as_ref(), v.meta.id),
         result,
     ))
 }
 
 pub fn getattr(ctx: &Ctx, args: &mut XdrIn) -> Proc<fattr3> {
     let fh = args.fh()?;
-    let (v, _, st) = ctx.resolve_stat(fh)?;
+    let (v, _, st) = ctx.resolve(fh)?;
     Ok(Answer::with((), Ok(attr::fattr(&st, v.meta.id))))
 }
 
@@ -131,8 +122,7 @@ pub fn setattr(ctx: &Ctx, args: &mut XdrIn) -> Proc<(), Wcc> {
     let fh = args.fh()?;
     let sattr = args.sattr()?;
     let guard = args.guard()?;
-    changing(ctx, fh, |v, fd, before| {
-        let st = before.ok_or(nfsstat3::NFS3ERR_STALE)?;
+    changing(ctx, fh, |v, fd, st| {
         if let Some(ctime) = guard {
             let now = attr::wcc(st).ctime;
             if now != ctime {
@@ -307,7 +297,7 @@ pub fn read(ctx: &Ctx, args: &mut XdrIn, how: ReadHow) -> Proc<ReadOk, PostOp> {
     let fh = args.fh()?;
     let offset = args.u64()?;
     let count = args.u32()?.min(MAX_IO) as usize;
-    let (v, obj, st) = ctx.resolve_stat(fh)?;
+    let (v, obj, st) = ctx.resolve(fh)?;
     let rfd = io_for(ctx, &v, &obj, &st, false)?;
     let data = match how {
         ReadHow::Splice(slot) if count >= splice::MIN_SPLICE => {
@@ -374,8 +364,7 @@ pub fn write(ctx: &Ctx, args: &mut XdrIn) -> Proc<Written, Wcc> {
         _ => return Err(Early::Garbage),
     };
     let data = &data[..data.len().min(count as usize)];
-    changing(ctx, fh, |v, fd, before| {
-        let st = before.ok_or(nfsstat3::NFS3ERR_STALE)?;
+    changing(ctx, fh, |v, fd, st| {
         let wfd = io_for(ctx, v, fd, st, true)?;
         let end = offset
             .checked_add(data.len() as u64)
@@ -444,10 +433,10 @@ pub fn commit(ctx: &Ctx, args: &mut XdrIn) -> Proc<[u8; 8], Wcc> {
     let _offset = args.u64()?;
     let _count = args.u32()?;
     // Syncing needs no permission; it only makes durable what was already written.
-    changing(ctx, fh, |_, fd, before| {
-        match before.map(|st| st.st_mode & libc::S_IFMT) {
-            Some(libc::S_IFREG) => sys::fsync(fd.io_fd(false)?).map_err(to_nfsstat)?,
-            Some(libc::S_IFDIR) => return Err(nfsstat3::NFS3ERR_ISDIR),
+    changing(ctx, fh, |_, fd, st| {
+        match st.st_mode & libc::S_IFMT {
+            libc::S_IFREG => sys::fsync(fd.io_fd(false)?).map_err(to_nfsstat)?,
+            libc::S_IFDIR => return Err(nfsstat3::NFS3ERR_ISDIR),
             _ => return Err(nfsstat3::NFS3ERR_INVAL),
         }
         Ok(ctx.ex.verifier)

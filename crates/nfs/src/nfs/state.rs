@@ -370,7 +370,7 @@ impl Exports {
         &self,
         client: IpAddr,
         wire: &[u8],
-    ) -> Result<(Arc<Volume>, Arc<Obj>), nfsstat3> {
+    ) -> Result<(Arc<Volume>, Arc<Obj>, libc::stat), nfsstat3> {
         let fh = self
             .key
             .open(wire)
@@ -391,8 +391,10 @@ impl Exports {
             .map(|(_, o)| o.clone());
         if let Some(obj) = cached {
             // Deleted since we opened it: the handle is stale now.
-            if sys::fstat(sys::raw(&obj)).is_ok_and(|st| st.st_nlink > 0) {
-                return Ok((volume, obj));
+            if let Ok(st) = sys::fstat(sys::raw(&obj))
+                && st.st_nlink > 0
+            {
+                return Ok((volume, obj, st));
             }
             self.objects
                 .lock()
@@ -410,13 +412,17 @@ impl Exports {
             libc::ESTALE | libc::ENOENT | libc::EINVAL => nfsstat3::NFS3ERR_STALE,
             _ => to_nfsstat(e),
         })?;
+        let st = sys::fstat(sys::raw(&fd)).map_err(to_nfsstat)?;
+        if st.st_nlink == 0 {
+            return Err(nfsstat3::NFS3ERR_STALE);
+        }
         let obj = Arc::new(Obj::new(fd));
         let mut cache = self.objects.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= MAX_CACHED {
             cache.clear();
         }
         cache.insert(wire.to_vec(), (volume.meta.id, obj.clone()));
-        Ok((volume, obj))
+        Ok((volume, obj, st))
     }
 
     /// Drops the cached object for `fd` (after its last link was removed), so the
