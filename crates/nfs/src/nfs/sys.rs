@@ -438,7 +438,10 @@ pub fn read_dir_from(
 /// `setfsuid`/`setfsgid` and the raw `setgroups` syscall act on the calling thread
 /// only (glibc's `setgroups` would change every thread). Threads run with no
 /// supplementary groups ([`drop_supplementary_groups`] at start), so a caller without
-/// groups needs no `setgroups`, and root with no groups needs no switch at all.
+/// groups needs no `setgroups`, and uid 0 with gid 0 needs no switch at all: the
+/// thread already is that caller, and with root's capabilities no permission check
+/// reads its supplementary groups (the Linux client sends root's as `[0]`, and
+/// switching to them would cost seven system calls on every call root makes).
 ///
 /// `setfsuid`/`setfsgid` report no error: for an id the kernel refuses (`u32::MAX`,
 /// or one outside this user namespace's map) they leave the thread as it was, root
@@ -452,7 +455,7 @@ pub struct AsCaller {
 
 impl AsCaller {
     pub fn new(uid: u32, gid: u32, gids: &[u32]) -> Result<Self, Errno> {
-        if uid == 0 && gid == 0 && gids.is_empty() {
+        if uid == 0 && gid == 0 {
             return Ok(Self {
                 switched: false,
                 groups: false,
