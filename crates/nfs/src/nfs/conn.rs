@@ -36,7 +36,7 @@ use super::buffers::BufferPool;
 use super::dirops;
 use super::limits::{Budget, Charge, Limits, Waits};
 use super::mount;
-use super::ops::{self, Ctx, MAX_IO, ReadHow};
+use super::ops::{self, Ctx, MAX_IO};
 use super::reply::{Early, encode};
 use super::rpc::{self, AcceptStat, AuthStat, MAX_RECORD, Reject};
 use super::splice::{self, Piped};
@@ -61,17 +61,19 @@ const SMALL_RESULT: usize = 4 * 1024;
 pub const NFS_PROGRAM: u32 = 100_003;
 
 /// NFS procedures tried on the connection task: those that only read attributes (NULL,
-/// GETATTR, ACCESS, FSSTAT, FSINFO, PATHCONF), and READ, which runs there only when the
-/// page cache holds its data (else it moves to the blocking pool). Anything that may
-/// wait for the disk, changes the namespace or switches the thread's credentials runs
-/// on the blocking pool.
+/// GETATTR, ACCESS, FSSTAT, FSINFO, PATHCONF), READ, which runs there only when the
+/// page cache holds its data, and LOOKUP, only when the dentry cache answers it (else
+/// they move to the blocking pool; see `Ctx::cached_only`). LOOKUP switches the
+/// thread's credentials for its one synchronous step, as on the blocking pool: the
+/// guard puts root's back before the task can yield. Anything else may wait for the
+/// disk or changes the namespace, and runs on the blocking pool.
 fn try_inline(record: &[u8]) -> bool {
     let word = |i: usize| {
         record
             .get(4 * i..4 * i + 4)
             .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     };
-    word(3) == Some(NFS_PROGRAM) && matches!(word(5), Some(0 | 1 | 4 | 6 | 18 | 19 | 20))
+    word(3) == Some(NFS_PROGRAM) && matches!(word(5), Some(0 | 1 | 3 | 4 | 6 | 18 | 19 | 20))
 }
 pub const MOUNT_PROGRAM: u32 = 100_005;
 
@@ -556,6 +558,7 @@ fn respond(
         cred: &call.cred,
         volume: Cell::new(None),
         bytes: Cell::new(0),
+        cached_only: runner == Runner::AsyncTask,
     };
     let mut args = call.args;
     let mut spliced = None;
@@ -569,12 +572,8 @@ fn respond(
             4 => encode(ops::access(&ctx, a), &mut out),
             5 => encode(ops::readlink(&ctx, a), &mut out),
             6 => {
-                let how = match runner {
-                    Runner::Plain => ReadHow::Copy,
-                    Runner::BlockingPool => ReadHow::Splice(&mut spliced),
-                    Runner::AsyncTask => ReadHow::CachedOnly,
-                };
-                encode(ops::read(&ctx, a, how), &mut out)
+                let splice = (runner == Runner::BlockingPool).then_some(&mut spliced);
+                encode(ops::read(&ctx, a, splice), &mut out)
             }
             7 => encode(ops::write(&ctx, a), &mut out),
             8 => encode(dirops::create(&ctx, a), &mut out),

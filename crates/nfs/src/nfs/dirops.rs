@@ -57,20 +57,39 @@ fn resolve_dir(ctx: &Ctx, fh: &[u8]) -> Result<(Arc<Volume>, Arc<Obj>, libc::sta
     Ok((v, fd, st))
 }
 
-/// Looks `name` up in `dir` as the caller, refusing `..` at the volume root.
+/// Looks `name` up in `dir` as the caller, refusing `..` at the volume root. With
+/// `ctx.cached_only`, from the dentry cache only: a lookup that would read the disk
+/// (or a kernel without `RESOLVE_CACHED`) stops with [`Early::WouldBlock`].
 fn lookup_in(
     ctx: &Ctx,
     v: &Volume,
     dir: &OwnedFd,
     dir_st: &libc::stat,
     name: &[u8],
-) -> Result<OwnedFd, nfsstat3> {
-    check_name(name)?;
-    if name == b".." && v.is_root(dir_st) {
-        return Err(nfsstat3::NFS3ERR_ACCES);
+) -> Result<Result<OwnedFd, nfsstat3>, Early> {
+    let checked = check_name(name).and_then(|()| {
+        if name == b".." && v.is_root(dir_st) {
+            return Err(nfsstat3::NFS3ERR_ACCES);
+        }
+        Ok(())
+    });
+    let as_caller = match checked.and_then(|()| ctx.become_caller(v)) {
+        Ok(g) => g,
+        Err(s) => return Ok(Err(s)),
+    };
+    if !ctx.cached_only {
+        return Ok(sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat));
     }
-    let _as = ctx.become_caller(v)?;
-    sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)
+    let found = sys::open_path_cached(raw(dir), name);
+    drop(as_caller);
+    match found {
+        Ok(fd) => Ok(Ok(fd)),
+        // Answers the caches can give for sure.
+        Err(e) if matches!(e.0, libc::ENOENT | libc::EACCES | libc::ENOTDIR) => {
+            Ok(Err(to_nfsstat(e)))
+        }
+        Err(_) => Err(Early::WouldBlock),
+    }
 }
 
 /// LOOKUP's results (the directory's attributes follow them either way).
@@ -90,7 +109,7 @@ pub fn lookup(ctx: &Ctx, args: &mut XdrIn) -> Proc<Found, (), PostOp> {
     let dir_fh = args.fh()?;
     let name = args.filename()?;
     let (v, dir, dir_st) = resolve_dir(ctx, dir_fh)?;
-    let found = lookup_in(ctx, &v, &dir, &dir_st, name).and_then(|fd| {
+    let found = lookup_in(ctx, &v, &dir, &dir_st, name)?.and_then(|fd| {
         let st = sys::fstat(raw(&fd)).map_err(to_nfsstat)?;
         Ok(Found {
             fh: Fh(ctx.ex.handle_for(&v, raw(&fd))?),

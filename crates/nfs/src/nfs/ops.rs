@@ -19,7 +19,7 @@ use super::attr::{self, Caller};
 use super::quota;
 use super::reply::{Answer, Early, Encode, PostOp, Proc, Target, Wcc};
 use super::rpc::Credential;
-use super::splice::{self, Piped};
+use super::splice::Piped;
 use super::state::{Exports, Obj, Volume};
 use super::sys::{self, AsCaller, raw, to_nfsstat};
 use super::xdr::{XdrIn, put_bool, put_opaque, put_u32, put_u64};
@@ -36,6 +36,10 @@ pub struct Ctx<'a> {
     pub volume: Cell<Option<Arc<Volume>>>,
     /// Data bytes a READ returned or a WRITE wrote, for the metrics.
     pub bytes: Cell<u64>,
+    /// The call runs on the connection's async task, which must not wait for a disk:
+    /// a READ or LOOKUP the page and dentry caches cannot answer stops with
+    /// [`Early::WouldBlock`] (nothing done) and runs again on the blocking pool.
+    pub cached_only: bool,
 }
 
 impl Ctx<'_> {
@@ -243,18 +247,6 @@ pub fn readlink(ctx: &Ctx, args: &mut XdrIn) -> Proc<Target, PostOp> {
     })
 }
 
-/// How a READ may get its data.
-pub enum ReadHow<'a> {
-    /// Into the reply, however long the disk takes.
-    Copy,
-    /// Large READs into this thread's pipe, left in `.0` to be spliced into the socket
-    /// after the reply; small ones into the reply.
-    Splice(&'a mut Option<Piped>),
-    /// Only if the page cache holds all of it (the caller is an async task that must not
-    /// wait for a disk); otherwise the call stops with [`Early::WouldBlock`].
-    CachedOnly,
-}
-
 /// READ's results.
 pub struct ReadOk {
     eof: bool,
@@ -293,15 +285,36 @@ fn pread(fd: std::os::fd::RawFd, count: usize, off: u64, nowait: bool) -> sys::S
     Ok(b)
 }
 
-pub fn read(ctx: &Ctx, args: &mut XdrIn, how: ReadHow) -> Proc<ReadOk, PostOp> {
+/// READ. With `splice`, large READs go into this thread's pipe, left there to be
+/// spliced into the socket after the reply; otherwise into the reply. With
+/// `ctx.cached_only`, only what the page cache holds.
+pub fn read(
+    ctx: &Ctx,
+    args: &mut XdrIn,
+    splice: Option<&mut Option<Piped>>,
+) -> Proc<ReadOk, PostOp> {
     let fh = args.fh()?;
     let offset = args.u64()?;
     let count = args.u32()?.min(MAX_IO) as usize;
     let (v, obj, st) = ctx.resolve(fh)?;
     let rfd = io_for(ctx, &v, &obj, &st, false)?;
-    let data = match how {
-        ReadHow::Splice(slot) if count >= splice::MIN_SPLICE => {
-            splice::file_to_pipe(rfd, offset, count).and_then(|piped| match piped {
+    let data = match splice {
+        _ if ctx.cached_only => {
+            // Large READs go to the blocking pool, to be spliced.
+            if count >= super::splice::MIN_SPLICE {
+                return Err(Early::WouldBlock);
+            }
+            match pread(rfd, count, offset, true) {
+                // All of it, or all there is before the end of the file.
+                Ok(b) if b.len() == count || offset + b.len() as u64 >= st.st_size as u64 => {
+                    Ok(ReadData::Bytes(b))
+                }
+                // Short, not cached, or not supported here: the blocking path will tell.
+                _ => return Err(Early::WouldBlock),
+            }
+        }
+        Some(slot) if count >= super::splice::MIN_SPLICE => {
+            super::splice::file_to_pipe(rfd, offset, count).and_then(|piped| match piped {
                 Some(p) => {
                     let n = p.len();
                     *slot = Some(p);
@@ -310,16 +323,6 @@ pub fn read(ctx: &Ctx, args: &mut XdrIn, how: ReadHow) -> Proc<ReadOk, PostOp> {
                 None => pread(rfd, count, offset, false).map(ReadData::Bytes),
             })
         }
-        // Large READs go to the blocking pool, to be spliced.
-        ReadHow::CachedOnly if count >= splice::MIN_SPLICE => return Err(Early::WouldBlock),
-        ReadHow::CachedOnly => match pread(rfd, count, offset, true) {
-            // All of it, or all there is before the end of the file.
-            Ok(b) if b.len() == count || offset + b.len() as u64 >= st.st_size as u64 => {
-                Ok(ReadData::Bytes(b))
-            }
-            // Short, not cached, or not supported here: the blocking path will tell.
-            _ => return Err(Early::WouldBlock),
-        },
         _ => pread(rfd, count, offset, false).map(ReadData::Bytes),
     };
     let result = data.map_err(to_nfsstat).map(|data| {
