@@ -396,3 +396,58 @@ async fn mount_serves_volume_paths_and_nothing_else() {
     m.umntall().await.expect("UMNTALL");
     assert!(m.dump().await.expect("DUMP").0.is_empty());
 }
+
+#[tokio::test]
+async fn readdirplus_pages_fill_maxcount_and_never_pass_it() {
+    use nfs3_types::xdr_codec::Pack;
+    let dir = tempfile::tempdir().expect("tempdir");
+    create_volume(dir.path(), "vol", 16 * MIB);
+    let d = dir.path().join("volumes/vol/d");
+    std::fs::create_dir(&d).expect("mkdir");
+    let files = 2000;
+    for i in 0..files {
+        std::fs::File::create(d.join(format!("file-{i:05}"))).expect("create");
+    }
+    let node = Node::start(dir.path()).await;
+    let mut c = Client::mount(node.port, "vol").await;
+    let root = c.root.clone();
+    let d = c.lookup(&root, b"d").await.expect("lookup");
+    // What the Linux client asks for: dircount an eighth of maxcount.
+    let maxcount = 32 * 1024;
+    let (mut cookie, mut cookieverf, mut listed) = (0, cookieverf3::default(), 0);
+    loop {
+        let r = c
+            .nfs
+            .readdirplus(&READDIRPLUS3args {
+                dir: d.clone(),
+                cookie,
+                cookieverf,
+                dircount: maxcount / 8,
+                maxcount,
+            })
+            .await
+            .expect("rpc");
+        let Nfs3Result::Ok(ok) = r else {
+            panic!("READDIRPLUS failed: {r:?}")
+        };
+        // The reply's body: the status word, then the results.
+        let size = 4 + ok.packed_size();
+        assert!(size <= maxcount as usize, "a {size}-byte page");
+        let entries = &ok.reply.entries.0;
+        if !ok.reply.eof {
+            // No room left for another entry like these (about 180 bytes each).
+            assert!(
+                size + 200 > maxcount as usize,
+                "a {size}-byte page of {} entries left room",
+                entries.len()
+            );
+        }
+        listed += entries.len();
+        if ok.reply.eof {
+            break;
+        }
+        cookie = entries.last().expect("a page with entries").cookie;
+        cookieverf = ok.cookieverf;
+    }
+    assert_eq!(listed, files + 2, "every name, `.` and `..`, once");
+}

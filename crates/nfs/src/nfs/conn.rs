@@ -53,7 +53,6 @@ const SMALL_REPLY: usize = 16 * 1024;
 /// How long a blocking thread waits for another writer to free the socket before it
 /// hands its reply to the writer task: several 1 MiB sends to a client that reads.
 const LOCK_WAIT: Duration = Duration::from_millis(5);
-const LOCK_POLL: Duration = Duration::from_micros(50);
 /// What a reply other than READ's and READDIR's data can take: attributes, wcc data,
 /// a handle, a path (RFC 1813 limits each).
 const SMALL_RESULT: usize = 4 * 1024;
@@ -367,14 +366,14 @@ impl Outbox {
         tx: &mpsc::Sender<Queued>,
         held: (OwnedSemaphorePermit, Charge),
     ) {
-        let give_up = Instant::now() + LOCK_WAIT;
-        let wr = loop {
-            match self.sink.try_lock() {
-                Ok(wr) => break Some(wr),
-                Err(_) if Instant::now() >= give_up => break None,
-                Err(_) => std::thread::sleep(LOCK_POLL),
-            }
-        };
+        // Parked until the holder lets go (woken by it, in turn), not polled: the holder
+        // is often the previous call's thread, preempted just after its send by the
+        // client it woke, and a sleep here would cost a timer tick each time.
+        let wr = self.sink.try_lock().ok().or_else(|| {
+            tokio::runtime::Handle::current()
+                .block_on(tokio::time::timeout(LOCK_WAIT, self.sink.lock()))
+                .ok()
+        });
         match wr {
             Some(wr) => {
                 // Written from this thread: no hand-off to the writer task, no wake-up.

@@ -580,20 +580,27 @@ fn list(
     })?;
     let at_root = v.is_root(dir_st);
     let mut body = Vec::with_capacity(maxcount);
-    // Reply overhead: status, dir attributes, verifier, list end, eof.
+    // Reply overhead: status, dir attributes, verifier, list end, eof (what `encode`
+    // adds around the entries).
     let mut size = 4 + 88 + 8 + 8;
     let mut dsize = 0usize;
     let mut count = 0usize;
+    // READDIRPLUS pages are bounded by `maxcount` alone, as the Linux server and
+    // Ganesha do: the Linux client asks for `dircount` = `maxcount` / 8, which would
+    // cut each page to a third of what fits and triple the round trips of `ls -l`.
+    let dircount = if plus { maxcount } else { dircount };
     // A kernel dirent takes about what an entry takes of `dircount` (RFC 1813 §3.3.17:
     // fileid, name, cookie); READDIRPLUS entries also carry attributes and a handle.
-    let want = if plus {
-        dircount.min(maxcount / 4)
-    } else {
-        dircount
-    };
+    let want = if plus { maxcount / 4 } else { dircount };
     let result = sys::read_dir_from(raw(&rd), cookie, want + 512, |e| {
         let pad = (e.name.len() + 3) & !3;
         let entry_size = 4 + 8 + 4 + pad + 8;
+        // The smallest entry this can be (READDIRPLUS: no attributes, no handle): no
+        // system call for one that cannot fit.
+        let least = if plus { 8 } else { 0 };
+        if size + entry_size + least > maxcount || dsize + entry_size > dircount {
+            return false;
+        }
         let parent_of_root = at_root && e.name == b"..";
         let mut attrs = None;
         let mut fh = None;
@@ -610,8 +617,13 @@ fn list(
                 fh = ctx.ex.handle_for_entry(v, raw(dir), name).ok();
             }
         }
-        let plus_size = if plus { 4 + 84 + 4 + 4 + 64 } else { 0 };
-        if size + entry_size + plus_size > maxcount || dsize + entry_size > dircount {
+        // post_op_attr, then post_op_fh3 (a padded opaque).
+        let plus_size = if plus {
+            4 + attrs.map_or(0, |_| 84) + 4 + fh.as_ref().map_or(0, |h| 4 + ((h.len() + 3) & !3))
+        } else {
+            0
+        };
+        if size + entry_size + plus_size > maxcount {
             return false;
         }
         size += entry_size + plus_size;
