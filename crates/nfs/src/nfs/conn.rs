@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, mpsc};
@@ -45,6 +45,11 @@ use super::stats;
 use super::xdr::{Garbage, XdrIn};
 
 pub const MAX_IN_FLIGHT: usize = 64;
+
+/// Each connection reads through a buffer this large, so a small call (every call but
+/// WRITE) arrives in one `recv` rather than three (record mark, its rest, the body).
+/// It sits outside the byte budget: a fixed cost per connection, like its socket's.
+const READ_BUFFER: usize = 1024;
 
 /// Replies gathered into one socket write at most.
 const COALESCE_BYTES: usize = 256 * 1024;
@@ -161,7 +166,8 @@ pub async fn serve(
     }
     let limits = shared.limits;
     let fd = stream.as_raw_fd();
-    let (mut rd, wr) = stream.into_split();
+    let (rd, wr) = stream.into_split();
+    let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
     let (tx, rx) = mpsc::channel::<Queued>(MAX_IN_FLIGHT);
     let out = Arc::new(Outbox {
         sink: Mutex::new(wr),
@@ -275,6 +281,9 @@ pub async fn serve(
                         _held: (slot, charge),
                     },
                 );
+                // The writer task sends it now, before this task looks for the next
+                // record (a `recv` that, one call at a time, finds nothing).
+                tokio::task::yield_now().await;
             }
             continue;
         }
@@ -303,7 +312,7 @@ pub async fn serve(
 /// While nothing is in flight the connection is registered in `idle`, where a new
 /// connection that finds every slot taken may close it (by cancelling `conn`).
 async fn next_record(
-    rd: &mut OwnedReadHalf,
+    rd: &mut BufReader<OwnedReadHalf>,
     slots: &Semaphore,
     limits: Limits,
     idle: &Waits,

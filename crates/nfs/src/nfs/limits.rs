@@ -8,7 +8,8 @@
 //! the largest reply it can produce is charged too (a 200-byte READ call can ask for a
 //! 1 MiB reply). The charge is returned when the reply has left or the call is dropped.
 //! When the budget is spent, connections stop reading (TCP pushes back on the clients)
-//! until replies go out; nothing is allocated beyond it. A client cannot hold its share
+//! until replies go out; nothing is allocated beyond it (but each connection's 1 KiB
+//! read buffer, a fixed cost like its socket's). A client cannot hold its share
 //! forever: records must complete within the record timeout and replies leave within
 //! the send timeout, and while others wait for room the connection whose record or
 //! reply has stalled longest is dropped.
