@@ -116,7 +116,8 @@ fn main() {
 
 const USAGE: &str = "usage: nfs_workload --server NAME=HOST:NFSPORT:MOUNTPORT:/export[:PID] \
 [--server ...] [--reps N] [--file-mib N] [--files N] [--random-secs N] [--svg PATH] \
-| ... --depth1 [--reps N] [--ops N] [--entries N] [--uid N]";
+| ... --depth1 [--reps N] [--ops N] [--entries N] [--uid N] \
+[--only lookup,getattr,access,readdirplus,create,setattr,rename,remove,commit,write]";
 
 /// One server under test.
 struct Target {
@@ -140,6 +141,8 @@ struct Config {
     ops: u64,
     /// Files in the directory the depth-1 read-only rows visit and list.
     entries: u64,
+    /// The depth-1 rows to run (by `Kind::name`); empty = all.
+    only: Vec<String>,
     /// The depth-1 rows' caller (AUTH_SYS uid = gid = its one group); 0 = root.
     uid: u32,
 }
@@ -155,6 +158,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Config>, Stri
         ops: 2_000,
         entries: 3_000,
         uid: 0,
+        only: Vec::new(),
     };
     let mut args = args;
     while let Some(arg) = args.next() {
@@ -185,6 +189,14 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Config>, Stri
             "--depth1" => config.depth1 = true,
             "--ops" => config.ops = number(&arg, value(&arg)?)?,
             "--entries" => config.entries = number(&arg, value(&arg)?)?,
+            "--only" => {
+                for name in value(&arg)?.split(',') {
+                    if !depth1::Kind::ALL.iter().any(|k| k.name() == name) {
+                        return Err(format!("--only: no depth-1 row `{name}`"));
+                    }
+                    config.only.push(name.to_owned());
+                }
+            }
             "--uid" => {
                 let n = number(&arg, value(&arg)?)?;
                 config.uid = u32::try_from(n).map_err(|e| e.to_string())?;

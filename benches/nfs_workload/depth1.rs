@@ -57,6 +57,22 @@ impl Kind {
         Kind::WriteSync,
     ];
 
+    /// The name `--only` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Lookup => "lookup",
+            Kind::Getattr => "getattr",
+            Kind::Access => "access",
+            Kind::Readdirplus => "readdirplus",
+            Kind::Create => "create",
+            Kind::Setattr => "setattr",
+            Kind::Rename => "rename",
+            Kind::Remove => "remove",
+            Kind::Commit => "commit",
+            Kind::WriteSync => "write",
+        }
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Kind::Lookup => "LOOKUP",
@@ -126,6 +142,8 @@ struct Rep {
     /// Where the READDIRPLUS row's current listing stands.
     cursor: Cursor,
     listed: u64,
+    /// Entries the READDIRPLUS row received in all, for entries per call.
+    received: u64,
     /// The write verifier of the row's first reply; a change means a restart.
     verf: Option<writeverf3>,
     /// Files the COMMIT and WRITE rows made, removed at the end.
@@ -139,6 +157,10 @@ pub fn run(config: &Config) {
         .enable_all()
         .build()
         .expect("tokio runtime");
+    let kinds: Vec<Kind> = Kind::ALL
+        .into_iter()
+        .filter(|k| config.only.is_empty() || config.only.iter().any(|o| o == k.name()))
+        .collect();
     let mut servers = Vec::new();
     for target in &config.servers {
         eprintln!(
@@ -161,7 +183,7 @@ pub fn run(config: &Config) {
     }
     let n = servers.len();
     let mut results: Vec<Vec<Vec<Result<LatencySample, String>>>> = (0..n)
-        .map(|_| Kind::ALL.iter().map(|_| Vec::new()).collect())
+        .map(|_| kinds.iter().map(|_| Vec::new()).collect())
         .collect();
     for rep_no in 1..=config.reps {
         eprintln!("depth 1: repetition {rep_no}/{}", config.reps);
@@ -172,7 +194,7 @@ pub fn run(config: &Config) {
                 Err(e) => Err(format!("set-up failed: {e}")),
             })
             .collect();
-        for (r, kind) in Kind::ALL.into_iter().enumerate() {
+        for (r, kind) in kinds.iter().copied().enumerate() {
             for turn in 0..n {
                 let i = (turn + rep_no + r) % n;
                 let outcome = match (&servers[i], &mut reps[i]) {
@@ -182,8 +204,10 @@ pub fn run(config: &Config) {
                     (Err(e), _) => Err(e.clone()),
                     (_, Err(e)) => Err(e.clone()),
                 };
-                if let Err(e) = &outcome {
-                    eprintln!("{}: {} failed: {e}", config.servers[i].name, kind.label());
+                let name = &config.servers[i].name;
+                match &outcome {
+                    Ok(s) => eprintln!("{name}: {} done, {:.0} ops/s", kind.label(), s.ops_per_s),
+                    Err(e) => eprintln!("{name}: {} failed: {e}", kind.label()),
                 }
                 results[i][r].push(outcome);
             }
@@ -199,7 +223,7 @@ pub fn run(config: &Config) {
             eprintln!("{}: clean-up: {e}", server.target.name);
         }
     }
-    let labels: Vec<&str> = Kind::ALL.iter().map(|k| k.label()).collect();
+    let labels: Vec<&str> = kinds.iter().map(|k| k.label()).collect();
     print_depth1_table(config, &labels, &results);
 }
 
@@ -288,6 +312,7 @@ impl Rep {
             removed: false,
             cursor: Cursor::default(),
             listed: 0,
+            received: 0,
             verf: None,
             files: Vec::new(),
         })
@@ -345,8 +370,12 @@ async fn run_row(
     count: u64,
 ) -> Result<LatencySample, String> {
     let count = match kind {
-        Kind::Setattr | Kind::Rename => rep.created_ok.ok_or("skipped: CREATE failed")?,
-        Kind::Remove => rep.renamed_ok.ok_or("skipped: RENAME failed")?,
+        Kind::Setattr | Kind::Rename => rep
+            .created_ok
+            .ok_or("skipped: needs the CREATE row, which failed or was not run")?,
+        Kind::Remove => rep
+            .renamed_ok
+            .ok_or("skipped: needs the RENAME row, which failed or was not run")?,
         _ => count,
     };
     let file = match kind {
@@ -364,6 +393,7 @@ async fn run_row(
     };
     rep.cursor = Cursor::default();
     rep.listed = 0;
+    rep.received = 0;
     rep.verf = None;
     let data = pattern(BLOCK);
     let mut latencies = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
@@ -395,7 +425,12 @@ async fn run_row(
         _ => {}
     }
     latencies.sort_unstable();
+    // Servers fill a page differently (RFC 1813 §3.3.17 leaves it to them), so a call
+    // is not the same work everywhere.
+    let note = (kind == Kind::Readdirplus && count > 0)
+        .then(|| format!("{:.0} entries/call", rep.received as f64 / count as f64));
     Ok(LatencySample {
+        note,
         ops_per_s: run.measured.per_second(),
         p50: percentile(&latencies, 50),
         p99: percentile(&latencies, 99),
@@ -480,6 +515,7 @@ async fn one_call(
             let (res, took) = timed(readdirplus_page(conn, &server.pop_dir, &mut rep.cursor)).await;
             let (entries, eof) = res?;
             rep.listed += entries;
+            rep.received += entries;
             let expected = server.pop.len() as u64;
             if rep.listed > expected || (eof && rep.listed != expected) {
                 return Err(format!(
@@ -491,6 +527,7 @@ async fn one_call(
             if eof {
                 rep.cursor = Cursor::default();
                 rep.listed = 0;
+                rep.received = 0;
             }
             Ok(took)
         }

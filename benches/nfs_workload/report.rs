@@ -198,6 +198,7 @@ pub struct LatencySample {
     pub p99: Duration,
     pub ops: u64,
     pub cpu: Option<Duration>,
+    pub note: Option<String>,
 }
 
 /// Median of some values (the upper one of an even count, as the other table does).
@@ -246,7 +247,11 @@ pub fn print_depth1_table(
             .collect();
         for (i, (target, rows)) in config.servers.iter().zip(results).enumerate() {
             let samples = &rows[r];
-            let label = with_failures((*label).to_owned(), samples);
+            let mut label = (*label).to_owned();
+            if let Some(note) = ok(samples).find_map(|s| s.note.as_deref()) {
+                label = format!("{label} ({note})");
+            }
+            let label = with_failures(label, samples);
             let micros = |f: fn(&LatencySample) -> Duration| {
                 median(ok(samples).map(|s| f(s).as_secs_f64() * 1e6).collect())
                     .map_or("–".to_owned(), number)
