@@ -527,7 +527,6 @@ async fn one_call(
             if eof {
                 rep.cursor = Cursor::default();
                 rep.listed = 0;
-                rep.received = 0;
             }
             Ok(took)
         }
