@@ -475,15 +475,7 @@ struct Shared {
 
 impl Shared {
     fn check_verf(&self, verf: writeverf3) -> Result<(), String> {
-        let mut seen = self.verf.lock().expect("verifier lock");
-        match *seen {
-            Some(v) if v != verf => Err("write verifier changed mid-run".into()),
-            Some(_) => Ok(()),
-            None => {
-                *seen = Some(verf);
-                Ok(())
-            }
-        }
+        client::check_verf(&mut self.verf.lock().expect("verifier lock"), verf)
     }
 
     fn write_verf(&self) -> Option<writeverf3> {

@@ -73,6 +73,19 @@ pub async fn write_stable(
     Ok(res.verf)
 }
 
+/// Remembers the first write verifier of a run in `seen`; a later different one means
+/// the server restarted and forgot unstable data (RFC 1813 §3.3.7).
+pub fn check_verf(seen: &mut Option<writeverf3>, verf: writeverf3) -> Result<(), String> {
+    match seen {
+        Some(v) if *v != verf => Err("write verifier changed mid-run".into()),
+        Some(_) => Ok(()),
+        None => {
+            *seen = Some(verf);
+            Ok(())
+        }
+    }
+}
+
 /// COMMIT of the whole file; fails if the verifier differs from the writes' one.
 pub async fn commit(
     conn: &mut Conn,
