@@ -9,6 +9,10 @@
 //! Besides the table it draws the rows as an SVG chart (`--svg PATH`, default
 //! `bench/nfs-vs-ganesha.svg`).
 //!
+//! `--depth1` runs the depth-1 rows instead (`nfs_workload/depth1.rs`): one connection,
+//! one call at a time, per metadata procedure and for 4 KiB FILE_SYNC writes, with p50
+//! and p99 latency.
+//!
 //! "N in flight" means N client connections, each one call at a time (an `Nfs3Client`
 //! has one outstanding call), driven concurrently. Every call has a timeout and every
 //! row a count and time bound, so a stuck server fails a row instead of hanging.
@@ -17,6 +21,8 @@
 mod charts;
 #[path = "nfs_workload/client.rs"]
 mod client;
+#[path = "nfs_workload/depth1.rs"]
+mod depth1;
 #[path = "nfs_workload/report.rs"]
 mod report;
 
@@ -57,6 +63,10 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if config.depth1 {
+        depth1::run(&config);
+        return;
+    }
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     let mut results: Vec<Vec<Vec<Result<Sample, String>>>> = config
         .servers
@@ -105,7 +115,9 @@ fn main() {
 }
 
 const USAGE: &str = "usage: nfs_workload --server NAME=HOST:NFSPORT:MOUNTPORT:/export[:PID] \
-[--server ...] [--reps N] [--file-mib N] [--files N] [--random-secs N] [--svg PATH]";
+[--server ...] [--reps N] [--file-mib N] [--files N] [--random-secs N] [--svg PATH] \
+| ... --depth1 [--reps N] [--ops N] [--entries N] [--uid N] \
+[--only lookup,getattr,access,readdirplus,create,setattr,rename,remove,commit,write]";
 
 /// One server under test.
 struct Target {
@@ -123,6 +135,16 @@ struct Config {
     file_bytes: u64,
     files: u64,
     random_for: Duration,
+    /// Run the depth-1 rows instead of the default ones.
+    depth1: bool,
+    /// Calls per depth-1 row (10× for the cheapest).
+    ops: u64,
+    /// Files in the directory the depth-1 read-only rows visit and list.
+    entries: u64,
+    /// The depth-1 rows to run (by `Kind::name`); empty = all.
+    only: Vec<String>,
+    /// The depth-1 rows' caller (AUTH_SYS uid = gid = its one group); 0 = root.
+    uid: u32,
 }
 
 fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Config>, String> {
@@ -132,6 +154,11 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Config>, Stri
         file_bytes: 1024 * MIB,
         files: 5_000,
         random_for: Duration::from_secs(10),
+        depth1: false,
+        ops: 2_000,
+        entries: 3_000,
+        uid: 0,
+        only: Vec::new(),
     };
     let mut args = args;
     while let Some(arg) = args.next() {
@@ -158,6 +185,21 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Config>, Stri
             "--files" => config.files = number(&arg, value(&arg)?)?,
             "--random-secs" => {
                 config.random_for = Duration::from_secs(number(&arg, value(&arg)?)?);
+            }
+            "--depth1" => config.depth1 = true,
+            "--ops" => config.ops = number(&arg, value(&arg)?)?,
+            "--entries" => config.entries = number(&arg, value(&arg)?)?,
+            "--only" => {
+                for name in value(&arg)?.split(',') {
+                    if !depth1::Kind::ALL.iter().any(|k| k.name() == name) {
+                        return Err(format!("--only: no depth-1 row `{name}`"));
+                    }
+                    config.only.push(name.to_owned());
+                }
+            }
+            "--uid" => {
+                let n = number(&arg, value(&arg)?)?;
+                config.uid = u32::try_from(n).map_err(|e| e.to_string())?;
             }
             other => return Err(format!("unknown argument `{other}`")),
         }
@@ -433,15 +475,7 @@ struct Shared {
 
 impl Shared {
     fn check_verf(&self, verf: writeverf3) -> Result<(), String> {
-        let mut seen = self.verf.lock().expect("verifier lock");
-        match *seen {
-            Some(v) if v != verf => Err("write verifier changed mid-run".into()),
-            Some(_) => Ok(()),
-            None => {
-                *seen = Some(verf);
-                Ok(())
-            }
-        }
+        client::check_verf(&mut self.verf.lock().expect("verifier lock"), verf)
     }
 
     fn write_verf(&self) -> Option<writeverf3> {

@@ -10,9 +10,9 @@ use nfs3_client::io::{AsyncRead, AsyncWrite};
 use nfs3_client::{MountClient, Nfs3Client, RpcError};
 use nfs3_types::mount::dirpath;
 use nfs3_types::nfs3::{
-    COMMIT3args, CREATE3args, LOOKUP3args, MKDIR3args, Nfs3Option, Nfs3Result, READDIRPLUS3args,
-    WRITE3args, cookieverf3, createhow3, diropargs3, filename3, nfs_fh3, sattr3, stable_how,
-    writeverf3,
+    COMMIT3args, CREATE3args, LOOKUP3args, LOOKUP3resok, MKDIR3args, Nfs3Option, Nfs3Result,
+    READDIRPLUS3args, WRITE3args, cookieverf3, createhow3, diropargs3, filename3, nfs_fh3, sattr3,
+    stable_how, writeverf3,
 };
 use nfs3_types::rpc::{auth_unix, opaque_auth};
 use nfs3_types::xdr_codec::Opaque;
@@ -36,6 +36,19 @@ pub async fn write(
     offset: u64,
     data: &[u8],
 ) -> Result<writeverf3, String> {
+    write_stable(conn, file, offset, data, stable_how::UNSTABLE).await
+}
+
+/// One WRITE of all of `data` at stability `stable`; returns the reply's verifier.
+/// Fails on a short write or a reply less stable than asked for (RFC 1813 §3.3.7: the
+/// server may commit more than asked, never less).
+pub async fn write_stable(
+    conn: &mut Conn,
+    file: &nfs_fh3,
+    offset: u64,
+    data: &[u8],
+    stable: stable_how,
+) -> Result<writeverf3, String> {
     let count = u32::try_from(data.len()).map_err(|e| e.to_string())?;
     let res = nfs(
         "WRITE",
@@ -43,7 +56,7 @@ pub async fn write(
             file: file.clone(),
             offset,
             count,
-            stable: stable_how::UNSTABLE,
+            stable,
             data: Opaque::borrowed(data),
         }),
     )
@@ -51,7 +64,26 @@ pub async fn write(
     if res.count != count {
         return Err(format!("short WRITE at {offset}: {} of {count}", res.count));
     }
+    if (res.committed as u32) < (stable as u32) {
+        return Err(format!(
+            "WRITE at {offset} asked {stable}, reply says only {}",
+            res.committed
+        ));
+    }
     Ok(res.verf)
+}
+
+/// Remembers the first write verifier of a run in `seen`; a later different one means
+/// the server restarted and forgot unstable data (RFC 1813 §3.3.7).
+pub fn check_verf(seen: &mut Option<writeverf3>, verf: writeverf3) -> Result<(), String> {
+    match seen {
+        Some(v) if *v != verf => Err("write verifier changed mid-run".into()),
+        Some(_) => Ok(()),
+        None => {
+            *seen = Some(verf);
+            Ok(())
+        }
+    }
 }
 
 /// COMMIT of the whole file; fails if the verifier differs from the writes' one.
@@ -75,38 +107,56 @@ pub async fn commit(
     }
 }
 
-/// Lists `dir` with READDIRPLUS pages as a Linux client asks for them (dircount =
-/// maxcount / 8); returns the number of entries other than `.` and `..`.
+/// Where a READDIRPLUS listing stands: the cookie and verifier for the next page.
+#[derive(Default)]
+pub struct Cursor {
+    cookie: u64,
+    cookieverf: cookieverf3,
+}
+
+/// One READDIRPLUS page after `cursor`, as a Linux client asks for it (dircount =
+/// maxcount / 8); advances the cursor and returns the number of entries other than `.`
+/// and `..`, and whether the page was the last.
+pub async fn readdirplus_page(
+    conn: &mut Conn,
+    dir: &nfs_fh3,
+    cursor: &mut Cursor,
+) -> Result<(u64, bool), String> {
+    let res = nfs(
+        "READDIRPLUS",
+        conn.readdirplus(&READDIRPLUS3args {
+            dir: dir.clone(),
+            cookie: cursor.cookie,
+            cookieverf: cursor.cookieverf,
+            dircount: READDIR_MAXCOUNT / 8,
+            maxcount: READDIR_MAXCOUNT,
+        }),
+    )
+    .await?;
+    let page = res.reply.entries.into_inner();
+    if page.is_empty() && !res.reply.eof {
+        return Err("READDIRPLUS returned an empty page before EOF".into());
+    }
+    let entries = page
+        .iter()
+        .filter(|e| !matches!(e.name.0.as_ref(), b"." | b".."))
+        .count() as u64;
+    cursor.cookie = page.last().map_or(cursor.cookie, |e| e.cookie);
+    cursor.cookieverf = res.cookieverf;
+    Ok((entries, res.reply.eof))
+}
+
+/// Lists `dir` page by page with [`readdirplus_page`]; returns the number of entries
+/// other than `.` and `..`.
 pub async fn list_dir(conn: &mut Conn, dir: &nfs_fh3) -> Result<u64, String> {
-    let mut cookie = 0;
-    let mut cookieverf = cookieverf3::default();
+    let mut cursor = Cursor::default();
     let mut entries = 0;
     for _ in 0..READDIR_MAX_PAGES {
-        let res = nfs(
-            "READDIRPLUS",
-            conn.readdirplus(&READDIRPLUS3args {
-                dir: dir.clone(),
-                cookie,
-                cookieverf,
-                dircount: READDIR_MAXCOUNT / 8,
-                maxcount: READDIR_MAXCOUNT,
-            }),
-        )
-        .await?;
-        let page = res.reply.entries.into_inner();
-        if page.is_empty() && !res.reply.eof {
-            return Err("READDIRPLUS returned an empty page before EOF".into());
-        }
-        for entry in &page {
-            if !matches!(entry.name.0.as_ref(), b"." | b"..") {
-                entries += 1;
-            }
-        }
-        if res.reply.eof {
+        let (n, eof) = readdirplus_page(conn, dir, &mut cursor).await?;
+        entries += n;
+        if eof {
             return Ok(entries);
         }
-        cookie = page.last().map_or(cookie, |e| e.cookie);
-        cookieverf = res.cookieverf;
     }
     Err(format!(
         "READDIRPLUS gave no EOF in {READDIR_MAX_PAGES} pages"
@@ -128,7 +178,7 @@ pub async fn create(conn: &mut Conn, dir: &nfs_fh3, name: &str) -> Result<nfs_fh
     match res.obj {
         Nfs3Option::Some(fh) => Ok(fh),
         // RFC 1813 §3.3.8: the handle is optional in the reply; a client then looks up.
-        Nfs3Option::None => lookup(conn, dir, name).await,
+        Nfs3Option::None => Ok(lookup(conn, dir, name).await?.object),
     }
 }
 
@@ -146,19 +196,18 @@ pub async fn mkdir(conn: &mut Conn, dir: &nfs_fh3, name: &str) -> Result<nfs_fh3
     .await?;
     match res.obj {
         Nfs3Option::Some(fh) => Ok(fh),
-        Nfs3Option::None => lookup(conn, dir, name).await,
+        Nfs3Option::None => Ok(lookup(conn, dir, name).await?.object),
     }
 }
 
-async fn lookup(conn: &mut Conn, dir: &nfs_fh3, name: &str) -> Result<nfs_fh3, String> {
-    let res = nfs(
+pub async fn lookup(conn: &mut Conn, dir: &nfs_fh3, name: &str) -> Result<LOOKUP3resok, String> {
+    nfs(
         "LOOKUP",
         conn.lookup(&LOOKUP3args {
             what: dirop(dir, name),
         }),
     )
-    .await?;
-    Ok(res.object)
+    .await
 }
 
 pub fn dirop<'a>(dir: &nfs_fh3, name: &'a str) -> diropargs3<'a> {
@@ -182,20 +231,22 @@ pub async fn nfs<T, E>(
     }
 }
 
-fn credential() -> opaque_auth<'static> {
+/// AUTH_SYS as `uid` with primary and only supplementary group `uid` (what a
+/// kernel client sends for a daemon user), or as root with no groups for uid 0.
+fn credential(uid: u32) -> opaque_auth<'static> {
     opaque_auth::auth_unix(&auth_unix {
         stamp: 1,
         machinename: Opaque::borrowed(b"nfsbench"),
-        uid: 0,
-        gid: 0,
-        gids: vec![],
+        uid,
+        gid: uid,
+        gids: if uid == 0 { vec![] } else { vec![uid] },
     })
 }
 
 /// MOUNT on its own connection; returns the export's root handle.
 pub async fn mount(addr: SocketAddr, path: &str) -> Result<nfs_fh3, String> {
     let io = connect(addr).await?;
-    let mut client = MountClient::new_with_auth(io, credential(), opaque_auth::default());
+    let mut client = MountClient::new_with_auth(io, credential(0), opaque_auth::default());
     let res = tokio::time::timeout(
         RPC_TIMEOUT,
         client.mnt(dirpath(Opaque::borrowed(path.as_bytes()))),
@@ -208,10 +259,16 @@ pub async fn mount(addr: SocketAddr, path: &str) -> Result<nfs_fh3, String> {
     })
 }
 
+/// An NFS connection calling as root.
 pub async fn connect_nfs(addr: SocketAddr) -> Result<Conn, String> {
+    connect_nfs_as(addr, 0).await
+}
+
+/// An NFS connection calling as `uid` (see [`credential`]).
+pub async fn connect_nfs_as(addr: SocketAddr, uid: u32) -> Result<Conn, String> {
     Ok(Nfs3Client::new_with_auth(
         connect(addr).await?,
-        credential(),
+        credential(uid),
         opaque_auth::default(),
     ))
 }

@@ -1,6 +1,6 @@
-//! The result table: one markdown row per (workload row, server), median/min/max over
-//! the repetitions that succeeded, failures named in the row, and server CPU time; and
-//! the same medians and ranges as a chart.
+//! The result tables: one markdown row per (workload row, server), median/min/max over
+//! the repetitions that succeeded, failures named in the row, and server CPU time; the
+//! same medians and ranges as a chart; and the depth-1 latency table.
 
 use std::path::Path;
 use std::time::Duration;
@@ -128,39 +128,14 @@ pub fn print_table(config: &Config, results: &[Vec<Vec<Result<Sample, String>>>]
             if let Some(note) = ok.iter().find_map(|s| s.note.as_deref()) {
                 label = format!("{label} ({note})");
             }
-            let failed: Vec<&String> = samples.iter().filter_map(|s| s.as_ref().err()).collect();
-            if let Some(first) = failed.first() {
-                label = format!(
-                    "{label} — {}/{} failed: {first}",
-                    failed.len(),
-                    samples.len()
-                );
-            }
+            let label = with_failures(label, samples);
             let values = sorted_values(samples);
             let cell = |v: Option<&f64>| v.map_or("–".to_owned(), |v| number(*v));
             let cpu: Vec<(Duration, u64)> = ok
                 .iter()
                 .filter_map(|s| s.cpu.map(|c| (c, s.ops)))
                 .collect();
-            let (cpu_s, cpu_per_op) = if cpu.is_empty() {
-                ("–".to_owned(), "–".to_owned())
-            } else {
-                let total: Duration = cpu.iter().map(|(c, _)| *c).sum();
-                let ops = cpu.iter().map(|(_, n)| n).sum::<u64>().max(1) as f64;
-                let per_op = if total.is_zero() {
-                    // Below the clock tick: bound it by one tick per repetition.
-                    format!(
-                        "< {}",
-                        number(tick.as_secs_f64() * 1e6 * cpu.len() as f64 / ops)
-                    )
-                } else {
-                    number(total.as_secs_f64() * 1e6 / ops)
-                };
-                (
-                    format!("{:.2}", total.as_secs_f64() / cpu.len() as f64),
-                    per_op,
-                )
-            };
+            let (cpu_s, cpu_per_op) = cpu_cells(&cpu, tick);
             println!(
                 "| {label} | {} | {} | {} | {} | {} | {cpu_s} | {cpu_per_op} |",
                 target.name,
@@ -177,6 +152,162 @@ pub fn print_table(config: &Config, results: &[Vec<Vec<Result<Sample, String>>>]
          READ (seq, random), one file (create), one GETATTR, one listed entry, one REMOVE.",
         tick.as_millis()
     );
+}
+
+/// A row's label with how many repetitions failed and the first reason, if any did.
+fn with_failures<T>(label: String, samples: &[Result<T, String>]) -> String {
+    let failed: Vec<&String> = samples.iter().filter_map(|s| s.as_ref().err()).collect();
+    match failed.first() {
+        Some(first) => format!(
+            "{label} — {}/{} failed: {first}",
+            failed.len(),
+            samples.len()
+        ),
+        None => label,
+    }
+}
+
+/// The server-CPU cells of a row from its repetitions' (CPU time, operations): mean
+/// CPU seconds per repetition and total CPU µs / total operations ("–" without
+/// samples; a bound of one tick per repetition when no tick was seen at all).
+fn cpu_cells(cpu: &[(Duration, u64)], tick: Duration) -> (String, String) {
+    if cpu.is_empty() {
+        return ("–".to_owned(), "–".to_owned());
+    }
+    let total: Duration = cpu.iter().map(|(c, _)| *c).sum();
+    let ops = cpu.iter().map(|(_, n)| n).sum::<u64>().max(1) as f64;
+    let per_op = if total.is_zero() {
+        format!(
+            "< {}",
+            number(tick.as_secs_f64() * 1e6 * cpu.len() as f64 / ops)
+        )
+    } else {
+        number(total.as_secs_f64() * 1e6 / ops)
+    };
+    (
+        format!("{:.2}", total.as_secs_f64() / cpu.len() as f64),
+        per_op,
+    )
+}
+
+/// One repetition of a depth-1 row.
+pub struct LatencySample {
+    /// Calls over the row's wall time.
+    pub ops_per_s: f64,
+    pub p50: Duration,
+    pub p99: Duration,
+    pub ops: u64,
+    pub cpu: Option<Duration>,
+    pub note: Option<String>,
+}
+
+/// Median of some values (the upper one of an even count, as the other table does).
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied()
+}
+
+/// The depth-1 table: per row and server the medians over repetitions of p50, p99 and
+/// ops/s, the ops/s range, CPU per call, and each server's ops/s over the reference
+/// server's (the one named `ganesha`, else the last), so the goal reads off one column.
+pub fn print_depth1_table(
+    config: &Config,
+    labels: &[&str],
+    results: &[Vec<Vec<Result<LatencySample, String>>>],
+) {
+    let reference = config
+        .servers
+        .iter()
+        .position(|t| t.name == "ganesha")
+        .unwrap_or(config.servers.len().saturating_sub(1));
+    let ref_name = config
+        .servers
+        .get(reference)
+        .map_or("", |t| t.name.as_str());
+    println!(
+        "\nNFSv3 over TCP at depth 1 (one connection, one call at a time), same client and \
+         run; {} repetitions (median); {} calls per row ({} for LOOKUP, GETATTR, ACCESS), \
+         {} files in the listed directory\n",
+        config.reps,
+        config.ops,
+        10 * config.ops,
+        config.entries
+    );
+    let tick = Duration::from_secs(1) / ticks_per_second().unwrap_or(100);
+    println!(
+        "| procedure | server | p50 µs | p99 µs | ops/s | ops/s min–max | server CPU µs/op \
+         | ops/s ÷ {ref_name} |"
+    );
+    println!("|---|---|--:|--:|--:|--:|--:|--:|");
+    let mut goal = Vec::new();
+    for (r, label) in labels.iter().enumerate() {
+        let medians: Vec<Option<f64>> = results
+            .iter()
+            .map(|rows| median(ok(&rows[r]).map(|s| s.ops_per_s).collect()))
+            .collect();
+        for (i, (target, rows)) in config.servers.iter().zip(results).enumerate() {
+            let samples = &rows[r];
+            let mut label = (*label).to_owned();
+            if let Some(note) = ok(samples).find_map(|s| s.note.as_deref()) {
+                label = format!("{label} ({note})");
+            }
+            let label = with_failures(label, samples);
+            let micros = |f: fn(&LatencySample) -> Duration| {
+                median(ok(samples).map(|s| f(s).as_secs_f64() * 1e6).collect())
+                    .map_or("–".to_owned(), number)
+            };
+            let ops: Vec<f64> = ok(samples).map(|s| s.ops_per_s).collect();
+            let range = match (
+                ops.iter().copied().reduce(f64::min),
+                ops.iter().copied().reduce(f64::max),
+            ) {
+                (Some(lo), Some(hi)) => format!("{}–{}", number(lo), number(hi)),
+                _ => "–".to_owned(),
+            };
+            let cpu: Vec<(Duration, u64)> = ok(samples)
+                .filter_map(|s| s.cpu.map(|c| (c, s.ops)))
+                .collect();
+            let ratio = match (medians[i], medians[reference]) {
+                _ if i == reference => "–".to_owned(),
+                (Some(a), Some(b)) if b > 0.0 => {
+                    goal.push((target.name.clone(), a / b));
+                    format!("{:.2}×", a / b)
+                }
+                _ => "–".to_owned(),
+            };
+            println!(
+                "| {label} | {} | {} | {} | {} | {range} | {} | {ratio} |",
+                target.name,
+                micros(|s| s.p50),
+                micros(|s| s.p99),
+                medians[i].map_or("–".to_owned(), number),
+                cpu_cells(&cpu, tick).1,
+            );
+        }
+    }
+    println!(
+        "\np50/p99: per-call round trip seen by the client, median over repetitions \
+         (COMMIT: the COMMIT call alone). ops/s: calls over the row's wall time (COMMIT: \
+         WRITE + COMMIT pairs). Server CPU µs/op: the server's utime+stime over the rows \
+         ({} ms ticks) / calls (COMMIT: per pair).",
+        tick.as_millis()
+    );
+    for name in config.servers.iter().map(|t| &t.name) {
+        if *name == ref_name {
+            continue;
+        }
+        let mine: Vec<f64> = goal.iter().filter(|g| g.0 == *name).map(|g| g.1).collect();
+        let met = mine.iter().filter(|r| **r >= 1.5).count();
+        println!(
+            "{name}: ops/s ≥ 1.5× {ref_name}'s on {met} of {} rows",
+            mine.len()
+        );
+    }
+}
+
+/// The repetitions of a row that succeeded.
+fn ok(samples: &[Result<LatencySample, String>]) -> impl Iterator<Item = &LatencySample> {
+    samples.iter().filter_map(|s| s.as_ref().ok())
 }
 
 /// Three significant-ish digits without drowning large numbers in decimals.
