@@ -77,7 +77,12 @@ fn try_inline(record: &[u8]) -> bool {
             .get(4 * i..4 * i + 4)
             .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     };
-    word(3) == Some(NFS_PROGRAM) && matches!(word(5), Some(0 | 1 | 3 | 4 | 6 | 18 | 19 | 20))
+    word(3) == Some(NFS_PROGRAM)
+        && match word(5) {
+            Some(0 | 1 | 4 | 6 | 18 | 19 | 20) => true,
+            Some(3) => super::sys::cached_lookups(),
+            _ => false,
+        }
 }
 pub const MOUNT_PROGRAM: u32 = 100_005;
 
@@ -375,6 +380,9 @@ impl Outbox {
         tx: &mpsc::Sender<Queued>,
         held: (OwnedSemaphorePermit, Charge),
     ) {
+        // Called from a blocking-pool thread only (it has the runtime's context and may
+        // block on it); if the runtime is shutting down the timer is gone and the
+        // thread's task ends with a panic, which tokio contains in the task.
         // Parked until the holder lets go (woken by it, in turn), not polled: the holder
         // is often the previous call's thread, preempted just after its send by the
         // client it woke, and a sleep here would cost a timer tick each time.

@@ -49,10 +49,10 @@ fn check_new_name(name: &[u8]) -> Result<(), nfsstat3> {
 }
 
 /// Resolves a directory handle; fails with NOTDIR for anything else.
-fn resolve_dir(ctx: &Ctx, fh: &[u8]) -> Result<(Arc<Volume>, Arc<Obj>, libc::stat), nfsstat3> {
+fn resolve_dir(ctx: &Ctx, fh: &[u8]) -> Result<(Arc<Volume>, Arc<Obj>, libc::stat), Early> {
     let (v, fd, st) = ctx.resolve(fh)?;
     if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
-        return Err(nfsstat3::NFS3ERR_NOTDIR);
+        return Err(nfsstat3::NFS3ERR_NOTDIR.into());
     }
     Ok((v, fd, st))
 }

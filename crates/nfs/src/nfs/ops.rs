@@ -10,19 +10,19 @@
 
 use std::cell::Cell;
 use std::net::IpAddr;
-use std::os::fd::OwnedFd;
+use std::os::fd::{OwnedFd, RawFd};
 use std::sync::Arc;
 
 use nfs3_types::nfs3::{Nfs3Option, fattr3, nfsstat3, set_atime, set_mtime, stable_how};
 
 use super::attr::{self, Caller};
 use super::quota;
-use super::reply::{Answer, Early, Encode, PostOp, Proc, Target, Wcc};
+use super::reply::{Answer, Early, Encode, PostOp, Proc, Results, Target, Wcc};
 use super::rpc::Credential;
 use super::splice::Piped;
 use super::state::{Exports, Obj, Volume};
 use super::sys::{self, AsCaller, raw, to_nfsstat};
-use super::xdr::{XdrIn, put_bool, put_opaque, put_u32, put_u64};
+use super::xdr::{XdrIn, put_bool, put_u32, put_u64};
 
 /// Largest READ/WRITE transfer we advertise and accept.
 pub const MAX_IO: u32 = 1 << 20;
@@ -69,8 +69,14 @@ impl Ctx<'_> {
         })
     }
 
-    /// Resolves a handle to its volume, object and the object's attributes now.
-    pub fn resolve(&self, fh: &[u8]) -> Result<(Arc<Volume>, Arc<Obj>, libc::stat), nfsstat3> {
+    /// Resolves a handle to its volume, object and the object's attributes now. With
+    /// `cached_only`, a handle whose object is not open already stops the call with
+    /// [`Early::WouldBlock`]: opening it may read the inode (and a directory's parents)
+    /// from the disk.
+    pub fn resolve(&self, fh: &[u8]) -> Result<(Arc<Volume>, Arc<Obj>, libc::stat), Early> {
+        if self.cached_only && !self.ex.holds(fh) {
+            return Err(Early::WouldBlock);
+        }
         let (v, obj, st) = self.ex.resolve(self.client, fh)?;
         self.counts_for(&v);
         Ok((v, obj, st))
@@ -248,93 +254,101 @@ pub fn readlink(ctx: &Ctx, args: &mut XdrIn) -> Proc<Target, PostOp> {
 }
 
 /// READ's results.
-pub struct ReadOk {
-    eof: bool,
+pub struct ReadOk<'a> {
+    /// The file's size when the call began, for `eof`.
+    size: u64,
+    offset: u64,
     data: ReadData,
+    /// Where the count of bytes returned goes, for the metrics.
+    bytes: &'a Cell<u64>,
 }
 
 enum ReadData {
-    /// In the reply.
+    /// Read already (from the page cache, on the connection task).
     Bytes(Vec<u8>),
     /// This many bytes in this thread's pipe, spliced into the socket after the reply
     /// (and padded there).
     Piped(usize),
+    /// Up to this many bytes of the file (its I/O descriptor, kept open by the object),
+    /// read straight into the reply as it is written: no second buffer, so the reply
+    /// is all the memory the call holds.
+    File(Arc<Obj>, RawFd, usize),
 }
 
-impl Encode for ReadOk {
-    fn encode(self, out: &mut Vec<u8>) {
-        match self.data {
+impl Results for ReadOk<'_> {
+    fn encode_results(self, out: &mut Vec<u8>) -> Result<(), nfsstat3> {
+        // count, eof, then the data's length and the data.
+        let at = out.len();
+        out.extend_from_slice(&[0u8; 12]);
+        let (n, padded) = match self.data {
             ReadData::Bytes(b) => {
-                put_u32(out, b.len() as u32);
-                put_bool(out, self.eof);
-                put_opaque(out, &b);
+                out.extend_from_slice(&b);
+                (b.len(), true)
             }
-            ReadData::Piped(n) => {
-                put_u32(out, n as u32);
-                put_bool(out, self.eof);
-                put_u32(out, n as u32);
-            }
+            ReadData::Piped(n) => (n, false),
+            ReadData::File(_obj, fd, count) => (
+                sys::pread_append(fd, out, count, self.offset, false).map_err(to_nfsstat)?,
+                true,
+            ),
+        };
+        if padded {
+            out.extend_from_slice(&[0u8; 3][..(4 - n % 4) % 4]);
         }
+        let eof = self.offset.saturating_add(n as u64) >= self.size;
+        out[at..at + 4].copy_from_slice(&(n as u32).to_be_bytes());
+        out[at + 4..at + 8].copy_from_slice(&u32::from(eof).to_be_bytes());
+        out[at + 8..at + 12].copy_from_slice(&(n as u32).to_be_bytes());
+        self.bytes.set(n as u64);
+        Ok(())
     }
-}
-
-/// Up to `count` bytes at `off` (with `nowait`, only what the page cache holds).
-fn pread(fd: std::os::fd::RawFd, count: usize, off: u64, nowait: bool) -> sys::SysResult<Vec<u8>> {
-    let mut b = Vec::with_capacity(count);
-    sys::pread_append(fd, &mut b, count, off, nowait)?;
-    Ok(b)
 }
 
 /// READ. With `splice`, large READs go into this thread's pipe, left there to be
 /// spliced into the socket after the reply; otherwise into the reply. With
 /// `ctx.cached_only`, only what the page cache holds.
-pub fn read(
-    ctx: &Ctx,
+pub fn read<'a>(
+    ctx: &'a Ctx,
     args: &mut XdrIn,
     splice: Option<&mut Option<Piped>>,
-) -> Proc<ReadOk, PostOp> {
+) -> Proc<ReadOk<'a>, PostOp> {
     let fh = args.fh()?;
     let offset = args.u64()?;
     let count = args.u32()?.min(MAX_IO) as usize;
     let (v, obj, st) = ctx.resolve(fh)?;
     let rfd = io_for(ctx, &v, &obj, &st, false)?;
+    let size = st.st_size as u64;
     let data = match splice {
         _ if ctx.cached_only => {
             // Large READs go to the blocking pool, to be spliced.
             if count >= super::splice::MIN_SPLICE {
                 return Err(Early::WouldBlock);
             }
-            match pread(rfd, count, offset, true) {
+            let mut b = Vec::with_capacity(count.min(size.saturating_sub(offset) as usize));
+            match sys::pread_append(rfd, &mut b, count, offset, true) {
                 // All of it, or all there is before the end of the file.
-                Ok(b) if b.len() == count || offset + b.len() as u64 >= st.st_size as u64 => {
-                    Ok(ReadData::Bytes(b))
-                }
+                Ok(n) if n == count || offset + n as u64 >= size => Ok(ReadData::Bytes(b)),
                 // Short, not cached, or not supported here: the blocking path will tell.
                 _ => return Err(Early::WouldBlock),
             }
         }
         Some(slot) if count >= super::splice::MIN_SPLICE => {
-            super::splice::file_to_pipe(rfd, offset, count).and_then(|piped| match piped {
-                Some(p) => {
+            match super::splice::file_to_pipe(rfd, offset, count) {
+                Ok(Some(p)) => {
                     let n = p.len();
                     *slot = Some(p);
                     Ok(ReadData::Piped(n))
                 }
-                None => pread(rfd, count, offset, false).map(ReadData::Bytes),
-            })
+                Ok(None) => Ok(ReadData::File(obj.clone(), rfd, count)),
+                Err(e) => Err(to_nfsstat(e)),
+            }
         }
-        _ => pread(rfd, count, offset, false).map(ReadData::Bytes),
+        _ => Ok(ReadData::File(obj.clone(), rfd, count)),
     };
-    let result = data.map_err(to_nfsstat).map(|data| {
-        let n = match &data {
-            ReadData::Bytes(b) => b.len(),
-            ReadData::Piped(n) => *n,
-        };
-        ctx.bytes.set(n as u64);
-        ReadOk {
-            eof: offset.saturating_add(n as u64) >= st.st_size as u64,
-            data,
-        }
+    let result = data.map(|data| ReadOk {
+        size,
+        offset,
+        data,
+        bytes: &ctx.bytes,
     });
     Ok(Answer::with(PostOp::of(Some(&st), v.meta.id), result))
 }

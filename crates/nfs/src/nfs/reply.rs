@@ -18,6 +18,20 @@ pub trait Encode {
     fn encode(self, out: &mut Vec<u8>);
 }
 
+/// A success's results. Most are values ([`Encode`]); READ's data is read from the file
+/// straight into the reply as it is written, and a read that fails there turns the reply
+/// into that failure.
+pub trait Results {
+    fn encode_results(self, out: &mut Vec<u8>) -> Result<(), nfsstat3>;
+}
+
+impl<E: Encode> Results for E {
+    fn encode_results(self, out: &mut Vec<u8>) -> Result<(), nfsstat3> {
+        self.encode(out);
+        Ok(())
+    }
+}
+
 impl Encode for () {
     fn encode(self, _: &mut Vec<u8>) {}
 }
@@ -155,7 +169,9 @@ impl<T, F> Answer<T, (), F> {
     }
 }
 
-/// A call that stopped before it knew its object.
+/// A call that stopped before it knew its object. `?` on a status converts to it, so
+/// in a procedure `?` belongs to the steps before the object resolved: once it has,
+/// the outcome goes in [`Answer::result`], which keeps the attributes with it.
 #[derive(Debug)]
 pub enum Early {
     /// Its arguments do not decode: RPC GARBAGE_ARGS.
@@ -185,7 +201,7 @@ pub type Proc<T, H = (), F = ()> = Result<Answer<T, H, F>, Early>;
 /// Writes `answer`'s reply to `out`; a call that stopped early is answered with its
 /// status and empty attributes in the shape of its success. Garbage and WouldBlock
 /// write nothing and are passed back for the RPC layer.
-pub fn encode<T: Encode, H: Encode + Default, F: Encode + Default>(
+pub fn encode<T: Results, H: Encode + Default, F: Encode + Default>(
     answer: Proc<T, H, F>,
     out: &mut Vec<u8>,
 ) -> Result<(), Early> {
@@ -202,10 +218,16 @@ pub fn encode<T: Encode, H: Encode + Default, F: Encode + Default>(
         Ok(t) => (nfsstat3::NFS3_OK, Some(t)),
         Err(s) => (s, None),
     };
+    let start = out.len();
     put_u32(out, status as u32);
     a.head.encode(out);
     if let Some(t) = results {
-        t.encode(out);
+        let head_end = out.len();
+        if let Err(s) = t.encode_results(out) {
+            // The same reply with that status and no results.
+            out.truncate(head_end);
+            out[start..start + 4].copy_from_slice(&(s as u32).to_be_bytes());
+        }
     }
     a.tail.encode(out);
     Ok(())
@@ -215,7 +237,7 @@ pub fn encode<T: Encode, H: Encode + Default, F: Encode + Default>(
 mod tests {
     use super::*;
 
-    fn bytes<T: Encode, H: Encode + Default, F: Encode + Default>(a: Proc<T, H, F>) -> Vec<u8> {
+    fn bytes<T: Results, H: Encode + Default, F: Encode + Default>(a: Proc<T, H, F>) -> Vec<u8> {
         let mut out = Vec::new();
         encode(a, &mut out).expect("encodes");
         out

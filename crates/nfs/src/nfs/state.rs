@@ -366,6 +366,15 @@ impl Exports {
     /// not use ACCES. Whether the client said MNT does not
     /// matter: a handle is proof of nothing but the server's MAC, and access is the
     /// same rule MNT applies.
+    /// Whether the object of handle `wire` is open already (resolving it then needs no
+    /// disk).
+    pub fn holds(&self, wire: &[u8]) -> bool {
+        self.objects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(wire)
+    }
+
     pub fn resolve(
         &self,
         client: IpAddr,

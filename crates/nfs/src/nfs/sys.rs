@@ -110,6 +110,15 @@ pub fn openat(dir: RawFd, name: &[u8], flags: i32, mode: u32) -> SysResult<Owned
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Cleared the first time the kernel refuses `RESOLVE_CACHED` lookups.
+static CACHED_LOOKUPS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Whether [`open_path_cached`] may work here: false once the kernel (older than 5.12)
+/// or a seccomp profile refused it, so callers stop trying.
+pub fn cached_lookups() -> bool {
+    CACHED_LOOKUPS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// `openat(dir, name, O_PATH | O_NOFOLLOW)` answered from the dentry and inode caches
 /// alone (`openat2`'s `RESOLVE_CACHED`, Linux 5.12): EAGAIN where the lookup would
 /// read the disk, and an error on kernels without it.
@@ -139,7 +148,11 @@ pub fn open_path_cached(dir: RawFd, name: &[u8]) -> SysResult<OwnedFd> {
         )
     };
     if fd < 0 {
-        return Err(last());
+        let e = last();
+        if matches!(e.0, libc::ENOSYS | libc::EINVAL | libc::EPERM | libc::E2BIG) {
+            CACHED_LOOKUPS.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+        return Err(e);
     }
     // SAFETY: fd is a fresh descriptor nobody else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
