@@ -92,29 +92,15 @@ fn lookup_in(
     }
 }
 
-/// LOOKUP's results (the directory's attributes follow them either way).
-pub struct Found {
-    fh: Fh,
-    attrs: PostOp,
-}
-
-impl Encode for Found {
-    fn encode(self, out: &mut Vec<u8>) {
-        self.fh.encode(out);
-        self.attrs.encode(out);
-    }
-}
-
-pub fn lookup(ctx: &Ctx, args: &mut XdrIn) -> Proc<Found, (), PostOp> {
+/// LOOKUP: the object's handle and attributes, then the directory's either way.
+pub fn lookup(ctx: &Ctx, args: &mut XdrIn) -> Proc<(Fh, PostOp), (), PostOp> {
     let dir_fh = args.fh()?;
     let name = args.filename()?;
     let (v, dir, dir_st) = resolve_dir(ctx, dir_fh)?;
     let found = lookup_in(ctx, &v, &dir, &dir_st, name)?.and_then(|fd| {
         let st = sys::fstat(raw(&fd)).map_err(to_nfsstat)?;
-        Ok(Found {
-            fh: Fh(ctx.ex.handle_for(&v, raw(&fd))?),
-            attrs: PostOp::of(Some(&st), v.meta.id),
-        })
+        let fh = Fh(ctx.ex.handle_for(&v, raw(&fd))?);
+        Ok((fh, PostOp::of(Some(&st), v.meta.id)))
     });
     Ok(Answer::then(found, PostOp::of(Some(&dir_st), v.meta.id)))
 }
@@ -158,10 +144,8 @@ fn create_common(
         // journal commits.
         dir.sync(&v, before.st_mode)?;
         let st = sys::fstat(raw(&fd)).map_err(to_nfsstat)?;
-        Ok(Made {
-            fh: PostOpFh(Some(ctx.ex.handle_for(&v, raw(&fd))?)),
-            attrs: PostOp::of(Some(&st), v.meta.id),
-        })
+        let fh = PostOpFh(Some(ctx.ex.handle_for(&v, raw(&fd))?));
+        Ok((fh, PostOp::of(Some(&st), v.meta.id)))
     });
     let after = sys::fstat(raw(&dir)).ok();
     Ok(Answer::then(
@@ -170,19 +154,9 @@ fn create_common(
     ))
 }
 
-/// The results of CREATE, MKDIR, SYMLINK and MKNOD (the directory's wcc data follows
-/// them either way).
-pub struct Made {
-    fh: PostOpFh,
-    attrs: PostOp,
-}
-
-impl Encode for Made {
-    fn encode(self, out: &mut Vec<u8>) {
-        self.fh.encode(out);
-        self.attrs.encode(out);
-    }
-}
+/// The results of CREATE, MKDIR, SYMLINK and MKNOD: the new object's handle and
+/// attributes (the directory's wcc data follows them either way).
+type Made = (PostOpFh, PostOp);
 
 /// What a directory is charged now: 0 for the volume's root, which its usage does not
 /// count (`VolumeStore::usage`), and if it cannot be read (the settle then charges
