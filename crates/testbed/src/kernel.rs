@@ -17,8 +17,10 @@
 //!
 //! Inside, the guest's root is this machine's `/` read-only (`hostfs`), so it runs the
 //! same `mount.nfs`, `mariadbd` or `prove` as the host; `/run`, `/tmp` and `/mnt` are
-//! tmpfs. PID 1 is a shell script that loads the NFS modules and starts a small command
-//! server (`guest_agent.py`, port 7000) through which [`KernelNode::run`] executes shell
+//! tmpfs, and `/dev` is the guest's own devtmpfs. Host files can be attached as block
+//! devices ([`BootOptions::disks`]) for a file system local to the guest. PID 1 is a
+//! shell script that loads the NFS modules and starts a small command server
+//! (`guest_agent.py`, port 7000) through which [`KernelNode::run`] executes shell
 //! scripts. Each guest is killed by its process group when dropped.
 
 use std::fmt::Write as _;
@@ -39,6 +41,8 @@ const AGENT_PORT: u16 = 7000;
 const GUEST_MEMORY: &str = "512M";
 /// How long a guest may take to boot and start its command server.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+/// Block devices a guest can have (`ubd0`…`ubd15`).
+const MAX_DISKS: usize = 16;
 /// The command server, started by the guest's init.
 const GUEST_AGENT: &str = include_str!("guest_agent.py");
 
@@ -233,6 +237,24 @@ impl Drop for TestNetwork {
     }
 }
 
+/// What a guest gets besides the defaults of [`KernelNode::boot`].
+#[derive(Debug, Clone, Default)]
+pub struct BootOptions {
+    /// Host files the guest sees as block devices `/dev/ubda`, `/dev/ubdb`, … in this
+    /// order (User-Mode Linux's `ubd` driver), read-write. The guest's write cache is the
+    /// host's page cache; a flush in the guest (fsync, a journal commit) is an fsync of
+    /// the file on the host, so a file system on it is as durable as one on the host.
+    pub disks: Vec<PathBuf>,
+}
+
+impl BootOptions {
+    /// The guest's device for `disks[i]` (`/dev/ubda` for the first; `i` < 16).
+    pub fn disk_device(i: usize) -> String {
+        let letter = char::from(b'a' + i.min(MAX_DISKS - 1) as u8);
+        format!("/dev/ubd{letter}")
+    }
+}
+
 /// One test node: a Linux kernel (User-Mode Linux) on a [`TestNetwork`].
 pub struct KernelNode {
     name: String,
@@ -249,6 +271,34 @@ impl KernelNode {
     /// Boots a guest called `name` with address `addr` on `net` and waits until it
     /// answers commands.
     pub async fn boot(net: &TestNetwork, name: &str, addr: IpAddr) -> Result<Self> {
+        Self::boot_with(net, name, addr, &BootOptions::default()).await
+    }
+
+    /// Like [`KernelNode::boot`], with `options` (disks).
+    pub async fn boot_with(
+        net: &TestNetwork,
+        name: &str,
+        addr: IpAddr,
+        options: &BootOptions,
+    ) -> Result<Self> {
+        let mut disks = Vec::with_capacity(options.disks.len());
+        for (i, path) in options.disks.iter().enumerate() {
+            let fail = |why| Error::AttachDisk {
+                node: name.to_owned(),
+                path: path.clone(),
+                why,
+            };
+            let text = path.to_str().ok_or_else(|| fail("the path is not UTF-8"))?;
+            if i >= MAX_DISKS {
+                return Err(fail("User-Mode Linux has 16 ubd devices"));
+            }
+            if text.contains([',', ':']) {
+                return Err(fail(
+                    "User-Mode Linux splits its ubd argument at ',' and ':'",
+                ));
+            }
+            disks.push(format!("ubd{i}={text}"));
+        }
         let dir = tempfile::Builder::new()
             .prefix(&format!("localnfs-{name}-"))
             .tempdir()
@@ -281,7 +331,8 @@ impl KernelNode {
                 .args(["con0=fd:0,fd:1", "con=null"])
                 // gro=1: without it the guest drops the large segments of big READ
                 // replies and the mount stalls.
-                .arg(format!("vec0:transport=tap,ifname={tap},gro=1")),
+                .arg(format!("vec0:transport=tap,ifname={tap},gro=1"))
+                .args(&disks),
             &dir.path().join("console.log"),
         )?;
         let node = KernelNode {
