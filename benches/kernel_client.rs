@@ -204,7 +204,7 @@ async fn run(config: &Config) {
 
     // The servers live until the end of this function; they are dropped (stopped by
     // PID) before the node and the network.
-    let mut _agent = None;
+    let mut localnfs_agent = None;
     let mut _ganesha = None;
     for &server in &config.servers {
         let target = server.mount();
@@ -214,7 +214,7 @@ async fn run(config: &Config) {
                 create_volume(&root, "bench", VOLUME_BYTES);
                 let agent = agent_for(&net, &root, &[&node], &[]).await;
                 mount(&node, &agent, "bench", &target).await;
-                _agent = Some(agent);
+                localnfs_agent = Some(agent);
             }
             Server::Ganesha => {
                 let ip = net.address(2);
@@ -261,6 +261,8 @@ async fn run(config: &Config) {
     }
     // results[server][row][rep]
     let mut results = vec![vec![Vec::new(); rows.len()]; config.servers.len()];
+    // per_call[server][file row]: the successful repetitions' calls and server time
+    let mut per_call = vec![vec![Vec::new(); files::ROWS.len()]; config.servers.len()];
     let mut prepared = Vec::new();
     if config.sysbench_rows {
         for &server in &config.servers {
@@ -283,8 +285,21 @@ async fn run(config: &Config) {
             for &s in &order {
                 let server = config.servers[s];
                 eprintln!("rep {rep} {}: files", server.name());
-                let got = files::run(&node, &server.mount(), tree, GUEST_TARBALL).await;
+                let dir = server.mount();
+                let target = files::Target {
+                    node: &node,
+                    dir: &dir,
+                    admin: match server {
+                        Server::Localnfs => localnfs_agent.as_ref().map(|a| a.admin),
+                        _ => None,
+                    },
+                };
+                let got = files::run(&target, tree, GUEST_TARBALL).await;
                 for (i, r) in got.into_iter().enumerate() {
+                    if let Ok(m) = &r {
+                        per_call[s][i].push(m.clone());
+                    }
+                    let r = r.map(|m| m.seconds);
                     log_sample(rep, server, &rows[i].0, &r);
                     results[s][i].push(r);
                 }
@@ -323,6 +338,10 @@ async fn run(config: &Config) {
     println!();
     let names: Vec<&str> = config.servers.iter().map(|s| s.name()).collect();
     print_table(&names, &rows, &results, config.reps);
+    if tree.is_some() {
+        println!();
+        report::print_time_per_call(&names, &files::ROWS, &per_call);
+    }
 }
 
 /// One repetition's result, as it happens.

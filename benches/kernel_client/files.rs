@@ -1,18 +1,25 @@
 //! The file-system rows, run in the guest on one mount: untar the tree, `ls -lR` cold
-//! and warm, read every file cold and warm, `rm -rf` it. Each step is timed inside the
-//! guest (`date +%s%N` around the command, so the command server's round trip is not
-//! in it) and checked: the file and directory counts after untar, the listed files and
-//! their summed sizes, the MD5 of all bytes read, the tree gone after `rm -rf`. A server
-//! that gets one wrong fails that row and the rows after it.
+//! and warm, read every file cold and warm, `rm -rf` it. Each row is one guest script
+//! around one timed command (`date +%s%N` on either side, so the command server's round
+//! trip is not in it) and is checked: the file and directory counts after untar, the
+//! listed files and their summed sizes, the MD5 of all bytes read, the tree gone after
+//! `rm -rf`. A server that gets one wrong fails that row and the rows after it.
 //!
 //! "Cold" means the guest's caches were dropped first (`sync; echo 3 >
 //! /proc/sys/vm/drop_caches`: pages, dentries, inodes and with them NFS attributes);
 //! the host's page cache, under the NFS servers and the guest's disk alike, stays warm.
+//!
+//! Besides its seconds, each row records the NFS calls the guest's client made (from
+//! its `/proc/net/rpc/nfs`) and, for localnfs, the time the server spent on them (the
+//! sum of its `nfs_request_duration_seconds`): these commands issue one call at a
+//! time, so what is not server time is the client's, the network's and the command's.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use localnfs_testbed::kernel::{KernelNode, quote};
+use nfs3_types::nfs3::NFS_PROGRAM;
 
 use super::report::Unit;
 use super::tree::{Tree, read_all_command};
@@ -30,94 +37,143 @@ pub const ROWS: [(&str, Unit); 6] = [
 /// Bound on one step; a stuck server fails it instead of hanging the run.
 const STEP_TIMEOUT: Duration = Duration::from_secs(1200);
 
-/// The two passes of a cold-then-warm step, with the call counts around each.
-const PASSES: [(&str, &str, &str); 2] = [("cold", "c0", "c1"), ("warm", "c1", "c2")];
-
 /// What a step runs to make the guest drop its caches.
 const DROP_CACHES: &str = "sync; echo 3 > /proc/sys/vm/drop_caches";
 
-/// NFSv3 procedures in the order the guest's `/proc/net/rpc/nfs` counts them.
-const NFS3_PROCEDURES: [&str; 22] = [
-    "NULL",
-    "GETATTR",
-    "SETATTR",
-    "LOOKUP",
-    "ACCESS",
-    "READLINK",
-    "READ",
-    "WRITE",
-    "CREATE",
-    "MKDIR",
-    "SYMLINK",
-    "MKNOD",
-    "REMOVE",
-    "RMDIR",
-    "RENAME",
-    "LINK",
-    "READDIR",
-    "READDIRPLUS",
-    "FSSTAT",
-    "FSINFO",
-    "PATHCONF",
-    "COMMIT",
-];
+/// One repetition of one row.
+#[derive(Clone, Debug)]
+pub struct Measured {
+    pub seconds: f64,
+    /// NFS calls the guest's client made during the command (0 on a local fs).
+    pub calls: u64,
+    /// Time the server spent answering them, where the server reports it (localnfs).
+    pub server_seconds: Option<f64>,
+}
 
-/// Runs `body` with `/bin/sh -e` in `dir` of `node` and returns the `key=value` lines it
-/// printed. In `body`, `now` prints nanoseconds since the epoch, and `calls` the guest
-/// NFS client's calls so far per NFSv3 procedure (for [`log_calls`]).
-async fn step(node: &KernelNode, dir: &str, body: &str) -> Result<HashMap<String, String>, String> {
-    let script = format!(
-        "set -e; now() {{ date +%s%N; }}
-        calls() {{ awk '/^proc3 / {{ $1 = \"\"; $2 = \"\"; print }}' /proc/net/rpc/nfs; }}
-        cd {}; {body}",
-        quote(dir)
-    );
-    let out = node
-        .run_ok(&script, STEP_TIMEOUT)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(out
-        .lines()
+/// Where the rows run.
+pub struct Target<'a> {
+    pub node: &'a KernelNode,
+    /// The mount point in the guest.
+    pub dir: &'a str,
+    /// The localnfs agent's admin listener, for its request durations.
+    pub admin: Option<SocketAddr>,
+}
+
+/// What one step printed (`key=value` lines) and measured.
+struct StepOutput {
+    values: HashMap<String, String>,
+    measured: Measured,
+}
+
+impl Target<'_> {
+    /// Runs `before` (untimed), then `command` timed, then `after` (untimed; it may
+    /// print `key=value` lines for checks and must not touch the mount, so that the
+    /// server time is the command's), with `/bin/sh -e` in the mount.
+    async fn step(
+        &self,
+        row: &str,
+        before: &str,
+        command: &str,
+        after: &str,
+    ) -> Result<StepOutput, String> {
+        let script = format!(
+            "set -e; cd {dir}
+            calls() {{ awk '/^proc3 / {{ $1 = \"\"; $2 = \"\"; print }}' /proc/net/rpc/nfs; }}
+            {before}
+            c0=$(calls); t0=$(date +%s%N)
+            {command}
+            t1=$(date +%s%N); c1=$(calls)
+            echo ns=$((t1 - t0)); echo c0=$c0; echo c1=$c1
+            {after}",
+            dir = quote(self.dir)
+        );
+        let server_before = self.server_seconds().await;
+        let out = self
+            .node
+            .run_ok(&script, STEP_TIMEOUT)
+            .await
+            .map_err(|e| e.to_string())?;
+        let server_after = self.server_seconds().await;
+        let values = key_values(&out);
+        let calls = self.log_calls(row, &values);
+        let measured = Measured {
+            seconds: Duration::from_nanos(number(&values, "ns")?).as_secs_f64(),
+            calls,
+            server_seconds: server_before.zip(server_after).map(|(b, a)| a - b),
+        };
+        Ok(StepOutput { values, measured })
+    }
+
+    /// Runs `script` untimed in the mount and returns the `key=value` lines it printed.
+    async fn query(&self, script: &str) -> Result<HashMap<String, String>, String> {
+        let out = self
+            .node
+            .run_ok(
+                &format!("set -e; cd {}; {script}", quote(self.dir)),
+                STEP_TIMEOUT,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(key_values(&out))
+    }
+
+    /// The localnfs agent's total request time so far, if this target has one.
+    async fn server_seconds(&self) -> Option<f64> {
+        let admin = self.admin?;
+        let metrics = crate::support::scrape(admin).await;
+        Some(metrics.get("localnfs_nfs_request_duration_seconds_sum", &[]))
+    }
+
+    /// Prints the NFS calls between the counts `c0` and `c1` of a step's output, per
+    /// procedure (nothing on a local file system), to see whether two servers were asked
+    /// the same; returns their total.
+    fn log_calls(&self, row: &str, values: &HashMap<String, String>) -> u64 {
+        let counts = |key: &str| -> Vec<u64> {
+            values
+                .get(key)
+                .map(|v| {
+                    v.split_whitespace()
+                        .filter_map(|n| n.parse().ok())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let (b, a) = (counts("c0"), counts("c1"));
+        // The counts are by procedure number (RFC 1813 §3).
+        let calls: Vec<(u32, u64)> = (0..)
+            .zip(b.iter().zip(&a))
+            .filter(|(_, (b, a))| a > b)
+            .map(|(procedure, (b, a))| (procedure, a - b))
+            .collect();
+        if !calls.is_empty() {
+            let list: Vec<String> = calls
+                .iter()
+                .map(|(procedure, c)| {
+                    let name = NFS_PROGRAM::try_from(*procedure)
+                        .map_or_else(|_| procedure.to_string(), |p| p.to_string());
+                    format!("{} {c}", name.trim_start_matches("NFSPROC3_"))
+                })
+                .collect();
+            eprintln!("  {} {row}: NFS calls {}", self.dir, list.join(", "));
+        }
+        calls.iter().map(|(_, c)| c).sum()
+    }
+}
+
+/// The `key=value` lines of a script's output.
+fn key_values(out: &str) -> HashMap<String, String> {
+    out.lines()
         .filter_map(|l| l.split_once('='))
         .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-        .collect())
+        .collect()
 }
 
 /// The number `key` of a step's output.
-fn number(out: &HashMap<String, String>, key: &str) -> Result<u64, String> {
-    out.get(key)
+fn number(values: &HashMap<String, String>, key: &str) -> Result<u64, String> {
+    values
+        .get(key)
         .and_then(|v| v.parse().ok())
-        .ok_or_else(|| format!("the step printed no {key}: {out:?}"))
-}
-
-/// Seconds from the nanoseconds `key`.
-fn seconds(out: &HashMap<String, String>, key: &str) -> Result<f64, String> {
-    Ok(Duration::from_nanos(number(out, key)?).as_secs_f64())
-}
-
-/// Prints the NFS calls the client made between the counts `before` and `after` of a
-/// step's output (nothing for a local file system): which requests a row cost, to see
-/// whether two servers were asked the same.
-fn log_calls(dir: &str, row: &str, out: &HashMap<String, String>, before: &str, after: &str) {
-    let counts = |key: &str| -> Vec<u64> {
-        out.get(key)
-            .map(|v| {
-                v.split_whitespace()
-                    .filter_map(|n| n.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let (b, a) = (counts(before), counts(after));
-    let calls: Vec<String> = NFS3_PROCEDURES
-        .iter()
-        .zip(b.iter().zip(&a))
-        .filter(|(_, (b, a))| a > b)
-        .map(|(name, (b, a))| format!("{name} {}", a - b))
-        .collect();
-    if !calls.is_empty() {
-        eprintln!("  {dir} {row}: NFS calls {}", calls.join(", "));
-    }
+        .ok_or_else(|| format!("the step printed no {key}: {values:?}"))
 }
 
 /// Fails with `what` unless `got` is `want`.
@@ -129,17 +185,11 @@ fn check<T: PartialEq + std::fmt::Display>(what: &str, got: T, want: T) -> Resul
     }
 }
 
-/// One repetition of every row on the mount `dir`, extracting `tarball` (a path in the
-/// guest). Returns the seconds of each row of [`ROWS`], or why it failed.
-pub async fn run(
-    node: &KernelNode,
-    dir: &str,
-    tree: &Tree,
-    tarball: &str,
-) -> Vec<Result<f64, String>> {
+/// One repetition of every row on `target`, extracting `tarball` (a path in the guest).
+/// Returns each row of [`ROWS`], or why it failed.
+pub async fn run(target: &Target<'_>, tree: &Tree, tarball: &str) -> Vec<Result<Measured, String>> {
     let mut rows = Vec::with_capacity(ROWS.len());
-    let outcome = run_steps(node, dir, tree, tarball, &mut rows).await;
-    if let Err(e) = outcome {
+    if let Err(e) = run_steps(target, tree, tarball, &mut rows).await {
         let failed = ROWS[rows.len()].0;
         rows.push(Err(e));
         while rows.len() < ROWS.len() {
@@ -147,103 +197,95 @@ pub async fn run(
         }
     }
     // Whatever happened, the next server starts from the same state.
-    if let Err(e) = step(node, dir, "rm -rf tree").await {
-        eprintln!("{dir}: cleaning up the tree failed: {e}");
+    if let Err(e) = target
+        .node
+        .run_ok(&format!("rm -rf {}/tree", quote(target.dir)), STEP_TIMEOUT)
+        .await
+    {
+        eprintln!("{}: cleaning up the tree failed: {e}", target.dir);
     }
     rows
 }
 
-/// The steps in order, pushing each row's seconds; stops at the first failure.
+/// The rows in order, pushing each; stops at the first failure.
 async fn run_steps(
-    node: &KernelNode,
-    dir: &str,
+    target: &Target<'_>,
     tree: &Tree,
     tarball: &str,
-    rows: &mut Vec<Result<f64, String>>,
+    rows: &mut Vec<Result<Measured, String>>,
 ) -> Result<(), String> {
-    let out = step(
-        node,
-        dir,
-        &format!(
-            "rm -rf tree; {DROP_CACHES}
-            echo c0=$(calls); t0=$(now); tar -xf {tarball}; sync; t1=$(now); echo c1=$(calls)
-            echo ns=$((t1 - t0))
-            echo files=$(find tree -type f | wc -l)
-            echo dirs=$(find tree -type d | wc -l)",
-            tarball = quote(tarball)
-        ),
-    )
-    .await?;
-    check("files after untar", number(&out, "files")?, tree.files)?;
-    check("directories after untar", number(&out, "dirs")?, tree.dirs)?;
-    log_calls(dir, ROWS[rows.len()].0, &out, "c0", "c1");
-    rows.push(Ok(seconds(&out, "ns")?));
+    let row = |rows: &Vec<_>| ROWS[rows.len()].0;
+    let untar = target
+        .step(
+            row(rows),
+            &format!("rm -rf tree; {DROP_CACHES}"),
+            &format!("tar -xf {}; sync", quote(tarball)),
+            "",
+        )
+        .await?;
+    let counts = target
+        .query("echo files=$(find tree -type f | wc -l); echo dirs=$(find tree -type d | wc -l)")
+        .await?;
+    check("files after untar", number(&counts, "files")?, tree.files)?;
+    check(
+        "directories after untar",
+        number(&counts, "dirs")?,
+        tree.dirs,
+    )?;
+    rows.push(Ok(untar.measured));
 
     // `ls -l` shows each file's size: the listed regular files and their sizes must add
     // up to the tree.
-    let out = step(
-        node,
-        dir,
-        &format!(
-            "{DROP_CACHES}
-            echo c0=$(calls); t0=$(now); ls -lR tree > /tmp/ls.cold; t1=$(now); echo c1=$(calls)
-            t2=$(now); ls -lR tree > /tmp/ls.warm; t3=$(now); echo c2=$(calls)
-            echo cold_ns=$((t1 - t0)); echo warm_ns=$((t3 - t2))
-            for f in cold warm; do
-                awk -v f=$f '/^-/ {{ n++; b += $5 }} END {{ print f \"_files=\" n; print f \"_bytes=\" b }}' /tmp/ls.$f
-            done
-            rm /tmp/ls.cold /tmp/ls.warm"
-        ),
-    )
-    .await?;
-    for (pass, before, after) in PASSES {
+    for (pass, before) in [("cold", DROP_CACHES), ("warm", "")] {
+        let ls = target
+            .step(
+                row(rows),
+                before,
+                "ls -lR tree > /tmp/ls.out",
+                "awk '/^-/ { n++; b += $5 } END { print \"files=\" n; print \"bytes=\" b }' /tmp/ls.out
+                rm /tmp/ls.out",
+            )
+            .await?;
         check(
             &format!("files in ls -lR {pass}"),
-            number(&out, &format!("{pass}_files"))?,
+            number(&ls.values, "files")?,
             tree.files,
         )?;
         check(
             &format!("bytes in ls -lR {pass}"),
-            number(&out, &format!("{pass}_bytes"))?,
+            number(&ls.values, "bytes")?,
             tree.bytes,
         )?;
-        log_calls(dir, ROWS[rows.len()].0, &out, before, after);
-        rows.push(Ok(seconds(&out, &format!("{pass}_ns"))?));
+        rows.push(Ok(ls.measured));
     }
 
-    let read = read_all_command();
-    let out = step(
-        node,
-        dir,
-        &format!(
-            "{DROP_CACHES}
-            echo c0=$(calls); t0=$(now); cold=$({read}); t1=$(now); echo c1=$(calls)
-            t2=$(now); warm=$({read}); t3=$(now); echo c2=$(calls)
-            echo cold_ns=$((t1 - t0)); echo warm_ns=$((t3 - t2))
-            echo cold_md5=$cold; echo warm_md5=$warm"
-        ),
-    )
-    .await?;
-    for (pass, before, after) in PASSES {
-        let md5 = out.get(&format!("{pass}_md5")).map_or("", String::as_str);
+    for (pass, before) in [("cold", DROP_CACHES), ("warm", "")] {
+        let read = target
+            .step(
+                row(rows),
+                before,
+                &format!("md5=$({})", read_all_command()),
+                "echo md5=$md5",
+            )
+            .await?;
+        let md5 = read.values.get("md5").map_or("", String::as_str);
         check(
             &format!("MD5 of every file read {pass}"),
             md5,
             tree.md5.as_str(),
         )?;
-        log_calls(dir, ROWS[rows.len()].0, &out, before, after);
-        rows.push(Ok(seconds(&out, &format!("{pass}_ns"))?));
+        rows.push(Ok(read.measured));
     }
 
-    let out = step(
-        node,
-        dir,
-        "echo c0=$(calls); t0=$(now); rm -rf tree; sync; t1=$(now); echo c1=$(calls)
-        echo ns=$((t1 - t0)); if [ -e tree ]; then echo left=1; else echo left=0; fi",
-    )
-    .await?;
-    check("tree left after rm -rf (1 = yes)", number(&out, "left")?, 0)?;
-    log_calls(dir, ROWS[rows.len()].0, &out, "c0", "c1");
-    rows.push(Ok(seconds(&out, "ns")?));
+    let rm = target.step(row(rows), "", "rm -rf tree; sync", "").await?;
+    let left = target
+        .query("if [ -e tree ]; then echo left=1; else echo left=0; fi")
+        .await?;
+    check(
+        "tree left after rm -rf (1 = yes)",
+        number(&left, "left")?,
+        0,
+    )?;
+    rows.push(Ok(rm.measured));
     Ok(())
 }

@@ -1,6 +1,9 @@
 //! The markdown table: one line per row, one column per server (median of the
 //! repetitions, with the fastest and slowest in brackets), and localnfs's speed against
-//! each other server.
+//! each other server; then, for the file rows, the NFS calls they cost and the time
+//! per call.
+
+use super::files::Measured;
 
 /// What a row's numbers are, and so which way is better.
 #[derive(Clone, Copy, Debug)]
@@ -35,8 +38,8 @@ fn summary(samples: &[Result<f64, String>]) -> Result<(f64, f64, f64), String> {
         values.push(s.clone()?);
     }
     values.sort_by(f64::total_cmp);
-    match (values.first(), values.last()) {
-        (Some(&min), Some(&max)) => Ok((values[values.len() / 2], min, max)),
+    match (values.first(), values.last(), median(values.clone())) {
+        (Some(&min), Some(&max), Some(med)) => Ok((med, min, max)),
         _ => Err("no repetitions".to_owned()),
     }
 }
@@ -102,6 +105,71 @@ pub fn print_table(
                 _ => "-".to_owned(),
             };
             line.push_str(&format!(" {cell} |"));
+        }
+        println!("{line}");
+    }
+}
+
+/// Median of `values` (none if empty).
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied()
+}
+
+/// Prints where the file rows' time goes on the NFS servers: the client's calls, the
+/// wall time per call and, where the server reports it, the server's time per call
+/// (medians over the repetitions that succeeded). `measured[server][row]`.
+pub fn print_time_per_call(
+    servers: &[&str],
+    rows: &[(&str, Unit)],
+    measured: &[Vec<Vec<Measured>>],
+) {
+    let nfs: Vec<usize> = (0..servers.len())
+        .filter(|&s| measured[s].iter().flatten().any(|m| m.calls > 0))
+        .collect();
+    if nfs.is_empty() {
+        return;
+    }
+    let mut header = "| row | NFS calls |".to_owned();
+    let mut rule = "|---|--:|".to_owned();
+    for &s in &nfs {
+        header.push_str(&format!(" {} µs/call |", servers[s]));
+        rule.push_str("--:|");
+        if measured[s]
+            .iter()
+            .flatten()
+            .any(|m| m.server_seconds.is_some())
+        {
+            header.push_str(&format!(" of which in {} |", servers[s]));
+            rule.push_str("--:|");
+        }
+    }
+    println!("{header}\n{rule}");
+    for (r, (name, _)) in rows.iter().enumerate() {
+        let calls = median(
+            nfs.iter()
+                .flat_map(|&s| measured[s][r].iter().map(|m| m.calls as f64))
+                .collect(),
+        );
+        let calls = calls.map_or("-".to_owned(), |c| format!("{c:.0}"));
+        let mut line = format!("| {name} | {calls} |");
+        for &s in &nfs {
+            let per_call = |value: &dyn Fn(&Measured) -> Option<f64>| -> String {
+                let v: Vec<f64> = measured[s][r]
+                    .iter()
+                    .filter(|m| m.calls > 0)
+                    .filter_map(|m| Some(value(m)? * 1e6 / m.calls as f64))
+                    .collect();
+                median(v).map_or("-".to_owned(), number)
+            };
+            line.push_str(&format!(" {} |", per_call(&|m| Some(m.seconds))));
+            if measured[s]
+                .iter()
+                .flatten()
+                .any(|m| m.server_seconds.is_some())
+            {
+                line.push_str(&format!(" {} |", per_call(&|m| m.server_seconds)));
+            }
         }
         println!("{line}");
     }

@@ -51,7 +51,7 @@ fn seeded(i: u64, what: &str) -> u64 {
 /// Size of file `i`.
 fn file_size(i: u64) -> u64 {
     let r = seeded(i, "size");
-    if r % 100 == 0 {
+    if r.is_multiple_of(100) {
         256 * KIB + (r >> 8) % (768 * KIB)
     } else {
         (r >> 8) % (8 * KIB)
