@@ -1,7 +1,9 @@
 //! What users feel through the Linux kernel NFS client: one User-Mode Linux test node
 //! runs the same workloads on a localnfs volume, on an NFS-Ganesha 4.3 (VFS) export and,
-//! as the ceiling, on ext4 on a disk of its own (a file on the same host disk attached
-//! as a `ubd` block device), in the same run, the three taking turns in rotating order.
+//! as the ceiling, on ext4 on disks of its own (files on the same host disk attached as
+//! `ubd` block devices): `local` writes through to the host's disk, so what ext4 made
+//! durable is; `local-cached` stops in the host's page cache (durable only in name; the
+//! guest kernel's own limit). All in the same run, taking turns in rotating order.
 //! Workloads: untar of a generated tree of thousands of files, `ls -lR` cold and warm,
 //! reading every file cold and warm, `rm -rf` (`kernel_client/files.rs`), and MariaDB
 //! sysbench `oltp_read_write` and `oltp_write_only` (`kernel_client/sysbench.rs`).
@@ -9,12 +11,15 @@
 //! each other server).
 //!
 //! Run (as root): `cargo bench --bench kernel_client` (defaults: 3 repetitions, 5,000
-//! files, 45 s per sysbench workload; about 25 minutes), or a quick look:
+//! files, 30 s per sysbench workload; about 25-30 minutes), or a quick look:
 //! `cargo bench --bench kernel_client -- --reps 1 --files 1000 --seconds 10`.
-//! `--servers localnfs,ganesha,local` and `--workloads files,sysbench` choose what runs.
+//! `--servers localnfs,ganesha,local,local-cached` and `--workloads files,sysbench`
+//! choose what runs.
 
 #[path = "kernel_client/files.rs"]
 mod files;
+#[path = "kernel_client/machine.rs"]
+mod machine;
 #[path = "kernel_client/report.rs"]
 mod report;
 #[path = "../tests/support/mod.rs"]
@@ -26,9 +31,9 @@ mod tree;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use localnfs_testbed::kernel::{BootOptions, KernelNode, TestNetwork, quote};
+use localnfs_testbed::kernel::{BootOptions, Disk, KernelNode, TestNetwork, quote};
 use report::{Unit, print_table};
 use support::ganesha::Ganesha;
 use support::kernel::{agent_for, mount};
@@ -42,24 +47,34 @@ const VOLUME_BYTES: u64 = 4 * GIB;
 const GUEST_TARBALL: &str = "/tmp/tree.tar";
 
 const USAGE: &str = "usage: cargo bench --bench kernel_client -- [--reps N] [--files N] \
-    [--seconds N] [--servers localnfs,ganesha,local] [--workloads files,sysbench] [--dir PATH]";
+    [--seconds N] [--servers localnfs,ganesha,local,local-cached] [--workloads files,sysbench] \
+    [--dir PATH]";
 
-/// The three places the workloads run on.
+/// The places the workloads run on.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Server {
     Localnfs,
     Ganesha,
+    /// ext4 on a disk of the guest's that writes through to the host's disk.
     Local,
+    /// ext4 on a disk of the guest's whose writes stop in the host's page cache.
+    LocalCached,
 }
 
 impl Server {
-    const ALL: [Server; 3] = [Server::Localnfs, Server::Ganesha, Server::Local];
+    const ALL: [Server; 4] = [
+        Server::Localnfs,
+        Server::Ganesha,
+        Server::Local,
+        Server::LocalCached,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Server::Localnfs => "localnfs",
             Server::Ganesha => "ganesha",
             Server::Local => "local",
+            Server::LocalCached => "local-cached",
         }
     }
 
@@ -86,7 +101,7 @@ fn parse_args(args: &[String]) -> Result<Config, String> {
     let mut config = Config {
         reps: 3,
         files: 5_000,
-        seconds: 45,
+        seconds: 30,
         servers: Server::ALL.to_vec(),
         files_rows: true,
         sysbench_rows: true,
@@ -150,13 +165,6 @@ fn main() {
         .block_on(run(&config));
 }
 
-/// The 1, 5 and 15 minute load averages.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".to_owned())
-}
-
 /// A sparse file of [`VOLUME_BYTES`] with an empty ext4 on it, inode tables and journal
 /// written now so the guest's kernel does not initialise them during the run.
 fn make_ext4_image(path: &Path) {
@@ -177,8 +185,7 @@ fn make_ext4_image(path: &Path) {
 }
 
 async fn run(config: &Config) {
-    let started = Instant::now();
-    let load_at_start = load_average();
+    let watch = machine::Watch::start(&config.dir);
     let dir = tempfile::Builder::new()
         .prefix("localnfs-kclient-")
         .tempdir_in(&config.dir)
@@ -187,11 +194,19 @@ async fn run(config: &Config) {
         eprintln!("generating a tree of {} files", config.files);
         tree::generate(dir.path(), config.files).expect("generate the file tree")
     });
+    // One disk per local server, in the order of `config.servers`.
     let mut boot = BootOptions::default();
-    if config.servers.contains(&Server::Local) {
-        let image = dir.path().join("local.img");
-        make_ext4_image(&image);
-        boot.disks.push(image);
+    let mut devices = Vec::new();
+    for &server in &config.servers {
+        if matches!(server, Server::Local | Server::LocalCached) {
+            let path = dir.path().join(format!("{}.img", server.name()));
+            make_ext4_image(&path);
+            devices.push((server, BootOptions::disk_device(boot.disks.len())));
+            boot.disks.push(Disk {
+                path,
+                write_through: server == Server::Local,
+            });
+        }
     }
     let net = TestNetwork::create().expect("test network (run as root)");
     let node = KernelNode::boot_with(&net, "bench-node", net.address(101), &boot)
@@ -226,12 +241,16 @@ async fn run(config: &Config) {
                 ganesha.mount(&node, ip, &export, &target).await;
                 _ganesha = Some(ganesha);
             }
-            Server::Local => {
+            Server::Local | Server::LocalCached => {
+                let dev = devices
+                    .iter()
+                    .find(|(s, _)| *s == server)
+                    .map(|(_, d)| d.as_str())
+                    .unwrap_or_default();
                 node.run_ok(
                     &format!(
                         "mkdir -p {t} && mount -t ext4 {dev} {t}",
-                        t = quote(&target),
-                        dev = BootOptions::disk_device(0)
+                        t = quote(&target)
                     ),
                     Duration::from_secs(60),
                 )
@@ -323,14 +342,13 @@ async fn run(config: &Config) {
     }
 
     println!(
-        "\nkernel_client: guest Linux {} (User-Mode Linux, 512 MiB), {} files / {} directories / {:.1} MB per tree, \
-         load average {load_at_start} at start, {} at end, {:.0} min",
+        "\nkernel_client: guest Linux {} (User-Mode Linux, 512 MiB); tree of {} files, {} directories, \
+         {:.1} MB; {}",
         guest_kernel.trim(),
         tree.as_ref().map_or(0, |t| t.files),
         tree.as_ref().map_or(0, |t| t.dirs),
         tree.as_ref().map_or(0.0, |t| t.bytes as f64 / 1e6),
-        load_average(),
-        started.elapsed().as_secs_f64() / 60.0,
+        watch.finish(&config.dir),
     );
     if let Some(tree) = &tree {
         eprintln!("tree MD5 {}", tree.md5);

@@ -241,10 +241,21 @@ impl Drop for TestNetwork {
 #[derive(Debug, Clone, Default)]
 pub struct BootOptions {
     /// Host files the guest sees as block devices `/dev/ubda`, `/dev/ubdb`, … in this
-    /// order (User-Mode Linux's `ubd` driver), read-write. The guest's write cache is the
-    /// host's page cache; a flush in the guest (fsync, a journal commit) is an fsync of
-    /// the file on the host, so a file system on it is as durable as one on the host.
-    pub disks: Vec<PathBuf>,
+    /// order (User-Mode Linux's `ubd` driver), read-write.
+    pub disks: Vec<Disk>,
+}
+
+/// A host file attached to a guest as a block device.
+#[derive(Debug, Clone)]
+pub struct Disk {
+    pub path: PathBuf,
+    /// Every write reaches the host's disk before it completes (ubd's `s` flag: the
+    /// file is opened `O_SYNC`), so what the guest's file system made durable is
+    /// durable. Without it the guest's writes and flushes (fsync, journal commits) stop
+    /// in the host's page cache: this ubd driver completes a flush without syncing the
+    /// file on the host (Debian's 6.1.176: no fdatasync from its I/O thread for 100
+    /// flushes of the guest).
+    pub write_through: bool,
 }
 
 impl BootOptions {
@@ -282,7 +293,8 @@ impl KernelNode {
         options: &BootOptions,
     ) -> Result<Self> {
         let mut disks = Vec::with_capacity(options.disks.len());
-        for (i, path) in options.disks.iter().enumerate() {
+        for (i, disk) in options.disks.iter().enumerate() {
+            let path = &disk.path;
             let fail = |why| Error::AttachDisk {
                 node: name.to_owned(),
                 path: path.clone(),
@@ -297,7 +309,8 @@ impl KernelNode {
                     "User-Mode Linux splits its ubd argument at ',' and ':'",
                 ));
             }
-            disks.push(format!("ubd{i}={text}"));
+            let flags = if disk.write_through { "s" } else { "" };
+            disks.push(format!("ubd{i}{flags}={text}"));
         }
         let dir = tempfile::Builder::new()
             .prefix(&format!("localnfs-{name}-"))
