@@ -49,8 +49,12 @@ async fn mariadb_on_a_volume_survives_agent_sigkill_under_load() {
     let mut agent = agent_for(&net, root.path(), &[&node], &[]).await;
     mount(&node, &agent, "db", "/mnt/db").await;
 
-    mariadb::start(&node, "/mnt/db/data").await;
-    mariadb::prepare(&node, TABLES, ROWS).await;
+    mariadb::start(&node, "/mnt/db/data")
+        .await
+        .expect("mariadbd starts with its datadir on the volume");
+    mariadb::prepare(&node, TABLES, ROWS)
+        .await
+        .expect("sysbench prepare");
     mariadb::check_tables(&node, TABLES).await;
 
     let run = format!(
@@ -91,7 +95,9 @@ async fn mariadb_on_a_volume_survives_agent_sigkill_under_load() {
 
     // Crash the database too: InnoDB recovers from what the agent acknowledged.
     mariadb::crash(&node).await;
-    mariadb::start(&node, "/mnt/db/data").await;
+    mariadb::start(&node, "/mnt/db/data")
+        .await
+        .expect("mariadbd recovers its datadir on the volume");
     mariadb::check_tables(&node, TABLES).await;
     let kernel_log = node
         .run_ok("dmesg", Duration::from_secs(30))

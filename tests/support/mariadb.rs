@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use localnfs_testbed::Result;
 use localnfs_testbed::kernel::{KernelNode, quote};
 
 /// The server's options. The buffer pool maximum must be small: under User-Mode Linux
@@ -23,7 +24,7 @@ const CNF: &str = "/run/my.cnf";
 
 /// Writes the configuration, creates the system tables in `datadir` unless they exist,
 /// and starts mariadbd; returns once it answers.
-pub async fn start(node: &KernelNode, datadir: &str) {
+pub async fn start(node: &KernelNode, datadir: &str) -> Result<()> {
     let script = format!(
         "set -e; printf %s {cnf} > {CNF}
         [ -d {d}/mysql ] || mariadb-install-db --defaults-file={CNF} --skip-test-db \
@@ -40,17 +41,16 @@ pub async fn start(node: &KernelNode, datadir: &str) {
     );
     node.run_ok(&script, Duration::from_secs(300))
         .await
-        .expect("mariadbd starts with its datadir on the volume");
+        .map(drop)
 }
 
 /// Runs SQL as root, failing on any error.
-pub async fn sql(node: &KernelNode, statements: &str) -> String {
+pub async fn sql(node: &KernelNode, statements: &str) -> Result<String> {
     node.run_ok(
         &format!("mariadb --defaults-file={CNF} -e {}", quote(statements)),
         Duration::from_secs(300),
     )
     .await
-    .expect("SQL statement")
 }
 
 /// The sysbench command line for `workload` (e.g. `oltp_read_write`).
@@ -62,20 +62,22 @@ pub fn sysbench(workload: &str, tables: u32, rows: u32) -> String {
 }
 
 /// Creates the `sbtest` database and sysbench's tables.
-pub async fn prepare(node: &KernelNode, tables: u32, rows: u32) {
-    sql(node, "create database if not exists sbtest").await;
+pub async fn prepare(node: &KernelNode, tables: u32, rows: u32) -> Result<()> {
+    sql(node, "create database if not exists sbtest").await?;
     node.run_ok(
         &format!("{} prepare", sysbench("oltp_read_write", tables, rows)),
         Duration::from_secs(600),
     )
     .await
-    .expect("sysbench prepare");
+    .map(drop)
 }
 
 /// `CHECK TABLE` of sysbench's tables: each must say OK.
 pub async fn check_tables(node: &KernelNode, tables: u32) {
     let list: Vec<String> = (1..=tables).map(|i| format!("sbtest.sbtest{i}")).collect();
-    let out = sql(node, &format!("check table {}", list.join(", "))).await;
+    let out = sql(node, &format!("check table {}", list.join(", ")))
+        .await
+        .expect("CHECK TABLE");
     let statuses: Vec<&str> = out.lines().skip(1).collect();
     assert_eq!(statuses.len(), tables as usize, "{out}");
     for line in statuses {
@@ -109,7 +111,7 @@ pub fn tps_and_p95(report: &str) -> Option<(f64, f64)> {
 }
 
 /// Stops mariadbd cleanly and waits until it is gone.
-pub async fn stop(node: &KernelNode) {
+pub async fn stop(node: &KernelNode) -> Result<()> {
     node.run_ok(
         &format!(
             "mariadb-admin --defaults-file={CNF} shutdown; \
@@ -118,5 +120,5 @@ pub async fn stop(node: &KernelNode) {
         Duration::from_secs(90),
     )
     .await
-    .expect("mariadbd stops");
+    .map(drop)
 }

@@ -46,6 +46,13 @@ pub enum Error {
     #[error("test node {node}: {detail}")]
     GuestCommand { node: String, detail: String },
 
+    #[error("test node {node}: cannot attach {path} as a disk: {why}")]
+    AttachDisk {
+        node: String,
+        path: PathBuf,
+        why: &'static str,
+    },
+
     #[error("timed out after {after:?} waiting for {what}")]
     Timeout { what: String, after: Duration },
 

@@ -17,8 +17,10 @@
 //!
 //! Inside, the guest's root is this machine's `/` read-only (`hostfs`), so it runs the
 //! same `mount.nfs`, `mariadbd` or `prove` as the host; `/run`, `/tmp` and `/mnt` are
-//! tmpfs. PID 1 is a shell script that loads the NFS modules and starts a small command
-//! server (`guest_agent.py`, port 7000) through which [`KernelNode::run`] executes shell
+//! tmpfs, and `/dev` is the guest's own devtmpfs. Host files can be attached as block
+//! devices ([`BootOptions::disks`]) for a file system local to the guest. PID 1 is a
+//! shell script that loads the NFS modules and starts a small command server
+//! (`guest_agent.py`, port 7000) through which [`KernelNode::run`] executes shell
 //! scripts. Each guest is killed by its process group when dropped.
 
 use std::fmt::Write as _;
@@ -39,6 +41,8 @@ const AGENT_PORT: u16 = 7000;
 const GUEST_MEMORY: &str = "512M";
 /// How long a guest may take to boot and start its command server.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+/// Block devices a guest can have (`ubd0`…`ubd15`).
+const MAX_DISKS: usize = 16;
 /// The command server, started by the guest's init.
 const GUEST_AGENT: &str = include_str!("guest_agent.py");
 
@@ -233,6 +237,35 @@ impl Drop for TestNetwork {
     }
 }
 
+/// What a guest gets besides the defaults of [`KernelNode::boot`].
+#[derive(Debug, Clone, Default)]
+pub struct BootOptions {
+    /// Host files the guest sees as block devices `/dev/ubda`, `/dev/ubdb`, … in this
+    /// order (User-Mode Linux's `ubd` driver), read-write.
+    pub disks: Vec<Disk>,
+}
+
+/// A host file attached to a guest as a block device.
+#[derive(Debug, Clone)]
+pub struct Disk {
+    pub path: PathBuf,
+    /// Every write reaches the host's disk before it completes (ubd's `s` flag: the
+    /// file is opened `O_SYNC`), so what the guest's file system made durable is
+    /// durable. Without it the guest's writes and flushes (fsync, journal commits) stop
+    /// in the host's page cache: this ubd driver completes a flush without syncing the
+    /// file on the host (Debian's 6.1.176: no fdatasync from its I/O thread for 100
+    /// flushes of the guest).
+    pub write_through: bool,
+}
+
+impl BootOptions {
+    /// The guest's device for `disks[i]` (`/dev/ubda` for the first; `i` < 16).
+    pub fn disk_device(i: usize) -> String {
+        let letter = char::from(b'a' + i.min(MAX_DISKS - 1) as u8);
+        format!("/dev/ubd{letter}")
+    }
+}
+
 /// One test node: a Linux kernel (User-Mode Linux) on a [`TestNetwork`].
 pub struct KernelNode {
     name: String,
@@ -249,6 +282,36 @@ impl KernelNode {
     /// Boots a guest called `name` with address `addr` on `net` and waits until it
     /// answers commands.
     pub async fn boot(net: &TestNetwork, name: &str, addr: IpAddr) -> Result<Self> {
+        Self::boot_with(net, name, addr, &BootOptions::default()).await
+    }
+
+    /// Like [`KernelNode::boot`], with `options` (disks).
+    pub async fn boot_with(
+        net: &TestNetwork,
+        name: &str,
+        addr: IpAddr,
+        options: &BootOptions,
+    ) -> Result<Self> {
+        let mut disks = Vec::with_capacity(options.disks.len());
+        for (i, disk) in options.disks.iter().enumerate() {
+            let path = &disk.path;
+            let fail = |why| Error::AttachDisk {
+                node: name.to_owned(),
+                path: path.clone(),
+                why,
+            };
+            let text = path.to_str().ok_or_else(|| fail("the path is not UTF-8"))?;
+            if i >= MAX_DISKS {
+                return Err(fail("User-Mode Linux has 16 ubd devices"));
+            }
+            if text.contains([',', ':']) {
+                return Err(fail(
+                    "User-Mode Linux splits its ubd argument at ',' and ':'",
+                ));
+            }
+            let flags = if disk.write_through { "s" } else { "" };
+            disks.push(format!("ubd{i}{flags}={text}"));
+        }
         let dir = tempfile::Builder::new()
             .prefix(&format!("localnfs-{name}-"))
             .tempdir()
@@ -281,7 +344,8 @@ impl KernelNode {
                 .args(["con0=fd:0,fd:1", "con=null"])
                 // gro=1: without it the guest drops the large segments of big READ
                 // replies and the mount stalls.
-                .arg(format!("vec0:transport=tap,ifname={tap},gro=1")),
+                .arg(format!("vec0:transport=tap,ifname={tap},gro=1"))
+                .args(&disks),
             &dir.path().join("console.log"),
         )?;
         let node = KernelNode {
