@@ -301,25 +301,29 @@ async fn run(config: &Config) {
         let order: Vec<usize> = (0..n).map(|turn| (turn + rep) % n).collect();
         let mut row = 0;
         if let Some(tree) = &tree {
-            for &s in &order {
-                let server = config.servers[s];
-                eprintln!("rep {rep} {}: files", server.name());
-                let dir = server.mount();
-                let target = files::Target {
+            eprintln!("rep {rep}: files");
+            let dirs: Vec<String> = config.servers.iter().map(|s| s.mount()).collect();
+            let targets: Vec<files::Target> = config
+                .servers
+                .iter()
+                .zip(&dirs)
+                .map(|(&server, dir)| files::Target {
                     node: &node,
-                    dir: &dir,
+                    dir,
                     admin: match server {
                         Server::Localnfs => localnfs_agent.as_ref().map(|a| a.admin),
                         _ => None,
                     },
-                };
-                let got = files::run(&target, tree, GUEST_TARBALL).await;
-                for (i, r) in got.into_iter().enumerate() {
+                })
+                .collect();
+            let got = files::run(&targets, &order, tree, GUEST_TARBALL).await;
+            for (s, server_rows) in got.into_iter().enumerate() {
+                for (i, r) in server_rows.into_iter().enumerate() {
                     if let Ok(m) = &r {
                         per_call[s][i].push(m.clone());
                     }
                     let r = r.map(|m| m.seconds);
-                    log_sample(rep, server, &rows[i].0, &r);
+                    log_sample(rep, config.servers[s], &rows[i].0, &r);
                     results[s][i].push(r);
                 }
             }

@@ -1,9 +1,10 @@
-//! The file-system rows, run in the guest on one mount: untar the tree, `ls -lR` cold
-//! and warm, read every file cold and warm, `rm -rf` it. Each row is one guest script
-//! around one timed command (`date +%s%N` on either side, so the command server's round
-//! trip is not in it) and is checked: the file and directory counts after untar, the
-//! listed files and their summed sizes, the MD5 of all bytes read, the tree gone after
-//! `rm -rf`. A server that gets one wrong fails that row and the rows after it.
+//! The file-system rows, run in the guest on each mount: untar the tree, `ls -lR` cold
+//! and warm, read every file cold and warm, `rm -rf` it, each step on every mount in
+//! turn before the next step. Each row is one guest script around one timed command
+//! (`date +%s%N` on either side, so the command server's round trip is not in it) and
+//! is checked: the file and directory counts after untar, the listed files and their
+//! summed sizes, the MD5 of all bytes read, the tree gone after `rm -rf`. A server that
+//! gets one wrong fails that row and the rows after it.
 //!
 //! "Cold" means the guest's caches were dropped first (`sync; echo 3 >
 //! /proc/sys/vm/drop_caches`: pages, dentries, inodes and with them NFS attributes);
@@ -185,107 +186,139 @@ fn check<T: PartialEq + std::fmt::Display>(what: &str, got: T, want: T) -> Resul
     }
 }
 
-/// One repetition of every row on `target`, extracting `tarball` (a path in the guest).
-/// Returns each row of [`ROWS`], or why it failed.
-pub async fn run(target: &Target<'_>, tree: &Tree, tarball: &str) -> Vec<Result<Measured, String>> {
-    let mut rows = Vec::with_capacity(ROWS.len());
-    if let Err(e) = run_steps(target, tree, tarball, &mut rows).await {
-        let failed = ROWS[rows.len()].0;
-        rows.push(Err(e));
-        while rows.len() < ROWS.len() {
-            rows.push(Err(format!("not run: {failed} failed")));
+/// The phases, each one or two rows of [`ROWS`] (a cold pass and its warm pass stay
+/// together, so no other server's pages come between them).
+const PHASES: [usize; 4] = [1, 2, 2, 1];
+
+/// One repetition of every row on every target, phase by phase: each phase runs on all
+/// targets in `order` before the next begins, so the targets' numbers for a row are
+/// taken within moments of each other and a burst of other load on the machine falls
+/// on all of them. `tarball` is a path in the guest. Returns `[target][row]`, each row
+/// of [`ROWS`] or why it failed; a target's failed phase skips its later ones.
+pub async fn run(
+    targets: &[Target<'_>],
+    order: &[usize],
+    tree: &Tree,
+    tarball: &str,
+) -> Vec<Vec<Result<Measured, String>>> {
+    let mut rows: Vec<Vec<Result<Measured, String>>> = targets.iter().map(|_| Vec::new()).collect();
+    let mut failed: Vec<Option<&str>> = vec![None; targets.len()];
+    for (phase, count) in PHASES.iter().enumerate() {
+        for &t in order {
+            let first = rows[t].len();
+            let outcome = match failed[t] {
+                Some(row) => Err(format!("not run: {row} failed")),
+                None => run_phase(&targets[t], phase, tree, tarball, &mut rows[t]).await,
+            };
+            if let Err(e) = outcome {
+                failed[t].get_or_insert(ROWS[rows[t].len()].0);
+                rows[t].push(Err(e));
+            }
+            while rows[t].len() < first + count {
+                rows[t].push(Err(format!("not run: {} failed", ROWS[first].0)));
+            }
         }
     }
-    // Whatever happened, the next server starts from the same state.
-    if let Err(e) = target
-        .node
-        .run_ok(&format!("rm -rf {}/tree", quote(target.dir)), STEP_TIMEOUT)
-        .await
-    {
-        eprintln!("{}: cleaning up the tree failed: {e}", target.dir);
+    // Whatever happened, the next repetition starts from the same state.
+    for target in targets {
+        if let Err(e) = target
+            .node
+            .run_ok(&format!("rm -rf {}/tree", quote(target.dir)), STEP_TIMEOUT)
+            .await
+        {
+            eprintln!("{}: cleaning up the tree failed: {e}", target.dir);
+        }
     }
     rows
 }
 
-/// The rows in order, pushing each; stops at the first failure.
-async fn run_steps(
+/// Phase `phase` on one target, pushing its rows; stops at the first failure.
+async fn run_phase(
     target: &Target<'_>,
+    phase: usize,
     tree: &Tree,
     tarball: &str,
     rows: &mut Vec<Result<Measured, String>>,
 ) -> Result<(), String> {
     let row = |rows: &Vec<_>| ROWS[rows.len()].0;
-    let untar = target
-        .step(
-            row(rows),
-            &format!("rm -rf tree; {DROP_CACHES}"),
-            &format!("tar -xf {}; sync", quote(tarball)),
-            "",
-        )
-        .await?;
-    let counts = target
-        .query("echo files=$(find tree -type f | wc -l); echo dirs=$(find tree -type d | wc -l)")
-        .await?;
-    check("files after untar", number(&counts, "files")?, tree.files)?;
-    check(
-        "directories after untar",
-        number(&counts, "dirs")?,
-        tree.dirs,
-    )?;
-    rows.push(Ok(untar.measured));
-
-    // `ls -l` shows each file's size: the listed regular files and their sizes must add
-    // up to the tree.
-    for (pass, before) in [("cold", DROP_CACHES), ("warm", "")] {
-        let ls = target
-            .step(
-                row(rows),
-                before,
-                "ls -lR tree > /tmp/ls.out",
-                "awk '/^-/ { n++; b += $5 } END { print \"files=\" n; print \"bytes=\" b }' /tmp/ls.out
-                rm /tmp/ls.out",
-            )
-            .await?;
-        check(
-            &format!("files in ls -lR {pass}"),
-            number(&ls.values, "files")?,
-            tree.files,
-        )?;
-        check(
-            &format!("bytes in ls -lR {pass}"),
-            number(&ls.values, "bytes")?,
-            tree.bytes,
-        )?;
-        rows.push(Ok(ls.measured));
+    match phase {
+        0 => {
+            let untar = target
+                .step(
+                    row(rows),
+                    &format!("rm -rf tree; {DROP_CACHES}"),
+                    &format!("tar -xf {}; sync", quote(tarball)),
+                    "",
+                )
+                .await?;
+            let counts = target
+                .query("echo files=$(find tree -type f | wc -l); echo dirs=$(find tree -type d | wc -l)")
+                .await?;
+            check("files after untar", number(&counts, "files")?, tree.files)?;
+            check(
+                "directories after untar",
+                number(&counts, "dirs")?,
+                tree.dirs,
+            )?;
+            rows.push(Ok(untar.measured));
+        }
+        // `ls -l` shows each file's size: the listed regular files and their sizes must
+        // add up to the tree.
+        1 => {
+            for (pass, before) in [("cold", DROP_CACHES), ("warm", "")] {
+                let ls = target
+                    .step(
+                        row(rows),
+                        before,
+                        "ls -lR tree > /tmp/ls.out",
+                        "awk '/^-/ { n++; b += $5 } END { print \"files=\" n; print \"bytes=\" b }' /tmp/ls.out
+                        rm /tmp/ls.out",
+                    )
+                    .await?;
+                check(
+                    &format!("files in ls -lR {pass}"),
+                    number(&ls.values, "files")?,
+                    tree.files,
+                )?;
+                check(
+                    &format!("bytes in ls -lR {pass}"),
+                    number(&ls.values, "bytes")?,
+                    tree.bytes,
+                )?;
+                rows.push(Ok(ls.measured));
+            }
+        }
+        2 => {
+            for (pass, before) in [("cold", DROP_CACHES), ("warm", "")] {
+                let read = target
+                    .step(
+                        row(rows),
+                        before,
+                        &format!("md5=$({})", read_all_command()),
+                        "echo md5=$md5",
+                    )
+                    .await?;
+                let md5 = read.values.get("md5").map_or("", String::as_str);
+                check(
+                    &format!("MD5 of every file read {pass}"),
+                    md5,
+                    tree.md5.as_str(),
+                )?;
+                rows.push(Ok(read.measured));
+            }
+        }
+        _ => {
+            let rm = target.step(row(rows), "", "rm -rf tree; sync", "").await?;
+            let left = target
+                .query("if [ -e tree ]; then echo left=1; else echo left=0; fi")
+                .await?;
+            check(
+                "tree left after rm -rf (1 = yes)",
+                number(&left, "left")?,
+                0,
+            )?;
+            rows.push(Ok(rm.measured));
+        }
     }
-
-    for (pass, before) in [("cold", DROP_CACHES), ("warm", "")] {
-        let read = target
-            .step(
-                row(rows),
-                before,
-                &format!("md5=$({})", read_all_command()),
-                "echo md5=$md5",
-            )
-            .await?;
-        let md5 = read.values.get("md5").map_or("", String::as_str);
-        check(
-            &format!("MD5 of every file read {pass}"),
-            md5,
-            tree.md5.as_str(),
-        )?;
-        rows.push(Ok(read.measured));
-    }
-
-    let rm = target.step(row(rows), "", "rm -rf tree; sync", "").await?;
-    let left = target
-        .query("if [ -e tree ]; then echo left=1; else echo left=0; fi")
-        .await?;
-    check(
-        "tree left after rm -rf (1 = yes)",
-        number(&left, "left")?,
-        0,
-    )?;
-    rows.push(Ok(rm.measured));
     Ok(())
 }
