@@ -320,6 +320,14 @@ async fn run(config: &Config) {
             for (s, server_rows) in got.into_iter().enumerate() {
                 for (i, r) in server_rows.into_iter().enumerate() {
                     if let Ok(m) = &r {
+                        if let Some(server_s) = m.server_seconds {
+                            eprintln!(
+                                "  {} {}: {} NFS calls, {server_s:.2} s of them in the server",
+                                config.servers[s].name(),
+                                rows[i].0,
+                                m.calls
+                            );
+                        }
                         per_call[s][i].push(m.clone());
                     }
                     let r = r.map(|m| m.seconds);
