@@ -408,9 +408,21 @@ impl KernelNode {
             "timeout": timeout.as_secs_f64(),
         });
         let exchange = async {
-            let mut s = tokio::net::TcpStream::connect(SocketAddr::new(self.addr, AGENT_PORT))
-                .await
-                .map_err(|e| fail(format!("connect to the command server: {e}")))?;
+            // A refused connection is retried for a few seconds: the guest's command
+            // server (one Python process in a UML guest on a loaded host) can briefly
+            // be between accepts; seen once in CI.
+            let addr = SocketAddr::new(self.addr, AGENT_PORT);
+            let mut tries = 0;
+            let mut s = loop {
+                match tokio::net::TcpStream::connect(addr).await {
+                    Ok(s) => break s,
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && tries < 20 => {
+                        tries += 1;
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                    Err(e) => return Err(fail(format!("connect to the command server: {e}"))),
+                }
+            };
             let mut line = request.to_string();
             line.push('\n');
             s.write_all(line.as_bytes())
