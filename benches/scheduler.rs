@@ -53,6 +53,7 @@ fn fill(inv: &Shared) {
                 free_bytes: (i as u64 + 1) << 30,
                 nfs_port: 2049,
                 expires: i64::MAX,
+                key: None,
             },
         );
     }

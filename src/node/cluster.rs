@@ -33,8 +33,13 @@ use crate::objects::agents::{self, Heartbeat};
 use crate::objects::claim::pv_name;
 use crate::objects::keys::*;
 use crate::objects::reclaim::{self, Reclaim};
-use crate::volume::VolumeName;
+use crate::objects::signed::{self, Message, Signer};
+use crate::volume::{Owner, VolumeName};
+use kube::runtime::reflector::Store;
 use localnfs_nfs::Error as NfsError;
+
+use super::keys::ControllerKey;
+use super::step::{self, ClaimStep};
 
 /// How often the heartbeat Lease is renewed (it is considered dead after
 /// [`agents::LEASE_SECONDS`]).
@@ -54,6 +59,12 @@ struct Agent {
     /// about PVs are not folded into series (see `events`), so a retry must not repeat
     /// them.
     warned: std::sync::Mutex<std::collections::HashSet<(String, &'static str)>>,
+    /// This agent's signing key: its answers on claims carry its signature.
+    signer: Signer,
+    /// The controller's public key: only requests it signed are acted on.
+    controller_key: ControllerKey,
+    /// This node's PVs as the PV watch last saw them.
+    pvs: Store<PersistentVolume>,
 }
 
 /// Who and where this agent is in the cluster.
@@ -67,6 +78,8 @@ pub struct ClusterConfig {
     pub capacity: Option<u64>,
     /// `--allow` networks, always allowed besides the nodes' addresses.
     pub extra_allow: Vec<Network>,
+    /// The agent's signing key (see [`super::keys`]).
+    pub signer: Signer,
 }
 
 /// Runs the cluster side until `shutdown` fires; `synced` turns true once the
@@ -85,7 +98,11 @@ pub async fn run(
         nfs_port,
         capacity,
         extra_allow,
+        signer,
     } = cfg;
+    let mine = watcher::Config::default().labels(&format!("{NODE_KEY}={node}"));
+    let pv_controller =
+        crate::cache::controller(Api::<PersistentVolume>::all(client.clone()), mine.clone());
     let agent = Arc::new(Agent {
         events: crate::events::Events::new(client.clone(), "localnfs-node", &node),
         client,
@@ -96,22 +113,41 @@ pub async fn run(
         capacity,
         changed: Notify::new(),
         warned: Default::default(),
+        signer,
+        controller_key: ControllerKey::default(),
+        pvs: pv_controller.store(),
     });
-    let mine = watcher::Config::default().labels(&format!("{NODE_KEY}={}", agent.node));
+    // Claims are looked at again whenever the controller's key changes (first read
+    // included: until then no claim is acted on).
+    let (key_changed, key_rx) = tokio::sync::watch::channel(());
+    let key_changes = futures::stream::unfold(key_rx, |mut rx| async move {
+        rx.changed().await.ok()?;
+        Some(((), rx))
+    });
     let claims = crate::cache::controller(
         Api::<PersistentVolumeClaim>::all(agent.client.clone()),
-        mine.clone(),
+        mine,
     )
+    .reconcile_all_on(key_changes)
     .graceful_shutdown_on(shutdown.clone().cancelled_owned())
     .run(reconcile_claim, error_policy, agent.clone())
     .for_each(|_| futures::future::ready(()));
-    let pvs = crate::cache::controller(Api::<PersistentVolume>::all(agent.client.clone()), mine)
+    let key_watch = agent.controller_key.watch(
+        agent.client.clone(),
+        &agent.namespace,
+        move || {
+            key_changed.send_replace(());
+        },
+        shutdown.clone(),
+    );
+    let pvs = pv_controller
         .graceful_shutdown_on(shutdown.clone().cancelled_owned())
         .run(reconcile_pv, error_policy, agent.clone())
         .for_each(|_| futures::future::ready(()));
     tokio::join!(
         claims,
         pvs,
+        key_watch,
         heartbeat(agent.clone(), shutdown.clone()),
         super::grants::keep(
             agent.client.clone(),
@@ -154,6 +190,14 @@ impl Agent {
         }
     }
 
+    /// Whether a PV of this node other than `except` names `volume`.
+    fn pv_names(&self, volume: &VolumeName, except: Option<&str>) -> bool {
+        self.pvs.state().iter().any(|pv| {
+            ann(pv.as_ref(), VOLUME_KEY) == Some(volume.as_str())
+                && except.is_none_or(|e| pv.name_any() != e)
+        })
+    }
+
     /// Forgets the warnings published about a PV (it is gone).
     fn forget_pv(&self, pv_name: &str) {
         if let Ok(mut w) = self.warned.lock() {
@@ -182,119 +226,136 @@ impl Agent {
 
 async fn reconcile_claim(pvc: Arc<PersistentVolumeClaim>, agent: Arc<Agent>) -> Result<Action> {
     let (ns, name) = (pvc.namespace().unwrap_or_default(), pvc.name_any());
+    let uid = pvc.uid().unwrap_or_default();
+    let Some(controller) = agent.controller_key.get() else {
+        // Nothing can be checked yet; the key's arrival brings every claim back.
+        return Ok(Action::await_change());
+    };
+    let mine = agent.signer.public();
+    let v = signed::verify(&pvc, &controller, |n| (n == agent.node).then(|| mine.clone()));
+    let Some(request) = v.request.clone() else {
+        if !v.ignored.is_empty() {
+            tracing::debug!(claim = %format!("{ns}/{name}"), ignored = ?v.ignored, "claim labelled with this node carries no request signed for it: ignored");
+        }
+        return Ok(Action::await_change());
+    };
+    let volume = request.spec.name.clone();
+    let pv_names_volume = agent.pv_names(&volume, None)
+        || Api::<PersistentVolume>::all(agent.client.clone())
+            .get_opt(&pv_name(&uid))
+            .await
+            .map_err(Error::kube(format!("read PV {}", pv_name(&uid))))?
+            .is_some();
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(agent.client.clone(), &ns);
-    let Some(request) = ann(pvc.as_ref(), REQUEST) else {
-        return Ok(Action::await_change());
-    };
-    let request: VolumeRequest = match serde_json::from_str(request) {
-        Ok(r) => r,
-        Err(e) => {
-            agent
-                .event(
-                    pvc.as_ref(),
-                    EventType::Warning,
-                    "ProvisioningFailed",
-                    format!("unreadable volume request: {e}"),
-                )
-                .await;
-            return Ok(Action::await_change());
+    match step::claim_step(&pvc, &v, &agent.node, pv_names_volume) {
+        ClaimStep::Ignore => {}
+        ClaimStep::Served => agent.exports.label_claim(&volume, &ns, &name),
+        ClaimStep::Keep(why) => {
+            tracing::warn!(claim = %format!("{ns}/{name}"), %volume, why, "keeping the volume of an abandoned claim");
         }
-    };
-    let annotate = |key: &str, value: String| {
-        let claims = claims.clone();
-        let (key, name) = (key.to_owned(), name.clone());
-        async move {
-            claims
-                .patch(
-                    &name,
-                    &PatchParams::default(),
-                    &Patch::Merge(json!({"metadata": {"annotations": {key: value}}})),
-                )
+        ClaimStep::Remove => {
+            let (vol, owner_uid) = (volume.clone(), uid.clone());
+            match agent
+                .store_op(move |s| s.remove_for(&vol, &owner_uid, false))
                 .await
-                .map_err(Error::kube(format!("annotate claim {name}")))
-        }
-    };
-    if ann(pvc.as_ref(), ABANDON).is_some() {
-        if ann(pvc.as_ref(), REMOVED).is_none() {
-            // Only a claim going away whose PV was never made: a PV means the data was
-            // handed out, and the PV's own reclaim decides its fate.
-            if pvc.metadata.deletion_timestamp.is_none() {
-                tracing::warn!(claim = %format!("{ns}/{name}"), "abandon annotation on a claim that is not being deleted: keeping its volume");
-                return Ok(Action::await_change());
-            }
-            let pv_name = pv_name(&pvc.uid().unwrap_or_default());
-            if Api::<PersistentVolume>::all(agent.client.clone())
-                .get_opt(&pv_name)
-                .await
-                .map_err(Error::kube(format!("read PV {pv_name}")))?
-                .is_some()
             {
-                tracing::warn!(claim = %format!("{ns}/{name}"), pv = %pv_name, "abandoned claim has a PV: leaving the volume to the PV's reclaim");
-                return Ok(Action::await_change());
+                Ok(_) => {
+                    tracing::info!(%volume, claim = %format!("{ns}/{name}"), "removed volume of abandoned claim");
+                }
+                Err(e @ Error::Nfs(NfsError::VolumeOwned { .. })) => {
+                    // Nothing of this claim's is there: say so, and touch nothing.
+                    agent
+                        .event(
+                            pvc.as_ref(),
+                            EventType::Warning,
+                            "VolumeKept",
+                            format!("node {}: not removing: {e}", agent.node),
+                        )
+                        .await;
+                }
+                Err(e) => return Err(e),
             }
-            let vol = request.name.clone();
-            agent.store_op(move |s| s.delete(&vol)).await?;
-            tracing::info!(volume = %request.name, claim = %format!("{ns}/{name}"), "removed volume of abandoned claim");
-            annotate(REMOVED, "true".into()).await?;
+            let sig = agent.signer.sign(&Message::Removed {
+                claim_uid: &uid,
+                node: &agent.node,
+                volume: volume.as_str(),
+            });
+            let removed = [(REMOVED, "true".to_owned()), (REMOVED_SIG, sig)];
+            answer(&agent, &claims, &name, &removed).await?;
         }
-        return Ok(Action::await_change());
-    }
-    if let Some(ready) = ann(pvc.as_ref(), READY) {
-        if let Ok(volume) = VolumeName::new(ready) {
-            agent.exports.label_claim(&volume, &ns, &name);
-        }
-        return Ok(Action::await_change());
-    }
-    let spec = request.clone();
-    match agent.store_op(move |s| s.create(&spec)).await {
-        Ok(meta) => {
-            tracing::info!(volume = %meta.name, size = meta.size_bytes, "created volume");
-            agent.exports.label_claim(&meta.name, &ns, &name);
-            answer(&agent, &claims, &name, READY, meta.name.to_string()).await?;
-        }
-        Err(
-            e @ Error::Nfs(NfsError::VolumeConflict { .. } | NfsError::InvalidVolumeSize { .. }),
-        ) => {
-            let why = format!("node {}: {e}", agent.node);
-            agent
-                .event(
-                    pvc.as_ref(),
-                    EventType::Warning,
-                    "ProvisioningFailed",
-                    why.clone(),
-                )
-                .await;
-            if ann(pvc.as_ref(), REFUSED).is_none() {
-                answer(&agent, &claims, &name, REFUSED, why).await?;
+        ClaimStep::Create => {
+            let owner = Owner {
+                claim_uid: uid.clone(),
+                namespace: ns.clone(),
+                claim: name.clone(),
+            };
+            let spec = request.spec.clone();
+            match agent.store_op(move |s| s.create_for(&spec, &owner)).await {
+                Ok(meta) => {
+                    tracing::info!(volume = %meta.name, size = meta.size_bytes, "created volume");
+                    agent.exports.label_claim(&meta.name, &ns, &name);
+                    let sig = agent.signer.sign(&Message::Ready {
+                        claim_uid: &uid,
+                        node: &agent.node,
+                        volume: volume.as_str(),
+                    });
+                    let ready = [(READY, volume.to_string()), (READY_SIG, sig)];
+                    answer(&agent, &claims, &name, &ready).await?;
+                }
+                Err(
+                    e @ Error::Nfs(
+                        NfsError::VolumeConflict { .. }
+                        | NfsError::VolumeOwned { .. }
+                        | NfsError::InvalidVolumeSize { .. }
+                        | NfsError::InvalidVolumeSpec { .. },
+                    ),
+                ) => {
+                    let why = format!("node {}: {e}", agent.node);
+                    agent
+                        .event(
+                            pvc.as_ref(),
+                            EventType::Warning,
+                            "ProvisioningFailed",
+                            why.clone(),
+                        )
+                        .await;
+                    if ann(pvc.as_ref(), REFUSED).is_none() {
+                        answer(&agent, &claims, &name, &[(REFUSED, why)]).await?;
+                    }
+                    return Ok(Action::requeue(Duration::from_secs(300)));
+                }
+                Err(e) => return Err(e),
             }
-            return Ok(Action::requeue(Duration::from_secs(300)));
         }
-        Err(e) => return Err(e),
     }
     Ok(Action::await_change())
 }
 
-/// Sets the annotation `key` on claim `name` — only while the claim is still placed
-/// on this node: the controller takes back the placement of an agent silent for too
-/// long, and a READY on a claim placed elsewhere since would point its PV at a node
+/// Sets the annotations `values` on claim `name` — only while the claim is still
+/// placed on this node: the controller takes back the placement of an agent silent for
+/// too long, and a READY on a claim placed elsewhere since would point its PV at a node
 /// without the volume.
 async fn answer(
     agent: &Agent,
     claims: &Api<PersistentVolumeClaim>,
     name: &str,
-    key: &str,
-    value: String,
+    values: &[(&str, String)],
 ) -> Result<()> {
-    let ops = json!([
-        {"op": "test", "path": json_pointer(&["metadata", "labels", NODE_KEY]), "value": agent.node},
-        {"op": "add", "path": json_pointer(&["metadata", "annotations", key]), "value": value},
-    ]);
-    let patch = serde_json::from_value(ops)
+    let mut ops = vec![json!({
+        "op": "test",
+        "path": json_pointer(&["metadata", "labels", NODE_KEY]),
+        "value": agent.node,
+    })];
+    for (key, value) in values {
+        ops.push(json!({"op": "add", "path": json_pointer(&["metadata", "annotations", key]), "value": value}));
+    }
+    let patch = serde_json::from_value(serde_json::Value::Array(ops))
         .map_err(|e| Error::BuildObject(format!("claim answer patch: {e}")))?;
+    let keys: Vec<&str> = values.iter().map(|(k, _)| *k).collect();
     claims
         .patch(name, &PatchParams::default(), &Patch::<()>::Json(patch))
         .await
-        .map_err(Error::kube(format!("annotate claim {name} with {key}")))?;
+        .map_err(Error::kube(format!("annotate claim {name} with {}", keys.join(", "))))?;
     Ok(())
 }
 
@@ -311,6 +372,14 @@ async fn reconcile_pv(pv: Arc<PersistentVolume>, agent: Arc<Agent>) -> Result<Ac
     let Some(volume) = ann(pv.as_ref(), VOLUME_KEY).and_then(|v| VolumeName::new(v).ok()) else {
         return Ok(Action::await_change());
     };
+    if let Some(owner) = pv_owner(&pv) {
+        // Volumes made before owners were recorded gain one from their PV, which only
+        // the controller writes.
+        let vol = volume.clone();
+        if let Err(e) = agent.store_op(move |s| s.adopt(&vol, &owner)).await {
+            agent.warn_pv_once(&pv, "VolumeOwnerMismatch", format!("node {}: {e}", agent.node)).await;
+        }
+    }
     let finalizing = pv.metadata.deletion_timestamp.is_some()
         && pv.finalizers().iter().any(|f| f == PV_FINALIZER);
     if finalizing {
@@ -342,6 +411,18 @@ async fn reconcile_pv(pv: Arc<PersistentVolume>, agent: Arc<Agent>) -> Result<Ac
     Ok(Action::await_change())
 }
 
+/// The claim a PV we made was made for: its claimRef, when the PV's name is the one
+/// made for that claim's uid (a PV made by hand, or re-bound, names no owner).
+fn pv_owner(pv: &PersistentVolume) -> Option<Owner> {
+    let r = pv.spec.as_ref()?.claim_ref.as_ref()?;
+    let uid = r.uid.clone().filter(|u| !u.is_empty())?;
+    (pv.name_any() == pv_name(&uid)).then(|| Owner {
+        claim_uid: uid,
+        namespace: r.namespace.clone().unwrap_or_default(),
+        claim: r.name.clone().unwrap_or_default(),
+    })
+}
+
 /// How often a PV deleted while its claim still exists is looked at again (its claim's
 /// deletion also shows up as the PV turning Released).
 const IN_USE_RECHECK: Duration = Duration::from_secs(10);
@@ -367,7 +448,26 @@ async fn reclaim(agent: &Agent, pv: &PersistentVolume, volume: &VolumeName) -> R
         .and_then(|s| s.persistent_volume_reclaim_policy.as_deref());
     let on_delete = ann(pv, ON_DELETE_KEY);
     let decision = reclaim::on_pv_deleted(policy, on_delete, claim);
+    let owner_uid = pv_owner(pv).map(|o| o.claim_uid);
+    let shared = agent.pv_names(volume, Some(&pv_name));
     let vol = volume.clone();
+    let remove = |archive: bool| async move {
+        // A volume goes only for its owner's claim, and never while another PV names
+        // it; anything else keeps the data and lets this PV go with a warning.
+        let Some(uid) = owner_uid.filter(|_| !shared) else {
+            return Err(Error::Nfs(NfsError::VolumeOwned {
+                name: vol.to_string(),
+                owner: if shared {
+                    "another PV as well".to_owned()
+                } else {
+                    "no claim this PV was made for".to_owned()
+                },
+            }));
+        };
+        agent
+            .store_op(move |s| s.remove_for(&vol, &uid, archive).map(drop))
+            .await
+    };
     let result = match &decision {
         Reclaim::Wait => {
             let (ns, name) = reclaim::claim_ref(pv).unwrap_or_default();
@@ -383,8 +483,8 @@ async fn reclaim(agent: &Agent, pv: &PersistentVolume, volume: &VolumeName) -> R
                 .await;
             return Ok(Action::requeue(IN_USE_RECHECK));
         }
-        Reclaim::Delete => agent.store_op(move |s| s.delete(&vol)).await,
-        Reclaim::Archive => agent.store_op(move |s| s.archive(&vol).map(drop)).await,
+        Reclaim::Delete => remove(false).await,
+        Reclaim::Archive => remove(true).await,
         Reclaim::Keep { warning } => {
             if let Some(w) = warning {
                 agent
@@ -398,6 +498,20 @@ async fn reclaim(agent: &Agent, pv: &PersistentVolume, volume: &VolumeName) -> R
             }
             Ok(())
         }
+    };
+    let result = match result {
+        Err(e @ Error::Nfs(NfsError::VolumeOwned { .. })) => {
+            agent
+                .event(
+                    pv,
+                    EventType::Warning,
+                    "VolumeKept",
+                    format!("node {}: not removing volume {volume}: {e}", agent.node),
+                )
+                .await;
+            Ok(())
+        }
+        other => other,
     };
     if let Err(e) = result {
         agent
@@ -485,6 +599,7 @@ async fn heartbeat(agent: Arc<Agent>, shutdown: CancellationToken) {
             nfs_port: agent.nfs_port,
             usage: usage.0,
             inodes: usage.1,
+            key: agent.signer.public().to_hex(),
         };
         if let Err(e) = agents::renew(&leases, &beat).await {
             tracing::warn!(error = %e, "cannot renew the node heartbeat lease");

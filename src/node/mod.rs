@@ -14,6 +14,8 @@
 
 pub mod cluster;
 pub mod grants;
+pub mod keys;
+pub mod step;
 pub mod volume_cmd;
 
 use std::sync::Arc;
@@ -114,7 +116,11 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     // (a reader that takes the first line and closes the pipe must not fail the second).
     let banner = format!("nfs listening on {nfs_addr}\nadmin listening on {admin_addr}\n");
     print!("{banner}");
-    let agent = cluster.map(|(client, node)| {
+    let signer = match &cluster {
+        Some(_) => Some(keys::agent_signer(exports.store())?),
+        None => None,
+    };
+    let agent = cluster.zip(signer).map(|((client, node), signer)| {
         let cfg = cluster::ClusterConfig {
             client,
             node,
@@ -122,6 +128,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
             nfs_port: nfs_addr.port(),
             capacity: args.capacity,
             extra_allow: args.allow.clone(),
+            signer,
         };
         tokio::spawn(cluster::run(
             cfg,

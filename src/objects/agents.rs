@@ -15,7 +15,10 @@ use serde_json::json;
 use tokio::sync::watch as signal;
 use tokio_util::sync::CancellationToken;
 
-use super::keys::{FREE_BYTES, NFS_PORT, NODE_KEY, NODE_LEASE_PREFIX, USED_BYTES, USED_INODES};
+use super::keys::{
+    AGENT_KEY, FREE_BYTES, NFS_PORT, NODE_KEY, NODE_LEASE_PREFIX, USED_BYTES, USED_INODES,
+};
+use super::signed::PublicKey;
 use crate::kubeclient::{Mirror, Shared, mirror};
 
 /// Seconds a heartbeat stays valid after its renewal.
@@ -29,6 +32,9 @@ pub struct AgentInfo {
     pub nfs_port: u16,
     /// Unix seconds after which the agent counts as gone.
     pub expires: i64,
+    /// The public half of the agent's signing key (see `signed`); `None` from an agent
+    /// of a version before signatures, whose answers then cannot be believed.
+    pub key: Option<PublicKey>,
 }
 
 /// The clock heartbeat expiries are compared with: unix seconds now.
@@ -71,6 +77,7 @@ impl AgentInfo {
                 free_bytes,
                 nfs_port,
                 expires: renewed + ttl,
+                key: ann.get(AGENT_KEY).and_then(|k| PublicKey::from_hex(k)),
             },
         ))
     }
@@ -87,6 +94,8 @@ pub struct Heartbeat<'a> {
     /// Each volume's objects and object limit as JSON (volume name → `[used, limit]`);
     /// `None` removes the annotation, as for `usage`.
     pub inodes: Option<String>,
+    /// The public half of the agent's signing key, hex.
+    pub key: String,
 }
 
 /// Renews `hb.node`'s heartbeat Lease in `leases`' namespace, creating it the first time.
@@ -98,6 +107,7 @@ pub async fn renew(leases: &Api<Lease>, hb: &Heartbeat<'_>) -> Result<(), kube::
         (NFS_PORT, Some(hb.nfs_port.to_string())),
         (USED_BYTES, hb.usage.clone()),
         (USED_INODES, hb.inodes.clone()),
+        (AGENT_KEY, Some(hb.key.clone())),
     ]
     .into();
     let body = json!({

@@ -1,22 +1,28 @@
 //! Every label, annotation and finalizer key localnfs writes or reads, in one place
 //! (see the module above for who writes which, and when).
 
-use crate::volume::VolumeSpec;
-
 /// Claim label and PV annotation: the node whose agent owns the volume.
 pub const NODE_KEY: &str = "localnfs.io/node";
 /// Claim annotation: the [`VolumeRequest`] the node agent should create.
 pub const REQUEST: &str = "localnfs.io/volume-request";
+/// Claim annotation: the controller's signature of [`REQUEST`] (see `signed`).
+pub const REQUEST_SIG: &str = "localnfs.io/volume-request-signature";
 /// Claim annotation set by the node agent: the created volume's name.
 pub const READY: &str = "localnfs.io/volume-ready";
+/// Claim annotation: the node agent's signature of [`READY`].
+pub const READY_SIG: &str = "localnfs.io/volume-ready-signature";
 /// Claim annotation set by the node agent when it will not create the requested
 /// volume (a different volume by that name exists, a bad size): why, for the
 /// controller to hand the choice of node back to the scheduler.
 pub const REFUSED: &str = "localnfs.io/volume-refused";
 /// Claim annotation set by the controller: delete the volume, no PV will follow.
 pub const ABANDON: &str = "localnfs.io/abandon";
+/// Claim annotation: the controller's signature of [`ABANDON`].
+pub const ABANDON_SIG: &str = "localnfs.io/abandon-signature";
 /// Claim annotation set by the node agent once an abandoned volume is gone.
 pub const REMOVED: &str = "localnfs.io/volume-removed";
+/// Claim annotation: the node agent's signature of [`REMOVED`].
+pub const REMOVED_SIG: &str = "localnfs.io/volume-removed-signature";
 /// Claim finalizer held by the controller while provisioning is in progress.
 pub const CLAIM_FINALIZER: &str = "localnfs.io/provisioning";
 /// PV annotation: the size (bytes) the controller wants the volume to have.
@@ -46,9 +52,20 @@ pub const USED_BYTES: &str = "localnfs.io/used-bytes";
 pub const USED_INODES: &str = "localnfs.io/used-inodes";
 /// Node Lease annotation: the agent's NFS port.
 pub const NFS_PORT: &str = "localnfs.io/nfs-port";
+/// Node Lease annotation: the public half of the agent's signing key (hex), which
+/// checks its answers on claims (see `signed`).
+pub const AGENT_KEY: &str = "localnfs.io/agent-key";
 
-/// What the controller asks a node agent to create: a volume spec, as JSON.
-pub type VolumeRequest = VolumeSpec;
+/// Secret (in the install namespace) holding the controller's private signing key
+/// (key [`CONTROLLER_KEY_FIELD`], PKCS#8); only the controller may read it.
+pub const CONTROLLER_KEY_SECRET: &str = "localnfs-controller-key";
+/// ConfigMap (in the install namespace) holding the public half of the controller's
+/// key (key [`CONTROLLER_KEY_FIELD`], hex); only the controller may write it.
+pub const CONTROLLER_KEY_CONFIGMAP: &str = "localnfs-controller-key";
+pub const CONTROLLER_KEY_FIELD: &str = "ed25519";
+
+/// What the controller asks a node agent to create.
+pub use super::signed::VolumeRequest;
 
 /// PV annotation: the volume's directory name on its node.
 pub const VOLUME_KEY: &str = "localnfs.io/volume";

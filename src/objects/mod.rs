@@ -61,3 +61,4 @@ pub mod class;
 pub mod keys;
 pub mod published;
 pub mod reclaim;
+pub mod signed;

@@ -28,6 +28,7 @@ use crate::kubeclient::annotation;
 use crate::objects::agents::{AgentInfo, unix_now};
 use crate::objects::claim::{claimed_by, pv_name};
 use crate::objects::keys::*;
+use crate::objects::signed::{self, Message, Signer, VolumeRequest};
 
 /// Shared by every reconcile.
 pub struct Ctx {
@@ -47,6 +48,8 @@ pub struct Ctx {
     pub reservations: std::sync::Mutex<Reservations>,
     /// Whether we may still write as leader; checked before every write.
     pub fence: super::leader::Fence,
+    /// The controller's signing key: what it asks of agents carries its signature.
+    pub signer: Signer,
 }
 
 impl Ctx {
@@ -223,6 +226,17 @@ impl Ctx {
         })
     }
 
+    /// What the claim's signed keys say (see `objects::signed`): the request checked
+    /// against our key, answers against the key the request's node's agent publishes.
+    fn verify(&self, pvc: &PersistentVolumeClaim) -> signed::Verified {
+        let controller = self.signer.public();
+        signed::verify(pvc, &controller, |node| {
+            crate::kubeclient::read(&self.agents, |agents| {
+                agents.get(node).and_then(|a| a.key.clone())
+            })
+        })
+    }
+
     /// Live node agents, their free space and NFS port, from the heartbeat Leases
     /// (watched, not listed per claim: the Leases also carry per-volume usage).
     fn node_rooms(&self) -> Vec<(NodeRoom, u16)> {
@@ -292,12 +306,26 @@ pub async fn reconcile(pvc: &PersistentVolumeClaim, ctx: &Ctx) -> Result<Next> {
             .map_err(Error::kube(format!("read PV {pv_name}")))?,
         None => None,
     };
-    let node = pvc.labels().get(NODE_KEY).cloned();
+    let verified = ctx.verify(pvc);
+    let node = verified.request.as_ref().map(|r| r.node.clone());
+    if class.is_some() && !verified.ignored.is_empty() && pv.is_none() {
+        ctx.event(
+            pvc,
+            EventType::Warning,
+            "IgnoredAnnotations",
+            format!(
+                "{} not written by localnfs for this claim (copied from another claim, kept from a deleted one, or edited): ignored, and replaced by localnfs's own",
+                verified.ignored.join(", ")
+            ),
+        )
+        .await;
+    }
     let facts = Facts {
         claim: pvc,
         class: class.as_deref(),
         pv_exists: pv.is_some(),
         agent_gone: node.as_deref().and_then(|n| ctx.agent_gone(n)),
+        signed: &verified,
     };
     let uid = pvc.uid().unwrap_or_default();
     // Our own write changes what the claim watch fingerprints, which brings the claim
@@ -335,8 +363,18 @@ pub async fn reconcile(pvc: &PersistentVolumeClaim, ctx: &Ctx) -> Result<Next> {
             create_pv(ctx, pvc, &class, &placement, &node, &volume).await
         }
         Step::Abandon => {
-            ctx.patch_meta(pvc, json!({"metadata": {"annotations": {ABANDON: "true"}}}))
-                .await?;
+            let sig = verified.request.as_ref().map(|r| {
+                ctx.signer.sign(&Message::Abandon {
+                    claim_uid: &uid,
+                    node: &r.node,
+                    volume: r.spec.name.as_str(),
+                })
+            });
+            ctx.patch_meta(
+                pvc,
+                json!({"metadata": {"annotations": {ABANDON: "true", ABANDON_SIG: sig}}}),
+            )
+            .await?;
             ctx.reservations().release(&uid);
             Ok(next_step)
         }
@@ -391,7 +429,7 @@ async fn fail(ctx: &Ctx, pvc: &PersistentVolumeClaim, failure: Failure) -> Resul
         Then::PlaceAgain => {
             // Only if the claim is unchanged since we read it, so a volume that was
             // just made is not lost track of.
-            let mut annotations = json!({REQUEST: null, REFUSED: null});
+            let mut annotations = json!({REQUEST: null, REQUEST_SIG: null, REFUSED: null});
             if annotation(pvc, SELECTED_NODE).is_some() {
                 annotations[SELECTED_NODE] = serde_json::Value::Null;
             }
@@ -431,8 +469,22 @@ async fn place(
         Ok(n) => n,
         Err(msg) => return fail(ctx, pvc, Failure::no_room(msg, selected.is_some())).await,
     };
-    let req = p.params.volume_request(p.volume.clone(), size);
-    let req_json = serde_json::to_string(&req).unwrap_or_default();
+    let req = VolumeRequest {
+        spec: p.params.volume_request(p.volume.clone(), size),
+        claim_uid: uid.clone(),
+        node: node.clone(),
+    };
+    let mut annotations = serde_json::Map::new();
+    for (key, value) in signed::request_annotations(&ctx.signer, &req).map_err(Error::BuildObject)? {
+        annotations.insert(key.to_owned(), value.into());
+    }
+    // Whatever answers the claim carries are not for this request (they were
+    // ignored); clearing them keeps the claim readable.
+    for key in [READY, READY_SIG, ABANDON, ABANDON_SIG, REMOVED, REMOVED_SIG, REFUSED] {
+        if annotation(pvc, key).is_some() {
+            annotations.insert(key.to_owned(), serde_json::Value::Null);
+        }
+    }
     let placed = ctx
         .patch_meta(
             pvc,
@@ -441,7 +493,7 @@ async fn place(
             json!({"metadata": {
                 "resourceVersion": pvc.resource_version(),
                 "labels": {NODE_KEY: node},
-                "annotations": {REQUEST: req_json},
+                "annotations": annotations,
             }}),
         )
         .await;

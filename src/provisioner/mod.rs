@@ -8,6 +8,7 @@
 
 pub mod claims;
 pub mod expand;
+pub mod keys;
 pub mod leader;
 pub mod metrics;
 pub mod pods;

@@ -48,6 +48,7 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
         agent_grace: args.agent_grace,
         reservations: Default::default(),
         fence: Default::default(),
+        signer: super::keys::controller_signer(&client, &args.install.namespace).await?,
     });
     // Placing a volume needs the agents' free space: know it before leading.
     tokio::select! {

@@ -19,6 +19,7 @@ use crate::kubeclient::{annotation, has_finalizer};
 use crate::objects::claim::pv_name;
 use crate::objects::class::ClassParams;
 use crate::objects::keys::*;
+use crate::objects::signed::Verified;
 use crate::volume::VolumeName;
 
 /// What the reconciler knows about a claim when it decides.
@@ -32,6 +33,9 @@ pub struct Facts<'a> {
     /// past its lease and the grace); `None` while it may still answer, or when the
     /// claim is not placed.
     pub agent_gone: Option<String>,
+    /// What the claim's `localnfs.io/` keys say once their signatures are checked:
+    /// only these are believed (the claim's tenant can write any annotation).
+    pub signed: &'a Verified,
 }
 
 /// What to do next.
@@ -148,7 +152,7 @@ pub fn next(f: &Facts) -> Step {
     if deleting {
         return abandon(f);
     }
-    if !needs_volume(pvc) || annotation(pvc, ABANDON).is_some() {
+    if !needs_volume(pvc) || f.signed.abandoned {
         return Step::Wait;
     }
     let placement = match placement(pvc, class) {
@@ -159,7 +163,9 @@ pub fn next(f: &Facts) -> Step {
         return Step::AddFinalizer;
     }
     let selected = annotation(pvc, SELECTED_NODE).is_some();
-    let Some(node) = pvc.labels().get(NODE_KEY).cloned() else {
+    // Placed means: a request we signed for this claim, on the node it is labelled
+    // with. A label or request anyone else wrote is overwritten by our placement.
+    let Some(request) = &f.signed.request else {
         let wait_for_scheduler =
             class.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer");
         if wait_for_scheduler && !selected {
@@ -168,8 +174,9 @@ pub fn next(f: &Facts) -> Step {
         }
         return Step::Place(placement);
     };
-    if let Some(volume) = annotation(pvc, READY) {
-        return Step::CreatePv(placement, volume.to_owned());
+    let node = request.node.clone();
+    if f.signed.ready {
+        return Step::CreatePv(placement, request.spec.name.to_string());
     }
     if let Some(why) = &f.agent_gone {
         return Step::Fail(Failure {
@@ -224,22 +231,20 @@ fn abandon(f: &Facts) -> Step {
     if !has_finalizer(pvc, CLAIM_FINALIZER) {
         return Step::Wait;
     }
-    let Some(node) = pvc.labels().get(NODE_KEY) else {
-        return Step::Release; // never placed: nothing was made
+    let Some(request) = &f.signed.request else {
+        return Step::Release; // never placed by us: nothing was made for it
     };
-    if annotation(pvc, REMOVED).is_some() {
+    if f.signed.removed {
         return Step::Release;
     }
-    if annotation(pvc, ABANDON).is_none() {
+    if !f.signed.abandoned {
         return Step::Abandon;
     }
     match &f.agent_gone {
         // Waiting longer could be forever (the node may be gone for good).
         Some(why) => Step::LetGo {
-            node: node.clone(),
-            volume: annotation(pvc, REQUEST)
-                .and_then(|r| serde_json::from_str::<VolumeRequest>(r).ok())
-                .map_or_else(|| "(unknown)".to_owned(), |r| r.name.to_string()),
+            node: request.node.clone(),
+            volume: request.spec.name.to_string(),
             why: why.clone(),
         },
         None => Step::AwaitRemoval,
@@ -249,6 +254,7 @@ fn abandon(f: &Facts) -> Step {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::objects::signed::{self, Message, Signer, VolumeRequest};
     use serde_json::{Value, json};
 
     const GONE: &str = "has no heartbeat lease";
@@ -281,7 +287,39 @@ mod tests {
         json!({"finalizers": [CLAIM_FINALIZER]})
     }
 
+    /// The controller's and node n1's agent's keys, for every test.
+    static KEYS: std::sync::LazyLock<(Signer, Signer)> =
+        std::sync::LazyLock::new(|| (signed::tests::key(), signed::tests::key()));
+
+    /// A claim placed on n1 for volume pvc-u1, by the controller's signed request; the
+    /// answers among `annotations` (READY, ABANDON, REMOVED) get their signer's
+    /// signature, the rest is kept as given.
     fn placed(annotations: Value) -> Value {
+        let (c, agent) = &*KEYS;
+        let request = VolumeRequest {
+            spec: crate::volume::VolumeSpec::new(VolumeName::new("pvc-u1").expect("name"), 1),
+            claim_uid: "u1".into(),
+            node: "n1".into(),
+        };
+        let mut ann = annotations;
+        for (k, v) in signed::request_annotations(c, &request).expect("sign") {
+            ann[k] = json!(v);
+        }
+        let (claim_uid, node, volume) = ("u1", "n1", "pvc-u1");
+        for (key, sig_key, signature) in [
+            (READY, READY_SIG, agent.sign(&Message::Ready { claim_uid, node, volume })),
+            (ABANDON, ABANDON_SIG, c.sign(&Message::Abandon { claim_uid, node, volume })),
+            (REMOVED, REMOVED_SIG, agent.sign(&Message::Removed { claim_uid, node, volume })),
+        ] {
+            if ann.get(key).is_some() {
+                ann[sig_key] = json!(signature);
+            }
+        }
+        unsigned(ann)
+    }
+
+    /// A claim labelled with n1 carrying `annotations` that nobody signed.
+    fn unsigned(annotations: Value) -> Value {
         json!({
             "finalizers": [CLAIM_FINALIZER],
             "labels": {NODE_KEY: "n1"},
@@ -289,13 +327,20 @@ mod tests {
         })
     }
 
-    fn step(pvc: &PersistentVolumeClaim, class: Option<&StorageClass>, gone: bool) -> Step {
+    fn facts_step(pvc: &PersistentVolumeClaim, class: Option<&StorageClass>, gone: bool, pv: bool) -> Step {
+        let (c, agent) = &*KEYS;
+        let verified = signed::verify(pvc, &c.public(), |n| (n == "n1").then(|| agent.public()));
         next(&Facts {
             claim: pvc,
             class,
-            pv_exists: false,
+            pv_exists: pv,
             agent_gone: gone.then(|| GONE.to_owned()),
+            signed: &verified,
         })
+    }
+
+    fn step(pvc: &PersistentVolumeClaim, class: Option<&StorageClass>, gone: bool) -> Step {
+        facts_step(pvc, class, gone, false)
     }
 
     fn name(s: &Step) -> String {
@@ -314,9 +359,6 @@ mod tests {
             m["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
             m
         };
-        let request = json!({"name": "pvc-u1", "sizeBytes": 1, "uid": 0, "gid": 0, "mode": 511,
-            "squash": "none", "anonUid": 65534, "anonGid": 65534})
-        .to_string();
         let cases: Vec<(&str, Value, Option<&StorageClass>, bool, &str)> = vec![
             (
                 "new claim",
@@ -342,14 +384,14 @@ mod tests {
             ),
             (
                 "placed, agent working",
-                placed(json!({REQUEST: request})),
+                placed(json!({})),
                 Some(&immediate),
                 false,
                 "AwaitAgent",
             ),
             (
                 "placed, agent gone",
-                placed(json!({REQUEST: request})),
+                placed(json!({})),
                 Some(&immediate),
                 true,
                 "Fail",
@@ -399,7 +441,7 @@ mod tests {
             ),
             (
                 "deleted, removal asked, agent gone",
-                deleting(placed(json!({ABANDON: "true", REQUEST: request}))),
+                deleting(placed(json!({ABANDON: "true"}))),
                 Some(&immediate),
                 true,
                 "LetGo",
@@ -410,6 +452,43 @@ mod tests {
                 Some(&immediate),
                 false,
                 "Release",
+            ),
+            (
+                "forged: a tenant's label, request and answers, unsigned",
+                unsigned(json!({REQUEST: "{}", READY: "pvc-u1", ABANDON: "true"})),
+                Some(&immediate),
+                false,
+                "Place",
+            ),
+            (
+                "forged answers on a claim we placed",
+                {
+                    let mut m = placed(json!({}));
+                    m["annotations"][READY] = json!("pvc-u1");
+                    m["annotations"][READY_SIG] = json!("00");
+                    m
+                },
+                Some(&immediate),
+                false,
+                "AwaitAgent",
+            ),
+            (
+                "deleted, forged abandon and removal",
+                deleting(unsigned(json!({ABANDON: "true", REMOVED: "true"}))),
+                Some(&immediate),
+                false,
+                "Release",
+            ),
+            (
+                "deleted, placed, forged removal",
+                {
+                    let mut m = deleting(placed(json!({ABANDON: "true"})));
+                    m["annotations"][REMOVED] = json!("true");
+                    m
+                },
+                Some(&immediate),
+                false,
+                "AwaitRemoval",
             ),
             (
                 "deleted without our finalizer",
@@ -431,16 +510,11 @@ mod tests {
             assert_eq!(name(&got), want, "{what}: {got:?}");
         }
         let ready = claim(placed(json!({READY: "pvc-u1"})), json!({}));
-        let got = next(&Facts {
-            claim: &ready,
-            class: Some(&immediate),
-            pv_exists: true,
-            agent_gone: None,
-        });
+        let got = facts_step(&ready, Some(&immediate), false, true);
         assert_eq!(got, Step::Finish, "a PV, once made, is only finished");
         let Step::LetGo { node, volume, why } = step(
             &claim(
-                deleting(placed(json!({ABANDON: "true", REQUEST: request}))),
+                deleting(placed(json!({ABANDON: "true"}))),
                 json!({}),
             ),
             Some(&immediate),

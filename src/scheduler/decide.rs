@@ -237,6 +237,7 @@ mod tests {
                     free_bytes: free,
                     nfs_port: 2049,
                     expires: NOW + 10,
+                    key: None,
                 },
             );
         }
@@ -246,6 +247,7 @@ mod tests {
                 free_bytes: 10_000,
                 nfs_port: 2049,
                 expires: NOW - 1,
+                key: None,
             },
         );
         for (c, wffc) in [("wffc", true), ("imm", false)] {

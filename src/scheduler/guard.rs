@@ -30,7 +30,7 @@ use kube::core::admission::Operation;
 use serde_json::Value;
 
 use crate::objects::keys::{
-    NODE_KEY, NODE_LEASE_PREFIX, PV_FINALIZER, READY, REFUSED, REMOVED, SIZE,
+    NODE_KEY, NODE_LEASE_PREFIX, PV_FINALIZER, READY, READY_SIG, REFUSED, REMOVED, REMOVED_SIG, SIZE,
 };
 
 /// `userInfo.extra` keys a pod-bound service-account token adds.
@@ -154,7 +154,7 @@ pub fn check(node: &str, namespace: &str, write: &Write<'_>) -> Result<(), Strin
     }
     let allowed = match write.kind {
         Kind::Claim => Allowed {
-            annotations: &[READY, REFUSED, REMOVED],
+            annotations: &[READY, READY_SIG, REFUSED, REMOVED, REMOVED_SIG],
             removable_finalizer: None,
         },
         _ => Allowed {

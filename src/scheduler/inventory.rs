@@ -186,6 +186,7 @@ mod tests {
             free_bytes: 1000,
             nfs_port: 2049,
             expires: 100,
+            key: None,
         };
         let mut inv = Inventory::default();
         inv.agents.insert("n1".into(), info);

@@ -31,6 +31,9 @@ pub enum Error {
     )]
     VolumeConflict { name: String },
 
+    #[error("volume {name} belongs to {owner}")]
+    VolumeOwned { name: String, owner: String },
+
     #[error("volume {name}: size must be greater than zero")]
     InvalidVolumeSize { name: String },
 

@@ -1,4 +1,12 @@
 //! The on-disk volume store: create, resize, delete, list, usage.
+//!
+//! Ownership: a volume made for a claim records that claim ([`Owner`]) in its
+//! metadata, and the claim-facing calls ([`VolumeStore::create_for`],
+//! [`VolumeStore::remove_for`]) check it: a volume is made, answered for, deleted or
+//! archived only for the claim that owns it. A volume without a record (made by a
+//! version before owners, or by `localnfs volume create`) is adopted by a claim only
+//! while it holds nothing, or through [`VolumeStore::adopt`] from a PV (which only the
+//! controller writes), and removed for a claim only while it holds nothing.
 
 use std::collections::HashSet;
 use std::fs;
@@ -72,6 +80,22 @@ impl VolumeSpec {
     }
 }
 
+/// The claim a volume was made for, as the store records it. The claim's uid is the
+/// identity (a claim deleted and re-created under the same name gets a new uid); the
+/// namespace and name are for people reading the record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub claim_uid: String,
+    pub namespace: String,
+    pub claim: String,
+}
+
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "claim {}/{} (uid {})", self.namespace, self.claim, self.claim_uid)
+    }
+}
+
 /// A volume's persisted metadata.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeMeta {
@@ -88,6 +112,10 @@ pub struct VolumeMeta {
     /// See [`VolumeSpec::max_files`]; absent in metadata written before it existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_files: Option<u64>,
+    /// The claim the volume belongs to; absent for volumes made outside a cluster or
+    /// before owners were recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Owner>,
 }
 
 impl VolumeMeta {
@@ -199,47 +227,58 @@ impl VolumeStore {
     /// upgrades, so handles stay valid and mounted pods never see ESTALE.
     pub fn node_key(&self) -> Result<[u8; 32]> {
         let path = self.root.join("node.key");
+        let bytes = self.secret("node.key", || {
+            let mut key = [0u8; 32];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+                .ok()
+                .map(|()| key.to_vec())
+        })?;
+        bytes.as_slice().try_into().map_err(|_| Error::VolumeIo {
+            action: "read node key (wrong length)",
+            path,
+            source: std::io::ErrorKind::InvalidData.into(),
+        })
+    }
+
+    /// The secret kept in `<root>/<file>` (0600), made by `generate` on first use.
+    /// Another process may race the first use: whatever is on disk afterwards wins.
+    pub fn secret(
+        &self,
+        file: &str,
+        generate: impl FnOnce() -> Option<Vec<u8>>,
+    ) -> Result<Vec<u8>> {
+        let path = self.root.join(file);
         match fs::read(&path) {
-            Ok(bytes) if bytes.len() == 32 => {
-                let mut key = [0u8; 32];
-                key.copy_from_slice(&bytes);
-                return Ok(key);
-            }
-            Ok(_) => {
-                return Err(Error::VolumeIo {
-                    action: "read node key (wrong length)",
-                    path,
-                    source: std::io::ErrorKind::InvalidData.into(),
-                });
-            }
+            Ok(bytes) if !bytes.is_empty() => return Ok(bytes),
+            Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io("read node key", &path)(e)),
+            Err(e) => return Err(io("read secret", &path)(e)),
         }
-        let mut key = [0u8; 32];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key).map_err(
-            |_| Error::VolumeIo {
-                action: "generate node key",
-                path: path.clone(),
-                source: std::io::ErrorKind::Other.into(),
-            },
-        )?;
-        write_atomic(&path, &key, 0o600)?;
-        // Another process may have raced us; whatever is on disk now wins.
-        let bytes = fs::read(&path).map_err(io("read node key", &path))?;
-        match bytes.get(..32) {
-            Some(on_disk) => key.copy_from_slice(on_disk),
-            None => {
-                return Err(io("read node key", &path)(
-                    std::io::ErrorKind::InvalidData.into(),
-                ));
-            }
-        }
-        Ok(key)
+        let fresh = generate().ok_or_else(|| Error::VolumeIo {
+            action: "generate secret",
+            path: path.clone(),
+            source: std::io::ErrorKind::Other.into(),
+        })?;
+        write_atomic(&path, &fresh, 0o600)?;
+        fs::read(&path).map_err(io("read secret", &path))
     }
 
     /// Creates the volume, or returns it if it already exists with the same spec.
-    /// A directory left by a crash before its metadata was written is adopted.
+    /// A directory left by a crash before its metadata was written is adopted. No
+    /// owner is recorded (standalone volumes); claims use [`Self::create_for`].
     pub fn create(&self, spec: &VolumeSpec) -> Result<VolumeMeta> {
+        self.create_owned(spec, None)
+    }
+
+    /// Creates the volume for `owner`, or returns it if it already exists with the same
+    /// spec and belongs to `owner`. A volume of another claim is refused
+    /// ([`Error::VolumeOwned`]); one without an owner record is adopted only while it
+    /// holds nothing.
+    pub fn create_for(&self, spec: &VolumeSpec, owner: &Owner) -> Result<VolumeMeta> {
+        self.create_owned(spec, Some(owner))
+    }
+
+    fn create_owned(&self, spec: &VolumeSpec, owner: Option<&Owner>) -> Result<VolumeMeta> {
         let _lock = self.lock()?;
         if spec.size_bytes == 0 {
             return Err(Error::InvalidVolumeSize {
@@ -259,13 +298,20 @@ impl VolumeStore {
                 why: "the anonymous uid and gid must be below 4294967295",
             });
         }
-        if let Some(meta) = self.get(&spec.name)? {
-            if meta.matches(spec) {
-                return Ok(meta);
+        if let Some(mut meta) = self.get(&spec.name)? {
+            if let Some(want) = owner {
+                self.check_owner(&meta, want)?;
             }
-            return Err(Error::VolumeConflict {
-                name: spec.name.to_string(),
-            });
+            if !meta.matches(spec) {
+                return Err(Error::VolumeConflict {
+                    name: spec.name.to_string(),
+                });
+            }
+            if let (None, Some(want)) = (&meta.owner, owner) {
+                meta.owner = Some(want.clone());
+                self.write_meta(&meta)?;
+            }
+            return Ok(meta);
         }
         let dir = self.data_dir(&spec.name);
         match fs::DirBuilder::new().mode(0o700).create(&dir) {
@@ -289,9 +335,78 @@ impl VolumeStore {
             anon_uid: spec.anon_uid,
             anon_gid: spec.anon_gid,
             max_files: spec.max_files,
+            owner: owner.cloned(),
         };
         self.write_meta(&meta)?;
         Ok(meta)
+    }
+
+    /// Whether `meta` may be used for `want`: it is `want`'s, or it has no owner and
+    /// holds nothing (a volume made for `want` by a version before owner records, or
+    /// left empty).
+    fn check_owner(&self, meta: &VolumeMeta, want: &Owner) -> Result<()> {
+        match &meta.owner {
+            Some(o) if o.claim_uid == want.claim_uid => Ok(()),
+            Some(o) => Err(Error::VolumeOwned {
+                name: meta.name.to_string(),
+                owner: o.to_string(),
+            }),
+            None if self.usage(&meta.name)?.inodes == 0 => Ok(()),
+            None => Err(Error::VolumeOwned {
+                name: meta.name.to_string(),
+                owner: "no recorded claim (made by an earlier version or by hand) and holds data".into(),
+            }),
+        }
+    }
+
+    /// Records `owner` on a volume that has none (a volume made before owners were
+    /// recorded, named by a PV whose claim is `owner`). Returns the metadata; a volume
+    /// already owned by another claim is refused, one owned by `owner` is unchanged.
+    pub fn adopt(&self, name: &VolumeName, owner: &Owner) -> Result<Option<VolumeMeta>> {
+        let _lock = self.lock()?;
+        let Some(mut meta) = self.get(name)? else {
+            return Ok(None);
+        };
+        match &meta.owner {
+            Some(o) if o.claim_uid == owner.claim_uid => {}
+            Some(o) => {
+                return Err(Error::VolumeOwned {
+                    name: name.to_string(),
+                    owner: o.to_string(),
+                });
+            }
+            None => {
+                meta.owner = Some(owner.clone());
+                self.write_meta(&meta)?;
+            }
+        }
+        Ok(Some(meta))
+    }
+
+    /// Deletes (or, with `archive`, archives) the volume for the claim `claim_uid`:
+    /// only if it is that claim's (see [`Self::check_owner`]). A missing volume
+    /// succeeds; the archive's path is returned when one was made.
+    pub fn remove_for(
+        &self,
+        name: &VolumeName,
+        claim_uid: &str,
+        archive: bool,
+    ) -> Result<Option<PathBuf>> {
+        let _lock = self.lock()?;
+        let Some(meta) = self.get(name)? else {
+            return Ok(None);
+        };
+        let want = Owner {
+            claim_uid: claim_uid.to_owned(),
+            namespace: String::new(),
+            claim: String::new(),
+        };
+        self.check_owner(&meta, &want)?;
+        if archive {
+            self.archive_locked(name).map(Some)
+        } else {
+            self.delete_locked(&meta).map(|()| None)
+        }
     }
 
     /// Changes the size limit. Shrinking below what is already stored is refused.
@@ -318,12 +433,18 @@ impl VolumeStore {
         Ok(meta)
     }
 
-    /// Deletes the volume and its data. Deleting a missing volume succeeds.
+    /// Deletes the volume and its data, whoever owns it (`localnfs volume delete`).
+    /// Deleting a missing volume succeeds.
     pub fn delete(&self, name: &VolumeName) -> Result<()> {
         let _lock = self.lock()?;
-        let Some(meta) = self.get(name)? else {
-            return Ok(());
-        };
+        match self.get(name)? {
+            Some(meta) => self.delete_locked(&meta),
+            None => Ok(()),
+        }
+    }
+
+    fn delete_locked(&self, meta: &VolumeMeta) -> Result<()> {
+        let name = &meta.name;
         let dir = self.data_dir(name);
         let trash = self.trash_dir().join(format!("{name}.{}", meta.id));
         match fs::rename(&dir, &trash) {
@@ -345,6 +466,10 @@ impl VolumeStore {
         if self.get(name)?.is_none() {
             return Ok(None);
         }
+        self.archive_locked(name).map(Some)
+    }
+
+    fn archive_locked(&self, name: &VolumeName) -> Result<PathBuf> {
         let archive = self.root.join("archive");
         fs::DirBuilder::new()
             .recursive(true)
@@ -362,7 +487,7 @@ impl VolumeStore {
         let meta_path = self.meta_path(name);
         fs::remove_file(&meta_path).map_err(io("remove volume metadata", &meta_path))?;
         sync_dir(&self.meta_dir())?;
-        Ok(Some(dest))
+        Ok(dest)
     }
 
     /// The volume's metadata, if it exists.
@@ -608,6 +733,80 @@ mod tests {
         assert_eq!(fs::read(dest.join("keep")).expect("archived"), b"data");
         assert!(s.get(&n).expect("get").is_none());
         assert!(s.archive(&n).expect("again").is_none());
+    }
+
+    fn owner(uid: &str) -> Owner {
+        Owner {
+            claim_uid: uid.into(),
+            namespace: "ns".into(),
+            claim: format!("c-{uid}"),
+        }
+    }
+
+    #[test]
+    fn a_claims_volume_is_made_and_removed_only_for_that_claim() {
+        let (_d, s) = store();
+        let spec = VolumeSpec::new(name("v"), 1 << 20);
+        let made = s.create_for(&spec, &owner("u1")).expect("create");
+        assert_eq!(made.owner, Some(owner("u1")));
+        assert_eq!(s.create_for(&spec, &owner("u1")).expect("again"), made);
+        fs::write(s.data_dir(&spec.name).join("f"), b"data").expect("write");
+        assert!(matches!(
+            s.create_for(&spec, &owner("u2")),
+            Err(Error::VolumeOwned { .. })
+        ));
+        assert!(matches!(
+            s.remove_for(&spec.name, "u2", false),
+            Err(Error::VolumeOwned { .. })
+        ));
+        assert!(matches!(
+            s.adopt(&spec.name, &owner("u2")),
+            Err(Error::VolumeOwned { .. })
+        ));
+        assert_eq!(fs::read(s.data_dir(&spec.name).join("f")).expect("kept"), b"data");
+        s.remove_for(&spec.name, "u1", false).expect("owner removes");
+        assert!(s.get(&spec.name).expect("get").is_none());
+        assert!(s.remove_for(&spec.name, "u1", false).expect("gone").is_none());
+    }
+
+    #[test]
+    fn an_unowned_volume_is_taken_by_a_claim_only_while_empty() {
+        let (_d, s) = store();
+        let spec = VolumeSpec::new(name("v"), 1 << 20);
+        s.create(&spec).expect("standalone");
+        fs::write(s.data_dir(&spec.name).join("f"), b"data").expect("write");
+        assert!(matches!(
+            s.create_for(&spec, &owner("u1")),
+            Err(Error::VolumeOwned { .. })
+        ));
+        assert!(matches!(
+            s.remove_for(&spec.name, "u1", true),
+            Err(Error::VolumeOwned { .. })
+        ));
+        // A PV naming it is the controller's word: the record is gained from it.
+        let adopted = s.adopt(&spec.name, &owner("u1")).expect("adopt").expect("meta");
+        assert_eq!(adopted.owner, Some(owner("u1")));
+        let archived = s.remove_for(&spec.name, "u1", true).expect("archive");
+        assert!(archived.expect("path").join("f").is_file());
+
+        let empty = VolumeSpec::new(name("w"), 1 << 20);
+        s.create(&empty).expect("standalone");
+        let taken = s.create_for(&empty, &owner("u3")).expect("empty: adopted");
+        assert_eq!(taken.owner, Some(owner("u3")));
+    }
+
+    #[test]
+    fn metadata_without_an_owner_still_reads() {
+        let (_d, s) = store();
+        let n = name("old");
+        s.create(&VolumeSpec::new(n.clone(), 1 << 20)).expect("create");
+        let path = s.meta_path(&n);
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&fs::read(&path).expect("read")).expect("json");
+        assert!(json.get("owner").is_none(), "no owner written for standalone volumes");
+        json["future_field"] = serde_json::json!(1);
+        fs::write(&path, serde_json::to_vec(&json).expect("encode")).expect("write");
+        assert_eq!(s.get(&n).expect("get").expect("meta").owner, None);
     }
 
     #[test]

@@ -1,0 +1,138 @@
+//! What the node agent does for a claim: a pure function ([`claim_step`]) of the claim,
+//! what its signatures say ([`Verified`]) and whether a PV names its volume. The
+//! reconciler (`cluster`) reads those, asks, does the step (the store checks the
+//! volume's recorded owner once more), and answers.
+//!
+//! Rules, in order:
+//! 1. Only a request the controller signed for this claim and this node counts; a
+//!    claim without one is not this agent's business, whatever its labels and
+//!    annotations say (the controller reports keys it ignored).
+//! 2. An abandoned claim (the controller's signed word) already answered removed is
+//!    done. Its volume is removed only while the claim is being deleted and no PV
+//!    names the volume: a PV means the data was handed out, and the PV's reclaim
+//!    decides its fate.
+//! 3. A claim being deleted but not abandoned: nothing yet (the controller abandons it
+//!    next; creating a volume now would only be removed again).
+//! 4. A claim this agent already answered ready (its own signature) is served.
+//! 5. Otherwise: create the requested volume for the claim and answer ready.
+
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+
+use crate::objects::signed::Verified;
+
+/// What the agent does next for a claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimStep {
+    /// Nothing: no request for this node, or nothing to do until the claim changes.
+    Ignore,
+    /// Create the volume for the claim (or find it made), then answer ready.
+    Create,
+    /// Already answered ready: keep serving (label the volume's metrics).
+    Served,
+    /// Remove the abandoned claim's volume, then answer removed.
+    Remove,
+    /// Keep an abandoned claim's volume, and say why.
+    Keep(&'static str),
+}
+
+/// The step for `pvc` on node `me`; `pv_names_volume`: a PV names the requested
+/// volume (the claim's own PV or any other).
+pub fn claim_step(
+    pvc: &PersistentVolumeClaim,
+    v: &Verified,
+    me: &str,
+    pv_names_volume: bool,
+) -> ClaimStep {
+    let Some(request) = &v.request else {
+        return ClaimStep::Ignore;
+    };
+    if request.node != me {
+        return ClaimStep::Ignore;
+    }
+    let deleting = pvc.metadata.deletion_timestamp.is_some();
+    if v.abandoned {
+        if v.removed {
+            return ClaimStep::Ignore;
+        }
+        if !deleting {
+            return ClaimStep::Keep("abandoned but not being deleted");
+        }
+        if pv_names_volume {
+            return ClaimStep::Keep("a PV names the volume: its reclaim decides");
+        }
+        return ClaimStep::Remove;
+    }
+    if deleting {
+        return ClaimStep::Ignore;
+    }
+    if v.ready {
+        return ClaimStep::Served;
+    }
+    ClaimStep::Create
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::objects::signed::VolumeRequest;
+    use crate::volume::{VolumeName, VolumeSpec};
+    use serde_json::json;
+
+    fn claim(deleting: bool) -> PersistentVolumeClaim {
+        let mut meta = json!({"name": "c", "namespace": "ns", "uid": "u1"});
+        if deleting {
+            meta["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        }
+        serde_json::from_value(json!({ "metadata": meta })).expect("claim")
+    }
+
+    fn verified(node: &str) -> Verified {
+        Verified {
+            request: Some(VolumeRequest {
+                spec: VolumeSpec::new(VolumeName::new("pvc-u1").expect("name"), 1 << 20),
+                claim_uid: "u1".into(),
+                node: node.into(),
+            }),
+            ..Verified::default()
+        }
+    }
+
+    #[test]
+    fn a_claim_without_a_signed_request_is_ignored_whatever_it_carries() {
+        let unsigned = Verified {
+            ignored: vec!["localnfs.io/volume-request", "localnfs.io/abandon"],
+            ..Verified::default()
+        };
+        assert_eq!(claim_step(&claim(true), &unsigned, "n1", false), ClaimStep::Ignore);
+        assert_eq!(claim_step(&claim(false), &unsigned, "n1", false), ClaimStep::Ignore);
+    }
+
+    #[test]
+    fn a_request_for_another_node_is_ignored() {
+        assert_eq!(claim_step(&claim(false), &verified("n2"), "n1", false), ClaimStep::Ignore);
+    }
+
+    #[test]
+    fn a_new_request_is_created_and_an_answered_one_served() {
+        let mut v = verified("n1");
+        assert_eq!(claim_step(&claim(false), &v, "n1", false), ClaimStep::Create);
+        v.ready = true;
+        assert_eq!(claim_step(&claim(false), &v, "n1", true), ClaimStep::Served);
+    }
+
+    #[test]
+    fn a_deleted_claim_gets_nothing_made_before_it_is_abandoned() {
+        assert_eq!(claim_step(&claim(true), &verified("n1"), "n1", false), ClaimStep::Ignore);
+    }
+
+    #[test]
+    fn an_abandoned_volume_is_removed_only_while_deleted_and_named_by_no_pv() {
+        let mut v = verified("n1");
+        v.abandoned = true;
+        assert_eq!(claim_step(&claim(true), &v, "n1", false), ClaimStep::Remove);
+        assert!(matches!(claim_step(&claim(true), &v, "n1", true), ClaimStep::Keep(_)));
+        assert!(matches!(claim_step(&claim(false), &v, "n1", false), ClaimStep::Keep(_)));
+        v.removed = true;
+        assert_eq!(claim_step(&claim(true), &v, "n1", false), ClaimStep::Ignore);
+    }
+}
