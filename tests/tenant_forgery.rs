@@ -226,3 +226,39 @@ async fn a_claim_recreated_from_saved_yaml_gets_its_own_volume_not_the_originals
     .await;
     still_there(&file, "the restored copy was deleted");
 }
+
+#[tokio::test]
+async fn volumes_of_the_previous_version_gain_their_owner_record_and_are_reclaimed() {
+    let (cluster, mut lnfs) = start_localnfs(&[("node-1", ip(124), "10Gi")]).await;
+    let client = cluster.client();
+    storage_class(&client, "now", json!({"volumeBindingMode": "Immediate"})).await;
+    let (orig, _file) = victim(&client, &lnfs, "db-0").await;
+    let volume = nfs_target(&bound_pv(&client, "db-0").await).2;
+    let meta_path = lnfs.root("node-1").join("meta").join(format!("{volume}.json"));
+    let owner = |path: &PathBuf| -> Option<String> {
+        let meta: Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+        meta.pointer("/owner/claim_uid")?.as_str().map(str::to_owned)
+    };
+    assert_eq!(owner(&meta_path), orig.uid(), "a new volume records its claim");
+
+    // As the previous version left it: no owner record.
+    lnfs.stop_agent("node-1").await;
+    let mut meta: Value =
+        serde_json::from_slice(&std::fs::read(&meta_path).expect("meta")).expect("json");
+    meta.as_object_mut().expect("object").remove("owner");
+    std::fs::write(&meta_path, serde_json::to_vec(&meta).expect("encode")).expect("write meta");
+    lnfs.start_agent("node-1", ip(124));
+    eventually("the owner record gained from the PV", Duration::from_secs(60), || async {
+        (owner(&meta_path) == orig.uid()).then_some(())
+    })
+    .await;
+
+    Api::<PersistentVolumeClaim>::namespaced(client.clone(), "default")
+        .delete("db-0", &DeleteParams::default())
+        .await
+        .expect("delete claim");
+    eventually("the volume reclaimed", Duration::from_secs(90), || async {
+        (!volume_dirs(&lnfs, "node-1").contains(&volume)).then_some(())
+    })
+    .await;
+}
