@@ -7,12 +7,20 @@
 //! node's objects); every step survives restarts of either side because the state
 //! lives on the objects.
 //!
+//! Anyone who may edit a claim can write these keys, so none is believed unsigned:
+//! C signs what it asks ([`keys::REQUEST_SIG`], [`keys::ABANDON_SIG`]), N signs what
+//! it answers ([`keys::READY_SIG`], [`keys::REMOVED_SIG`]), every statement names the
+//! claim's uid, and each reader acts only on what verifies ([`signed`]). N records the
+//! claim as the volume's owner on disk and makes, answers for and removes a volume only
+//! for its owner.
+//!
 //! Provisioning (controller C, node agent N):
 //! 1. C adds [`keys::CLAIM_FINALIZER`] to the claim, picks a node, and sets the
-//!    [`keys::NODE_KEY`] label and the [`keys::REQUEST`] annotation (a [`keys::VolumeRequest`]).
+//!    [`keys::NODE_KEY`] label and the [`keys::REQUEST`] annotation (a [`keys::VolumeRequest`]
+//!    naming the claim's uid and the node) with its signature.
 //! 2. N (watching claims labelled with its node) creates the directory with its size
-//!    limit, then sets [`keys::READY`] to the volume name — with a JSON patch that first
-//!    tests the claim is still labelled with N's node.
+//!    limit and owner, then sets [`keys::READY`] to the volume name with its signature —
+//!    with a JSON patch that first tests the claim is still labelled with N's node.
 //!
 //! An agent that will not create the volume sets [`keys::REFUSED`] (with the same label
 //! test); under WaitForFirstConsumer C then takes the placement back and removes the
@@ -29,9 +37,9 @@
 //!    (so a PV never points at nothing).
 //!
 //! A claim deleted before its PV exists: C sets [`keys::ABANDON`] (and from then on never
-//! creates a PV for it); N, after checking the claim is being deleted and no PV
-//! `pvc-<uid>` exists, deletes the directory and sets [`keys::REMOVED`]; C removes
-//! [`keys::CLAIM_FINALIZER`]. Nothing is left behind.
+//! creates a PV for it); N, after checking the claim is being deleted, no PV names the
+//! volume and the volume is the claim's, deletes the directory and sets
+//! [`keys::REMOVED`]; C removes [`keys::CLAIM_FINALIZER`]. Nothing is left behind.
 //!
 //! Reclaim ([`reclaim`]): a Released PV with policy Delete is deleted by C once a
 //! fresh read shows its claim gone; its finalizer holds it until N, reading the
@@ -52,7 +60,8 @@
 //! This module is the bottom layer every component shares: those keys ([`keys`]),
 //! the StorageClass vocabulary ([`class`]), what a claim asks for ([`claim`]), when
 //! a volume's data may go ([`reclaim`]), which nodes may mount a volume
-//! ([`published`]) and the agents' heartbeat Leases ([`agents`]). It depends on no component; the provisioner, scheduler helper, node
+//! ([`published`]), which keys localnfs wrote ([`signed`]) and the agents' heartbeat
+//! Leases ([`agents`]). It depends on no component; the provisioner, scheduler helper, node
 //! agent and `status` depend on it and not on each other.
 
 pub mod agents;
