@@ -34,7 +34,10 @@ fn ip(last: u8) -> IpAddr {
 async fn victim(client: &Client, lnfs: &Localnfs, name: &str) -> (PersistentVolumeClaim, PathBuf) {
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
     claims
-        .create(&PostParams::default(), &claim(name, "now", "1Mi", json!({})))
+        .create(
+            &PostParams::default(),
+            &claim(name, "now", "1Mi", json!({})),
+        )
         .await
         .expect("create claim");
     let pv = bound_pv(client, name).await;
@@ -109,13 +112,17 @@ async fn a_deleted_claim_carrying_a_copy_of_another_claims_keys_removes_nothing_
     assert!(labels.get("localnfs.io/node").is_some(), "{labels}");
     // The copy says the volume was abandoned, with every signature the victim carries.
     annotations["localnfs.io/abandon"] = json!("true");
-    annotations["localnfs.io/abandon-signature"] = annotations["localnfs.io/volume-ready-signature"].clone();
+    annotations["localnfs.io/abandon-signature"] =
+        annotations["localnfs.io/volume-ready-signature"].clone();
 
     // Another namespace: the tenant has no rights over `default`.
     namespace(&client, "tenant").await;
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "tenant");
     claims
-        .create(&PostParams::default(), &tenant_claim("tenant", "thief", labels, annotations))
+        .create(
+            &PostParams::default(),
+            &tenant_claim("tenant", "thief", labels, annotations),
+        )
         .await
         .expect("create the tenant's claim");
     claims
@@ -123,7 +130,10 @@ async fn a_deleted_claim_carrying_a_copy_of_another_claims_keys_removes_nothing_
         .await
         .expect("delete the tenant's claim");
     tokio::time::sleep(ACT).await;
-    still_there(&file, "a deleted claim carried the victim's keys and an abandon");
+    still_there(
+        &file,
+        "a deleted claim carried the victim's keys and an abandon",
+    );
 
     // Let the tenant's claim go: nothing of the victim's goes with it.
     claims
@@ -137,7 +147,10 @@ async fn a_deleted_claim_carrying_a_copy_of_another_claims_keys_removes_nothing_
     tokio::time::sleep(Duration::from_secs(2)).await;
     still_there(&file, "the forged claim went away");
     let pvs: Api<PersistentVolume> = Api::all(client.clone());
-    let pv = pvs.get(&format!("pvc-{}", victim.uid().expect("uid"))).await.expect("victim's PV kept");
+    let pv = pvs
+        .get(&format!("pvc-{}", victim.uid().expect("uid")))
+        .await
+        .expect("victim's PV kept");
     assert!(pv.metadata.deletion_timestamp.is_none());
 }
 
@@ -167,7 +180,11 @@ async fn a_hand_written_or_copied_request_on_a_claim_of_another_class_makes_no_v
             .expect("create the tenant's claim");
     }
     tokio::time::sleep(ACT).await;
-    assert_eq!(volume_dirs(&lnfs, "node-1"), before, "a volume was made for a forged request");
+    assert_eq!(
+        volume_dirs(&lnfs, "node-1"),
+        before,
+        "a volume was made for a forged request"
+    );
     let hand = claims.get("hand").await.expect("claim");
     assert!(
         !hand.annotations().contains_key("localnfs.io/volume-ready"),
@@ -190,7 +207,10 @@ async fn a_claim_recreated_from_saved_yaml_gets_its_own_volume_not_the_originals
     // The saved YAML of a bound claim, restored under a new name (a namespace copy,
     // a restore): every key of ours, but not the binding to the original's PV.
     let (labels, annotations) = localnfs_keys(&orig);
-    assert!(annotations.get("localnfs.io/volume-ready").is_some(), "{annotations}");
+    assert!(
+        annotations.get("localnfs.io/volume-ready").is_some(),
+        "{annotations}"
+    );
     let mut copy = claim("db-0-restored", "now", "1Mi", json!({}));
     copy.metadata.labels = serde_json::from_value(labels).ok();
     copy.metadata.annotations = serde_json::from_value(annotations).ok();
@@ -201,16 +221,27 @@ async fn a_claim_recreated_from_saved_yaml_gets_its_own_volume_not_the_originals
         .expect("create the restored claim");
     let pv = bound_pv(&client, "db-0-restored").await;
     let (_, _, path) = nfs_target(&pv);
-    assert_ne!(path, nfs_target(&orig_pv).2, "the copy's PV points at the original's directory");
+    assert_ne!(
+        path,
+        nfs_target(&orig_pv).2,
+        "the copy's PV points at the original's directory"
+    );
     let copy = claims.get("db-0-restored").await.expect("claim");
     assert_eq!(path, format!("pvc-{}", copy.uid().expect("uid")));
-    let evs = eventually("IgnoredAnnotations event", Duration::from_secs(30), || async {
-        let e = events(&client, "db-0-restored").await;
-        e.iter().any(|(r, _)| r == "IgnoredAnnotations").then_some(e)
-    })
+    let evs = eventually(
+        "IgnoredAnnotations event",
+        Duration::from_secs(30),
+        || async {
+            let e = events(&client, "db-0-restored").await;
+            e.iter()
+                .any(|(r, _)| r == "IgnoredAnnotations")
+                .then_some(e)
+        },
+    )
     .await;
     assert!(
-        evs.iter().any(|(_, m)| m.contains("localnfs.io/volume-request")),
+        evs.iter()
+            .any(|(_, m)| m.contains("localnfs.io/volume-request")),
         "{evs:?}"
     );
 
@@ -220,9 +251,11 @@ async fn a_claim_recreated_from_saved_yaml_gets_its_own_volume_not_the_originals
         .await
         .expect("delete the copy");
     wait_pv_gone(&client, &pv.name_any()).await;
-    eventually("the copy's directory removed", Duration::from_secs(30), || async {
-        (!volume_dirs(&lnfs, "node-1").contains(&path)).then_some(())
-    })
+    eventually(
+        "the copy's directory removed",
+        Duration::from_secs(30),
+        || async { (!volume_dirs(&lnfs, "node-1").contains(&path)).then_some(()) },
+    )
     .await;
     still_there(&file, "the restored copy was deleted");
 }
@@ -234,12 +267,21 @@ async fn volumes_of_the_previous_version_gain_their_owner_record_and_are_reclaim
     storage_class(&client, "now", json!({"volumeBindingMode": "Immediate"})).await;
     let (orig, _file) = victim(&client, &lnfs, "db-0").await;
     let volume = nfs_target(&bound_pv(&client, "db-0").await).2;
-    let meta_path = lnfs.root("node-1").join("meta").join(format!("{volume}.json"));
+    let meta_path = lnfs
+        .root("node-1")
+        .join("meta")
+        .join(format!("{volume}.json"));
     let owner = |path: &PathBuf| -> Option<String> {
         let meta: Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
-        meta.pointer("/owner/claim_uid")?.as_str().map(str::to_owned)
+        meta.pointer("/owner/claim_uid")?
+            .as_str()
+            .map(str::to_owned)
     };
-    assert_eq!(owner(&meta_path), orig.uid(), "a new volume records its claim");
+    assert_eq!(
+        owner(&meta_path),
+        orig.uid(),
+        "a new volume records its claim"
+    );
 
     // As the previous version left it: no owner record.
     lnfs.stop_agent("node-1").await;
@@ -248,9 +290,11 @@ async fn volumes_of_the_previous_version_gain_their_owner_record_and_are_reclaim
     meta.as_object_mut().expect("object").remove("owner");
     std::fs::write(&meta_path, serde_json::to_vec(&meta).expect("encode")).expect("write meta");
     lnfs.start_agent("node-1", ip(124));
-    eventually("the owner record gained from the PV", Duration::from_secs(60), || async {
-        (owner(&meta_path) == orig.uid()).then_some(())
-    })
+    eventually(
+        "the owner record gained from the PV",
+        Duration::from_secs(60),
+        || async { (owner(&meta_path) == orig.uid()).then_some(()) },
+    )
     .await;
 
     Api::<PersistentVolumeClaim>::namespaced(client.clone(), "default")

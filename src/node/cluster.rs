@@ -232,7 +232,9 @@ async fn reconcile_claim(pvc: Arc<PersistentVolumeClaim>, agent: Arc<Agent>) -> 
         return Ok(Action::await_change());
     };
     let mine = agent.signer.public();
-    let v = signed::verify(&pvc, &controller, |n| (n == agent.node).then(|| mine.clone()));
+    let v = signed::verify(&pvc, &controller, |n| {
+        (n == agent.node).then(|| mine.clone())
+    });
     let Some(request) = v.request.clone() else {
         if !v.ignored.is_empty() {
             tracing::debug!(claim = %format!("{ns}/{name}"), ignored = ?v.ignored, "claim labelled with this node carries no request signed for it: ignored");
@@ -355,7 +357,10 @@ async fn answer(
     claims
         .patch(name, &PatchParams::default(), &Patch::<()>::Json(patch))
         .await
-        .map_err(Error::kube(format!("annotate claim {name} with {}", keys.join(", "))))?;
+        .map_err(Error::kube(format!(
+            "annotate claim {name} with {}",
+            keys.join(", ")
+        )))?;
     Ok(())
 }
 
@@ -377,7 +382,13 @@ async fn reconcile_pv(pv: Arc<PersistentVolume>, agent: Arc<Agent>) -> Result<Ac
         // the controller writes.
         let vol = volume.clone();
         if let Err(e) = agent.store_op(move |s| s.adopt(&vol, &owner)).await {
-            agent.warn_pv_once(&pv, "VolumeOwnerMismatch", format!("node {}: {e}", agent.node)).await;
+            agent
+                .warn_pv_once(
+                    &pv,
+                    "VolumeOwnerMismatch",
+                    format!("node {}: {e}", agent.node),
+                )
+                .await;
         }
     }
     let finalizing = pv.metadata.deletion_timestamp.is_some()

@@ -103,26 +103,41 @@ mod tests {
             ignored: vec!["localnfs.io/volume-request", "localnfs.io/abandon"],
             ..Verified::default()
         };
-        assert_eq!(claim_step(&claim(true), &unsigned, "n1", false), ClaimStep::Ignore);
-        assert_eq!(claim_step(&claim(false), &unsigned, "n1", false), ClaimStep::Ignore);
+        assert_eq!(
+            claim_step(&claim(true), &unsigned, "n1", false),
+            ClaimStep::Ignore
+        );
+        assert_eq!(
+            claim_step(&claim(false), &unsigned, "n1", false),
+            ClaimStep::Ignore
+        );
     }
 
     #[test]
     fn a_request_for_another_node_is_ignored() {
-        assert_eq!(claim_step(&claim(false), &verified("n2"), "n1", false), ClaimStep::Ignore);
+        assert_eq!(
+            claim_step(&claim(false), &verified("n2"), "n1", false),
+            ClaimStep::Ignore
+        );
     }
 
     #[test]
     fn a_new_request_is_created_and_an_answered_one_served() {
         let mut v = verified("n1");
-        assert_eq!(claim_step(&claim(false), &v, "n1", false), ClaimStep::Create);
+        assert_eq!(
+            claim_step(&claim(false), &v, "n1", false),
+            ClaimStep::Create
+        );
         v.ready = true;
         assert_eq!(claim_step(&claim(false), &v, "n1", true), ClaimStep::Served);
     }
 
     #[test]
     fn a_deleted_claim_gets_nothing_made_before_it_is_abandoned() {
-        assert_eq!(claim_step(&claim(true), &verified("n1"), "n1", false), ClaimStep::Ignore);
+        assert_eq!(
+            claim_step(&claim(true), &verified("n1"), "n1", false),
+            ClaimStep::Ignore
+        );
     }
 
     #[test]
@@ -130,8 +145,14 @@ mod tests {
         let mut v = verified("n1");
         v.abandoned = true;
         assert_eq!(claim_step(&claim(true), &v, "n1", false), ClaimStep::Remove);
-        assert!(matches!(claim_step(&claim(true), &v, "n1", true), ClaimStep::Keep(_)));
-        assert!(matches!(claim_step(&claim(false), &v, "n1", false), ClaimStep::Keep(_)));
+        assert!(matches!(
+            claim_step(&claim(true), &v, "n1", true),
+            ClaimStep::Keep(_)
+        ));
+        assert!(matches!(
+            claim_step(&claim(false), &v, "n1", false),
+            ClaimStep::Keep(_)
+        ));
         v.removed = true;
         assert_eq!(claim_step(&claim(true), &v, "n1", false), ClaimStep::Ignore);
     }

@@ -168,7 +168,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 || s.len() > 256 {
+    if !s.len().is_multiple_of(2) || s.len() > 256 {
         return None;
     }
     (0..s.len())
@@ -299,7 +299,11 @@ pub(crate) mod tests {
         Signer::from_pkcs8(&Signer::generate().expect("key")).expect("pkcs8")
     }
 
-    fn claim(uid: &str, labels: serde_json::Value, ann: serde_json::Value) -> PersistentVolumeClaim {
+    fn claim(
+        uid: &str,
+        labels: serde_json::Value,
+        ann: serde_json::Value,
+    ) -> PersistentVolumeClaim {
         serde_json::from_value(json!({
             "metadata": {"name": "data-0", "namespace": "db", "uid": uid,
                          "labels": labels, "annotations": ann},
@@ -309,7 +313,10 @@ pub(crate) mod tests {
 
     fn request(uid: &str, node: &str) -> VolumeRequest {
         VolumeRequest {
-            spec: VolumeSpec::new(VolumeName::new(&format!("pvc-{uid}")).expect("name"), 1 << 20),
+            spec: VolumeSpec::new(
+                VolumeName::new(&format!("pvc-{uid}")).expect("name"),
+                1 << 20,
+            ),
             claim_uid: uid.into(),
             node: node.into(),
         }
@@ -317,19 +324,37 @@ pub(crate) mod tests {
 
     /// A claim as localnfs leaves it: placed on `node`, answered ready by `agent`,
     /// and (with `abandon`) abandoned and removed.
-    fn signed_claim(uid: &str, node: &str, c: &Signer, agent: &Signer, abandon: bool) -> serde_json::Value {
+    fn signed_claim(
+        uid: &str,
+        node: &str,
+        c: &Signer,
+        agent: &Signer,
+        abandon: bool,
+    ) -> serde_json::Value {
         let r = request(uid, node);
         let [(k1, text), (k2, sig)] = request_annotations(c, &r).expect("sign");
         let vol = r.spec.name.to_string();
         let mut ann = json!({k1: text, k2: sig, READY: vol});
         let f = |claim_uid, volume| (claim_uid, volume);
         let (u, v) = f(uid, vol.as_str());
-        ann[READY_SIG] = json!(agent.sign(&Message::Ready { claim_uid: u, node, volume: v }));
+        ann[READY_SIG] = json!(agent.sign(&Message::Ready {
+            claim_uid: u,
+            node,
+            volume: v
+        }));
         if abandon {
             ann[ABANDON] = json!("true");
-            ann[ABANDON_SIG] = json!(c.sign(&Message::Abandon { claim_uid: u, node, volume: v }));
+            ann[ABANDON_SIG] = json!(c.sign(&Message::Abandon {
+                claim_uid: u,
+                node,
+                volume: v
+            }));
             ann[REMOVED] = json!("true");
-            ann[REMOVED_SIG] = json!(agent.sign(&Message::Removed { claim_uid: u, node, volume: v }));
+            ann[REMOVED_SIG] = json!(agent.sign(&Message::Removed {
+                claim_uid: u,
+                node,
+                volume: v
+            }));
         }
         ann
     }
@@ -337,7 +362,11 @@ pub(crate) mod tests {
     #[test]
     fn what_localnfs_signed_verifies() {
         let (c, a) = (key(), key());
-        let pvc = claim("u1", json!({NODE_KEY: "n1"}), signed_claim("u1", "n1", &c, &a, true));
+        let pvc = claim(
+            "u1",
+            json!({NODE_KEY: "n1"}),
+            signed_claim("u1", "n1", &c, &a, true),
+        );
         let v = verify(&pvc, &c.public(), |n| (n == "n1").then(|| a.public()));
         assert_eq!(v.request, Some(request("u1", "n1")));
         assert!(v.ready && v.abandoned && v.removed);
@@ -349,7 +378,11 @@ pub(crate) mod tests {
         let (c, a) = (key(), key());
         // Another tenant's claim (uid u1) copied onto claim u2, label and all: the
         // attack that deleted a live volume.
-        let pvc = claim("u2", json!({NODE_KEY: "n1"}), signed_claim("u1", "n1", &c, &a, true));
+        let pvc = claim(
+            "u2",
+            json!({NODE_KEY: "n1"}),
+            signed_claim("u1", "n1", &c, &a, true),
+        );
         let v = verify(&pvc, &c.public(), |_| Some(a.public()));
         assert_eq!(v.request, None);
         assert!(!v.ready && !v.abandoned && !v.removed);
@@ -359,7 +392,11 @@ pub(crate) mod tests {
     #[test]
     fn a_request_relabelled_to_another_node_does_not_verify() {
         let (c, a) = (key(), key());
-        let pvc = claim("u1", json!({NODE_KEY: "n2"}), signed_claim("u1", "n1", &c, &a, false));
+        let pvc = claim(
+            "u1",
+            json!({NODE_KEY: "n2"}),
+            signed_claim("u1", "n1", &c, &a, false),
+        );
         let v = verify(&pvc, &c.public(), |_| Some(a.public()));
         assert_eq!(v.request, None);
     }
@@ -367,20 +404,34 @@ pub(crate) mod tests {
     #[test]
     fn a_request_not_signed_by_the_controller_does_not_verify() {
         let (c, a, tenant) = (key(), key(), key());
-        let pvc = claim("u1", json!({NODE_KEY: "n1"}), signed_claim("u1", "n1", &tenant, &a, false));
-        assert_eq!(verify(&pvc, &c.public(), |_| Some(a.public())).request, None);
+        let pvc = claim(
+            "u1",
+            json!({NODE_KEY: "n1"}),
+            signed_claim("u1", "n1", &tenant, &a, false),
+        );
+        assert_eq!(
+            verify(&pvc, &c.public(), |_| Some(a.public())).request,
+            None
+        );
         let mut unsigned = signed_claim("u1", "n1", &c, &a, false);
         if let Some(m) = unsigned.as_object_mut() {
             m.remove(REQUEST_SIG);
         }
         let pvc = claim("u1", json!({NODE_KEY: "n1"}), unsigned);
-        assert_eq!(verify(&pvc, &c.public(), |_| Some(a.public())).request, None);
+        assert_eq!(
+            verify(&pvc, &c.public(), |_| Some(a.public())).request,
+            None
+        );
     }
 
     #[test]
     fn answers_count_only_from_the_requested_nodes_agent() {
         let (c, a, other) = (key(), key(), key());
-        let pvc = claim("u1", json!({NODE_KEY: "n1"}), signed_claim("u1", "n1", &c, &other, true));
+        let pvc = claim(
+            "u1",
+            json!({NODE_KEY: "n1"}),
+            signed_claim("u1", "n1", &c, &other, true),
+        );
         // n1's key is `a`; the answers were signed by another node's agent.
         let v = verify(&pvc, &c.public(), |n| (n == "n1").then(|| a.public()));
         assert!(v.request.is_some() && v.abandoned);
@@ -406,9 +457,21 @@ pub(crate) mod tests {
     fn a_signature_of_one_kind_is_not_another() {
         let c = key();
         let m = |k| match k {
-            0 => Message::Abandon { claim_uid: "u", node: "n", volume: "v" },
-            1 => Message::Ready { claim_uid: "u", node: "n", volume: "v" },
-            _ => Message::Removed { claim_uid: "u", node: "n", volume: "v" },
+            0 => Message::Abandon {
+                claim_uid: "u",
+                node: "n",
+                volume: "v",
+            },
+            1 => Message::Ready {
+                claim_uid: "u",
+                node: "n",
+                volume: "v",
+            },
+            _ => Message::Removed {
+                claim_uid: "u",
+                node: "n",
+                volume: "v",
+            },
         };
         for signed in 0..3 {
             let sig = c.sign(&m(signed));

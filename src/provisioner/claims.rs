@@ -475,12 +475,22 @@ async fn place(
         node: node.clone(),
     };
     let mut annotations = serde_json::Map::new();
-    for (key, value) in signed::request_annotations(&ctx.signer, &req).map_err(Error::BuildObject)? {
+    for (key, value) in
+        signed::request_annotations(&ctx.signer, &req).map_err(Error::BuildObject)?
+    {
         annotations.insert(key.to_owned(), value.into());
     }
     // Whatever answers the claim carries are not for this request (they were
     // ignored); clearing them keeps the claim readable.
-    for key in [READY, READY_SIG, ABANDON, ABANDON_SIG, REMOVED, REMOVED_SIG, REFUSED] {
+    for key in [
+        READY,
+        READY_SIG,
+        ABANDON,
+        ABANDON_SIG,
+        REMOVED,
+        REMOVED_SIG,
+        REFUSED,
+    ] {
         if annotation(pvc, key).is_some() {
             annotations.insert(key.to_owned(), serde_json::Value::Null);
         }

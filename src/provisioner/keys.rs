@@ -38,7 +38,10 @@ pub async fn controller_signer(client: &Client, namespace: &str) -> Result<Signe
                 ..Secret::default()
             };
             match secrets.create(&PostParams::default(), &secret).await {
-                Ok(_) => tracing::info!(secret = CONTROLLER_KEY_SECRET, "made the controller's signing key"),
+                Ok(_) => tracing::info!(
+                    secret = CONTROLLER_KEY_SECRET,
+                    "made the controller's signing key"
+                ),
                 // Another replica made it first: its key is the one.
                 Err(kube::Error::Api(s)) if s.code == 409 => {}
                 Err(e) => return Err(Error::kube(format!("create {what}"))(e)),
@@ -79,7 +82,10 @@ async fn publish(client: &Client, namespace: &str, signer: &Signer) -> Result<()
             resource_version,
             ..ObjectMeta::default()
         },
-        data: Some(BTreeMap::from([(CONTROLLER_KEY_FIELD.to_owned(), public.clone())])),
+        data: Some(BTreeMap::from([(
+            CONTROLLER_KEY_FIELD.to_owned(),
+            public.clone(),
+        )])),
         ..ConfigMap::default()
     };
     let current = maps
@@ -88,13 +94,14 @@ async fn publish(client: &Client, namespace: &str, signer: &Signer) -> Result<()
         .map_err(Error::kube(format!("read {what}")))?;
     let result = match current {
         None => maps.create(&PostParams::default(), &want(None)).await,
-        Some(cm)
-            if cm.data.as_ref().and_then(|d| d.get(CONTROLLER_KEY_FIELD)) == Some(&public) =>
-        {
+        Some(cm) if cm.data.as_ref().and_then(|d| d.get(CONTROLLER_KEY_FIELD)) == Some(&public) => {
             return Ok(());
         }
         Some(cm) => {
-            tracing::warn!(configmap = CONTROLLER_KEY_CONFIGMAP, "the published key was not the controller's: replacing it");
+            tracing::warn!(
+                configmap = CONTROLLER_KEY_CONFIGMAP,
+                "the published key was not the controller's: replacing it"
+            );
             maps.replace(
                 CONTROLLER_KEY_CONFIGMAP,
                 &PostParams::default(),

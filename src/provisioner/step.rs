@@ -307,9 +307,33 @@ mod tests {
         }
         let (claim_uid, node, volume) = ("u1", "n1", "pvc-u1");
         for (key, sig_key, signature) in [
-            (READY, READY_SIG, agent.sign(&Message::Ready { claim_uid, node, volume })),
-            (ABANDON, ABANDON_SIG, c.sign(&Message::Abandon { claim_uid, node, volume })),
-            (REMOVED, REMOVED_SIG, agent.sign(&Message::Removed { claim_uid, node, volume })),
+            (
+                READY,
+                READY_SIG,
+                agent.sign(&Message::Ready {
+                    claim_uid,
+                    node,
+                    volume,
+                }),
+            ),
+            (
+                ABANDON,
+                ABANDON_SIG,
+                c.sign(&Message::Abandon {
+                    claim_uid,
+                    node,
+                    volume,
+                }),
+            ),
+            (
+                REMOVED,
+                REMOVED_SIG,
+                agent.sign(&Message::Removed {
+                    claim_uid,
+                    node,
+                    volume,
+                }),
+            ),
         ] {
             if ann.get(key).is_some() {
                 ann[sig_key] = json!(signature);
@@ -327,7 +351,12 @@ mod tests {
         })
     }
 
-    fn facts_step(pvc: &PersistentVolumeClaim, class: Option<&StorageClass>, gone: bool, pv: bool) -> Step {
+    fn facts_step(
+        pvc: &PersistentVolumeClaim,
+        class: Option<&StorageClass>,
+        gone: bool,
+        pv: bool,
+    ) -> Step {
         let (c, agent) = &*KEYS;
         let verified = signed::verify(pvc, &c.public(), |n| (n == "n1").then(|| agent.public()));
         next(&Facts {
@@ -513,10 +542,7 @@ mod tests {
         let got = facts_step(&ready, Some(&immediate), false, true);
         assert_eq!(got, Step::Finish, "a PV, once made, is only finished");
         let Step::LetGo { node, volume, why } = step(
-            &claim(
-                deleting(placed(json!({ABANDON: "true"}))),
-                json!({}),
-            ),
+            &claim(deleting(placed(json!({ABANDON: "true"}))), json!({})),
             Some(&immediate),
             true,
         ) else {

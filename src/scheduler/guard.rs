@@ -30,7 +30,8 @@ use kube::core::admission::Operation;
 use serde_json::Value;
 
 use crate::objects::keys::{
-    NODE_KEY, NODE_LEASE_PREFIX, PV_FINALIZER, READY, READY_SIG, REFUSED, REMOVED, REMOVED_SIG, SIZE,
+    NODE_KEY, NODE_LEASE_PREFIX, PV_FINALIZER, READY, READY_SIG, REFUSED, REMOVED, REMOVED_SIG,
+    SIZE,
 };
 
 /// `userInfo.extra` keys a pod-bound service-account token adds.

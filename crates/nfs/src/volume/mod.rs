@@ -20,6 +20,4 @@ mod name;
 mod store;
 
 pub use name::{InvalidName, VolumeName};
-pub use store::{
-    Owner, Squash, Usage, VolumeMeta, VolumeSpec, VolumeStore, charge, write_atomic,
-};
+pub use store::{Owner, Squash, Usage, VolumeMeta, VolumeSpec, VolumeStore, charge, write_atomic};

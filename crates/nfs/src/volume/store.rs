@@ -92,7 +92,11 @@ pub struct Owner {
 
 impl std::fmt::Display for Owner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "claim {}/{} (uid {})", self.namespace, self.claim, self.claim_uid)
+        write!(
+            f,
+            "claim {}/{} (uid {})",
+            self.namespace, self.claim, self.claim_uid
+        )
     }
 }
 
@@ -354,7 +358,8 @@ impl VolumeStore {
             None if self.usage(&meta.name)?.inodes == 0 => Ok(()),
             None => Err(Error::VolumeOwned {
                 name: meta.name.to_string(),
-                owner: "no recorded claim (made by an earlier version or by hand) and holds data".into(),
+                owner: "no recorded claim (made by an earlier version or by hand) and holds data"
+                    .into(),
             }),
         }
     }
@@ -763,10 +768,18 @@ mod tests {
             s.adopt(&spec.name, &owner("u2")),
             Err(Error::VolumeOwned { .. })
         ));
-        assert_eq!(fs::read(s.data_dir(&spec.name).join("f")).expect("kept"), b"data");
-        s.remove_for(&spec.name, "u1", false).expect("owner removes");
+        assert_eq!(
+            fs::read(s.data_dir(&spec.name).join("f")).expect("kept"),
+            b"data"
+        );
+        s.remove_for(&spec.name, "u1", false)
+            .expect("owner removes");
         assert!(s.get(&spec.name).expect("get").is_none());
-        assert!(s.remove_for(&spec.name, "u1", false).expect("gone").is_none());
+        assert!(
+            s.remove_for(&spec.name, "u1", false)
+                .expect("gone")
+                .is_none()
+        );
     }
 
     #[test]
@@ -784,7 +797,10 @@ mod tests {
             Err(Error::VolumeOwned { .. })
         ));
         // A PV naming it is the controller's word: the record is gained from it.
-        let adopted = s.adopt(&spec.name, &owner("u1")).expect("adopt").expect("meta");
+        let adopted = s
+            .adopt(&spec.name, &owner("u1"))
+            .expect("adopt")
+            .expect("meta");
         assert_eq!(adopted.owner, Some(owner("u1")));
         let archived = s.remove_for(&spec.name, "u1", true).expect("archive");
         assert!(archived.expect("path").join("f").is_file());
@@ -799,11 +815,15 @@ mod tests {
     fn metadata_without_an_owner_still_reads() {
         let (_d, s) = store();
         let n = name("old");
-        s.create(&VolumeSpec::new(n.clone(), 1 << 20)).expect("create");
+        s.create(&VolumeSpec::new(n.clone(), 1 << 20))
+            .expect("create");
         let path = s.meta_path(&n);
         let mut json: serde_json::Value =
             serde_json::from_slice(&fs::read(&path).expect("read")).expect("json");
-        assert!(json.get("owner").is_none(), "no owner written for standalone volumes");
+        assert!(
+            json.get("owner").is_none(),
+            "no owner written for standalone volumes"
+        );
         json["future_field"] = serde_json::json!(1);
         fs::write(&path, serde_json::to_vec(&json).expect("encode")).expect("write");
         assert_eq!(s.get(&n).expect("get").expect("meta").owner, None);
