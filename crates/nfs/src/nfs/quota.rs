@@ -25,6 +25,18 @@ pub fn charge_of(st: &libc::stat) -> u64 {
     )
 }
 
+/// Refuses a change of what an object is charged once its last link is gone: the
+/// REMOVE or RENAME that took it released its charge then, under the charge lock, so
+/// charging it again (a WRITE to it) or releasing it again (a truncate) would count
+/// the same bytes twice. To the caller its handle is stale, as it is to the next
+/// resolve. Call with the charge lock held, on attributes read under it.
+pub fn linked(st: &libc::stat) -> Result<(), nfsstat3> {
+    if st.st_nlink == 0 {
+        return Err(nfsstat3::NFS3ERR_STALE);
+    }
+    Ok(())
+}
+
 /// Objects a volume may hold: `max_files` when its class set one (`maxFiles`), else one
 /// per 4 KiB of `size_bytes` (the block a small file spends), at least 1024, so a flood
 /// of empty files cannot exhaust the node's inodes.
