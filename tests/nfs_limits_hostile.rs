@@ -218,7 +218,7 @@ async fn a_truncate_or_write_racing_a_remove_keeps_usage_equal_to_the_disk() {
     let mut w = Client::connect(node.port, LOCAL, 0, 0, root.clone()).await;
     let data = vec![2u8; 512 * 1024];
     let start = Instant::now();
-    for i in 0..100 {
+    for i in 0..300 {
         if start.elapsed() > Duration::from_secs(30) {
             break;
         }
