@@ -7,7 +7,6 @@
 mod support;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nfs3_types::nfs3::*;
@@ -39,34 +38,6 @@ fn mode(m: u32) -> sattr3 {
     }
 }
 
-/// What the volume at `dir` holds by the server's rule: a file its allocated blocks and
-/// at least its size, anything else its blocks; each inode once, the root not counted.
-/// Returns (bytes, objects).
-fn on_disk(dir: &Path) -> (u64, u64) {
-    let mut seen = std::collections::HashSet::new();
-    let (mut total, mut objects) = (0, 0);
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).expect("read_dir") {
-            let e = e.expect("entry");
-            let md = std::fs::symlink_metadata(e.path()).expect("stat");
-            if md.is_dir() {
-                stack.push(e.path());
-            }
-            if seen.insert(md.ino()) {
-                let blocks = md.blocks() * 512;
-                total += if md.is_file() {
-                    blocks.max(md.size())
-                } else {
-                    blocks
-                };
-                objects += 1;
-            }
-        }
-    }
-    (total, objects)
-}
-
 /// What the server says the volume uses (FSSTAT: size minus free).
 async fn usage(c: &mut Client) -> u64 {
     let st = c.fsstat().await.expect("fsstat");
@@ -75,61 +46,47 @@ async fn usage(c: &mut Client) -> u64 {
 
 /// One of each make call, by a caller asking for an owner it may not give away.
 async fn make_owned_by_root(c: &mut Client, dir: &nfs_fh3, kind: usize, name: &[u8]) -> nfsstat3 {
-    let status = match kind {
+    let (at, nfs) = (dirop(dir, name), &mut c.nfs);
+    match kind {
         0 => {
-            let r = c
-                .nfs
-                .mkdir(&MKDIR3args {
-                    where_: dirop(dir, name),
-                    attributes: owned_by_root(0o755),
-                })
-                .await
-                .expect("rpc");
-            status(r)
+            status(nfs.mkdir(&MKDIR3args {
+                where_: at,
+                attributes: owned_by_root(0o755),
+            }))
+            .await
         }
         1 => {
-            let r = c
-                .nfs
-                .create(&CREATE3args {
-                    where_: dirop(dir, name),
-                    how: createhow3::GUARDED(owned_by_root(0o644)),
-                })
-                .await
-                .expect("rpc");
-            status(r)
+            status(nfs.create(&CREATE3args {
+                where_: at,
+                how: createhow3::GUARDED(owned_by_root(0o644)),
+            }))
+            .await
         }
         2 => {
-            let r = c
-                .nfs
-                .symlink(&SYMLINK3args {
-                    where_: dirop(dir, name),
-                    symlink: symlinkdata3 {
-                        symlink_attributes: owned_by_root(0o777),
-                        symlink_data: nfspath3(Opaque::borrowed(b"target")),
-                    },
-                })
-                .await
-                .expect("rpc");
-            status(r)
+            status(nfs.symlink(&SYMLINK3args {
+                where_: at,
+                symlink: symlinkdata3 {
+                    symlink_attributes: owned_by_root(0o777),
+                    symlink_data: nfspath3(Opaque::borrowed(b"target")),
+                },
+            }))
+            .await
         }
         _ => {
-            let r = c
-                .nfs
-                .mknod(&MKNOD3args {
-                    where_: dirop(dir, name),
-                    what: mknoddata3::NF3FIFO(owned_by_root(0o644)),
-                })
-                .await
-                .expect("rpc");
-            status(r)
+            status(nfs.mknod(&MKNOD3args {
+                where_: at,
+                what: mknoddata3::NF3FIFO(owned_by_root(0o644)),
+            }))
+            .await
         }
-    };
-    status
+    }
 }
 
-/// The status of a reply.
-fn status<T, E>(r: Nfs3Result<T, E>) -> nfsstat3 {
-    match r {
+/// The status of a call's reply.
+async fn status<T, E, F: std::fmt::Debug>(
+    call: impl std::future::Future<Output = Result<Nfs3Result<T, E>, F>>,
+) -> nfsstat3 {
+    match call.await.expect("rpc") {
         Nfs3Result::Ok(_) => nfsstat3::NFS3_OK,
         Nfs3Result::Err((s, _)) => s,
     }
@@ -194,7 +151,11 @@ async fn a_create_with_a_size_is_charged_once() {
             .await
             .expect("create with a size");
     }
-    assert_eq!(usage(&mut c).await, on_disk(&vol).0, "usage against the disk");
+    assert_eq!(
+        usage(&mut c).await,
+        on_disk(&vol).0,
+        "usage against the disk"
+    );
 }
 
 #[tokio::test]
@@ -209,9 +170,14 @@ async fn a_truncate_or_write_racing_a_remove_keeps_usage_equal_to_the_disk() {
     // A file that stays, so a usage released twice shows instead of stopping at zero.
     let keep = c.create(&root, b"keep", 0o644).await.expect("create");
     for at in 0..4 {
-        c.write(&keep, at * MIB, &vec![1u8; MIB as usize], stable_how::UNSTABLE)
-            .await
-            .expect("write");
+        c.write(
+            &keep,
+            at * MIB,
+            &vec![1u8; MIB as usize],
+            stable_how::UNSTABLE,
+        )
+        .await
+        .expect("write");
     }
     let mut a = Client::connect(node.port, LOCAL, 0, 0, root.clone()).await;
     let mut b = Client::connect(node.port, LOCAL, 0, 0, root.clone()).await;
@@ -223,7 +189,10 @@ async fn a_truncate_or_write_racing_a_remove_keeps_usage_equal_to_the_disk() {
             break;
         }
         let name = format!("f{i}");
-        let f = c.create(&root, name.as_bytes(), 0o644).await.expect("create");
+        let f = c
+            .create(&root, name.as_bytes(), 0o644)
+            .await
+            .expect("create");
         c.write(&f, 0, &data, stable_how::UNSTABLE)
             .await
             .expect("write");
@@ -261,10 +230,49 @@ async fn readdirplus_gives_no_handles_in_a_directory_the_caller_cannot_search() 
         Err(nfsstat3::NFS3ERR_ACCES),
         "LOOKUP without search permission"
     );
+    let entries = first_page(&mut c, &listed).await;
+    let names: Vec<&[u8]> = entries.iter().map(|e| &e.name[..]).collect();
+    assert!(
+        names.contains(&&b"secret"[..]),
+        "names are listed: {names:?}"
+    );
+    // The file first: what a handle for it gave before is its data.
+    let mut entries = entries;
+    entries.sort_by_key(|e| e.name != b"secret");
+    for e in &entries {
+        let name = String::from_utf8_lossy(&e.name);
+        if let Some(fh) = &e.handle {
+            let read = c.read(fh, 0, 100).await;
+            panic!("READDIRPLUS handed out a handle for {name}; READ through it: {read:?}");
+        }
+        assert!(
+            !e.attributes,
+            "attributes of {name} in a directory the caller cannot search"
+        );
+    }
+    // With search permission, the entries come with handles again.
+    let mut owner = Client::connect(node.port, LOCAL, 0, 0, root.clone()).await;
+    let secret = first_page(&mut owner, &listed)
+        .await
+        .into_iter()
+        .find(|e| e.name == b"secret")
+        .expect("secret listed");
+    assert!(secret.handle.is_some() && secret.attributes);
+}
+
+/// One READDIRPLUS entry, as far as these tests look at it.
+struct Entry {
+    name: Vec<u8>,
+    attributes: bool,
+    handle: Option<nfs_fh3>,
+}
+
+/// The first page of a READDIRPLUS listing of `dir` (8 KiB: all of a small directory).
+async fn first_page(c: &mut Client, dir: &nfs_fh3) -> Vec<Entry> {
     let r = c
         .nfs
         .readdirplus(&READDIRPLUS3args {
-            dir: listed.clone(),
+            dir: dir.clone(),
             cookie: 0,
             cookieverf: cookieverf3::default(),
             dircount: 8192,
@@ -275,48 +283,19 @@ async fn readdirplus_gives_no_handles_in_a_directory_the_caller_cannot_search() 
     let Nfs3Result::Ok(ok) = r else {
         panic!("READDIRPLUS of a readable directory: {r:?}");
     };
-    let entries = ok.reply.entries.0;
-    let names: Vec<&[u8]> = entries.iter().map(|e| &e.name.0[..]).collect();
-    assert!(names.contains(&&b"secret"[..]), "names are listed: {names:?}");
-    // The file first: what a handle for it gave before is its data.
-    let mut entries = entries;
-    entries.sort_by_key(|e| &e.name.0[..] != b"secret");
-    for e in &entries {
-        let name = String::from_utf8_lossy(&e.name.0);
-        if let Nfs3Option::Some(fh) = &e.name_handle {
-            // What the handle gave before: the file's data.
-            let read = c.read(fh, 0, 100).await;
-            panic!("READDIRPLUS handed out a handle for {name}; READ through it: {read:?}");
-        }
-        assert!(
-            matches!(e.name_attributes, Nfs3Option::None),
-            "attributes of {name} in a directory the caller cannot search"
-        );
-    }
-    // With search permission, the entries come with handles again.
-    let mut owner = Client::connect(node.port, LOCAL, 0, 0, root.clone()).await;
-    let r = owner
-        .nfs
-        .readdirplus(&READDIRPLUS3args {
-            dir: listed,
-            cookie: 0,
-            cookieverf: cookieverf3::default(),
-            dircount: 8192,
-            maxcount: 8192,
-        })
-        .await
-        .expect("rpc");
-    let Nfs3Result::Ok(ok) = r else {
-        panic!("READDIRPLUS by root: {r:?}");
-    };
-    let secret = ok
-        .reply
+    ok.reply
         .entries
         .0
         .into_iter()
-        .find(|e| &e.name.0[..] == b"secret")
-        .expect("secret listed");
-    assert!(matches!(secret.name_handle, Nfs3Option::Some(_)));
+        .map(|e| Entry {
+            name: e.name.0.to_vec(),
+            attributes: matches!(e.name_attributes, Nfs3Option::Some(_)),
+            handle: match e.name_handle {
+                Nfs3Option::Some(fh) => Some(fh),
+                Nfs3Option::None => None,
+            },
+        })
+        .collect()
 }
 
 #[tokio::test]

@@ -5,6 +5,17 @@
 //! at a volume root is refused, every call is `*at` relative to a descriptor inside the
 //! volume and never follows a symlink, and both handles of RENAME/LINK must belong to
 //! the same volume.
+//!
+//! Accounting: every namespace change runs under the volume's charge lock (see
+//! `quota`), so while a call holds it the names it changes are its own. A create whose
+//! attribute step fails (an owner the caller may not give away, a size past the limit)
+//! removes what it made and gives its charge back before it answers: nothing exists
+//! uncharged. An object's charge is released once, by the REMOVE or RENAME that takes
+//! its last link.
+//!
+//! Permissions: READDIRPLUS applies LOOKUP's check. A caller who may read a directory
+//! but not search it gets its names, without attributes or handles (RFC 1813
+//! §3.3.17), as from knfsd.
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;

@@ -7,6 +7,10 @@
 //! A procedure decodes its arguments, resolves its handle with `?` (a call that stops
 //! there is answered with empty attributes) and returns its results with the attributes
 //! its reply carries; `reply::encode` writes them.
+//!
+//! SETATTR's size, mode and owner and WRITE's data and set-id clearing each run under
+//! the volume's charge lock (`quota`): charges stay exact, and a WRITE's set-id
+//! clearing never undoes a chmod that raced it.
 
 use std::cell::Cell;
 use std::net::IpAddr;

@@ -8,6 +8,18 @@
 //! new count are one step, so racing clients cannot pass the limit together. A change
 //! reserves what it may cost first, and settles to what `fstat` says it cost after.
 //! The count is also re-taken from the disk at start and periodically ([`resync`]).
+//!
+//! Rules that keep the count exact after failures and races:
+//! - whatever exists after a create, successful or not, is charged: a create that
+//!   fails after making its object removes it again under the lock (`dirops`);
+//! - an object's charge is released once, when its last link goes (REMOVE, RENAME
+//!   over it), decided from its link count under the lock; after that nothing charges
+//!   or releases it ([`linked`]: WRITE and truncate of an unlinked file are STALE);
+//! - a size set by CREATE is charged once, as a change of the object just charged.
+//!
+//! The lock also orders mode changes: SETATTR changes size, mode and owner under it,
+//! and WRITE clears set-id bits under it, so one never writes back a mode the other
+//! replaced.
 
 use std::sync::MutexGuard;
 use std::sync::atomic::Ordering;
