@@ -573,32 +573,6 @@ async fn a_class_object_limit_replaces_the_default_one() {
     );
 }
 
-/// What the volume at `dir` holds by the server's rule: a file its allocated blocks and
-/// at least its size, anything else its blocks; each inode once, the root not counted.
-fn charged(dir: &Path) -> u64 {
-    let mut seen = std::collections::HashSet::new();
-    let mut total = 0;
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).expect("read_dir") {
-            let e = e.expect("entry");
-            let md = std::fs::symlink_metadata(e.path()).expect("stat");
-            if md.is_dir() {
-                stack.push(e.path());
-            }
-            if seen.insert(md.ino()) {
-                let blocks = md.blocks() * 512;
-                total += if md.is_file() {
-                    blocks.max(md.size())
-                } else {
-                    blocks
-                };
-            }
-        }
-    }
-    total
-}
-
 #[tokio::test]
 async fn racing_links_removes_renames_and_writes_keep_usage_equal_to_the_disk() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -651,7 +625,7 @@ async fn racing_links_removes_renames_and_writes_keep_usage_equal_to_the_disk() 
     let vol = dir.path().join("volumes/vol");
     assert_eq!(
         st.tbytes - st.fbytes,
-        charged(&vol),
+        on_disk(&vol).0,
         "usage drifted from the disk"
     );
 }

@@ -608,3 +608,32 @@ pub fn libnfs(program: &str, args: &[&str]) -> std::process::Output {
         .output()
         .unwrap_or_else(|e| panic!("{program} runs (apt-get install libnfs-utils): {e}"))
 }
+
+/// What the volume at `dir` holds by the server's rule: a file its allocated blocks and
+/// at least its size, anything else its blocks; each inode once, the root not counted.
+/// Returns (bytes, objects).
+pub fn on_disk(dir: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashSet::new();
+    let (mut total, mut objects) = (0, 0);
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir") {
+            let e = e.expect("entry");
+            let md = std::fs::symlink_metadata(e.path()).expect("stat");
+            if md.is_dir() {
+                stack.push(e.path());
+            }
+            if seen.insert(md.ino()) {
+                let blocks = md.blocks() * 512;
+                total += if md.is_file() {
+                    blocks.max(md.size())
+                } else {
+                    blocks
+                };
+                objects += 1;
+            }
+        }
+    }
+    (total, objects)
+}

@@ -5,6 +5,17 @@
 //! at a volume root is refused, every call is `*at` relative to a descriptor inside the
 //! volume and never follows a symlink, and both handles of RENAME/LINK must belong to
 //! the same volume.
+//!
+//! Accounting: every namespace change runs under the volume's charge lock (see
+//! `quota`), so while a call holds it the names it changes are its own. A create whose
+//! attribute step fails (an owner the caller may not give away, a size past the limit)
+//! removes what it made and gives its charge back before it answers: nothing exists
+//! uncharged. An object's charge is released once, by the REMOVE or RENAME that takes
+//! its last link.
+//!
+//! Permissions: READDIRPLUS applies LOOKUP's check. A caller who may read a directory
+//! but not search it gets its names, without attributes or handles (RFC 1813
+//! §3.3.17), as from knfsd.
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -105,15 +116,23 @@ pub fn lookup(ctx: &Ctx, args: &mut XdrIn) -> Proc<(Fh, PostOp), (), PostOp> {
     Ok(Answer::then(found, PostOp::of(Some(&dir_st), v.meta.id)))
 }
 
-/// Shared shape of CREATE, MKDIR, SYMLINK and MKNOD: resolve the directory, run `make`
-/// as the caller (it returns the object and whether it is new), charge the volume for
-/// it and make it durable, then answer with the new object's handle and attributes and
-/// the directory's wcc data.
+/// Shared shape of CREATE, MKDIR, SYMLINK and MKNOD: resolve the directory, then
+/// under the volume's charge lock run `make` as the caller (it makes `name` and says
+/// whether the object is new) and charge the volume for what now exists, then `finish`
+/// as the caller (the attributes beyond the mode; a size it charges itself). If
+/// `finish` fails on a new object, the object is removed again and its charge given
+/// back, still under the lock: a refused create leaves nothing behind, and nothing
+/// exists that is not charged. Then make it durable and answer with the new object's
+/// handle and attributes and the directory's wcc data.
+///
+/// Every namespace change of the server holds the charge lock, so while it is held
+/// `name` is the object `make` made.
 fn create_common(
     ctx: &Ctx,
     dir_fh: &[u8],
     name: &[u8],
-    make: impl FnOnce(&Charging, &OwnedFd) -> Result<(OwnedFd, bool), nfsstat3>,
+    make: impl FnOnce(&OwnedFd) -> Result<bool, nfsstat3>,
+    finish: impl FnOnce(&Charging, &OwnedFd, bool) -> Result<(), nfsstat3>,
 ) -> Proc<Made, (), Wcc> {
     let (v, dir, before) = resolve_dir(ctx, dir_fh)?;
     let made = check_new_name(name).and_then(|()| {
@@ -125,20 +144,33 @@ fn create_common(
                 charging.remove_inode();
                 return Err(s);
             }
-            let made = ctx.become_caller(&v).and_then(|_as| make(&charging, &dir));
-            let dir_after = dir_charge(&v, &dir);
-            let (new, created) = match &made {
-                Ok((fd, true)) => (
-                    sys::fstat(raw(fd)).map_or(0, |st| quota::charge_of(&st)),
-                    true,
-                ),
-                _ => (0, false),
-            };
-            if !created {
+            let mut new = false;
+            let made = ctx.become_caller(&v).and_then(|_as| {
+                new = make(&dir)?;
+                sys::openat(raw(&dir), name, libc::O_PATH, 0).map_err(to_nfsstat)
+            });
+            // What exists now is charged now, before `finish` changes it (a size it
+            // sets is charged by `set_size`, as a change of this object).
+            let object = if new {
+                sys::stat_at(raw(&dir), name).map_or(0, |st| quota::charge_of(&st))
+            } else {
                 charging.remove_inode();
+                0
+            };
+            charging.settle(
+                quota::NAMESPACE_RESERVE,
+                dir_before,
+                dir_charge(&v, &dir) + object,
+            );
+            let finished = made.and_then(|fd| {
+                ctx.become_caller(&v)
+                    .and_then(|_as| finish(&charging, &fd, new))
+                    .map(|()| fd)
+            });
+            if finished.is_err() && new {
+                unmake(&v, &charging, &dir, name);
             }
-            charging.settle(quota::NAMESPACE_RESERVE, dir_before, dir_after + new);
-            made?.0
+            finished?
         };
         // After the charge lock is released: syncs of concurrent calls then share
         // journal commits.
@@ -152,6 +184,34 @@ fn create_common(
         made,
         Wcc::of(Some(&before), after.as_ref(), v.meta.id),
     ))
+}
+
+/// Removes the object a create call just made as `name` in `dir`, whose attributes
+/// could not be applied, and gives back what it was charged (object, directory
+/// growth). Runs with the server's own rights: the object is the call's own, and the
+/// caller's rights may be what refused it. If it cannot be removed it stays, charged.
+/// Call with the charge lock held.
+fn unmake(v: &Volume, charging: &Charging, dir: &Obj, name: &[u8]) {
+    let Ok(st) = sys::stat_at(raw(dir), name) else {
+        return;
+    };
+    let flags = if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+        libc::AT_REMOVEDIR
+    } else {
+        0
+    };
+    let dir_before = dir_charge(v, dir);
+    match sys::unlinkat(raw(dir), name, flags) {
+        Ok(()) => {
+            charging.settle(0, quota::charge_of(&st) + dir_before, dir_charge(v, dir));
+            charging.remove_inode();
+        }
+        Err(e) => tracing::warn!(
+            volume = %v.meta.name,
+            errno = e.0,
+            "cannot remove an object whose create failed; it stays, charged"
+        ),
+    }
 }
 
 /// The results of CREATE, MKDIR, SYMLINK and MKNOD: the new object's handle and
@@ -200,12 +260,10 @@ fn set_owner(fd: &OwnedFd, s: &sattr3) -> Result<(), nfsstat3> {
     Ok(())
 }
 
-/// The object MKDIR, SYMLINK or MKNOD just made as `name`, given the owner the call
+/// What MKDIR, SYMLINK and MKNOD apply to the object they made: the owner the call
 /// asked for (its mode was set when it was made; a size means nothing to it).
-fn made_new(dir: &OwnedFd, name: &[u8], s: &sattr3) -> Result<(OwnedFd, bool), nfsstat3> {
-    let fd = sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
-    set_owner(&fd, s)?;
-    Ok((fd, true))
+fn finish_owner(s: &sattr3) -> impl FnOnce(&Charging, &OwnedFd, bool) -> Result<(), nfsstat3> {
+    move |_, fd, _| set_owner(fd, s)
 }
 
 fn mode_or(s: &sattr3, default: u32) -> u32 {
@@ -230,62 +288,54 @@ pub fn create(ctx: &Ctx, args: &mut XdrIn) -> Proc<Made, (), Wcc> {
         2 => How::Exclusive(args.createverf()?),
         _ => return Err(Early::Garbage),
     };
-    create_common(ctx, dir_fh, name, |charging, dir| {
+    let make = |dir: &OwnedFd| {
         // The file is made with mknod, never opened: an existing name may be a FIFO
         // (an open would wait for a writer forever), a socket or a device, and no
         // CREATE opens it (nothing a client does may block a worker forever).
-        let made = sys::mknodat(raw(dir), name, libc::S_IFREG | create_mode(&how), 0);
-        match (&how, made) {
-            (How::Unchecked(s) | How::Guarded(s), Ok(())) => {
-                let fd = sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
-                apply_sattr(charging, &fd, s)?;
-                Ok((fd, true))
-            }
-            // RFC 1813 §3.3.8: UNCHECKED takes an existing object as it is. As knfsd,
-            // only a size is applied, and only to a regular file.
-            (How::Unchecked(s), Err(e)) if e.0 == libc::EEXIST => {
-                let fd = sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
-                let st = sys::fstat(raw(&fd)).map_err(to_nfsstat)?;
-                if st.st_mode & libc::S_IFMT == libc::S_IFREG {
-                    let size_only = sattr3 {
-                        size: s.size,
-                        ..sattr3::default()
-                    };
-                    apply_sattr(charging, &fd, &size_only)?;
-                }
-                Ok((fd, false))
-            }
-            (How::Exclusive(verf), made) => {
-                // The verifier lives in atime/mtime, as RFC 1813 §3.3.8 suggests, so a
-                // retransmitted CREATE finds its own file and succeeds.
-                let (a, m) = verf_times(verf);
-                match made {
-                    Ok(()) => {
-                        let fd =
-                            sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
-                        sys::utimes_fd(raw(&fd), Some(Some(a)), Some(Some(m)))
-                            .map_err(to_nfsstat)?;
-                        Ok((fd, true))
-                    }
-                    Err(e) if e.0 == libc::EEXIST => {
-                        let fd =
-                            sys::openat(raw(dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
-                        let st = sys::fstat(raw(&fd)).map_err(to_nfsstat)?;
-                        if st.st_mode & libc::S_IFMT == libc::S_IFREG
-                            && (st.st_atime, st.st_atime_nsec, st.st_mtime, st.st_mtime_nsec)
-                                == (a.0, a.1, m.0, m.1)
-                        {
-                            Ok((fd, false))
-                        } else {
-                            Err(nfsstat3::NFS3ERR_EXIST)
-                        }
-                    }
-                    Err(e) => Err(to_nfsstat(e)),
-                }
-            }
-            (_, Err(e)) => Err(to_nfsstat(e)),
+        match sys::mknodat(raw(dir), name, libc::S_IFREG | create_mode(&how), 0) {
+            Ok(()) => Ok(true),
+            // RFC 1813 §3.3.8: UNCHECKED takes an existing object as it is; EXCLUSIVE
+            // finds its own file when the CREATE is retransmitted.
+            Err(e) if e.0 == libc::EEXIST && !matches!(how, How::Guarded(_)) => Ok(false),
+            Err(e) => Err(to_nfsstat(e)),
         }
-    })
+    };
+    let finish = |charging: &Charging, fd: &OwnedFd, new: bool| match (&how, new) {
+        (How::Unchecked(s) | How::Guarded(s), true) => apply_sattr(charging, fd, s),
+        // As knfsd, only a size is applied to an existing object, and only to a
+        // regular file.
+        (How::Unchecked(s), false) => {
+            let st = sys::fstat(raw(fd)).map_err(to_nfsstat)?;
+            if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                return Ok(());
+            }
+            let size_only = sattr3 {
+                size: s.size,
+                ..sattr3::default()
+            };
+            apply_sattr(charging, fd, &size_only)
+        }
+        (How::Guarded(_), false) => Err(nfsstat3::NFS3ERR_EXIST),
+        // The verifier lives in atime/mtime, as RFC 1813 §3.3.8 suggests, so a
+        // retransmitted CREATE finds its own file and succeeds.
+        (How::Exclusive(verf), true) => {
+            let (a, m) = verf_times(verf);
+            sys::utimes_fd(raw(fd), Some(Some(a)), Some(Some(m))).map_err(to_nfsstat)
+        }
+        (How::Exclusive(verf), false) => {
+            let (a, m) = verf_times(verf);
+            let st = sys::fstat(raw(fd)).map_err(to_nfsstat)?;
+            if st.st_mode & libc::S_IFMT == libc::S_IFREG
+                && (st.st_atime, st.st_atime_nsec, st.st_mtime, st.st_mtime_nsec)
+                    == (a.0, a.1, m.0, m.1)
+            {
+                Ok(())
+            } else {
+                Err(nfsstat3::NFS3ERR_EXIST)
+            }
+        }
+    };
+    create_common(ctx, dir_fh, name, make, finish)
 }
 
 /// The mode a CREATE makes a new file with.
@@ -310,10 +360,11 @@ pub fn mkdir(ctx: &Ctx, args: &mut XdrIn) -> Proc<Made, (), Wcc> {
     let dir_fh = args.fh()?;
     let name = args.filename()?;
     let s = args.sattr()?;
-    create_common(ctx, dir_fh, name, |_, dir| {
+    let make = |dir: &OwnedFd| {
         sys::mkdirat(raw(dir), name, mode_or(&s, 0o755)).map_err(to_nfsstat)?;
-        made_new(dir, name, &s)
-    })
+        Ok(true)
+    };
+    create_common(ctx, dir_fh, name, make, finish_owner(&s))
 }
 
 pub fn symlink(ctx: &Ctx, args: &mut XdrIn) -> Proc<Made, (), Wcc> {
@@ -321,13 +372,14 @@ pub fn symlink(ctx: &Ctx, args: &mut XdrIn) -> Proc<Made, (), Wcc> {
     let name = args.filename()?;
     let s = args.sattr()?;
     let target = args.path()?;
-    create_common(ctx, dir_fh, name, |_, dir| {
+    let make = |dir: &OwnedFd| {
         if target.is_empty() || target.contains(&0) {
             return Err(nfsstat3::NFS3ERR_INVAL);
         }
         sys::symlinkat(target, raw(dir), name).map_err(to_nfsstat)?;
-        made_new(dir, name, &s)
-    })
+        Ok(true)
+    };
+    create_common(ctx, dir_fh, name, make, finish_owner(&s))
 }
 
 pub fn mknod(ctx: &Ctx, args: &mut XdrIn) -> Proc<Made, (), Wcc> {
@@ -357,10 +409,11 @@ pub fn mknod(ctx: &Ctx, args: &mut XdrIn) -> Proc<Made, (), Wcc> {
         1 | 2 | 5 => return Err(nfsstat3::NFS3ERR_BADTYPE.into()),
         _ => return Err(Early::Garbage),
     };
-    create_common(ctx, dir_fh, name, |_, dir| {
+    let make = |dir: &OwnedFd| {
         sys::mknodat(raw(dir), name, fmt | mode_or(&s, 0o644), dev).map_err(to_nfsstat)?;
-        made_new(dir, name, &s)
-    })
+        Ok(true)
+    };
+    create_common(ctx, dir_fh, name, make, finish_owner(&s))
 }
 
 /// After an unlink or a RENAME over it, releases what the object `fd` was charged if
@@ -549,8 +602,15 @@ fn list(
     maxcount: usize,
     plus: bool,
 ) -> Result<Listing, nfsstat3> {
-    let rd = ctx.become_caller(v).and_then(|_as| {
-        sys::reopen(raw(dir), libc::O_RDONLY | libc::O_DIRECTORY).map_err(to_nfsstat)
+    let (rd, searchable) = ctx.become_caller(v).and_then(|_as| {
+        let rd = sys::reopen(raw(dir), libc::O_RDONLY | libc::O_DIRECTORY).map_err(to_nfsstat)?;
+        // READDIRPLUS gives an entry's attributes and handle only to a caller who
+        // could LOOK it up (RFC 1813 §3.3.17: both are optional per entry), as knfsd
+        // does: reading a directory lists its names, searching it reaches its
+        // objects. LOOKUP needs search permission on the directory, and the kernel
+        // checks exactly that, as the caller, when it resolves `.` in it.
+        let searchable = plus && sys::openat(raw(dir), b".", libc::O_PATH, 0).is_ok();
+        Ok((rd, searchable))
     })?;
     let at_root = v.is_root(dir_st);
     let mut body = Vec::with_capacity(maxcount);
@@ -578,7 +638,7 @@ fn list(
         let parent_of_root = at_root && e.name == b"..";
         let mut attrs = None;
         let mut fh = None;
-        if plus {
+        if searchable {
             // By name from the directory, no descriptor per entry; `..` of the volume
             // root shows the root itself and gets no handle (no way out of the jail).
             let name: &[u8] = if e.name == b"." || parent_of_root {

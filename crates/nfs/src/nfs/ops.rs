@@ -7,6 +7,10 @@
 //! A procedure decodes its arguments, resolves its handle with `?` (a call that stops
 //! there is answered with empty attributes) and returns its results with the attributes
 //! its reply carries; `reply::encode` writes them.
+//!
+//! SETATTR's size, mode and owner and WRITE's data and set-id clearing each run under
+//! the volume's charge lock (`quota`): charges stay exact, and a WRITE's set-id
+//! clearing never undoes a chmod that raced it.
 
 use std::cell::Cell;
 use std::net::IpAddr;
@@ -140,28 +144,35 @@ pub fn setattr(ctx: &Ctx, args: &mut XdrIn) -> Proc<(), Wcc> {
             }
         }
         let as_caller = ctx.become_caller(v)?;
-        if let Nfs3Option::Some(size) = sattr.size {
-            if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
-                return Err(nfsstat3::NFS3ERR_ISDIR);
-            }
-            let wfd = io_for(ctx, v, fd, st, true)?;
-            set_size(&v.charging(), wfd, size)?;
-        }
-        if let Nfs3Option::Some(mode) = sattr.mode
-            && st.st_mode & libc::S_IFMT != libc::S_IFLNK
         {
-            sys::chmod_fd(raw(fd), mode & 0o7777).map_err(to_nfsstat)?;
-        }
-        let uid = match sattr.uid {
-            Nfs3Option::Some(u) => u,
-            Nfs3Option::None => u32::MAX,
-        };
-        let gid = match sattr.gid {
-            Nfs3Option::Some(g) => g,
-            Nfs3Option::None => u32::MAX,
-        };
-        if uid != u32::MAX || gid != u32::MAX {
-            sys::fchownat_empty(raw(fd), uid, gid).map_err(to_nfsstat)?;
+            // Size, mode and owner under the volume's charge lock: the size is a
+            // charge, and a WRITE clears set-id bits under the same lock
+            // (`drop_setid_bits`), so it never writes back a mode read before this
+            // chmod.
+            let charging = v.charging();
+            if let Nfs3Option::Some(size) = sattr.size {
+                if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+                    return Err(nfsstat3::NFS3ERR_ISDIR);
+                }
+                let wfd = io_for(ctx, v, fd, st, true)?;
+                set_size(&charging, wfd, size)?;
+            }
+            if let Nfs3Option::Some(mode) = sattr.mode
+                && st.st_mode & libc::S_IFMT != libc::S_IFLNK
+            {
+                sys::chmod_fd(raw(fd), mode & 0o7777).map_err(to_nfsstat)?;
+            }
+            let uid = match sattr.uid {
+                Nfs3Option::Some(u) => u,
+                Nfs3Option::None => u32::MAX,
+            };
+            let gid = match sattr.gid {
+                Nfs3Option::Some(g) => g,
+                Nfs3Option::None => u32::MAX,
+            };
+            if uid != u32::MAX || gid != u32::MAX {
+                sys::fchownat_empty(raw(fd), uid, gid).map_err(to_nfsstat)?;
+            }
         }
         let atime = match sattr.atime {
             set_atime::DONT_CHANGE => None,
@@ -186,13 +197,16 @@ pub fn setattr(ctx: &Ctx, args: &mut XdrIn) -> Proc<(), Wcc> {
 }
 
 /// Truncates or extends a file, keeping the volume's usage right. Growth past the
-/// limit fails with DQUOT and changes nothing.
+/// limit fails with DQUOT and changes nothing; a file whose last link is gone fails
+/// with STALE (see [`quota::linked`]).
 pub fn set_size(
     charging: &quota::Charging,
     fd: std::os::fd::RawFd,
     size: u64,
 ) -> Result<(), nfsstat3> {
-    let before = quota::charge_of(&sys::fstat(fd).map_err(to_nfsstat)?);
+    let st = sys::fstat(fd).map_err(to_nfsstat)?;
+    quota::linked(&st)?;
+    let before = quota::charge_of(&st);
     // A regular file is charged at least its size (truncating up allocates nothing).
     let reserve = size.saturating_sub(before);
     charging.reserve(reserve)?;
@@ -389,6 +403,7 @@ pub fn write(ctx: &Ctx, args: &mut XdrIn) -> Proc<Written, Wcc> {
         {
             let charging = v.charging();
             let st = sys::fstat(wfd).map_err(to_nfsstat)?;
+            quota::linked(&st)?;
             let before = quota::charge_of(&st);
             // At most: the new size, rounded up to whole blocks.
             let block = (st.st_blksize as u64).max(512);
@@ -425,6 +440,13 @@ pub fn write(ctx: &Ctx, args: &mut XdrIn) -> Proc<Written, Wcc> {
 /// set-group-ID bit when the group may execute it — what the kernel does to a local
 /// write by a process without CAP_FSETID. The agent writes through a descriptor it
 /// opened as root, so the kernel will not do it here by itself.
+///
+/// `mode` was read under the volume's charge lock, and this runs under it too:
+/// SETATTR changes modes under the same lock, so the mode written back is never one
+/// an owner's chmod has replaced meanwhile. (The kernel has no "clear these bits"
+/// call; a lock is the only way to make read-then-chmod one step. The volume's lock
+/// rather than one per inode: a WRITE holds it already, and two handles of one inode
+/// may be open at once, so a lock per cached object would not cover them.)
 fn drop_setid_bits(
     ctx: &Ctx,
     v: &Volume,

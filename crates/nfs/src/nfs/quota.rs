@@ -8,6 +8,18 @@
 //! new count are one step, so racing clients cannot pass the limit together. A change
 //! reserves what it may cost first, and settles to what `fstat` says it cost after.
 //! The count is also re-taken from the disk at start and periodically ([`resync`]).
+//!
+//! Rules that keep the count exact after failures and races:
+//! - whatever exists after a create, successful or not, is charged: a create that
+//!   fails after making its object removes it again under the lock (`dirops`);
+//! - an object's charge is released once, when its last link goes (REMOVE, RENAME
+//!   over it), decided from its link count under the lock; after that nothing charges
+//!   or releases it ([`linked`]: WRITE and truncate of an unlinked file are STALE);
+//! - a size set by CREATE is charged once, as a change of the object just charged.
+//!
+//! The lock also orders mode changes: SETATTR changes size, mode and owner under it,
+//! and WRITE clears set-id bits under it, so one never writes back a mode the other
+//! replaced.
 
 use std::sync::MutexGuard;
 use std::sync::atomic::Ordering;
@@ -23,6 +35,18 @@ pub fn charge_of(st: &libc::stat) -> u64 {
         st.st_size as u64,
         st.st_blocks as u64,
     )
+}
+
+/// Refuses a change of what an object is charged once its last link is gone: the
+/// REMOVE or RENAME that took it released its charge then, under the charge lock, so
+/// charging it again (a WRITE to it) or releasing it again (a truncate) would count
+/// the same bytes twice. To the caller its handle is stale, as it is to the next
+/// resolve. Call with the charge lock held, on attributes read under it.
+pub fn linked(st: &libc::stat) -> Result<(), nfsstat3> {
+    if st.st_nlink == 0 {
+        return Err(nfsstat3::NFS3ERR_STALE);
+    }
+    Ok(())
 }
 
 /// Objects a volume may hold: `max_files` when its class set one (`maxFiles`), else one
