@@ -242,14 +242,18 @@ async fn reconcile_claim(pvc: Arc<PersistentVolumeClaim>, agent: Arc<Agent>) -> 
         return Ok(Action::await_change());
     };
     let volume = request.spec.name.clone();
-    let pv_names_volume = agent.pv_names(&volume, None)
-        || Api::<PersistentVolume>::all(agent.client.clone())
+    let mut step = step::claim_step(&pvc, &v, &agent.node, agent.pv_names(&volume, None));
+    if step == ClaimStep::Remove {
+        // The PV cache may not have seen a PV made a moment ago: ask the API server
+        // before anything is removed (a failed read is retried, never a go-ahead).
+        let pv = Api::<PersistentVolume>::all(agent.client.clone())
             .get_opt(&pv_name(&uid))
             .await
-            .map_err(Error::kube(format!("read PV {}", pv_name(&uid))))?
-            .is_some();
+            .map_err(Error::kube(format!("read PV {}", pv_name(&uid))))?;
+        step = step::claim_step(&pvc, &v, &agent.node, pv.is_some());
+    }
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(agent.client.clone(), &ns);
-    match step::claim_step(&pvc, &v, &agent.node, pv_names_volume) {
+    match step {
         ClaimStep::Ignore => {}
         ClaimStep::Served => agent.exports.label_claim(&volume, &ns, &name),
         ClaimStep::Keep(why) => {

@@ -397,7 +397,7 @@ pub async fn reconcile(pvc: &PersistentVolumeClaim, ctx: &Ctx) -> Result<Next> {
             ctx.remove_finalizer(pvc).await?;
             Ok(Next::Wait)
         }
-        Step::Fail(failure) => fail(ctx, pvc, failure).await,
+        Step::Fail(failure) => fail(ctx, pvc, failure, verified.ready).await,
     }
 }
 
@@ -407,7 +407,12 @@ const AGENT_POLL: Duration = Duration::from_secs(10);
 
 /// The one way provisioning fails: the metric, the warning event, and what follows.
 /// The event goes first, so whoever sees the claim change can already read why.
-async fn fail(ctx: &Ctx, pvc: &PersistentVolumeClaim, failure: Failure) -> Result<Next> {
+async fn fail(
+    ctx: &Ctx,
+    pvc: &PersistentVolumeClaim,
+    failure: Failure,
+    ready: bool,
+) -> Result<Next> {
     ctx.metrics.failed(failure.metric);
     ctx.event(
         pvc,
@@ -445,7 +450,7 @@ async fn fail(ctx: &Ctx, pvc: &PersistentVolumeClaim, failure: Failure) -> Resul
             Next::Wait
         }
     };
-    if annotation(pvc, READY).is_none() {
+    if !ready {
         // No volume is coming: hold no space for it.
         ctx.reservations().release(&pvc.uid().unwrap_or_default());
     }
@@ -467,7 +472,7 @@ async fn place(
     let size = p.request.size_bytes;
     let node = match ctx.choose_and_hold(&uid, selected, &free, size, allowed.as_ref()) {
         Ok(n) => n,
-        Err(msg) => return fail(ctx, pvc, Failure::no_room(msg, selected.is_some())).await,
+        Err(msg) => return fail(ctx, pvc, Failure::no_room(msg, selected.is_some()), false).await,
     };
     let req = VolumeRequest {
         spec: p.params.volume_request(p.volume.clone(), size),
@@ -543,7 +548,7 @@ async fn create_pv(
             message: format!("node {node} has no InternalIP"),
             then: Then::Retry(Duration::from_secs(30)),
         };
-        return fail(ctx, pvc, failure).await;
+        return fail(ctx, pvc, failure, true).await;
     };
     let port = ctx
         .node_rooms()
