@@ -243,9 +243,10 @@ async fn reconcile_claim(pvc: Arc<PersistentVolumeClaim>, agent: Arc<Agent>) -> 
     };
     let volume = request.spec.name.clone();
     let mut step = step::claim_step(&pvc, &v, &agent.node, agent.pv_names(&volume, None));
-    if step == ClaimStep::Remove {
-        // The PV cache may not have seen a PV made a moment ago: ask the API server
-        // before anything is removed (a failed read is retried, never a go-ahead).
+    if matches!(step, ClaimStep::Remove | ClaimStep::Create) {
+        // The PV cache may not have seen a PV made a moment ago, and it holds only this
+        // node's PVs: ask the API server before anything is made or removed (a failed
+        // read is retried, never a go-ahead).
         let pv = Api::<PersistentVolume>::all(agent.client.clone())
             .get_opt(&pv_name(&uid))
             .await
@@ -382,17 +383,44 @@ async fn reconcile_pv(pv: Arc<PersistentVolume>, agent: Arc<Agent>) -> Result<Ac
         return Ok(Action::await_change());
     };
     if let Some(owner) = pv_owner(&pv) {
-        // Volumes made before owners were recorded gain one from their PV, which only
-        // the controller writes.
-        let vol = volume.clone();
-        if let Err(e) = agent.store_op(move |s| s.adopt(&vol, &owner)).await {
+        agent
+            .exports
+            .label_claim(&volume, &owner.namespace, &owner.claim);
+        if agent.pv_names(&volume, Some(&pv_name)) {
+            // Two PVs on one directory (left by a version before owner records): which
+            // claim owns it is not ours to guess; neither PV's reclaim removes it.
             agent
                 .warn_pv_once(
                     &pv,
-                    "VolumeOwnerMismatch",
-                    format!("node {}: {e}", agent.node),
+                    "VolumeSharedByPvs",
+                    format!("node {}: volume {volume} is named by another PV as well: its owner is not recorded and no reclaim removes it (see the README, troubleshooting)", agent.node),
                 )
                 .await;
+        } else if agent.exports.by_name(&volume).is_none_or(|v| {
+            v.meta.owner.as_ref().map(|o| o.claim_uid.as_str()) != Some(&owner.claim_uid)
+        }) {
+            // Volumes made before owners were recorded gain one from their PV, which
+            // only the controller writes. (Read from memory first: an agent starting
+            // with many volumes must not walk the store once per PV.)
+            let vol = volume.clone();
+            match agent.store_op(move |s| s.adopt(&vol, &owner)).await {
+                Ok(Some(_)) => {}
+                Ok(None) if pv.metadata.deletion_timestamp.is_none() => {
+                    agent
+                        .warn_pv_once(
+                            &pv,
+                            "VolumeMissing",
+                            format!("node {}: volume {volume} is not on this node's disk; it is not made again (an empty volume would pass for the claim's data): restore its directory, or delete the claim", agent.node),
+                        )
+                        .await;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    agent
+                        .warn_pv_once(&pv, "VolumeOwnerMismatch", format!("node {}: {e}", agent.node))
+                        .await;
+                }
+            }
         }
     }
     let finalizing = pv.metadata.deletion_timestamp.is_some()

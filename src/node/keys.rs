@@ -21,15 +21,26 @@ use crate::volume::VolumeStore;
 /// The file under the node root holding the agent's signing key (PKCS#8).
 const AGENT_KEY_FILE: &str = "agent.key";
 
-/// The agent's signing key, made on first use.
+/// The agent's signing key, made on first use. A key file that does not parse is
+/// moved aside and replaced: a new key only means claims in flight are answered again,
+/// while refusing to start would stop NFS service for every volume on the node.
 pub fn agent_signer(store: &VolumeStore) -> Result<Signer> {
     let bytes = store.secret(AGENT_KEY_FILE, Signer::generate)?;
-    Signer::from_pkcs8(&bytes).map_err(|why| {
-        Error::BuildObject(format!(
-            "{}: {why} (remove it to make a new one; claims in flight are then answered again)",
-            store.root().join(AGENT_KEY_FILE).display()
-        ))
-    })
+    match Signer::from_pkcs8(&bytes) {
+        Ok(signer) => Ok(signer),
+        Err(why) => {
+            let path = store.root().join(AGENT_KEY_FILE);
+            let aside = path.with_extension(format!("bad-{}", crate::objects::agents::unix_now()));
+            tracing::error!(key = %path.display(), moved_to = %aside.display(), %why, "the agent's signing key does not parse: making a new one");
+            std::fs::rename(&path, &aside).map_err(|e| {
+                Error::BuildObject(format!("move aside {}: {e}", path.display()))
+            })?;
+            let bytes = store.secret(AGENT_KEY_FILE, Signer::generate)?;
+            Signer::from_pkcs8(&bytes).map_err(|why| {
+                Error::BuildObject(format!("{}: {why}", path.display()))
+            })
+        }
+    }
 }
 
 /// The controller's public key as last read; `None` until it is.

@@ -13,8 +13,13 @@
 //!    decides its fate.
 //! 3. A claim being deleted but not abandoned: nothing yet (the controller abandons it
 //!    next; creating a volume now would only be removed again).
-//! 4. A claim this agent already answered ready (its own signature) is served.
-//! 5. Otherwise: create the requested volume for the claim and answer ready.
+//! 4. A volume a PV names is served, never made again: if it is missing (a node whose
+//!    disk was replaced), an empty one would hand a database empty data as if it were
+//!    its own; a mount that fails is the honest answer. This also holds when this
+//!    agent's answer no longer verifies (its key was lost) and against a request the
+//!    claim's tenant replayed from an earlier placement on this node.
+//! 5. A claim this agent already answered ready (its own signature) is served.
+//! 6. Otherwise: create the requested volume for the claim and answer ready.
 
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 
@@ -65,7 +70,7 @@ pub fn claim_step(
     if deleting {
         return ClaimStep::Ignore;
     }
-    if v.ready {
+    if v.ready || pv_names_volume {
         return ClaimStep::Served;
     }
     ClaimStep::Create
@@ -130,6 +135,13 @@ mod tests {
         );
         v.ready = true;
         assert_eq!(claim_step(&claim(false), &v, "n1", true), ClaimStep::Served);
+    }
+
+    #[test]
+    fn a_volume_a_pv_names_is_never_made_again() {
+        // This agent's answer does not verify (its key was lost, or the request is one
+        // the tenant replayed from an earlier placement), but a PV names the volume.
+        assert_eq!(claim_step(&claim(false), &verified("n1"), "n1", true), ClaimStep::Served);
     }
 
     #[test]

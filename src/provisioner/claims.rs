@@ -244,7 +244,9 @@ impl Ctx {
         crate::kubeclient::read(&self.agents, |agents| {
             agents
                 .iter()
-                .filter(|(_, a)| a.expires >= now)
+                // An agent without a key (an earlier version) could not answer in a way
+                // we believe: nothing is placed on it.
+                .filter(|(_, a)| a.expires >= now && a.key.is_some())
                 .map(|(node, a)| {
                     let room = NodeRoom {
                         node: node.clone(),
@@ -308,18 +310,6 @@ pub async fn reconcile(pvc: &PersistentVolumeClaim, ctx: &Ctx) -> Result<Next> {
     };
     let verified = ctx.verify(pvc);
     let node = verified.request.as_ref().map(|r| r.node.clone());
-    if class.is_some() && !verified.ignored.is_empty() && pv.is_none() {
-        ctx.event(
-            pvc,
-            EventType::Warning,
-            "IgnoredAnnotations",
-            format!(
-                "{} not written by localnfs for this claim (copied from another claim, kept from a deleted one, or edited): ignored, and replaced by localnfs's own",
-                verified.ignored.join(", ")
-            ),
-        )
-        .await;
-    }
     let facts = Facts {
         claim: pvc,
         class: class.as_deref(),
@@ -331,7 +321,21 @@ pub async fn reconcile(pvc: &PersistentVolumeClaim, ctx: &Ctx) -> Result<Next> {
     // Our own write changes what the claim watch fingerprints, which brings the claim
     // back; the timer is only the safety net should that event be missed.
     let next_step = Next::After(Duration::from_secs(15));
-    match step::next(&facts) {
+    let step = step::next(&facts);
+    if matches!(step, Step::Place(_)) && !verified.ignored.is_empty() {
+        // Said once, as the claim is placed: our placement replaces these keys.
+        ctx.event(
+            pvc,
+            EventType::Warning,
+            "IgnoredAnnotations",
+            format!(
+                "{} on this claim were not written by localnfs for it (copied from another claim, kept from a deleted one, or edited): ignored; localnfs places the claim itself",
+                verified.ignored.join(", ")
+            ),
+        )
+        .await;
+    }
+    match step {
         Step::Wait => Ok(Next::Wait),
         Step::Finish => {
             let (Some(class), Some(pv)) = (class, pv) else {

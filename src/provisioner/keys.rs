@@ -60,6 +60,27 @@ pub async fn controller_signer(client: &Client, namespace: &str) -> Result<Signe
     Ok(signer)
 }
 
+/// How often the leader checks that its key is still the one in the Secret and the
+/// one the ConfigMap publishes.
+pub const KEY_CHECK: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Whether `signer` is still the Secret's key; re-publishes its public half if the
+/// ConfigMap says otherwise. A leader whose key was replaced (the Secret deleted and
+/// made anew by a restarted replica) must restart: agents no longer believe it.
+pub async fn still_current(client: &Client, namespace: &str, signer: &Signer) -> Result<bool> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let what = format!("controller key Secret {namespace}/{CONTROLLER_KEY_SECRET}");
+    let Some(pkcs8) = read_secret(&secrets, &what).await? else {
+        return Ok(false);
+    };
+    let current = Signer::from_pkcs8(&pkcs8).map(|s| s.public() == signer.public());
+    if current != Ok(true) {
+        return Ok(false);
+    }
+    publish(client, namespace, signer).await?;
+    Ok(true)
+}
+
 async fn read_secret(secrets: &Api<Secret>, what: &str) -> Result<Option<Vec<u8>>> {
     let secret = secrets
         .get_opt(CONTROLLER_KEY_SECRET)

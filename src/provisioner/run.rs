@@ -77,6 +77,7 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
                     metrics.leader.set(1);
                     let stop = shutdown.child_token();
                     tokio::spawn(watchdog(ctx.clone(), stop.clone()));
+                    tokio::spawn(key_check(ctx.clone(), stop.clone()));
                     leading = Some((stop.clone(), tokio::spawn(controllers(ctx.clone(), stop))));
                 }
             }
@@ -131,6 +132,25 @@ async fn watchdog(ctx: Arc<Ctx>, stop: CancellationToken) {
         }
         if !ctx.fence.holds_at(Instant::now()) {
             give_up("the leader lease was not renewed in time");
+        }
+    }
+}
+
+/// While leading, checks now and then that the signing key is still the Secret's (see
+/// `keys::still_current`); a replaced key means a restart, to load the new one.
+async fn key_check(ctx: Arc<Ctx>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(super::keys::KEY_CHECK) => {}
+        }
+        match super::keys::still_current(&ctx.client, &ctx.namespace, &ctx.signer).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::error!("the signing key in the Secret is no longer this process's: restarting to load it");
+                std::process::exit(1)
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot check the controller's signing key"),
         }
     }
 }

@@ -232,7 +232,21 @@ fn abandon(f: &Facts) -> Step {
         return Step::Wait;
     }
     let Some(request) = &f.signed.request else {
-        return Step::Release; // never placed by us: nothing was made for it
+        let Some(node) = pvc.labels().get(NODE_KEY) else {
+            return Step::Release; // never placed: nothing was made for it
+        };
+        if annotation(pvc, REQUEST).is_none() {
+            return Step::Release;
+        }
+        // Placed, but not by a request we signed (an earlier version placed it, or the
+        // keys were written by hand): no agent acts on it, so we cannot have it removed.
+        return Step::LetGo {
+            node: node.clone(),
+            volume: annotation(pvc, REQUEST)
+                .and_then(|r| serde_json::from_str::<VolumeRequest>(r).ok())
+                .map_or_else(|| "(unknown)".to_owned(), |r| r.spec.name.to_string()),
+            why: "was not asked by a request this controller signed (placed by an earlier version, or written by hand)".to_owned(),
+        };
     };
     if f.signed.removed {
         return Step::Release;
@@ -507,6 +521,13 @@ mod tests {
                 Some(&immediate),
                 false,
                 "Release",
+            ),
+            (
+                "deleted, placed by an unsigned request (an earlier version)",
+                deleting(unsigned(json!({REQUEST: "{}"}))),
+                Some(&immediate),
+                false,
+                "LetGo",
             ),
             (
                 "deleted, placed, forged removal",
