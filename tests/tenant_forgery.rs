@@ -306,3 +306,33 @@ async fn volumes_of_the_previous_version_gain_their_owner_record_and_are_reclaim
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_node_whose_disk_was_replaced_makes_no_empty_volume_for_a_bound_claim() {
+    let (cluster, mut lnfs) = start_localnfs(&[("node-1", ip(125), "10Gi")]).await;
+    let client = cluster.client();
+    storage_class(&client, "now", json!({"volumeBindingMode": "Immediate"})).await;
+    let (_orig, _file) = victim(&client, &lnfs, "db-0").await;
+    let pv = bound_pv(&client, "db-0").await;
+    let volume = nfs_target(&pv).2;
+
+    // The node's disk is replaced: the volume, its record and the agent's key are gone.
+    lnfs.stop_agent("node-1").await;
+    let root = lnfs.root("node-1");
+    std::fs::remove_dir_all(root.join("volumes").join(&volume)).expect("remove volume");
+    std::fs::remove_file(root.join("meta").join(format!("{volume}.json"))).expect("remove meta");
+    std::fs::remove_file(root.join("agent.key")).expect("remove key");
+    lnfs.start_agent("node-1", ip(125));
+
+    let evs = eventually("VolumeMissing event", Duration::from_secs(60), || async {
+        let e = pv_events(&client, &pv.name_any()).await;
+        e.iter().any(|(r, _)| r == "VolumeMissing").then_some(e)
+    })
+    .await;
+    assert!(evs.iter().any(|(_, m)| m.contains(&volume)), "{evs:?}");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        !volume_dirs(&lnfs, "node-1").contains(&volume),
+        "an empty volume was made under a bound claim whose data is gone"
+    );
+}

@@ -417,7 +417,11 @@ async fn reconcile_pv(pv: Arc<PersistentVolume>, agent: Arc<Agent>) -> Result<Ac
                 Ok(None) => {}
                 Err(e) => {
                     agent
-                        .warn_pv_once(&pv, "VolumeOwnerMismatch", format!("node {}: {e}", agent.node))
+                        .warn_pv_once(
+                            &pv,
+                            "VolumeOwnerMismatch",
+                            format!("node {}: {e}", agent.node),
+                        )
                         .await;
                 }
             }

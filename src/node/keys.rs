@@ -32,13 +32,11 @@ pub fn agent_signer(store: &VolumeStore) -> Result<Signer> {
             let path = store.root().join(AGENT_KEY_FILE);
             let aside = path.with_extension(format!("bad-{}", crate::objects::agents::unix_now()));
             tracing::error!(key = %path.display(), moved_to = %aside.display(), %why, "the agent's signing key does not parse: making a new one");
-            std::fs::rename(&path, &aside).map_err(|e| {
-                Error::BuildObject(format!("move aside {}: {e}", path.display()))
-            })?;
+            std::fs::rename(&path, &aside)
+                .map_err(|e| Error::BuildObject(format!("move aside {}: {e}", path.display())))?;
             let bytes = store.secret(AGENT_KEY_FILE, Signer::generate)?;
-            Signer::from_pkcs8(&bytes).map_err(|why| {
-                Error::BuildObject(format!("{}: {why}", path.display()))
-            })
+            Signer::from_pkcs8(&bytes)
+                .map_err(|why| Error::BuildObject(format!("{}: {why}", path.display())))
         }
     }
 }

@@ -141,7 +141,10 @@ mod tests {
     fn a_volume_a_pv_names_is_never_made_again() {
         // This agent's answer does not verify (its key was lost, or the request is one
         // the tenant replayed from an earlier placement), but a PV names the volume.
-        assert_eq!(claim_step(&claim(false), &verified("n1"), "n1", true), ClaimStep::Served);
+        assert_eq!(
+            claim_step(&claim(false), &verified("n1"), "n1", true),
+            ClaimStep::Served
+        );
     }
 
     #[test]

@@ -147,7 +147,9 @@ async fn key_check(ctx: Arc<Ctx>, stop: CancellationToken) {
         match super::keys::still_current(&ctx.client, &ctx.namespace, &ctx.signer).await {
             Ok(true) => {}
             Ok(false) => {
-                tracing::error!("the signing key in the Secret is no longer this process's: restarting to load it");
+                tracing::error!(
+                    "the signing key in the Secret is no longer this process's: restarting to load it"
+                );
                 std::process::exit(1)
             }
             Err(e) => tracing::warn!(error = %e, "cannot check the controller's signing key"),
