@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt};
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use serde_json::json;
 use support::cluster::*;
 use support::eventually;
@@ -20,30 +20,6 @@ const WAIT: Duration = Duration::from_secs(90);
 
 fn ip(last: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
-}
-
-/// Creates claim `name` of class `now`, waits for its PV and writes a file into the
-/// volume's directory; returns the PV and the file.
-async fn claim_with_data(
-    client: &Client,
-    lnfs: &Localnfs,
-    name: &str,
-) -> (PersistentVolume, PathBuf) {
-    Api::<PersistentVolumeClaim>::namespaced(client.clone(), "default")
-        .create(
-            &PostParams::default(),
-            &claim(name, "now", "1Mi", json!({})),
-        )
-        .await
-        .expect("create claim");
-    let pv = bound_pv(client, name).await;
-    let file = lnfs
-        .root("node-1")
-        .join("volumes")
-        .join(nfs_target(&pv).2)
-        .join("precious");
-    std::fs::write(&file, b"rows").expect("write data");
-    (pv, file)
 }
 
 fn still_there(file: &PathBuf, what: &str) {

@@ -32,21 +32,8 @@ fn ip(last: u8) -> IpAddr {
 /// A bound claim `name` in `default` with a file in its volume; returns the claim as
 /// the API server has it now (annotations included) and the file.
 async fn victim(client: &Client, lnfs: &Localnfs, name: &str) -> (PersistentVolumeClaim, PathBuf) {
+    let (_, file) = claim_with_data(client, lnfs, name).await;
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
-    claims
-        .create(
-            &PostParams::default(),
-            &claim(name, "now", "1Mi", json!({})),
-        )
-        .await
-        .expect("create claim");
-    let pv = bound_pv(client, name).await;
-    let file = lnfs
-        .root("node-1")
-        .join("volumes")
-        .join(nfs_target(&pv).2)
-        .join("precious");
-    std::fs::write(&file, b"rows").expect("write data");
     (claims.get(name).await.expect("claim"), file)
 }
 

@@ -735,6 +735,31 @@ pub fn claim(
     serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).expect("claim")
 }
 
+/// Creates claim `name` (1Mi) of class `now` in `default`, waits for its PV and writes
+/// `rows` into a file `precious` in the volume's directory on node-1; returns the PV
+/// and the file.
+pub async fn claim_with_data(
+    client: &Client,
+    lnfs: &Localnfs,
+    name: &str,
+) -> (PersistentVolume, PathBuf) {
+    Api::<PersistentVolumeClaim>::namespaced(client.clone(), "default")
+        .create(
+            &PostParams::default(),
+            &claim(name, "now", "1Mi", json!({})),
+        )
+        .await
+        .expect("create claim");
+    let pv = bound_pv(client, name).await;
+    let file = lnfs
+        .root("node-1")
+        .join("volumes")
+        .join(nfs_target(&pv).2)
+        .join("precious");
+    std::fs::write(&file, b"rows").expect("write data");
+    (pv, file)
+}
+
 /// Waits (90 s at most) for claim `name` in `default` to be Bound; returns its PV.
 pub async fn bound_pv(client: &Client, name: &str) -> PersistentVolume {
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
