@@ -192,6 +192,25 @@ pub struct SchedulerArgs {
     )]
     pub agent_webhook_config: String,
 
+    /// ValidatingWebhookConfiguration (localnfs's keys on claims, `/validate-claims`)
+    /// whose `caBundle` the helper fills in with its CA (self-managed certificate
+    /// only); empty: leave it to someone else.
+    #[arg(
+        long,
+        env = "LOCALNFS_CLAIM_WEBHOOK_CONFIG",
+        default_value = "localnfs-claims"
+    )]
+    pub claim_webhook_config: String,
+
+    /// The controller's service account (in `--namespace`): with the agents', the
+    /// only writer of localnfs's keys on claims that `/validate-claims` allows.
+    #[arg(
+        long,
+        env = "LOCALNFS_CONTROLLER_SERVICE_ACCOUNT",
+        default_value = "localnfs-controller"
+    )]
+    pub controller_service_account: String,
+
     /// The node agents' service account (in `--namespace`): its writes are held to
     /// the agent's own node by `/validate`.
     #[arg(

@@ -1,5 +1,5 @@
 //! `localnfs scheduler`: starts the watches, gets the webhook certificate, and serves
-//! the webhooks (TLS: `/mutate`, `/validate`) and extender (plain HTTP) listeners until
+//! the webhooks (TLS: `/mutate`, `/validate`, `/validate-claims`) and extender (plain HTTP) listeners until
 //! SIGTERM.
 
 use std::sync::Arc;
@@ -12,6 +12,7 @@ use kube::api::Api;
 use tokio_rustls::TlsAcceptor;
 
 use super::agents::Agents;
+use super::claims_review::ClaimGuard;
 use super::routes::{Helper, HelperMetrics};
 use super::tls::{self, Resolver, SecretSource, Source, WebhookConfig};
 use super::watch;
@@ -54,6 +55,12 @@ pub async fn run(args: SchedulerArgs) -> Result<()> {
                     WebhookConfig::Validating(
                         Api::<ValidatingWebhookConfiguration>::all(client.clone()),
                         args.agent_webhook_config.clone(),
+                    )
+                }),
+                (!args.claim_webhook_config.is_empty()).then(|| {
+                    WebhookConfig::Validating(
+                        Api::<ValidatingWebhookConfiguration>::all(client.clone()),
+                        args.claim_webhook_config.clone(),
                     )
                 }),
             ]
@@ -100,10 +107,16 @@ pub async fn run(args: SchedulerArgs) -> Result<()> {
         &args.install.namespace,
         &args.node_service_account,
     );
+    let claims = ClaimGuard::new(
+        &args.install.namespace,
+        &args.controller_service_account,
+        &args.node_service_account,
+    );
     let helper = Arc::new(Helper {
         inventory,
         metrics,
         agents: Some(agents),
+        claims,
     });
     let webhook = tokio::spawn(crate::web::serve(
         "webhook",

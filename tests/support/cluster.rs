@@ -257,22 +257,22 @@ impl Localnfs {
         )
         .await;
         let guard: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
-        if guard
-            .get_opt(super::credentials::AGENT_GUARD)
-            .await
-            .expect("read")
-            .is_some()
-        {
-            eventually(
-                "the helper's CA in the agents' write guard",
-                Duration::from_secs(60),
-                || async {
-                    super::credentials::agent_guard_trusted(client)
-                        .await
-                        .then_some(())
-                },
-            )
-            .await;
+        for name in [
+            super::credentials::AGENT_GUARD,
+            super::credentials::CLAIM_GUARD,
+        ] {
+            if guard.get_opt(name).await.expect("read").is_some() {
+                eventually(
+                    &format!("the helper's CA in {name}"),
+                    Duration::from_secs(60),
+                    || async {
+                        super::credentials::validating_trusted(client, name)
+                            .await
+                            .then_some(())
+                    },
+                )
+                .await;
+            }
         }
     }
 
