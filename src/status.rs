@@ -25,7 +25,7 @@ pub async fn run(args: StatusArgs) -> Result<()> {
         "{}",
         render(
             &client,
-            &args.install.namespace,
+            &args.install.heartbeats.heartbeat_namespace,
             &args.install.provisioner_name
         )
         .await?

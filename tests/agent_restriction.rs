@@ -119,7 +119,7 @@ async fn agents_with_pod_bound_tokens_provision_resize_and_reclaim_their_volumes
     let env = setup().await;
     let client = &env.client;
     // The heartbeat Lease carries the node label, so the fail-closed entry guards it.
-    let lease = Api::<Lease>::namespaced(client.clone(), NAMESPACE)
+    let lease = Api::<Lease>::namespaced(client.clone(), HEARTBEATS)
         .get("localnfs-node-node-1")
         .await
         .expect("lease");
@@ -193,7 +193,7 @@ async fn an_agents_credentials_cannot_touch_another_nodes_objects() {
     let agent1 = agent_client(&env.lnfs, "node-1").await;
     let pvs: Api<PersistentVolume> = Api::all(agent1.clone());
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(agent1.clone(), "default");
-    let leases: Api<Lease> = Api::namespaced(agent1.clone(), NAMESPACE);
+    let leases: Api<Lease> = Api::namespaced(agent1.clone(), HEARTBEATS);
     let pp = PatchParams::default();
 
     refused(
@@ -217,17 +217,26 @@ async fn an_agents_credentials_cannot_touch_another_nodes_objects() {
             .await,
         "is not placed on node node-1",
     );
-    refused(
-        "agent-1 taking the controller's leader Lease",
-        leases
-            .patch(
-                "localnfs-controller",
-                &pp,
-                &merge(json!({"spec": {"holderIdentity": "agent-1"}})),
-            )
-            .await,
-        "may only write its own Lease",
-    );
+    // The controller's leader Lease is in another namespace, where RBAC gives the
+    // agents no Leases at all: no webhook is asked, so none can let it through.
+    match Api::<Lease>::namespaced(agent1.clone(), NAMESPACE)
+        .patch(
+            "localnfs-controller",
+            &pp,
+            &merge(json!({"spec": {"holderIdentity": "agent-1"}})),
+        )
+        .await
+    {
+        Err(kube::Error::Api(s)) => {
+            assert_eq!(s.code, 403, "{s:?}");
+            assert!(
+                s.message.contains("cannot patch resource \"leases\""),
+                "agent-1 taking the controller's leader Lease: {}",
+                s.message
+            );
+        }
+        other => panic!("agent-1 took the controller's leader Lease: {other:?}"),
+    }
     refused(
         "agent-1 writing node-2's heartbeat",
         leases

@@ -89,8 +89,10 @@ async fn install_for_1_20_and_examples_pass_a_server_side_dry_run_on_v1_20() {
     let cluster = start_cluster(&[]).await;
     let kc = cluster.kubeconfig().to_owned();
     // Namespaced objects need their namespace to exist for a dry run.
-    let (ok, out) = kubectl(&kc, &["create", "namespace", NAMESPACE], None);
-    assert!(ok, "{out}");
+    for ns in [NAMESPACE, "localnfs-heartbeats"] {
+        let (ok, out) = kubectl(&kc, &["create", "namespace", ns], None);
+        assert!(ok, "{out}");
+    }
 
     let mut docs = documents(&repo_file("deploy/install-1.20.yaml"));
     let mut examples: Vec<_> = ["storageclass", "storageclass/workloads"]

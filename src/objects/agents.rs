@@ -1,5 +1,5 @@
 //! The node agents' heartbeat Leases: one per node (`localnfs-node-<node>` in the
-//! install namespace), renewed every few seconds with the node's free space, NFS port
+//! heartbeat namespace, `--heartbeat-namespace`, which holds nothing else), renewed every few seconds with the node's free space, NFS port
 //! and per-volume usage. The agent writes its own ([`renew`]); the controller, the
 //! scheduler helper and `status` read them ([`AgentInfo::from_lease`], [`watch`]).
 //! An agent counts as gone once its Lease's renew time plus duration has passed.
@@ -17,6 +17,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::keys::{FREE_BYTES, NFS_PORT, NODE_KEY, NODE_LEASE_PREFIX, USED_BYTES, USED_INODES};
 use crate::kubeclient::{Mirror, Shared, mirror};
+
+/// The heartbeat namespace of a default install (`--heartbeat-namespace`).
+pub const HEARTBEAT_NAMESPACE: &str = "localnfs-heartbeats";
 
 /// Seconds a heartbeat stays valid after its renewal.
 pub const LEASE_SECONDS: i32 = 30;
@@ -103,8 +106,8 @@ pub async fn renew(leases: &Api<Lease>, hb: &Heartbeat<'_>) -> Result<(), kube::
     let body = json!({
         "apiVersion": "coordination.k8s.io/v1",
         "kind": "Lease",
-        // The node label puts the Lease under the helper's fail-closed write guard
-        // (only this node's agent may write it).
+        // The node label names the node the write guard holds this Lease to (only
+        // this node's agent may write it).
         "metadata": {"name": name, "labels": {NODE_KEY: hb.node}, "annotations": annotations},
         "spec": {
             "holderIdentity": hb.node,

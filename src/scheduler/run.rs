@@ -98,13 +98,14 @@ pub async fn run(args: SchedulerArgs) -> Result<()> {
     let mut synced = watch::start(
         &client,
         &args.install.provisioner_name,
-        &args.install.namespace,
+        &args.install.heartbeats.heartbeat_namespace,
         &inventory,
         &shutdown,
     );
     let agents = Agents::new(
         client.clone(),
         &args.install.namespace,
+        &args.install.heartbeats.heartbeat_namespace,
         &args.node_service_account,
     );
     let claims = ClaimGuard::new(

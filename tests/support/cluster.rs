@@ -30,6 +30,8 @@ use k8s_openapi::api::coordination::v1::Lease;
 use localnfs::scheduler::config::WEBHOOK_CONFIG;
 
 pub const NAMESPACE: &str = "localnfs-system";
+/// Where the agents' heartbeat Leases are (the default `--heartbeat-namespace`).
+pub const HEARTBEATS: &str = localnfs::objects::agents::HEARTBEAT_NAMESPACE;
 
 /// A running localnfs installation on a test cluster.
 pub struct Localnfs {
@@ -53,7 +55,7 @@ pub fn free_port() -> u16 {
 
 /// Waits until `node`'s agent has announced itself (its heartbeat Lease exists).
 pub async fn wait_for_heartbeat(client: &Client, node: &str) {
-    let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
+    let leases: Api<Lease> = Api::namespaced(client.clone(), HEARTBEATS);
     let name = format!("localnfs-node-{node}");
     eventually(
         &format!("{node} agent heartbeat"),
@@ -93,14 +95,16 @@ fn spawn(
 }
 
 impl Localnfs {
-    /// Creates the namespace; nothing runs yet.
+    /// Creates the namespaces; nothing runs yet.
     pub async fn new(cluster: &TestCluster) -> Localnfs {
         let ns: Api<Namespace> = Api::all(cluster.client());
-        let body: Namespace =
-            serde_json::from_value(json!({"metadata": {"name": NAMESPACE}})).expect("ns");
-        ns.create(&PostParams::default(), &body)
-            .await
-            .expect("create namespace");
+        for name in [NAMESPACE, HEARTBEATS] {
+            let body: Namespace =
+                serde_json::from_value(json!({"metadata": {"name": name}})).expect("ns");
+            ns.create(&PostParams::default(), &body)
+                .await
+                .expect("create namespace");
+        }
         Localnfs {
             kubeconfig: cluster.kubeconfig().to_owned(),
             dir: tempfile::tempdir().expect("tempdir"),
