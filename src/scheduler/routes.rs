@@ -103,7 +103,8 @@ impl Helper {
     /// Decodes, decides and encodes one call of `route` (`filter`, `prioritize`,
     /// `mutate`).
     pub fn answer(&self, route: &'static str, body: &[u8]) -> Response<Full<Bytes>> {
-        let now = crate::objects::agents::unix_now();
+        // Heartbeat expiries are on the helper's own monotonic clock (objects::agents).
+        let now = crate::objects::agents::observer_now();
         let inv = &self.inventory;
         let bad = |e| self.bad_request(route, e);
         match route {
