@@ -214,13 +214,18 @@ async fn each_component_meets_the_pod_security_level_its_namespace_enforces() {
 
     // The namespace for real (its workloads need it for a dry run), then the
     // workloads as the server would store them, defaults filled in.
+    // Every workload is in NAMESPACE (checked below); the other namespace holds
+    // heartbeat Leases only.
     let namespaces: Vec<_> = docs.iter().filter(|d| d.1 == "Namespace").collect();
-    assert_eq!(namespaces.len(), 1, "one namespace");
-    let (ok, out) = kubectl(
-        &kc,
-        &["apply", "-o", "json", "-f", "-"],
-        Some(&namespaces[0].2),
-    );
+    assert_eq!(namespaces.len(), 2, "localnfs's and the heartbeats'");
+    let ours = namespaces
+        .iter()
+        .find(|d| {
+            d.2.lines()
+                .any(|l| l.trim() == format!("name: {NAMESPACE}"))
+        })
+        .expect("localnfs's namespace");
+    let (ok, out) = kubectl(&kc, &["apply", "-o", "json", "-f", "-"], Some(&ours.2));
     assert!(ok, "{out}");
     let namespace: Value = serde_json::from_str(&out).expect("namespace");
     let labels = &namespace["metadata"]["labels"];
