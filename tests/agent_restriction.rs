@@ -101,11 +101,17 @@ fn merge(v: serde_json::Value) -> Patch<serde_json::Value> {
 /// Asserts a write was refused by the guard (HTTP 403 from the webhook, with our
 /// reason), not by RBAC or anything else.
 fn refused<T: std::fmt::Debug>(what: &str, r: Result<T, kube::Error>, why: &str) {
+    refused_by("agents.localnfs.io", what, r, why);
+}
+
+/// Asserts a write was refused by webhook `webhook` (HTTP 403) with `why` in its
+/// message.
+fn refused_by<T: std::fmt::Debug>(webhook: &str, what: &str, r: Result<T, kube::Error>, why: &str) {
     match r {
         Err(kube::Error::Api(s)) => {
             assert_eq!(s.code, 403, "{what}: {s:?}");
             assert!(
-                s.message.contains("agents.localnfs.io") && s.message.contains(why),
+                s.message.contains(webhook) && s.message.contains(why),
                 "{what}: refused for another reason: {}",
                 s.message
             );
@@ -407,17 +413,7 @@ async fn tenant(client: &Client, kubeconfig: &std::path::Path, dir: &std::path::
 
 /// Asserts a claim write was refused by the claim webhook with `message`.
 fn refused_claim<T: std::fmt::Debug>(what: &str, r: Result<T, kube::Error>, message: &str) {
-    match r {
-        Err(kube::Error::Api(s)) => {
-            assert_eq!(s.code, 403, "{what}: {s:?}");
-            assert!(
-                s.message.contains("claims.localnfs.io") && s.message.contains(message),
-                "{what}: refused for another reason: {}",
-                s.message
-            );
-        }
-        other => panic!("{what}: must be refused, got {other:?}"),
-    }
+    refused_by("claims.localnfs.io", what, r, message);
 }
 
 #[tokio::test]
@@ -497,7 +493,7 @@ async fn a_tenants_forged_localnfs_keys_on_claims_are_refused_with_the_key_to_dr
         )
         .await
         .expect("the controller places a claim");
-    // Once there, the tenant may not take it off, but may still resize the claim.
+    // Once there, the tenant may not take it off, but may still annotate the claim.
     refused_claim(
         "a tenant removing the node label",
         claims
