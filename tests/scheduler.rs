@@ -387,32 +387,6 @@ async fn new_volumes_go_where_there_is_room_and_impossible_ones_say_why() {
     );
 }
 
-/// Writes node `node`'s heartbeat Lease as an agent whose clock reads `renewed`
-/// would: 10 GiB free, valid for 3 s after `renewed`.
-async fn heartbeat(leases: &Api<Lease>, node: &str, renewed: Timestamp) {
-    let name = format!("localnfs-node-{node}");
-    let body = json!({
-        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-        "metadata": {"name": name, "labels": {"localnfs.io/node": node},
-            "annotations": {"localnfs.io/free-bytes": (10_u64 << 30).to_string()}},
-        "spec": {"holderIdentity": node, "leaseDurationSeconds": 3,
-            "renewTime": MicroTime(renewed)},
-    });
-    leases
-        .patch(
-            &name,
-            &PatchParams::apply("test-agent").force(),
-            &Patch::Apply(&body),
-        )
-        .await
-        .expect("heartbeat");
-}
-
-/// Seconds from now on the test's clock.
-fn at(offset: i64) -> Timestamp {
-    Timestamp::from_second(Timestamp::now().as_second() + offset).expect("time")
-}
-
 #[tokio::test]
 async fn a_node_whose_clock_is_five_minutes_off_is_neither_dropped_nor_kept_after_it_dies() {
     let cluster = TestCluster::start().await.expect("control plane");
@@ -433,12 +407,12 @@ async fn a_node_whose_clock_is_five_minutes_off_is_neither_dropped_nor_kept_afte
     // "behind": a live agent whose clock is 5 minutes slow, renewing every second.
     // "ahead": an agent whose clock is 5 minutes fast, which beat once and died.
     let leases: Api<Lease> = Api::namespaced(client.clone(), HEARTBEATS);
-    heartbeat(&leases, "ahead", at(300)).await;
+    fake_heartbeat(&leases, "ahead", at(300), 10 << 30).await;
     let beating = tokio::spawn({
         let leases = leases.clone();
         async move {
             loop {
-                heartbeat(&leases, "behind", at(-300)).await;
+                fake_heartbeat(&leases, "behind", at(-300), 10 << 30).await;
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }

@@ -27,6 +27,9 @@ use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
 };
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
 use localnfs::scheduler::config::WEBHOOK_CONFIG;
 
 pub const NAMESPACE: &str = "localnfs-system";
@@ -63,6 +66,32 @@ pub async fn wait_for_heartbeat(client: &Client, node: &str) {
         || async { leases.get_opt(&name).await.ok()?.map(|_| ()) },
     )
     .await;
+}
+
+/// Writes node `node`'s heartbeat Lease as an agent whose clock reads `renewed` would
+/// (no agent runs): `free` bytes free, valid for 3 s after its renewal.
+pub async fn fake_heartbeat(leases: &Api<Lease>, node: &str, renewed: Timestamp, free: u64) {
+    let name = format!("localnfs-node-{node}");
+    let body = json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": name, "labels": {"localnfs.io/node": node},
+            "annotations": {"localnfs.io/free-bytes": free.to_string()}},
+        "spec": {"holderIdentity": node, "leaseDurationSeconds": 3,
+            "renewTime": MicroTime(renewed)},
+    });
+    leases
+        .patch(
+            &name,
+            &PatchParams::apply("test-agent").force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .expect("heartbeat");
+}
+
+/// `offset` seconds from now on the test's clock.
+pub fn at(offset: i64) -> Timestamp {
+    Timestamp::from_second(Timestamp::now().as_second() + offset).expect("time")
 }
 
 /// Starts `localnfs ARGS` with its admin listener on a free port, recorded in `admin`
