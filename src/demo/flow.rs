@@ -25,11 +25,11 @@ use serde_json::json;
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
+use crate::objects::agents::HEARTBEAT_NAMESPACE;
 use localnfs_testbed::kernel::{KernelNode, quote};
 use localnfs_testbed::{Process, kubelet};
 
 const NAMESPACE: &str = "localnfs-system";
-use crate::objects::agents::HEARTBEAT_NAMESPACE;
 const WAIT: Duration = Duration::from_secs(120);
 
 fn step(msg: &str) -> Error {

@@ -1,7 +1,8 @@
 //! The node agents' heartbeat Leases: one per node (`localnfs-node-<node>` in the
-//! heartbeat namespace, `--heartbeat-namespace`, which holds nothing else), renewed every few seconds with the node's free space, NFS port
-//! and per-volume usage. The agent writes its own ([`renew`]); the controller, the
-//! scheduler helper and `status` read them ([`AgentInfo::from_lease`], [`watch`]).
+//! heartbeat namespace, `--heartbeat-namespace`, which holds nothing else), renewed
+//! every few seconds with the node's free space, NFS port and per-volume usage. The
+//! agent writes its own ([`renew`]); the controller, the scheduler helper and `status`
+//! read them ([`AgentInfo::from_lease`], [`watch`]).
 //!
 //! Liveness is judged on the observer's own clock, never on the agent's: the renew
 //! time in a Lease is written by the agent's clock, which may be minutes off. A

@@ -1,6 +1,6 @@
 //! `localnfs scheduler`: starts the watches, gets the webhook certificate, and serves
-//! the webhooks (TLS: `/mutate`, `/validate`, `/validate-claims`) and extender (plain HTTP) listeners until
-//! SIGTERM.
+//! the webhooks (TLS: `/mutate`, `/validate`, `/validate-claims`) and extender (plain
+//! HTTP) listeners until SIGTERM.
 
 use std::sync::Arc;
 
