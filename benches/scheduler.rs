@@ -208,6 +208,11 @@ async fn main() {
         inventory,
         metrics: HelperMetrics::register(&mut registry),
         agents: None,
+        claims: localnfs::scheduler::claims_review::ClaimGuard::new(
+            "localnfs-system",
+            "localnfs-controller",
+            "localnfs-node",
+        ),
     });
     let direct = helper.clone();
     let in_process = move |route: &'static str, body: &[u8]| {

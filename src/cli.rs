@@ -87,10 +87,28 @@ pub struct InstallArgs {
     #[arg(long, env = "LOCALNFS_PROVISIONER", default_value = "localnfs.io/nfs")]
     pub provisioner_name: String,
 
-    /// Namespace of localnfs's Leases (node heartbeats, controller leader) and of the
-    /// scheduler helper's certificate Secret.
+    /// localnfs's namespace: the controller's leader Lease, the scheduler helper's
+    /// certificate Secret, the agents' pods.
     #[arg(long, env = "LOCALNFS_NAMESPACE", default_value = "localnfs-system")]
     pub namespace: String,
+
+    #[command(flatten)]
+    pub heartbeats: HeartbeatArgs,
+}
+
+/// Where the node agents' heartbeat Leases live.
+#[derive(Debug, Args)]
+pub struct HeartbeatArgs {
+    /// Namespace of the node agents' heartbeat Leases, and nothing else: the agents
+    /// may write Leases there only, so they can never touch the controller's leader
+    /// Lease in `--namespace`, and the write guard's webhook on Leases is never
+    /// called for it.
+    #[arg(
+        long,
+        env = "LOCALNFS_HEARTBEAT_NAMESPACE",
+        default_value = crate::objects::agents::HEARTBEAT_NAMESPACE
+    )]
+    pub heartbeat_namespace: String,
 }
 
 #[derive(Debug, Args)]
@@ -192,6 +210,25 @@ pub struct SchedulerArgs {
     )]
     pub agent_webhook_config: String,
 
+    /// ValidatingWebhookConfiguration (localnfs's keys on claims, `/validate-claims`)
+    /// whose `caBundle` the helper fills in with its CA (self-managed certificate
+    /// only); empty: leave it to someone else.
+    #[arg(
+        long,
+        env = "LOCALNFS_CLAIM_WEBHOOK_CONFIG",
+        default_value = "localnfs-claims"
+    )]
+    pub claim_webhook_config: String,
+
+    /// The controller's service account (in `--namespace`): with the agents', the
+    /// only writer of localnfs's keys on claims that `/validate-claims` allows.
+    #[arg(
+        long,
+        env = "LOCALNFS_CONTROLLER_SERVICE_ACCOUNT",
+        default_value = "localnfs-controller"
+    )]
+    pub controller_service_account: String,
+
     /// The node agents' service account (in `--namespace`): its writes are held to
     /// the agent's own node by `/validate`.
     #[arg(
@@ -274,9 +311,12 @@ pub struct NodeArgs {
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
 
-    /// Namespace of the node heartbeat Leases.
+    /// localnfs's namespace.
     #[arg(long, env = "LOCALNFS_NAMESPACE", default_value = "localnfs-system")]
     pub namespace: String,
+
+    #[command(flatten)]
+    pub heartbeats: HeartbeatArgs,
 
     #[command(flatten)]
     pub kube: KubeArgs,

@@ -25,7 +25,7 @@ pub async fn run(args: StatusArgs) -> Result<()> {
         "{}",
         render(
             &client,
-            &args.install.namespace,
+            &args.install.heartbeats.heartbeat_namespace,
             &args.install.provisioner_name
         )
         .await?
@@ -105,7 +105,12 @@ pub fn table(pvs: &[PersistentVolume], leases: &[Lease], provisioner: &str, now:
     let mut usage: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
     let mut objects: BTreeMap<String, BTreeMap<String, [u64; 2]>> = BTreeMap::new();
     for lease in leases {
-        if let Some((node, info)) = AgentInfo::from_lease(lease) {
+        // One look, no history of changes to go by: "up" compares the agent's renew
+        // time with this machine's clock, so it is only as right as both clocks
+        // (a display; the controller and helper judge liveness by what they saw
+        // change, crate::objects::agents).
+        let renewed = crate::objects::agents::renewed_at(lease);
+        if let Some((node, info)) = renewed.and_then(|r| AgentInfo::from_lease(lease, r)) {
             let ann = lease.metadata.annotations.as_ref();
             let json = |key: &str| ann.and_then(|a| a.get(key)).map(String::as_str);
             let used = json(USED_BYTES)

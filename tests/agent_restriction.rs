@@ -101,11 +101,17 @@ fn merge(v: serde_json::Value) -> Patch<serde_json::Value> {
 /// Asserts a write was refused by the guard (HTTP 403 from the webhook, with our
 /// reason), not by RBAC or anything else.
 fn refused<T: std::fmt::Debug>(what: &str, r: Result<T, kube::Error>, why: &str) {
+    refused_by("agents.localnfs.io", what, r, why);
+}
+
+/// Asserts a write was refused by webhook `webhook` (HTTP 403) with `why` in its
+/// message.
+fn refused_by<T: std::fmt::Debug>(webhook: &str, what: &str, r: Result<T, kube::Error>, why: &str) {
     match r {
         Err(kube::Error::Api(s)) => {
             assert_eq!(s.code, 403, "{what}: {s:?}");
             assert!(
-                s.message.contains("agents.localnfs.io") && s.message.contains(why),
+                s.message.contains(webhook) && s.message.contains(why),
                 "{what}: refused for another reason: {}",
                 s.message
             );
@@ -119,7 +125,7 @@ async fn agents_with_pod_bound_tokens_provision_resize_and_reclaim_their_volumes
     let env = setup().await;
     let client = &env.client;
     // The heartbeat Lease carries the node label, so the fail-closed entry guards it.
-    let lease = Api::<Lease>::namespaced(client.clone(), NAMESPACE)
+    let lease = Api::<Lease>::namespaced(client.clone(), HEARTBEATS)
         .get("localnfs-node-node-1")
         .await
         .expect("lease");
@@ -193,7 +199,7 @@ async fn an_agents_credentials_cannot_touch_another_nodes_objects() {
     let agent1 = agent_client(&env.lnfs, "node-1").await;
     let pvs: Api<PersistentVolume> = Api::all(agent1.clone());
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(agent1.clone(), "default");
-    let leases: Api<Lease> = Api::namespaced(agent1.clone(), NAMESPACE);
+    let leases: Api<Lease> = Api::namespaced(agent1.clone(), HEARTBEATS);
     let pp = PatchParams::default();
 
     refused(
@@ -217,17 +223,26 @@ async fn an_agents_credentials_cannot_touch_another_nodes_objects() {
             .await,
         "is not placed on node node-1",
     );
-    refused(
-        "agent-1 taking the controller's leader Lease",
-        leases
-            .patch(
-                "localnfs-controller",
-                &pp,
-                &merge(json!({"spec": {"holderIdentity": "agent-1"}})),
-            )
-            .await,
-        "may only write its own Lease",
-    );
+    // The controller's leader Lease is in another namespace, where RBAC gives the
+    // agents no Leases at all: no webhook is asked, so none can let it through.
+    match Api::<Lease>::namespaced(agent1.clone(), NAMESPACE)
+        .patch(
+            "localnfs-controller",
+            &pp,
+            &merge(json!({"spec": {"holderIdentity": "agent-1"}})),
+        )
+        .await
+    {
+        Err(kube::Error::Api(s)) => {
+            assert_eq!(s.code, 403, "{s:?}");
+            assert!(
+                s.message.contains("cannot patch resource \"leases\""),
+                "agent-1 taking the controller's leader Lease: {}",
+                s.message
+            );
+        }
+        other => panic!("agent-1 took the controller's leader Lease: {other:?}"),
+    }
     refused(
         "agent-1 writing node-2's heartbeat",
         leases
@@ -358,4 +373,152 @@ async fn an_agents_credentials_cannot_touch_another_nodes_objects() {
         .restart_scheduler(env.webhook_port, env.extender_port);
     let pv3 = claim_on(&client, "three", "node-2").await;
     assert_eq!(pv3.labels()["localnfs.io/node"], "node-2");
+}
+
+/// A tenant of namespace `default` (a service account there that may create, update
+/// and delete claims, nothing else), as a client.
+async fn tenant(client: &Client, kubeconfig: &std::path::Path, dir: &std::path::Path) -> Client {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    let pp = PostParams::default();
+    let sa: ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "tenant"}})).expect("sa");
+    Api::<ServiceAccount>::namespaced(client.clone(), "default")
+        .create(&pp, &sa)
+        .await
+        .expect("tenant account");
+    let role: Role = serde_json::from_value(json!({
+        "metadata": {"name": "claims"},
+        "rules": [{"apiGroups": [""], "resources": ["persistentvolumeclaims"],
+                   "verbs": ["get", "list", "create", "update", "patch", "delete"]}],
+    }))
+    .expect("role");
+    Api::<Role>::namespaced(client.clone(), "default")
+        .create(&pp, &role)
+        .await
+        .expect("tenant role");
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "tenant-claims"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "claims"},
+        "subjects": [{"kind": "ServiceAccount", "name": "tenant", "namespace": "default"}],
+    }))
+    .expect("binding");
+    Api::<RoleBinding>::namespaced(client.clone(), "default")
+        .create(&pp, &binding)
+        .await
+        .expect("tenant binding");
+    let token = account_token(client, "default", "tenant", None).await;
+    client_with_token(kubeconfig, &token, dir, "tenant").await
+}
+
+/// Asserts a claim write was refused by the claim webhook with `message`.
+fn refused_claim<T: std::fmt::Debug>(what: &str, r: Result<T, kube::Error>, message: &str) {
+    refused_by("claims.localnfs.io", what, r, message);
+}
+
+#[tokio::test]
+async fn a_tenants_forged_localnfs_keys_on_claims_are_refused_with_the_key_to_drop() {
+    let cluster = TestCluster::start().await.expect("control plane");
+    let client = cluster.client();
+    let mut lnfs = Localnfs::new(&cluster).await;
+    apply_namespace_and_rbac(cluster.kubeconfig());
+    let (webhook_port, extender_port) = (free_port(), free_port());
+    register_validating(&client, cluster.kubeconfig(), CLAIM_GUARD, webhook_port).await;
+    lnfs.start_scheduler(&client, webhook_port, extender_port)
+        .await;
+    let tenant = tenant(&client, cluster.kubeconfig(), lnfs.dir.path()).await;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(tenant, "default");
+    let pp = PostParams::default();
+
+    // A claim re-created from saved YAML, with another claim's answer on it.
+    let mut copy = claim("copy", "wait", "1Mi", json!({}));
+    copy.metadata.annotations = Some([(READY.to_owned(), "default-data-0-1234".to_owned())].into());
+    refused_claim(
+        "a claim created with a copied volume-ready",
+        claims.create(&pp, &copy).await,
+        "claim default/copy: annotation localnfs.io/volume-ready is written by localnfs only: remove it (a claim re-created from saved YAML must drop its localnfs.io/ keys)",
+    );
+    // The same for a label, a finalizer, and a key localnfs does not know yet.
+    let mut labelled = claim("labelled", "wait", "1Mi", json!({}));
+    labelled.metadata.labels = Some([("localnfs.io/node".to_owned(), "node-1".to_owned())].into());
+    refused_claim(
+        "a claim created with a node label",
+        claims.create(&pp, &labelled).await,
+        "label localnfs.io/node is written by localnfs only",
+    );
+    let mut finalized = claim("finalized", "wait", "1Mi", json!({}));
+    finalized.metadata.finalizers = Some(vec!["localnfs.io/provisioning".to_owned()]);
+    refused_claim(
+        "a claim created with our finalizer",
+        claims.create(&pp, &finalized).await,
+        "finalizer localnfs.io/provisioning is written by localnfs only",
+    );
+
+    // A plain claim is the tenant's to make and change...
+    claims
+        .create(&pp, &claim("mine", "wait", "1Mi", json!({})))
+        .await
+        .expect("a plain claim");
+    let patch = PatchParams::default();
+    claims
+        .patch(
+            "mine",
+            &patch,
+            &merge(json!({"metadata": {"labels": {"tier": "gold"}}})),
+        )
+        .await
+        .expect("a label of the tenant's own");
+    // ...but not to mark for abandon or answer for.
+    refused_claim(
+        "a tenant adding abandon to its claim",
+        claims
+            .patch(
+                "mine",
+                &patch,
+                &merge(json!({"metadata": {"annotations": {"localnfs.io/abandon": "true"}}})),
+            )
+            .await,
+        "annotation localnfs.io/abandon is written by localnfs only: only the controller and the node agents add it",
+    );
+
+    // The controller's service account writes them.
+    let token = account_token(&client, NAMESPACE, "localnfs-controller", None).await;
+    let controller =
+        client_with_token(cluster.kubeconfig(), &token, lnfs.dir.path(), "controller").await;
+    Api::<PersistentVolumeClaim>::namespaced(controller, "default")
+        .patch(
+            "mine",
+            &patch,
+            &merge(json!({"metadata": {"labels": {"localnfs.io/node": "node-1"}}})),
+        )
+        .await
+        .expect("the controller places a claim");
+    // Once there, the tenant may not take it off, but may still annotate the claim.
+    refused_claim(
+        "a tenant removing the node label",
+        claims
+            .patch(
+                "mine",
+                &patch,
+                &merge(json!({"metadata": {"labels": {"localnfs.io/node": null}}})),
+            )
+            .await,
+        "label localnfs.io/node is written by localnfs only: only the controller and the node agents remove it",
+    );
+    claims
+        .patch(
+            "mine",
+            &patch,
+            &merge(json!({"metadata": {"annotations": {"note": "mine"}}})),
+        )
+        .await
+        .expect("an annotation of the tenant's own on a placed claim");
+
+    // failurePolicy Ignore: with the helper down, claim writes go through (the
+    // controller and the agents verify what they read; this is not the boundary).
+    lnfs.stop_scheduler().await;
+    claims
+        .create(&pp, &claim("while-down", "wait", "1Mi", json!({})))
+        .await
+        .expect("claims can be made while the helper is down");
 }

@@ -89,8 +89,10 @@ async fn install_for_1_20_and_examples_pass_a_server_side_dry_run_on_v1_20() {
     let cluster = start_cluster(&[]).await;
     let kc = cluster.kubeconfig().to_owned();
     // Namespaced objects need their namespace to exist for a dry run.
-    let (ok, out) = kubectl(&kc, &["create", "namespace", NAMESPACE], None);
-    assert!(ok, "{out}");
+    for ns in [NAMESPACE, "localnfs-heartbeats"] {
+        let (ok, out) = kubectl(&kc, &["create", "namespace", ns], None);
+        assert!(ok, "{out}");
+    }
 
     let mut docs = documents(&repo_file("deploy/install-1.20.yaml"));
     let mut examples: Vec<_> = ["storageclass", "storageclass/workloads"]
@@ -212,13 +214,18 @@ async fn each_component_meets_the_pod_security_level_its_namespace_enforces() {
 
     // The namespace for real (its workloads need it for a dry run), then the
     // workloads as the server would store them, defaults filled in.
+    // Every workload is in NAMESPACE (checked below); the other namespace holds
+    // heartbeat Leases only.
     let namespaces: Vec<_> = docs.iter().filter(|d| d.1 == "Namespace").collect();
-    assert_eq!(namespaces.len(), 1, "one namespace");
-    let (ok, out) = kubectl(
-        &kc,
-        &["apply", "-o", "json", "-f", "-"],
-        Some(&namespaces[0].2),
-    );
+    assert_eq!(namespaces.len(), 2, "localnfs's and the heartbeats'");
+    let ours = namespaces
+        .iter()
+        .find(|d| {
+            d.2.lines()
+                .any(|l| l.trim() == format!("name: {NAMESPACE}"))
+        })
+        .expect("localnfs's namespace");
+    let (ok, out) = kubectl(&kc, &["apply", "-o", "json", "-f", "-"], Some(&ours.2));
     assert!(ok, "{out}");
     let namespace: Value = serde_json::from_str(&out).expect("namespace");
     let labels = &namespace["metadata"]["labels"];

@@ -7,6 +7,7 @@ mod support;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::{Client, ResourceExt};
@@ -299,4 +300,58 @@ async fn a_volume_the_selected_nodes_agent_refuses_is_handed_back_to_the_schedul
         c.metadata
     );
     assert_eq!(pv_count(&client).await, 0);
+}
+
+#[tokio::test]
+async fn a_node_whose_clock_is_five_minutes_off_takes_volumes_and_keeps_them() {
+    let cluster = TestCluster::start().await.expect("control plane");
+    let client = cluster.client();
+    let mut lnfs = Localnfs::new(&cluster).await;
+    // "ahead": a roomy agent whose clock is 5 minutes fast, which beat once and died.
+    // "behind": a live agent whose clock is 5 minutes slow, renewing every second.
+    let leases: Api<Lease> = Api::namespaced(client.clone(), HEARTBEATS);
+    fake_heartbeat(&leases, "ahead", at(300), 100 << 30).await;
+    let beating = tokio::spawn({
+        let leases = leases.clone();
+        async move {
+            loop {
+                fake_heartbeat(&leases, "behind", at(-300), 10 << 30).await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    });
+    lnfs.start_controller_with(&["--agent-grace", "1s"]);
+    storage_class(&client, "now", json!({"volumeBindingMode": "Immediate"})).await;
+    // Longer than "ahead"'s 3 s lease after the controller first saw it.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    claims
+        .create(
+            &PostParams::default(),
+            &claim("data", "now", "1Gi", json!({})),
+        )
+        .await
+        .expect("create");
+    let placed = || async {
+        let c = claims.get("data").await.ok()?;
+        c.labels().get("localnfs.io/node").cloned()
+    };
+    eventually("data placed on the live node", WAIT, || async {
+        (placed().await? == "behind").then_some(())
+    })
+    .await;
+    // No agent answers here, so the claim waits on "behind": for many of its 3 s
+    // leases and the 1 s grace, and is not placed again, since the node keeps beating.
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(placed().await.as_deref(), Some("behind"));
+    }
+    let evs = events(&client, "data").await;
+    assert!(
+        !evs.iter()
+            .any(|(_, m)| m.contains("placing the claim again")),
+        "{evs:?}"
+    );
+    beating.abort();
 }

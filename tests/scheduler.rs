@@ -8,6 +8,7 @@ mod support;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Event, Node, PersistentVolumeClaim, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
@@ -382,4 +383,69 @@ async fn new_volumes_go_where_there_is_room_and_impossible_ones_say_why() {
         None,
         "no volume for a claim no node can hold"
     );
+}
+
+#[tokio::test]
+async fn a_node_whose_clock_is_five_minutes_off_is_neither_dropped_nor_kept_after_it_dies() {
+    let cluster = TestCluster::start().await.expect("control plane");
+    let client = cluster.client();
+    let mut lnfs = Localnfs::new(&cluster).await;
+    let (webhook_port, extender_port) = (free_port(), free_port());
+    lnfs.start_scheduler(&client, webhook_port, extender_port)
+        .await;
+    storage_class(&client, "local", json!({})).await;
+    Api::<PersistentVolumeClaim>::namespaced(client.clone(), "default")
+        .create(
+            &PostParams::default(),
+            &claim("data", "local", "1Mi", json!({})),
+        )
+        .await
+        .expect("claim");
+
+    // "behind": a live agent whose clock is 5 minutes slow, renewing every second.
+    // "ahead": an agent whose clock is 5 minutes fast, which beat once and died.
+    let leases: Api<Lease> = Api::namespaced(client.clone(), HEARTBEATS);
+    fake_heartbeat(&leases, "ahead", at(300), 10 << 30).await;
+    let beating = tokio::spawn({
+        let leases = leases.clone();
+        async move {
+            loop {
+                fake_heartbeat(&leases, "behind", at(-300), 10 << 30).await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    });
+
+    // A pod with a new WaitForFirstConsumer volume: only nodes with a live agent pass.
+    let args = json!({
+        "Pod": {"metadata": {"name": "db-0", "namespace": "default"}, "spec": {
+            "containers": [{"name": "db", "image": "db"}],
+            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data"}}]}},
+        "NodeNames": ["behind", "ahead"],
+    })
+    .to_string();
+    let extender = std::net::SocketAddr::from(([127, 0, 0, 1], extender_port));
+    let filter = || async {
+        let (status, body) = support::http_post(extender, "/filter", &args).await;
+        assert_eq!(status, 200, "{body}");
+        let answer: serde_json::Value = serde_json::from_str(&body).expect("filter answer");
+        (answer["NodeNames"].clone(), answer["FailedNodes"].clone())
+    };
+    let failed = eventually("only the live agent's node passes", WAIT, || async {
+        let (passed, failed) = filter().await;
+        (passed == json!(["behind"])).then_some(failed)
+    })
+    .await;
+    assert!(
+        failed["ahead"]
+            .as_str()
+            .is_some_and(|why| why.contains("no localnfs node agent")),
+        "{failed}"
+    );
+    // And it stays so, for several of the Lease's durations.
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(filter().await.0, json!(["behind"]));
+    }
+    beating.abort();
 }

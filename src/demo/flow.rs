@@ -25,6 +25,7 @@ use serde_json::json;
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
+use crate::objects::agents::HEARTBEAT_NAMESPACE;
 use localnfs_testbed::kernel::{KernelNode, quote};
 use localnfs_testbed::{Process, kubelet};
 
@@ -39,12 +40,9 @@ fn step(msg: &str) -> Error {
 /// `https://127.0.0.1:<webhook_port>/mutate`; the helper fills in its CA when it starts.
 pub async fn prepare(client: &Client, webhook_port: u16) -> Result<()> {
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    create(
-        &namespaces,
-        json!({"metadata": {"name": NAMESPACE}}),
-        "namespace",
-    )
-    .await?;
+    for ns in [NAMESPACE, HEARTBEAT_NAMESPACE] {
+        create(&namespaces, json!({"metadata": {"name": ns}}), "namespace").await?;
+    }
     let config = crate::scheduler::config::webhook_configuration(json!({
         "url": format!("https://127.0.0.1:{webhook_port}/mutate"),
     }))?;
@@ -189,7 +187,7 @@ pub struct Outcome {
 /// Runs the flow; returns what happened.
 pub async fn run(client: &Client, node: Arc<KernelNode>) -> Result<Outcome> {
     println!("waiting for the node agent's heartbeat...");
-    let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
+    let leases: Api<Lease> = Api::namespaced(client.clone(), HEARTBEAT_NAMESPACE);
     wait_until("node agent heartbeat", || async {
         leases
             .get_opt("localnfs-node-node-1")

@@ -107,7 +107,13 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         Ok(o) => {
             println!("{}", volumes_report(o));
             // The same table `localnfs status` prints.
-            match crate::status::render(&client, "localnfs-system", "localnfs.io/nfs").await {
+            match crate::status::render(
+                &client,
+                crate::objects::agents::HEARTBEAT_NAMESPACE,
+                "localnfs.io/nfs",
+            )
+            .await
+            {
                 Ok(t) => println!("localnfs status:\n{t}"),
                 Err(e) => println!("localnfs status failed: {e}"),
             }

@@ -73,6 +73,8 @@ pub struct ClusterConfig {
     pub node: String,
     /// Namespace of the heartbeat Lease.
     pub namespace: String,
+    /// localnfs's own namespace, where the controller publishes its public key.
+    pub install_namespace: String,
     pub nfs_port: u16,
     /// `--capacity`: the most all volumes together may be given.
     pub capacity: Option<u64>,
@@ -95,6 +97,7 @@ pub async fn run(
         client,
         node,
         namespace,
+        install_namespace,
         nfs_port,
         capacity,
         extra_allow,
@@ -134,7 +137,7 @@ pub async fn run(
     .for_each(|_| futures::future::ready(()));
     let key_watch = agent.controller_key.watch(
         agent.client.clone(),
-        &agent.namespace,
+        &install_namespace,
         move || {
             key_changed.send_replace(());
         },

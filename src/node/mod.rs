@@ -124,7 +124,8 @@ pub async fn run(args: NodeArgs) -> Result<()> {
         let cfg = cluster::ClusterConfig {
             client,
             node,
-            namespace: args.namespace.clone(),
+            namespace: args.heartbeats.heartbeat_namespace.clone(),
+            install_namespace: args.namespace.clone(),
             nfs_port: nfs_addr.port(),
             capacity: args.capacity,
             extra_allow: args.allow.clone(),

@@ -25,7 +25,7 @@ use super::step::{self, Facts, Failure, Placement, Step, Then};
 use super::triggers::ClaimKey;
 use crate::error::{Error, Result};
 use crate::kubeclient::annotation;
-use crate::objects::agents::{AgentInfo, unix_now};
+use crate::objects::agents::{AgentInfo, observer_now};
 use crate::objects::claim::{claimed_by, pv_name};
 use crate::objects::keys::*;
 use crate::objects::signed::{self, Message, Signer, VolumeRequest};
@@ -210,7 +210,7 @@ impl Ctx {
     /// Why we stop waiting for `node`'s agent, when it has been silent past its lease
     /// and the grace ([`pv::agent_given_up`]); `None` while it may still answer.
     fn agent_gone(&self, node: &str) -> Option<String> {
-        let now = unix_now();
+        let now = observer_now();
         let expires =
             crate::kubeclient::read(&self.agents, |agents| agents.get(node).map(|a| a.expires));
         let grace = i64::try_from(self.agent_grace.as_secs()).unwrap_or(i64::MAX);
@@ -240,7 +240,7 @@ impl Ctx {
     /// Live node agents, their free space and NFS port, from the heartbeat Leases
     /// (watched, not listed per claim: the Leases also carry per-volume usage).
     fn node_rooms(&self) -> Vec<(NodeRoom, u16)> {
-        let now = unix_now();
+        let now = observer_now();
         crate::kubeclient::read(&self.agents, |agents| {
             agents
                 .iter()

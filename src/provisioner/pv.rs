@@ -160,8 +160,9 @@ pub fn choose_node(
         })
 }
 
-/// Whether to stop waiting for a node's agent: its heartbeat lease (`expires`, unix
-/// seconds; `None`: it has none) ran out more than `grace` seconds before `now`.
+/// Whether to stop waiting for a node's agent: its heartbeat lease (`expires`, on the
+/// observer's own clock, as `now` is; `None`: it has none) ran out more than `grace`
+/// seconds before `now`.
 pub fn agent_given_up(expires: Option<i64>, now: i64, grace: i64) -> bool {
     expires.is_none_or(|e| now > e.saturating_add(grace))
 }

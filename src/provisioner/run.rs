@@ -35,8 +35,13 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
     let admin = admin::start(args.admin.admin_addr, registry, &shutdown).await?;
     let readiness = admin.readiness.clone();
     let agents = crate::kubeclient::Shared::default();
-    let mut agents_listed =
-        crate::objects::agents::watch(&client, &args.install.namespace, &agents, |a| a, &shutdown);
+    let mut agents_listed = crate::objects::agents::watch(
+        &client,
+        &args.install.heartbeats.heartbeat_namespace,
+        &agents,
+        |a| a,
+        &shutdown,
+    );
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         provisioner: args.install.provisioner_name.clone(),

@@ -27,6 +27,8 @@ const CACHE_MAX: usize = 4096;
 pub struct Agents {
     pods: Api<Pod>,
     namespace: String,
+    /// Where the agents' heartbeat Leases are (the only Leases an agent may write).
+    heartbeats: String,
     account: String,
     username: String,
     nodes: Mutex<HashMap<String, String>>,
@@ -40,11 +42,13 @@ enum NoNode {
 }
 
 impl Agents {
-    /// Agents run as service account `account` in `namespace`, where their pods are.
-    pub fn new(client: kube::Client, namespace: &str, account: &str) -> Self {
+    /// Agents run as service account `account` in `namespace`, where their pods are;
+    /// their heartbeat Leases are in `heartbeats`.
+    pub fn new(client: kube::Client, namespace: &str, heartbeats: &str, account: &str) -> Self {
         Self {
             pods: Api::namespaced(client, namespace),
             namespace: namespace.to_owned(),
+            heartbeats: heartbeats.to_owned(),
             account: account.to_owned(),
             username: format!("system:serviceaccount:{namespace}:{account}"),
             nodes: Mutex::default(),
@@ -103,7 +107,7 @@ impl Agents {
             old: old.as_ref(),
             new: new.as_ref(),
         };
-        match guard::check(&node, &self.namespace, &write) {
+        match guard::check(&node, &self.heartbeats, &write) {
             Ok(()) => resp.into_review(),
             Err(why) => self.refuse(
                 &req,

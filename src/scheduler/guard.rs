@@ -14,7 +14,9 @@
 //!     the agent's answer annotations ([`READY`], [`REFUSED`], [`REMOVED`]) change;
 //!   - a PV: UPDATE only, labelled with N before and after, and only its [`SIZE`]
 //!     annotation changes or our finalizer ([`PV_FINALIZER`]) is removed;
-//!   - a Lease: only `localnfs-node-N` in localnfs's namespace, labelled with N;
+//!   - a Lease: only `localnfs-node-N` in the heartbeat namespace, labelled with N
+//!     (RBAC gives the agents Leases in that namespace only, so the controller's
+//!     leader Lease, in localnfs's namespace, is out of their reach without this);
 //!   - anything else: refused.
 //!
 //! Fields the API server itself maintains (`resourceVersion`, `managedFields`,
@@ -109,7 +111,7 @@ pub fn lease_name(node: &str) -> String {
 }
 
 /// Whether the agent on `node` may make `write`; `Err` says why not. `namespace` is
-/// localnfs's (where the heartbeat Leases live).
+/// the heartbeat namespace (where the agents' Leases live).
 pub fn check(node: &str, namespace: &str, write: &Write<'_>) -> Result<(), String> {
     let what = match write.kind {
         Kind::Claim => format!("claim {}/{}", write.namespace, write.name),
@@ -282,7 +284,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    const NS: &str = "localnfs-system";
+    const NS: &str = "localnfs-heartbeats";
 
     fn claim(node: &str, annotations: Value) -> Value {
         json!({
@@ -456,7 +458,7 @@ mod tests {
         for (ns, name) in [
             (NS, "localnfs-node-n2"),
             (NS, "localnfs-controller"),
-            ("kube-node-lease", "localnfs-node-n1"),
+            ("localnfs-system", "localnfs-node-n1"),
         ] {
             let w = Write {
                 operation: Operation::Update,

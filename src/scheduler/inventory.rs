@@ -52,7 +52,8 @@ pub struct Inventory {
 }
 
 impl Inventory {
-    /// The live agent on `node` at `now` (unix seconds), if any.
+    /// The live agent on `node` at `now` ([`crate::objects::agents::observer_now`]),
+    /// if any.
     pub fn agent(&self, node: &str, now: i64) -> Option<&AgentInfo> {
         self.agents.get(node).filter(|a| a.expires >= now)
     }

@@ -6,6 +6,10 @@
 //! - A **validating admission webhook** (HTTPS, `POST /validate`) keeps each node agent
 //!   to its own node's claims, PVs and heartbeat Lease ([`guard`] decides, [`agents`]
 //!   finds the calling agent's node), as NodeRestriction does for kubelets.
+//! - A **validating admission webhook** for claims (HTTPS, `POST /validate-claims`)
+//!   refuses localnfs's own keys on claims from anyone but the controller and the
+//!   agents ([`claims_guard`] decides, [`claims_review`] reads and answers); a help,
+//!   not the trust boundary (it fails open).
 //! - A **kube-scheduler extender** (`POST /filter`, `POST /prioritize`) refuses nodes
 //!   that cannot hold the pod's WaitForFirstConsumer volumes or are not the home of its
 //!   `strict` volumes, and scores the home node highest ([`decide`]).
@@ -16,6 +20,8 @@
 
 pub mod affinity;
 pub mod agents;
+pub mod claims_guard;
+pub mod claims_review;
 pub mod config;
 pub mod decide;
 pub mod guard;

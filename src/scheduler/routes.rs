@@ -1,6 +1,6 @@
 //! HTTP routes of the scheduler helper. The same table serves the webhook listener
 //! (TLS) and the extender listener (plain HTTP), so either can carry either call
-//! (`/validate` answers only whoever asks: what it allows is decided by the API server
+//! (`/validate` and `/validate-claims` answer only whoever asks: what it allows is decided by the API server
 //! calling it over TLS, so a forged review on the plain listener changes nothing).
 
 use std::time::Instant;
@@ -73,6 +73,8 @@ pub struct Helper {
     pub metrics: HelperMetrics,
     /// The node agents' write guard (`/validate`); `None`: not served.
     pub agents: Option<super::agents::Agents>,
+    /// The claim webhook (`/validate-claims`): localnfs's keys on claims.
+    pub claims: super::claims_review::ClaimGuard,
 }
 
 fn encode<T: Serialize>(value: &T) -> Response<Full<Bytes>> {
@@ -101,7 +103,8 @@ impl Helper {
     /// Decodes, decides and encodes one call of `route` (`filter`, `prioritize`,
     /// `mutate`).
     pub fn answer(&self, route: &'static str, body: &[u8]) -> Response<Full<Bytes>> {
-        let now = crate::objects::agents::unix_now();
+        // Heartbeat expiries are on the helper's own monotonic clock (objects::agents).
+        let now = crate::objects::agents::observer_now();
         let inv = &self.inventory;
         let bad = |e| self.bad_request(route, e);
         match route {
@@ -128,6 +131,7 @@ impl web::Routes for Helper {
             (&Method::POST, "/prioritize") => "prioritize",
             (&Method::POST, "/mutate") => "mutate",
             (&Method::POST, "/validate") if self.agents.is_some() => "validate",
+            (&Method::POST, "/validate-claims") => "validate-claims",
             (&Method::GET, "/healthz") => return text(StatusCode::OK, "ok\n".into()),
             _ => return text(StatusCode::NOT_FOUND, "not found\n".into()),
         };
@@ -136,6 +140,12 @@ impl web::Routes for Helper {
             ("validate", Some(agents)) => {
                 match serde_json::from_slice::<AdmissionReview<DynamicObject>>(req.body()) {
                     Ok(review) => encode(&agents.review(review).await),
+                    Err(e) => self.bad_request(route, e),
+                }
+            }
+            ("validate-claims", _) => {
+                match serde_json::from_slice::<AdmissionReview<DynamicObject>>(req.body()) {
+                    Ok(review) => encode(&self.claims.review(review)),
                     Err(e) => self.bad_request(route, e),
                 }
             }

@@ -1,6 +1,6 @@
 //! `localnfs scheduler`: starts the watches, gets the webhook certificate, and serves
-//! the webhooks (TLS: `/mutate`, `/validate`) and extender (plain HTTP) listeners until
-//! SIGTERM.
+//! the webhooks (TLS: `/mutate`, `/validate`, `/validate-claims`) and extender (plain
+//! HTTP) listeners until SIGTERM.
 
 use std::sync::Arc;
 
@@ -12,6 +12,7 @@ use kube::api::Api;
 use tokio_rustls::TlsAcceptor;
 
 use super::agents::Agents;
+use super::claims_review::ClaimGuard;
 use super::routes::{Helper, HelperMetrics};
 use super::tls::{self, Resolver, SecretSource, Source, WebhookConfig};
 use super::watch;
@@ -56,6 +57,12 @@ pub async fn run(args: SchedulerArgs) -> Result<()> {
                         args.agent_webhook_config.clone(),
                     )
                 }),
+                (!args.claim_webhook_config.is_empty()).then(|| {
+                    WebhookConfig::Validating(
+                        Api::<ValidatingWebhookConfiguration>::all(client.clone()),
+                        args.claim_webhook_config.clone(),
+                    )
+                }),
             ]
             .into_iter()
             .flatten()
@@ -91,19 +98,26 @@ pub async fn run(args: SchedulerArgs) -> Result<()> {
     let mut synced = watch::start(
         &client,
         &args.install.provisioner_name,
-        &args.install.namespace,
+        &args.install.heartbeats.heartbeat_namespace,
         &inventory,
         &shutdown,
     );
     let agents = Agents::new(
         client.clone(),
         &args.install.namespace,
+        &args.install.heartbeats.heartbeat_namespace,
+        &args.node_service_account,
+    );
+    let claims = ClaimGuard::new(
+        &args.install.namespace,
+        &args.controller_service_account,
         &args.node_service_account,
     );
     let helper = Arc::new(Helper {
         inventory,
         metrics,
         agents: Some(agents),
+        claims,
     });
     let webhook = tokio::spawn(crate::web::serve(
         "webhook",

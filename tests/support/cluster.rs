@@ -13,7 +13,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Event, Namespace, PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::StorageClass;
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use localnfs_testbed::kernel::{KernelNode, TestNetwork, quote};
@@ -27,9 +27,13 @@ use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
 };
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::jiff::Timestamp;
 use localnfs::scheduler::config::WEBHOOK_CONFIG;
 
 pub const NAMESPACE: &str = "localnfs-system";
+/// Where the agents' heartbeat Leases are (the default `--heartbeat-namespace`).
+pub const HEARTBEATS: &str = localnfs::objects::agents::HEARTBEAT_NAMESPACE;
 
 /// A running localnfs installation on a test cluster.
 pub struct Localnfs {
@@ -53,7 +57,7 @@ pub fn free_port() -> u16 {
 
 /// Waits until `node`'s agent has announced itself (its heartbeat Lease exists).
 pub async fn wait_for_heartbeat(client: &Client, node: &str) {
-    let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
+    let leases: Api<Lease> = Api::namespaced(client.clone(), HEARTBEATS);
     let name = format!("localnfs-node-{node}");
     eventually(
         &format!("{node} agent heartbeat"),
@@ -61,6 +65,32 @@ pub async fn wait_for_heartbeat(client: &Client, node: &str) {
         || async { leases.get_opt(&name).await.ok()?.map(|_| ()) },
     )
     .await;
+}
+
+/// Writes node `node`'s heartbeat Lease as an agent whose clock reads `renewed` would
+/// (no agent runs): `free` bytes free, valid for 3 s after its renewal.
+pub async fn fake_heartbeat(leases: &Api<Lease>, node: &str, renewed: Timestamp, free: u64) {
+    let name = format!("localnfs-node-{node}");
+    let body = json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": name, "labels": {"localnfs.io/node": node},
+            "annotations": {"localnfs.io/free-bytes": free.to_string()}},
+        "spec": {"holderIdentity": node, "leaseDurationSeconds": 3,
+            "renewTime": MicroTime(renewed)},
+    });
+    leases
+        .patch(
+            &name,
+            &PatchParams::apply("test-agent").force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .expect("heartbeat");
+}
+
+/// `offset` seconds from now on the test's clock.
+pub fn at(offset: i64) -> Timestamp {
+    Timestamp::from_second(Timestamp::now().as_second() + offset).expect("time")
 }
 
 /// Starts `localnfs ARGS` with its admin listener on a free port, recorded in `admin`
@@ -93,14 +123,16 @@ fn spawn(
 }
 
 impl Localnfs {
-    /// Creates the namespace; nothing runs yet.
+    /// Creates the namespaces; nothing runs yet.
     pub async fn new(cluster: &TestCluster) -> Localnfs {
         let ns: Api<Namespace> = Api::all(cluster.client());
-        let body: Namespace =
-            serde_json::from_value(json!({"metadata": {"name": NAMESPACE}})).expect("ns");
-        ns.create(&PostParams::default(), &body)
-            .await
-            .expect("create namespace");
+        for name in [NAMESPACE, HEARTBEATS] {
+            let body: Namespace =
+                serde_json::from_value(json!({"metadata": {"name": name}})).expect("ns");
+            ns.create(&PostParams::default(), &body)
+                .await
+                .expect("create namespace");
+        }
         Localnfs {
             kubeconfig: cluster.kubeconfig().to_owned(),
             dir: tempfile::tempdir().expect("tempdir"),
@@ -257,22 +289,22 @@ impl Localnfs {
         )
         .await;
         let guard: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
-        if guard
-            .get_opt(super::credentials::AGENT_GUARD)
-            .await
-            .expect("read")
-            .is_some()
-        {
-            eventually(
-                "the helper's CA in the agents' write guard",
-                Duration::from_secs(60),
-                || async {
-                    super::credentials::agent_guard_trusted(client)
-                        .await
-                        .then_some(())
-                },
-            )
-            .await;
+        for name in [
+            super::credentials::AGENT_GUARD,
+            super::credentials::CLAIM_GUARD,
+        ] {
+            if guard.get_opt(name).await.expect("read").is_some() {
+                eventually(
+                    &format!("the helper's CA in {name}"),
+                    Duration::from_secs(60),
+                    || async {
+                        super::credentials::validating_trusted(client, name)
+                            .await
+                            .then_some(())
+                    },
+                )
+                .await;
+            }
         }
     }
 

@@ -22,6 +22,8 @@ use super::cluster::NAMESPACE;
 pub const AGENT_ACCOUNT: &str = "localnfs-node";
 /// The agents' write guard (deploy/base/webhook.yaml).
 pub const AGENT_GUARD: &str = "localnfs-agents";
+/// The claim webhook (deploy/base/webhook.yaml).
+pub const CLAIM_GUARD: &str = "localnfs-claims";
 
 fn deploy(file: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -81,26 +83,40 @@ pub fn apply_namespace_and_rbac(kubeconfig: &Path) {
 /// Registers the shipped ValidatingWebhookConfiguration with every webhook's
 /// clientConfig replaced by `https://127.0.0.1:<port>/validate` (no Service here).
 pub async fn register_agent_guard(client: &Client, kubeconfig: &Path, port: u16) {
+    register_validating(client, kubeconfig, AGENT_GUARD, port).await;
+}
+
+/// Registers the shipped ValidatingWebhookConfiguration `name` with each webhook's
+/// clientConfig replaced by `https://127.0.0.1:<port><its path>` (no Service here).
+pub async fn register_validating(client: &Client, kubeconfig: &Path, name: &str, port: u16) {
     let mut config = manifest_objects(kubeconfig, "webhook.yaml")
         .into_iter()
-        .find(|o| o["kind"] == "ValidatingWebhookConfiguration")
-        .expect("webhook.yaml has the agents' ValidatingWebhookConfiguration");
-    assert_eq!(config["metadata"]["name"], AGENT_GUARD);
+        .find(|o| o["kind"] == "ValidatingWebhookConfiguration" && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("webhook.yaml has the ValidatingWebhookConfiguration {name}"));
     for w in config["webhooks"].as_array_mut().expect("webhooks") {
-        w["clientConfig"] = json!({"url": format!("https://127.0.0.1:{port}/validate")});
+        let path = w["clientConfig"]["service"]["path"]
+            .as_str()
+            .expect("service path")
+            .to_owned();
+        w["clientConfig"] = json!({"url": format!("https://127.0.0.1:{port}{path}")});
     }
     let config: ValidatingWebhookConfiguration =
         serde_json::from_value(config).expect("ValidatingWebhookConfiguration");
     Api::<ValidatingWebhookConfiguration>::all(client.clone())
         .create(&PostParams::default(), &config)
         .await
-        .expect("create the agents' write guard");
+        .unwrap_or_else(|e| panic!("create {name}: {e}"));
 }
 
 /// Whether the helper has written its CA into every webhook of the guard.
 pub async fn agent_guard_trusted(client: &Client) -> bool {
+    validating_trusted(client, AGENT_GUARD).await
+}
+
+/// Whether the helper has written its CA into every webhook of configuration `name`.
+pub async fn validating_trusted(client: &Client, name: &str) -> bool {
     Api::<ValidatingWebhookConfiguration>::all(client.clone())
-        .get_opt(AGENT_GUARD)
+        .get_opt(name)
         .await
         .ok()
         .flatten()
@@ -133,14 +149,24 @@ pub async fn agent_pod(client: &Client, kubeconfig: &Path, node: &str) -> Pod {
 /// A token of the agents' service account bound to `pod` (what kubelet writes into
 /// the projected volume), or bound to nothing when `pod` is `None`.
 pub async fn agent_token(client: &Client, pod: Option<&Pod>) -> String {
+    account_token(client, NAMESPACE, AGENT_ACCOUNT, pod).await
+}
+
+/// A token of service account `namespace/account`, bound to `pod` if given.
+pub async fn account_token(
+    client: &Client,
+    namespace: &str,
+    account: &str,
+    pod: Option<&Pod>,
+) -> String {
     let bound = pod
         .map(|p| json!({"kind": "Pod", "apiVersion": "v1", "name": p.name_any(), "uid": p.uid()}));
     let req: TokenRequest = serde_json::from_value(json!({
         "spec": {"audiences": [], "expirationSeconds": 3600, "boundObjectRef": bound},
     }))
     .expect("token request");
-    Api::<ServiceAccount>::namespaced(client.clone(), NAMESPACE)
-        .create_token_request(AGENT_ACCOUNT, &PostParams::default(), &req)
+    Api::<ServiceAccount>::namespaced(client.clone(), namespace)
+        .create_token_request(account, &PostParams::default(), &req)
         .await
         .expect("TokenRequest")
         .status
