@@ -15,9 +15,13 @@
 //! reply its call can produce are charged to the server-wide budget until the reply
 //! has left. No wait on the client is unbounded: the next record's first byte
 //! (idle timeout, while nothing is in flight), the rest of a record (record timeout),
-//! a reply's way out (send timeout; then the connection is dropped). On shutdown the
-//! connection stops reading, finishes the calls it has, sends their replies, then
-//! closes.
+//! a reply's way out (send timeout; then the connection is dropped). Each socket's
+//! kernel buffers are bounded ([`SEND_BUFFER`], [`RECEIVE_BUFFER`]), and what a written
+//! reply still occupies in the send buffer stays charged to the budget until the client
+//! has taken it (measured with `SIOCOUTQ` after each write, then again as it drains):
+//! a client that does not read its replies holds at most one send buffer, counted, and
+//! stalls only itself. On shutdown the connection stops reading, finishes the calls it
+//! has and sends their replies, then closes; past the drain deadline it is cut.
 
 use std::cell::Cell;
 use std::net::{IpAddr, SocketAddr};
@@ -29,12 +33,12 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Mutex, Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::buffers::BufferPool;
 use super::dirops;
-use super::limits::{Budget, Charge, Limits, Waits};
+use super::limits::{Budget, Charge, Limits, Waiting, Waits};
 use super::mount;
 use super::ops::{self, Ctx, MAX_IO};
 use super::reply::{Early, encode};
@@ -58,6 +62,20 @@ const SMALL_REPLY: usize = 16 * 1024;
 /// How long a blocking thread waits for another writer to free the socket before it
 /// hands its reply to the writer task: several 1 MiB sends to a client that reads.
 const LOCK_WAIT: Duration = Duration::from_millis(5);
+/// Kernel send buffer asked for each connection (Linux doubles it; `net.core.wmem_max`
+/// caps it): room for a good part of a 1 MiB READ reply, so a client that reads keeps
+/// the data moving, while one that does not pins at most this much (charged, see the
+/// module doc) instead of the megabytes send autotuning would let it reach.
+pub const SEND_BUFFER: usize = 256 * 1024;
+/// Kernel receive buffer asked for each connection (doubled likewise): calls waiting
+/// while the server does not read (the budget or the connection's call slots are
+/// full) sit here, a fixed cost per connection outside the budget, like the read
+/// buffer.
+pub const RECEIVE_BUFFER: usize = 128 * 1024;
+/// A connection with unsent bytes charged measures its socket again this long after a
+/// write, doubling up to [`UNSENT_POLL_MAX`] while the client takes nothing.
+const UNSENT_POLL_MIN: Duration = Duration::from_millis(1);
+const UNSENT_POLL_MAX: Duration = Duration::from_millis(250);
 /// What a reply other than READ's and READDIR's data can take: attributes, wcc data,
 /// a handle, a path (RFC 1813 limits each).
 const SMALL_RESULT: usize = 4 * 1024;
@@ -126,7 +144,7 @@ fn reply_bound(record: &[u8]) -> usize {
 /// it has left.
 struct Queued {
     bytes: Vec<u8>,
-    _held: (OwnedSemaphorePermit, Charge),
+    held: (OwnedSemaphorePermit, Charge),
 }
 
 /// What every connection of one server shares.
@@ -139,13 +157,29 @@ pub struct Shared {
     pub idle: Waits,
     /// Connections being served.
     pub connections: AtomicUsize,
+    /// Cancelled when the drain deadline has passed after shutdown: connections still
+    /// sending are cut.
+    pub abort: CancellationToken,
+}
+
+/// The socket's write half, and what its unsent bytes hold of the budget.
+struct Sink {
+    wr: OwnedWriteHalf,
+    /// Bytes written but not yet taken by the client (the kernel still holds them).
+    unsent: Charge,
+    /// Registered while `unsent` holds bytes, anew whenever the client takes some:
+    /// while others wait for room, the connection whose client has taken nothing for
+    /// longest is dropped (see `limits`).
+    stalled: Option<Waiting>,
 }
 
 /// The sending side of one connection, shared by its writer task and the blocking
 /// threads that write their own replies.
 struct Outbox {
     /// The send lock: whoever holds it writes whole records.
-    sink: Mutex<OwnedWriteHalf>,
+    sink: Mutex<Sink>,
+    /// A blocking-pool thread wrote: the writer task watches the socket drain.
+    written: Notify,
     /// Cancelled when the budget drops this connection to make room.
     dropped: CancellationToken,
     budget: Budget,
@@ -171,17 +205,23 @@ pub async fn serve(
     }
     let limits = shared.limits;
     let fd = stream.as_raw_fd();
+    splice::bound_buffers(fd, SEND_BUFFER, RECEIVE_BUFFER);
     let (rd, wr) = stream.into_split();
     let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
     let (tx, rx) = mpsc::channel::<Queued>(MAX_IN_FLIGHT);
     let out = Arc::new(Outbox {
-        sink: Mutex::new(wr),
+        sink: Mutex::new(Sink {
+            wr,
+            unsent: shared.budget.empty(),
+            stalled: None,
+        }),
+        written: Notify::new(),
         dropped: CancellationToken::new(),
         budget: shared.budget.clone(),
         limits,
         peer,
     });
-    let writer = tokio::spawn(write_replies(rx, out.clone()));
+    let mut writer = tokio::spawn(write_replies(rx, out.clone()));
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     // The last free connection slot was just taken: close the connection idle longest
     // so the next client is not left in the backlog until someone's idle timeout
@@ -283,7 +323,7 @@ pub async fn serve(
                     &tx,
                     Queued {
                         bytes,
-                        _held: (slot, charge),
+                        held: (slot, charge),
                     },
                 );
                 // The writer task sends it now, before this task looks for the next
@@ -307,9 +347,18 @@ pub async fn serve(
         splice::abort(fd);
     }
     // Replies of calls still running go out before the socket closes. The writer
-    // ends when every sender is gone: this task's, and those of calls still running.
+    // ends when every sender is gone: this task's, and those of calls still running;
+    // or, after shutdown, when the drain deadline cuts the connection.
     drop(tx);
-    let _ = writer.await;
+    tokio::select! {
+        _ = &mut writer => {}
+        () = shared.abort.cancelled() => {
+            tracing::info!(%peer, "closing connection: drain deadline passed");
+            splice::abort(fd);
+            writer.abort();
+            let _ = writer.await;
+        }
+    }
 }
 
 /// Reads the first byte of the next record, waiting as long as calls are in flight
@@ -378,7 +427,7 @@ impl Outbox {
         &self,
         reply: Reply,
         tx: &mpsc::Sender<Queued>,
-        held: (OwnedSemaphorePermit, Charge),
+        mut held: (OwnedSemaphorePermit, Charge),
     ) {
         // Called from a blocking-pool thread only (it has the runtime's context and may
         // block on it); if the runtime is shutting down the timer is gone and the
@@ -392,18 +441,22 @@ impl Outbox {
                 .ok()
         });
         match wr {
-            Some(wr) => {
+            Some(mut sink) => {
                 // Written from this thread: no hand-off to the writer task, no wake-up.
-                let sock = wr.as_ref().as_raw_fd();
-                let _waiting = self.budget.waiting(&self.dropped);
+                let sock = sink.wr.as_ref().as_raw_fd();
+                let waiting = self.budget.waiting(&self.dropped);
                 let deadline = Instant::now() + self.limits.send_timeout;
                 if let Err(e) = reply.send(sock, deadline) {
                     tracing::info!(peer = %self.peer, errno = e.0, "closing connection: reply not taken in time");
                     splice::abort(sock);
                 }
+                drop(waiting);
+                if self.settle(&mut sink, std::iter::once(&mut held.1)) {
+                    self.written.notify_one();
+                }
             }
             None => match reply.into_bytes() {
-                Ok(bytes) => queue(tx, Queued { bytes, _held: held }),
+                Ok(bytes) => queue(tx, Queued { bytes, held }),
                 Err(e) => {
                     tracing::debug!(peer = %self.peer, errno = e.0, "reply lost: pipe read failed");
                 }
@@ -427,23 +480,80 @@ impl Outbox {
         }
         true
     }
+
+    /// Charges the connection exactly what the kernel still holds of its replies
+    /// (`SIOCOUTQ`): what grew is moved from `sent`, the charges of the replies just
+    /// written (never waiting for the budget: those bytes were charged already), what
+    /// the client took goes back to the budget. Returns whether bytes are still held.
+    fn settle<'a>(&self, sink: &mut Sink, sent: impl IntoIterator<Item = &'a mut Charge>) -> bool {
+        let held = sink.unsent.bytes();
+        // A socket that cannot be asked is closing: nothing of it is worth keeping.
+        let queued = splice::unsent(sink.wr.as_ref().as_raw_fd()).unwrap_or(0);
+        let mut grow = queued.saturating_sub(held);
+        for charge in sent {
+            if grow == 0 {
+                break;
+            }
+            grow -= charge.move_into(grow, &mut sink.unsent);
+        }
+        sink.unsent.keep(queued);
+        if sink.unsent.bytes() == 0 {
+            sink.stalled = None;
+            return false;
+        }
+        if queued < held || sink.stalled.is_none() {
+            // The client took something (or this is the first wait): its stall starts now.
+            sink.stalled = Some(self.budget.waiting(&self.dropped));
+        }
+        true
+    }
+}
+
+/// The next wait before measuring the socket again: `None` once nothing is unsent.
+fn next_poll(still_unsent: bool, last: Option<Duration>) -> Option<Duration> {
+    still_unsent.then(|| last.map_or(UNSENT_POLL_MIN, |p| (p * 2).min(UNSENT_POLL_MAX)))
 }
 
 /// The writer task: small replies that finished together leave in one write (fewer
-/// syscalls under load); large ones are written as they are, never copied again.
+/// syscalls under load); large ones are written as they are, never copied again. While
+/// the socket holds unsent bytes it measures them again now and then, so the budget
+/// gets them back as the client reads (see [`Outbox::settle`]).
 async fn write_replies(mut rx: mpsc::Receiver<Queued>, out: Arc<Outbox>) {
     let mut batch = Vec::new();
-    let mut sent = Vec::new();
-    'replies: while let Some(first) = rx.recv().await {
-        let mut wr = out.sink.lock().await;
+    let mut sent: Vec<Queued> = Vec::new();
+    let mut poll: Option<Duration> = None;
+    'replies: loop {
+        let first = tokio::select! {
+            r = rx.recv() => match r {
+                Some(q) => q,
+                None => break,
+            },
+            () = out.written.notified() => {
+                poll = Some(UNSENT_POLL_MIN);
+                continue;
+            }
+            () = tokio::time::sleep(poll.unwrap_or_default()), if poll.is_some() => {
+                // Busy: the thread sending now settles when it is done.
+                if let Ok(mut sink) = out.sink.try_lock() {
+                    poll = next_poll(out.settle(&mut sink, std::iter::empty()), poll);
+                }
+                continue;
+            }
+        };
+        let mut sink = out.sink.lock().await;
         let mut next = Some(first);
-        while let Some(reply) = next.take() {
+        while let Some(mut reply) = next.take() {
             if reply.bytes.len() > SMALL_REPLY {
-                if !out.write(&mut wr, &batch).await || !out.write(&mut wr, &reply.bytes).await {
+                if !out.write(&mut sink.wr, &batch).await {
                     break 'replies;
                 }
+                out.settle(&mut sink, sent.iter_mut().map(|q| &mut q.held.1));
                 batch.clear();
                 sent.clear();
+                if !out.write(&mut sink.wr, &reply.bytes).await {
+                    break 'replies;
+                }
+                out.settle(&mut sink, std::iter::once(&mut reply.held.1));
             } else {
                 batch.extend_from_slice(&reply.bytes);
                 sent.push(reply);
@@ -452,14 +562,29 @@ async fn write_replies(mut rx: mpsc::Receiver<Queued>, out: Arc<Outbox>) {
                 next = rx.try_recv().ok();
             }
         }
-        if !out.write(&mut wr, &batch).await {
+        if !out.write(&mut sink.wr, &batch).await {
             break;
         }
+        let unsent = out.settle(&mut sink, sent.iter_mut().map(|q| &mut q.held.1));
+        poll = next_poll(unsent, None);
         batch.clear();
-        // Their slots and budget come back now that they have left.
+        // Their slots and the rest of their budget come back now that they have left.
         sent.clear();
     }
-    let _ = out.sink.lock().await.shutdown().await;
+    // The last replies: the client gets as long as the send timeout to take them, then
+    // the connection is reset (which frees the kernel's copy at once).
+    let mut sink = out.sink.lock().await;
+    let deadline = Instant::now() + out.limits.send_timeout;
+    let mut wait = None;
+    while let Some(w) = next_poll(out.settle(&mut sink, std::iter::empty()), wait) {
+        if Instant::now() >= deadline || out.dropped.is_cancelled() {
+            splice::abort(sink.wr.as_ref().as_raw_fd());
+            break;
+        }
+        tokio::time::sleep(w).await;
+        wait = Some(w);
+    }
+    let _ = sink.wr.shutdown().await;
 }
 
 /// The answer to a call from an unreserved port when reserved ports are required:
