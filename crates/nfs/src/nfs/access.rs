@@ -308,6 +308,9 @@ mod tests {
         assert!(!access.allows(ip("127.0.0.3"), &vol("a")));
         std::fs::write(&file, b"{}").expect("write");
         access.reload();
-        assert!(access.allows(ip("127.0.0.3"), &vol("a")), "`{{}}` clears them");
+        assert!(
+            access.allows(ip("127.0.0.3"), &vol("a")),
+            "`{{}}` clears them"
+        );
     }
 }
