@@ -171,6 +171,10 @@ struct Sink {
     /// while others wait for room, the connection whose client has taken nothing for
     /// longest is dropped (see `limits`).
     stalled: Option<Waiting>,
+    /// The writer task is measuring the socket as it drains (it alone sets this false,
+    /// once nothing is unsent): a blocking-pool thread that leaves bytes unsent wakes it
+    /// only when it is not, so a spliced READ costs no wake-up in the common case.
+    watched: bool,
 }
 
 /// The sending side of one connection, shared by its writer task and the blocking
@@ -178,7 +182,7 @@ struct Sink {
 struct Outbox {
     /// The send lock: whoever holds it writes whole records.
     sink: Mutex<Sink>,
-    /// A blocking-pool thread wrote: the writer task watches the socket drain.
+    /// A blocking-pool thread left bytes unsent: the writer task watches them drain.
     written: Notify,
     /// Cancelled when the budget drops this connection to make room.
     dropped: CancellationToken,
@@ -214,6 +218,7 @@ pub async fn serve(
             wr,
             unsent: shared.budget.empty(),
             stalled: None,
+            watched: false,
         }),
         written: Notify::new(),
         dropped: CancellationToken::new(),
@@ -451,7 +456,8 @@ impl Outbox {
                     splice::abort(sock);
                 }
                 drop(waiting);
-                if self.settle(&mut sink, std::iter::once(&mut held.1)) {
+                if self.settle(&mut sink, std::iter::once(&mut held.1)) && !sink.watched {
+                    sink.watched = true;
                     self.written.notify_one();
                 }
             }
@@ -536,6 +542,7 @@ async fn write_replies(mut rx: mpsc::Receiver<Queued>, out: Arc<Outbox>) {
                 // Busy: the thread sending now settles when it is done.
                 if let Ok(mut sink) = out.sink.try_lock() {
                     poll = next_poll(out.settle(&mut sink, std::iter::empty()), poll);
+                    sink.watched = poll.is_some();
                 }
                 continue;
             }
@@ -567,6 +574,7 @@ async fn write_replies(mut rx: mpsc::Receiver<Queued>, out: Arc<Outbox>) {
         }
         let unsent = out.settle(&mut sink, sent.iter_mut().map(|q| &mut q.held.1));
         poll = next_poll(unsent, None);
+        sink.watched = poll.is_some();
         batch.clear();
         // Their slots and the rest of their budget come back now that they have left.
         sent.clear();
