@@ -334,39 +334,49 @@ async fn honest_client_round_trip(port: u16) {
     assert_eq!(c.read(&f, 0, data.len() as u32).await.expect("read"), data);
 }
 
-#[tokio::test]
-async fn clients_that_stop_reading_pin_neither_threads_nor_the_server() {
+/// The 1 MiB written (FILE_SYNC) to `vol/big` by [`node_with_big_file`].
+static BIG: [u8; 1 << 20] = [5u8; 1 << 20];
+
+/// A node started with `env`, serving `vol` (64 MiB) with [`BIG`] in `big`; returns
+/// it, its root and `big`'s handle.
+async fn node_with_big_file(env: &[(&str, &str)]) -> (Node, tempfile::TempDir, Vec<u8>) {
     let dir = tempfile::tempdir().expect("tempdir");
     create_volume(dir.path(), "vol", 64 * MIB);
-    let node = Node::start_env(dir.path(), &[("LOCALNFS_MAX_BYTES_IN_FLIGHT", "64Mi")]).await;
+    let node = Node::start_env(dir.path(), env).await;
     let mut c = Client::mount(node.port, "vol").await;
     let root = c.root.clone();
     let big = c.create(&root, b"big", 0o644).await.expect("create");
-    c.write(
-        &big,
-        0,
-        &vec![1u8; 1 << 20],
-        nfs3_types::nfs3::stable_how::FILE_SYNC,
-    )
-    .await
-    .expect("write");
-    let fh = big.data.to_vec();
+    c.write(&big, 0, &BIG, nfs3_types::nfs3::stable_how::FILE_SYNC)
+        .await
+        .expect("write");
+    (node, dir, big.data.to_vec())
+}
 
+/// A client at `from` that asks for 64 MiB in 1 MiB READs of `fh` with a tiny receive
+/// buffer: whatever it does not read stays in the server's socket.
+async fn reads_64_mib(port: u16, from: IpAddr, fh: &[u8]) -> TcpStream {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket
+        .set_recv_buffer_size(4096)
+        .expect("small receive buffer");
+    socket.bind(SocketAddr::new(from, 0)).expect("bind");
+    let mut s = socket
+        .connect(SocketAddr::new(LOCAL, port))
+        .await
+        .expect("connect");
+    let calls: Vec<u8> = (0..64).flat_map(|x| read_call(x, fh, 1 << 20)).collect();
+    s.write_all(&calls).await.expect("send calls");
+    s
+}
+
+#[tokio::test]
+async fn clients_that_stop_reading_pin_neither_threads_nor_the_server() {
+    let (node, _dir, fh) = node_with_big_file(&[("LOCALNFS_MAX_BYTES_IN_FLIGHT", "64Mi")]).await;
     // 16 clients each ask for 64 MiB in 1 MiB READs and never read their sockets:
     // far more calls than the blocking pool has threads.
     let mut hostile = Vec::new();
     for _ in 0..16 {
-        let socket = TcpSocket::new_v4().expect("socket");
-        socket
-            .set_recv_buffer_size(4096)
-            .expect("small receive buffer");
-        let mut s = socket
-            .connect(SocketAddr::new(LOCAL, node.port))
-            .await
-            .expect("connect");
-        let calls: Vec<u8> = (0..64).flat_map(|x| read_call(x, &fh, 1 << 20)).collect();
-        s.write_all(&calls).await.expect("send calls");
-        hostile.push(s);
+        hostile.push(reads_64_mib(node.port, LOCAL, &fh).await);
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let threads = proc_status(node.pid(), "Threads");
@@ -639,44 +649,15 @@ fn send_queues(port: u16) -> u64 {
 async fn replies_clients_never_read_stay_inside_the_memory_budget() {
     const CONNECTIONS: usize = 64;
     const BUDGET: u64 = 16 * MIB;
-    let dir = tempfile::tempdir().expect("tempdir");
-    create_volume(dir.path(), "vol", 64 * MIB);
-    let node = Node::start_env(dir.path(), &[("LOCALNFS_MAX_BYTES_IN_FLIGHT", "16Mi")]).await;
-    let mut c = Client::mount(node.port, "vol").await;
-    let root = c.root.clone();
-    let big = c.create(&root, b"big", 0o644).await.expect("create");
-    c.write(
-        &big,
-        0,
-        &vec![1u8; 1 << 20],
-        nfs3_types::nfs3::stable_how::FILE_SYNC,
-    )
-    .await
-    .expect("write");
-    let fh = big.data.to_vec();
+    let (node, _dir, fh) = node_with_big_file(&[("LOCALNFS_MAX_BYTES_IN_FLIGHT", "16Mi")]).await;
     let rss_before = proc_status(node.pid(), "VmRSS") * 1024;
 
     // Each client asks for 64 MiB and never reads: what its small receive window
     // cannot take stays in the agent's socket.
     let mut hostile = Vec::new();
     for i in 0..CONNECTIONS {
-        let socket = TcpSocket::new_v4().expect("socket");
-        socket
-            .set_recv_buffer_size(4096)
-            .expect("small receive buffer");
-        socket
-            .bind(SocketAddr::new(
-                IpAddr::V4(Ipv4Addr::new(127, 0, 3, 1 + i as u8)),
-                0,
-            ))
-            .expect("bind");
-        let mut s = socket
-            .connect(SocketAddr::new(LOCAL, node.port))
-            .await
-            .expect("connect");
-        let calls: Vec<u8> = (0..64).flat_map(|x| read_call(x, &fh, 1 << 20)).collect();
-        s.write_all(&calls).await.expect("send calls");
-        hostile.push(s);
+        let from = IpAddr::V4(Ipv4Addr::new(127, 0, 3, 1 + i as u8));
+        hostile.push(reads_64_mib(node.port, from, &fh).await);
     }
     let mut worst = (0, 0);
     for _ in 0..25 {
@@ -713,22 +694,10 @@ async fn replies_clients_never_read_stay_inside_the_memory_budget() {
 #[tokio::test]
 async fn sigterm_with_a_slow_reader_exits_within_the_drain_deadline_with_acknowledged_data_on_disk()
 {
-    let dir = tempfile::tempdir().expect("tempdir");
-    create_volume(dir.path(), "vol", 64 * MIB);
-    let mut node = Node::start_env(dir.path(), &[("LOCALNFS_DRAIN_TIMEOUT", "2s")]).await;
-    let mut c = Client::mount(node.port, "vol").await;
-    let root = c.root.clone();
-    let big = c.create(&root, b"big", 0o644).await.expect("create");
-    let data = vec![5u8; 1 << 20];
-    c.write(&big, 0, &data, nfs3_types::nfs3::stable_how::FILE_SYNC)
-        .await
-        .expect("write");
-    let fh = big.data.to_vec();
-    // 64 MiB of replies taken at 80 KiB/s: each send makes progress, so no send
-    // timeout ends it, only a deadline on the drain.
-    let mut slow = connect(node.port, LOCAL).await;
-    let calls: Vec<u8> = (0..64).flat_map(|x| read_call(x, &fh, 1 << 20)).collect();
-    slow.write_all(&calls).await.expect("send calls");
+    let (mut node, dir, fh) = node_with_big_file(&[("LOCALNFS_DRAIN_TIMEOUT", "2s")]).await;
+    // 64 MiB of replies taken a few KiB at a time, five times a second: each send makes
+    // progress, so no send timeout ends it, only a deadline on the drain.
+    let mut slow = reads_64_mib(node.port, LOCAL, &fh).await;
     let reader = tokio::spawn(async move {
         let mut buf = vec![0u8; 16 * 1024];
         while let Ok(Ok(n)) =
@@ -750,7 +719,7 @@ async fn sigterm_with_a_slow_reader_exits_within_the_drain_deadline_with_acknowl
     assert!(took < Duration::from_secs(7), "exit took {took:?}");
     assert_eq!(
         std::fs::read(dir.path().join("volumes/vol/big")).expect("read"),
-        data,
+        BIG.as_slice(),
         "acknowledged data is on disk"
     );
     reader.abort();

@@ -181,16 +181,16 @@ mod tests {
         VolumeName::new(s).expect("name")
     }
 
+    fn loopback() -> AllowList {
+        AllowList::new(vec!["127.0.0.0/8".parse().expect("net")])
+    }
+
     #[test]
     fn grants_narrow_the_allow_list_per_volume() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("access.json");
         std::fs::write(&file, br#"{"a": ["127.0.0.2"], "none": []}"#).expect("write");
-        let access = Access::new(
-            AllowList::new(vec!["127.0.0.0/8".parse().expect("net")]),
-            file,
-        )
-        .expect("grants");
+        let access = Access::new(loopback(), file).expect("grants");
         let cases = [
             ("127.0.0.2", "a", true),
             ("127.0.0.3", "a", false),
@@ -210,11 +210,8 @@ mod tests {
     #[test]
     fn cluster_grants_are_exact_once_published_and_legacy_pvs_keep_the_allow_list() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let access = Access::new(
-            AllowList::new(vec!["127.0.0.0/8".parse().expect("net")]),
-            dir.path().join("access.json"),
-        )
-        .expect("no file: no grants");
+        let access =
+            Access::new(loopback(), dir.path().join("access.json")).expect("no file: no grants");
         assert!(
             access.allows(ip("127.0.0.3"), &vol("a")),
             "standalone: the allow-list decides"
@@ -258,11 +255,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("access.json");
         std::fs::write(&file, br#"{"a": ["127.0.0.2"]}"#).expect("write");
-        let access = Access::new(
-            AllowList::new(vec!["127.0.0.0/8".parse().expect("net")]),
-            file.clone(),
-        )
-        .expect("grants");
+        let access = Access::new(loopback(), file.clone()).expect("grants");
         std::fs::write(&file, b"{\"a\": [").expect("write");
         // A different mtime even on coarse-grained filesystems.
         let later = SystemTime::now() + std::time::Duration::from_secs(5);
@@ -280,12 +273,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("access.json");
         std::fs::write(&file, br#"{"a": ["127.0.0.2"],}"#).expect("write");
-        let err = Access::new(
-            AllowList::new(vec!["127.0.0.0/8".parse().expect("net")]),
-            file,
-        )
-        .err()
-        .expect("refused");
+        let err = Access::new(loopback(), file).err().expect("refused");
         let text = err.to_string();
         assert!(
             text.contains("access.json") && text.contains("trailing comma"),
@@ -298,11 +286,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("access.json");
         std::fs::write(&file, br#"{"a": ["127.0.0.2"]}"#).expect("write");
-        let access = Access::new(
-            AllowList::new(vec!["127.0.0.0/8".parse().expect("net")]),
-            file.clone(),
-        )
-        .expect("grants");
+        let access = Access::new(loopback(), file.clone()).expect("grants");
         std::fs::remove_file(&file).expect("remove");
         access.reload();
         assert!(!access.allows(ip("127.0.0.3"), &vol("a")));
