@@ -625,6 +625,68 @@ async fn idle_connections_under_a_low_open_file_limit_leave_honest_calls_their_d
     drop(idle);
 }
 
+/// The next reply record on `s` (all its fragments), or None once the server closed.
+async fn next_reply(s: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let mut mark = [0u8; 4];
+        s.read_exact(&mut mark).await.ok()?;
+        let mark = u32::from_be_bytes(mark);
+        let start = body.len();
+        body.resize(start + (mark & 0x7fff_ffff) as usize, 0);
+        s.read_exact(&mut body[start..]).await.ok()?;
+        if mark & 0x8000_0000 != 0 {
+            return Some(body);
+        }
+    }
+}
+
+#[tokio::test]
+async fn large_reads_under_a_low_open_file_limit_never_fail_for_want_of_a_descriptor() {
+    const CLIENTS: u32 = 24;
+    const READS: u32 = 8;
+    let dir = tempfile::tempdir().expect("tempdir");
+    create_volume(dir.path(), "vol", 64 * MIB);
+    let (_node, port) = start_with_open_files(dir.path(), 256).await;
+    let mut c = Client::mount(port, "vol").await;
+    let root = c.root.clone();
+    let big = c.create(&root, b"big", 0o644).await.expect("create");
+    c.write(
+        &big,
+        0,
+        &vec![3u8; 1 << 20],
+        nfs3_types::nfs3::stable_how::FILE_SYNC,
+    )
+    .await
+    .expect("write");
+    let fh = big.data.to_vec();
+    // Many 1 MiB READs at once: more calls running than the agent has descriptors to
+    // give each its own splice pipe.
+    let statuses = futures::future::join_all((0..CLIENTS).map(|i| {
+        let fh = fh.clone();
+        async move {
+            let from = IpAddr::V4(Ipv4Addr::new(127, 0, 4, 1 + i as u8));
+            let mut s = connect(port, from).await;
+            let calls: Vec<u8> = (0..READS)
+                .flat_map(|x| read_call(x, &fh, 1 << 20))
+                .collect();
+            s.write_all(&calls).await.expect("send calls");
+            let mut got = Vec::new();
+            for _ in 0..READS {
+                match tokio::time::timeout(Duration::from_secs(20), next_reply(&mut s)).await {
+                    // accepted and SUCCESS, then the NFS status
+                    Ok(Some(r)) if stats(&r) == (0, 0) => got.push(word(&r, 6)),
+                    other => panic!("no READ reply: {:?}", other.map(|r| r.map(|r| stats(&r)))),
+                }
+            }
+            got
+        }
+    }))
+    .await;
+    let failed: Vec<u32> = statuses.into_iter().flatten().filter(|s| *s != 0).collect();
+    assert!(failed.is_empty(), "READs answered with nfsstat3 {failed:?}");
+}
+
 /// Bytes the kernel holds unsent or unacknowledged in the sockets whose local port is
 /// `port` (the server's side), from `/proc/net/tcp`'s `tx_queue`.
 fn send_queues(port: u16) -> u64 {

@@ -163,14 +163,24 @@ fn with_pipe<T>(f: impl FnOnce(&Pipe) -> SysResult<T>) -> SysResult<T> {
 }
 
 /// Moves up to `count` bytes of `fd` at `off` into this thread's pipe (page references,
-/// no copy). `Ok(None)` when splicing cannot serve this READ (the pipe is too small or
-/// the file system does not splice): use `pread` instead.
+/// no copy). `Ok(None)` when splicing cannot serve this READ (the pipe is too small,
+/// cannot be made for want of descriptors, or the file system does not splice): use
+/// `pread` instead.
 pub fn file_to_pipe(fd: RawFd, off: u64, count: usize) -> SysResult<Option<Piped>> {
     let mut off = i64::try_from(off).map_err(|_| Errno(libc::EINVAL))?;
     PIPE.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
-            *slot = Some(Pipe::new(super::ops::MAX_IO as usize)?);
+            match Pipe::new(super::ops::MAX_IO as usize) {
+                Ok(p) => *slot = Some(p),
+                // Out of descriptors (each blocking-pool thread keeps a pipe, and there
+                // may be more threads than the open-file limit has room for) or of
+                // pipe memory: `pread` needs neither, and the READ still succeeds.
+                Err(e) if matches!(e.0, libc::EMFILE | libc::ENFILE | libc::ENOMEM) => {
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            }
         }
         let Some(p) = slot.as_ref() else {
             return Ok(None);
