@@ -786,3 +786,27 @@ async fn sigterm_with_a_slow_reader_exits_within_the_drain_deadline_with_acknowl
     );
     reader.abort();
 }
+
+#[tokio::test]
+async fn sigterm_with_admin_clients_that_never_finish_still_exits_in_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut node = Node::start_env(dir.path(), &[("LOCALNFS_DRAIN_TIMEOUT", "1s")]).await;
+    // One request never finished, and many asked for whose answers are never read.
+    let mut half = TcpStream::connect(node.admin).await.expect("connect");
+    half.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("send");
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket
+        .set_recv_buffer_size(4096)
+        .expect("small receive buffer");
+    let mut unread = socket.connect(node.admin).await.expect("connect");
+    let requests = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(2000);
+    let _ = tokio::time::timeout(Duration::from_secs(2), unread.write_all(&requests)).await;
+    let start = std::time::Instant::now();
+    let status = node.sigterm().await;
+    let took = start.elapsed();
+    assert!(status.success(), "exit status {status}");
+    // The drain deadline (1 s) and 5 s for the rest, plus slack.
+    assert!(took < Duration::from_secs(9), "exit took {took:?}");
+}

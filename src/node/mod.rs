@@ -17,7 +17,8 @@
 //! handle cache and the calls running (`nfs::share_descriptors`): the connection cap
 //! is the lower of `--max-connections` and that share, so idle connections cannot
 //! leave an honest call without a descriptor. On SIGTERM it stops accepting, answers
-//! the calls it has for at most `--drain-timeout`, then cuts what is left and exits.
+//! the calls it has for at most `--drain-timeout`, then cuts what is left, gives the
+//! rest (cluster agent, admin listener) a few seconds more, and exits.
 
 pub mod cluster;
 pub mod grants;
@@ -34,6 +35,11 @@ use crate::volume::VolumeStore;
 
 /// How often the store is re-read for new volumes and size changes.
 const REFRESH: Duration = Duration::from_secs(1);
+
+/// After the NFS drain, how long the cluster agent, the store refresher and the admin
+/// listener get to finish (`--drain-timeout` plus this stays under the DaemonSet's
+/// 30 s grace period with the defaults).
+const STOP_REST: Duration = Duration::from_secs(5);
 
 pub async fn run(args: NodeArgs) -> Result<()> {
     let cluster = if args.standalone {
@@ -168,11 +174,19 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     readiness.set(true);
     server.serve(listener, allow, shutdown.clone()).await;
     readiness.set(false);
-    if let Some(agent) = agent {
-        let _ = agent.await;
+    let rest = async {
+        if let Some(agent) = agent {
+            let _ = agent.await;
+        }
+        let _ = refresher.await;
+        let _ = admin.task.await;
+    };
+    // The rest had the NFS drain's time to stop too; a client that keeps an admin
+    // request half-sent or its responses unread must not hold the exit past the
+    // pod's grace period. What is cut here acknowledged nothing to an NFS client.
+    if tokio::time::timeout(STOP_REST, rest).await.is_err() {
+        tracing::warn!(timeout = ?STOP_REST, "admin connections or cluster calls still running after the NFS drain; exiting anyway");
     }
-    let _ = refresher.await;
-    let _ = admin.task.await;
     tracing::info!("node agent stopped");
     Ok(())
 }
