@@ -5,6 +5,7 @@
 //!
 //! Layers, outermost first: [`server`] accepts (allow-list, connection cap, drain),
 //! `conn` frames records and dispatches within the time and memory bounds of `limits`,
+//! `send` writes the replies (and counts what the sockets still hold),
 //! `rpc`/`xdr` decode untrusted bytes, `ops`/`dirops`/`mount` implement procedures
 //! (NFS procedures return a typed answer that `reply` alone turns into bytes),
 //! `access` decides who may use each volume (per call), `rmtab` remembers who mounted
@@ -28,6 +29,7 @@ mod quota;
 mod reply;
 mod rmtab;
 pub mod rpc;
+mod send;
 mod splice;
 mod state;
 mod stats;
