@@ -262,7 +262,9 @@ pub struct NodeArgs {
     )]
     pub allow: Vec<Network>,
 
-    /// Most NFS connections served at once; more wait in the accept backlog.
+    /// Most NFS connections served at once; more wait in the accept backlog. Lowered
+    /// at start to a quarter of the descriptors the open-file limit leaves (logged), so
+    /// connections never take the descriptors calls need.
     #[arg(long, env = "LOCALNFS_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
 
@@ -281,11 +283,19 @@ pub struct NodeArgs {
     #[arg(long, env = "LOCALNFS_SEND_TIMEOUT", value_parser = parse_duration, default_value = "30s")]
     pub send_timeout: Duration,
 
-    /// Bytes of RPC records and replies held for all clients together; past it,
-    /// connections stop reading until replies leave. Keep it well inside the
-    /// container's memory limit (about 60 MiB more is the rest of the agent).
+    /// Bytes of RPC records and replies held for all clients together, including
+    /// replies still in the sockets' kernel send buffers; past it, connections stop
+    /// reading until replies leave. Keep it well inside the container's memory limit
+    /// (about 60 MiB more is the rest of the agent, plus 256 KiB of kernel receive
+    /// buffer per connection at most).
     #[arg(long, env = "LOCALNFS_MAX_BYTES_IN_FLIGHT", value_parser = quantity_bytes, default_value = "128Mi")]
     pub max_bytes_in_flight: u64,
+
+    /// On SIGTERM, how long connections may take to send the replies of calls already
+    /// received before they are cut and the agent exits (every reply sent was durable;
+    /// keep it below the pod's termination grace period, 30 s by default).
+    #[arg(long, env = "LOCALNFS_DRAIN_TIMEOUT", value_parser = parse_duration, default_value = "20s")]
+    pub drain_timeout: Duration,
 
     /// Accept NFS and MOUNT calls from source ports >= 1024 (knfsd's `insecure`).
     /// Off by default: the Linux kernel client uses reserved ports; userspace clients
@@ -332,6 +342,7 @@ impl NodeArgs {
             send_timeout: self.send_timeout,
             bytes_in_flight: usize::try_from(self.max_bytes_in_flight).unwrap_or(usize::MAX),
             require_reserved_port: !self.insecure_ports,
+            drain_timeout: self.drain_timeout,
         }
     }
 }

@@ -84,6 +84,37 @@ async fn start_cluster(controller_manager_args: &[&str]) -> TestCluster {
     .expect("control plane")
 }
 
+/// The node agent's `/metrics` names volumes, namespaces and claims; on the host
+/// network any address but loopback is the node network's. Its probes must reach it
+/// there (kubelet's httpGet goes to the pod IP, the node's, unless told otherwise).
+#[test]
+fn node_agent_admin_listener_stays_on_loopback_and_probes_reach_it_there() {
+    for install in ["deploy/install.yaml", "deploy/install-1.20.yaml"] {
+        let (_, _, agent) = documents(&repo_file(install))
+            .into_iter()
+            .find(|(_, kind, doc)| kind == "DaemonSet" && doc.contains("name: localnfs-node"))
+            .unwrap_or_else(|| panic!("{install}: the node agent's DaemonSet"));
+        let admin: Vec<std::net::SocketAddr> = agent
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("- --admin-addr="))
+            .map(|a| a.parse().expect("an address"))
+            .collect();
+        assert!(
+            !admin.is_empty() && admin.iter().all(|a| a.ip().is_loopback()),
+            "{install}: the agent's admin listener binds {admin:?}"
+        );
+        assert!(
+            !agent.contains("LOCALNFS_ADMIN_ADDR"),
+            "{install}: the admin address is set once, by the flag"
+        );
+        let probes = agent.matches("httpGet:").count();
+        assert!(
+            probes > 0 && agent.matches("host: 127.0.0.1").count() == probes,
+            "{install}: every httpGet probe goes to 127.0.0.1"
+        );
+    }
+}
+
 #[tokio::test]
 async fn install_for_1_20_and_examples_pass_a_server_side_dry_run_on_v1_20() {
     let cluster = start_cluster(&[]).await;

@@ -158,3 +158,58 @@ async fn grants_apply_to_existing_connections_as_soon_as_they_change() {
     }
     Client::mount_as(node.port, "vol", ip(3), 0, 0).await;
 }
+
+#[tokio::test]
+async fn an_access_file_that_does_not_parse_stops_the_agent_instead_of_opening_every_volume() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    create_volume(dir.path(), "vol", MIB);
+    // One trailing comma: the operator meant to serve `vol` to 127.0.0.2 only.
+    std::fs::write(
+        dir.path().join("access.json"),
+        br#"{"vol": ["127.0.0.2"],}"#,
+    )
+    .expect("grants");
+    let mut agent = tokio::process::Command::new(env!("CARGO_BIN_EXE_localnfs"))
+        .args(["node", "--standalone", "--admin-addr", "127.0.0.1:0"])
+        .args(["--listen", "127.0.0.1:0"])
+        .arg("--root")
+        .arg(dir.path())
+        .env("LOCALNFS_INSECURE_PORTS", "true")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start localnfs node");
+    let stdout = agent.stdout.take().expect("stdout");
+    let mut stderr = agent.stderr.take().expect("stderr");
+    let first = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout)).next_line(),
+    )
+    .await
+    .expect("the agent serves or exits within 20 s")
+    .expect("read stdout");
+    if let Some(port) = first
+        .as_deref()
+        .and_then(|l| l.strip_prefix("nfs listening on 127.0.0.1:"))
+        .and_then(|p| p.parse::<u16>().ok())
+    {
+        let opened = mount(port, "vol", ip(3), 0, 0).await.is_ok();
+        panic!(
+            "the agent serves with unreadable access rules (vol mountable by 127.0.0.3: {opened})"
+        );
+    }
+    let status = tokio::time::timeout(Duration::from_secs(10), agent.wait())
+        .await
+        .expect("exits");
+    let status = status.expect("wait");
+    let mut log = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut log)
+        .await
+        .expect("stderr");
+    assert!(!status.success(), "exit status {status}");
+    assert!(
+        log.contains("access.json") && log.contains("trailing comma"),
+        "the error names the file and the cause: {log}"
+    );
+}

@@ -334,39 +334,49 @@ async fn honest_client_round_trip(port: u16) {
     assert_eq!(c.read(&f, 0, data.len() as u32).await.expect("read"), data);
 }
 
-#[tokio::test]
-async fn clients_that_stop_reading_pin_neither_threads_nor_the_server() {
+/// The 1 MiB written (FILE_SYNC) to `vol/big` by [`node_with_big_file`].
+static BIG: [u8; 1 << 20] = [5u8; 1 << 20];
+
+/// A node started with `env`, serving `vol` (64 MiB) with [`BIG`] in `big`; returns
+/// it, its root and `big`'s handle.
+async fn node_with_big_file(env: &[(&str, &str)]) -> (Node, tempfile::TempDir, Vec<u8>) {
     let dir = tempfile::tempdir().expect("tempdir");
     create_volume(dir.path(), "vol", 64 * MIB);
-    let node = Node::start_env(dir.path(), &[("LOCALNFS_MAX_BYTES_IN_FLIGHT", "64Mi")]).await;
+    let node = Node::start_env(dir.path(), env).await;
     let mut c = Client::mount(node.port, "vol").await;
     let root = c.root.clone();
     let big = c.create(&root, b"big", 0o644).await.expect("create");
-    c.write(
-        &big,
-        0,
-        &vec![1u8; 1 << 20],
-        nfs3_types::nfs3::stable_how::FILE_SYNC,
-    )
-    .await
-    .expect("write");
-    let fh = big.data.to_vec();
+    c.write(&big, 0, &BIG, nfs3_types::nfs3::stable_how::FILE_SYNC)
+        .await
+        .expect("write");
+    (node, dir, big.data.to_vec())
+}
 
+/// A client at `from` that asks for 64 MiB in 1 MiB READs of `fh` with a tiny receive
+/// buffer: whatever it does not read stays in the server's socket.
+async fn reads_64_mib(port: u16, from: IpAddr, fh: &[u8]) -> TcpStream {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket
+        .set_recv_buffer_size(4096)
+        .expect("small receive buffer");
+    socket.bind(SocketAddr::new(from, 0)).expect("bind");
+    let mut s = socket
+        .connect(SocketAddr::new(LOCAL, port))
+        .await
+        .expect("connect");
+    let calls: Vec<u8> = (0..64).flat_map(|x| read_call(x, fh, 1 << 20)).collect();
+    s.write_all(&calls).await.expect("send calls");
+    s
+}
+
+#[tokio::test]
+async fn clients_that_stop_reading_pin_neither_threads_nor_the_server() {
+    let (node, _dir, fh) = node_with_big_file(&[("LOCALNFS_MAX_BYTES_IN_FLIGHT", "64Mi")]).await;
     // 16 clients each ask for 64 MiB in 1 MiB READs and never read their sockets:
     // far more calls than the blocking pool has threads.
     let mut hostile = Vec::new();
     for _ in 0..16 {
-        let socket = TcpSocket::new_v4().expect("socket");
-        socket
-            .set_recv_buffer_size(4096)
-            .expect("small receive buffer");
-        let mut s = socket
-            .connect(SocketAddr::new(LOCAL, node.port))
-            .await
-            .expect("connect");
-        let calls: Vec<u8> = (0..64).flat_map(|x| read_call(x, &fh, 1 << 20)).collect();
-        s.write_all(&calls).await.expect("send calls");
-        hostile.push(s);
+        hostile.push(reads_64_mib(node.port, LOCAL, &fh).await);
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let threads = proc_status(node.pid(), "Threads");
@@ -537,4 +547,266 @@ async fn idle_connections_filling_every_slot_make_room_for_a_new_client() {
         closed_within(&mut squatters[0], Duration::from_secs(1)).await,
         "the connection idle longest made room"
     );
+}
+
+// --- Descriptors, kernel buffers, shutdown ------------------------------------------
+
+/// Starts `localnfs node` with its open-file limit at `open_files` (soft and hard, as
+/// a service manager or container runtime would set it); returns it and its NFS port.
+async fn start_with_open_files(
+    root: &std::path::Path,
+    open_files: u64,
+) -> (tokio::process::Child, u16) {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_localnfs"));
+    cmd.args(["node", "--standalone", "--admin-addr", "127.0.0.1:0"])
+        .args(["--listen", "127.0.0.1:0"])
+        .arg("--root")
+        .arg(root)
+        .env("LOCALNFS_INSECURE_PORTS", "true")
+        .env("LOCALNFS_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    // SAFETY: only setrlimit, async-signal-safe, between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let limit = libc::rlimit {
+                rlim_cur: open_files,
+                rlim_max: open_files,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("start localnfs node");
+    let stdout = child.stdout.take().expect("stdout");
+    let line = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout)).next_line(),
+    )
+    .await
+    .expect("node starts within 20 s")
+    .expect("read stdout")
+    .expect("node printed its address");
+    let port = line
+        .strip_prefix("nfs listening on 127.0.0.1:")
+        .and_then(|p| p.parse().ok())
+        .expect("address line");
+    (child, port)
+}
+
+#[tokio::test]
+async fn idle_connections_under_a_low_open_file_limit_leave_honest_calls_their_descriptors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    create_volume(dir.path(), "vol", 64 * MIB);
+    let (_node, port) = start_with_open_files(dir.path(), 256).await;
+    // More idle connections than the agent has descriptors.
+    let mut idle = Vec::new();
+    for i in 0..300u32 {
+        let from = IpAddr::V4(Ipv4Addr::new(127, 0, 2, 1 + (i % 200) as u8));
+        idle.push(connect(port, from).await);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::timeout(Duration::from_secs(20), async {
+        honest_client_round_trip(port).await;
+        let mut c = Client::mount(port, "vol").await;
+        let root = c.root.clone();
+        for i in 0..40 {
+            let name = format!("f{i}");
+            c.create(&root, name.as_bytes(), 0o644)
+                .await
+                .expect("CREATE");
+            c.lookup(&root, name.as_bytes()).await.expect("LOOKUP");
+        }
+    })
+    .await
+    .expect("an honest client is served next to idle connections past the descriptor limit");
+    drop(idle);
+}
+
+/// The next reply record on `s` (all its fragments), or None once the server closed.
+async fn next_reply(s: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let mut mark = [0u8; 4];
+        s.read_exact(&mut mark).await.ok()?;
+        let mark = u32::from_be_bytes(mark);
+        let start = body.len();
+        body.resize(start + (mark & 0x7fff_ffff) as usize, 0);
+        s.read_exact(&mut body[start..]).await.ok()?;
+        if mark & 0x8000_0000 != 0 {
+            return Some(body);
+        }
+    }
+}
+
+#[tokio::test]
+async fn large_reads_under_a_low_open_file_limit_never_fail_for_want_of_a_descriptor() {
+    const CLIENTS: u32 = 24;
+    const READS: u32 = 8;
+    let dir = tempfile::tempdir().expect("tempdir");
+    create_volume(dir.path(), "vol", 64 * MIB);
+    let (_node, port) = start_with_open_files(dir.path(), 256).await;
+    let mut c = Client::mount(port, "vol").await;
+    let root = c.root.clone();
+    let big = c.create(&root, b"big", 0o644).await.expect("create");
+    c.write(
+        &big,
+        0,
+        &vec![3u8; 1 << 20],
+        nfs3_types::nfs3::stable_how::FILE_SYNC,
+    )
+    .await
+    .expect("write");
+    let fh = big.data.to_vec();
+    // Many 1 MiB READs at once: more calls running than the agent has descriptors to
+    // give each its own splice pipe.
+    let statuses = futures::future::join_all((0..CLIENTS).map(|i| {
+        let fh = fh.clone();
+        async move {
+            let from = IpAddr::V4(Ipv4Addr::new(127, 0, 4, 1 + i as u8));
+            let mut s = connect(port, from).await;
+            let calls: Vec<u8> = (0..READS)
+                .flat_map(|x| read_call(x, &fh, 1 << 20))
+                .collect();
+            s.write_all(&calls).await.expect("send calls");
+            let mut got = Vec::new();
+            for _ in 0..READS {
+                match tokio::time::timeout(Duration::from_secs(20), next_reply(&mut s)).await {
+                    // accepted and SUCCESS, then the NFS status
+                    Ok(Some(r)) if stats(&r) == (0, 0) => got.push(word(&r, 6)),
+                    other => panic!("no READ reply: {:?}", other.map(|r| r.map(|r| stats(&r)))),
+                }
+            }
+            got
+        }
+    }))
+    .await;
+    let failed: Vec<u32> = statuses.into_iter().flatten().filter(|s| *s != 0).collect();
+    assert!(failed.is_empty(), "READs answered with nfsstat3 {failed:?}");
+}
+
+/// Bytes the kernel holds unsent or unacknowledged in the sockets whose local port is
+/// `port` (the server's side), from `/proc/net/tcp`'s `tx_queue`.
+fn send_queues(port: u16) -> u64 {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let port = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let local = f.get(1)?;
+            let tx = f.get(4)?.split(':').next()?;
+            local
+                .ends_with(&port)
+                .then(|| u64::from_str_radix(tx, 16).ok())
+                .flatten()
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn replies_clients_never_read_stay_inside_the_memory_budget() {
+    const CONNECTIONS: usize = 64;
+    const BUDGET: u64 = 16 * MIB;
+    let (node, _dir, fh) = node_with_big_file(&[("LOCALNFS_MAX_BYTES_IN_FLIGHT", "16Mi")]).await;
+    let rss_before = proc_status(node.pid(), "VmRSS") * 1024;
+
+    // Each client asks for 64 MiB and never reads: what its small receive window
+    // cannot take stays in the agent's socket.
+    let mut hostile = Vec::new();
+    for i in 0..CONNECTIONS {
+        let from = IpAddr::V4(Ipv4Addr::new(127, 0, 3, 1 + i as u8));
+        hostile.push(reads_64_mib(node.port, from, &fh).await);
+    }
+    let mut worst = (0, 0);
+    for _ in 0..25 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let rss = proc_status(node.pid(), "VmRSS") * 1024;
+        let queued = send_queues(node.port);
+        if rss.saturating_sub(rss_before) + queued > worst.0 + worst.1 {
+            worst = (rss.saturating_sub(rss_before), queued);
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(10), honest_client_round_trip(node.port))
+        .await
+        .expect("an honest client is served while others leave their replies unread");
+    eprintln!(
+        "{CONNECTIONS} clients not reading 1 MiB READ replies, budget {} MiB: worst RSS growth \
+         {:.1} MiB + {:.1} MiB in the agent's socket send queues",
+        BUDGET / MIB,
+        worst.0 as f64 / MIB as f64,
+        worst.1 as f64 / MIB as f64
+    );
+    // The budget, plus what sits outside it by design: the record buffer pool (32 x
+    // 1 MiB), and allocator and thread overhead.
+    let bound = BUDGET + 32 * MIB + 16 * MIB;
+    assert!(
+        worst.0 + worst.1 < bound,
+        "RSS growth {} MiB + send queues {} MiB past {} MiB",
+        worst.0 / MIB,
+        worst.1 / MIB,
+        bound / MIB
+    );
+    drop(hostile);
+}
+
+#[tokio::test]
+async fn sigterm_with_a_slow_reader_exits_within_the_drain_deadline_with_acknowledged_data_on_disk()
+{
+    let (mut node, dir, fh) = node_with_big_file(&[("LOCALNFS_DRAIN_TIMEOUT", "2s")]).await;
+    // 64 MiB of replies taken a few KiB at a time, five times a second: each send makes
+    // progress, so no send timeout ends it, only a deadline on the drain.
+    let mut slow = reads_64_mib(node.port, LOCAL, &fh).await;
+    let reader = tokio::spawn(async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_secs(30), slow.read(&mut buf)).await
+        {
+            if n == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let start = std::time::Instant::now();
+    // Waits up to 20 s for the exit (the slow reader alone would hold it for minutes).
+    let status = node.sigterm().await;
+    let took = start.elapsed();
+    eprintln!("SIGTERM with a slow reader: exited in {took:?} (drain deadline 2 s)");
+    assert!(status.success(), "exit status {status}");
+    assert!(took < Duration::from_secs(7), "exit took {took:?}");
+    assert_eq!(
+        std::fs::read(dir.path().join("volumes/vol/big")).expect("read"),
+        BIG.as_slice(),
+        "acknowledged data is on disk"
+    );
+    reader.abort();
+}
+
+#[tokio::test]
+async fn sigterm_with_admin_clients_that_never_finish_still_exits_in_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut node = Node::start_env(dir.path(), &[("LOCALNFS_DRAIN_TIMEOUT", "1s")]).await;
+    // One request never finished, and many asked for whose answers are never read.
+    let mut half = TcpStream::connect(node.admin).await.expect("connect");
+    half.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("send");
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket
+        .set_recv_buffer_size(4096)
+        .expect("small receive buffer");
+    let mut unread = socket.connect(node.admin).await.expect("connect");
+    let requests = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(2000);
+    let _ = tokio::time::timeout(Duration::from_secs(2), unread.write_all(&requests)).await;
+    let start = std::time::Instant::now();
+    let status = node.sigterm().await;
+    let took = start.elapsed();
+    assert!(status.success(), "exit status {status}");
+    // The drain deadline (1 s) and 5 s for the rest, plus slack.
+    assert!(took < Duration::from_secs(9), "exit took {took:?}");
 }

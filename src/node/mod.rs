@@ -11,6 +11,14 @@
 //! reclaim for the controller, and [`grants`]: the allow-list from Nodes and each
 //! volume's nodes from its PV. It serves no NFS call before those are known (from the
 //! cluster, or saved by its last run).
+//!
+//! At start it raises its open-file limit to the hard limit (systemd and containerd 2
+//! start processes at a soft 1,024) and shares what it gets between connections, the
+//! handle cache and the calls running (`nfs::share_descriptors`): the connection cap
+//! is the lower of `--max-connections` and that share, so idle connections cannot
+//! leave an honest call without a descriptor. On SIGTERM it stops accepting, answers
+//! the calls it has for at most `--drain-timeout`, then cuts what is left, gives the
+//! rest (cluster agent, admin listener) a few seconds more, and exits.
 
 pub mod cluster;
 pub mod grants;
@@ -30,6 +38,11 @@ use crate::volume::VolumeStore;
 /// How often the store is re-read for new volumes and size changes.
 const REFRESH: Duration = Duration::from_secs(1);
 
+/// After the NFS drain, how long the cluster agent, the store refresher and the admin
+/// listener get to finish (`--drain-timeout` plus this stays under the DaemonSet's
+/// 30 s grace period with the defaults).
+const STOP_REST: Duration = Duration::from_secs(5);
+
 pub async fn run(args: NodeArgs) -> Result<()> {
     let cluster = if args.standalone {
         None
@@ -48,10 +61,30 @@ pub async fn run(args: NodeArgs) -> Result<()> {
         libc::umask(0);
     }
     let shutdown = crate::shutdown::on_signals()?;
+    let open_files = raise_open_files();
     let store = VolumeStore::open(&args.root)?;
     let allow = AllowList::new(args.allow.clone());
+    let exports = tokio::task::block_in_place(|| Exports::load(store, allow.clone()))?;
+    let mut limits = args.nfs_limits();
+    let share = nfs::share_descriptors(
+        open_files,
+        exports.all().len(),
+        limits.max_connections,
+        nfs::MAX_CACHED,
+    );
+    if share.connections < limits.max_connections {
+        tracing::warn!(
+            open_files,
+            max_connections = limits.max_connections,
+            connections = share.connections,
+            cached_objects = share.cached_objects,
+            "open-file limit too low for --max-connections: serving fewer connections at once (raise the hard RLIMIT_NOFILE, e.g. LimitNOFILE= or the container runtime's default)"
+        );
+    }
+    limits.max_connections = share.connections;
     let exports = Arc::new(
-        tokio::task::block_in_place(|| Exports::load(store, allow.clone()))?
+        exports
+            .with_cached_objects(share.cached_objects)
             .with_device_nodes(args.allow_device_nodes),
     );
 
@@ -69,7 +102,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     }
     let listener = crate::server::bind("NFS", args.listen).await?;
     let nfs_addr = listener.local_addr().unwrap_or(args.listen);
-    let server = nfs::Server::new(exports.clone(), args.nfs_limits());
+    let server = nfs::Server::new(exports.clone(), limits);
     let mut registry = crate::metrics::registry("node");
     registry.register_collector(Box::new(server.collector()));
     let admin = admin::start(args.admin.admin_addr, registry, &shutdown).await?;
@@ -149,11 +182,59 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     readiness.set(true);
     server.serve(listener, allow, shutdown.clone()).await;
     readiness.set(false);
-    if let Some(agent) = agent {
-        let _ = agent.await;
+    let rest = async {
+        if let Some(agent) = agent {
+            let _ = agent.await;
+        }
+        let _ = refresher.await;
+        let _ = admin.task.await;
+    };
+    // The rest had the NFS drain's time to stop too; a client that keeps an admin
+    // request half-sent or its responses unread must not hold the exit past the
+    // pod's grace period. What is cut here acknowledged nothing to an NFS client.
+    if tokio::time::timeout(STOP_REST, rest).await.is_err() {
+        tracing::warn!(timeout = ?STOP_REST, "admin connections or cluster calls still running after the NFS drain; exiting anyway");
     }
-    let _ = refresher.await;
-    let _ = admin.task.await;
     tracing::info!("node agent stopped");
     Ok(())
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit (or to `fs.nr_open` when the hard
+/// limit is unlimited, which the kernel refuses as a soft value) and returns the soft
+/// limit now in force. Best effort: a refusal is logged and the limit left as it was.
+fn raise_open_files() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } != 0 {
+        tracing::error!(error = %std::io::Error::last_os_error(), "cannot read the open-file limit");
+        return 1024;
+    }
+    let before = lim.rlim_cur;
+    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(lim.rlim_max);
+    let want = lim.rlim_max.min(ceiling);
+    if want > before {
+        let raised = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit reads the struct it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const raised) } == 0 {
+            lim.rlim_cur = want;
+        } else {
+            tracing::error!(error = %std::io::Error::last_os_error(), soft = before, hard = lim.rlim_max, "cannot raise the open-file limit");
+        }
+    }
+    tracing::info!(
+        soft_before = before,
+        soft = lim.rlim_cur,
+        hard = lim.rlim_max,
+        "open-file limit"
+    );
+    lim.rlim_cur
 }

@@ -23,6 +23,11 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    #[error(
+        "cannot use the per-volume access rules in {path}: {why} (fix or remove the file; no volume is served while its rules cannot be read)"
+    )]
+    AccessRules { path: PathBuf, why: String },
+
     #[error("volume {name} not found")]
     VolumeNotFound { name: String },
 

@@ -9,9 +9,14 @@
 //!    client networks that may use it:
 //!    `{"pvc-1234": ["10.0.0.5", "10.0.0.6"], "scratch": ["10.0.0.0/24"]}`.
 //!    A volume with an entry is served only to those networks (an empty list: to
-//!    nobody); a volume without one is left to the other layers. The file is re-read
-//!    when it changes; one that cannot be parsed keeps the previous grants (a
-//!    half-written file must not open every volume to everyone);
+//!    nobody); a volume without one is left to the other layers. Rules that cannot be
+//!    read fail closed (DESIGN invariant 12): at start, a file that exists but cannot
+//!    be read or parsed stops the agent with an error naming the file and the cause
+//!    (there are no earlier rules to keep, and serving nothing would leave a healthy
+//!    looking agent and hung mounts: a crash loop with the reason in the log is what an
+//!    operator sees first). Afterwards the file is re-read when it changes; one that
+//!    cannot be read or parsed, or that disappears, keeps the last good grants (a
+//!    half-written file must not open every volume to everyone; `{}` clears them);
 //! 3. in cluster mode, [`ClusterGrants`]: the addresses of the nodes the controller
 //!    published on each volume's PV (the nodes running pods that use its claim; see
 //!    `provisioner::publish`). A volume no PV names is served to nobody; a PV without
@@ -24,9 +29,15 @@ use std::sync::RwLock;
 use std::time::SystemTime;
 
 use super::allow::{AllowList, Network};
+use crate::error::{Error, Result};
 use crate::volume::VolumeName;
 
 type Grants = BTreeMap<VolumeName, Vec<Network>>;
+
+/// Which copy of the grants file was last looked at: its modification time and length
+/// (a rewrite within one coarse timestamp tick still changes the length, most often),
+/// `None` while there is no file.
+type Version = Option<(SystemTime, u64)>;
 
 /// What the cluster says about each volume of this node: volume → the networks that
 /// may use it, or `None` for a PV that has no published nodes annotation (made before
@@ -49,25 +60,33 @@ impl ClusterGrants {
 pub struct Access {
     allow: AllowList,
     grants: RwLock<Grants>,
-    /// `access.json`, and the modification time of the copy loaded.
+    /// `access.json`, and the version last looked at (loaded, or refused).
     file: PathBuf,
-    loaded: RwLock<Option<SystemTime>>,
+    seen: RwLock<Version>,
     /// Cluster mode only: what the PVs of this node say.
     cluster: RwLock<Option<ClusterGrants>>,
 }
 
 impl Access {
     /// Access by `allow`, with per-volume grants from `file` (see [`Access::reload`]).
-    pub fn new(allow: AllowList, file: PathBuf) -> Access {
-        let access = Access {
+    /// Fails when `file` exists but cannot be read or parsed: rules that cannot be
+    /// read must not leave every volume open (see the module doc).
+    pub fn new(allow: AllowList, file: PathBuf) -> Result<Access> {
+        let seen = version(&file);
+        let grants = read_grants(&file).map_err(|why| Error::AccessRules {
+            path: file.clone(),
+            why,
+        })?;
+        if let Some(g) = &grants {
+            tracing::info!(file = %file.display(), volumes = g.len(), "per-volume access loaded");
+        }
+        Ok(Access {
             allow,
-            grants: RwLock::new(Grants::new()),
+            grants: RwLock::new(grants.unwrap_or_default()),
             file,
-            loaded: RwLock::new(None),
+            seen: RwLock::new(seen),
             cluster: RwLock::new(None),
-        };
-        access.reload();
-        access
+        })
     }
 
     /// Whether `client` may mount and use `volume`.
@@ -96,32 +115,44 @@ impl Access {
         *self.cluster.write().unwrap_or_else(|p| p.into_inner()) = Some(grants);
     }
 
-    /// Re-reads the grants file if it changed since the last load.
+    /// Re-reads the grants file if it changed since it was last looked at. A file
+    /// that cannot be read or parsed, or that is gone, keeps the grants in force
+    /// (logged once per change of the file).
     pub fn reload(&self) {
-        let mtime = std::fs::metadata(&self.file)
-            .and_then(|m| m.modified())
-            .ok();
-        if *self.loaded.read().unwrap_or_else(|p| p.into_inner()) == mtime {
-            return;
+        let now = version(&self.file);
+        {
+            let mut seen = self.seen.write().unwrap_or_else(|p| p.into_inner());
+            if *seen == now {
+                return;
+            }
+            *seen = now;
         }
         match read_grants(&self.file) {
-            Ok(g) => {
+            Ok(Some(g)) => {
                 tracing::info!(file = %self.file.display(), volumes = g.len(), "per-volume access loaded");
                 *self.grants.write().unwrap_or_else(|p| p.into_inner()) = g;
-                *self.loaded.write().unwrap_or_else(|p| p.into_inner()) = mtime;
+            }
+            Ok(None) => {
+                tracing::error!(file = %self.file.display(), "per-volume access file removed; keeping the last rules (write `{{}}` to clear them)");
             }
             Err(e) => {
-                tracing::error!(file = %self.file.display(), error = %e, "per-volume access unreadable; keeping the previous grants");
+                tracing::error!(file = %self.file.display(), error = %e, "per-volume access unreadable; keeping the last good rules");
             }
         }
     }
 }
 
-/// The grants in `path`; a missing file grants by the allow-list alone.
-fn read_grants(path: &Path) -> Result<Grants, String> {
+fn version(path: &Path) -> Version {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+/// The grants in `path`, `None` when there is no such file (grants by the allow-list
+/// alone).
+fn read_grants(path: &Path) -> Result<Option<Grants>, String> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Grants::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e.to_string()),
     };
     let raw: BTreeMap<VolumeName, Vec<String>> =
@@ -134,7 +165,8 @@ fn read_grants(path: &Path) -> Result<Grants, String> {
                 .collect::<Result<Vec<_>, _>>()?;
             Ok((v, nets))
         })
-        .collect()
+        .collect::<Result<Grants, String>>()
+        .map(Some)
 }
 
 #[cfg(test)]
@@ -149,15 +181,16 @@ mod tests {
         VolumeName::new(s).expect("name")
     }
 
+    fn loopback() -> AllowList {
+        AllowList::new(vec!["127.0.0.0/8".parse().expect("net")])
+    }
+
     #[test]
     fn grants_narrow_the_allow_list_per_volume() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("access.json");
         std::fs::write(&file, br#"{"a": ["127.0.0.2"], "none": []}"#).expect("write");
-        let access = Access::new(
-            AllowList::new(vec!["127.0.0.0/8".parse().expect("net")]),
-            file,
-        );
+        let access = Access::new(loopback(), file).expect("grants");
         let cases = [
             ("127.0.0.2", "a", true),
             ("127.0.0.3", "a", false),
@@ -177,10 +210,8 @@ mod tests {
     #[test]
     fn cluster_grants_are_exact_once_published_and_legacy_pvs_keep_the_allow_list() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let access = Access::new(
-            AllowList::new(vec!["127.0.0.0/8".parse().expect("net")]),
-            dir.path().join("access.json"),
-        );
+        let access =
+            Access::new(loopback(), dir.path().join("access.json")).expect("no file: no grants");
         assert!(
             access.allows(ip("127.0.0.3"), &vol("a")),
             "standalone: the allow-list decides"
@@ -224,10 +255,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("access.json");
         std::fs::write(&file, br#"{"a": ["127.0.0.2"]}"#).expect("write");
-        let access = Access::new(
-            AllowList::new(vec!["127.0.0.0/8".parse().expect("net")]),
-            file.clone(),
-        );
+        let access = Access::new(loopback(), file.clone()).expect("grants");
         std::fs::write(&file, b"{\"a\": [").expect("write");
         // A different mtime even on coarse-grained filesystems.
         let later = SystemTime::now() + std::time::Duration::from_secs(5);
@@ -238,5 +266,35 @@ mod tests {
             .expect("touch");
         access.reload();
         assert!(!access.allows(ip("127.0.0.3"), &vol("a")));
+    }
+
+    #[test]
+    fn a_broken_grants_file_at_start_is_refused_with_its_name_and_cause() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("access.json");
+        std::fs::write(&file, br#"{"a": ["127.0.0.2"],}"#).expect("write");
+        let err = Access::new(loopback(), file).err().expect("refused");
+        let text = err.to_string();
+        assert!(
+            text.contains("access.json") && text.contains("trailing comma"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_removed_grants_file_keeps_the_last_rules() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("access.json");
+        std::fs::write(&file, br#"{"a": ["127.0.0.2"]}"#).expect("write");
+        let access = Access::new(loopback(), file.clone()).expect("grants");
+        std::fs::remove_file(&file).expect("remove");
+        access.reload();
+        assert!(!access.allows(ip("127.0.0.3"), &vol("a")));
+        std::fs::write(&file, b"{}").expect("write");
+        access.reload();
+        assert!(
+            access.allows(ip("127.0.0.3"), &vol("a")),
+            "`{{}}` clears them"
+        );
     }
 }

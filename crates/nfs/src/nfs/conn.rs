@@ -1,23 +1,19 @@
 //! One TCP connection: read records, run each call on the blocking pool (file system
 //! calls block) except attribute-only calls, which take microseconds and run on the
-//! connection task; write replies as they finish, small ones coalesced into one write.
-//! Large READs are the exception: the thread that ran the call splices the data from
-//! the page cache straight into the socket (see `splice`), under the same send lock the
-//! writer task takes, so records never interleave. A thread that finds the lock taken
-//! for more than a few milliseconds hands its reply to the writer task instead of
-//! waiting: only one thread per connection ever waits on the client's socket, and for
-//! at most the send timeout.
-//! Clients keep many calls in flight on one connection, so replies may leave out of
-//! order; the XID pairs them up.
+//! connection task; replies leave as they finish (how, and what they hold meanwhile,
+//! is `send`). Clients keep many calls in flight on one connection, so replies may
+//! leave out of order; the XID pairs them up.
 //!
 //! Bounds (see `limits`): [`MAX_RECORD`] per record and [`MAX_IN_FLIGHT`] calls per
 //! connection (reading pauses beyond that); every byte of a record and the largest
 //! reply its call can produce are charged to the server-wide budget until the reply
 //! has left. No wait on the client is unbounded: the next record's first byte
 //! (idle timeout, while nothing is in flight), the rest of a record (record timeout),
-//! a reply's way out (send timeout; then the connection is dropped). On shutdown the
-//! connection stops reading, finishes the calls it has, sends their replies, then
-//! closes.
+//! a reply's way out (send timeout; then the connection is dropped). Each socket's
+//! kernel buffers are bounded (`send::SEND_BUFFER`, `send::RECEIVE_BUFFER`), and what a
+//! written reply still occupies in the send buffer stays charged to the budget until
+//! the client has taken it (see `send`). On shutdown the connection stops reading, finishes the calls it
+//! has and sends their replies, then closes; past the drain deadline it is cut.
 
 use std::cell::Cell;
 use std::net::{IpAddr, SocketAddr};
@@ -26,20 +22,21 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::io::BufReader;
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::buffers::BufferPool;
 use super::dirops;
-use super::limits::{Budget, Charge, Limits, Waits};
+use super::limits::{Budget, Limits, Waits};
 use super::mount;
 use super::ops::{self, Ctx, MAX_IO};
 use super::reply::{Early, encode};
 use super::rpc::{self, AcceptStat, AuthStat, MAX_RECORD, Reject};
-use super::splice::{self, Piped};
+use super::send::{Outbox, Queued, RECEIVE_BUFFER, Reply, SEND_BUFFER, queue, write_replies};
+use super::splice;
 use super::state::Exports;
 use super::stats;
 use super::xdr::{Garbage, XdrIn};
@@ -51,13 +48,6 @@ pub const MAX_IN_FLIGHT: usize = 64;
 /// It sits outside the byte budget: a fixed cost per connection, like its socket's.
 const READ_BUFFER: usize = 1024;
 
-/// Replies gathered into one socket write at most.
-const COALESCE_BYTES: usize = 256 * 1024;
-/// Replies larger than this are written on their own rather than copied into a batch.
-const SMALL_REPLY: usize = 16 * 1024;
-/// How long a blocking thread waits for another writer to free the socket before it
-/// hands its reply to the writer task: several 1 MiB sends to a client that reads.
-const LOCK_WAIT: Duration = Duration::from_millis(5);
 /// What a reply other than READ's and READDIR's data can take: attributes, wcc data,
 /// a handle, a path (RFC 1813 limits each).
 const SMALL_RESULT: usize = 4 * 1024;
@@ -122,13 +112,6 @@ fn reply_bound(record: &[u8]) -> usize {
     data + SMALL_RESULT
 }
 
-/// A reply waiting for the writer task, with the call slot and budget it holds until
-/// it has left.
-struct Queued {
-    bytes: Vec<u8>,
-    _held: (OwnedSemaphorePermit, Charge),
-}
-
 /// What every connection of one server shares.
 pub struct Shared {
     pub exports: Arc<Exports>,
@@ -139,18 +122,9 @@ pub struct Shared {
     pub idle: Waits,
     /// Connections being served.
     pub connections: AtomicUsize,
-}
-
-/// The sending side of one connection, shared by its writer task and the blocking
-/// threads that write their own replies.
-struct Outbox {
-    /// The send lock: whoever holds it writes whole records.
-    sink: Mutex<OwnedWriteHalf>,
-    /// Cancelled when the budget drops this connection to make room.
-    dropped: CancellationToken,
-    budget: Budget,
-    limits: Limits,
-    peer: SocketAddr,
+    /// Cancelled when the drain deadline has passed after shutdown: connections still
+    /// sending are cut.
+    pub abort: CancellationToken,
 }
 
 /// Serves one connection until the peer closes it, it breaks the protocol, it idles
@@ -171,17 +145,12 @@ pub async fn serve(
     }
     let limits = shared.limits;
     let fd = stream.as_raw_fd();
+    splice::bound_buffers(fd, SEND_BUFFER, RECEIVE_BUFFER);
     let (rd, wr) = stream.into_split();
     let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
     let (tx, rx) = mpsc::channel::<Queued>(MAX_IN_FLIGHT);
-    let out = Arc::new(Outbox {
-        sink: Mutex::new(wr),
-        dropped: CancellationToken::new(),
-        budget: shared.budget.clone(),
-        limits,
-        peer,
-    });
-    let writer = tokio::spawn(write_replies(rx, out.clone()));
+    let out = Arc::new(Outbox::new(wr, shared.budget.clone(), limits, peer));
+    let mut writer = tokio::spawn(write_replies(rx, out.clone()));
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     // The last free connection slot was just taken: close the connection idle longest
     // so the next client is not left in the backlog until someone's idle timeout
@@ -283,7 +252,7 @@ pub async fn serve(
                     &tx,
                     Queued {
                         bytes,
-                        _held: (slot, charge),
+                        held: (slot, charge),
                     },
                 );
                 // The writer task sends it now, before this task looks for the next
@@ -307,9 +276,18 @@ pub async fn serve(
         splice::abort(fd);
     }
     // Replies of calls still running go out before the socket closes. The writer
-    // ends when every sender is gone: this task's, and those of calls still running.
+    // ends when every sender is gone: this task's, and those of calls still running;
+    // or, after shutdown, when the drain deadline cuts the connection.
     drop(tx);
-    let _ = writer.await;
+    tokio::select! {
+        _ = &mut writer => {}
+        () = shared.abort.cancelled() => {
+            tracing::info!(%peer, "closing connection: drain deadline passed");
+            splice::abort(fd);
+            writer.abort();
+            let _ = writer.await;
+        }
+    }
 }
 
 /// Reads the first byte of the next record, waiting as long as calls are in flight
@@ -361,107 +339,6 @@ impl Drop for Counted<'_> {
     }
 }
 
-/// Gives `reply` to the writer task. At most MAX_IN_FLIGHT replies exist (each holds a
-/// call slot), the channel's capacity: this never waits.
-fn queue(tx: &mpsc::Sender<Queued>, reply: Queued) {
-    let _ = tx.try_send(reply);
-}
-
-impl Outbox {
-    /// From a blocking-pool thread: writes `reply` itself once the socket is free,
-    /// else, if another writer keeps it longer than [`LOCK_WAIT`] (its client is slow
-    /// or has stopped reading), hands it to the writer task: a thread waits for
-    /// another's send only briefly, and only one thread per connection ever waits on
-    /// the client. Waiting a little first keeps spliced READs zero-copy when several
-    /// finish together; handing off copies the data out of the pipe.
-    fn send_or_hand_off(
-        &self,
-        reply: Reply,
-        tx: &mpsc::Sender<Queued>,
-        held: (OwnedSemaphorePermit, Charge),
-    ) {
-        // Called from a blocking-pool thread only (it has the runtime's context and may
-        // block on it); if the runtime is shutting down the timer is gone and the
-        // thread's task ends with a panic, which tokio contains in the task.
-        // Parked until the holder lets go (woken by it, in turn), not polled: the holder
-        // is often the previous call's thread, preempted just after its send by the
-        // client it woke, and a sleep here would cost a timer tick each time.
-        let wr = self.sink.try_lock().ok().or_else(|| {
-            tokio::runtime::Handle::current()
-                .block_on(tokio::time::timeout(LOCK_WAIT, self.sink.lock()))
-                .ok()
-        });
-        match wr {
-            Some(wr) => {
-                // Written from this thread: no hand-off to the writer task, no wake-up.
-                let sock = wr.as_ref().as_raw_fd();
-                let _waiting = self.budget.waiting(&self.dropped);
-                let deadline = Instant::now() + self.limits.send_timeout;
-                if let Err(e) = reply.send(sock, deadline) {
-                    tracing::info!(peer = %self.peer, errno = e.0, "closing connection: reply not taken in time");
-                    splice::abort(sock);
-                }
-            }
-            None => match reply.into_bytes() {
-                Ok(bytes) => queue(tx, Queued { bytes, _held: held }),
-                Err(e) => {
-                    tracing::debug!(peer = %self.peer, errno = e.0, "reply lost: pipe read failed");
-                }
-            },
-        }
-    }
-
-    /// Writes `bytes` within the send timeout; false (and the connection cut) if not.
-    async fn write(&self, wr: &mut OwnedWriteHalf, bytes: &[u8]) -> bool {
-        if bytes.is_empty() {
-            return true;
-        }
-        let _waiting = self.budget.waiting(&self.dropped);
-        let sent = tokio::time::timeout(self.limits.send_timeout, wr.write_all(bytes)).await;
-        if !matches!(sent, Ok(Ok(()))) {
-            if sent.is_err() {
-                tracing::info!(peer = %self.peer, timeout = ?self.limits.send_timeout, "closing connection: client stopped reading");
-            }
-            splice::abort(wr.as_ref().as_raw_fd());
-            return false;
-        }
-        true
-    }
-}
-
-/// The writer task: small replies that finished together leave in one write (fewer
-/// syscalls under load); large ones are written as they are, never copied again.
-async fn write_replies(mut rx: mpsc::Receiver<Queued>, out: Arc<Outbox>) {
-    let mut batch = Vec::new();
-    let mut sent = Vec::new();
-    'replies: while let Some(first) = rx.recv().await {
-        let mut wr = out.sink.lock().await;
-        let mut next = Some(first);
-        while let Some(reply) = next.take() {
-            if reply.bytes.len() > SMALL_REPLY {
-                if !out.write(&mut wr, &batch).await || !out.write(&mut wr, &reply.bytes).await {
-                    break 'replies;
-                }
-                batch.clear();
-                sent.clear();
-            } else {
-                batch.extend_from_slice(&reply.bytes);
-                sent.push(reply);
-            }
-            if batch.len() < COALESCE_BYTES {
-                next = rx.try_recv().ok();
-            }
-        }
-        if !out.write(&mut wr, &batch).await {
-            break;
-        }
-        batch.clear();
-        // Their slots and budget come back now that they have left.
-        sent.clear();
-    }
-    let _ = out.sink.lock().await.shutdown().await;
-}
-
 /// The answer to a call from an unreserved port when reserved ports are required:
 /// NULL is answered (it reveals nothing and lets the client see the server is up),
 /// anything else is denied as AUTH_TOOWEAK (RFC 5531 §9: "rejected for security
@@ -475,40 +352,6 @@ fn insecure_reply(record: &[u8]) -> Option<Vec<u8>> {
     };
     rpc::finish_record(&mut out, 0);
     Some(out)
-}
-
-/// A framed reply: `head` (record mark included), then, for a spliced READ, its data
-/// waiting in this thread's pipe (padded when sent).
-pub struct Reply {
-    pub head: Vec<u8>,
-    pub data: Option<Piped>,
-}
-
-impl Reply {
-    /// Writes the whole record to the non-blocking socket `sock`, waiting for room
-    /// until `deadline`; call from a blocking-pool thread holding the send lock. On
-    /// error the stream may be cut mid-record: close the connection.
-    fn send(self, sock: std::os::fd::RawFd, deadline: Instant) -> Result<(), super::sys::Errno> {
-        match self.data {
-            Some(data) => {
-                let pad = data.pad();
-                data.send(sock, &self.head, pad, deadline)
-            }
-            None => splice::send_all(sock, &self.head, 0, deadline),
-        }
-    }
-
-    /// The whole record as bytes (spliced data copied out of the pipe), for a writer
-    /// on another thread.
-    fn into_bytes(self) -> Result<Vec<u8>, super::sys::Errno> {
-        let mut out = self.head;
-        if let Some(data) = self.data {
-            let pad = data.pad();
-            data.append_to(&mut out)?;
-            out.extend_from_slice(pad);
-        }
-        Ok(out)
-    }
 }
 
 /// Who runs a call, which decides how a READ gets its data.

@@ -6,13 +6,23 @@
 //! arrive (in steps that start small, so a connection that sends a record mark and then
 //! stalls holds a few KiB, not the megabyte the mark promises), and before a call runs
 //! the largest reply it can produce is charged too (a 200-byte READ call can ask for a
-//! 1 MiB reply). The charge is returned when the reply has left or the call is dropped.
+//! 1 MiB reply). Once a reply is written, the part of it the kernel still holds in the
+//! connection's socket (not yet acknowledged by the client; each socket's send buffer
+//! is bounded, see `conn`) stays charged, moved from the reply's charge to the
+//! connection's, until the client takes it: unread replies in kernel buffers count
+//! (they count against the pod's memory limit too). The rest is returned when the reply
+//! has left or the call is dropped.
 //! When the budget is spent, connections stop reading (TCP pushes back on the clients)
 //! until replies go out; nothing is allocated beyond it (but each connection's 1 KiB
 //! read buffer, a fixed cost like its socket's). A client cannot hold its share
 //! forever: records must complete within the record timeout and replies leave within
 //! the send timeout, and while others wait for room the connection whose record or
 //! reply has stalled longest is dropped.
+//!
+//! Descriptors are a budget too: [`share_descriptors`] splits the open-file limit
+//! between connections (one each), the handle cache and the calls running, so that
+//! idle connections can never leave an honest call without a descriptor to open its
+//! file with.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,6 +50,52 @@ pub struct Limits {
     pub bytes_in_flight: usize,
     /// Whether calls from source ports >= 1024 are refused (knfsd's `secure`).
     pub require_reserved_port: bool,
+    /// After shutdown is asked for, how long connections may take to send the replies
+    /// of calls already received; then they are cut (Kubernetes kills the pod 30 s
+    /// after SIGTERM by default; the process must have exited cleanly before that).
+    pub drain_timeout: Duration,
+}
+
+/// Descriptors the agent holds whatever its clients do: standard streams, listeners,
+/// the runtime's epoll and wake-up descriptors, the admin listener's connections (up
+/// to 64), API server connections, the store's and log's files.
+pub const FIXED_DESCRIPTORS: u64 = 128;
+/// Descriptors each volume holds open (its directory, twice: see `state::Volume`).
+pub const VOLUME_DESCRIPTORS: u64 = 2;
+/// Descriptors a cached object can hold: its `O_PATH` handle, and read and write opens.
+const CACHED_OBJECT_DESCRIPTORS: u64 = 3;
+
+/// How the open-file limit is shared (see [`share_descriptors`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Descriptors {
+    /// Most connections served at once.
+    pub connections: usize,
+    /// Most objects kept open in the handle cache.
+    pub cached_objects: usize,
+}
+
+/// Shares `limit` open files (RLIMIT_NOFILE, soft) between what the agent holds anyway
+/// ([`FIXED_DESCRIPTORS`], and `volumes` × [`VOLUME_DESCRIPTORS`]), and then of what is
+/// left: a quarter for connections, a quarter for the handle cache, and half for the
+/// calls running (each blocking-pool thread's splice pipe, two descriptors, and the
+/// files a call opens). Each part is at most what was asked for, and at least one
+/// connection and a few cached objects (a limit that low is logged as an error where
+/// it is read).
+pub fn share_descriptors(
+    limit: u64,
+    volumes: usize,
+    connections: usize,
+    cached_objects: usize,
+) -> Descriptors {
+    let held = FIXED_DESCRIPTORS.saturating_add(VOLUME_DESCRIPTORS.saturating_mul(volumes as u64));
+    let quarter = limit.saturating_sub(held) / 4;
+    let fit = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+    Descriptors {
+        connections: connections.min(fit(quarter)).max(1),
+        cached_objects: cached_objects
+            .min(fit(quarter / CACHED_OBJECT_DESCRIPTORS))
+            .max(8),
+    }
 }
 
 /// How long a charge waits for the budget before it makes room by dropping the
@@ -152,6 +208,16 @@ impl Budget {
         self.limit
     }
 
+    /// An empty charge, for bytes that are no record's (a socket's unsent replies).
+    pub fn empty(&self) -> Charge {
+        Charge {
+            budget: self.clone(),
+            held: None,
+            bytes: 0,
+            partial: None,
+        }
+    }
+
     /// An empty charge for a record whose first byte has just arrived. Until
     /// [`Charge::complete`], the record counts as a wait on the client (see
     /// [`Budget::waiting`]).
@@ -191,6 +257,39 @@ impl Charge {
     /// The record is whole: no longer a wait on the client.
     pub fn complete(&mut self) {
         self.partial = None;
+    }
+
+    /// Moves up to `bytes` of this charge into `to` (same budget), without waiting;
+    /// returns how many moved.
+    pub fn move_into(&mut self, bytes: usize, to: &mut Charge) -> usize {
+        let n = bytes.min(self.bytes);
+        if n == 0 {
+            return 0;
+        }
+        let Some(part) = self.held.as_mut().and_then(|p| p.split(n)) else {
+            return 0;
+        };
+        self.bytes -= n;
+        match &mut to.held {
+            Some(p) => p.merge(part),
+            None => to.held = Some(part),
+        }
+        to.bytes += n;
+        n
+    }
+
+    /// Returns all but `bytes` of this charge to the budget.
+    pub fn keep(&mut self, bytes: usize) {
+        if bytes >= self.bytes {
+            return;
+        }
+        if let Some(p) = self.held.as_mut() {
+            drop(p.split(self.bytes - bytes));
+        }
+        self.bytes = bytes;
+        if bytes == 0 {
+            self.held = None;
+        }
     }
 
     /// Holds at least `bytes` in total, waiting for the budget to have them; while it
@@ -270,5 +369,47 @@ mod tests {
         let mut fresh = waiting.await.expect("task");
         fresh.complete();
         assert!(!fresh_conn.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn charges_move_between_holders_and_shrink_without_waiting() {
+        let budget = Budget::new(100);
+        let mut reply = budget.charge(&CancellationToken::new());
+        reply.at_least(60).await.expect("fits");
+        let mut socket = budget.empty();
+        assert_eq!(reply.move_into(25, &mut socket), 25);
+        assert_eq!((reply.bytes(), socket.bytes()), (35, 25));
+        drop(reply);
+        assert_eq!(budget.available(), 75, "what moved stays charged");
+        socket.keep(10);
+        assert_eq!((socket.bytes(), budget.available()), (10, 90));
+        socket.keep(0);
+        assert_eq!(budget.available(), 100);
+    }
+
+    #[test]
+    fn descriptors_are_shared_so_connections_cannot_take_the_calls_ones() {
+        // (open-file limit, volumes, connections asked, cache asked) -> shares
+        let cases = [
+            // systemd's and containerd 2's hard limit: everything asked for fits.
+            ((524_288, 10, 1024, 1024), (1024, 1024)),
+            // A hard limit of 1,024: connections get a quarter of what is left.
+            ((1024, 0, 1024, 1024), (224, 74)),
+            // Volumes' own descriptors come off first.
+            ((1024, 100, 1024, 1024), (174, 58)),
+            ((256, 0, 1024, 1024), (32, 10)),
+            // Below what the agent holds anyway: one connection, a few objects.
+            ((64, 0, 1024, 1024), (1, 8)),
+        ];
+        for ((limit, volumes, conns, cache), (want_conns, want_cache)) in cases {
+            assert_eq!(
+                share_descriptors(limit, volumes, conns, cache),
+                Descriptors {
+                    connections: want_conns,
+                    cached_objects: want_cache
+                },
+                "limit {limit}, {volumes} volumes"
+            );
+        }
     }
 }

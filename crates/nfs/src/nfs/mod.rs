@@ -5,6 +5,7 @@
 //!
 //! Layers, outermost first: [`server`] accepts (allow-list, connection cap, drain),
 //! `conn` frames records and dispatches within the time and memory bounds of `limits`,
+//! `send` writes the replies (and counts what the sockets still hold),
 //! `rpc`/`xdr` decode untrusted bytes, `ops`/`dirops`/`mount` implement procedures
 //! (NFS procedures return a typed answer that `reply` alone turns into bytes),
 //! `access` decides who may use each volume (per call), `rmtab` remembers who mounted
@@ -28,6 +29,7 @@ mod quota;
 mod reply;
 mod rmtab;
 pub mod rpc;
+mod send;
 mod splice;
 mod state;
 mod stats;
@@ -42,9 +44,9 @@ use tokio_util::sync::CancellationToken;
 pub use access::ClusterGrants;
 pub use allow::{AllowList, Network};
 pub use conn::dispatch;
-pub use limits::Limits;
+pub use limits::{Descriptors, Limits, share_descriptors};
 pub use metrics::NfsCollector;
-pub use state::Exports;
+pub use state::{Exports, MAX_CACHED};
 
 /// How often each volume's usage is re-counted from the disk (see `quota::resync`).
 pub const USAGE_RECOUNT: std::time::Duration = std::time::Duration::from_secs(600);
@@ -66,6 +68,7 @@ impl Server {
             limits,
             idle: limits::Waits::default(),
             connections: std::sync::atomic::AtomicUsize::new(0),
+            abort: CancellationToken::new(),
         }))
     }
 
@@ -74,10 +77,22 @@ impl Server {
         NfsCollector(self.0.clone())
     }
 
-    /// Serves NFS and MOUNT on `listener` until `shutdown` fires, then drains.
+    /// Serves NFS and MOUNT on `listener` until `shutdown` fires, then drains: calls
+    /// already received are answered, for at most the drain timeout; then the
+    /// connections still sending are cut. Every reply sent meant durable (FILE_SYNC
+    /// writes and COMMIT sync before replying), so a cut loses no acknowledged data.
     pub async fn serve(self, listener: TcpListener, allow: AllowList, shutdown: CancellationToken) {
         let shared = self.0;
         let limits = shared.limits;
+        let deadline = {
+            let (shutdown, abort) = (shutdown.clone(), shared.abort.clone());
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                tokio::time::sleep(limits.drain_timeout).await;
+                tracing::warn!(timeout = ?limits.drain_timeout, "drain deadline passed: cutting the connections still sending");
+                abort.cancel();
+            })
+        };
         crate::server::serve(
             "nfs",
             listener,
@@ -97,5 +112,6 @@ impl Server {
             },
         )
         .await;
+        deadline.abort();
     }
 }

@@ -14,6 +14,9 @@
 //! passed since the reply's first byte, closing the connection (a client that stops
 //! reading must not hold server threads; a client that reads a byte a minute must not
 //! either, so the bound is on the whole reply, not on each wait).
+//!
+//! The other socket calls of a connection live here too: bounding its kernel buffers,
+//! measuring what it has not sent yet, cutting it.
 
 use std::cell::RefCell;
 use std::marker::PhantomData;
@@ -160,14 +163,24 @@ fn with_pipe<T>(f: impl FnOnce(&Pipe) -> SysResult<T>) -> SysResult<T> {
 }
 
 /// Moves up to `count` bytes of `fd` at `off` into this thread's pipe (page references,
-/// no copy). `Ok(None)` when splicing cannot serve this READ (the pipe is too small or
-/// the file system does not splice): use `pread` instead.
+/// no copy). `Ok(None)` when splicing cannot serve this READ (the pipe is too small,
+/// cannot be made for want of descriptors, or the file system does not splice): use
+/// `pread` instead.
 pub fn file_to_pipe(fd: RawFd, off: u64, count: usize) -> SysResult<Option<Piped>> {
     let mut off = i64::try_from(off).map_err(|_| Errno(libc::EINVAL))?;
     PIPE.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
-            *slot = Some(Pipe::new(super::ops::MAX_IO as usize)?);
+            match Pipe::new(super::ops::MAX_IO as usize) {
+                Ok(p) => *slot = Some(p),
+                // Out of descriptors (each blocking-pool thread keeps a pipe, and there
+                // may be more threads than the open-file limit has room for) or of
+                // pipe memory: `pread` needs neither, and the READ still succeeds.
+                Err(e) if matches!(e.0, libc::EMFILE | libc::ENFILE | libc::ENOMEM) => {
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            }
         }
         let Some(p) = slot.as_ref() else {
             return Ok(None);
@@ -245,10 +258,58 @@ fn wait_writable(sock: RawFd, deadline: Instant) -> SysResult<()> {
 }
 
 /// Ends both directions of `sock` after a reply was cut short mid-record: the peer and
-/// our reader see the connection close.
+/// our reader see the connection close. When the socket is closed, whatever the kernel
+/// still holds for the peer is discarded (a reset, not a FIN queued behind data a
+/// client is not reading: a closed socket's unsent bytes would otherwise stay in kernel
+/// memory, counted nowhere, until TCP gives up on the peer).
 pub fn abort(sock: RawFd) {
-    // SAFETY: plain syscall on a descriptor the caller keeps open.
-    unsafe { libc::shutdown(sock, libc::SHUT_RDWR) };
+    let reset = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: plain syscalls on a descriptor the caller keeps open; `reset` outlives
+    // the call and its size is passed.
+    unsafe {
+        libc::setsockopt(
+            sock,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const reset).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+        libc::shutdown(sock, libc::SHUT_RDWR);
+    }
+}
+
+/// Bounds the kernel's send and receive buffers of `sock` (Linux doubles each value
+/// and caps it at `net.core.wmem_max`/`rmem_max`), which also turns off their
+/// autotuning: by default one socket may grow to megabytes of replies its client does
+/// not read. Best effort: a refusal leaves the kernel's defaults.
+pub fn bound_buffers(sock: RawFd, send: usize, receive: usize) {
+    for (option, bytes) in [(libc::SO_SNDBUF, send), (libc::SO_RCVBUF, receive)] {
+        let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        // SAFETY: plain syscall; `value` outlives it and its size is passed.
+        unsafe {
+            libc::setsockopt(
+                sock,
+                libc::SOL_SOCKET,
+                option,
+                (&raw const value).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+}
+
+/// Bytes written to the TCP socket `sock` that its peer has not acknowledged yet: what
+/// the kernel still holds of our replies (`SIOCOUTQ`, tcp(7)).
+pub fn unsent(sock: RawFd) -> SysResult<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int through the pointer.
+    if unsafe { libc::ioctl(sock, libc::TIOCOUTQ, &raw mut n) } < 0 {
+        return Err(last());
+    }
+    Ok(usize::try_from(n).unwrap_or(0))
 }
 
 /// Writes all of `buf` to the non-blocking socket `sock`, waiting for room with `poll`

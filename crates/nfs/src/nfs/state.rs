@@ -159,8 +159,9 @@ impl Obj {
 /// Wire handle → (volume id, open object).
 type ObjectCache = HashMap<Vec<u8>, (u32, Arc<Obj>)>;
 
-/// Most objects kept open; past it the cache starts over (cheap, and rare).
-const MAX_CACHED: usize = 1024;
+/// Most objects kept open by default; past it the cache starts over (cheap, and rare).
+/// Lowered under a low open-file limit (see [`Exports::with_cached_objects`]).
+pub const MAX_CACHED: usize = 1024;
 
 /// The server's shared state.
 pub struct Exports {
@@ -172,6 +173,8 @@ pub struct Exports {
     /// Who may use each volume, checked on MNT and on every call.
     pub access: Access,
     objects: Mutex<ObjectCache>,
+    /// Most objects in `objects` (see `limits::share_descriptors`).
+    max_cached: usize,
     /// One refresh at a time: two interleaved ones could each write a map missing the
     /// other's new volume.
     refreshing: Mutex<()>,
@@ -209,7 +212,7 @@ impl Exports {
             },
         )?;
         let mounts = MountTable::load(store.root().join("rmtab"));
-        let access = Access::new(allow, store.root().join("access.json"));
+        let access = Access::new(allow, store.root().join("access.json"))?;
         let exports = Self {
             store,
             key,
@@ -217,6 +220,7 @@ impl Exports {
             mounts,
             access,
             objects: Mutex::new(HashMap::new()),
+            max_cached: MAX_CACHED,
             refreshing: Mutex::new(()),
             recounting: Mutex::new(()),
             verifier,
@@ -225,6 +229,13 @@ impl Exports {
         };
         exports.refresh()?;
         Ok(exports)
+    }
+
+    /// Keeps at most `n` objects open in the handle cache (each holds up to three
+    /// descriptors).
+    pub fn with_cached_objects(mut self, n: usize) -> Self {
+        self.max_cached = n.max(1);
+        self
     }
 
     /// Lets MKNOD make block and character devices (see [`Exports::device_nodes`]).
@@ -427,7 +438,7 @@ impl Exports {
         }
         let obj = Arc::new(Obj::new(fd));
         let mut cache = self.objects.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= MAX_CACHED {
+        if cache.len() >= self.max_cached {
             cache.clear();
         }
         cache.insert(wire.to_vec(), (volume.meta.id, obj.clone()));
