@@ -74,7 +74,10 @@ pub async fn fake_heartbeat(leases: &Api<Lease>, node: &str, renewed: Timestamp,
     let body = json!({
         "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
         "metadata": {"name": name, "labels": {"localnfs.io/node": node},
-            "annotations": {"localnfs.io/free-bytes": free.to_string()}},
+            // A public key (any 32 bytes): the controller places volumes only on
+            // agents that publish one.
+            "annotations": {"localnfs.io/free-bytes": free.to_string(),
+                            "localnfs.io/agent-key": "11".repeat(32)}},
         "spec": {"holderIdentity": node, "leaseDurationSeconds": 3,
             "renewTime": MicroTime(renewed)},
     });
