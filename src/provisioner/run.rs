@@ -11,7 +11,8 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio_util::sync::CancellationToken;
 
-use super::claims::{self, Ctx};
+use super::claims;
+use super::ctx::Ctx;
 use super::leader::{LeaderElector, RENEW_EVERY};
 use super::metrics::ControllerMetrics;
 use super::pods::{self, Usage};
