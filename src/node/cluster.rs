@@ -27,9 +27,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
+use crate::heartbeat::{self, Heartbeat};
 use crate::kubeclient::annotation as ann;
 use crate::nfs::{AllowList, Exports, Network};
-use crate::objects::agents::{self, Heartbeat};
 use crate::objects::claim::pv_name;
 use crate::objects::keys::*;
 use crate::objects::reclaim::{self, Reclaim};
@@ -42,7 +42,7 @@ use super::keys::ControllerKey;
 use super::step::{self, ClaimStep};
 
 /// How often the heartbeat Lease is renewed (it is considered dead after
-/// [`agents::LEASE_SECONDS`]).
+/// [`crate::objects::agents::LEASE_SECONDS`]).
 const HEARTBEAT: Duration = Duration::from_secs(5);
 
 struct Agent {
@@ -651,7 +651,7 @@ async fn heartbeat(agent: Arc<Agent>, shutdown: CancellationToken) {
             inodes: usage.1,
             key: agent.signer.public().to_hex(),
         };
-        if let Err(e) = agents::renew(&leases, &beat).await {
+        if let Err(e) = heartbeat::renew(&leases, &beat).await {
             tracing::warn!(error = %e, "cannot renew the node heartbeat lease");
         }
         tokio::select! {

@@ -36,7 +36,7 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
     let admin = admin::start(args.admin.admin_addr, registry, &shutdown).await?;
     let readiness = admin.readiness.clone();
     let agents = crate::kubeclient::Shared::default();
-    let mut agents_listed = crate::objects::agents::watch(
+    let mut agents_listed = crate::heartbeat::watch(
         &client,
         &args.install.heartbeats.heartbeat_namespace,
         &agents,
