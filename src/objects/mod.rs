@@ -60,7 +60,7 @@
 //! This module is the bottom layer every component shares: those keys ([`keys`]),
 //! the StorageClass vocabulary ([`class`]), what a claim asks for ([`claim`]), when
 //! a volume's data may go ([`reclaim`]), which nodes may mount a volume
-//! ([`published`]), which keys localnfs wrote ([`signed`]) and the agents' heartbeat
+//! ([`published`]), what the controller asks an agent for ([`request`]), which keys localnfs wrote ([`signed`]) and the agents' heartbeat
 //! Leases ([`agents`]: what a Lease says; reading and writing them is
 //! `crate::heartbeat`). It depends on no component and does no API I/O: it uses only
 //! the NFS crate's volume types and `kubeclient::annotation`, a pure accessor of the
@@ -73,4 +73,5 @@ pub mod class;
 pub mod keys;
 pub mod published;
 pub mod reclaim;
+pub mod request;
 pub mod signed;

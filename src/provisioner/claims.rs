@@ -368,11 +368,11 @@ async fn place(
         Ok(n) => n,
         Err(msg) => return fail(ctx, pvc, Failure::no_room(msg, selected.is_some()), false).await,
     };
-    let req = VolumeRequest {
-        spec: p.params.volume_request(p.volume.clone(), size),
-        claim_uid: uid.clone(),
-        node: node.clone(),
-    };
+    let req = VolumeRequest::new(
+        p.params.volume_request(p.volume.clone(), size),
+        uid.clone(),
+        node.clone(),
+    );
     let mut annotations = serde_json::Map::new();
     for (key, value) in
         signed::request_annotations(&ctx.signer, &req).map_err(Error::BuildObject)?
