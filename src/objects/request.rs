@@ -12,7 +12,7 @@
 //!
 //! Wire shape: the spec's fields sit beside `claimUid` and `node`, in camelCase, as the
 //! previous version wrote and reads them. The spec's own serde form is the on-disk
-//! snake_case one (see `volume::VolumeSpec`); [`camel`] converts the keys by rule, so a
+//! snake_case one (see `volume::VolumeSpec`); `camel` converts the keys by rule, so a
 //! new spec field needs nothing here.
 
 use serde::{Deserialize, Serialize};
