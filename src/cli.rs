@@ -9,8 +9,9 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::nfs::Network;
-use crate::objects::class::{parse_mode, parse_squash, quantity_bytes};
+use crate::objects::class::{parse_squash, quantity_bytes};
 use crate::telemetry::LogFormat;
+use crate::volume::parse_mode;
 use crate::volume::{Squash, VolumeName};
 
 /// localnfs: local disks served as NFSv3 PersistentVolumes for Kubernetes.

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod demo;
 pub mod error;
 pub mod events;
+pub mod heartbeat;
 pub mod kubeclient;
 pub mod metrics;
 pub mod node;

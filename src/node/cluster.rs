@@ -27,12 +27,13 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
+use crate::heartbeat::{self, Heartbeat};
 use crate::kubeclient::annotation as ann;
 use crate::nfs::{AllowList, Exports, Network};
-use crate::objects::agents::{self, Heartbeat};
 use crate::objects::claim::pv_name;
 use crate::objects::keys::*;
 use crate::objects::reclaim::{self, Reclaim};
+use crate::objects::request::REQUEST_VERSION;
 use crate::objects::signed::{self, Message, Signer};
 use crate::volume::{Owner, VolumeName};
 use kube::runtime::reflector::Store;
@@ -42,7 +43,7 @@ use super::keys::ControllerKey;
 use super::step::{self, ClaimStep};
 
 /// How often the heartbeat Lease is renewed (it is considered dead after
-/// [`agents::LEASE_SECONDS`]).
+/// [`crate::objects::agents::LEASE_SECONDS`]).
 const HEARTBEAT: Duration = Duration::from_secs(5);
 
 struct Agent {
@@ -238,6 +239,14 @@ async fn reconcile_claim(pvc: Arc<PersistentVolumeClaim>, agent: Arc<Agent>) -> 
     let v = signed::verify(&pvc, &controller, |n| {
         (n == agent.node).then(|| mine.clone())
     });
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(agent.client.clone(), &ns);
+    if let ClaimStep::RefuseNewer(version) = step::claim_step(&pvc, &v, &agent.node, false) {
+        let why = format!(
+            "node {}: the controller's request is version {version}, newer than this node agent reads (up to {REQUEST_VERSION}): upgrade the node agent",
+            agent.node
+        );
+        return refuse(&agent, &pvc, &claims, why).await;
+    }
     let Some(request) = v.request.clone() else {
         if !v.ignored.is_empty() {
             tracing::debug!(claim = %format!("{ns}/{name}"), ignored = ?v.ignored, "claim labelled with this node carries no request signed for it: ignored");
@@ -256,9 +265,9 @@ async fn reconcile_claim(pvc: Arc<PersistentVolumeClaim>, agent: Arc<Agent>) -> 
             .map_err(Error::kube(format!("read PV {}", pv_name(&uid))))?;
         step = step::claim_step(&pvc, &v, &agent.node, pv.is_some());
     }
-    let claims: Api<PersistentVolumeClaim> = Api::namespaced(agent.client.clone(), &ns);
     match step {
-        ClaimStep::Ignore => {}
+        // Handled above: a request this agent cannot read leaves `request` unset.
+        ClaimStep::Ignore | ClaimStep::RefuseNewer(_) => {}
         ClaimStep::Served => agent.exports.label_claim(&volume, &ns, &name),
         ClaimStep::Keep(why) => {
             tracing::warn!(claim = %format!("{ns}/{name}"), %volume, why, "keeping the volume of an abandoned claim");
@@ -320,25 +329,31 @@ async fn reconcile_claim(pvc: Arc<PersistentVolumeClaim>, agent: Arc<Agent>) -> 
                         | NfsError::InvalidVolumeSpec { .. },
                     ),
                 ) => {
-                    let why = format!("node {}: {e}", agent.node);
-                    agent
-                        .event(
-                            pvc.as_ref(),
-                            EventType::Warning,
-                            "ProvisioningFailed",
-                            why.clone(),
-                        )
+                    return refuse(&agent, &pvc, &claims, format!("node {}: {e}", agent.node))
                         .await;
-                    if ann(pvc.as_ref(), REFUSED).is_none() {
-                        answer(&agent, &claims, &name, &[(REFUSED, why)]).await?;
-                    }
-                    return Ok(Action::requeue(Duration::from_secs(300)));
                 }
                 Err(e) => return Err(e),
             }
         }
     }
     Ok(Action::await_change())
+}
+
+/// Refuses the claim's request: a `ProvisioningFailed` event saying `why`, and the
+/// [`REFUSED`] answer (once) so the controller can place the claim again.
+async fn refuse(
+    agent: &Agent,
+    pvc: &PersistentVolumeClaim,
+    claims: &Api<PersistentVolumeClaim>,
+    why: String,
+) -> Result<Action> {
+    agent
+        .event(pvc, EventType::Warning, "ProvisioningFailed", why.clone())
+        .await;
+    if ann(pvc, REFUSED).is_none() {
+        answer(agent, claims, &pvc.name_any(), &[(REFUSED, why)]).await?;
+    }
+    Ok(Action::requeue(Duration::from_secs(300)))
 }
 
 /// Sets the annotations `values` on claim `name` — only while the claim is still
@@ -651,7 +666,7 @@ async fn heartbeat(agent: Arc<Agent>, shutdown: CancellationToken) {
             inodes: usage.1,
             key: agent.signer.public().to_hex(),
         };
-        if let Err(e) = agents::renew(&leases, &beat).await {
+        if let Err(e) = heartbeat::renew(&leases, &beat).await {
             tracing::warn!(error = %e, "cannot renew the node heartbeat lease");
         }
         tokio::select! {

@@ -4,6 +4,10 @@
 //! volume's recorded owner once more), and answers.
 //!
 //! Rules, in order:
+//! 0. A request the controller signed for this claim and this node, in a version
+//!    newer than this agent reads, is refused with its version (so the controller
+//!    can place the claim elsewhere, or wait for this agent's upgrade): never read
+//!    as a version it knows, never silently ignored.
 //! 1. Only a request the controller signed for this claim and this node counts; a
 //!    claim without one is not this agent's business, whatever its labels and
 //!    annotations say (the controller reports keys it ignored).
@@ -38,6 +42,8 @@ pub enum ClaimStep {
     Remove,
     /// Keep an abandoned claim's volume, and say why.
     Keep(&'static str),
+    /// Refuse a request of this version: newer than this agent reads.
+    RefuseNewer(u32),
 }
 
 /// The step for `pvc` on node `me`; `pv_names_volume`: a PV names the requested
@@ -48,13 +54,20 @@ pub fn claim_step(
     me: &str,
     pv_names_volume: bool,
 ) -> ClaimStep {
+    let deleting = pvc.metadata.deletion_timestamp.is_some();
+    if let Some((version, node)) = &v.newer {
+        return if node == me && !deleting {
+            ClaimStep::RefuseNewer(*version)
+        } else {
+            ClaimStep::Ignore
+        };
+    }
     let Some(request) = &v.request else {
         return ClaimStep::Ignore;
     };
     if request.node != me {
         return ClaimStep::Ignore;
     }
-    let deleting = pvc.metadata.deletion_timestamp.is_some();
     if v.abandoned {
         if v.removed {
             return ClaimStep::Ignore;
@@ -93,11 +106,11 @@ mod tests {
 
     fn verified(node: &str) -> Verified {
         Verified {
-            request: Some(VolumeRequest {
-                spec: VolumeSpec::new(VolumeName::new("pvc-u1").expect("name"), 1 << 20),
-                claim_uid: "u1".into(),
-                node: node.into(),
-            }),
+            request: Some(VolumeRequest::new(
+                VolumeSpec::new(VolumeName::new("pvc-u1").expect("name"), 1 << 20),
+                "u1".into(),
+                node.into(),
+            )),
             ..Verified::default()
         }
     }
@@ -170,5 +183,26 @@ mod tests {
         ));
         v.removed = true;
         assert_eq!(claim_step(&claim(true), &v, "n1", false), ClaimStep::Ignore);
+    }
+
+    #[test]
+    fn a_request_newer_than_this_agent_reads_is_refused_not_misread() {
+        let v = Verified {
+            newer: Some((2, "n1".into())),
+            ..Verified::default()
+        };
+        let cases = [
+            (
+                "for this node",
+                claim(false),
+                "n1",
+                ClaimStep::RefuseNewer(2),
+            ),
+            ("for another node", claim(false), "n2", ClaimStep::Ignore),
+            ("claim being deleted", claim(true), "n1", ClaimStep::Ignore),
+        ];
+        for (what, pvc, me, want) in cases {
+            assert_eq!(claim_step(&pvc, &v, me, false), want, "{what}");
+        }
     }
 }

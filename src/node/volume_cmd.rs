@@ -11,8 +11,6 @@ pub fn run(args: VolumeArgs) -> Result<()> {
     match args.command {
         VolumeCommand::Create(c) => {
             let spec = VolumeSpec {
-                name: c.name,
-                size_bytes: c.size,
                 uid: c.uid,
                 gid: c.gid,
                 mode: c.mode,
@@ -20,6 +18,8 @@ pub fn run(args: VolumeArgs) -> Result<()> {
                 anon_uid: c.anon_uid,
                 anon_gid: c.anon_gid,
                 max_files: c.max_files,
+                // Parameters the command line has no flag for keep their defaults.
+                ..VolumeSpec::new(c.name, c.size)
             };
             let meta = store.create(&spec)?;
             println!(

@@ -1,12 +1,14 @@
 //! The node agents' heartbeat Leases: one per node (`localnfs-node-<node>` in the
 //! heartbeat namespace, `--heartbeat-namespace`, which holds nothing else), renewed
 //! every few seconds with the node's free space, NFS port and per-volume usage. The
-//! agent writes its own ([`renew`]); the controller, the scheduler helper and `status`
-//! read them ([`AgentInfo::from_lease`], [`watch`]).
+//! agent writes its own (`heartbeat::renew`); the controller, the scheduler helper and
+//! `status` read them ([`AgentInfo::from_lease`], `heartbeat::watch`). This module is
+//! the vocabulary and the rules (what a Lease says, when its agent counts as gone);
+//! the API calls live in `crate::heartbeat`.
 //!
 //! Liveness is judged on the observer's own clock, never on the agent's: the renew
 //! time in a Lease is written by the agent's clock, which may be minutes off. A
-//! watcher ([`watch`]) records, on its own monotonic clock ([`observer_now`]), when it
+//! watcher (`heartbeat::watch`) records, on its own monotonic clock ([`observer_now`]), when it
 //! last saw each Lease change (its resourceVersion or renew time, [`observe`]); the
 //! agent counts as gone once no change was seen for the Lease's duration (and the
 //! controller then waits `--agent-grace` more before acting on it). So a node whose
@@ -15,24 +17,13 @@
 //! renewed: a freshly started observer waits one duration before it calls an agent
 //! gone, rather than trusting the agent's clock.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use k8s_openapi::jiff::Timestamp;
-use kube::Client;
-use kube::api::{Api, Patch, PatchParams, PostParams};
-use serde_json::json;
-use tokio::sync::watch as signal;
-use tokio_util::sync::CancellationToken;
 
-use super::keys::{
-    AGENT_KEY, FREE_BYTES, NFS_PORT, NODE_KEY, NODE_LEASE_PREFIX, USED_BYTES, USED_INODES,
-};
+use super::keys::{AGENT_KEY, FREE_BYTES, NFS_PORT, NODE_LEASE_PREFIX};
 use super::signed::PublicKey;
-use crate::kubeclient::{Mirror, Shared, mirror};
 
 /// The heartbeat namespace of a default install (`--heartbeat-namespace`).
 pub const HEARTBEAT_NAMESPACE: &str = "localnfs-heartbeats";
@@ -47,7 +38,7 @@ pub struct AgentInfo {
     /// The agent's NFS port (kubelet mounts with `port=`/`mountport=` this).
     pub nfs_port: u16,
     /// When the agent counts as gone, on the clock `from_lease` was given (for a
-    /// [`watch`], [`observer_now`]).
+    /// `heartbeat::watch`, [`observer_now`]).
     pub expires: i64,
     /// The public half of the agent's signing key (see `signed`); `None` from an agent
     /// of a version before signatures, whose answers then cannot be believed.
@@ -63,7 +54,7 @@ pub fn unix_now() -> i64 {
 }
 
 /// Seconds on this process's monotonic clock: what watched heartbeat expiries
-/// ([`AgentInfo::expires`] from [`watch`]) are compared with. It never jumps when
+/// ([`AgentInfo::expires`] from `heartbeat::watch`) are compared with. It never jumps when
 /// anyone's wall clock is set.
 pub fn observer_now() -> i64 {
     static START: OnceLock<Instant> = OnceLock::new();
@@ -94,7 +85,7 @@ pub fn observe(seen: Option<&Seen>, version: &str, now: i64) -> Seen {
 }
 
 /// A Lease's version for [`observe`]: any renewal changes it.
-fn version(lease: &Lease) -> String {
+pub fn version(lease: &Lease) -> String {
     format!(
         "{}/{:?}",
         lease
@@ -152,108 +143,10 @@ impl AgentInfo {
     }
 }
 
-/// What an agent reports in a heartbeat.
-pub struct Heartbeat<'a> {
-    pub node: &'a str,
-    pub free_bytes: u64,
-    pub nfs_port: u16,
-    /// Each volume's used bytes as JSON (volume name → bytes); `None` removes the
-    /// annotation (a node with too many volumes for one annotation).
-    pub usage: Option<String>,
-    /// Each volume's objects and object limit as JSON (volume name → `[used, limit]`);
-    /// `None` removes the annotation, as for `usage`.
-    pub inodes: Option<String>,
-    /// The public half of the agent's signing key, hex.
-    pub key: String,
-}
-
-/// Renews `hb.node`'s heartbeat Lease in `leases`' namespace, creating it the first time.
-pub async fn renew(leases: &Api<Lease>, hb: &Heartbeat<'_>) -> Result<(), kube::Error> {
-    let name = lease_name(hb.node);
-    // `null` removes the usage annotation from the Lease when it is too long.
-    let annotations: BTreeMap<&str, Option<String>> = [
-        (FREE_BYTES, Some(hb.free_bytes.to_string())),
-        (NFS_PORT, Some(hb.nfs_port.to_string())),
-        (USED_BYTES, hb.usage.clone()),
-        (USED_INODES, hb.inodes.clone()),
-        (AGENT_KEY, Some(hb.key.clone())),
-    ]
-    .into();
-    let body = json!({
-        "apiVersion": "coordination.k8s.io/v1",
-        "kind": "Lease",
-        // The node label names the node the write guard holds this Lease to (only
-        // this node's agent may write it).
-        "metadata": {"name": name, "labels": {NODE_KEY: hb.node}, "annotations": annotations},
-        "spec": {
-            "holderIdentity": hb.node,
-            "leaseDurationSeconds": LEASE_SECONDS,
-            "renewTime": MicroTime(Timestamp::now()),
-        },
-    });
-    match leases
-        .patch(&name, &PatchParams::default(), &Patch::Merge(&body))
-        .await
-    {
-        Err(kube::Error::Api(s)) if s.code == 404 => {
-            let mut body = body;
-            if let Some(a) = body["metadata"]["annotations"].as_object_mut() {
-                a.retain(|_, v| !v.is_null()); // a new object has nothing to remove
-            }
-            let lease: Lease = serde_json::from_value(body).map_err(kube::Error::SerdeError)?;
-            leases
-                .create(&PostParams::default(), &lease)
-                .await
-                .map(drop)
-        }
-        other => other.map(drop),
-    }
-}
-
-/// Keeps the map that `map` picks out of `into` equal to the heartbeats in
-/// `namespace` (node → last heartbeat, expiring on [`observer_now`]'s clock a
-/// duration after the Lease was last seen to change); the receiver turns true once
-/// listed.
-pub fn watch<T: Send + Sync + 'static>(
-    client: &Client,
-    namespace: &str,
-    into: &Shared<T>,
-    map: fn(&mut T) -> &mut HashMap<String, AgentInfo>,
-    shutdown: &CancellationToken,
-) -> signal::Receiver<bool> {
-    // One entry per node that ever heartbeated: a handful of bytes each.
-    let seen: Mutex<HashMap<String, Seen>> = Mutex::default();
-    mirror(
-        Api::<Lease>::namespaced(client.clone(), namespace),
-        Mirror {
-            what: "Lease",
-            map,
-            key: |l| lease_node(l).map(str::to_owned),
-            value: Box::new(move |l| {
-                let node = lease_node(l)?;
-                let now = observer_now();
-                // A poisoned map only loses observations: the Lease counts as just
-                // renewed, the safe side.
-                let changed_at = match seen.lock() {
-                    Ok(mut seen) => {
-                        let s = observe(seen.get(node), &version(l), now);
-                        let at = s.changed_at;
-                        seen.insert(node.to_owned(), s);
-                        at
-                    }
-                    Err(_) => now,
-                };
-                AgentInfo::from_lease(l, changed_at).map(|(_, a)| a)
-            }),
-        },
-        into,
-        shutdown,
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn lease(rv: &str, renew: &str) -> Lease {
         serde_json::from_value(json!({

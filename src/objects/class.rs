@@ -1,4 +1,5 @@
-//! StorageClass parameters → a validated [`ClassParams`]; sizes and modes as users
+//! StorageClass parameters → a validated [`ClassParams`] (the volume parameters parsed
+//! by [`VolumeSpec::set_param`] into the class's volume template); sizes and modes as users
 //! write them → numbers. Pure,
 //! so every rule has a table test. Unknown keys and bad values are errors that end up
 //! verbatim in a `ProvisioningFailed` event.
@@ -74,20 +75,16 @@ impl OnDelete {
     }
 }
 
-/// Validated class parameters.
+/// Validated class parameters: the ones only the cluster side acts on, and the
+/// template every volume of the class is made from (its name and size come per claim).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClassParams {
     pub locality: Locality,
     pub on_delete: OnDelete,
-    pub uid: u32,
-    pub gid: u32,
-    pub mode: u32,
-    pub squash: Squash,
-    pub anon_uid: u32,
-    pub anon_gid: u32,
     pub path_pattern: Option<String>,
-    /// `maxFiles`: most objects a volume may hold (`None`: proportional to its size).
-    pub max_files: Option<u64>,
+    /// The volume parameters (`uid`, `squash`, …; see [`VolumeSpec::PARAMS`]),
+    /// parsed by the spec itself so a new one is added in one place.
+    pub volume: VolumeSpec,
 }
 
 impl Default for ClassParams {
@@ -95,45 +92,17 @@ impl Default for ClassParams {
         Self {
             locality: Locality::Preferred,
             on_delete: OnDelete::Delete,
-            uid: 0,
-            gid: 0,
-            mode: 0o777,
-            squash: Squash::None,
-            anon_uid: 65534,
-            anon_gid: 65534,
             path_pattern: None,
-            max_files: None,
+            volume: VolumeSpec::template(),
         }
     }
 }
 
-/// The parameter keys a class may set.
-pub const KEYS: [&str; 11] = [
-    "locality",
-    "onDelete",
-    "uid",
-    "gid",
-    "mode",
-    "squash",
-    "anonUid",
-    "anonGid",
-    "allowRootAnon",
-    "pathPattern",
-    "maxFiles",
-];
-
-/// Largest `maxFiles`: far past what any filesystem holds, small enough that a typo
-/// (a size in bytes, say) is caught.
-pub const MAX_FILES: u64 = 1 << 40;
+/// The parameter keys only the class reads; the rest are [`VolumeSpec::PARAMS`].
+pub const CLASS_KEYS: [&str; 4] = ["locality", "onDelete", "allowRootAnon", "pathPattern"];
 
 fn bad(key: &str, value: &str, expected: &str) -> String {
     format!("StorageClass parameter {key}={value:?} is invalid: expected {expected}")
-}
-
-fn id(key: &str, value: &str) -> Result<u32, String> {
-    value
-        .parse::<u32>()
-        .map_err(|_| bad(key, value, "a number from 0 to 4294967295"))
 }
 
 impl ClassParams {
@@ -158,44 +127,32 @@ impl ClassParams {
                     p.on_delete = OnDelete::parse(value)
                         .ok_or_else(|| bad(key, value, "delete, archive or retain"))?
                 }
-                "uid" => p.uid = id(key, value)?,
-                "gid" => p.gid = id(key, value)?,
-                "anonUid" => p.anon_uid = id(key, value)?,
-                "anonGid" => p.anon_gid = id(key, value)?,
-                "mode" => {
-                    p.mode = parse_mode(value)
-                        .map_err(|_| bad(key, value, "an octal mode such as 0770"))?
-                }
-                "squash" => {
-                    p.squash =
-                        parse_squash(value).map_err(|_| bad(key, value, "none, root or all"))?
-                }
-                "maxFiles" => {
-                    p.max_files = Some(
-                        value
-                            .parse::<u64>()
-                            .ok()
-                            .filter(|n| (1..=MAX_FILES).contains(n))
-                            .ok_or_else(|| {
-                                bad(key, value, &format!("a whole number from 1 to {MAX_FILES}"))
-                            })?,
-                    )
-                }
                 "pathPattern" => {
                     check_pattern(value).map_err(|why| bad(key, value, &why))?;
                     p.path_pattern = Some(value.clone());
                 }
-                _ => {
-                    return Err(format!(
-                        "unknown StorageClass parameter {key:?} (known: {})",
-                        KEYS.join(", ")
-                    ));
-                }
+                _ => match p.volume.set_param(key, value) {
+                    Some(set) => set.map_err(|expected| bad(key, value, &expected))?,
+                    None => {
+                        let known: Vec<&str> = CLASS_KEYS
+                            .iter()
+                            .chain(&VolumeSpec::PARAMS)
+                            .copied()
+                            .collect();
+                        return Err(format!(
+                            "unknown StorageClass parameter {key:?} (known: {})",
+                            known.join(", ")
+                        ));
+                    }
+                },
             }
         }
         // Squashing to root would undo the squash; 4294967295 is "no id" to the
         // kernel, and a switch to it fails, which must never leave a call running as the agent.
-        for (key, value) in [("anonUid", p.anon_uid), ("anonGid", p.anon_gid)] {
+        for (key, value) in [
+            ("anonUid", p.volume.anon_uid),
+            ("anonGid", p.volume.anon_gid),
+        ] {
             if value == u32::MAX {
                 return Err(bad(key, &value.to_string(), "a number below 4294967295"));
             }
@@ -212,17 +169,7 @@ impl ClassParams {
 
     /// What a node agent is asked to create for a volume of this class.
     pub fn volume_request(&self, name: VolumeName, size_bytes: u64) -> VolumeSpec {
-        VolumeSpec {
-            name,
-            size_bytes,
-            uid: self.uid,
-            gid: self.gid,
-            mode: self.mode,
-            squash: self.squash,
-            anon_uid: self.anon_uid,
-            anon_gid: self.anon_gid,
-            max_files: self.max_files,
-        }
+        self.volume.named(name, size_bytes)
     }
 
     /// The directory name for a claim: `pathPattern` filled in, or the PV name.
@@ -266,14 +213,6 @@ fn check_pattern(p: &str) -> Result<(), String> {
 /// Parses a squash policy: `none`, `root` or `all`.
 pub fn parse_squash(s: &str) -> Result<Squash, String> {
     Squash::parse(s).ok_or_else(|| format!("`{s}` is not a squash policy: none, root or all"))
-}
-
-/// Parses an octal file mode such as `0755` or `750`.
-pub fn parse_mode(s: &str) -> Result<u32, String> {
-    u32::from_str_radix(s.trim_start_matches("0o"), 8)
-        .ok()
-        .filter(|m| *m <= 0o7777)
-        .ok_or_else(|| format!("`{s}` is not an octal mode such as 0755"))
 }
 
 /// A size as Kubernetes writes quantities (`1Gi`, `500M`, `1.5Gi`, `1e9`, `100`) in
@@ -361,16 +300,17 @@ mod tests {
         .expect("valid");
         assert_eq!(p.locality, Locality::Strict);
         assert_eq!(p.on_delete, OnDelete::Archive);
-        assert_eq!((p.uid, p.gid, p.mode), (999, 998, 0o750));
+        let v = &p.volume;
+        assert_eq!((v.uid, v.gid, v.mode), (999, 998, 0o750));
         assert_eq!(
-            (p.squash, p.anon_uid, p.anon_gid),
+            (v.squash, v.anon_uid, v.anon_gid),
             (Squash::All, 1000, 1001)
         );
         let name = p
             .volume_name("pvc-1", "db", "data-mysql-0", "1234")
             .expect("name");
         assert_eq!(name.as_str(), "db.data-mysql-0.1234");
-        assert_eq!(p.max_files, Some(5000));
+        assert_eq!(p.volume.max_files, Some(5000));
     }
 
     #[test]
@@ -411,7 +351,7 @@ mod tests {
             ("allowRootAnon", "true"),
         ]))
         .expect("allowed explicitly");
-        assert_eq!((p.anon_uid, p.anon_gid), (0, 0));
+        assert_eq!((p.volume.anon_uid, p.volume.anon_gid), (0, 0));
     }
 
     #[test]
@@ -429,14 +369,6 @@ mod tests {
         for (q, want) in cases {
             assert_eq!(quantity_bytes(q), Ok(want), "{q}");
         }
-    }
-
-    #[test]
-    fn modes_are_octal() {
-        assert_eq!(parse_mode("0755"), Ok(0o755));
-        assert_eq!(parse_mode("750"), Ok(0o750));
-        assert!(parse_mode("0999").is_err());
-        assert!(parse_mode("77777").is_err());
     }
 
     #[test]

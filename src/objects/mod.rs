@@ -60,9 +60,13 @@
 //! This module is the bottom layer every component shares: those keys ([`keys`]),
 //! the StorageClass vocabulary ([`class`]), what a claim asks for ([`claim`]), when
 //! a volume's data may go ([`reclaim`]), which nodes may mount a volume
-//! ([`published`]), which keys localnfs wrote ([`signed`]) and the agents' heartbeat
-//! Leases ([`agents`]). It depends on no component; the provisioner, scheduler helper, node
-//! agent and `status` depend on it and not on each other.
+//! ([`published`]), what the controller asks an agent for ([`request`]), which keys
+//! localnfs wrote ([`signed`]) and the agents' heartbeat Leases ([`agents`]: what a
+//! Lease says; reading and writing them is `crate::heartbeat`). It depends on no
+//! component and does no API I/O: it uses only the NFS crate's volume types and
+//! `kubeclient::annotation`, a pure accessor of the same layer (kubeclient imports
+//! nothing but `error`). The provisioner, scheduler helper, node agent and `status`
+//! depend on it and not on each other.
 
 pub mod agents;
 pub mod claim;
@@ -70,4 +74,5 @@ pub mod class;
 pub mod keys;
 pub mod published;
 pub mod reclaim;
+pub mod request;
 pub mod signed;

@@ -4,53 +4,28 @@
 //! and comes back; so a controller killed between any two steps resumes where it
 //! stopped.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::queue::Next;
+use super::queue::{ClaimKey, Next};
 use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::EventType;
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Client, ResourceExt};
+use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
 
-use super::metrics::ControllerMetrics;
+use super::ctx::Ctx;
 use super::pv::{self, NodeRoom, PvInput};
-use super::reserve::Reservations;
 use super::step::{self, Facts, Failure, Placement, Step, Then};
-use super::triggers::ClaimKey;
 use crate::error::{Error, Result};
 use crate::kubeclient::annotation;
-use crate::objects::agents::{AgentInfo, observer_now};
 use crate::objects::claim::{claimed_by, pv_name};
 use crate::objects::keys::*;
-use crate::objects::signed::{self, Message, Signer, VolumeRequest};
-
-/// Shared by every reconcile.
-pub struct Ctx {
-    pub client: Client,
-    pub provisioner: String,
-    /// Namespace of the node agents' Leases.
-    pub namespace: String,
-    pub events: crate::events::Events,
-    pub metrics: ControllerMetrics,
-    /// The node agents as their Leases say (only `agents` is filled).
-    pub agents: crate::kubeclient::Shared<HashMap<String, AgentInfo>>,
-    /// StorageClasses, watched (a handful of small objects).
-    pub classes: Store<StorageClass>,
-    /// How long past its lease a silent node agent is waited for (`--agent-grace`).
-    pub agent_grace: Duration,
-    /// Space held on each node for placements in progress.
-    pub reservations: std::sync::Mutex<Reservations>,
-    /// Whether we may still write as leader; checked before every write.
-    pub fence: super::leader::Fence,
-    /// The controller's signing key: what it asks of agents carries its signature.
-    pub signer: Signer,
-}
+use crate::objects::signed::{self, Message, VolumeRequest};
 
 impl Ctx {
     fn claims(&self, ns: &str) -> Api<PersistentVolumeClaim> {
@@ -180,83 +155,6 @@ impl Ctx {
             None => Ok(()),
         }
     }
-
-    /// The space held for placements in progress (never held across an await).
-    fn reservations(&self) -> std::sync::MutexGuard<'_, Reservations> {
-        self.reservations
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Picks a node as [`pv::choose_node`] does from free space less what placements in
-    /// progress hold, and holds the claim's bytes there, in one step: concurrent
-    /// workers never both count the same free bytes.
-    fn choose_and_hold(
-        &self,
-        uid: &str,
-        selected: Option<&str>,
-        rooms: &[NodeRoom],
-        size: u64,
-        allowed: Option<&BTreeSet<String>>,
-    ) -> std::result::Result<String, String> {
-        let now = Instant::now();
-        let mut held = self.reservations();
-        held.expire(now);
-        let node = pv::choose_node(selected, &held.discount(rooms), size, allowed)?;
-        held.hold(uid, &node, size, now);
-        Ok(node)
-    }
-
-    /// Why we stop waiting for `node`'s agent, when it has been silent past its lease
-    /// and the grace ([`pv::agent_given_up`]); `None` while it may still answer.
-    fn agent_gone(&self, node: &str) -> Option<String> {
-        let now = observer_now();
-        let expires =
-            crate::kubeclient::read(&self.agents, |agents| agents.get(node).map(|a| a.expires));
-        let grace = i64::try_from(self.agent_grace.as_secs()).unwrap_or(i64::MAX);
-        if !pv::agent_given_up(expires, now, grace) {
-            return None;
-        }
-        Some(match expires {
-            Some(e) => format!(
-                "has not renewed its heartbeat lease, which ran out {} s ago",
-                now - e
-            ),
-            None => "has no heartbeat lease".to_owned(),
-        })
-    }
-
-    /// What the claim's signed keys say (see `objects::signed`): the request checked
-    /// against our key, answers against the key the request's node's agent publishes.
-    fn verify(&self, pvc: &PersistentVolumeClaim) -> signed::Verified {
-        let controller = self.signer.public();
-        signed::verify(pvc, &controller, |node| {
-            crate::kubeclient::read(&self.agents, |agents| {
-                agents.get(node).and_then(|a| a.key.clone())
-            })
-        })
-    }
-
-    /// Live node agents, their free space and NFS port, from the heartbeat Leases
-    /// (watched, not listed per claim: the Leases also carry per-volume usage).
-    fn node_rooms(&self) -> Vec<(NodeRoom, u16)> {
-        let now = observer_now();
-        crate::kubeclient::read(&self.agents, |agents| {
-            agents
-                .iter()
-                // An agent without a key (an earlier version) could not answer in a way
-                // we believe: nothing is placed on it.
-                .filter(|(_, a)| a.expires >= now && a.key.is_some())
-                .map(|(node, a)| {
-                    let room = NodeRoom {
-                        node: node.clone(),
-                        free_bytes: a.free_bytes,
-                    };
-                    (room, a.nfs_port)
-                })
-                .collect()
-        })
-    }
 }
 
 /// The claim's class if it is ours. From the class cache; a class too new for the
@@ -286,14 +184,6 @@ pub async fn reconcile_key(key: ClaimKey, ctx: &Ctx) -> Next {
         Err(e) => Err(Error::kube(format!("read claim {ns}/{name}"))(e)),
     };
     result.unwrap_or_else(|e| ctx.after_error(&e))
-}
-
-impl Ctx {
-    /// When to retry after a failed reconcile.
-    pub fn after_error(&self, err: &Error) -> Next {
-        self.metrics.reconcile_errors.inc();
-        Next::After(crate::kubeclient::retry_after(err))
-    }
 }
 
 /// Reconciles one claim: reads what [`step::next`] decides from, and does the step.
@@ -478,11 +368,11 @@ async fn place(
         Ok(n) => n,
         Err(msg) => return fail(ctx, pvc, Failure::no_room(msg, selected.is_some()), false).await,
     };
-    let req = VolumeRequest {
-        spec: p.params.volume_request(p.volume.clone(), size),
-        claim_uid: uid.clone(),
-        node: node.clone(),
-    };
+    let req = VolumeRequest::new(
+        p.params.volume_request(p.volume.clone(), size),
+        uid.clone(),
+        node.clone(),
+    );
     let mut annotations = serde_json::Map::new();
     for (key, value) in
         signed::request_annotations(&ctx.signer, &req).map_err(Error::BuildObject)?

@@ -11,7 +11,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::EventType;
 use serde_json::json;
 
-use super::claims::Ctx;
+use super::ctx::Ctx;
 use crate::error::{Error, Result};
 use crate::kubeclient::annotation as ann;
 use crate::objects::claim::requested_bytes;

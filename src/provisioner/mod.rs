@@ -7,6 +7,7 @@
 //! bounded set of workers.
 
 pub mod claims;
+pub mod ctx;
 pub mod expand;
 pub mod keys;
 pub mod leader;

@@ -23,10 +23,9 @@ use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::claims::Ctx;
+use super::ctx::Ctx;
 use super::publish::{self, PodUse};
-use super::queue::{Next, WorkQueue};
-use super::triggers::ClaimKey;
+use super::queue::{ClaimKey, Next, WorkQueue};
 use crate::error::{Error, Result};
 use crate::objects::keys::{PROVISIONED_BY, PUBLISHED_NODES, VOLUME_KEY};
 use crate::objects::published;

@@ -14,6 +14,9 @@ use std::time::Duration;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::Notify;
 
+/// A claim's key in the queue: namespace and name.
+pub type ClaimKey = (String, String);
+
 /// What a reconcile asks for next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Next {

@@ -11,7 +11,8 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio_util::sync::CancellationToken;
 
-use super::claims::{self, Ctx};
+use super::claims;
+use super::ctx::Ctx;
 use super::leader::{LeaderElector, RENEW_EVERY};
 use super::metrics::ControllerMetrics;
 use super::pods::{self, Usage};
@@ -35,7 +36,7 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
     let admin = admin::start(args.admin.admin_addr, registry, &shutdown).await?;
     let readiness = admin.readiness.clone();
     let agents = crate::kubeclient::Shared::default();
-    let mut agents_listed = crate::objects::agents::watch(
+    let mut agents_listed = crate::heartbeat::watch(
         &client,
         &args.install.heartbeats.heartbeat_namespace,
         &agents,

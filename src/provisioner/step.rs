@@ -310,11 +310,11 @@ mod tests {
     /// signature, the rest is kept as given.
     fn placed(annotations: Value) -> Value {
         let (c, agent) = &*KEYS;
-        let request = VolumeRequest {
-            spec: crate::volume::VolumeSpec::new(VolumeName::new("pvc-u1").expect("name"), 1),
-            claim_uid: "u1".into(),
-            node: "n1".into(),
-        };
+        let request = VolumeRequest::new(
+            crate::volume::VolumeSpec::new(VolumeName::new("pvc-u1").expect("name"), 1),
+            "u1".into(),
+            "n1".into(),
+        );
         let mut ann = annotations;
         for (k, v) in signed::request_annotations(c, &request).expect("sign") {
             ann[k] = json!(v);

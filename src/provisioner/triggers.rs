@@ -21,12 +21,9 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::pods::Usage;
-use super::queue::WorkQueue;
+use super::queue::{ClaimKey, WorkQueue};
 use super::volumes::{PvAction, decide};
 use crate::objects::keys::PROVISIONED_BY;
-
-/// A claim: namespace and name.
-pub type ClaimKey = (String, String);
 
 fn hash_json(v: &serde_json::Value) -> u64 {
     let mut h = DefaultHasher::new();

@@ -9,7 +9,7 @@ use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Preconditions};
 use kube::runtime::events::EventType;
 
-use super::claims::Ctx;
+use super::ctx::Ctx;
 use crate::error::{Error, Result};
 use crate::objects::keys::PROVISIONED_BY;
 use crate::objects::reclaim::{ClaimState, claim_ref, claim_state};

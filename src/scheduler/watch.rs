@@ -10,8 +10,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::inventory::{ClaimInfo, ClassInfo, Inventory, VolumeInfo, claim_key};
+use crate::heartbeat;
 use crate::kubeclient::{Mirror, mirror};
-use crate::objects::agents;
 
 /// The inventory, shared between the watches and the request handlers.
 pub type Shared = crate::kubeclient::Shared<Inventory>;
@@ -69,7 +69,7 @@ pub fn start(
             inv,
             shutdown,
         ),
-        agents::watch(client, namespace, inv, |i| &mut i.agents, shutdown),
+        heartbeat::watch(client, namespace, inv, |i| &mut i.agents, shutdown),
     ];
     let (all_tx, all_rx) = watch::channel(false);
     tokio::spawn(async move {

@@ -17,7 +17,9 @@
 //! cannot resolve into a new volume.
 
 mod name;
+mod spec;
 mod store;
 
 pub use name::{InvalidName, VolumeName};
-pub use store::{Owner, Squash, Usage, VolumeMeta, VolumeSpec, VolumeStore, charge, write_atomic};
+pub use spec::{MAX_FILES, Squash, VolumeSpec, parse_mode};
+pub use store::{Owner, Usage, VolumeMeta, VolumeStore, charge, write_atomic};

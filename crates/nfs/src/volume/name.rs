@@ -41,6 +41,12 @@ impl VolumeName {
         Ok(Self(name.to_owned()))
     }
 
+    /// The name a [`super::VolumeSpec::template`] carries until the real one is known
+    /// (valid by construction, so no error to handle).
+    pub(super) fn placeholder() -> Self {
+        Self("template".to_owned())
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

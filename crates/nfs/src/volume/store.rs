@@ -16,69 +16,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::VolumeName;
+use super::{VolumeName, VolumeSpec};
 use crate::error::{Error, Result};
-
-/// Identity squashing for a volume: which callers are served as the anonymous ids.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Squash {
-    /// Callers keep their uid/gid, root included.
-    #[default]
-    None,
-    /// uid 0 becomes the anonymous uid/gid.
-    Root,
-    /// Every caller becomes the anonymous uid/gid.
-    All,
-}
-
-impl Squash {
-    /// Reads `none`, `root` or `all` (as StorageClasses and the command line write it).
-    pub fn parse(value: &str) -> Option<Self> {
-        match value {
-            "none" => Some(Squash::None),
-            "root" => Some(Squash::Root),
-            "all" => Some(Squash::All),
-            _ => None,
-        }
-    }
-}
-
-/// What a volume should be; the input to [`VolumeStore::create`], and what the
-/// controller asks a node agent for (as JSON).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct VolumeSpec {
-    pub name: VolumeName,
-    pub size_bytes: u64,
-    pub uid: u32,
-    pub gid: u32,
-    pub mode: u32,
-    pub squash: Squash,
-    pub anon_uid: u32,
-    pub anon_gid: u32,
-    /// Most objects (files, directories, links) the volume may hold; `None`: one per
-    /// 4 KiB of its size, at least 1,024 (see `nfs::quota::max_inodes`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_files: Option<u64>,
-}
-
-impl VolumeSpec {
-    /// A spec with root ownership, mode 0777 (pods run as any uid) and no squashing.
-    pub fn new(name: VolumeName, size_bytes: u64) -> Self {
-        Self {
-            name,
-            size_bytes,
-            uid: 0,
-            gid: 0,
-            mode: 0o777,
-            squash: Squash::None,
-            anon_uid: 65534,
-            anon_gid: 65534,
-            max_files: None,
-        }
-    }
-}
 
 /// The claim a volume was made for, as the store records it. The claim's uid is the
 /// identity (a claim deleted and re-created under the same name gets a new uid); the
@@ -100,39 +39,27 @@ impl std::fmt::Display for Owner {
     }
 }
 
-/// A volume's persisted metadata.
+/// A volume's persisted metadata (`meta/<name>.json`): its spec, flattened so the
+/// file keeps the field names every version wrote and reads (see `spec`), plus what
+/// the store adds.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeMeta {
     /// Stable numeric id, carried in file handles; never reused.
     pub id: u32,
-    pub name: VolumeName,
-    pub size_bytes: u64,
-    pub uid: u32,
-    pub gid: u32,
-    pub mode: u32,
-    pub squash: Squash,
-    pub anon_uid: u32,
-    pub anon_gid: u32,
-    /// See [`VolumeSpec::max_files`]; absent in metadata written before it existed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_files: Option<u64>,
+    #[serde(flatten)]
+    pub spec: VolumeSpec,
     /// The claim the volume belongs to; absent for volumes made outside a cluster or
     /// before owners were recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<Owner>,
 }
 
-impl VolumeMeta {
-    fn matches(&self, spec: &VolumeSpec) -> bool {
-        self.name == spec.name
-            && self.size_bytes == spec.size_bytes
-            && self.uid == spec.uid
-            && self.gid == spec.gid
-            && self.mode == spec.mode
-            && self.squash == spec.squash
-            && self.anon_uid == spec.anon_uid
-            && self.anon_gid == spec.anon_gid
-            && self.max_files == spec.max_files
+/// Metadata reads as the spec it records (`meta.name`, `meta.squash`): a volume's
+/// metadata is its spec plus an id and an owner, and the NFS side reads only the spec.
+impl std::ops::Deref for VolumeMeta {
+    type Target = VolumeSpec;
+    fn deref(&self) -> &VolumeSpec {
+        &self.spec
     }
 }
 
@@ -306,7 +233,7 @@ impl VolumeStore {
             if let Some(want) = owner {
                 self.check_owner(&meta, want)?;
             }
-            if !meta.matches(spec) {
+            if meta.spec != *spec {
                 return Err(Error::VolumeConflict {
                     name: spec.name.to_string(),
                 });
@@ -330,15 +257,7 @@ impl VolumeStore {
         sync_dir(&self.volumes_dir())?;
         let meta = VolumeMeta {
             id: self.next_id()?,
-            name: spec.name.clone(),
-            size_bytes: spec.size_bytes,
-            uid: spec.uid,
-            gid: spec.gid,
-            mode: spec.mode,
-            squash: spec.squash,
-            anon_uid: spec.anon_uid,
-            anon_gid: spec.anon_gid,
-            max_files: spec.max_files,
+            spec: spec.clone(),
             owner: owner.cloned(),
         };
         self.write_meta(&meta)?;
@@ -433,7 +352,7 @@ impl VolumeStore {
                 requested: size_bytes,
             });
         }
-        meta.size_bytes = size_bytes;
+        meta.spec.size_bytes = size_bytes;
         self.write_meta(&meta)?;
         Ok(meta)
     }
@@ -644,6 +563,7 @@ fn remove_tree(path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::volume::Squash;
 
     fn store() -> (tempfile::TempDir, VolumeStore) {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -653,6 +573,68 @@ mod tests {
 
     fn name(s: &str) -> VolumeName {
         VolumeName::new(s).expect("valid")
+    }
+
+    /// `meta/<name>.json` as the previous version (1a9e38a) wrote it, byte for byte
+    /// in shape: snake_case fields, no owner.
+    const OLD_META: &str = r#"{"id":7,"name":"pvc-1","size_bytes":1048576,"uid":999,"gid":998,"mode":488,"squash":"all","anon_uid":1000,"anon_gid":1001,"max_files":5000}"#;
+
+    /// The previous version's `VolumeMeta`, field for field: what an agent rolled
+    /// back to it reads our metadata with.
+    #[derive(Deserialize)]
+    #[expect(dead_code, reason = "only whether it parses matters")]
+    struct OldMeta {
+        id: u32,
+        name: VolumeName,
+        size_bytes: u64,
+        uid: u32,
+        gid: u32,
+        mode: u32,
+        squash: Squash,
+        anon_uid: u32,
+        anon_gid: u32,
+        #[serde(default)]
+        max_files: Option<u64>,
+    }
+
+    #[test]
+    fn metadata_written_by_the_previous_version_still_reads() {
+        let (_dir, store) = store();
+        fs::write(store.meta_path(&name("pvc-1")), OLD_META).expect("write");
+        let meta = store.get(&name("pvc-1")).expect("read").expect("present");
+        let want = VolumeSpec {
+            uid: 999,
+            gid: 998,
+            mode: 0o750,
+            squash: Squash::All,
+            anon_uid: 1000,
+            anon_gid: 1001,
+            max_files: Some(5000),
+            ..VolumeSpec::new(name("pvc-1"), 1 << 20)
+        };
+        assert_eq!((meta.id, &meta.spec, &meta.owner), (7, &want, &None));
+    }
+
+    #[test]
+    fn metadata_we_write_reads_in_the_previous_version() {
+        let (_dir, store) = store();
+        let owner = Owner {
+            claim_uid: "u1".into(),
+            namespace: "db".into(),
+            claim: "data-0".into(),
+        };
+        let spec = VolumeSpec {
+            squash: Squash::Root,
+            max_files: Some(10),
+            ..VolumeSpec::new(name("pvc-1"), 1 << 20)
+        };
+        store.create_for(&spec, &owner).expect("create");
+        let text = fs::read(store.meta_path(&name("pvc-1"))).expect("read");
+        serde_json::from_slice::<OldMeta>(&text).expect("the old shape reads it");
+        let json: serde_json::Value = serde_json::from_slice(&text).expect("json");
+        assert_eq!(json["size_bytes"], 1 << 20);
+        assert_eq!(json["anon_uid"], 65534);
+        assert_eq!(json["owner"]["claim_uid"], "u1");
     }
 
     #[test]
