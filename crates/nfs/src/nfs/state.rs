@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::ops::Deref;
 use std::os::fd::{OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use nfs3_types::nfs3::nfsstat3;
@@ -34,17 +33,8 @@ pub struct Volume {
     pub root_dev: u64,
     /// The root's sealed handle, returned by MNT.
     pub root_fh: Vec<u8>,
-    pub limit: AtomicU64,
-    /// Bytes charged to the volume (see [`quota::charge_of`]).
-    pub used: AtomicU64,
-    /// Objects in the volume (its root not counted), and how many it may hold.
-    pub inodes: AtomicU64,
-    pub max_inodes: AtomicU64,
-    /// Bumped by every charge, so a re-count from the disk that raced one is dropped.
-    pub charges: AtomicU64,
-    /// Held by every operation that changes what the volume is charged, so the check
-    /// against the limit and the change are one step, so racing writers cannot pass it.
-    pub charge_lock: Mutex<()>,
+    /// What the volume is charged and may hold (see `quota`).
+    pub account: quota::Account,
     /// What calls on the volume did (see `stats`).
     pub stats: VolumeStats,
     /// The claim (namespace, name) the volume was made for, once the cluster side has
@@ -60,13 +50,11 @@ impl Volume {
 
     /// Starts a change of the volume's usage: holds the charge lock until dropped.
     pub fn charging(&self) -> quota::Charging<'_> {
-        quota::Charging::new(self)
+        self.account.charging()
     }
 
     pub fn free(&self) -> u64 {
-        self.limit
-            .load(Ordering::Acquire)
-            .saturating_sub(self.used.load(Ordering::Acquire))
+        self.account.free()
     }
 }
 
@@ -258,9 +246,7 @@ impl Exports {
         for meta in metas {
             match current.get(&meta.id) {
                 Some(v) if v.meta.name == meta.name => {
-                    v.limit.store(meta.size_bytes, Ordering::Release);
-                    v.max_inodes
-                        .store(quota::max_inodes(&meta), Ordering::Release);
+                    v.account.set_limits(&meta);
                     next.insert(meta.id, v.clone());
                 }
                 _ => match self.open_volume(meta) {
@@ -317,12 +303,7 @@ impl Exports {
             root_ino: st.st_ino,
             root_dev: st.st_dev,
             root_fh,
-            limit: AtomicU64::new(meta.size_bytes),
-            used: AtomicU64::new(usage.bytes),
-            inodes: AtomicU64::new(usage.inodes),
-            max_inodes: AtomicU64::new(quota::max_inodes(&meta)),
-            charges: AtomicU64::new(0),
-            charge_lock: Mutex::new(()),
+            account: quota::Account::new(&meta, &usage),
             stats: VolumeStats::default(),
             claim: OnceLock::new(),
             meta,
@@ -336,7 +317,7 @@ impl Exports {
             return;
         };
         for v in self.all() {
-            match quota::resync(&v, || self.store.usage(&v.meta.name)) {
+            match quota::resync(&v.account, || self.store.usage(&v.meta.name)) {
                 Ok(true) => {}
                 Ok(false) => {
                     tracing::debug!(volume = %v.meta.name, "usage changed during the recount; next time")
