@@ -168,20 +168,20 @@ impl Collector for NfsCollector {
             (
                 "volume_capacity_bytes",
                 "The volume's size limit (its claim's request)",
-                |v| load(&v.account.limit),
+                |v| load(&v.limit),
             ),
             ("volume_used_bytes", "Bytes charged to the volume", |v| {
-                load(&v.account.used)
+                load(&v.used)
             }),
             (
                 "volume_inodes",
                 "Files, directories and other objects the volume may hold",
-                |v| load(&v.account.max_inodes),
+                |v| load(&v.max_inodes),
             ),
             (
                 "volume_inodes_used",
                 "Objects in the volume (its root not counted)",
-                |v| load(&v.account.inodes),
+                |v| load(&v.inodes),
             ),
         ];
         for (name, help, value) in usage {

@@ -513,7 +513,7 @@ pub fn fsstat(ctx: &Ctx, args: &mut XdrIn) -> Proc<FsStat, PostOp> {
         // size. Free space is also capped by the real disk.
         let disk_free = vfs.f_bavail.saturating_mul(vfs.f_frsize);
         Ok(FsStat {
-            bytes: v.account.limit.load(std::sync::atomic::Ordering::Acquire),
+            bytes: v.limit.load(std::sync::atomic::Ordering::Acquire),
             free: v.free().min(disk_free),
             files: vfs.f_files,
             ffree: vfs.f_ffree,

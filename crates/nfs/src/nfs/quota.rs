@@ -61,44 +61,33 @@ pub fn max_inodes(meta: &VolumeMeta) -> u64 {
 /// namespace change, settled after.
 pub const NAMESPACE_RESERVE: u64 = 4096;
 
-/// What one volume is charged and may hold. It lives in the volume's state
-/// (`state::Volume`), which depends on this module, never the other way round.
-#[derive(Debug)]
-pub struct Account {
-    pub limit: AtomicU64,
+/// One volume's counters and charge lock, as this module sees them: borrowed from the
+/// volume's state (`state::Volume`, which depends on this module, never the other way
+/// round).
+#[derive(Clone, Copy)]
+pub struct Account<'a> {
+    pub limit: &'a AtomicU64,
     /// Bytes charged to the volume (see [`charge_of`]).
-    pub used: AtomicU64,
+    pub used: &'a AtomicU64,
     /// Objects in the volume (its root not counted), and how many it may hold.
-    pub inodes: AtomicU64,
-    pub max_inodes: AtomicU64,
+    pub inodes: &'a AtomicU64,
+    pub max_inodes: &'a AtomicU64,
     /// Bumped by every charge, so a re-count from the disk that raced one is dropped.
-    charges: AtomicU64,
+    pub charges: &'a AtomicU64,
     /// Held by every operation that changes what the volume is charged, so the check
     /// against the limit and the change are one step, so racing writers cannot pass it.
-    charge_lock: Mutex<()>,
+    pub charge_lock: &'a Mutex<()>,
 }
 
-impl Account {
-    /// The account of a volume described by `meta` that holds `usage` now.
-    pub fn new(meta: &VolumeMeta, usage: &Usage) -> Self {
-        Account {
-            limit: AtomicU64::new(meta.size_bytes),
-            used: AtomicU64::new(usage.bytes),
-            inodes: AtomicU64::new(usage.inodes),
-            max_inodes: AtomicU64::new(max_inodes(meta)),
-            charges: AtomicU64::new(0),
-            charge_lock: Mutex::new(()),
-        }
-    }
-
+impl<'a> Account<'a> {
     /// Applies the limits of `meta` (a resize): takes effect on the next charge.
-    pub fn set_limits(&self, meta: &VolumeMeta) {
+    pub fn set_limits(self, meta: &VolumeMeta) {
         self.limit.store(meta.size_bytes, Ordering::Release);
         self.max_inodes.store(max_inodes(meta), Ordering::Release);
     }
 
     /// Starts a change of the volume's usage: holds the charge lock until dropped.
-    pub fn charging(&self) -> Charging<'_> {
+    pub fn charging(self) -> Charging<'a> {
         let lock = self.charge_lock.lock().unwrap_or_else(|p| p.into_inner());
         Charging {
             v: self,
@@ -106,7 +95,7 @@ impl Account {
         }
     }
 
-    pub fn free(&self) -> u64 {
+    pub fn free(self) -> u64 {
         self.limit
             .load(Ordering::Acquire)
             .saturating_sub(self.used.load(Ordering::Acquire))
@@ -115,7 +104,7 @@ impl Account {
 
 /// A change of a volume's usage in progress; holds its charge lock.
 pub struct Charging<'a> {
-    v: &'a Account,
+    v: Account<'a>,
     _lock: MutexGuard<'a, ()>,
 }
 
@@ -164,7 +153,7 @@ impl Charging<'_> {
 /// otherwise the next round tries again. Corrects any drift: objects changed behind
 /// the server's back, a usage charged for a file deleted while a client wrote to it.
 pub fn resync(
-    v: &Account,
+    v: Account,
     count: impl FnOnce() -> crate::error::Result<Usage>,
 ) -> crate::error::Result<bool> {
     let seen = v.charges.load(Ordering::Acquire);

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::ops::Deref;
 use std::os::fd::{OwnedFd, RawFd};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use nfs3_types::nfs3::nfsstat3;
@@ -33,8 +34,16 @@ pub struct Volume {
     pub root_dev: u64,
     /// The root's sealed handle, returned by MNT.
     pub root_fh: Vec<u8>,
-    /// What the volume is charged and may hold (see `quota`).
-    pub account: quota::Account,
+    pub limit: AtomicU64,
+    /// Bytes charged to the volume (see [`quota::charge_of`]).
+    pub used: AtomicU64,
+    /// Objects in the volume (its root not counted), and how many it may hold.
+    pub inodes: AtomicU64,
+    pub max_inodes: AtomicU64,
+    /// Bumped by every charge, so a re-count from the disk that raced one is dropped.
+    charges: AtomicU64,
+    /// Held by every operation that changes what the volume is charged (see `quota`).
+    charge_lock: Mutex<()>,
     /// What calls on the volume did (see `stats`).
     pub stats: VolumeStats,
     /// The claim (namespace, name) the volume was made for, once the cluster side has
@@ -48,13 +57,25 @@ impl Volume {
         st.st_ino == self.root_ino && st.st_dev == self.root_dev
     }
 
+    /// The volume's counters and charge lock, for `quota`.
+    pub fn account(&self) -> quota::Account<'_> {
+        quota::Account {
+            limit: &self.limit,
+            used: &self.used,
+            inodes: &self.inodes,
+            max_inodes: &self.max_inodes,
+            charges: &self.charges,
+            charge_lock: &self.charge_lock,
+        }
+    }
+
     /// Starts a change of the volume's usage: holds the charge lock until dropped.
     pub fn charging(&self) -> quota::Charging<'_> {
-        self.account.charging()
+        self.account().charging()
     }
 
     pub fn free(&self) -> u64 {
-        self.account.free()
+        self.account().free()
     }
 }
 
@@ -246,7 +267,7 @@ impl Exports {
         for meta in metas {
             match current.get(&meta.id) {
                 Some(v) if v.meta.name == meta.name => {
-                    v.account.set_limits(&meta);
+                    v.account().set_limits(&meta);
                     next.insert(meta.id, v.clone());
                 }
                 _ => match self.open_volume(meta) {
@@ -303,7 +324,12 @@ impl Exports {
             root_ino: st.st_ino,
             root_dev: st.st_dev,
             root_fh,
-            account: quota::Account::new(&meta, &usage),
+            limit: AtomicU64::new(meta.size_bytes),
+            used: AtomicU64::new(usage.bytes),
+            inodes: AtomicU64::new(usage.inodes),
+            max_inodes: AtomicU64::new(quota::max_inodes(&meta)),
+            charges: AtomicU64::new(0),
+            charge_lock: Mutex::new(()),
             stats: VolumeStats::default(),
             claim: OnceLock::new(),
             meta,
@@ -317,7 +343,7 @@ impl Exports {
             return;
         };
         for v in self.all() {
-            match quota::resync(&v.account, || self.store.usage(&v.meta.name)) {
+            match quota::resync(v.account(), || self.store.usage(&v.meta.name)) {
                 Ok(true) => {}
                 Ok(false) => {
                     tracing::debug!(volume = %v.meta.name, "usage changed during the recount; next time")
