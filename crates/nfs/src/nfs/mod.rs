@@ -4,9 +4,9 @@
 //! every restart).
 //!
 //! Layers, outermost first: [`server`] accepts (allow-list, connection cap, drain),
-//! `conn` frames records and hands each call to its row of the procedure table
-//! (`table`: name, number, handler, where it runs, reply bound; numbers in `program`)
-//! within the time and memory bounds of `limits`,
+//! `conn` frames records within the time and memory bounds of `limits` and hands each
+//! call to `call`, which runs its row of the procedure table (`table`: name, number,
+//! handler, where it runs, reply bound; numbers in `program`),
 //! `send` writes the replies (and counts what the sockets still hold),
 //! `rpc`/`xdr` decode untrusted bytes, `ops`/`dirops`/`mount` implement procedures
 //! (each returns a typed answer that `reply` alone turns into bytes),
@@ -21,6 +21,7 @@ mod access;
 mod allow;
 mod attr;
 mod buffers;
+mod call;
 mod conn;
 mod dirops;
 pub mod handle;
@@ -48,7 +49,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use access::ClusterGrants;
 pub use allow::{AllowList, Network};
-pub use conn::dispatch;
+pub use call::dispatch;
 pub use limits::{Descriptors, Limits, share_descriptors};
 pub use metrics::NfsCollector;
 pub use state::{Exports, MAX_CACHED};

@@ -5,6 +5,8 @@
 
 pub const NFS_PROGRAM: u32 = 100_003;
 pub const MOUNT_PROGRAM: u32 = 100_005;
+/// Procedure 0 of every RPC program: NULL, which does nothing (RFC 5531 §12.1).
+pub const NULL: u32 = 0;
 /// The one version of each program served.
 pub const VERSION: u32 = 3;
 
