@@ -1,6 +1,7 @@
 //! One TCP connection: read records, run each call on the blocking pool (file system
 //! calls block) except attribute-only calls, which take microseconds and run on the
-//! connection task; replies leave as they finish (how, and what they hold meanwhile,
+//! connection task (the procedure table, `table`, says which, and how large each
+//! call's reply can get); replies leave as they finish (how, and what they hold meanwhile,
 //! is `send`). Clients keep many calls in flight on one connection, so replies may
 //! leave out of order; the XID pairs them up.
 //!
@@ -15,8 +16,7 @@
 //! the client has taken it (see `send`). On shutdown the connection stops reading, finishes the calls it
 //! has and sends their replies, then closes; past the drain deadline it is cut.
 
-use std::cell::Cell;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -29,17 +29,14 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::buffers::BufferPool;
-use super::dirops;
+use super::call::{Runner, count, insecure_reply, respond};
 use super::limits::{Budget, Limits, Waits};
-use super::mount;
-use super::ops::{self, Ctx, MAX_IO};
-use super::reply::{Early, encode};
-use super::rpc::{self, AcceptStat, AuthStat, MAX_RECORD, Reject};
-use super::send::{Outbox, Queued, RECEIVE_BUFFER, Reply, SEND_BUFFER, queue, write_replies};
+use super::rpc::{self, MAX_RECORD};
+use super::send::{Outbox, Queued, RECEIVE_BUFFER, SEND_BUFFER, queue, write_replies};
 use super::splice;
 use super::state::Exports;
 use super::stats;
-use super::xdr::{Garbage, XdrIn};
+use super::table;
 
 pub const MAX_IN_FLIGHT: usize = 64;
 
@@ -47,70 +44,6 @@ pub const MAX_IN_FLIGHT: usize = 64;
 /// WRITE) arrives in one `recv` rather than three (record mark, its rest, the body).
 /// It sits outside the byte budget: a fixed cost per connection, like its socket's.
 const READ_BUFFER: usize = 1024;
-
-/// What a reply other than READ's and READDIR's data can take: attributes, wcc data,
-/// a handle, a path (RFC 1813 limits each).
-const SMALL_RESULT: usize = 4 * 1024;
-
-pub const NFS_PROGRAM: u32 = 100_003;
-
-/// NFS procedures tried on the connection task: those that only read attributes (NULL,
-/// GETATTR, ACCESS, FSSTAT, FSINFO, PATHCONF), READ, which runs there only when the
-/// page cache holds its data, and LOOKUP, only when the dentry cache answers it (else
-/// they move to the blocking pool; see `Ctx::cached_only`). LOOKUP switches the
-/// thread's credentials for its one synchronous step, as on the blocking pool: the
-/// guard puts root's back before the task can yield. Anything else may wait for the
-/// disk or changes the namespace, and runs on the blocking pool.
-fn try_inline(record: &[u8]) -> bool {
-    let word = |i: usize| {
-        record
-            .get(4 * i..4 * i + 4)
-            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-    };
-    word(3) == Some(NFS_PROGRAM)
-        && match word(5) {
-            Some(0 | 1 | 4 | 6 | 18 | 19 | 20) => true,
-            Some(3) => super::sys::cached_lookups(),
-            _ => false,
-        }
-}
-pub const MOUNT_PROGRAM: u32 = 100_005;
-
-/// The largest reply `record`'s call can produce, charged before it runs: READ's
-/// `count` and READDIR/READDIRPLUS's `count`/`maxcount` (RFC 1813 §3.3.6, §3.3.16,
-/// §3.3.17), clamped to the server's maximum, plus room for the results around them.
-fn reply_bound(record: &[u8]) -> usize {
-    let Ok(call) = rpc::parse_call(record) else {
-        return SMALL_RESULT;
-    };
-    if (call.prog, call.vers) != (NFS_PROGRAM, 3) {
-        return SMALL_RESULT;
-    }
-    let mut args = call.args;
-    let data = |args: &mut XdrIn| -> Result<u32, Garbage> {
-        args.opaque(64)?; // the handle
-        match call.procedure {
-            6 => {
-                args.u64()?; // offset
-                args.u32() // count
-            }
-            16 => {
-                args.u64()?; // cookie
-                args.fixed::<8>()?; // cookieverf
-                args.u32() // count
-            }
-            17 => {
-                args.u64()?;
-                args.fixed::<8>()?;
-                args.u32()?; // dircount
-                args.u32() // maxcount
-            }
-            _ => Ok(0),
-        }
-    };
-    let data = data(&mut args).unwrap_or(0).min(MAX_IO) as usize;
-    data + SMALL_RESULT
-}
 
 /// What every connection of one server shares.
 pub struct Shared {
@@ -213,7 +146,7 @@ pub async fn serve(
         if secure {
             // The reply's worst case is the client's to wait for, not the server's to
             // find room for after the fact.
-            let want = record.len() + reply_bound(&record);
+            let want = record.len() + table::reply_bound(&record);
             let charged = tokio::select! {
                 _ = stop() => break,
                 r = charge.at_least(want) => r,
@@ -232,7 +165,7 @@ pub async fn serve(
                 count(&shared.exports, stats::slot_of_record(&record), r, received);
             }
             Some(reply)
-        } else if try_inline(&record) {
+        } else if table::try_inline(&record) {
             respond(
                 &shared.exports,
                 client,
@@ -336,214 +269,5 @@ impl<'a> Counted<'a> {
 impl Drop for Counted<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// The answer to a call from an unreserved port when reserved ports are required:
-/// NULL is answered (it reveals nothing and lets the client see the server is up),
-/// anything else is denied as AUTH_TOOWEAK (RFC 5531 §9: "rejected for security
-/// reasons"), which mount.nfs reports as "access denied".
-fn insecure_reply(record: &[u8]) -> Option<Vec<u8>> {
-    let mut out = match rpc::parse_call(record) {
-        Ok(c) if c.procedure == 0 => rpc::accepted(c.xid, AcceptStat::Success),
-        Ok(c) => rpc::denied_auth(c.xid, AuthStat::TooWeak),
-        Err(Reject::Ignore) => return None,
-        Err(Reject::Reply(r)) => r,
-    };
-    rpc::finish_record(&mut out, 0);
-    Some(out)
-}
-
-/// Who runs a call, which decides how a READ gets its data.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Runner {
-    /// Any caller: data always travels in the reply bytes.
-    Plain,
-    /// A blocking-pool thread that writes the reply itself: large READs splice.
-    BlockingPool,
-    /// The connection's async task: a READ that would wait for the disk is refused.
-    AsyncTask,
-}
-
-/// The call must move to the blocking pool; nothing was done or sent.
-struct WouldBlock;
-
-/// Decodes one record, runs the call, and returns the framed reply (None when the
-/// record is not a call and RFC 5531 says nothing is sent back).
-pub fn dispatch(ex: &Exports, client: IpAddr, record: &[u8]) -> Option<Vec<u8>> {
-    respond(ex, client, record, Runner::Plain, Instant::now())
-        .ok()
-        .flatten()
-        .map(|r| r.head)
-}
-
-/// Counts a call answered with `reply` that touched no volume.
-fn count(ex: &Exports, slot: usize, reply: &[u8], received: Instant) {
-    ex.stats.record(&stats::Call {
-        slot,
-        status: stats::outcome(slot, reply),
-        took: received.elapsed(),
-        volume: None,
-        bytes: 0,
-    });
-}
-
-/// [`dispatch`] for `runner`; the call counts in the metrics as taking from `received`
-/// until its reply is ready.
-fn respond(
-    ex: &Exports,
-    client: IpAddr,
-    record: &[u8],
-    runner: Runner,
-    received: Instant,
-) -> Result<Option<Reply>, WouldBlock> {
-    let call = match rpc::parse_call(record) {
-        Ok(c) => c,
-        Err(Reject::Ignore) => return Ok(None),
-        Err(Reject::Reply(mut r)) => {
-            rpc::finish_record(&mut r, 0);
-            count(ex, stats::slot_of_record(record), &r, received);
-            return Ok(Some(Reply {
-                head: r,
-                data: None,
-            }));
-        }
-    };
-    let xid = call.xid;
-    let mut out = rpc::accepted(xid, AcceptStat::Success);
-    let ctx = Ctx {
-        ex,
-        client,
-        cred: &call.cred,
-        volume: Cell::new(None),
-        bytes: Cell::new(0),
-        cached_only: runner == Runner::AsyncTask,
-    };
-    let mut args = call.args;
-    let mut spliced = None;
-    let a = &mut args;
-    let answered: Result<(), Early> = match (call.prog, call.vers) {
-        (NFS_PROGRAM, 3) => match call.procedure {
-            0 => Ok(()),
-            1 => encode(ops::getattr(&ctx, a), &mut out),
-            2 => encode(ops::setattr(&ctx, a), &mut out),
-            3 => encode(dirops::lookup(&ctx, a), &mut out),
-            4 => encode(ops::access(&ctx, a), &mut out),
-            5 => encode(ops::readlink(&ctx, a), &mut out),
-            6 => {
-                let splice = (runner == Runner::BlockingPool).then_some(&mut spliced);
-                encode(ops::read(&ctx, a, splice), &mut out)
-            }
-            7 => encode(ops::write(&ctx, a), &mut out),
-            8 => encode(dirops::create(&ctx, a), &mut out),
-            9 => encode(dirops::mkdir(&ctx, a), &mut out),
-            10 => encode(dirops::symlink(&ctx, a), &mut out),
-            11 => encode(dirops::mknod(&ctx, a), &mut out),
-            12 => encode(dirops::remove(&ctx, a), &mut out),
-            13 => encode(dirops::rmdir(&ctx, a), &mut out),
-            14 => encode(dirops::rename(&ctx, a), &mut out),
-            15 => encode(dirops::link(&ctx, a), &mut out),
-            16 => encode(dirops::readdir(&ctx, a, false), &mut out),
-            17 => encode(dirops::readdir(&ctx, a, true), &mut out),
-            18 => encode(ops::fsstat(&ctx, a), &mut out),
-            19 => encode(ops::fsinfo(&ctx, a), &mut out),
-            20 => encode(ops::pathconf(&ctx, a), &mut out),
-            21 => encode(ops::commit(&ctx, a), &mut out),
-            _ => {
-                out = rpc::accepted(xid, AcceptStat::ProcUnavail);
-                Ok(())
-            }
-        },
-        (MOUNT_PROGRAM, 3) => match call.procedure {
-            0 => Ok(()),
-            1 => mount::mnt(&ctx, a, &mut out).map_err(Early::from),
-            2 => mount::dump(&ctx, a, &mut out).map_err(Early::from),
-            3 => mount::umnt(&ctx, a, &mut out).map_err(Early::from),
-            4 => mount::umntall(&ctx, a, &mut out).map_err(Early::from),
-            5 => mount::export(&ctx, a, &mut out).map_err(Early::from),
-            _ => {
-                out = rpc::accepted(xid, AcceptStat::ProcUnavail);
-                Ok(())
-            }
-        },
-        (NFS_PROGRAM | MOUNT_PROGRAM, _) => {
-            out = rpc::prog_mismatch(xid, 3, 3);
-            Ok(())
-        }
-        _ => {
-            out = rpc::accepted(xid, AcceptStat::ProgUnavail);
-            Ok(())
-        }
-    };
-    match answered {
-        Ok(()) => {}
-        Err(Early::WouldBlock) => return Err(WouldBlock),
-        // `encode` answers every status itself; what is left is garbage.
-        Err(Early::Garbage | Early::Status(_)) => {
-            out = rpc::accepted(xid, AcceptStat::GarbageArgs);
-            spliced = None;
-        }
-    }
-    let trailing = spliced.as_ref().map_or(0, |d| d.len() + d.pad().len());
-    rpc::finish_record(&mut out, trailing);
-    let slot = stats::slot(call.prog, call.vers, call.procedure);
-    let volume = ctx.volume.take();
-    ex.stats.record(&stats::Call {
-        slot,
-        status: stats::outcome(slot, &out),
-        took: received.elapsed(),
-        volume: volume.as_deref().map(|v| &v.stats),
-        bytes: ctx.bytes.get(),
-    });
-    Ok(Some(Reply {
-        head: out,
-        data: spliced,
-    }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::nfs::xdr::{put_opaque, put_u32};
-
-    /// An NFSv3 call record of `procedure` with `args`.
-    fn call(procedure: u32, args: &[u32]) -> Vec<u8> {
-        let mut b = Vec::new();
-        for v in [1, 0, 2, NFS_PROGRAM, 3, procedure, 0] {
-            put_u32(&mut b, v);
-        }
-        put_opaque(&mut b, &[]); // AUTH_NONE credential
-        put_u32(&mut b, 0);
-        put_opaque(&mut b, &[]);
-        put_opaque(&mut b, &[9; 32]); // the handle
-        for a in args {
-            put_u32(&mut b, *a);
-        }
-        b
-    }
-
-    #[test]
-    fn the_largest_reply_is_charged_before_the_call_runs() {
-        let max = MAX_IO as usize + SMALL_RESULT;
-        let cases = [
-            ("GETATTR", call(1, &[]), SMALL_RESULT),
-            ("READ 64 KiB", call(6, &[0, 0, 65536]), 65536 + SMALL_RESULT),
-            ("READ 4 GiB", call(6, &[0, 0, u32::MAX]), max),
-            (
-                "READDIR 8 KiB",
-                call(16, &[0, 0, 0, 0, 8192]),
-                8192 + SMALL_RESULT,
-            ),
-            (
-                "READDIRPLUS huge",
-                call(17, &[0, 0, 0, 0, 1024, u32::MAX]),
-                max,
-            ),
-            ("READ cut short", call(6, &[0]), SMALL_RESULT),
-            ("garbage", vec![1, 2, 3], SMALL_RESULT),
-        ];
-        for (what, record, want) in cases {
-            assert_eq!(reply_bound(&record), want, "{what}");
-        }
     }
 }

@@ -34,7 +34,7 @@ const NAME_MAX: usize = 255;
 
 /// Largest READDIR/READDIRPLUS reply body we build, whatever the client asks for: the
 /// largest READ we answer (FSINFO `rtmax`), 16 times the `dtpref` we advertise.
-const MAX_DIR_REPLY: usize = super::ops::MAX_IO as usize;
+const MAX_DIR_REPLY: usize = super::limits::MAX_IO as usize;
 
 /// A name that may be looked up: one path component.
 fn check_name(name: &[u8]) -> Result<(), nfsstat3> {

@@ -32,6 +32,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+/// Largest READ/WRITE transfer we advertise and accept (and so the largest READ or
+/// READDIR reply's data).
+pub const MAX_IO: u32 = 1 << 20;
+
 /// The server's time and memory limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {

@@ -5,7 +5,8 @@
 //! Series per volume exist while the volume is exported and go with it. A volume
 //! carries about 30 series (usage, bytes, a 21-bucket latency histogram), plus one per
 //! procedure and per error status that has been seen on it; procedure and status label
-//! values are fixed sets (see `stats`). Labels: `volume` (its directory and PV name),
+//! values are fixed sets (procedure names from the procedure table, `table`; statuses
+//! from `stats`). Labels: `volume` (its directory and PV name),
 //! and `namespace` / `persistentvolumeclaim` once the agent has seen the claim (empty
 //! in standalone mode).
 
@@ -18,7 +19,8 @@ use prometheus_client::metrics::MetricType;
 
 use super::conn::Shared;
 use super::state::Volume;
-use super::stats::{BUCKETS_NS, Latency, SLOTS, STATUSES, slot_labels};
+use super::stats::{BUCKETS_NS, Latency, SLOTS, STATUSES};
+use super::table::slot_labels;
 
 /// The collector; register it with the agent's registry.
 pub struct NfsCollector(pub(super) Arc<Shared>);

@@ -4,13 +4,16 @@
 //! every restart).
 //!
 //! Layers, outermost first: [`server`] accepts (allow-list, connection cap, drain),
-//! `conn` frames records and dispatches within the time and memory bounds of `limits`,
+//! `conn` frames records within the time and memory bounds of `limits` and hands each
+//! call to `call`, which runs its row of the procedure table (`table`: name, number,
+//! handler, where it runs, reply bound; numbers in `program`),
 //! `send` writes the replies (and counts what the sockets still hold),
 //! `rpc`/`xdr` decode untrusted bytes, `ops`/`dirops`/`mount` implement procedures
-//! (NFS procedures return a typed answer that `reply` alone turns into bytes),
+//! (each returns a typed answer that `reply` alone turns into bytes),
 //! `access` decides who may use each volume (per call), `rmtab` remembers who mounted
 //! what (for DUMP only), `state` maps handles to descriptors, `sys` and `splice`
-//! (zero-copy READ replies) are the only places that make system calls. `stats` counts
+//! (zero-copy READ replies) are the only places that make system calls, and `quota`
+//! keeps each volume's account. `stats` counts
 //! every call (atomics only), `metrics` turns the counts into Prometheus text at
 //! scrape time.
 
@@ -18,6 +21,7 @@ mod access;
 mod allow;
 mod attr;
 mod buffers;
+mod call;
 mod conn;
 mod dirops;
 pub mod handle;
@@ -25,6 +29,7 @@ mod limits;
 mod metrics;
 mod mount;
 mod ops;
+mod program;
 mod quota;
 mod reply;
 mod rmtab;
@@ -34,6 +39,7 @@ mod splice;
 mod state;
 mod stats;
 mod sys;
+mod table;
 pub mod xdr;
 
 use std::sync::Arc;
@@ -43,7 +49,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use access::ClusterGrants;
 pub use allow::{AllowList, Network};
-pub use conn::dispatch;
+pub use call::dispatch;
 pub use limits::{Descriptors, Limits, share_descriptors};
 pub use metrics::NfsCollector;
 pub use state::{Exports, MAX_CACHED};

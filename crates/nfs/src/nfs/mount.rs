@@ -3,13 +3,15 @@
 //! (`access`), and records the mount; UMNT/UMNTALL remove the caller's own entries from
 //! that record and nothing else (access never depended on it). DUMP and EXPORT show a
 //! client only its own mounts and the volumes it may mount: the list of every volume
-//! and every client address on a node is nobody else's business.
+//! and every client address on a node is nobody else's business. Each returns a typed
+//! answer (`reply::Mnt`, `reply::List`) that `reply` turns into bytes.
 
 use nfs3_types::mount::mountstat3;
 
 use super::ops::Ctx;
+use super::reply::{ExportEntry, List, Mnt, MountEntry};
 use super::rpc::AUTH_SYS;
-use super::xdr::{Garbage, XdrIn, put_bool, put_opaque, put_u32};
+use super::xdr::{Garbage, XdrIn};
 use crate::volume::VolumeName;
 
 /// MOUNT's dirpath limit (MNTPATHLEN).
@@ -24,7 +26,7 @@ pub fn volume_for_path(path: &[u8]) -> Option<VolumeName> {
     VolumeName::new(s).ok()
 }
 
-pub fn mnt(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> Result<(), Garbage> {
+pub fn mnt(ctx: &Ctx, args: &mut XdrIn) -> Result<Mnt, Garbage> {
     let path = args.opaque(MNTPATHLEN)?;
     let volume = volume_for_path(path).and_then(|n| {
         ctx.ex.by_name(&n).or_else(|| {
@@ -36,27 +38,26 @@ pub fn mnt(ctx: &Ctx, args: &mut XdrIn, out: &mut Vec<u8>) -> Result<(), Garbage
     if let Some(v) = &volume {
         ctx.counts_for(v);
     }
-    match volume {
+    Ok(match volume {
         // Not admitted: the same answer as knfsd's for a host outside the export's
         // client list (RFC 1813 appendix I, MNT3ERR_ACCES).
         Some(v) if !ctx.ex.access.allows(ctx.client, &v.meta.name) => {
             tracing::warn!(client = %ctx.client, volume = %v.meta.name, "mount refused: client not granted this volume");
-            put_u32(out, mountstat3::MNT3ERR_ACCES as u32);
+            Mnt::Refused(mountstat3::MNT3ERR_ACCES)
         }
         Some(v) => {
             ctx.ex.mounts.add(ctx.client, &v.meta.name);
             tracing::info!(client = %ctx.client, volume = %v.meta.name, "mounted");
-            put_u32(out, mountstat3::MNT3_OK as u32);
-            put_opaque(out, &v.root_fh);
-            put_u32(out, 1);
-            put_u32(out, AUTH_SYS);
+            Mnt::Ok {
+                fh: v.root_fh.clone(),
+                flavor: AUTH_SYS,
+            }
         }
-        None => put_u32(out, mountstat3::MNT3ERR_NOENT as u32),
-    }
-    Ok(())
+        None => Mnt::Refused(mountstat3::MNT3ERR_NOENT),
+    })
 }
 
-pub fn umnt(ctx: &Ctx, args: &mut XdrIn, _out: &mut Vec<u8>) -> Result<(), Garbage> {
+pub fn umnt(ctx: &Ctx, args: &mut XdrIn) -> Result<(), Garbage> {
     let path = args.opaque(MNTPATHLEN)?;
     if let Some(name) = volume_for_path(path) {
         ctx.ex.mounts.remove(ctx.client, Some(&name));
@@ -64,7 +65,7 @@ pub fn umnt(ctx: &Ctx, args: &mut XdrIn, _out: &mut Vec<u8>) -> Result<(), Garba
     Ok(())
 }
 
-pub fn umntall(ctx: &Ctx, _args: &mut XdrIn, _out: &mut Vec<u8>) -> Result<(), Garbage> {
+pub fn umntall(ctx: &Ctx, _args: &mut XdrIn) -> Result<(), Garbage> {
     ctx.ex.mounts.remove(ctx.client, None);
     Ok(())
 }
@@ -72,29 +73,32 @@ pub fn umntall(ctx: &Ctx, _args: &mut XdrIn, _out: &mut Vec<u8>) -> Result<(), G
 /// The caller's own mount entries (RFC 1813 appendix I, MOUNTPROC3_DUMP lists "the
 /// remotely mounted file systems"; which other hosts mount what is not the caller's
 /// to see).
-pub fn dump(ctx: &Ctx, _args: &mut XdrIn, out: &mut Vec<u8>) -> Result<(), Garbage> {
+pub fn dump(ctx: &Ctx, _args: &mut XdrIn) -> Result<List<MountEntry>, Garbage> {
     let host = ctx.client.to_string();
-    for name in ctx.ex.mounts.of(ctx.client) {
-        put_bool(out, true);
-        put_opaque(out, host.as_bytes());
-        put_opaque(out, format!("/{name}").as_bytes());
-    }
-    put_bool(out, false);
-    Ok(())
+    let entries = ctx
+        .ex
+        .mounts
+        .of(ctx.client)
+        .into_iter()
+        .map(|name| MountEntry {
+            host: host.clone(),
+            dir: format!("/{name}"),
+        });
+    Ok(List(entries.collect()))
 }
 
 /// The volumes the caller may mount (`showmount -e` from that address).
-pub fn export(ctx: &Ctx, _args: &mut XdrIn, out: &mut Vec<u8>) -> Result<(), Garbage> {
-    for v in ctx.ex.all() {
-        if !ctx.ex.access.allows(ctx.client, &v.meta.name) {
-            continue;
-        }
-        put_bool(out, true);
-        put_opaque(out, format!("/{}", v.meta.name).as_bytes());
-        put_bool(out, false); // no group list: it would name other clients
-    }
-    put_bool(out, false);
-    Ok(())
+pub fn export(ctx: &Ctx, _args: &mut XdrIn) -> Result<List<ExportEntry>, Garbage> {
+    let allowed = ctx
+        .ex
+        .all()
+        .into_iter()
+        .filter(|v| ctx.ex.access.allows(ctx.client, &v.meta.name));
+    Ok(List(
+        allowed
+            .map(|v| ExportEntry(format!("/{}", v.meta.name)))
+            .collect(),
+    ))
 }
 
 #[cfg(test)]

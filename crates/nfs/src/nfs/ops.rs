@@ -20,6 +20,7 @@ use std::sync::Arc;
 use nfs3_types::nfs3::{Nfs3Option, fattr3, nfsstat3, set_atime, set_mtime, stable_how};
 
 use super::attr::{self, Caller};
+use super::limits::MAX_IO;
 use super::quota;
 use super::reply::{Answer, Early, Encode, PostOp, Proc, Results, Target, Wcc};
 use super::rpc::Credential;
@@ -27,9 +28,6 @@ use super::splice::Piped;
 use super::state::{Exports, Obj, Volume};
 use super::sys::{self, AsCaller, raw, to_nfsstat};
 use super::xdr::{XdrIn, put_bool, put_u32, put_u64};
-
-/// Largest READ/WRITE transfer we advertise and accept.
-pub const MAX_IO: u32 = 1 << 20;
 
 /// One request's context.
 pub struct Ctx<'a> {

@@ -21,12 +21,12 @@
 //! and WRITE clears set-id bits under it, so one never writes back a mode the other
 //! replaced.
 
-use std::sync::MutexGuard;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 use nfs3_types::nfs3::nfsstat3;
 
-use super::state::Volume;
+use crate::volume::{Usage, VolumeMeta};
 
 /// Bytes an object costs its volume: see [`crate::volume::charge`].
 pub fn charge_of(st: &libc::stat) -> u64 {
@@ -52,7 +52,7 @@ pub fn linked(st: &libc::stat) -> Result<(), nfsstat3> {
 /// Objects a volume may hold: `max_files` when its class set one (`maxFiles`), else one
 /// per 4 KiB of `size_bytes` (the block a small file spends), at least 1024, so a flood
 /// of empty files cannot exhaust the node's inodes.
-pub fn max_inodes(meta: &crate::volume::VolumeMeta) -> u64 {
+pub fn max_inodes(meta: &VolumeMeta) -> u64 {
     meta.max_files
         .unwrap_or_else(|| (meta.size_bytes / 4096).max(1024))
 }
@@ -61,18 +61,54 @@ pub fn max_inodes(meta: &crate::volume::VolumeMeta) -> u64 {
 /// namespace change, settled after.
 pub const NAMESPACE_RESERVE: u64 = 4096;
 
+/// One volume's counters and charge lock, as this module sees them: borrowed from the
+/// volume's state (`state::Volume`, which depends on this module, never the other way
+/// round).
+#[derive(Clone, Copy)]
+pub struct Account<'a> {
+    pub limit: &'a AtomicU64,
+    /// Bytes charged to the volume (see [`charge_of`]).
+    pub used: &'a AtomicU64,
+    /// Objects in the volume (its root not counted), and how many it may hold.
+    pub inodes: &'a AtomicU64,
+    pub max_inodes: &'a AtomicU64,
+    /// Bumped by every charge, so a re-count from the disk that raced one is dropped.
+    pub charges: &'a AtomicU64,
+    /// Held by every operation that changes what the volume is charged, so the check
+    /// against the limit and the change are one step, so racing writers cannot pass it.
+    pub charge_lock: &'a Mutex<()>,
+}
+
+impl<'a> Account<'a> {
+    /// Applies the limits of `meta` (a resize): takes effect on the next charge.
+    pub fn set_limits(self, meta: &VolumeMeta) {
+        self.limit.store(meta.size_bytes, Ordering::Release);
+        self.max_inodes.store(max_inodes(meta), Ordering::Release);
+    }
+
+    /// Starts a change of the volume's usage: holds the charge lock until dropped.
+    pub fn charging(self) -> Charging<'a> {
+        let lock = self.charge_lock.lock().unwrap_or_else(|p| p.into_inner());
+        Charging {
+            v: self,
+            _lock: lock,
+        }
+    }
+
+    pub fn free(self) -> u64 {
+        self.limit
+            .load(Ordering::Acquire)
+            .saturating_sub(self.used.load(Ordering::Acquire))
+    }
+}
+
 /// A change of a volume's usage in progress; holds its charge lock.
 pub struct Charging<'a> {
-    v: &'a Volume,
+    v: Account<'a>,
     _lock: MutexGuard<'a, ()>,
 }
 
-impl<'a> Charging<'a> {
-    pub(super) fn new(v: &'a Volume) -> Self {
-        let lock = v.charge_lock.lock().unwrap_or_else(|p| p.into_inner());
-        Self { v, _lock: lock }
-    }
-
+impl Charging<'_> {
     /// Reserves `bytes`, or fails with DQUOT if the limit would be passed.
     pub fn reserve(&self, bytes: u64) -> Result<(), nfsstat3> {
         let used = self.v.used.load(Ordering::Acquire);
@@ -117,8 +153,8 @@ impl<'a> Charging<'a> {
 /// otherwise the next round tries again. Corrects any drift: objects changed behind
 /// the server's back, a usage charged for a file deleted while a client wrote to it.
 pub fn resync(
-    v: &Volume,
-    count: impl FnOnce() -> crate::error::Result<crate::volume::Usage>,
+    v: Account,
+    count: impl FnOnce() -> crate::error::Result<Usage>,
 ) -> crate::error::Result<bool> {
     let seen = v.charges.load(Ordering::Acquire);
     let usage = count()?;

@@ -6,8 +6,10 @@
 //! procedure returns an [`Answer`] once it knows its object, or [`Early`] if it stops
 //! before that: its reply then carries the status with empty attributes. [`encode`]
 //! writes both, so no procedure writes a reply byte itself and no failure path can
-//! leave a reply half-written or shaped unlike its success.
+//! leave a reply half-written or shaped unlike its success. MOUNT's answers (no
+//! `nfsstat3`) are typed too and written by [`encode_plain`].
 
+use nfs3_types::mount::mountstat3;
 use nfs3_types::nfs3::{fattr3, nfsstat3, wcc_attr};
 
 use super::attr;
@@ -230,6 +232,72 @@ pub fn encode<T: Results, H: Encode + Default, F: Encode + Default>(
         }
     }
     a.tail.encode(out);
+    Ok(())
+}
+
+/// MNT's answer (RFC 1813 appendix I, `mountres3`): the volume's root handle and the
+/// one auth flavor accepted, or why not.
+pub enum Mnt {
+    Ok { fh: Vec<u8>, flavor: u32 },
+    Refused(mountstat3),
+}
+
+impl Encode for Mnt {
+    fn encode(self, out: &mut Vec<u8>) {
+        match self {
+            Mnt::Ok { fh, flavor } => {
+                put_u32(out, mountstat3::MNT3_OK as u32);
+                put_opaque(out, &fh);
+                put_u32(out, 1);
+                put_u32(out, flavor);
+            }
+            Mnt::Refused(s) => put_u32(out, s as u32),
+        }
+    }
+}
+
+/// An XDR optional-data list (`mountlist`, `exports`): each item preceded by TRUE,
+/// the end by FALSE.
+pub struct List<T>(pub Vec<T>);
+
+impl<T: Encode> Encode for List<T> {
+    fn encode(self, out: &mut Vec<u8>) {
+        for item in self.0 {
+            put_bool(out, true);
+            item.encode(out);
+        }
+        put_bool(out, false);
+    }
+}
+
+/// A DUMP entry (`mountbody` without its link): who mounted which path.
+pub struct MountEntry {
+    pub host: String,
+    pub dir: String,
+}
+
+impl Encode for MountEntry {
+    fn encode(self, out: &mut Vec<u8>) {
+        put_opaque(out, self.host.as_bytes());
+        put_opaque(out, self.dir.as_bytes());
+    }
+}
+
+/// An EXPORT entry (`exportnode` without its link): a path, with an empty group list
+/// (a list would name other clients).
+pub struct ExportEntry(pub String);
+
+impl Encode for ExportEntry {
+    fn encode(self, out: &mut Vec<u8>) {
+        put_opaque(out, self.0.as_bytes());
+        put_bool(out, false);
+    }
+}
+
+/// Writes the answer of a procedure whose results carry no `nfsstat3` (MOUNT's: MNT's
+/// own status, lists, or nothing), as [`encode`] does for NFS's.
+pub fn encode_plain<T: Encode>(answer: Result<T, Garbage>, out: &mut Vec<u8>) -> Result<(), Early> {
+    answer?.encode(out);
     Ok(())
 }
 

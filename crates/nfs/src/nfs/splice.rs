@@ -171,7 +171,7 @@ pub fn file_to_pipe(fd: RawFd, off: u64, count: usize) -> SysResult<Option<Piped
     PIPE.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
-            match Pipe::new(super::ops::MAX_IO as usize) {
+            match Pipe::new(super::limits::MAX_IO as usize) {
                 Ok(p) => *slot = Some(p),
                 // Out of descriptors (each blocking-pool thread keeps a pipe, and there
                 // may be more threads than the open-file limit has room for) or of

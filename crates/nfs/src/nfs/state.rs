@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::ops::Deref;
 use std::os::fd::{OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use nfs3_types::nfs3::nfsstat3;
@@ -41,10 +41,9 @@ pub struct Volume {
     pub inodes: AtomicU64,
     pub max_inodes: AtomicU64,
     /// Bumped by every charge, so a re-count from the disk that raced one is dropped.
-    pub charges: AtomicU64,
-    /// Held by every operation that changes what the volume is charged, so the check
-    /// against the limit and the change are one step, so racing writers cannot pass it.
-    pub charge_lock: Mutex<()>,
+    charges: AtomicU64,
+    /// Held by every operation that changes what the volume is charged (see `quota`).
+    charge_lock: Mutex<()>,
     /// What calls on the volume did (see `stats`).
     pub stats: VolumeStats,
     /// The claim (namespace, name) the volume was made for, once the cluster side has
@@ -58,15 +57,25 @@ impl Volume {
         st.st_ino == self.root_ino && st.st_dev == self.root_dev
     }
 
+    /// The volume's counters and charge lock, for `quota`.
+    pub fn account(&self) -> quota::Account<'_> {
+        quota::Account {
+            limit: &self.limit,
+            used: &self.used,
+            inodes: &self.inodes,
+            max_inodes: &self.max_inodes,
+            charges: &self.charges,
+            charge_lock: &self.charge_lock,
+        }
+    }
+
     /// Starts a change of the volume's usage: holds the charge lock until dropped.
     pub fn charging(&self) -> quota::Charging<'_> {
-        quota::Charging::new(self)
+        self.account().charging()
     }
 
     pub fn free(&self) -> u64 {
-        self.limit
-            .load(Ordering::Acquire)
-            .saturating_sub(self.used.load(Ordering::Acquire))
+        self.account().free()
     }
 }
 
@@ -258,9 +267,7 @@ impl Exports {
         for meta in metas {
             match current.get(&meta.id) {
                 Some(v) if v.meta.name == meta.name => {
-                    v.limit.store(meta.size_bytes, Ordering::Release);
-                    v.max_inodes
-                        .store(quota::max_inodes(&meta), Ordering::Release);
+                    v.account().set_limits(&meta);
                     next.insert(meta.id, v.clone());
                 }
                 _ => match self.open_volume(meta) {
@@ -336,7 +343,7 @@ impl Exports {
             return;
         };
         for v in self.all() {
-            match quota::resync(&v, || self.store.usage(&v.meta.name)) {
+            match quota::resync(v.account(), || self.store.usage(&v.meta.name)) {
                 Ok(true) => {}
                 Ok(false) => {
                     tracing::debug!(volume = %v.meta.name, "usage changed during the recount; next time")

@@ -11,60 +11,24 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::conn::{MOUNT_PROGRAM, NFS_PROGRAM};
-
-/// NFSv3 procedure names by number (RFC 1813 §3).
-pub const NFS_PROCEDURES: [&str; 22] = [
-    "NULL",
-    "GETATTR",
-    "SETATTR",
-    "LOOKUP",
-    "ACCESS",
-    "READLINK",
-    "READ",
-    "WRITE",
-    "CREATE",
-    "MKDIR",
-    "SYMLINK",
-    "MKNOD",
-    "REMOVE",
-    "RMDIR",
-    "RENAME",
-    "LINK",
-    "READDIR",
-    "READDIRPLUS",
-    "FSSTAT",
-    "FSINFO",
-    "PATHCONF",
-    "COMMIT",
-];
-
-/// MOUNT v3 procedure names by number (RFC 1813 appendix I).
-pub const MOUNT_PROCEDURES: [&str; 6] = ["NULL", "MNT", "DUMP", "UMNT", "UMNTALL", "EXPORT"];
+use super::program::{MOUNT_PROGRAM, NFS_PROGRAM, VERSION, mount3, nfs3};
 
 /// Calls are counted in one of these slots: NFS procedures, MOUNT procedures, then one
 /// for everything else (other programs, versions, procedure numbers, undecodable calls).
-pub const SLOTS: usize = NFS_PROCEDURES.len() + MOUNT_PROCEDURES.len() + 1;
-const OTHER_SLOT: usize = SLOTS - 1;
-pub const READ_SLOT: usize = 6;
-pub const WRITE_SLOT: usize = 7;
-
-/// `(program, procedure)` label values of a slot.
-pub fn slot_labels(slot: usize) -> (&'static str, &'static str) {
-    let mount = NFS_PROCEDURES.len();
-    match slot {
-        s if s < mount => ("nfs", NFS_PROCEDURES[s]),
-        s if s < OTHER_SLOT => ("mount", MOUNT_PROCEDURES[s - mount]),
-        _ => ("other", "other"),
-    }
-}
+/// Their label values are the procedure table's names (`table::slot_labels`).
+pub const SLOTS: usize = nfs3::COUNT + mount3::COUNT + 1;
+pub const OTHER_SLOT: usize = SLOTS - 1;
+/// Where MOUNT's slots start.
+pub const MOUNT_SLOTS: usize = nfs3::COUNT;
+pub const READ_SLOT: usize = nfs3::READ as usize;
+pub const WRITE_SLOT: usize = nfs3::WRITE as usize;
 
 /// The slot of a call to `procedure` of `prog` version `vers`.
 pub fn slot(prog: u32, vers: u32, procedure: u32) -> usize {
     let p = procedure as usize;
     match (prog, vers) {
-        (NFS_PROGRAM, 3) if p < NFS_PROCEDURES.len() => p,
-        (MOUNT_PROGRAM, 3) if p < MOUNT_PROCEDURES.len() => NFS_PROCEDURES.len() + p,
+        (NFS_PROGRAM, VERSION) if p < nfs3::COUNT => p,
+        (MOUNT_PROGRAM, VERSION) if p < mount3::COUNT => MOUNT_SLOTS + p,
         _ => OTHER_SLOT,
     }
 }
@@ -86,7 +50,8 @@ pub fn slot_of_record(record: &[u8]) -> usize {
 /// Whether the results of a call in `slot` start with a status word: every NFS
 /// procedure but NULL, and MNT (whose `mountstat3` codes are `nfsstat3` codes).
 fn has_status(slot: usize) -> bool {
-    (1..NFS_PROCEDURES.len()).contains(&slot) || slot == NFS_PROCEDURES.len() + 1
+    (nfs3::NULL as usize + 1..nfs3::COUNT).contains(&slot)
+        || slot == MOUNT_SLOTS + mount3::MNT as usize
 }
 
 /// Status label values; index 0 is success (not an error).
@@ -428,24 +393,20 @@ mod tests {
     }
 
     #[test]
-    fn every_procedure_has_its_own_slot_and_labels() {
-        assert_eq!(slot_labels(slot(NFS_PROGRAM, 3, 1)), ("nfs", "GETATTR"));
-        assert_eq!(slot_labels(slot(NFS_PROGRAM, 3, 21)), ("nfs", "COMMIT"));
-        assert_eq!(slot_labels(slot(MOUNT_PROGRAM, 3, 1)), ("mount", "MNT"));
-        assert_eq!(slot_labels(slot(MOUNT_PROGRAM, 3, 5)), ("mount", "EXPORT"));
+    fn every_procedure_has_its_own_slot() {
+        assert_eq!(slot(NFS_PROGRAM, 3, nfs3::GETATTR), nfs3::GETATTR as usize);
+        assert_eq!(slot(MOUNT_PROGRAM, 3, mount3::MNT), MOUNT_SLOTS + 1);
+        assert_eq!(slot(MOUNT_PROGRAM, 3, mount3::EXPORT), SLOTS - 2);
         for other in [(NFS_PROGRAM, 3, 22), (NFS_PROGRAM, 4, 1), (100_000, 2, 3)] {
-            assert_eq!(
-                slot_labels(slot(other.0, other.1, other.2)),
-                ("other", "other")
-            );
+            assert_eq!(slot(other.0, other.1, other.2), OTHER_SLOT);
         }
-        assert_eq!(slot(NFS_PROGRAM, 3, 6), READ_SLOT);
-        assert_eq!(slot(NFS_PROGRAM, 3, 7), WRITE_SLOT);
+        assert_eq!(slot(NFS_PROGRAM, 3, nfs3::READ), READ_SLOT);
+        assert_eq!(slot(NFS_PROGRAM, 3, nfs3::WRITE), WRITE_SLOT);
         let mut record = Vec::new();
-        for w in [1, 0, 2, MOUNT_PROGRAM, 3, 1] {
+        for w in [1, 0, 2, MOUNT_PROGRAM, 3, mount3::MNT] {
             put_u32(&mut record, w);
         }
-        assert_eq!(slot_labels(slot_of_record(&record)), ("mount", "MNT"));
+        assert_eq!(slot_of_record(&record), MOUNT_SLOTS + 1);
         assert_eq!(slot_of_record(&record[..8]), OTHER_SLOT);
         let names: std::collections::HashSet<_> = STATUSES.iter().collect();
         assert_eq!(names.len(), STATUSES.len(), "status labels are distinct");

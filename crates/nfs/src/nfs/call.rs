@@ -1,0 +1,144 @@
+//! One call, from record to framed reply: decode the RPC header, find the procedure's
+//! row in the procedure table (`table`), run it with the caller's context, frame the
+//! reply and count the call in `stats`. Which thread runs it is `conn`'s choice (by
+//! the table's `Runs`); this module only learns it as a [`Runner`], which decides how a
+//! READ returns its data.
+
+use std::cell::Cell;
+use std::net::IpAddr;
+use std::time::Instant;
+
+use super::ops::Ctx;
+use super::program::{NULL, VERSION};
+use super::reply::Early;
+use super::rpc::{self, AcceptStat, AuthStat, Reject};
+use super::send::Reply;
+use super::state::Exports;
+use super::stats;
+use super::table::{self, Found};
+
+/// The answer to a call from an unreserved port when reserved ports are required:
+/// NULL is answered (it reveals nothing and lets the client see the server is up),
+/// anything else is denied as AUTH_TOOWEAK (RFC 5531 §9: "rejected for security
+/// reasons"), which mount.nfs reports as "access denied".
+pub fn insecure_reply(record: &[u8]) -> Option<Vec<u8>> {
+    let mut out = match rpc::parse_call(record) {
+        Ok(c) if c.procedure == NULL => rpc::accepted(c.xid, AcceptStat::Success),
+        Ok(c) => rpc::denied_auth(c.xid, AuthStat::TooWeak),
+        Err(Reject::Ignore) => return None,
+        Err(Reject::Reply(r)) => r,
+    };
+    rpc::finish_record(&mut out, 0);
+    Some(out)
+}
+
+/// Who runs a call, which decides how a READ gets its data.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Runner {
+    /// Any caller: data always travels in the reply bytes.
+    Plain,
+    /// A blocking-pool thread that writes the reply itself: large READs splice.
+    BlockingPool,
+    /// The connection's async task: a READ that would wait for the disk is refused.
+    AsyncTask,
+}
+
+/// The call must move to the blocking pool; nothing was done or sent.
+pub struct WouldBlock;
+
+/// Decodes one record, runs the call, and returns the framed reply (None when the
+/// record is not a call and RFC 5531 says nothing is sent back).
+pub fn dispatch(ex: &Exports, client: IpAddr, record: &[u8]) -> Option<Vec<u8>> {
+    respond(ex, client, record, Runner::Plain, Instant::now())
+        .ok()
+        .flatten()
+        .map(|r| r.head)
+}
+
+/// Counts a call answered with `reply` that touched no volume.
+pub fn count(ex: &Exports, slot: usize, reply: &[u8], received: Instant) {
+    ex.stats.record(&stats::Call {
+        slot,
+        status: stats::outcome(slot, reply),
+        took: received.elapsed(),
+        volume: None,
+        bytes: 0,
+    });
+}
+
+/// [`dispatch`] for `runner`; the call counts in the metrics as taking from `received`
+/// until its reply is ready.
+pub fn respond(
+    ex: &Exports,
+    client: IpAddr,
+    record: &[u8],
+    runner: Runner,
+    received: Instant,
+) -> Result<Option<Reply>, WouldBlock> {
+    let call = match rpc::parse_call(record) {
+        Ok(c) => c,
+        Err(Reject::Ignore) => return Ok(None),
+        Err(Reject::Reply(mut r)) => {
+            rpc::finish_record(&mut r, 0);
+            count(ex, stats::slot_of_record(record), &r, received);
+            return Ok(Some(Reply {
+                head: r,
+                data: None,
+            }));
+        }
+    };
+    let xid = call.xid;
+    let mut out = rpc::accepted(xid, AcceptStat::Success);
+    let ctx = Ctx {
+        ex,
+        client,
+        cred: &call.cred,
+        volume: Cell::new(None),
+        bytes: Cell::new(0),
+        cached_only: runner == Runner::AsyncTask,
+    };
+    let mut args = call.args;
+    let mut spliced = None;
+    let answered: Result<(), Early> = match table::find(call.prog, call.vers, call.procedure) {
+        Found::Procedure(p) => {
+            let splice = (runner == Runner::BlockingPool).then_some(&mut spliced);
+            (p.handler)(&ctx, &mut args, &mut out, splice)
+        }
+        Found::NoProcedure => {
+            out = rpc::accepted(xid, AcceptStat::ProcUnavail);
+            Ok(())
+        }
+        Found::OtherVersion => {
+            out = rpc::prog_mismatch(xid, VERSION, VERSION);
+            Ok(())
+        }
+        Found::NoProgram => {
+            out = rpc::accepted(xid, AcceptStat::ProgUnavail);
+            Ok(())
+        }
+    };
+    match answered {
+        Ok(()) => {}
+        Err(Early::WouldBlock) => return Err(WouldBlock),
+        // `encode` answers every status itself; what is left is garbage.
+        Err(Early::Garbage | Early::Status(_)) => {
+            out = rpc::accepted(xid, AcceptStat::GarbageArgs);
+            spliced = None;
+        }
+    }
+    let trailing = spliced.as_ref().map_or(0, |d| d.len() + d.pad().len());
+    rpc::finish_record(&mut out, trailing);
+    let slot = stats::slot(call.prog, call.vers, call.procedure);
+    let volume = ctx.volume.take();
+    ex.stats.record(&stats::Call {
+        slot,
+        status: stats::outcome(slot, &out),
+        took: received.elapsed(),
+        volume: volume.as_deref().map(|v| &v.stats),
+        bytes: ctx.bytes.get(),
+    });
+    Ok(Some(Reply {
+        head: out,
+        data: spliced,
+    }))
+}
