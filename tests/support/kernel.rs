@@ -11,7 +11,7 @@ use std::time::Duration;
 use localnfs::provisioner::pv::default_mount_options;
 use localnfs_testbed::kernel::{KernelNode, TestNetwork};
 
-use super::nfs::Node;
+use super::nfs::{Node, create_volume};
 
 /// A standalone agent on `net`'s first host address, allowing only `clients`, with
 /// extra flags.
@@ -105,4 +105,17 @@ pub async fn run_pjdfstest(
         .await
         .expect("run pjdfstest in the test node");
     (count_tap(&out.stdout), out.stdout)
+}
+
+/// A volume of a fresh agent (with `extra` flags), mounted at `/mnt/vol` in `node`.
+pub async fn localnfs_mount(
+    net: &TestNetwork,
+    node: &KernelNode,
+    root: &Path,
+    extra: &[&str],
+) -> Node {
+    create_volume(root, "vol", 64 << 30);
+    let agent = agent_for(net, root, &[node], extra).await;
+    mount(node, &agent, "vol", "/mnt/vol").await;
+    agent
 }
