@@ -3,7 +3,7 @@
 //! `scheduler::routes`; the node agent adds `nfs::NfsCollector`, which reads the NFS
 //! server's per-call counters and the volumes' usage at scrape time); the admin
 //! listener encodes it at `/metrics` in the OpenMetrics text format. Names and labels
-//! are listed in the README ("Metrics").
+//! are listed in `docs/metrics.md`.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;

@@ -411,7 +411,7 @@ async fn reconcile_pv(pv: Arc<PersistentVolume>, agent: Arc<Agent>) -> Result<Ac
                 .warn_pv_once(
                     &pv,
                     "VolumeSharedByPvs",
-                    format!("node {}: volume {volume} is named by another PV as well: its owner is not recorded and no reclaim removes it (see the README, troubleshooting)", agent.node),
+                    format!("node {}: volume {volume} is named by another PV as well: its owner is not recorded and no reclaim removes it", agent.node),
                 )
                 .await;
         } else if agent.exports.by_name(&volume).is_none_or(|v| {
