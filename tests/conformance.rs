@@ -62,4 +62,3 @@ async fn posix_conformance_subset_through_the_kernel_client() {
     }
     assert!(failures.is_empty(), "pjdfstest failures:\n{failures}");
 }
-
