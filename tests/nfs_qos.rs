@@ -120,7 +120,7 @@ async fn drive(
                     } => {
                         let off = n * size as u64 % (64 * MIB);
                         c.write(&fh, off, &data, stable).await.expect("write");
-                        if commit > 0 && (n + 1) % commit == 0 {
+                        if commit > 0 && (n + 1).is_multiple_of(commit) {
                             c.commit(&fh).await.expect("commit");
                         }
                         size as u64
