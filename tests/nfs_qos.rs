@@ -345,5 +345,7 @@ async fn durable_calls_keep_pace_beside_a_neighbours_write_flood() {
         beside.per_sec(),
         bulk.bytes_per_sec() / MIB as f64
     );
-    assert!(ratio >= 0.15, "{ratio:.2}× of alone");
+    // Measured 0.16–0.33× on a loaded 2-core machine (before bounded write-back and
+    // the fair queue: 0.07×); the bound catches a return to that.
+    assert!(ratio >= 0.1, "{ratio:.2}× of alone");
 }
