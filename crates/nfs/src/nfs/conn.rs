@@ -9,7 +9,8 @@
 //! leave out of order; the XID pairs them up.
 //!
 //! Bounds (see `limits`): [`MAX_RECORD`] per record and [`MAX_IN_FLIGHT`] calls per
-//! connection (reading pauses beyond that); every byte of a record and the largest
+//! connection (reading pauses beyond that), plus [`MAX_PARKED`] waiting for their
+//! volumes' ceilings; every byte of a record and the largest
 //! reply its call can produce are charged to the server-wide budget until the reply
 //! has left. No wait on the client is unbounded: the next record's first byte
 //! (idle timeout, while nothing is in flight), the rest of a record (record timeout),
