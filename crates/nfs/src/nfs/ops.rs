@@ -425,7 +425,7 @@ pub fn write(ctx: &Ctx, args: &mut XdrIn) -> Proc<Written, Wcc> {
             stable_how::FILE_SYNC => sys::fsync(wfd).map_err(to_nfsstat)?,
             stable_how::DATA_SYNC => sys::fdatasync(wfd).map_err(to_nfsstat)?,
             stable_how::UNSTABLE => {
-                writeback::wrote(&v.qos.unkicked, &fd.unkicked, wfd, data.len() as u64)
+                writeback::wrote(&v.qos.backlog, &fd.unkicked, wfd, data.len() as u64)
             }
         }
         ctx.bytes.set(data.len() as u64);

@@ -22,6 +22,7 @@ use super::rpc;
 use super::state::{Exports, Volume};
 use super::table::Direction;
 use super::throttle::Throttle;
+use super::writeback::Backlog;
 use crate::volume::{DEFAULT_WEIGHT, VolumeSpec};
 
 /// Bytes of one volume's calls that may wait for its ceilings at once, in KiB (the
@@ -48,8 +49,8 @@ pub struct VolumeQos {
     pub throttled_ns: [AtomicU64; 2],
     /// Nanoseconds calls waited in the fair queue for a worker.
     pub queued_ns: AtomicU64,
-    /// Bytes written unstable since write-back last started (see `writeback`).
-    pub unkicked: AtomicU64,
+    /// Unstable bytes not yet written out (see `writeback`).
+    pub backlog: Backlog,
 }
 
 impl VolumeQos {
@@ -63,7 +64,7 @@ impl VolumeQos {
             parked: Arc::new(Semaphore::new(PARKED_KIB)),
             throttled_ns: [AtomicU64::new(0), AtomicU64::new(0)],
             queued_ns: AtomicU64::new(0),
-            unkicked: AtomicU64::new(0),
+            backlog: Backlog::default(),
         }
     }
 
