@@ -473,9 +473,12 @@ pub fn commit(ctx: &Ctx, args: &mut XdrIn) -> Proc<[u8; 8], Wcc> {
     let _offset = args.u64()?;
     let _count = args.u32()?;
     // Syncing needs no permission; it only makes durable what was already written.
-    changing(ctx, fh, |_, fd, st| {
+    changing(ctx, fh, |v, fd, st| {
         match st.st_mode & libc::S_IFMT {
-            libc::S_IFREG => sys::fsync(fd.io_fd(false)?).map_err(to_nfsstat)?,
+            libc::S_IFREG => {
+                sys::fsync(fd.io_fd(false)?).map_err(to_nfsstat)?;
+                writeback::synced(&v.qos.backlog, &fd.unkicked);
+            }
             libc::S_IFDIR => return Err(nfsstat3::NFS3ERR_ISDIR),
             _ => return Err(nfsstat3::NFS3ERR_INVAL),
         }

@@ -62,6 +62,17 @@ pub fn wrote(backlog: &Backlog, file: &AtomicU64, fd: RawFd, len: u64) {
     }
 }
 
+/// The file whose counter is `file` was just fsynced (COMMIT): nothing of it is left
+/// to write out, so its bytes stop counting towards the next write-back.
+pub fn synced(backlog: &Backlog, file: &AtomicU64) {
+    let taken = file.swap(0, Ordering::AcqRel);
+    let _ = backlog
+        .unkicked
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+            Some(v.saturating_sub(taken))
+        });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,5 +93,12 @@ mod tests {
         wrote(&backlog, &file, f.as_raw_fd(), 10);
         assert_eq!(file.load(Ordering::Acquire), 0);
         assert_eq!(volume.load(Ordering::Acquire), VOLUME_KICK);
+        // A COMMIT leaves nothing of the file to count.
+        volume.store(0, Ordering::Release);
+        wrote(&backlog, &file, f.as_raw_fd(), 100);
+        assert_eq!(file.load(Ordering::Acquire), 100);
+        synced(&backlog, &file);
+        assert_eq!(file.load(Ordering::Acquire), 0);
+        assert_eq!(volume.load(Ordering::Acquire), 0);
     }
 }
