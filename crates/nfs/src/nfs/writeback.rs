@@ -13,7 +13,7 @@
 //!
 //! Measured on the test machine (see `docs/nfs-server.md`): a neighbour's durable
 //! calls beside a 16-client 1 MiB write flood went from 0.07–0.08× of their rate
-//! alone to 0.12–0.20×. Tried and dropped: only starting write-back (4 MiB / 16 MiB,
+//! alone to 0.12–0.27×. Tried and dropped: only starting write-back (4 MiB / 16 MiB,
 //! no wait) let the flood dirty 160–740 MiB/s with no gain; waiting without the
 //! one-at-a-time lock gave 0.08–0.35× depending on the disk's mood.
 //!
