@@ -194,6 +194,10 @@ pub async fn serve(
             let r = qos::route(&shared.exports, client, &record, direction);
             let wait = r.admit();
             if !wait.is_zero() {
+                // The ceiling reserved this call's turn from now: waiting below for
+                // room must count toward it, or every call that queues for room is
+                // delayed twice and the volume runs below its ceiling.
+                let turn = tokio::time::Instant::now() + wait;
                 // Over a ceiling: the call waits on a timer, holding no worker and not
                 // this connection's reading (other volumes' calls may share it), then
                 // joins the fair queue.
@@ -225,7 +229,7 @@ pub async fn serve(
                 tokio::spawn(async move {
                     // After shutdown, draining beats a ceiling: the reply goes now.
                     tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
+                        _ = tokio::time::sleep_until(turn) => {}
                         _ = shutdown.cancelled() => {}
                     }
                     drop(room);
