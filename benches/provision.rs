@@ -478,7 +478,10 @@ async fn delete_all(
             let pods = pods.clone();
             async move {
                 let _ = pods
-                    .delete(&format!("pod-{name}"), &DeleteParams::default().grace_period(0))
+                    .delete(
+                        &format!("pod-{name}"),
+                        &DeleteParams::default().grace_period(0),
+                    )
                     .await;
             }
         }))
@@ -509,14 +512,15 @@ async fn delete_all(
             let mut s = watcher(pvs, watcher::Config::default()).boxed();
             while let Some(Ok(ev)) = s.next().await {
                 match ev {
-                    watcher::Event::Apply(pv) | watcher::Event::InitApply(pv) => {
-                        if pv.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Released") {
-                            released
-                                .lock()
-                                .expect("lock")
-                                .entry(pv.name_any())
-                                .or_insert_with(Instant::now);
-                        }
+                    watcher::Event::Apply(pv) | watcher::Event::InitApply(pv)
+                        if pv.status.as_ref().and_then(|s| s.phase.as_deref())
+                            == Some("Released") =>
+                    {
+                        released
+                            .lock()
+                            .expect("lock")
+                            .entry(pv.name_any())
+                            .or_insert_with(Instant::now);
                     }
                     watcher::Event::Delete(pv) => {
                         gone.lock()
@@ -531,22 +535,23 @@ async fn delete_all(
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
     let start = Instant::now();
-    let deleted_at: HashMap<String, Instant> = futures::stream::iter(names.into_iter().map(|name| {
-        let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
-        async move {
-            let t = Instant::now();
-            claims
-                .delete(&name, &DeleteParams::default())
-                .await
-                .expect("delete claim");
-            (name, t)
-        }
-    }))
-    .buffer_unordered(16)
-    .collect::<Vec<_>>()
-    .await
-    .into_iter()
-    .collect();
+    let deleted_at: HashMap<String, Instant> =
+        futures::stream::iter(names.into_iter().map(|name| {
+            let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+            async move {
+                let t = Instant::now();
+                claims
+                    .delete(&name, &DeleteParams::default())
+                    .await
+                    .expect("delete claim");
+                (name, t)
+            }
+        }))
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect();
     let deleted = start.elapsed().as_secs_f64();
     let deadline = Instant::now() + Duration::from_secs(900);
     while gone.lock().expect("lock").len() < pv_of.len() {

@@ -147,12 +147,10 @@ async fn deleting_many_claims_at_once_removes_exactly_their_directories_and_keep
     let client = cluster.client();
     storage_class(&client, "now", json!({"volumeBindingMode": "Immediate"})).await;
     const CLAIMS: usize = 30;
-    let made = futures::future::join_all(
-        (0..CLAIMS).map(|i| {
-            let (client, lnfs) = (&client, &lnfs);
-            async move { claim_with_data(client, lnfs, &format!("many-{i:02}")).await }
-        }),
-    )
+    let made = futures::future::join_all((0..CLAIMS).map(|i| {
+        let (client, lnfs) = (&client, &lnfs);
+        async move { claim_with_data(client, lnfs, &format!("many-{i:02}")).await }
+    }))
     .await;
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
     let pvs: Api<PersistentVolume> = Api::all(client.clone());
@@ -170,7 +168,11 @@ async fn deleting_many_claims_at_once_removes_exactly_their_directories_and_keep
     .await;
     for (i, (pv, _)) in made.iter().enumerate().filter(|(i, _)| goes(*i)) {
         eventually(&format!("PV of many-{i:02} gone"), WAIT, || async {
-            pvs.get_opt(&pv.name_any()).await.ok()?.is_none().then_some(())
+            pvs.get_opt(&pv.name_any())
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
         })
         .await;
     }
@@ -192,7 +194,10 @@ async fn deleting_many_claims_at_once_removes_exactly_their_directories_and_keep
         } else {
             still_there(file, &format!("many-{i:02}, not deleted"));
             assert!(
-                pvs.get_opt(&pv.name_any()).await.expect("read PV").is_some(),
+                pvs.get_opt(&pv.name_any())
+                    .await
+                    .expect("read PV")
+                    .is_some(),
                 "many-{i:02}: PV of a kept claim gone"
             );
         }

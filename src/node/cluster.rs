@@ -436,7 +436,10 @@ async fn reconcile_pv(pv: Arc<PersistentVolume>, agent: Arc<Agent>) -> Result<Ac
             // only the controller writes. (Read from memory first: an agent starting
             // with many volumes must not walk the store once per PV.)
             let vol = volume.clone();
-            match agent.store_op(&volume, move |s| s.adopt(&vol, &owner)).await {
+            match agent
+                .store_op(&volume, move |s| s.adopt(&vol, &owner))
+                .await
+            {
                 Ok(Some(_)) => {}
                 Ok(None) if pv.metadata.deletion_timestamp.is_none() => {
                     agent
@@ -469,10 +472,7 @@ async fn reconcile_pv(pv: Arc<PersistentVolume>, agent: Arc<Agent>) -> Result<Ac
     let have = ann(pv.as_ref(), SIZE).and_then(|s| s.parse::<u64>().ok());
     if let Some(want) = want.filter(|w| have.is_none_or(|h| h < *w)) {
         let vol = volume.clone();
-        if let Err(e) = agent
-            .store_op(&volume, move |s| s.resize(&vol, want))
-            .await
-        {
+        if let Err(e) = agent.store_op(&volume, move |s| s.resize(&vol, want)).await {
             agent
                 .event(
                     pv.as_ref(),

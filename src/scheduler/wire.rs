@@ -256,7 +256,8 @@ mod tests {
             }
         }))
         .expect("review");
-        let out = serde_json::to_value(admit(review, |pod| decide::pod_claims(pod, &inventory()))).expect("json");
+        let out = serde_json::to_value(admit(review, |pod| decide::pod_claims(pod, &inventory())))
+            .expect("json");
         let resp = &out["response"];
         assert_eq!(resp["uid"], "u-1");
         assert_eq!(resp["allowed"], true);

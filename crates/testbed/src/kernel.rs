@@ -582,11 +582,17 @@ mod tests {
     #[test]
     fn host_files_under_the_guests_own_tmpfs_are_named_through_the_host_view() {
         for (host, guest) in [
-            ("/tmp/tmp.X/main/target/x", "/run/host/tmp/tmp.X/main/target/x"),
+            (
+                "/tmp/tmp.X/main/target/x",
+                "/run/host/tmp/tmp.X/main/target/x",
+            ),
             ("/tmp", "/run/host/tmp"),
             ("/run/user/0/cache", "/run/host/run/user/0/cache"),
             ("/mnt/data/f", "/run/host/mnt/data/f"),
-            ("/root/.cache/localnfs/pjdfstest", "/root/.cache/localnfs/pjdfstest"),
+            (
+                "/root/.cache/localnfs/pjdfstest",
+                "/root/.cache/localnfs/pjdfstest",
+            ),
             ("/var/tmp/x", "/var/tmp/x"),
             // A name that only starts like one of them is not under it.
             ("/tmpfoo/x", "/tmpfoo/x"),

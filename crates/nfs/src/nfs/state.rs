@@ -590,7 +590,10 @@ mod tests {
             );
         }
         assert!(!ex.holds(&child), "a removed volume's objects stay open");
-        assert!(ex.resolve(CLIENT, &kept.root_fh).is_ok(), "another volume lost");
+        assert!(
+            ex.resolve(CLIENT, &kept.root_fh).is_ok(),
+            "another volume lost"
+        );
         assert_eq!(ex.all().len(), 2);
     }
 
@@ -631,7 +634,11 @@ mod tests {
                 let ex = ex.clone();
                 s.spawn(move || {
                     let n = name(&format!("v{i}"));
-                    let claim = if i == 10 { "intruder".to_owned() } else { format!("u{i}") };
+                    let claim = if i == 10 {
+                        "intruder".to_owned()
+                    } else {
+                        format!("u{i}")
+                    };
                     let r = ex.store().remove_for(&n, &claim, false);
                     assert_eq!(r.is_ok(), i != 10, "v{i}: {r:?}");
                     ex.refresh_volume(&n).expect("refresh");
