@@ -86,7 +86,10 @@ impl VolumeStore {
     /// `localnfs volume` command on the same root): volume ids come from a
     /// read-increment-write of `last-id`, and two creations at once must not get the
     /// same id (a handle carries it; the same id twice would let one volume's handles
-    /// open the other's files).
+    /// open the other's files). It covers metadata changes only: a deleted volume's
+    /// tree is removed from the trash after it is released (see `detach_locked`), so
+    /// many reclaims at once wait on each other for a rename and two fsyncs, not for
+    /// each other's data.
     fn lock(&self) -> Result<StoreLock> {
         let path = self.root.join("lock");
         let f = fs::OpenOptions::new()
