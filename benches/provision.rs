@@ -12,6 +12,9 @@
 //! undisturbed and once with the leader SIGKILLed when half the claims are Bound; the
 //! table adds the standby's takeover time, the time until all are Bound, and checks
 //! that every claim has exactly one PV and every PV one directory (and nothing more).
+//! Unless `--no-delete` (and not with `--failover`), every burst is then deleted at
+//! once and a second table times the reclaim: deletes taken, all PVs Released, all PVs
+//! gone, all volume directories gone, and delete → PV gone p50/p99.
 //! `--guard`: agents run as the install runs them (shipped RBAC, pod-bound tokens)
 //! behind the agents' write guard served by the scheduler helper, to see its cost.
 
@@ -34,7 +37,7 @@ use kube::{Client, ResourceExt};
 use localnfs_testbed::{TestCluster, kubelet};
 use serde_json::json;
 use support::cluster::{
-    Localnfs, NAMESPACE, leader_holder, nfs_target, storage_class, volume_dirs, wait_for_leader,
+    HEARTBEATS, Localnfs, leader_holder, nfs_target, storage_class, volume_dirs, wait_for_leader,
 };
 use support::credentials;
 
@@ -60,6 +63,21 @@ struct Row {
     settled_mib: f64,
     /// When each claim was Bound, seconds after the first was created, in order.
     bound_after: Vec<f64>,
+    /// The reclaim of the same claims, when measured (`--no-delete` skips it).
+    delete: Option<DeleteRow>,
+}
+
+/// Deleting every claim at once (16 requests in flight), seconds after the first
+/// delete: until the API server had taken every delete, until every PV was Released,
+/// until every PV was gone, until no volume directory was left on any node; and
+/// p50/p99 from a claim's delete to its PV being gone.
+struct DeleteRow {
+    deleted: f64,
+    released: f64,
+    pvs_gone: f64,
+    dirs_gone: f64,
+    p50: f64,
+    p99: f64,
 }
 
 fn arg(name: &str) -> Option<String> {
@@ -88,6 +106,7 @@ fn main() {
     let kcm_qps: Option<u32> = arg("--kcm-qps").and_then(|n| n.parse().ok());
     let failover = std::env::args().any(|a| a == "--failover");
     let guard = std::env::args().any(|a| a == "--guard");
+    let delete = !std::env::args().any(|a| a == "--no-delete");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let mut rows = Vec::new();
     for mode in &modes {
@@ -105,6 +124,7 @@ fn main() {
                     replicas: if failover { 2 } else { 1 },
                     kill_leader: *kill,
                     guard,
+                    delete: delete && !failover,
                 };
                 eprintln!(
                     "provision: {count} claims, {mode}, {nodes} nodes, {} controller(s){}{}",
@@ -145,6 +165,23 @@ fn main() {
             "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} |",
             r.mode, r.count, r.p50, r.p99, r.max, r.cpu, r.rss_mib, r.settled_mib
         );
+    }
+    if rows.iter().any(|r| r.delete.is_some()) {
+        println!(
+            "\nreclaim: the same N claims deleted at once (16 requests in flight), seconds after the first delete\n"
+        );
+        println!(
+            "| binding | claims | deletes taken s | all Released s | all PVs gone s | all directories gone s | delete → PV gone p50 s | p99 s |"
+        );
+        println!("|---|--:|--:|--:|--:|--:|--:|--:|");
+        for r in &rows {
+            if let Some(d) = &r.delete {
+                println!(
+                    "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                    r.mode, r.count, d.deleted, d.released, d.pvs_gone, d.dirs_gone, d.p50, d.p99
+                );
+            }
+        }
     }
     let svg = charts::svg_path("provision-burst.svg");
     let series: Vec<charts::Steps> = rows
@@ -221,6 +258,8 @@ struct Scenario {
     kill_leader: bool,
     /// Agents with pod-bound tokens behind the write guard (helper running).
     guard: bool,
+    /// Delete every claim once all are Bound and time the reclaim.
+    delete: bool,
 }
 
 /// utime + stime of a process, in seconds.
@@ -302,10 +341,12 @@ async fn run(s: &Scenario) -> Row {
         "Immediate"
     };
     storage_class(&client, "bench", json!({"volumeBindingMode": mode})).await;
-    let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
+    // The agents' heartbeat Leases live in a namespace of their own (the leader's
+    // Lease is waited for below).
+    let leases: Api<Lease> = Api::namespaced(client.clone(), HEARTBEATS);
     support::eventually("node agents up", Duration::from_secs(60), || async {
         let n = leases.list(&Default::default()).await.ok()?.items.len();
-        (n > usize::from(nodes)).then_some(()) // agents plus the leader lease
+        (n >= usize::from(nodes)).then_some(())
     })
     .await;
     let (leader, leader_pid) = wait_for_leader(&client).await;
@@ -379,6 +420,11 @@ async fn run(s: &Scenario) -> Row {
         .map(rss_mib_now)
         .fold(0.0, f64::max);
     let (pvs, dirs, one_each) = end_state(&client, &lnfs, nodes).await;
+    let delete = if s.delete {
+        Some(delete_all(&client, &lnfs, count, wffc, nodes).await)
+    } else {
+        None
+    };
     let bound = bound_at.lock().expect("lock").clone();
     let mut lat: Vec<f64> = created_at
         .iter()
@@ -411,6 +457,146 @@ async fn run(s: &Scenario) -> Row {
         rss_mib,
         settled_mib,
         bound_after,
+        delete,
+    }
+}
+
+/// Deletes every claim (and under WaitForFirstConsumer first their pods, at once: no
+/// kubelet runs to confirm a graceful stop) and times the reclaim (see [`DeleteRow`]).
+async fn delete_all(
+    client: &Client,
+    lnfs: &Localnfs,
+    count: usize,
+    wffc: bool,
+    nodes: u8,
+) -> DeleteRow {
+    use kube::api::DeleteParams;
+    let names: Vec<String> = (0..count).map(|i| format!("claim-{i:05}")).collect();
+    if wffc {
+        let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+        futures::stream::iter(names.iter().map(|name| {
+            let pods = pods.clone();
+            async move {
+                let _ = pods
+                    .delete(
+                        &format!("pod-{name}"),
+                        &DeleteParams::default().grace_period(0),
+                    )
+                    .await;
+            }
+        }))
+        .buffer_unordered(16)
+        .collect::<Vec<()>>()
+        .await;
+    }
+    // PV name → claim name, and what the PV went through, watched from before the
+    // first delete.
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    let pv_of: HashMap<String, String> = pvs
+        .list(&Default::default())
+        .await
+        .expect("PVs")
+        .items
+        .iter()
+        .filter_map(|pv| {
+            let claim = pv.spec.as_ref()?.claim_ref.as_ref()?.name.clone()?;
+            Some((pv.name_any(), claim))
+        })
+        .collect();
+    let released: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let gone: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let watch = {
+        let (released, gone) = (released.clone(), gone.clone());
+        let pvs = pvs.clone();
+        tokio::spawn(async move {
+            let mut s = watcher(pvs, watcher::Config::default()).boxed();
+            while let Some(Ok(ev)) = s.next().await {
+                match ev {
+                    watcher::Event::Apply(pv) | watcher::Event::InitApply(pv)
+                        if pv.status.as_ref().and_then(|s| s.phase.as_deref())
+                            == Some("Released") =>
+                    {
+                        released
+                            .lock()
+                            .expect("lock")
+                            .entry(pv.name_any())
+                            .or_insert_with(Instant::now);
+                    }
+                    watcher::Event::Delete(pv) => {
+                        gone.lock()
+                            .expect("lock")
+                            .entry(pv.name_any())
+                            .or_insert_with(Instant::now);
+                    }
+                    _ => {}
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let start = Instant::now();
+    let deleted_at: HashMap<String, Instant> =
+        futures::stream::iter(names.into_iter().map(|name| {
+            let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+            async move {
+                let t = Instant::now();
+                claims
+                    .delete(&name, &DeleteParams::default())
+                    .await
+                    .expect("delete claim");
+                (name, t)
+            }
+        }))
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect();
+    let deleted = start.elapsed().as_secs_f64();
+    let deadline = Instant::now() + Duration::from_secs(900);
+    while gone.lock().expect("lock").len() < pv_of.len() {
+        assert!(
+            Instant::now() < deadline,
+            "PVs not all gone after 15 min\n{}",
+            lnfs.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pvs_gone = start.elapsed().as_secs_f64();
+    while (1..=nodes).any(|i| !volume_dirs(lnfs, &format!("node-{i}")).is_empty()) {
+        assert!(
+            Instant::now() < deadline,
+            "volume directories left after 15 min\n{}",
+            lnfs.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let dirs_gone = start.elapsed().as_secs_f64();
+    watch.abort();
+    let secs_after_start = |t: &Instant| t.saturating_duration_since(start).as_secs_f64();
+    let released = released
+        .lock()
+        .expect("lock")
+        .values()
+        .map(secs_after_start)
+        .fold(0.0, f64::max);
+    let gone = gone.lock().expect("lock").clone();
+    let mut lat: Vec<f64> = pv_of
+        .iter()
+        .map(|(pv, claim)| {
+            gone[pv]
+                .saturating_duration_since(deleted_at[claim])
+                .as_secs_f64()
+        })
+        .collect();
+    lat.sort_by(f64::total_cmp);
+    DeleteRow {
+        deleted,
+        released,
+        pvs_gone,
+        dirs_gone,
+        p50: percentile(&lat, 0.50),
+        p99: percentile(&lat, 0.99),
     }
 }
 

@@ -140,3 +140,66 @@ async fn deleting_the_claim_first_reclaims_after_an_agent_restart_and_unknown_on
         "{evs:?}"
     );
 }
+
+#[tokio::test]
+async fn deleting_many_claims_at_once_removes_exactly_their_directories_and_keeps_the_rest() {
+    let (cluster, lnfs) = start_localnfs(&[("node-1", ip(103), "10Gi")]).await;
+    let client = cluster.client();
+    storage_class(&client, "now", json!({"volumeBindingMode": "Immediate"})).await;
+    const CLAIMS: usize = 30;
+    let made = futures::future::join_all((0..CLAIMS).map(|i| {
+        let (client, lnfs) = (&client, &lnfs);
+        async move { claim_with_data(client, lnfs, &format!("many-{i:02}")).await }
+    }))
+    .await;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    // Two of every three go, all at once; the others must not be touched.
+    let goes = |i: usize| i % 3 != 2;
+    futures::future::join_all((0..CLAIMS).filter(|i| goes(*i)).map(|i| {
+        let claims = claims.clone();
+        async move {
+            claims
+                .delete(&format!("many-{i:02}"), &DeleteParams::default())
+                .await
+                .expect("delete claim")
+        }
+    }))
+    .await;
+    for (i, (pv, _)) in made.iter().enumerate().filter(|(i, _)| goes(*i)) {
+        eventually(&format!("PV of many-{i:02} gone"), WAIT, || async {
+            pvs.get_opt(&pv.name_any())
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        })
+        .await;
+    }
+    // Give a wrong removal time to happen before looking at what is left.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut want: Vec<String> = made
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !goes(*i))
+        .map(|(_, (pv, _))| nfs_target(pv).2)
+        .collect();
+    want.sort();
+    let mut left = volume_dirs(&lnfs, "node-1");
+    left.sort();
+    assert_eq!(left, want, "wrong directories left\n{}", lnfs.logs());
+    for (i, (pv, file)) in made.iter().enumerate() {
+        if goes(i) {
+            assert!(!file.exists(), "many-{i:02}: data left after reclaim");
+        } else {
+            still_there(file, &format!("many-{i:02}, not deleted"));
+            assert!(
+                pvs.get_opt(&pv.name_any())
+                    .await
+                    .expect("read PV")
+                    .is_some(),
+                "many-{i:02}: PV of a kept claim gone"
+            );
+        }
+    }
+}

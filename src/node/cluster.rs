@@ -46,6 +46,13 @@ use super::step::{self, ClaimStep};
 /// [`crate::objects::agents::LEASE_SECONDS`]).
 const HEARTBEAT: Duration = Duration::from_secs(5);
 
+/// PVs reconciled at once (reclaims, resizes): a burst of deleted claims is reclaimed
+/// this many at a time, each one a claim read, a store change and a finalizer patch.
+/// Bounded so a node with thousands of PVs released together sends the API server a
+/// steady stream, not thousands of calls at once; the store serialises only the
+/// metadata part of each change, so more would mostly wait on the API server.
+const PVS_IN_FLIGHT: u16 = 16;
+
 struct Agent {
     client: Client,
     node: String,
@@ -145,6 +152,7 @@ pub async fn run(
         shutdown.clone(),
     );
     let pvs = pv_controller
+        .with_config(kube::runtime::controller::Config::default().concurrency(PVS_IN_FLIGHT))
         .graceful_shutdown_on(shutdown.clone().cancelled_owned())
         .run(reconcile_pv, error_policy, agent.clone())
         .for_each(|_| futures::future::ready(()));
@@ -209,16 +217,20 @@ impl Agent {
         }
     }
 
-    /// Runs a blocking store operation, then re-reads the exports so the NFS server
-    /// sees the change at once.
+    /// Runs a blocking store operation on `volume`, then re-reads that volume (only:
+    /// the cost of one change must not grow with the volumes on the node) so the NFS
+    /// server sees the change at once. Operations on different volumes run at the
+    /// same time; the store serialises only their metadata changes.
     async fn store_op<T: Send + 'static>(
         &self,
+        volume: &VolumeName,
         op: impl FnOnce(&crate::volume::VolumeStore) -> localnfs_nfs::Result<T> + Send + 'static,
     ) -> Result<T> {
-        let exports = self.exports.clone();
+        let (exports, volume) = (self.exports.clone(), volume.clone());
         let out = tokio::task::spawn_blocking(move || {
             let r = op(exports.store());
-            exports.refresh()?;
+            // Also after a failure: whatever the operation got done is served.
+            exports.refresh_volume(&volume)?;
             r
         })
         .await
@@ -275,7 +287,7 @@ async fn reconcile_claim(pvc: Arc<PersistentVolumeClaim>, agent: Arc<Agent>) -> 
         ClaimStep::Remove => {
             let (vol, owner_uid) = (volume.clone(), uid.clone());
             match agent
-                .store_op(move |s| s.remove_for(&vol, &owner_uid, false))
+                .store_op(&volume, move |s| s.remove_for(&vol, &owner_uid, false))
                 .await
             {
                 Ok(_) => {
@@ -309,7 +321,10 @@ async fn reconcile_claim(pvc: Arc<PersistentVolumeClaim>, agent: Arc<Agent>) -> 
                 claim: name.clone(),
             };
             let spec = request.spec.clone();
-            match agent.store_op(move |s| s.create_for(&spec, &owner)).await {
+            match agent
+                .store_op(&volume, move |s| s.create_for(&spec, &owner))
+                .await
+            {
                 Ok(meta) => {
                     tracing::info!(volume = %meta.name, size = meta.size_bytes, "created volume");
                     agent.exports.label_claim(&meta.name, &ns, &name);
@@ -421,7 +436,10 @@ async fn reconcile_pv(pv: Arc<PersistentVolume>, agent: Arc<Agent>) -> Result<Ac
             // only the controller writes. (Read from memory first: an agent starting
             // with many volumes must not walk the store once per PV.)
             let vol = volume.clone();
-            match agent.store_op(move |s| s.adopt(&vol, &owner)).await {
+            match agent
+                .store_op(&volume, move |s| s.adopt(&vol, &owner))
+                .await
+            {
                 Ok(Some(_)) => {}
                 Ok(None) if pv.metadata.deletion_timestamp.is_none() => {
                     agent
@@ -454,7 +472,7 @@ async fn reconcile_pv(pv: Arc<PersistentVolume>, agent: Arc<Agent>) -> Result<Ac
     let have = ann(pv.as_ref(), SIZE).and_then(|s| s.parse::<u64>().ok());
     if let Some(want) = want.filter(|w| have.is_none_or(|h| h < *w)) {
         let vol = volume.clone();
-        if let Err(e) = agent.store_op(move |s| s.resize(&vol, want)).await {
+        if let Err(e) = agent.store_op(&volume, move |s| s.resize(&vol, want)).await {
             agent
                 .event(
                     pv.as_ref(),
@@ -530,7 +548,7 @@ async fn reclaim(agent: &Agent, pv: &PersistentVolume, volume: &VolumeName) -> R
             }));
         };
         agent
-            .store_op(move |s| s.remove_for(&vol, &uid, archive).map(drop))
+            .store_op(volume, move |s| s.remove_for(&vol, &uid, archive).map(drop))
             .await
     };
     let result = match &decision {

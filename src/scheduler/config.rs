@@ -30,7 +30,9 @@ pub fn extender_entry(url_prefix: &str) -> serde_json::Value {
 }
 
 /// The webhook configuration: pod CREATE only, `failurePolicy: Ignore` (a down helper
-/// never blocks pod creation), called again if another webhook changes the pod.
+/// never blocks pod creation), 2 s timeout (as `deploy/base/webhook.yaml`: a hung
+/// helper delays each pod CREATE by at most that), called again if another webhook
+/// changes the pod.
 /// `client_config` is `{"url": ...}` or `{"service": {...}}`; the helper fills in the
 /// `caBundle`.
 pub fn webhook_configuration(
@@ -48,7 +50,7 @@ pub fn webhook_configuration(
             "failurePolicy": "Ignore",
             "sideEffects": "None",
             "admissionReviewVersions": ["v1"],
-            "timeoutSeconds": 5,
+            "timeoutSeconds": 2,
             "reinvocationPolicy": "IfNeeded",
             "namespaceSelector": {"matchExpressions": [{
                 "key": "kubernetes.io/metadata.name", "operator": "NotIn",

@@ -117,7 +117,9 @@ impl Helper {
                 Err(e) => bad(e),
             },
             _ => match serde_json::from_slice::<AdmissionReview<Pod>>(body) {
-                Ok(review) => encode(&with(inv, |i| wire::admit(review, i))),
+                Ok(review) => encode(&wire::admit(review, |pod| {
+                    with(inv, |i| super::decide::pod_claims(pod, i))
+                })),
                 Err(e) => bad(e),
             },
         }

@@ -114,7 +114,17 @@ pub fn prioritize(args: ExtenderArgs, inv: &Inventory, now: i64) -> Vec<HostPrio
 /// Answers an AdmissionReview for a pod. Anything that is not a pod CREATE is allowed
 /// unchanged; a review we cannot read is answered as invalid (the API server then
 /// applies the webhook's failurePolicy).
-pub fn admit(review: AdmissionReview<Pod>, inv: &Inventory) -> AdmissionReview<DynamicObject> {
+///
+/// `claims` looks up the pod's claims (in the helper: its watch caches, under their
+/// lock). It is called only for a pod that names a claim: every other pod of the
+/// cluster (the webhook sees every pod CREATE) is answered from its own body, with
+/// no lookup, no lock and no API call. A pod whose claims are all of other classes is
+/// answered from the caches too (they hold every claim, and only our PVs): nothing
+/// here ever asks the API server.
+pub fn admit(
+    review: AdmissionReview<Pod>,
+    claims: impl FnOnce(&Pod) -> PodClaims,
+) -> AdmissionReview<DynamicObject> {
     let req: AdmissionRequest<Pod> = match review.try_into() {
         Ok(r) => r,
         Err(e) => return AdmissionResponse::invalid(e.to_string()).into_review(),
@@ -127,7 +137,12 @@ pub fn admit(review: AdmissionReview<Pod>, inv: &Inventory) -> AdmissionReview<D
     if pod.metadata.namespace.is_none() {
         pod.metadata.namespace = req.namespace.clone();
     }
-    let mutation = affinity::mutate(&pod, &decide::pod_claims(&pod, inv));
+    let found = if names_claims(&pod) {
+        claims(&pod)
+    } else {
+        PodClaims::default()
+    };
+    let mutation = affinity::mutate(&pod, &found);
     let mut resp = resp;
     if !mutation.warnings.is_empty() {
         resp.warnings = Some(mutation.warnings);
@@ -143,6 +158,14 @@ pub fn admit(review: AdmissionReview<Pod>, inv: &Inventory) -> AdmissionReview<D
             resp.into_review()
         }
     }
+}
+
+/// Whether the pod has a `persistentVolumeClaim` volume.
+pub fn names_claims(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.volumes.as_ref())
+        .is_some_and(|v| v.iter().any(|v| v.persistent_volume_claim.is_some()))
 }
 
 #[cfg(test)]
@@ -233,7 +256,8 @@ mod tests {
             }
         }))
         .expect("review");
-        let out = serde_json::to_value(admit(review, &inventory())).expect("json");
+        let out = serde_json::to_value(admit(review, |pod| decide::pod_claims(pod, &inventory())))
+            .expect("json");
         let resp = &out["response"];
         assert_eq!(resp["uid"], "u-1");
         assert_eq!(resp["allowed"], true);
@@ -247,5 +271,56 @@ mod tests {
                 [0]["matchExpressions"][0]["values"],
             json!(["n2"])
         );
+    }
+
+    fn review(volumes: serde_json::Value) -> AdmissionReview<Pod> {
+        serde_json::from_value(json!({
+            "kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1",
+            "request": {
+                "uid": "u-2", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "name": "web-0", "namespace": "db", "operation": "CREATE",
+                "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+                "object": {"metadata": {"name": "web-0"}, "spec": {"containers": [], "volumes": volumes}},
+            }
+        }))
+        .expect("review")
+    }
+
+    #[test]
+    fn a_pod_naming_no_claim_is_admitted_unchanged_without_any_lookup() {
+        for volumes in [
+            json!(null),
+            json!([]),
+            json!([{"name": "cache", "emptyDir": {}}, {"name": "cfg", "configMap": {"name": "c"}}]),
+        ] {
+            let out = admit(review(volumes.clone()), |_| {
+                panic!("a pod without claims looked up claims: {volumes}")
+            });
+            let resp = serde_json::to_value(out).expect("json")["response"].clone();
+            assert_eq!(resp["allowed"], true, "{volumes}");
+            assert!(resp.get("patch").is_none(), "{volumes}: {resp}");
+        }
+    }
+
+    #[test]
+    fn a_pod_whose_claims_are_of_other_classes_is_admitted_unchanged() {
+        let mut inv = inventory();
+        inv.claims.insert(
+            claim_key("db", "logs"),
+            ClaimInfo {
+                class: Some("standard".into()),
+                volume: Some("pv-standard".into()),
+                request_bytes: 1,
+            },
+        );
+        let volumes = json!([
+            {"name": "logs", "persistentVolumeClaim": {"claimName": "logs"}},
+            {"name": "unknown", "persistentVolumeClaim": {"claimName": "not-in-any-cache"}},
+        ]);
+        let out = admit(review(volumes), |pod| decide::pod_claims(pod, &inv));
+        let resp = serde_json::to_value(out).expect("json")["response"].clone();
+        assert_eq!(resp["allowed"], true);
+        assert!(resp.get("patch").is_none(), "{resp}");
     }
 }

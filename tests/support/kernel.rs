@@ -87,7 +87,9 @@ pub fn count_tap(tap: &str) -> TapCounts {
 }
 
 /// Runs pjdfstest file `file` (e.g. `chmod/00.t`) as root in a fresh directory under
-/// `mountpoint` of `node`.
+/// `mountpoint` of `node`. Output that is not TAP (no `1..N` plan: the file could not
+/// be run at all) fails here with what the guest printed, rather than counting as a
+/// file with no tests.
 pub async fn run_pjdfstest(
     node: &KernelNode,
     pjd: &Path,
@@ -98,13 +100,29 @@ pub async fn run_pjdfstest(
     let script = format!(
         "mkdir -p {w} && cd {w} && sh {t} 2>&1",
         w = localnfs_testbed::kernel::quote(&work),
-        t = localnfs_testbed::kernel::quote(&pjd.join("tests").join(file).to_string_lossy()),
+        t = localnfs_testbed::kernel::quote(
+            &localnfs_testbed::kernel::guest_path(&pjd.join("tests").join(file)).to_string_lossy()
+        ),
     );
     let out = node
         .run(&script, Duration::from_secs(600))
         .await
         .expect("run pjdfstest in the test node");
+    assert!(
+        is_tap(&out.stdout),
+        "pjdfstest {file} printed no TAP in test node {} (exit {}): is {} readable there?\n{}\n{}",
+        node.name(),
+        out.rc,
+        pjd.display(),
+        out.stdout.trim_end(),
+        out.stderr.trim_end()
+    );
     (count_tap(&out.stdout), out.stdout)
+}
+
+/// Whether `out` is a TAP stream: it has a plan line (`1..N`).
+pub fn is_tap(out: &str) -> bool {
+    out.lines().any(|l| l.starts_with("1.."))
 }
 
 /// A volume of a fresh agent (with `extra` flags), mounted at `/mnt/vol` in `node`.

@@ -17,7 +17,10 @@ TOKEN = open(sys.argv[1]).read().strip()
 
 class Handler(socketserver.StreamRequestHandler):
     def handle(self):
-        req = json.loads(self.rfile.readline())
+        line = self.rfile.readline()
+        if not line:
+            return
+        req = json.loads(line)
         if req.get("token") != TOKEN:
             return
         p = subprocess.Popen(
@@ -42,6 +45,12 @@ class Handler(socketserver.StreamRequestHandler):
 class Server(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     daemon_threads = True
+    # Connections wait in the kernel's queue until accepted (past it SYNs are dropped
+    # and resent, never refused); the default of 5 is short for a busy guest.
+    request_queue_size = 64
 
 
-Server((sys.argv[2], 7000), Handler).serve_forever()
+server = Server((sys.argv[2], 7000), Handler)
+# The host's readiness signal (on the console): the socket is listening from here on.
+print("guest agent: listening on %s:7000" % sys.argv[2], flush=True)
+server.serve_forever()

@@ -17,7 +17,10 @@
 //!
 //! Inside, the guest's root is this machine's `/` read-only (`hostfs`), so it runs the
 //! same `mount.nfs`, `mariadbd` or `prove` as the host; `/run`, `/tmp` and `/mnt` are
-//! tmpfs, and `/dev` is the guest's own devtmpfs. Host files can be attached as block
+//! tmpfs, and `/dev` is the guest's own devtmpfs. Those tmpfs hide the host's files
+//! there (a checkout made by `mktemp -d`, an `XDG_CACHE_HOME` under `/tmp`), so the
+//! host's `/` is mounted a second time, read-only, at [`HOST_VIEW`]: a host file a
+//! guest must read is named by [`guest_path`], never by its host path. Host files can be attached as block
 //! devices ([`BootOptions::disks`]) for a file system local to the guest. PID 1 is a
 //! shell script that loads the NFS modules and starts a small command server
 //! (`guest_agent.py`, port 7000) through which [`KernelNode::run`] executes shell
@@ -45,6 +48,22 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 const MAX_DISKS: usize = 16;
 /// The command server, started by the guest's init.
 const GUEST_AGENT: &str = include_str!("guest_agent.py");
+/// Where a guest sees the host's whole `/` (read-only), tmpfs-hidden parts included.
+pub const HOST_VIEW: &str = "/run/host";
+/// Guest directories that are tmpfs of the guest's own, hiding the host's.
+const GUEST_TMPFS: [&str; 3] = ["/run", "/tmp", "/mnt"];
+
+/// The path under which a guest reads the host file `host`: the same path, except
+/// under the guest's own tmpfs (`/tmp`, `/run`, `/mnt`), where it is reached through
+/// [`HOST_VIEW`]. `host` should be absolute (a relative one is returned as given).
+pub fn guest_path(host: &Path) -> PathBuf {
+    let hidden = GUEST_TMPFS.iter().any(|d| host.starts_with(d));
+    if hidden {
+        Path::new(HOST_VIEW).join(host.strip_prefix("/").unwrap_or(host))
+    } else {
+        host.to_owned()
+    }
+}
 
 /// A private network for test nodes; see the module docs.
 pub struct TestNetwork {
@@ -348,32 +367,31 @@ impl KernelNode {
                 .args(&disks),
             &dir.path().join("console.log"),
         )?;
-        let node = KernelNode {
+        // Ready once the command server says on the console that it listens (a
+        // connection made as a probe proves less: it was fed to the server as a
+        // request, and says nothing about the server a moment later).
+        let start = Instant::now();
+        while !console_says(process.log(), READY_LINE) {
+            process.ensure_running()?;
+            if start.elapsed() > BOOT_TIMEOUT {
+                return Err(Error::Timeout {
+                    what: format!(
+                        "test node {name} to boot (console {}:\n{})",
+                        process.log().display(),
+                        super::process::log_tail(process.log())
+                    ),
+                    after: BOOT_TIMEOUT,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(KernelNode {
             name: name.to_owned(),
             addr,
             token,
-            process: {
-                let start = Instant::now();
-                loop {
-                    process.ensure_running()?;
-                    if tokio::net::TcpStream::connect(SocketAddr::new(addr, AGENT_PORT))
-                        .await
-                        .is_ok()
-                    {
-                        break process;
-                    }
-                    if start.elapsed() > BOOT_TIMEOUT {
-                        return Err(Error::Timeout {
-                            what: format!("test node {name} to boot"),
-                            after: BOOT_TIMEOUT,
-                        });
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
+            process,
             _dir: dir,
-        };
-        Ok(node)
+        })
     }
 
     /// The node's name.
@@ -408,21 +426,17 @@ impl KernelNode {
             "timeout": timeout.as_secs_f64(),
         });
         let exchange = async {
-            // A refused connection is retried for a few seconds: the guest's command
-            // server (one Python process in a UML guest on a loaded host) can briefly
-            // be between accepts; seen once in CI.
+            // Not retried: the server listens from before `boot` returned until the
+            // guest dies, and the guest's kernel queues connections it has not
+            // accepted yet, so a refusal means the server is gone; the console says
+            // why (init reports its exit, the kernel an OOM kill).
             let addr = SocketAddr::new(self.addr, AGENT_PORT);
-            let mut tries = 0;
-            let mut s = loop {
-                match tokio::net::TcpStream::connect(addr).await {
-                    Ok(s) => break s,
-                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && tries < 20 => {
-                        tries += 1;
-                        tokio::time::sleep(Duration::from_millis(250)).await;
-                    }
-                    Err(e) => return Err(fail(format!("connect to the command server: {e}"))),
-                }
-            };
+            let mut s = tokio::net::TcpStream::connect(addr).await.map_err(|e| {
+                fail(format!(
+                    "connect to the command server: {e}; the guest's console ends:\n{}",
+                    super::process::log_tail(self.process.log())
+                ))
+            })?;
             let mut line = request.to_string();
             line.push('\n');
             s.write_all(line.as_bytes())
@@ -503,6 +517,18 @@ impl KernelNode {
     }
 }
 
+/// What the command server prints on the console once it listens.
+const READY_LINE: &str = "guest agent: listening on ";
+
+/// Whether the console log at `path` has a line starting with `prefix`.
+fn console_says(path: &Path, prefix: &str) -> bool {
+    std::fs::read(path).is_ok_and(|log| {
+        String::from_utf8_lossy(&log)
+            .lines()
+            .any(|l| l.trim_start().starts_with(prefix))
+    })
+}
+
 /// `s` as one single-quoted shell word.
 pub fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
@@ -517,16 +543,20 @@ fn init_script(name: &str, addr: IpAddr, agent: &Path, token: &Path) -> String {
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t tmpfs -o mode=0755 tmpfs /run
+# The host's / once more, where this guest's tmpfs do not hide its /tmp, /run, /mnt.
+mkdir -p {host_view}
+mount -r -t hostfs -o / hostfs {host_view} || echo "init: cannot mount the host's / at {host_view}"
 mount -t tmpfs -o mode=0755 tmpfs /mnt
-cp {agent} /run/guest_agent.py
-cp {token} /run/guest_agent.token
+cp {agent} /run/guest_agent.py || echo "init: cannot copy the command server from {agent}"
+cp {token} /run/guest_agent.token || echo "init: cannot copy the command token from {token}"
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 mkdir -p /run/modroot/lib/modules /run/mysqld
 # The modules are not under /lib/modules (the host's root is read-only here).
 ln -s /usr/lib/uml/modules/$(uname -r) /run/modroot/lib/modules/$(uname -r)
 modprobe -d /run/modroot nfsv3 || echo "init: cannot load the NFS modules for $(uname -r)"
 echo {name} > /proc/sys/kernel/hostname
-echo 1 > /proc/sys/kernel/printk
+# Errors (an OOM kill among them) reach the console, notices do not.
+echo 4 > /proc/sys/kernel/printk
 ip link set lo up
 ip addr add {addr}/24 dev vec0
 ip link set vec0 up
@@ -534,11 +564,40 @@ cd /
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 # PID 1 stays a shell: its `wait` reaps every orphan (a killed daemon must not linger
 # as a zombie that looks alive).
-/usr/bin/python3 /run/guest_agent.py /run/guest_agent.token {addr} &
+# Its exit is said on the console: a host that finds it gone reads why there.
+(/usr/bin/python3 /run/guest_agent.py /run/guest_agent.token {addr}; echo "init: the command server exited with status $?") &
 while :; do wait; sleep 1; done
 "#,
-        agent = quote(&agent.to_string_lossy()),
-        token = quote(&token.to_string_lossy()),
+        agent = quote(&guest_path(agent).to_string_lossy()),
+        token = quote(&guest_path(token).to_string_lossy()),
         name = quote(name),
+        host_view = HOST_VIEW,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_files_under_the_guests_own_tmpfs_are_named_through_the_host_view() {
+        for (host, guest) in [
+            (
+                "/tmp/tmp.X/main/target/x",
+                "/run/host/tmp/tmp.X/main/target/x",
+            ),
+            ("/tmp", "/run/host/tmp"),
+            ("/run/user/0/cache", "/run/host/run/user/0/cache"),
+            ("/mnt/data/f", "/run/host/mnt/data/f"),
+            (
+                "/root/.cache/localnfs/pjdfstest",
+                "/root/.cache/localnfs/pjdfstest",
+            ),
+            ("/var/tmp/x", "/var/tmp/x"),
+            // A name that only starts like one of them is not under it.
+            ("/tmpfoo/x", "/tmpfoo/x"),
+        ] {
+            assert_eq!(guest_path(Path::new(host)), Path::new(guest), "{host}");
+        }
+    }
 }

@@ -293,6 +293,49 @@ impl Exports {
         Ok(())
     }
 
+    /// Re-reads one volume from the store after a change to it (create, resize,
+    /// adopt, delete, archive): the server sees the change at once without a walk of
+    /// every volume's metadata, so the cost of a change does not grow with the number
+    /// of volumes. A volume gone from the store leaves the map, and with it the objects
+    /// open in it: its handles are STALE from here on (see [`Exports::resolve`]).
+    pub fn refresh_volume(&self, name: &VolumeName) -> Result<()> {
+        // Under the refresh lock: a full refresh building its map from an older
+        // listing must not overwrite this change, nor this one a newer listing.
+        let _one = self.refreshing.lock().unwrap_or_else(|p| p.into_inner());
+        let meta = self.store.get(name)?;
+        let current = self.by_name(name);
+        let stale = match (&meta, &current) {
+            (Some(m), Some(v)) if v.meta.id == m.id => {
+                v.account().set_limits(m);
+                return Ok(());
+            }
+            (_, Some(v)) => Some(v.meta.id),
+            (_, None) => None,
+        };
+        let fresh = match meta {
+            Some(m) => Some(Arc::new(self.open_volume(m)?)),
+            None => None,
+        };
+        {
+            let mut volumes = self.volumes.write().unwrap_or_else(|p| p.into_inner());
+            if let Some(id) = stale {
+                volumes.remove(&id);
+            }
+            if let Some(v) = fresh {
+                volumes.insert(v.meta.id, v);
+            }
+        }
+        // After the map: a call resolving a handle from now on finds no volume, so
+        // nothing re-opens an object of the old one once these are dropped.
+        if let Some(id) = stale {
+            self.objects
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|_, (vol, _)| *vol != id);
+        }
+        Ok(())
+    }
+
     fn read_volumes(&self) -> std::sync::RwLockReadGuard<'_, HashMap<u32, Arc<Volume>>> {
         self.volumes.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -501,5 +544,148 @@ impl Exports {
                 kernel,
             })
             .ok_or(nfsstat3::NFS3ERR_SERVERFAULT)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::{Owner, VolumeSpec};
+
+    const CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+    fn owner(uid: &str) -> Owner {
+        Owner {
+            claim_uid: uid.into(),
+            namespace: "ns".into(),
+            claim: format!("c-{uid}"),
+        }
+    }
+
+    fn name(s: &str) -> VolumeName {
+        VolumeName::new(s).expect("valid")
+    }
+
+    /// A store with volumes `v0`…`v{n-1}` (owner `u<i>`), served.
+    fn served(n: usize) -> (tempfile::TempDir, Exports) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = VolumeStore::open(dir.path()).expect("store");
+        for i in 0..n {
+            let spec = VolumeSpec::new(name(&format!("v{i}")), 1 << 20);
+            store
+                .create_for(&spec, &owner(&format!("u{i}")))
+                .expect("create");
+        }
+        let allow = AllowList::new(vec!["127.0.0.1".parse().expect("network")]);
+        let exports = Exports::load(store, allow).expect("exports");
+        (dir, exports)
+    }
+
+    #[test]
+    fn a_reclaimed_volume_stops_being_served_and_its_handles_go_stale_while_others_stay() {
+        let (_dir, ex) = served(3);
+        let gone = ex.by_name(&name("v1")).expect("served");
+        let kept = ex.by_name(&name("v2")).expect("served");
+        let child = {
+            std::fs::write(ex.store().data_dir(&name("v1")).join("f"), b"x").expect("write");
+            ex.handle_for_entry(&gone, sys::raw(&gone.root), b"f")
+                .expect("handle")
+        };
+        assert!(ex.resolve(CLIENT, &gone.root_fh).is_ok());
+        assert!(ex.resolve(CLIENT, &child).is_ok(), "cached now");
+
+        ex.store()
+            .remove_for(&name("v1"), "u1", false)
+            .expect("owner removes");
+        ex.refresh_volume(&name("v1")).expect("refresh");
+
+        assert!(ex.by_name(&name("v1")).is_none(), "export still listed");
+        for wire in [&gone.root_fh, &child] {
+            assert_eq!(
+                ex.resolve(CLIENT, wire).err(),
+                Some(nfsstat3::NFS3ERR_STALE)
+            );
+        }
+        assert!(!ex.holds(&child), "a removed volume's objects stay open");
+        assert!(
+            ex.resolve(CLIENT, &kept.root_fh).is_ok(),
+            "another volume lost"
+        );
+        assert_eq!(ex.all().len(), 2);
+    }
+
+    #[test]
+    fn a_volume_changed_in_the_store_is_served_as_changed_at_once() {
+        let (_dir, ex) = served(1);
+        let spec = VolumeSpec::new(name("new"), 1 << 20);
+        ex.store().create_for(&spec, &owner("n")).expect("create");
+        ex.refresh_volume(&name("new")).expect("refresh");
+        let v = ex.by_name(&name("new")).expect("new volume served");
+        assert!(ex.resolve(CLIENT, &v.root_fh).is_ok());
+
+        ex.store().resize(&name("new"), 4 << 20).expect("resize");
+        ex.refresh_volume(&name("new")).expect("refresh");
+        assert_eq!(v.limit.load(std::sync::atomic::Ordering::Acquire), 4 << 20);
+
+        // Deleted and made again under the same name: a new id, old handles stale.
+        ex.store().delete(&name("new")).expect("delete");
+        ex.store().create_for(&spec, &owner("n2")).expect("again");
+        ex.refresh_volume(&name("new")).expect("refresh");
+        let again = ex.by_name(&name("new")).expect("served again");
+        assert_ne!(again.meta.id, v.meta.id);
+        assert_eq!(
+            ex.resolve(CLIENT, &v.root_fh).err(),
+            Some(nfsstat3::NFS3ERR_STALE)
+        );
+        assert!(ex.resolve(CLIENT, &again.root_fh).is_ok());
+    }
+
+    #[test]
+    fn many_reclaims_at_once_remove_exactly_their_volumes() {
+        let (_dir, ex) = served(40);
+        let ex = Arc::new(ex);
+        // Even volumes go (each for its owner; one asked for by the wrong claim), odd
+        // ones stay; a full refresh runs alongside, as the agent's timer does.
+        std::thread::scope(|s| {
+            for i in (0..40).step_by(2) {
+                let ex = ex.clone();
+                s.spawn(move || {
+                    let n = name(&format!("v{i}"));
+                    let claim = if i == 10 {
+                        "intruder".to_owned()
+                    } else {
+                        format!("u{i}")
+                    };
+                    let r = ex.store().remove_for(&n, &claim, false);
+                    assert_eq!(r.is_ok(), i != 10, "v{i}: {r:?}");
+                    ex.refresh_volume(&n).expect("refresh");
+                });
+            }
+            let ex = ex.clone();
+            s.spawn(move || {
+                for _ in 0..5 {
+                    ex.refresh().expect("full refresh");
+                }
+            });
+        });
+        ex.refresh().expect("full refresh");
+        let served: Vec<String> = ex.all().iter().map(|v| v.meta.name.to_string()).collect();
+        let on_disk: Vec<String> = std::fs::read_dir(ex.store().volumes_dir())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        let mut want: Vec<String> = (0..40)
+            .filter(|i| i % 2 == 1 || *i == 10)
+            .map(|i| format!("v{i}"))
+            .collect();
+        want.sort();
+        let mut on_disk = on_disk;
+        on_disk.sort();
+        assert_eq!(served, want);
+        assert_eq!(on_disk, want);
+        let trash = std::fs::read_dir(ex.store().root().join("trash"))
+            .expect("trash")
+            .count();
+        assert_eq!(trash, 0, "removed trees left in the trash");
     }
 }

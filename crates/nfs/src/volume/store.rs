@@ -86,7 +86,10 @@ impl VolumeStore {
     /// `localnfs volume` command on the same root): volume ids come from a
     /// read-increment-write of `last-id`, and two creations at once must not get the
     /// same id (a handle carries it; the same id twice would let one volume's handles
-    /// open the other's files).
+    /// open the other's files). It covers metadata changes only: a deleted volume's
+    /// tree is removed from the trash after it is released (see `detach_locked`), so
+    /// many reclaims at once wait on each other for a rename and two fsyncs, not for
+    /// each other's data.
     fn lock(&self) -> Result<StoreLock> {
         let path = self.root.join("lock");
         let f = fs::OpenOptions::new()
@@ -316,21 +319,23 @@ impl VolumeStore {
         claim_uid: &str,
         archive: bool,
     ) -> Result<Option<PathBuf>> {
-        let _lock = self.lock()?;
-        let Some(meta) = self.get(name)? else {
-            return Ok(None);
+        let trash = {
+            let _lock = self.lock()?;
+            let Some(meta) = self.get(name)? else {
+                return Ok(None);
+            };
+            let want = Owner {
+                claim_uid: claim_uid.to_owned(),
+                namespace: String::new(),
+                claim: String::new(),
+            };
+            self.check_owner(&meta, &want)?;
+            if archive {
+                return self.archive_locked(name).map(Some);
+            }
+            self.detach_locked(&meta)?
         };
-        let want = Owner {
-            claim_uid: claim_uid.to_owned(),
-            namespace: String::new(),
-            claim: String::new(),
-        };
-        self.check_owner(&meta, &want)?;
-        if archive {
-            self.archive_locked(name).map(Some)
-        } else {
-            self.delete_locked(&meta).map(|()| None)
-        }
+        remove_tree(&trash).map(|()| None)
     }
 
     /// Changes the size limit. Shrinking below what is already stored is refused.
@@ -360,14 +365,22 @@ impl VolumeStore {
     /// Deletes the volume and its data, whoever owns it (`localnfs volume delete`).
     /// Deleting a missing volume succeeds.
     pub fn delete(&self, name: &VolumeName) -> Result<()> {
-        let _lock = self.lock()?;
-        match self.get(name)? {
-            Some(meta) => self.delete_locked(&meta),
-            None => Ok(()),
-        }
+        let trash = {
+            let _lock = self.lock()?;
+            match self.get(name)? {
+                Some(meta) => self.detach_locked(&meta)?,
+                None => return Ok(()),
+            }
+        };
+        remove_tree(&trash)
     }
 
-    fn delete_locked(&self, meta: &VolumeMeta) -> Result<()> {
+    /// Forgets the volume (its metadata is gone, durably) and moves its data into the
+    /// trash, returning where: the caller removes that tree after releasing the store
+    /// lock, so one large volume's removal does not hold up every other change. The
+    /// trash name carries the volume's id, never reused, so no later volume's data
+    /// lands there; a crash before the tree is gone is finished by [`Self::open`].
+    fn detach_locked(&self, meta: &VolumeMeta) -> Result<PathBuf> {
         let name = &meta.name;
         let dir = self.data_dir(name);
         let trash = self.trash_dir().join(format!("{name}.{}", meta.id));
@@ -380,7 +393,7 @@ impl VolumeStore {
         let meta_path = self.meta_path(name);
         fs::remove_file(&meta_path).map_err(io("remove volume metadata", &meta_path))?;
         sync_dir(&self.meta_dir())?;
-        remove_tree(&trash)
+        Ok(trash)
     }
 
     /// Moves the volume's data to `<root>/archive/<name>-<unix seconds>` and forgets the
