@@ -402,6 +402,26 @@ pub struct CreateVolume {
     /// per 4 KiB of its size, at least 1,024).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_files: Option<u64>,
+    /// A StorageClass volume parameter as `KEY=VALUE` (`readIOPS=200`,
+    /// `writeBandwidth=50Mi`, `weight=300`, …), repeatable; applied after the flags.
+    #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_volume_param)]
+    pub params: Vec<(String, String)>,
+}
+
+/// A `KEY=VALUE` volume parameter, checked against [`VolumeSpec::set_param`] so a bad
+/// key or value fails at parse time with the class's own message.
+fn parse_volume_param(s: &str) -> Result<(String, String), String> {
+    let (key, value) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not KEY=VALUE"))?;
+    match crate::volume::VolumeSpec::template().set_param(key, value) {
+        None => Err(format!(
+            "`{key}` is not a volume parameter: {}",
+            crate::volume::VolumeSpec::PARAMS.join(", ")
+        )),
+        Some(Err(expected)) => Err(format!("{key}: expected {expected}")),
+        Some(Ok(())) => Ok((key.to_owned(), value.to_owned())),
+    }
 }
 
 #[derive(Debug, Args)]

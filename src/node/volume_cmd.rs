@@ -10,7 +10,7 @@ pub fn run(args: VolumeArgs) -> Result<()> {
     let store = VolumeStore::open(&args.root)?;
     match args.command {
         VolumeCommand::Create(c) => {
-            let spec = VolumeSpec {
+            let mut spec = VolumeSpec {
                 uid: c.uid,
                 gid: c.gid,
                 mode: c.mode,
@@ -21,6 +21,11 @@ pub fn run(args: VolumeArgs) -> Result<()> {
                 // Parameters the command line has no flag for keep their defaults.
                 ..VolumeSpec::new(c.name, c.size)
             };
+            for (key, value) in &c.params {
+                // The command line's parser ran this same call on each pair (its
+                // outcome does not depend on the other fields), so it cannot fail here.
+                let _checked = spec.set_param(key, value);
+            }
             let meta = store.create(&spec)?;
             println!(
                 "volume {} (id {}) size {} bytes",

@@ -215,57 +215,9 @@ pub fn parse_squash(s: &str) -> Result<Squash, String> {
     Squash::parse(s).ok_or_else(|| format!("`{s}` is not a squash policy: none, root or all"))
 }
 
-/// A size as Kubernetes writes quantities (`1Gi`, `500M`, `1.5Gi`, `1e9`, `100`) in
-/// bytes, rounded up; zero is refused. Claims' requests and the command line's sizes
-/// both use it.
-pub fn quantity_bytes(q: &str) -> Result<u64, String> {
-    let err = || {
-        format!(
-            "size {q:?} is not valid: use a number of bytes or a quantity such as 1Gi, 500Mi, 10G"
-        )
-    };
-    let q = q.trim();
-    let split = q
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(q.len());
-    let (num, suffix) = q.split_at(split);
-    if num.is_empty() || num.matches('.').count() > 1 {
-        return Err(err());
-    }
-    let (int, frac) = num.split_once('.').unwrap_or((num, ""));
-    // value = digits × 10^-frac_len × multiplier, computed in u128 to avoid floats.
-    let digits: u128 = format!("{int}{frac}").parse().map_err(|_| err())?;
-    let scale = 10u128.pow(frac.len() as u32);
-    let (mul, div): (u128, u128) = match suffix {
-        "" => (1, 1),
-        "m" => (1, 1000),
-        "k" => (1_000, 1),
-        "M" => (1_000_000, 1),
-        "G" => (1_000_000_000, 1),
-        "T" => (1_000_000_000_000, 1),
-        "P" => (1_000_000_000_000_000, 1),
-        "E" => (1_000_000_000_000_000_000, 1),
-        "Ki" => (1 << 10, 1),
-        "Mi" => (1 << 20, 1),
-        "Gi" => (1 << 30, 1),
-        "Ti" => (1 << 40, 1),
-        "Pi" => (1 << 50, 1),
-        "Ei" => (1 << 60, 1),
-        s if s.starts_with(['e', 'E']) => {
-            let exp: u32 = s[1..].parse().map_err(|_| err())?;
-            (10u128.checked_pow(exp).ok_or_else(err)?, 1)
-        }
-        _ => return Err(err()),
-    };
-    let numer = digits.checked_mul(mul).ok_or_else(err)?;
-    let denom = scale * div;
-    let bytes = numer.div_ceil(denom);
-    match u64::try_from(bytes) {
-        Ok(0) => Err(format!("size {q:?} must be greater than zero")),
-        Ok(b) => Ok(b),
-        Err(_) => Err(err()),
-    }
-}
+/// A size as Kubernetes writes quantities; the parser lives beside the volume spec,
+/// whose bandwidth parameters read quantities too.
+pub use crate::volume::quantity_bytes;
 
 #[cfg(test)]
 mod tests {

@@ -25,12 +25,14 @@ use std::time::{Duration, Instant};
 use tokio::io::BufReader;
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::buffers::BufferPool;
 use super::call::{Runner, count, insecure_reply, respond};
-use super::limits::{Budget, Limits, Waits};
+use super::limits::{Budget, Charge, Limits, Waits};
+use super::pool::{self, Pool};
+use super::qos;
 use super::rpc::{self, MAX_RECORD};
 use super::send::{Outbox, Queued, RECEIVE_BUFFER, SEND_BUFFER, queue, write_replies};
 use super::splice;
@@ -55,6 +57,8 @@ pub struct Shared {
     pub idle: Waits,
     /// Connections being served.
     pub connections: AtomicUsize,
+    /// The blocking pool's fair queue (see `pool`).
+    pub pool: Arc<Pool>,
     /// Cancelled when the drain deadline has passed after shutdown: connections still
     /// sending are cut.
     pub abort: CancellationToken,
@@ -156,27 +160,72 @@ pub async fn serve(
             }
         }
         let client = peer.ip();
+        let direction = table::direction(&record);
+        let run_inline = |record: &[u8]| {
+            respond(&shared.exports, client, record, Runner::AsyncTask, received)
+                .ok()
+                .map(|reply| reply.map(|r| r.head))
+        };
         // Answered on this task: refusals, and calls that take microseconds when they
         // need no disk (handing them to the blocking pool, a thread wake-up each, would
         // cost more than running them; never spliced here: the reply is all in `head`).
+        // Attribute-only calls answered here count against no ceiling and skip the
+        // fair queue (they wait for nothing), so they are not even routed.
+        let mut route = None;
         let here = if !secure {
             let reply = insecure_reply(&record);
             if let Some(r) = &reply {
                 count(&shared.exports, stats::slot_of_record(&record), r, received);
             }
             Some(reply)
-        } else if table::try_inline(&record) {
-            respond(
-                &shared.exports,
-                client,
-                &record,
-                Runner::AsyncTask,
-                received,
-            )
-            .ok()
-            .map(|reply| reply.map(|r| r.head))
+        } else if direction.is_none() && table::try_inline(&record) {
+            run_inline(&record)
         } else {
-            None
+            let r = qos::route(&shared.exports, client, &record, direction);
+            let wait = r.admit();
+            if !wait.is_zero() {
+                // Over a ceiling: the call waits on a timer, holding no worker and not
+                // this connection's reading (other volumes' calls may share it), then
+                // joins the fair queue.
+                let room = match &r.volume {
+                    Some(v) => {
+                        let kib = r.parked_kib(record.len());
+                        tokio::select! {
+                            _ = stop() => break,
+                            p = v.qos.parked.clone().acquire_many_owned(kib) => p.ok(),
+                        }
+                    }
+                    None => None,
+                };
+                let job = pool_job(
+                    &shared,
+                    &out,
+                    &tx,
+                    client,
+                    record,
+                    received,
+                    (slot, charge),
+                    &r,
+                );
+                let (pool, shutdown) = (shared.pool.clone(), shutdown.clone());
+                tokio::spawn(async move {
+                    // After shutdown, draining beats a ceiling: the reply goes now.
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.cancelled() => {}
+                    }
+                    drop(room);
+                    pool.submit(r.key(), r.weight(), r.cost(), job);
+                });
+                continue;
+            }
+            let here = if table::try_inline(&record) {
+                run_inline(&record)
+            } else {
+                None
+            };
+            route = Some(r);
+            here
         };
         if let Some(head) = here {
             shared.buffers.give(record);
@@ -194,14 +243,21 @@ pub async fn serve(
             }
             continue;
         }
-        let (sh, out, tx) = (shared.clone(), out.clone(), tx.clone());
-        tokio::task::spawn_blocking(move || {
-            let reply = respond(&sh.exports, client, &record, Runner::BlockingPool, received);
-            sh.buffers.give(record);
-            if let Ok(Some(reply)) = reply {
-                out.send_or_hand_off(reply, &tx, (slot, charge));
-            }
-        });
+        let r = match route {
+            Some(r) => r,
+            None => qos::route(&shared.exports, client, &record, direction),
+        };
+        let job = pool_job(
+            &shared,
+            &out,
+            &tx,
+            client,
+            record,
+            received,
+            (slot, charge),
+            &r,
+        );
+        shared.pool.submit(r.key(), r.weight(), r.cost(), job);
     }
     if out.dropped.is_cancelled() {
         // Dropped for room: whatever waits on this client (the writer task, a thread
@@ -221,6 +277,38 @@ pub async fn serve(
             let _ = writer.await;
         }
     }
+}
+
+/// The blocking-pool run of the call in `record`: its reply goes out through `out`
+/// (or the writer task), releasing `held` once sent; the time it waited for a worker
+/// counts against its volume.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call's whole context, used once"
+)]
+fn pool_job(
+    shared: &Arc<Shared>,
+    out: &Arc<Outbox>,
+    tx: &mpsc::Sender<Queued>,
+    client: std::net::IpAddr,
+    record: Vec<u8>,
+    received: Instant,
+    held: (OwnedSemaphorePermit, Charge),
+    route: &qos::Route,
+) -> pool::Job {
+    let (sh, out, tx) = (shared.clone(), out.clone(), tx.clone());
+    let volume = route.volume.clone();
+    let queued = Instant::now();
+    Box::new(move || {
+        if let Some(v) = &volume {
+            v.qos.queued(queued.elapsed());
+        }
+        let reply = respond(&sh.exports, client, &record, Runner::BlockingPool, received);
+        sh.buffers.give(record);
+        if let Ok(Some(reply)) = reply {
+            out.send_or_hand_off(reply, &tx, held);
+        }
+    })
 }
 
 /// Reads the first byte of the next record, waiting as long as calls are in flight

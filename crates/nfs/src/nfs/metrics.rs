@@ -50,6 +50,12 @@ fn gauge(m: &mut MetricEncoder, labels: &impl EncodeLabelSet, v: u64) -> Fmt {
     m.encode_family(labels)?.encode_gauge(&v)
 }
 
+/// A counter of seconds kept as nanoseconds.
+fn seconds(m: &mut MetricEncoder, labels: &impl EncodeLabelSet, ns: u64) -> Fmt {
+    m.encode_family(labels)?
+        .encode_counter::<NoLabelSet, f64, u64>(&(ns as f64 / 1e9), None)
+}
+
 /// A gauge without labels.
 fn single(m: &mut MetricEncoder, v: u64) -> Fmt {
     m.encode_gauge(&i64::try_from(v).unwrap_or(i64::MAX))
@@ -156,6 +162,14 @@ impl Collector for NfsCollector {
         )?;
         single(&mut m, shared.budget.limit() as u64)?;
 
+        let mut m = enc.encode_descriptor(
+            "nfs_queued_calls",
+            "Calls waiting in the fair queue for a blocking-pool worker, all volumes",
+            None,
+            MetricType::Gauge,
+        )?;
+        single(&mut m, shared.pool.queued() as u64)?;
+
         // Volumes.
         let mut m = enc.encode_descriptor(
             "volumes",
@@ -207,6 +221,31 @@ impl Collector for NfsCollector {
             for v in &volumes {
                 counter(&mut m, &volume_labels(v), value(v))?;
             }
+        }
+        let mut m = enc.encode_descriptor(
+            "nfs_volume_throttled_seconds",
+            "Time the volume's calls were held by its ceilings (readIOPS, readBandwidth; writeIOPS, writeBandwidth), by direction",
+            None,
+            MetricType::Counter,
+        )?;
+        for v in &volumes {
+            for (i, direction) in ["read", "write"].into_iter().enumerate() {
+                let ns = v.qos.throttled_ns[i].load(Ordering::Relaxed);
+                seconds(&mut m, &(volume_labels(v), [("direction", direction)]), ns)?;
+            }
+        }
+        let mut m = enc.encode_descriptor(
+            "nfs_volume_queued_seconds",
+            "Time the volume's calls waited in the fair queue for a blocking-pool worker",
+            None,
+            MetricType::Counter,
+        )?;
+        for v in &volumes {
+            seconds(
+                &mut m,
+                &volume_labels(v),
+                v.qos.queued_ns.load(Ordering::Relaxed),
+            )?;
         }
         let mut m = enc.encode_descriptor(
             "volume_requests",

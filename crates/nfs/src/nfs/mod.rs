@@ -24,12 +24,15 @@ mod buffers;
 mod call;
 mod conn;
 mod dirops;
+mod fair;
 pub mod handle;
 mod limits;
 mod metrics;
 mod mount;
 mod ops;
+mod pool;
 mod program;
+mod qos;
 mod quota;
 mod reply;
 mod rmtab;
@@ -40,6 +43,8 @@ mod state;
 mod stats;
 mod sys;
 mod table;
+mod throttle;
+mod writeback;
 pub mod xdr;
 
 use std::sync::Arc;
@@ -74,6 +79,7 @@ impl Server {
             limits,
             idle: limits::Waits::default(),
             connections: std::sync::atomic::AtomicUsize::new(0),
+            pool: Arc::new(pool::Pool::default()),
             abort: CancellationToken::new(),
         }))
     }

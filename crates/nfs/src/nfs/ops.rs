@@ -27,6 +27,7 @@ use super::rpc::Credential;
 use super::splice::Piped;
 use super::state::{Exports, Obj, Volume};
 use super::sys::{self, AsCaller, raw, to_nfsstat};
+use super::writeback;
 use super::xdr::{XdrIn, put_bool, put_u32, put_u64};
 
 /// One request's context.
@@ -423,7 +424,9 @@ pub fn write(ctx: &Ctx, args: &mut XdrIn) -> Proc<Written, Wcc> {
         match stable {
             stable_how::FILE_SYNC => sys::fsync(wfd).map_err(to_nfsstat)?,
             stable_how::DATA_SYNC => sys::fdatasync(wfd).map_err(to_nfsstat)?,
-            stable_how::UNSTABLE => {}
+            stable_how::UNSTABLE => {
+                writeback::wrote(&v.qos.unkicked, &fd.unkicked, wfd, data.len() as u64)
+            }
         }
         ctx.bytes.set(data.len() as u64);
         Ok(Written {

@@ -14,6 +14,7 @@ use nfs3_types::nfs3::nfsstat3;
 use super::access::Access;
 use super::allow::AllowList;
 use super::handle::{FileHandle, HandleKey};
+use super::qos::VolumeQos;
 use super::quota;
 use super::rmtab::MountTable;
 use super::stats::{ServerStats, VolumeStats};
@@ -49,6 +50,8 @@ pub struct Volume {
     /// The claim (namespace, name) the volume was made for, once the cluster side has
     /// seen it: labels for the metrics only.
     pub claim: OnceLock<(String, String)>,
+    /// Its weight, ceilings and service counters (see `qos`).
+    pub qos: VolumeQos,
 }
 
 impl Volume {
@@ -94,6 +97,8 @@ pub struct Obj {
     /// mount): a read-only descriptor, for reads only. Directories: the descriptor
     /// [`Obj::sync`] fsyncs.
     ro: OnceLock<OwnedFd>,
+    /// Bytes written unstable since its write-back last started (see `writeback`).
+    pub unkicked: AtomicU64,
 }
 
 impl Deref for Obj {
@@ -109,6 +114,7 @@ impl Obj {
             fd,
             rw: OnceLock::new(),
             ro: OnceLock::new(),
+            unkicked: AtomicU64::new(0),
         }
     }
 
@@ -332,6 +338,7 @@ impl Exports {
             charge_lock: Mutex::new(()),
             stats: VolumeStats::default(),
             claim: OnceLock::new(),
+            qos: VolumeQos::of(&meta),
             meta,
         })
     }
@@ -391,6 +398,16 @@ impl Exports {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .contains_key(wire)
+    }
+
+    /// The volume of handle `wire` if it authenticates, is exported and `client` may
+    /// use it: what `qos` queues and throttles a call under (nothing is opened).
+    pub fn volume_of(&self, client: IpAddr, wire: &[u8]) -> Option<Arc<Volume>> {
+        let fh = self.key.open(wire).ok()?;
+        let volume = self.read_volumes().get(&fh.volume).cloned()?;
+        self.access
+            .allows(client, &volume.meta.name)
+            .then_some(volume)
     }
 
     pub fn resolve(

@@ -398,6 +398,15 @@ pub fn fsync(fd: RawFd) -> SysResult<()> {
     check(unsafe { libc::fsync(fd) }).map(drop)
 }
 
+/// Waits for the file's write-back already under way, then starts write-back of all
+/// its dirty pages without waiting for it (`sync_file_range(2)`: WAIT_BEFORE | WRITE
+/// over the whole file). Makes nothing durable; see `writeback`.
+pub fn start_writeback(fd: RawFd) -> SysResult<()> {
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE;
+    // SAFETY: plain syscall.
+    check(unsafe { libc::sync_file_range(fd, 0, 0, flags) }).map(drop)
+}
+
 pub fn fdatasync(fd: RawFd) -> SysResult<()> {
     // SAFETY: plain syscall.
     check(unsafe { libc::fdatasync(fd) }).map(drop)

@@ -305,6 +305,38 @@ fn word(record: &[u8], i: usize) -> Option<u32> {
         .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
 }
 
+/// Which of a volume's ceilings a call counts against (see `qos`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Read = 0,
+    Write = 1,
+}
+
+/// The direction of the NFSv3 call in `record`, from its header words alone: READ,
+/// READDIR, READDIRPLUS and READLINK read; WRITE, COMMIT, SETATTR and the namespace
+/// changes write. The rest (GETATTR, LOOKUP, ACCESS, FSSTAT, FSINFO, PATHCONF, NULL,
+/// MOUNT) only read attributes: they count against no ceiling.
+pub fn direction(record: &[u8]) -> Option<Direction> {
+    if word(record, 3) != Some(NFS_PROGRAM) || word(record, 4) != Some(VERSION) {
+        return None;
+    }
+    match word(record, 5)? {
+        nfs3::READ | nfs3::READDIR | nfs3::READDIRPLUS | nfs3::READLINK => Some(Direction::Read),
+        nfs3::WRITE
+        | nfs3::COMMIT
+        | nfs3::CREATE
+        | nfs3::MKDIR
+        | nfs3::SYMLINK
+        | nfs3::MKNOD
+        | nfs3::REMOVE
+        | nfs3::RMDIR
+        | nfs3::RENAME
+        | nfs3::LINK
+        | nfs3::SETATTR => Some(Direction::Write),
+        _ => None,
+    }
+}
+
 /// Whether the call in `record` is tried on the connection task (see [`Runs`]), from
 /// its header words alone: NFS (any version, which answers a mismatch inline) and the
 /// procedure's row.

@@ -21,5 +21,8 @@ mod spec;
 mod store;
 
 pub use name::{InvalidName, VolumeName};
-pub use spec::{MAX_FILES, Squash, VolumeSpec, parse_mode};
+pub use spec::{
+    DEFAULT_WEIGHT, MAX_FILES, MAX_WEIGHT, MIN_BANDWIDTH, Squash, VolumeSpec, parse_mode,
+    quantity_bytes,
+};
 pub use store::{Owner, Usage, VolumeMeta, VolumeStore, charge, write_atomic};

@@ -1,0 +1,170 @@
+//! Per-volume service, decided before a call runs: which volume a call belongs to
+//! (from its file handle, authenticated like any other use of it), whether it is a
+//! read or a write call (the procedure table's `direction`), how long the volume's
+//! ceilings hold it (`throttle`), and its weight and cost in the fair queue (`pool`).
+//! `conn` asks [`route`] for each call that may reach the blocking pool or a ceiling.
+//!
+//! A call whose handle does not authenticate, names no exported volume, or names one
+//! the client may not use is routed to no volume (key 0, default weight, no ceiling):
+//! it fails fast in its handler, and a forged handle can neither spend another
+//! volume's ceiling nor take its place in the queue.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+
+use super::limits::MAX_IO;
+use super::program::nfs3;
+use super::rpc;
+use super::state::{Exports, Volume};
+use super::table::Direction;
+use super::throttle::Throttle;
+use crate::volume::{DEFAULT_WEIGHT, VolumeSpec};
+
+/// Bytes of one volume's calls that may wait for its ceilings at once, in KiB (the
+/// unit of [`VolumeQos::parked`]). Past it the connections sending them stop reading
+/// until some leave: the byte budget is the whole server's, and a throttled volume
+/// must not fill it with calls that will wait.
+pub const PARKED_KIB: usize = 16 * 1024;
+
+/// A unit of cost in the fair queue: one call, plus one per this many data bytes (a
+/// 1 MiB WRITE keeps a worker far longer than a GETATTR).
+const COST_BYTES: u64 = 32 * 1024;
+
+/// One volume's service state.
+#[derive(Debug)]
+pub struct VolumeQos {
+    pub weight: u32,
+    throttle: Mutex<Throttle>,
+    /// Whether any ceiling is set: calls of volumes without one skip the lock.
+    limited: bool,
+    origin: Instant,
+    /// Room for calls waiting for a ceiling, in KiB (see [`PARKED_KIB`]).
+    pub parked: Arc<Semaphore>,
+    /// Nanoseconds calls were held by the ceilings, by direction (read, write).
+    pub throttled_ns: [AtomicU64; 2],
+    /// Nanoseconds calls waited in the fair queue for a worker.
+    pub queued_ns: AtomicU64,
+    /// Bytes written unstable since write-back last started (see `writeback`).
+    pub unkicked: AtomicU64,
+}
+
+impl VolumeQos {
+    pub fn of(spec: &VolumeSpec) -> Self {
+        let throttle = Throttle::of(spec);
+        Self {
+            weight: spec.weight(),
+            limited: throttle.read.any() || throttle.write.any(),
+            throttle: Mutex::new(throttle),
+            origin: Instant::now(),
+            parked: Arc::new(Semaphore::new(PARKED_KIB)),
+            throttled_ns: [AtomicU64::new(0), AtomicU64::new(0)],
+            queued_ns: AtomicU64::new(0),
+            unkicked: AtomicU64::new(0),
+        }
+    }
+
+    /// Reserves a `direction` call of `bytes` against the ceilings; how long its reply
+    /// must be held (counted in [`VolumeQos::throttled_ns`]).
+    pub fn admit(&self, direction: Direction, bytes: u64) -> Duration {
+        if !self.limited {
+            return Duration::ZERO;
+        }
+        let now = self.origin.elapsed().as_secs_f64();
+        let wait = {
+            let mut t = self.throttle.lock().unwrap_or_else(|p| p.into_inner());
+            match direction {
+                Direction::Read => t.read.admit(now, bytes),
+                Direction::Write => t.write.admit(now, bytes),
+            }
+        };
+        let wait = Duration::from_secs_f64(wait);
+        let ns = u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX);
+        self.throttled_ns[direction as usize].fetch_add(ns, Ordering::Relaxed);
+        wait
+    }
+
+    /// Counts time a call waited for a worker.
+    pub fn queued(&self, waited: Duration) {
+        let ns = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
+        self.queued_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+}
+
+/// Where a call goes.
+pub struct Route {
+    pub volume: Option<Arc<Volume>>,
+    pub direction: Option<Direction>,
+    /// Data bytes it reads or writes (READ's count, WRITE's data).
+    pub bytes: u64,
+}
+
+impl Route {
+    /// The fair queue's key: the volume id, 0 for none.
+    pub fn key(&self) -> u32 {
+        self.volume.as_ref().map_or(0, |v| v.meta.id)
+    }
+
+    pub fn weight(&self) -> u32 {
+        self.volume
+            .as_ref()
+            .map_or(DEFAULT_WEIGHT, |v| v.qos.weight)
+    }
+
+    pub fn cost(&self) -> u32 {
+        u32::try_from(1 + self.bytes / COST_BYTES).unwrap_or(u32::MAX)
+    }
+
+    /// How long the volume's ceilings hold the call (zero for calls of no volume and
+    /// attribute-only calls).
+    pub fn admit(&self) -> Duration {
+        match (&self.volume, self.direction) {
+            (Some(v), Some(d)) => v.qos.admit(d, self.bytes),
+            _ => Duration::ZERO,
+        }
+    }
+
+    /// The KiB of [`VolumeQos::parked`] a call of `record_len` bytes takes while it
+    /// waits (its record and a reply's worth, as the byte budget counts it).
+    pub fn parked_kib(&self, record_len: usize) -> u32 {
+        let kib = (record_len + self.bytes as usize) / 1024 + 4;
+        u32::try_from(kib.min(PARKED_KIB)).unwrap_or(u32::MAX)
+    }
+}
+
+/// Routes the call in `record` from `client`; `direction` is the procedure table's
+/// answer for it.
+pub fn route(ex: &Exports, client: IpAddr, record: &[u8], direction: Option<Direction>) -> Route {
+    let none = Route {
+        volume: None,
+        direction,
+        bytes: 0,
+    };
+    let Ok(call) = rpc::parse_call(record) else {
+        return none;
+    };
+    if call.prog != super::program::NFS_PROGRAM || call.procedure == nfs3::NULL {
+        return none;
+    }
+    let mut args = call.args;
+    // Every NFSv3 procedure but NULL starts with a handle (RFC 1813 §3.3).
+    let Ok(fh) = args.fh() else {
+        return none;
+    };
+    let bytes = match call.procedure {
+        // offset, count (§3.3.6); offset, count, stable, data (§3.3.7).
+        nfs3::READ | nfs3::WRITE => args
+            .u64()
+            .and_then(|_| args.u32())
+            .map_or(0, |n| u64::from(n.min(MAX_IO))),
+        _ => 0,
+    };
+    Route {
+        volume: ex.volume_of(client, fh),
+        direction,
+        bytes,
+    }
+}
