@@ -37,9 +37,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use load::{Flood, Kind, VictimSample, Volume};
 use localnfs::volume::{VolumeName, VolumeSpec};
 use localnfs_testbed::kernel::{KernelNode, TestNetwork};
-use load::{Flood, Kind, VictimSample, Volume};
 use support::ganesha::Ganesha;
 use support::kernel::{agent_for, mount};
 use support::mariadb;
@@ -53,19 +53,32 @@ const DB_TABLES: u32 = 4;
 const DB_ROWS: u32 = 10_000;
 const DB_THREADS: u32 = 4;
 const MIB: u64 = 1 << 20;
-/// Volumes of localnfs with a ceiling (`--only ceiling`), each flooded alone.
-const CEILINGS: [(&str, fn(&mut VolumeSpec)); 2] = [
-    ("c", |s| s.write_bandwidth = Some(32 * MIB)),
-    ("d", |s| s.read_iops = Some(2000)),
-];
-/// For each of [`CEILINGS`]: the flood, the row's label, the ceiling in the flood's unit.
-const CEILING_ROWS: [(Kind, &str, f64); 2] = [
-    (
-        Kind::Write,
-        "`writeBandwidth: 32Mi`, write flood (MB/s)",
-        (32 * MIB) as f64 / 1e6,
-    ),
-    (Kind::Read, "`readIOPS: \"2000\"`, read flood (IOPS)", 2000.0),
+/// A volume of localnfs with a ceiling, flooded alone.
+struct Ceiling {
+    volume: &'static str,
+    set: fn(&mut VolumeSpec),
+    flood: Kind,
+    /// The table's row.
+    label: &'static str,
+    /// The ceiling in the flood's unit ([`Kind::unit`]).
+    value: f64,
+}
+
+const CEILINGS: [Ceiling; 2] = [
+    Ceiling {
+        volume: "c",
+        set: |s| s.write_bandwidth = Some(32 * MIB),
+        flood: Kind::Write,
+        label: "`writeBandwidth: 32Mi`, write flood (MB/s)",
+        value: (32 * MIB) as f64 / 1e6,
+    },
+    Ceiling {
+        volume: "d",
+        set: |s| s.read_iops = Some(2000),
+        flood: Kind::Read,
+        label: "`readIOPS: \"2000\"`, read flood (IOPS)",
+        value: 2000.0,
+    },
 ];
 
 const USAGE: &str = "usage: cargo bench --bench noisy_neighbour -- [--reps N] [--seconds N] \
@@ -246,10 +259,10 @@ fn main() {
                 create_volume(&root, "a", VOLUME_BYTES);
                 create_volume(&root, "b", VOLUME_BYTES);
                 if config.ceiling {
-                    for (name, set) in CEILINGS {
-                        let mut spec =
-                            VolumeSpec::new(VolumeName::new(name).expect("name"), VOLUME_BYTES);
-                        set(&mut spec);
+                    for c in &CEILINGS {
+                        let name = VolumeName::new(c.volume).expect("name");
+                        let mut spec = VolumeSpec::new(name, VOLUME_BYTES);
+                        (c.set)(&mut spec);
                         create_volume_with(&root, &spec);
                     }
                 }
@@ -266,7 +279,7 @@ fn main() {
                     b: vol("b"),
                 });
                 if config.ceiling {
-                    ceiling_volumes = CEILINGS.iter().map(|(name, _)| vol(name)).collect();
+                    ceiling_volumes = CEILINGS.iter().map(|c| vol(c.volume)).collect();
                 }
                 if let Some(node) = &node {
                     rt.block_on(mount(node, &a, "a", &server.guest_mount()));
@@ -338,8 +351,8 @@ fn main() {
     }
 
     let mut ceilings = Vec::new();
-    for (vol, (kind, label, ceiling)) in ceiling_volumes.iter().zip(CEILING_ROWS) {
-        let reads = kind == Kind::Read;
+    for (vol, c) in ceiling_volumes.iter().zip(&CEILINGS) {
+        let reads = c.flood == Kind::Read;
         if let Err(e) = rt.block_on(load::prepare_floods(vol, reads)) {
             eprintln!("ceiling volume {}: {e}", vol.export);
             continue;
@@ -347,16 +360,21 @@ fn main() {
         let mut rates = Vec::new();
         for rep in 0..config.reps {
             let secs = Duration::from_secs(config.flood_seconds);
-            let r = rt.block_on(load::flood_alone(vol, kind, WARM_UP, secs));
-            log(rep, Server::Localnfs, label, &r);
+            let r = rt.block_on(load::flood_alone(vol, c.flood, WARM_UP, secs));
+            log(rep, Server::Localnfs, c.label, &r);
             rates.push(r);
         }
-        ceilings.push((label.to_owned(), ceiling, rates));
+        ceilings.push(report::CeilingRow {
+            label: c.label,
+            ceiling: c.value,
+            measured: rates,
+        });
     }
 
-    let guest = node
-        .as_ref()
-        .and_then(|n| rt.block_on(n.run_ok("uname -r", Duration::from_secs(30))).ok());
+    let guest = node.as_ref().and_then(|n| {
+        rt.block_on(n.run_ok("uname -r", Duration::from_secs(30)))
+            .ok()
+    });
     println!(
         "\nnoisy_neighbour: {} repetition(s), {} s per sysbench run, {} s per flood alone; \
          {} cores; {}{:.1} min\n",
@@ -490,7 +508,12 @@ fn db_rep(
             &format!("sysbench with {} [TPS, p95 ms]", kind.label()),
             &r,
         );
-        log(rep, server, &format!("{} with sysbench", kind.label()), &rate);
+        log(
+            rep,
+            server,
+            &format!("{} with sysbench", kind.label()),
+            &rate,
+        );
         out.db[k + 1].push(r);
         out.flood_with_db[k].push(rate);
     }

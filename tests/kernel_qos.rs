@@ -11,12 +11,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use localnfs::volume::{VolumeName, VolumeSpec};
 use localnfs_testbed::kernel::{KernelNode, TestNetwork};
 use nfs3_client::Nfs3Client;
 use nfs3_types::nfs3::stable_how;
 use nfs3_types::rpc::opaque_auth;
 use support::kernel::{agent_for, mount};
-use support::nfs::{Client, auth, create_volume, tcp_to};
+use support::nfs::{Client, auth, create_volume, create_volume_with, tcp_to};
 
 const MIB: u64 = 1 << 20;
 
@@ -77,7 +78,7 @@ impl Flood {
         for f in 0..FILES {
             let root = setup.root.clone();
             let fh = setup
-                .create(&root, format!("flood-{f}").as_bytes())
+                .create(&root, format!("flood-{f}").as_bytes(), 0o644)
                 .await
                 .expect("create the flood's file");
             let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -122,7 +123,11 @@ impl Flood {
 }
 
 /// An agent serving `clients` and the host end's first address (the flood's clients).
-async fn agent(net: &TestNetwork, root: &std::path::Path, clients: &[&KernelNode]) -> support::nfs::Node {
+async fn agent(
+    net: &TestNetwork,
+    root: &std::path::Path,
+    clients: &[&KernelNode],
+) -> support::nfs::Node {
     let host = format!("{}/32", net.address(1));
     agent_for(net, root, clients, &["--insecure-ports", "--allow", &host]).await
 }
@@ -166,3 +171,50 @@ async fn durable_calls_on_one_volume_keep_pace_while_another_volume_is_flooded_w
 
 /// Below what fair queueing between volumes gives, above what one shared queue gave.
 const MIN_RATIO: f64 = 0.4;
+
+/// The ceiling of [`a_write_bandwidth_ceiling_holds_a_kernel_writer_to_it`].
+const CEILING: u64 = 8 * MIB;
+/// What the writer writes: 8 s at the ceiling.
+const WRITTEN_MIB: u64 = 64;
+
+#[tokio::test]
+async fn a_write_bandwidth_ceiling_holds_a_kernel_writer_to_it() {
+    let net = TestNetwork::create().expect("test network");
+    let node = KernelNode::boot(&net, "node-1", net.address(101))
+        .await
+        .expect("boot test node");
+    let root = tempfile::tempdir_in("/var/tmp").expect("root");
+    let mut spec = VolumeSpec::new(VolumeName::new("capped").expect("name"), 1 << 30);
+    spec.write_bandwidth = Some(CEILING);
+    create_volume_with(root.path(), &spec);
+    let agent = agent_for(&net, root.path(), &[&node], &[]).await;
+    mount(&node, &agent, "capped", "/mnt/capped").await;
+
+    // The time includes the flush (conv=fsync): the page cache of the guest takes the
+    // data at once, the server's ceiling paces the WRITEs that follow.
+    let nanos = node
+        .run_ok(
+            &format!(
+                "set -e; s=$(date +%s%N); \
+                 dd if=/dev/zero of=/mnt/capped/f bs=1M count={WRITTEN_MIB} conv=fsync status=none; \
+                 e=$(date +%s%N); echo $((e - s))"
+            ),
+            Duration::from_secs(120),
+        )
+        .await
+        .expect("dd through the kernel client");
+    let secs = nanos.trim().parse::<f64>().expect("nanoseconds") / 1e9;
+    let ratio = (WRITTEN_MIB * MIB) as f64 / secs / CEILING as f64;
+    println!("{WRITTEN_MIB} MiB in {secs:.2} s: {ratio:.3}× the writeBandwidth ceiling");
+    assert!(
+        (0.7..=1.15).contains(&ratio),
+        "a writer on a volume with writeBandwidth {} MiB/s wrote at {ratio:.2}× of it",
+        CEILING / MIB
+    );
+    let on_disk = std::fs::metadata(root.path().join("volumes/capped/f")).expect("file on disk");
+    assert_eq!(
+        on_disk.len(),
+        WRITTEN_MIB * MIB,
+        "the whole file reached the disk"
+    );
+}

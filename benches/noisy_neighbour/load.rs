@@ -113,7 +113,13 @@ pub async fn prepare_floods(b: &Volume, reads: bool) -> Result<(), String> {
     let root = b.root(&mut conn).await?;
     for c in 0..FLOOD_CLIENTS {
         if reads {
-            write_file(&mut conn, &root, &format!("read-flood-{c}"), READ_FLOOD_FILE).await?;
+            write_file(
+                &mut conn,
+                &root,
+                &format!("read-flood-{c}"),
+                READ_FLOOD_FILE,
+            )
+            .await?;
         }
         // The write flood overwrites these; created now so each run starts alike.
         create(&mut conn, &root, &format!("write-flood-{c}")).await?;
@@ -173,11 +179,7 @@ pub async fn victim(a: &Volume, tag: &str) -> Result<VictimSample, String> {
     let start = Instant::now();
     for _ in 0..STAT_PASSES {
         for fh in &files {
-            let attr = nfs(
-                "GETATTR",
-                c.getattr(&GETATTR3args { object: fh.clone() }),
-            )
-            .await?;
+            let attr = nfs("GETATTR", c.getattr(&GETATTR3args { object: fh.clone() })).await?;
             if attr.obj_attributes.size != BLOCK {
                 return Err(format!(
                     "GETATTR: size {} after a committed 4 KiB write",

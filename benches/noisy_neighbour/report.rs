@@ -55,7 +55,10 @@ pub fn print(servers: &[Server], results: &[Results]) {
     let mut header = String::from("| victim on volume A |");
     let mut rule = String::from("|---|");
     for s in servers {
-        header.push_str(&format!(" {0} alone | {0}, write flood | {0}, read flood |", s.name()));
+        header.push_str(&format!(
+            " {0} alone | {0}, write flood | {0}, read flood |",
+            s.name()
+        ));
         rule.push_str("--:|--:|--:|");
     }
     println!("{header}\n{rule}");
@@ -114,11 +117,7 @@ pub fn print(servers: &[Server], results: &[Results]) {
                     "—".to_owned()
                 } else {
                     let m = median(ok(v));
-                    format!(
-                        "{} ({})",
-                        cell(m, number),
-                        ratio(median_ratio(alone, v))
-                    )
+                    format!("{} ({})", cell(m, number), ratio(median_ratio(alone, v)))
                 }
             };
             println!(
@@ -134,21 +133,33 @@ pub fn print(servers: &[Server], results: &[Results]) {
     }
 }
 
+/// A flood's rates on a volume with a ceiling.
+pub struct CeilingRow {
+    pub label: &'static str,
+    /// In the flood's unit.
+    pub ceiling: f64,
+    /// One per repetition.
+    pub measured: Vec<Result<f64, String>>,
+}
+
 /// Prints the ceiling rows: the flood's measured rate against the volume's ceiling.
-pub fn print_ceilings(rows: &[(String, f64, Vec<Result<f64, String>>)]) {
+pub fn print_ceilings(rows: &[CeilingRow]) {
     if rows.is_empty() {
         return;
     }
     println!();
-    println!("| ceiling on volume B (localnfs) | ceiling | measured (median) | measured ÷ ceiling |");
+    println!(
+        "| ceiling (localnfs, a volume of its own) | ceiling | measured (median) | measured ÷ ceiling |"
+    );
     println!("|---|--:|--:|--:|");
-    for (label, ceiling, measured) in rows {
-        let m = median(ok(measured));
+    for row in rows {
+        let m = median(ok(&row.measured));
         println!(
-            "| {label} | {} | {} | {} |",
-            number(*ceiling),
+            "| {} | {} | {} | {} |",
+            row.label,
+            number(row.ceiling),
             cell(m, number),
-            cell(m, |m| format!("{:.3}", m / ceiling)),
+            cell(m, |m| format!("{:.3}", m / row.ceiling)),
         );
     }
 }
