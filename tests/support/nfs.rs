@@ -19,7 +19,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::process::{Child, Command};
 
-/// A `localnfs node --standalone` process serving `root`.
+/// A `localnfs node --standalone` process serving `root`: this build's binary, or the
+/// one `LOCALNFS_NODE_BIN` names (to measure an older build with the same test).
 pub struct Node {
     child: Child,
     /// Where it serves NFS and MOUNT.
@@ -80,7 +81,9 @@ impl Node {
     }
 
     async fn spawn(root: &Path, listen: SocketAddr, extra: &[&str], env: &[(&str, &str)]) -> Node {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_localnfs"))
+        let bin = std::env::var_os("LOCALNFS_NODE_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_localnfs").into());
+        let mut child = Command::new(bin)
             .args(["node", "--standalone", "--admin-addr", "127.0.0.1:0"])
             .arg("--root")
             .arg(root)

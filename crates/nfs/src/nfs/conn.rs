@@ -1,7 +1,10 @@
 //! One TCP connection: read records, run each call on the blocking pool (file system
 //! calls block) except attribute-only calls, which take microseconds and run on the
 //! connection task (the procedure table, `table`, says which, and how large each
-//! call's reply can get); replies leave as they finish (how, and what they hold meanwhile,
+//! call's reply can get). Calls bound for the pool, and read and write calls, are
+//! first routed to their volume (`qos`): a call over its volume's ceiling waits on a
+//! timer task (not this one, which keeps reading), and pool calls join the fair queue
+//! (`pool`) rather than taking a thread each. Replies leave as they finish (how, and what they hold meanwhile,
 //! is `send`). Clients keep many calls in flight on one connection, so replies may
 //! leave out of order; the XID pairs them up.
 //!

@@ -3,8 +3,9 @@
 //! collector, so nothing is copied or locked per call.
 //!
 //! Series per volume exist while the volume is exported and go with it. A volume
-//! carries about 30 series (usage, bytes, a 21-bucket latency histogram), plus one per
-//! procedure and per error status that has been seen on it; procedure and status label
+//! carries about 33 series (usage, bytes, a 21-bucket latency histogram, throttled and
+//! queued time), plus one per procedure and per error status that has been seen on
+//! it; procedure and status label
 //! values are fixed sets (procedure names from the procedure table, `table`; statuses
 //! from `stats`). Labels: `volume` (its directory and PV name),
 //! and `namespace` / `persistentvolumeclaim` once the agent has seen the claim (empty

@@ -5,15 +5,18 @@
 //!
 //! Layers, outermost first: [`server`] accepts (allow-list, connection cap, drain),
 //! `conn` frames records within the time and memory bounds of `limits` and hands each
-//! call to `call`, which runs its row of the procedure table (`table`: name, number,
+//! call (after `qos` has held it to its volume's ceilings, `throttle`, and, for the
+//! blocking pool, queued it fairly between volumes, `pool` and `fair`) to `call`,
+//! which runs its row of the procedure table (`table`: name, number,
 //! handler, where it runs, reply bound; numbers in `program`),
 //! `send` writes the replies (and counts what the sockets still hold),
 //! `rpc`/`xdr` decode untrusted bytes, `ops`/`dirops`/`mount` implement procedures
 //! (each returns a typed answer that `reply` alone turns into bytes),
 //! `access` decides who may use each volume (per call), `rmtab` remembers who mounted
 //! what (for DUMP only), `state` maps handles to descriptors, `sys` and `splice`
-//! (zero-copy READ replies) are the only places that make system calls, and `quota`
-//! keeps each volume's account. `stats` counts
+//! (zero-copy READ replies) are the only places that make system calls, `quota`
+//! keeps each volume's account, and `writeback` starts unstable data's way to the
+//! disk early. `stats` counts
 //! every call (atomics only), `metrics` turns the counts into Prometheus text at
 //! scrape time.
 

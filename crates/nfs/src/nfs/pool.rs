@@ -16,11 +16,14 @@ use std::sync::{Arc, Mutex};
 
 use super::fair::Fair;
 
-/// Most calls running at once on the blocking pool, all volumes together.
-pub const WORKERS: usize = 64;
+/// Most calls running at once on the blocking pool, all volumes together. Few: each
+/// running call is a runnable thread until it waits for the disk, and a lone call of a
+/// quiet volume shares the cores with every one of them (the node has a few cores;
+/// sixteen threads keep a disk's queue busy).
+pub const WORKERS: usize = 16;
 /// Most calls of one volume running at once: the rest of [`WORKERS`] stays free for
 /// the other volumes' calls.
-pub const PER_VOLUME: usize = 24;
+pub const PER_VOLUME: usize = 12;
 
 /// A call, ready to run on a worker.
 pub type Job = Box<dyn FnOnce() + Send>;
