@@ -20,7 +20,7 @@
 //! COMMITted, so the next row does not start behind its dirty data.
 //!
 //! Run as root (test network, test node, Ganesha):
-//! `cargo bench --bench noisy_neighbour` (2 repetitions, ~12 min), or shorter:
+//! `cargo bench --bench noisy_neighbour` (2 repetitions, ~11 min), or shorter:
 //! `cargo bench --bench noisy_neighbour -- --reps 1 --only victim --servers localnfs`.
 
 #[path = "nfs_workload/client.rs"]
