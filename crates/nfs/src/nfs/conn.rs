@@ -9,7 +9,8 @@
 //! leave out of order; the XID pairs them up.
 //!
 //! Bounds (see `limits`): [`MAX_RECORD`] per record and [`MAX_IN_FLIGHT`] calls per
-//! connection (reading pauses beyond that); every byte of a record and the largest
+//! connection (reading pauses beyond that), plus [`MAX_PARKED`] waiting for their
+//! volumes' ceilings; every byte of a record and the largest
 //! reply its call can produce are charged to the server-wide budget until the reply
 //! has left. No wait on the client is unbounded: the next record's first byte
 //! (idle timeout, while nothing is in flight), the rest of a record (record timeout),
@@ -44,6 +45,11 @@ use super::stats;
 use super::table;
 
 pub const MAX_IN_FLIGHT: usize = 64;
+
+/// Calls of one connection that may wait for their volumes' ceilings at once, beside
+/// [`MAX_IN_FLIGHT`] running. Their bytes are charged to the budget like any call's,
+/// and each volume's waiting calls are bounded too (`qos::PARKED_KIB`).
+pub const MAX_PARKED: usize = 1024;
 
 /// Each connection reads through a buffer this large, so a small call (every call but
 /// WRITE) arrives in one `recv` rather than three (record mark, its rest, the body).
@@ -92,6 +98,7 @@ pub async fn serve(
     let out = Arc::new(Outbox::new(wr, shared.budget.clone(), limits, peer));
     let mut writer = tokio::spawn(write_replies(rx, out.clone()));
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let parked = Arc::new(Semaphore::new(MAX_PARKED));
     // The last free connection slot was just taken: close the connection idle longest
     // so the next client is not left in the backlog until someone's idle timeout
     // (knfsd does the same when it runs out of connections).
@@ -117,7 +124,7 @@ pub async fn serve(
         };
         let next = tokio::select! {
             _ = stop() => break,
-            next = next_record(&mut rd, &slots, limits, &shared.idle, &out.dropped) => next,
+            next = next_record(&mut rd, (&slots, &parked), limits, &shared.idle, &out.dropped) => next,
         };
         let first = match next {
             Ok(b) => b,
@@ -200,16 +207,20 @@ pub async fn serve(
                     }
                     None => None,
                 };
-                let job = pool_job(
-                    &shared,
-                    &out,
-                    &tx,
-                    client,
-                    record,
-                    received,
-                    (slot, charge),
-                    &r,
-                );
+                // It gives its call slot back for one of the connection's parked
+                // slots: a kernel client sends every volume of this server down one
+                // connection, and a throttled volume's waiting calls must not use up
+                // the slots its neighbours' calls need.
+                let parked_slot = tokio::select! {
+                    _ = stop() => break,
+                    p = parked.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                };
+                drop(slot);
+                let held = (parked_slot, charge);
+                let job = pool_job(&shared, &out, &tx, client, record, received, held, &r);
                 let (pool, shutdown) = (shared.pool.clone(), shutdown.clone());
                 tokio::spawn(async move {
                     // After shutdown, draining beats a ceiling: the reply goes now.
@@ -320,7 +331,7 @@ fn pool_job(
 /// connection that finds every slot taken may close it (by cancelling `conn`).
 async fn next_record(
     rd: &mut BufReader<OwnedReadHalf>,
-    slots: &Semaphore,
+    (slots, parked): (&Semaphore, &Semaphore),
     limits: Limits,
     idle: &Waits,
     conn: &CancellationToken,
@@ -332,12 +343,18 @@ async fn next_record(
     };
     // The other slots all free: nothing in flight, nothing queued (this loop is their
     // only taker, so waiting for all of them holds up no one).
+    // Calls waiting for a ceiling are in flight too.
     let others = u32::try_from(MAX_IN_FLIGHT - 1).unwrap_or(u32::MAX);
-    if slots.available_permits() < MAX_IN_FLIGHT - 1 {
+    let all_parked = u32::try_from(MAX_PARKED).unwrap_or(u32::MAX);
+    if slots.available_permits() < MAX_IN_FLIGHT - 1 || parked.available_permits() < MAX_PARKED {
+        let quiet = async {
+            let _running = slots.acquire_many(others).await;
+            let _waiting = parked.acquire_many(all_parked).await;
+        };
         // Cancel-safe: a byte is either read and returned, or not read.
         tokio::select! {
             r = rpc::first_byte(rd) => return byte(r),
-            _ = slots.acquire_many(others) => {}
+            () = quiet => {}
         }
     }
     let _idle = idle.start(conn);

@@ -398,11 +398,13 @@ pub fn fsync(fd: RawFd) -> SysResult<()> {
     check(unsafe { libc::fsync(fd) }).map(drop)
 }
 
-/// Waits for the file's write-back already under way, then starts write-back of all
-/// its dirty pages without waiting for it (`sync_file_range(2)`: WAIT_BEFORE | WRITE
-/// over the whole file). Makes nothing durable; see `writeback`.
-pub fn start_writeback(fd: RawFd) -> SysResult<()> {
-    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE;
+/// Writes the file's dirty pages to the disk and waits for them (`sync_file_range(2)`
+/// over the whole file: WAIT_BEFORE | WRITE | WAIT_AFTER). Makes nothing durable (no
+/// metadata, no cache flush: that is fsync's job); see `writeback`.
+pub fn write_back(fd: RawFd) -> SysResult<()> {
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
     // SAFETY: plain syscall.
     check(unsafe { libc::sync_file_range(fd, 0, 0, flags) }).map(drop)
 }
