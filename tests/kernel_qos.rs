@@ -1,0 +1,225 @@
+//! Per-volume quality of service (issue #24) through the Linux kernel NFS client of a
+//! test node: a volume's write-bandwidth ceiling holds a writer near it, and one
+//! volume's write flood does not starve another volume's durable calls. Both assert on
+//! ratios (rate ÷ ceiling, rate with the flood ÷ rate alone) with bands wide enough for
+//! two loaded cores. The second is `#[ignore]`d while the server does not pass it.
+
+mod support;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use localnfs::volume::{VolumeName, VolumeSpec};
+use localnfs_testbed::kernel::{KernelNode, TestNetwork};
+use nfs3_client::Nfs3Client;
+use nfs3_types::nfs3::stable_how;
+use nfs3_types::rpc::opaque_auth;
+use support::kernel::{agent_for, mount};
+use support::nfs::{Client, auth, create_volume, create_volume_with, tcp_to};
+
+const MIB: u64 = 1 << 20;
+
+/// The victim: `open(O_CREAT); write(4 KiB); fsync(); close(); unlink()` in a loop, as a
+/// database's small durable files are, until `COUNT` files or `SECS` seconds; prints
+/// files per second. One process, so the guest's fork/exec cost is not measured.
+const DURABLE_LOOP: &str = r#"
+import os, time
+d = "/mnt/a/victim-TAG"
+os.makedirs(d, exist_ok=True)
+data = b"x" * 4096
+start = time.monotonic()
+n = 0
+while n < COUNT and time.monotonic() - start < SECS:
+    p = "%s/f%d" % (d, n)
+    fd = os.open(p, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+    os.write(fd, data)
+    os.fsync(fd)
+    os.close(fd)
+    os.unlink(p)
+    n += 1
+print(n / (time.monotonic() - start))
+"#;
+
+/// Files per second of [`DURABLE_LOOP`] on `/mnt/a` of `node`.
+async fn durable_rate(node: &KernelNode, tag: &str) -> f64 {
+    let script = DURABLE_LOOP
+        .replace("TAG", tag)
+        .replace("COUNT", "200")
+        .replace("SECS", "25");
+    let out = node
+        .run_ok(
+            &format!("python3 -c {}", localnfs_testbed::kernel::quote(&script)),
+            Duration::from_secs(120),
+        )
+        .await
+        .expect("durable loop in the test node");
+    out.trim().parse().expect("files per second")
+}
+
+/// Host clients flooding a volume with 1 MiB UNSTABLE writes, 8 files × 4 in flight,
+/// each writer going through its file in order and COMMITting at each 128 MiB wrap,
+/// as a streaming writer's `fsync` would. Stopped (and awaited) by [`Flood::stop`].
+struct Flood {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<u64>>,
+}
+
+impl Flood {
+    async fn start(server: SocketAddr, from: IpAddr, volume: &str) -> Flood {
+        const FILES: usize = 8;
+        const DEPTH: usize = 4;
+        const WRAP: u64 = 128;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut setup = Client::mount_at(server, volume, from, 0, 0).await;
+        let data = Arc::new(vec![0x5a_u8; MIB as usize]);
+        let mut tasks = Vec::new();
+        for f in 0..FILES {
+            let root = setup.root.clone();
+            let fh = setup
+                .create(&root, format!("flood-{f}").as_bytes(), 0o644)
+                .await
+                .expect("create the flood's file");
+            let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            for _ in 0..DEPTH {
+                let mut c = Client {
+                    nfs: Nfs3Client::new_with_auth(
+                        tcp_to(server, from).await,
+                        auth(0, 0),
+                        opaque_auth::default(),
+                    ),
+                    root: root.clone(),
+                };
+                let (stop, data, fh, next) = (stop.clone(), data.clone(), fh.clone(), next.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut written = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let i = next.fetch_add(1, Ordering::Relaxed) % WRAP;
+                        c.write(&fh, i * MIB, &data, stable_how::UNSTABLE)
+                            .await
+                            .expect("flood WRITE");
+                        if i == WRAP - 1 {
+                            c.commit(&fh).await.expect("flood COMMIT");
+                        }
+                        written += MIB;
+                    }
+                    written
+                }));
+            }
+        }
+        Flood { stop, tasks }
+    }
+
+    /// Stops every writer after its call in flight; the bytes they wrote.
+    async fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut total = 0;
+        for t in self.tasks {
+            total += t.await.expect("flood writer");
+        }
+        total
+    }
+}
+
+/// An agent serving `clients` and the host end's first address (the flood's clients).
+async fn agent(
+    net: &TestNetwork,
+    root: &std::path::Path,
+    clients: &[&KernelNode],
+) -> support::nfs::Node {
+    let host = format!("{}/32", net.address(1));
+    agent_for(net, root, clients, &["--insecure-ports", "--allow", &host]).await
+}
+
+// Fails today: 0.08× of alone on main (one shared queue, unbounded dirty data); with the
+// `qos` branch 0.09× (622bf6e), 0.04× (6d7b515), and at cc44a6d 0.57× in one run, 0.08×
+// in the next. The victim's fsync waits behind the flood's data in the file system both
+// volumes share. Run it with `--ignored`; it joins CI when the server passes it steadily.
+#[ignore = "issue #24: durable calls beside a write flood run at 0.04-0.57x of alone"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_calls_on_one_volume_keep_pace_while_another_volume_is_flooded_with_writes() {
+    let net = TestNetwork::create().expect("test network");
+    let node = KernelNode::boot(&net, "node-1", net.address(101))
+        .await
+        .expect("boot test node");
+    let root = tempfile::tempdir_in("/var/tmp").expect("root");
+    create_volume(root.path(), "a", 1 << 30);
+    create_volume(root.path(), "b", 8 << 30);
+    let agent = agent(&net, root.path(), &[&node]).await;
+    mount(&node, &agent, "a", "/mnt/a").await;
+
+    // Warm-up (the guest's first run of Python, the volume's first files), then alone.
+    durable_rate(&node, "warm").await;
+    let alone = durable_rate(&node, "alone").await;
+    let flood = Flood::start(agent.addr, net.address(1), "b").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let flooded = durable_rate(&node, "flooded").await;
+    let written = flood.stop().await;
+    let ratio = flooded / alone;
+    println!(
+        "durable create+fsync+unlink: {alone:.0}/s alone, {flooded:.0}/s while the other \
+         volume took {} MiB of writes: {ratio:.2}× of alone",
+        written / MIB
+    );
+    assert!(
+        written >= 256 * MIB,
+        "the flood wrote only {} MiB: too little to test anything",
+        written / MIB
+    );
+    assert!(
+        ratio >= MIN_RATIO,
+        "durable calls on volume a ran at {ratio:.2}× of their speed alone while volume b \
+         was flooded ({flooded:.0}/s vs {alone:.0}/s); at least {MIN_RATIO}× expected"
+    );
+}
+
+/// Half the issue's goal (0.8×), five times what one shared queue gave (0.08×).
+const MIN_RATIO: f64 = 0.4;
+
+/// The ceiling of [`a_write_bandwidth_ceiling_holds_a_kernel_writer_to_it`].
+const CEILING: u64 = 8 * MIB;
+/// What the writer writes: 8 s at the ceiling.
+const WRITTEN_MIB: u64 = 64;
+
+#[tokio::test]
+async fn a_write_bandwidth_ceiling_holds_a_kernel_writer_to_it() {
+    let net = TestNetwork::create().expect("test network");
+    let node = KernelNode::boot(&net, "node-1", net.address(101))
+        .await
+        .expect("boot test node");
+    let root = tempfile::tempdir_in("/var/tmp").expect("root");
+    let mut spec = VolumeSpec::new(VolumeName::new("capped").expect("name"), 1 << 30);
+    spec.write_bandwidth = Some(CEILING);
+    create_volume_with(root.path(), &spec);
+    let agent = agent_for(&net, root.path(), &[&node], &[]).await;
+    mount(&node, &agent, "capped", "/mnt/capped").await;
+
+    // The time includes the flush (conv=fsync): the page cache of the guest takes the
+    // data at once, the server's ceiling paces the WRITEs that follow.
+    let nanos = node
+        .run_ok(
+            &format!(
+                "set -e; s=$(date +%s%N); \
+                 dd if=/dev/zero of=/mnt/capped/f bs=1M count={WRITTEN_MIB} conv=fsync status=none; \
+                 e=$(date +%s%N); echo $((e - s))"
+            ),
+            Duration::from_secs(120),
+        )
+        .await
+        .expect("dd through the kernel client");
+    let secs = nanos.trim().parse::<f64>().expect("nanoseconds") / 1e9;
+    let ratio = (WRITTEN_MIB * MIB) as f64 / secs / CEILING as f64;
+    println!("{WRITTEN_MIB} MiB in {secs:.2} s: {ratio:.3}× the writeBandwidth ceiling");
+    assert!(
+        (0.7..=1.15).contains(&ratio),
+        "a writer on a volume with writeBandwidth {} MiB/s wrote at {ratio:.2}× of it",
+        CEILING / MIB
+    );
+    let on_disk = std::fs::metadata(root.path().join("volumes/capped/f")).expect("file on disk");
+    assert_eq!(
+        on_disk.len(),
+        WRITTEN_MIB * MIB,
+        "the whole file reached the disk"
+    );
+}
