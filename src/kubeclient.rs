@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Node;
-use kube::api::Api;
+use kube::api::{Api, ListParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource};
@@ -42,6 +42,30 @@ pub async fn from_kubeconfig(path: &Path) -> Result<Client> {
             source,
         })?;
     Client::try_from(config).map_err(Error::BuildClient)
+}
+
+/// Objects listed per request by [`list_all`]: a large list arrives in pages the API
+/// server and etcd serve without building one huge answer.
+pub const PAGE: u32 = 500;
+
+/// Every object `params` selects, listed [`PAGE`] at a time.
+pub async fn list_all<K>(
+    api: &Api<K>,
+    params: &ListParams,
+) -> std::result::Result<Vec<K>, kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
+    let mut params = params.clone().limit(PAGE);
+    let mut out = Vec::new();
+    loop {
+        let page = api.list(&params).await?;
+        out.extend(page.items);
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => return Ok(out),
+        }
+    }
 }
 
 /// A JSON patch adding finalizer `f` to an object whose finalizers were `current`.
@@ -211,8 +235,24 @@ where
     K: Resource + Clone + Debug + DeserializeOwned + Send + 'static,
     V: Send + 'static,
 {
+    mirror_with(api, watcher::Config::default(), mirror, into, shutdown)
+}
+
+/// [`mirror`] of the objects `config` selects.
+pub fn mirror_with<T, K, V>(
+    api: Api<K>,
+    config: watcher::Config,
+    mirror: Mirror<T, K, V>,
+    into: &Shared<T>,
+    shutdown: &CancellationToken,
+) -> signal::Receiver<bool>
+where
+    T: Send + Sync + 'static,
+    K: Resource + Clone + Debug + DeserializeOwned + Send + 'static,
+    V: Send + 'static,
+{
     let (tx, rx) = signal::channel(false);
-    let events = watcher(api, watcher::Config::default()).default_backoff();
+    let events = watcher(api, config).default_backoff();
     tokio::spawn(mirror.run(events, into.clone(), tx, shutdown.clone()));
     rx
 }
