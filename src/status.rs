@@ -23,7 +23,11 @@ use crate::objects::usage::node_usage;
 
 /// Prints the table for the cluster in the kubeconfig.
 pub async fn run(args: StatusArgs) -> Result<()> {
-    let client = crate::kubeclient::client(args.kube.kubeconfig.as_deref()).await?;
+    let client = crate::kubeclient::limited_client(
+        args.kube.kubeconfig.as_deref(),
+        args.kube.rate(crate::kubeclient::STATUS_RATE),
+    )
+    .await?;
     print!(
         "{}",
         render(
