@@ -15,7 +15,7 @@
 //! `--guard`: agents run as the install runs them (shipped RBAC, pod-bound tokens)
 //! behind the agents' write guard served by the scheduler helper, to see its cost.
 
-#[path = "burst.rs"]
+#[path = "burst/mod.rs"]
 mod burst;
 #[path = "charts.rs"]
 mod charts;

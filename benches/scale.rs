@@ -14,7 +14,7 @@
 //! at rest with every volume made, controller, helper and agent memory, and the delete
 //! row: all claims deleted → all PVs gone → all volume directories gone.
 
-#[path = "burst.rs"]
+#[path = "burst/mod.rs"]
 mod burst;
 #[path = "../tests/support/mod.rs"]
 mod support;

@@ -257,7 +257,8 @@ mod tests {
             .expect("claim")
         };
         assert!(settled(&done()), "bound, released, not growing");
-        let cases: [(&str, fn(&mut PersistentVolumeClaim)); 7] = [
+        type Change = fn(&mut PersistentVolumeClaim);
+        let cases: [(&str, Change); 7] = [
             ("pending", |c| {
                 c.status.as_mut().expect("status").phase = Some("Pending".into())
             }),
