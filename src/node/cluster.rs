@@ -1,12 +1,13 @@
-//! The node agent's cluster side: it heartbeats a Lease with its free space, NFS
-//! port and per-volume usage, creates and removes volume directories for claims the
+//! The node agent's cluster side: it heartbeats a Lease with its free space and NFS
+//! port, reports per-volume usage in its usage Leases when it changed (`objects::usage`),
+//! creates and removes volume directories for claims the
 //! controller placed on this node, reclaims and resizes its PVs, and keeps the NFS
 //! allow-list and per-volume grants equal to what the Nodes and PVs say (`grants`).
 //! The protocol with the controller is in `objects`.
 //!
 //! Everything it writes is its own node's: answer annotations on claims labelled with
-//! its node, the size annotation and our finalizer on its PVs, its own heartbeat Lease
-//! (labelled with its node), and events. The scheduler helper's validating webhook
+//! its node, the size annotation and our finalizer on its PVs, its own heartbeat and
+//! usage Leases (labelled with its node), and events. The scheduler helper's validating webhook
 //! (`scheduler::guard`) refuses anything else from the agents' service account, so the
 //! agent must call the API server with its pod's projected (pod-bound) token.
 
