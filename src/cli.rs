@@ -79,6 +79,27 @@ pub struct KubeArgs {
     /// `$KUBECONFIG`, `~/.kube/config`).
     #[arg(long, env = "LOCALNFS_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
+
+    /// Client-side limit on API requests per second (average; watches count once per
+    /// connection); 0: none. Default per command: controller 100, scheduler helper
+    /// 20, node agent 10, status 20.
+    #[arg(long, env = "LOCALNFS_KUBE_QPS")]
+    pub kube_qps: Option<f64>,
+
+    /// Requests that may be sent at once above `--kube-qps`. Default per command:
+    /// controller 200, scheduler helper 40, node agent 20, status 40.
+    #[arg(long, env = "LOCALNFS_KUBE_BURST")]
+    pub kube_burst: Option<u32>,
+}
+
+impl KubeArgs {
+    /// The request rate these flags ask for, `default` for what they leave out.
+    pub fn rate(&self, default: crate::kubeclient::Rate) -> crate::kubeclient::Rate {
+        crate::kubeclient::Rate {
+            qps: self.kube_qps.unwrap_or(default.qps),
+            burst: self.kube_burst.unwrap_or(default.burst),
+        }
+    }
 }
 
 /// Which localnfs installation a cluster-side command works for.

@@ -1,5 +1,7 @@
-//! Heartbeat Lease I/O: the agent renews its own Lease ([`renew`]); the controller and
-//! the scheduler helper keep a live map of every agent's ([`watch`]). What a Lease
+//! Heartbeat Lease I/O: the agent renews its own Lease ([`renew`]) and writes its
+//! usage shards when they changed ([`write_usage`]); the controller and the scheduler
+//! helper keep a live map of every agent's heartbeat ([`watch`], which leaves the usage
+//! Leases out). What a Lease
 //! says and when its agent counts as gone are decided in `objects::agents`, which
 //! does no I/O; this module only reads and writes.
 
@@ -15,36 +17,36 @@ use serde_json::json;
 use tokio::sync::watch as signal;
 use tokio_util::sync::CancellationToken;
 
-use crate::kubeclient::{Mirror, Shared, mirror};
+use crate::kubeclient::{Mirror, Shared, mirror_with};
 use crate::objects::agents::{
     AgentInfo, LEASE_SECONDS, Seen, lease_name, lease_node, observe, observer_now, version,
 };
 use crate::objects::keys::{AGENT_KEY, FREE_BYTES, NFS_PORT, NODE_KEY, USED_BYTES, USED_INODES};
+use crate::objects::usage::{self, Report, USAGE, USAGE_LABEL, USAGE_SHARDS};
+use kube::runtime::watcher;
 
 /// What an agent reports in a heartbeat.
 pub struct Heartbeat<'a> {
     pub node: &'a str,
     pub free_bytes: u64,
     pub nfs_port: u16,
-    /// Each volume's used bytes as JSON (volume name → bytes); `None` removes the
-    /// annotation (a node with too many volumes for one annotation).
-    pub usage: Option<String>,
-    /// Each volume's objects and object limit as JSON (volume name → `[used, limit]`);
-    /// `None` removes the annotation, as for `usage`.
-    pub inodes: Option<String>,
+    /// How many usage shards the node has (see `objects::usage`).
+    pub usage_shards: u32,
     /// The public half of the agent's signing key, hex.
     pub key: String,
 }
 
-/// Renews `hb.node`'s heartbeat Lease in `leases`' namespace, creating it the first time.
+/// Renews `hb.node`'s heartbeat Lease in `leases`' namespace, creating it the first
+/// time. Its size does not depend on the node's volumes.
 pub async fn renew(leases: &Api<Lease>, hb: &Heartbeat<'_>) -> Result<(), kube::Error> {
     let name = lease_name(hb.node);
-    // `null` removes the usage annotation from the Lease when it is too long.
+    // `null` removes the per-volume annotations an agent before usage shards wrote here.
     let annotations: BTreeMap<&str, Option<String>> = [
         (FREE_BYTES, Some(hb.free_bytes.to_string())),
         (NFS_PORT, Some(hb.nfs_port.to_string())),
-        (USED_BYTES, hb.usage.clone()),
-        (USED_INODES, hb.inodes.clone()),
+        (USAGE_SHARDS, Some(hb.usage_shards.to_string())),
+        (USED_BYTES, None),
+        (USED_INODES, None),
         (AGENT_KEY, Some(hb.key.clone())),
     ]
     .into();
@@ -60,8 +62,39 @@ pub async fn renew(leases: &Api<Lease>, hb: &Heartbeat<'_>) -> Result<(), kube::
             "renewTime": MicroTime(Timestamp::now()),
         },
     });
+    patch_or_create(leases, &name, body).await
+}
+
+/// Writes `node`'s usage Lease for `shard` with `volumes` (all of that shard's).
+pub async fn write_usage(
+    leases: &Api<Lease>,
+    node: &str,
+    shard: u32,
+    volumes: &BTreeMap<String, Report>,
+) -> Result<(), kube::Error> {
+    let name = usage::lease_name(node, shard);
+    let report = serde_json::to_string(volumes).map_err(kube::Error::SerdeError)?;
+    let body = json!({
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        // The node label is what the write guard holds the agent to, as on heartbeats.
+        "metadata": {"name": name,
+            "labels": {NODE_KEY: node, USAGE_LABEL: shard.to_string()},
+            "annotations": {USAGE: report}},
+        "spec": {"holderIdentity": node},
+    });
+    patch_or_create(leases, &name, body).await
+}
+
+/// A merge patch of Lease `name` with `body`, or its creation (without the `null`s
+/// that remove annotations) when it does not exist yet.
+async fn patch_or_create(
+    leases: &Api<Lease>,
+    name: &str,
+    body: serde_json::Value,
+) -> Result<(), kube::Error> {
     match leases
-        .patch(&name, &PatchParams::default(), &Patch::Merge(&body))
+        .patch(name, &PatchParams::default(), &Patch::Merge(&body))
         .await
     {
         Err(kube::Error::Api(s)) if s.code == 404 => {
@@ -92,8 +125,11 @@ pub fn watch<T: Send + Sync + 'static>(
 ) -> signal::Receiver<bool> {
     // One entry per node that ever heartbeated: a handful of bytes each.
     let seen: Mutex<HashMap<String, Seen>> = Mutex::default();
-    mirror(
+    // Usage Leases change on their own schedule and say nothing about liveness.
+    let heartbeats_only = watcher::Config::default().labels(&format!("!{USAGE_LABEL}"));
+    mirror_with(
         Api::<Lease>::namespaced(client.clone(), namespace),
+        heartbeats_only,
         Mirror {
             what: "Lease",
             map,

@@ -1,17 +1,22 @@
 //! Kubernetes helpers every component uses: building a client (from `--kubeconfig`
 //! when given, else in-cluster service account, then `$KUBECONFIG` /
-//! `~/.kube/config`), reading metadata, finalizer patches, one mirrored watch and one
-//! retry policy.
+//! `~/.kube/config`) with a client-side rate limit (a token bucket in front of every
+//! request, [`limited_client`]; each component's default rate is here), paged lists,
+//! reading metadata, finalizer patches, one mirrored watch and one retry policy.
 
 use std::collections::HashMap;
 use std::fmt::Debug;
+use std::future::Future;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Node;
-use kube::api::Api;
+use kube::api::{Api, ListParams};
+use kube::client::ClientBuilder;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource};
@@ -21,7 +26,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 
-/// A client for `kubeconfig`, or the default one.
+/// A client for `kubeconfig`, or the default one, with no client-side rate limit
+/// (tests and tools; the components use [`limited_client`]).
 pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
     match kubeconfig {
         Some(path) => from_kubeconfig(path).await,
@@ -31,17 +37,202 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
 
 /// A client built from a kubeconfig file.
 pub async fn from_kubeconfig(path: &Path) -> Result<Client> {
+    let config = kubeconfig_config(path).await?;
+    Client::try_from(config).map_err(Error::BuildClient)
+}
+
+async fn kubeconfig_config(path: &Path) -> Result<kube::Config> {
     let kubeconfig = Kubeconfig::read_from(path).map_err(|source| Error::ReadKubeconfig {
         path: path.to_owned(),
         source,
     })?;
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+    kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .map_err(|source| Error::ReadKubeconfig {
             path: path.to_owned(),
             source,
-        })?;
-    Client::try_from(config).map_err(Error::BuildClient)
+        })
+}
+
+/// A client for `kubeconfig` (else the default one) that sends requests no faster
+/// than `rate`.
+pub async fn limited_client(kubeconfig: Option<&Path>, rate: Rate) -> Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => kubeconfig_config(path).await?,
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| Error::BuildClient(kube::Error::InferConfig(e)))?,
+    };
+    let builder = ClientBuilder::try_from(config).map_err(Error::BuildClient)?;
+    Ok(builder.with_layer(&RateLimit::new(rate)).build())
+}
+
+/// The controller's default rate: one replica acts for the whole cluster, and a
+/// claim costs it about eight requests, so 100 a second provisions a dozen claims a
+/// second while leaving most of a small API server to everyone else.
+pub const CONTROLLER_RATE: Rate = Rate {
+    qps: 100.0,
+    burst: 200,
+};
+/// The scheduler helper's: it watches and answers from memory; its requests are the
+/// watches' reconnections and its certificate Secret.
+pub const SCHEDULER_RATE: Rate = Rate {
+    qps: 20.0,
+    burst: 40,
+};
+/// Each node agent's: a heartbeat every 10 s, plus a couple of requests per claim
+/// placed on its node; 100 idle agents send 10 a second together, and even 100 busy
+/// ones stay at 1,000 a second at most.
+pub const AGENT_RATE: Rate = Rate {
+    qps: 10.0,
+    burst: 20,
+};
+/// `localnfs status`: two paged lists.
+pub const STATUS_RATE: Rate = Rate {
+    qps: 20.0,
+    burst: 40,
+};
+
+/// A client-side request rate: `qps` on average, up to `burst` at once.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rate {
+    pub qps: f64,
+    pub burst: u32,
+}
+
+/// A token bucket: `burst` tokens, refilled at `qps` a second; each request takes one,
+/// waiting for it when there is none. Tokens are reserved when asked for (the count
+/// may go below zero), so waiters are served in the order they asked.
+#[derive(Debug)]
+struct Bucket {
+    rate: Rate,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(rate: Rate, now: Instant) -> Self {
+        Self {
+            rate,
+            tokens: f64::from(rate.burst.max(1)),
+            at: now,
+        }
+    }
+
+    /// Takes a token at `now`; how long to wait before using it.
+    fn take(&mut self, now: Instant) -> Duration {
+        let qps = self.rate.qps;
+        if !(qps.is_finite() && qps > 0.0) {
+            return Duration::ZERO; // no limit
+        }
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now.max(self.at);
+        self.tokens = (self.tokens + elapsed * qps).min(f64::from(self.rate.burst.max(1)));
+        self.tokens -= 1.0;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / qps)
+        }
+    }
+}
+
+/// Tower layer putting a [`Bucket`] in front of every request of a client (watches
+/// included: each (re)connection takes a token).
+#[derive(Clone, Debug)]
+pub struct RateLimit {
+    bucket: Arc<Mutex<Bucket>>,
+}
+
+impl RateLimit {
+    pub fn new(rate: Rate) -> Self {
+        Self {
+            bucket: Arc::new(Mutex::new(Bucket::new(rate, Instant::now()))),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for RateLimit {
+    type Service = RateLimited<S>;
+
+    fn layer(&self, inner: S) -> RateLimited<S> {
+        RateLimited {
+            inner,
+            bucket: self.bucket.clone(),
+            wait: None,
+            has_token: false,
+        }
+    }
+}
+
+/// A service that is ready only once it holds a token. (kube's client drives its
+/// service from one task through a buffer, so waiting in `poll_ready` delays the
+/// sending of requests in order, not their answers.)
+pub struct RateLimited<S> {
+    inner: S,
+    bucket: Arc<Mutex<Bucket>>,
+    wait: Option<Pin<Box<tokio::time::Sleep>>>,
+    has_token: bool,
+}
+
+impl<S, Req> tower::Service<Req> for RateLimited<S>
+where
+    S: tower::Service<Req>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<std::result::Result<(), S::Error>> {
+        if !self.has_token {
+            if self.wait.is_none() {
+                let wait = match self.bucket.lock() {
+                    Ok(mut b) => b.take(Instant::now()),
+                    Err(poisoned) => poisoned.into_inner().take(Instant::now()),
+                };
+                if wait.is_zero() {
+                    self.has_token = true;
+                } else {
+                    self.wait = Some(Box::pin(tokio::time::sleep(wait)));
+                }
+            }
+            if let Some(sleep) = self.wait.as_mut() {
+                std::task::ready!(sleep.as_mut().poll(cx));
+                self.wait = None;
+                self.has_token = true;
+            }
+        }
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Req) -> S::Future {
+        self.has_token = false;
+        self.inner.call(req)
+    }
+}
+
+/// Objects listed per request by [`list_all`]: a large list arrives in pages the API
+/// server and etcd serve without building one huge answer.
+pub const PAGE: u32 = 500;
+
+/// Every object `params` selects, listed [`PAGE`] at a time.
+pub async fn list_all<K>(
+    api: &Api<K>,
+    params: &ListParams,
+) -> std::result::Result<Vec<K>, kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
+    let mut params = params.clone().limit(PAGE);
+    let mut out = Vec::new();
+    loop {
+        let page = api.list(&params).await?;
+        out.extend(page.items);
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => return Ok(out),
+        }
+    }
 }
 
 /// A JSON patch adding finalizer `f` to an object whose finalizers were `current`.
@@ -211,8 +402,24 @@ where
     K: Resource + Clone + Debug + DeserializeOwned + Send + 'static,
     V: Send + 'static,
 {
+    mirror_with(api, watcher::Config::default(), mirror, into, shutdown)
+}
+
+/// [`mirror`] of the objects `config` selects.
+pub fn mirror_with<T, K, V>(
+    api: Api<K>,
+    config: watcher::Config,
+    mirror: Mirror<T, K, V>,
+    into: &Shared<T>,
+    shutdown: &CancellationToken,
+) -> signal::Receiver<bool>
+where
+    T: Send + Sync + 'static,
+    K: Resource + Clone + Debug + DeserializeOwned + Send + 'static,
+    V: Send + 'static,
+{
     let (tx, rx) = signal::channel(false);
-    let events = watcher(api, watcher::Config::default()).default_backoff();
+    let events = watcher(api, config).default_backoff();
     tokio::spawn(mirror.run(events, into.clone(), tx, shutdown.clone()));
     rx
 }
@@ -220,6 +427,33 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_past_the_burst_wait_their_turn_at_the_set_rate() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(
+            Rate {
+                qps: 10.0,
+                burst: 3,
+            },
+            t0,
+        );
+        let waits: Vec<u128> = (0..5).map(|_| b.take(t0).as_millis()).collect();
+        assert_eq!(
+            waits,
+            [0, 0, 0, 100, 200],
+            "a burst of 3, then one per 100 ms"
+        );
+        // A second later 10 tokens came back, less the 2 borrowed; capped at the burst.
+        let t1 = t0 + Duration::from_secs(1);
+        let waits: Vec<u128> = (0..4).map(|_| b.take(t1).as_millis()).collect();
+        assert_eq!(waits, [0, 0, 0, 100]);
+        let mut unlimited = Bucket::new(Rate { qps: 0.0, burst: 1 }, t0);
+        assert!(
+            (0..100).all(|_| unlimited.take(t0).is_zero()),
+            "qps 0: no limit"
+        );
+    }
 
     #[test]
     fn finalizer_patches_touch_only_our_entry() {

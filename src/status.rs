@@ -1,6 +1,7 @@
 //! `localnfs status`: the volumes of each node as a table, from what the cluster
 //! already holds — our PersistentVolumes (node, directory, size, claim, phase) and the
-//! node agents' heartbeat Leases (alive, free bytes, bytes and objects used per volume).
+//! node agents' heartbeat Leases (alive, free bytes) and usage Leases (bytes and
+//! objects used per volume, `objects::usage`), both listed a page at a time.
 //! Use is drawn as a bar of the size (bytes) and of the object limit (inodes), so a
 //! volume about to fill stands out. Read-only; the table is built by a pure function.
 
@@ -14,13 +15,19 @@ use kube::api::{Api, ListParams};
 
 use crate::cli::StatusArgs;
 use crate::error::{Error, Result};
+use crate::kubeclient::list_all;
 use crate::objects::agents::{AgentInfo, unix_now};
 use crate::objects::class::quantity_bytes;
-use crate::objects::keys::{NODE_KEY, PROVISIONED_BY, SIZE, USED_BYTES, USED_INODES, VOLUME_KEY};
+use crate::objects::keys::{NODE_KEY, PROVISIONED_BY, SIZE, VOLUME_KEY};
+use crate::objects::usage::node_usage;
 
 /// Prints the table for the cluster in the kubeconfig.
 pub async fn run(args: StatusArgs) -> Result<()> {
-    let client = crate::kubeclient::client(args.kube.kubeconfig.as_deref()).await?;
+    let client = crate::kubeclient::limited_client(
+        args.kube.kubeconfig.as_deref(),
+        args.kube.rate(crate::kubeclient::STATUS_RATE),
+    )
+    .await?;
     print!(
         "{}",
         render(
@@ -35,15 +42,19 @@ pub async fn run(args: StatusArgs) -> Result<()> {
 
 /// Reads the PVs and the agents' Leases and builds the table.
 pub async fn render(client: &Client, namespace: &str, provisioner: &str) -> Result<String> {
-    let pvs = Api::<PersistentVolume>::all(client.clone())
-        .list(&ListParams::default())
-        .await
-        .map_err(Error::kube("list PersistentVolumes"))?;
-    let leases = Api::<Lease>::namespaced(client.clone(), namespace)
-        .list(&ListParams::default())
-        .await
-        .map_err(Error::kube(format!("list Leases in {namespace}")))?;
-    Ok(table(&pvs.items, &leases.items, provisioner, unix_now()))
+    let pvs = list_all(
+        &Api::<PersistentVolume>::all(client.clone()),
+        &ListParams::default(),
+    )
+    .await
+    .map_err(Error::kube("list PersistentVolumes"))?;
+    let leases = list_all(
+        &Api::<Lease>::namespaced(client.clone(), namespace),
+        &ListParams::default(),
+    )
+    .await
+    .map_err(Error::kube(format!("list Leases in {namespace}")))?;
+    Ok(table(&pvs, &leases, provisioner, unix_now()))
 }
 
 /// Bytes in binary units, one decimal (`1.5 GiB`).
@@ -111,14 +122,16 @@ pub fn table(pvs: &[PersistentVolume], leases: &[Lease], provisioner: &str, now:
         // change, crate::objects::agents).
         let renewed = crate::objects::agents::renewed_at(lease);
         if let Some((node, info)) = renewed.and_then(|r| AgentInfo::from_lease(lease, r)) {
-            let ann = lease.metadata.annotations.as_ref();
-            let json = |key: &str| ann.and_then(|a| a.get(key)).map(String::as_str);
-            let used = json(USED_BYTES)
-                .and_then(|j| serde_json::from_str(j).ok())
-                .unwrap_or_default();
-            let inodes = json(USED_INODES)
-                .and_then(|j| serde_json::from_str(j).ok())
-                .unwrap_or_default();
+            let mut used = BTreeMap::new();
+            let mut inodes = BTreeMap::new();
+            for (volume, r) in node_usage(&node, lease, leases) {
+                if let Some(b) = r[0] {
+                    used.insert(volume.clone(), b);
+                }
+                if let (Some(n), Some(max)) = (r[1], r[2]) {
+                    inodes.insert(volume, [n, max]);
+                }
+            }
             usage.insert(node.clone(), used);
             objects.insert(node.clone(), inodes);
             agents.insert(node, info);
@@ -244,7 +257,7 @@ pub fn table(pvs: &[PersistentVolume], leases: &[Lease], provisioner: &str, now:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::objects::keys::FREE_BYTES;
+    use crate::objects::keys::{FREE_BYTES, USED_BYTES, USED_INODES};
     use serde_json::json;
 
     fn pv(name: &str, node: &str, claim: &str, phase: &str) -> PersistentVolume {

@@ -317,7 +317,7 @@ async fn controller_reports_leadership_queues_and_provisioning_latency() {
     })
     .await;
 
-    // `localnfs status` draws the same use, from the agent's heartbeat: an empty 4 MiB
+    // `localnfs status` draws the same use, from the agent's usage report: an empty 4 MiB
     // volume, 1024 objects allowed.
     eventually("status draws the volume's use", WAIT, || async {
         let table = status(&lnfs.kubeconfig).await;

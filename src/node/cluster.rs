@@ -1,16 +1,17 @@
-//! The node agent's cluster side: it heartbeats a Lease with its free space, NFS
-//! port and per-volume usage, creates and removes volume directories for claims the
+//! The node agent's cluster side: it heartbeats a Lease with its free space and NFS
+//! port, reports per-volume usage in its usage Leases when it changed (`objects::usage`),
+//! creates and removes volume directories for claims the
 //! controller placed on this node, reclaims and resizes its PVs, and keeps the NFS
 //! allow-list and per-volume grants equal to what the Nodes and PVs say (`grants`).
 //! The protocol with the controller is in `objects`.
 //!
 //! Everything it writes is its own node's: answer annotations on claims labelled with
-//! its node, the size annotation and our finalizer on its PVs, its own heartbeat Lease
-//! (labelled with its node), and events. The scheduler helper's validating webhook
+//! its node, the size annotation and our finalizer on its PVs, its own heartbeat and
+//! usage Leases (labelled with its node), and events. The scheduler helper's validating webhook
 //! (`scheduler::guard`) refuses anything else from the agents' service account, so the
 //! agent must call the API server with its pod's projected (pod-bound) token.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,6 +36,7 @@ use crate::objects::keys::*;
 use crate::objects::reclaim::{self, Reclaim};
 use crate::objects::request::REQUEST_VERSION;
 use crate::objects::signed::{self, Message, Signer};
+use crate::objects::usage;
 use crate::volume::{Owner, VolumeName};
 use kube::runtime::reflector::Store;
 use localnfs_nfs::Error as NfsError;
@@ -44,7 +46,7 @@ use super::step::{self, ClaimStep};
 
 /// How often the heartbeat Lease is renewed (it is considered dead after
 /// [`crate::objects::agents::LEASE_SECONDS`]).
-const HEARTBEAT: Duration = Duration::from_secs(5);
+const HEARTBEAT: Duration = Duration::from_secs(10);
 
 /// PVs reconciled at once (reclaims, resizes): a burst of deleted claims is reclaimed
 /// this many at a time, each one a claim read, a store change and a finalizer patch.
@@ -640,48 +642,65 @@ fn free_bytes(exports: &Exports, capacity: Option<u64>) -> u64 {
     }
 }
 
-/// Largest [`USED_BYTES`] or [`USED_INODES`] annotation we write (annotations share a
-/// 256 KiB budget).
-const USAGE_MAX: usize = 64 << 10;
-
-/// Each volume's used bytes as the [`USED_BYTES`] JSON and its objects as the
-/// [`USED_INODES`] JSON; each `None` when too long.
-fn usage_json(exports: &Exports) -> (Option<String>, Option<String>) {
+/// Each volume's usage report now, with its size (see `objects::usage`).
+fn usage_now(exports: &Exports) -> BTreeMap<String, usage::Now> {
     use std::sync::atomic::Ordering::Acquire;
-    let volumes = exports.all();
-    let bytes: BTreeMap<&str, u64> = volumes
-        .iter()
-        .map(|v| (v.meta.name.as_str(), v.used.load(Acquire)))
-        .collect();
-    let inodes: BTreeMap<&str, [u64; 2]> = volumes
+    exports
+        .all()
         .iter()
         .map(|v| {
-            let counts = [v.inodes.load(Acquire), v.max_inodes.load(Acquire)];
-            (v.meta.name.as_str(), counts)
+            let report = [
+                v.used.load(Acquire),
+                v.inodes.load(Acquire),
+                v.max_inodes.load(Acquire),
+            ];
+            let size = v.limit.load(Acquire);
+            (v.meta.name.to_string(), usage::Now { report, size })
         })
-        .collect();
-    let fit = |j: serde_json::Result<String>| j.ok().filter(|j| j.len() <= USAGE_MAX);
-    (
-        fit(serde_json::to_string(&bytes)),
-        fit(serde_json::to_string(&inodes)),
-    )
+        .collect()
 }
 
+/// Renews the heartbeat every [`HEARTBEAT`] (sooner when free space changed), and
+/// writes the usage shards that changed meaningfully since they were last written
+/// (`objects::usage::to_write`) before it, so a heartbeat never counts a shard not
+/// written yet.
 async fn heartbeat(agent: Arc<Agent>, shutdown: CancellationToken) {
     let leases: Api<Lease> = Api::namespaced(agent.client.clone(), &agent.namespace);
+    // Shard → what was last written there, by this process (a restart writes each once).
+    let mut written: HashMap<u32, BTreeMap<String, usage::Report>> = HashMap::new();
+    let mut shards_written = 0;
     loop {
-        let (free_bytes, usage) = {
+        let (free_bytes, volumes) = {
             let (ex, cap) = (agent.exports.clone(), agent.capacity);
-            tokio::task::spawn_blocking(move || (free_bytes(&ex, cap), usage_json(&ex)))
+            tokio::task::spawn_blocking(move || (free_bytes(&ex, cap), usage_now(&ex)))
                 .await
-                .unwrap_or((0, (None, None)))
+                .unwrap_or_default()
         };
+        let shards = usage::shard_count(volumes.len());
+        if shards != shards_written {
+            written.clear(); // every volume may have moved to another shard
+        }
+        let mut all_written = true;
+        for (shard, report) in usage::to_write(&volumes, &written, shards) {
+            match heartbeat::write_usage(&leases, &agent.node, shard, &report).await {
+                Ok(()) => {
+                    written.insert(shard, report);
+                }
+                Err(e) => {
+                    all_written = false;
+                    tracing::warn!(error = %e, shard, "cannot write a usage report");
+                }
+            }
+        }
+        if all_written {
+            shards_written = shards;
+        }
         let beat = Heartbeat {
             node: &agent.node,
             free_bytes,
             nfs_port: agent.nfs_port,
-            usage: usage.0,
-            inodes: usage.1,
+            // Until the new shards are all written, readers keep reading the old ones.
+            usage_shards: shards_written.max(1),
             key: agent.signer.public().to_hex(),
         };
         if let Err(e) = heartbeat::renew(&leases, &beat).await {

@@ -51,7 +51,11 @@ pub async fn run(args: NodeArgs) -> Result<()> {
             "cluster mode needs --node-name (NODE_NAME); use --standalone to run without a cluster",
         ))?;
         Some((
-            crate::kubeclient::client(args.kube.kubeconfig.as_deref()).await?,
+            crate::kubeclient::limited_client(
+                args.kube.kubeconfig.as_deref(),
+                args.kube.rate(crate::kubeclient::AGENT_RATE),
+            )
+            .await?,
             node,
         ))
     };

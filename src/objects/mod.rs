@@ -62,7 +62,8 @@
 //! a volume's data may go ([`reclaim`]), which nodes may mount a volume
 //! ([`published`]), what the controller asks an agent for ([`request`]), which keys
 //! localnfs wrote ([`signed`]) and the agents' heartbeat Leases ([`agents`]: what a
-//! Lease says; reading and writing them is `crate::heartbeat`). It depends on no
+//! Lease says; reading and writing them is `crate::heartbeat`) and their per-volume
+//! usage reports ([`usage`]). It depends on no
 //! component and does no API I/O: it uses only the NFS crate's volume types and
 //! `kubeclient::annotation`, a pure accessor of the same layer (kubeclient imports
 //! nothing but `error`). The provisioner, scheduler helper, node agent and `status`
@@ -76,3 +77,4 @@ pub mod published;
 pub mod reclaim;
 pub mod request;
 pub mod signed;
+pub mod usage;

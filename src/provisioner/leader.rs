@@ -5,10 +5,16 @@
 //!
 //! Fencing (client-go's rules): expiry is measured on the candidate's own monotonic
 //! clock from when it first saw the current lease record, never by comparing the
-//! holder's `renewTime` with our clock; every lease call times out; and the leader
-//! acts only until [`ACT_FOR`] after the *start* of its last successful renewal
-//! ([`Fence`]), which is before anyone else may take over. A leader that cannot renew
-//! in time exits (the Deployment restarts it) rather than keep writing.
+//! holder's `renewTime` with our clock; every round's lease calls share a deadline;
+//! and the leader acts only until [`ACT_FOR`] after the *start* of its last
+//! successful renewal ([`Fence`]), which is before anyone else may take over. A
+//! leader that cannot renew in time exits (the Deployment restarts it) rather than
+//! keep writing.
+//!
+//! The deadline comes from the lease, not a fixed timeout ([`round_budget`]): a
+//! leader's round may take as long as its fence still holds, since only then must it
+//! stop anyway, so an API server slow to answer (seconds, under load) delays renewals
+//! without making the leader step down and a new term begin.
 //!
 //! The decision is a pure function of the Lease and how long it has been seen
 //! unchanged ([`decide`]); updates use the Lease's resourceVersion, so two candidates
@@ -29,8 +35,6 @@ use crate::error::{Error, Result};
 pub const LEASE_DURATION: Duration = Duration::from_secs(10);
 /// How often the holder renews (and candidates retry).
 pub const RENEW_EVERY: Duration = Duration::from_secs(2);
-/// The most one lease call may take.
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long after starting its last successful renewal the leader may act: the lease
 /// less a margin for clock rate differences and a write already on the wire.
 pub const ACT_FOR: Duration = Duration::from_secs(7);
@@ -102,6 +106,13 @@ impl Fence {
         ms < self.until_ms.load(Ordering::Acquire)
     }
 
+    /// How long from `now` we may still act (zero when not leading).
+    pub fn remaining_at(&self, now: Instant) -> Duration {
+        let now_ms = now.saturating_duration_since(self.base).as_millis();
+        let until = u128::from(self.until_ms.load(Ordering::Acquire));
+        Duration::from_millis(u64::try_from(until.saturating_sub(now_ms)).unwrap_or(u64::MAX))
+    }
+
     /// Checked before every write the controller makes: an error once our time is up.
     pub fn check(&self) -> Result<()> {
         if self.holds_at(Instant::now()) {
@@ -112,6 +123,18 @@ impl Fence {
                 after: ACT_FOR,
             })
         }
+    }
+}
+
+/// How long one election round (read and write of the lease) may take, starting at
+/// `now`: for a leader, until its fence closes (a renewal that lands later is of no
+/// use: it has stopped acting by then); for a candidate, [`ACT_FOR`], well under the
+/// lease so it looks again before a leader's lease could have run out twice.
+pub fn round_budget(leading: bool, fence: &Fence, now: Instant) -> Duration {
+    if leading {
+        fence.remaining_at(now)
+    } else {
+        ACT_FOR
     }
 }
 
@@ -160,14 +183,15 @@ impl LeaderElector {
         }
     }
 
-    /// One round: returns whether we hold the lease afterwards. Losing a race (409)
-    /// is "not leader", not an error.
-    pub async fn try_lead(&self) -> Result<bool> {
+    /// One round, given `budget` for all of it ([`round_budget`]): returns whether we
+    /// hold the lease afterwards. Losing a race (409) is "not leader", not an error.
+    pub async fn try_lead(&self, budget: Duration) -> Result<bool> {
+        let deadline = tokio::time::Instant::now() + budget;
         let timed_out = |what: &str| Error::Timeout {
             what: format!("{what} lease {}", self.name),
-            after: CALL_TIMEOUT,
+            after: budget,
         };
-        let current = tokio::time::timeout(CALL_TIMEOUT, self.api.get_opt(&self.name))
+        let current = tokio::time::timeout_at(deadline, self.api.get_opt(&self.name))
             .await
             .map_err(|_| timed_out("read"))?
             .map_err(Error::kube(format!("read lease {}", self.name)))?;
@@ -214,7 +238,7 @@ impl LeaderElector {
                 }
             }
         };
-        let result = tokio::time::timeout(CALL_TIMEOUT, write)
+        let result = tokio::time::timeout_at(deadline, write)
             .await
             .map_err(|_| timed_out("write"))?;
         match result {
@@ -273,5 +297,19 @@ mod tests {
             fence.holds_at(t0 + ACT_FOR),
             "an older renewal never shortens it"
         );
+    }
+
+    #[test]
+    fn a_leader_waits_for_a_slow_api_server_as_long_as_its_fence_holds() {
+        let fence = Fence::default();
+        let t0 = Instant::now();
+        assert_eq!(round_budget(false, &fence, t0), ACT_FOR, "candidate");
+        fence.renewed(t0);
+        // The next round starts RENEW_EVERY later: it may take the rest of the fence,
+        // 5 s, not a fixed 2 s after which a live leader would step down.
+        let next = t0 + RENEW_EVERY;
+        assert_eq!(round_budget(true, &fence, next), ACT_FOR - RENEW_EVERY);
+        assert!(round_budget(true, &fence, next) > Duration::from_secs(2));
+        assert_eq!(round_budget(true, &fence, t0 + ACT_FOR), Duration::ZERO);
     }
 }

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::claims;
 use super::ctx::Ctx;
-use super::leader::{LeaderElector, RENEW_EVERY};
+use super::leader::{LeaderElector, RENEW_EVERY, round_budget};
 use super::metrics::ControllerMetrics;
 use super::pods::{self, Usage};
 use super::queue::{WorkQueue, run_workers};
@@ -29,7 +29,11 @@ pub const LEADER_LEASE: &str = "localnfs-controller";
 
 pub async fn run(args: ControllerArgs) -> Result<()> {
     let shutdown = crate::shutdown::on_signals()?;
-    let client = crate::kubeclient::client(args.kube.kubeconfig.as_deref()).await?;
+    let client = crate::kubeclient::limited_client(
+        args.kube.kubeconfig.as_deref(),
+        args.kube.rate(crate::kubeclient::CONTROLLER_RATE),
+    )
+    .await?;
     let identity = args.identity.clone().unwrap_or_else(default_identity);
     let mut registry = crate::metrics::registry("controller");
     let metrics = ControllerMetrics::register(&mut registry);
@@ -74,7 +78,8 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
     let mut leading: Leading = None;
     loop {
         let round_started = Instant::now();
-        match elector.try_lead().await {
+        let budget = round_budget(leading.is_some(), &ctx.fence, round_started);
+        match elector.try_lead(budget).await {
             Ok(true) => {
                 ctx.fence.renewed(round_started);
                 readiness.set(true);
@@ -108,9 +113,12 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
         } else {
             RENEW_EVERY / 2
         };
+        // Counted from the round's start: a slow round does not push the next one
+        // later still.
+        let next_at = tokio::time::Instant::from_std(round_started + next_round);
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(next_round) => {}
+            _ = tokio::time::sleep_until(next_at) => {}
         }
     }
     step_down(&mut leading, &metrics, "shutting down").await;

@@ -4,6 +4,13 @@
 //! queues the object's key; status-only writes, our own included, queue nothing. The
 //! objects themselves are dropped as they arrive, so 5,000 claims and PVs cost the
 //! controller a few hundred kilobytes, not the tens of megabytes of cached copies.
+//!
+//! A new term starts with a list of every claim and PV. Queuing them all would make
+//! the new leader read every claim (and its PV) again, tens of thousands of GETs on
+//! a large cluster, just when it should be catching up: so the first list queues
+//! only claims with something left to do ([`settled`] says which have nothing), and
+//! a listed PV queues its claim only while it is not yet Bound or is being deleted
+//! (the claim list covers the rest). Changes seen after the list queue as always.
 
 use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
@@ -23,7 +30,10 @@ use tokio_util::sync::CancellationToken;
 use super::pods::Usage;
 use super::queue::{ClaimKey, WorkQueue};
 use super::volumes::{PvAction, decide};
-use crate::objects::keys::PROVISIONED_BY;
+use crate::kubeclient::has_finalizer;
+use crate::objects::claim::{pv_name, requested_bytes};
+use crate::objects::class::quantity_bytes;
+use crate::objects::keys::{BIND_COMPLETED, CLAIM_FINALIZER, PROVISIONED_BY};
 
 fn hash_json(v: &serde_json::Value) -> u64 {
     let mut h = DefaultHasher::new();
@@ -55,15 +65,37 @@ pub fn pv_fingerprint(pv: &PersistentVolume) -> u64 {
     ]))
 }
 
+/// Whether the claim reconciler has nothing left to do for `pvc` until it changes:
+/// not being deleted, our finalizer gone, Bound (binding completed) to the PV made for
+/// it, and no expansion pending (status capacity at least the request). For such a
+/// claim `step::next` ends in `Finish`, which then writes nothing.
+pub fn settled(pvc: &PersistentVolumeClaim) -> bool {
+    let status = pvc.status.as_ref();
+    let capacity = status
+        .and_then(|s| s.capacity.as_ref())
+        .and_then(|c| c.get("storage"))
+        .and_then(|q| quantity_bytes(&q.0).ok());
+    let requested = requested_bytes(pvc);
+    let uid = pvc.uid().unwrap_or_default();
+    pvc.metadata.deletion_timestamp.is_none()
+        && !has_finalizer(pvc, CLAIM_FINALIZER)
+        && status.and_then(|s| s.phase.as_deref()) == Some("Bound")
+        && !uid.is_empty()
+        && pvc.spec.as_ref().and_then(|s| s.volume_name.as_deref()) == Some(&pv_name(&uid))
+        && pvc.annotations().contains_key(BIND_COMPLETED)
+        && matches!((capacity, requested), (Some(c), Some(r)) if c >= r)
+}
+
 /// Watches `api`, calling `changed` for each object whose fingerprint is new or
-/// different and `gone` for each deleted one, until `stop`. After a relist, objects no
+/// different (with whether it came in a list rather than as a change) and `gone` for
+/// each deleted one, until `stop`. After a relist, objects no
 /// longer there are forgotten (without `gone`: their deletion was not seen).
 async fn watch_fingerprints<K, Key>(
     api: Api<K>,
     config: watcher::Config,
     fingerprint: fn(&K) -> u64,
     key: fn(&K) -> Key,
-    mut changed: impl FnMut(&K),
+    mut changed: impl FnMut(&K, bool),
     mut gone: impl FnMut(&K),
     stop: CancellationToken,
 ) where
@@ -87,9 +119,10 @@ async fn watch_fingerprints<K, Key>(
         match event {
             watcher::Event::Init => relist = Some(HashMap::new()),
             watcher::Event::InitApply(obj) | watcher::Event::Apply(obj) => {
+                let listed = relist.is_some();
                 let (k, fp) = (key(&obj), fingerprint(&obj));
                 if seen.insert(k, fp) != Some(fp) {
-                    changed(&obj);
+                    changed(&obj, listed);
                 }
                 if let Some(r) = relist.as_mut() {
                     r.insert(key(&obj), fp);
@@ -123,7 +156,11 @@ pub async fn watch_claims(
         watcher::Config::default(),
         claim_fingerprint,
         claim_key,
-        |pvc| claims.add(claim_key(pvc)),
+        |pvc, listed| {
+            if !(listed && settled(pvc)) {
+                claims.add(claim_key(pvc));
+            }
+        },
         |_| {},
         stop,
     )
@@ -162,10 +199,13 @@ pub async fn watch_pvs(
         config,
         pv_fingerprint,
         |pv: &PersistentVolume| pv.name_any(),
-        |pv| {
+        |pv, listed| {
             let claim = pv.spec.as_ref().and_then(|s| s.claim_ref.as_ref());
+            let bound = pv.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound");
+            let settled = listed && bound && pv.metadata.deletion_timestamp.is_none();
             if let Some((Some(ns), Some(name))) =
                 claim.map(|r| (r.namespace.clone(), r.name.clone()))
+                && !settled
             {
                 claims.add((ns, name));
             }
@@ -203,6 +243,63 @@ mod tests {
             "status": status,
         }))
         .expect("claim")
+    }
+
+    #[test]
+    fn a_new_leader_rereads_only_claims_with_something_left_to_do() {
+        let done = || -> PersistentVolumeClaim {
+            serde_json::from_value(json!({
+                "metadata": {"name": "c", "namespace": "n", "uid": "u1",
+                             "annotations": {BIND_COMPLETED: "yes"}},
+                "spec": {"volumeName": "pvc-u1", "resources": {"requests": {"storage": "1Gi"}}},
+                "status": {"phase": "Bound", "capacity": {"storage": "1Gi"}},
+            }))
+            .expect("claim")
+        };
+        assert!(settled(&done()), "bound, released, not growing");
+        type Change = fn(&mut PersistentVolumeClaim);
+        let cases: [(&str, Change); 7] = [
+            ("pending", |c| {
+                c.status.as_mut().expect("status").phase = Some("Pending".into())
+            }),
+            ("still holds our finalizer", |c| {
+                c.metadata.finalizers = Some(vec![CLAIM_FINALIZER.into()])
+            }),
+            ("being deleted", |c| {
+                c.metadata.deletion_timestamp =
+                    Some(serde_json::from_value(json!("2026-01-01T00:00:00Z")).expect("time"))
+            }),
+            ("bound to another PV", |c| {
+                c.spec.as_mut().expect("spec").volume_name = Some("pv-by-hand".into())
+            }),
+            ("binding not completed", |c| {
+                c.metadata.annotations = None;
+            }),
+            ("expansion pending", |c| {
+                let r = c
+                    .spec
+                    .as_mut()
+                    .expect("spec")
+                    .resources
+                    .as_mut()
+                    .expect("res");
+                r.requests = Some(
+                    [(
+                        "storage".to_owned(),
+                        k8s_openapi::apimachinery::pkg::api::resource::Quantity("2Gi".into()),
+                    )]
+                    .into(),
+                );
+            }),
+            ("no capacity in status", |c| {
+                c.status.as_mut().expect("status").capacity = None
+            }),
+        ];
+        for (what, change) in cases {
+            let mut c = done();
+            change(&mut c);
+            assert!(!settled(&c), "{what}: must be reconciled");
+        }
     }
 
     #[test]

@@ -14,7 +14,8 @@
 //!     the agent's answer annotations ([`READY`], [`REFUSED`], [`REMOVED`]) change;
 //!   - a PV: UPDATE only, labelled with N before and after, and only its [`SIZE`]
 //!     annotation changes or our finalizer ([`PV_FINALIZER`]) is removed;
-//!   - a Lease: only `localnfs-node-N` in the heartbeat namespace, labelled with N
+//!   - a Lease: only `localnfs-node-N` (heartbeat) and `localnfs-usage-<shard>-N`
+//!     (usage, `objects::usage`) in the heartbeat namespace, labelled with N
 //!     (RBAC gives the agents Leases in that namespace only, so the controller's
 //!     leader Lease, in localnfs's namespace, is out of their reach without this);
 //!   - anything else: refused.
@@ -35,6 +36,7 @@ use crate::objects::keys::{
     NODE_KEY, NODE_LEASE_PREFIX, PV_FINALIZER, READY, READY_SIG, REFUSED, REMOVED, REMOVED_SIG,
     SIZE,
 };
+use crate::objects::usage;
 
 /// `userInfo.extra` keys a pod-bound service-account token adds.
 pub const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
@@ -122,9 +124,11 @@ pub fn check(node: &str, namespace: &str, write: &Write<'_>) -> Result<(), Strin
     let refuse = |why: String| Err(format!("{what}: {why}"));
     if write.kind == Kind::Lease {
         let own = lease_name(node);
-        if write.namespace != namespace || write.name != own {
+        let own_usage = usage::parse_lease_name(write.name).is_some_and(|(_, n)| n == node);
+        if write.namespace != namespace || (write.name != own && !own_usage) {
             return refuse(format!(
-                "the agent on node {node} may only write its own Lease {namespace}/{own}"
+                "the agent on node {node} may only write its own Lease {namespace}/{own} (and its usage Leases {namespace}/{}N-{node})",
+                usage::USAGE_LEASE_PREFIX
             ));
         }
         if write.operation == Operation::Delete {
@@ -454,9 +458,20 @@ mod tests {
             new: Some(&own),
         };
         assert_eq!(check("n1", NS, &upd()), Ok(()));
-        // Another node's, the controller's, or its own in another namespace.
+        // Its usage Leases too.
+        let usage = lease("localnfs-usage-3-n1", "n1");
+        let w = Write {
+            name: "localnfs-usage-3-n1",
+            new: Some(&usage),
+            ..upd()
+        };
+        assert_eq!(check("n1", NS, &w), Ok(()));
+        // Another node's (heartbeat or usage), the controller's, or its own in another
+        // namespace.
         for (ns, name) in [
             (NS, "localnfs-node-n2"),
+            (NS, "localnfs-usage-0-n2"),
+            (NS, "localnfs-usage-0-n1-x"),
             (NS, "localnfs-controller"),
             ("localnfs-system", "localnfs-node-n1"),
         ] {

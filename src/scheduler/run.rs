@@ -27,7 +27,11 @@ const MAX_CONNECTIONS: usize = 256;
 
 pub async fn run(args: SchedulerArgs) -> Result<()> {
     let shutdown = crate::shutdown::on_signals()?;
-    let client = crate::kubeclient::client(args.kube.kubeconfig.as_deref()).await?;
+    let client = crate::kubeclient::limited_client(
+        args.kube.kubeconfig.as_deref(),
+        args.kube.rate(crate::kubeclient::SCHEDULER_RATE),
+    )
+    .await?;
     let mut registry = crate::metrics::registry("scheduler");
     let metrics = HelperMetrics::register(&mut registry);
     let admin = admin::start(args.admin.admin_addr, registry, &shutdown).await?;

@@ -1,0 +1,436 @@
+//! The control plane at cluster scale (issue 26): N node agents (real `localnfs node`
+//! processes, each with its own store in a temp dir, NFS on a free loopback port and
+//! idle), two controller replicas and the scheduler helper on the real control plane
+//! (etcd, kube-apiserver, kube-controller-manager), then C claims created at once
+//! (Immediate binding, 32 requests in flight) with the leader SIGKILLed when half are
+//! Bound, then every claim deleted.
+//!
+//! Run: `cargo bench --bench scale -- --nodes 1,100 --claims 500,10000` (one row per
+//! pair; defaults 100 and 10,000). `--no-failover` keeps the leader. Prints one table:
+//! time to all Bound, p50/p99 claim → Bound, the failover's takeover time, API
+//! requests per claim (every client's, from the API server's `apiserver_request_total`
+//! over the burst, top verb/resource pairs), etcd bytes written per second (its
+//! `etcd_disk_wal_write_bytes_total`) at rest before the claims, during the burst and
+//! at rest with every volume made, controller, helper and agent memory, and the delete
+//! row: all claims deleted → all PVs gone → all volume directories gone.
+
+#[path = "burst/mod.rs"]
+mod burst;
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use kube::api::{Api, DeleteParams, ListParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use localnfs_testbed::{TestCluster, kubelet};
+use serde_json::json;
+use support::cluster::{
+    HEARTBEATS, Localnfs, free_port, leader_holder, storage_class, volume_dirs, wait_for_leader,
+};
+
+use burst::{create_all, peak_rss_mib, percentile, rss_mib_now};
+
+/// How long each at-rest measurement lasts.
+const AT_REST: Duration = Duration::from_secs(30);
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn list(name: &str, default: usize) -> Vec<usize> {
+    arg(name).map_or_else(
+        || vec![default],
+        |v| v.split(',').filter_map(|n| n.parse().ok()).collect(),
+    )
+}
+
+struct Row {
+    nodes: usize,
+    claims: usize,
+    all_bound: f64,
+    p50: f64,
+    p99: f64,
+    takeover: Option<f64>,
+    /// API requests per claim over the burst: all, and the top (verb resource, count).
+    per_claim: f64,
+    top: Vec<(String, f64)>,
+    etcd_idle: f64,
+    etcd_burst: f64,
+    etcd_rest: f64,
+    controller_mib: f64,
+    helper_mib: f64,
+    agent_mean_mib: f64,
+    agent_max_mib: f64,
+    one_each: bool,
+    pvs_gone: f64,
+    dirs_gone: f64,
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let nodes = list("--nodes", 100);
+    let claims = list("--claims", 10_000);
+    let failover = !std::env::args().any(|a| a == "--no-failover");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mut rows = Vec::new();
+    for (&n, &c) in nodes.iter().zip(&claims) {
+        eprintln!("scale: {n} nodes, {c} claims, failover {failover}");
+        rows.push(rt.block_on(run(n, c, failover)));
+    }
+    print(&rows, failover);
+}
+
+fn print(rows: &[Row], failover: bool) {
+    println!(
+        "\nscale: N node agents, C claims created at once (Immediate, 32 in flight){}, then all deleted\n",
+        if failover {
+            ", leader SIGKILLed at C/2 Bound"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "| nodes | claims | all Bound s | p50 s | p99 s | takeover s | API req/claim | etcd KB/s idle / burst / rest | controller MiB | helper MiB | agent MiB mean / max | one PV + dir each | delete → PVs gone s | → dirs gone s |"
+    );
+    println!("|--:|--:|--:|--:|--:|--:|--:|---|--:|--:|---|---|--:|--:|");
+    for r in rows {
+        println!(
+            "| {} | {} | {:.1} | {:.2} | {:.2} | {} | {:.1} | {:.1} / {:.1} / {:.1} | {:.0} | {:.0} | {:.0} / {:.0} | {} | {:.1} | {:.1} |",
+            r.nodes,
+            r.claims,
+            r.all_bound,
+            r.p50,
+            r.p99,
+            r.takeover
+                .map_or_else(|| "-".to_owned(), |t| format!("{t:.1}")),
+            r.per_claim,
+            r.etcd_idle / 1e3,
+            r.etcd_burst / 1e3,
+            r.etcd_rest / 1e3,
+            r.controller_mib,
+            r.helper_mib,
+            r.agent_mean_mib,
+            r.agent_max_mib,
+            if r.one_each { "yes" } else { "NO" },
+            r.pvs_gone,
+            r.dirs_gone,
+        );
+    }
+    for r in rows {
+        println!(
+            "\nAPI requests per claim during the burst, {} nodes / {} claims (all clients):",
+            r.nodes, r.claims
+        );
+        for (what, n) in &r.top {
+            println!("  {what:<40} {n:>6.2}");
+        }
+    }
+}
+
+/// The Prometheus text the API server serves on `/metrics`.
+async fn apiserver_metrics(client: &Client) -> support::Metrics {
+    let req = http::Request::get("/metrics")
+        .body(Vec::new())
+        .expect("request");
+    support::Metrics(client.request_text(req).await.expect("apiserver /metrics"))
+}
+
+/// `apiserver_request_total` summed per `verb resource` (watches left out: a watch is
+/// one long request, counted when it ends).
+fn requests(m: &support::Metrics) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for (labels, v) in m.samples("apiserver_request_total", &[]) {
+        let get = |k: &str| {
+            labels
+                .iter()
+                .find(|(lk, _)| lk == k)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        };
+        let verb = get("verb");
+        if verb == "WATCH" {
+            continue;
+        }
+        let sub = get("subresource");
+        let resource = if sub.is_empty() {
+            get("resource")
+        } else {
+            format!("{}/{sub}", get("resource"))
+        };
+        *out.entry(format!("{verb} {resource}")).or_default() += v;
+    }
+    out
+}
+
+/// etcd's client URL, read from its command line.
+fn etcd_url(cluster: &TestCluster) -> String {
+    let etcd = cluster
+        .processes()
+        .iter()
+        .find(|p| p.name() == "etcd")
+        .expect("etcd process");
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", etcd.pid())).expect("etcd cmdline");
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    args.iter()
+        .position(|a| a == "--listen-client-urls")
+        .and_then(|i| args.get(i + 1).cloned())
+        .expect("--listen-client-urls")
+}
+
+/// Bytes etcd has written to its write-ahead log.
+async fn etcd_wal_bytes(url: &str) -> f64 {
+    let addr: std::net::SocketAddr = url
+        .trim_start_matches("http://")
+        .parse()
+        .expect("etcd address");
+    let (status, body) = support::http_get(addr, "/metrics").await;
+    assert_eq!(status, 200, "etcd /metrics");
+    support::Metrics(body).get("etcd_disk_wal_write_bytes_total", &[])
+}
+
+/// etcd bytes written per second over `d`.
+async fn etcd_rate(url: &str, d: Duration) -> f64 {
+    let before = etcd_wal_bytes(url).await;
+    tokio::time::sleep(d).await;
+    (etcd_wal_bytes(url).await - before) / d.as_secs_f64()
+}
+
+async fn run(nodes: usize, count: usize, failover: bool) -> Row {
+    let cluster = TestCluster::start().await.expect("control plane");
+    let client = cluster.client();
+    let etcd = etcd_url(&cluster);
+    let mut lnfs = Localnfs::new(&cluster).await;
+    lnfs.start_scheduler(&client, free_port(), free_port())
+        .await;
+    for i in 1..=nodes {
+        let name = format!("node-{i}");
+        let ip = IpAddr::V4(Ipv4Addr::new(127, 1, (i / 250) as u8, (i % 250 + 1) as u8));
+        kubelet::add_node(&client, &name, ip).await.expect("node");
+        lnfs.start_agent_with(&name, ip, &["--capacity", "100Ti"]);
+    }
+    for _ in 0..if failover { 2 } else { 1 } {
+        lnfs.start_controller();
+    }
+    storage_class(&client, "bench", json!({"volumeBindingMode": "Immediate"})).await;
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), HEARTBEATS);
+    support::eventually("node agents up", Duration::from_secs(300), || async {
+        let hb = ListParams::default().labels("!localnfs.io/usage-shard");
+        let n = leases.list(&hb).await.ok()?.items.len();
+        (n >= nodes).then_some(())
+    })
+    .await;
+    let (leader, leader_pid) = wait_for_leader(&client).await;
+    let ctl = lnfs.controller_with_pid(leader_pid);
+    // Settle (agents' first usage reports), then the cluster at rest with no volumes.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let etcd_idle = etcd_rate(&etcd, AT_REST).await;
+
+    let bound_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let watch = {
+        let bound_at = bound_at.clone();
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+        tokio::spawn(async move {
+            let mut s = watcher(claims, watcher::Config::default())
+                .applied_objects()
+                .boxed();
+            while let Some(Ok(c)) = s.next().await {
+                if c.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound") {
+                    bound_at
+                        .lock()
+                        .expect("lock")
+                        .entry(c.name_any())
+                        .or_insert_with(Instant::now);
+                }
+            }
+        })
+    };
+    let requests_before = requests(&apiserver_metrics(&client).await);
+    let wal_before = etcd_wal_bytes(&etcd).await;
+    let start = Instant::now();
+    let creating = tokio::spawn(create_all(client.clone(), count, false));
+    let mut takeover = None;
+    let mut controller_mib = 0.0;
+    if failover {
+        while bound_at.lock().expect("lock").len() < count / 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        controller_mib = peak_rss_mib(leader_pid);
+        lnfs.kill_controller(ctl).await;
+        let t = Instant::now();
+        support::eventually("the standby leads", Duration::from_secs(120), || async {
+            leader_holder(&client)
+                .await
+                .filter(|h| *h != leader)
+                .map(drop)
+        })
+        .await;
+        takeover = Some(t.elapsed().as_secs_f64());
+    }
+    let created_at = creating.await.expect("create claims");
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    while bound_at.lock().expect("lock").len() < count {
+        assert!(
+            Instant::now() < deadline,
+            "not all bound after an hour\n{}",
+            lnfs.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let all_bound = start.elapsed().as_secs_f64();
+    let etcd_burst = (etcd_wal_bytes(&etcd).await - wal_before) / all_bound;
+    let requests_after = requests(&apiserver_metrics(&client).await);
+    watch.abort();
+    let mut top: Vec<(String, f64)> = requests_after
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                (v - requests_before.get(k).unwrap_or(&0.0)) / count as f64,
+            )
+        })
+        .filter(|(_, v)| *v >= 0.01)
+        .collect();
+    top.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let per_claim = top.iter().map(|(_, v)| v).sum();
+    top.truncate(12);
+    let pids = |children: &[tokio::process::Child]| -> Vec<u32> {
+        children
+            .iter()
+            .filter_map(tokio::process::Child::id)
+            .collect()
+    };
+    for pid in pids(&lnfs.controllers) {
+        controller_mib = f64::max(controller_mib, peak_rss_mib(pid));
+    }
+    let helper_mib = lnfs
+        .scheduler
+        .as_ref()
+        .and_then(|s| s.id())
+        .map_or(0.0, peak_rss_mib);
+    let agents: Vec<f64> = lnfs
+        .agents
+        .values()
+        .filter_map(|c| c.id())
+        .map(rss_mib_now)
+        .collect();
+    let agent_mean_mib = agents.iter().sum::<f64>() / agents.len().max(1) as f64;
+    let agent_max_mib = agents.iter().copied().fold(0.0, f64::max);
+
+    // At rest with every volume made (after the last agents' usage reports).
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let etcd_rest = etcd_rate(&etcd, AT_REST).await;
+    let (one_each, pvs_gone, dirs_gone) = check_and_delete(&client, &lnfs, nodes, count).await;
+
+    let mut lat: Vec<f64> = {
+        let bound = bound_at.lock().expect("lock");
+        created_at
+            .iter()
+            .map(|(name, t)| bound[name].saturating_duration_since(*t).as_secs_f64())
+            .collect()
+    };
+    lat.sort_by(f64::total_cmp);
+    Row {
+        nodes,
+        claims: count,
+        all_bound,
+        p50: percentile(&lat, 0.50),
+        p99: percentile(&lat, 0.99),
+        takeover,
+        per_claim,
+        top,
+        etcd_idle,
+        etcd_burst,
+        etcd_rest,
+        controller_mib,
+        helper_mib,
+        agent_mean_mib,
+        agent_max_mib,
+        one_each,
+        pvs_gone,
+        dirs_gone,
+    }
+}
+
+/// Checks one PV and one directory per claim, then deletes every claim (one
+/// deletecollection, as `kubectl delete pvc --all` would in effect) and times until
+/// the last PV and the last directory are gone.
+async fn check_and_delete(
+    client: &Client,
+    lnfs: &Localnfs,
+    nodes: usize,
+    count: usize,
+) -> (bool, f64, f64) {
+    let pvs_api: Api<PersistentVolume> = Api::all(client.clone());
+    let paged = ListParams::default().limit(500);
+    let pvs = localnfs::kubeclient::list_all(&pvs_api, &paged)
+        .await
+        .expect("PVs");
+    let node_names: Vec<String> = (1..=nodes).map(|i| format!("node-{i}")).collect();
+    let dirs = || -> usize { node_names.iter().map(|n| volume_dirs(lnfs, n).len()).sum() };
+    let claims = uids(client).await;
+    let pv_claims: HashSet<String> = pvs
+        .iter()
+        .filter_map(|pv| pv.spec.as_ref()?.claim_ref.as_ref()?.uid.clone())
+        .collect();
+    let one_each =
+        pvs.len() == count && claims.len() == count && pv_claims == claims && dirs() == count;
+
+    let claims_api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    let start = Instant::now();
+    claims_api
+        .delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await
+        .expect("delete claims");
+    let (mut pvs_gone, mut dirs_gone) = (None, None);
+    let deadline = start + Duration::from_secs(3600);
+    while pvs_gone.is_none() || dirs_gone.is_none() {
+        assert!(Instant::now() < deadline, "not all gone after an hour");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if pvs_gone.is_none() {
+            let left = pvs_api
+                .list_metadata(&ListParams::default().limit(1))
+                .await
+                .expect("PVs")
+                .items
+                .len();
+            if left == 0 {
+                pvs_gone = Some(start.elapsed().as_secs_f64());
+            }
+        }
+        if dirs_gone.is_none() && dirs() == 0 {
+            dirs_gone = Some(start.elapsed().as_secs_f64());
+        }
+    }
+    (
+        one_each,
+        pvs_gone.unwrap_or_default(),
+        dirs_gone.unwrap_or_default(),
+    )
+}
+
+/// The uids of the claims in `default`.
+async fn uids(client: &Client) -> HashSet<String> {
+    let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    localnfs::kubeclient::list_all(&api, &ListParams::default())
+        .await
+        .expect("claims")
+        .iter()
+        .filter_map(|c| c.uid())
+        .collect()
+}
