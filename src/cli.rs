@@ -81,13 +81,13 @@ pub struct KubeArgs {
     pub kubeconfig: Option<PathBuf>,
 
     /// Client-side limit on API requests per second (average; watches count once per
-    /// connection); 0: none. Default per command: controller 100, scheduler helper
-    /// 20, node agent 10, status 20.
+    /// connection); 0: none. Default per command: controller 1000, scheduler helper
+    /// 20, node agent 100, status 20.
     #[arg(long, env = "LOCALNFS_KUBE_QPS")]
     pub kube_qps: Option<f64>,
 
     /// Requests that may be sent at once above `--kube-qps`. Default per command:
-    /// controller 200, scheduler helper 40, node agent 20, status 40.
+    /// controller 2000, scheduler helper 40, node agent 200, status 40.
     #[arg(long, env = "LOCALNFS_KUBE_BURST")]
     pub kube_burst: Option<u32>,
 }
