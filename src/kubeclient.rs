@@ -91,6 +91,15 @@ pub const AGENT_RATE: Rate = Rate {
     qps: 100.0,
     burst: 200,
 };
+/// The leader Lease's and each agent's heartbeat's own client: liveness goes through a
+/// client (and a bucket) of its own, so a burst of work queued on the main client's
+/// bucket never delays a renewal past its deadline (a leader would step down mid-burst,
+/// an agent would look dead). A leader round is two requests; a heartbeat round one
+/// write per changed usage shard and the Lease.
+pub const LIVENESS_RATE: Rate = Rate {
+    qps: 10.0,
+    burst: 20,
+};
 /// `localnfs status`: two paged lists.
 pub const STATUS_RATE: Rate = Rate {
     qps: 20.0,

@@ -450,3 +450,49 @@ async fn a_throttled_volume_leaves_room_for_its_neighbour_on_a_shared_connection
         .await
         .expect("the neighbour's GETATTR answered within 5 s");
 }
+
+/// A client that leaves with calls still waiting for its volume's ceiling: they are
+/// dropped with the connection, not run later (minutes later, at a low ceiling, for a
+/// client that is gone and may since have written the same range again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_waiting_for_a_ceiling_are_dropped_when_their_client_leaves() {
+    let _alone = ALONE.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    volume(dir.path(), "capped", &[("writeIOPS", "1")]);
+    let node = Node::start(dir.path()).await;
+    let mut c = Client::mount(node.port, "capped").await;
+    let root = c.root.clone();
+    let fh = c
+        .create_how(&root, b"f", createhow3::UNCHECKED(sattr3::default()))
+        .await
+        .expect("create");
+    // 20 FILE_SYNC WRITEs of 4 KiB at growing offsets, 20 s of the ceiling; then the
+    // client is gone.
+    let mut s = tokio::net::TcpStream::connect(node.addr)
+        .await
+        .expect("connect");
+    let mut calls = Vec::new();
+    for i in 0..20u32 {
+        let mut args = (u64::from(i) * 4096).to_be_bytes().to_vec();
+        args.extend(4096u32.to_be_bytes()); // count
+        args.extend(2u32.to_be_bytes()); // FILE_SYNC
+        args.extend(4096u32.to_be_bytes()); // data length
+        args.extend([0x5a_u8; 4096]);
+        calls.extend(nfs_call(i + 1, 7, &fh, &args));
+    }
+    s.write_all(&calls).await.expect("send");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(s);
+    // Kept, they would land one a second from here.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let size = c.getattr(&fh).await.expect("getattr").size;
+    eprintln!(
+        "5 s after the client left: {} of its 20 writes landed",
+        size / 4096
+    );
+    assert!(
+        size <= 2 * 4096,
+        "{} writes landed after their client left",
+        size / 4096
+    );
+}

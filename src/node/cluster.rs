@@ -57,6 +57,7 @@ const PVS_IN_FLIGHT: u16 = 16;
 
 struct Agent {
     client: Client,
+    liveness: Client,
     node: String,
     namespace: String,
     exports: Arc<Exports>,
@@ -80,6 +81,9 @@ struct Agent {
 /// Who and where this agent is in the cluster.
 pub struct ClusterConfig {
     pub client: Client,
+    /// The heartbeat's own client (usage shards and the Lease), apart from the
+    /// reconcilers' rate-limit bucket.
+    pub liveness: Client,
     pub node: String,
     /// Namespace of the heartbeat Lease.
     pub namespace: String,
@@ -105,6 +109,7 @@ pub async fn run(
 ) {
     let ClusterConfig {
         client,
+        liveness,
         node,
         namespace,
         install_namespace,
@@ -119,6 +124,7 @@ pub async fn run(
     let agent = Arc::new(Agent {
         events: crate::events::Events::new(client.clone(), "localnfs-node", &node),
         client,
+        liveness,
         node,
         namespace,
         exports,
@@ -665,7 +671,7 @@ fn usage_now(exports: &Exports) -> BTreeMap<String, usage::Now> {
 /// (`objects::usage::to_write`) before it, so a heartbeat never counts a shard not
 /// written yet.
 async fn heartbeat(agent: Arc<Agent>, shutdown: CancellationToken) {
-    let leases: Api<Lease> = Api::namespaced(agent.client.clone(), &agent.namespace);
+    let leases: Api<Lease> = Api::namespaced(agent.liveness.clone(), &agent.namespace);
     // Shard → what was last written there, by this process (a restart writes each once).
     let mut written: HashMap<u32, BTreeMap<String, usage::Report>> = HashMap::new();
     let mut shards_written = 0;

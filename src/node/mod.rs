@@ -56,6 +56,12 @@ pub async fn run(args: NodeArgs) -> Result<()> {
                 args.kube.rate(crate::kubeclient::AGENT_RATE),
             )
             .await?,
+            // The heartbeat's client: its own bucket (see `kubeclient::LIVENESS_RATE`).
+            crate::kubeclient::limited_client(
+                args.kube.kubeconfig.as_deref(),
+                crate::kubeclient::LIVENESS_RATE,
+            )
+            .await?,
             node,
         ))
     };
@@ -157,25 +163,28 @@ pub async fn run(args: NodeArgs) -> Result<()> {
         Some(_) => Some(keys::agent_signer(exports.store())?),
         None => None,
     };
-    let agent = cluster.zip(signer).map(|((client, node), signer)| {
-        let cfg = cluster::ClusterConfig {
-            client,
-            node,
-            namespace: args.heartbeats.heartbeat_namespace.clone(),
-            install_namespace: args.namespace.clone(),
-            nfs_port: nfs_addr.port(),
-            capacity: args.capacity,
-            extra_allow: args.allow.clone(),
-            signer,
-        };
-        tokio::spawn(cluster::run(
-            cfg,
-            exports.clone(),
-            allow.clone(),
-            synced_tx,
-            shutdown.clone(),
-        ))
-    });
+    let agent = cluster
+        .zip(signer)
+        .map(|((client, liveness, node), signer)| {
+            let cfg = cluster::ClusterConfig {
+                client,
+                liveness,
+                node,
+                namespace: args.heartbeats.heartbeat_namespace.clone(),
+                install_namespace: args.namespace.clone(),
+                nfs_port: nfs_addr.port(),
+                capacity: args.capacity,
+                extra_allow: args.allow.clone(),
+                signer,
+            };
+            tokio::spawn(cluster::run(
+                cfg,
+                exports.clone(),
+                allow.clone(),
+                synced_tx,
+                shutdown.clone(),
+            ))
+        });
     if !*synced.borrow() {
         tracing::info!("waiting for the cluster's Nodes and PVs before serving NFS");
         tokio::select! {

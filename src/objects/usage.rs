@@ -56,8 +56,15 @@ pub struct Now {
 /// How many shards a node with `volumes` volumes has.
 pub fn shard_count(volumes: usize) -> u32 {
     let needed = volumes.div_ceil(SHARD_VOLUMES).max(1);
-    u32::try_from(needed.next_power_of_two()).unwrap_or(u32::MAX)
+    u32::try_from(needed.next_power_of_two())
+        .unwrap_or(MAX_SHARDS)
+        .min(MAX_SHARDS)
 }
+
+/// Most usage shards a node has (half a million volumes at [`SHARD_VOLUMES`] each):
+/// the write guard refuses any other usage Lease name, so an agent cannot fill etcd
+/// with Leases of made-up shards.
+pub const MAX_SHARDS: u32 = 1024;
 
 /// The shard of `volume` among `shards`: FNV-1a of the name, the same in every
 /// version and on every machine.
@@ -79,8 +86,11 @@ pub fn lease_name(node: &str, shard: u32) -> String {
 pub fn parse_lease_name(name: &str) -> Option<(u32, &str)> {
     let (shard, node) = name.strip_prefix(USAGE_LEASE_PREFIX)?.split_once('-')?;
     let digits_only = !shard.is_empty() && shard.bytes().all(|b| b.is_ascii_digit());
-    (digits_only && !node.is_empty()).then_some(())?;
-    Some((shard.parse().ok()?, node))
+    // One name per shard: no leading zeros, nothing past the most shards there are.
+    let canonical = shard == "0" || !shard.starts_with('0');
+    (digits_only && canonical && !node.is_empty()).then_some(())?;
+    let n: u32 = shard.parse().ok()?;
+    (n < MAX_SHARDS).then_some((n, node))
 }
 
 /// Whether `now` moved meaningfully from what was reported (`before`).
@@ -229,6 +239,9 @@ mod tests {
             "localnfs-usage-x-n1",
             "localnfs-usage-1-",
             "localnfs-usage--n1",
+            "localnfs-usage-03-n1",
+            "localnfs-usage-1024-n1",
+            "localnfs-usage-99999999999-n1",
         ] {
             assert_eq!(parse_lease_name(other), None, "{other}");
         }

@@ -4,7 +4,7 @@
 //! An agent's heartbeat reports its free space only after it has created a volume;
 //! until then, and for a while after the controller sees the volume ready (the next
 //! heartbeats carry the new free space: one is sent at once after a creation, then
-//! every 5 s), the claim's bytes are held here and taken off that node's free space.
+//! every 10 s), the claim's bytes are held here and taken off that node's free space.
 //! Durations are measured on this process's monotonic clock, never compared with
 //! another machine's.
 //!
@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 
 use super::pv::NodeRoom;
 
-/// How long a hold outlives the volume becoming ready (two heartbeats and slack).
-pub const HOLD_AFTER_READY: Duration = Duration::from_secs(15);
+/// How long a hold outlives the volume becoming ready (two heartbeats, `HEARTBEAT`
+/// 10 s, and slack).
+pub const HOLD_AFTER_READY: Duration = Duration::from_secs(25);
 /// How long a hold lasts for a placement that never becomes ready and is never
 /// released (its claim vanished without the controller seeing it go).
 pub const HOLD_UNREADY: Duration = Duration::from_secs(600);

@@ -34,6 +34,13 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
         args.kube.rate(crate::kubeclient::CONTROLLER_RATE),
     )
     .await?;
+    // The leader Lease's client: its own bucket, whatever the workers queue (see
+    // `kubeclient::LIVENESS_RATE`).
+    let liveness = crate::kubeclient::limited_client(
+        args.kube.kubeconfig.as_deref(),
+        crate::kubeclient::LIVENESS_RATE,
+    )
+    .await?;
     let identity = args.identity.clone().unwrap_or_else(default_identity);
     let mut registry = crate::metrics::registry("controller");
     let metrics = ControllerMetrics::register(&mut registry);
@@ -70,7 +77,7 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
         }
     }
     let elector = LeaderElector::new(
-        Api::<Lease>::namespaced(client.clone(), &args.install.namespace),
+        Api::<Lease>::namespaced(liveness, &args.install.namespace),
         LEADER_LEASE,
         &identity,
     );

@@ -124,8 +124,10 @@ pub fn check(node: &str, namespace: &str, write: &Write<'_>) -> Result<(), Strin
     let refuse = |why: String| Err(format!("{what}: {why}"));
     if write.kind == Kind::Lease {
         let own = lease_name(node);
-        let own_usage = usage::parse_lease_name(write.name).is_some_and(|(_, n)| n == node);
-        if write.namespace != namespace || (write.name != own && !own_usage) {
+        let own_usage = usage::parse_lease_name(write.name)
+            .filter(|(_, n)| *n == node)
+            .map(|(shard, _)| shard);
+        if write.namespace != namespace || (write.name != own && own_usage.is_none()) {
             return refuse(format!(
                 "the agent on node {node} may only write its own Lease {namespace}/{own} (and its usage Leases {namespace}/{}N-{node})",
                 usage::USAGE_LEASE_PREFIX
@@ -136,6 +138,25 @@ pub fn check(node: &str, namespace: &str, write: &Write<'_>) -> Result<(), Strin
         }
         if !matches!(write.operation, Operation::Create | Operation::Update) {
             return refuse(format!("{:?} is not an agent's to make", write.operation));
+        }
+        // The shard label is what keeps usage Leases out of the heartbeat watches
+        // (they select `!usage-shard`): a usage Lease must carry its own shard, and
+        // a heartbeat none.
+        let shard_label = write
+            .new
+            .and_then(|o| o["metadata"]["labels"][usage::USAGE_LABEL].as_str());
+        let want_shard = own_usage.map(|s| s.to_string());
+        if shard_label != want_shard.as_deref() {
+            return refuse(match want_shard {
+                Some(s) => format!(
+                    "a usage Lease must carry the label {}={s}",
+                    usage::USAGE_LABEL
+                ),
+                None => format!(
+                    "a heartbeat Lease must not carry the label {}",
+                    usage::USAGE_LABEL
+                ),
+            });
         }
         return match write.new.and_then(node_label) {
             Some(n) if n == node => Ok(()),
@@ -458,14 +479,33 @@ mod tests {
             new: Some(&own),
         };
         assert_eq!(check("n1", NS, &upd()), Ok(()));
-        // Its usage Leases too.
-        let usage = lease("localnfs-usage-3-n1", "n1");
+        // Its usage Leases too, each labelled with its shard.
+        let mut usage = lease("localnfs-usage-3-n1", "n1");
+        usage["metadata"]["labels"][usage::USAGE_LABEL] = json!("3");
         let w = Write {
             name: "localnfs-usage-3-n1",
             new: Some(&usage),
             ..upd()
         };
         assert_eq!(check("n1", NS, &w), Ok(()));
+        // Without the shard label (it would reach the heartbeat watches), with
+        // another shard's, or a heartbeat carrying one.
+        let unlabelled = lease("localnfs-usage-3-n1", "n1");
+        let mut wrong = usage.clone();
+        wrong["metadata"]["labels"][usage::USAGE_LABEL] = json!("4");
+        for (name, new) in [
+            ("localnfs-usage-3-n1", &unlabelled),
+            ("localnfs-usage-3-n1", &wrong),
+            ("localnfs-node-n1", &usage),
+        ] {
+            let w = Write {
+                name,
+                new: Some(new),
+                ..upd()
+            };
+            let err = check("n1", NS, &w).expect_err(name);
+            assert!(err.contains(usage::USAGE_LABEL), "{err}");
+        }
         // Another node's (heartbeat or usage), the controller's, or its own in another
         // namespace.
         for (ns, name) in [

@@ -4,7 +4,7 @@
 //! - A **mutating admission webhook** (HTTPS, `POST /mutate`) gives each new pod node
 //!   affinity for the node its localnfs volumes live on ([`affinity`]).
 //! - A **validating admission webhook** (HTTPS, `POST /validate`) keeps each node agent
-//!   to its own node's claims, PVs and heartbeat Lease ([`guard`] decides, [`agents`]
+//!   to its own node's claims, PVs, heartbeat Lease and usage Leases ([`guard`] decides, [`agents`]
 //!   finds the calling agent's node), as NodeRestriction does for kubelets.
 //! - A **validating admission webhook** for claims (HTTPS, `POST /validate-claims`)
 //!   refuses localnfs's own keys on claims from anyone but the controller and the

@@ -108,6 +108,11 @@ pub async fn serve(
     {
         tracing::info!("connection limit reached: closed the connection idle longest");
     }
+    // Cancelled when the connection ends other than by shutdown (the client left, broke
+    // the protocol, or was dropped for room): calls still waiting for a ceiling are
+    // then dropped unanswered, with their bytes and slots, rather than run minutes
+    // later for a client that is gone (and may have rewritten the same range since).
+    let gone = CancellationToken::new();
     let stop = || async {
         tokio::select! {
             _ = shutdown.cancelled() => {}
@@ -225,12 +230,14 @@ pub async fn serve(
                 drop(slot);
                 let held = (parked_slot, charge);
                 let job = pool_job(&shared, &out, &tx, client, record, received, held, &r);
-                let (pool, shutdown) = (shared.pool.clone(), shutdown.clone());
+                let (pool, shutdown, gone) = (shared.pool.clone(), shutdown.clone(), gone.clone());
                 tokio::spawn(async move {
                     // After shutdown, draining beats a ceiling: the reply goes now.
                     tokio::select! {
-                        _ = tokio::time::sleep_until(turn) => {}
+                        biased;
                         _ = shutdown.cancelled() => {}
+                        _ = gone.cancelled() => return,
+                        _ = tokio::time::sleep_until(turn) => {}
                     }
                     drop(room);
                     pool.submit(r.key(), r.weight(), r.cost(), job);
@@ -276,6 +283,9 @@ pub async fn serve(
             &r,
         );
         shared.pool.submit(r.key(), r.weight(), r.cost(), job);
+    }
+    if !shutdown.is_cancelled() {
+        gone.cancel();
     }
     if out.dropped.is_cancelled() {
         // Dropped for room: whatever waits on this client (the writer task, a thread

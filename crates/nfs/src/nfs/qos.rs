@@ -28,7 +28,8 @@ use crate::volume::{DEFAULT_WEIGHT, VolumeSpec};
 /// Bytes of one volume's calls that may wait for its ceilings at once, in KiB (the
 /// unit of [`VolumeQos::parked`]). Past it the connections sending them stop reading
 /// until some leave: the byte budget is the whole server's, and a throttled volume
-/// must not fill it with calls that will wait.
+/// must not fill it with calls that will wait. (Stopping a connection stops it for
+/// every volume it carries: see the known limit in `docs/nfs-server.md`.)
 pub const PARKED_KIB: usize = 16 * 1024;
 
 /// A unit of cost in the fair queue: one call, plus one per this many data bytes (a

@@ -53,9 +53,18 @@ pub fn wrote(backlog: &Backlog, file: &AtomicU64, fd: RawFd, len: u64) {
         return;
     }
     let taken = file.swap(0, Ordering::AcqRel);
-    let _ = volume.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
-        Some(v.saturating_sub(taken))
-    });
+    if in_volume >= VOLUME_KICK {
+        // The volume's count starts over here rather than going down by this file's
+        // share alone: files' own counts are lost when their cached object is dropped
+        // (the object cache is cleared, the file removed), and what they had counted
+        // would otherwise stay in the volume's total for good, sending every later
+        // unstable write of the volume through a write-back and its wait.
+        volume.store(0, Ordering::Release);
+    } else {
+        let _ = volume.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+            Some(v.saturating_sub(taken))
+        });
+    }
     let _one = backlog.writing.lock().unwrap_or_else(|p| p.into_inner());
     if let Err(e) = sys::write_back(fd) {
         tracing::debug!(errno = e.0, "sync_file_range failed; COMMIT will report it");
@@ -92,7 +101,7 @@ mod tests {
         volume.store(VOLUME_KICK, Ordering::Release);
         wrote(&backlog, &file, f.as_raw_fd(), 10);
         assert_eq!(file.load(Ordering::Acquire), 0);
-        assert_eq!(volume.load(Ordering::Acquire), VOLUME_KICK);
+        assert_eq!(volume.load(Ordering::Acquire), 0);
         // A COMMIT leaves nothing of the file to count.
         volume.store(0, Ordering::Release);
         wrote(&backlog, &file, f.as_raw_fd(), 100);
@@ -100,5 +109,24 @@ mod tests {
         synced(&backlog, &file);
         assert_eq!(file.load(Ordering::Acquire), 0);
         assert_eq!(volume.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn bytes_of_forgotten_files_do_not_keep_a_volume_writing_back() {
+        let f = tempfile::tempfile().expect("file");
+        let backlog = Backlog::default();
+        // Files that counted 8 MiB between them and were then dropped from the object
+        // cache: their own counters are gone, the volume's total is not.
+        for _ in 0..8 {
+            let gone = AtomicU64::new(0);
+            wrote(&backlog, &gone, f.as_raw_fd(), FILE_KICK - 1);
+        }
+        let file = AtomicU64::new(0);
+        wrote(&backlog, &file, f.as_raw_fd(), 4096);
+        // That write started the volume's count over: the next small writes gather
+        // again instead of each being written out and waited for.
+        wrote(&backlog, &file, f.as_raw_fd(), 4096);
+        assert_eq!(file.load(Ordering::Acquire), 4096);
+        assert_eq!(backlog.unkicked.load(Ordering::Acquire), 4096);
     }
 }
