@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -674,6 +674,8 @@ async fn heartbeat(agent: Arc<Agent>, shutdown: CancellationToken) {
     let leases: Api<Lease> = Api::namespaced(agent.liveness.clone(), &agent.namespace);
     // Shard → what was last written there, by this process (a restart writes each once).
     let mut written: HashMap<u32, BTreeMap<String, usage::Report>> = HashMap::new();
+    // Shard → when it was last written, for the small changes written once due.
+    let mut written_at: HashMap<u32, Instant> = HashMap::new();
     let mut shards_written = 0;
     loop {
         let (free_bytes, volumes) = {
@@ -687,10 +689,16 @@ async fn heartbeat(agent: Arc<Agent>, shutdown: CancellationToken) {
             written.clear(); // every volume may have moved to another shard
         }
         let mut all_written = true;
-        for (shard, report) in usage::to_write(&volumes, &written, shards) {
+        let due = |shard| {
+            written_at
+                .get(&shard)
+                .is_none_or(|t: &Instant| t.elapsed() >= usage::REFRESH)
+        };
+        for (shard, report) in usage::to_write(&volumes, &written, shards, due) {
             match heartbeat::write_usage(&leases, &agent.node, shard, &report).await {
                 Ok(()) => {
                     written.insert(shard, report);
+                    written_at.insert(shard, Instant::now());
                 }
                 Err(e) => {
                     all_written = false;

@@ -13,8 +13,10 @@
 //!
 //! Few writes: a shard is written only when it changed meaningfully ([`to_write`]): a
 //! volume appeared or went, or one of its volumes moved by at least 1/[`STEP`] of its
-//! size or of its object limit, or had its object limit changed. A node whose volumes
-//! sit still writes nothing but its heartbeat.
+//! size or of its object limit, or had its object limit changed; smaller changes are
+//! written once [`REFRESH`] has passed since the shard was last written, so `status`
+//! shows a few KiB written to a large volume within about that long. A node whose
+//! volumes sit still writes nothing but its heartbeat.
 //!
 //! Readers ([`node_usage`], used by `status`) read the shards the heartbeat counts and
 //! ignore any beyond (left over from when the node had more volumes). Agents of a
@@ -41,6 +43,11 @@ pub const USAGE_LABEL: &str = "localnfs.io/usage-shard";
 pub const SHARD_VOLUMES: usize = 500;
 /// A volume's report is rewritten once it moved by 1/`STEP` of its size or limit.
 pub const STEP: u64 = 100;
+
+/// How long a shard whose volumes moved by less than a step waits before it is
+/// rewritten anyway: a bound on how stale `status` is, and on the write rate of a
+/// shard whose volumes change a little all the time (one write per this long).
+pub const REFRESH: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What is reported of one volume: bytes used, objects used, object limit.
 pub type Report = [u64; 3];
@@ -103,11 +110,14 @@ fn moved(before: &Report, now: &Now) -> bool {
 
 /// The shards worth writing, with what to write in each: those whose volumes differ
 /// from what was last written (`written`, shard → its volumes) or that hold a volume
-/// that [`moved`]. `volumes` is every volume on the node now, in `shards` shards.
+/// that [`moved`], and those with any change at all that are `due` (last written
+/// [`REFRESH`] ago or more). `volumes` is every volume on the node now, in `shards`
+/// shards.
 pub fn to_write(
     volumes: &BTreeMap<String, Now>,
     written: &HashMap<u32, BTreeMap<String, Report>>,
     shards: u32,
+    due: impl Fn(u32) -> bool,
 ) -> Vec<(u32, BTreeMap<String, Report>)> {
     let mut now: BTreeMap<u32, BTreeMap<&str, &Now>> =
         (0..shards).map(|s| (s, BTreeMap::new())).collect();
@@ -124,6 +134,10 @@ pub fn to_write(
                     || vols
                         .iter()
                         .any(|(name, v)| old.get(*name).is_none_or(|r| moved(r, v)))
+                    || (due(*shard)
+                        && vols
+                            .iter()
+                            .any(|(name, v)| old.get(*name).is_some_and(|r| *r != v.report)))
             }
         })
         .map(|(shard, vols)| {
@@ -252,11 +266,11 @@ mod tests {
         let shards = 4;
         let names: Vec<String> = (0..40).map(|i| format!("v{i}")).collect();
         let vols: BTreeMap<String, Now> = names.iter().map(|n| (n.clone(), now(0, 1))).collect();
-        let first = to_write(&vols, &HashMap::new(), shards);
+        let first = to_write(&vols, &HashMap::new(), shards, |_| false);
         assert_eq!(first.len(), 4, "everything once");
         let written: HashMap<u32, BTreeMap<String, Report>> = first.into_iter().collect();
         assert!(
-            to_write(&vols, &written, shards).is_empty(),
+            to_write(&vols, &written, shards, |_| true).is_empty(),
             "at rest: nothing"
         );
         let v0 = shard_of("v0", shards);
@@ -277,13 +291,17 @@ mod tests {
         for (what, v, want) in cases {
             let mut changed = vols.clone();
             changed.insert("v0".into(), v);
-            let w = to_write(&changed, &written, shards);
+            let w = to_write(&changed, &written, shards, |_| false);
             assert_eq!(!w.is_empty(), want, "{what}");
             assert!(w.iter().all(|(s, _)| *s == v0), "{what}: only v0's shard");
+            // Once the shard is due, any change at all is written (and only its shard).
+            let w = to_write(&changed, &written, shards, |_| true);
+            assert_eq!(w.len(), 1, "{what}: due");
+            assert_eq!(w[0].0, v0, "{what}: due, only v0's shard");
         }
         let mut gone = vols.clone();
         gone.remove("v1");
-        let w = to_write(&gone, &written, shards);
+        let w = to_write(&gone, &written, shards, |_| false);
         assert_eq!(w.len(), 1, "a removed volume rewrites its shard");
         assert!(!w[0].1.contains_key("v1"));
     }
