@@ -1,14 +1,22 @@
 //! The controller→agent request (the claim's [`super::keys::REQUEST`] annotation): a
-//! [`VolumeSpec`], the claim and node it is for, and a `version`, so either side can
-//! be upgraded first.
+//! [`VolumeSpec`], the claim and node it is for, for a clone the volume to copy
+//! ([`CloneSource`]), and a `version`, so either side can be upgraded first.
 //!
 //! Versions: a request without `version` is version 1 (what every controller before
-//! versioning wrote); this build writes and reads [`REQUEST_VERSION`]. A newer one is
+//! versioning wrote); this build reads up to [`REQUEST_VERSION`]. A newer one is
 //! read only as far as its version, claim and node ([`read`] gives
 //! [`Read::Newer`]), never as the version we know: an agent refuses it with a reason
 //! rather than make a volume it misunderstood. A new version is for a change an older
 //! agent must not ignore; a new optional spec field is not one (an older agent ignores
 //! fields it does not know, as the previous version ignores `version`).
+//!
+//! - Version 1: make an empty volume.
+//! - Version 2: the same, filled with a copy of [`CloneSource`]'s volume. An agent
+//!   that ignored `clone` would make an empty volume and answer ready, so a database
+//!   replica would start from nothing believing it holds the primary's data: clone
+//!   requests are written as version 2, which agents before it refuse. Requests that
+//!   do not clone stay version 1, so an agent not yet upgraded still serves them; a
+//!   version-1 text carrying `clone` is not a request at all.
 //!
 //! Wire shape: the spec's fields sit beside `claimUid` and `node`, in camelCase, as the
 //! previous version wrote and reads them. The spec's own serde form is the on-disk
@@ -17,10 +25,13 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::volume::VolumeSpec;
+use crate::volume::{VolumeName, VolumeSpec};
 
-/// The request version this build writes, and the newest it reads.
-pub const REQUEST_VERSION: u32 = 1;
+/// The newest request version this build reads (and writes, for clones).
+pub const REQUEST_VERSION: u32 = 2;
+
+/// The version of a request that clones (see the module doc).
+pub const CLONE_VERSION: u32 = 2;
 
 fn first_version() -> u32 {
     1
@@ -41,16 +52,50 @@ pub struct VolumeRequest {
     pub claim_uid: String,
     /// The node whose agent is to create it.
     pub node: String,
+    /// For a clone: the volume whose data the new one starts with (version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone: Option<CloneSource>,
+}
+
+/// The volume a clone copies, as the controller found it: the source claim's PV (which
+/// only the controller writes) names the volume and its node, the API server the
+/// claim's uid and namespace. The agent copies it only if the volume's owner record is
+/// this claim and its namespace is the new claim's.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CloneSource {
+    /// The source volume, on the request's node.
+    pub volume: VolumeName,
+    /// The uid of the claim that owns it.
+    pub claim_uid: String,
+    /// That claim's namespace and name.
+    pub namespace: String,
+    pub claim: String,
 }
 
 impl VolumeRequest {
-    /// A request of this build's version.
+    /// A request for an empty volume (version 1: every agent reads it).
     pub fn new(spec: VolumeSpec, claim_uid: String, node: String) -> Self {
         Self {
-            version: REQUEST_VERSION,
+            version: 1,
             spec,
             claim_uid,
             node,
+            clone: None,
+        }
+    }
+
+    /// A request for a volume holding a copy of `source` (version 2).
+    pub fn clone_of(
+        spec: VolumeSpec,
+        claim_uid: String,
+        node: String,
+        source: CloneSource,
+    ) -> Self {
+        Self {
+            version: CLONE_VERSION,
+            clone: Some(source),
+            ..Self::new(spec, claim_uid, node)
         }
     }
 }
@@ -89,7 +134,12 @@ pub fn read(text: &str) -> Option<Read> {
             node: head.node,
         });
     }
-    serde_json::from_str(text).ok().map(Read::Known)
+    let request: VolumeRequest = serde_json::from_str(text).ok()?;
+    // Only version 2 may clone: a clone in an older version's clothes is not one we wrote.
+    if request.clone.is_some() && request.version < CLONE_VERSION {
+        return None;
+    }
+    Some(Read::Known(request))
 }
 
 /// The spec with camelCase keys: `size_bytes` ↔ `sizeBytes`, by rule, for every field.
@@ -223,22 +273,73 @@ mod tests {
 
     #[test]
     fn a_newer_request_is_recognised_not_misread() {
-        let newer = r#"{"version":2,"claimUid":"u1","node":"n1","volume":{"name":"x"}}"#;
+        let newer = r#"{"version":3,"claimUid":"u1","node":"n1","volume":{"name":"x"}}"#;
         assert_eq!(
             read(newer),
             Some(Read::Newer {
-                version: 2,
+                version: 3,
                 claim_uid: "u1".into(),
                 node: "n1".into()
             })
         );
-        // Even when its fields happen to read as version 1's.
-        let lookalike = PREVIOUS.replace(r#""node""#, r#""version":2,"node""#);
+        // Even when its fields happen to read as an older version's.
+        let lookalike = PREVIOUS.replace(r#""node""#, r#""version":3,"node""#);
         assert!(matches!(
             read(&lookalike),
-            Some(Read::Newer { version: 2, .. })
+            Some(Read::Newer { version: 3, .. })
         ));
         assert_eq!(read("{}"), None);
+    }
+
+    fn a_clone() -> VolumeRequest {
+        let source = CloneSource {
+            volume: VolumeName::new("pvc-u0").expect("name"),
+            claim_uid: "u0".into(),
+            namespace: "db".into(),
+            claim: "data-0".into(),
+        };
+        let VolumeRequest {
+            spec,
+            claim_uid,
+            node,
+            ..
+        } = full();
+        VolumeRequest::clone_of(spec, claim_uid, node, source)
+    }
+
+    #[test]
+    fn only_clones_are_written_as_version_2() {
+        let plain = serde_json::to_string(&full()).expect("json");
+        assert!(!plain.contains("clone"), "{plain}");
+        let clone = serde_json::to_string(&a_clone()).expect("json");
+        assert!(clone.contains(r#""version":2"#), "{clone}");
+        assert!(
+            clone.contains(
+                r#""clone":{"volume":"pvc-u0","claimUid":"u0","namespace":"db","claim":"data-0"}"#
+            ),
+            "{clone}"
+        );
+        assert_eq!(read(&clone), Some(Read::Known(a_clone())));
+    }
+
+    /// What an agent of version 1 does with a clone request: it finds a newer version
+    /// and refuses it (its `read` compared the version with 1), so it never makes an
+    /// empty volume in place of the copy.
+    #[test]
+    fn an_agent_before_clones_refuses_a_clone_request() {
+        let clone = serde_json::to_string(&a_clone()).expect("json");
+        let head: Head = serde_json::from_str(&clone).expect("head");
+        assert!(head.version > 1, "a version-1 agent must see it as newer");
+    }
+
+    #[test]
+    fn a_clone_dressed_as_version_1_is_not_a_request() {
+        let clone = serde_json::to_string(&a_clone()).expect("json");
+        assert_eq!(
+            read(&clone.replace(r#""version":2"#, r#""version":1"#)),
+            None
+        );
+        assert_eq!(read(&clone.replace(r#""version":2,"#, "")), None);
     }
 
     #[test]

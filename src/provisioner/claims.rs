@@ -18,6 +18,7 @@ use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
 
+use super::clone;
 use super::ctx::Ctx;
 use super::pv::{self, NodeRoom, PvInput};
 use super::step::{self, Facts, Failure, Placement, Step, Then};
@@ -200,12 +201,26 @@ pub async fn reconcile(pvc: &PersistentVolumeClaim, ctx: &Ctx) -> Result<Next> {
     };
     let verified = ctx.verify(pvc);
     let node = verified.request.as_ref().map(|r| r.node.clone());
+    // A clone not placed yet: what it copies, read fresh (never from the claim's own
+    // annotations, which its tenant can write).
+    let source = match clone::wanted(pvc) {
+        clone::Wanted::Claim(name)
+            if class.is_some()
+                && pv.is_none()
+                && verified.request.is_none()
+                && pvc.metadata.deletion_timestamp.is_none() =>
+        {
+            Some(read_source(ctx, pvc, name).await?)
+        }
+        _ => None,
+    };
     let facts = Facts {
         claim: pvc,
         class: class.as_deref(),
         pv_exists: pv.is_some(),
         agent_gone: node.as_deref().and_then(|n| ctx.agent_gone(n)),
         signed: &verified,
+        source: source.as_ref(),
     };
     let uid = pvc.uid().unwrap_or_default();
     // Our own write changes what the claim watch fingerprints, which brings the claim
@@ -295,6 +310,41 @@ pub async fn reconcile(pvc: &PersistentVolumeClaim, ctx: &Ctx) -> Result<Next> {
     }
 }
 
+/// The volume the clone `pvc` copies (its dataSource claim `name`), from that claim and
+/// its PV as the API server has them now ([`clone::resolve`]).
+async fn read_source(
+    ctx: &Ctx,
+    pvc: &PersistentVolumeClaim,
+    name: &str,
+) -> Result<std::result::Result<clone::Source, clone::NotYet>> {
+    let ns = pvc.namespace().unwrap_or_default();
+    let source = ctx
+        .claims(&ns)
+        .get_opt(name)
+        .await
+        .map_err(Error::kube(format!(
+            "read claim {ns}/{name}, a clone's source"
+        )))?;
+    let pv = match source.as_ref().and_then(|s| s.uid()) {
+        Some(uid) => {
+            let pv_name = pv_name(&uid);
+            Api::<PersistentVolume>::all(ctx.client.clone())
+                .get_opt(&pv_name)
+                .await
+                .map_err(Error::kube(format!("read PV {pv_name}, a clone's source")))?
+        }
+        None => None,
+    };
+    let requested = crate::objects::claim::requested_bytes(pvc).unwrap_or(0);
+    Ok(clone::resolve(
+        pvc,
+        source.as_ref(),
+        pv.as_ref(),
+        &ctx.provisioner,
+        requested,
+    ))
+}
+
 /// How often a claim waiting on a node agent is looked at again (its answer normally
 /// arrives as a watch event; this catches an agent that went away).
 const AGENT_POLL: Duration = Duration::from_secs(10);
@@ -364,15 +414,25 @@ async fn place(
     let allowed = allowed_nodes(ctx, class).await?;
     let selected = annotation(pvc, SELECTED_NODE);
     let size = p.request.size_bytes;
-    let node = match ctx.choose_and_hold(&uid, selected, &free, size, allowed.as_ref()) {
+    // A clone goes to its source's node (step checked the scheduler chose that one).
+    let target = p.clone.as_ref().map_or(selected, |s| Some(s.node.as_str()));
+    let node = match ctx.choose_and_hold(&uid, target, &free, size, allowed.as_ref()) {
         Ok(n) => n,
-        Err(msg) => return fail(ctx, pvc, Failure::no_room(msg, selected.is_some()), false).await,
+        Err(msg) => {
+            let msg = match &p.clone {
+                Some(source) => clone::cross_node(source, &msg),
+                None => msg,
+            };
+            return fail(ctx, pvc, Failure::no_room(msg, selected.is_some()), false).await;
+        }
     };
-    let req = VolumeRequest::new(
-        p.params.volume_request(p.volume.clone(), size),
-        uid.clone(),
-        node.clone(),
-    );
+    let spec = p.params.volume_request(p.volume.clone(), size);
+    let req = match &p.clone {
+        Some(source) => {
+            VolumeRequest::clone_of(spec, uid.clone(), node.clone(), source.copy.clone())
+        }
+        None => VolumeRequest::new(spec, uid.clone(), node.clone()),
+    };
     let mut annotations = serde_json::Map::new();
     for (key, value) in
         signed::request_annotations(&ctx.signer, &req).map_err(Error::BuildObject)?
@@ -410,13 +470,19 @@ async fn place(
         ctx.reservations().release(&uid);
         return Err(e);
     }
-    ctx.event(
-        pvc,
-        EventType::Normal,
-        "Provisioning",
-        format!("creating volume {} ({size} bytes) on node {node}", p.volume),
-    )
-    .await;
+    let note = match &p.clone {
+        Some(source) => format!(
+            "cloning claim {}/{} (volume {}) into volume {} ({size} bytes) on node {node}",
+            source.copy.namespace, source.copy.claim, source.copy.volume, p.volume
+        ),
+        None if clone::names_itself(pvc) => format!(
+            "creating volume {} ({size} bytes) on node {node}, empty: the claim's dataSource names the claim itself (a StatefulSet's first replica when its template clones that replica)",
+            p.volume
+        ),
+        None => format!("creating volume {} ({size} bytes) on node {node}", p.volume),
+    };
+    ctx.event(pvc, EventType::Normal, "Provisioning", note)
+        .await;
     Ok(Next::After(Duration::from_secs(15)))
 }
 

@@ -1,12 +1,13 @@
 //! The provisioner (`localnfs controller`): turns claims of localnfs StorageClasses
 //! into volumes on a node and PersistentVolumes, reclaims and expands them.
 //!
-//! `pv`, `publish` and `reserve` are pure decisions and bookkeeping, `step` the next
-//! step for a claim; the reconcilers (`claims`, `expand`, `volumes`, `pods`) do the I/O;
+//! `pv`, `publish`, `reserve` and `clone` (which volume a clone copies) are pure
+//! decisions and bookkeeping, `step` the next step for a claim; the reconcilers (`claims`, `expand`, `volumes`, `pods`) do the I/O;
 //! `triggers` decides which objects to reconcile and `queue` hands their keys to a
 //! bounded set of workers.
 
 pub mod claims;
+pub mod clone;
 pub mod ctx;
 pub mod expand;
 pub mod keys;

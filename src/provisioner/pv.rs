@@ -7,7 +7,7 @@ use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Topolo
 use k8s_openapi::api::storage::v1::StorageClass;
 use serde_json::json;
 
-use crate::objects::claim::pv_name;
+use crate::objects::claim::{DataSource, data_source, pv_name};
 use crate::objects::class::{ClassParams, Locality, quantity_bytes};
 use crate::objects::keys::{
     HOSTNAME_LABEL, LOCALITY_KEY, NODE_KEY, ON_DELETE_KEY, PROVISIONED_BY, PUBLISHED_NODES,
@@ -52,8 +52,8 @@ pub fn validate_claim(pvc: &PersistentVolumeClaim) -> Result<ClaimRequest, Strin
     if spec.selector.is_some() {
         return Err("claims with a selector are not supported by dynamic provisioning".into());
     }
-    if spec.data_source.is_some() || spec.data_source_ref.is_some() {
-        return Err("dataSource (cloning, snapshots) is not supported".into());
+    if let DataSource::Unsupported(why) = data_source(pvc) {
+        return Err(why);
     }
     let access_modes = spec.access_modes.clone().unwrap_or_default();
     if access_modes.is_empty() {
@@ -270,6 +270,12 @@ pub(crate) mod tests {
         let r = validate_claim(&claim(json!({}))).expect("valid");
         assert_eq!(r.size_bytes, 1 << 30);
         assert_eq!(r.access_modes, vec!["ReadWriteOnce"]);
+        let clone = json!({"dataSource": {"kind": "PersistentVolumeClaim", "name": "x"}});
+        assert_eq!(
+            validate_claim(&claim(clone)),
+            Ok(r),
+            "clones are provisioned"
+        );
     }
 
     #[test]
@@ -278,8 +284,8 @@ pub(crate) mod tests {
             (json!({"volumeMode": "Block"}), "Block"),
             (json!({"selector": {"matchLabels": {"a": "b"}}}), "selector"),
             (
-                json!({"dataSource": {"kind": "PersistentVolumeClaim", "name": "x"}}),
-                "dataSource",
+                json!({"dataSource": {"kind": "VolumeSnapshot", "apiGroup": "snapshot.storage.k8s.io", "name": "x"}}),
+                "dataSource of kind VolumeSnapshot",
             ),
             (
                 json!({"resources": {"requests": {"storage": "0"}}}),

@@ -14,6 +14,7 @@ use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::ResourceExt;
 
+use super::clone::{self, NotYet, Source, Wanted};
 use super::pv::{ClaimRequest, needs_volume, validate_claim};
 use crate::kubeclient::{annotation, has_finalizer};
 use crate::objects::claim::pv_name;
@@ -36,6 +37,9 @@ pub struct Facts<'a> {
     /// What the claim's `localnfs.io/` keys say once their signatures are checked:
     /// only these are believed (the claim's tenant can write any annotation).
     pub signed: &'a Verified,
+    /// For a claim that clones another ([`clone::wanted`]) and is not placed yet: the
+    /// volume it copies, or why not now ([`clone::resolve`]). `None`: not read.
+    pub source: Option<&'a Result<Source, NotYet>>,
 }
 
 /// What to do next.
@@ -76,6 +80,8 @@ pub struct Placement {
     pub params: ClassParams,
     pub request: ClaimRequest,
     pub volume: VolumeName,
+    /// For a clone: what it copies, on which node (only in [`Step::Place`]).
+    pub clone: Option<Source>,
 }
 
 /// Why provisioning stopped, and what comes after it.
@@ -172,7 +178,33 @@ pub fn next(f: &Facts) -> Step {
             // The scheduler has not picked the pod's node yet; its annotation wakes us.
             return Step::Wait;
         }
-        return Step::Place(placement);
+        let source = match (clone::wanted(pvc), f.source) {
+            (Wanted::Empty, _) => None,
+            (Wanted::Claim(_), None) => return Step::Wait, // read, then asked again
+            (Wanted::Claim(_), Some(Err(not_yet))) => {
+                return Step::Fail(Failure {
+                    metric: "clone-source",
+                    message: not_yet.message.clone(),
+                    then: Then::Retry(not_yet.retry),
+                });
+            }
+            (Wanted::Claim(_), Some(Ok(source))) => Some(source.clone()),
+        };
+        if let (Some(source), Some(sel)) = (&source, annotation(pvc, SELECTED_NODE))
+            && sel != source.node
+        {
+            // The scheduler helper steers the pod to the source's node; a scheduler
+            // without it (or a pod pinned elsewhere) picked another.
+            return Step::Fail(Failure {
+                metric: "clone-cross-node",
+                message: clone::cross_node(source, &format!("the scheduler chose node {sel}")),
+                then: Then::HandBack,
+            });
+        }
+        return Step::Place(Placement {
+            clone: source,
+            ..placement
+        });
     };
     let node = request.node.clone();
     if f.signed.ready {
@@ -222,6 +254,7 @@ fn placement(pvc: &PersistentVolumeClaim, class: &StorageClass) -> Result<Placem
         params,
         request,
         volume,
+        clone: None,
     })
 }
 
@@ -379,6 +412,7 @@ mod tests {
             pv_exists: pv,
             agent_gone: gone.then(|| GONE.to_owned()),
             signed: &verified,
+            source: None,
         })
     }
 
@@ -644,6 +678,96 @@ mod tests {
         assert_eq!(
             Failure::no_room("no node has room".into(), false).then,
             Then::Retry(NO_ROOM_RETRY)
+        );
+    }
+
+    fn clone_step(meta: Value, class: &StorageClass, source: &Result<Source, NotYet>) -> Step {
+        let pvc = claim(
+            meta,
+            json!({"dataSource": {"kind": "PersistentVolumeClaim", "name": "data-0"}}),
+        );
+        let verified = Verified::default();
+        next(&Facts {
+            claim: &pvc,
+            class: Some(class),
+            pv_exists: false,
+            agent_gone: None,
+            signed: &verified,
+            source: Some(source),
+        })
+    }
+
+    fn source_on(node: &str) -> Source {
+        Source {
+            copy: crate::objects::request::CloneSource {
+                volume: VolumeName::new("pvc-u0").expect("name"),
+                claim_uid: "u0".into(),
+                namespace: "db".into(),
+                claim: "data-0".into(),
+            },
+            node: node.into(),
+            size_bytes: 1,
+        }
+    }
+
+    #[test]
+    fn a_clone_is_placed_on_its_sources_node_or_refused() {
+        let immediate = class(json!({}));
+        let wffc = class(json!({"volumeBindingMode": "WaitForFirstConsumer"}));
+        let on_n1 = Ok(source_on("n1"));
+        let Step::Place(p) = clone_step(held(), &immediate, &on_n1) else {
+            panic!("placed")
+        };
+        assert_eq!(p.clone, Some(source_on("n1")));
+        let selected = |node: &str| json!({"finalizers": [CLAIM_FINALIZER], "annotations": {SELECTED_NODE: node}});
+        assert!(matches!(
+            clone_step(selected("n1"), &wffc, &on_n1),
+            Step::Place(Placement { clone: Some(_), .. })
+        ));
+        let Step::Fail(f) = clone_step(selected("n2"), &wffc, &on_n1) else {
+            panic!("another node")
+        };
+        assert_eq!((f.metric, f.then), ("clone-cross-node", Then::HandBack));
+        assert!(
+            f.message.contains("has its volume on node n1")
+                && f.message.contains("the scheduler chose node n2")
+                && f.message
+                    .contains("cloning to another node is not supported yet"),
+            "{}",
+            f.message
+        );
+        let waiting = Err(NotYet {
+            message: "waiting for claim db/data-0".into(),
+            retry: clone::SOURCE_RETRY,
+        });
+        let Step::Fail(f) = clone_step(held(), &immediate, &waiting) else {
+            panic!("not yet")
+        };
+        assert_eq!(f.then, Then::Retry(clone::SOURCE_RETRY));
+        assert_eq!(
+            clone_step(held(), &wffc, &waiting),
+            Step::Wait,
+            "WaitForFirstConsumer: nothing until the scheduler picks"
+        );
+    }
+
+    #[test]
+    fn a_clone_whose_source_was_not_read_waits() {
+        let pvc = claim(
+            held(),
+            json!({"dataSource": {"kind": "PersistentVolumeClaim", "name": "data-0"}}),
+        );
+        assert_eq!(step(&pvc, Some(&class(json!({}))), false), Step::Wait);
+        let itself = claim(
+            held(),
+            json!({"dataSource": {"kind": "PersistentVolumeClaim", "name": "data"}}),
+        );
+        assert!(
+            matches!(
+                step(&itself, Some(&class(json!({}))), false),
+                Step::Place(Placement { clone: None, .. })
+            ),
+            "a claim naming itself starts empty"
         );
     }
 }
