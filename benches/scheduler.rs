@@ -89,6 +89,7 @@ fn fill(inv: &Shared) {
                 class: Some(if strict { "pinned" } else { "local" }.into()),
                 volume: Some(pv),
                 request_bytes: 10 << 30,
+                clone_of: None,
             },
         );
     }
@@ -98,6 +99,7 @@ fn fill(inv: &Shared) {
             class: Some("local".into()),
             volume: None,
             request_bytes: 50 << 30,
+            clone_of: None,
         },
     );
     // A bound claim of a class that is not ours (its PV is not in the inventory).
@@ -107,6 +109,7 @@ fn fill(inv: &Shared) {
             class: Some("standard".into()),
             volume: Some("pv-standard".into()),
             request_bytes: 1 << 30,
+            clone_of: None,
         },
     );
 }

@@ -31,12 +31,23 @@ pub struct PodClaims {
     pub new_claims: Vec<String>,
     /// Their total requested size.
     pub new_bytes: u64,
+    /// New claims among them that clone a bound claim of ours: the node the clone must
+    /// be made on (its source's; `claim` names the clone).
+    pub clones: Vec<Home>,
 }
 
 impl PodClaims {
     /// Whether the helper has anything to say about this pod.
     pub fn is_empty(&self) -> bool {
         self.homes.is_empty() && self.new_claims.is_empty()
+    }
+
+    /// The nodes clones must be made on, without repeats.
+    pub fn clone_nodes(&self) -> Vec<&str> {
+        let mut nodes: Vec<&str> = self.clones.iter().map(|h| h.node.as_str()).collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        nodes
     }
 
     /// The nodes that hold strict volumes, without repeats.
@@ -99,6 +110,22 @@ pub fn pod_claims(pod: &Pod, inv: &Inventory) -> PodClaims {
                 if waits {
                     out.new_claims.push(claim_name.to_owned());
                     out.new_bytes = out.new_bytes.saturating_add(claim.request_bytes);
+                    // A clone of a claim bound to one of our PVs is made where that PV's
+                    // data is; a source unknown or not ours pins nothing (the controller
+                    // says why it cannot clone it).
+                    let source_node = claim
+                        .clone_of
+                        .as_ref()
+                        .and_then(|s| inv.claims.get(&claim_key(namespace, s)))
+                        .and_then(|s| s.volume.as_ref())
+                        .and_then(|pv| inv.volumes.get(pv));
+                    if let Some(vol) = source_node {
+                        out.clones.push(Home {
+                            claim: claim_name.to_owned(),
+                            node: vol.node.clone(),
+                            locality: vol.locality,
+                        });
+                    }
                 }
             }
         }
@@ -150,6 +177,12 @@ fn node_refusal(
     {
         return Some(pin.why.clone());
     }
+    if let Some(c) = claims.clones.iter().find(|c| c.node != node) {
+        return Some(format!(
+            "localnfs: claim {} clones a volume on node {}, and clones are made on their source's node (cloning to another node is not supported yet)",
+            c.claim, c.node
+        ));
+    }
     if claims.new_claims.is_empty() {
         return None;
     }
@@ -200,6 +233,20 @@ pub fn prioritize(claims: &PodClaims, nodes: &[String], inv: &Inventory, now: i6
     }
     if claims.new_claims.is_empty() {
         return vec![0; nodes.len()];
+    }
+    if !claims.clones.is_empty() {
+        // Only a clone's node passes the filter; say so in the scores as well.
+        let homes = claims.clone_nodes();
+        return nodes
+            .iter()
+            .map(|n| {
+                if homes.contains(&n.as_str()) {
+                    MAX_SCORE
+                } else {
+                    0
+                }
+            })
+            .collect();
     }
     let free: Vec<u64> = nodes
         .iter()
@@ -292,6 +339,23 @@ mod tests {
                     class: Some(class.into()),
                     volume: pv.map(Into::into),
                     request_bytes: bytes,
+                    clone_of: None,
+                },
+            );
+        }
+        for (name, source, bytes) in [
+            ("clone-of-a", "on-a", 50),
+            ("clone-of-b", "on-b", 50),
+            ("clone-big-of-b", "on-b", 500),
+            ("clone-of-nothing", "missing", 50),
+        ] {
+            inv.claims.insert(
+                claim_key("db", name),
+                ClaimInfo {
+                    class: Some("wffc".into()),
+                    volume: None,
+                    request_bytes: bytes,
+                    clone_of: Some(source.into()),
                 },
             );
         }
@@ -386,5 +450,44 @@ mod tests {
             let got = prioritize(&pod_claims(&pod(claims), &inv), &nodes(), &inv, NOW);
             assert_eq!(got, want, "{claims:?}");
         }
+    }
+
+    #[test]
+    fn a_clone_runs_only_where_its_source_is_and_fits() {
+        let inv = inventory();
+        let cases: [(&[&str], &[&str], &str); 5] = [
+            (&["clone-of-a"], &["a"], "clones a volume on node a"),
+            (&["clone-of-b"], &["b"], "clones a volume on node b"),
+            // Node b holds the source but has 100 bytes free.
+            (&["clone-big-of-b"], &[], "localnfs"),
+            (
+                &["clone-of-a", "clone-of-b"],
+                &[],
+                "cloning to another node is not supported yet",
+            ),
+            // An unknown source pins nothing: the controller says why it cannot clone.
+            (&["clone-of-nothing"], &["a", "b"], "localnfs"),
+        ];
+        for (claims, want, why) in cases {
+            let f = filter(&pod_claims(&pod(claims), &inv), &nodes(), &inv, NOW);
+            assert_eq!(f.passed, want, "{claims:?}");
+            for reason in f.failed.values() {
+                assert!(reason.contains(why), "{claims:?}: {reason}");
+            }
+        }
+        let f = filter(
+            &pod_claims(&pod(&["clone-big-of-b"]), &inv),
+            &nodes(),
+            &inv,
+            NOW,
+        );
+        assert!(f.failed["b"].contains("not enough room"), "{:?}", f.failed);
+        let scores = prioritize(
+            &pod_claims(&pod(&["clone-of-b"]), &inv),
+            &nodes(),
+            &inv,
+            NOW,
+        );
+        assert_eq!(scores, [0, MAX_SCORE, 0, 0]);
     }
 }

@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
 
 use crate::objects::agents::AgentInfo;
-use crate::objects::claim::requested_bytes;
+use crate::objects::claim::{DataSource, data_source, requested_bytes};
 use crate::objects::class::{ClassParams, Locality};
 use crate::objects::keys::{LOCALITY_KEY, NODE_KEY, PROVISIONED_BY};
 
@@ -30,6 +30,9 @@ pub struct ClaimInfo {
     /// The bound PV's name.
     pub volume: Option<String>,
     pub request_bytes: u64,
+    /// The claim (same namespace) whose volume this one clones (its `dataSource`; not
+    /// the claim itself, which starts empty): its volume is made on that claim's node.
+    pub clone_of: Option<String>,
 }
 
 /// One of our PersistentVolumes: where its data lives.
@@ -97,6 +100,12 @@ impl ClaimInfo {
                 .and_then(|s| s.volume_name.clone())
                 .filter(|v| !v.is_empty()),
             request_bytes: requested_bytes(pvc).unwrap_or(0),
+            clone_of: match data_source(pvc) {
+                DataSource::Claim(name) if Some(name) != pvc.metadata.name.as_deref() => {
+                    Some(name.to_owned())
+                }
+                _ => None,
+            },
         }
     }
 }

@@ -183,6 +183,7 @@ mod tests {
                 class: Some("localnfs".into()),
                 volume: Some("pv-0".into()),
                 request_bytes: 1,
+                clone_of: None,
             },
         );
         inv.volumes.insert(
@@ -312,6 +313,7 @@ mod tests {
                 class: Some("standard".into()),
                 volume: Some("pv-standard".into()),
                 request_bytes: 1,
+                clone_of: None,
             },
         );
         let volumes = json!([
