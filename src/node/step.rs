@@ -23,11 +23,57 @@
 //!    agent's answer no longer verifies (its key was lost) and against a request the
 //!    claim's tenant replayed from an earlier placement on this node.
 //! 5. A claim this agent already answered ready (its own signature) is served.
-//! 6. Otherwise: create the requested volume for the claim and answer ready.
+//! 6. Otherwise: create the requested volume for the claim and answer ready. For a
+//!    clone ([`clone_check`]), only a copy of a volume whose owner record (on this
+//!    node's disk, written by this agent) is the claim the signed request names, in
+//!    the new claim's own namespace: a tenant cannot have another namespace's data
+//!    copied to them, even with a request the controller signed by mistake.
 
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 
+use crate::objects::request::CloneSource;
 use crate::objects::signed::Verified;
+use crate::volume::Owner;
+
+/// Whether the agent may fill a new volume for a claim in namespace `claim_ns` with a
+/// copy of `source`, whose volume on this node records `recorded` as its owner
+/// (`None`: no such volume here; `Some(None)`: a volume without an owner record).
+/// `Err` says why not, for the claim's event.
+pub fn clone_check(
+    source: &CloneSource,
+    claim_ns: &str,
+    recorded: Option<Option<&Owner>>,
+) -> Result<(), String> {
+    let (volume, wanted) = (
+        &source.volume,
+        format!("{}/{}", source.namespace, source.claim),
+    );
+    if source.namespace != claim_ns {
+        return Err(format!(
+            "the clone's source is claim {wanted}, in another namespace than this claim's ({claim_ns}): a claim may clone only claims of its own namespace"
+        ));
+    }
+    let owner = match recorded {
+        None => {
+            return Err(format!(
+                "the clone's source volume {volume} is not on this node"
+            ));
+        }
+        Some(None) => {
+            return Err(format!(
+                "the clone's source volume {volume} records no owner, so it cannot be told to be claim {wanted}'s"
+            ));
+        }
+        Some(Some(o)) => o,
+    };
+    if owner.claim_uid != source.claim_uid || owner.namespace != claim_ns {
+        return Err(format!(
+            "the clone's source volume {volume} belongs to {owner}, not to claim {wanted} (uid {})",
+            source.claim_uid
+        ));
+    }
+    Ok(())
+}
 
 /// What the agent does next for a claim.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,6 +249,52 @@ mod tests {
         ];
         for (what, pvc, me, want) in cases {
             assert_eq!(claim_step(&pvc, &v, me, false), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn only_a_volume_of_the_named_claim_in_the_same_namespace_is_cloned() {
+        let source = CloneSource {
+            volume: VolumeName::new("pvc-u0").expect("name"),
+            claim_uid: "u0".into(),
+            namespace: "db".into(),
+            claim: "data-0".into(),
+        };
+        let owner = |uid: &str, ns: &str| Owner {
+            claim_uid: uid.into(),
+            namespace: ns.into(),
+            claim: "data-0".into(),
+        };
+        let (right, other_ns, other_uid) =
+            (owner("u0", "db"), owner("u0", "web"), owner("u9", "db"));
+        let cases: [(&str, Option<Option<&Owner>>, &str, &str); 6] = [
+            ("its owner, same namespace", Some(Some(&right)), "db", ""),
+            (
+                "claim in another namespace",
+                Some(Some(&right)),
+                "web",
+                "another namespace",
+            ),
+            (
+                "volume owned in another namespace",
+                Some(Some(&other_ns)),
+                "db",
+                "belongs to claim web/data-0",
+            ),
+            (
+                "volume of another claim",
+                Some(Some(&other_uid)),
+                "db",
+                "(uid u9)",
+            ),
+            ("no owner record", Some(None), "db", "records no owner"),
+            ("not on this node", None, "db", "not on this node"),
+        ];
+        for (what, recorded, ns, want) in cases {
+            match clone_check(&source, ns, recorded) {
+                Ok(()) => assert!(want.is_empty(), "{what}: allowed"),
+                Err(why) => assert!(!want.is_empty() && why.contains(want), "{what}: {why}"),
+            }
         }
     }
 }
