@@ -45,6 +45,28 @@ pub enum Error {
     #[error("volume {name}: {why}")]
     InvalidVolumeSpec { name: String, why: &'static str },
 
+    #[error("volume {name} already exists (or a copy to that name is under way)")]
+    VolumeExists { name: String },
+
+    #[error(
+        "cannot copy volume {source_volume} into {name}: it holds {used} bytes and {inodes} objects, more than the new volume's {size} bytes or {max_inodes} objects"
+    )]
+    CloneTooLarge {
+        source_volume: String,
+        name: String,
+        used: u64,
+        inodes: u64,
+        size: u64,
+        max_inodes: u64,
+    },
+
+    #[error("cannot copy volume {source_volume} into {name}: {why}; nothing was made")]
+    CopyFailed {
+        source_volume: String,
+        name: String,
+        why: String,
+    },
+
     #[error("volume {name}: cannot shrink to {requested} bytes, {used} bytes are in use")]
     ShrinkBelowUsage {
         name: String,

@@ -25,6 +25,7 @@ use nfs3_types::nfs3::{Nfs3Option, createverf3, nfsstat3, sattr3};
 use super::ops::{Ctx, set_size};
 use super::quota::{self, Charging};
 use super::reply::{Answer, Early, Encode, Fh, PostOp, PostOpFh, Proc, Wcc};
+use super::snapshot;
 use super::state::{Obj, Volume};
 use super::sys::{self, raw, to_nfsstat};
 use super::xdr::{XdrIn, put_bool, put_opaque, put_u64};
@@ -132,7 +133,7 @@ fn create_common(
     dir_fh: &[u8],
     name: &[u8],
     make: impl FnOnce(&OwnedFd) -> Result<bool, nfsstat3>,
-    finish: impl FnOnce(&Charging, &OwnedFd, bool) -> Result<(), nfsstat3>,
+    finish: impl FnOnce(&Volume, &Charging, &OwnedFd, bool) -> Result<(), nfsstat3>,
 ) -> Proc<Made, (), Wcc> {
     let (v, dir, before) = resolve_dir(ctx, dir_fh)?;
     let made = check_new_name(name).and_then(|()| {
@@ -144,11 +145,15 @@ fn create_common(
                 charging.remove_inode();
                 return Err(s);
             }
+            snapshot::before_dir_change(&v, raw(&dir));
             let mut new = false;
             let made = ctx.become_caller(&v).and_then(|_as| {
                 new = make(&dir)?;
                 sys::openat(raw(&dir), name, libc::O_PATH, 0).map_err(to_nfsstat)
             });
+            if new && let Ok(fd) = &made {
+                snapshot::made(&v, raw(fd));
+            }
             // What exists now is charged now, before `finish` changes it (a size it
             // sets is charged by `set_size`, as a change of this object).
             let object = if new {
@@ -164,7 +169,7 @@ fn create_common(
             );
             let finished = made.and_then(|fd| {
                 ctx.become_caller(&v)
-                    .and_then(|_as| finish(&charging, &fd, new))
+                    .and_then(|_as| finish(&v, &charging, &fd, new))
                     .map(|()| fd)
             });
             if finished.is_err() && new {
@@ -229,7 +234,7 @@ fn dir_charge(v: &Volume, dir: &Obj) -> u64 {
 }
 
 /// Applies the attributes a create call carried beyond the mode.
-fn apply_sattr(charging: &Charging, fd: &OwnedFd, s: &sattr3) -> Result<(), nfsstat3> {
+fn apply_sattr(v: &Volume, charging: &Charging, fd: &OwnedFd, s: &sattr3) -> Result<(), nfsstat3> {
     set_owner(fd, s)?;
     if let Nfs3Option::Some(size) = s.size {
         // Opening anything but a regular file could block (a FIFO) or reach a device.
@@ -237,7 +242,7 @@ fn apply_sattr(charging: &Charging, fd: &OwnedFd, s: &sattr3) -> Result<(), nfss
             return Err(nfsstat3::NFS3ERR_INVAL);
         }
         let wfd = sys::reopen(raw(fd), libc::O_WRONLY).map_err(to_nfsstat)?;
-        set_size(charging, raw(&wfd), size)?;
+        set_size(v, charging, raw(&wfd), size)?;
     }
     Ok(())
 }
@@ -262,8 +267,10 @@ fn set_owner(fd: &OwnedFd, s: &sattr3) -> Result<(), nfsstat3> {
 
 /// What MKDIR, SYMLINK and MKNOD apply to the object they made: the owner the call
 /// asked for (its mode was set when it was made; a size means nothing to it).
-fn finish_owner(s: &sattr3) -> impl FnOnce(&Charging, &OwnedFd, bool) -> Result<(), nfsstat3> {
-    move |_, fd, _| set_owner(fd, s)
+fn finish_owner(
+    s: &sattr3,
+) -> impl FnOnce(&Volume, &Charging, &OwnedFd, bool) -> Result<(), nfsstat3> {
+    move |_, _, fd, _| set_owner(fd, s)
 }
 
 fn mode_or(s: &sattr3, default: u32) -> u32 {
@@ -300,8 +307,8 @@ pub fn create(ctx: &Ctx, args: &mut XdrIn) -> Proc<Made, (), Wcc> {
             Err(e) => Err(to_nfsstat(e)),
         }
     };
-    let finish = |charging: &Charging, fd: &OwnedFd, new: bool| match (&how, new) {
-        (How::Unchecked(s) | How::Guarded(s), true) => apply_sattr(charging, fd, s),
+    let finish = |v: &Volume, charging: &Charging, fd: &OwnedFd, new: bool| match (&how, new) {
+        (How::Unchecked(s) | How::Guarded(s), true) => apply_sattr(v, charging, fd, s),
         // As knfsd, only a size is applied to an existing object, and only to a
         // regular file.
         (How::Unchecked(s), false) => {
@@ -313,7 +320,7 @@ pub fn create(ctx: &Ctx, args: &mut XdrIn) -> Proc<Made, (), Wcc> {
                 size: s.size,
                 ..sattr3::default()
             };
-            apply_sattr(charging, fd, &size_only)
+            apply_sattr(v, charging, fd, &size_only)
         }
         (How::Guarded(_), false) => Err(nfsstat3::NFS3ERR_EXIST),
         // The verifier lives in atime/mtime, as RFC 1813 §3.3.8 suggests, so a
@@ -419,9 +426,11 @@ pub fn mknod(ctx: &Ctx, args: &mut XdrIn) -> Proc<Made, (), Wcc> {
 /// After an unlink or a RENAME over it, releases what the object `fd` was charged if
 /// that was its last link (checked after the fact, so a racing LINK is seen); true if
 /// it is gone. Call with the charge lock held.
-fn release_if_gone(charging: &Charging, fd: &OwnedFd) -> bool {
+fn release_if_gone(charging: &Charging, fd: &OwnedFd, kept: bool) -> bool {
+    // A link a running copy keeps in its staging directory is not the volume's.
+    let kept = u64::from(kept);
     match sys::fstat(raw(fd)) {
-        Ok(st) if st.st_nlink == 0 => {
+        Ok(st) if st.st_nlink <= kept => {
             charging.settle(0, quota::charge_of(&st), 0);
             charging.remove_inode();
             true
@@ -448,8 +457,9 @@ fn remove_common(ctx: &Ctx, args: &mut XdrIn, flags: i32) -> Proc<(), Wcc> {
             let charging = v.charging();
             let victim_fd = sys::openat(raw(&dir), name, libc::O_PATH, 0).map_err(to_nfsstat)?;
             let dir_before = dir_charge(&v, &dir);
+            let kept = snapshot::before_unlink(&v, raw(&dir), name);
             sys::unlinkat(raw(&dir), name, flags).map_err(to_nfsstat)?;
-            let gone = release_if_gone(&charging, &victim_fd);
+            let gone = release_if_gone(&charging, &victim_fd, kept);
             charging.settle(0, dir_before, dir_charge(&v, &dir));
             (victim_fd, gone)
         };
@@ -495,6 +505,8 @@ pub fn rename(ctx: &Ctx, args: &mut XdrIn) -> Proc<(), (Wcc, Wcc)> {
             let replaced = sys::openat(raw(&to_dir), to, libc::O_PATH, 0).ok();
             charging.reserve(quota::NAMESPACE_RESERVE)?;
             let to_before_charge = dir_charge(&v, &to_dir);
+            snapshot::before_dir_change(&v, raw(&from_dir));
+            let kept = snapshot::before_unlink(&v, raw(&to_dir), to);
             let r = sys::renameat(raw(&from_dir), from, raw(&to_dir), to).map_err(to_nfsstat);
             charging.settle(
                 quota::NAMESPACE_RESERVE,
@@ -502,7 +514,7 @@ pub fn rename(ctx: &Ctx, args: &mut XdrIn) -> Proc<(), (Wcc, Wcc)> {
                 dir_charge(&v, &to_dir),
             );
             r?;
-            replaced.filter(|fd| release_if_gone(&charging, fd))
+            replaced.filter(|fd| release_if_gone(&charging, fd, kept))
         };
         from_dir.sync(&v, from_before.st_mode)?;
         if (to_before.st_ino, to_before.st_dev) != (from_before.st_ino, from_before.st_dev) {
@@ -538,6 +550,8 @@ pub fn link(ctx: &Ctx, args: &mut XdrIn) -> Proc<(), (PostOp, Wcc)> {
             let charging = v.charging();
             charging.reserve(quota::NAMESPACE_RESERVE)?;
             let dir_before = dir_charge(&v, &dir);
+            snapshot::before_dir_change(&v, raw(&dir));
+            snapshot::before_change(&v, raw(&file), None);
             let r = sys::link_fd(raw(&file), raw(&dir), name).map_err(to_nfsstat);
             charging.settle(quota::NAMESPACE_RESERVE, dir_before, dir_charge(&v, &dir));
             r?;

@@ -41,6 +41,7 @@ mod reply;
 mod rmtab;
 pub mod rpc;
 mod send;
+mod snapshot;
 mod splice;
 mod state;
 mod stats;
@@ -60,6 +61,7 @@ pub use allow::{AllowList, Network};
 pub use call::dispatch;
 pub use limits::{Descriptors, Limits, share_descriptors};
 pub use metrics::NfsCollector;
+pub use snapshot::CopyReport;
 pub use state::{Exports, MAX_CACHED};
 
 /// How often each volume's usage is re-counted from the disk (see `quota::resync`).

@@ -10,7 +10,9 @@
 //!
 //! SETATTR's size, mode and owner and WRITE's data and set-id clearing each run under
 //! the volume's charge lock (`quota`): charges stay exact, and a WRITE's set-id
-//! clearing never undoes a chmod that raced it.
+//! clearing never undoes a chmod that raced it. Under that lock, before changing
+//! anything, they let a running point-in-time copy preserve what they change
+//! (`snapshot`).
 
 use std::cell::Cell;
 use std::net::IpAddr;
@@ -24,6 +26,7 @@ use super::limits::MAX_IO;
 use super::quota;
 use super::reply::{Answer, Early, Encode, PostOp, Proc, Results, Target, Wcc};
 use super::rpc::Credential;
+use super::snapshot;
 use super::splice::Piped;
 use super::state::{Exports, Obj, Volume};
 use super::sys::{self, AsCaller, raw, to_nfsstat};
@@ -149,12 +152,13 @@ pub fn setattr(ctx: &Ctx, args: &mut XdrIn) -> Proc<(), Wcc> {
             // (`drop_setid_bits`), so it never writes back a mode read before this
             // chmod.
             let charging = v.charging();
+            snapshot::before_change(v, raw(fd), None);
             if let Nfs3Option::Some(size) = sattr.size {
                 if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
                     return Err(nfsstat3::NFS3ERR_ISDIR);
                 }
                 let wfd = io_for(ctx, v, fd, st, true)?;
-                set_size(&charging, wfd, size)?;
+                set_size(v, &charging, wfd, size)?;
             }
             if let Nfs3Option::Some(mode) = sattr.mode
                 && st.st_mode & libc::S_IFMT != libc::S_IFLNK
@@ -199,12 +203,15 @@ pub fn setattr(ctx: &Ctx, args: &mut XdrIn) -> Proc<(), Wcc> {
 /// limit fails with DQUOT and changes nothing; a file whose last link is gone fails
 /// with STALE (see [`quota::linked`]).
 pub fn set_size(
+    v: &Volume,
     charging: &quota::Charging,
     fd: std::os::fd::RawFd,
     size: u64,
 ) -> Result<(), nfsstat3> {
     let st = sys::fstat(fd).map_err(to_nfsstat)?;
     quota::linked(&st)?;
+    // What a truncate cuts off, for a copy that has not read it yet.
+    snapshot::before_change(v, fd, Some((size, u64::MAX)));
     let before = quota::charge_of(&st);
     // A regular file is charged at least its size (truncating up allocates nothing).
     let reserve = size.saturating_sub(before);
@@ -412,6 +419,8 @@ pub fn write(ctx: &Ctx, args: &mut XdrIn) -> Proc<Written, Wcc> {
                 .saturating_mul(block)
                 .saturating_sub(before);
             charging.reserve(reserve)?;
+            // What this overwrites, for a copy that has not read it yet.
+            snapshot::before_change(v, wfd, Some((offset, end)));
             let r = sys::pwrite_all(wfd, data, offset);
             // What the disk spent, short writes included; if even fstat fails the
             // reservation stays charged (the periodic re-count corrects it).

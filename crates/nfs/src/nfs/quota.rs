@@ -26,7 +26,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use nfs3_types::nfs3::nfsstat3;
 
-use crate::volume::{Usage, VolumeMeta};
+use crate::volume::{Usage, VolumeMeta, VolumeSpec};
 
 /// Bytes an object costs its volume: see [`crate::volume::charge`].
 pub fn charge_of(st: &libc::stat) -> u64 {
@@ -52,9 +52,9 @@ pub fn linked(st: &libc::stat) -> Result<(), nfsstat3> {
 /// Objects a volume may hold: `max_files` when its class set one (`maxFiles`), else one
 /// per 4 KiB of `size_bytes` (the block a small file spends), at least 1024, so a flood
 /// of empty files cannot exhaust the node's inodes.
-pub fn max_inodes(meta: &VolumeMeta) -> u64 {
-    meta.max_files
-        .unwrap_or_else(|| (meta.size_bytes / 4096).max(1024))
+pub fn max_inodes(spec: &VolumeSpec) -> u64 {
+    spec.max_files
+        .unwrap_or_else(|| (spec.size_bytes / 4096).max(1024))
 }
 
 /// What one block of a new directory entry or directory may cost: reserved before a

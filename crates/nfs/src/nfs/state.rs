@@ -17,6 +17,7 @@ use super::handle::{FileHandle, HandleKey};
 use super::qos::VolumeQos;
 use super::quota;
 use super::rmtab::MountTable;
+use super::snapshot::Watch;
 use super::stats::{ServerStats, VolumeStats};
 use super::sys::{self, Errno, to_nfsstat};
 use crate::error::{Error, Result};
@@ -52,6 +53,8 @@ pub struct Volume {
     pub claim: OnceLock<(String, String)>,
     /// Its weight, ceilings and service counters (see `qos`).
     pub qos: VolumeQos,
+    /// The point-in-time copy running on it, if any (see `snapshot`).
+    pub copy: Watch,
 }
 
 impl Volume {
@@ -79,6 +82,11 @@ impl Volume {
 
     pub fn free(&self) -> u64 {
         self.account().free()
+    }
+
+    /// The descriptor `open_by_handle_at` resolves this volume's handles against.
+    pub fn mount_fd(&self) -> RawFd {
+        sys::raw(&self.mount_fd)
     }
 }
 
@@ -382,6 +390,7 @@ impl Exports {
             stats: VolumeStats::default(),
             claim: OnceLock::new(),
             qos: VolumeQos::of(&meta),
+            copy: Watch::default(),
             meta,
         })
     }

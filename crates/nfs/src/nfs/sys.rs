@@ -662,6 +662,89 @@ pub fn drop_supplementary_groups() -> SysResult<()> {
 }
 
 /// Raw descriptor helper for owned fds.
+/// Copies `len` bytes from `src` at `src_off` to `dst` at `dst_off` in the kernel
+/// (`copy_file_range(2)`: no trip through user memory, and a reflink where the
+/// filesystem shares extents); returns how many were copied (0 at the source's end).
+/// `EXDEV`, `EINVAL`, `ENOSYS` or `EOPNOTSUPP` mean: not here, copy another way.
+pub fn copy_range(
+    src: RawFd,
+    src_off: u64,
+    dst: RawFd,
+    dst_off: u64,
+    len: usize,
+) -> SysResult<usize> {
+    let mut so = i64::try_from(src_off).map_err(|_| Errno(libc::EFBIG))?;
+    let mut d_o = i64::try_from(dst_off).map_err(|_| Errno(libc::EFBIG))?;
+    loop {
+        // SAFETY: offsets are out-pointers to our own integers.
+        let n = unsafe { libc::copy_file_range(src, &mut so, dst, &mut d_o, len, 0) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = last();
+        if e.0 != libc::EINTR {
+            return Err(e);
+        }
+    }
+}
+
+/// Makes `dst` share all of `src`'s data (`FICLONE`: a reflink on btrfs and xfs, an
+/// instant copy-on-write copy); `EOPNOTSUPP`/`EXDEV`/`EINVAL` where the filesystem
+/// cannot (ext4, tmpfs).
+pub fn ficlone(dst: RawFd, src: RawFd) -> SysResult<()> {
+    // FICLONE = _IOW(0x94, 9, int)
+    const FICLONE: libc::c_ulong = 0x4004_9409;
+    // SAFETY: plain ioctl with an integer argument.
+    check(unsafe { libc::ioctl(dst, FICLONE as _, src) }).map(drop)
+}
+
+/// Hard-links `from_dir/from` as `to_dir/to`, never following a symlink.
+pub fn linkat(from_dir: RawFd, from: &[u8], to_dir: RawFd, to: &[u8]) -> SysResult<()> {
+    let (f, t) = (cstr(from)?, cstr(to)?);
+    // SAFETY: valid C strings.
+    check(unsafe { libc::linkat(from_dir, f.as_ptr(), to_dir, t.as_ptr(), 0) }).map(drop)
+}
+
+/// Gives `name` in `dir` the owner, mode (not for symlinks) and times of `st`, never
+/// following a symlink: a copied object looks as its source did.
+pub fn set_attrs_at(dir: RawFd, name: &[u8], st: &libc::stat) -> SysResult<()> {
+    let c = cstr(name)?;
+    // SAFETY: valid C string.
+    check(unsafe {
+        libc::fchownat(
+            dir,
+            c.as_ptr(),
+            st.st_uid,
+            st.st_gid,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
+        // SAFETY: valid C string (fchmodat follows nothing for a non-symlink).
+        check(unsafe { libc::fchmodat(dir, c.as_ptr(), st.st_mode & 0o7777, 0) })?;
+    }
+    let times = [
+        libc::timespec {
+            tv_sec: st.st_atime,
+            tv_nsec: st.st_atime_nsec,
+        },
+        libc::timespec {
+            tv_sec: st.st_mtime,
+            tv_nsec: st.st_mtime_nsec,
+        },
+    ];
+    // SAFETY: valid C string and a 2-element timespec array.
+    check(unsafe { libc::utimensat(dir, c.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) })
+        .map(drop)
+}
+
+/// Commits the whole filesystem `fd` is on (`syncfs(2)`): one call makes a copy of
+/// many files durable, where one fsync per file would cost a journal commit each.
+pub fn syncfs(fd: RawFd) -> SysResult<()> {
+    // SAFETY: plain syscall.
+    check(unsafe { libc::syncfs(fd) }).map(drop)
+}
+
 pub fn raw(fd: &OwnedFd) -> RawFd {
     fd.as_raw_fd()
 }

@@ -4,6 +4,8 @@
 //! ```text
 //! volumes/<name>/     the data clients see
 //! meta/<name>.json    size limit, owner, squash policy, stable numeric id
+//! meta/<name>.sha256  per-file checksums of a volume made as a copy (see `staging`)
+//! staging/            copies being built (`<name>.partial`; see `staging`)
 //! trash/              deletions in progress (renamed here first, then removed)
 //! node.key            per-node secret keying file-handle MACs (0600)
 //! last-id             highest volume id ever issued (ids are never reused)
@@ -18,6 +20,7 @@
 
 mod name;
 mod spec;
+mod staging;
 mod store;
 
 pub use name::{InvalidName, VolumeName};
@@ -25,4 +28,5 @@ pub use spec::{
     DEFAULT_WEIGHT, MAX_FILES, MAX_WEIGHT, MIN_BANDWIDTH, Squash, VolumeSpec, parse_mode,
     quantity_bytes,
 };
+pub use staging::Staging;
 pub use store::{Owner, Usage, VolumeMeta, VolumeStore, charge, write_atomic};

@@ -69,7 +69,7 @@ pub struct VolumeStore {
     root: PathBuf,
 }
 
-fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
+pub(super) fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
     let path = path.to_owned();
     move |source| Error::VolumeIo {
         action,
@@ -79,7 +79,9 @@ fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error
 }
 
 /// Held while the store changes; released when dropped.
-struct StoreLock(#[expect(dead_code, reason = "held for its drop, which unlocks")] fs::File);
+pub(super) struct StoreLock(
+    #[expect(dead_code, reason = "held for its drop, which unlocks")] fs::File,
+);
 
 impl VolumeStore {
     /// Serialises changes to the store, across threads and processes (the agent and a
@@ -90,7 +92,7 @@ impl VolumeStore {
     /// tree is removed from the trash after it is released (see `detach_locked`), so
     /// many reclaims at once wait on each other for a rename and two fsyncs, not for
     /// each other's data.
-    fn lock(&self) -> Result<StoreLock> {
+    pub(super) fn lock(&self) -> Result<StoreLock> {
         let path = self.root.join("lock");
         let f = fs::OpenOptions::new()
             .create(true)
@@ -129,6 +131,7 @@ impl VolumeStore {
             let path = entry.map_err(io("list trash", &trash))?.path();
             remove_tree(&path)?;
         }
+        store.remove_unfinished_copies()?;
         Ok(store)
     }
 
@@ -140,7 +143,7 @@ impl VolumeStore {
         self.root.join("volumes")
     }
 
-    fn meta_dir(&self) -> PathBuf {
+    pub(super) fn meta_dir(&self) -> PathBuf {
         self.root.join("meta")
     }
 
@@ -153,7 +156,7 @@ impl VolumeStore {
         self.volumes_dir().join(name.as_str())
     }
 
-    fn meta_path(&self, name: &VolumeName) -> PathBuf {
+    pub(super) fn meta_path(&self, name: &VolumeName) -> PathBuf {
         self.meta_dir().join(format!("{name}.json"))
     }
 
@@ -392,6 +395,7 @@ impl VolumeStore {
         sync_dir(&self.volumes_dir())?;
         let meta_path = self.meta_path(name);
         fs::remove_file(&meta_path).map_err(io("remove volume metadata", &meta_path))?;
+        self.remove_manifest(name)?;
         sync_dir(&self.meta_dir())?;
         Ok(trash)
     }
@@ -423,6 +427,7 @@ impl VolumeStore {
         sync_dir(&self.volumes_dir())?;
         let meta_path = self.meta_path(name);
         fs::remove_file(&meta_path).map_err(io("remove volume metadata", &meta_path))?;
+        self.remove_manifest(name)?;
         sync_dir(&self.meta_dir())?;
         Ok(dest)
     }
@@ -496,7 +501,7 @@ impl VolumeStore {
         Ok(usage)
     }
 
-    fn write_meta(&self, meta: &VolumeMeta) -> Result<()> {
+    pub(super) fn write_meta(&self, meta: &VolumeMeta) -> Result<()> {
         let path = self.meta_path(&meta.name);
         let bytes = serde_json::to_vec_pretty(meta).map_err(|e| Error::VolumeIo {
             action: "encode volume metadata",
@@ -506,7 +511,7 @@ impl VolumeStore {
         write_atomic(&path, &bytes, 0o644)
     }
 
-    fn next_id(&self) -> Result<u32> {
+    pub(super) fn next_id(&self) -> Result<u32> {
         let path = self.root.join("last-id");
         let last = match fs::read_to_string(&path) {
             Ok(s) => s.trim().parse::<u32>().unwrap_or(0),
@@ -559,13 +564,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     sync_dir(path.parent().unwrap_or(Path::new("/")))
 }
 
-fn sync_dir(dir: &Path) -> Result<()> {
+pub(super) fn sync_dir(dir: &Path) -> Result<()> {
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io("sync directory", dir))
 }
 
-fn remove_tree(path: &Path) -> Result<()> {
+pub(super) fn remove_tree(path: &Path) -> Result<()> {
     match fs::remove_dir_all(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

@@ -24,6 +24,8 @@ pub const MIB: u64 = 1 << 20;
 /// A server on a temp root, stopped (and its root removed) when dropped.
 pub struct Served {
     pub addr: SocketAddr,
+    /// What the server serves: the copy tests call it as the agent does.
+    pub exports: Arc<Exports>,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
     _root: tempfile::TempDir,
@@ -67,10 +69,14 @@ impl Served {
             .expect("bind");
         let addr = listener.local_addr().expect("address");
         let shutdown = CancellationToken::new();
-        let task =
-            tokio::spawn(Server::new(exports, limits).serve(listener, allow, shutdown.clone()));
+        let task = tokio::spawn(Server::new(exports.clone(), limits).serve(
+            listener,
+            allow,
+            shutdown.clone(),
+        ));
         Served {
             addr,
+            exports,
             shutdown,
             task,
             _root: root,
@@ -248,6 +254,19 @@ impl Client {
             count: 0,
         };
         status(self.nfs.commit(&args).await.expect("rpc")).map(|ok| ok.verf)
+    }
+
+    /// SETATTR of the size alone (a truncate or an extension).
+    pub async fn truncate(&mut self, fh: &nfs_fh3, size: u64) -> Result<(), nfsstat3> {
+        let args = SETATTR3args {
+            object: fh.clone(),
+            new_attributes: sattr3 {
+                size: Nfs3Option::Some(size),
+                ..sattr3::default()
+            },
+            guard: Nfs3Option::None,
+        };
+        status(self.nfs.setattr(&args).await.expect("rpc")).map(|_| ())
     }
 
     pub async fn remove(&mut self, dir: &nfs_fh3, name: &[u8]) -> Result<(), nfsstat3> {

@@ -1,0 +1,416 @@
+//! Point-in-time copies of a live volume (`Exports::clone_volume`) against the
+//! in-process server, with a client changing the source over RPC while the copy runs:
+//! the copy is the source as it was at one instant between the call and its return
+//! (every call acknowledged before it started is in, the state is one the source
+//! really had), and a copy that cannot finish leaves nothing.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use localnfs_nfs::Error;
+use localnfs_nfs::volume::{Owner, VolumeName, VolumeSpec, VolumeStore};
+use nfs3_types::nfs3::*;
+use support::{MIB, Served};
+
+fn name(s: &str) -> VolumeName {
+    VolumeName::new(s).expect("volume name")
+}
+
+fn owner() -> Owner {
+    Owner {
+        claim_uid: "uid-copy".into(),
+        namespace: "db".into(),
+        claim: "data-1".into(),
+    }
+}
+
+/// Every regular file under `dir` (relative path → bytes); directories as `path/`.
+fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("list") {
+            let p = e.expect("entry").path();
+            let rel = p
+                .strip_prefix(dir)
+                .expect("inside")
+                .to_string_lossy()
+                .into_owned();
+            if p.is_dir() {
+                out.insert(format!("{rel}/"), Vec::new());
+                stack.push(p);
+            } else {
+                out.insert(rel, std::fs::read(&p).expect("read"));
+            }
+        }
+    }
+    out
+}
+
+/// One acknowledged change, as the writer's model applies it.
+#[derive(Clone, Debug)]
+enum Op {
+    Write(String, u64, Vec<u8>),
+    Truncate(String, u64),
+    Create(String),
+    Remove(String),
+    Rename(String, String),
+}
+
+fn apply(model: &mut BTreeMap<String, Vec<u8>>, op: &Op) -> Vec<String> {
+    match op {
+        Op::Write(p, off, data) => {
+            let f = model.get_mut(p).expect("written file exists");
+            let end = *off as usize + data.len();
+            if f.len() < end {
+                f.resize(end, 0);
+            }
+            f[*off as usize..end].copy_from_slice(data);
+            vec![p.clone()]
+        }
+        Op::Truncate(p, size) => {
+            model
+                .get_mut(p)
+                .expect("truncated file exists")
+                .resize(*size as usize, 0);
+            vec![p.clone()]
+        }
+        Op::Create(p) => {
+            model.insert(p.clone(), Vec::new());
+            vec![p.clone()]
+        }
+        Op::Remove(p) => {
+            model.remove(p);
+            vec![p.clone()]
+        }
+        Op::Rename(a, b) => {
+            let data = model.remove(a).expect("renamed file exists");
+            model.insert(b.clone(), data);
+            vec![a.clone(), b.clone()]
+        }
+    }
+}
+
+/// A small deterministic generator (no dependency, same run every time).
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+const FILES: usize = 300;
+const FILE_SIZE: usize = 128 * 1024;
+
+/// The source as the test writes it before serving: `FILES` files of `FILE_SIZE`
+/// distinct bytes in the root and in `sub/`.
+fn preload(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    std::fs::create_dir(dir.join("sub")).expect("mkdir");
+    let mut model = BTreeMap::new();
+    model.insert("sub/".to_string(), Vec::new());
+    for i in 0..FILES {
+        let rel = if i % 3 == 0 {
+            format!("sub/f{i}")
+        } else {
+            format!("f{i}")
+        };
+        let data: Vec<u8> = (0..FILE_SIZE).map(|b| (b * 7 + i) as u8).collect();
+        std::fs::write(dir.join(&rel), &data).expect("write");
+        model.insert(rel, data);
+    }
+    model
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_of_a_volume_being_written_is_the_volume_at_one_instant_with_every_acknowledged_call()
+ {
+    let server = Served::start(&[("src", 256 * MIB)]).await;
+    let ex = server.exports.clone();
+    let initial = preload(&ex.store().data_dir(&name("src")));
+    ex.recount_usage();
+
+    let mut c = server.mount("src").await;
+    let root = c.root.clone();
+    let sub = c.lookup(&root, b"sub").await.expect("LOOKUP sub");
+    let acked = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (acked, stop) = (acked.clone(), stop.clone());
+        let mut model = initial.clone();
+        tokio::spawn(async move {
+            let mut rng = Lcg(23);
+            let mut log = Vec::new();
+            let mut serial = 0u32;
+            let dir_of = |p: &str| if p.starts_with("sub/") { 1 } else { 0 };
+            let base = |p: &str| p.rsplit('/').next().unwrap_or(p).as_bytes().to_vec();
+            while !stop.load(Ordering::Acquire) || log.len() < 50 {
+                let files: Vec<String> = model
+                    .keys()
+                    .filter(|k| !k.ends_with('/'))
+                    .cloned()
+                    .collect();
+                let pick = files[rng.below(files.len() as u64) as usize].clone();
+                let dirs = [&root, &sub];
+                let fh = c
+                    .lookup(dirs[dir_of(&pick)], &base(&pick))
+                    .await
+                    .expect("LOOKUP a file the model has");
+                serial += 1;
+                let size = model[&pick].len() as u64;
+                let op = match rng.below(10) {
+                    0..=3 => {
+                        let off = rng.below(size + 1);
+                        let len = 1 + rng.below(48 * 1024) as usize;
+                        let data: Vec<u8> = (0..len).map(|b| (b as u32 ^ serial) as u8).collect();
+                        c.write(&fh, off, &data, stable_how::FILE_SYNC)
+                            .await
+                            .expect("WRITE");
+                        Op::Write(pick, off, data)
+                    }
+                    4 => {
+                        let data = serial.to_be_bytes().repeat(1024);
+                        c.write(&fh, size, &data, stable_how::FILE_SYNC)
+                            .await
+                            .expect("append");
+                        Op::Write(pick, size, data)
+                    }
+                    5 => {
+                        let to = rng.below(size + 1);
+                        c.truncate(&fh, to).await.expect("SETATTR size");
+                        Op::Truncate(pick, to)
+                    }
+                    6 if files.len() > 20 => {
+                        c.remove(dirs[dir_of(&pick)], &base(&pick))
+                            .await
+                            .expect("REMOVE");
+                        Op::Remove(pick)
+                    }
+                    7 | 8 => {
+                        // To a new name or over another file, maybe across directories.
+                        let to = if rng.below(2) == 0 {
+                            files[rng.below(files.len() as u64) as usize].clone()
+                        } else if rng.below(2) == 0 {
+                            format!("sub/n{serial}")
+                        } else {
+                            format!("n{serial}")
+                        };
+                        if to == pick {
+                            continue;
+                        }
+                        c.rename(
+                            (dirs[dir_of(&pick)], &base(&pick)),
+                            (dirs[dir_of(&to)], &base(&to)),
+                        )
+                        .await
+                        .expect("RENAME");
+                        Op::Rename(pick, to)
+                    }
+                    _ => {
+                        let p = format!("c{serial}");
+                        let fh = c.create(&root, p.as_bytes()).await.expect("CREATE");
+                        log.push(Op::Create(p.clone()));
+                        apply(&mut model, log.last().expect("just pushed"));
+                        acked.fetch_add(1, Ordering::AcqRel);
+                        let data = vec![serial as u8; 8192];
+                        c.write(&fh, 0, &data, stable_how::FILE_SYNC)
+                            .await
+                            .expect("WRITE new file");
+                        Op::Write(p, 0, data)
+                    }
+                };
+                apply(&mut model, &op);
+                log.push(op);
+                acked.fetch_add(1, Ordering::AcqRel);
+            }
+            log
+        })
+    };
+    // Let the writer get going, then copy.
+    while acked.load(Ordering::Acquire) < 20 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let before = acked.load(Ordering::Acquire);
+    let copied = {
+        let ex = ex.clone();
+        tokio::task::spawn_blocking(move || {
+            ex.clone_volume(
+                &name("src"),
+                &VolumeSpec::new(name("copy"), 256 * MIB),
+                &owner(),
+            )
+        })
+        .await
+        .expect("copy task")
+    };
+    let after = acked.load(Ordering::Acquire);
+    stop.store(true, Ordering::Release);
+    let log = writer.await.expect("writer");
+    let (meta, report) = copied.expect("copy");
+    println!(
+        "copy: {report:?}; {} calls acknowledged before it, {} while it ran",
+        before,
+        after - before
+    );
+    assert_eq!(meta.owner, Some(owner()));
+    assert!(after - before >= 5, "the writer barely ran during the copy");
+
+    let copy = tree(&ex.store().data_dir(&name("copy")));
+    // The copy must be the model after some prefix of the log: at least every call
+    // acknowledged before the copy started, at most one more than were acknowledged
+    // when it returned (the one in flight then).
+    let mut model = initial.clone();
+    for op in &log[..before] {
+        apply(&mut model, op);
+    }
+    let differs = |model: &BTreeMap<String, Vec<u8>>, p: &String| model.get(p) != copy.get(p);
+    let mut bad: std::collections::BTreeSet<String> = model
+        .keys()
+        .chain(copy.keys())
+        .filter(|p| differs(&model, p))
+        .cloned()
+        .collect();
+    let mut matched = None;
+    for k in before..=(after + 1).min(log.len()) {
+        if bad.is_empty() {
+            matched = Some(k);
+            break;
+        }
+        if k == log.len() {
+            break;
+        }
+        for p in apply(&mut model, &log[k]) {
+            if differs(&model, &p) {
+                bad.insert(p);
+            } else {
+                bad.remove(&p);
+            }
+        }
+    }
+    let k = matched.unwrap_or_else(|| {
+        panic!(
+            "the copy is no state the source had between calls {before} and {after}; paths that differ at the last: {:?}",
+            bad.iter().take(10).collect::<Vec<_>>()
+        )
+    });
+    println!("the copy is the source after call {k} of {}", log.len());
+    assert!(
+        report.preserved > 0,
+        "no change had to be preserved: the copy did not overlap the writer"
+    );
+    assert_eq!(
+        report.files as usize,
+        copy.keys().filter(|p| !p.ends_with('/')).count()
+    );
+
+    // The manifest names every file with its checksum.
+    let manifest =
+        std::fs::read_to_string(ex.store().manifest_path(&name("copy"))).expect("manifest");
+    let mut listed = 0;
+    for line in manifest.lines() {
+        let (hash, path) = line.split_once("  ").expect("sha256sum line");
+        let digest = ring::digest::digest(&ring::digest::SHA256, &copy[path]);
+        let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hash, hex, "{path}");
+        listed += 1;
+    }
+    assert_eq!(listed, report.files);
+
+    // The copy is a volume the server serves.
+    let mut cc = server.mount("copy").await;
+    let croot = cc.root.clone();
+    let (names, _) = cc.list(&croot, 8192).await.expect("READDIRPLUS the copy");
+    assert!(names.iter().any(|n| n == b"sub"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_copy_into_a_volume_smaller_than_the_data_fails_and_leaves_nothing() {
+    let server = Served::start(&[("src", 64 * MIB)]).await;
+    let ex = server.exports.clone();
+    let dir = ex.store().data_dir(&name("src"));
+    std::fs::write(dir.join("big"), vec![1u8; 4 * MIB as usize]).expect("write");
+    ex.recount_usage();
+    let ex2 = ex.clone();
+    let r = tokio::task::spawn_blocking(move || {
+        ex2.clone_volume(&name("src"), &VolumeSpec::new(name("small"), MIB), &owner())
+    })
+    .await
+    .expect("task");
+    assert!(
+        matches!(r, Err(Error::CloneTooLarge { .. })),
+        "too small a target: {r:?}"
+    );
+    assert!(ex.store().get(&name("small")).expect("get").is_none());
+    assert!(!ex.store().data_dir(&name("small")).exists());
+    let staging = ex.store().root().join("staging");
+    let left: Vec<_> = std::fs::read_dir(&staging)
+        .map(|d| d.map(|e| e.expect("entry").file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "staging leftovers: {left:?}");
+
+    let r = ex.clone_volume(&name("nope"), &VolumeSpec::new(name("x"), MIB), &owner());
+    assert!(matches!(r, Err(Error::VolumeNotFound { .. })), "{r:?}");
+    let r = ex.clone_volume(
+        &name("src"),
+        &VolumeSpec::new(name("src"), 64 * MIB),
+        &owner(),
+    );
+    assert!(matches!(r, Err(Error::VolumeExists { .. })), "{r:?}");
+    server.stop().await;
+}
+
+#[test]
+fn leftovers_of_an_interrupted_copy_are_removed_when_the_store_opens() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = VolumeStore::open(dir.path()).expect("store");
+    store
+        .create(&VolumeSpec::new(name("kept"), MIB))
+        .expect("create");
+    std::fs::write(store.data_dir(&name("kept")).join("f"), b"data").expect("write");
+    // A copy killed while building (a staging tree, no lock holder) and one killed
+    // between moving its data into place and writing its metadata.
+    let staging = dir.path().join("staging");
+    std::fs::create_dir_all(staging.join("dead.partial/data/sub")).expect("mkdir");
+    std::fs::write(staging.join("dead.partial/data/sub/x"), b"half").expect("write");
+    std::fs::create_dir_all(staging.join("moved.partial")).expect("mkdir");
+    std::fs::create_dir_all(store.data_dir(&name("moved"))).expect("mkdir");
+    std::fs::write(store.data_dir(&name("moved")).join("x"), b"half").expect("write");
+    // A copy a live process is building stays.
+    let live = store.begin_copy(&name("live")).expect("begin");
+
+    let reopened = VolumeStore::open(dir.path()).expect("reopen");
+    let names: Vec<String> = reopened
+        .list()
+        .expect("list")
+        .iter()
+        .map(|m| m.name.to_string())
+        .collect();
+    assert_eq!(names, ["kept"]);
+    assert!(!staging.join("dead.partial").exists());
+    assert!(!staging.join("moved.partial").exists());
+    assert!(
+        !reopened.data_dir(&name("moved")).exists(),
+        "half-made volume left"
+    );
+    assert!(
+        staging.join("live.partial").exists(),
+        "a live copy was removed"
+    );
+    assert_eq!(
+        std::fs::read(reopened.data_dir(&name("kept")).join("f")).expect("read"),
+        b"data"
+    );
+    drop(live);
+    assert!(!staging.join("live.partial").exists());
+}
