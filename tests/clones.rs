@@ -14,9 +14,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{
-    Namespace, PersistentVolume, PersistentVolumeClaim, Pod, Secret,
-};
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim, Pod, Secret};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use localnfs::objects::keys::{
@@ -68,7 +66,12 @@ fn write_data(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 }
 
 /// The directory of claim `name`'s volume on its node (from its PV).
-async fn volume_dir(client: &Client, lnfs: &Localnfs, node: &str, name: &str) -> std::path::PathBuf {
+async fn volume_dir(
+    client: &Client,
+    lnfs: &Localnfs,
+    node: &str,
+    name: &str,
+) -> std::path::PathBuf {
     let pv = bound_pv(client, name).await;
     lnfs.root(node).join("volumes").join(nfs_target(&pv).2)
 }
@@ -143,13 +146,21 @@ async fn a_clone_holds_its_sources_files_on_the_sources_node() {
         lnfs.logs()
     );
     let copy_dir = volume_dir(&client, &lnfs, "node-1", "copy").await;
-    assert_eq!(files(&copy_dir), data, "the clone does not hold the source's files");
+    assert_eq!(
+        files(&copy_dir),
+        data,
+        "the clone does not hold the source's files"
+    );
     event_saying(&client, "default", "copy", "VolumeCloned", "default/src").await;
 
     // A copy, not a link: writing the clone leaves the source as it was.
     std::fs::write(copy_dir.join("precious"), b"changed").expect("write clone");
     let src_dir = volume_dir(&client, &lnfs, "node-1", "src").await;
-    assert_eq!(files(&src_dir), data, "writing the clone changed the source");
+    assert_eq!(
+        files(&src_dir),
+        data,
+        "writing the clone changed the source"
+    );
     assert!(
         volume_dirs(&lnfs, "node-2").is_empty(),
         "nothing belongs on node-2: {:?}",
@@ -217,7 +228,14 @@ async fn clones_that_cannot_be_made_are_refused_and_make_no_volume() {
         uids.push(create_claim(&client, pvc).await.uid().expect("uid"));
     }
     for (pvc, words) in &cases {
-        event_saying(&client, "default", &pvc.name_any(), "ProvisioningFailed", words).await;
+        event_saying(
+            &client,
+            "default",
+            &pvc.name_any(),
+            "ProvisioningFailed",
+            words,
+        )
+        .await;
     }
     // The cross-node clone's node choice went back to the scheduler.
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
@@ -232,7 +250,12 @@ async fn clones_that_cannot_be_made_are_refused_and_make_no_volume() {
         assert!(pvs.get_opt(&pv).await.expect("read").is_none(), "{pv} made");
     }
     let src_volume = nfs_target(&bound_pv(&client, "src").await).2;
-    assert_eq!(volume_dirs(&lnfs, "node-1"), vec![src_volume], "{}", lnfs.logs());
+    assert_eq!(
+        volume_dirs(&lnfs, "node-1"),
+        vec![src_volume],
+        "{}",
+        lnfs.logs()
+    );
     assert!(volume_dirs(&lnfs, "node-2").is_empty());
 }
 
@@ -267,7 +290,11 @@ async fn a_request_naming_another_namespaces_volume_is_refused_by_the_agent() {
     let tenant: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "tenant");
     // (claim, namespace the request says the source is in, what the refusal says)
     let cases = [
-        ("honest", "default", "in another namespace than this claim's (tenant)"),
+        (
+            "honest",
+            "default",
+            "in another namespace than this claim's (tenant)",
+        ),
         ("lying", "tenant", "belongs to claim default/db-0"),
     ];
     for (name, source_ns, _) in cases {
@@ -277,7 +304,10 @@ async fn a_request_naming_another_namespaces_volume_is_refused_by_the_agent() {
         let pvc = create_claim(&client, &pvc).await;
         let uid = pvc.uid().expect("uid");
         let request = VolumeRequest::clone_of(
-            VolumeSpec::new(VolumeName::new(&format!("pvc-{uid}")).expect("name"), 1 << 20),
+            VolumeSpec::new(
+                VolumeName::new(&format!("pvc-{uid}")).expect("name"),
+                1 << 20,
+            ),
             uid,
             "node-1".into(),
             CloneSource {
@@ -375,5 +405,9 @@ async fn a_statefulsets_new_replicas_start_from_ordinal_0s_data() {
         Some("data-db-0".to_owned()),
         "the StatefulSet controller copies the template's dataSource"
     );
-    assert_eq!(files(&second), data, "ordinal 1 does not hold ordinal 0's data");
+    assert_eq!(
+        files(&second),
+        data,
+        "ordinal 1 does not hold ordinal 0's data"
+    );
 }

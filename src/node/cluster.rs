@@ -34,7 +34,7 @@ use crate::nfs::{AllowList, Exports, Network};
 use crate::objects::claim::pv_name;
 use crate::objects::keys::*;
 use crate::objects::reclaim::{self, Reclaim};
-use crate::objects::request::REQUEST_VERSION;
+use crate::objects::request::{CloneSource, REQUEST_VERSION};
 use crate::objects::signed::{self, Message, Signer};
 use crate::objects::usage;
 use crate::volume::{Owner, VolumeName};
@@ -329,10 +329,27 @@ async fn reconcile_claim(pvc: Arc<PersistentVolumeClaim>, agent: Arc<Agent>) -> 
                 claim: name.clone(),
             };
             let spec = request.spec.clone();
-            match agent
-                .store_op(&volume, move |s| s.create_for(&spec, &owner))
-                .await
-            {
+            let made = match &request.clone {
+                None => {
+                    agent
+                        .store_op(&volume, move |s| s.create_for(&spec, &owner))
+                        .await
+                }
+                Some(source) => {
+                    let recorded = agent
+                        .exports
+                        .by_name(&source.volume)
+                        .map(|v| v.meta.owner.clone());
+                    if let Err(why) =
+                        step::clone_check(source, &ns, recorded.as_ref().map(Option::as_ref))
+                    {
+                        let why = format!("node {}: not cloning: {why}", agent.node);
+                        return refuse(&agent, &pvc, &claims, why).await;
+                    }
+                    clone(&agent, &pvc, source, spec, owner).await
+                }
+            };
+            match made {
                 Ok(meta) => {
                     tracing::info!(volume = %meta.name, size = meta.size_bytes, "created volume");
                     agent.exports.label_claim(&meta.name, &ns, &name);
@@ -355,11 +372,65 @@ async fn reconcile_claim(pvc: Arc<PersistentVolumeClaim>, agent: Arc<Agent>) -> 
                     return refuse(&agent, &pvc, &claims, format!("node {}: {e}", agent.node))
                         .await;
                 }
+                Err(Error::Nfs(e)) if request.clone.is_some() => {
+                    // A copy that could not finish left nothing behind (the engine's
+                    // promise); say why, and try again when the refusal is retried.
+                    let why = format!("node {}: the copy failed: {e}", agent.node);
+                    return refuse(&agent, &pvc, &claims, why).await;
+                }
                 Err(e) => return Err(e),
             }
         }
     }
     Ok(Action::await_change())
+}
+
+/// Makes volume `spec` for `owner` as a copy of `source` (checked by
+/// [`step::clone_check`]), or finds it made: a clone finished before an agent restart
+/// is answered, not copied again. Says what the copy took in an event.
+async fn clone(
+    agent: &Agent,
+    pvc: &PersistentVolumeClaim,
+    source: &CloneSource,
+    spec: crate::volume::VolumeSpec,
+    owner: Owner,
+) -> Result<crate::volume::VolumeMeta> {
+    if let Some(done) = agent.exports.by_name(&spec.name)
+        && done.meta.owner.as_ref() == Some(&owner)
+    {
+        return Ok(done.meta.clone());
+    }
+    let (exports, from, target) = (
+        agent.exports.clone(),
+        source.volume.clone(),
+        spec.name.clone(),
+    );
+    let (meta, report) = tokio::task::spawn_blocking(move || {
+        let made = exports.clone_volume(&from, &spec, &owner);
+        // Also after a failure: whatever exists is served as it is.
+        exports.refresh_volume(&target)?;
+        made
+    })
+    .await
+    .map_err(|e| Error::BuildObject(format!("clone task failed: {e}")))??;
+    agent.changed.notify_one();
+    let note = format!(
+        "node {}: volume {} holds a copy of claim {}/{}'s volume {} ({} files, {} bytes) taken in {:.3} s; the source's writes paused {:.1} ms",
+        agent.node,
+        meta.name,
+        source.namespace,
+        source.claim,
+        source.volume,
+        report.files,
+        report.bytes,
+        report.took.as_secs_f64(),
+        report.pause.as_secs_f64() * 1000.0,
+    );
+    tracing::info!(volume = %meta.name, source = %source.volume, files = report.files, bytes = report.bytes, took = ?report.took, pause = ?report.pause, "cloned volume");
+    agent
+        .event(pvc, EventType::Normal, "VolumeCloned", note)
+        .await;
+    Ok(meta)
 }
 
 /// Refuses the claim's request: a `ProvisioningFailed` event saying `why`, and the
