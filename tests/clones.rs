@@ -22,8 +22,9 @@ use localnfs::objects::keys::{
 };
 use localnfs::objects::request::{CloneSource, VolumeRequest};
 use localnfs::objects::signed::{self, Signer};
+use localnfs::scheduler::config::extender_entry;
 use localnfs::volume::{VolumeName, VolumeSpec};
-use localnfs_testbed::{TestCluster, kubelet};
+use localnfs_testbed::{ClusterOptions, TestCluster, kubelet};
 use serde_json::json;
 use support::cluster::*;
 use support::eventually;
@@ -111,9 +112,25 @@ fn clone_of(source: &str) -> serde_json::Value {
 /// volume), classes `now` (Immediate) and `wait` (WaitForFirstConsumer), and claim
 /// `src` placed on node-1 (as the scheduler would have chosen) holding a few files.
 async fn two_nodes_and_a_source() -> (TestCluster, Localnfs, BTreeMap<String, Vec<u8>>) {
-    let (cluster, lnfs) =
-        start_localnfs(&[("node-1", ip(131), "5Gi"), ("node-2", ip(132), "10Gi")]).await;
+    let cluster = TestCluster::start().await.expect("control plane");
+    with_source(cluster, 131).await
+}
+
+/// [`two_nodes_and_a_source`] on `cluster`, the nodes at 127.0.0.`first` and the next.
+async fn with_source(
+    cluster: TestCluster,
+    first: u8,
+) -> (TestCluster, Localnfs, BTreeMap<String, Vec<u8>>) {
     let client = cluster.client();
+    let mut lnfs = Localnfs::new(&cluster).await;
+    lnfs.start_nodes_and_controller(
+        &client,
+        &[
+            ("node-1", ip(first), "5Gi"),
+            ("node-2", ip(first + 1), "10Gi"),
+        ],
+    )
+    .await;
     storage_class(&client, "now", json!({"volumeBindingMode": "Immediate"})).await;
     storage_class(
         &client,
@@ -166,6 +183,42 @@ async fn a_clone_holds_its_sources_files_on_the_sources_node() {
         "nothing belongs on node-2: {:?}",
         volume_dirs(&lnfs, "node-2")
     );
+}
+
+#[tokio::test]
+async fn a_pod_whose_claim_clones_runs_on_the_sources_node() {
+    let (webhook_port, extender_port) = (free_port(), free_port());
+    let cluster = TestCluster::start_with(ClusterOptions {
+        scheduler_extenders: vec![extender_entry(&format!("http://127.0.0.1:{extender_port}"))],
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("control plane");
+    let (cluster, mut lnfs, data) = with_source(cluster, 161).await;
+    let client = cluster.client();
+    lnfs.start_scheduler(&client, webhook_port, extender_port)
+        .await;
+    // WaitForFirstConsumer: the scheduler picks the node. Left to itself it prefers
+    // node-2 (the helper scores free space, and node-2 has twice node-1's); only the
+    // clone's source pins it to node-1.
+    create_claim(&client, &claim("copy", "wait", "1Mi", clone_of("src"))).await;
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "reader"},
+        "spec": {"containers": [{"name": "c", "image": "c"}],
+                 "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "copy"}}]},
+    }))
+    .expect("pod");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("create pod");
+    let node = eventually("reader scheduled", WAIT, || async {
+        pods.get("reader").await.ok()?.spec?.node_name
+    })
+    .await;
+    assert_eq!(node, "node-1", "{}", lnfs.logs());
+    let copy_dir = volume_dir(&client, &lnfs, "node-1", "copy").await;
+    assert_eq!(files(&copy_dir), data);
 }
 
 #[tokio::test]
