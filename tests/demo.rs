@@ -1,4 +1,5 @@
-//! `localnfs demo` as a user runs it: it comes up, provisions a StatefulSet's volumes,
+//! `localnfs demo` as a user runs it: it comes up, provisions a StatefulSet's volumes
+//! (the replicas scaled out as clones of the first's),
 //! mounts them with its node's Linux kernel NFS client, shows a rebuilt pod finding
 //! its data (sent home by the scheduler helper), serves its admin endpoints, and on
 //! SIGTERM stops every process it started (the node's kernel too) and removes its
@@ -47,6 +48,8 @@ async fn demo_stops_everything_it_started_on_sigterm() {
     let mut admin = None;
     let mut localnfs_pids = Vec::new();
     let mut rebuilt_found_data = false;
+    // mysql-2 is scaled out by clone: its volume holds what mysql-0 wrote.
+    let mut clone_found_data = false;
     let mut kernel_pid = None;
     let read_report = async {
         while let Some(line) = lines.next_line().await.expect("read stdout") {
@@ -68,6 +71,9 @@ async fn demo_stops_everything_it_started_on_sigterm() {
                 && line.contains("preferred node affinity for node-1")
             {
                 rebuilt_found_data = true;
+            }
+            if line.contains("its volume is a copy holding data-mysql-0.txt: mysql-0 wrote this") {
+                clone_found_data = true;
             }
             if let Some(rest) = line.trim().strip_prefix("admin endpoints: http://") {
                 let addr = rest.split('/').next().expect("address");
@@ -91,6 +97,10 @@ async fn demo_stops_everything_it_started_on_sigterm() {
     assert!(
         rebuilt_found_data,
         "the rebuilt pod did not find its data or got no affinity from the helper"
+    );
+    assert!(
+        clone_found_data,
+        "no replica scaled out by clone found mysql-0's data in its volume"
     );
     pids.extend(localnfs_pids);
     pids.push(kernel_pid.expect("report lists the node's kernel"));

@@ -1,9 +1,11 @@
 //! The demo's volume flow on the embedded cluster: a node agent, a controller and the
 //! scheduler helper (this same binary, as child processes), the default StorageClass,
-//! a `mysql` StatefulSet scaled 1 → 3, each pod's volume mounted by the node's Linux
-//! kernel exactly as kubelet mounts it (`mount -t nfs` with the PV's server, path and
-//! mountOptions) and the pod's data written there, and a pod deleted and rebuilt that
-//! finds its data again through the same kernel client.
+//! a `mysql` StatefulSet scaled 1 → 3 by clone (its claim template's dataSource names
+//! ordinal 0's claim, so the new replicas' volumes start as copies of mysql-0's), each
+//! pod's volume mounted by the node's Linux kernel exactly as kubelet mounts it
+//! (`mount -t nfs` with the PV's server, path and mountOptions) and the pod's data
+//! written there, and a pod deleted and rebuilt that finds its data again through the
+//! same kernel client.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -213,12 +215,16 @@ pub async fn run(client: &Client, node: Arc<KernelNode>) -> Result<Outcome> {
     )
     .await?;
     let sets: Api<StatefulSet> = Api::namespaced(client.clone(), "default");
-    create(&sets, mysql(1, "localnfs"), "StatefulSet mysql").await?;
-    println!("StorageClass localnfs and StatefulSet mysql (1 replica) applied");
+    create(&sets, mysql_cloned(1, "localnfs"), "StatefulSet mysql").await?;
+    println!(
+        "StorageClass localnfs and StatefulSet mysql (1 replica; new replicas' volumes start as copies of mysql-0's) applied"
+    );
     let log = Shared::default();
     let _kubelet = DemoKubelet::start(client.clone(), log.clone(), node);
     wait_ready(client, 1).await?;
-    println!("scaling mysql to 3 replicas (kubectl scale statefulset mysql --replicas=3)");
+    println!(
+        "scaling mysql to 3 replicas by clone (kubectl scale statefulset mysql --replicas=3): mysql-1 and mysql-2 get copies of mysql-0's volume"
+    );
     sets.patch_scale(
         "mysql",
         &PatchParams::default(),
@@ -314,6 +320,15 @@ pub fn mysql(replicas: i32, class: &str) -> serde_json::Value {
             }],
         },
     })
+}
+
+/// [`mysql`] whose claim template's dataSource names ordinal 0's claim: new replicas'
+/// volumes start as copies of mysql-0's (README, "Clones").
+pub fn mysql_cloned(replicas: i32, class: &str) -> serde_json::Value {
+    let mut sts = mysql(replicas, class);
+    sts["spec"]["volumeClaimTemplates"][0]["spec"]["dataSource"] =
+        json!({"kind": "PersistentVolumeClaim", "name": "data-mysql-0"});
+    sts
 }
 
 async fn wait_ready(client: &Client, n: usize) -> Result<()> {
@@ -452,11 +467,15 @@ async fn mount_and_touch(
         "{pod} wrote this at {}",
         k8s_openapi::jiff::Timestamp::now()
     );
+    // A cloned volume also holds what the replica it was copied from wrote.
     let work = format!(
         "echo 3 > /proc/sys/vm/drop_caches; \
          if [ -e {file} ]; then printf 'found its data: %s' \"$(cat {file})\"; \
-         else printf %s {t} > {file} && sync {file} && printf 'wrote: %s' {t}; fi",
+         else printf %s {t} > {file} && sync {file} && printf 'wrote: %s' {t}; fi; \
+         for g in {dir}/data-*.txt; do [ -e \"$g\" ] && [ \"$g\" != {file} ] && \
+         printf '; its volume is a copy holding %s: %s' \"$(basename \"$g\")\" \"$(cat \"$g\")\"; done; true",
         t = quote(&text),
+        dir = quote(target),
     );
     let did = node.run_ok(&work, WAIT).await?;
     Ok(format!(

@@ -2,8 +2,9 @@
 //! report a person can read: control plane (kube-scheduler calling the helper's
 //! extender), a Ready node that is a real Linux kernel (a User-Mode Linux guest on a
 //! private network, see `localnfs_testbed::kernel`), the node agent, the controller and the
-//! scheduler helper, a StatefulSet scaled 1 → 3 whose volumes the node's kernel mounts
-//! as kubelet would and writes into, a deleted pod rebuilt onto its node with the
+//! scheduler helper, a StatefulSet scaled 1 → 3 by clone (the new replicas' volumes
+//! start as copies of the first's) whose volumes the node's kernel mounts as kubelet
+//! would and writes into, a deleted pod rebuilt onto its node with the
 //! helper's affinity finding its data (see [`flow`]), and the `localnfs status` table.
 //! Ctrl-C (or `--run-for`) tears everything down. Needs root (network namespaces).
 
