@@ -199,14 +199,15 @@ async fn bad_requests_get_provisioning_failed_events_and_nothing_is_made() {
             "selector",
         ),
         (
-            "clone",
+            // Clones of claims are provisioned (tests/clones.rs); snapshots are not.
+            "snapshot",
             claim(
-                "clone",
+                "snapshot",
                 "now",
                 "1Gi",
-                json!({"dataSource": {"kind": "PersistentVolumeClaim", "name": "block"}}),
+                json!({"dataSource": {"kind": "VolumeSnapshot", "apiGroup": "snapshot.storage.k8s.io", "name": "snap"}}),
             ),
-            "dataSource",
+            "dataSource of kind VolumeSnapshot.snapshot.storage.k8s.io is not supported",
         ),
         (
             "unknown-param",

@@ -271,18 +271,21 @@ mod tests {
         );
     }
 
+    /// (what, source claim, its PV, bytes asked for, words of the refusal, retry)
+    type Case = (
+        &'static str,
+        Option<PersistentVolumeClaim>,
+        Option<PersistentVolume>,
+        u64,
+        &'static str,
+        Duration,
+    );
+
     #[test]
     fn sources_that_cannot_be_copied_say_why_and_when_to_look_again() {
         let gi = 1u64 << 30;
         let deleting = json!({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}});
-        let cases: Vec<(
-            &str,
-            Option<PersistentVolumeClaim>,
-            Option<PersistentVolume>,
-            u64,
-            &str,
-            Duration,
-        )> = vec![
+        let cases: Vec<Case> = vec![
             (
                 "source missing",
                 None,
