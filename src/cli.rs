@@ -392,8 +392,26 @@ pub enum VolumeCommand {
     },
     /// Delete a volume and its data.
     Delete { name: VolumeName },
+    /// Copy a volume as it is at one instant into a new volume, while it is served
+    /// and written: the node agent serving ROOT makes the copy (it must be running);
+    /// this asks it, waits and prints the result (see the README).
+    Copy(CopyVolume),
     /// List volumes with size and usage.
     List,
+}
+
+#[derive(Debug, Args)]
+pub struct CopyVolume {
+    /// The volume to copy.
+    pub source: VolumeName,
+    /// The new volume (must not exist).
+    pub name: VolumeName,
+    /// The new volume's size limit (default: the source's): bytes or with a unit.
+    #[arg(long, value_parser = quantity_bytes)]
+    pub size: Option<u64>,
+    /// How long to wait for the agent's result.
+    #[arg(long, value_parser = parse_duration, default_value = "10m")]
+    pub timeout: std::time::Duration,
 }
 
 #[derive(Debug, Args)]

@@ -117,6 +117,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     registry.register_collector(Box::new(server.collector()));
     let admin = admin::start(args.admin.admin_addr, registry, &shutdown).await?;
     let (admin_addr, readiness) = (admin.addr, admin.readiness.clone());
+    volume_cmd::fail_interrupted_copies(&args.root);
     let refresher = {
         let (exports, shutdown) = (exports.clone(), shutdown.clone());
         tokio::spawn(async move {
@@ -137,6 +138,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
                     // A mount table save that failed is retried here until it lands.
                     ex.mounts.flush();
                     ex.access.reload();
+                    volume_cmd::serve_copy_requests(&ex);
                     ex.refresh()
                 });
                 match refreshed.await {

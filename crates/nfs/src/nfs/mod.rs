@@ -16,7 +16,8 @@
 //! what (for DUMP only), `state` maps handles to descriptors, `sys` and `splice`
 //! (zero-copy READ replies) are the only places that make system calls, `quota`
 //! keeps each volume's account, and `writeback` starts unstable data's way to the
-//! disk early. `stats` counts
+//! disk early. `snapshot` copies a live volume as of one instant (the mutating
+//! procedures call its hooks under the charge lock). `stats` counts
 //! every call (atomics only), `metrics` turns the counts into Prometheus text at
 //! scrape time.
 

@@ -112,6 +112,10 @@ pub(super) fn copy_tree(
     while let Some((rel, ino, handle)) = stack.pop() {
         let listing = {
             let mut st = job.lock();
+            // A change that could not be preserved dooms the copy: stop now.
+            if let Some(why) = &st.failed {
+                return Err(Stop::Failed(why.clone()));
+            }
             job.listing_locked(&mut st, ino, || match &handle {
                 None => sys::reopen(raw(&v.root), libc::O_RDONLY | libc::O_DIRECTORY),
                 Some((kind, bytes)) => sys::open_by_handle(
