@@ -464,3 +464,60 @@ async fn a_statefulsets_new_replicas_start_from_ordinal_0s_data() {
         "ordinal 1 does not hold ordinal 0's data"
     );
 }
+
+#[tokio::test]
+async fn an_agent_killed_mid_clone_leaves_nothing_half_made_and_clones_after_restart() {
+    let (cluster, mut lnfs) = start_localnfs(&[("node-1", ip(171), "5Gi")]).await;
+    let client = cluster.client();
+    storage_class(&client, "now", json!({"volumeBindingMode": "Immediate"})).await;
+    create_claim(&client, &claim("big", "now", "1Gi", json!({}))).await;
+    let src = volume_dir(&client, &lnfs, "node-1", "big").await;
+    let mut data = write_data(&src);
+    // Enough data that the copy is still running when the agent is killed.
+    let chunk: Vec<u8> = (0..32u32 << 20).map(|i| (i % 253) as u8).collect();
+    for i in 0..12 {
+        let name = format!("db/chunk-{i}");
+        std::fs::write(src.join(&name), &chunk).expect("write chunk");
+        data.insert(name, chunk.clone());
+    }
+
+    let uid = create_claim(&client, &claim("copy", "now", "1Gi", clone_of("big")))
+        .await
+        .uid()
+        .expect("uid");
+    let root = lnfs.root("node-1");
+    let volume = format!("pvc-{uid}");
+    let partial = root.join("staging").join(format!("{volume}.partial"));
+    let meta = root.join("meta").join(format!("{volume}.json"));
+    eventually("the copy under way", WAIT, || async {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        partial.exists().then_some(())
+    })
+    .await;
+    lnfs.stop_agent("node-1").await;
+    assert!(
+        !meta.exists(),
+        "the copy finished before the agent was killed: give the source more data"
+    );
+    assert!(
+        !volume_dirs(&lnfs, "node-1").contains(&volume) || partial.exists(),
+        "a volume directory without its copy's staging: half-made"
+    );
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    let c = claims.get("copy").await.expect("claim");
+    assert!(
+        !c.annotations().contains_key(localnfs::objects::keys::READY),
+        "answered ready for a copy that never finished"
+    );
+
+    // The request is still on the claim: the restarted agent throws the unfinished
+    // copy away and makes it again.
+    lnfs.start_agent_with("node-1", ip(171), &["--capacity", "5Gi"]);
+    let copy_dir = volume_dir(&client, &lnfs, "node-1", "copy").await;
+    assert_eq!(files(&copy_dir), data, "the clone made after the restart");
+    assert!(
+        !partial.exists(),
+        "the killed copy's staging is left behind"
+    );
+    assert_eq!(files(&src), data, "the source changed");
+}
