@@ -10,6 +10,11 @@
 //!   can satisfy them all: no required term is added (the PVs' own node affinity keeps
 //!   the pod Pending, with the scheduler's "volume node affinity conflict" event) and
 //!   the API answer carries a warning naming the nodes.
+//! - New claims that clone a bound claim (`PodClaims::clones`): a preferred term,
+//!   weight 100, for the source volume's node, where the clone is made. Preferred, not
+//!   required: the extender's filter is what keeps the pod there; this steers the pod
+//!   when kube-scheduler runs without the extender (a clone claim the webhook's caches
+//!   have not seen yet, as a StatefulSet makes it just before the pod, gets nothing).
 //! - A pod annotated [`OPT_OUT`]`: "true"` is left alone.
 //!
 //! Terms already present are not added again, so the patch is idempotent when the API
@@ -52,7 +57,7 @@ fn on_node(node: &str) -> NodeSelectorTerm {
 /// Computes the mutation for `pod`.
 pub fn mutate(pod: &Pod, claims: &PodClaims) -> Mutation {
     let opted_out = crate::kubeclient::annotation(pod, OPT_OUT) == Some("true");
-    if opted_out || claims.homes.is_empty() {
+    if opted_out || (claims.homes.is_empty() && claims.clones.is_empty()) {
         return Mutation::default();
     }
     let spec_affinity = pod.spec.as_ref().and_then(|s| s.affinity.as_ref());
@@ -85,6 +90,9 @@ pub fn mutate(pod: &Pod, claims: &PodClaims) -> Mutation {
     for (node, n) in counts {
         let weight = ((100 * n + total / 2) / total).clamp(1, 100) as i32;
         prefer(&mut node_affinity, node, weight);
+    }
+    for node in claims.clone_nodes() {
+        prefer(&mut node_affinity, node, 100);
     }
     if node_affinity == before {
         return Mutation {
@@ -271,5 +279,24 @@ mod tests {
         json_patch::patch(&mut doc, &first.patch).expect("applies");
         let again: Pod = serde_json::from_value(doc).expect("pod");
         assert!(mutate(&again, &homes).patch.0.is_empty());
+    }
+
+    #[test]
+    fn a_clone_prefers_its_sources_node() {
+        let p = pod(json!({}));
+        let clones = PodClaims {
+            clones: vec![Home {
+                claim: "data-1".into(),
+                node: "a".into(),
+                locality: Locality::Preferred,
+            }],
+            ..PodClaims::default()
+        };
+        let m = mutate(&p, &clones);
+        assert_eq!(
+            applied(&p, &m),
+            json!({"preferredDuringSchedulingIgnoredDuringExecution": [
+                {"weight": 100, "preference": term("a")}]})
+        );
     }
 }
