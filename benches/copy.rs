@@ -14,7 +14,6 @@
 //! `cargo bench --bench copy` (root; ~1 min), `-- --dir PATH` for another disk.
 
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code, reason = "shared with the tests")]
 mod support;
 
 use std::path::{Path, PathBuf};
