@@ -19,7 +19,8 @@
 //!    [`keys::NODE_KEY`] label and the [`keys::REQUEST`] annotation (a [`keys::VolumeRequest`]
 //!    naming the claim's uid and the node) with its signature.
 //! 2. N (watching claims labelled with its node) creates the directory with its size
-//!    limit and owner, then sets [`keys::READY`] to the volume name with its signature —
+//!    limit and owner (for a clone, a copy of the volume the request names, if that
+//!    volume's owner is the named claim of the same namespace: [`request`]), then sets [`keys::READY`] to the volume name with its signature —
 //!    with a JSON patch that first tests the claim is still labelled with N's node.
 //!
 //! An agent that will not create the volume sets [`keys::REFUSED`] (with the same label
