@@ -526,3 +526,62 @@ async fn files_changed_after_the_instant_are_in_the_copy_as_they_were_at_it() {
     );
     server.stop().await;
 }
+
+/// A tmpfs of `size` mounted on a fresh directory, unmounted when dropped.
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    fn mount(size: &str) -> SmallDisk {
+        let dir = tempfile::tempdir_in("/var/tmp").expect("mount point");
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(ok.success(), "mounting a small tmpfs needs root");
+        SmallDisk(dir)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+#[test]
+fn a_copy_that_runs_out_of_disk_fails_with_that_reason_and_leaves_nothing() {
+    let disk = SmallDisk::mount("8m");
+    let store = VolumeStore::open(disk.0.path()).expect("store");
+    store
+        .create(&VolumeSpec::new(name("src"), 64 * MIB))
+        .expect("create");
+    std::fs::write(store.data_dir(&name("src")).join("a"), vec![1u8; 3 << 20]).expect("a");
+    std::fs::write(store.data_dir(&name("src")).join("b"), vec![2u8; 2 << 20]).expect("b");
+    let allow = localnfs_nfs::nfs::AllowList::new(vec!["127.0.0.1".parse().expect("network")]);
+    let ex = localnfs_nfs::nfs::Exports::load(store, allow).expect("exports");
+    let r = ex.clone_volume(
+        &name("src"),
+        &VolumeSpec::new(name("copy"), 64 * MIB),
+        &owner(),
+    );
+    match &r {
+        Err(Error::CopyFailed { why, .. }) => assert!(why.contains("no room"), "{why}"),
+        other => panic!("a copy that cannot fit on the disk: {other:?}"),
+    }
+    assert!(ex.store().get(&name("copy")).expect("get").is_none());
+    assert!(!ex.store().data_dir(&name("copy")).exists());
+    let staging: Vec<_> = std::fs::read_dir(disk.0.path().join("staging"))
+        .expect("staging")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(staging.is_empty(), "left: {staging:?}");
+    // The source is whole.
+    assert_eq!(
+        std::fs::read(ex.store().data_dir(&name("src")).join("a")).expect("a"),
+        vec![1u8; 3 << 20]
+    );
+}

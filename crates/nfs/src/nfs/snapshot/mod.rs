@@ -474,7 +474,11 @@ impl Exports {
             return Err(failed(why));
         }
         let meta = self.store().commit_copy(staging, spec, owner)?;
-        self.refresh_volume(&spec.name)?;
+        // The volume exists now whatever happens next: a failure to serve it at once
+        // is the periodic refresh's to retry, not this call's to report.
+        if let Err(e) = self.refresh_volume(&spec.name) {
+            tracing::warn!(volume = %spec.name, error = %e, "cannot serve the new copy yet; the next refresh retries");
+        }
         let report = CopyReport {
             bytes: totals.bytes,
             files: totals.files,
