@@ -423,6 +423,10 @@ async fn files_changed_after_the_instant_are_in_the_copy_as_they_were_at_it() {
     // The copier does the root's files before any subdirectory: the big file keeps it
     // busy while the changes below land in `z/`, which it has not reached.
     std::fs::write(dir.join("big"), vec![9u8; 384 << 20]).expect("big");
+    // Allocated now, extent blocks and all, so the usage counted below is final.
+    std::fs::File::open(dir.join("big"))
+        .and_then(|f| f.sync_all())
+        .expect("sync big");
     std::fs::create_dir(dir.join("z")).expect("mkdir");
     let t_bytes = |i: u8| {
         (0..256 * 1024u32)
@@ -447,6 +451,7 @@ async fn files_changed_after_the_instant_are_in_the_copy_as_they_were_at_it() {
     let z = c.lookup(&root, b"z").await.expect("LOOKUP z");
     let over = c.lookup(&z, b"overwritten").await.expect("LOOKUP");
     let trunc = c.lookup(&z, b"truncated").await.expect("LOOKUP");
+    let removed = c.lookup(&z, b"removed").await.expect("LOOKUP");
 
     let copy = {
         let ex = ex.clone();
@@ -466,6 +471,14 @@ async fn files_changed_after_the_instant_are_in_the_copy_as_they_were_at_it() {
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
     c.remove(&z, b"removed").await.expect("REMOVE");
+    // The copy keeps its data, not its name: to clients it is gone.
+    assert_eq!(
+        c.write(&removed, 0, b"late", stable_how::FILE_SYNC)
+            .await
+            .err(),
+        Some(nfsstat3::NFS3ERR_STALE),
+        "a WRITE to a removed file"
+    );
     c.write(&over, 1000, &[0xee; 70_000], stable_how::FILE_SYNC)
         .await
         .expect("WRITE");
@@ -523,6 +536,17 @@ async fn files_changed_after_the_instant_are_in_the_copy_as_they_were_at_it() {
     assert!(
         report.preserved > 0,
         "the copier reached z/ before the changes: nothing was exercised"
+    );
+    // What the source is charged is what it holds: nothing the copy kept counts.
+    let v = ex.by_name(&name("src")).expect("served");
+    let usage = ex.store().usage(&name("src")).expect("usage");
+    assert_eq!(
+        (
+            v.used.load(Ordering::Acquire),
+            v.inodes.load(Ordering::Acquire)
+        ),
+        (usage.bytes, usage.inodes),
+        "the source's charge drifted"
     );
     server.stop().await;
 }
