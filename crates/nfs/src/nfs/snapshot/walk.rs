@@ -228,6 +228,8 @@ impl Walk<'_> {
         }
         self.overlay(ino, raw(&dst))?;
         sys::ftruncate(raw(&dst), size).map_err(failed("set a copied file's size"))?;
+        // Best effort: the final syncfs makes it durable either way.
+        let _ = sys::start_write_back(raw(&dst));
         sys::set_attrs_at(raw(&self.data), rel, &t).map_err(failed("set attributes"))?;
         let now = sys::fstat(raw(&dst)).map_err(failed("stat a copied file"))?;
         self.count(charge_of(&now))?;
