@@ -11,15 +11,15 @@
 //! Durable calls first ([`Gate`]): while a volume has a durable call (one that syncs
 //! before its reply: COMMIT, a stable WRITE, a namespace change) queued or running, or
 //! finished less than [`LINGER`] ago, every other volume runs at most [`HELD_DEPTH`]
-//! unstable WRITE at once. The rest wait in the queue (delayed, not refused). Why: the
-//! durable call's fsync ends in a cache flush of the whole device, which waits for
-//! every byte written to the device before it, whichever file system or volume wrote
-//! them; and a flood's writes take the cores the durable call's client and connection
-//! need. Measured (`bench/README.md`, noisy_neighbour): durable calls beside a flood
-//! on another file system of the same disk slowed as much as beside one on the same
-//! file system. The flood keeps running, one write at a time, so it is never
-//! starved; between a volume's durable calls (a client's round trip) the linger keeps
-//! it held.
+//! unstable WRITE at once; the rest wait in the queue (delayed, never refused). Why:
+//! the durable call's fsync waits for the journal commit and the device's cache flush,
+//! which carry whatever the other volumes wrote just before, and a flood's writes take
+//! the cores the durable call's client and connection need. The flooding volume keeps
+//! running, one write at a time, so it is never starved; the linger keeps it held
+//! between two durable calls of a client that makes them one at a time. Only unstable
+//! WRITEs are held: holding durable calls too would let two volumes' durable calls
+//! hold each other for good. What it measured, and what it did not fix, is in
+//! `bench/README.md` (noisy_neighbour, "Where a durable call's time goes").
 //!
 //! Workers are started on demand and end when nothing is left that they may take, so
 //! an idle server holds no threads, and a lone call costs one hand-off as before.
@@ -40,7 +40,8 @@ pub const WORKERS: usize = 16;
 /// the other volumes' calls.
 pub const PER_VOLUME: usize = 12;
 /// Most calls of a volume running at once while another volume's durable call is
-/// under way, when its next call is an unstable WRITE.
+/// under way, when its next call is an unstable WRITE. Never 0: no timer ends a hold;
+/// the volume's running call, when it finishes, is what takes its next one.
 pub const HELD_DEPTH: usize = 1;
 /// How long after a volume's last durable call other volumes' unstable WRITEs stay
 /// held: longer than a client's round trip between two durable calls, so a database
@@ -95,9 +96,8 @@ impl Gate {
 
     /// Whether a volume other than `key` has a durable call under way at `now`.
     pub fn holds(&self, key: u32, now: Instant) -> bool {
-        let linger = Duration::from_micros(knob(1, 2000) as u64);
         self.durable.iter().any(|(k, (n, last))| {
-            *k != key && (*n > 0 || last.is_some_and(|t| now.saturating_duration_since(t) < linger))
+            *k != key && (*n > 0 || last.is_some_and(|t| now.saturating_duration_since(t) < LINGER))
         })
     }
 
@@ -110,34 +110,14 @@ impl Gate {
 
     /// How many calls a volume `key` whose next call is of `class` may run at `now`.
     pub fn depth(&self, key: u32, class: Class, now: Instant) -> usize {
-        let mode = knob(0, 1);
-        let gated = match mode {
-            0 => false,
-            1 => class == Class::Bulk,
-            _ => class != Class::Other,
-        };
-        if gated && self.holds(key, now) {
-            knob(2, HELD_DEPTH)
+        // Only unstable WRITEs are held: holding another volume's durable calls too
+        // would let two volumes' durable calls hold each other for good.
+        if class == Class::Bulk && self.holds(key, now) {
+            HELD_DEPTH
         } else {
             PER_VOLUME
         }
     }
-}
-
-/// EXPERIMENT knobs: LOCALNFS_QOS_X="mode,linger_us,depth".
-fn knob(i: usize, default: usize) -> usize {
-    static K: std::sync::OnceLock<Vec<usize>> = std::sync::OnceLock::new();
-    K.get_or_init(|| {
-        std::env::var("LOCALNFS_QOS_X")
-            .unwrap_or_default()
-            .split(',')
-            .map(|v| v.parse().unwrap_or(usize::MAX))
-            .collect()
-    })
-    .get(i)
-    .copied()
-    .filter(|v| *v != usize::MAX)
-    .unwrap_or(default)
 }
 
 #[derive(Default)]
@@ -369,7 +349,11 @@ mod gate_tests {
             );
         }
         tokio::time::sleep(Duration::from_millis(60)).await;
-        assert_eq!(most.load(Ordering::SeqCst), HELD_DEPTH, "held to one at a time");
+        assert_eq!(
+            most.load(Ordering::SeqCst),
+            HELD_DEPTH,
+            "held to one at a time"
+        );
         assert!(done.load(Ordering::SeqCst) > 0, "held, not stopped");
         release.send(()).expect("release the durable call");
         tokio::time::sleep(LINGER * 2).await;
@@ -383,7 +367,10 @@ mod gate_tests {
         while done.load(Ordering::SeqCst) < 40 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        assert!(most.load(Ordering::SeqCst) > 1, "in parallel again after the hold");
+        assert!(
+            most.load(Ordering::SeqCst) > 1,
+            "in parallel again after the hold"
+        );
     }
 
     fn ticket(key: u32, class: Class) -> Ticket {
