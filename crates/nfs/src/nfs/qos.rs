@@ -1,7 +1,9 @@
 //! Per-volume service, decided before a call runs: which volume a call belongs to
 //! (from its file handle, authenticated like any other use of it), whether it is a
 //! read or a write call (the procedure table's `direction`), how long the volume's
-//! ceilings hold it (`throttle`), and its weight and cost in the fair queue (`pool`).
+//! ceilings hold it (`throttle`), and its weight, cost and class in the fair queue
+//! (`pool`: durable calls, those that sync before their reply, go before other
+//! volumes' unstable WRITEs).
 //! `conn` asks [`route`] for each call that may reach the blocking pool or a ceiling.
 //!
 //! A call whose handle does not authenticate, names no exported volume, or names one
@@ -177,6 +179,8 @@ pub fn route(ex: &Exports, client: IpAddr, record: &[u8], direction: Option<Dire
         // offset, count, stable, data (§3.3.7): UNSTABLE is 0.
         nfs3::WRITE => {
             let bytes = count(&mut args);
+            // A WRITE too short to say counts as durable: it is refused at once, so
+            // it holds other volumes' writes back for no more than the linger.
             match args.u32() {
                 Ok(0) => (bytes, Class::Bulk),
                 _ => (bytes, Class::Durable),
