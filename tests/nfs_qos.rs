@@ -387,8 +387,10 @@ async fn durable_calls_keep_pace_beside_a_neighbours_write_flood() {
         bulk.bytes_per_sec() / MIB as f64
     );
     // Measured 0.12–0.27× on a loaded 2-core machine (before bounded write-back and
-    // the fair queue: 0.07–0.08×). The bound is below both, with margin: it catches
-    // durable calls starved outright, not the difference between the two builds.
+    // the fair queue: 0.07–0.08×); 0.28–0.54× once other volumes' unstable writes run
+    // one at a time beside durable calls (`pool`), and 0.18–0.26× without in the same
+    // session. The bound is below all of them, with margin: it catches durable calls
+    // starved outright, not the difference between builds.
     assert!(ratio >= 0.06, "{ratio:.2}× of alone");
 }
 

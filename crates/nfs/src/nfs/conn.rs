@@ -240,7 +240,7 @@ pub async fn serve(
                         _ = tokio::time::sleep_until(turn) => {}
                     }
                     drop(room);
-                    pool.submit(r.key(), r.weight(), r.cost(), job);
+                    pool.submit(r.ticket(), job);
                 });
                 continue;
             }
@@ -282,7 +282,7 @@ pub async fn serve(
             (slot, charge),
             &r,
         );
-        shared.pool.submit(r.key(), r.weight(), r.cost(), job);
+        shared.pool.submit(r.ticket(), job);
     }
     if !shutdown.is_cancelled() {
         gone.cancel();

@@ -10,9 +10,10 @@
 //!    the current virtual time and is served next, not behind another's backlog.
 //! 3. Busy volumes share by weight: over a long run, served cost is proportional to
 //!    weight (100 and 300 → 1:3).
-//! 4. Work-conserving: a call is refused only when its volume already runs
-//!    `per_volume` calls; any other volume's call is taken instead, and an idle
-//!    volume's share goes to whoever has calls queued.
+//! 4. Work-conserving: a call is refused only when its volume already runs as many
+//!    calls as the caller allows it (`per_volume`, or `pool`'s rule for the call);
+//!    any other volume's call is taken instead, and an idle volume's share goes to
+//!    whoever has calls queued.
 //! 5. A volume that went idle keeps no credit: its next start tag is never below
 //!    the virtual time (and it keeps its debt while its last finish tag is ahead).
 
@@ -69,12 +70,21 @@ impl<T> Fair<T> {
 
     /// Takes the next call: the smallest start tag among volumes running fewer than
     /// `per_volume` calls. The caller reports its end with [`Fair::done`].
+    #[cfg(test)]
     pub fn pop(&mut self, per_volume: usize) -> Option<(u32, T)> {
+        self.pop_if(|_, _, running| running < per_volume)
+    }
+
+    /// [`Fair::pop`] among the volumes whose first call `may` take, given the volume's
+    /// key, that call and how many of the volume's calls run (the pool's limits).
+    pub fn pop_if(&mut self, may: impl Fn(u32, &T, usize) -> bool) -> Option<(u32, T)> {
         let key = self
             .flows
             .iter()
-            .filter(|(_, f)| f.running < per_volume)
-            .filter_map(|(k, f)| f.queue.front().map(|(tag, _)| (*tag, *k)))
+            .filter_map(|(k, f)| {
+                let (tag, item) = f.queue.front()?;
+                may(*k, item, f.running).then_some((*tag, *k))
+            })
             .min()?
             .1;
         let flow = self.flows.get_mut(&key)?;
@@ -103,10 +113,16 @@ impl<T> Fair<T> {
     }
 
     /// Whether [`Fair::pop`] with `per_volume` would take a call.
+    #[cfg(test)]
     pub fn ready(&self, per_volume: usize) -> bool {
+        self.ready_if(|_, _, running| running < per_volume)
+    }
+
+    /// Whether [`Fair::pop_if`] with `may` would take a call.
+    pub fn ready_if(&self, may: impl Fn(u32, &T, usize) -> bool) -> bool {
         self.flows
-            .values()
-            .any(|f| f.running < per_volume && !f.queue.is_empty())
+            .iter()
+            .any(|(k, f)| f.queue.front().is_some_and(|(_, t)| may(*k, t, f.running)))
     }
 }
 

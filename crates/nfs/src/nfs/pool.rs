@@ -8,11 +8,26 @@
 //! one worker to finish, and then runs next. A volume runs at most [`PER_VOLUME`]
 //! calls at once (its depth at the disk), so the other volumes always find workers.
 //!
+//! Durable calls first ([`Gate`]): while a volume has a durable call (one that syncs
+//! before its reply: COMMIT, a stable WRITE, a namespace change) queued or running, or
+//! finished less than [`LINGER`] ago, every other volume runs at most [`HELD_DEPTH`]
+//! unstable WRITE at once; the rest wait in the queue (delayed, never refused). Why:
+//! the durable call's fsync waits for the journal commit and the device's cache flush,
+//! which carry whatever the other volumes wrote just before, and a flood's writes take
+//! the cores the durable call's client and connection need. The flooding volume keeps
+//! running, one write at a time, so it is never starved; the linger keeps it held
+//! between two durable calls of a client that makes them one at a time. Only unstable
+//! WRITEs are held: holding durable calls too would let two volumes' durable calls
+//! hold each other for good. What it measured, and what it did not fix, is in
+//! `bench/README.md` (noisy_neighbour, "Where a durable call's time goes").
+//!
 //! Workers are started on demand and end when nothing is left that they may take, so
 //! an idle server holds no threads, and a lone call costs one hand-off as before.
 //! Draining on shutdown needs nothing here: a worker runs until the queue is empty.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use super::fair::Fair;
 
@@ -24,14 +39,110 @@ pub const WORKERS: usize = 16;
 /// Most calls of one volume running at once: the rest of [`WORKERS`] stays free for
 /// the other volumes' calls.
 pub const PER_VOLUME: usize = 12;
+/// Most calls of a volume running at once while another volume's durable call is
+/// under way, when its next call is an unstable WRITE. Never 0: no timer ends a hold;
+/// the volume's running call, when it finishes, is what takes its next one.
+pub const HELD_DEPTH: usize = 1;
+/// How long after a volume's last durable call other volumes' unstable WRITEs stay
+/// held: longer than a client's round trip between two durable calls, so a database
+/// committing one call at a time does not open the gate between each two.
+pub const LINGER: Duration = Duration::from_millis(2);
+
+/// What a call does to the disk, as far as the queue's order is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    /// Syncs before its reply: a client waits for the disk's flush.
+    Durable,
+    /// Unstable data: adds to what the next flush must write.
+    Bulk,
+    /// Anything else.
+    Other,
+}
+
+/// A call's place in the queue.
+#[derive(Clone, Copy, Debug)]
+pub struct Ticket {
+    /// The volume id, 0 for none.
+    pub key: u32,
+    pub weight: u32,
+    /// Units of service (see `fair`).
+    pub cost: u32,
+    pub class: Class,
+}
 
 /// A call, ready to run on a worker.
 pub type Job = Box<dyn FnOnce() + Send>;
 
+/// Which volumes have durable calls under way, pure: time comes in as an `Instant`.
+#[derive(Debug, Default)]
+pub struct Gate {
+    /// Per volume: its durable calls queued or running, and when the last one ended.
+    durable: HashMap<u32, (usize, Option<Instant>)>,
+}
+
+impl Gate {
+    /// A durable call of volume `key` was queued.
+    pub fn begin(&mut self, key: u32) {
+        self.durable.entry(key).or_insert((0, None)).0 += 1;
+    }
+
+    /// A durable call of volume `key` ended at `now`.
+    pub fn end(&mut self, key: u32, now: Instant) {
+        if let Some(d) = self.durable.get_mut(&key) {
+            d.0 = d.0.saturating_sub(1);
+            d.1 = Some(now);
+        }
+    }
+
+    /// Whether a volume other than `key` has a durable call under way at `now`.
+    pub fn holds(&self, key: u32, now: Instant) -> bool {
+        self.durable.iter().any(|(k, (n, last))| {
+            *k != key && (*n > 0 || last.is_some_and(|t| now.saturating_duration_since(t) < LINGER))
+        })
+    }
+
+    /// Forgets volumes with nothing under way and no linger left.
+    fn prune(&mut self, now: Instant) {
+        self.durable.retain(|_, (n, last)| {
+            *n > 0 || last.is_some_and(|t| now.saturating_duration_since(t) < LINGER)
+        });
+    }
+
+    /// How many calls a volume `key` whose next call is of `class` may run at `now`.
+    pub fn depth(&self, key: u32, class: Class, now: Instant) -> usize {
+        // Only unstable WRITEs are held: holding another volume's durable calls too
+        // would let two volumes' durable calls hold each other for good.
+        if class == Class::Bulk && self.holds(key, now) {
+            HELD_DEPTH
+        } else {
+            PER_VOLUME
+        }
+    }
+}
+
 #[derive(Default)]
 struct State {
-    fair: Fair<Job>,
+    fair: Fair<(Class, Job)>,
+    gate: Gate,
     workers: usize,
+}
+
+impl State {
+    /// Takes the next call the gate lets run.
+    fn pop(&mut self, now: Instant) -> Option<(u32, (Class, Job))> {
+        let gate = &self.gate;
+        self.fair
+            .pop_if(|key, (class, _), running| running < gate.depth(key, *class, now))
+    }
+
+    /// Whether [`State::pop`] would take a call and a worker may start for it.
+    fn wants_worker(&self, now: Instant) -> bool {
+        let gate = &self.gate;
+        self.workers < WORKERS
+            && self
+                .fair
+                .ready_if(|key, (class, _), running| running < gate.depth(key, *class, now))
+    }
 }
 
 /// The queue and its workers.
@@ -41,20 +152,27 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Queues `job` for volume `key` (0: no volume) at `weight`, taking `cost` units of
-    /// service (see `fair`), and starts a worker if one may take it.
-    pub fn submit(self: &Arc<Self>, key: u32, weight: u32, cost: u32, job: Job) {
+    /// Queues `job` with `ticket` and starts a worker if one may take it.
+    pub fn submit(self: &Arc<Self>, ticket: Ticket, job: Job) {
         let start = {
             let mut s = self.lock();
-            s.fair.push(key, weight, cost, job);
-            let start = s.workers < WORKERS && s.fair.ready(PER_VOLUME);
+            if ticket.class == Class::Durable && ticket.key != 0 {
+                s.gate.begin(ticket.key);
+            }
+            s.fair
+                .push(ticket.key, ticket.weight, ticket.cost, (ticket.class, job));
+            let start = s.wants_worker(Instant::now());
             s.workers += usize::from(start);
             start
         };
         if start {
-            let pool = self.clone();
-            tokio::task::spawn_blocking(move || pool.work());
+            self.spawn_worker();
         }
+    }
+
+    fn spawn_worker(self: &Arc<Self>) {
+        let pool = self.clone();
+        tokio::task::spawn_blocking(move || pool.work());
     }
 
     /// Calls queued and not yet running.
@@ -66,19 +184,28 @@ impl Pool {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// One worker: runs what the queue hands it until it hands nothing.
-    fn work(&self) {
+    /// One worker: runs what the queue hands it until it hands nothing. A worker that
+    /// takes a call while more may run starts another: calls held by the gate become
+    /// runnable when it opens, with no submit to start workers for them.
+    fn work(self: Arc<Self>) {
         let mut finished = None;
         loop {
-            let job = {
+            let (job, more) = {
                 let mut s = self.lock();
-                if let Some(key) = finished.take() {
+                let now = Instant::now();
+                if let Some((key, class)) = finished.take() {
                     s.fair.done(key);
+                    if class == Class::Durable && key != 0 {
+                        s.gate.end(key, now);
+                    }
+                    s.gate.prune(now);
                 }
-                match s.fair.pop(PER_VOLUME) {
-                    Some((key, job)) => {
-                        finished = Some(key);
-                        job
+                match s.pop(now) {
+                    Some((key, (class, job))) => {
+                        finished = Some((key, class));
+                        let more = s.wants_worker(now);
+                        s.workers += usize::from(more);
+                        (job, more)
                     }
                     None => {
                         s.workers -= 1;
@@ -86,6 +213,9 @@ impl Pool {
                     }
                 }
             };
+            if more {
+                self.spawn_worker();
+            }
             // A panicking call must not take its worker's place in the count with it.
             if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
                 tracing::error!("a call panicked on the blocking pool");
@@ -98,7 +228,15 @@ impl Pool {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::time::Duration;
+
+    fn ticket(key: u32, class: Class) -> Ticket {
+        Ticket {
+            key,
+            weight: 100,
+            cost: 1,
+            class,
+        }
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_volume_never_runs_more_than_its_share_of_workers() {
@@ -109,9 +247,7 @@ mod tests {
         for _ in 0..100 {
             let (running, most, done) = (running.clone(), most.clone(), done.clone());
             pool.submit(
-                7,
-                100,
-                1,
+                ticket(7, Class::Other),
                 Box::new(move || {
                     let now = running.fetch_add(1, Ordering::SeqCst) + 1;
                     most.fetch_max(now, Ordering::SeqCst);
@@ -124,9 +260,7 @@ mod tests {
         // Another volume's call starts while the first one's hundred are queued.
         let (tx, rx) = tokio::sync::oneshot::channel();
         pool.submit(
-            8,
-            100,
-            1,
+            ticket(8, Class::Other),
             Box::new(move || {
                 let _ = tx.send(());
             }),
@@ -141,5 +275,110 @@ mod tests {
         assert!(most.load(Ordering::SeqCst) <= PER_VOLUME);
         assert!(most.load(Ordering::SeqCst) > 1, "calls ran in parallel");
         assert_eq!(pool.queued(), 0);
+    }
+}
+
+#[cfg(test)]
+mod gate_tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn another_volumes_durable_call_holds_unstable_writes_to_one_at_a_time() {
+        let t0 = Instant::now();
+        let mut g = Gate::default();
+        assert_eq!(g.depth(2, Class::Bulk, t0), PER_VOLUME, "nothing under way");
+        g.begin(1);
+        // (volume, class, depth while volume 1's durable call is under way)
+        let table = [
+            (2, Class::Bulk, HELD_DEPTH),
+            (2, Class::Durable, PER_VOLUME),
+            (2, Class::Other, PER_VOLUME),
+            // A volume's own durable calls do not hold its own writes.
+            (1, Class::Bulk, PER_VOLUME),
+        ];
+        for (key, class, depth) in table {
+            assert_eq!(g.depth(key, class, t0), depth, "{key} {class:?}");
+        }
+    }
+
+    #[test]
+    fn the_hold_lingers_past_the_last_durable_call_and_then_ends() {
+        let t0 = Instant::now();
+        let mut g = Gate::default();
+        g.begin(1);
+        g.begin(1);
+        g.end(1, t0);
+        assert!(g.holds(2, t0 + LINGER * 10), "one still under way");
+        g.end(1, t0);
+        assert!(g.holds(2, t0 + LINGER / 2), "within the linger");
+        assert!(!g.holds(2, t0 + LINGER), "past the linger");
+        g.prune(t0 + LINGER);
+        assert!(g.durable.is_empty(), "forgotten once over");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unstable_writes_wait_while_another_volume_syncs_and_resume_after() {
+        let pool = Arc::new(Pool::default());
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let done = Arc::new(AtomicUsize::new(0));
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (started, syncing) = tokio::sync::oneshot::channel();
+        pool.submit(
+            ticket(1, Class::Durable),
+            Box::new(move || {
+                let _ = started.send(());
+                let _ = held.recv_timeout(Duration::from_secs(5));
+            }),
+        );
+        syncing.await.expect("the durable call runs");
+        let bulk = |running: Arc<AtomicUsize>, most: Arc<AtomicUsize>, done: Arc<AtomicUsize>| {
+            Box::new(move || {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(5));
+                running.fetch_sub(1, Ordering::SeqCst);
+                done.fetch_add(1, Ordering::SeqCst);
+            }) as Job
+        };
+        for _ in 0..20 {
+            pool.submit(
+                ticket(2, Class::Bulk),
+                bulk(running.clone(), most.clone(), done.clone()),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert_eq!(
+            most.load(Ordering::SeqCst),
+            HELD_DEPTH,
+            "held to one at a time"
+        );
+        assert!(done.load(Ordering::SeqCst) > 0, "held, not stopped");
+        release.send(()).expect("release the durable call");
+        tokio::time::sleep(LINGER * 2).await;
+        most.store(0, Ordering::SeqCst);
+        for _ in 0..20 {
+            pool.submit(
+                ticket(2, Class::Bulk),
+                bulk(running.clone(), most.clone(), done.clone()),
+            );
+        }
+        while done.load(Ordering::SeqCst) < 40 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            most.load(Ordering::SeqCst) > 1,
+            "in parallel again after the hold"
+        );
+    }
+
+    fn ticket(key: u32, class: Class) -> Ticket {
+        Ticket {
+            key,
+            weight: 100,
+            cost: 1,
+            class,
+        }
     }
 }

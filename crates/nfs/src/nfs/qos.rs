@@ -1,7 +1,9 @@
 //! Per-volume service, decided before a call runs: which volume a call belongs to
 //! (from its file handle, authenticated like any other use of it), whether it is a
 //! read or a write call (the procedure table's `direction`), how long the volume's
-//! ceilings hold it (`throttle`), and its weight and cost in the fair queue (`pool`).
+//! ceilings hold it (`throttle`), and its weight, cost and class in the fair queue
+//! (`pool`: durable calls, those that sync before their reply, go before other
+//! volumes' unstable WRITEs).
 //! `conn` asks [`route`] for each call that may reach the blocking pool or a ceiling.
 //!
 //! A call whose handle does not authenticate, names no exported volume, or names one
@@ -17,12 +19,14 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
 use super::limits::MAX_IO;
+use super::pool::{Class, Ticket};
 use super::program::nfs3;
 use super::rpc;
 use super::state::{Exports, Volume};
 use super::table::Direction;
 use super::throttle::Throttle;
 use super::writeback::Backlog;
+use super::xdr::XdrIn;
 use crate::volume::{DEFAULT_WEIGHT, VolumeSpec};
 
 /// Bytes of one volume's calls that may wait for its ceilings at once, in KiB (the
@@ -102,6 +106,8 @@ pub struct Route {
     pub direction: Option<Direction>,
     /// Data bytes it reads or writes (READ's count, WRITE's data).
     pub bytes: u64,
+    /// Whether it syncs, adds unstable data, or neither (the pool's order).
+    pub class: Class,
 }
 
 impl Route {
@@ -118,6 +124,16 @@ impl Route {
 
     pub fn cost(&self) -> u32 {
         u32::try_from(1 + self.bytes / COST_BYTES).unwrap_or(u32::MAX)
+    }
+
+    /// Its place in the pool's queue.
+    pub fn ticket(&self) -> Ticket {
+        Ticket {
+            key: self.key(),
+            weight: self.weight(),
+            cost: self.cost(),
+            class: self.class,
+        }
     }
 
     /// How long the volume's ceilings hold the call (zero for calls of no volume and
@@ -144,6 +160,7 @@ pub fn route(ex: &Exports, client: IpAddr, record: &[u8], direction: Option<Dire
         volume: None,
         direction,
         bytes: 0,
+        class: Class::Other,
     };
     let Ok(call) = rpc::parse_call(record) else {
         return none;
@@ -156,17 +173,43 @@ pub fn route(ex: &Exports, client: IpAddr, record: &[u8], direction: Option<Dire
     let Ok(fh) = args.fh() else {
         return none;
     };
-    let bytes = match call.procedure {
-        // offset, count (§3.3.6); offset, count, stable, data (§3.3.7).
-        nfs3::READ | nfs3::WRITE => args
-            .u64()
-            .and_then(|_| args.u32())
-            .map_or(0, |n| u64::from(n.min(MAX_IO))),
-        _ => 0,
+    let (bytes, class) = match call.procedure {
+        // offset, count (§3.3.6)
+        nfs3::READ => (count(&mut args), Class::Other),
+        // offset, count, stable, data (§3.3.7): UNSTABLE is 0.
+        nfs3::WRITE => {
+            let bytes = count(&mut args);
+            // A WRITE too short to say counts as durable: it is refused at once, so
+            // it holds other volumes' writes back for no more than the linger.
+            match args.u32() {
+                Ok(0) => (bytes, Class::Bulk),
+                _ => (bytes, Class::Durable),
+            }
+        }
+        // Each syncs what it changed before its reply (`DESIGN.md`, invariant 10).
+        nfs3::COMMIT
+        | nfs3::CREATE
+        | nfs3::MKDIR
+        | nfs3::SYMLINK
+        | nfs3::MKNOD
+        | nfs3::REMOVE
+        | nfs3::RMDIR
+        | nfs3::RENAME
+        | nfs3::LINK
+        | nfs3::SETATTR => (0, Class::Durable),
+        _ => (0, Class::Other),
     };
     Route {
         volume: ex.volume_of(client, fh),
         direction,
         bytes,
+        class,
     }
+}
+
+/// A READ's or WRITE's count, after its handle: the offset is skipped.
+fn count(args: &mut XdrIn<'_>) -> u64 {
+    args.u64()
+        .and_then(|_| args.u32())
+        .map_or(0, |n| u64::from(n.min(MAX_IO)))
 }
