@@ -240,8 +240,8 @@ pub fn prune_plan(
         .filter(|&(i, (_, created))| {
             let newest = i + 1 == n;
             let kept_by_count = keep.is_some_and(|k| n - i <= k);
-            let kept_by_age = max_age
-                .is_some_and(|d| now_ms.saturating_sub(*created) <= d.as_millis() as u64);
+            let kept_by_age =
+                max_age.is_some_and(|d| now_ms.saturating_sub(*created) <= d.as_millis() as u64);
             !newest && !kept_by_count && !kept_by_age
         })
         .map(|(_, (id, _))| id.clone())
@@ -291,7 +291,11 @@ pub(crate) fn parse_sha256sum(text: &[u8]) -> HashMap<Vec<u8>, String> {
         let mut i = 0;
         while i < raw.len() {
             if escaped && raw[i] == b'\\' && i + 1 < raw.len() {
-                path.push(if raw[i + 1] == b'n' { b'\n' } else { raw[i + 1] });
+                path.push(if raw[i + 1] == b'n' {
+                    b'\n'
+                } else {
+                    raw[i + 1]
+                });
                 i += 2;
             } else {
                 path.push(raw[i]);

@@ -103,7 +103,9 @@ impl Exports {
             .map_err(|e| fail(target_error("create the volume's backup directory", &e)))?;
         let _lock = lock(&vol_dir.join(".lock"))
             .map_err(|e| fail(target_error("lock the volume's backup directory", &e)))?
-            .ok_or_else(|| fail("another backup of this volume to this target is running".into()))?;
+            .ok_or_else(|| {
+                fail("another backup of this volume to this target is running".into())
+            })?;
         let sets = list_sets(target, volume).map_err(|e| fail(e.to_string()))?;
         for s in sets.iter().filter(|s| s.summary.is_none()) {
             tracing::warn!(path = %s.path.display(), "removing an unfinished backup set");
@@ -129,7 +131,10 @@ impl Exports {
         };
         let (staging, snap) = self.snapshot_volume(volume, &snap_spec)?;
         let mut id = set_id(created_ms);
-        while sets.iter().any(|s| s.id == id || s.id == format!("{id}{PARTIAL}")) {
+        while sets
+            .iter()
+            .any(|s| s.id == id || s.id == format!("{id}{PARTIAL}"))
+        {
             created_ms += 1;
             id = set_id(created_ms);
         }
