@@ -24,6 +24,7 @@ pub mod cluster;
 pub mod grants;
 pub mod keys;
 pub mod step;
+pub mod backup_cmd;
 pub mod volume_cmd;
 
 use std::sync::Arc;
@@ -118,6 +119,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     let admin = admin::start(args.admin.admin_addr, registry, &shutdown).await?;
     let (admin_addr, readiness) = (admin.addr, admin.readiness.clone());
     volume_cmd::fail_interrupted_copies(&args.root);
+    backup_cmd::fail_interrupted_backups(&args.root);
     let refresher = {
         let (exports, shutdown) = (exports.clone(), shutdown.clone());
         tokio::spawn(async move {
@@ -139,6 +141,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
                     ex.mounts.flush();
                     ex.access.reload();
                     volume_cmd::serve_copy_requests(&ex);
+                    backup_cmd::serve_backup_requests(&ex);
                     ex.refresh()
                 });
                 match refreshed.await {
