@@ -20,11 +20,11 @@
 //! the calls it has for at most `--drain-timeout`, then cuts what is left, gives the
 //! rest (cluster agent, admin listener) a few seconds more, and exits.
 
+pub mod backup_cmd;
 pub mod cluster;
 pub mod grants;
 pub mod keys;
 pub mod step;
-pub mod backup_cmd;
 pub mod volume_cmd;
 
 use std::sync::Arc;

@@ -10,7 +10,8 @@
 //! (`Exports::copy_volume`) on a thread of its own and writes the answer. A `.running`
 //! found when the agent starts was cut short by a restart: it is answered with that
 //! error (the store removed the unfinished copy when it opened). The command removes
-//! its request if no agent answered in time.
+//! its request if no agent answered in time. `localnfs volume backup` asks the same
+//! way (`backup_cmd`), through the request helpers here.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
