@@ -414,3 +414,198 @@ fn leftovers_of_an_interrupted_copy_are_removed_when_the_store_opens() {
     drop(live);
     assert!(!staging.join("live.partial").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_changed_after_the_instant_are_in_the_copy_as_they_were_at_it() {
+    let server = Served::start(&[("src", 1 << 30)]).await;
+    let ex = server.exports.clone();
+    let dir = ex.store().data_dir(&name("src"));
+    // The copier does the root's files before any subdirectory: the big file keeps it
+    // busy while the changes below land in `z/`, which it has not reached.
+    std::fs::write(dir.join("big"), vec![9u8; 384 << 20]).expect("big");
+    // Allocated now, extent blocks and all, so the usage counted below is final.
+    std::fs::File::open(dir.join("big"))
+        .and_then(|f| f.sync_all())
+        .expect("sync big");
+    std::fs::create_dir(dir.join("z")).expect("mkdir");
+    let t_bytes = |i: u8| {
+        (0..256 * 1024u32)
+            .map(|b| (b as u8) ^ i)
+            .collect::<Vec<u8>>()
+    };
+    for (i, f) in [
+        "removed",
+        "overwritten",
+        "truncated",
+        "renamed",
+        "moved-over",
+    ]
+    .iter()
+    .enumerate()
+    {
+        std::fs::write(dir.join("z").join(f), t_bytes(i as u8)).expect("write");
+    }
+    ex.recount_usage();
+    let mut c = server.mount("src").await;
+    let root = c.root.clone();
+    let z = c.lookup(&root, b"z").await.expect("LOOKUP z");
+    let over = c.lookup(&z, b"overwritten").await.expect("LOOKUP");
+    let trunc = c.lookup(&z, b"truncated").await.expect("LOOKUP");
+    let removed = c.lookup(&z, b"removed").await.expect("LOOKUP");
+
+    let copy = {
+        let ex = ex.clone();
+        tokio::task::spawn_blocking(move || {
+            ex.clone_volume(
+                &name("src"),
+                &VolumeSpec::new(name("copy"), 1 << 30),
+                &owner(),
+            )
+        })
+    };
+    // The copy's tree exists only after the instant is marked.
+    let data = ex.store().root().join("staging/copy.partial/data");
+    let started = std::time::Instant::now();
+    while !data.exists() {
+        assert!(started.elapsed().as_secs() < 30, "the copy never started");
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    c.remove(&z, b"removed").await.expect("REMOVE");
+    // The copy keeps its data, not its name: to clients it is gone.
+    assert_eq!(
+        c.write(&removed, 0, b"late", stable_how::FILE_SYNC)
+            .await
+            .err(),
+        Some(nfsstat3::NFS3ERR_STALE),
+        "a WRITE to a removed file"
+    );
+    c.write(&over, 1000, &[0xee; 70_000], stable_how::FILE_SYNC)
+        .await
+        .expect("WRITE");
+    c.write(&over, 300_000, b"grown", stable_how::FILE_SYNC)
+        .await
+        .expect("WRITE past the end");
+    c.truncate(&trunc, 10).await.expect("truncate");
+    c.write(&trunc, 100, b"again", stable_how::FILE_SYNC)
+        .await
+        .expect("WRITE after truncate");
+    c.rename((&z, b"renamed"), (&root, b"renamed-away"))
+        .await
+        .expect("RENAME");
+    c.rename((&z, b"overwritten"), (&z, b"moved-over"))
+        .await
+        .expect("RENAME over");
+    c.create(&z, b"new").await.expect("CREATE");
+    let (_, report) = copy.await.expect("copy task").expect("copy");
+    println!("{report:?}");
+
+    let copied = ex.store().data_dir(&name("copy"));
+    for (i, f) in [
+        "removed",
+        "overwritten",
+        "truncated",
+        "renamed",
+        "moved-over",
+    ]
+    .iter()
+    .enumerate()
+    {
+        assert_eq!(
+            std::fs::read(copied.join("z").join(f)).expect("in the copy"),
+            t_bytes(i as u8),
+            "z/{f} is not as it was at the instant"
+        );
+    }
+    assert!(!copied.join("z/new").exists(), "made after the instant");
+    assert!(
+        !copied.join("renamed-away").exists(),
+        "renamed after the instant"
+    );
+    assert_eq!(
+        std::fs::read(copied.join("big")).expect("big").len(),
+        384 << 20
+    );
+    // The source has every change.
+    assert!(!dir.join("z/removed").exists());
+    assert_eq!(
+        std::fs::metadata(dir.join("z/moved-over"))
+            .expect("src")
+            .len(),
+        300_005
+    );
+    assert!(
+        report.preserved > 0,
+        "the copier reached z/ before the changes: nothing was exercised"
+    );
+    // What the source is charged is what it holds: nothing the copy kept counts.
+    let v = ex.by_name(&name("src")).expect("served");
+    let usage = ex.store().usage(&name("src")).expect("usage");
+    assert_eq!(
+        (
+            v.used.load(Ordering::Acquire),
+            v.inodes.load(Ordering::Acquire)
+        ),
+        (usage.bytes, usage.inodes),
+        "the source's charge drifted"
+    );
+    server.stop().await;
+}
+
+/// A tmpfs of `size` mounted on a fresh directory, unmounted when dropped.
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    fn mount(size: &str) -> SmallDisk {
+        let dir = tempfile::tempdir_in("/var/tmp").expect("mount point");
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(ok.success(), "mounting a small tmpfs needs root");
+        SmallDisk(dir)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+#[test]
+fn a_copy_that_runs_out_of_disk_fails_with_that_reason_and_leaves_nothing() {
+    let disk = SmallDisk::mount("8m");
+    let store = VolumeStore::open(disk.0.path()).expect("store");
+    store
+        .create(&VolumeSpec::new(name("src"), 64 * MIB))
+        .expect("create");
+    std::fs::write(store.data_dir(&name("src")).join("a"), vec![1u8; 3 << 20]).expect("a");
+    std::fs::write(store.data_dir(&name("src")).join("b"), vec![2u8; 2 << 20]).expect("b");
+    let allow = localnfs_nfs::nfs::AllowList::new(vec!["127.0.0.1".parse().expect("network")]);
+    let ex = localnfs_nfs::nfs::Exports::load(store, allow).expect("exports");
+    let r = ex.clone_volume(
+        &name("src"),
+        &VolumeSpec::new(name("copy"), 64 * MIB),
+        &owner(),
+    );
+    match &r {
+        Err(Error::CopyFailed { why, .. }) => assert!(why.contains("no room"), "{why}"),
+        other => panic!("a copy that cannot fit on the disk: {other:?}"),
+    }
+    assert!(ex.store().get(&name("copy")).expect("get").is_none());
+    assert!(!ex.store().data_dir(&name("copy")).exists());
+    let staging: Vec<_> = std::fs::read_dir(disk.0.path().join("staging"))
+        .expect("staging")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(staging.is_empty(), "left: {staging:?}");
+    // The source is whole.
+    assert_eq!(
+        std::fs::read(ex.store().data_dir(&name("src")).join("a")).expect("a"),
+        vec![1u8; 3 << 20]
+    );
+}

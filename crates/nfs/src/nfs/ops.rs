@@ -210,6 +210,9 @@ pub fn set_size(
 ) -> Result<(), nfsstat3> {
     let st = sys::fstat(fd).map_err(to_nfsstat)?;
     quota::linked(&st)?;
+    if snapshot::only_kept(v, &st) {
+        return Err(nfsstat3::NFS3ERR_STALE);
+    }
     // What a truncate cuts off, for a copy that has not read it yet.
     snapshot::before_change(v, fd, Some((size, u64::MAX)));
     let before = quota::charge_of(&st);
@@ -410,6 +413,9 @@ pub fn write(ctx: &Ctx, args: &mut XdrIn) -> Proc<Written, Wcc> {
             let charging = v.charging();
             let st = sys::fstat(wfd).map_err(to_nfsstat)?;
             quota::linked(&st)?;
+            if snapshot::only_kept(v, &st) {
+                return Err(nfsstat3::NFS3ERR_STALE);
+            }
             let before = quota::charge_of(&st);
             // At most: the new size, rounded up to whole blocks.
             let block = (st.st_blksize as u64).max(512);

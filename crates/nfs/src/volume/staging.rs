@@ -151,21 +151,30 @@ impl VolumeStore {
         fs::rename(&data, &dest).map_err(io("move the copy into place", &data))?;
         let manifest = staging.manifest();
         let manifest_dest = self.manifest_path(name);
+        // Until the metadata is written nothing here is a volume: a failure puts the
+        // tree back into the staging directory, whose drop removes it.
         let undo = |e: Error| {
+            let _ = fs::rename(&manifest_dest, &manifest);
             let _ = fs::rename(&dest, &data);
             e
         };
         fs::rename(&manifest, &manifest_dest)
             .map_err(io("move the copy's manifest into place", &manifest))
             .map_err(undo)?;
-        sync_dir(&self.volumes_dir())?;
-        let meta = VolumeMeta {
-            id: self.next_id()?,
-            spec: spec.clone(),
-            owner: owner.cloned(),
-        };
+        let meta = sync_dir(&self.volumes_dir())
+            .and_then(|()| self.next_id())
+            .map(|id| VolumeMeta {
+                id,
+                spec: spec.clone(),
+                owner: owner.cloned(),
+            })
+            .map_err(undo)?;
         // The instant the copy becomes a volume.
-        self.write_meta(&meta)?;
+        self.write_meta(&meta).map_err(|e| {
+            // It may have landed before a later step (the directory's sync) failed.
+            let _ = fs::remove_file(self.meta_path(name));
+            undo(e)
+        })?;
         staging.committed = true;
         if let Err(e) = remove_tree(&staging.dir) {
             tracing::warn!(error = %e, "cannot remove a committed copy's scratch files");

@@ -244,9 +244,14 @@ pub fn before_dir_change(v: &Volume, dir: RawFd) {
         return;
     }
     let r = sys::fstat(dir).and_then(|d| {
+        // A directory made after T is in no listing the copier reads.
+        if st.seen.get(&d.st_ino).is_some_and(|s| s.done) {
+            return Ok(());
+        }
         job.listing_locked(&mut st, d.st_ino, || {
             sys::reopen(dir, libc::O_RDONLY | libc::O_DIRECTORY)
         })
+        .map(drop)
     });
     if let Err(e) = r {
         job.fail(&mut st, errno_text("list a directory before it changed", e));
@@ -255,8 +260,9 @@ pub fn before_dir_change(v: &Volume, dir: RawFd) {
 
 /// Before `name` in directory `dir` (O_PATH) loses that name (REMOVE, RMDIR, RENAME
 /// from or over it): lists `dir`, lists the victim if it is a directory, and keeps a
-/// regular file the copier has not finished reachable in `keep/`. Returns whether a
-/// keep link was made (the caller's accounting counts it as gone from the volume).
+/// regular file the copier has not finished reachable in `keep/`. Returns whether the
+/// victim has a keep link (the caller's accounting counts that link as not the
+/// volume's).
 pub fn before_unlink(v: &Volume, dir: RawFd, name: &[u8]) -> bool {
     let Some(job) = v.copy.job() else {
         return false;
@@ -279,8 +285,12 @@ pub fn before_unlink(v: &Volume, dir: RawFd, name: &[u8]) -> bool {
         libc::S_IFREG => {
             let keep = raw(&job.keep);
             CopyJob::seen_locked(&mut st, victim.st_ino, || Ok(victim)).and_then(|seen| {
-                if seen.done || seen.kept {
+                // Done: the copier has dropped its keep link, if it made one.
+                if seen.done {
                     return Ok(false);
+                }
+                if seen.kept {
+                    return Ok(true);
                 }
                 sys::linkat(dir, name, keep, victim.st_ino.to_string().as_bytes())?;
                 seen.kept = true;
@@ -337,6 +347,21 @@ pub fn before_change(v: &Volume, fd: RawFd, range: Option<(u64, u64)>) {
         Ok(n) => st.preserved += n,
         Err(e) => job.fail(&mut st, errno_text("save what a change overwrites", e)),
     }
+}
+
+/// Whether the file of `st` is reachable only through the copy's keep link: it lost
+/// its last name in the volume while a copy runs. Its handles are then as stale as
+/// they would be without the copy, and nothing is charged for it twice.
+pub fn only_kept(v: &Volume, st: &libc::stat) -> bool {
+    let Some(job) = v.copy.job() else {
+        return false;
+    };
+    st.st_nlink == 1
+        && job
+            .lock()
+            .seen
+            .get(&st.st_ino)
+            .is_some_and(|s| s.kept && !s.done)
 }
 
 /// After a call made object `fd` (O_PATH): it was not there at T, so changes to it
@@ -413,7 +438,11 @@ impl Exports {
     ) -> Result<(VolumeMeta, CopyReport)> {
         let (staging, mut report) = self.snapshot_volume(source, spec)?;
         let meta = self.store().commit_copy(staging, spec, owner)?;
-        self.refresh_volume(&spec.name)?;
+        // The volume exists now whatever happens next: a failure to serve it at once
+        // is the periodic refresh's to retry, not this call's to report.
+        if let Err(e) = self.refresh_volume(&spec.name) {
+            tracing::warn!(volume = %spec.name, error = %e, "cannot serve the new copy yet; the next refresh retries");
+        }
         report.took = report.started.elapsed();
         tracing::info!(
             source = %source,

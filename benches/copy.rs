@@ -1,0 +1,195 @@
+//! Point-in-time copy of a live volume (issue 23): how long `localnfs volume copy`
+//! takes on a running agent and how long the source's writes pause, next to `cp -a`
+//! (plus `sync`, as the copy is durable when it answers) of the same data on the same
+//! disk. Prints a markdown table.
+//!
+//! Per data set: a fresh root (not on tmpfs), volume `src` filled on disk, a release
+//! `localnfs node --standalone` serving it, and a client appending 4 KiB `FILE_SYNC`
+//! writes to `src/log` all along, timestamping each reply. Page caches are dropped
+//! before the copy and before `cp -a`. Columns: the agent's own time for the copy (its
+//! answer), the pause it held the source's mutations for to mark the instant (its
+//! answer), and the longest gap between the client's acknowledged writes while the
+//! copy ran against before it (what a pod sees).
+//!
+//! `cargo bench --bench copy` (root; ~1 min), `-- --dir PATH` for another disk.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use nfs3_types::nfs3::stable_how;
+use support::nfs::{Client, Node, create_volume};
+
+struct DataSet {
+    label: &'static str,
+    dirs: usize,
+    files_per_dir: usize,
+    file_bytes: usize,
+}
+
+const SETS: [DataSet; 2] = [
+    DataSet {
+        label: "1 GiB in 16 files",
+        dirs: 1,
+        files_per_dir: 16,
+        file_bytes: 64 << 20,
+    },
+    DataSet {
+        label: "10,000 files of 4 KiB in 100 dirs",
+        dirs: 100,
+        files_per_dir: 100,
+        file_bytes: 4096,
+    },
+];
+
+fn fill(dir: &Path, set: &DataSet) {
+    for d in 0..set.dirs {
+        let sub = dir.join(format!("d{d}"));
+        std::fs::create_dir_all(&sub).expect("mkdir");
+        for f in 0..set.files_per_dir {
+            let data: Vec<u8> = (0..set.file_bytes).map(|b| (b ^ f ^ d) as u8).collect();
+            std::fs::write(sub.join(format!("f{f}")), data).expect("write");
+        }
+    }
+}
+
+fn drop_caches() {
+    let _ = std::process::Command::new("sync").status();
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+/// The longest gap between consecutive times in `acks` that end inside `[from, to]`.
+fn longest_gap(acks: &[Instant], keep: impl Fn(Instant) -> bool) -> Duration {
+    acks.windows(2)
+        .filter(|w| keep(w[1]))
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default()
+}
+
+struct Row {
+    label: &'static str,
+    answer: String,
+    took: Duration,
+    gap_during: Duration,
+    gap_before: Duration,
+    cp: Duration,
+}
+
+async fn measure(base: &Path, set: &DataSet) -> Row {
+    let root = tempfile::tempdir_in(base).expect("root");
+    create_volume(root.path(), "src", 8 << 30);
+    let src = root.path().join("volumes/src");
+    fill(&src, set);
+    let agent = Node::start(root.path()).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let mut c = Client::mount(agent.port, "src").await;
+        let dir = c.root.clone();
+        let f = c.create(&dir, b"log", 0o644).await.expect("CREATE");
+        tokio::spawn(async move {
+            let mut acks = Vec::new();
+            let data = vec![7u8; 4096];
+            let mut off = 0;
+            while !stop.load(Ordering::Acquire) {
+                c.write(&f, off, &data, stable_how::FILE_SYNC)
+                    .await
+                    .expect("WRITE");
+                off += 4096;
+                acks.push(Instant::now());
+            }
+            acks
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    drop_caches();
+    let asked = Instant::now();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_localnfs"))
+        .arg("volume")
+        .arg("--root")
+        .arg(root.path())
+        .args(["copy", "src", "snap", "--timeout", "10m"])
+        .output()
+        .await
+        .expect("localnfs volume copy");
+    let answered = Instant::now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Release);
+    let acks = writer.await.expect("writer");
+    let answer = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(
+        out.status.success(),
+        "copy failed: {answer}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let took_ms: f64 = answer
+        .rsplit("took ")
+        .next()
+        .and_then(|t| t.trim_end_matches(" ms").parse().ok())
+        .expect("the answer's time");
+    drop(agent);
+
+    drop_caches();
+    let anchor = root.path().join("cp-a");
+    let started = Instant::now();
+    let cp = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&src)
+        .arg(&anchor)
+        .status()
+        .expect("cp -a");
+    assert!(cp.success());
+    let _ = std::process::Command::new("sync").status();
+    let cp = started.elapsed();
+    Row {
+        label: set.label,
+        answer,
+        took: Duration::from_secs_f64(took_ms / 1e3),
+        gap_during: longest_gap(&acks, |t| t >= asked && t <= answered),
+        gap_before: longest_gap(&acks, |t| t < asked),
+        cp,
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut base = PathBuf::from("/var/tmp");
+    if let Some(i) = args.iter().position(|a| a == "--dir") {
+        base = PathBuf::from(args.get(i + 1).expect("--dir PATH"));
+    }
+    let mut rows = Vec::new();
+    for set in &SETS {
+        let row = measure(&base, set).await;
+        eprintln!("{}: {}", row.label, row.answer);
+        rows.push(row);
+    }
+    println!();
+    println!(
+        "| data (ext4) | localnfs copy, live source | source pause to mark T | longest gap between a writer's FILE_SYNC replies: during / before the copy | `cp -a` + `sync`, idle source |"
+    );
+    println!("|---|---|---|---|---|");
+    for r in rows {
+        let pause = r
+            .answer
+            .split("source paused ")
+            .nth(1)
+            .and_then(|t| t.split(',').next())
+            .unwrap_or("?");
+        println!(
+            "| {} | {:.2} s | {} | {:.1} ms / {:.1} ms | {:.2} s |",
+            r.label,
+            r.took.as_secs_f64(),
+            pause,
+            r.gap_during.as_secs_f64() * 1e3,
+            r.gap_before.as_secs_f64() * 1e3,
+            r.cp.as_secs_f64()
+        );
+    }
+}
