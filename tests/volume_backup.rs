@@ -110,6 +110,15 @@ async fn backup_delete_restore_gives_back_the_same_checksums_and_serves_them() {
         text(&second)
     );
     let set = set_of(&second);
+    // The agent counts them: both succeeded, the bytes each wrote and linked.
+    let m = support::scrape(agent.admin).await;
+    assert_eq!(
+        m.get("localnfs_backups_total", &[("result", "succeeded")]),
+        2.0
+    );
+    assert_eq!(m.get("localnfs_backup_bytes_copied_total", &[]), 2097189.0);
+    assert_eq!(m.get("localnfs_backup_bytes_linked_total", &[]), 2097152.0);
+    assert!(m.get("localnfs_backup_seconds_total", &[]) > 0.0);
     assert_eq!(
         complete_sets(root.path(), target.path(), "db").await,
         vec![set_of(&first), set.clone()]
@@ -177,7 +186,7 @@ async fn backup_and_restore_refusals_say_why_and_change_nothing() {
         text(&no_agent)
     );
 
-    let _agent = Node::start(root.path()).await;
+    let agent = Node::start(root.path()).await;
     let same = volume(root.path(), &["backup", "db", "--to", &to]).await;
     assert!(!same.status.success());
     assert!(
@@ -197,6 +206,12 @@ async fn backup_and_restore_refusals_say_why_and_change_nothing() {
         text(&unknown)
     );
 
+    let m = support::scrape(agent.admin).await;
+    assert_eq!(
+        m.get("localnfs_backups_total", &[("result", "failed")]),
+        2.0
+    );
+    assert_eq!(m.get("localnfs_backups_running", &[]), 0.0);
     let ok = volume(
         root.path(),
         &["backup", "db", "--to", &to, "--allow-same-device"],

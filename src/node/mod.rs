@@ -116,6 +116,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     let server = nfs::Server::new(exports.clone(), limits);
     let mut registry = crate::metrics::registry("node");
     registry.register_collector(Box::new(server.collector()));
+    registry.register_collector(Box::new(localnfs_nfs::backup::BackupCollector));
     let admin = admin::start(args.admin.admin_addr, registry, &shutdown).await?;
     let (admin_addr, readiness) = (admin.addr, admin.readiness.clone());
     volume_cmd::fail_interrupted_copies(&args.root);

@@ -42,6 +42,7 @@
 //! checked as it is written (a mismatch fails the restore, leaving nothing), committed
 //! like a copy (`VolumeStore::commit_copy`).
 
+mod metrics;
 mod restore;
 mod write;
 
@@ -54,6 +55,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::volume::{VolumeName, VolumeSpec};
 
+pub use metrics::BackupCollector;
 pub use restore::{RestoreReport, restore_set};
 pub use write::{BackupOptions, BackupReport};
 

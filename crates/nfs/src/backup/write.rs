@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::{
-    COMPLETE, DATA, Item, Kind, MANIFEST, Manifest, PARTIAL, Summary, list_sets, parse_sha256sum,
-    prune_plan, read_manifest, set_id, target_error,
+    COMPLETE, DATA, Item, Kind, MANIFEST, Manifest, PARTIAL, Summary, list_sets, metrics,
+    parse_sha256sum, prune_plan, read_manifest, set_id, target_error,
 };
 use crate::error::{Error, Result};
 use crate::nfs::Exports;
@@ -74,6 +74,23 @@ impl Exports {
         opts: &BackupOptions,
     ) -> Result<BackupReport> {
         let started = Instant::now();
+        let _running = metrics::Running::start();
+        let r = self.write_backup(volume, target, opts, started);
+        let written = r
+            .as_ref()
+            .ok()
+            .map(|r| (r.summary.bytes_copied, r.summary.bytes_linked));
+        metrics::finished(written, started.elapsed());
+        r
+    }
+
+    fn write_backup(
+        &self,
+        volume: &VolumeName,
+        target: &Path,
+        opts: &BackupOptions,
+        started: Instant,
+    ) -> Result<BackupReport> {
         let fail = |why: String| Error::BackupFailed {
             volume: volume.to_string(),
             target: target.to_owned(),
