@@ -306,3 +306,44 @@ async fn a_full_target_fails_the_backup_clearly_and_leaves_the_source_and_target
     assert!(snap.is_empty(), "the snapshot was left: {snap:?}");
     assert!(!s.target.path().join("db0").join(COMPLETE).exists());
 }
+
+/// Takes `path`'s flock as another backup would (per open file, so it holds even
+/// against this process).
+fn hold(path: &Path) -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+    let f = std::fs::File::create(path).expect("lock file");
+    // SAFETY: a valid descriptor for the call.
+    assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
+    f
+}
+
+#[tokio::test]
+async fn a_second_backup_of_a_volume_while_one_runs_is_refused_with_the_reason() {
+    let s = Setup::new().await;
+    {
+        let _same_target = hold(&s.target.path().join("db0/.lock"));
+        let e = s
+            .backup(&same_device())
+            .expect_err("one at a time per target");
+        assert!(
+            e.to_string()
+                .contains("another backup of this volume to this target"),
+            "{e}"
+        );
+    }
+    {
+        let root = s.served.exports.store().root().to_owned();
+        let _snapshot = hold(&root.join("staging/db0.backup.partial/lock"));
+        let e = s
+            .backup(&same_device())
+            .expect_err("one snapshot at a time");
+        assert!(
+            e.to_string()
+                .contains("is taking its snapshot on this node"),
+            "{e}"
+        );
+    }
+    assert!(s.complete_sets().is_empty());
+    s.backup(&same_device()).expect("once the others are gone");
+}

@@ -146,7 +146,15 @@ impl Exports {
             name: snap_name,
             ..v.meta.spec.clone()
         };
-        let (staging, snap) = self.snapshot_volume(volume, &snap_spec)?;
+        let (staging, snap) = self
+            .snapshot_volume(volume, &snap_spec)
+            .map_err(|e| match e {
+                Error::CopyFailed { why, .. } => fail(format!("the snapshot failed: {why}")),
+                Error::VolumeExists { .. } => {
+                    fail("another backup of this volume is taking its snapshot on this node".into())
+                }
+                e => e,
+            })?;
         let mut id = set_id(created_ms);
         while sets
             .iter()
