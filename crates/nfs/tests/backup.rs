@@ -347,3 +347,24 @@ async fn a_second_backup_of_a_volume_while_one_runs_is_refused_with_the_reason()
     assert!(s.complete_sets().is_empty());
     s.backup(&same_device()).expect("once the others are gone");
 }
+
+#[tokio::test]
+async fn a_symlink_planted_in_a_set_is_not_followed_by_a_restore() {
+    let s = Setup::new().await;
+    let r = s.backup(&same_device()).expect("backup");
+    // Outside the set, the very bytes the manifest expects: only following the link
+    // would make them match.
+    let outside = tempfile::NamedTempFile::new().expect("outside file");
+    std::fs::write(outside.path(), b"table one").expect("write");
+    let planted = r.path.join(DATA).join("db/sub/t1.ibd");
+    std::fs::remove_file(&planted).expect("remove");
+    std::os::unix::fs::symlink(outside.path(), &planted).expect("plant");
+    let store = s.served.exports.store();
+    let e = backup::restore_set(store, &r.path, &name("evil"), None).expect_err("planted");
+    assert!(
+        e.to_string()
+            .contains("file db/sub/t1.ibd in the set is damaged"),
+        "{e}"
+    );
+    assert!(store.get(&name("evil")).expect("get").is_none());
+}

@@ -169,7 +169,12 @@ fn lay(from: &Path, dest: &Path, it: &Item, w: &mut Written) -> Result<(), Strin
 /// Copies `src` to a new file `dst`, checking its sha256 and size against `it`.
 fn copy_checked(src: &Path, dst: &Path, it: &Item) -> Result<(), String> {
     let damaged = |why: String| format!("file {} in the set is damaged: {why}", it.path);
-    let mut input = fs::File::open(src).map_err(|e| damaged(e.to_string()))?;
+    // A symlink planted in the set's data is not followed: only the file itself counts.
+    let mut input = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(src)
+        .map_err(|e| damaged(e.to_string()))?;
     let mut out = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
