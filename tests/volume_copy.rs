@@ -77,6 +77,8 @@ async fn volume_copy_prints_what_the_agent_copied_and_the_copy_is_served() {
     std::fs::create_dir(dir.join("d")).expect("mkdir");
     std::fs::write(dir.join("d/a"), vec![3u8; 300_000]).expect("write");
     std::fs::write(dir.join("b"), b"bee").expect("write");
+    std::fs::hard_link(dir.join("d/a"), dir.join("a-too")).expect("link");
+    std::os::unix::fs::symlink("d/a", dir.join("to-a")).expect("symlink");
     let agent = Node::start(root.path()).await;
 
     let out = volume_copy(root.path(), &["src", "copy", "--size", "32Mi"]).await;
@@ -94,7 +96,16 @@ async fn volume_copy_prints_what_the_agent_copied_and_the_copy_is_served() {
         sha256(&dir.join("d/a"))
     );
     let manifest = std::fs::read_to_string(store.manifest_path(&name("copy"))).expect("manifest");
-    assert_eq!(manifest.lines().count(), 2, "{manifest}");
+    assert_eq!(manifest.lines().count(), 3, "{manifest}");
+    // A hard link stays one file with two names; a symlink stays a symlink.
+    use std::os::unix::fs::MetadataExt;
+    let copied = store.data_dir(&name("copy"));
+    let ino = |p: &str| std::fs::metadata(copied.join(p)).expect("stat").ino();
+    assert_eq!(ino("d/a"), ino("a-too"));
+    assert_eq!(
+        std::fs::read_link(copied.join("to-a")).expect("symlink"),
+        Path::new("d/a")
+    );
     let mut c = Client::mount(agent.port, "copy").await;
     let root_fh = c.root.clone();
     let b = c.lookup(&root_fh, b"b").await.expect("the copy is served");

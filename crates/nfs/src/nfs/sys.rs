@@ -409,6 +409,14 @@ pub fn write_back(fd: RawFd) -> SysResult<()> {
     check(unsafe { libc::sync_file_range(fd, 0, 0, flags) }).map(drop)
 }
 
+/// Starts writing the file's dirty pages to the disk and returns at once
+/// (`sync_file_range(2)` with WRITE only): a copy's data goes out as it is made, so
+/// the final commit has little left to flush in front of the source's own fsyncs.
+pub fn start_write_back(fd: RawFd) -> SysResult<()> {
+    // SAFETY: plain syscall.
+    check(unsafe { libc::sync_file_range(fd, 0, 0, libc::SYNC_FILE_RANGE_WRITE) }).map(drop)
+}
+
 pub fn fdatasync(fd: RawFd) -> SysResult<()> {
     // SAFETY: plain syscall.
     check(unsafe { libc::fdatasync(fd) }).map(drop)

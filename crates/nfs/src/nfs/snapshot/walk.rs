@@ -68,8 +68,9 @@ struct Walk<'a> {
     data: OwnedFd,
     limits: Limits,
     totals: Totals,
-    /// Staging path of the first name of each regular file copied (hard links).
-    copied: HashMap<u64, Vec<u8>>,
+    /// Staging path of the first name of each regular file copied, and its sha256
+    /// (further names are hard links to it).
+    copied: HashMap<u64, (Vec<u8>, String)>,
     manifest: Vec<(Vec<u8>, String)>,
 }
 
@@ -195,16 +196,10 @@ impl Walk<'_> {
     /// A regular file: its T bytes and attributes, or a hard link to its first copy.
     fn file(&mut self, rel: &[u8], e: &Entry) -> Result<(), Stop> {
         let ino = e.st.st_ino;
-        if let Some(first) = self.copied.get(&ino) {
+        if let Some((first, hash)) = self.copied.get(&ino) {
             sys::linkat(raw(&self.data), first, raw(&self.data), rel)
                 .map_err(failed("link a copied file"))?;
-            let hash = self
-                .manifest
-                .iter()
-                .find(|(p, _)| p == first)
-                .map(|(_, h)| h.clone())
-                .unwrap_or_default();
-            self.manifest.push((rel.to_vec(), hash));
+            self.manifest.push((rel.to_vec(), hash.clone()));
             return Ok(());
         }
         let Some((kind, handle)) = &e.handle else {
@@ -233,14 +228,16 @@ impl Walk<'_> {
         }
         self.overlay(ino, raw(&dst))?;
         sys::ftruncate(raw(&dst), size).map_err(failed("set a copied file's size"))?;
+        // Best effort: the final syncfs makes it durable either way.
+        let _ = sys::start_write_back(raw(&dst));
         sys::set_attrs_at(raw(&self.data), rel, &t).map_err(failed("set attributes"))?;
         let now = sys::fstat(raw(&dst)).map_err(failed("stat a copied file"))?;
         self.count(charge_of(&now))?;
         self.totals.bytes += size;
         self.totals.files += 1;
         let hash = sha256(raw(&dst), size).map_err(failed("checksum a copied file"))?;
-        self.manifest.push((rel.to_vec(), hash));
-        self.copied.insert(ino, rel.to_vec());
+        self.manifest.push((rel.to_vec(), hash.clone()));
+        self.copied.insert(ino, (rel.to_vec(), hash));
         Ok(())
     }
 
