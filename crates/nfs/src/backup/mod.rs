@@ -39,8 +39,9 @@
 //! either rule keeps it. The newest complete set is never removed.
 //!
 //! **Restore** ([`restore_set`]): a complete set into a new volume, each file's sha256
-//! checked as it is written (a mismatch fails the restore, leaving nothing), committed
-//! like a copy (`VolumeStore::commit_copy`).
+//! checked as it is written (a mismatch fails the restore, leaving nothing; a symlink
+//! planted in `data/` where a file belongs is not followed), committed like a copy
+//! (`VolumeStore::commit_copy`). Paths in a manifest that leave the volume are refused.
 
 mod metrics;
 mod restore;
