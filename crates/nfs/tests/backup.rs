@@ -368,3 +368,44 @@ async fn a_symlink_planted_in_a_set_is_not_followed_by_a_restore() {
     );
     assert!(store.get(&name("evil")).expect("get").is_none());
 }
+
+#[tokio::test]
+async fn a_manifest_that_writes_through_its_own_symlink_is_refused_by_a_restore() {
+    let s = Setup::new().await;
+    let r = s.backup(&same_device()).expect("backup");
+    let outside = tempfile::tempdir().expect("outside");
+    // A forged manifest: symlink `escape` to a directory outside, then a file under it.
+    let path = r.path.join("manifest.json");
+    let mut m: backup::Manifest =
+        serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("manifest");
+    let file = m
+        .items
+        .iter()
+        .find(|i| i.path == "db/sub/t1.ibd")
+        .expect("file item")
+        .clone();
+    let mut link = file.clone();
+    link.path = "escape".into();
+    link.kind = backup::Kind::Symlink;
+    link.target = Some(outside.path().display().to_string());
+    link.sha256 = None;
+    let mut through = file;
+    through.path = "escape/t1.ibd".into();
+    std::fs::create_dir_all(r.path.join(DATA).join("escape")).expect("mkdir");
+    std::fs::copy(
+        r.path.join(DATA).join("db/sub/t1.ibd"),
+        r.path.join(DATA).join("escape/t1.ibd"),
+    )
+    .expect("copy");
+    m.items.push(link);
+    m.items.push(through);
+    std::fs::write(&path, serde_json::to_vec(&m).expect("encode")).expect("forge");
+    let store = s.served.exports.store();
+    let e = backup::restore_set(store, &r.path, &name("evil"), None).expect_err("forged");
+    assert!(e.to_string().contains("outside a directory it made"), "{e}");
+    assert!(
+        !outside.path().join("t1.ibd").exists(),
+        "wrote outside the volume"
+    );
+    assert!(store.get(&name("evil")).expect("get").is_none());
+}

@@ -3,7 +3,7 @@
 //! committed by `VolumeStore::commit_copy` (nothing exists until then; any failure
 //! removes the staging directory).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::fs;
 use std::io::{Read, Write};
@@ -64,8 +64,24 @@ pub fn restore_set(
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(format!("create the new volume's directory: {e}")),
         }
+        // Directories this restore made: every object goes into one of them, never
+        // through a symlink the manifest made earlier.
+        let mut dirs: HashSet<&str> = HashSet::from(["."]);
         for it in &manifest.items {
+            let parent = Path::new(&it.path)
+                .parent()
+                .and_then(Path::to_str)
+                .map(|p| if p.is_empty() { "." } else { p });
+            if it.path != "." && !parent.is_some_and(|p| dirs.contains(p)) {
+                return Err(format!(
+                    "the manifest puts {} outside a directory it made",
+                    it.path
+                ));
+            }
             lay(&from, &dest, it, &mut written)?;
+            if it.kind == Kind::Dir {
+                dirs.insert(&it.path);
+            }
         }
         // Directories last, deepest first, so their times survive their children.
         for it in manifest.items.iter().rev().filter(|i| i.kind == Kind::Dir) {
