@@ -409,3 +409,24 @@ async fn a_manifest_that_writes_through_its_own_symlink_is_refused_by_a_restore(
     );
     assert!(store.get(&name("evil")).expect("get").is_none());
 }
+
+#[tokio::test]
+async fn a_manifest_that_hard_links_a_file_outside_the_set_is_refused_by_a_restore() {
+    let s = Setup::new().await;
+    let r = s.backup(&same_device()).expect("backup");
+    let path = r.path.join("manifest.json");
+    let mut m: backup::Manifest =
+        serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("manifest");
+    // Another volume's file on the same disk, named from the new volume's root.
+    let item = m
+        .items
+        .iter_mut()
+        .find(|i| i.path == "db/notes-link")
+        .expect("link item");
+    item.link = Some("../../../volumes/db0/db/ibdata1".into());
+    std::fs::write(&path, serde_json::to_vec(&m).expect("encode")).expect("forge");
+    let store = s.served.exports.store();
+    let e = backup::restore_set(store, &r.path, &name("evil"), None).expect_err("forged");
+    assert!(e.to_string().contains("which it did not make"), "{e}");
+    assert!(store.get(&name("evil")).expect("get").is_none());
+}

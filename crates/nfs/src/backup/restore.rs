@@ -67,6 +67,7 @@ pub fn restore_set(
         // Directories this restore made: every object goes into one of them, never
         // through a symlink the manifest made earlier.
         let mut dirs: HashSet<&str> = HashSet::from(["."]);
+        let mut files: HashSet<&str> = HashSet::new();
         for it in &manifest.items {
             let parent = Path::new(&it.path)
                 .parent()
@@ -78,9 +79,24 @@ pub fn restore_set(
                     it.path
                 ));
             }
+            // A hard link names a file this restore made, nothing else.
+            if let Some(first) = &it.link
+                && !files.contains(first.as_str())
+            {
+                return Err(format!(
+                    "the manifest links {} to {first}, which it did not make",
+                    it.path
+                ));
+            }
             lay(&from, &dest, it, &mut written)?;
-            if it.kind == Kind::Dir {
-                dirs.insert(&it.path);
+            match it.kind {
+                Kind::Dir => {
+                    dirs.insert(&it.path);
+                }
+                Kind::File => {
+                    files.insert(&it.path);
+                }
+                _ => {}
             }
         }
         // Directories last, deepest first, so their times survive their children.
