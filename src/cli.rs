@@ -396,8 +396,55 @@ pub enum VolumeCommand {
     /// and written: the node agent serving ROOT makes the copy (it must be running);
     /// this asks it, waits and prints the result (see the README).
     Copy(CopyVolume),
+    /// Back up a volume as it is at one instant into a new set under DIR (a directory
+    /// that survives the node, e.g. a network volume mounted there): the node agent
+    /// serving ROOT writes it (it must be running); incremental after the first set.
+    Backup(BackupVolume),
+    /// List the backup sets under DIR (of VOLUME, or of every volume there).
+    Backups {
+        /// The backup target directory.
+        #[arg(long)]
+        to: std::path::PathBuf,
+        volume: Option<VolumeName>,
+    },
+    /// Restore a backup set (DIR/VOLUME/SET) into a new volume (never an existing one).
+    Restore(RestoreVolume),
     /// List volumes with size and usage.
     List,
+}
+
+#[derive(Debug, Args)]
+pub struct BackupVolume {
+    /// The volume to back up.
+    pub volume: VolumeName,
+    /// The backup target directory (sets go to DIR/VOLUME/SET-ID).
+    #[arg(long)]
+    pub to: std::path::PathBuf,
+    /// Keep the newest N complete sets (with --max-age: a set either keeps stays).
+    #[arg(long)]
+    pub keep: Option<usize>,
+    /// Keep complete sets younger than this (e.g. 7d, 12h).
+    #[arg(long, value_parser = parse_duration)]
+    pub max_age: Option<std::time::Duration>,
+    /// Accept a target on the same disk as ROOT (tests, single-disk labs): such a
+    /// backup does not survive that disk.
+    #[arg(long)]
+    pub allow_same_device: bool,
+    /// How long to wait for the agent's result.
+    #[arg(long, value_parser = parse_duration, default_value = "1h")]
+    pub timeout: std::time::Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreVolume {
+    /// The set to restore: DIR/VOLUME/SET-ID.
+    #[arg(long)]
+    pub from: std::path::PathBuf,
+    /// The new volume (must not exist).
+    pub name: VolumeName,
+    /// The new volume's size limit (default: the backed-up volume's).
+    #[arg(long, value_parser = quantity_bytes)]
+    pub size: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -496,8 +543,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "ms" => Ok(Duration::from_millis(n)),
         "m" => secs(60),
         "h" => secs(3600),
+        "d" => secs(86_400),
         _ => Err(format!(
-            "unknown unit `{unit}` in `{s}` (use ms, s, m or h)"
+            "unknown unit `{unit}` in `{s}` (use ms, s, m, h or d)"
         )),
     }
 }

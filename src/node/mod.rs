@@ -20,6 +20,7 @@
 //! the calls it has for at most `--drain-timeout`, then cuts what is left, gives the
 //! rest (cluster agent, admin listener) a few seconds more, and exits.
 
+pub mod backup_cmd;
 pub mod cluster;
 pub mod grants;
 pub mod keys;
@@ -115,9 +116,11 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     let server = nfs::Server::new(exports.clone(), limits);
     let mut registry = crate::metrics::registry("node");
     registry.register_collector(Box::new(server.collector()));
+    registry.register_collector(Box::new(localnfs_nfs::backup::BackupCollector));
     let admin = admin::start(args.admin.admin_addr, registry, &shutdown).await?;
     let (admin_addr, readiness) = (admin.addr, admin.readiness.clone());
     volume_cmd::fail_interrupted_copies(&args.root);
+    backup_cmd::fail_interrupted_backups(&args.root);
     let refresher = {
         let (exports, shutdown) = (exports.clone(), shutdown.clone());
         tokio::spawn(async move {
@@ -139,6 +142,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
                     ex.mounts.flush();
                     ex.access.reload();
                     volume_cmd::serve_copy_requests(&ex);
+                    backup_cmd::serve_backup_requests(&ex);
                     ex.refresh()
                 });
                 match refreshed.await {

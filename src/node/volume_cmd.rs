@@ -10,7 +10,8 @@
 //! (`Exports::copy_volume`) on a thread of its own and writes the answer. A `.running`
 //! found when the agent starts was cut short by a restart: it is answered with that
 //! error (the store removed the unfinished copy when it opened). The command removes
-//! its request if no agent answered in time.
+//! its request if no agent answered in time. `localnfs volume backup` asks the same
+//! way (`backup_cmd`), through the request helpers here.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -52,7 +53,7 @@ fn request_file(root: &Path, name: &VolumeName, ext: &str) -> PathBuf {
     requests_dir(root).join(format!("{name}.{ext}"))
 }
 
-fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
+pub(super) fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
     let path = path.to_owned();
     move |source| {
         Error::Nfs(localnfs_nfs::Error::VolumeIo {
@@ -72,7 +73,6 @@ fn copy(root: &Path, c: CopyVolume) -> Result<()> {
         name: c.name.clone(),
         size: c.size,
     };
-    let path = request_file(root, &c.name, "json");
     for ext in ["json", "running"] {
         if request_file(root, &c.name, ext).exists() {
             return Err(Error::Nfs(localnfs_nfs::Error::VolumeExists {
@@ -81,35 +81,16 @@ fn copy(root: &Path, c: CopyVolume) -> Result<()> {
         }
     }
     let bytes = serde_json::to_vec(&request).map_err(|e| Error::BuildObject(e.to_string()))?;
-    write_atomic(&path, &bytes, 0o600)?;
-    let answer_path = request_file(root, &c.name, "result");
-    let started = Instant::now();
-    let answer = loop {
-        match std::fs::read(&answer_path) {
-            Ok(b) => {
-                let _ = std::fs::remove_file(&answer_path);
-                break serde_json::from_slice::<CopyAnswer>(&b)
-                    .map_err(|e| Error::BuildObject(format!("unreadable copy answer: {e}")))?;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err("read the copy answer", &answer_path)(e)),
-        }
-        if started.elapsed() > c.timeout {
-            // Unclaimed: withdrawn, so no agent starts it later. Claimed: the agent
-            // finishes it and leaves the answer.
-            let _ = std::fs::remove_file(&path);
-            return Err(Error::Timeout {
-                what: format!(
-                    "the node agent serving {} to copy {} into {} (is `localnfs node` running on this root?)",
-                    root.display(),
-                    c.source,
-                    c.name
-                ),
-                after: c.timeout,
-            });
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let answer = ask_agent(&dir, c.name.as_str(), &bytes, c.timeout, || {
+        format!(
+            "the node agent serving {} to copy {} into {} (is `localnfs node` running on this root?)",
+            root.display(),
+            c.source,
+            c.name
+        )
+    })?;
+    let answer = serde_json::from_slice::<CopyAnswer>(&answer)
+        .map_err(|e| Error::BuildObject(format!("unreadable copy answer: {e}")))?;
     match answer.error {
         Some(why) => Err(Error::Nfs(localnfs_nfs::Error::CopyFailed {
             source_volume: c.source.to_string(),
@@ -132,40 +113,89 @@ fn copy(root: &Path, c: CopyVolume) -> Result<()> {
     }
 }
 
-/// Answers copy requests left by a `localnfs volume copy` that an agent restart cut
-/// short (call once, when the agent starts).
-pub fn fail_interrupted_copies(root: &Path) {
-    let Ok(entries) = std::fs::read_dir(requests_dir(root)) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let path = e.path();
-        if path.extension().is_some_and(|x| x == "running") {
-            let answer = CopyAnswer {
-                error: Some("the node agent restarted during the copy; nothing was made".into()),
-                ..CopyAnswer::default()
-            };
-            answer_and_forget(&path, &answer);
+/// Leaves request `bytes` for the agent as `<dir>/<key>.json`, waits for its answer
+/// `<key>.result` and returns it. `what` names the wait in the timeout error.
+pub(super) fn ask_agent(
+    dir: &Path,
+    key: &str,
+    bytes: &[u8],
+    timeout: Duration,
+    what: impl FnOnce() -> String,
+) -> Result<Vec<u8>> {
+    let path = dir.join(format!("{key}.json"));
+    write_atomic(&path, bytes, 0o600)?;
+    let answer_path = dir.join(format!("{key}.result"));
+    let started = Instant::now();
+    loop {
+        match std::fs::read(&answer_path) {
+            Ok(b) => {
+                let _ = std::fs::remove_file(&answer_path);
+                return Ok(b);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("read the agent's answer", &answer_path)(e)),
         }
+        if started.elapsed() > timeout {
+            // Unclaimed: withdrawn, so no agent starts it later. Claimed: the agent
+            // finishes it and leaves the answer.
+            let _ = std::fs::remove_file(&path);
+            return Err(Error::Timeout {
+                what: what(),
+                after: timeout,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
-/// Starts the copies requested since the last call, each on a thread of its own.
-pub fn serve_copy_requests(exports: &Arc<Exports>) {
-    let root = exports.store().root().to_owned();
-    let Ok(entries) = std::fs::read_dir(requests_dir(&root)) else {
-        return;
+/// Claims the requests waiting in `dir` (renamed `<key>.running`; one agent, once)
+/// and returns them.
+pub(super) fn claim_requests(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
     };
+    let mut out = Vec::new();
     for e in entries.flatten() {
         let path = e.path();
         if path.extension().is_none_or(|x| x != "json") {
             continue;
         }
         let running = path.with_extension("running");
-        // The claim: one agent, once; a request withdrawn meanwhile is gone.
-        if std::fs::rename(&path, &running).is_err() {
-            continue;
+        // A request withdrawn meanwhile is gone.
+        if std::fs::rename(&path, &running).is_ok() {
+            out.push(running);
         }
+    }
+    out
+}
+
+/// Answers every request in `dir` that an agent restart cut short with `answer`.
+pub(super) fn answer_interrupted<T: Serialize>(dir: &Path, answer: &T) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.extension().is_some_and(|x| x == "running") {
+            answer_and_forget(&path, answer);
+        }
+    }
+}
+
+/// Answers copy requests left by a `localnfs volume copy` that an agent restart cut
+/// short (call once, when the agent starts).
+pub fn fail_interrupted_copies(root: &Path) {
+    let answer = CopyAnswer {
+        error: Some("the node agent restarted during the copy; nothing was made".into()),
+        ..CopyAnswer::default()
+    };
+    answer_interrupted(&requests_dir(root), &answer);
+}
+
+/// Starts the copies requested since the last call, each on a thread of its own.
+pub fn serve_copy_requests(exports: &Arc<Exports>) {
+    let root = exports.store().root().to_owned();
+    for running in claim_requests(&requests_dir(&root)) {
         let exports = exports.clone();
         std::thread::spawn(move || {
             let answer = match std::fs::read(&running)
@@ -216,20 +246,27 @@ fn run_copy(exports: &Exports, req: &CopyRequest) -> CopyAnswer {
 }
 
 /// Writes the answer beside the request `running` and removes the request.
-fn answer_and_forget(running: &Path, answer: &CopyAnswer) {
+pub(super) fn answer_and_forget<T: Serialize>(running: &Path, answer: &T) {
     let done = running.with_extension("result");
     let written = serde_json::to_vec(answer)
         .map_err(|e| e.to_string())
         .and_then(|b| write_atomic(&done, &b, 0o600).map_err(|e| e.to_string()));
     if let Err(e) = written {
-        tracing::error!(error = %e, path = %done.display(), "cannot write a copy answer");
+        tracing::error!(error = %e, path = %done.display(), "cannot write an answer to `localnfs volume`");
     }
     let _ = std::fs::remove_file(running);
 }
 
 pub fn run(args: VolumeArgs) -> Result<()> {
+    // These need no store of their own (or open it themselves).
+    let command = match args.command {
+        VolumeCommand::Backup(b) => return super::backup_cmd::backup(&args.root, b),
+        VolumeCommand::Backups { to, volume } => return super::backup_cmd::list(&to, volume),
+        VolumeCommand::Restore(r) => return super::backup_cmd::restore(&args.root, r),
+        other => other,
+    };
     let store = VolumeStore::open(&args.root)?;
-    match args.command {
+    match command {
         VolumeCommand::Create(c) => {
             let mut spec = VolumeSpec {
                 uid: c.uid,
@@ -262,6 +299,7 @@ pub fn run(args: VolumeArgs) -> Result<()> {
             store.delete(&name)?;
             println!("volume {name} deleted");
         }
+        VolumeCommand::Backup(_) | VolumeCommand::Backups { .. } | VolumeCommand::Restore(_) => {}
         VolumeCommand::List => {
             println!(
                 "{:<40} {:>6} {:>14} {:>14} {:>6}",

@@ -67,6 +67,20 @@ pub enum Error {
         why: String,
     },
 
+    #[error("cannot back up volume {volume} to {target}: {why}; the source is untouched")]
+    BackupFailed {
+        volume: String,
+        target: PathBuf,
+        why: String,
+    },
+
+    #[error("cannot restore {set} into volume {name}: {why}; nothing was made")]
+    RestoreFailed {
+        set: PathBuf,
+        name: String,
+        why: String,
+    },
+
     #[error("volume {name}: cannot shrink to {requested} bytes, {used} bytes are in use")]
     ShrinkBelowUsage {
         name: String,

@@ -3,6 +3,7 @@
 //! every TCP server of localnfs runs on ([`server`]). The `localnfs` binary wraps it
 //! with the node agent's cluster side; the fuzz target and the NFS tests use it alone.
 
+pub mod backup;
 pub mod error;
 pub mod nfs;
 pub mod server;

@@ -62,7 +62,7 @@ pub use allow::{AllowList, Network};
 pub use call::dispatch;
 pub use limits::{Descriptors, Limits, share_descriptors};
 pub use metrics::NfsCollector;
-pub use snapshot::CopyReport;
+pub use snapshot::{CopyReport, Snapshot, sha256sum_text};
 pub use state::{Exports, MAX_CACHED};
 
 /// How often each volume's usage is re-counted from the disk (see `quota::resync`).

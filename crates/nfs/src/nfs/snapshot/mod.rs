@@ -34,6 +34,8 @@
 
 mod walk;
 
+pub use walk::sha256sum_text;
+
 use std::collections::HashMap;
 use std::os::fd::{OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,7 +45,7 @@ use std::time::{Duration, Instant};
 use super::state::{Exports, Volume};
 use super::sys::{self, Errno, raw};
 use crate::error::{Error, Result};
-use crate::volume::{Owner, VolumeMeta, VolumeName, VolumeSpec};
+use crate::volume::{Owner, Staging, VolumeMeta, VolumeName, VolumeSpec};
 
 /// What a copy did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -434,6 +436,36 @@ impl Exports {
         spec: &VolumeSpec,
         owner: Option<&Owner>,
     ) -> Result<(VolumeMeta, CopyReport)> {
+        let (staging, mut report) = self.snapshot_volume(source, spec)?;
+        let meta = self.store().commit_copy(staging, spec, owner)?;
+        // The volume exists now whatever happens next: a failure to serve it at once
+        // is the periodic refresh's to retry, not this call's to report.
+        if let Err(e) = self.refresh_volume(&spec.name) {
+            tracing::warn!(volume = %spec.name, error = %e, "cannot serve the new copy yet; the next refresh retries");
+        }
+        report.took = report.started.elapsed();
+        tracing::info!(
+            source = %source,
+            volume = %spec.name,
+            bytes = report.bytes,
+            files = report.files,
+            pause_ms = report.pause.as_secs_f64() * 1e3,
+            took_ms = report.took.as_secs_f64() * 1e3,
+            preserved = report.preserved,
+            "copied a volume as of one instant"
+        );
+        Ok((meta, report.into()))
+    }
+
+    /// The copy itself, up to but not including its commit: `source` as of one
+    /// instant in `staging.data()`, durable, with its manifest. Dropping the
+    /// [`Staging`] removes it; committing it makes volume `spec.name`. Backups
+    /// (`crate::backup`) read the copy and drop it.
+    pub fn snapshot_volume(
+        &self,
+        source: &VolumeName,
+        spec: &VolumeSpec,
+    ) -> Result<(Staging, Snapshot)> {
         let started = Instant::now();
         let v = self.by_name(source).ok_or_else(|| Error::VolumeNotFound {
             name: source.to_string(),
@@ -498,31 +530,42 @@ impl Exports {
         if let Some(why) = job.lock().failed.take() {
             return Err(failed(why));
         }
-        let meta = self.store().commit_copy(staging, spec, owner)?;
-        // The volume exists now whatever happens next: a failure to serve it at once
-        // is the periodic refresh's to retry, not this call's to report.
-        if let Err(e) = self.refresh_volume(&spec.name) {
-            tracing::warn!(volume = %spec.name, error = %e, "cannot serve the new copy yet; the next refresh retries");
-        }
-        let report = CopyReport {
+        let report = Snapshot {
             bytes: totals.bytes,
             files: totals.files,
             pause,
             took: started.elapsed(),
             objects: totals.objects,
             preserved,
+            started,
         };
-        tracing::info!(
-            source = %source,
-            volume = %spec.name,
-            bytes = report.bytes,
-            files = report.files,
-            pause_ms = report.pause.as_secs_f64() * 1e3,
-            took_ms = report.took.as_secs_f64() * 1e3,
-            preserved = report.preserved,
-            "copied a volume as of one instant"
-        );
-        Ok((meta, report))
+        Ok((staging, report))
+    }
+}
+
+/// What [`Exports::snapshot_volume`] did: a [`CopyReport`] and when it started.
+#[derive(Clone, Copy, Debug)]
+pub struct Snapshot {
+    pub bytes: u64,
+    pub files: u64,
+    pub pause: Duration,
+    /// Start to the copy being durable (not committed).
+    pub took: Duration,
+    pub objects: u64,
+    pub preserved: u64,
+    pub started: Instant,
+}
+
+impl From<Snapshot> for CopyReport {
+    fn from(s: Snapshot) -> Self {
+        Self {
+            bytes: s.bytes,
+            files: s.files,
+            pause: s.pause,
+            took: s.took,
+            objects: s.objects,
+            preserved: s.preserved,
+        }
     }
 }
 

@@ -293,28 +293,36 @@ impl Walk<'_> {
     /// does (the line starts with `\`).
     fn write_manifest(&mut self, staging: &Staging) -> Result<(), Stop> {
         self.manifest.sort();
-        let mut text = Vec::new();
-        for (path, hash) in &self.manifest {
-            let escape = path.iter().any(|&b| b == b'\n' || b == b'\\');
-            if escape {
-                text.push(b'\\');
-            }
-            text.extend_from_slice(hash.as_bytes());
-            text.extend_from_slice(b"  ");
-            for &b in path {
-                match b {
-                    b'\n' if escape => text.extend_from_slice(b"\\n"),
-                    b'\\' if escape => text.extend_from_slice(b"\\\\"),
-                    _ => text.push(b),
-                }
-            }
-            text.push(b'\n');
-        }
+        let text = sha256sum_text(&self.manifest);
         let path = staging.manifest();
         std::fs::File::create(&path)
             .and_then(|mut f| f.write_all(&text).and_then(|()| f.sync_all()))
             .map_err(|e| Stop::Failed(format!("write the manifest: {e}")))
     }
+}
+
+/// `<sha256>  <path>` lines for `(path, hash)` pairs (sorted by the caller), as
+/// `sha256sum` writes them: a path with a newline or backslash is escaped and its
+/// line starts with `\`.
+pub fn sha256sum_text(lines: &[(Vec<u8>, String)]) -> Vec<u8> {
+    let mut text = Vec::new();
+    for (path, hash) in lines {
+        let escape = path.iter().any(|&b| b == b'\n' || b == b'\\');
+        if escape {
+            text.push(b'\\');
+        }
+        text.extend_from_slice(hash.as_bytes());
+        text.extend_from_slice(b"  ");
+        for &b in path {
+            match b {
+                b'\n' if escape => text.extend_from_slice(b"\\n"),
+                b'\\' if escape => text.extend_from_slice(b"\\\\"),
+                _ => text.push(b),
+            }
+        }
+        text.push(b'\n');
+    }
+    text
 }
 
 /// Copies bytes `[from, to)` of `src` to the same offsets of `dst`, in the kernel

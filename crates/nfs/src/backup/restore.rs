@@ -1,0 +1,280 @@
+//! Restoring a set into a new volume: built in the store's staging directory like a
+//! copy, every file's sha256 checked as it is written, attributes from the manifest,
+//! committed by `VolumeStore::commit_copy` (nothing exists until then; any failure
+//! removes the staging directory).
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::CString;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::{DATA, Item, Kind, read_manifest};
+use crate::error::{Error, Result};
+use crate::volume::{VolumeMeta, VolumeName, VolumeSpec, VolumeStore};
+
+/// What a restore did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RestoreReport {
+    pub bytes: u64,
+    pub files: u64,
+    pub took: Duration,
+}
+
+/// Restores the complete set at `set` into new volume `name` of `store` (size:
+/// `size`, else the backed-up volume's). Refused if `name` exists. Blocking.
+pub fn restore_set(
+    store: &VolumeStore,
+    set: &Path,
+    name: &VolumeName,
+    size: Option<u64>,
+) -> Result<(VolumeMeta, RestoreReport)> {
+    let started = Instant::now();
+    let fail = |why: String| Error::RestoreFailed {
+        set: set.to_owned(),
+        name: name.to_string(),
+        why,
+    };
+    let manifest = read_manifest(set).map_err(|e| match e {
+        Error::RestoreFailed { why, .. } => fail(why),
+        e => e,
+    })?;
+    let spec = VolumeSpec {
+        name: name.clone(),
+        size_bytes: size.unwrap_or(manifest.spec.size_bytes),
+        ..manifest.spec.clone()
+    };
+    if manifest.summary.bytes > spec.size_bytes {
+        return Err(fail(format!(
+            "the set holds {} bytes, more than the new volume's size of {} bytes",
+            manifest.summary.bytes, spec.size_bytes
+        )));
+    }
+    let staging = store.begin_copy(name)?;
+    let dest = staging.data();
+    let from = set.join(DATA);
+    let mut written = Written::default();
+    let r = (|| -> Result<(), String> {
+        match fs::DirBuilder::new().mode(0o700).create(&dest) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(format!("create the new volume's directory: {e}")),
+        }
+        // Directories this restore made: every object goes into one of them, never
+        // through a symlink the manifest made earlier.
+        let mut dirs: HashSet<&str> = HashSet::from(["."]);
+        let mut files: HashSet<&str> = HashSet::new();
+        for it in &manifest.items {
+            let parent = Path::new(&it.path)
+                .parent()
+                .and_then(Path::to_str)
+                .map(|p| if p.is_empty() { "." } else { p });
+            if it.path != "." && !parent.is_some_and(|p| dirs.contains(p)) {
+                return Err(format!(
+                    "the manifest puts {} outside a directory it made",
+                    it.path
+                ));
+            }
+            // A hard link names a file this restore made, nothing else.
+            if let Some(first) = &it.link
+                && !files.contains(first.as_str())
+            {
+                return Err(format!(
+                    "the manifest links {} to {first}, which it did not make",
+                    it.path
+                ));
+            }
+            lay(&from, &dest, it, &mut written)?;
+            match it.kind {
+                Kind::Dir => {
+                    dirs.insert(&it.path);
+                }
+                Kind::File => {
+                    files.insert(&it.path);
+                }
+                _ => {}
+            }
+        }
+        // Directories last, deepest first, so their times survive their children.
+        for it in manifest.items.iter().rev().filter(|i| i.kind == Kind::Dir) {
+            attrs(&dest.join(&it.path), it)?;
+        }
+        let d = fs::File::open(&dest).map_err(|e| format!("open the new volume: {e}"))?;
+        // SAFETY: a valid descriptor we own for the duration of the call.
+        if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
+            return Err(format!(
+                "make the new volume durable: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        let mut lines: Vec<(Vec<u8>, String)> = written.hashes.drain().collect();
+        lines.sort();
+        let text = crate::nfs::sha256sum_text(&lines);
+        fs::File::create(staging.manifest())
+            .and_then(|mut f| f.write_all(&text).and_then(|()| f.sync_all()))
+            .map_err(|e| format!("write the new volume's checksums: {e}"))
+    })();
+    r.map_err(fail)?;
+    let meta = store.commit_copy(staging, &spec, None)?;
+    let report = RestoreReport {
+        bytes: written.bytes,
+        files: written.files,
+        took: started.elapsed(),
+    };
+    tracing::info!(
+        set = %set.display(),
+        volume = %name,
+        bytes = report.bytes,
+        files = report.files,
+        "restored a backup set into a new volume"
+    );
+    Ok((meta, report))
+}
+
+#[derive(Default)]
+struct Written {
+    bytes: u64,
+    files: u64,
+    hashes: HashMap<Vec<u8>, String>,
+}
+
+/// Makes object `it` under `dest` from the set's data under `from`.
+fn lay(from: &Path, dest: &Path, it: &Item, w: &mut Written) -> Result<(), String> {
+    let rel = Path::new(&it.path);
+    if rel.is_absolute() || rel.components().any(|c| c.as_os_str() == "..") {
+        return Err(format!("the manifest names {} outside the volume", it.path));
+    }
+    let to = dest.join(rel);
+    match it.kind {
+        Kind::Dir if it.path == "." => return Ok(()),
+        Kind::Dir => fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&to)
+            .map_err(|e| format!("create directory {}: {e}", it.path))?,
+        Kind::File => {
+            if let Some(first) = &it.link {
+                fs::hard_link(dest.join(first), &to)
+                    .map_err(|e| format!("link {} to {first}: {e}", it.path))?;
+            } else {
+                copy_checked(&from.join(rel), &to, it)?;
+                w.bytes += it.size;
+                w.files += 1;
+            }
+            if let Some(h) = &it.sha256 {
+                w.hashes
+                    .insert(rel.as_os_str().as_bytes().to_vec(), h.clone());
+            }
+        }
+        Kind::Symlink => {
+            let target = it.target.as_deref().unwrap_or_default();
+            std::os::unix::fs::symlink(target, &to)
+                .map_err(|e| format!("create symlink {}: {e}", it.path))?;
+        }
+        Kind::Fifo | Kind::Socket | Kind::Char | Kind::Block => {
+            let kind = match it.kind {
+                Kind::Fifo => libc::S_IFIFO,
+                Kind::Socket => libc::S_IFSOCK,
+                Kind::Char => libc::S_IFCHR,
+                _ => libc::S_IFBLK,
+            };
+            let c = cpath(&to)?;
+            // SAFETY: a NUL-terminated path valid for the call.
+            if unsafe { libc::mknod(c.as_ptr(), kind | 0o600, it.rdev) } != 0 {
+                return Err(format!(
+                    "create special file {}: {}",
+                    it.path,
+                    std::io::Error::last_os_error()
+                ));
+            }
+        }
+    }
+    if it.kind != Kind::Dir && it.link.is_none() {
+        attrs(&to, it)?;
+    }
+    Ok(())
+}
+
+/// Copies `src` to a new file `dst`, checking its sha256 and size against `it`.
+fn copy_checked(src: &Path, dst: &Path, it: &Item) -> Result<(), String> {
+    let damaged = |why: String| format!("file {} in the set is damaged: {why}", it.path);
+    // A symlink planted in the set's data is not followed: only the file itself counts.
+    let mut input = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(src)
+        .map_err(|e| damaged(e.to_string()))?;
+    let mut out = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(dst)
+        .map_err(|e| format!("create file {}: {e}", it.path))?;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = input.read(&mut buf).map_err(|e| damaged(e.to_string()))?;
+        if n == 0 {
+            break;
+        }
+        ctx.update(&buf[..n]);
+        out.write_all(&buf[..n])
+            .map_err(|e| format!("write file {}: {e}", it.path))?;
+        size += n as u64;
+    }
+    let hash: String = ctx
+        .finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    if size != it.size || it.sha256.as_deref() != Some(hash.as_str()) {
+        return Err(damaged(format!(
+            "{size} bytes with sha256 {hash}, the manifest says {} bytes with sha256 {}",
+            it.size,
+            it.sha256.as_deref().unwrap_or("none")
+        )));
+    }
+    Ok(())
+}
+
+fn cpath(p: &Path) -> Result<CString, String> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| format!("{} has a NUL", p.display()))
+}
+
+/// Owner, mode and modification time from the manifest (not following symlinks).
+fn attrs(p: &Path, it: &Item) -> Result<(), String> {
+    std::os::unix::fs::lchown(p, Some(it.uid), Some(it.gid))
+        .map_err(|e| format!("set the owner of {}: {e}", it.path))?;
+    if it.kind != Kind::Symlink {
+        fs::set_permissions(p, fs::Permissions::from_mode(it.mode))
+            .map_err(|e| format!("set the mode of {}: {e}", it.path))?;
+    }
+    let c = cpath(p)?;
+    let t = libc::timespec {
+        tv_sec: it.mtime,
+        tv_nsec: it.mtime_nsec,
+    };
+    let times = [t, t];
+    // SAFETY: a NUL-terminated path and two timespecs, valid for the call.
+    if unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    } != 0
+    {
+        return Err(format!(
+            "set the times of {}: {}",
+            it.path,
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
