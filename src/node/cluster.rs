@@ -45,8 +45,8 @@ use super::keys::ControllerKey;
 use super::step::{self, ClaimStep};
 
 /// How often the heartbeat Lease is renewed (it is considered dead after
-/// [`crate::objects::agents::LEASE_SECONDS`]).
-const HEARTBEAT: Duration = Duration::from_secs(10);
+/// [`heartbeat::HEARTBEAT_LEASE_SECONDS`]).
+const HEARTBEAT: Duration = heartbeat::RENEW_EVERY;
 
 /// Least time between two heartbeats woken early by a change of free space: the
 /// controller holds a placement's space for far longer (`reserve`), so a free-space
