@@ -208,7 +208,7 @@ async fn our_class(ctx: &Ctx, pvc: &PersistentVolumeClaim) -> Result<Option<Arc<
 /// retry.
 pub async fn reconcile_key(key: ClaimKey, ctx: &Ctx, caches: &Caches) -> Next {
     let (ns, name) = &key;
-    match caches.claim(ns, name).await {
+    match caches.claim(ns, name) {
         Some(pvc) => reconcile(&pvc, ctx, caches)
             .await
             .unwrap_or_else(|e| ctx.after_error(&e)),
@@ -237,7 +237,7 @@ pub async fn reconcile(pvc: &PersistentVolumeClaim, ctx: &Ctx, caches: &Caches) 
     let class = our_class(ctx, pvc).await?;
     let pv_name = pv_name(&pvc.uid().unwrap_or_default());
     let mut pv = match class {
-        Some(_) => caches.pv(&pv_name).await.map(Arc::unwrap_or_clone),
+        Some(_) => caches.pv(&pv_name).map(Arc::unwrap_or_clone),
         None => None,
     };
     let verified = ctx.verify(pvc);

@@ -264,22 +264,28 @@ async fn controllers(ctx: Arc<Ctx>, stop: CancellationToken) {
         pvs.close();
         publish.close();
     };
-    tokio::join!(
-        watch_claims,
-        watch_pvs,
-        watch_pods,
-        close,
-        run_workers(publish.clone(), PUBLISH_WORKERS, |name| {
-            let (ctx, usage, caches) = (ctx.clone(), usage.clone(), caches.clone());
-            async move { pods::reconcile_name(name, &ctx, &usage, &caches).await }
-        }),
-        run_workers(claims.clone(), CLAIM_WORKERS, |key| {
-            let (ctx, caches) = (ctx.clone(), caches.clone());
-            async move { claims::reconcile_key(key, &ctx, &caches).await }
-        }),
-        run_workers(pvs.clone(), PV_WORKERS, |name| {
-            let ctx = ctx.clone();
-            async move { volumes::reconcile_name(name, &ctx).await }
-        }),
-    );
+    let workers = async {
+        // The workers read the caches: they start once both hold their first list.
+        tokio::select! {
+            ready = caches.ready() => if !ready {
+                return;
+            },
+            _ = stop.cancelled() => return,
+        }
+        tokio::join!(
+            run_workers(publish.clone(), PUBLISH_WORKERS, |name| {
+                let (ctx, usage, caches) = (ctx.clone(), usage.clone(), caches.clone());
+                async move { pods::reconcile_name(name, &ctx, &usage, &caches).await }
+            }),
+            run_workers(claims.clone(), CLAIM_WORKERS, |key| {
+                let (ctx, caches) = (ctx.clone(), caches.clone());
+                async move { claims::reconcile_key(key, &ctx, &caches).await }
+            }),
+            run_workers(pvs.clone(), PV_WORKERS, |name| {
+                let ctx = ctx.clone();
+                async move { volumes::reconcile_name(name, &ctx).await }
+            }),
+        );
+    };
+    tokio::join!(watch_claims, watch_pvs, watch_pods, close, workers);
 }
