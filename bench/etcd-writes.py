@@ -32,9 +32,11 @@ def watch(url, out):
 def group(key):
     parts = key.split("/")
     prefix = "/".join(parts[:4])
+    if len(parts) > 3 and parts[2] in ("minions", "events"):
+        return prefix if parts[2] == "events" else "/".join(parts[:3]) + "/*"
     if len(parts) > 4 and parts[2] == "leases":
         name = parts[4]
-        for kind in ("localnfs-usage-", "localnfs-controller"):
+        for kind in ("localnfs-usage-", "localnfs-node-", "localnfs-controller"):
             if name.startswith(kind):
                 return prefix + "/" + kind + "*"
         if parts[3] == "kube-node-lease":
