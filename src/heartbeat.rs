@@ -27,7 +27,8 @@ use kube::runtime::watcher;
 
 /// How often an agent renews its heartbeat Lease when nothing changed. With 100 nodes
 /// this is most of what etcd writes at rest (a heartbeat is about 800 bytes stored,
-/// twice that in etcd's log): every 10 s made 22 KB/s, every 20 s half that.
+/// about three times that in etcd's log): at 100 nodes every 10 s made 22 KB/s, every
+/// 20 s 14.7 KB/s (bench/README.md, the scale section).
 pub const RENEW_EVERY: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// How long a heartbeat is valid, written into each Lease (readers take it from
