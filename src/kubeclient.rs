@@ -68,7 +68,7 @@ pub async fn limited_client(kubeconfig: Option<&Path>, rate: Rate) -> Result<Cli
 }
 
 /// The controller's default rate: one replica acts for the whole cluster. A claim
-/// costs it about 20 requests today (bench/README.md, the scale section), so this is
+/// costs it about 7 requests (bench/README.md, the scale section), so this is
 /// a guard against a runaway loop rather than a budget: at 300 a second a 500-claim
 /// burst took 36 s against 22 s without a limit. What keeps a large cluster's API
 /// server calm is fewer requests per claim, not a lower ceiling here.
@@ -82,10 +82,11 @@ pub const SCHEDULER_RATE: Rate = Rate {
     qps: 20.0,
     burst: 40,
 };
-/// Each node agent's: a heartbeat every 10 s, plus about two requests per claim
-/// placed on its node (its answer, a share of heartbeats and usage shards). At 10 a
+/// Each node agent's: a heartbeat every 20 s, plus about two requests per claim
+/// placed on its node (its answer and its PV check; heartbeats and usage shards
+/// woken by new volumes are at most one each per 2 s). At 10 a
 /// second one node took 121 s to answer a 500-claim burst; 100 keeps one agent from
-/// holding up the controller. 100 idle agents still send 10 requests a second
+/// holding up the controller. 100 idle agents still send 5 requests a second
 /// together.
 pub const AGENT_RATE: Rate = Rate {
     qps: 100.0,

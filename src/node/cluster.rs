@@ -45,8 +45,14 @@ use super::keys::ControllerKey;
 use super::step::{self, ClaimStep};
 
 /// How often the heartbeat Lease is renewed (it is considered dead after
-/// [`crate::objects::agents::LEASE_SECONDS`]).
-const HEARTBEAT: Duration = Duration::from_secs(10);
+/// [`heartbeat::HEARTBEAT_LEASE_SECONDS`]).
+const HEARTBEAT: Duration = heartbeat::RENEW_EVERY;
+
+/// Least time between two heartbeats woken early by a change of free space: the
+/// controller holds a placement's space for far longer (`reserve`), so a free-space
+/// figure a second or two late places nothing wrongly, and a burst of new volumes
+/// costs a write per this long instead of two per volume.
+const CHANGE_GAP: Duration = Duration::from_secs(2);
 
 /// PVs reconciled at once (reclaims, resizes): a burst of deleted claims is reclaimed
 /// this many at a time, each one a claim read, a store change and a finalizer patch.
@@ -749,6 +755,7 @@ async fn heartbeat(agent: Arc<Agent>, shutdown: CancellationToken) {
     let mut written_at: HashMap<u32, Instant> = HashMap::new();
     let mut shards_written = 0;
     loop {
+        let round = tokio::time::Instant::now();
         let (free_bytes, volumes) = {
             let (ex, cap) = (agent.exports.clone(), agent.capacity);
             tokio::task::spawn_blocking(move || (free_bytes(&ex, cap), usage_now(&ex)))
@@ -794,7 +801,14 @@ async fn heartbeat(agent: Arc<Agent>, shutdown: CancellationToken) {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(HEARTBEAT) => {}
-            _ = agent.changed.notified() => {}
+            _ = agent.changed.notified() => {
+                // A burst of volumes made on this node is reported together: one
+                // heartbeat (and usage write) per CHANGE_GAP, not one per volume.
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep_until(round + CHANGE_GAP) => {}
+                }
+            }
         }
     }
 }

@@ -22,6 +22,7 @@ use super::clone;
 use super::ctx::Ctx;
 use super::pv::{self, NodeRoom, PvInput};
 use super::step::{self, Facts, Failure, Placement, Step, Then};
+use super::triggers::Caches;
 use crate::error::{Error, Result};
 use crate::kubeclient::annotation;
 use crate::objects::claim::{claimed_by, pv_name};
@@ -90,11 +91,16 @@ impl Ctx {
     /// API-server speed. Each step is skipped when already done, so a controller that
     /// died half-way finishes the job on its next reconcile, and the binder, should it
     /// get there first, leaves nothing for us to do.
+    ///
+    /// The PV exists, so our finalizer has done its job: the claim patch that sets
+    /// `volumeName` also drops it (one write, not two; conditional on the claim as
+    /// read, since it replaces the finalizer list). Returns whether it did; if not,
+    /// the caller still has to.
     async fn complete_binding(
         &self,
         pvc: &PersistentVolumeClaim,
         pv: &PersistentVolume,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let (ns, name) = (pvc.namespace().unwrap_or_default(), pvc.name_any());
         let pv_name = pv.name_any();
         let spec = pv.spec.clone().unwrap_or_default();
@@ -104,31 +110,40 @@ impl Ctx {
             .is_some_and(|r| r.uid.is_some() && r.uid == pvc.uid());
         let volume_name = pvc.spec.as_ref().and_then(|s| s.volume_name.as_deref());
         if !ours || pv.metadata.deletion_timestamp.is_some() {
-            return Ok(());
+            return Ok(false);
         }
+        let mut released = false;
         match volume_name {
             None | Some("") => {
-                self.patch_meta(
-                    pvc,
-                    json!({
-                        "metadata": {"annotations": {BIND_COMPLETED: "yes", BOUND_BY_CONTROLLER: "yes"}},
-                        "spec": {"volumeName": pv_name},
-                    }),
-                )
-                .await?
+                let mut patch = json!({
+                    "metadata": {"annotations": {BIND_COMPLETED: "yes", BOUND_BY_CONTROLLER: "yes"}},
+                    "spec": {"volumeName": pv_name},
+                });
+                if crate::kubeclient::has_finalizer(pvc, CLAIM_FINALIZER) {
+                    let rest: Vec<&String> = pvc
+                        .finalizers()
+                        .iter()
+                        .filter(|f| *f != CLAIM_FINALIZER)
+                        .collect();
+                    patch["metadata"]["finalizers"] = json!(rest);
+                    patch["metadata"]["resourceVersion"] = json!(pvc.resource_version());
+                    released = true;
+                }
+                self.patch_meta(pvc, patch).await?
             }
             Some(v) if v == pv_name => {}
-            Some(_) => return Ok(()), // bound elsewhere by someone else: not ours to touch
+            Some(_) => return Ok(false), // bound elsewhere by someone else: not ours to touch
         }
         let pv_phase = pv.status.as_ref().and_then(|s| s.phase.as_deref());
         self.fence.check()?;
         if pv_phase != Some("Bound") && pv_phase != Some("Released") {
+            // Only the PV as read (a cached copy may be older than a Released).
+            let mut status = json!({"status": {"phase": "Bound"}});
+            if let Some(rv) = pv.resource_version() {
+                status["metadata"] = json!({"resourceVersion": rv});
+            }
             Api::<PersistentVolume>::all(self.client.clone())
-                .patch_status(
-                    &pv_name,
-                    &PatchParams::default(),
-                    &Patch::Merge(json!({"status": {"phase": "Bound"}})),
-                )
+                .patch_status(&pv_name, &PatchParams::default(), &Patch::Merge(status))
                 .await
                 .map_err(Error::kube(format!("set PV {pv_name} Bound")))?;
         }
@@ -146,6 +161,19 @@ impl Ctx {
                 )
                 .await
                 .map_err(Error::kube(format!("set claim {ns}/{name} Bound")))?;
+        }
+        Ok(released)
+    }
+
+    /// [`Self::complete_binding`], then our finalizer off the claim if that did not
+    /// take it.
+    async fn bind_and_release(
+        &self,
+        pvc: &PersistentVolumeClaim,
+        pv: &PersistentVolume,
+    ) -> Result<()> {
+        if !self.complete_binding(pvc, pv).await? {
+            self.remove_finalizer(pvc).await?;
         }
         Ok(())
     }
@@ -176,27 +204,41 @@ async fn our_class(ctx: &Ctx, pvc: &PersistentVolumeClaim) -> Result<Option<Arc<
     Ok(class.filter(|c| claimed_by(pvc, &c.provisioner, &ctx.provisioner)))
 }
 
-/// Reconciles the claim `key` as the API server has it now; errors become a retry.
-pub async fn reconcile_key(key: ClaimKey, ctx: &Ctx) -> Next {
+/// Reconciles the claim `key` as the claim watch last saw it (see `triggers`: every
+/// key comes from that watch, so a claim not in its cache is gone); errors become a
+/// retry.
+pub async fn reconcile_key(key: ClaimKey, ctx: &Ctx, caches: &Caches) -> Next {
     let (ns, name) = &key;
-    let result = match ctx.claims(ns).get_opt(name).await {
-        Ok(Some(pvc)) => reconcile(&pvc, ctx).await,
-        Ok(None) => return Next::Wait, // gone: nothing of ours can be left on it
-        Err(e) => Err(Error::kube(format!("read claim {ns}/{name}"))(e)),
-    };
-    result.unwrap_or_else(|e| ctx.after_error(&e))
+    match caches.claim(ns, name) {
+        Some(pvc) => reconcile(&pvc, ctx, caches)
+            .await
+            .unwrap_or_else(|e| ctx.after_error(&e)),
+        None => Next::Wait, // gone: nothing of ours can be left on it
+    }
+}
+
+/// Whether `step`, decided while the PV watch had not seen the claim's PV, holds
+/// even if the PV exists (the watch may lag a PV made a moment ago): these steps
+/// change nothing a PV depends on, or are conditional on the claim as read, or (a
+/// PV create) find out for themselves. Any other step is decided again after
+/// reading the PV from the API server.
+pub fn safe_without_pv(step: &Step) -> bool {
+    matches!(
+        step,
+        Step::Wait
+            | Step::AddFinalizer
+            | Step::Place(_)
+            | Step::AwaitAgent { .. }
+            | Step::CreatePv(..)
+    )
 }
 
 /// Reconciles one claim: reads what [`step::next`] decides from, and does the step.
-pub async fn reconcile(pvc: &PersistentVolumeClaim, ctx: &Ctx) -> Result<Next> {
+pub async fn reconcile(pvc: &PersistentVolumeClaim, ctx: &Ctx, caches: &Caches) -> Result<Next> {
     let class = our_class(ctx, pvc).await?;
     let pv_name = pv_name(&pvc.uid().unwrap_or_default());
-    let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
-    let pv = match class {
-        Some(_) => pvs
-            .get_opt(&pv_name)
-            .await
-            .map_err(Error::kube(format!("read PV {pv_name}")))?,
+    let mut pv = match class {
+        Some(_) => caches.pv(&pv_name).map(Arc::unwrap_or_clone),
         None => None,
     };
     let verified = ctx.verify(pvc);
@@ -214,19 +256,37 @@ pub async fn reconcile(pvc: &PersistentVolumeClaim, ctx: &Ctx) -> Result<Next> {
         }
         _ => None,
     };
-    let facts = Facts {
-        claim: pvc,
+    let agent_gone = node.as_deref().and_then(|n| ctx.agent_gone(n));
+    let facts = |claim, pv_exists| Facts {
+        claim,
         class: class.as_deref(),
-        pv_exists: pv.is_some(),
-        agent_gone: node.as_deref().and_then(|n| ctx.agent_gone(n)),
+        pv_exists,
+        agent_gone: agent_gone.clone(),
         signed: &verified,
         source: source.as_ref(),
     };
+    let mut step = step::next(&facts(pvc, pv.is_some()));
+    if class.is_some() && pv.is_none() && !safe_without_pv(&step) {
+        pv = Api::<PersistentVolume>::all(ctx.client.clone())
+            .get_opt(&pv_name)
+            .await
+            .map_err(Error::kube(format!("read PV {pv_name}")))?;
+        step = step::next(&facts(pvc, pv.is_some()));
+    }
+    // A claim about to be placed gets our finalizer in the placement's own write.
+    let mut finalizers = None;
+    if step == Step::AddFinalizer {
+        let mut held = pvc.clone();
+        held.finalizers_mut().push(CLAIM_FINALIZER.to_owned());
+        if let placing @ Step::Place(_) = step::next(&facts(&held, false)) {
+            step = placing;
+            finalizers = Some(held.finalizers().to_vec());
+        }
+    }
     let uid = pvc.uid().unwrap_or_default();
     // Our own write changes what the claim watch fingerprints, which brings the claim
     // back; the timer is only the safety net should that event be missed.
     let next_step = Next::After(Duration::from_secs(15));
-    let step = step::next(&facts);
     if matches!(step, Step::Place(_)) && !verified.ignored.is_empty() {
         // Said once, as the claim is placed: our placement replaces these keys.
         ctx.event(
@@ -246,8 +306,7 @@ pub async fn reconcile(pvc: &PersistentVolumeClaim, ctx: &Ctx) -> Result<Next> {
             let (Some(class), Some(pv)) = (class, pv) else {
                 return Ok(Next::Wait);
             };
-            ctx.complete_binding(pvc, &pv).await?;
-            ctx.remove_finalizer(pvc).await?;
+            ctx.bind_and_release(pvc, &pv).await?;
             super::expand::reconcile(ctx, pvc, &class, &pv).await
         }
         Step::AddFinalizer => {
@@ -255,7 +314,7 @@ pub async fn reconcile(pvc: &PersistentVolumeClaim, ctx: &Ctx) -> Result<Next> {
             Ok(next_step)
         }
         Step::Place(placement) => match class {
-            Some(class) => place(ctx, pvc, &class, &placement).await,
+            Some(class) => place(ctx, pvc, &class, &placement, finalizers).await,
             None => Ok(Next::Wait),
         },
         Step::AwaitAgent { node, size_bytes } => {
@@ -402,12 +461,14 @@ async fn fail(
 }
 
 /// Picks the claim's node, holds its space there and asks the node's agent for the
-/// volume (by labelling the claim with the node and annotating the request).
+/// volume (by labelling the claim with the node and annotating the request), setting
+/// the claim's `finalizers` in the same write when given.
 async fn place(
     ctx: &Ctx,
     pvc: &PersistentVolumeClaim,
     class: &StorageClass,
     p: &Placement,
+    finalizers: Option<Vec<String>>,
 ) -> Result<Next> {
     let uid = pvc.uid().unwrap_or_default();
     let free: Vec<NodeRoom> = ctx.node_rooms().into_iter().map(|(r, _)| r).collect();
@@ -454,35 +515,39 @@ async fn place(
             annotations.insert(key.to_owned(), serde_json::Value::Null);
         }
     }
-    let placed = ctx
-        .patch_meta(
-            pvc,
-            // Only the claim as read: a stale leader's placement of a claim placed
-            // since by another fails (409) instead of moving it.
-            json!({"metadata": {
-                "resourceVersion": pvc.resource_version(),
-                "labels": {NODE_KEY: node},
-                "annotations": annotations,
-            }}),
-        )
-        .await;
+    // Only the claim as read: a stale leader's placement of a claim placed since by
+    // another fails (409) instead of moving it, and the finalizer list, replaced
+    // whole, replaces the one we read.
+    let mut patch = json!({"metadata": {
+        "resourceVersion": pvc.resource_version(),
+        "labels": {NODE_KEY: node},
+        "annotations": annotations,
+    }});
+    if let Some(f) = finalizers {
+        patch["metadata"]["finalizers"] = json!(f);
+    }
+    let placed = ctx.patch_meta(pvc, patch).await;
     if let Err(e) = placed {
         ctx.reservations().release(&uid);
         return Err(e);
     }
+    // The one event of a plain provisioning that works is `ProvisioningSucceeded` (the
+    // claim's node label says where it is being made; one write per claim less in a
+    // burst). A clone, or a claim that names itself, says here what it will hold.
     let note = match &p.clone {
-        Some(source) => format!(
+        Some(source) => Some(format!(
             "cloning claim {}/{} (volume {}) into volume {} ({size} bytes) on node {node}",
             source.copy.namespace, source.copy.claim, source.copy.volume, p.volume
-        ),
-        None if clone::names_itself(pvc) => format!(
+        )),
+        None if clone::names_itself(pvc) => Some(format!(
             "creating volume {} ({size} bytes) on node {node}, empty: the claim's dataSource names the claim itself (a StatefulSet's first replica when its template clones that replica)",
             p.volume
-        ),
-        None => format!("creating volume {} ({size} bytes) on node {node}", p.volume),
+        )),
+        None => None,
     };
-    ctx.event(pvc, EventType::Normal, "Provisioning", note)
-        .await;
+    if let Some(note) = note {
+        ctx.event(pvc, EventType::Normal, "Provisioning", note).await;
+    }
     Ok(Next::After(Duration::from_secs(15)))
 }
 
@@ -498,11 +563,7 @@ async fn create_pv(
     let pv_name = pv_name(&pvc.uid().unwrap_or_default());
     ctx.reservations()
         .ready(&pvc.uid().unwrap_or_default(), Instant::now());
-    let node_obj = Api::<Node>::all(ctx.client.clone())
-        .get(node)
-        .await
-        .map_err(Error::kube(format!("read node {node}")))?;
-    let Some(ip) = crate::kubeclient::internal_ips(&node_obj).next() else {
+    let Some(ip) = ctx.node_ip(node).await? else {
         let failure = Failure {
             metric: "no-address",
             message: format!("node {node} has no InternalIP"),
@@ -522,15 +583,17 @@ async fn create_pv(
         request: &p.request,
         provisioner: &ctx.provisioner,
         node,
-        node_ip: ip,
+        node_ip: &ip,
         nfs_port: port,
         volume,
     })
     .map_err(Error::BuildObject)?;
     let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
     ctx.fence.check()?;
+    let mut pv = pv;
     match pvs.create(&PostParams::default(), &pv).await {
-        Ok(_) => {
+        Ok(created) => {
+            pv = created; // with its resourceVersion, for the binding's conditional writes
             ctx.metrics.provisioned.inc();
             if let Some(created) = &pvc.metadata.creation_timestamp {
                 let secs = Timestamp::now().duration_since(created.0).as_secs_f64();
@@ -544,12 +607,20 @@ async fn create_pv(
             )
             .await;
         }
-        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            // Made already (the PV watch had not shown it yet): bind to it as it is.
+            match pvs
+                .get_opt(&pv_name)
+                .await
+                .map_err(Error::kube(format!("read PV {pv_name}")))?
+            {
+                Some(existing) => pv = existing,
+                None => return Ok(Next::After(Duration::from_secs(1))),
+            }
+        }
         Err(e) => return Err(Error::kube(format!("create PV {pv_name}"))(e)),
     }
-    // The PV as created carries the claim's uid; its status is still empty.
-    ctx.complete_binding(pvc, &pv).await?;
-    ctx.remove_finalizer(pvc).await?;
+    ctx.bind_and_release(pvc, &pv).await?;
     Ok(Next::Wait)
 }
 
@@ -577,4 +648,44 @@ async fn allowed_nodes(ctx: &Ctx, class: &StorageClass) -> Result<Option<BTreeSe
             .map(|n| n.name_any())
             .collect(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lagging_pv_cache_never_lets_a_claim_with_a_pv_be_abandoned_or_released() {
+        let failure = Failure {
+            metric: "x",
+            message: String::new(),
+            then: Then::PlaceAgain,
+        };
+        let confirm_first = [
+            Step::Finish,
+            Step::Abandon,
+            Step::AwaitRemoval,
+            Step::Release,
+            Step::LetGo {
+                node: "n".into(),
+                volume: "v".into(),
+                why: "gone".into(),
+            },
+            Step::Fail(failure),
+        ];
+        for step in confirm_first {
+            assert!(!safe_without_pv(&step), "{step:?} must read the PV first");
+        }
+        let decided_alone = [
+            Step::Wait,
+            Step::AddFinalizer,
+            Step::AwaitAgent {
+                node: "n".into(),
+                size_bytes: 1,
+            },
+        ];
+        for step in decided_alone {
+            assert!(safe_without_pv(&step), "{step:?}");
+        }
+    }
 }

@@ -7,7 +7,9 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use std::sync::PoisonError;
+
+use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::Client;
 use kube::runtime::reflector::Store;
@@ -41,7 +43,15 @@ pub struct Ctx {
     pub fence: Fence,
     /// The controller's signing key: what it asks of agents carries its signature.
     pub signer: Signer,
+    /// Node → its InternalIP and when it was read ([`Self::node_ip`]).
+    pub node_ips: std::sync::Mutex<HashMap<String, (String, Instant)>>,
 }
+
+/// How long a node's address read for one PV serves the next ones: a burst of claims
+/// on one node reads the Node once, not once per PV, and a node whose address changed
+/// gets new PVs with the new one within this long (PVs already made keep theirs
+/// whatever we do).
+const NODE_IP_TTL: Duration = Duration::from_secs(30);
 
 impl Ctx {
     /// The space held for placements in progress (never held across an await).
@@ -119,6 +129,31 @@ impl Ctx {
                 })
                 .collect()
         })
+    }
+
+    /// `node`'s InternalIP (`None`: it has none), read from the API server at most
+    /// once per [`NODE_IP_TTL`].
+    pub(super) async fn node_ip(&self, node: &str) -> crate::error::Result<Option<String>> {
+        let now = Instant::now();
+        let cached = {
+            let ips = self.node_ips.lock().unwrap_or_else(PoisonError::into_inner);
+            ips.get(node)
+                .filter(|(_, at)| now.duration_since(*at) < NODE_IP_TTL)
+                .map(|(ip, _)| ip.clone())
+        };
+        if cached.is_some() {
+            return Ok(cached);
+        }
+        let node_obj = kube::Api::<Node>::all(self.client.clone())
+            .get(node)
+            .await
+            .map_err(Error::kube(format!("read node {node}")))?;
+        let Some(ip) = crate::kubeclient::internal_ips(&node_obj).next() else {
+            return Ok(None);
+        };
+        let mut ips = self.node_ips.lock().unwrap_or_else(PoisonError::into_inner);
+        ips.insert(node.to_owned(), (ip.to_owned(), now));
+        Ok(Some(ip.to_owned()))
     }
 
     /// When to retry after a failed reconcile.

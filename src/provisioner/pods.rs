@@ -299,7 +299,12 @@ pub async fn watch_pods(
 }
 
 /// Reconciles the publication of PV `name`, once the pods are listed.
-pub async fn reconcile_name(name: String, ctx: &Ctx, usage: &Usage) -> Next {
+pub async fn reconcile_name(
+    name: String,
+    ctx: &Ctx,
+    usage: &Usage,
+    caches: &super::triggers::Caches,
+) -> Next {
     let mut synced = usage.synced.subscribe();
     tokio::select! {
         _ = usage.stop.cancelled() => return Next::Wait,
@@ -307,7 +312,7 @@ pub async fn reconcile_name(name: String, ctx: &Ctx, usage: &Usage) -> Next {
             return Next::Wait;
         },
     }
-    reconcile(&name, ctx, usage)
+    reconcile(&name, ctx, usage, caches)
         .await
         .unwrap_or_else(|e| ctx.after_error(&e))
 }
@@ -325,13 +330,24 @@ fn pod_ref(u: &PodUse) -> Pod {
     }
 }
 
-async fn reconcile(name: &str, ctx: &Ctx, usage: &Usage) -> Result<Next> {
+async fn reconcile(
+    name: &str,
+    ctx: &Ctx,
+    usage: &Usage,
+    caches: &super::triggers::Caches,
+) -> Result<Next> {
     let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
-    let Some(pv) = pvs
-        .get_opt(name)
-        .await
-        .map_err(Error::kube(format!("read PV {name}")))?
-    else {
+    // The watched copy (the patch below is conditional on it); read only if the
+    // watch has not seen it.
+    let cached = caches.pv(name).map(Arc::unwrap_or_clone);
+    let pv = match cached {
+        Some(pv) => Some(pv),
+        None => pvs
+            .get_opt(name)
+            .await
+            .map_err(Error::kube(format!("read PV {name}")))?,
+    };
+    let Some(pv) = pv else {
         usage.pv_gone(name);
         return Ok(Next::Wait);
     };

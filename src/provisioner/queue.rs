@@ -3,8 +3,9 @@
 //! (never twice at the same time); workers take keys in the order they came;
 //! [`WorkQueue::add_after`] adds a key later (a requeue).
 //!
-//! Keys are all it holds: the reconcilers read the objects fresh from the API server,
-//! so the controller keeps no copy of thousands of claims and PVs in memory.
+//! Keys are all it holds: the reconcilers read the objects from the watch caches
+//! (`triggers::Caches`) when a key's turn comes, so a key queued many times is read
+//! once, as it is then.
 
 use std::collections::{HashSet, VecDeque};
 use std::hash::Hash;

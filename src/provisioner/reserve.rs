@@ -3,8 +3,8 @@
 //!
 //! An agent's heartbeat reports its free space only after it has created a volume;
 //! until then, and for a while after the controller sees the volume ready (the next
-//! heartbeats carry the new free space: one is sent at once after a creation, then
-//! every 10 s), the claim's bytes are held here and taken off that node's free space.
+//! heartbeats carry the new free space: one is sent within 2 s of a creation, then
+//! every 20 s), the claim's bytes are held here and taken off that node's free space.
 //! Durations are measured on this process's monotonic clock, never compared with
 //! another machine's.
 //!
@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use super::pv::NodeRoom;
 
-/// How long a hold outlives the volume becoming ready (two heartbeats, `HEARTBEAT`
-/// 10 s, and slack).
+/// How long a hold outlives the volume becoming ready (the early heartbeat after the
+/// creation, or should it fail the next one, `heartbeat::RENEW_EVERY` 20 s later).
 pub const HOLD_AFTER_READY: Duration = Duration::from_secs(25);
 /// How long a hold lasts for a placement that never becomes ready and is never
 /// released (its claim vanished without the controller seeing it go).

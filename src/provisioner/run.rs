@@ -66,6 +66,7 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
         reservations: Default::default(),
         fence: Default::default(),
         signer: super::keys::controller_signer(&client, &args.install.namespace).await?,
+        node_ips: Default::default(),
     });
     // Placing a volume needs the agents' free space: know it before leading.
     tokio::select! {
@@ -230,10 +231,18 @@ async fn controllers(ctx: Arc<Ctx>, stop: CancellationToken) {
     // Fresh each term: what an earlier term saw may be stale.
     let usage = Arc::new(Usage::new(stop.clone()));
     let ours = watcher::Config::default().labels(NODE_KEY);
-    let watch_claims = triggers::watch_claims(ctx.client.clone(), claims.clone(), stop.clone());
+    // Fresh each term too, filled by the two watches below.
+    let (caches, claim_writer, pv_writer) = triggers::caches();
+    let watch_claims = triggers::watch_claims(
+        ctx.client.clone(),
+        claim_writer,
+        claims.clone(),
+        stop.clone(),
+    );
     let watch_pvs = triggers::watch_pvs(
         ctx.client.clone(),
         ours,
+        pv_writer,
         ctx.provisioner.clone(),
         triggers::PvQueues {
             claims: claims.clone(),
@@ -255,22 +264,28 @@ async fn controllers(ctx: Arc<Ctx>, stop: CancellationToken) {
         pvs.close();
         publish.close();
     };
-    tokio::join!(
-        watch_claims,
-        watch_pvs,
-        watch_pods,
-        close,
-        run_workers(publish.clone(), PUBLISH_WORKERS, |name| {
-            let (ctx, usage) = (ctx.clone(), usage.clone());
-            async move { pods::reconcile_name(name, &ctx, &usage).await }
-        }),
-        run_workers(claims.clone(), CLAIM_WORKERS, |key| {
-            let ctx = ctx.clone();
-            async move { claims::reconcile_key(key, &ctx).await }
-        }),
-        run_workers(pvs.clone(), PV_WORKERS, |name| {
-            let ctx = ctx.clone();
-            async move { volumes::reconcile_name(name, &ctx).await }
-        }),
-    );
+    let workers = async {
+        // The workers read the caches: they start once both hold their first list.
+        tokio::select! {
+            ready = caches.ready() => if !ready {
+                return;
+            },
+            _ = stop.cancelled() => return,
+        }
+        tokio::join!(
+            run_workers(publish.clone(), PUBLISH_WORKERS, |name| {
+                let (ctx, usage, caches) = (ctx.clone(), usage.clone(), caches.clone());
+                async move { pods::reconcile_name(name, &ctx, &usage, &caches).await }
+            }),
+            run_workers(claims.clone(), CLAIM_WORKERS, |key| {
+                let (ctx, caches) = (ctx.clone(), caches.clone());
+                async move { claims::reconcile_key(key, &ctx, &caches).await }
+            }),
+            run_workers(pvs.clone(), PV_WORKERS, |name| {
+                let ctx = ctx.clone();
+                async move { volumes::reconcile_name(name, &ctx).await }
+            }),
+        );
+    };
+    tokio::join!(watch_claims, watch_pvs, watch_pods, close, workers);
 }
