@@ -546,7 +546,8 @@ async fn place(
         None => None,
     };
     if let Some(note) = note {
-        ctx.event(pvc, EventType::Normal, "Provisioning", note).await;
+        ctx.event(pvc, EventType::Normal, "Provisioning", note)
+            .await;
     }
     Ok(Next::After(Duration::from_secs(15)))
 }

@@ -415,19 +415,58 @@ fn leftovers_of_an_interrupted_copy_are_removed_when_the_store_opens() {
     assert!(!staging.join("live.partial").exists());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn files_changed_after_the_instant_are_in_the_copy_as_they_were_at_it() {
-    let server = Served::start(&[("src", 1 << 30)]).await;
-    let ex = server.exports.clone();
+/// Makes `src`'s data a 384 MiB `big` file in the root and an empty directory `z/`,
+/// returning the data directory. The copier does the root's files before any
+/// subdirectory: `big` keeps it busy while a test changes `z/`, which it has not
+/// reached.
+fn busy_source(ex: &localnfs_nfs::nfs::Exports) -> std::path::PathBuf {
     let dir = ex.store().data_dir(&name("src"));
-    // The copier does the root's files before any subdirectory: the big file keeps it
-    // busy while the changes below land in `z/`, which it has not reached.
     std::fs::write(dir.join("big"), vec![9u8; 384 << 20]).expect("big");
-    // Allocated now, extent blocks and all, so the usage counted below is final.
+    // Allocated now, extent blocks and all, so the usage counted later is final.
     std::fs::File::open(dir.join("big"))
         .and_then(|f| f.sync_all())
         .expect("sync big");
     std::fs::create_dir(dir.join("z")).expect("mkdir");
+    dir
+}
+
+type CopyTask = tokio::task::JoinHandle<
+    Result<
+        (
+            localnfs_nfs::volume::VolumeMeta,
+            localnfs_nfs::nfs::CopyReport,
+        ),
+        Error,
+    >,
+>;
+
+/// Starts cloning `src` into `copy` and returns once the instant is marked (the
+/// copy's tree exists only after it).
+async fn copy_started(ex: &Arc<localnfs_nfs::nfs::Exports>) -> CopyTask {
+    let copy = {
+        let ex = ex.clone();
+        tokio::task::spawn_blocking(move || {
+            ex.clone_volume(
+                &name("src"),
+                &VolumeSpec::new(name("copy"), 1 << 30),
+                &owner(),
+            )
+        })
+    };
+    let data = ex.store().root().join("staging/copy.partial/data");
+    let started = std::time::Instant::now();
+    while !data.exists() {
+        assert!(started.elapsed().as_secs() < 30, "the copy never started");
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    copy
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_changed_after_the_instant_are_in_the_copy_as_they_were_at_it() {
+    let server = Served::start(&[("src", 1 << 30)]).await;
+    let ex = server.exports.clone();
+    let dir = busy_source(&ex);
     let t_bytes = |i: u8| {
         (0..256 * 1024u32)
             .map(|b| (b as u8) ^ i)
@@ -453,23 +492,7 @@ async fn files_changed_after_the_instant_are_in_the_copy_as_they_were_at_it() {
     let trunc = c.lookup(&z, b"truncated").await.expect("LOOKUP");
     let removed = c.lookup(&z, b"removed").await.expect("LOOKUP");
 
-    let copy = {
-        let ex = ex.clone();
-        tokio::task::spawn_blocking(move || {
-            ex.clone_volume(
-                &name("src"),
-                &VolumeSpec::new(name("copy"), 1 << 30),
-                &owner(),
-            )
-        })
-    };
-    // The copy's tree exists only after the instant is marked.
-    let data = ex.store().root().join("staging/copy.partial/data");
-    let started = std::time::Instant::now();
-    while !data.exists() {
-        assert!(started.elapsed().as_secs() < 30, "the copy never started");
-        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-    }
+    let copy = copy_started(&ex).await;
     c.remove(&z, b"removed").await.expect("REMOVE");
     // The copy keeps its data, not its name: to clients it is gone.
     assert_eq!(
@@ -608,4 +631,65 @@ fn a_copy_that_runs_out_of_disk_fails_with_that_reason_and_leaves_nothing() {
         std::fs::read(ex.store().data_dir(&name("src")).join("a")).expect("a"),
         vec![1u8; 3 << 20]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_symlink_replaced_after_the_instant_is_that_symlink_in_the_copy() {
+    let server = Served::start(&[("src", 1 << 30)]).await;
+    let ex = server.exports.clone();
+    let dir = busy_source(&ex);
+    std::os::unix::fs::symlink("target-at-t", dir.join("z/link")).expect("symlink");
+    let t_ino = std::os::unix::fs::MetadataExt::ino(
+        &std::fs::symlink_metadata(dir.join("z/link")).expect("lstat"),
+    );
+    ex.recount_usage();
+    let mut c = server.mount("src").await;
+    let root = c.root.clone();
+    let z = c.lookup(&root, b"z").await.expect("LOOKUP z");
+
+    let copy = copy_started(&ex).await;
+    // `ln -sfn`: a new link under a temporary name, renamed over the old one.
+    c.symlink(&z, b"tmp", b"target-later")
+        .await
+        .expect("SYMLINK");
+    c.rename((&z, b"tmp"), (&z, b"link"))
+        .await
+        .expect("RENAME over the link");
+    // ext4 hands a freed inode number to the next new file: make files until one
+    // has the old link's.
+    let mut reused = false;
+    for i in 0..64 {
+        let fh = c
+            .create(&z, format!("new{i}").as_bytes())
+            .await
+            .expect("CREATE");
+        if c.getattr(&fh).await.expect("GETATTR").fileid == t_ino {
+            reused = true;
+            break;
+        }
+    }
+    assert!(
+        !copy.is_finished(),
+        "the copier finished before the changes: nothing was exercised"
+    );
+    copy.await.expect("copy task").expect("copy");
+
+    let copied = ex.store().data_dir(&name("copy"));
+    let link = copied.join("z/link");
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .expect("z/link in the copy")
+            .file_type()
+            .is_symlink(),
+        "z/link is not a symlink in the copy"
+    );
+    assert_eq!(
+        std::fs::read_link(&link).expect("readlink"),
+        Path::new("target-at-t")
+    );
+    assert!(
+        reused,
+        "no new file got the old link's inode number: nothing was exercised"
+    );
+    server.stop().await;
 }

@@ -13,7 +13,9 @@
 //! ([`Watch::job`] is one atomic load when no copy runs):
 //! - a directory whose entries are about to change is listed now, if nobody listed it
 //!   since T (the listing is its T content: nothing changed in it before);
-//! - an object about to change records its T attributes (first change wins);
+//! - an object about to change, or to lose a name, records its T attributes (first
+//!   change wins; a later object given a removed one's inode number never replaces
+//!   them);
 //! - a range of a regular file about to be overwritten or truncated away has its T
 //!   bytes saved to `pre/<ino>` (sparse, same offsets), once per range;
 //! - a regular file about to lose its last name (REMOVE, RENAME over it) is hard-linked
@@ -259,8 +261,9 @@ pub fn before_dir_change(v: &Volume, dir: RawFd) {
 }
 
 /// Before `name` in directory `dir` (O_PATH) loses that name (REMOVE, RMDIR, RENAME
-/// from or over it): lists `dir`, lists the victim if it is a directory, and keeps a
-/// regular file the copier has not finished reachable in `keep/`. Returns whether the
+/// from or over it): lists `dir`, lists the victim if it is a directory, keeps a
+/// regular file the copier has not finished reachable in `keep/`, and records the T
+/// attributes of any other victim (its inode number may be reused). Returns whether the
 /// victim has a keep link (the caller's accounting counts that link as not the
 /// volume's).
 pub fn before_unlink(v: &Volume, dir: RawFd, name: &[u8]) -> bool {
@@ -297,7 +300,10 @@ pub fn before_unlink(v: &Volume, dir: RawFd, name: &[u8]) -> bool {
                 Ok(true)
             })
         }
-        _ => Ok(false),
+        // A symlink, FIFO, socket or device: its number is free once it goes, and the
+        // next object made may get it; what T saw of it is recorded now, so the
+        // copier never takes the newcomer's attributes for it.
+        _ => CopyJob::seen_locked(&mut st, victim.st_ino, || Ok(victim)).map(|_| false),
     };
     match r {
         Ok(kept) => kept,
@@ -365,7 +371,8 @@ pub fn only_kept(v: &Volume, st: &libc::stat) -> bool {
 }
 
 /// After a call made object `fd` (O_PATH): it was not there at T, so changes to it
-/// need no preserving.
+/// need no preserving. A record already under its inode number is a removed T
+/// object's (see [`before_unlink`]): it keeps that object's attributes.
 pub fn made(v: &Volume, fd: RawFd) {
     let Some(job) = v.copy.job() else { return };
     let Ok(now) = sys::fstat(fd) else { return };

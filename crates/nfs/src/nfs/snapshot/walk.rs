@@ -174,13 +174,17 @@ impl Walk<'_> {
 
     /// A symlink, FIFO, socket or device node, as T saw it.
     fn special(&mut self, rel: &[u8], e: &Entry) -> Result<(), Stop> {
+        // A record of another kind is a later object's that got this one's inode
+        // number: the listing's attributes are T's then.
+        let kind = e.st.st_mode & libc::S_IFMT;
         let st = self
             .job
             .lock()
             .seen
             .get(&e.st.st_ino)
-            .map_or(e.st, |s| s.st);
-        let kind = st.st_mode & libc::S_IFMT;
+            .map(|s| s.st)
+            .filter(|s| s.st_mode & libc::S_IFMT == kind)
+            .unwrap_or(e.st);
         if kind == libc::S_IFLNK {
             let target = e.target.as_deref().unwrap_or_default();
             sys::symlinkat(target, raw(&self.data), rel).map_err(failed("create a symlink"))?;
