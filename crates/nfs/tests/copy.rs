@@ -693,3 +693,45 @@ async fn a_symlink_replaced_after_the_instant_is_that_symlink_in_the_copy() {
     );
     server.stop().await;
 }
+
+/// Removes `src` through the store while a copy of it runs (as reclaim does, past the
+/// NFS calls' hooks): the copy must fail with that reason and make nothing.
+async fn remove_source_during_its_copy(remove: impl FnOnce(&VolumeStore)) {
+    let server = Served::start(&[("src", 1 << 30)]).await;
+    let ex = server.exports.clone();
+    let dir = busy_source(&ex);
+    for i in 0..50 {
+        std::fs::write(dir.join("z").join(format!("f{i}")), [i as u8; 4096]).expect("write");
+    }
+    ex.recount_usage();
+
+    let copy = copy_started(&ex).await;
+    remove(ex.store());
+    assert!(
+        !copy.is_finished(),
+        "the copier finished before the removal: nothing was exercised"
+    );
+    match copy.await.expect("copy task") {
+        Err(Error::CopyFailed { why, .. }) => assert!(
+            why.contains("the source volume was removed during the copy"),
+            "{why}"
+        ),
+        other => panic!("a copy of a volume removed under it: {other:?}"),
+    }
+    assert!(ex.store().get(&name("copy")).expect("get").is_none());
+    assert!(!ex.store().data_dir(&name("copy")).exists());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_deleted_during_its_copy_fails_the_copy_and_makes_no_volume() {
+    remove_source_during_its_copy(|s| s.delete(&name("src")).expect("delete")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_archived_during_its_copy_fails_the_copy_and_makes_no_volume() {
+    remove_source_during_its_copy(|s| {
+        s.archive(&name("src")).expect("archive");
+    })
+    .await;
+}

@@ -30,6 +30,11 @@
 //! A hook that cannot preserve (no room for a pre-image) fails the copy, never the
 //! client's call: the source's I/O is never refused because a copy runs.
 //!
+//! Removing the volume (reclaim, `localnfs volume delete`) goes through the store,
+//! not the hooks: the copy fails if, after its walk, the source is no longer the
+//! volume it started from at its path, stored and served ("the source volume was
+//! removed during the copy"), rather than commit a tree emptied under it.
+//!
 //! Done: the staging tree is made durable (`syncfs`), a sha256 manifest of every
 //! regular file is written, and the store commits it (`VolumeStore::commit_copy`):
 //! one rename makes the volume exist. Any failure leaves nothing behind.
@@ -40,6 +45,7 @@ pub use walk::sha256sum_text;
 
 use std::collections::HashMap;
 use std::os::fd::{OwnedFd, RawFd};
+use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -528,6 +534,13 @@ impl Exports {
         };
         let walked = walk::copy_tree(&v, &job, &staging, limits);
         v.copy.set(None);
+        // Checked after the walk, whatever it found: a tree emptied under it makes a
+        // walk fail oddly or, worse, succeed with files missing.
+        if self.removed_since(source, &v) {
+            return Err(failed(
+                "the source volume was removed during the copy".into(),
+            ));
+        }
         let preserved = job.lock().preserved;
         let totals = match walked {
             Ok(t) => t,
@@ -547,6 +560,20 @@ impl Exports {
             started,
         };
         Ok((staging, report))
+    }
+
+    /// Whether volume `source`, served as `v`, was removed (deleted, archived) or
+    /// replaced since `v` was served. Removal goes through the store, past the hooks,
+    /// but always moves the data directory away (to the trash or the archive) and
+    /// forgets the metadata before it touches the tree: a copy that still finds `v`'s
+    /// root at the volume's path, stored and served under `v`'s id, after its walk
+    /// walked a tree nobody removed anything from.
+    fn removed_since(&self, source: &VolumeName, v: &Volume) -> bool {
+        let same_dir = std::fs::metadata(self.store().data_dir(source))
+            .is_ok_and(|m| (m.dev(), m.ino()) == (v.root_dev, v.root_ino));
+        let stored = matches!(self.store().get(source), Ok(Some(m)) if m.id == v.meta.id);
+        let served = self.by_name(source).is_some_and(|s| s.meta.id == v.meta.id);
+        !(same_dir && stored && served)
     }
 }
 
