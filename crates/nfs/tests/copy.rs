@@ -735,3 +735,63 @@ async fn a_volume_archived_during_its_copy_fails_the_copy_and_makes_no_volume() 
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_the_names_of_files_the_copier_is_finishing_keeps_the_source_charged_right() {
+    const N: usize = 3000;
+    let server = Served::start(&[("src", 1 << 30)]).await;
+    let ex = server.exports.clone();
+    let dir = busy_source(&ex);
+    // Files with three names each: the first goes before the copier reaches them
+    // (the copy keeps them), the second while it finishes them, the third stays.
+    let z = dir.join("z");
+    for i in 0..N {
+        std::fs::write(z.join(format!("a{i}")), [1u8]).expect("write");
+        std::fs::hard_link(z.join(format!("a{i}")), z.join(format!("b{i}"))).expect("link");
+        std::fs::hard_link(z.join(format!("a{i}")), z.join(format!("c{i}"))).expect("link");
+    }
+    // The order the copier takes them in (the directory's), by the first name of each.
+    let mut order = Vec::new();
+    let mut placed = std::collections::HashSet::new();
+    for e in std::fs::read_dir(&z).expect("list z") {
+        let n = e.expect("entry").file_name().into_string().expect("utf-8");
+        let i: usize = n[1..].parse().expect("numbered");
+        if placed.insert(i) {
+            order.push((i, n));
+        }
+    }
+    ex.recount_usage();
+    let mut c = server.mount("src").await;
+    let root = c.root.clone();
+    let zh = c.lookup(&root, b"z").await.expect("LOOKUP z");
+
+    let copy = copy_started(&ex).await;
+    for i in 0..N {
+        c.remove(&zh, format!("a{i}").as_bytes())
+            .await
+            .expect("REMOVE a");
+    }
+    // Each second name goes as the copier makes that file's copy, so the REMOVE
+    // lands while the copier finishes the file.
+    let copied_z = ex.store().root().join("staging/copy.partial/data/z");
+    for (i, first) in &order {
+        while !copied_z.join(first).exists() && !copy.is_finished() {
+            std::hint::spin_loop();
+        }
+        c.remove(&zh, format!("b{i}").as_bytes())
+            .await
+            .expect("REMOVE b");
+    }
+    copy.await.expect("copy task").expect("copy");
+    let v = ex.by_name(&name("src")).expect("served");
+    let usage = ex.store().usage(&name("src")).expect("usage");
+    assert_eq!(
+        (
+            v.used.load(Ordering::Acquire),
+            v.inodes.load(Ordering::Acquire)
+        ),
+        (usage.bytes, usage.inodes),
+        "the source's charge drifted"
+    );
+    server.stop().await;
+}

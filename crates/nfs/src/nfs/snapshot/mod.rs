@@ -18,8 +18,11 @@
 //!   them);
 //! - a range of a regular file about to be overwritten or truncated away has its T
 //!   bytes saved to `pre/<ino>` (sparse, same offsets), once per range;
-//! - a regular file about to lose its last name (REMOVE, RENAME over it) is hard-linked
-//!   to `keep/<ino>` first, so its T data stays reachable.
+//! - a regular file the copier has not finished, about to lose a name (REMOVE, RENAME
+//!   over it), is hard-linked to `keep/<ino>` first, so its T data stays reachable.
+//!   Keep links last until the job ends, when they go under the charge lock with the
+//!   job itself: a call that counted a keep link as not the volume's while releasing
+//!   a file always finds it there.
 //!
 //! The copier reads a file's current bytes up to its T size (`FICLONE` where the
 //! filesystem shares extents, else `copy_file_range`) without any lock, then lays the
@@ -294,12 +297,13 @@ pub fn before_unlink(v: &Volume, dir: RawFd, name: &[u8]) -> bool {
         libc::S_IFREG => {
             let keep = raw(&job.keep);
             CopyJob::seen_locked(&mut st, victim.st_ino, || Ok(victim)).and_then(|seen| {
-                // Done: the copier has dropped its keep link, if it made one.
-                if seen.done {
-                    return Ok(false);
-                }
+                // A keep link lasts as long as the job, done or not.
                 if seen.kept {
                     return Ok(true);
+                }
+                // Done: the copier needs nothing more of it.
+                if seen.done {
+                    return Ok(false);
                 }
                 sys::linkat(dir, name, keep, victim.st_ino.to_string().as_bytes())?;
                 seen.kept = true;
@@ -368,12 +372,7 @@ pub fn only_kept(v: &Volume, st: &libc::stat) -> bool {
     let Some(job) = v.copy.job() else {
         return false;
     };
-    st.st_nlink == 1
-        && job
-            .lock()
-            .seen
-            .get(&st.st_ino)
-            .is_some_and(|s| s.kept && !s.done)
+    st.st_nlink == 1 && job.lock().seen.get(&st.st_ino).is_some_and(|s| s.kept)
 }
 
 /// After a call made object `fd` (O_PATH): it was not there at T, so changes to it
@@ -387,6 +386,34 @@ pub fn made(v: &Volume, fd: RawFd) {
         .entry(now.st_ino)
         .or_insert_with(|| Seen::of(now))
         .done = true;
+}
+
+/// A copy installed on its volume: ends the job when dropped, also when the copier
+/// panics, so the volume can be copied again.
+struct Running<'a> {
+    v: &'a Volume,
+    job: &'a CopyJob,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.job.end(self.v);
+    }
+}
+
+impl CopyJob {
+    /// Ends the job on `v`: under the charge lock (no call is between counting a keep
+    /// link and releasing), drops every keep link and uninstalls the job.
+    fn end(&self, v: &Volume) {
+        let _root = sys::AsRoot::begin();
+        let _charging = v.charging();
+        let st = self.lock();
+        for (ino, _) in st.seen.iter().filter(|(_, s)| s.kept) {
+            let _ = sys::unlinkat(raw(&self.keep), ino.to_string().as_bytes(), 0);
+        }
+        drop(st);
+        v.copy.set(None);
+    }
 }
 
 /// The parts of `[from, to)` not covered by `saved` (sorted, disjoint).
@@ -520,20 +547,21 @@ impl Exports {
         });
         // The instant: in-flight changes drain, later ones see the job.
         let pause_started = Instant::now();
-        {
+        let running = {
             let _drained = v.charging();
             if v.copy.job().is_some() {
                 return Err(failed("another copy of the volume is running".into()));
             }
             v.copy.set(Some(job.clone()));
-        }
+            Running { v: &v, job: &job }
+        };
         let pause = pause_started.elapsed();
         let limits = walk::Limits {
             bytes: spec.size_bytes,
             objects: max_inodes,
         };
         let walked = walk::copy_tree(&v, &job, &staging, limits);
-        v.copy.set(None);
+        drop(running);
         // Checked after the walk, whatever it found: a tree emptied under it makes a
         // walk fail oddly or, worse, succeed with files missing.
         if self.removed_since(source, &v) {

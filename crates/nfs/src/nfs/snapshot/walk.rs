@@ -246,7 +246,7 @@ impl Walk<'_> {
     }
 
     /// Lays the T bytes the source's calls saved for `ino` over the copy `dst`, then
-    /// marks the file done. The bulk of the saved data is copied without the job's
+    /// marks the file done (its saved bytes go; a keep link stays until the job ends). The bulk of the saved data is copied without the job's
     /// lock (saved ranges never change once saved); the last round, which finds
     /// nothing new, marks it done under the lock, so no save slips in between.
     fn overlay(&self, ino: u64, dst: RawFd) -> Result<(), Stop> {
@@ -267,11 +267,9 @@ impl Walk<'_> {
                     .collect();
                 if todo.is_empty() {
                     seen.done = true;
-                    let kept = seen.kept;
+                    // The keep link stays until the job ends (see `CopyJob::end`): a
+                    // REMOVE that counted it must still find it when it releases.
                     let _ = sys::unlinkat(raw(&self.job.pre), name.as_bytes(), 0);
-                    if kept {
-                        let _ = sys::unlinkat(raw(&self.job.keep), name.as_bytes(), 0);
-                    }
                     return Ok(());
                 }
                 todo
