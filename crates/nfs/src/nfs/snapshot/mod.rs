@@ -389,10 +389,23 @@ pub fn made(v: &Volume, fd: RawFd) {
 }
 
 /// A copy installed on its volume: ends the job when dropped, also when the copier
-/// panics, so the volume can be copied again.
+/// panics (unwinding), so the volume can be copied again.
 struct Running<'a> {
     v: &'a Volume,
     job: &'a CopyJob,
+}
+
+impl<'a> Running<'a> {
+    /// Installs `job` on `v` at the instant (see the module docs); `None` if another
+    /// copy of `v` runs.
+    fn start(v: &'a Volume, job: &'a Arc<CopyJob>) -> Option<Self> {
+        let _drained = v.charging();
+        if v.copy.job().is_some() {
+            return None;
+        }
+        v.copy.set(Some(job.clone()));
+        Some(Self { v, job })
+    }
 }
 
 impl Drop for Running<'_> {
@@ -547,14 +560,8 @@ impl Exports {
         });
         // The instant: in-flight changes drain, later ones see the job.
         let pause_started = Instant::now();
-        let running = {
-            let _drained = v.charging();
-            if v.copy.job().is_some() {
-                return Err(failed("another copy of the volume is running".into()));
-            }
-            v.copy.set(Some(job.clone()));
-            Running { v: &v, job: &job }
-        };
+        let running = Running::start(&v, &job)
+            .ok_or_else(|| failed("another copy of the volume is running".into()))?;
         let pause = pause_started.elapsed();
         let limits = walk::Limits {
             bytes: spec.size_bytes,
@@ -634,6 +641,46 @@ impl From<Snapshot> for CopyReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_copy_that_panics_does_not_block_the_next_copy_of_its_volume() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = crate::volume::VolumeStore::open(dir.path()).expect("store");
+        let src = VolumeName::new("src").expect("name");
+        store
+            .create(&VolumeSpec::new(src.clone(), 1 << 20))
+            .expect("create");
+        let allow = super::super::AllowList::new(vec!["127.0.0.1".parse().expect("network")]);
+        let ex = Exports::load(store, allow).expect("exports");
+        let v = ex.by_name(&src).expect("served");
+        let scratch = |what: &str| {
+            let p = dir.path().join(what);
+            std::fs::create_dir(&p).expect("mkdir");
+            sys::openat(
+                libc::AT_FDCWD,
+                p.as_os_str().as_encoded_bytes(),
+                libc::O_PATH | libc::O_DIRECTORY,
+                0,
+            )
+            .expect("open")
+        };
+        let job = Arc::new(CopyJob {
+            keep: scratch("keep"),
+            pre: scratch("pre"),
+            state: Mutex::new(JobState::default()),
+        });
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _running = Running::start(&v, &job).expect("the first copy starts");
+            panic!("the copier failed mid-walk");
+        }));
+        assert!(panicked.is_err());
+        assert!(
+            v.copy.job().is_none(),
+            "the panicked copy is still installed"
+        );
+        let again = Running::start(&v, &job);
+        assert!(again.is_some(), "the volume cannot be copied again");
+    }
 
     #[test]
     fn only_ranges_not_saved_yet_are_saved_again() {
