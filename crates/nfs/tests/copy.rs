@@ -795,3 +795,57 @@ async fn removing_the_names_of_files_the_copier_is_finishing_keeps_the_source_ch
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_removed_during_a_copy_is_stale_through_its_handle() {
+    let server = Served::start(&[("src", 1 << 30)]).await;
+    let ex = server.exports.clone();
+    let dir = busy_source(&ex);
+    std::fs::write(dir.join("z/f"), b"at the instant").expect("write");
+    ex.recount_usage();
+    let mut c = server.mount("src").await;
+    let root = c.root.clone();
+    let z = c.lookup(&root, b"z").await.expect("LOOKUP z");
+    let f = c.lookup(&z, b"f").await.expect("LOOKUP f");
+
+    let copy = copy_started(&ex).await;
+    c.remove(&z, b"f").await.expect("REMOVE");
+    // The copy keeps its data, not its name: to clients it is gone, as without a copy.
+    assert_eq!(
+        c.getattr(&f).await.err(),
+        Some(nfsstat3::NFS3ERR_STALE),
+        "GETATTR"
+    );
+    assert_eq!(
+        c.read(&f, 0, 100).await.err(),
+        Some(nfsstat3::NFS3ERR_STALE),
+        "READ"
+    );
+    assert_eq!(
+        c.link(&f, &z, b"back").await.err(),
+        Some(nfsstat3::NFS3ERR_STALE),
+        "LINK brought a removed file back"
+    );
+    assert!(
+        !copy.is_finished(),
+        "the copier finished before the changes: nothing was exercised"
+    );
+    copy.await.expect("copy task").expect("copy");
+    let copied = ex.store().data_dir(&name("copy"));
+    assert_eq!(
+        std::fs::read(copied.join("z/f")).expect("in the copy"),
+        b"at the instant"
+    );
+    assert!(!dir.join("z/back").exists());
+    let v = ex.by_name(&name("src")).expect("served");
+    let usage = ex.store().usage(&name("src")).expect("usage");
+    assert_eq!(
+        (
+            v.used.load(Ordering::Acquire),
+            v.inodes.load(Ordering::Acquire)
+        ),
+        (usage.bytes, usage.inodes),
+        "the source's charge drifted"
+    );
+    server.stop().await;
+}
