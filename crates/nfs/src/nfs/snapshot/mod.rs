@@ -137,6 +137,9 @@ struct Seen {
 struct JobState {
     listings: HashMap<u64, Arc<Vec<Entry>>>,
     seen: HashMap<u64, Seen>,
+    /// The files hard-linked in `keep/`, so the job's end drops their links without
+    /// going over every record.
+    kept: Vec<u64>,
     /// Why a change could not be preserved: the copy fails with it.
     failed: Option<String>,
     preserved: u64,
@@ -296,19 +299,24 @@ pub fn before_unlink(v: &Volume, dir: RawFd, name: &[u8]) -> bool {
             .map(|_| false),
         libc::S_IFREG => {
             let keep = raw(&job.keep);
-            CopyJob::seen_locked(&mut st, victim.st_ino, || Ok(victim)).and_then(|seen| {
-                // A keep link lasts as long as the job, done or not.
-                if seen.kept {
-                    return Ok(true);
-                }
-                // Done: the copier needs nothing more of it.
-                if seen.done {
-                    return Ok(false);
-                }
-                sys::linkat(dir, name, keep, victim.st_ino.to_string().as_bytes())?;
-                seen.kept = true;
-                Ok(true)
-            })
+            let linked =
+                CopyJob::seen_locked(&mut st, victim.st_ino, || Ok(victim)).and_then(|seen| {
+                    // A keep link lasts as long as the job, done or not.
+                    if seen.kept {
+                        return Ok((true, false));
+                    }
+                    // Done: the copier needs nothing more of it.
+                    if seen.done {
+                        return Ok((false, false));
+                    }
+                    sys::linkat(dir, name, keep, victim.st_ino.to_string().as_bytes())?;
+                    seen.kept = true;
+                    Ok((true, true))
+                });
+            if let Ok((_, true)) = linked {
+                st.kept.push(victim.st_ino);
+            }
+            linked.map(|(kept, _)| kept)
         }
         // A symlink, FIFO, socket or device: its number is free once it goes, and the
         // next object made may get it; what T saw of it is recorded now, so the
@@ -420,11 +428,10 @@ impl CopyJob {
     fn end(&self, v: &Volume) {
         let _root = sys::AsRoot::begin();
         let _charging = v.charging();
-        let st = self.lock();
-        for (ino, _) in st.seen.iter().filter(|(_, s)| s.kept) {
+        let kept = std::mem::take(&mut self.lock().kept);
+        for ino in kept {
             let _ = sys::unlinkat(raw(&self.keep), ino.to_string().as_bytes(), 0);
         }
-        drop(st);
         v.copy.set(None);
     }
 }
