@@ -634,14 +634,20 @@ fn a_copy_that_runs_out_of_disk_fails_with_that_reason_and_leaves_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_symlink_replaced_after_the_instant_is_that_symlink_in_the_copy() {
+async fn a_symlink_or_fifo_replaced_after_the_instant_is_that_in_the_copy() {
     let server = Served::start(&[("src", 1 << 30)]).await;
     let ex = server.exports.clone();
     let dir = busy_source(&ex);
     std::os::unix::fs::symlink("target-at-t", dir.join("z/link")).expect("symlink");
-    let t_ino = std::os::unix::fs::MetadataExt::ino(
-        &std::fs::symlink_metadata(dir.join("z/link")).expect("lstat"),
-    );
+    let made = std::process::Command::new("mkfifo")
+        .arg(dir.join("z/pipe"))
+        .status()
+        .expect("run mkfifo");
+    assert!(made.success(), "mkfifo");
+    let ino = |p: &str| {
+        std::os::unix::fs::MetadataExt::ino(&std::fs::symlink_metadata(dir.join(p)).expect("lstat"))
+    };
+    let t_inos = [ino("z/link"), ino("z/pipe")];
     ex.recount_usage();
     let mut c = server.mount("src").await;
     let root = c.root.clone();
@@ -655,17 +661,20 @@ async fn a_symlink_replaced_after_the_instant_is_that_symlink_in_the_copy() {
     c.rename((&z, b"tmp"), (&z, b"link"))
         .await
         .expect("RENAME over the link");
-    // ext4 hands a freed inode number to the next new file: make files until one
-    // has the old link's.
-    let mut reused = false;
-    for i in 0..64 {
+    c.remove(&z, b"pipe").await.expect("REMOVE the FIFO");
+    // ext4 hands a freed inode number to the next new file: make files until both
+    // old numbers are taken.
+    let mut reused = 0;
+    for i in 0..128 {
         let fh = c
             .create(&z, format!("new{i}").as_bytes())
             .await
             .expect("CREATE");
-        if c.getattr(&fh).await.expect("GETATTR").fileid == t_ino {
-            reused = true;
-            break;
+        if t_inos.contains(&c.getattr(&fh).await.expect("GETATTR").fileid) {
+            reused += 1;
+            if reused == t_inos.len() {
+                break;
+            }
         }
     }
     assert!(
@@ -688,8 +697,17 @@ async fn a_symlink_replaced_after_the_instant_is_that_symlink_in_the_copy() {
         Path::new("target-at-t")
     );
     assert!(
+        std::os::unix::fs::FileTypeExt::is_fifo(
+            &std::fs::symlink_metadata(copied.join("z/pipe"))
+                .expect("z/pipe in the copy")
+                .file_type()
+        ),
+        "z/pipe is not a FIFO in the copy"
+    );
+    assert_eq!(
         reused,
-        "no new file got the old link's inode number: nothing was exercised"
+        t_inos.len(),
+        "new files did not get the old inode numbers: nothing was exercised"
     );
     server.stop().await;
 }
