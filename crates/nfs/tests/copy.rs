@@ -415,19 +415,58 @@ fn leftovers_of_an_interrupted_copy_are_removed_when_the_store_opens() {
     assert!(!staging.join("live.partial").exists());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn files_changed_after_the_instant_are_in_the_copy_as_they_were_at_it() {
-    let server = Served::start(&[("src", 1 << 30)]).await;
-    let ex = server.exports.clone();
+/// Makes `src`'s data a 384 MiB `big` file in the root and an empty directory `z/`,
+/// returning the data directory. The copier does the root's files before any
+/// subdirectory: `big` keeps it busy while a test changes `z/`, which it has not
+/// reached.
+fn busy_source(ex: &localnfs_nfs::nfs::Exports) -> std::path::PathBuf {
     let dir = ex.store().data_dir(&name("src"));
-    // The copier does the root's files before any subdirectory: the big file keeps it
-    // busy while the changes below land in `z/`, which it has not reached.
     std::fs::write(dir.join("big"), vec![9u8; 384 << 20]).expect("big");
-    // Allocated now, extent blocks and all, so the usage counted below is final.
+    // Allocated now, extent blocks and all, so the usage counted later is final.
     std::fs::File::open(dir.join("big"))
         .and_then(|f| f.sync_all())
         .expect("sync big");
     std::fs::create_dir(dir.join("z")).expect("mkdir");
+    dir
+}
+
+type CopyTask = tokio::task::JoinHandle<
+    Result<
+        (
+            localnfs_nfs::volume::VolumeMeta,
+            localnfs_nfs::nfs::CopyReport,
+        ),
+        Error,
+    >,
+>;
+
+/// Starts cloning `src` into `copy` and returns once the instant is marked (the
+/// copy's tree exists only after it).
+async fn copy_started(ex: &Arc<localnfs_nfs::nfs::Exports>) -> CopyTask {
+    let copy = {
+        let ex = ex.clone();
+        tokio::task::spawn_blocking(move || {
+            ex.clone_volume(
+                &name("src"),
+                &VolumeSpec::new(name("copy"), 1 << 30),
+                &owner(),
+            )
+        })
+    };
+    let data = ex.store().root().join("staging/copy.partial/data");
+    let started = std::time::Instant::now();
+    while !data.exists() {
+        assert!(started.elapsed().as_secs() < 30, "the copy never started");
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    copy
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_changed_after_the_instant_are_in_the_copy_as_they_were_at_it() {
+    let server = Served::start(&[("src", 1 << 30)]).await;
+    let ex = server.exports.clone();
+    let dir = busy_source(&ex);
     let t_bytes = |i: u8| {
         (0..256 * 1024u32)
             .map(|b| (b as u8) ^ i)
@@ -453,23 +492,7 @@ async fn files_changed_after_the_instant_are_in_the_copy_as_they_were_at_it() {
     let trunc = c.lookup(&z, b"truncated").await.expect("LOOKUP");
     let removed = c.lookup(&z, b"removed").await.expect("LOOKUP");
 
-    let copy = {
-        let ex = ex.clone();
-        tokio::task::spawn_blocking(move || {
-            ex.clone_volume(
-                &name("src"),
-                &VolumeSpec::new(name("copy"), 1 << 30),
-                &owner(),
-            )
-        })
-    };
-    // The copy's tree exists only after the instant is marked.
-    let data = ex.store().root().join("staging/copy.partial/data");
-    let started = std::time::Instant::now();
-    while !data.exists() {
-        assert!(started.elapsed().as_secs() < 30, "the copy never started");
-        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-    }
+    let copy = copy_started(&ex).await;
     c.remove(&z, b"removed").await.expect("REMOVE");
     // The copy keeps its data, not its name: to clients it is gone.
     assert_eq!(
@@ -608,4 +631,249 @@ fn a_copy_that_runs_out_of_disk_fails_with_that_reason_and_leaves_nothing() {
         std::fs::read(ex.store().data_dir(&name("src")).join("a")).expect("a"),
         vec![1u8; 3 << 20]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn symlinks_and_fifos_replaced_after_the_instant_are_those_in_the_copy() {
+    // Many, so a few have their freed inode numbers go to this test's new files even
+    // while other processes make files on the same disk.
+    const N: usize = 40;
+    let server = Served::start(&[("src", 1 << 30)]).await;
+    let ex = server.exports.clone();
+    let dir = busy_source(&ex);
+    let mut t_inos = std::collections::HashSet::new();
+    for k in 0..N {
+        let link = dir.join(format!("z/link{k}"));
+        std::os::unix::fs::symlink(format!("target{k}"), &link).expect("symlink");
+        let pipe = dir.join(format!("z/pipe{k}"));
+        let made = std::process::Command::new("mkfifo")
+            .arg(&pipe)
+            .status()
+            .expect("run mkfifo");
+        assert!(made.success(), "mkfifo");
+        for p in [link, pipe] {
+            let st = std::fs::symlink_metadata(p).expect("lstat");
+            t_inos.insert(std::os::unix::fs::MetadataExt::ino(&st));
+        }
+    }
+    ex.recount_usage();
+    let mut c = server.mount("src").await;
+    let root = c.root.clone();
+    let z = c.lookup(&root, b"z").await.expect("LOOKUP z");
+
+    let copy = copy_started(&ex).await;
+    let mut reused = 0;
+    for k in 0..N {
+        // `ln -sfn`: a new link under a temporary name, renamed over the old one.
+        c.symlink(&z, b"tmp", b"later").await.expect("SYMLINK");
+        c.rename((&z, b"tmp"), (&z, format!("link{k}").as_bytes()))
+            .await
+            .expect("RENAME over the link");
+        c.remove(&z, format!("pipe{k}").as_bytes())
+            .await
+            .expect("REMOVE the FIFO");
+        // ext4 hands a freed inode number to the next new file.
+        for n in ["a", "b"] {
+            let fh = c
+                .create(&z, format!("new{k}{n}").as_bytes())
+                .await
+                .expect("CREATE");
+            if t_inos.contains(&c.getattr(&fh).await.expect("GETATTR").fileid) {
+                reused += 1;
+            }
+        }
+    }
+    assert!(
+        !copy.is_finished(),
+        "the copier finished before the changes: nothing was exercised"
+    );
+    copy.await.expect("copy task").expect("copy");
+
+    let copied = ex.store().data_dir(&name("copy")).join("z");
+    for k in 0..N {
+        let link = copied.join(format!("link{k}"));
+        assert!(
+            std::fs::symlink_metadata(&link)
+                .expect("link in the copy")
+                .file_type()
+                .is_symlink(),
+            "z/link{k} is not a symlink in the copy"
+        );
+        assert_eq!(
+            std::fs::read_link(&link).expect("readlink"),
+            Path::new(&format!("target{k}"))
+        );
+        let pipe = std::fs::symlink_metadata(copied.join(format!("pipe{k}"))).expect("pipe");
+        assert!(
+            std::os::unix::fs::FileTypeExt::is_fifo(&pipe.file_type()),
+            "z/pipe{k} is not a FIFO in the copy"
+        );
+    }
+    assert!(
+        reused > 0,
+        "no new file got an old inode number: nothing was exercised"
+    );
+    server.stop().await;
+}
+
+/// Removes `src` through the store while a copy of it runs (as reclaim does, past the
+/// NFS calls' hooks): the copy must fail with that reason and make nothing.
+async fn remove_source_during_its_copy(remove: impl FnOnce(&VolumeStore)) {
+    let server = Served::start(&[("src", 1 << 30)]).await;
+    let ex = server.exports.clone();
+    let dir = busy_source(&ex);
+    for i in 0..50 {
+        std::fs::write(dir.join("z").join(format!("f{i}")), [i as u8; 4096]).expect("write");
+    }
+    ex.recount_usage();
+
+    let copy = copy_started(&ex).await;
+    remove(ex.store());
+    assert!(
+        !copy.is_finished(),
+        "the copier finished before the removal: nothing was exercised"
+    );
+    match copy.await.expect("copy task") {
+        Err(Error::CopyFailed { why, .. }) => assert!(
+            why.contains("the source volume was removed during the copy"),
+            "{why}"
+        ),
+        other => panic!("a copy of a volume removed under it: {other:?}"),
+    }
+    assert!(ex.store().get(&name("copy")).expect("get").is_none());
+    assert!(!ex.store().data_dir(&name("copy")).exists());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_deleted_during_its_copy_fails_the_copy_and_makes_no_volume() {
+    remove_source_during_its_copy(|s| s.delete(&name("src")).expect("delete")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_archived_during_its_copy_fails_the_copy_and_makes_no_volume() {
+    remove_source_during_its_copy(|s| {
+        s.archive(&name("src")).expect("archive");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_the_names_of_files_the_copier_is_finishing_keeps_the_source_charged_right() {
+    const N: usize = 400;
+    let server = Served::start(&[("src", 1 << 30)]).await;
+    let ex = server.exports.clone();
+    let dir = busy_source(&ex);
+    // Files with three names each: the first goes before the copier reaches them
+    // (the copy keeps them), the second while it finishes them, the third stays.
+    let z = dir.join("z");
+    for i in 0..N {
+        std::fs::write(z.join(format!("a{i}")), vec![i as u8; 64 << 10]).expect("write");
+        std::fs::hard_link(z.join(format!("a{i}")), z.join(format!("b{i}"))).expect("link");
+        std::fs::hard_link(z.join(format!("a{i}")), z.join(format!("c{i}"))).expect("link");
+    }
+    // The order the copier takes them in (the directory's), by the first name of each.
+    let mut order = Vec::new();
+    let mut placed = std::collections::HashSet::new();
+    for e in std::fs::read_dir(&z).expect("list z") {
+        let n = e.expect("entry").file_name().into_string().expect("utf-8");
+        let i: usize = n[1..].parse().expect("numbered");
+        if placed.insert(i) {
+            order.push((i, n));
+        }
+    }
+    ex.recount_usage();
+    let mut c = server.mount("src").await;
+    let root = c.root.clone();
+    let zh = c.lookup(&root, b"z").await.expect("LOOKUP z");
+
+    let copy = copy_started(&ex).await;
+    for i in 0..N {
+        c.remove(&zh, format!("a{i}").as_bytes())
+            .await
+            .expect("REMOVE a");
+    }
+    // Each second name goes as the copier makes the copy of that file or the one
+    // before it, so REMOVEs land while the copier finishes their file.
+    let copied_z = ex.store().root().join("staging/copy.partial/data/z");
+    let mut removed = vec![false; N];
+    for (j, (_, first)) in order.iter().enumerate() {
+        while !copied_z.join(first).exists() && !copy.is_finished() {
+            std::hint::spin_loop();
+        }
+        let Some((i, _)) = order.get(j + j % 2) else {
+            break;
+        };
+        if !std::mem::replace(&mut removed[*i], true) {
+            c.remove(&zh, format!("b{i}").as_bytes())
+                .await
+                .expect("REMOVE b");
+        }
+    }
+    copy.await.expect("copy task").expect("copy");
+    let v = ex.by_name(&name("src")).expect("served");
+    let usage = ex.store().usage(&name("src")).expect("usage");
+    assert_eq!(
+        (
+            v.used.load(Ordering::Acquire),
+            v.inodes.load(Ordering::Acquire)
+        ),
+        (usage.bytes, usage.inodes),
+        "the source's charge drifted"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_removed_during_a_copy_is_stale_through_its_handle() {
+    let server = Served::start(&[("src", 1 << 30)]).await;
+    let ex = server.exports.clone();
+    let dir = busy_source(&ex);
+    std::fs::write(dir.join("z/f"), b"at the instant").expect("write");
+    ex.recount_usage();
+    let mut c = server.mount("src").await;
+    let root = c.root.clone();
+    let z = c.lookup(&root, b"z").await.expect("LOOKUP z");
+    let f = c.lookup(&z, b"f").await.expect("LOOKUP f");
+
+    let copy = copy_started(&ex).await;
+    c.remove(&z, b"f").await.expect("REMOVE");
+    // The copy keeps its data, not its name: to clients it is gone, as without a copy.
+    assert_eq!(
+        c.getattr(&f).await.err(),
+        Some(nfsstat3::NFS3ERR_STALE),
+        "GETATTR"
+    );
+    assert_eq!(
+        c.read(&f, 0, 100).await.err(),
+        Some(nfsstat3::NFS3ERR_STALE),
+        "READ"
+    );
+    assert_eq!(
+        c.link(&f, &z, b"back").await.err(),
+        Some(nfsstat3::NFS3ERR_STALE),
+        "LINK brought a removed file back"
+    );
+    assert!(
+        !copy.is_finished(),
+        "the copier finished before the changes: nothing was exercised"
+    );
+    copy.await.expect("copy task").expect("copy");
+    let copied = ex.store().data_dir(&name("copy"));
+    assert_eq!(
+        std::fs::read(copied.join("z/f")).expect("in the copy"),
+        b"at the instant"
+    );
+    assert!(!dir.join("z/back").exists());
+    let v = ex.by_name(&name("src")).expect("served");
+    let usage = ex.store().usage(&name("src")).expect("usage");
+    assert_eq!(
+        (
+            v.used.load(Ordering::Acquire),
+            v.inodes.load(Ordering::Acquire)
+        ),
+        (usage.bytes, usage.inodes),
+        "the source's charge drifted"
+    );
+    server.stop().await;
 }

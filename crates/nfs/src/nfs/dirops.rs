@@ -548,6 +548,11 @@ pub fn link(ctx: &Ctx, args: &mut XdrIn) -> Proc<(), (PostOp, Wcc)> {
         {
             let _as = ctx.become_caller(&v)?;
             let charging = v.charging();
+            // Removed since it resolved, its last link a copy's keep link: a new name
+            // would bring back a file nothing is charged for.
+            if sys::fstat(raw(&file)).is_ok_and(|st| snapshot::only_kept(&v, &st)) {
+                return Err(nfsstat3::NFS3ERR_STALE);
+            }
             charging.reserve(quota::NAMESPACE_RESERVE)?;
             let dir_before = dir_charge(&v, &dir);
             snapshot::before_dir_change(&v, raw(&dir));

@@ -84,6 +84,11 @@ impl Ctx<'_> {
             return Err(Early::WouldBlock);
         }
         let (v, obj, st) = self.ex.resolve(self.client, fh)?;
+        // Removed while a copy runs: only the copy's keep link holds it, and its
+        // handle is as stale as it would be without the copy.
+        if snapshot::only_kept(&v, &st) {
+            return Err(nfsstat3::NFS3ERR_STALE.into());
+        }
         self.counts_for(&v);
         Ok((v, obj, st))
     }

@@ -288,6 +288,35 @@ impl Client {
         status(self.nfs.rename(&args).await.expect("rpc")).map(|_| ())
     }
 
+    pub async fn symlink(
+        &mut self,
+        dir: &nfs_fh3,
+        name: &[u8],
+        target: &[u8],
+    ) -> Result<(), nfsstat3> {
+        let args = SYMLINK3args {
+            where_: dirop(dir, name),
+            symlink: symlinkdata3 {
+                symlink_attributes: sattr3::default(),
+                symlink_data: nfspath3(Opaque::borrowed(target)),
+            },
+        };
+        status(self.nfs.symlink(&args).await.expect("rpc")).map(|_| ())
+    }
+
+    pub async fn link(
+        &mut self,
+        file: &nfs_fh3,
+        dir: &nfs_fh3,
+        name: &[u8],
+    ) -> Result<(), nfsstat3> {
+        let args = LINK3args {
+            file: file.clone(),
+            link: dirop(dir, name),
+        };
+        status(self.nfs.link(&args).await.expect("rpc")).map(|_| ())
+    }
+
     pub async fn fsstat(&mut self) -> Result<FSSTAT3resok, nfsstat3> {
         let args = FSSTAT3args {
             fsroot: self.root.clone(),

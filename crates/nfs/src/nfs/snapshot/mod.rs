@@ -13,11 +13,16 @@
 //! ([`Watch::job`] is one atomic load when no copy runs):
 //! - a directory whose entries are about to change is listed now, if nobody listed it
 //!   since T (the listing is its T content: nothing changed in it before);
-//! - an object about to change records its T attributes (first change wins);
+//! - an object about to change, or to lose a name, records its T attributes (first
+//!   change wins; a later object given a removed one's inode number never replaces
+//!   them);
 //! - a range of a regular file about to be overwritten or truncated away has its T
 //!   bytes saved to `pre/<ino>` (sparse, same offsets), once per range;
-//! - a regular file about to lose its last name (REMOVE, RENAME over it) is hard-linked
-//!   to `keep/<ino>` first, so its T data stays reachable.
+//! - a regular file the copier has not finished, about to lose a name (REMOVE, RENAME
+//!   over it), is hard-linked to `keep/<ino>` first, so its T data stays reachable.
+//!   Keep links last until the job ends, when they go under the charge lock with the
+//!   job itself: a call that counted a keep link as not the volume's while releasing
+//!   a file always finds it there.
 //!
 //! The copier reads a file's current bytes up to its T size (`FICLONE` where the
 //! filesystem shares extents, else `copy_file_range`) without any lock, then lays the
@@ -27,6 +32,11 @@
 //!
 //! A hook that cannot preserve (no room for a pre-image) fails the copy, never the
 //! client's call: the source's I/O is never refused because a copy runs.
+//!
+//! Removing the volume (reclaim, `localnfs volume delete`) goes through the store,
+//! not the hooks: the copy fails if, after its walk, the source is no longer the
+//! volume it started from at its path, stored and served ("the source volume was
+//! removed during the copy"), rather than commit a tree emptied under it.
 //!
 //! Done: the staging tree is made durable (`syncfs`), a sha256 manifest of every
 //! regular file is written, and the store commits it (`VolumeStore::commit_copy`):
@@ -38,6 +48,7 @@ pub use walk::sha256sum_text;
 
 use std::collections::HashMap;
 use std::os::fd::{OwnedFd, RawFd};
+use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -126,6 +137,9 @@ struct Seen {
 struct JobState {
     listings: HashMap<u64, Arc<Vec<Entry>>>,
     seen: HashMap<u64, Seen>,
+    /// The files hard-linked in `keep/`, so the job's end drops their links without
+    /// going over every record.
+    kept: Vec<u64>,
     /// Why a change could not be preserved: the copy fails with it.
     failed: Option<String>,
     preserved: u64,
@@ -259,8 +273,9 @@ pub fn before_dir_change(v: &Volume, dir: RawFd) {
 }
 
 /// Before `name` in directory `dir` (O_PATH) loses that name (REMOVE, RMDIR, RENAME
-/// from or over it): lists `dir`, lists the victim if it is a directory, and keeps a
-/// regular file the copier has not finished reachable in `keep/`. Returns whether the
+/// from or over it): lists `dir`, lists the victim if it is a directory, keeps a
+/// regular file the copier has not finished reachable in `keep/`, and records the T
+/// attributes of any other victim (its inode number may be reused). Returns whether the
 /// victim has a keep link (the caller's accounting counts that link as not the
 /// volume's).
 pub fn before_unlink(v: &Volume, dir: RawFd, name: &[u8]) -> bool {
@@ -284,20 +299,29 @@ pub fn before_unlink(v: &Volume, dir: RawFd, name: &[u8]) -> bool {
             .map(|_| false),
         libc::S_IFREG => {
             let keep = raw(&job.keep);
-            CopyJob::seen_locked(&mut st, victim.st_ino, || Ok(victim)).and_then(|seen| {
-                // Done: the copier has dropped its keep link, if it made one.
-                if seen.done {
-                    return Ok(false);
-                }
-                if seen.kept {
-                    return Ok(true);
-                }
-                sys::linkat(dir, name, keep, victim.st_ino.to_string().as_bytes())?;
-                seen.kept = true;
-                Ok(true)
-            })
+            let linked =
+                CopyJob::seen_locked(&mut st, victim.st_ino, || Ok(victim)).and_then(|seen| {
+                    // A keep link lasts as long as the job, done or not.
+                    if seen.kept {
+                        return Ok((true, false));
+                    }
+                    // Done: the copier needs nothing more of it.
+                    if seen.done {
+                        return Ok((false, false));
+                    }
+                    sys::linkat(dir, name, keep, victim.st_ino.to_string().as_bytes())?;
+                    seen.kept = true;
+                    Ok((true, true))
+                });
+            if let Ok((_, true)) = linked {
+                st.kept.push(victim.st_ino);
+            }
+            linked.map(|(kept, _)| kept)
         }
-        _ => Ok(false),
+        // A symlink, FIFO, socket or device: its number is free once it goes, and the
+        // next object made may get it; what T saw of it is recorded now, so the
+        // copier never takes the newcomer's attributes for it.
+        _ => CopyJob::seen_locked(&mut st, victim.st_ino, || Ok(victim)).map(|_| false),
     };
     match r {
         Ok(kept) => kept,
@@ -356,16 +380,12 @@ pub fn only_kept(v: &Volume, st: &libc::stat) -> bool {
     let Some(job) = v.copy.job() else {
         return false;
     };
-    st.st_nlink == 1
-        && job
-            .lock()
-            .seen
-            .get(&st.st_ino)
-            .is_some_and(|s| s.kept && !s.done)
+    st.st_nlink == 1 && job.lock().seen.get(&st.st_ino).is_some_and(|s| s.kept)
 }
 
 /// After a call made object `fd` (O_PATH): it was not there at T, so changes to it
-/// need no preserving.
+/// need no preserving. A record already under its inode number is a removed T
+/// object's (see [`before_unlink`]): it keeps that object's attributes.
 pub fn made(v: &Volume, fd: RawFd) {
     let Some(job) = v.copy.job() else { return };
     let Ok(now) = sys::fstat(fd) else { return };
@@ -374,6 +394,46 @@ pub fn made(v: &Volume, fd: RawFd) {
         .entry(now.st_ino)
         .or_insert_with(|| Seen::of(now))
         .done = true;
+}
+
+/// A copy installed on its volume: ends the job when dropped, also when the copier
+/// panics (unwinding), so the volume can be copied again.
+struct Running<'a> {
+    v: &'a Volume,
+    job: &'a CopyJob,
+}
+
+impl<'a> Running<'a> {
+    /// Installs `job` on `v` at the instant (see the module docs); `None` if another
+    /// copy of `v` runs.
+    fn start(v: &'a Volume, job: &'a Arc<CopyJob>) -> Option<Self> {
+        let _drained = v.charging();
+        if v.copy.job().is_some() {
+            return None;
+        }
+        v.copy.set(Some(job.clone()));
+        Some(Self { v, job })
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.job.end(self.v);
+    }
+}
+
+impl CopyJob {
+    /// Ends the job on `v`: under the charge lock (no call is between counting a keep
+    /// link and releasing), drops every keep link and uninstalls the job.
+    fn end(&self, v: &Volume) {
+        let _root = sys::AsRoot::begin();
+        let _charging = v.charging();
+        let kept = std::mem::take(&mut self.lock().kept);
+        for ino in kept {
+            let _ = sys::unlinkat(raw(&self.keep), ino.to_string().as_bytes(), 0);
+        }
+        v.copy.set(None);
+    }
 }
 
 /// The parts of `[from, to)` not covered by `saved` (sorted, disjoint).
@@ -507,20 +567,22 @@ impl Exports {
         });
         // The instant: in-flight changes drain, later ones see the job.
         let pause_started = Instant::now();
-        {
-            let _drained = v.charging();
-            if v.copy.job().is_some() {
-                return Err(failed("another copy of the volume is running".into()));
-            }
-            v.copy.set(Some(job.clone()));
-        }
+        let running = Running::start(&v, &job)
+            .ok_or_else(|| failed("another copy of the volume is running".into()))?;
         let pause = pause_started.elapsed();
         let limits = walk::Limits {
             bytes: spec.size_bytes,
             objects: max_inodes,
         };
         let walked = walk::copy_tree(&v, &job, &staging, limits);
-        v.copy.set(None);
+        drop(running);
+        // Checked after the walk, whatever it found: a tree emptied under it makes a
+        // walk fail oddly or, worse, succeed with files missing.
+        if self.removed_since(source, &v) {
+            return Err(failed(
+                "the source volume was removed during the copy".into(),
+            ));
+        }
         let preserved = job.lock().preserved;
         let totals = match walked {
             Ok(t) => t,
@@ -540,6 +602,20 @@ impl Exports {
             started,
         };
         Ok((staging, report))
+    }
+
+    /// Whether volume `source`, served as `v`, was removed (deleted, archived) or
+    /// replaced since `v` was served. Removal goes through the store, past the hooks,
+    /// but always moves the data directory away (to the trash or the archive) and
+    /// forgets the metadata before it touches the tree: a copy that still finds `v`'s
+    /// root at the volume's path, stored and served under `v`'s id, after its walk
+    /// walked a tree nobody removed anything from.
+    fn removed_since(&self, source: &VolumeName, v: &Volume) -> bool {
+        let same_dir = std::fs::metadata(self.store().data_dir(source))
+            .is_ok_and(|m| (m.dev(), m.ino()) == (v.root_dev, v.root_ino));
+        let stored = matches!(self.store().get(source), Ok(Some(m)) if m.id == v.meta.id);
+        let served = self.by_name(source).is_some_and(|s| s.meta.id == v.meta.id);
+        !(same_dir && stored && served)
     }
 }
 
@@ -572,6 +648,46 @@ impl From<Snapshot> for CopyReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_copy_that_panics_does_not_block_the_next_copy_of_its_volume() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = crate::volume::VolumeStore::open(dir.path()).expect("store");
+        let src = VolumeName::new("src").expect("name");
+        store
+            .create(&VolumeSpec::new(src.clone(), 1 << 20))
+            .expect("create");
+        let allow = super::super::AllowList::new(vec!["127.0.0.1".parse().expect("network")]);
+        let ex = Exports::load(store, allow).expect("exports");
+        let v = ex.by_name(&src).expect("served");
+        let scratch = |what: &str| {
+            let p = dir.path().join(what);
+            std::fs::create_dir(&p).expect("mkdir");
+            sys::openat(
+                libc::AT_FDCWD,
+                p.as_os_str().as_encoded_bytes(),
+                libc::O_PATH | libc::O_DIRECTORY,
+                0,
+            )
+            .expect("open")
+        };
+        let job = Arc::new(CopyJob {
+            keep: scratch("keep"),
+            pre: scratch("pre"),
+            state: Mutex::new(JobState::default()),
+        });
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _running = Running::start(&v, &job).expect("the first copy starts");
+            panic!("the copier failed mid-walk");
+        }));
+        assert!(panicked.is_err());
+        assert!(
+            v.copy.job().is_none(),
+            "the panicked copy is still installed"
+        );
+        let again = Running::start(&v, &job);
+        assert!(again.is_some(), "the volume cannot be copied again");
+    }
 
     #[test]
     fn only_ranges_not_saved_yet_are_saved_again() {

@@ -174,13 +174,17 @@ impl Walk<'_> {
 
     /// A symlink, FIFO, socket or device node, as T saw it.
     fn special(&mut self, rel: &[u8], e: &Entry) -> Result<(), Stop> {
+        // A record of another kind is a later object's that got this one's inode
+        // number: the listing's attributes are T's then.
+        let kind = e.st.st_mode & libc::S_IFMT;
         let st = self
             .job
             .lock()
             .seen
             .get(&e.st.st_ino)
-            .map_or(e.st, |s| s.st);
-        let kind = st.st_mode & libc::S_IFMT;
+            .map(|s| s.st)
+            .filter(|s| s.st_mode & libc::S_IFMT == kind)
+            .unwrap_or(e.st);
         if kind == libc::S_IFLNK {
             let target = e.target.as_deref().unwrap_or_default();
             sys::symlinkat(target, raw(&self.data), rel).map_err(failed("create a symlink"))?;
@@ -242,7 +246,7 @@ impl Walk<'_> {
     }
 
     /// Lays the T bytes the source's calls saved for `ino` over the copy `dst`, then
-    /// marks the file done. The bulk of the saved data is copied without the job's
+    /// marks the file done (its saved bytes go; a keep link stays until the job ends). The bulk of the saved data is copied without the job's
     /// lock (saved ranges never change once saved); the last round, which finds
     /// nothing new, marks it done under the lock, so no save slips in between.
     fn overlay(&self, ino: u64, dst: RawFd) -> Result<(), Stop> {
@@ -263,11 +267,9 @@ impl Walk<'_> {
                     .collect();
                 if todo.is_empty() {
                     seen.done = true;
-                    let kept = seen.kept;
+                    // The keep link stays until the job ends (see `CopyJob::end`): a
+                    // REMOVE that counted it must still find it when it releases.
                     let _ = sys::unlinkat(raw(&self.job.pre), name.as_bytes(), 0);
-                    if kept {
-                        let _ = sys::unlinkat(raw(&self.job.keep), name.as_bytes(), 0);
-                    }
                     return Ok(());
                 }
                 todo
