@@ -9,14 +9,16 @@
 //! calls at once (its depth at the disk), so the other volumes always find workers.
 //!
 //! Durable calls first ([`Gate`]): while a volume has a durable call (one that syncs
-//! before its reply: COMMIT, a stable WRITE, a namespace change) queued or running, or
-//! finished less than [`LINGER`] ago, every other volume runs at most [`HELD_DEPTH`]
+//! before its reply: COMMIT, a stable WRITE, a namespace change) running, or finished
+//! less than [`LINGER`] ago, every other volume runs at most [`HELD_DEPTH`]
 //! unstable WRITE at once; the rest wait in the queue (delayed, never refused). Why:
 //! the durable call's fsync waits for the journal commit and the device's cache flush,
 //! which carry whatever the other volumes wrote just before, and a flood's writes take
 //! the cores the durable call's client and connection need. The flooding volume keeps
 //! running, one write at a time, so it is never starved; the linger keeps it held
-//! between two durable calls of a client that makes them one at a time. Only unstable
+//! between two durable calls of a client that makes them one at a time. A durable call
+//! holds from when it starts running, not from when it is queued: queued, it waits for
+//! no disk, and a client could keep the gate shut with calls that never run. Only unstable
 //! WRITEs are held: holding durable calls too would let two volumes' durable calls
 //! hold each other for good. What it measured, and what it did not fix, is in
 //! `bench/README.md` (noisy_neighbour, "Where a durable call's time goes").
@@ -73,39 +75,63 @@ pub struct Ticket {
 /// A call, ready to run on a worker.
 pub type Job = Box<dyn FnOnce() + Send>;
 
+/// One volume's durable calls, as the gate counts them.
+#[derive(Debug, Default)]
+struct Durable {
+    /// Queued, not yet running: they hold no one (a queued call waits for no disk).
+    queued: usize,
+    /// Running: these hold other volumes' unstable WRITEs.
+    running: usize,
+    /// When the last one ended.
+    last: Option<Instant>,
+}
+
 /// Which volumes have durable calls under way, pure: time comes in as an `Instant`.
 #[derive(Debug, Default)]
 pub struct Gate {
-    /// Per volume: its durable calls queued or running, and when the last one ended.
-    durable: HashMap<u32, (usize, Option<Instant>)>,
+    durable: HashMap<u32, Durable>,
 }
 
 impl Gate {
     /// A durable call of volume `key` was queued.
     pub fn begin(&mut self, key: u32) {
-        self.durable.entry(key).or_insert((0, None)).0 += 1;
+        self.durable.entry(key).or_default().queued += 1;
+    }
+
+    /// A durable call of volume `key`, queued with [`Gate::begin`], starts running:
+    /// from now on it holds the other volumes.
+    pub fn start(&mut self, key: u32) {
+        let d = self.durable.entry(key).or_default();
+        d.queued = d.queued.saturating_sub(1);
+        d.running += 1;
     }
 
     /// A durable call of volume `key` ended at `now`.
     pub fn end(&mut self, key: u32, now: Instant) {
         if let Some(d) = self.durable.get_mut(&key) {
-            d.0 = d.0.saturating_sub(1);
-            d.1 = Some(now);
+            d.running = d.running.saturating_sub(1);
+            d.last = Some(now);
         }
     }
 
-    /// Whether a volume other than `key` has a durable call under way at `now`.
+    /// Whether a volume other than `key` has a durable call running at `now`, or
+    /// ended one less than [`LINGER`] ago.
     pub fn holds(&self, key: u32, now: Instant) -> bool {
-        self.durable.iter().any(|(k, (n, last))| {
-            *k != key && (*n > 0 || last.is_some_and(|t| now.saturating_duration_since(t) < LINGER))
-        })
+        self.durable
+            .iter()
+            .any(|(k, d)| *k != key && Self::holding(d, now))
+    }
+
+    fn holding(d: &Durable, now: Instant) -> bool {
+        d.running > 0
+            || d.last
+                .is_some_and(|t| now.saturating_duration_since(t) < LINGER)
     }
 
     /// Forgets volumes with nothing under way and no linger left.
     fn prune(&mut self, now: Instant) {
-        self.durable.retain(|_, (n, last)| {
-            *n > 0 || last.is_some_and(|t| now.saturating_duration_since(t) < LINGER)
-        });
+        self.durable
+            .retain(|_, d| d.queued > 0 || Self::holding(d, now));
     }
 
     /// How many calls a volume `key` whose next call is of `class` may run at `now`.
@@ -202,6 +228,9 @@ impl Pool {
                 }
                 match s.pop(now) {
                     Some((key, (class, job))) => {
+                        if class == Class::Durable && key != 0 {
+                            s.gate.start(key);
+                        }
                         finished = Some((key, class));
                         let more = s.wants_worker(now);
                         s.workers += usize::from(more);
@@ -289,6 +318,7 @@ mod gate_tests {
         let mut g = Gate::default();
         assert_eq!(g.depth(2, Class::Bulk, t0), PER_VOLUME, "nothing under way");
         g.begin(1);
+        g.start(1);
         // (volume, class, depth while volume 1's durable call is under way)
         let table = [
             (2, Class::Bulk, HELD_DEPTH),
@@ -303,11 +333,28 @@ mod gate_tests {
     }
 
     #[test]
+    fn a_queued_durable_call_holds_no_one_until_it_runs() {
+        let t0 = Instant::now();
+        let mut g = Gate::default();
+        // Queued behind its own volume's calls, it waits for no disk: holding others
+        // from here would let a client keep the gate shut with calls that never run.
+        g.begin(1);
+        assert!(!g.holds(2, t0), "queued only");
+        assert_eq!(g.depth(2, Class::Bulk, t0), PER_VOLUME);
+        g.start(1);
+        assert!(g.holds(2, t0), "running");
+        g.end(1, t0);
+        assert!(!g.holds(2, t0 + LINGER), "ended, past the linger");
+    }
+
+    #[test]
     fn the_hold_lingers_past_the_last_durable_call_and_then_ends() {
         let t0 = Instant::now();
         let mut g = Gate::default();
-        g.begin(1);
-        g.begin(1);
+        for _ in 0..2 {
+            g.begin(1);
+            g.start(1);
+        }
         g.end(1, t0);
         assert!(g.holds(2, t0 + LINGER * 10), "one still under way");
         g.end(1, t0);
