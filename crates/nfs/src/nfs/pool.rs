@@ -19,8 +19,9 @@
 //! between two durable calls of a client that makes them one at a time. A durable call
 //! holds from when it starts running, not from when it is queued: queued, it waits for
 //! no disk, and a client could keep the gate shut with calls that never run. Only unstable
-//! WRITEs are held: holding durable calls too would let two volumes' durable calls
-//! hold each other for good. What it measured, and what it did not fix, is in
+//! WRITEs are held, and never those of a volume with durable calls of its own queued or
+//! running: holding durable calls, or the writes a volume's own COMMIT waits behind,
+//! would let two volumes' durable calls hold each other for good. What it measured, and what it did not fix, is in
 //! `bench/README.md` (noisy_neighbour, "Where a durable call's time goes").
 //!
 //! Workers are started on demand and end when nothing is left that they may take, so
@@ -122,6 +123,13 @@ impl Gate {
             .any(|(k, d)| *k != key && Self::holding(d, now))
     }
 
+    /// Whether volume `key` has durable calls of its own queued or running.
+    fn has_own(&self, key: u32) -> bool {
+        self.durable
+            .get(&key)
+            .is_some_and(|d| d.queued + d.running > 0)
+    }
+
     fn holding(d: &Durable, now: Instant) -> bool {
         d.running > 0
             || d.last
@@ -137,8 +145,11 @@ impl Gate {
     /// How many calls a volume `key` whose next call is of `class` may run at `now`.
     pub fn depth(&self, key: u32, class: Class, now: Instant) -> usize {
         // Only unstable WRITEs are held: holding another volume's durable calls too
-        // would let two volumes' durable calls hold each other for good.
-        if class == Class::Bulk && self.holds(key, now) {
+        // would let two volumes' durable calls hold each other for good. Nor is a
+        // volume with durable calls of its own queued or running: its COMMIT waits
+        // behind its own writes, and holding those while its COMMIT holds the other
+        // volume would let two busy databases hold each other for good.
+        if class == Class::Bulk && !self.has_own(key) && self.holds(key, now) {
             HELD_DEPTH
         } else {
             PER_VOLUME
@@ -345,6 +356,41 @@ mod gate_tests {
         assert!(g.holds(2, t0), "running");
         g.end(1, t0);
         assert!(!g.holds(2, t0 + LINGER), "ended, past the linger");
+    }
+
+    #[test]
+    fn two_volumes_with_durable_calls_never_hold_each_others_writes() {
+        let t0 = Instant::now();
+        let mut g = Gate::default();
+        // A's COMMIT runs; B's COMMIT is queued behind B's writes. Holding B's writes
+        // would keep B's COMMIT (and so B's hold on A, once it runs) waiting.
+        g.begin(1);
+        g.start(1);
+        g.begin(2);
+        assert_eq!(
+            g.depth(2, Class::Bulk, t0),
+            PER_VOLUME,
+            "B has its own queued"
+        );
+        g.start(2);
+        assert_eq!(
+            g.depth(1, Class::Bulk, t0),
+            PER_VOLUME,
+            "A has its own running"
+        );
+        assert_eq!(
+            g.depth(2, Class::Bulk, t0),
+            PER_VOLUME,
+            "B has its own running"
+        );
+        // A third volume with none of its own is held by both.
+        assert_eq!(g.depth(3, Class::Bulk, t0), HELD_DEPTH);
+        g.end(2, t0);
+        assert_eq!(
+            g.depth(2, Class::Bulk, t0),
+            HELD_DEPTH,
+            "B's done: A holds it"
+        );
     }
 
     #[test]
