@@ -2,11 +2,14 @@
 //! fair queueing), pure, no threads or clocks. `pool` owns one and runs what it picks.
 //!
 //! Rules (each has its test below):
-//! 1. Calls of one volume run in the order they arrived.
+//! 1. Calls of one volume run in the order they arrived, with one exception: a call
+//!    queued in lane [`SKIP`] (the pool's unstable WRITEs) that the caller refuses
+//!    may be passed by the calls of lane [`MAIN`] behind it; calls of each lane keep
+//!    their order, and a refused call of [`MAIN`] is never passed.
 //! 2. Each call gets a start tag when queued: the later of the queue's virtual time
 //!    and its volume's last finish tag; its finish tag is start + cost × [`SCALE`] /
-//!    weight. The call with the smallest start tag among the volumes' first calls runs
-//!    next, and the virtual time becomes its tag. So a volume that was idle starts at
+//!    weight. The call with the smallest start tag among the volumes' first calls
+//!    (rule 1's) runs next, and the virtual time becomes its tag. So a volume that was idle starts at
 //!    the current virtual time and is served next, not behind another's backlog.
 //! 3. Busy volumes share by weight: over a long run, served cost is proportional to
 //!    weight (100 and 300 → 1:3).
@@ -23,10 +26,17 @@ use std::collections::{HashMap, VecDeque};
 /// precision at the largest weight (1000).
 pub const SCALE: u64 = 1_000_000;
 
+/// Lanes of a volume's queue: calls of [`MAIN`] are never passed; a call of [`SKIP`]
+/// that the caller refuses may be passed by the calls of [`MAIN`] behind it.
+pub const MAIN: usize = 0;
+/// See [`MAIN`].
+pub const SKIP: usize = 1;
+
 /// One volume's queue and accounts.
 struct Flow<T> {
-    /// Queued calls with their start tags, oldest first.
-    queue: VecDeque<(u64, T)>,
+    /// Queued calls with their start tags, oldest first, per lane ([`MAIN`], [`SKIP`]).
+    /// Tags grow with arrival, so the smaller of the two fronts is the oldest call.
+    queues: [VecDeque<(u64, T)>; 2],
     /// Finish tag of the last call queued.
     finish: u64,
     weight: u64,
@@ -52,11 +62,17 @@ impl<T> Default for Fair<T> {
 }
 
 impl<T> Fair<T> {
-    /// Queues `item` for `key`, whose weight is `weight` (≥ 1) and which will take
-    /// `cost` units of service (≥ 1).
+    /// Queues `item` for `key` in lane [`MAIN`], whose weight is `weight` (≥ 1) and which
+    /// will take `cost` units of service (≥ 1).
+    #[cfg(test)]
     pub fn push(&mut self, key: u32, weight: u32, cost: u32, item: T) {
+        self.push_in(key, weight, cost, MAIN, item);
+    }
+
+    /// [`Fair::push`] into `lane` ([`MAIN`] or [`SKIP`]).
+    pub fn push_in(&mut self, key: u32, weight: u32, cost: u32, lane: usize, item: T) {
         let flow = self.flows.entry(key).or_insert_with(|| Flow {
-            queue: VecDeque::new(),
+            queues: [VecDeque::new(), VecDeque::new()],
             finish: 0,
             weight: 1,
             running: 0,
@@ -64,7 +80,7 @@ impl<T> Fair<T> {
         flow.weight = u64::from(weight.max(1));
         let start = flow.finish.max(self.vtime);
         flow.finish = start + u64::from(cost.max(1)) * SCALE / flow.weight;
-        flow.queue.push_back((start, item));
+        flow.queues[lane.min(SKIP)].push_back((start, item));
         self.queued += 1;
     }
 
@@ -76,19 +92,17 @@ impl<T> Fair<T> {
     }
 
     /// [`Fair::pop`] among the volumes whose first call `may` take, given the volume's
-    /// key, that call and how many of the volume's calls run (the pool's limits).
+    /// key, that call and how many of the volume's calls run (the pool's limits). A
+    /// volume's first call refused in lane [`SKIP`] is passed by its oldest call of
+    /// [`MAIN`], if `may` takes that one; nothing else changes a volume's order.
     pub fn pop_if(&mut self, may: impl Fn(u32, &T, usize) -> bool) -> Option<(u32, T)> {
-        let key = self
+        let (_, key, lane) = self
             .flows
             .iter()
-            .filter_map(|(k, f)| {
-                let (tag, item) = f.queue.front()?;
-                may(*k, item, f.running).then_some((*tag, *k))
-            })
-            .min()?
-            .1;
+            .filter_map(|(k, f)| f.pick(*k, &may).map(|(tag, lane)| (tag, *k, lane)))
+            .min()?;
         let flow = self.flows.get_mut(&key)?;
-        let (tag, item) = flow.queue.pop_front()?;
+        let (tag, item) = flow.queues[lane].pop_front()?;
         flow.running += 1;
         self.vtime = self.vtime.max(tag);
         self.queued -= 1;
@@ -101,7 +115,7 @@ impl<T> Fair<T> {
         let vtime = self.vtime;
         if let Some(flow) = self.flows.get_mut(&key) {
             flow.running = flow.running.saturating_sub(1);
-            if flow.running == 0 && flow.queue.is_empty() && flow.finish <= vtime {
+            if flow.running == 0 && flow.is_empty() && flow.finish <= vtime {
                 self.flows.remove(&key);
             }
         }
@@ -120,9 +134,28 @@ impl<T> Fair<T> {
 
     /// Whether [`Fair::pop_if`] with `may` would take a call.
     pub fn ready_if(&self, may: impl Fn(u32, &T, usize) -> bool) -> bool {
-        self.flows
-            .iter()
-            .any(|(k, f)| f.queue.front().is_some_and(|(_, t)| may(*k, t, f.running)))
+        self.flows.iter().any(|(k, f)| f.pick(*k, &may).is_some())
+    }
+}
+
+impl<T> Flow<T> {
+    fn is_empty(&self) -> bool {
+        self.queues.iter().all(VecDeque::is_empty)
+    }
+
+    /// The tag and lane of the call of this flow (`key`) that `may` takes next: its
+    /// oldest, or if that one is in [`SKIP`] and refused, the oldest in [`MAIN`].
+    fn pick(&self, key: u32, may: &impl Fn(u32, &T, usize) -> bool) -> Option<(u64, usize)> {
+        let main = self.queues[MAIN].front();
+        let skip = self.queues[SKIP].front();
+        let ok =
+            |(tag, item): &(u64, T), lane| may(key, item, self.running).then_some((*tag, lane));
+        match (main, skip) {
+            (Some(m), Some(s)) if s.0 < m.0 => ok(s, SKIP).or_else(|| ok(m, MAIN)),
+            (Some(m), _) => ok(m, MAIN),
+            (None, Some(s)) => ok(s, SKIP),
+            (None, None) => None,
+        }
     }
 }
 
@@ -222,6 +255,35 @@ mod tests {
         // Volume 2 (weight 1000) has nothing queued: volume 1 gets everything.
         assert_eq!(drain(&mut f, 100).len(), 100);
         assert_eq!(f.queued(), 0);
+    }
+
+    #[test]
+    fn a_refused_write_lets_the_calls_behind_it_run_in_their_order() {
+        // Volume 1: WRITE 0 (held by the caller), READ 1, WRITE 2, COMMIT 3.
+        let mut f = Fair::default();
+        f.push_in(1, 100, 1, SKIP, 0);
+        f.push_in(1, 100, 1, MAIN, 1);
+        f.push_in(1, 100, 1, SKIP, 2);
+        f.push_in(1, 100, 1, MAIN, 3);
+        let held = |_: u32, item: &u32, _: usize| item % 2 == 1;
+        assert!(f.ready_if(held));
+        assert_eq!(f.pop_if(held), Some((1, 1)));
+        assert_eq!(f.pop_if(held), Some((1, 3)));
+        assert_eq!(f.pop_if(held), None, "the writes stay held");
+        // Once let go, the writes run in their order.
+        let order: Vec<u32> = (0..2)
+            .filter_map(|_| f.pop(usize::MAX).map(|p| p.1))
+            .collect();
+        assert_eq!(order, vec![0, 2]);
+    }
+
+    #[test]
+    fn a_refused_call_of_the_main_lane_is_never_passed() {
+        let mut f = Fair::default();
+        f.push_in(1, 100, 1, MAIN, 0);
+        f.push_in(1, 100, 1, SKIP, 1);
+        f.push_in(1, 100, 1, MAIN, 2);
+        assert_eq!(f.pop_if(|_, item, _| *item != 0), None);
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The blocking pool's front door: calls that may wait for the disk are queued per
 //! volume and run by at most [`WORKERS`] threads of tokio's blocking pool, in the
-//! order `fair` picks (weighted fair between volumes, arrival order within one).
+//! order `fair` picks (weighted fair between volumes, arrival order within one, except
+//! that an unstable WRITE the gate holds is passed by its volume's other calls behind
+//! it: unstable WRITEs go in `fair`'s lane `SKIP`, the rest in `MAIN`).
 //!
 //! Why a queue in front of the threads: with a thread per call, a volume with hundreds
 //! of calls in flight holds hundreds of threads, and a lone call of another volume
@@ -22,10 +24,11 @@
 //! the procedure alone (a client looping cheap SETATTRs is "durable" too):
 //! - a durable call holds from when it starts running, not from when it is queued:
 //!   queued, it waits for no disk;
-//! - only unstable WRITEs are held, and never those of a volume with durable calls of
-//!   its own queued or running: holding durable calls, or the writes a volume's own
-//!   COMMIT waits behind, would let two volumes' durable calls hold each other for
-//!   good;
+//! - only unstable WRITEs are held, and they do not keep their volume's other calls
+//!   (READs, GETATTRs, its COMMITs) waiting behind them;
+//! - a volume with durable calls of its own queued or running is never held: holding
+//!   durable calls, or the writes a volume's own COMMIT waits behind, would let two
+//!   volumes' durable calls hold each other for good;
 //! - a volume's holds cover at most [`HOLD_SHARE`] of wall time at the default weight
 //!   (in proportion to its weight, at most [`HOLD_SHARE_MAX`]) after a burst of
 //!   [`HOLD_BURST`]: a token bucket of hold time; a volume out of it holds no one
@@ -42,7 +45,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::fair::Fair;
+use super::fair::{Fair, MAIN, SKIP};
 use crate::volume::DEFAULT_WEIGHT;
 
 /// Most calls running at once on the blocking pool, all volumes together. Few: each
@@ -359,8 +362,20 @@ impl Pool {
             if ticket.class == Class::Durable && ticket.key != 0 {
                 s.gate.begin(ticket.key, ticket.weight);
             }
-            s.fair
-                .push(ticket.key, ticket.weight, ticket.cost, (ticket.class, job));
+            // Unstable WRITEs in the lane the gate's holds may pass: a held one does
+            // not keep its volume's READs, GETATTRs and COMMITs behind it waiting.
+            let lane = if ticket.class == Class::Bulk {
+                SKIP
+            } else {
+                MAIN
+            };
+            s.fair.push_in(
+                ticket.key,
+                ticket.weight,
+                ticket.cost,
+                lane,
+                (ticket.class, job),
+            );
             let start = s.wants_worker(Instant::now());
             s.workers += usize::from(start);
             start
@@ -720,6 +735,56 @@ mod gate_tests {
     fn holds(g: &mut Gate, key: u32, now: Instant) -> bool {
         g.tick(now);
         g.holds(key)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_held_write_does_not_keep_its_volumes_reads_waiting() {
+        let pool = Arc::new(Pool::default());
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (started, syncing) = tokio::sync::oneshot::channel();
+        pool.submit(
+            ticket(1, Class::Durable),
+            Box::new(move || {
+                let _ = started.send(());
+                let _ = held.recv_timeout(Duration::from_secs(5));
+            }),
+        );
+        syncing.await.expect("the durable call runs");
+        // Volume 2 runs one write (its held depth) and queues a second behind it.
+        let (release_write, writing) = std::sync::mpsc::channel::<()>();
+        let (write_started, write_running) = tokio::sync::oneshot::channel();
+        pool.submit(
+            ticket(2, Class::Bulk),
+            Box::new(move || {
+                let _ = write_started.send(());
+                let _ = writing.recv_timeout(Duration::from_secs(5));
+            }),
+        );
+        write_running.await.expect("the first write runs");
+        let second = Arc::new(AtomicUsize::new(0));
+        let second_ran = second.clone();
+        pool.submit(
+            ticket(2, Class::Bulk),
+            Box::new(move || {
+                second_ran.fetch_add(1, Ordering::SeqCst);
+            }),
+        );
+        // Its READ, queued behind the held write, runs anyway.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        pool.submit(
+            ticket(2, Class::Other),
+            Box::new(move || {
+                let _ = tx.send(());
+            }),
+        );
+        let read = tokio::time::timeout(Duration::from_millis(500), rx).await;
+        assert_eq!(second.load(Ordering::SeqCst), 0, "the second write is held");
+        let _ = release_write.send(());
+        let _ = release.send(());
+        assert!(read.is_ok(), "the read waited behind a held write");
+        while pool.queued() > 0 || second.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     fn ticket(key: u32, class: Class) -> Ticket {
