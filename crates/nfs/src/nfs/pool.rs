@@ -664,7 +664,7 @@ mod gate_tests {
                 .wrapping_add(1442695040888963407);
             let key = (x >> 33) as usize % 8;
             let now = t0 + Duration::from_micros(step * 5);
-            if (x >> 40) % 2 == 0 && running[key] < 3 {
+            if (x >> 40) & 1 == 0 && running[key] < 3 {
                 g.begin(key as u32, 100);
                 g.start(key as u32, now);
                 running[key] += 1;
