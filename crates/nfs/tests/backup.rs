@@ -430,3 +430,38 @@ async fn a_manifest_that_hard_links_a_file_outside_the_set_is_refused_by_a_resto
     assert!(e.to_string().contains("which it did not make"), "{e}");
     assert!(store.get(&name("evil")).expect("get").is_none());
 }
+
+#[tokio::test]
+async fn a_backup_never_removes_a_directory_under_the_target_that_is_not_a_set() {
+    let s = Setup::new().await;
+    let vol = s.target.path().join("db0");
+    let theirs = vol.join("tenant-data");
+    std::fs::create_dir_all(&theirs).expect("mkdir");
+    std::fs::write(theirs.join("keep-me"), b"not a backup").expect("write");
+    let partial = vol.join("20300101T000000.000Z.partial");
+    std::fs::create_dir_all(partial.join(DATA)).expect("mkdir");
+    s.backup(&same_device()).expect("backup");
+    assert_eq!(
+        std::fs::read(theirs.join("keep-me")).expect("still there"),
+        b"not a backup"
+    );
+    assert!(!partial.exists(), "an unfinished set is still removed");
+}
+
+#[tokio::test]
+async fn a_target_inside_the_volume_store_is_refused_even_when_same_device_is_allowed() {
+    let s = Setup::new().await;
+    let store = s.served.exports.store();
+    let before = snapshot(&s.src());
+    // `<to>/db0` would be the live volume itself.
+    let volumes = s.src().parent().expect("volumes dir").to_owned();
+    for to in [volumes.clone(), store.root().to_owned(), volumes.join("db0/db")] {
+        let e = s
+            .served
+            .exports
+            .backup_volume(&name("db0"), &to, &same_device())
+            .expect_err("inside the store");
+        assert!(e.to_string().contains("inside the volume store"), "{e}");
+    }
+    assert_eq!(before, snapshot(&s.src()), "the volume changed");
+}

@@ -14,9 +14,12 @@
 //! <volume>/<set-id>.partial/        a set being written
 //! ```
 //! A set id is the UTC time of its instant (`20261207T011500.123Z`), so ids sort in
-//! time order. A directory is a set only when its name has no `.partial` suffix and
-//! it holds `COMPLETE`: listing and restore ignore anything else, and the next backup
-//! of the volume removes it. A set is built in `<set-id>.partial`, made durable
+//! time order. A directory is a set only when its name is a set id (no `.partial`
+//! suffix) and it holds `COMPLETE`: listing and restore ignore anything else, and the
+//! next backup of the volume removes a set-id or `<set-id>.partial` directory without
+//! `COMPLETE`. Any other name under `<volume>/` is not ours and is left alone. A
+//! target inside the volume store (or holding it under `<volume>/`) is refused, even
+//! with `allow_same_device`: `<target>/<volume>` could be a live volume. A set is built in `<set-id>.partial`, made durable
 //! (`syncfs` of the target), `COMPLETE` written and synced last, then renamed into
 //! place: nothing half-made is ever a set.
 //!
@@ -169,7 +172,9 @@ pub fn list_sets(target: &Path, volume: &VolumeName) -> Result<Vec<SetInfo>> {
         let Some(id) = e.file_name().to_str().map(str::to_owned) else {
             continue;
         };
-        if id.starts_with('.') || !e.path().is_dir() {
+        // Only names this module makes: anything else under the target is someone
+        // else's, never listed, so never removed as an unfinished set.
+        if !is_set_id(id.strip_suffix(PARTIAL).unwrap_or(&id)) || !e.path().is_dir() {
             continue;
         }
         let summary = if id.ends_with(PARTIAL) {
@@ -274,6 +279,18 @@ pub fn set_id(ms: u64) -> String {
         rem % 60,
         ms % 1000
     )
+}
+
+/// Whether `name` has the shape of [`set_id`]'s ids (`YYYYMMDDTHHMMSS.mmmZ`).
+pub fn is_set_id(name: &str) -> bool {
+    let b = name.as_bytes();
+    b.len() == 20
+        && b.iter().enumerate().all(|(i, &c)| match i {
+            8 => c == b'T',
+            15 => c == b'.',
+            19 => c == b'Z',
+            _ => c.is_ascii_digit(),
+        })
 }
 
 /// Reads `sha256sum`-style lines (as the copy engine writes its manifest) into path →
@@ -391,6 +408,10 @@ mod tests {
         assert_eq!(set_id(0), "19700101T000000.000Z");
         assert_eq!(set_id(1_798_594_215_123), "20261230T013015.123Z");
         assert!(set_id(1_000) < set_id(86_400_000));
+        assert!(is_set_id(&set_id(1_798_594_215_123)));
+        for not in ["db", "20261230T013015.123", "20261230X013015.123Z", ".lock", ""] {
+            assert!(!is_set_id(not), "{not}");
+        }
     }
 
     #[test]

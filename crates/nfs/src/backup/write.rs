@@ -96,11 +96,24 @@ impl Exports {
             target: target.to_owned(),
             why,
         };
+        // Resolved once: the checks below and every write use the same directory.
+        let target = &fs::canonicalize(target)
+            .map_err(|e| fail(target_error("reach the target", &e)))?;
         let t = fs::metadata(target).map_err(|e| fail(target_error("reach the target", &e)))?;
         if !t.is_dir() {
             return Err(fail("the target is not a directory".into()));
         }
-        let store_dev = fs::metadata(self.store().root())
+        let root = fs::canonicalize(self.store().root())
+            .map_err(|e| fail(format!("resolve the volume store: {e}")))?;
+        // Not even with `allow_same_device`: `<target>/<volume>` could be a live
+        // volume, and a backup removes unfinished sets under it.
+        if target.starts_with(&root) || root.starts_with(target.join(volume.as_str())) {
+            return Err(fail(format!(
+                "the target is inside the volume store {} (or holds it), where it could write into live volumes; back up to a directory outside it",
+                root.display()
+            )));
+        }
+        let store_dev = fs::metadata(&root)
             .map_err(|e| fail(format!("stat the volume store: {e}")))?
             .dev();
         if t.dev() == store_dev && !opts.allow_same_device {
