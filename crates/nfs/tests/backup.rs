@@ -455,7 +455,11 @@ async fn a_target_inside_the_volume_store_is_refused_even_when_same_device_is_al
     let before = snapshot(&s.src());
     // `<to>/db0` would be the live volume itself.
     let volumes = s.src().parent().expect("volumes dir").to_owned();
-    for to in [volumes.clone(), store.root().to_owned(), volumes.join("db0/db")] {
+    for to in [
+        volumes.clone(),
+        store.root().to_owned(),
+        volumes.join("db0/db"),
+    ] {
         let e = s
             .served
             .exports
@@ -464,4 +468,119 @@ async fn a_target_inside_the_volume_store_is_refused_even_when_same_device_is_al
         assert!(e.to_string().contains("inside the volume store"), "{e}");
     }
     assert_eq!(before, snapshot(&s.src()), "the volume changed");
+}
+
+/// Rewrites `set`'s manifest with `f`.
+fn forge(set: &Path, f: impl FnOnce(&mut backup::Manifest)) {
+    let path = set.join("manifest.json");
+    let mut m: backup::Manifest =
+        serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("manifest");
+    f(&mut m);
+    std::fs::write(&path, serde_json::to_vec(&m).expect("encode")).expect("forge");
+}
+
+/// Runs a restore on a thread, failing the test if it has not ended within `secs`.
+fn restore_within(
+    s: &Setup,
+    set: &Path,
+    to: &str,
+    size: Option<u64>,
+    secs: u64,
+) -> Result<(), Error> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let root = s.served.exports.store().root().to_owned();
+    let set = set.to_owned();
+    let to = name(to);
+    std::thread::spawn(move || {
+        let store = localnfs_nfs::volume::VolumeStore::open(&root).expect("store");
+        let _ = tx.send(backup::restore_set(&store, &set, &to, size).map(|_| ()));
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(secs))
+        .expect("the restore hung")
+}
+
+#[tokio::test]
+async fn a_fifo_in_a_set_where_a_file_belongs_fails_the_restore_instead_of_hanging_it() {
+    let s = Setup::new().await;
+    let r = s.backup(&same_device()).expect("backup");
+    let planted = r.path.join(DATA).join("db/sub/t1.ibd");
+    std::fs::remove_file(&planted).expect("remove");
+    let c = std::ffi::CString::new(planted.as_os_str().as_encoded_bytes()).expect("path");
+    // SAFETY: a NUL-terminated path valid for the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    let e = restore_within(&s, &r.path, "evil", None, 20).expect_err("a FIFO");
+    assert!(e.to_string().contains("not a regular file"), "{e}");
+    assert!(
+        s.served
+            .exports
+            .store()
+            .get(&name("evil"))
+            .expect("get")
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn a_set_file_bigger_than_its_manifest_entry_fails_without_reading_it_or_naming_its_hash() {
+    let s = Setup::new().await;
+    let r = s.backup(&same_device()).expect("backup");
+    let victim = r.path.join(DATA).join("db/ibdata1");
+    std::fs::remove_file(&victim).expect("remove");
+    // Sparse: reading it to the end would copy 256 MiB of zeros into the store.
+    std::fs::File::create(&victim)
+        .and_then(|f| f.set_len(256 << 20))
+        .expect("sparse file");
+    let e = restore_within(&s, &r.path, "big", None, 20).expect_err("too big");
+    let msg = e.to_string();
+    assert!(msg.contains("db/ibdata1 in the set is damaged"), "{msg}");
+    assert!(!msg.contains(&(256u64 << 20).to_string()), "{msg}");
+    assert!(
+        s.served
+            .exports
+            .store()
+            .get(&name("big"))
+            .expect("get")
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn a_symlinked_directory_planted_in_a_set_is_not_followed_by_a_restore() {
+    let s = Setup::new().await;
+    let r = s.backup(&same_device()).expect("backup");
+    // Outside the set, the very bytes the manifest expects, under a directory that
+    // the set's `db/sub` points to.
+    let outside = tempfile::tempdir().expect("outside");
+    std::fs::write(outside.path().join("t1.ibd"), b"table one").expect("write");
+    let sub = r.path.join(DATA).join("db/sub");
+    std::fs::remove_dir_all(&sub).expect("remove");
+    std::os::unix::fs::symlink(outside.path(), &sub).expect("plant");
+    let store = s.served.exports.store();
+    let e = backup::restore_set(store, &r.path, &name("evil"), None).expect_err("planted");
+    assert!(
+        e.to_string()
+            .contains("file db/sub/t1.ibd in the set is damaged"),
+        "{e}"
+    );
+    assert!(store.get(&name("evil")).expect("get").is_none());
+}
+
+#[tokio::test]
+async fn a_manifest_understating_its_bytes_or_objects_is_refused_before_the_restore_starts() {
+    let s = Setup::new().await;
+    let r = s.backup(&same_device()).expect("backup");
+    let store = s.served.exports.store();
+    forge(&r.path, |m| m.summary.bytes = 0);
+    let e = backup::restore_set(store, &r.path, &name("small"), Some(MIB)).expect_err("too big");
+    assert!(
+        e.to_string().contains("more than the new volume's size"),
+        "{e}"
+    );
+    forge(&r.path, |m| {
+        m.spec.max_files = Some(2);
+    });
+    let e = backup::restore_set(store, &r.path, &name("few"), None).expect_err("too many");
+    assert!(e.to_string().contains("more objects than"), "{e}");
+    assert!(store.get(&name("small")).expect("get").is_none());
+    assert!(store.get(&name("few")).expect("get").is_none());
 }

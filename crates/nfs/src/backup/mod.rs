@@ -42,9 +42,14 @@
 //! either rule keeps it. The newest complete set is never removed.
 //!
 //! **Restore** ([`restore_set`]): a complete set into a new volume, each file's sha256
-//! checked as it is written (a mismatch fails the restore, leaving nothing; a symlink
-//! planted in `data/` where a file belongs is not followed), committed like a copy
-//! (`VolumeStore::commit_copy`). Paths in a manifest that leave the volume are refused.
+//! checked as it is written (a mismatch fails the restore, leaving nothing), committed
+//! like a copy (`VolumeStore::commit_copy`). A set file is opened one name at a time
+//! beneath `data/` without following symlinks (a symlinked file or directory planted
+//! there is refused), must be a regular file of the manifest's size (checked before
+//! reading; never read past it), so a FIFO or a huge file cannot hang the restore or
+//! fill the node. The items' sizes and count, not the summary, are checked against the
+//! new volume's size and object limit before anything is written. Paths in a manifest
+//! that leave the volume are refused.
 
 mod metrics;
 mod restore;
@@ -409,7 +414,13 @@ mod tests {
         assert_eq!(set_id(1_798_594_215_123), "20261230T013015.123Z");
         assert!(set_id(1_000) < set_id(86_400_000));
         assert!(is_set_id(&set_id(1_798_594_215_123)));
-        for not in ["db", "20261230T013015.123", "20261230X013015.123Z", ".lock", ""] {
+        for not in [
+            "db",
+            "20261230T013015.123",
+            "20261230X013015.123Z",
+            ".lock",
+            "",
+        ] {
             assert!(!is_set_id(not), "{not}");
         }
     }

@@ -97,8 +97,8 @@ impl Exports {
             why,
         };
         // Resolved once: the checks below and every write use the same directory.
-        let target = &fs::canonicalize(target)
-            .map_err(|e| fail(target_error("reach the target", &e)))?;
+        let target =
+            &fs::canonicalize(target).map_err(|e| fail(target_error("reach the target", &e)))?;
         let t = fs::metadata(target).map_err(|e| fail(target_error("reach the target", &e)))?;
         if !t.is_dir() {
             return Err(fail("the target is not a directory".into()));
