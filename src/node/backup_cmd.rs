@@ -149,7 +149,11 @@ pub fn list(to: &Path, volume: Option<VolumeName>) -> Result<()> {
 /// `localnfs volume restore`: the set into a new volume of the store at `root`.
 pub fn restore(root: &Path, r: RestoreVolume) -> Result<()> {
     let store = VolumeStore::open(root)?;
-    let (meta, report) = backup::restore_set(&store, &r.from, &r.name, r.size)?;
+    let opts = backup::RestoreOptions {
+        size: r.size,
+        device_nodes: r.allow_device_nodes,
+    };
+    let (meta, report) = backup::restore_set_with(&store, &r.from, &r.name, &opts)?;
     println!(
         "volume {} (id {}) restored from {}: {} bytes in {} files, size {} bytes, took {:.1} ms",
         meta.name,

@@ -584,3 +584,28 @@ async fn a_manifest_understating_its_bytes_or_objects_is_refused_before_the_rest
     assert!(store.get(&name("small")).expect("get").is_none());
     assert!(store.get(&name("few")).expect("get").is_none());
 }
+
+#[tokio::test]
+async fn a_restore_refuses_device_nodes_unless_the_store_allows_them() {
+    let s = Setup::new().await;
+    let r = s.backup(&same_device()).expect("backup");
+    forge(&r.path, |m| {
+        let mut dev = m
+            .items
+            .iter()
+            .find(|i| i.path == "notes")
+            .expect("item")
+            .clone();
+        dev.path = "mem".into();
+        dev.kind = backup::Kind::Char;
+        dev.sha256 = None;
+        dev.size = 0;
+        dev.rdev = libc::makedev(1, 1);
+        m.items.push(dev);
+    });
+    let store = s.served.exports.store();
+    let e = backup::restore_set(store, &r.path, &name("dev"), None).expect_err("device");
+    assert!(e.to_string().contains("device node"), "{e}");
+    assert!(store.get(&name("dev")).expect("get").is_none());
+    assert!(!store.data_dir(&name("dev")).exists());
+}

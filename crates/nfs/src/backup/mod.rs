@@ -49,7 +49,10 @@
 //! reading; never read past it), so a FIFO or a huge file cannot hang the restore or
 //! fill the node. The items' sizes and count, not the summary, are checked against the
 //! new volume's size and object limit before anything is written. Paths in a manifest
-//! that leave the volume are refused.
+//! that leave the volume are refused. Character and block devices are refused unless
+//! the store allows device nodes ([`RestoreOptions::device_nodes`]); owners, modes
+//! (setuid and setgid bits included) come from the manifest as recorded, so whoever
+//! can write the target can choose them.
 
 mod metrics;
 mod restore;
@@ -65,7 +68,7 @@ use crate::error::{Error, Result};
 use crate::volume::{VolumeName, VolumeSpec};
 
 pub use metrics::BackupCollector;
-pub use restore::{RestoreReport, restore_set};
+pub use restore::{RestoreOptions, RestoreReport, restore_set, restore_set_with};
 pub use write::{BackupOptions, BackupReport};
 
 /// The marker that makes a set directory a set; written last.

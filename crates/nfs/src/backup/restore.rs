@@ -3,7 +3,8 @@
 //! without following symlinks, a regular file of the manifest's size, never read past
 //! it), the items' total size and count checked first, attributes from the manifest,
 //! committed by `VolumeStore::commit_copy` (nothing exists until then; any failure
-//! removes the staging directory).
+//! removes the staging directory). Character and block devices only when the store
+//! allows device nodes (`RestoreOptions::device_nodes`), as for the server's MKNOD.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
@@ -27,14 +28,45 @@ pub struct RestoreReport {
     pub took: Duration,
 }
 
+/// How a restore runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RestoreOptions {
+    /// The new volume's size limit; `None`: the backed-up volume's.
+    pub size: Option<u64>,
+    /// Make the set's character and block device nodes (the store's
+    /// `--allow-device-nodes`, as the server's MKNOD); off: a set holding one is
+    /// refused.
+    pub device_nodes: bool,
+}
+
 /// Restores the complete set at `set` into new volume `name` of `store` (size:
-/// `size`, else the backed-up volume's). Refused if `name` exists. Blocking.
+/// `size`, else the backed-up volume's), refusing device nodes. Refused if `name`
+/// exists. Blocking.
 pub fn restore_set(
     store: &VolumeStore,
     set: &Path,
     name: &VolumeName,
     size: Option<u64>,
 ) -> Result<(VolumeMeta, RestoreReport)> {
+    restore_set_with(
+        store,
+        set,
+        name,
+        &RestoreOptions {
+            size,
+            device_nodes: false,
+        },
+    )
+}
+
+/// [`restore_set`] with `opts`.
+pub fn restore_set_with(
+    store: &VolumeStore,
+    set: &Path,
+    name: &VolumeName,
+    opts: &RestoreOptions,
+) -> Result<(VolumeMeta, RestoreReport)> {
+    let size = opts.size;
     let started = Instant::now();
     let fail = |why: String| Error::RestoreFailed {
         set: set.to_owned(),
@@ -50,6 +82,19 @@ pub fn restore_set(
         size_bytes: size.unwrap_or(manifest.spec.size_bytes),
         ..manifest.spec.clone()
     };
+    // The same policy as the server's MKNOD: a device node in a volume reaches the
+    // node's hardware from any pod that mounts it without `nodev`.
+    if !opts.device_nodes
+        && let Some(dev) = manifest
+            .items
+            .iter()
+            .find(|i| matches!(i.kind, Kind::Char | Kind::Block))
+    {
+        return Err(fail(format!(
+            "the set holds device node {}, and this store does not allow device nodes (pass --allow-device-nodes to restore them)",
+            dev.path
+        )));
+    }
     // From the items, not the summary: a forged summary must not let a set past the
     // volume's limits. Each inode once (a hard link adds no data).
     let bytes: u64 = manifest
