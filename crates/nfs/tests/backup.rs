@@ -609,3 +609,39 @@ async fn a_restore_refuses_device_nodes_unless_the_store_allows_them() {
     assert!(store.get(&name("dev")).expect("get").is_none());
     assert!(!store.data_dir(&name("dev")).exists());
 }
+
+#[tokio::test]
+async fn a_backup_whose_snapshot_would_take_space_promised_to_other_volumes_is_refused() {
+    let served = Served::start(&[("db0", 64 * MIB), ("huge", 1 << 60)]).await;
+    fill(&served.exports.store().data_dir(&name("db0")));
+    // What the agent does every few seconds: the files above were written directly.
+    served.exports.recount_usage();
+    let target = tempfile::tempdir().expect("target");
+    let e = served
+        .exports
+        .backup_volume(&name("db0"), target.path(), &same_device())
+        .expect_err("no room");
+    assert!(e.to_string().contains("promised to volumes"), "{e}");
+    let staging = served.exports.store().root().join("staging");
+    let snap: Vec<_> = std::fs::read_dir(&staging)
+        .map(|d| d.flatten().collect())
+        .unwrap_or_default();
+    assert!(snap.is_empty(), "a snapshot was taken: {snap:?}");
+}
+
+#[tokio::test]
+async fn a_full_target_is_found_before_the_snapshot_is_taken() {
+    let s = Setup::new().await;
+    let disk = SmallDisk::mount("64k");
+    let _ = std::fs::write(disk.0.path().join("filler"), vec![1u8; 1 << 20]);
+    let e = s
+        .served
+        .exports
+        .backup_volume(&name("db0"), disk.0.path(), &BackupOptions::default())
+        .expect_err("target full");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("the backup target is full (probe the target"),
+        "{msg}"
+    );
+}

@@ -26,7 +26,10 @@
 //! The copy is the point-in-time engine's (`Exports::snapshot_volume`): the source's
 //! clients see only the snapshot pause. The snapshot is built in the store's staging
 //! directory (reflinked where the file system can, else copied: it needs room on the
-//! node's disk for what is not shared) and removed once the set is written.
+//! node's disk for what is not shared) and removed once the set is written. Before it
+//! is taken, the target is probed (a small file created, synced, removed) and the
+//! node's free space less what the volumes are promised must cover the source's used
+//! bytes, so neither a dead target nor the snapshot eats space other volumes own.
 //!
 //! **Incremental**: a set after the first copies only the regular files whose size or
 //! sha256 differ from the newest complete set's entry for the same path (the engine

@@ -1,4 +1,6 @@
-//! Writing a set: snapshot the volume, lay the snapshot out as a set beside the
+//! Writing a set: check the target (outside the store, writable: a small file is
+//! created, synced and removed) and the node's room for the snapshot (free space less
+//! what volumes are promised must cover the source's used bytes), snapshot the volume, lay the snapshot out as a set beside the
 //! previous one (linking what did not change), make it durable, mark it complete, and
 //! apply retention (see the module docs of `backup`).
 
@@ -136,6 +138,9 @@ impl Exports {
             .ok_or_else(|| {
                 fail("another backup of this volume to this target is running".into())
             })?;
+        probe(&vol_dir).map_err(|e| fail(target_error("probe the target", &e)))?;
+        self.room_for_snapshot(v.used.load(std::sync::atomic::Ordering::Acquire))
+            .map_err(fail)?;
         let sets = list_sets(target, volume).map_err(|e| fail(e.to_string()))?;
         for s in sets.iter().filter(|s| s.summary.is_none()) {
             tracing::warn!(path = %s.path.display(), "removing an unfinished backup set");
@@ -246,6 +251,51 @@ impl Exports {
         );
         Ok(report)
     }
+}
+
+impl Exports {
+    /// Whether the node's disk has room for a snapshot of a volume using `used` bytes
+    /// without taking what the volumes are promised: free space less every volume's
+    /// unused size (as the agent reports free bytes) must cover `used`. Conservative where the
+    /// snapshot reflinks (it then shares the source's blocks).
+    fn room_for_snapshot(&self, used: u64) -> Result<(), String> {
+        let root = std::ffi::CString::new(self.store().root().as_os_str().as_bytes())
+            .map_err(|_| "the volume store's path has a NUL".to_owned())?;
+        // SAFETY: all-zero is a valid `statvfs` (plain integers).
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: a NUL-terminated path and a struct to fill, valid for the call.
+        if unsafe { libc::statvfs(root.as_ptr(), &mut st) } != 0 {
+            return Err(format!(
+                "stat the volume store's file system: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        let disk = (st.f_bavail as u64).saturating_mul(st.f_frsize as u64);
+        let promised: u64 = self.all().iter().map(|v| v.free()).sum();
+        let room = disk.saturating_sub(promised);
+        if used > room {
+            return Err(format!(
+                "no room on the node for the snapshot: it needs up to {used} bytes, and the disk's {disk} free bytes less {promised} bytes promised to volumes leave {room}"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Creates, syncs and removes a small file in `dir`, so a full or unreachable target
+/// fails the backup before the snapshot is taken.
+fn probe(dir: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let path = dir.join(".probe");
+    let _ = fs::remove_file(&path);
+    let r = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| f.write_all(&[0u8; 4096]).and_then(|()| f.sync_all()));
+    let removed = fs::remove_file(&path);
+    r.and(removed)
 }
 
 /// Writes the manifest, makes the set durable, writes `COMPLETE` last, renames the
