@@ -50,6 +50,9 @@ struct BackupAnswer {
     pause_ms: f64,
     took_ms: f64,
     pruned: Vec<String>,
+    /// What went wrong after the set was complete (retention).
+    #[serde(default)]
+    warnings: Vec<String>,
 }
 
 fn requests_dir(root: &Path) -> std::path::PathBuf {
@@ -114,6 +117,9 @@ pub fn backup(root: &Path, b: BackupVolume) -> Result<()> {
     );
     for id in a.pruned {
         println!("removed expired set {id}");
+    }
+    for w in a.warnings {
+        eprintln!("warning: {w}");
     }
     Ok(())
 }
@@ -218,6 +224,7 @@ fn run_backup(exports: &Exports, req: &BackupRequest) -> BackupAnswer {
             pause_ms: r.pause.as_secs_f64() * 1e3,
             took_ms: r.took.as_secs_f64() * 1e3,
             pruned: r.pruned,
+            warnings: r.warnings,
         },
         Err(e) => {
             tracing::warn!(error = %e, "backup requested by `localnfs volume backup` failed");

@@ -645,3 +645,65 @@ async fn a_full_target_is_found_before_the_snapshot_is_taken() {
         "{msg}"
     );
 }
+
+#[tokio::test]
+async fn a_set_from_before_a_clock_step_back_does_not_make_retention_prune_the_new_one() {
+    let s = Setup::new().await;
+    let first = s.backup(&same_device()).expect("backup");
+    // A set stamped in the future, as a node whose clock was ahead left it.
+    let future = s.target.path().join("db0/20991231T000000.000Z");
+    let ok = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&first.path)
+        .arg(&future)
+        .status()
+        .expect("cp");
+    assert!(ok.success());
+    let r = s
+        .backup(&BackupOptions {
+            keep: Some(1),
+            ..same_device()
+        })
+        .expect("backup");
+    assert!(
+        r.path.join(COMPLETE).exists(),
+        "the set just written was pruned"
+    );
+    assert!(s.complete_sets().contains(&r.id));
+}
+
+#[tokio::test]
+async fn a_retention_failure_after_a_complete_set_is_a_warning_not_a_failed_backup() {
+    let s = Setup::new().await;
+    let first = s.backup(&same_device()).expect("backup");
+    // A mount inside the old set: removing it fails with EBUSY.
+    let busy = SmallDisk::mount("1m");
+    let inside = first.path.join(DATA).join("db");
+    let ok = std::process::Command::new("mount")
+        .args(["--bind"])
+        .arg(busy.0.path())
+        .arg(&inside)
+        .status()
+        .expect("mount");
+    assert!(ok.success());
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(inside);
+    std::fs::write(s.src().join("notes"), b"changed").expect("change");
+    let r = s
+        .backup(&BackupOptions {
+            keep: Some(1),
+            ..same_device()
+        })
+        .expect("the set is complete; pruning is not the backup");
+    assert!(r.path.join(COMPLETE).exists());
+    assert!(
+        r.warnings.iter().any(|w| w.contains("remove expired set")),
+        "{:?}",
+        r.warnings
+    );
+}

@@ -42,7 +42,10 @@
 //!
 //! **Retention** ([`prune_plan`]): after a backup, complete sets may be removed by
 //! count (`keep`: the newest N) and by age (`max_age`); with both, a set is kept when
-//! either rule keeps it. The newest complete set is never removed.
+//! either rule keeps it. The newest complete set is never removed, nor the set just
+//! written (after a clock step back it may not be the newest by id). Failing to remove
+//! an expired set does not fail the backup: the set just written is complete, and the
+//! failure is a warning in [`BackupReport::warnings`].
 //!
 //! **Restore** ([`restore_set`]): a complete set into a new volume, each file's sha256
 //! checked as it is written (a mismatch fails the restore, leaving nothing), committed
@@ -243,12 +246,14 @@ pub fn read_manifest(set: &Path) -> Result<Manifest> {
 /// The set ids (oldest first, complete sets only, with their instants in ms) that
 /// retention removes: outside the newest `keep` when `keep` is given, and older than
 /// `max_age` at `now_ms` when it is given; a set either rule keeps stays; the newest
-/// set always stays; no rule, nothing removed.
+/// set always stays, and so does set `written` (the one just written: after the clock
+/// stepped back it is not the newest by id); no rule, nothing removed.
 pub fn prune_plan(
     sets: &[(String, u64)],
     keep: Option<usize>,
     max_age: Option<Duration>,
     now_ms: u64,
+    written: &str,
 ) -> Vec<String> {
     if keep.is_none() && max_age.is_none() {
         return Vec::new();
@@ -263,6 +268,7 @@ pub fn prune_plan(
                 max_age.is_some_and(|d| now_ms.saturating_sub(*created) <= d.as_millis() as u64);
             !newest && !kept_by_count && !kept_by_age
         })
+        .filter(|(_, (id, _))| id != written)
         .map(|(_, (id, _))| id.clone())
         .collect()
 }
@@ -373,13 +379,13 @@ mod tests {
 
     #[test]
     fn no_rule_prunes_nothing() {
-        assert!(prune_plan(&sets(&[50, 40, 1]), None, None, NOW).is_empty());
+        assert!(prune_plan(&sets(&[50, 40, 1]), None, None, NOW, "").is_empty());
     }
 
     #[test]
     fn keep_count_prunes_the_oldest_beyond_it() {
         assert_eq!(
-            prune_plan(&sets(&[50, 40, 30, 1]), Some(2), None, NOW),
+            prune_plan(&sets(&[50, 40, 30, 1]), Some(2), None, NOW, ""),
             vec!["s050", "s040"]
         );
     }
@@ -387,7 +393,7 @@ mod tests {
     #[test]
     fn max_age_prunes_older_sets() {
         assert_eq!(
-            prune_plan(&sets(&[50, 40, 3, 1]), None, Some(10 * HOUR), NOW),
+            prune_plan(&sets(&[50, 40, 3, 1]), None, Some(10 * HOUR), NOW, ""),
             vec!["s050", "s040"]
         );
     }
@@ -395,8 +401,17 @@ mod tests {
     #[test]
     fn the_newest_set_is_never_pruned_even_when_old() {
         assert_eq!(
-            prune_plan(&sets(&[50, 40]), Some(0), Some(HOUR), NOW),
+            prune_plan(&sets(&[50, 40]), Some(0), Some(HOUR), NOW, ""),
             vec!["s050"]
+        );
+    }
+
+    #[test]
+    fn the_set_just_written_is_never_pruned_even_when_a_newer_id_exists() {
+        // The clock stepped back: the set just written (s050) sorts before s001.
+        assert_eq!(
+            prune_plan(&sets(&[40, 50, 1]), Some(1), None, NOW, "s050"),
+            vec!["s040"]
         );
     }
 
@@ -404,12 +419,12 @@ mod tests {
     fn with_both_rules_a_set_either_keeps_stays() {
         // keep 1 keeps s001; 10 h keeps s003; s050 and s040 go.
         assert_eq!(
-            prune_plan(&sets(&[50, 40, 3, 1]), Some(1), Some(10 * HOUR), NOW),
+            prune_plan(&sets(&[50, 40, 3, 1]), Some(1), Some(10 * HOUR), NOW, ""),
             vec!["s050", "s040"]
         );
         // keep 3 keeps s040 too, though it is old.
         assert_eq!(
-            prune_plan(&sets(&[50, 40, 3, 1]), Some(3), Some(10 * HOUR), NOW),
+            prune_plan(&sets(&[50, 40, 3, 1]), Some(3), Some(10 * HOUR), NOW, ""),
             vec!["s050"]
         );
     }

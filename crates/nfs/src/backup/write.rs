@@ -43,6 +43,9 @@ pub struct BackupReport {
     pub took: Duration,
     /// Sets retention removed.
     pub pruned: Vec<String>,
+    /// What went wrong after the set was complete (retention), which does not fail
+    /// the backup.
+    pub warnings: Vec<String>,
 }
 
 /// Walks a snapshot into a set.
@@ -230,7 +233,8 @@ impl Exports {
             }
             return Err(fail(why));
         }
-        let pruned = prune(target, volume, opts).map_err(fail)?;
+        // The set is complete: retention failing does not undo that.
+        let (pruned, warnings) = prune(target, volume, opts, &id);
         let report = BackupReport {
             path: vol_dir.join(&id),
             id,
@@ -238,6 +242,7 @@ impl Exports {
             pause: snap.pause,
             took: started.elapsed(),
             pruned,
+            warnings,
         };
         tracing::info!(
             volume = %volume,
@@ -334,21 +339,42 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), String> {
         .map_err(|e| target_error("write the set's manifest", &e))
 }
 
-/// Applies retention to `volume`'s complete sets; returns the ids removed.
-fn prune(target: &Path, volume: &VolumeName, opts: &BackupOptions) -> Result<Vec<String>, String> {
-    let sets = list_sets(target, volume).map_err(|e| e.to_string())?;
+/// Applies retention to `volume`'s complete sets, never removing `written`; returns
+/// the ids removed and, for what could not be done, warnings.
+fn prune(
+    target: &Path,
+    volume: &VolumeName,
+    opts: &BackupOptions,
+    written: &str,
+) -> (Vec<String>, Vec<String>) {
+    let mut warnings = Vec::new();
+    let sets = match list_sets(target, volume) {
+        Ok(s) => s,
+        Err(e) => {
+            warnings.push(format!("retention skipped: {e}"));
+            return (Vec::new(), warnings);
+        }
+    };
     let complete: Vec<(String, u64)> = sets
         .iter()
         .filter_map(|s| s.summary.as_ref().map(|m| (s.id.clone(), m.created_ms)))
         .collect();
-    let plan = prune_plan(&complete, opts.keep, opts.max_age, now_ms());
-    for id in &plan {
-        let path = target.join(volume.as_str()).join(id);
+    let plan = prune_plan(&complete, opts.keep, opts.max_age, now_ms(), written);
+    let mut pruned = Vec::new();
+    for id in plan {
+        let path = target.join(volume.as_str()).join(&id);
         // The marker goes first: a half-removed set is no longer a set.
         let _ = fs::remove_file(path.join(COMPLETE));
-        fs::remove_dir_all(&path).map_err(|e| target_error("remove an expired set", &e))?;
+        match fs::remove_dir_all(&path) {
+            Ok(()) => pruned.push(id),
+            Err(e) => {
+                let w = target_error(&format!("remove expired set {id}"), &e);
+                tracing::warn!(warning = %w, "retention could not remove a set");
+                warnings.push(w);
+            }
+        }
     }
-    Ok(plan)
+    (pruned, warnings)
 }
 
 /// Takes the lock file at `path` without waiting: `None` if another process holds it.
