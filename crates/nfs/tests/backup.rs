@@ -707,3 +707,27 @@ async fn a_retention_failure_after_a_complete_set_is_a_warning_not_a_failed_back
         r.warnings
     );
 }
+
+#[tokio::test]
+async fn a_tampered_file_in_the_previous_set_is_copied_afresh_not_linked_into_the_next() {
+    let s = Setup::new().await;
+    let first = s.backup(&same_device()).expect("first backup");
+    let data = first.path.join(DATA);
+    // A symlink where a file was, to the very bytes the manifest expects…
+    let outside = tempfile::NamedTempFile::new().expect("outside file");
+    std::fs::write(outside.path(), b"table one").expect("write");
+    std::fs::remove_file(data.join("db/sub/t1.ibd")).expect("remove");
+    std::os::unix::fs::symlink(outside.path(), data.join("db/sub/t1.ibd")).expect("plant");
+    // …and a file cut short.
+    std::fs::File::options()
+        .write(true)
+        .open(data.join("db/ibdata1"))
+        .and_then(|f| f.set_len(MIB))
+        .expect("truncate");
+    let second = s.backup(&same_device()).expect("second backup");
+    assert_eq!(second.summary.bytes_linked, 5, "{second:?}");
+    let store = s.served.exports.store();
+    let before = snapshot(&s.src());
+    backup::restore_set(store, &second.path, &name("again"), None).expect("restore");
+    assert_eq!(before, snapshot(&store.data_dir(&name("again"))));
+}

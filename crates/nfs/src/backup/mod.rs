@@ -34,7 +34,8 @@
 //! **Incremental**: a set after the first copies only the regular files whose size or
 //! sha256 differ from the newest complete set's entry for the same path (the engine
 //! already checksummed every file); an unchanged file is hard-linked from that set, or
-//! copied when the target refuses links. So every set holds all its data, is
+//! copied when the target refuses links or that set's file is no longer what its
+//! manifest says (reached through a symlink, not a regular file, another size). So every set holds all its data, is
 //! restorable on its own, and deleting an old set never breaks a newer one. Files in
 //! `data/` are plain copies owned by the agent: the manifest, not `data/`, carries
 //! owners, modes and times (a file linked from an older set shares that set's inode).
@@ -342,6 +343,39 @@ pub(crate) fn parse_sha256sum(text: &[u8]) -> HashMap<Vec<u8>, String> {
         out.insert(path, hash);
     }
     out
+}
+
+/// Opens file `rel` beneath a set's data directory `from`, one component
+/// at a time with `O_NOFOLLOW`, so a symlink anywhere in the set (a file or a
+/// directory) is refused, not followed; `O_NONBLOCK` so a FIFO planted there does not
+/// hang the open.
+pub(crate) fn open_in_set(from: &std::fs::File, rel: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let names: Vec<_> = rel.components().map(|c| c.as_os_str()).collect();
+    let mut dir: Option<std::fs::File> = None;
+    for (i, name) in names.iter().enumerate() {
+        let last = i + 1 == names.len();
+        let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(*name))
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+        let flags = libc::O_RDONLY
+            | libc::O_NOFOLLOW
+            | libc::O_CLOEXEC
+            | if last {
+                libc::O_NONBLOCK
+            } else {
+                libc::O_DIRECTORY
+            };
+        let at = dir.as_ref().unwrap_or(from).as_raw_fd();
+        // SAFETY: a directory descriptor we hold and a NUL-terminated name, valid for
+        // the call.
+        let fd = unsafe { libc::openat(at, c.as_ptr(), flags) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a descriptor openat just returned, owned by nothing else.
+        dir = Some(unsafe { std::fs::File::from_raw_fd(fd) });
+    }
+    dir.ok_or_else(|| std::io::Error::from_raw_os_error(libc::EINVAL))
 }
 
 /// Why a write to or read from the target failed, in the words a user acts on.

@@ -122,7 +122,7 @@ pub fn restore_set_with(
     let mut written = Written::default();
     let r = (|| -> Result<(), String> {
         // Every file of the set is opened beneath this descriptor, one name at a
-        // time, never through a symlink (see `open_in_set`).
+        // time, never through a symlink (see `backup::open_in_set`).
         let from = fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
@@ -267,39 +267,6 @@ fn lay(from: &fs::File, dest: &Path, it: &Item, w: &mut Written) -> Result<(), S
     Ok(())
 }
 
-/// Opens regular file `rel` beneath the set's data directory `from`, one component
-/// at a time with `O_NOFOLLOW`, so a symlink anywhere in the set (a file or a
-/// directory) is refused, not followed; `O_NONBLOCK` so a FIFO planted there does not
-/// hang the open.
-fn open_in_set(from: &fs::File, rel: &Path) -> std::io::Result<fs::File> {
-    use std::os::fd::FromRawFd;
-    let names: Vec<_> = rel.components().map(|c| c.as_os_str()).collect();
-    let mut dir: Option<fs::File> = None;
-    for (i, name) in names.iter().enumerate() {
-        let last = i + 1 == names.len();
-        let c = CString::new(name.as_bytes())
-            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-        let flags = libc::O_RDONLY
-            | libc::O_NOFOLLOW
-            | libc::O_CLOEXEC
-            | if last {
-                libc::O_NONBLOCK
-            } else {
-                libc::O_DIRECTORY
-            };
-        let at = dir.as_ref().unwrap_or(from).as_raw_fd();
-        // SAFETY: a directory descriptor we hold and a NUL-terminated name, valid for
-        // the call.
-        let fd = unsafe { libc::openat(at, c.as_ptr(), flags) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: a descriptor openat just returned, owned by nothing else.
-        dir = Some(unsafe { fs::File::from_raw_fd(fd) });
-    }
-    dir.ok_or_else(|| std::io::Error::from_raw_os_error(libc::EINVAL))
-}
-
 /// Copies the set's file `rel` to a new file `dst`, checking it against `it`: a
 /// regular file of the manifest's size (checked before reading, and never read past
 /// it) with the manifest's sha256. Errors never show the set file's own size or hash:
@@ -307,7 +274,7 @@ fn open_in_set(from: &fs::File, rel: &Path) -> std::io::Result<fs::File> {
 fn copy_checked(from: &fs::File, rel: &Path, dst: &Path, it: &Item) -> Result<(), String> {
     use std::os::unix::fs::FileTypeExt;
     let damaged = |why: &str| format!("file {} in the set is damaged: {why}", it.path);
-    let input = open_in_set(from, rel).map_err(|e| match e.raw_os_error() {
+    let input = super::open_in_set(from, rel).map_err(|e| match e.raw_os_error() {
         Some(libc::ELOOP | libc::ENOTDIR) => damaged("a symlink in its path"),
         _ => damaged(&e.to_string()),
     })?;

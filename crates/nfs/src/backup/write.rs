@@ -453,13 +453,12 @@ impl SetWriter {
             Some(h) => h.clone(),
             None => return Err(format!("{path} has no checksum in the snapshot")),
         };
-        let unchanged = self.base.as_ref().and_then(|(data, files)| {
+        let unchanged = self.base.as_ref().is_some_and(|(_, files)| {
             files
                 .get(&path)
-                .filter(|b| b.size == md.len() && b.sha256.as_deref() == Some(&hash))
-                .map(|_| data.join(rel))
+                .is_some_and(|b| b.size == md.len() && b.sha256.as_deref() == Some(&hash))
         });
-        let linked = unchanged.is_some_and(|old| fs::hard_link(old, &dst).is_ok());
+        let linked = unchanged && self.link_from_base(rel, md.len(), &dst);
         if linked {
             self.summary.bytes_linked += md.len();
         } else {
@@ -474,6 +473,50 @@ impl SetWriter {
         self.inodes.insert(md.ino(), path);
         self.items.push(it);
         Ok(())
+    }
+
+    /// Hard-links the previous set's file `rel` to `dst` if it is still what that
+    /// set's manifest says: reached without symlinks, a regular file of `size` bytes.
+    /// The link is made from the descriptor checked, not the path, so a name swapped
+    /// in between is not linked. `false`: copy afresh (also when the target refuses
+    /// links).
+    fn link_from_base(&self, rel: &Path, size: u64, dst: &Path) -> bool {
+        let Some((data, _)) = &self.base else {
+            return false;
+        };
+        let checked = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+            .open(data)
+            .and_then(|d| super::open_in_set(&d, rel))
+            .and_then(|f| f.metadata().map(|md| (f, md)));
+        let f = match checked {
+            Ok((f, md)) if md.is_file() && md.len() == size => f,
+            Ok(_) => {
+                tracing::warn!(path = %rel.display(), "the previous set's file is not what its manifest says; copying it afresh");
+                return false;
+            }
+            Err(e) => {
+                tracing::warn!(path = %rel.display(), error = %e, "cannot open the previous set's file; copying it afresh");
+                return false;
+            }
+        };
+        let Ok(to) = std::ffi::CString::new(dst.as_os_str().as_bytes()) else {
+            return false;
+        };
+        let empty = c"";
+        // SAFETY: a descriptor we own, an empty and a NUL-terminated path, valid for
+        // the call. AT_EMPTY_PATH links the open file itself (the agent runs as root,
+        // which it needs).
+        unsafe {
+            libc::linkat(
+                f.as_raw_fd(),
+                empty.as_ptr(),
+                libc::AT_FDCWD,
+                to.as_ptr(),
+                libc::AT_EMPTY_PATH,
+            ) == 0
+        }
     }
 
     fn special(&mut self, rel: &Path, md: &fs::Metadata) -> Result<(), String> {
