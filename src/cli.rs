@@ -445,6 +445,10 @@ pub struct RestoreVolume {
     /// The new volume's size limit (default: the backed-up volume's).
     #[arg(long, value_parser = quantity_bytes)]
     pub size: Option<u64>,
+    /// Restore the set's character and block device nodes (as the agent's
+    /// `--allow-device-nodes`); off: a set holding one is refused.
+    #[arg(long, env = "LOCALNFS_ALLOW_DEVICE_NODES")]
+    pub allow_device_nodes: bool,
 }
 
 #[derive(Debug, Args)]

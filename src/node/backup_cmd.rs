@@ -50,6 +50,9 @@ struct BackupAnswer {
     pause_ms: f64,
     took_ms: f64,
     pruned: Vec<String>,
+    /// What went wrong after the set was complete (retention).
+    #[serde(default)]
+    warnings: Vec<String>,
 }
 
 fn requests_dir(root: &Path) -> std::path::PathBuf {
@@ -115,6 +118,9 @@ pub fn backup(root: &Path, b: BackupVolume) -> Result<()> {
     for id in a.pruned {
         println!("removed expired set {id}");
     }
+    for w in a.warnings {
+        eprintln!("warning: {w}");
+    }
     Ok(())
 }
 
@@ -149,7 +155,11 @@ pub fn list(to: &Path, volume: Option<VolumeName>) -> Result<()> {
 /// `localnfs volume restore`: the set into a new volume of the store at `root`.
 pub fn restore(root: &Path, r: RestoreVolume) -> Result<()> {
     let store = VolumeStore::open(root)?;
-    let (meta, report) = backup::restore_set(&store, &r.from, &r.name, r.size)?;
+    let opts = backup::RestoreOptions {
+        size: r.size,
+        device_nodes: r.allow_device_nodes,
+    };
+    let (meta, report) = backup::restore_set_with(&store, &r.from, &r.name, &opts)?;
     println!(
         "volume {} (id {}) restored from {}: {} bytes in {} files, size {} bytes, took {:.1} ms",
         meta.name,
@@ -214,6 +224,7 @@ fn run_backup(exports: &Exports, req: &BackupRequest) -> BackupAnswer {
             pause_ms: r.pause.as_secs_f64() * 1e3,
             took_ms: r.took.as_secs_f64() * 1e3,
             pruned: r.pruned,
+            warnings: r.warnings,
         },
         Err(e) => {
             tracing::warn!(error = %e, "backup requested by `localnfs volume backup` failed");

@@ -430,3 +430,304 @@ async fn a_manifest_that_hard_links_a_file_outside_the_set_is_refused_by_a_resto
     assert!(e.to_string().contains("which it did not make"), "{e}");
     assert!(store.get(&name("evil")).expect("get").is_none());
 }
+
+#[tokio::test]
+async fn a_backup_never_removes_a_directory_under_the_target_that_is_not_a_set() {
+    let s = Setup::new().await;
+    let vol = s.target.path().join("db0");
+    let theirs = vol.join("tenant-data");
+    std::fs::create_dir_all(&theirs).expect("mkdir");
+    std::fs::write(theirs.join("keep-me"), b"not a backup").expect("write");
+    let partial = vol.join("20300101T000000.000Z.partial");
+    std::fs::create_dir_all(partial.join(DATA)).expect("mkdir");
+    s.backup(&same_device()).expect("backup");
+    assert_eq!(
+        std::fs::read(theirs.join("keep-me")).expect("still there"),
+        b"not a backup"
+    );
+    assert!(!partial.exists(), "an unfinished set is still removed");
+}
+
+#[tokio::test]
+async fn a_target_inside_the_volume_store_is_refused_even_when_same_device_is_allowed() {
+    let s = Setup::new().await;
+    let store = s.served.exports.store();
+    let before = snapshot(&s.src());
+    // `<to>/db0` would be the live volume itself.
+    let volumes = s.src().parent().expect("volumes dir").to_owned();
+    for to in [
+        volumes.clone(),
+        store.root().to_owned(),
+        volumes.join("db0/db"),
+    ] {
+        let e = s
+            .served
+            .exports
+            .backup_volume(&name("db0"), &to, &same_device())
+            .expect_err("inside the store");
+        assert!(e.to_string().contains("inside the volume store"), "{e}");
+    }
+    assert_eq!(before, snapshot(&s.src()), "the volume changed");
+}
+
+/// Rewrites `set`'s manifest with `f`.
+fn forge(set: &Path, f: impl FnOnce(&mut backup::Manifest)) {
+    let path = set.join("manifest.json");
+    let mut m: backup::Manifest =
+        serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("manifest");
+    f(&mut m);
+    std::fs::write(&path, serde_json::to_vec(&m).expect("encode")).expect("forge");
+}
+
+/// Runs a restore on a thread, failing the test if it has not ended within `secs`.
+fn restore_within(
+    s: &Setup,
+    set: &Path,
+    to: &str,
+    size: Option<u64>,
+    secs: u64,
+) -> Result<(), Error> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let root = s.served.exports.store().root().to_owned();
+    let set = set.to_owned();
+    let to = name(to);
+    std::thread::spawn(move || {
+        let store = localnfs_nfs::volume::VolumeStore::open(&root).expect("store");
+        let _ = tx.send(backup::restore_set(&store, &set, &to, size).map(|_| ()));
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(secs))
+        .expect("the restore hung")
+}
+
+#[tokio::test]
+async fn a_fifo_in_a_set_where_a_file_belongs_fails_the_restore_instead_of_hanging_it() {
+    let s = Setup::new().await;
+    let r = s.backup(&same_device()).expect("backup");
+    let planted = r.path.join(DATA).join("db/sub/t1.ibd");
+    std::fs::remove_file(&planted).expect("remove");
+    let c = std::ffi::CString::new(planted.as_os_str().as_encoded_bytes()).expect("path");
+    // SAFETY: a NUL-terminated path valid for the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    let e = restore_within(&s, &r.path, "evil", None, 20).expect_err("a FIFO");
+    assert!(e.to_string().contains("not a regular file"), "{e}");
+    assert!(
+        s.served
+            .exports
+            .store()
+            .get(&name("evil"))
+            .expect("get")
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn a_set_file_bigger_than_its_manifest_entry_fails_without_reading_it_or_naming_its_hash() {
+    let s = Setup::new().await;
+    let r = s.backup(&same_device()).expect("backup");
+    let victim = r.path.join(DATA).join("db/ibdata1");
+    std::fs::remove_file(&victim).expect("remove");
+    // Sparse: reading it to the end would copy 256 MiB of zeros into the store.
+    std::fs::File::create(&victim)
+        .and_then(|f| f.set_len(256 << 20))
+        .expect("sparse file");
+    let e = restore_within(&s, &r.path, "big", None, 20).expect_err("too big");
+    let msg = e.to_string();
+    assert!(msg.contains("db/ibdata1 in the set is damaged"), "{msg}");
+    assert!(!msg.contains(&(256u64 << 20).to_string()), "{msg}");
+    assert!(
+        s.served
+            .exports
+            .store()
+            .get(&name("big"))
+            .expect("get")
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn a_symlinked_directory_planted_in_a_set_is_not_followed_by_a_restore() {
+    let s = Setup::new().await;
+    let r = s.backup(&same_device()).expect("backup");
+    // Outside the set, the very bytes the manifest expects, under a directory that
+    // the set's `db/sub` points to.
+    let outside = tempfile::tempdir().expect("outside");
+    std::fs::write(outside.path().join("t1.ibd"), b"table one").expect("write");
+    let sub = r.path.join(DATA).join("db/sub");
+    std::fs::remove_dir_all(&sub).expect("remove");
+    std::os::unix::fs::symlink(outside.path(), &sub).expect("plant");
+    let store = s.served.exports.store();
+    let e = backup::restore_set(store, &r.path, &name("evil"), None).expect_err("planted");
+    assert!(
+        e.to_string()
+            .contains("file db/sub/t1.ibd in the set is damaged"),
+        "{e}"
+    );
+    assert!(store.get(&name("evil")).expect("get").is_none());
+}
+
+#[tokio::test]
+async fn a_manifest_understating_its_bytes_or_objects_is_refused_before_the_restore_starts() {
+    let s = Setup::new().await;
+    let r = s.backup(&same_device()).expect("backup");
+    let store = s.served.exports.store();
+    forge(&r.path, |m| m.summary.bytes = 0);
+    let e = backup::restore_set(store, &r.path, &name("small"), Some(MIB)).expect_err("too big");
+    assert!(
+        e.to_string().contains("more than the new volume's size"),
+        "{e}"
+    );
+    forge(&r.path, |m| {
+        m.spec.max_files = Some(2);
+    });
+    let e = backup::restore_set(store, &r.path, &name("few"), None).expect_err("too many");
+    assert!(e.to_string().contains("more objects than"), "{e}");
+    assert!(store.get(&name("small")).expect("get").is_none());
+    assert!(store.get(&name("few")).expect("get").is_none());
+}
+
+#[tokio::test]
+async fn a_restore_refuses_device_nodes_unless_the_store_allows_them() {
+    let s = Setup::new().await;
+    let r = s.backup(&same_device()).expect("backup");
+    forge(&r.path, |m| {
+        let mut dev = m
+            .items
+            .iter()
+            .find(|i| i.path == "notes")
+            .expect("item")
+            .clone();
+        dev.path = "mem".into();
+        dev.kind = backup::Kind::Char;
+        dev.sha256 = None;
+        dev.size = 0;
+        dev.rdev = libc::makedev(1, 1);
+        m.items.push(dev);
+    });
+    let store = s.served.exports.store();
+    let e = backup::restore_set(store, &r.path, &name("dev"), None).expect_err("device");
+    assert!(e.to_string().contains("device node"), "{e}");
+    assert!(store.get(&name("dev")).expect("get").is_none());
+    assert!(!store.data_dir(&name("dev")).exists());
+}
+
+#[tokio::test]
+async fn a_backup_whose_snapshot_would_take_space_promised_to_other_volumes_is_refused() {
+    let served = Served::start(&[("db0", 64 * MIB), ("huge", 1 << 60)]).await;
+    fill(&served.exports.store().data_dir(&name("db0")));
+    // What the agent does every few seconds: the files above were written directly.
+    served.exports.recount_usage();
+    let target = tempfile::tempdir().expect("target");
+    let e = served
+        .exports
+        .backup_volume(&name("db0"), target.path(), &same_device())
+        .expect_err("no room");
+    assert!(e.to_string().contains("promised to volumes"), "{e}");
+    let staging = served.exports.store().root().join("staging");
+    let snap: Vec<_> = std::fs::read_dir(&staging)
+        .map(|d| d.flatten().collect())
+        .unwrap_or_default();
+    assert!(snap.is_empty(), "a snapshot was taken: {snap:?}");
+}
+
+#[tokio::test]
+async fn a_full_target_is_found_before_the_snapshot_is_taken() {
+    let s = Setup::new().await;
+    let disk = SmallDisk::mount("64k");
+    let _ = std::fs::write(disk.0.path().join("filler"), vec![1u8; 1 << 20]);
+    let e = s
+        .served
+        .exports
+        .backup_volume(&name("db0"), disk.0.path(), &BackupOptions::default())
+        .expect_err("target full");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("the backup target is full (probe the target"),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn a_set_from_before_a_clock_step_back_does_not_make_retention_prune_the_new_one() {
+    let s = Setup::new().await;
+    let first = s.backup(&same_device()).expect("backup");
+    // A set stamped in the future, as a node whose clock was ahead left it.
+    let future = s.target.path().join("db0/20991231T000000.000Z");
+    let ok = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&first.path)
+        .arg(&future)
+        .status()
+        .expect("cp");
+    assert!(ok.success());
+    let r = s
+        .backup(&BackupOptions {
+            keep: Some(1),
+            ..same_device()
+        })
+        .expect("backup");
+    assert!(
+        r.path.join(COMPLETE).exists(),
+        "the set just written was pruned"
+    );
+    assert!(s.complete_sets().contains(&r.id));
+}
+
+#[tokio::test]
+async fn a_retention_failure_after_a_complete_set_is_a_warning_not_a_failed_backup() {
+    let s = Setup::new().await;
+    let first = s.backup(&same_device()).expect("backup");
+    // A mount inside the old set: removing it fails with EBUSY.
+    let busy = SmallDisk::mount("1m");
+    let inside = first.path.join(DATA).join("db");
+    let ok = std::process::Command::new("mount")
+        .args(["--bind"])
+        .arg(busy.0.path())
+        .arg(&inside)
+        .status()
+        .expect("mount");
+    assert!(ok.success());
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(inside);
+    std::fs::write(s.src().join("notes"), b"changed").expect("change");
+    let r = s
+        .backup(&BackupOptions {
+            keep: Some(1),
+            ..same_device()
+        })
+        .expect("the set is complete; pruning is not the backup");
+    assert!(r.path.join(COMPLETE).exists());
+    assert!(
+        r.warnings.iter().any(|w| w.contains("remove expired set")),
+        "{:?}",
+        r.warnings
+    );
+}
+
+#[tokio::test]
+async fn a_tampered_file_in_the_previous_set_is_copied_afresh_not_linked_into_the_next() {
+    let s = Setup::new().await;
+    let first = s.backup(&same_device()).expect("first backup");
+    let data = first.path.join(DATA);
+    // A symlink where a file was, to the very bytes the manifest expects…
+    let outside = tempfile::NamedTempFile::new().expect("outside file");
+    std::fs::write(outside.path(), b"table one").expect("write");
+    std::fs::remove_file(data.join("db/sub/t1.ibd")).expect("remove");
+    std::os::unix::fs::symlink(outside.path(), data.join("db/sub/t1.ibd")).expect("plant");
+    // …and a file cut short.
+    std::fs::File::options()
+        .write(true)
+        .open(data.join("db/ibdata1"))
+        .and_then(|f| f.set_len(MIB))
+        .expect("truncate");
+    let second = s.backup(&same_device()).expect("second backup");
+    assert_eq!(second.summary.bytes_linked, 5, "{second:?}");
+    let store = s.served.exports.store();
+    let before = snapshot(&s.src());
+    backup::restore_set(store, &second.path, &name("again"), None).expect("restore");
+    assert_eq!(before, snapshot(&store.data_dir(&name("again"))));
+}

@@ -14,21 +14,28 @@
 //! <volume>/<set-id>.partial/        a set being written
 //! ```
 //! A set id is the UTC time of its instant (`20261207T011500.123Z`), so ids sort in
-//! time order. A directory is a set only when its name has no `.partial` suffix and
-//! it holds `COMPLETE`: listing and restore ignore anything else, and the next backup
-//! of the volume removes it. A set is built in `<set-id>.partial`, made durable
+//! time order. A directory is a set only when its name is a set id (no `.partial`
+//! suffix) and it holds `COMPLETE`: listing and restore ignore anything else, and the
+//! next backup of the volume removes a set-id or `<set-id>.partial` directory without
+//! `COMPLETE`. Any other name under `<volume>/` is not ours and is left alone. A
+//! target inside the volume store (or holding it under `<volume>/`) is refused, even
+//! with `allow_same_device`: `<target>/<volume>` could be a live volume. A set is built in `<set-id>.partial`, made durable
 //! (`syncfs` of the target), `COMPLETE` written and synced last, then renamed into
 //! place: nothing half-made is ever a set.
 //!
 //! The copy is the point-in-time engine's (`Exports::snapshot_volume`): the source's
 //! clients see only the snapshot pause. The snapshot is built in the store's staging
 //! directory (reflinked where the file system can, else copied: it needs room on the
-//! node's disk for what is not shared) and removed once the set is written.
+//! node's disk for what is not shared) and removed once the set is written. Before it
+//! is taken, the target is probed (a small file created, synced, removed) and the
+//! node's free space less what the volumes are promised must cover the source's used
+//! bytes, so neither a dead target nor the snapshot eats space other volumes own.
 //!
 //! **Incremental**: a set after the first copies only the regular files whose size or
 //! sha256 differ from the newest complete set's entry for the same path (the engine
 //! already checksummed every file); an unchanged file is hard-linked from that set, or
-//! copied when the target refuses links. So every set holds all its data, is
+//! copied when the target refuses links or that set's file is no longer what its
+//! manifest says (reached through a symlink, not a regular file, another size). So every set holds all its data, is
 //! restorable on its own, and deleting an old set never breaks a newer one. Files in
 //! `data/` are plain copies owned by the agent: the manifest, not `data/`, carries
 //! owners, modes and times (a file linked from an older set shares that set's inode).
@@ -36,12 +43,23 @@
 //!
 //! **Retention** ([`prune_plan`]): after a backup, complete sets may be removed by
 //! count (`keep`: the newest N) and by age (`max_age`); with both, a set is kept when
-//! either rule keeps it. The newest complete set is never removed.
+//! either rule keeps it. The newest complete set is never removed, nor the set just
+//! written (after a clock step back it may not be the newest by id). Failing to remove
+//! an expired set does not fail the backup: the set just written is complete, and the
+//! failure is a warning in [`BackupReport::warnings`].
 //!
 //! **Restore** ([`restore_set`]): a complete set into a new volume, each file's sha256
-//! checked as it is written (a mismatch fails the restore, leaving nothing; a symlink
-//! planted in `data/` where a file belongs is not followed), committed like a copy
-//! (`VolumeStore::commit_copy`). Paths in a manifest that leave the volume are refused.
+//! checked as it is written (a mismatch fails the restore, leaving nothing), committed
+//! like a copy (`VolumeStore::commit_copy`). A set file is opened one name at a time
+//! beneath `data/` without following symlinks (a symlinked file or directory planted
+//! there is refused), must be a regular file of the manifest's size (checked before
+//! reading; never read past it), so a FIFO or a huge file cannot hang the restore or
+//! fill the node. The items' sizes and count, not the summary, are checked against the
+//! new volume's size and object limit before anything is written. Paths in a manifest
+//! that leave the volume are refused. Character and block devices are refused unless
+//! the store allows device nodes ([`RestoreOptions::device_nodes`]); owners, modes
+//! (setuid and setgid bits included) come from the manifest as recorded, so whoever
+//! can write the target can choose them.
 
 mod metrics;
 mod restore;
@@ -57,7 +75,7 @@ use crate::error::{Error, Result};
 use crate::volume::{VolumeName, VolumeSpec};
 
 pub use metrics::BackupCollector;
-pub use restore::{RestoreReport, restore_set};
+pub use restore::{RestoreOptions, RestoreReport, restore_set, restore_set_with};
 pub use write::{BackupOptions, BackupReport};
 
 /// The marker that makes a set directory a set; written last.
@@ -169,7 +187,9 @@ pub fn list_sets(target: &Path, volume: &VolumeName) -> Result<Vec<SetInfo>> {
         let Some(id) = e.file_name().to_str().map(str::to_owned) else {
             continue;
         };
-        if id.starts_with('.') || !e.path().is_dir() {
+        // Only names this module makes: anything else under the target is someone
+        // else's, never listed, so never removed as an unfinished set.
+        if !is_set_id(id.strip_suffix(PARTIAL).unwrap_or(&id)) || !e.path().is_dir() {
             continue;
         }
         let summary = if id.ends_with(PARTIAL) {
@@ -227,12 +247,14 @@ pub fn read_manifest(set: &Path) -> Result<Manifest> {
 /// The set ids (oldest first, complete sets only, with their instants in ms) that
 /// retention removes: outside the newest `keep` when `keep` is given, and older than
 /// `max_age` at `now_ms` when it is given; a set either rule keeps stays; the newest
-/// set always stays; no rule, nothing removed.
+/// set always stays, and so does set `written` (the one just written: after the clock
+/// stepped back it is not the newest by id); no rule, nothing removed.
 pub fn prune_plan(
     sets: &[(String, u64)],
     keep: Option<usize>,
     max_age: Option<Duration>,
     now_ms: u64,
+    written: &str,
 ) -> Vec<String> {
     if keep.is_none() && max_age.is_none() {
         return Vec::new();
@@ -247,6 +269,7 @@ pub fn prune_plan(
                 max_age.is_some_and(|d| now_ms.saturating_sub(*created) <= d.as_millis() as u64);
             !newest && !kept_by_count && !kept_by_age
         })
+        .filter(|(_, (id, _))| id != written)
         .map(|(_, (id, _))| id.clone())
         .collect()
 }
@@ -274,6 +297,18 @@ pub fn set_id(ms: u64) -> String {
         rem % 60,
         ms % 1000
     )
+}
+
+/// Whether `name` has the shape of [`set_id`]'s ids (`YYYYMMDDTHHMMSS.mmmZ`).
+pub fn is_set_id(name: &str) -> bool {
+    let b = name.as_bytes();
+    b.len() == 20
+        && b.iter().enumerate().all(|(i, &c)| match i {
+            8 => c == b'T',
+            15 => c == b'.',
+            19 => c == b'Z',
+            _ => c.is_ascii_digit(),
+        })
 }
 
 /// Reads `sha256sum`-style lines (as the copy engine writes its manifest) into path →
@@ -308,6 +343,39 @@ pub(crate) fn parse_sha256sum(text: &[u8]) -> HashMap<Vec<u8>, String> {
         out.insert(path, hash);
     }
     out
+}
+
+/// Opens file `rel` beneath a set's data directory `from`, one component
+/// at a time with `O_NOFOLLOW`, so a symlink anywhere in the set (a file or a
+/// directory) is refused, not followed; `O_NONBLOCK` so a FIFO planted there does not
+/// hang the open.
+pub(crate) fn open_in_set(from: &std::fs::File, rel: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let names: Vec<_> = rel.components().map(|c| c.as_os_str()).collect();
+    let mut dir: Option<std::fs::File> = None;
+    for (i, name) in names.iter().enumerate() {
+        let last = i + 1 == names.len();
+        let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(*name))
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+        let flags = libc::O_RDONLY
+            | libc::O_NOFOLLOW
+            | libc::O_CLOEXEC
+            | if last {
+                libc::O_NONBLOCK
+            } else {
+                libc::O_DIRECTORY
+            };
+        let at = dir.as_ref().unwrap_or(from).as_raw_fd();
+        // SAFETY: a directory descriptor we hold and a NUL-terminated name, valid for
+        // the call.
+        let fd = unsafe { libc::openat(at, c.as_ptr(), flags) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a descriptor openat just returned, owned by nothing else.
+        dir = Some(unsafe { std::fs::File::from_raw_fd(fd) });
+    }
+    dir.ok_or_else(|| std::io::Error::from_raw_os_error(libc::EINVAL))
 }
 
 /// Why a write to or read from the target failed, in the words a user acts on.
@@ -345,13 +413,13 @@ mod tests {
 
     #[test]
     fn no_rule_prunes_nothing() {
-        assert!(prune_plan(&sets(&[50, 40, 1]), None, None, NOW).is_empty());
+        assert!(prune_plan(&sets(&[50, 40, 1]), None, None, NOW, "").is_empty());
     }
 
     #[test]
     fn keep_count_prunes_the_oldest_beyond_it() {
         assert_eq!(
-            prune_plan(&sets(&[50, 40, 30, 1]), Some(2), None, NOW),
+            prune_plan(&sets(&[50, 40, 30, 1]), Some(2), None, NOW, ""),
             vec!["s050", "s040"]
         );
     }
@@ -359,7 +427,7 @@ mod tests {
     #[test]
     fn max_age_prunes_older_sets() {
         assert_eq!(
-            prune_plan(&sets(&[50, 40, 3, 1]), None, Some(10 * HOUR), NOW),
+            prune_plan(&sets(&[50, 40, 3, 1]), None, Some(10 * HOUR), NOW, ""),
             vec!["s050", "s040"]
         );
     }
@@ -367,8 +435,17 @@ mod tests {
     #[test]
     fn the_newest_set_is_never_pruned_even_when_old() {
         assert_eq!(
-            prune_plan(&sets(&[50, 40]), Some(0), Some(HOUR), NOW),
+            prune_plan(&sets(&[50, 40]), Some(0), Some(HOUR), NOW, ""),
             vec!["s050"]
+        );
+    }
+
+    #[test]
+    fn the_set_just_written_is_never_pruned_even_when_a_newer_id_exists() {
+        // The clock stepped back: the set just written (s050) sorts before s001.
+        assert_eq!(
+            prune_plan(&sets(&[40, 50, 1]), Some(1), None, NOW, "s050"),
+            vec!["s040"]
         );
     }
 
@@ -376,12 +453,12 @@ mod tests {
     fn with_both_rules_a_set_either_keeps_stays() {
         // keep 1 keeps s001; 10 h keeps s003; s050 and s040 go.
         assert_eq!(
-            prune_plan(&sets(&[50, 40, 3, 1]), Some(1), Some(10 * HOUR), NOW),
+            prune_plan(&sets(&[50, 40, 3, 1]), Some(1), Some(10 * HOUR), NOW, ""),
             vec!["s050", "s040"]
         );
         // keep 3 keeps s040 too, though it is old.
         assert_eq!(
-            prune_plan(&sets(&[50, 40, 3, 1]), Some(3), Some(10 * HOUR), NOW),
+            prune_plan(&sets(&[50, 40, 3, 1]), Some(3), Some(10 * HOUR), NOW, ""),
             vec!["s050"]
         );
     }
@@ -391,6 +468,16 @@ mod tests {
         assert_eq!(set_id(0), "19700101T000000.000Z");
         assert_eq!(set_id(1_798_594_215_123), "20261230T013015.123Z");
         assert!(set_id(1_000) < set_id(86_400_000));
+        assert!(is_set_id(&set_id(1_798_594_215_123)));
+        for not in [
+            "db",
+            "20261230T013015.123",
+            "20261230X013015.123Z",
+            ".lock",
+            "",
+        ] {
+            assert!(!is_set_id(not), "{not}");
+        }
     }
 
     #[test]

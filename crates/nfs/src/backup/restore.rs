@@ -1,7 +1,10 @@
 //! Restoring a set into a new volume: built in the store's staging directory like a
-//! copy, every file's sha256 checked as it is written, attributes from the manifest,
+//! copy, every file's sha256 checked as it is written (read beneath the set's `data/`
+//! without following symlinks, a regular file of the manifest's size, never read past
+//! it), the items' total size and count checked first, attributes from the manifest,
 //! committed by `VolumeStore::commit_copy` (nothing exists until then; any failure
-//! removes the staging directory).
+//! removes the staging directory). Character and block devices only when the store
+//! allows device nodes (`RestoreOptions::device_nodes`), as for the server's MKNOD.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
@@ -25,14 +28,45 @@ pub struct RestoreReport {
     pub took: Duration,
 }
 
+/// How a restore runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RestoreOptions {
+    /// The new volume's size limit; `None`: the backed-up volume's.
+    pub size: Option<u64>,
+    /// Make the set's character and block device nodes (the store's
+    /// `--allow-device-nodes`, as the server's MKNOD); off: a set holding one is
+    /// refused.
+    pub device_nodes: bool,
+}
+
 /// Restores the complete set at `set` into new volume `name` of `store` (size:
-/// `size`, else the backed-up volume's). Refused if `name` exists. Blocking.
+/// `size`, else the backed-up volume's), refusing device nodes. Refused if `name`
+/// exists. Blocking.
 pub fn restore_set(
     store: &VolumeStore,
     set: &Path,
     name: &VolumeName,
     size: Option<u64>,
 ) -> Result<(VolumeMeta, RestoreReport)> {
+    restore_set_with(
+        store,
+        set,
+        name,
+        &RestoreOptions {
+            size,
+            device_nodes: false,
+        },
+    )
+}
+
+/// [`restore_set`] with `opts`.
+pub fn restore_set_with(
+    store: &VolumeStore,
+    set: &Path,
+    name: &VolumeName,
+    opts: &RestoreOptions,
+) -> Result<(VolumeMeta, RestoreReport)> {
+    let size = opts.size;
     let started = Instant::now();
     let fail = |why: String| Error::RestoreFailed {
         set: set.to_owned(),
@@ -48,10 +82,38 @@ pub fn restore_set(
         size_bytes: size.unwrap_or(manifest.spec.size_bytes),
         ..manifest.spec.clone()
     };
-    if manifest.summary.bytes > spec.size_bytes {
+    // The same policy as the server's MKNOD: a device node in a volume reaches the
+    // node's hardware from any pod that mounts it without `nodev`.
+    if !opts.device_nodes
+        && let Some(dev) = manifest
+            .items
+            .iter()
+            .find(|i| matches!(i.kind, Kind::Char | Kind::Block))
+    {
         return Err(fail(format!(
-            "the set holds {} bytes, more than the new volume's size of {} bytes",
-            manifest.summary.bytes, spec.size_bytes
+            "the set holds device node {}, and this store does not allow device nodes (pass --allow-device-nodes to restore them)",
+            dev.path
+        )));
+    }
+    // From the items, not the summary: a forged summary must not let a set past the
+    // volume's limits. Each inode once (a hard link adds no data).
+    let bytes: u64 = manifest
+        .items
+        .iter()
+        .filter(|i| i.kind == Kind::File && i.link.is_none())
+        .map(|i| i.size)
+        .fold(0u64, u64::saturating_add);
+    if bytes > spec.size_bytes {
+        return Err(fail(format!(
+            "the set holds {bytes} bytes, more than the new volume's size of {} bytes",
+            spec.size_bytes
+        )));
+    }
+    let objects = manifest.items.iter().filter(|i| i.path != ".").count() as u64;
+    let max_objects = crate::nfs::max_inodes(&spec);
+    if objects > max_objects {
+        return Err(fail(format!(
+            "the set holds {objects} objects, more objects than the new volume may hold ({max_objects})"
         )));
     }
     let staging = store.begin_copy(name)?;
@@ -59,6 +121,13 @@ pub fn restore_set(
     let from = set.join(DATA);
     let mut written = Written::default();
     let r = (|| -> Result<(), String> {
+        // Every file of the set is opened beneath this descriptor, one name at a
+        // time, never through a symlink (see `backup::open_in_set`).
+        let from = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+            .open(&from)
+            .map_err(|e| format!("open the set's data: {e}"))?;
         match fs::DirBuilder::new().mode(0o700).create(&dest) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -142,8 +211,8 @@ struct Written {
     hashes: HashMap<Vec<u8>, String>,
 }
 
-/// Makes object `it` under `dest` from the set's data under `from`.
-fn lay(from: &Path, dest: &Path, it: &Item, w: &mut Written) -> Result<(), String> {
+/// Makes object `it` under `dest` from the set's data directory `from`.
+fn lay(from: &fs::File, dest: &Path, it: &Item, w: &mut Written) -> Result<(), String> {
     let rel = Path::new(&it.path);
     if rel.is_absolute() || rel.components().any(|c| c.as_os_str() == "..") {
         return Err(format!("the manifest names {} outside the volume", it.path));
@@ -160,7 +229,7 @@ fn lay(from: &Path, dest: &Path, it: &Item, w: &mut Written) -> Result<(), Strin
                 fs::hard_link(dest.join(first), &to)
                     .map_err(|e| format!("link {} to {first}: {e}", it.path))?;
             } else {
-                copy_checked(&from.join(rel), &to, it)?;
+                copy_checked(from, rel, &to, it)?;
                 w.bytes += it.size;
                 w.files += 1;
             }
@@ -198,15 +267,31 @@ fn lay(from: &Path, dest: &Path, it: &Item, w: &mut Written) -> Result<(), Strin
     Ok(())
 }
 
-/// Copies `src` to a new file `dst`, checking its sha256 and size against `it`.
-fn copy_checked(src: &Path, dst: &Path, it: &Item) -> Result<(), String> {
-    let damaged = |why: String| format!("file {} in the set is damaged: {why}", it.path);
-    // A symlink planted in the set's data is not followed: only the file itself counts.
-    let mut input = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(src)
-        .map_err(|e| damaged(e.to_string()))?;
+/// Copies the set's file `rel` to a new file `dst`, checking it against `it`: a
+/// regular file of the manifest's size (checked before reading, and never read past
+/// it) with the manifest's sha256. Errors never show the set file's own size or hash:
+/// the set may point anywhere, and its contents are not the error's business.
+fn copy_checked(from: &fs::File, rel: &Path, dst: &Path, it: &Item) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    let damaged = |why: &str| format!("file {} in the set is damaged: {why}", it.path);
+    let input = super::open_in_set(from, rel).map_err(|e| match e.raw_os_error() {
+        Some(libc::ELOOP | libc::ENOTDIR) => damaged("a symlink in its path"),
+        _ => damaged(&e.to_string()),
+    })?;
+    let md = input.metadata().map_err(|e| damaged(&e.to_string()))?;
+    let ft = md.file_type();
+    if !ft.is_file() {
+        return Err(damaged(
+            if ft.is_fifo() || ft.is_socket() || ft.is_char_device() || ft.is_block_device() {
+                "not a regular file (a special file)"
+            } else {
+                "not a regular file"
+            },
+        ));
+    }
+    if md.len() != it.size {
+        return Err(damaged("its size differs from the manifest's"));
+    }
     let mut out = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -216,15 +301,20 @@ fn copy_checked(src: &Path, dst: &Path, it: &Item) -> Result<(), String> {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
+    // One byte past the size at most: a file still growing is damaged, not copied.
+    let mut input = input.take(it.size.saturating_add(1));
     loop {
-        let n = input.read(&mut buf).map_err(|e| damaged(e.to_string()))?;
+        let n = input.read(&mut buf).map_err(|e| damaged(&e.to_string()))?;
         if n == 0 {
             break;
+        }
+        size += n as u64;
+        if size > it.size {
+            return Err(damaged("its size differs from the manifest's"));
         }
         ctx.update(&buf[..n]);
         out.write_all(&buf[..n])
             .map_err(|e| format!("write file {}: {e}", it.path))?;
-        size += n as u64;
     }
     let hash: String = ctx
         .finish()
@@ -232,12 +322,11 @@ fn copy_checked(src: &Path, dst: &Path, it: &Item) -> Result<(), String> {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    if size != it.size || it.sha256.as_deref() != Some(hash.as_str()) {
-        return Err(damaged(format!(
-            "{size} bytes with sha256 {hash}, the manifest says {} bytes with sha256 {}",
-            it.size,
-            it.sha256.as_deref().unwrap_or("none")
-        )));
+    if size != it.size {
+        return Err(damaged("its size differs from the manifest's"));
+    }
+    if it.sha256.as_deref() != Some(hash.as_str()) {
+        return Err(damaged("its contents differ from the manifest's sha256"));
     }
     Ok(())
 }

@@ -1,4 +1,6 @@
-//! Writing a set: snapshot the volume, lay the snapshot out as a set beside the
+//! Writing a set: check the target (outside the store, writable: a small file is
+//! created, synced and removed) and the node's room for the snapshot (free space less
+//! what volumes are promised must cover the source's used bytes), snapshot the volume, lay the snapshot out as a set beside the
 //! previous one (linking what did not change), make it durable, mark it complete, and
 //! apply retention (see the module docs of `backup`).
 
@@ -41,6 +43,9 @@ pub struct BackupReport {
     pub took: Duration,
     /// Sets retention removed.
     pub pruned: Vec<String>,
+    /// What went wrong after the set was complete (retention), which does not fail
+    /// the backup.
+    pub warnings: Vec<String>,
 }
 
 /// Walks a snapshot into a set.
@@ -96,11 +101,24 @@ impl Exports {
             target: target.to_owned(),
             why,
         };
+        // Resolved once: the checks below and every write use the same directory.
+        let target =
+            &fs::canonicalize(target).map_err(|e| fail(target_error("reach the target", &e)))?;
         let t = fs::metadata(target).map_err(|e| fail(target_error("reach the target", &e)))?;
         if !t.is_dir() {
             return Err(fail("the target is not a directory".into()));
         }
-        let store_dev = fs::metadata(self.store().root())
+        let root = fs::canonicalize(self.store().root())
+            .map_err(|e| fail(format!("resolve the volume store: {e}")))?;
+        // Not even with `allow_same_device`: `<target>/<volume>` could be a live
+        // volume, and a backup removes unfinished sets under it.
+        if target.starts_with(&root) || root.starts_with(target.join(volume.as_str())) {
+            return Err(fail(format!(
+                "the target is inside the volume store {} (or holds it), where it could write into live volumes; back up to a directory outside it",
+                root.display()
+            )));
+        }
+        let store_dev = fs::metadata(&root)
             .map_err(|e| fail(format!("stat the volume store: {e}")))?
             .dev();
         if t.dev() == store_dev && !opts.allow_same_device {
@@ -123,6 +141,9 @@ impl Exports {
             .ok_or_else(|| {
                 fail("another backup of this volume to this target is running".into())
             })?;
+        probe(&vol_dir).map_err(|e| fail(target_error("probe the target", &e)))?;
+        self.room_for_snapshot(v.used.load(std::sync::atomic::Ordering::Acquire))
+            .map_err(fail)?;
         let sets = list_sets(target, volume).map_err(|e| fail(e.to_string()))?;
         for s in sets.iter().filter(|s| s.summary.is_none()) {
             tracing::warn!(path = %s.path.display(), "removing an unfinished backup set");
@@ -212,7 +233,8 @@ impl Exports {
             }
             return Err(fail(why));
         }
-        let pruned = prune(target, volume, opts).map_err(fail)?;
+        // The set is complete: retention failing does not undo that.
+        let (pruned, warnings) = prune(target, volume, opts, &id);
         let report = BackupReport {
             path: vol_dir.join(&id),
             id,
@@ -220,6 +242,7 @@ impl Exports {
             pause: snap.pause,
             took: started.elapsed(),
             pruned,
+            warnings,
         };
         tracing::info!(
             volume = %volume,
@@ -233,6 +256,51 @@ impl Exports {
         );
         Ok(report)
     }
+}
+
+impl Exports {
+    /// Whether the node's disk has room for a snapshot of a volume using `used` bytes
+    /// without taking what the volumes are promised: free space less every volume's
+    /// unused size (as the agent reports free bytes) must cover `used`. Conservative where the
+    /// snapshot reflinks (it then shares the source's blocks).
+    fn room_for_snapshot(&self, used: u64) -> Result<(), String> {
+        let root = std::ffi::CString::new(self.store().root().as_os_str().as_bytes())
+            .map_err(|_| "the volume store's path has a NUL".to_owned())?;
+        // SAFETY: all-zero is a valid `statvfs` (plain integers).
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: a NUL-terminated path and a struct to fill, valid for the call.
+        if unsafe { libc::statvfs(root.as_ptr(), &mut st) } != 0 {
+            return Err(format!(
+                "stat the volume store's file system: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        let disk = (st.f_bavail as u64).saturating_mul(st.f_frsize as u64);
+        let promised: u64 = self.all().iter().map(|v| v.free()).sum();
+        let room = disk.saturating_sub(promised);
+        if used > room {
+            return Err(format!(
+                "no room on the node for the snapshot: it needs up to {used} bytes, and the disk's {disk} free bytes less {promised} bytes promised to volumes leave {room}"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Creates, syncs and removes a small file in `dir`, so a full or unreachable target
+/// fails the backup before the snapshot is taken.
+fn probe(dir: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let path = dir.join(".probe");
+    let _ = fs::remove_file(&path);
+    let r = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| f.write_all(&[0u8; 4096]).and_then(|()| f.sync_all()));
+    let removed = fs::remove_file(&path);
+    r.and(removed)
 }
 
 /// Writes the manifest, makes the set durable, writes `COMPLETE` last, renames the
@@ -271,21 +339,42 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), String> {
         .map_err(|e| target_error("write the set's manifest", &e))
 }
 
-/// Applies retention to `volume`'s complete sets; returns the ids removed.
-fn prune(target: &Path, volume: &VolumeName, opts: &BackupOptions) -> Result<Vec<String>, String> {
-    let sets = list_sets(target, volume).map_err(|e| e.to_string())?;
+/// Applies retention to `volume`'s complete sets, never removing `written`; returns
+/// the ids removed and, for what could not be done, warnings.
+fn prune(
+    target: &Path,
+    volume: &VolumeName,
+    opts: &BackupOptions,
+    written: &str,
+) -> (Vec<String>, Vec<String>) {
+    let mut warnings = Vec::new();
+    let sets = match list_sets(target, volume) {
+        Ok(s) => s,
+        Err(e) => {
+            warnings.push(format!("retention skipped: {e}"));
+            return (Vec::new(), warnings);
+        }
+    };
     let complete: Vec<(String, u64)> = sets
         .iter()
         .filter_map(|s| s.summary.as_ref().map(|m| (s.id.clone(), m.created_ms)))
         .collect();
-    let plan = prune_plan(&complete, opts.keep, opts.max_age, now_ms());
-    for id in &plan {
-        let path = target.join(volume.as_str()).join(id);
+    let plan = prune_plan(&complete, opts.keep, opts.max_age, now_ms(), written);
+    let mut pruned = Vec::new();
+    for id in plan {
+        let path = target.join(volume.as_str()).join(&id);
         // The marker goes first: a half-removed set is no longer a set.
         let _ = fs::remove_file(path.join(COMPLETE));
-        fs::remove_dir_all(&path).map_err(|e| target_error("remove an expired set", &e))?;
+        match fs::remove_dir_all(&path) {
+            Ok(()) => pruned.push(id),
+            Err(e) => {
+                let w = target_error(&format!("remove expired set {id}"), &e);
+                tracing::warn!(warning = %w, "retention could not remove a set");
+                warnings.push(w);
+            }
+        }
     }
-    Ok(plan)
+    (pruned, warnings)
 }
 
 /// Takes the lock file at `path` without waiting: `None` if another process holds it.
@@ -364,13 +453,12 @@ impl SetWriter {
             Some(h) => h.clone(),
             None => return Err(format!("{path} has no checksum in the snapshot")),
         };
-        let unchanged = self.base.as_ref().and_then(|(data, files)| {
+        let unchanged = self.base.as_ref().is_some_and(|(_, files)| {
             files
                 .get(&path)
-                .filter(|b| b.size == md.len() && b.sha256.as_deref() == Some(&hash))
-                .map(|_| data.join(rel))
+                .is_some_and(|b| b.size == md.len() && b.sha256.as_deref() == Some(&hash))
         });
-        let linked = unchanged.is_some_and(|old| fs::hard_link(old, &dst).is_ok());
+        let linked = unchanged && self.link_from_base(rel, md.len(), &dst);
         if linked {
             self.summary.bytes_linked += md.len();
         } else {
@@ -385,6 +473,50 @@ impl SetWriter {
         self.inodes.insert(md.ino(), path);
         self.items.push(it);
         Ok(())
+    }
+
+    /// Hard-links the previous set's file `rel` to `dst` if it is still what that
+    /// set's manifest says: reached without symlinks, a regular file of `size` bytes.
+    /// The link is made from the descriptor checked, not the path, so a name swapped
+    /// in between is not linked. `false`: copy afresh (also when the target refuses
+    /// links).
+    fn link_from_base(&self, rel: &Path, size: u64, dst: &Path) -> bool {
+        let Some((data, _)) = &self.base else {
+            return false;
+        };
+        let checked = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+            .open(data)
+            .and_then(|d| super::open_in_set(&d, rel))
+            .and_then(|f| f.metadata().map(|md| (f, md)));
+        let f = match checked {
+            Ok((f, md)) if md.is_file() && md.len() == size => f,
+            Ok(_) => {
+                tracing::warn!(path = %rel.display(), "the previous set's file is not what its manifest says; copying it afresh");
+                return false;
+            }
+            Err(e) => {
+                tracing::warn!(path = %rel.display(), error = %e, "cannot open the previous set's file; copying it afresh");
+                return false;
+            }
+        };
+        let Ok(to) = std::ffi::CString::new(dst.as_os_str().as_bytes()) else {
+            return false;
+        };
+        let empty = c"";
+        // SAFETY: a descriptor we own, an empty and a NUL-terminated path, valid for
+        // the call. AT_EMPTY_PATH links the open file itself (the agent runs as root,
+        // which it needs).
+        unsafe {
+            libc::linkat(
+                f.as_raw_fd(),
+                empty.as_ptr(),
+                libc::AT_FDCWD,
+                to.as_ptr(),
+                libc::AT_EMPTY_PATH,
+            ) == 0
+        }
     }
 
     fn special(&mut self, rel: &Path, md: &fs::Metadata) -> Result<(), String> {

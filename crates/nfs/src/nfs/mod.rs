@@ -62,6 +62,8 @@ pub use allow::{AllowList, Network};
 pub use call::dispatch;
 pub use limits::{Descriptors, Limits, share_descriptors};
 pub use metrics::NfsCollector;
+/// A restore checks a set against the same object limit the server enforces.
+pub(crate) use quota::max_inodes;
 pub use snapshot::{CopyReport, Snapshot, sha256sum_text};
 pub use state::{Exports, MAX_CACHED};
 
