@@ -416,9 +416,8 @@ fn leftovers_of_an_interrupted_copy_are_removed_when_the_store_opens() {
 }
 
 /// Makes `src`'s data a 384 MiB `big` file in the root and an empty directory `z/`,
-/// returning the data directory. The copier does the root's files before any
-/// subdirectory: `big` keeps it busy while a test changes `z/`, which it has not
-/// reached.
+/// returning the data directory. The copier takes entries by name: `big` keeps it
+/// busy while a test changes `z/`, which it has not reached.
 fn busy_source(ex: &localnfs_nfs::nfs::Exports) -> std::path::PathBuf {
     let dir = ex.store().data_dir(&name("src"));
     std::fs::write(dir.join("big"), vec![9u8; 384 << 20]).expect("big");
@@ -874,6 +873,81 @@ async fn a_file_removed_during_a_copy_is_stale_through_its_handle() {
         ),
         (usage.bytes, usage.inodes),
         "the source's charge drifted"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn copying_many_files_holds_only_the_directories_on_its_path_and_writes_a_sorted_manifest() {
+    let server = Served::start(&[("src", 64 * MIB)]).await;
+    let ex = server.exports.clone();
+    let dir = ex.store().data_dir(&name("src"));
+    // 20 directories of 50 files (names chosen so a directory sorts between files of
+    // its parent, as `a.x` < `a/` < `a0`), some hard links across directories, and a
+    // chain of long names.
+    let mut files = 0;
+    for d in 0..20 {
+        let sub = dir.join(format!("d{d:02}"));
+        std::fs::create_dir(&sub).expect("mkdir");
+        std::fs::write(dir.join(format!("d{d:02}.x")), format!("top {d}")).expect("write");
+        std::fs::write(dir.join(format!("d{d:02}0")), format!("after {d}")).expect("write");
+        files += 2;
+        for f in 0..50 {
+            std::fs::write(sub.join(format!("f{f:02}")), format!("{d} {f}")).expect("write");
+            files += 1;
+        }
+    }
+    for d in 1..5 {
+        std::fs::hard_link(dir.join("d00/f00"), dir.join(format!("d{d:02}/link"))).expect("link");
+        files += 1;
+    }
+    let mut deep = dir.clone();
+    for i in 0..8 {
+        deep = deep.join(format!("{i}{}", "n".repeat(200)));
+        std::fs::create_dir(&deep).expect("mkdir deep");
+        std::fs::write(deep.join("leaf"), b"deep").expect("write deep");
+        files += 1;
+    }
+    ex.recount_usage();
+    let ex2 = ex.clone();
+    let (_, report) = tokio::task::spawn_blocking(move || {
+        ex2.clone_volume(
+            &name("src"),
+            &VolumeSpec::new(name("copy"), 64 * MIB),
+            &owner(),
+        )
+    })
+    .await
+    .expect("task")
+    .expect("copy");
+    // The root's 69 entries, one directory's 51, and the file linked four times: the
+    // copy holds no record per file.
+    assert!(
+        report.peak_records < 130,
+        "the copier held {} records for {files} files",
+        report.peak_records
+    );
+
+    // The manifest is sha256sum's, every name of every file, sorted by path.
+    let copy = tree(&ex.store().data_dir(&name("copy")));
+    let manifest =
+        std::fs::read_to_string(ex.store().manifest_path(&name("copy"))).expect("manifest");
+    let mut paths = Vec::new();
+    for line in manifest.lines() {
+        let (hash, path) = line.split_once("  ").expect("sha256sum line");
+        let digest = ring::digest::digest(&ring::digest::SHA256, &copy[path]);
+        let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hash, hex, "{path}");
+        paths.push(path.to_owned());
+    }
+    let mut sorted = paths.clone();
+    sorted.sort();
+    assert_eq!(paths, sorted, "the manifest is not sorted by path");
+    assert_eq!(paths.len(), files);
+    assert_eq!(
+        copy.keys().filter(|p| !p.ends_with('/')).count(),
+        files,
+        "the copy misses files"
     );
     server.stop().await;
 }
