@@ -951,3 +951,57 @@ async fn copying_many_files_holds_only_the_directories_on_its_path_and_writes_a_
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_made_and_removed_in_a_large_directory_while_the_copier_lists_it_are_as_at_the_instant()
+ {
+    const N: usize = 5_000;
+    let server = Served::start(&[("src", 1 << 30)]).await;
+    let ex = server.exports.clone();
+    let dir = ex.store().data_dir(&name("src"));
+    std::fs::create_dir(dir.join("z")).expect("mkdir");
+    for k in 0..N {
+        std::fs::write(dir.join(format!("z/f{k:05}")), k.to_string()).expect("write");
+    }
+    ex.recount_usage();
+    let t = tree(&dir);
+    let mut c = server.mount("src").await;
+    let root = c.root.clone();
+    let z = c.lookup(&root, b"z").await.expect("LOOKUP z");
+
+    let copy = copy_started(&ex).await;
+    // The copier makes `z` in the copy just before it lists the source's `z`: the
+    // changes start while it lists.
+    let copied_z = ex.store().root().join("staging/copy.partial/data/z");
+    let started = std::time::Instant::now();
+    while !copied_z.exists() {
+        assert!(
+            started.elapsed().as_secs() < 60,
+            "the copier never reached z"
+        );
+        tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+    }
+    let mut k = 0;
+    while !copy.is_finished() && k < N {
+        c.remove(&z, format!("f{k:05}").as_bytes())
+            .await
+            .expect("REMOVE");
+        c.create(&z, format!("g{k:05}").as_bytes())
+            .await
+            .expect("CREATE");
+        k += 1;
+    }
+    assert!(
+        k > 0,
+        "the copier finished before any change: nothing was exercised"
+    );
+    copy.await.expect("copy task").expect("copy");
+    println!("{k} files removed and {k} made while the copy ran");
+
+    let copied = tree(&ex.store().data_dir(&name("copy")));
+    assert_eq!(copied.len(), t.len(), "the copy has other names than at T");
+    for (p, data) in &t {
+        assert_eq!(copied.get(p), Some(data), "{p} differs from T in the copy");
+    }
+    server.stop().await;
+}

@@ -12,7 +12,10 @@
 //! and before it changes anything, what T saw of what it is about to change
 //! ([`Watch::job`] is one atomic load when no copy runs):
 //! - a directory whose entries are about to change is listed now, if nobody listed it
-//!   since T (the listing is its T content: nothing changed in it before);
+//!   since T (the listing is its T content: nothing changed in it before). The copier
+//!   lists a directory without the job's lock and keeps its listing only if no call
+//!   listed the directory meanwhile: a call's listing wins, its own may have seen the
+//!   call's change;
 //! - an object about to change, or to lose a name, records its T attributes (first
 //!   change wins; a later object given a removed one's inode number never replaces
 //!   them);

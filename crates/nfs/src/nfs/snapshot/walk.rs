@@ -13,7 +13,7 @@ use std::io::{BufWriter, Write};
 use std::os::fd::{OwnedFd, RawFd};
 use std::sync::Arc;
 
-use super::{CopyJob, Entry, KernelHandle, errno_text, insert_range, uncovered};
+use super::{CopyJob, Entry, KernelHandle, Seen, errno_text, insert_range, list_dir, uncovered};
 use crate::nfs::quota::charge_of;
 use crate::nfs::state::Volume;
 use crate::nfs::sys::{self, Errno, raw};
@@ -295,15 +295,42 @@ impl Walk<'_> {
         handle: Option<KernelHandle>,
     ) -> Result<Frame, Stop> {
         let v = self.v;
-        let listing = {
-            let mut st = self.job.lock();
+        let listed = |st: &super::JobState| -> Result<Option<Arc<Vec<Entry>>>, Stop> {
             // A change that could not be preserved dooms the copy: stop now.
             if let Some(why) = &st.failed {
                 return Err(Stop::Failed(why.clone()));
             }
-            self.job
-                .listing_locked(&mut st, ino, || open_dir(v, handle.as_ref()))
-                .map_err(failed("list a directory"))?
+            Ok(st.listings.get(&ino).cloned())
+        };
+        // Not in the match: its guard would live through the arms.
+        let known = listed(&self.job.lock())?;
+        let listing = match known {
+            Some(l) => l,
+            None => {
+                // Listed without the job's lock, which every mutating call of the
+                // source takes (under the volume's charge lock): a large directory
+                // does not stall them. A call that changes this directory meanwhile
+                // lists it first, under the lock, before it changes anything: its
+                // listing is then T's, and this one (which may have seen the change,
+                // or failed on an entry gone under it) is dropped.
+                let mine = open_dir(v, handle.as_ref()).and_then(|dir| {
+                    let dir_st = sys::fstat(raw(&dir))?;
+                    Ok((dir_st, list_dir(&dir)?))
+                });
+                let mut st = self.job.lock();
+                match (listed(&st)?, mine) {
+                    (Some(theirs), _) => theirs,
+                    (None, Ok((dir_st, mine))) => {
+                        // Nobody changed it since T, attributes included (a call
+                        // would have recorded them first).
+                        st.seen.entry(ino).or_insert_with(|| Seen::of(dir_st));
+                        let mine = Arc::new(mine);
+                        st.listings.insert(ino, mine.clone());
+                        mine
+                    }
+                    (None, Err(e)) => return Err(failed("list a directory")(e)),
+                }
+            }
         };
         self.hold(listing.len() as i64);
         Ok(Frame {
