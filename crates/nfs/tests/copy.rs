@@ -416,9 +416,8 @@ fn leftovers_of_an_interrupted_copy_are_removed_when_the_store_opens() {
 }
 
 /// Makes `src`'s data a 384 MiB `big` file in the root and an empty directory `z/`,
-/// returning the data directory. The copier does the root's files before any
-/// subdirectory: `big` keeps it busy while a test changes `z/`, which it has not
-/// reached.
+/// returning the data directory. The copier takes entries by name: `big` keeps it
+/// busy while a test changes `z/`, which it has not reached.
 fn busy_source(ex: &localnfs_nfs::nfs::Exports) -> std::path::PathBuf {
     let dir = ex.store().data_dir(&name("src"));
     std::fs::write(dir.join("big"), vec![9u8; 384 << 20]).expect("big");
@@ -875,5 +874,134 @@ async fn a_file_removed_during_a_copy_is_stale_through_its_handle() {
         (usage.bytes, usage.inodes),
         "the source's charge drifted"
     );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn copying_many_files_holds_only_the_directories_on_its_path_and_writes_a_sorted_manifest() {
+    let server = Served::start(&[("src", 64 * MIB)]).await;
+    let ex = server.exports.clone();
+    let dir = ex.store().data_dir(&name("src"));
+    // 20 directories of 50 files (names chosen so a directory sorts between files of
+    // its parent, as `a.x` < `a/` < `a0`), some hard links across directories, and a
+    // chain of long names.
+    let mut files = 0;
+    for d in 0..20 {
+        let sub = dir.join(format!("d{d:02}"));
+        std::fs::create_dir(&sub).expect("mkdir");
+        std::fs::write(dir.join(format!("d{d:02}.x")), format!("top {d}")).expect("write");
+        std::fs::write(dir.join(format!("d{d:02}0")), format!("after {d}")).expect("write");
+        files += 2;
+        for f in 0..50 {
+            std::fs::write(sub.join(format!("f{f:02}")), format!("{d} {f}")).expect("write");
+            files += 1;
+        }
+    }
+    for d in 1..5 {
+        std::fs::hard_link(dir.join("d00/f00"), dir.join(format!("d{d:02}/link"))).expect("link");
+        files += 1;
+    }
+    let mut deep = dir.clone();
+    for i in 0..8 {
+        deep = deep.join(format!("{i}{}", "n".repeat(200)));
+        std::fs::create_dir(&deep).expect("mkdir deep");
+        std::fs::write(deep.join("leaf"), b"deep").expect("write deep");
+        files += 1;
+    }
+    ex.recount_usage();
+    let ex2 = ex.clone();
+    let (_, report) = tokio::task::spawn_blocking(move || {
+        ex2.clone_volume(
+            &name("src"),
+            &VolumeSpec::new(name("copy"), 64 * MIB),
+            &owner(),
+        )
+    })
+    .await
+    .expect("task")
+    .expect("copy");
+    // The root's 69 entries, one directory's 51, and the file linked four times: the
+    // copy holds no record per file.
+    assert!(
+        report.peak_records < 130,
+        "the copier held {} records for {files} files",
+        report.peak_records
+    );
+
+    // The manifest is sha256sum's, every name of every file, sorted by path.
+    let copy = tree(&ex.store().data_dir(&name("copy")));
+    let manifest =
+        std::fs::read_to_string(ex.store().manifest_path(&name("copy"))).expect("manifest");
+    let mut paths = Vec::new();
+    for line in manifest.lines() {
+        let (hash, path) = line.split_once("  ").expect("sha256sum line");
+        let digest = ring::digest::digest(&ring::digest::SHA256, &copy[path]);
+        let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hash, hex, "{path}");
+        paths.push(path.to_owned());
+    }
+    let mut sorted = paths.clone();
+    sorted.sort();
+    assert_eq!(paths, sorted, "the manifest is not sorted by path");
+    assert_eq!(paths.len(), files);
+    assert_eq!(
+        copy.keys().filter(|p| !p.ends_with('/')).count(),
+        files,
+        "the copy misses files"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_made_and_removed_in_a_large_directory_while_the_copier_lists_it_are_as_at_the_instant()
+ {
+    const N: usize = 5_000;
+    let server = Served::start(&[("src", 1 << 30)]).await;
+    let ex = server.exports.clone();
+    let dir = ex.store().data_dir(&name("src"));
+    std::fs::create_dir(dir.join("z")).expect("mkdir");
+    for k in 0..N {
+        std::fs::write(dir.join(format!("z/f{k:05}")), k.to_string()).expect("write");
+    }
+    ex.recount_usage();
+    let t = tree(&dir);
+    let mut c = server.mount("src").await;
+    let root = c.root.clone();
+    let z = c.lookup(&root, b"z").await.expect("LOOKUP z");
+
+    let copy = copy_started(&ex).await;
+    // The copier makes `z` in the copy just before it lists the source's `z`: the
+    // changes start while it lists.
+    let copied_z = ex.store().root().join("staging/copy.partial/data/z");
+    let started = std::time::Instant::now();
+    while !copied_z.exists() {
+        assert!(
+            started.elapsed().as_secs() < 60,
+            "the copier never reached z"
+        );
+        tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+    }
+    let mut k = 0;
+    while !copy.is_finished() && k < N {
+        c.remove(&z, format!("f{k:05}").as_bytes())
+            .await
+            .expect("REMOVE");
+        c.create(&z, format!("g{k:05}").as_bytes())
+            .await
+            .expect("CREATE");
+        k += 1;
+    }
+    assert!(
+        k > 0,
+        "the copier finished before any change: nothing was exercised"
+    );
+    copy.await.expect("copy task").expect("copy");
+    println!("{k} files removed and {k} made while the copy ran");
+
+    let copied = tree(&ex.store().data_dir(&name("copy")));
+    assert_eq!(copied.len(), t.len(), "the copy has other names than at T");
+    for (p, data) in &t {
+        assert_eq!(copied.get(p), Some(data), "{p} differs from T in the copy");
+    }
     server.stop().await;
 }

@@ -12,7 +12,10 @@
 //! and before it changes anything, what T saw of what it is about to change
 //! ([`Watch::job`] is one atomic load when no copy runs):
 //! - a directory whose entries are about to change is listed now, if nobody listed it
-//!   since T (the listing is its T content: nothing changed in it before);
+//!   since T (the listing is its T content: nothing changed in it before). The copier
+//!   lists a directory without the job's lock and keeps its listing only if no call
+//!   listed the directory meanwhile: a call's listing wins, its own may have seen the
+//!   call's change;
 //! - an object about to change, or to lose a name, records its T attributes (first
 //!   change wins; a later object given a removed one's inode number never replaces
 //!   them);
@@ -38,15 +41,21 @@
 //! volume it started from at its path, stored and served ("the source volume was
 //! removed during the copy"), rather than commit a tree emptied under it.
 //!
-//! Done: the staging tree is made durable (`syncfs`), a sha256 manifest of every
-//! regular file is written, and the store commits it (`VolumeStore::commit_copy`):
-//! one rename makes the volume exist. Any failure leaves nothing behind.
+//! What the copy holds in memory does not grow with the file count: the copier walks
+//! depth first, holding the listings of the directories on its path (a finished
+//! directory's listing and record go, leaving its inode number in a set), a record
+//! only for files with more than one name, and writes the sha256 manifest line by
+//! line to `meta/<name>.sha256` in staging as it meets files (in path order).
+//!
+//! Done: the staging tree and the manifest are made durable (`syncfs`), and the store
+//! commits them (`VolumeStore::commit_copy`): one rename makes the volume exist. Any
+//! failure leaves nothing behind.
 
 mod walk;
 
 pub use walk::sha256sum_text;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -73,6 +82,10 @@ pub struct CopyReport {
     pub objects: u64,
     /// Bytes the source's calls saved as pre-images while the copy ran.
     pub preserved: u64,
+    /// The most directory-listing entries and hard-link records the copier held at
+    /// once: the listings of the directories on its path, and the files with more
+    /// than one name. It does not grow with the file count.
+    pub peak_records: u64,
 }
 
 /// One volume's running copy, if any: what the mutating calls look at.
@@ -137,6 +150,9 @@ struct Seen {
 struct JobState {
     listings: HashMap<u64, Arc<Vec<Entry>>>,
     seen: HashMap<u64, Seen>,
+    /// Files and directories the copier is finished with, whose records and listings
+    /// it let go: nothing to preserve for them.
+    finished: HashSet<u64>,
     /// The files hard-linked in `keep/`, so the job's end drops their links without
     /// going over every record.
     kept: Vec<u64>,
@@ -187,6 +203,11 @@ impl CopyJob {
         let listing = Arc::new(list_dir(&dir)?);
         st.listings.insert(ino, listing.clone());
         Ok(listing)
+    }
+
+    /// Whether the copier is finished with object `ino`, or it was made after T.
+    fn done(st: &JobState, ino: u64) -> bool {
+        st.finished.contains(&ino) || st.seen.get(&ino).is_some_and(|s| s.done)
     }
 
     /// What T saw of object `ino`; `stat` reads it now if nothing has since T.
@@ -259,7 +280,7 @@ pub fn before_dir_change(v: &Volume, dir: RawFd) {
     }
     let r = sys::fstat(dir).and_then(|d| {
         // A directory made after T is in no listing the copier reads.
-        if st.seen.get(&d.st_ino).is_some_and(|s| s.done) {
+        if CopyJob::done(&st, d.st_ino) {
             return Ok(());
         }
         job.listing_locked(&mut st, d.st_ino, || {
@@ -292,6 +313,13 @@ pub fn before_unlink(v: &Volume, dir: RawFd, name: &[u8]) -> bool {
         return false;
     }
     let r = match victim.st_mode & libc::S_IFMT {
+        // Finished (its listing let go), or made after T.
+        libc::S_IFDIR if CopyJob::done(&st, victim.st_ino) => Ok(false),
+        libc::S_IFREG
+            if !st.seen.contains_key(&victim.st_ino) && CopyJob::done(&st, victim.st_ino) =>
+        {
+            Ok(false)
+        }
         libc::S_IFDIR => job
             .listing_locked(&mut st, victim.st_ino, || {
                 sys::openat(dir, name, libc::O_RDONLY | libc::O_DIRECTORY, 0)
@@ -341,6 +369,10 @@ pub fn before_change(v: &Volume, fd: RawFd, range: Option<(u64, u64)>) {
     let Ok(now) = sys::fstat(fd) else { return };
     let mut st = job.lock();
     if st.failed.is_some() {
+        return;
+    }
+    // Finished by the copier: its record is gone, nothing to preserve.
+    if !st.seen.contains_key(&now.st_ino) && CopyJob::done(&st, now.st_ino) {
         return;
     }
     let pre = raw(&job.pre);
@@ -600,6 +632,7 @@ impl Exports {
             objects: totals.objects,
             preserved,
             started,
+            peak_records: totals.peak_records,
         };
         Ok((staging, report))
     }
@@ -630,6 +663,7 @@ pub struct Snapshot {
     pub objects: u64,
     pub preserved: u64,
     pub started: Instant,
+    pub peak_records: u64,
 }
 
 impl From<Snapshot> for CopyReport {
@@ -641,6 +675,7 @@ impl From<Snapshot> for CopyReport {
             took: s.took,
             objects: s.objects,
             preserved: s.preserved,
+            peak_records: s.peak_records,
         }
     }
 }

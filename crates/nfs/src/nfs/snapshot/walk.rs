@@ -2,13 +2,18 @@
 //! that changed a directory first) into the staging directory, copies each regular
 //! file's T bytes, gives every object its T attributes, and writes the manifest.
 //! Objects are opened by kernel handle, never by path: a name may have moved since T.
+//! It goes depth first, taking a directory's entries by name (a directory's as if it
+//! ended in `/`), so it meets regular files in the byte order of their paths and
+//! appends each manifest line as it goes; a directory is given its attributes and
+//! forgotten once everything under it is in.
 //! Paths on the staging side are relative to the staging tree's root descriptor.
 
 use std::collections::HashMap;
-use std::io::Write;
+use std::io::{BufWriter, Write};
 use std::os::fd::{OwnedFd, RawFd};
+use std::sync::Arc;
 
-use super::{CopyJob, Entry, KernelHandle, errno_text, insert_range, uncovered};
+use super::{CopyJob, Entry, KernelHandle, Seen, errno_text, insert_range, list_dir, uncovered};
 use crate::nfs::quota::charge_of;
 use crate::nfs::state::Volume;
 use crate::nfs::sys::{self, Errno, raw};
@@ -30,6 +35,8 @@ pub(super) struct Totals {
     pub objects: u64,
     /// What the new volume is charged (as `VolumeStore::usage` counts).
     pub charged: u64,
+    /// The most listing entries and hard-link records the walk held at once.
+    pub peak_records: u64,
 }
 
 pub(super) enum Stop {
@@ -68,14 +75,46 @@ struct Walk<'a> {
     data: OwnedFd,
     limits: Limits,
     totals: Totals,
-    /// Staging path of the first name of each regular file copied, and its sha256
-    /// (further names are hard links to it).
+    /// Staging path of the first name of each regular file copied that has more than
+    /// one name, and its sha256 (further names are hard links to it). A file with one
+    /// name is met once: nothing of it is kept.
     copied: HashMap<u64, (Vec<u8>, String)>,
-    manifest: Vec<(Vec<u8>, String)>,
+    /// `meta/<name>.sha256`, written line by line as the walk goes.
+    manifest: BufWriter<std::fs::File>,
+    /// Listing entries and `copied` records held now, and the most held at once.
+    held: u64,
+    peak: u64,
+}
+
+/// A directory the walk is in: its listing, in manifest order, and the next entry.
+struct Frame {
+    rel: Vec<u8>,
+    ino: u64,
+    listing: Arc<Vec<Entry>>,
+    order: Vec<u32>,
+    next: usize,
+}
+
+/// The order the walk takes a directory's entries in: by name, a directory's name
+/// compared as if it ended in `/`. Taking them so, depth first, meets regular files
+/// in the byte order of their full paths, the order of the manifest's lines.
+fn manifest_order(listing: &[Entry]) -> Vec<u32> {
+    fn key(e: &Entry) -> impl Iterator<Item = &u8> {
+        let dir: &'static [u8] = if e.st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            b"/"
+        } else {
+            b""
+        };
+        e.name.iter().chain(dir.iter())
+    }
+    let mut order: Vec<u32> = (0..listing.len() as u32).collect();
+    order.sort_by(|&a, &b| key(&listing[a as usize]).cmp(key(&listing[b as usize])));
+    order
 }
 
 /// Copies the tree T saw of `v` into `staging` (see the module docs), makes it durable
-/// and writes the manifest.
+/// and writes the manifest. What it holds at once is the listings of the directories
+/// on the path it is in and the files with several names, never a record per file.
 pub(super) fn copy_tree(
     v: &Volume,
     job: &CopyJob,
@@ -93,6 +132,8 @@ pub(super) fn copy_tree(
         0,
     )
     .map_err(failed("open the copy's root"))?;
+    let manifest = std::fs::File::create(staging.manifest())
+        .map_err(|e| Stop::Failed(format!("write the manifest: {e}")))?;
     let mut w = Walk {
         v,
         job,
@@ -100,61 +141,44 @@ pub(super) fn copy_tree(
         limits,
         totals: Totals::default(),
         copied: HashMap::new(),
-        manifest: Vec::new(),
+        manifest: BufWriter::new(manifest),
+        held: 0,
+        peak: 0,
     };
     let root_ino = sys::fstat(raw(&v.root))
         .map_err(failed("stat the volume's root"))?
         .st_ino;
-    // Directories get their attributes after their children are in (an entry added
-    // changes a directory's times).
-    let mut dirs = Vec::new();
-    let mut stack: Vec<(Vec<u8>, u64, Option<KernelHandle>)> =
-        vec![(b".".to_vec(), root_ino, None)];
-    while let Some((rel, ino, handle)) = stack.pop() {
-        let listing = {
-            let mut st = job.lock();
-            // A change that could not be preserved dooms the copy: stop now.
-            if let Some(why) = &st.failed {
-                return Err(Stop::Failed(why.clone()));
-            }
-            job.listing_locked(&mut st, ino, || match &handle {
-                None => sys::reopen(raw(&v.root), libc::O_RDONLY | libc::O_DIRECTORY),
-                Some((kind, bytes)) => sys::open_by_handle(
-                    v.mount_fd(),
-                    *kind,
-                    bytes,
-                    libc::O_RDONLY | libc::O_DIRECTORY,
-                ),
-            })
-            .map_err(failed("list a directory"))?
+    let mut stack = vec![w.enter(b".".to_vec(), root_ino, None)?];
+    while let Some(top) = stack.last_mut() {
+        let Some(&i) = top.order.get(top.next) else {
+            // Every entry is in, subdirectories included: its attributes now (an
+            // entry added changes a directory's times), then it is forgotten.
+            let Some(done) = stack.pop() else { break };
+            w.leave(done)?;
+            continue;
         };
-        for e in listing.iter() {
-            let child = join(&rel, &e.name);
-            let kind = e.st.st_mode & libc::S_IFMT;
-            if kind == libc::S_IFDIR {
-                sys::mkdirat(raw(&w.data), &child, 0o700).map_err(failed("create a directory"))?;
-                w.count(charge_of(&e.st))?;
-                stack.push((child, e.st.st_ino, e.handle.clone()));
-            } else if kind == libc::S_IFREG {
-                w.file(&child, e)?;
-            } else {
-                w.special(&child, e)?;
-            }
+        top.next += 1;
+        let listing = top.listing.clone();
+        let e = &listing[i as usize];
+        let child = join(&top.rel, &e.name);
+        let kind = e.st.st_mode & libc::S_IFMT;
+        if kind == libc::S_IFDIR {
+            sys::mkdirat(raw(&w.data), &child, 0o700).map_err(failed("create a directory"))?;
+            w.count(charge_of(&e.st))?;
+            let frame = w.enter(child, e.st.st_ino, e.handle.clone())?;
+            stack.push(frame);
+        } else if kind == libc::S_IFREG {
+            w.file(&child, e)?;
+        } else {
+            w.special(&child, e)?;
         }
-        dirs.push((rel, ino));
-    }
-    for (rel, ino) in dirs.iter().rev() {
-        let st = job
-            .lock()
-            .seen
-            .get(ino)
-            .map(|s| s.st)
-            .ok_or_else(|| Stop::Failed("a directory's attributes were not recorded".into()))?;
-        sys::set_attrs_at(raw(&w.data), rel, &st)
-            .map_err(failed("set a directory's attributes"))?;
     }
     sys::syncfs(raw(&w.data)).map_err(failed("make the copy durable"))?;
-    w.write_manifest(staging)?;
+    w.manifest
+        .flush()
+        .and_then(|()| w.manifest.get_ref().sync_all())
+        .map_err(|e| Stop::Failed(format!("write the manifest: {e}")))?;
+    w.totals.peak_records = w.peak;
     Ok(w.totals)
 }
 
@@ -203,8 +227,8 @@ impl Walk<'_> {
         if let Some((first, hash)) = self.copied.get(&ino) {
             sys::linkat(raw(&self.data), first, raw(&self.data), rel)
                 .map_err(failed("link a copied file"))?;
-            self.manifest.push((rel.to_vec(), hash.clone()));
-            return Ok(());
+            let line = sha256sum_text(&[(rel.to_vec(), hash.clone())]);
+            return self.line(&line);
         }
         let Some((kind, handle)) = &e.handle else {
             return Err(Stop::Failed("a listed file has no handle".into()));
@@ -240,9 +264,100 @@ impl Walk<'_> {
         self.totals.bytes += size;
         self.totals.files += 1;
         let hash = sha256(raw(&dst), size).map_err(failed("checksum a copied file"))?;
-        self.manifest.push((rel.to_vec(), hash.clone()));
-        self.copied.insert(ino, (rel.to_vec(), hash));
+        self.line(&sha256sum_text(&[(rel.to_vec(), hash.clone())]))?;
+        // Only a file with more names is met again. The count is T's: a name removed
+        // since had the file's T attributes recorded first, and one added only adds.
+        if e.st.st_nlink > 1 || t.st_nlink > 1 {
+            self.copied.insert(ino, (rel.to_vec(), hash));
+            self.hold(1);
+        }
         Ok(())
+    }
+
+    /// Appends a manifest line (the walk meets files in the manifest's order).
+    fn line(&mut self, text: &[u8]) -> Result<(), Stop> {
+        self.manifest
+            .write_all(text)
+            .map_err(|e| Stop::Failed(format!("write the manifest: {e}")))
+    }
+
+    /// `n` more records held (negative: let go); tracks the most held at once.
+    fn hold(&mut self, n: i64) {
+        self.held = self.held.saturating_add_signed(n);
+        self.peak = self.peak.max(self.held);
+    }
+
+    /// Starts on directory `ino` (copied to `rel`): its T listing, in manifest order.
+    fn enter(
+        &mut self,
+        rel: Vec<u8>,
+        ino: u64,
+        handle: Option<KernelHandle>,
+    ) -> Result<Frame, Stop> {
+        let v = self.v;
+        let listed = |st: &super::JobState| -> Result<Option<Arc<Vec<Entry>>>, Stop> {
+            // A change that could not be preserved dooms the copy: stop now.
+            if let Some(why) = &st.failed {
+                return Err(Stop::Failed(why.clone()));
+            }
+            Ok(st.listings.get(&ino).cloned())
+        };
+        // Not in the match: its guard would live through the arms.
+        let known = listed(&self.job.lock())?;
+        let listing = match known {
+            Some(l) => l,
+            None => {
+                // Listed without the job's lock, which every mutating call of the
+                // source takes (under the volume's charge lock): a large directory
+                // does not stall them. A call that changes this directory meanwhile
+                // lists it first, under the lock, before it changes anything: its
+                // listing is then T's, and this one (which may have seen the change,
+                // or failed on an entry gone under it) is dropped.
+                let mine = open_dir(v, handle.as_ref()).and_then(|dir| {
+                    let dir_st = sys::fstat(raw(&dir))?;
+                    Ok((dir_st, list_dir(&dir)?))
+                });
+                let mut st = self.job.lock();
+                match (listed(&st)?, mine) {
+                    (Some(theirs), _) => theirs,
+                    (None, Ok((dir_st, mine))) => {
+                        // Nobody changed it since T, attributes included (a call
+                        // would have recorded them first).
+                        st.seen.entry(ino).or_insert_with(|| Seen::of(dir_st));
+                        let mine = Arc::new(mine);
+                        st.listings.insert(ino, mine.clone());
+                        mine
+                    }
+                    (None, Err(e)) => return Err(failed("list a directory")(e)),
+                }
+            }
+        };
+        self.hold(listing.len() as i64);
+        Ok(Frame {
+            rel,
+            ino,
+            order: manifest_order(&listing),
+            listing,
+            next: 0,
+        })
+    }
+
+    /// Finishes directory `f`, every entry in: gives it its T attributes and forgets
+    /// its listing and record (a call changing it later needs nothing preserved).
+    fn leave(&mut self, f: Frame) -> Result<(), Stop> {
+        let st = {
+            let mut st = self.job.lock();
+            let seen = st
+                .seen
+                .remove(&f.ino)
+                .ok_or_else(|| Stop::Failed("a directory's attributes were not recorded".into()))?;
+            st.listings.remove(&f.ino);
+            st.finished.insert(f.ino);
+            seen.st
+        };
+        self.hold(-(f.listing.len() as i64));
+        sys::set_attrs_at(raw(&self.data), &f.rel, &st)
+            .map_err(failed("set a directory's attributes"))
     }
 
     /// Lays the T bytes the source's calls saved for `ino` over the copy `dst`, then
@@ -267,6 +382,13 @@ impl Walk<'_> {
                     .collect();
                 if todo.is_empty() {
                     seen.done = true;
+                    let kept = seen.kept;
+                    // Only a kept file's record is still needed (`only_kept`); the
+                    // rest is one number in `finished`.
+                    if !kept {
+                        st.seen.remove(&ino);
+                    }
+                    st.finished.insert(ino);
                     // The keep link stays until the job ends (see `CopyJob::end`): a
                     // REMOVE that counted it must still find it when it releases.
                     let _ = sys::unlinkat(raw(&self.job.pre), name.as_bytes(), 0);
@@ -287,19 +409,6 @@ impl Walk<'_> {
                 insert_range(&mut applied, a, b);
             }
         }
-    }
-
-    /// `manifest`: `<sha256>  <path>` per regular file (each name of a hard-linked
-    /// one), sorted by path, as `sha256sum` writes and `sha256sum -c` reads it from the
-    /// volume's root; a path with a newline or backslash is escaped as `sha256sum`
-    /// does (the line starts with `\`).
-    fn write_manifest(&mut self, staging: &Staging) -> Result<(), Stop> {
-        self.manifest.sort();
-        let text = sha256sum_text(&self.manifest);
-        let path = staging.manifest();
-        std::fs::File::create(&path)
-            .and_then(|mut f| f.write_all(&text).and_then(|()| f.sync_all()))
-            .map_err(|e| Stop::Failed(format!("write the manifest: {e}")))
     }
 }
 
@@ -325,6 +434,19 @@ pub fn sha256sum_text(lines: &[(Vec<u8>, String)]) -> Vec<u8> {
         text.push(b'\n');
     }
     text
+}
+
+/// Opens directory `handle` of `v` (the root when `None`) for listing.
+fn open_dir(v: &Volume, handle: Option<&KernelHandle>) -> Result<OwnedFd, Errno> {
+    match handle {
+        None => sys::reopen(raw(&v.root), libc::O_RDONLY | libc::O_DIRECTORY),
+        Some((kind, bytes)) => sys::open_by_handle(
+            v.mount_fd(),
+            *kind,
+            bytes,
+            libc::O_RDONLY | libc::O_DIRECTORY,
+        ),
+    }
 }
 
 /// Copies bytes `[from, to)` of `src` to the same offsets of `dst`, in the kernel
