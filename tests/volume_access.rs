@@ -180,15 +180,14 @@ async fn volumes_reach_only_the_nodes_of_their_pods_and_read_write_once_one_node
 
     // ReadWriteMany: every node with a pod of the claim mounts it, at the same time.
     let shared = bound_pv(&client, "shared").await;
+    // One pod after the other: the test-kubelet's check-then-write is not atomic, so two
+    // pods started at once on two nodes may both find no file and both write it. `a`
+    // stays mounted while `b` mounts, so both nodes still hold the volume at once.
     pod_on(&client, "a", "node-1", &["shared"]).await;
+    let a = running(&client, &kubelet, &lnfs, "a").await;
     pod_on(&client, "b", "node-2", &["shared"]).await;
-    let (a, b) = (
-        running(&client, &kubelet, &lnfs, "a").await,
-        running(&client, &kubelet, &lnfs, "b").await,
-    );
-    let mut seen = [a, b];
-    seen.sort();
-    assert_eq!(seen, ["shared:found", "shared:wrote"]);
+    let b = running(&client, &kubelet, &lnfs, "b").await;
+    assert_eq!([a, b], ["shared:wrote", "shared:found"]);
     wait_published(&client, &shared.name_any(), &["node-1", "node-2"]).await;
     for (pod, node) in [("a", "node-1"), ("b", "node-2")] {
         let uid = Api::<Pod>::namespaced(client.clone(), "default")
