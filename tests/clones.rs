@@ -387,11 +387,12 @@ async fn a_request_naming_another_namespaces_volume_is_refused_by_the_agent() {
     }
     for (name, _, words) in cases {
         event_saying(&client, "tenant", name, "ProvisioningFailed", words).await;
-        let refused = tenant.get(name).await.expect("claim");
-        assert!(
-            refused.annotations().contains_key(REFUSED),
-            "{name}: no refusal answer"
-        );
+        // The agent sends the event first, then answers on the claim.
+        eventually(&format!("{name}: the refusal answer"), WAIT, || async {
+            let claim = tenant.get(name).await.ok()?;
+            claim.annotations().contains_key(REFUSED).then_some(())
+        })
+        .await;
     }
     assert_eq!(
         volume_dirs(&lnfs, "node-1"),
