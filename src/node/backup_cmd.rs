@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::volume_cmd::{answer_and_forget, answer_interrupted, ask_agent, claim_requests, io_err};
+use super::volume_cmd::{answer_interrupted, ask_agent, io_err, serve_requests};
 use crate::cli::{BackupVolume, RestoreVolume};
 use crate::error::{Error, Result};
 use crate::nfs::Exports;
@@ -187,24 +187,15 @@ pub fn fail_interrupted_backups(root: &Path) {
 
 /// Starts the backups requested since the last call, each on a thread of its own.
 pub fn serve_backup_requests(exports: &Arc<Exports>) {
-    let root = exports.store().root().to_owned();
-    for running in claim_requests(&requests_dir(&root)) {
-        let exports = exports.clone();
-        std::thread::spawn(move || {
-            let answer = match std::fs::read(&running)
-                .map_err(|e| e.to_string())
-                .and_then(|b| {
-                    serde_json::from_slice::<BackupRequest>(&b).map_err(|e| e.to_string())
-                }) {
-                Ok(req) => run_backup(&exports, &req),
-                Err(why) => BackupAnswer {
-                    error: Some(format!("unreadable backup request: {why}")),
-                    ..BackupAnswer::default()
-                },
-            };
-            answer_and_forget(&running, &answer);
-        });
-    }
+    serve_requests(
+        exports,
+        &requests_dir(exports.store().root()),
+        run_backup,
+        |why| BackupAnswer {
+            error: Some(format!("unreadable backup request: {why}")),
+            ..BackupAnswer::default()
+        },
+    );
 }
 
 fn run_backup(exports: &Exports, req: &BackupRequest) -> BackupAnswer {

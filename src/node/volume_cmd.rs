@@ -194,19 +194,37 @@ pub fn fail_interrupted_copies(root: &Path) {
 
 /// Starts the copies requested since the last call, each on a thread of its own.
 pub fn serve_copy_requests(exports: &Arc<Exports>) {
-    let root = exports.store().root().to_owned();
-    for running in claim_requests(&requests_dir(&root)) {
+    serve_requests(
+        exports,
+        &requests_dir(exports.store().root()),
+        run_copy,
+        |why| CopyAnswer {
+            error: Some(format!("unreadable copy request: {why}")),
+            ..CopyAnswer::default()
+        },
+    );
+}
+
+/// Claims the requests waiting in `dir` and serves each on a thread of its own:
+/// `run` answers a request that parses, `unreadable` one that does not.
+pub(super) fn serve_requests<Req, Ans>(
+    exports: &Arc<Exports>,
+    dir: &Path,
+    run: fn(&Exports, &Req) -> Ans,
+    unreadable: fn(String) -> Ans,
+) where
+    Req: serde::de::DeserializeOwned + 'static,
+    Ans: Serialize + 'static,
+{
+    for running in claim_requests(dir) {
         let exports = exports.clone();
         std::thread::spawn(move || {
             let answer = match std::fs::read(&running)
                 .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice::<CopyRequest>(&b).map_err(|e| e.to_string()))
+                .and_then(|b| serde_json::from_slice::<Req>(&b).map_err(|e| e.to_string()))
             {
-                Ok(req) => run_copy(&exports, &req),
-                Err(why) => CopyAnswer {
-                    error: Some(format!("unreadable copy request: {why}")),
-                    ..CopyAnswer::default()
-                },
+                Ok(req) => run(&exports, &req),
+                Err(why) => unreadable(why),
             };
             answer_and_forget(&running, &answer);
         });
