@@ -23,6 +23,7 @@ use super::pool::{Class, Ticket};
 use super::program::nfs3;
 use super::rpc;
 use super::state::{Exports, Volume};
+use super::table;
 use super::table::Direction;
 use super::throttle::Throttle;
 use super::writeback::Backlog;
@@ -187,16 +188,7 @@ pub fn route(ex: &Exports, client: IpAddr, record: &[u8], direction: Option<Dire
             }
         }
         // Each syncs what it changed before its reply (`DESIGN.md`, invariant 10).
-        nfs3::COMMIT
-        | nfs3::CREATE
-        | nfs3::MKDIR
-        | nfs3::SYMLINK
-        | nfs3::MKNOD
-        | nfs3::REMOVE
-        | nfs3::RMDIR
-        | nfs3::RENAME
-        | nfs3::LINK
-        | nfs3::SETATTR => (0, Class::Durable),
+        p if table::changes(p) => (0, Class::Durable),
         _ => (0, Class::Other),
     };
     Route {

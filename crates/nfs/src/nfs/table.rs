@@ -322,19 +322,28 @@ pub fn direction(record: &[u8]) -> Option<Direction> {
     }
     match word(record, 5)? {
         nfs3::READ | nfs3::READDIR | nfs3::READDIRPLUS | nfs3::READLINK => Some(Direction::Read),
-        nfs3::WRITE
-        | nfs3::COMMIT
-        | nfs3::CREATE
-        | nfs3::MKDIR
-        | nfs3::SYMLINK
-        | nfs3::MKNOD
-        | nfs3::REMOVE
-        | nfs3::RMDIR
-        | nfs3::RENAME
-        | nfs3::LINK
-        | nfs3::SETATTR => Some(Direction::Write),
+        p if changes(p) => Some(Direction::Write),
         _ => None,
     }
+}
+
+/// Whether NFSv3 procedure `proc` changes the volume: WRITE, COMMIT, SETATTR and the
+/// namespace changes (each syncs what it changed before its reply).
+pub fn changes(proc: u32) -> bool {
+    matches!(
+        proc,
+        nfs3::WRITE
+            | nfs3::COMMIT
+            | nfs3::CREATE
+            | nfs3::MKDIR
+            | nfs3::SYMLINK
+            | nfs3::MKNOD
+            | nfs3::REMOVE
+            | nfs3::RMDIR
+            | nfs3::RENAME
+            | nfs3::LINK
+            | nfs3::SETATTR
+    )
 }
 
 /// Whether the call in `record` is tried on the connection task (see [`Runs`]), from
