@@ -158,6 +158,7 @@ pub fn restore(root: &Path, r: RestoreVolume) -> Result<()> {
     let opts = backup::RestoreOptions {
         size: r.size,
         device_nodes: r.allow_device_nodes,
+        owner: None,
     };
     let (meta, report) = backup::restore_set_with(&store, &r.from, &r.name, &opts)?;
     println!(

@@ -731,3 +731,74 @@ async fn a_tampered_file_in_the_previous_set_is_copied_afresh_not_linked_into_th
     backup::restore_set(store, &second.path, &name("again"), None).expect("restore");
     assert_eq!(before, snapshot(&store.data_dir(&name("again"))));
 }
+
+fn owner(ns: &str, claim: &str) -> localnfs_nfs::volume::Owner {
+    localnfs_nfs::volume::Owner {
+        claim_uid: format!("uid-{claim}"),
+        namespace: ns.into(),
+        claim: claim.into(),
+    }
+}
+
+/// A restore for a claim (the node agent's, for a VolumeRestore) takes only a set of
+/// the claim's own namespace: a tenant naming another namespace's volume or set gets
+/// nothing, and a set without an owner record is left to the restore by hand.
+#[tokio::test]
+async fn a_restore_for_a_claim_takes_only_sets_of_its_own_namespace() {
+    let s = Setup::new().await;
+    let store = s.served.exports.store();
+    let spec = localnfs_nfs::volume::VolumeSpec::new(name("owned"), 16 * MIB);
+    store
+        .create_for(&spec, &owner("shop", "data-0"))
+        .expect("create");
+    s.served
+        .exports
+        .refresh_volume(&name("owned"))
+        .expect("serve");
+    std::fs::write(store.data_dir(&name("owned")).join("orders"), b"42").expect("write");
+    let owned = s
+        .served
+        .exports
+        .backup_volume(&name("owned"), s.target.path(), &same_device())
+        .expect("backup");
+    let unowned = s.backup(&same_device()).expect("backup");
+    let for_claim = |ns: &str, claim: &str| backup::RestoreOptions {
+        owner: Some(owner(ns, claim)),
+        ..backup::RestoreOptions::default()
+    };
+
+    let e = backup::restore_set_with(store, &owned.path, &name("stolen"), &for_claim("bank", "x"))
+        .expect_err("another namespace's set");
+    assert!(
+        e.to_string().contains("the set belongs to namespace shop"),
+        "{e}"
+    );
+    let e = backup::restore_set_with(store, &unowned.path, &name("old"), &for_claim("shop", "y"))
+        .expect_err("a set without an owner");
+    assert!(e.to_string().contains("made before owner records"), "{e}");
+    for made in ["stolen", "old"] {
+        assert!(
+            store.get(&name(made)).expect("read").is_none(),
+            "{made} made"
+        );
+        assert!(
+            !store.data_dir(&name(made)).exists(),
+            "{made} has a directory"
+        );
+    }
+
+    let (meta, _) = backup::restore_set_with(
+        store,
+        &owned.path,
+        &name("back"),
+        &for_claim("shop", "db-restored"),
+    )
+    .expect("restore");
+    assert_eq!(meta.owner, Some(owner("shop", "db-restored")));
+    assert_eq!(
+        std::fs::read(store.data_dir(&name("back")).join("orders")).expect("read"),
+        b"42"
+    );
+    // By hand on the node (no claim), any complete set.
+    backup::restore_set(store, &unowned.path, &name("by-hand"), None).expect("restore by hand");
+}

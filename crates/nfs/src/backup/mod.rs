@@ -8,7 +8,8 @@
 //! <volume>/<set-id>/manifest.json   every object: path, kind, mode, uid/gid, size,
 //!                                   mtime, sha256 (regular files), symlink target,
 //!                                   hard link (first name of the same inode), rdev;
-//!                                   and the volume's spec (size, owner, squash, …)
+//!                                   the volume's spec (size, owner, squash, …) and
+//!                                   its owner record (the claim it was made for)
 //! <volume>/<set-id>/COMPLETE        summary (time, bytes, files, copied, linked);
 //!                                   written last
 //! <volume>/<set-id>.partial/        a set being written
@@ -55,7 +56,9 @@
 //! there is refused), must be a regular file of the manifest's size (checked before
 //! reading; never read past it), so a FIFO or a huge file cannot hang the restore or
 //! fill the node. The items' sizes and count, not the summary, are checked against the
-//! new volume's size and object limit before anything is written. Paths in a manifest
+//! new volume's size and object limit before anything is written. A restore for a
+//! claim ([`RestoreOptions::owner`]) takes only a set whose owner record is in that
+//! claim's namespace, and records the claim as the new volume's owner. Paths in a manifest
 //! that leave the volume are refused. Character and block devices are refused unless
 //! the store allows device nodes ([`RestoreOptions::device_nodes`]); owners, modes
 //! (setuid and setgid bits included) come from the manifest as recorded, so whoever
@@ -72,10 +75,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::volume::{VolumeName, VolumeSpec};
+use crate::volume::{Owner, VolumeName, VolumeSpec};
 
 pub use metrics::BackupCollector;
-pub use restore::{RestoreOptions, RestoreReport, restore_set, restore_set_with};
+pub use restore::{RestoreOptions, RestoreReport, owner_check, restore_set, restore_set_with};
 pub use write::{BackupOptions, BackupReport};
 
 /// The marker that makes a set directory a set; written last.
@@ -151,6 +154,11 @@ pub struct Manifest {
     pub set: String,
     /// The volume as it was made: a restore makes the new volume the same way.
     pub spec: VolumeSpec,
+    /// The backed-up volume's owner record (the claim it was made for); absent for a
+    /// volume without one, and in sets written before sets recorded it. A restore for
+    /// a claim requires it, in the claim's namespace ([`restore::owner_check`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Owner>,
     pub summary: Summary,
     pub items: Vec<Item>,
 }

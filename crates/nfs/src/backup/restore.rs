@@ -5,6 +5,10 @@
 //! committed by `VolumeStore::commit_copy` (nothing exists until then; any failure
 //! removes the staging directory). Character and block devices only when the store
 //! allows device nodes (`RestoreOptions::device_nodes`), as for the server's MKNOD.
+//! A restore for a claim (`RestoreOptions::owner`) first checks the set's owner record
+//! ([`owner_check`]): a set of another namespace, or one without an owner record, is
+//! refused before anything is made, so naming a volume or set cannot hand a tenant
+//! another namespace's data.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
@@ -18,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use super::{DATA, Item, Kind, read_manifest};
 use crate::error::{Error, Result};
-use crate::volume::{VolumeMeta, VolumeName, VolumeSpec, VolumeStore};
+use crate::volume::{Owner, VolumeMeta, VolumeName, VolumeSpec, VolumeStore};
 
 /// What a restore did.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,7 +33,7 @@ pub struct RestoreReport {
 }
 
 /// How a restore runs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RestoreOptions {
     /// The new volume's size limit; `None`: the backed-up volume's.
     pub size: Option<u64>,
@@ -37,6 +41,25 @@ pub struct RestoreOptions {
     /// `--allow-device-nodes`, as the server's MKNOD); off: a set holding one is
     /// refused.
     pub device_nodes: bool,
+    /// The claim the new volume is for (recorded as its owner); when given, the set
+    /// must record an owner in the same namespace ([`owner_check`]). `None`: a restore
+    /// by hand on the node, which may take any set.
+    pub owner: Option<Owner>,
+}
+
+/// Whether a set whose manifest records `recorded` as its volume's owner may be
+/// restored for a claim of namespace `namespace`. `Err` says why not.
+pub fn owner_check(recorded: Option<&Owner>, namespace: &str) -> std::result::Result<(), String> {
+    match recorded {
+        None => Err(
+            "the set records no owner (it was made before owner records, or of a volume made outside a cluster); restore it with `localnfs volume restore` on a node".into(),
+        ),
+        Some(o) if o.namespace != namespace => Err(format!(
+            "the set belongs to namespace {}, not {namespace}: a claim may be restored only from sets of its own namespace",
+            o.namespace
+        )),
+        Some(_) => Ok(()),
+    }
 }
 
 /// Restores the complete set at `set` into new volume `name` of `store` (size:
@@ -54,7 +77,7 @@ pub fn restore_set(
         name,
         &RestoreOptions {
             size,
-            device_nodes: false,
+            ..RestoreOptions::default()
         },
     )
 }
@@ -77,6 +100,9 @@ pub fn restore_set_with(
         Error::RestoreFailed { why, .. } => fail(why),
         e => e,
     })?;
+    if let Some(owner) = &opts.owner {
+        owner_check(manifest.owner.as_ref(), &owner.namespace).map_err(fail)?;
+    }
     let spec = VolumeSpec {
         name: name.clone(),
         size_bytes: size.unwrap_or(manifest.spec.size_bytes),
@@ -188,7 +214,7 @@ pub fn restore_set_with(
             .map_err(|e| format!("write the new volume's checksums: {e}"))
     })();
     r.map_err(fail)?;
-    let meta = store.commit_copy(staging, &spec, None)?;
+    let meta = store.commit_copy(staging, &spec, opts.owner.as_ref())?;
     let report = RestoreReport {
         bytes: written.bytes,
         files: written.files,
@@ -366,4 +392,35 @@ fn attrs(p: &Path, it: &Item) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owner(ns: &str) -> Owner {
+        Owner {
+            claim_uid: "u0".into(),
+            namespace: ns.into(),
+            claim: "data-0".into(),
+        }
+    }
+
+    #[test]
+    fn a_set_of_the_claims_namespace_may_be_restored() {
+        assert_eq!(owner_check(Some(&owner("shop")), "shop"), Ok(()));
+    }
+
+    #[test]
+    fn a_set_of_another_namespace_is_refused() {
+        let why = owner_check(Some(&owner("bank")), "shop").expect_err("refused");
+        assert!(why.contains("the set belongs to namespace bank"), "{why}");
+    }
+
+    #[test]
+    fn a_set_without_an_owner_record_is_refused_for_a_claim() {
+        let why = owner_check(None, "shop").expect_err("refused");
+        assert!(why.contains("made before owner records"), "{why}");
+        assert!(why.contains("localnfs volume restore"), "{why}");
+    }
 }

@@ -219,6 +219,7 @@ impl Exports {
                     volume: volume.clone(),
                     set: id.clone(),
                     spec: v.meta.spec.clone(),
+                    owner: v.meta.owner.clone(),
                     summary: w.summary.clone(),
                     items: std::mem::take(&mut w.items),
                 };
