@@ -1,6 +1,7 @@
 //! The controller→agent request (the claim's [`super::keys::REQUEST`] annotation): a
 //! [`VolumeSpec`], the claim and node it is for, for a clone the volume to copy
-//! ([`CloneSource`]), and a `version`, so either side can be upgraded first.
+//! ([`CloneSource`]), for a restore the backup set to restore ([`RestoreSource`]), and
+//! a `version`, so either side can be upgraded first.
 //!
 //! Versions: a request without `version` is version 1 (what every controller before
 //! versioning wrote); this build reads up to [`REQUEST_VERSION`]. A newer one is
@@ -17,6 +18,10 @@
 //!   requests are written as version 2, which agents before it refuse. Requests that
 //!   do not clone stay version 1, so an agent not yet upgraded still serves them; a
 //!   version-1 text carrying `clone` is not a request at all.
+//! - Version 3: the same, filled from a backup set ([`RestoreSource`], for a
+//!   `VolumeRestore`). An agent of version 2 reads it as newer and refuses it, never
+//!   makes an empty volume in place of the restored data; a text of an older version
+//!   carrying `restore`, or carrying both `clone` and `restore`, is not a request.
 //!
 //! Wire shape: the spec's fields sit beside `claimUid` and `node`, in camelCase, as the
 //! previous version wrote and reads them. The spec's own serde form is the on-disk
@@ -27,11 +32,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::volume::{VolumeName, VolumeSpec};
 
-/// The newest request version this build reads (and writes, for clones).
-pub const REQUEST_VERSION: u32 = 2;
+/// The newest request version this build reads (and writes, for restores).
+pub const REQUEST_VERSION: u32 = 3;
 
 /// The version of a request that clones (see the module doc).
 pub const CLONE_VERSION: u32 = 2;
+
+/// The version of a request that restores a backup set (see the module doc).
+pub const RESTORE_VERSION: u32 = 3;
 
 fn first_version() -> u32 {
     1
@@ -55,6 +63,26 @@ pub struct VolumeRequest {
     /// For a clone: the volume whose data the new one starts with (version 2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clone: Option<CloneSource>,
+    /// For a restore: the backup set the new volume starts with (version 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreSource>,
+}
+
+/// The backup set a restore reads, as the controller found it in the claim's
+/// `VolumeRestore` (matched by the claim's uid in the status only localnfs writes).
+/// The agent resolves `target` among the targets its operator configured, and
+/// restores only a set whose owner record is in `namespace` (the claim's).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreSource {
+    /// An operator-configured backup target's name (never a path).
+    pub target: String,
+    /// The backed-up volume: the directory under the target.
+    pub volume: VolumeName,
+    /// A set id, or `latest` (the newest complete set when the agent restores).
+    pub set: String,
+    /// The namespace of the claim (and of the `VolumeRestore`).
+    pub namespace: String,
 }
 
 /// The volume a clone copies, as the controller found it: the source claim's PV (which
@@ -82,6 +110,7 @@ impl VolumeRequest {
             claim_uid,
             node,
             clone: None,
+            restore: None,
         }
     }
 
@@ -95,6 +124,20 @@ impl VolumeRequest {
         Self {
             version: CLONE_VERSION,
             clone: Some(source),
+            ..Self::new(spec, claim_uid, node)
+        }
+    }
+
+    /// A request for a volume holding backup set `source` (version 3).
+    pub fn restore_of(
+        spec: VolumeSpec,
+        claim_uid: String,
+        node: String,
+        source: RestoreSource,
+    ) -> Self {
+        Self {
+            version: RESTORE_VERSION,
+            restore: Some(source),
             ..Self::new(spec, claim_uid, node)
         }
     }
@@ -130,8 +173,13 @@ pub enum Read {
 
 /// Reads a request's text; `None` if it is not a request at all.
 pub fn read(text: &str) -> Option<Read> {
+    read_up_to(text, REQUEST_VERSION)
+}
+
+/// [`read`] by a reader of versions up to `newest` (what an agent of that version did).
+fn read_up_to(text: &str, newest: u32) -> Option<Read> {
     let head: Head = serde_json::from_str(text).ok()?;
-    if head.version > REQUEST_VERSION {
+    if head.version > newest {
         return Some(Read::Newer {
             version: head.version,
             claim_uid: head.claim_uid,
@@ -141,6 +189,10 @@ pub fn read(text: &str) -> Option<Read> {
     let request: VolumeRequest = serde_json::from_str(text).ok()?;
     // Only version 2 may clone: a clone in an older version's clothes is not one we wrote.
     if request.clone.is_some() && request.version < CLONE_VERSION {
+        return None;
+    }
+    // Likewise a restore below version 3; and a request is one thing, never both.
+    if request.restore.is_some() && (request.version < RESTORE_VERSION || request.clone.is_some()) {
         return None;
     }
     Some(Read::Known(request))
@@ -277,20 +329,20 @@ mod tests {
 
     #[test]
     fn a_newer_request_is_recognised_not_misread() {
-        let newer = r#"{"version":3,"claimUid":"u1","node":"n1","volume":{"name":"x"}}"#;
+        let newer = r#"{"version":4,"claimUid":"u1","node":"n1","volume":{"name":"x"}}"#;
         assert_eq!(
             read(newer),
             Some(Read::Newer {
-                version: 3,
+                version: 4,
                 claim_uid: "u1".into(),
                 node: "n1".into()
             })
         );
         // Even when its fields happen to read as an older version's.
-        let lookalike = PREVIOUS.replace(r#""node""#, r#""version":3,"node""#);
+        let lookalike = PREVIOUS.replace(r#""node""#, r#""version":4,"node""#);
         assert!(matches!(
             read(&lookalike),
-            Some(Read::Newer { version: 3, .. })
+            Some(Read::Newer { version: 4, .. })
         ));
         assert_eq!(read("{}"), None);
     }
@@ -350,5 +402,76 @@ mod tests {
     fn every_spec_field_survives_the_trip() {
         let text = serde_json::to_string(&full()).expect("json");
         assert_eq!(read(&text), Some(Read::Known(full())));
+    }
+
+    fn a_restore() -> VolumeRequest {
+        let source = RestoreSource {
+            target: "nightly".into(),
+            volume: VolumeName::new("pvc-u0").expect("name"),
+            set: "20261207T011500.123Z".into(),
+            namespace: "db".into(),
+        };
+        let VolumeRequest {
+            spec,
+            claim_uid,
+            node,
+            ..
+        } = full();
+        VolumeRequest::restore_of(spec, claim_uid, node, source)
+    }
+
+    #[test]
+    fn only_restores_are_written_as_version_3() {
+        let text = serde_json::to_string(&a_restore()).expect("json");
+        assert!(text.contains(r#""version":3"#), "{text}");
+        assert!(
+            text.contains(
+                r#""restore":{"target":"nightly","volume":"pvc-u0","set":"20261207T011500.123Z","namespace":"db"}"#
+            ),
+            "{text}"
+        );
+        assert_eq!(read(&text), Some(Read::Known(a_restore())));
+        let clone = serde_json::to_string(&a_clone()).expect("json");
+        assert!(!clone.contains("restore"), "{clone}");
+    }
+
+    /// What an agent of version 2 (clones, no restores) does with a restore request:
+    /// its `read` compared the version with 2 and found it newer, so it refused the
+    /// request instead of making an empty volume and answering ready.
+    #[test]
+    fn an_agent_before_restores_refuses_a_restore_request() {
+        let text = serde_json::to_string(&a_restore()).expect("json");
+        assert_eq!(
+            read_up_to(&text, CLONE_VERSION),
+            Some(Read::Newer {
+                version: 3,
+                claim_uid: "u1".into(),
+                node: "n1".into()
+            })
+        );
+        // A clone and a plain request are still what that agent reads as its own.
+        let clone = serde_json::to_string(&a_clone()).expect("json");
+        assert_eq!(
+            read_up_to(&clone, CLONE_VERSION),
+            Some(Read::Known(a_clone()))
+        );
+    }
+
+    #[test]
+    fn a_restore_dressed_as_an_older_version_or_with_a_clone_is_not_a_request() {
+        let text = serde_json::to_string(&a_restore()).expect("json");
+        for older in [r#""version":2"#, r#""version":1"#] {
+            assert_eq!(
+                read(&text.replace(r#""version":3"#, older)),
+                None,
+                "{older}"
+            );
+        }
+        assert_eq!(read(&text.replace(r#""version":3,"#, "")), None);
+        let both = text.replace(
+            r#""restore":"#,
+            r#""clone":{"volume":"pvc-u0","claimUid":"u0","namespace":"db","claim":"data-0"},"restore":"#,
+        );
+        assert_eq!(read(&both), None);
     }
 }
