@@ -343,6 +343,18 @@ pub struct NodeArgs {
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
 
+    /// A backup target VolumeBackups may name, as `NAME=DIR` (repeatable): DIR is a
+    /// directory mounted into the agent that survives this node (an NFS export, or a
+    /// localnfs volume of another node). Objects name targets by NAME only.
+    #[arg(
+        long = "backup-target",
+        env = "LOCALNFS_BACKUP_TARGETS",
+        value_name = "NAME=DIR",
+        value_delimiter = ',',
+        value_parser = crate::node::targets::parse_target
+    )]
+    pub backup_targets: Vec<crate::node::targets::BackupTarget>,
+
     /// localnfs's namespace.
     #[arg(long, env = "LOCALNFS_NAMESPACE", default_value = "localnfs-system")]
     pub namespace: String,

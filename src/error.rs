@@ -27,6 +27,9 @@ pub enum Error {
     #[error("not supported: {0}")]
     Unsupported(&'static str),
 
+    #[error("bad configuration: {0}")]
+    BadConfig(String),
+
     #[error("failed to install the signal handler")]
     SignalHandler(#[source] std::io::Error),
 

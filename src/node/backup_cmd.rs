@@ -204,6 +204,7 @@ fn run_backup(exports: &Exports, req: &BackupRequest) -> BackupAnswer {
         keep: req.keep,
         max_age: req.max_age_secs.map(std::time::Duration::from_secs),
         allow_same_device: req.allow_same_device,
+        progress: None,
     };
     match exports.backup_volume(&req.volume, &req.to, &opts) {
         Ok(r) => BackupAnswer {

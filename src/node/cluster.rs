@@ -102,6 +102,8 @@ pub struct ClusterConfig {
     pub extra_allow: Vec<Network>,
     /// The agent's signing key (see [`super::keys`]).
     pub signer: Signer,
+    /// `--backup-target`: where VolumeBackups of this node's volumes may go.
+    pub backup_targets: super::targets::BackupTargets,
 }
 
 /// Runs the cluster side until `shutdown` fires; `synced` turns true once the
@@ -123,7 +125,9 @@ pub async fn run(
         capacity,
         extra_allow,
         signer,
+        backup_targets,
     } = cfg;
+    tracing::info!(targets = %backup_targets.names(), "backup targets VolumeBackups may name");
     let mine = watcher::Config::default().labels(&format!("{NODE_KEY}={node}"));
     let pv_controller =
         crate::cache::controller(Api::<PersistentVolume>::all(client.clone()), mine.clone());

@@ -25,6 +25,7 @@ pub mod cluster;
 pub mod grants;
 pub mod keys;
 pub mod step;
+pub mod targets;
 pub mod volume_cmd;
 
 use std::sync::Arc;
@@ -71,6 +72,9 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     unsafe {
         libc::umask(0);
     }
+    // Validated before anything starts: a name given twice is a configuration error.
+    let backup_targets =
+        targets::BackupTargets::new(&args.backup_targets).map_err(Error::BadConfig)?;
     let shutdown = crate::shutdown::on_signals()?;
     let open_files = raise_open_files();
     let store = VolumeStore::open(&args.root)?;
@@ -182,6 +186,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
                 capacity: args.capacity,
                 extra_allow: args.allow.clone(),
                 signer,
+                backup_targets: backup_targets.clone(),
             };
             tokio::spawn(cluster::run(
                 cfg,

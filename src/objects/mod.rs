@@ -71,6 +71,7 @@
 //! depend on it and not on each other.
 
 pub mod agents;
+pub mod backups;
 pub mod claim;
 pub mod class;
 pub mod keys;

@@ -30,6 +30,9 @@ pub struct BackupOptions {
     /// Accept a target on the same device as the volume store (tests, single-disk
     /// labs): such a backup does not survive the disk.
     pub allow_same_device: bool,
+    /// Bytes of regular files laid out so far (copied or linked) are added here as
+    /// the set is written, for a caller that reports progress while it runs.
+    pub progress: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// What a backup did.
@@ -59,6 +62,8 @@ struct SetWriter {
     inodes: HashMap<u64, String>,
     items: Vec<Item>,
     summary: Summary,
+    /// `BackupOptions::progress`.
+    progress: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 fn now_ms() -> u64 {
@@ -208,6 +213,7 @@ impl Exports {
                 base: base.as_ref().map(|(id, _, _)| id.clone()),
                 ..Summary::default()
             },
+            progress: opts.progress.clone(),
         };
         let written = fs::DirBuilder::new()
             .mode(0o700)
@@ -470,6 +476,9 @@ impl SetWriter {
         }
         self.summary.bytes += md.len();
         self.summary.files += 1;
+        if let Some(p) = &self.progress {
+            p.fetch_add(md.len(), std::sync::atomic::Ordering::Relaxed);
+        }
         it.sha256 = Some(hash);
         self.inodes.insert(md.ino(), path);
         self.items.push(it);
