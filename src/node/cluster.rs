@@ -1,6 +1,7 @@
 //! The node agent's cluster side: it heartbeats a Lease with its free space and NFS
 //! port, reports per-volume usage in its usage Leases when it changed (`objects::usage`),
-//! creates (for a clone: copies, after checking the source's owner record) and removes
+//! creates (for a clone: copies, after checking the source's owner record; for a
+//! restore: fills from a backup set of the claim's namespace, see `restore`) and removes
 //! volume directories for claims the controller placed on this node, reclaims and resizes its PVs, and keeps the NFS
 //! allow-list and per-volume grants equal to what the Nodes and PVs say (`grants`).
 //! The protocol with the controller is in `objects`.
@@ -34,7 +35,7 @@ use crate::nfs::{AllowList, Exports, Network};
 use crate::objects::claim::pv_name;
 use crate::objects::keys::*;
 use crate::objects::reclaim::{self, Reclaim};
-use crate::objects::request::{CloneSource, REQUEST_VERSION};
+use crate::objects::request::{CloneSource, REQUEST_VERSION, RestoreSource};
 use crate::objects::signed::{self, Message, Signer};
 use crate::objects::usage;
 use crate::volume::{Owner, VolumeName};
@@ -82,6 +83,8 @@ struct Agent {
     controller_key: ControllerKey,
     /// This node's PVs as the PV watch last saw them.
     pvs: Store<PersistentVolume>,
+    /// `--backup-target`s: the sets restores may read.
+    backup_targets: super::targets::BackupTargets,
 }
 
 /// Who and where this agent is in the cluster.
@@ -145,6 +148,7 @@ pub async fn run(
         signer,
         controller_key: ControllerKey::default(),
         pvs: pv_controller.store(),
+        backup_targets,
     });
     // Claims are looked at again whenever the controller's key changes (first read
     // included: until then no claim is acted on).
@@ -339,13 +343,21 @@ async fn reconcile_claim(pvc: Arc<PersistentVolumeClaim>, agent: Arc<Agent>) -> 
                 claim: name.clone(),
             };
             let spec = request.spec.clone();
-            let made = match &request.clone {
-                None => {
+            let made = match (&request.clone, &request.restore) {
+                (None, Some(source)) => match restore(&agent, &pvc, source, spec, owner).await {
+                    Ok(Ok(meta)) => Ok(meta),
+                    Ok(Err(why)) => {
+                        let why = format!("node {}: not restoring: {why}", agent.node);
+                        return refuse(&agent, &pvc, &claims, why).await;
+                    }
+                    Err(e) => Err(e),
+                },
+                (None, None) => {
                     agent
                         .store_op(&volume, move |s| s.create_for(&spec, &owner))
                         .await
                 }
-                Some(source) => {
+                (Some(source), _) => {
                     let recorded = agent
                         .exports
                         .by_name(&source.volume)
@@ -441,6 +453,73 @@ async fn clone(
         .event(pvc, EventType::Normal, "VolumeCloned", note)
         .await;
     Ok(meta)
+}
+
+/// Makes volume `spec` for `owner` from the backup set a version-3 request names
+/// (see `super::restore`), or finds it made: a restore finished before an agent
+/// restart is answered, not made again; one cut short left nothing (the store's
+/// staging) and starts over. `Ok(Err)`: refused or failed, why (nothing made).
+async fn restore(
+    agent: &Agent,
+    pvc: &PersistentVolumeClaim,
+    source: &RestoreSource,
+    spec: crate::volume::VolumeSpec,
+    owner: Owner,
+) -> Result<std::result::Result<crate::volume::VolumeMeta, String>> {
+    if let Some(done) = agent.exports.by_name(&spec.name)
+        && done.meta.owner.as_ref() == Some(&owner)
+    {
+        return Ok(Ok(done.meta.clone()));
+    }
+    let (exports, targets, source_c, name) = (
+        agent.exports.clone(),
+        agent.backup_targets.clone(),
+        source.clone(),
+        spec.name.clone(),
+    );
+    let done = tokio::task::spawn_blocking(move || {
+        let set = super::restore::find_set(&targets, &source_c)?;
+        let opts = localnfs_nfs::backup::RestoreOptions {
+            size: Some(spec.size_bytes),
+            device_nodes: exports.device_nodes,
+            owner: Some(owner),
+        };
+        let made = localnfs_nfs::backup::restore_set_with(exports.store(), &set, &name, &opts);
+        // Also after a failure: whatever exists is served as it is.
+        if let Err(e) = exports.refresh_volume(&name) {
+            tracing::warn!(error = %e, volume = %name, "cannot serve the restored volume yet");
+        }
+        made.map(|(meta, report)| (meta, report, set))
+            .map_err(|e| match e {
+                localnfs_nfs::Error::RestoreFailed { why, .. } => why,
+                e => e.to_string(),
+            })
+    })
+    .await
+    .map_err(|e| Error::BuildObject(format!("restore task failed: {e}")))?;
+    let (meta, report, set) = match done {
+        Ok(d) => d,
+        Err(why) => return Ok(Err(why)),
+    };
+    agent.changed.notify_one();
+    let note = format!(
+        "node {}: volume {} restored from set {} of volume {} in backup target {} ({} files, {} bytes, every sha256 checked) in {:.3} s",
+        agent.node,
+        meta.name,
+        set.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        source.volume,
+        source.target,
+        report.files,
+        report.bytes,
+        report.took.as_secs_f64(),
+    );
+    tracing::info!(volume = %meta.name, set = %set.display(), files = report.files, bytes = report.bytes, took = ?report.took, "restored volume");
+    agent
+        .event(pvc, EventType::Normal, "VolumeRestored", note)
+        .await;
+    Ok(Ok(meta))
 }
 
 /// Refuses the claim's request: a `ProvisioningFailed` event saying `why`, and the

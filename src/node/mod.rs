@@ -24,6 +24,7 @@ pub mod backup_cmd;
 pub mod cluster;
 pub mod grants;
 pub mod keys;
+pub mod restore;
 pub mod step;
 pub mod targets;
 pub mod volume_cmd;

@@ -199,6 +199,33 @@ pub struct VolumeRestoreSpec {
     pub stateful_set: Option<StatefulSetClaims>,
 }
 
+/// Where one claim of a restore is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClaimPhase {
+    Pending,
+    Restoring,
+    Completed,
+    Failed,
+}
+
+impl ClaimPhase {
+    /// Completed or Failed: nothing more happens to the claim's entry.
+    pub fn is_final(self) -> bool {
+        matches!(self, ClaimPhase::Completed | ClaimPhase::Failed)
+    }
+}
+
+/// The set a restore reads, resolved once by the controller (from the spec, or the
+/// VolumeBackup it names) and kept in the status.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResolvedSource {
+    pub target: String,
+    pub volume: String,
+    /// A set id, or `latest`.
+    pub set: String,
+}
+
 /// One claim a restore makes.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -207,7 +234,7 @@ pub struct RestoredClaim {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub phase: Option<Phase>,
+    pub phase: Option<ClaimPhase>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -224,6 +251,9 @@ pub struct VolumeRestoreStatus {
     pub claims: Vec<RestoredClaim>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// What the claims are restored from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<ResolvedSource>,
 }
 
 /// Claims made from a backup set.

@@ -21,12 +21,14 @@ use serde_json::json;
 use super::clone;
 use super::ctx::Ctx;
 use super::pv::{self, NodeRoom, PvInput};
+use super::restores;
 use super::step::{self, Facts, Failure, Placement, Step, Then};
 use super::triggers::Caches;
 use crate::error::{Error, Result};
 use crate::kubeclient::annotation;
 use crate::objects::claim::{claimed_by, pv_name};
 use crate::objects::keys::*;
+use crate::objects::request::RestoreSource;
 use crate::objects::signed::{self, Message, VolumeRequest};
 
 impl Ctx {
@@ -314,7 +316,18 @@ pub async fn reconcile(pvc: &PersistentVolumeClaim, ctx: &Ctx, caches: &Caches) 
             Ok(next_step)
         }
         Step::Place(placement) => match class {
-            Some(class) => place(ctx, pvc, &class, &placement, finalizers).await,
+            Some(class) => {
+                // A VolumeRestore's claim is placed only once found in its status.
+                let restore = match super::restores::source_for(ctx, pvc).await? {
+                    restores::Lookup::Plain => None,
+                    restores::Lookup::From(source) => Some(source),
+                    restores::Lookup::Wait(why) => {
+                        tracing::debug!(claim = %format!("{}/{}", pvc.namespace().unwrap_or_default(), pvc.name_any()), why, "restore claim not placed yet");
+                        return Ok(Next::After(RESTORE_POLL));
+                    }
+                };
+                place(ctx, pvc, &class, &placement, finalizers, restore).await
+            }
             None => Ok(Next::Wait),
         },
         Step::AwaitAgent { node, size_bytes } => {
@@ -365,7 +378,20 @@ pub async fn reconcile(pvc: &PersistentVolumeClaim, ctx: &Ctx, caches: &Caches) 
             ctx.remove_finalizer(pvc).await?;
             Ok(Next::Wait)
         }
-        Step::Fail(failure) => fail(ctx, pvc, failure, verified.ready).await,
+        Step::Fail(mut failure) => {
+            // A restore refused by its agent stays refused: the VolumeRestore's status
+            // reads the refusal from the claim, and another node would find the same
+            // set (the reasons are the set's, the target's or the namespace's).
+            if failure.metric == "refused"
+                && verified
+                    .request
+                    .as_ref()
+                    .is_some_and(|r| r.restore.is_some())
+            {
+                failure.then = Then::Retry(step::INVALID_RETRY);
+            }
+            fail(ctx, pvc, failure, verified.ready).await
+        }
     }
 }
 
@@ -403,6 +429,10 @@ async fn read_source(
         requested,
     ))
 }
+
+/// How often a VolumeRestore's claim not yet in its status is looked at again (the
+/// controller records it a moment after making it).
+const RESTORE_POLL: Duration = Duration::from_secs(2);
 
 /// How often a claim waiting on a node agent is looked at again (its answer normally
 /// arrives as a watch event; this catches an agent that went away).
@@ -469,6 +499,7 @@ async fn place(
     class: &StorageClass,
     p: &Placement,
     finalizers: Option<Vec<String>>,
+    restore: Option<RestoreSource>,
 ) -> Result<Next> {
     let uid = pvc.uid().unwrap_or_default();
     let free: Vec<NodeRoom> = ctx.node_rooms().into_iter().map(|(r, _)| r).collect();
@@ -488,11 +519,18 @@ async fn place(
         }
     };
     let spec = p.params.volume_request(p.volume.clone(), size);
-    let req = match &p.clone {
-        Some(source) => {
+    let note_restore = restore.as_ref().map(|r| {
+        format!(
+            "restoring set {} of volume {} from backup target {} into volume {} ({size} bytes) on node {node}",
+            r.set, r.volume, r.target, p.volume
+        )
+    });
+    let req = match (&p.clone, restore) {
+        (Some(source), _) => {
             VolumeRequest::clone_of(spec, uid.clone(), node.clone(), source.copy.clone())
         }
-        None => VolumeRequest::new(spec, uid.clone(), node.clone()),
+        (None, Some(source)) => VolumeRequest::restore_of(spec, uid.clone(), node.clone(), source),
+        (None, None) => VolumeRequest::new(spec, uid.clone(), node.clone()),
     };
     let mut annotations = serde_json::Map::new();
     for (key, value) in
@@ -539,6 +577,7 @@ async fn place(
             "cloning claim {}/{} (volume {}) into volume {} ({size} bytes) on node {node}",
             source.copy.namespace, source.copy.claim, source.copy.volume, p.volume
         )),
+        None if note_restore.is_some() => note_restore,
         None if clone::names_itself(pvc) => Some(format!(
             "creating volume {} ({size} bytes) on node {node}, empty: the claim's dataSource names the claim itself (a StatefulSet's first replica when its template clones that replica)",
             p.volume

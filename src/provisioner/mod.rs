@@ -18,6 +18,7 @@ pub mod publish;
 pub mod pv;
 pub mod queue;
 pub mod reserve;
+pub mod restores;
 pub mod run;
 pub mod step;
 pub mod triggers;

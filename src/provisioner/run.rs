@@ -287,5 +287,13 @@ async fn controllers(ctx: Arc<Ctx>, stop: CancellationToken) {
             }),
         );
     };
-    tokio::join!(watch_claims, watch_pvs, watch_pods, close, workers);
+    let restores = super::restores::run(ctx.clone(), stop.clone());
+    tokio::join!(
+        watch_claims,
+        watch_pvs,
+        watch_pods,
+        close,
+        workers,
+        restores
+    );
 }
