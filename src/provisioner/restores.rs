@@ -33,7 +33,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::watcher;
 use serde_json::json;
@@ -273,7 +273,8 @@ pub async fn source_for(ctx: &Ctx, pvc: &PersistentVolumeClaim) -> Result<Lookup
 
 /// Runs the VolumeRestore reconciler until `stop` fires (leader only).
 pub async fn run(ctx: Arc<Ctx>, stop: CancellationToken) {
-    Controller::new(
+    // With the watch's backoff: a cluster without the CRDs yet retries calmly.
+    crate::cache::controller(
         Api::<VolumeRestore>::all(ctx.client.clone()),
         watcher::Config::default(),
     )
@@ -290,15 +291,25 @@ fn error_policy(_: Arc<VolumeRestore>, e: &Error, ctx: Arc<Ctx>) -> Action {
 }
 
 /// One VolumeRestore: resolve, make the claims, follow them (see the module doc).
-async fn reconcile(vr: Arc<VolumeRestore>, ctx: Arc<Ctx>) -> Result<Action> {
-    let (ns, name) = (vr.namespace().unwrap_or_default(), vr.name_any());
+async fn reconcile(cached: Arc<VolumeRestore>, ctx: Arc<Ctx>) -> Result<Action> {
+    let (ns, name) = (cached.namespace().unwrap_or_default(), cached.name_any());
+    // Read afresh: the watch may not have brought our own last status write yet, and
+    // an entry read without the uid we just recorded would be failed (rule 2).
+    let Some(vr) = Api::<VolumeRestore>::namespaced(ctx.client.clone(), &ns)
+        .get_opt(&name)
+        .await
+        .map_err(Error::kube(format!("read VolumeRestore {ns}/{name}")))?
+    else {
+        return Ok(Action::await_change());
+    };
+    let vr = &vr;
     let status = vr.status.clone().unwrap_or_default();
     if status.phase.is_some_and(Phase::is_final) || vr.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
     let claims_api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
     if status.claims.is_empty() {
-        return start(&ctx, &vr, &claims_api).await;
+        return start(&ctx, vr, &claims_api).await;
     }
     let mut next = status.clone();
     for entry in &mut next.claims {
@@ -336,11 +347,11 @@ async fn reconcile(vr: Arc<VolumeRestore>, ctx: Arc<Ctx>) -> Result<Action> {
                     next.source.as_ref().map_or("", |s| s.set.as_str()),
                     next.source.as_ref().map_or("", |s| s.volume.as_str()),
                 );
-                event(&ctx, &vr, EventType::Normal, "RestoreCompleted", note).await;
+                event(&ctx, vr, EventType::Normal, "RestoreCompleted", note).await;
             }
             Phase::Failed => {
                 let note = failed_summary(&next.claims);
-                event(&ctx, &vr, EventType::Warning, "RestoreFailed", note).await;
+                event(&ctx, vr, EventType::Warning, "RestoreFailed", note).await;
             }
             _ => {}
         }

@@ -1,0 +1,527 @@
+//! `VolumeRestore` (issue 23 item 4): one object restores a backup set into new claims,
+//! one by name or every replica of a StatefulSet; what must not be restored fails with
+//! a reason in its status and an event, and makes no volume.
+//!
+//! Real v1.20.2 control plane, the shipped CRDs (`deploy/base/crds.yaml`), real
+//! controller and node agent processes (agents with `--backup-target nightly=DIR`);
+//! the sets are written by the existing backup path (`localnfs volume backup`, asking
+//! the running agent) from volumes the agent made for claims.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Secret};
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use localnfs::objects::backups::{API_VERSION, ClaimPhase, Phase, VolumeRestore};
+use localnfs::objects::keys::{CONTROLLER_KEY_FIELD, CONTROLLER_KEY_SECRET, NODE_KEY, REFUSED};
+use localnfs::objects::request::{RestoreSource, VolumeRequest};
+use localnfs::objects::signed::{self, Signer};
+use localnfs::volume::{VolumeName, VolumeSpec};
+use localnfs_testbed::{TestCluster, kubelet};
+use serde_json::json;
+use support::cluster::*;
+use support::eventually;
+
+const WAIT: Duration = Duration::from_secs(90);
+
+fn ip(last: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
+}
+
+/// Every regular file under `dir`: relative path → sha256.
+fn sums(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+        for e in std::fs::read_dir(dir).expect("read dir").flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else {
+                let data = std::fs::read(&path).expect("read file");
+                let h = ring::digest::digest(&ring::digest::SHA256, &data);
+                let rel = path.strip_prefix(root).expect("prefix");
+                out.insert(rel.to_string_lossy().into_owned(), h.as_ref().to_vec());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// A cluster of two nodes whose agents know backup target `nightly`, the CRDs, class
+/// `now` (Immediate), and the target directory (apart from the agents' roots).
+struct Setup {
+    cluster: TestCluster,
+    lnfs: Localnfs,
+    target: tempfile::TempDir,
+}
+
+impl Setup {
+    async fn start(first: u8) -> Setup {
+        let cluster = TestCluster::start().await.expect("control plane");
+        let client = cluster.client();
+        install_crds(cluster.kubeconfig()).await;
+        let target = tempfile::tempdir().expect("target");
+        let flag = format!("nightly={}", target.path().display());
+        let mut lnfs = Localnfs::new(&cluster).await;
+        for (i, node) in ["node-1", "node-2"].into_iter().enumerate() {
+            let addr = ip(first + i as u8);
+            kubelet::add_node(&client, node, addr).await.expect("node");
+            lnfs.start_agent_with(node, addr, &["--capacity", "5Gi", "--backup-target", &flag]);
+        }
+        lnfs.start_controller();
+        storage_class(&client, "now", json!({"volumeBindingMode": "Immediate"})).await;
+        Setup {
+            cluster,
+            lnfs,
+            target,
+        }
+    }
+
+    fn client(&self) -> Client {
+        self.cluster.client()
+    }
+
+    /// Claim `name` in `ns` holding a few files; returns its node, volume and sums.
+    async fn claim_with_files(
+        &self,
+        ns: &str,
+        name: &str,
+    ) -> (String, String, BTreeMap<String, Vec<u8>>) {
+        let mut pvc = claim(name, "now", "4Mi", json!({}));
+        pvc.metadata.namespace = Some(ns.into());
+        Api::<PersistentVolumeClaim>::namespaced(self.client(), ns)
+            .create(&PostParams::default(), &pvc)
+            .await
+            .expect("create claim");
+        let (node, volume) = self.bound(ns, name).await;
+        let dir = self.lnfs.root(&node).join("volumes").join(&volume);
+        std::fs::create_dir_all(dir.join("db/tables")).expect("mkdir");
+        std::fs::write(dir.join("db/tables/t1.ibd"), format!("rows of {ns}/{name}"))
+            .expect("write");
+        let big: Vec<u8> = (0..300 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(dir.join("db/ib_logfile0"), &big).expect("write");
+        (node, volume, sums(&dir))
+    }
+
+    /// Waits for claim `ns/name` to be Bound; its node and volume (from the PV).
+    async fn bound(&self, ns: &str, name: &str) -> (String, String) {
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(self.client(), ns);
+        let pv = eventually(&format!("{ns}/{name} Bound"), WAIT, || async {
+            let c = claims.get(name).await.ok()?;
+            (c.status.as_ref()?.phase.as_deref()? == "Bound").then_some(())?;
+            c.spec?.volume_name
+        })
+        .await;
+        let pv = Api::<k8s_openapi::api::core::v1::PersistentVolume>::all(self.client())
+            .get(&pv)
+            .await
+            .expect("pv");
+        let node = pv.labels().get(NODE_KEY).cloned().expect("node label");
+        (node, nfs_target(&pv).2)
+    }
+
+    /// `localnfs volume backup` of `volume` on `node` into the target; the set id.
+    async fn backup(&self, node: &str, volume: &str) -> String {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_localnfs"))
+            .arg("volume")
+            .arg("--root")
+            .arg(self.lnfs.root(node))
+            .args(["backup", volume, "--to"])
+            .arg(self.target.path())
+            .arg("--allow-same-device")
+            .output()
+            .await
+            .expect("run localnfs volume backup");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "backup: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text.strip_prefix("backup set ")
+            .and_then(|t| t.split_whitespace().next())
+            .expect("set id")
+            .to_owned()
+    }
+
+    fn set_dir(&self, volume: &str, set: &str) -> PathBuf {
+        self.target.path().join(volume).join(set)
+    }
+
+    async fn restore(&self, ns: &str, name: &str, spec: serde_json::Value) {
+        // As `kubectl apply` sends it: with apiVersion and kind.
+        let ar = ApiResource::erase::<VolumeRestore>(&());
+        let vr: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": API_VERSION, "kind": "VolumeRestore",
+            "metadata": {"name": name}, "spec": spec}))
+        .expect("vr");
+        Api::<DynamicObject>::namespaced_with(self.client(), ns, &ar)
+            .create(&PostParams::default(), &vr)
+            .await
+            .expect("create VolumeRestore");
+    }
+
+    /// Waits for VolumeRestore `ns/name` to reach a final phase; returns it.
+    async fn finished(&self, ns: &str, name: &str) -> VolumeRestore {
+        let api: Api<VolumeRestore> = Api::namespaced(self.client(), ns);
+        eventually(
+            &format!("VolumeRestore {ns}/{name} finished"),
+            WAIT,
+            || async {
+                let vr = api.get(name).await.ok()?;
+                vr.status.as_ref()?.phase?.is_final().then_some(vr)
+            },
+        )
+        .await
+    }
+
+    /// Every volume directory on both nodes.
+    fn all_volumes(&self) -> Vec<String> {
+        let mut all: Vec<String> = ["node-1", "node-2"]
+            .iter()
+            .flat_map(|n| volume_dirs(&self.lnfs, n))
+            .collect();
+        all.sort();
+        all
+    }
+}
+
+async fn install_crds(kubeconfig: &Path) {
+    let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/base/crds.yaml");
+    let out = tokio::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(["apply", "-f"])
+        .arg(&crds)
+        .output()
+        .await
+        .expect("kubectl (Debian package kubernetes-client)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = tokio::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(["wait", "--for=condition=Established", "--timeout=60s", "-f"])
+        .arg(&crds)
+        .output()
+        .await
+        .expect("kubectl wait");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+async fn namespace(client: &Client, name: &str) {
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).expect("ns");
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("namespace");
+}
+
+/// Waits for an event `reason` on `ns/name` whose message contains `words`.
+async fn event_saying(client: &Client, ns: &str, name: &str, reason: &str, words: &str) -> String {
+    let evs: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), ns);
+    eventually(
+        &format!("{reason} event on {ns}/{name} saying {words:?}"),
+        WAIT,
+        || async {
+            let list = evs.list(&Default::default()).await.ok()?;
+            list.items
+                .into_iter()
+                .filter(|e| e.involved_object.name.as_deref() == Some(name))
+                .filter(|e| e.reason.as_deref() == Some(reason))
+                .filter_map(|e| e.message)
+                .find(|m| m.contains(words))
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_volumerestore_brings_back_one_claim_and_every_replica_of_a_statefulset() {
+    let s = Setup::start(151).await;
+    let client = s.client();
+    let (node, volume, want) = s.claim_with_files("default", "data-mysql-0").await;
+    let set = s.backup(&node, &volume).await;
+
+    // (a) One claim from a chosen set.
+    s.restore(
+        "default",
+        "one",
+        json!({"source": {"target": "nightly", "volume": volume, "set": set},
+               "storageClassName": "now", "size": "8Mi", "claims": ["db-restored"]}),
+    )
+    .await;
+    let vr = s.finished("default", "one").await;
+    let status = vr.status.expect("status");
+    assert_eq!(
+        status.phase,
+        Some(Phase::Completed),
+        "{status:?}\n{}",
+        s.lnfs.logs()
+    );
+    let (rnode, rvol) = s.bound("default", "db-restored").await;
+    assert_eq!(status.claims[0].node.as_deref(), Some(rnode.as_str()));
+    let claim = Api::<PersistentVolumeClaim>::namespaced(client.clone(), "default")
+        .get("db-restored")
+        .await
+        .expect("claim");
+    assert_eq!(status.claims[0].uid, claim.uid());
+    assert_eq!(sums(&s.lnfs.root(&rnode).join("volumes").join(&rvol)), want);
+    event_saying(&client, "default", "one", "RestoreCompleted", "db-restored").await;
+    event_saying(
+        &client,
+        "default",
+        "db-restored",
+        "VolumeRestored",
+        "every sha256 checked",
+    )
+    .await;
+
+    // (b) Every replica at once: the StatefulSet and its claims are gone (here: the
+    // one claim), the restore makes data-mysql-0..2 from the newest set.
+    Api::<PersistentVolumeClaim>::namespaced(client.clone(), "default")
+        .delete("data-mysql-0", &Default::default())
+        .await
+        .expect("delete claim");
+    eventually("data-mysql-0 gone", WAIT, || async {
+        Api::<PersistentVolumeClaim>::namespaced(client.clone(), "default")
+            .get_opt("data-mysql-0")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    s.restore(
+        "default",
+        "all",
+        json!({"source": {"target": "nightly", "volume": volume, "set": "latest"},
+               "storageClassName": "now", "size": "8Mi",
+               "statefulSet": {"name": "mysql", "template": "data", "replicas": 3}}),
+    )
+    .await;
+    let vr = s.finished("default", "all").await;
+    let status = vr.status.expect("status");
+    assert_eq!(
+        status.phase,
+        Some(Phase::Completed),
+        "{status:?}\n{}",
+        s.lnfs.logs()
+    );
+    let names: Vec<&str> = status.claims.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["data-mysql-0", "data-mysql-1", "data-mysql-2"]);
+    for c in &status.claims {
+        assert_eq!(c.phase, Some(ClaimPhase::Completed));
+        let (n, v) = s.bound("default", &c.name).await;
+        assert_eq!(
+            sums(&s.lnfs.root(&n).join("volumes").join(&v)),
+            want,
+            "{}",
+            c.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn restores_that_must_not_happen_fail_with_a_reason_and_make_no_volume() {
+    let s = Setup::start(161).await;
+    let client = s.client();
+    namespace(&client, "bank").await;
+    let (bank_node, bank_volume, _) = s.claim_with_files("bank", "ledger").await;
+    let bank_set = s.backup(&bank_node, &bank_volume).await;
+    let (node, volume, _) = s.claim_with_files("default", "db-0").await;
+    let set = s.backup(&node, &volume).await;
+    let (_, existing_volume, existing) = s.claim_with_files("default", "existing").await;
+    // A damaged copy of the good set, under a volume name of its own.
+    let damaged_vol = "pvc-damaged";
+    let from = s.set_dir(&volume, &set);
+    let to = s.set_dir(damaged_vol, &set);
+    std::fs::create_dir_all(s.target.path().join(damaged_vol)).expect("mkdir");
+    let cp = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&from)
+        .arg(&to)
+        .status()
+        .ok();
+    assert!(cp.is_some_and(|st| st.success()), "copy the set");
+    std::fs::write(to.join("data/db/tables/t1.ibd"), b"tampered!").expect("tamper");
+    let before = s.all_volumes();
+
+    let cases = [
+        // (restore, source, claim, what its status says)
+        (
+            "stolen",
+            json!({"target": "nightly", "volume": bank_volume, "set": bank_set}),
+            "mine",
+            "the set belongs to namespace bank",
+        ),
+        (
+            "overwrite",
+            json!({"target": "nightly", "volume": volume, "set": "latest"}),
+            "existing",
+            "claim exists",
+        ),
+        (
+            "nowhere",
+            json!({"target": "weekly", "volume": volume, "set": "latest"}),
+            "from-weekly",
+            "unknown backup target",
+        ),
+        (
+            "damaged",
+            json!({"target": "nightly", "volume": damaged_vol, "set": set}),
+            "from-damaged",
+            "is damaged",
+        ),
+    ];
+    for (name, source, claim, _) in &cases {
+        s.restore(
+            "default",
+            name,
+            json!({"source": source, "storageClassName": "now", "size": "8Mi", "claims": [claim]}),
+        )
+        .await;
+    }
+    for (name, _, claim, words) in &cases {
+        let vr = s.finished("default", name).await;
+        let status = vr.status.expect("status");
+        assert_eq!(status.phase, Some(Phase::Failed), "{name}: {status:?}");
+        let entry = &status.claims[0];
+        assert_eq!(entry.name, *claim);
+        assert_eq!(entry.phase, Some(ClaimPhase::Failed), "{name}: {status:?}");
+        let message = entry.message.clone().unwrap_or_default();
+        assert!(message.contains(words), "{name}: {message}");
+        event_saying(&client, "default", name, "RestoreFailed", words).await;
+    }
+    assert_eq!(
+        s.all_volumes(),
+        before,
+        "a refused restore made a volume\n{}",
+        s.lnfs.logs()
+    );
+    // The existing claim's data is untouched.
+    let (n, v) = s.bound("default", "existing").await;
+    assert_eq!(v, existing_volume);
+    assert_eq!(sums(&s.lnfs.root(&n).join("volumes").join(&v)), existing);
+    // A VolumeRestore with nothing valid to make fails at once.
+    s.restore(
+        "default",
+        "both",
+        json!({"source": {"target": "nightly", "volume": volume}, "storageClassName": "now",
+               "size": "8Mi", "claims": ["x"], "statefulSet": {"name": "m", "template": "d", "replicas": 1}}),
+    )
+    .await;
+    let vr = s.finished("default", "both").await;
+    assert!(
+        vr.status
+            .and_then(|st| st.message)
+            .unwrap_or_default()
+            .contains("not both"),
+        "spec refusal"
+    );
+}
+
+/// A tenant cannot have data restored by writing a request on a claim: one signed
+/// with any key but the controller's is ignored (no volume), and one the controller
+/// signed by mistake naming another namespace's set is refused by the agent, which
+/// checks the set's owner against the claim's own namespace.
+#[tokio::test]
+async fn a_forged_restore_request_makes_no_volume() {
+    let s = Setup::start(171).await;
+    let client = s.client();
+    let (node, volume, _) = s.claim_with_files("default", "db-0").await;
+    let set = s.backup(&node, &volume).await;
+    namespace(&client, "tenant").await;
+    let secret = Api::<Secret>::namespaced(client.clone(), NAMESPACE)
+        .get(CONTROLLER_KEY_SECRET)
+        .await
+        .expect("controller key");
+    let pkcs8 = secret.data.expect("data")[CONTROLLER_KEY_FIELD].0.clone();
+    let controller = Signer::from_pkcs8(&pkcs8).expect("key");
+    let forger =
+        Signer::from_pkcs8(&Signer::generate().expect("key")).expect("a key of the tenant's");
+    let tenant: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "tenant");
+    let before = s.all_volumes();
+    for (name, key) in [("forged", &forger), ("mistaken", &controller)] {
+        // A class localnfs does not serve: the controller leaves the claim alone.
+        let mut pvc = claim(name, "someone-elses", "8Mi", json!({}));
+        pvc.metadata.namespace = Some("tenant".into());
+        let pvc = tenant
+            .create(&PostParams::default(), &pvc)
+            .await
+            .expect("claim");
+        let uid = pvc.uid().expect("uid");
+        let request = VolumeRequest::restore_of(
+            VolumeSpec::new(
+                VolumeName::new(&format!("pvc-{uid}")).expect("name"),
+                8 << 20,
+            ),
+            uid,
+            node.clone(),
+            RestoreSource {
+                target: "nightly".into(),
+                volume: VolumeName::new(&volume).expect("name"),
+                set: set.clone(),
+                // What the request claims; the agent reads the claim's own.
+                namespace: "default".into(),
+            },
+        );
+        let annotations: BTreeMap<&str, String> = signed::request_annotations(key, &request)
+            .expect("sign")
+            .into_iter()
+            .collect();
+        tenant
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {
+                    "labels": {NODE_KEY: node}, "annotations": annotations}})),
+            )
+            .await
+            .expect("place the claim");
+    }
+    event_saying(
+        &client,
+        "tenant",
+        "mistaken",
+        "ProvisioningFailed",
+        "the set belongs to namespace default",
+    )
+    .await;
+    eventually("the refusal answer", WAIT, || async {
+        tenant
+            .get("mistaken")
+            .await
+            .ok()?
+            .annotations()
+            .contains_key(REFUSED)
+            .then_some(())
+    })
+    .await;
+    // The forged one had as long; the agent ignores what the controller did not sign.
+    let forged = tenant.get("forged").await.expect("claim");
+    assert!(!forged.annotations().contains_key(REFUSED));
+    assert!(
+        !forged.annotations().keys().any(|k| k.contains("ready")),
+        "{forged:?}"
+    );
+    assert_eq!(
+        s.all_volumes(),
+        before,
+        "a forged request made a volume\n{}",
+        s.lnfs.logs()
+    );
+}
