@@ -27,7 +27,10 @@
 //!    clone ([`clone_check`]), only a copy of a volume whose owner record (on this
 //!    node's disk, written by this agent) is the claim the signed request names, in
 //!    the new claim's own namespace: a tenant cannot have another namespace's data
-//!    copied to them, even with a request the controller signed by mistake.
+//!    copied to them, even with a request the controller signed by mistake. For a
+//!    restore (request version 3, `super::restore`), only a backup set whose owner
+//!    record is in the claim's own namespace, checked by the restore as it reads the
+//!    set.
 
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 
