@@ -8,6 +8,7 @@
 
 pub mod claims;
 pub mod clone;
+pub mod cron;
 pub mod ctx;
 pub mod expand;
 pub mod keys;
@@ -19,6 +20,7 @@ pub mod pv;
 pub mod queue;
 pub mod reserve;
 pub mod run;
+pub mod schedules;
 pub mod step;
 pub mod triggers;
 pub mod volumes;

@@ -287,5 +287,14 @@ async fn controllers(ctx: Arc<Ctx>, stop: CancellationToken) {
             }),
         );
     };
-    tokio::join!(watch_claims, watch_pvs, watch_pods, close, workers);
+    // VolumeBackupSchedules: their own watch, on the leader only.
+    let schedules = super::schedules::run(ctx.clone(), stop.clone());
+    tokio::join!(
+        watch_claims,
+        watch_pvs,
+        watch_pods,
+        close,
+        workers,
+        schedules
+    );
 }
