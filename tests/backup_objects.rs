@@ -495,11 +495,19 @@ async fn an_agent_killed_during_a_volume_backup_leaves_it_finished_and_no_unfini
     }
     create_backup(&client, "default", "cut", "data", "nightly").await;
     let api: Api<VolumeBackup> = Api::namespaced(client.clone(), "default");
-    eventually("the backup Running", WAIT, || async {
+    // Progress is reported while it runs, in the status and the agent's gauge.
+    let agent_admin = lnfs.admin["agent/node-1"];
+    let progress = eventually("progress of the running backup", WAIT, || async {
         let st = api.get("cut").await.ok()?.status?;
-        (st.phase? != Phase::Pending).then_some(())
+        assert!(!st.phase?.is_final(), "finished before any progress was seen: {st:?}");
+        let bytes = st.progress_bytes.filter(|b| *b > 0)?;
+        let gauge = support::scrape(agent_admin)
+            .await
+            .get("localnfs_backup_progress_bytes", &[]);
+        (gauge > 0.0).then_some((bytes, st.bytes_per_second))
     })
     .await;
+    assert!(progress.1.is_some_and(|b| b > 0), "{progress:?}");
     lnfs.stop_agent("node-1").await; // SIGKILL
     lnfs.start_agent_with("node-1", ip(204), &agent_flags(&flags));
     let st = finished(&client, &lnfs, "default", "cut").await;
