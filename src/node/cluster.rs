@@ -107,6 +107,8 @@ pub struct ClusterConfig {
     pub signer: Signer,
     /// `--backup-target`: where VolumeBackups of this node's volumes may go.
     pub backup_targets: super::targets::BackupTargets,
+    /// `localnfs_backup_progress_bytes` (registered by the caller).
+    pub backup_progress: prometheus_client::metrics::gauge::Gauge,
 }
 
 /// Runs the cluster side until `shutdown` fires; `synced` turns true once the
@@ -129,6 +131,7 @@ pub async fn run(
         extra_allow,
         signer,
         backup_targets,
+        backup_progress,
     } = cfg;
     tracing::info!(targets = %backup_targets.names(), "backup targets VolumeBackups may name");
     let mine = watcher::Config::default().labels(&format!("{NODE_KEY}={node}"));
@@ -148,7 +151,7 @@ pub async fn run(
         signer,
         controller_key: ControllerKey::default(),
         pvs: pv_controller.store(),
-        backup_targets,
+        backup_targets: backup_targets.clone(),
     });
     // Claims are looked at again whenever the controller's key changes (first read
     // included: until then no claim is acted on).
@@ -173,6 +176,17 @@ pub async fn run(
         },
         shutdown.clone(),
     );
+    let backups = super::backups::run(
+        Arc::new(super::backups::Backups::new(
+            agent.client.clone(),
+            agent.node.clone(),
+            agent.exports.clone(),
+            backup_targets,
+            agent.pvs.clone(),
+            backup_progress,
+        )),
+        shutdown.clone(),
+    );
     let pvs = pv_controller
         .with_config(kube::runtime::controller::Config::default().concurrency(PVS_IN_FLIGHT))
         .graceful_shutdown_on(shutdown.clone().cancelled_owned())
@@ -181,6 +195,7 @@ pub async fn run(
     tokio::join!(
         claims,
         pvs,
+        backups,
         key_watch,
         heartbeat(agent.clone(), shutdown.clone()),
         super::grants::keep(

@@ -21,6 +21,7 @@
 //! rest (cluster agent, admin listener) a few seconds more, and exits.
 
 pub mod backup_cmd;
+pub mod backups;
 pub mod cluster;
 pub mod grants;
 pub mod keys;
@@ -122,6 +123,12 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     let mut registry = crate::metrics::registry("node");
     registry.register_collector(Box::new(server.collector()));
     registry.register_collector(Box::new(localnfs_nfs::backup::BackupCollector));
+    let backup_progress = prometheus_client::metrics::gauge::Gauge::default();
+    registry.register(
+        "backup_progress_bytes",
+        "Bytes the running VolumeBackup has laid out so far (0 when none runs)",
+        backup_progress.clone(),
+    );
     let admin = admin::start(args.admin.admin_addr, registry, &shutdown).await?;
     let (admin_addr, readiness) = (admin.addr, admin.readiness.clone());
     volume_cmd::fail_interrupted_copies(&args.root);
@@ -188,6 +195,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
                 extra_allow: args.allow.clone(),
                 signer,
                 backup_targets: backup_targets.clone(),
+                backup_progress: backup_progress.clone(),
             };
             tokio::spawn(cluster::run(
                 cfg,

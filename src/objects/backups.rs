@@ -108,7 +108,7 @@ pub struct VolumeBackupStatus {
 }
 
 /// One backup of a claim of its namespace.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 pub struct VolumeBackup {
     pub metadata: ObjectMeta,
     pub spec: VolumeBackupSpec,
@@ -147,7 +147,7 @@ pub struct VolumeBackupScheduleStatus {
 }
 
 /// Backups of a claim at the times of a cron expression.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 pub struct VolumeBackupSchedule {
     pub metadata: ObjectMeta,
     pub spec: VolumeBackupScheduleSpec,
@@ -257,7 +257,7 @@ pub struct VolumeRestoreStatus {
 }
 
 /// Claims made from a backup set.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 pub struct VolumeRestore {
     pub metadata: ObjectMeta,
     pub spec: VolumeRestoreSpec,
@@ -266,9 +266,25 @@ pub struct VolumeRestore {
 }
 
 /// `kube::Resource` for a namespaced `localnfs.io/v1alpha1` kind (what the `derive`
-/// feature would generate).
+/// feature would generate), and `Serialize` with `apiVersion` and `kind` (the API
+/// server refuses an object without them).
 macro_rules! resource {
     ($ty:ty, $kind:literal, $plural:literal) => {
+        impl Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                use serde::ser::SerializeStruct;
+                let mut st = s.serialize_struct($kind, 5)?;
+                st.serialize_field("apiVersion", API_VERSION)?;
+                st.serialize_field("kind", $kind)?;
+                st.serialize_field("metadata", &self.metadata)?;
+                st.serialize_field("spec", &self.spec)?;
+                if let Some(status) = &self.status {
+                    st.serialize_field("status", status)?;
+                }
+                st.end()
+            }
+        }
+
         impl kube::Resource for $ty {
             type DynamicType = ();
             type Scope = NamespaceResourceScope;
@@ -368,6 +384,16 @@ mod tests {
         assert_eq!(r.spec.source.set.as_deref(), Some("latest"));
         assert_eq!(r.spec.stateful_set.map(|s| s.replicas), Some(3));
         assert_eq!(r.status.map(|s| s.claims.len()), Some(1));
+    }
+
+    #[test]
+    fn objects_are_written_with_their_kind() {
+        let v = serde_json::to_value(VolumeBackup::default()).expect("json");
+        assert_eq!(v["apiVersion"], API_VERSION);
+        assert_eq!(v["kind"], "VolumeBackup");
+        assert!(v.get("status").is_none());
+        let v = serde_json::to_value(VolumeRestore::default()).expect("json");
+        assert_eq!(v["kind"], "VolumeRestore");
     }
 
     #[test]

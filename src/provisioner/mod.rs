@@ -8,6 +8,7 @@
 
 pub mod claims;
 pub mod clone;
+pub mod cron;
 pub mod ctx;
 pub mod expand;
 pub mod keys;
@@ -20,6 +21,7 @@ pub mod queue;
 pub mod reserve;
 pub mod restores;
 pub mod run;
+pub mod schedules;
 pub mod step;
 pub mod triggers;
 pub mod volumes;

@@ -287,6 +287,9 @@ async fn controllers(ctx: Arc<Ctx>, stop: CancellationToken) {
             }),
         );
     };
+    // VolumeBackupSchedules: their own watch, on the leader only.
+    let schedules = super::schedules::run(ctx.clone(), stop.clone());
+    // VolumeRestores: likewise.
     let restores = super::restores::run(ctx.clone(), stop.clone());
     tokio::join!(
         watch_claims,
@@ -294,6 +297,7 @@ async fn controllers(ctx: Arc<Ctx>, stop: CancellationToken) {
         watch_pods,
         close,
         workers,
+        schedules,
         restores
     );
 }

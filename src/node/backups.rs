@@ -1,0 +1,613 @@
+//! VolumeBackups (`objects::backups`) of this node's volumes: the agent watches them in
+//! every namespace and runs those whose claim's volume lives here.
+//!
+//! Which volume is read is decided by facts a tenant cannot forge (DESIGN invariant
+//! 11): the PV must be one of this node's (the agent's PV cache holds only PVs
+//! labelled with its node, which only localnfs writes), bound both ways to the claim
+//! the object names in its own namespace (`claimRef` with the claim's uid, read fresh
+//! from the API server), and the volume's **owner record on disk** must be that claim
+//! (uid and namespace) ([`resolve`]). A PV re-pointed at another volume, or annotations
+//! a tenant writes on its claim, therefore never make the agent read someone else's
+//! data: the object fails with the reason and nothing is written to the target. The
+//! target is one of `--backup-target`'s names ([`super::targets`]), never a path.
+//!
+//! A target that is one of this agent's own volumes (an NFS mount of its export, or a
+//! bind mount of its directory) would put the backup on the disk it protects: before
+//! anything is written, a uniquely named probe file is created in the target and looked
+//! for at the top of each of this node's volume directories ([`own_volume_behind`]);
+//! found, the backup is refused. The engine's own refusals (target inside the store,
+//! on the store's device) stay.
+//!
+//! One backup runs at a time per agent; others wait Pending with a message. While one
+//! runs, `status.progressBytes` and `bytesPerSecond` are written about every 2 s, and
+//! the gauge `localnfs_backup_progress_bytes` follows them. The result is the final
+//! status and an event on the object: `BackupCompleted`, `BackupFailed`, or
+//! `BackupTargetUnavailable` when the target was full or unreachable (the source is
+//! touched only by the snapshot's pause; a schedule's next backup is tried as usual).
+//!
+//! Restarts: an agent that finds a VolumeBackup of its node in Running that it did not
+//! start in this process marks it Failed ("the node agent restarted during the
+//! backup"): rerunning it would back up a later instant than the one the object was
+//! created for. The unfinished set stays on the target, never listed, and the next
+//! backup of the volume removes it. Deleting a VolumeBackup does not delete its set:
+//! sets are governed by `keep`/`maxAge` only.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+use prometheus_client::metrics::gauge::Gauge;
+use tokio_util::sync::CancellationToken;
+
+use super::targets::BackupTargets;
+use crate::error::{Error, Result};
+use crate::kubeclient::annotation as ann;
+use crate::nfs::Exports;
+use crate::objects::backups::{Phase, VolumeBackup, VolumeBackupStatus, status_patch};
+use crate::objects::keys::VOLUME_KEY;
+use crate::volume::{Owner, VolumeName};
+use localnfs_nfs::backup::BackupOptions;
+
+/// How often a running backup's progress is written to its status.
+const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+
+/// How long a VolumeBackup whose claim has no PV on this node waits before it is looked
+/// at again (the claim may be bound later, to a PV of this node).
+const NOT_MINE_RECHECK: Duration = Duration::from_secs(30);
+
+/// Event reasons.
+pub const COMPLETED: &str = "BackupCompleted";
+pub const FAILED: &str = "BackupFailed";
+pub const TARGET_UNAVAILABLE: &str = "BackupTargetUnavailable";
+
+/// What the backup reconciler shares.
+pub struct Backups {
+    pub client: Client,
+    pub node: String,
+    pub exports: Arc<Exports>,
+    pub targets: BackupTargets,
+    pub events: crate::events::Events,
+    /// This node's PVs (the agent's PV watch).
+    pub pvs: Store<PersistentVolume>,
+    /// `localnfs_backup_progress_bytes`.
+    pub progress: Gauge,
+    /// VolumeBackups (uid) this process started: one in Running that is not here was
+    /// cut short by a restart.
+    started: Mutex<HashSet<String>>,
+    /// One backup at a time on this agent.
+    slot: tokio::sync::Semaphore,
+}
+
+impl Backups {
+    pub fn new(
+        client: Client,
+        node: String,
+        exports: Arc<Exports>,
+        targets: BackupTargets,
+        pvs: Store<PersistentVolume>,
+        progress: Gauge,
+    ) -> Self {
+        Backups {
+            events: crate::events::Events::new(client.clone(), "localnfs-node", &node),
+            client,
+            node,
+            exports,
+            targets,
+            pvs,
+            progress,
+            started: Mutex::default(),
+            slot: tokio::sync::Semaphore::new(1),
+        }
+    }
+}
+
+/// Runs the VolumeBackup reconciler until `shutdown`.
+pub async fn run(ctx: Arc<Backups>, shutdown: CancellationToken) {
+    crate::cache::controller(
+        Api::<VolumeBackup>::all(ctx.client.clone()),
+        watcher::Config::default(),
+    )
+    .graceful_shutdown_on(shutdown.cancelled_owned())
+    .run(reconcile, error_policy, ctx)
+    .for_each(|_| futures::future::ready(()))
+    .await;
+}
+
+fn error_policy(_obj: Arc<VolumeBackup>, err: &Error, _ctx: Arc<Backups>) -> Action {
+    Action::requeue(crate::kubeclient::retry_after(err))
+}
+
+/// Why a backup is not run, as the object's message.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Refusal(pub String);
+
+/// Which volume of this node a VolumeBackup reads (see the module doc): the PV's
+/// volume, if the PV is bound to the claim (`claim_uid`, read fresh) and the volume's
+/// owner record names that claim in the object's namespace.
+pub fn resolve(
+    node: &str,
+    namespace: &str,
+    claim: &str,
+    claim_uid: Option<&str>,
+    pv_claim_uid: Option<&str>,
+    volume: Option<&str>,
+    owner: Option<&Owner>,
+) -> Result<VolumeName, Refusal> {
+    let Some(uid) = claim_uid else {
+        return Err(Refusal(format!("claim {namespace}/{claim} does not exist")));
+    };
+    if pv_claim_uid != Some(uid) {
+        return Err(Refusal(format!(
+            "claim {namespace}/{claim} (uid {uid}) is not the claim its PV on node {node} is bound to"
+        )));
+    }
+    let Some(volume) = volume.and_then(|v| VolumeName::new(v).ok()) else {
+        return Err(Refusal(format!(
+            "the PV of claim {namespace}/{claim} names no volume of node {node}"
+        )));
+    };
+    match owner {
+        Some(o) if o.claim_uid == uid && o.namespace == namespace => Ok(volume),
+        Some(o) => Err(Refusal(format!(
+            "volume {volume} on node {node} belongs to {o}, not to claim {namespace}/{claim} (uid {uid}): nothing was read"
+        ))),
+        None => Err(Refusal(format!(
+            "volume {volume} on node {node} has no owner record naming claim {namespace}/{claim}: nothing was read"
+        ))),
+    }
+}
+
+/// Whether a failure of the engine was the target's (full, unreachable, not
+/// writable): those get the `BackupTargetUnavailable` event.
+pub fn target_unavailable(why: &str) -> bool {
+    why.contains("the backup target is full")
+        || why.contains("the backup target is unreachable")
+        || [
+            "reach the target",
+            "probe the target",
+            "create the volume's backup directory",
+            "lock the volume's backup directory",
+        ]
+        .iter()
+        .any(|p| why.starts_with(p))
+}
+
+/// Creates a uniquely named file in `target` and looks for it at the top of each of
+/// this agent's volume directories: found, the target is (a mount of) that volume.
+/// The probe is removed either way. An error means the target cannot be written.
+pub fn own_volume_behind(exports: &Exports, target: &Path) -> std::io::Result<Option<VolumeName>> {
+    let probe = format!(
+        ".localnfs-target-probe-{}-{}",
+        std::process::id(),
+        Timestamp::now().as_nanosecond()
+    );
+    let path = target.join(&probe);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)?;
+    let store = exports.store();
+    let found = store.list().ok().and_then(|vols| {
+        vols.into_iter()
+            .map(|m| m.spec.name)
+            .find(|v| store.data_dir(v).join(&probe).exists())
+    });
+    std::fs::remove_file(&path)?;
+    Ok(found)
+}
+
+fn now() -> String {
+    Timestamp::now().to_string()
+}
+
+async fn reconcile(vbk: Arc<VolumeBackup>, ctx: Arc<Backups>) -> Result<Action> {
+    let status = vbk.status.clone().unwrap_or_default();
+    if status.phase.is_some_and(Phase::is_final) {
+        return Ok(Action::await_change());
+    }
+    let ns = vbk.namespace().unwrap_or_default();
+    let uid = vbk.uid().unwrap_or_default();
+    let claim = vbk.spec.claim.clone();
+    // Only this node's PVs are cached: a claim whose PV is elsewhere is another
+    // agent's business.
+    let pv = ctx.pvs.state().into_iter().find(|pv| {
+        pv.spec
+            .as_ref()
+            .and_then(|s| s.claim_ref.as_ref())
+            .is_some_and(|r| {
+                r.namespace.as_deref() == Some(&ns) && r.name.as_deref() == Some(&claim)
+            })
+    });
+    let Some(pv) = pv else {
+        return Ok(Action::requeue(NOT_MINE_RECHECK));
+    };
+    if status.phase == Some(Phase::Running) {
+        let ours = ctx
+            .started
+            .lock()
+            .map(|s| s.contains(&uid))
+            .unwrap_or(false);
+        if !ours {
+            let why = "the node agent restarted during the backup; no set was made (the next backup of the volume removes what it wrote)".to_owned();
+            fail(&ctx, &vbk, status, FAILED, why).await?;
+            return Ok(Action::await_change());
+        }
+        return Ok(Action::await_change());
+    }
+    let fresh = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), &ns)
+        .get_opt(&claim)
+        .await
+        .map_err(Error::kube(format!("read claim {ns}/{claim}")))?;
+    let claim_uid = fresh.as_ref().and_then(|c| c.uid());
+    let pv_claim_uid = pv
+        .spec
+        .as_ref()
+        .and_then(|s| s.claim_ref.as_ref())
+        .and_then(|r| r.uid.clone());
+    let volume_ann = ann(pv.as_ref(), VOLUME_KEY).map(str::to_owned);
+    let owner = volume_ann
+        .as_deref()
+        .and_then(|v| VolumeName::new(v).ok())
+        .and_then(|v| ctx.exports.store().get(&v).ok().flatten())
+        .and_then(|m| m.owner);
+    let mut status = VolumeBackupStatus {
+        node: Some(ctx.node.clone()),
+        ..status
+    };
+    let volume = match resolve(
+        &ctx.node,
+        &ns,
+        &claim,
+        claim_uid.as_deref(),
+        pv_claim_uid.as_deref(),
+        volume_ann.as_deref(),
+        owner.as_ref(),
+    ) {
+        Ok(v) => v,
+        Err(Refusal(why)) => {
+            fail(&ctx, &vbk, status, FAILED, why).await?;
+            return Ok(Action::await_change());
+        }
+    };
+    status.volume = Some(volume.to_string());
+    let Some(target) = ctx.targets.get(&vbk.spec.target).map(Path::to_owned) else {
+        let why = format!(
+            "no backup target named {} on node {}; configured: {}",
+            vbk.spec.target,
+            ctx.node,
+            ctx.targets.names()
+        );
+        fail(&ctx, &vbk, status, FAILED, why).await?;
+        return Ok(Action::await_change());
+    };
+    let max_age = match vbk.spec.max_age.as_deref().map(crate::cli::parse_duration) {
+        None => None,
+        Some(Ok(d)) => Some(d),
+        Some(Err(e)) => {
+            fail(&ctx, &vbk, status, FAILED, format!("maxAge: {e}")).await?;
+            return Ok(Action::await_change());
+        }
+    };
+    let permit = match ctx.slot.try_acquire() {
+        Ok(p) => p,
+        Err(_) => {
+            let waiting = format!("waiting for another backup on node {} to finish", ctx.node);
+            if status.message.as_deref() != Some(&waiting) {
+                status.phase = Some(Phase::Pending);
+                status.message = Some(waiting);
+                patch(&ctx, &vbk, &status).await?;
+            }
+            ctx.slot
+                .acquire()
+                .await
+                .map_err(|_| Error::Unsupported("the backup slot closed"))?
+        }
+    };
+    let exports = ctx.exports.clone();
+    let t = target.clone();
+    match tokio::task::spawn_blocking(move || own_volume_behind(&exports, &t)).await {
+        Ok(Ok(None)) => {}
+        Ok(Ok(Some(v))) => {
+            let why = format!(
+                "target {} ({}) is volume {v} of node {}, the node whose data it would back up: use a target that survives this node",
+                vbk.spec.target,
+                target.display(),
+                ctx.node
+            );
+            fail(&ctx, &vbk, status, FAILED, why).await?;
+            return Ok(Action::await_change());
+        }
+        Ok(Err(e)) => {
+            let why = match e.raw_os_error() {
+                Some(libc::ENOSPC | libc::EDQUOT) => {
+                    format!("the backup target is full (probe the target: {e})")
+                }
+                _ => format!("probe the target: {e}"),
+            };
+            fail(&ctx, &vbk, status, TARGET_UNAVAILABLE, why).await?;
+            return Ok(Action::await_change());
+        }
+        Err(e) => return Err(Error::BuildObject(format!("probe task failed: {e}"))),
+    }
+    if let Ok(mut s) = ctx.started.lock() {
+        s.insert(uid.clone());
+    }
+    let r = run_backup(&ctx, &vbk, status, volume, target, max_age).await;
+    drop(permit);
+    r?;
+    Ok(Action::await_change())
+}
+
+/// Runs the backup with progress in the status, then writes the result.
+async fn run_backup(
+    ctx: &Backups,
+    vbk: &VolumeBackup,
+    mut status: VolumeBackupStatus,
+    volume: VolumeName,
+    target: PathBuf,
+    max_age: Option<Duration>,
+) -> Result<()> {
+    let started = Instant::now();
+    status.phase = Some(Phase::Running);
+    status.start_time = Some(now());
+    status.progress_bytes = Some(0);
+    status.bytes_per_second = Some(0);
+    status.message = Some(format!(
+        "backing up volume {volume} to target {}",
+        vbk.spec.target
+    ));
+    patch(ctx, vbk, &status).await?;
+    let progress = Arc::new(AtomicU64::new(0));
+    let opts = BackupOptions {
+        keep: vbk.spec.keep.map(|k| k as usize),
+        max_age,
+        allow_same_device: false,
+        progress: Some(progress.clone()),
+    };
+    let exports = ctx.exports.clone();
+    let (v, t) = (volume.clone(), target.clone());
+    let mut task = tokio::task::spawn_blocking(move || exports.backup_volume(&v, &t, &opts));
+    let result = loop {
+        tokio::select! {
+            r = &mut task => break r,
+            _ = tokio::time::sleep(PROGRESS_EVERY) => {
+                let done = progress.load(Ordering::Relaxed);
+                ctx.progress.set(i64::try_from(done).unwrap_or(i64::MAX));
+                status.progress_bytes = Some(done);
+                status.bytes_per_second = Some(per_second(done, started.elapsed()));
+                // A missed progress write is not worth failing the backup over.
+                if let Err(e) = patch(ctx, vbk, &status).await {
+                    tracing::warn!(error = %e, "cannot write backup progress");
+                }
+            }
+        }
+    };
+    ctx.progress.set(0);
+    let took = started.elapsed();
+    status.completion_time = Some(now());
+    status.duration_seconds = Some(took.as_secs_f64());
+    match result {
+        Ok(Ok(r)) => {
+            status.phase = Some(Phase::Completed);
+            status.set = Some(r.id.clone());
+            status.bytes = Some(r.summary.bytes);
+            status.files = Some(r.summary.files);
+            status.bytes_copied = Some(r.summary.bytes_copied);
+            status.bytes_linked = Some(r.summary.bytes_linked);
+            status.progress_bytes = Some(r.summary.bytes);
+            status.bytes_per_second = Some(per_second(r.summary.bytes, took));
+            status.pause_ms = Some(r.pause.as_secs_f64() * 1e3);
+            let mut note = format!(
+                "set {} of volume {volume} in target {}: {} bytes in {} files ({} copied, {} linked from the previous set) in {:.1} s",
+                r.id,
+                vbk.spec.target,
+                r.summary.bytes,
+                r.summary.files,
+                r.summary.bytes_copied,
+                r.summary.bytes_linked,
+                took.as_secs_f64()
+            );
+            for w in &r.warnings {
+                note.push_str("; warning: ");
+                note.push_str(w);
+            }
+            status.message = Some(note.clone());
+            patch(ctx, vbk, &status).await?;
+            ctx.events
+                .publish(vbk, EventType::Normal, COMPLETED, "Backup", note)
+                .await;
+            Ok(())
+        }
+        Ok(Err(e)) => {
+            let why = match e {
+                localnfs_nfs::Error::BackupFailed { why, .. } => why,
+                e => e.to_string(),
+            };
+            let reason = if target_unavailable(&why) {
+                TARGET_UNAVAILABLE
+            } else {
+                FAILED
+            };
+            fail(ctx, vbk, status, reason, why).await
+        }
+        Err(e) => fail(ctx, vbk, status, FAILED, format!("backup task failed: {e}")).await,
+    }
+}
+
+fn per_second(bytes: u64, took: Duration) -> u64 {
+    let s = took.as_secs_f64();
+    if s > 0.0 {
+        (bytes as f64 / s) as u64
+    } else {
+        0
+    }
+}
+
+/// Marks the object Failed with `why` and publishes the event `reason`.
+async fn fail(
+    ctx: &Backups,
+    vbk: &VolumeBackup,
+    mut status: VolumeBackupStatus,
+    reason: &str,
+    why: String,
+) -> Result<()> {
+    tracing::warn!(backup = %format!("{}/{}", vbk.namespace().unwrap_or_default(), vbk.name_any()), %why, "backup failed");
+    status.phase = Some(Phase::Failed);
+    status.node = Some(ctx.node.clone());
+    status.completion_time.get_or_insert_with(now);
+    status.message = Some(why.clone());
+    patch(ctx, vbk, &status).await?;
+    ctx.events
+        .publish(vbk, EventType::Warning, reason, "Backup", why)
+        .await;
+    Ok(())
+}
+
+/// Writes `status` through the status subresource.
+async fn patch(ctx: &Backups, vbk: &VolumeBackup, status: &VolumeBackupStatus) -> Result<()> {
+    let ns = vbk.namespace().unwrap_or_default();
+    let name = vbk.name_any();
+    Api::<VolumeBackup>::namespaced(ctx.client.clone(), &ns)
+        .patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(status_patch::<VolumeBackup>(status)),
+        )
+        .await
+        .map_err(Error::kube(format!(
+            "write the status of VolumeBackup {ns}/{name}"
+        )))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owner(uid: &str, ns: &str) -> Owner {
+        Owner {
+            claim_uid: uid.into(),
+            namespace: ns.into(),
+            claim: "data".into(),
+        }
+    }
+
+    #[test]
+    fn the_claims_own_volume_is_backed_up() {
+        let o = owner("u1", "shop");
+        let v = resolve(
+            "n",
+            "shop",
+            "data",
+            Some("u1"),
+            Some("u1"),
+            Some("pvc-u1"),
+            Some(&o),
+        );
+        assert_eq!(v.map(|v| v.to_string()), Ok("pvc-u1".to_owned()));
+    }
+
+    #[test]
+    fn a_pv_re_pointed_at_another_namespaces_volume_is_refused() {
+        // The PV is bound to the tenant's claim, but names a volume whose owner record
+        // is another namespace's claim.
+        let other = owner("u9", "bank");
+        let r = resolve(
+            "n",
+            "shop",
+            "data",
+            Some("u1"),
+            Some("u1"),
+            Some("pvc-u9"),
+            Some(&other),
+        );
+        let why = r.expect_err("refused").0;
+        assert!(why.contains("belongs to claim bank/data"), "{why}");
+    }
+
+    #[test]
+    fn same_claim_name_in_another_namespace_is_refused() {
+        let o = owner("u1", "bank");
+        assert!(
+            resolve(
+                "n",
+                "shop",
+                "data",
+                Some("u1"),
+                Some("u1"),
+                Some("v"),
+                Some(&o)
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn a_pv_bound_to_another_claim_is_refused() {
+        let o = owner("u1", "shop");
+        let why = resolve(
+            "n",
+            "shop",
+            "data",
+            Some("u2"),
+            Some("u1"),
+            Some("v"),
+            Some(&o),
+        )
+        .expect_err("refused")
+        .0;
+        assert!(why.contains("not the claim its PV"), "{why}");
+    }
+
+    #[test]
+    fn a_missing_claim_or_owner_record_is_refused() {
+        let o = owner("u1", "shop");
+        assert!(resolve("n", "shop", "data", None, Some("u1"), Some("v"), Some(&o)).is_err());
+        let why = resolve("n", "shop", "data", Some("u1"), Some("u1"), Some("v"), None)
+            .expect_err("refused")
+            .0;
+        assert!(why.contains("no owner record"), "{why}");
+        assert!(
+            resolve(
+                "n",
+                "shop",
+                "data",
+                Some("u1"),
+                Some("u1"),
+                Some("../x"),
+                Some(&o)
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn target_failures_are_told_apart_from_others() {
+        assert!(target_unavailable(
+            "the backup target is full (copy a file: No space left on device (os error 28))"
+        ));
+        assert!(target_unavailable(
+            "reach the target: No such file or directory (os error 2)"
+        ));
+        assert!(target_unavailable(
+            "probe the target: Read-only file system (os error 30)"
+        ));
+        assert!(!target_unavailable(
+            "no room on the node for the snapshot: …"
+        ));
+        assert!(!target_unavailable(
+            "the target is on the same device as the volume store, …"
+        ));
+    }
+}

@@ -1,0 +1,530 @@
+//! Backups as Kubernetes objects (issue 23 item 3): VolumeBackup and
+//! VolumeBackupSchedule run by the real node agent and controller processes on the
+//! real v1.20.2 control plane, with the CRDs and RBAC as shipped in deploy/base/.
+//!
+//! Targets are small tmpfs mounts made by the test (it runs as root): a different
+//! device from the agent's root, as a network volume would be, and one that can be
+//! made full. Each is unmounted when its test ends, passed or failed.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use localnfs::objects::backups::{Phase, VolumeBackup, VolumeBackupSchedule, VolumeBackupStatus};
+use localnfs::objects::keys::VOLUME_KEY;
+use localnfs_testbed::{TestCluster, kubelet};
+use serde_json::json;
+use support::cluster::*;
+use support::credentials::kubectl;
+use support::eventually;
+
+const WAIT: Duration = Duration::from_secs(90);
+
+fn ip(last: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
+}
+
+/// A tmpfs of `size` mounted on a fresh directory; unmounted on drop.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Self {
+        let dir = tempfile::tempdir_in("/var/tmp").expect("mountpoint");
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(ok.success(), "mount a tmpfs (the test needs root)");
+        Tmpfs(dir)
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+/// A bind mount of `from` on `on`; unmounted on drop.
+struct Bind(PathBuf);
+
+impl Bind {
+    fn mount(from: &Path, on: &Path) -> Self {
+        let ok = std::process::Command::new("mount")
+            .arg("--bind")
+            .arg(from)
+            .arg(on)
+            .status()
+            .expect("run mount");
+        assert!(ok.success(), "bind mount");
+        Bind(on.to_owned())
+    }
+}
+
+impl Drop for Bind {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Installs the three CRDs as shipped and waits until they are served.
+fn install_crds(kubeconfig: &Path) {
+    let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/base/crds.yaml");
+    kubectl(kubeconfig, &["apply", "-f", crds.to_str().expect("utf8")]);
+    kubectl(
+        kubeconfig,
+        &[
+            "wait",
+            "--for=condition=established",
+            "--timeout=60s",
+            "crd/volumebackups.localnfs.io",
+            "crd/volumebackupschedules.localnfs.io",
+            "crd/volumerestores.localnfs.io",
+        ],
+    );
+}
+
+/// A cluster with the CRDs, node-1 at 127.0.0.`last` whose agent has `targets`
+/// (`--backup-target` values), the controller, and class `now`.
+async fn cluster_with(last: u8, targets: &[String]) -> (TestCluster, Localnfs) {
+    let cluster = TestCluster::start().await.expect("control plane");
+    install_crds(cluster.kubeconfig());
+    let client = cluster.client();
+    let mut lnfs = Localnfs::new(&cluster).await;
+    kubelet::add_node(&client, "node-1", ip(last))
+        .await
+        .expect("node");
+    lnfs.start_agent_with("node-1", ip(last), &agent_flags(targets));
+    lnfs.start_controller();
+    storage_class(&client, "now", json!({"volumeBindingMode": "Immediate"})).await;
+    (cluster, lnfs)
+}
+
+fn agent_flags(targets: &[String]) -> Vec<&str> {
+    let mut flags = vec!["--capacity", "5Gi"];
+    for t in targets {
+        flags.extend(["--backup-target", t.as_str()]);
+    }
+    flags
+}
+
+/// Creates claim `name` (of `size`) in `ns`, waits for its volume; returns the
+/// volume's directory on node-1 and its name.
+async fn claim_in(
+    client: &Client,
+    lnfs: &Localnfs,
+    ns: &str,
+    name: &str,
+    size: &str,
+) -> (PathBuf, String) {
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
+    claims
+        .create(&PostParams::default(), &claim(name, "now", size, json!({})))
+        .await
+        .expect("create claim");
+    let pv_name = eventually(&format!("{ns}/{name} Bound"), WAIT, || async {
+        let c = claims.get(name).await.ok()?;
+        (c.status.as_ref()?.phase.as_deref()? == "Bound").then_some(())?;
+        c.spec?.volume_name
+    })
+    .await;
+    let pv = Api::<PersistentVolume>::all(client.clone())
+        .get(&pv_name)
+        .await
+        .expect("pv");
+    let volume = nfs_target(&pv).2;
+    (lnfs.root("node-1").join("volumes").join(&volume), volume)
+}
+
+async fn namespace(client: &Client, name: &str) {
+    let body: Namespace =
+        serde_json::from_value(json!({"metadata": {"name": name}})).expect("namespace");
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &body)
+        .await
+        .expect("create namespace");
+}
+
+/// Files under `dir` (relative path → sha256).
+fn sums(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+        for e in std::fs::read_dir(dir).expect("read dir").flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else {
+                let data = std::fs::read(&path).expect("read");
+                let rel = path.strip_prefix(root).expect("prefix");
+                out.insert(
+                    rel.to_string_lossy().into_owned(),
+                    ring::digest::digest(&ring::digest::SHA256, &data)
+                        .as_ref()
+                        .to_vec(),
+                );
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// Writes a few files, one of `big` bytes, into `dir`.
+fn write_data(dir: &Path, big: usize) {
+    std::fs::create_dir_all(dir.join("db/tables")).expect("mkdir");
+    std::fs::write(dir.join("precious"), b"rows").expect("write");
+    std::fs::write(dir.join("db/tables/t1.ibd"), b"table one").expect("write");
+    let data: Vec<u8> = (0..big).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(dir.join("db/log"), &data).expect("write");
+}
+
+async fn create_backup(client: &Client, ns: &str, name: &str, claim: &str, target: &str) {
+    let vbk: VolumeBackup = serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"claim": claim, "target": target, "keep": 5},
+    }))
+    .expect("VolumeBackup");
+    Api::<VolumeBackup>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &vbk)
+        .await
+        .expect("create VolumeBackup");
+}
+
+/// Waits for VolumeBackup `name` to reach Completed or Failed; returns its status.
+async fn finished(client: &Client, lnfs: &Localnfs, ns: &str, name: &str) -> VolumeBackupStatus {
+    let api: Api<VolumeBackup> = Api::namespaced(client.clone(), ns);
+    let logs = || lnfs.logs();
+    let st = tokio::time::timeout(
+        WAIT,
+        eventually(&format!("VolumeBackup {ns}/{name} finished"), WAIT, || async {
+            let st = api.get(name).await.ok()?.status?;
+            st.phase?.is_final().then_some(st)
+        }),
+    )
+    .await;
+    st.unwrap_or_else(|_| panic!("VolumeBackup {ns}/{name} never finished\n{}", logs()))
+}
+
+/// Waits for an event `reason` on `name` in `ns`; returns its message.
+async fn event(client: &Client, ns: &str, name: &str, reason: &str) -> String {
+    let evs: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), ns);
+    eventually(&format!("{reason} event on {ns}/{name}"), WAIT, || async {
+        evs.list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .filter(|e| e.involved_object.name.as_deref() == Some(name))
+            .filter(|e| e.reason.as_deref() == Some(reason))
+            .find_map(|e| e.message)
+    })
+    .await
+}
+
+/// Entries of a directory (names), empty if it does not exist.
+fn entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_volume_backup_completes_restores_to_the_same_files_and_the_next_is_incremental() {
+    let target = Tmpfs::mount("64m");
+    let flag = format!("nightly={}", target.path().display());
+    let (cluster, lnfs) = cluster_with(201, &[flag]).await;
+    let client = cluster.client();
+    let (dir, volume) = claim_in(&client, &lnfs, "default", "data", "16Mi").await;
+    write_data(&dir, 3 << 20);
+    let want = sums(&dir);
+
+    create_backup(&client, "default", "first", "data", "nightly").await;
+    let st = finished(&client, &lnfs, "default", "first").await;
+    assert_eq!(st.phase, Some(Phase::Completed), "{st:?}\n{}", lnfs.logs());
+    assert_eq!(st.node.as_deref(), Some("node-1"));
+    assert_eq!(st.volume.as_deref(), Some(volume.as_str()));
+    let set = st.set.clone().expect("set id");
+    assert!(st.bytes.is_some_and(|b| b >= 3 << 20), "{st:?}");
+    assert_eq!(st.files, Some(3), "{st:?}");
+    assert!(st.duration_seconds.is_some() && st.start_time.is_some() && st.completion_time.is_some());
+    assert!(st.pause_ms.is_some(), "{st:?}");
+    let note = event(&client, "default", "first", "BackupCompleted").await;
+    assert!(note.contains(&set), "{note}");
+
+    // The set restores, with the existing restore, to the same checksums.
+    let restored = tempfile::tempdir().expect("restore root");
+    let from = target.path().join(&volume).join(&set);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_localnfs"))
+        .args(["volume", "--root"])
+        .arg(restored.path())
+        .args(["restore", "--from"])
+        .arg(&from)
+        .arg("back")
+        .output()
+        .expect("run localnfs volume restore");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(sums(&restored.path().join("volumes/back")), want);
+
+    // The second backup links what did not change.
+    std::fs::write(dir.join("precious"), b"more rows").expect("change a file");
+    create_backup(&client, "default", "second", "data", "nightly").await;
+    let st = finished(&client, &lnfs, "default", "second").await;
+    assert_eq!(st.phase, Some(Phase::Completed), "{st:?}");
+    assert!(st.bytes_linked.is_some_and(|b| b >= 3 << 20), "not incremental: {st:?}");
+    assert!(st.bytes_copied.is_some_and(|b| b < 1 << 20), "{st:?}");
+    assert_ne!(st.set.as_deref(), Some(set.as_str()));
+
+    // `kubectl get vbk` shows the printer columns.
+    let table = kubectl(cluster.kubeconfig(), &["get", "vbk", "-n", "default"]);
+    let header = table.lines().next().unwrap_or_default();
+    for col in ["CLAIM", "TARGET", "PHASE", "SET", "BYTES", "DURATION", "AGE"] {
+        assert!(header.contains(col), "no {col} column in:\n{table}");
+    }
+    assert!(table.contains("Completed") && table.contains(&set), "{table}");
+    eprintln!("{table}");
+}
+
+#[tokio::test]
+async fn backups_that_would_read_the_wrong_volume_or_write_the_wrong_place_are_refused() {
+    let nightly = Tmpfs::mount("64m");
+    let small = Tmpfs::mount("1m");
+    let own = tempfile::tempdir_in("/var/tmp").expect("mountpoint");
+    let flags = [
+        format!("nightly={}", nightly.path().display()),
+        format!("small={}", small.path().display()),
+        format!("self={}", own.path().display()),
+    ];
+    let (cluster, lnfs) = cluster_with(202, &flags).await;
+    let client = cluster.client();
+    let (victim_dir, victim) = claim_in(&client, &lnfs, "default", "data", "16Mi").await;
+    write_data(&victim_dir, 3 << 20);
+    let victim_sums = sums(&victim_dir);
+
+    // Unknown target name.
+    create_backup(&client, "default", "unknown", "data", "nope").await;
+    let st = finished(&client, &lnfs, "default", "unknown").await;
+    assert_eq!(st.phase, Some(Phase::Failed));
+    let msg = st.message.unwrap_or_default();
+    assert!(
+        msg.contains("no backup target named nope on node node-1; configured: nightly, self, small"),
+        "{msg}"
+    );
+    event(&client, "default", "unknown", "BackupFailed").await;
+
+    // A target that is one of this agent's own volumes (here a bind mount of its
+    // directory, as an NFS mount of its export would be).
+    let (other_dir, other) = claim_in(&client, &lnfs, "default", "other", "16Mi").await;
+    let _bind = Bind::mount(&other_dir, own.path());
+    create_backup(&client, "default", "onto-self", "data", "self").await;
+    let st = finished(&client, &lnfs, "default", "onto-self").await;
+    assert_eq!(st.phase, Some(Phase::Failed));
+    let msg = st.message.unwrap_or_default();
+    assert!(msg.contains(&format!("is volume {other} of node node-1")), "{msg}");
+    assert!(entries(&other_dir).is_empty(), "written into the volume: {:?}", entries(&other_dir));
+
+    // A full target: Failed with BackupTargetUnavailable, no set, source untouched.
+    create_backup(&client, "default", "too-big", "data", "small").await;
+    let st = finished(&client, &lnfs, "default", "too-big").await;
+    assert_eq!(st.phase, Some(Phase::Failed));
+    let msg = st.message.unwrap_or_default();
+    assert!(msg.contains("the backup target is full"), "{msg}");
+    let note = event(&client, "default", "too-big", "BackupTargetUnavailable").await;
+    assert!(note.contains("full"), "{note}");
+    let sets: Vec<String> = entries(&small.path().join(&victim))
+        .into_iter()
+        .filter(|e| !e.starts_with('.'))
+        .collect();
+    assert!(sets.is_empty(), "a set was left on the full target: {sets:?}");
+    assert_eq!(sums(&victim_dir), victim_sums, "the source changed");
+
+    // Another namespace: its claim's PV re-pointed at default/data's volume (as a
+    // PV edited by mistake or by someone who may edit PVs) does not make the agent
+    // read default/data's volume: the owner record decides.
+    namespace(&client, "shop").await;
+    let (_, mine) = claim_in(&client, &lnfs, "shop", "mine", "16Mi").await;
+    let pv_name = Api::<PersistentVolumeClaim>::namespaced(client.clone(), "shop")
+        .get("mine")
+        .await
+        .expect("claim")
+        .spec
+        .and_then(|s| s.volume_name)
+        .expect("bound");
+    Api::<PersistentVolume>::all(client.clone())
+        .patch(
+            &pv_name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {VOLUME_KEY: victim}}})),
+        )
+        .await
+        .expect("re-point the PV");
+    // A tenant's own claim carrying localnfs's keys and naming the victim's PV.
+    let victim_pv = Api::<PersistentVolumeClaim>::namespaced(client.clone(), "default")
+        .get("data")
+        .await
+        .expect("claim")
+        .spec
+        .and_then(|s| s.volume_name)
+        .expect("bound");
+    let mut thief = claim("thief", "now", "16Mi", json!({"volumeName": victim_pv}));
+    thief.metadata.annotations = Some([(VOLUME_KEY.to_owned(), victim.clone())].into());
+    Api::<PersistentVolumeClaim>::namespaced(client.clone(), "shop")
+        .create(&PostParams::default(), &thief)
+        .await
+        .expect("create claim");
+    // The agent's PV cache must have seen the new annotation first.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    create_backup(&client, "shop", "steal", "mine", "nightly").await;
+    create_backup(&client, "shop", "steal-2", "thief", "nightly").await;
+    let st = finished(&client, &lnfs, "shop", "steal").await;
+    assert_eq!(st.phase, Some(Phase::Failed), "{st:?}");
+    let msg = st.message.unwrap_or_default();
+    assert!(msg.contains("belongs to claim default/data"), "{msg}");
+    assert!(msg.contains(&format!("volume {victim} on node node-1")), "{msg}");
+    assert_ne!(mine, victim);
+    let st2 = Api::<VolumeBackup>::namespaced(client.clone(), "shop")
+        .get("steal-2")
+        .await
+        .expect("get")
+        .status
+        .unwrap_or_default();
+    assert_ne!(st2.volume.as_deref(), Some(victim.as_str()), "{st2:?}");
+    assert!(
+        entries(&nightly.path().join(&victim)).iter().all(|e| e.starts_with('.')),
+        "the victim's data reached the target: {:?}",
+        entries(&nightly.path().join(&victim))
+    );
+}
+
+#[tokio::test]
+async fn a_due_schedule_makes_a_volume_backup_owned_by_it_that_completes() {
+    let target = Tmpfs::mount("64m");
+    let flag = format!("nightly={}", target.path().display());
+    let (cluster, lnfs) = cluster_with(203, &[flag]).await;
+    let client = cluster.client();
+    let (dir, _) = claim_in(&client, &lnfs, "default", "data", "16Mi").await;
+    write_data(&dir, 64 << 10);
+    let sched: VolumeBackupSchedule = serde_json::from_value(json!({
+        "metadata": {"name": "often", "namespace": "default"},
+        "spec": {"schedule": "*/1 * * * *", "successfulBackupsHistoryLimit": 1,
+                 "template": {"claim": "data", "target": "nightly"}},
+    }))
+    .expect("schedule");
+    let made = Api::<VolumeBackupSchedule>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &sched)
+        .await
+        .expect("create schedule");
+    let backups: Api<VolumeBackup> = Api::namespaced(client.clone(), "default");
+    let first = tokio::time::timeout(
+        Duration::from_secs(80),
+        eventually("a scheduled VolumeBackup", Duration::from_secs(80), || async {
+            backups.list(&Default::default()).await.ok()?.items.into_iter().next()
+        }),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("no VolumeBackup within 80 s\n{}", lnfs.logs()));
+    let name = first.name_any();
+    assert!(name.starts_with("often-20") && name.len() == "often-".len() + 12, "{name}");
+    let owner = first.owner_references().first().cloned().expect("ownerReference");
+    assert_eq!((owner.kind.as_str(), owner.uid), ("VolumeBackupSchedule", made.uid().unwrap_or_default()));
+    let st = finished(&client, &lnfs, "default", &name).await;
+    assert_eq!(st.phase, Some(Phase::Completed), "{st:?}");
+    let s = Api::<VolumeBackupSchedule>::namespaced(client.clone(), "default")
+        .get("often")
+        .await
+        .expect("schedule")
+        .status
+        .unwrap_or_default();
+    assert!(s.last_schedule_time.is_some(), "{s:?}");
+
+    // Suspended: no new object; the history limit keeps one Completed object.
+    Api::<VolumeBackupSchedule>::namespaced(client.clone(), "default")
+        .patch(
+            "often",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"suspend": true}})),
+        )
+        .await
+        .expect("suspend");
+    let names = || async {
+        let list = backups.list(&Default::default()).await.expect("list").items;
+        list.iter().map(ResourceExt::name_any).collect::<Vec<_>>()
+    };
+    let before = names().await;
+    tokio::time::sleep(Duration::from_secs(65)).await;
+    let after = names().await;
+    let new: Vec<_> = after.iter().filter(|n| !before.contains(n)).collect();
+    assert!(new.is_empty(), "a suspended schedule made {new:?}");
+}
+
+#[tokio::test]
+async fn an_agent_killed_during_a_volume_backup_leaves_it_finished_and_no_unfinished_set() {
+    let target = Tmpfs::mount("1g");
+    let flag = format!("nightly={}", target.path().display());
+    let flags = [flag];
+    let (cluster, mut lnfs) = cluster_with(204, &flags).await;
+    let client = cluster.client();
+    let (dir, volume) = claim_in(&client, &lnfs, "default", "data", "900Mi").await;
+    // Many files, so the backup runs long enough to be cut.
+    for d in 0..20 {
+        let sub = dir.join(format!("d{d}"));
+        std::fs::create_dir_all(&sub).expect("mkdir");
+        for f in 0..100 {
+            std::fs::write(sub.join(format!("f{f}")), vec![(d * f) as u8; 192 << 10]).expect("write");
+        }
+    }
+    create_backup(&client, "default", "cut", "data", "nightly").await;
+    let api: Api<VolumeBackup> = Api::namespaced(client.clone(), "default");
+    // Progress is reported while it runs, in the status and the agent's gauge.
+    let agent_admin = lnfs.admin["agent/node-1"];
+    let progress = eventually("progress of the running backup", WAIT, || async {
+        let st = api.get("cut").await.ok()?.status?;
+        assert!(!st.phase?.is_final(), "finished before any progress was seen: {st:?}");
+        let bytes = st.progress_bytes.filter(|b| *b > 0)?;
+        let gauge = support::scrape(agent_admin)
+            .await
+            .get("localnfs_backup_progress_bytes", &[]);
+        (gauge > 0.0).then_some((bytes, st.bytes_per_second))
+    })
+    .await;
+    assert!(progress.1.is_some_and(|b| b > 0), "{progress:?}");
+    lnfs.stop_agent("node-1").await; // SIGKILL
+    lnfs.start_agent_with("node-1", ip(204), &agent_flags(&flags));
+    let st = finished(&client, &lnfs, "default", "cut").await;
+    match st.phase {
+        Some(Phase::Failed) => {
+            let msg = st.message.unwrap_or_default();
+            assert!(msg.contains("the node agent restarted during the backup"), "{msg}");
+        }
+        Some(Phase::Completed) => eprintln!("the backup finished before the kill"),
+        p => panic!("left {p:?}"),
+    }
+    create_backup(&client, "default", "after", "data", "nightly").await;
+    let st = finished(&client, &lnfs, "default", "after").await;
+    assert_eq!(st.phase, Some(Phase::Completed), "{st:?}\n{}", lnfs.logs());
+    let unfinished: Vec<String> = entries(&target.path().join(&volume))
+        .into_iter()
+        .filter(|e| e.contains("partial"))
+        .collect();
+    assert!(unfinished.is_empty(), "unfinished sets remain: {unfinished:?}");
+}
