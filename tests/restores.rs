@@ -25,7 +25,9 @@ use localnfs::volume::{VolumeName, VolumeSpec};
 use localnfs_testbed::{TestCluster, kubelet};
 use serde_json::json;
 use support::cluster::*;
+use support::credentials::kubectl;
 use support::eventually;
+use support::tmpfs::Tmpfs;
 
 const WAIT: Duration = Duration::from_secs(90);
 
@@ -58,15 +60,15 @@ fn sums(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 struct Setup {
     cluster: TestCluster,
     lnfs: Localnfs,
-    target: tempfile::TempDir,
+    target: Tmpfs,
 }
 
 impl Setup {
     async fn start(first: u8) -> Setup {
         let cluster = TestCluster::start().await.expect("control plane");
         let client = cluster.client();
-        install_crds(cluster.kubeconfig()).await;
-        let target = tempfile::tempdir().expect("target");
+        install_crds(cluster.kubeconfig());
+        let target = Tmpfs::mount("64m");
         let flag = format!("nightly={}", target.path().display());
         let mut lnfs = Localnfs::new(&cluster).await;
         for (i, node) in ["node-1", "node-2"].into_iter().enumerate() {
@@ -192,34 +194,24 @@ impl Setup {
     }
 }
 
-async fn install_crds(kubeconfig: &Path) {
-    let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/base/crds.yaml");
-    let out = tokio::process::Command::new("kubectl")
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .args(["apply", "-f"])
-        .arg(&crds)
-        .output()
-        .await
-        .expect("kubectl (Debian package kubernetes-client)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+fn install_crds(kubeconfig: &Path) {
+    let crds = repo_file("deploy/base/crds.yaml");
+    let crds = crds.to_str().expect("utf8");
+    kubectl(kubeconfig, &["apply", "-f", crds]);
+    kubectl(
+        kubeconfig,
+        &[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "-f",
+            crds,
+        ],
     );
-    let out = tokio::process::Command::new("kubectl")
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .args(["wait", "--for=condition=Established", "--timeout=60s", "-f"])
-        .arg(&crds)
-        .output()
-        .await
-        .expect("kubectl wait");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+}
+
+fn repo_file(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
 
 async fn namespace(client: &Client, name: &str) {
@@ -523,5 +515,74 @@ async fn a_forged_restore_request_makes_no_volume() {
         before,
         "a forged request made a volume\n{}",
         s.lnfs.logs()
+    );
+}
+
+/// The MySQL example (storageclass/workloads/restore/) as a user runs it: a
+/// VolumeBackup of data-mysql-0 (the agent's own backup path), then a VolumeRestore
+/// naming that backup gives a new claim the same files, sized as the backed-up claim;
+/// the all-replicas form passes a server-side dry run against the CRDs.
+#[tokio::test]
+async fn the_mysql_example_restores_a_replica_from_its_volumebackup() {
+    let s = Setup::start(181).await;
+    let client = s.client();
+    let kc = s.cluster.kubeconfig().to_owned();
+    storage_class(
+        &client,
+        "localnfs",
+        json!({"volumeBindingMode": "Immediate"}),
+    )
+    .await;
+    let (_, _, want) = s.claim_with_files("default", "data-mysql-0").await;
+    let dir = repo_file("storageclass/workloads/restore");
+    let file = |f: &str| dir.join(f).to_str().expect("utf8").to_owned();
+    kubectl(
+        &kc,
+        &["apply", "-n", "default", "-f", &file("mysql-backup.yaml")],
+    );
+    kubectl(
+        &kc,
+        &[
+            "apply",
+            "-n",
+            "default",
+            "-f",
+            &file("mysql-restore-one.yaml"),
+        ],
+    );
+    let vr = s.finished("default", "mysql-restore-one").await;
+    let status = vr.status.expect("status");
+    assert_eq!(
+        status.phase,
+        Some(Phase::Completed),
+        "{status:?}\n{}",
+        s.lnfs.logs()
+    );
+    let (n, v) = s.bound("default", "data-mysql-restored").await;
+    assert_eq!(sums(&s.lnfs.root(&n).join("volumes").join(&v)), want);
+    let claim = Api::<PersistentVolumeClaim>::namespaced(client.clone(), "default")
+        .get("data-mysql-restored")
+        .await
+        .expect("claim");
+    let size = claim
+        .spec
+        .and_then(|sp| sp.resources)
+        .and_then(|r| r.requests);
+    assert_eq!(
+        size.and_then(|r| r.get("storage").cloned())
+            .map(|q| q.0)
+            .as_deref(),
+        Some("4Mi")
+    );
+    kubectl(
+        &kc,
+        &[
+            "apply",
+            "--dry-run=server",
+            "-n",
+            "default",
+            "-f",
+            &file("mysql-restore-all.yaml"),
+        ],
     );
 }

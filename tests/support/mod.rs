@@ -9,6 +9,7 @@ pub mod ganesha;
 pub mod kernel;
 pub mod mariadb;
 pub mod nfs;
+pub mod tmpfs;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
