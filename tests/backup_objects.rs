@@ -213,10 +213,14 @@ async fn finished(client: &Client, lnfs: &Localnfs, ns: &str, name: &str) -> Vol
     let logs = || lnfs.logs();
     let st = tokio::time::timeout(
         WAIT,
-        eventually(&format!("VolumeBackup {ns}/{name} finished"), WAIT, || async {
-            let st = api.get(name).await.ok()?.status?;
-            st.phase?.is_final().then_some(st)
-        }),
+        eventually(
+            &format!("VolumeBackup {ns}/{name} finished"),
+            WAIT,
+            || async {
+                let st = api.get(name).await.ok()?.status?;
+                st.phase?.is_final().then_some(st)
+            },
+        ),
     )
     .await;
     st.unwrap_or_else(|_| panic!("VolumeBackup {ns}/{name} never finished\n{}", logs()))
@@ -267,7 +271,9 @@ async fn a_volume_backup_completes_restores_to_the_same_files_and_the_next_is_in
     let set = st.set.clone().expect("set id");
     assert!(st.bytes.is_some_and(|b| b >= 3 << 20), "{st:?}");
     assert_eq!(st.files, Some(3), "{st:?}");
-    assert!(st.duration_seconds.is_some() && st.start_time.is_some() && st.completion_time.is_some());
+    assert!(
+        st.duration_seconds.is_some() && st.start_time.is_some() && st.completion_time.is_some()
+    );
     assert!(st.pause_ms.is_some(), "{st:?}");
     let note = event(&client, "default", "first", "BackupCompleted").await;
     assert!(note.contains(&set), "{note}");
@@ -283,7 +289,11 @@ async fn a_volume_backup_completes_restores_to_the_same_files_and_the_next_is_in
         .arg("back")
         .output()
         .expect("run localnfs volume restore");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(sums(&restored.path().join("volumes/back")), want);
 
     // The second backup links what did not change.
@@ -291,17 +301,25 @@ async fn a_volume_backup_completes_restores_to_the_same_files_and_the_next_is_in
     create_backup(&client, "default", "second", "data", "nightly").await;
     let st = finished(&client, &lnfs, "default", "second").await;
     assert_eq!(st.phase, Some(Phase::Completed), "{st:?}");
-    assert!(st.bytes_linked.is_some_and(|b| b >= 3 << 20), "not incremental: {st:?}");
+    assert!(
+        st.bytes_linked.is_some_and(|b| b >= 3 << 20),
+        "not incremental: {st:?}"
+    );
     assert!(st.bytes_copied.is_some_and(|b| b < 1 << 20), "{st:?}");
     assert_ne!(st.set.as_deref(), Some(set.as_str()));
 
     // `kubectl get vbk` shows the printer columns.
     let table = kubectl(cluster.kubeconfig(), &["get", "vbk", "-n", "default"]);
     let header = table.lines().next().unwrap_or_default();
-    for col in ["CLAIM", "TARGET", "PHASE", "SET", "BYTES", "DURATION", "AGE"] {
+    for col in [
+        "CLAIM", "TARGET", "PHASE", "SET", "BYTES", "DURATION", "AGE",
+    ] {
         assert!(header.contains(col), "no {col} column in:\n{table}");
     }
-    assert!(table.contains("Completed") && table.contains(&set), "{table}");
+    assert!(
+        table.contains("Completed") && table.contains(&set),
+        "{table}"
+    );
     eprintln!("{table}");
 }
 
@@ -327,7 +345,9 @@ async fn backups_that_would_read_the_wrong_volume_or_write_the_wrong_place_are_r
     assert_eq!(st.phase, Some(Phase::Failed));
     let msg = st.message.unwrap_or_default();
     assert!(
-        msg.contains("no backup target named nope on node node-1; configured: nightly, self, small"),
+        msg.contains(
+            "no backup target named nope on node node-1; configured: nightly, self, small"
+        ),
         "{msg}"
     );
     event(&client, "default", "unknown", "BackupFailed").await;
@@ -340,8 +360,15 @@ async fn backups_that_would_read_the_wrong_volume_or_write_the_wrong_place_are_r
     let st = finished(&client, &lnfs, "default", "onto-self").await;
     assert_eq!(st.phase, Some(Phase::Failed));
     let msg = st.message.unwrap_or_default();
-    assert!(msg.contains(&format!("is volume {other} of node node-1")), "{msg}");
-    assert!(entries(&other_dir).is_empty(), "written into the volume: {:?}", entries(&other_dir));
+    assert!(
+        msg.contains(&format!("is volume {other} of node node-1")),
+        "{msg}"
+    );
+    assert!(
+        entries(&other_dir).is_empty(),
+        "written into the volume: {:?}",
+        entries(&other_dir)
+    );
 
     // A full target: Failed with BackupTargetUnavailable, no set, source untouched.
     create_backup(&client, "default", "too-big", "data", "small").await;
@@ -355,7 +382,10 @@ async fn backups_that_would_read_the_wrong_volume_or_write_the_wrong_place_are_r
         .into_iter()
         .filter(|e| !e.starts_with('.'))
         .collect();
-    assert!(sets.is_empty(), "a set was left on the full target: {sets:?}");
+    assert!(
+        sets.is_empty(),
+        "a set was left on the full target: {sets:?}"
+    );
     assert_eq!(sums(&victim_dir), victim_sums, "the source changed");
 
     // Another namespace: its claim's PV re-pointed at default/data's volume (as a
@@ -400,7 +430,10 @@ async fn backups_that_would_read_the_wrong_volume_or_write_the_wrong_place_are_r
     assert_eq!(st.phase, Some(Phase::Failed), "{st:?}");
     let msg = st.message.unwrap_or_default();
     assert!(msg.contains("belongs to claim default/data"), "{msg}");
-    assert!(msg.contains(&format!("volume {victim} on node node-1")), "{msg}");
+    assert!(
+        msg.contains(&format!("volume {victim} on node node-1")),
+        "{msg}"
+    );
     assert_ne!(mine, victim);
     let st2 = Api::<VolumeBackup>::namespaced(client.clone(), "shop")
         .get("steal-2")
@@ -410,7 +443,9 @@ async fn backups_that_would_read_the_wrong_volume_or_write_the_wrong_place_are_r
         .unwrap_or_default();
     assert_ne!(st2.volume.as_deref(), Some(victim.as_str()), "{st2:?}");
     assert!(
-        entries(&nightly.path().join(&victim)).iter().all(|e| e.starts_with('.')),
+        entries(&nightly.path().join(&victim))
+            .iter()
+            .all(|e| e.starts_with('.')),
         "the victim's data reached the target: {:?}",
         entries(&nightly.path().join(&victim))
     );
@@ -437,16 +472,36 @@ async fn a_due_schedule_makes_a_volume_backup_owned_by_it_that_completes() {
     let backups: Api<VolumeBackup> = Api::namespaced(client.clone(), "default");
     let first = tokio::time::timeout(
         Duration::from_secs(80),
-        eventually("a scheduled VolumeBackup", Duration::from_secs(80), || async {
-            backups.list(&Default::default()).await.ok()?.items.into_iter().next()
-        }),
+        eventually(
+            "a scheduled VolumeBackup",
+            Duration::from_secs(80),
+            || async {
+                backups
+                    .list(&Default::default())
+                    .await
+                    .ok()?
+                    .items
+                    .into_iter()
+                    .next()
+            },
+        ),
     )
     .await
     .unwrap_or_else(|_| panic!("no VolumeBackup within 80 s\n{}", lnfs.logs()));
     let name = first.name_any();
-    assert!(name.starts_with("often-20") && name.len() == "often-".len() + 12, "{name}");
-    let owner = first.owner_references().first().cloned().expect("ownerReference");
-    assert_eq!((owner.kind.as_str(), owner.uid), ("VolumeBackupSchedule", made.uid().unwrap_or_default()));
+    assert!(
+        name.starts_with("often-20") && name.len() == "often-".len() + 12,
+        "{name}"
+    );
+    let owner = first
+        .owner_references()
+        .first()
+        .cloned()
+        .expect("ownerReference");
+    assert_eq!(
+        (owner.kind.as_str(), owner.uid),
+        ("VolumeBackupSchedule", made.uid().unwrap_or_default())
+    );
     let st = finished(&client, &lnfs, "default", &name).await;
     assert_eq!(st.phase, Some(Phase::Completed), "{st:?}");
     let s = Api::<VolumeBackupSchedule>::namespaced(client.clone(), "default")
@@ -490,7 +545,8 @@ async fn an_agent_killed_during_a_volume_backup_leaves_it_finished_and_no_unfini
         let sub = dir.join(format!("d{d}"));
         std::fs::create_dir_all(&sub).expect("mkdir");
         for f in 0..100 {
-            std::fs::write(sub.join(format!("f{f}")), vec![(d * f) as u8; 192 << 10]).expect("write");
+            std::fs::write(sub.join(format!("f{f}")), vec![(d * f) as u8; 192 << 10])
+                .expect("write");
         }
     }
     create_backup(&client, "default", "cut", "data", "nightly").await;
@@ -499,7 +555,10 @@ async fn an_agent_killed_during_a_volume_backup_leaves_it_finished_and_no_unfini
     let agent_admin = lnfs.admin["agent/node-1"];
     let progress = eventually("progress of the running backup", WAIT, || async {
         let st = api.get("cut").await.ok()?.status?;
-        assert!(!st.phase?.is_final(), "finished before any progress was seen: {st:?}");
+        assert!(
+            !st.phase?.is_final(),
+            "finished before any progress was seen: {st:?}"
+        );
         let bytes = st.progress_bytes.filter(|b| *b > 0)?;
         let gauge = support::scrape(agent_admin)
             .await
@@ -514,7 +573,10 @@ async fn an_agent_killed_during_a_volume_backup_leaves_it_finished_and_no_unfini
     match st.phase {
         Some(Phase::Failed) => {
             let msg = st.message.unwrap_or_default();
-            assert!(msg.contains("the node agent restarted during the backup"), "{msg}");
+            assert!(
+                msg.contains("the node agent restarted during the backup"),
+                "{msg}"
+            );
         }
         Some(Phase::Completed) => eprintln!("the backup finished before the kill"),
         p => panic!("left {p:?}"),
@@ -526,5 +588,95 @@ async fn an_agent_killed_during_a_volume_backup_leaves_it_finished_and_no_unfini
         .into_iter()
         .filter(|e| e.contains("partial"))
         .collect();
-    assert!(unfinished.is_empty(), "unfinished sets remain: {unfinished:?}");
+    assert!(
+        unfinished.is_empty(),
+        "unfinished sets remain: {unfinished:?}"
+    );
+}
+
+#[tokio::test]
+async fn tenants_back_up_through_the_edit_role_but_cannot_write_status_and_the_agent_runs_on_its_own_rbac()
+ {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::RoleBinding;
+    use support::credentials::{account_token, apply_namespace_and_rbac, client_with_token};
+    let target = Tmpfs::mount("64m");
+    let flags = [format!("nightly={}", target.path().display())];
+    // The aggregation controller fills in `edit` (the test cluster runs only the
+    // controllers tests need; a flag given again adds to the list).
+    let cluster = TestCluster::start_with(localnfs_testbed::ClusterOptions {
+        controller_manager_args: vec!["--controllers=clusterrole-aggregation".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("control plane");
+    install_crds(cluster.kubeconfig());
+    let client = cluster.client();
+    let mut lnfs = Localnfs::new(&cluster).await;
+    apply_namespace_and_rbac(cluster.kubeconfig());
+    kubelet::add_node(&client, "node-1", ip(205))
+        .await
+        .expect("node");
+    // The agent as the DaemonSet runs it: the shipped ClusterRole, a pod-bound token.
+    lnfs.use_pod_credentials(&client, "node-1").await;
+    lnfs.start_agent_with("node-1", ip(205), &agent_flags(&flags));
+    lnfs.start_controller();
+    storage_class(&client, "now", json!({"volumeBindingMode": "Immediate"})).await;
+
+    // A tenant bound to the built-in `edit` role in `default`, nothing else.
+    let pp = PostParams::default();
+    let sa: ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "tenant"}})).expect("sa");
+    Api::<ServiceAccount>::namespaced(client.clone(), "default")
+        .create(&pp, &sa)
+        .await
+        .expect("tenant account");
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "tenant-edit"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
+        "subjects": [{"kind": "ServiceAccount", "name": "tenant", "namespace": "default"}],
+    }))
+    .expect("binding");
+    Api::<RoleBinding>::namespaced(client.clone(), "default")
+        .create(&pp, &binding)
+        .await
+        .expect("tenant binding");
+    let token = account_token(&client, "default", "tenant", None).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let tenant = client_with_token(cluster.kubeconfig(), &token, dir.path(), "tenant").await;
+
+    let (dir_data, _) = claim_in(&client, &lnfs, "default", "data", "16Mi").await;
+    write_data(&dir_data, 64 << 10);
+    // `edit` gets localnfs-backup-user by aggregation (the controller-manager fills
+    // it in shortly after the ClusterRole appears, the authorizer a moment later).
+    eventually("the tenant may create VolumeBackups", WAIT, || async {
+        let vbk: VolumeBackup = serde_json::from_value(json!({
+            "metadata": {"name": "mine", "namespace": "default"},
+            "spec": {"claim": "data", "target": "nightly"},
+        }))
+        .ok()?;
+        Api::<VolumeBackup>::namespaced(tenant.clone(), "default")
+            .create(&PostParams::default(), &vbk)
+            .await
+            .ok()
+    })
+    .await;
+    let st = finished(&tenant, &lnfs, "default", "mine").await;
+    assert_eq!(st.phase, Some(Phase::Completed), "{st:?}\n{}", lnfs.logs());
+    event(&tenant, "default", "mine", "BackupCompleted").await;
+
+    // The tenant cannot write status (a forged Completed, a forged volume).
+    let forged = Api::<VolumeBackup>::namespaced(tenant.clone(), "default")
+        .patch_status(
+            "mine",
+            &PatchParams::default(),
+            &Patch::Merge(localnfs::objects::backups::status_patch::<VolumeBackup>(
+                &json!({"volume": "pvc-someone-else"}),
+            )),
+        )
+        .await;
+    match forged {
+        Err(kube::Error::Api(e)) => assert_eq!(e.code, 403, "{e:?}"),
+        other => panic!("a tenant wrote a VolumeBackup's status: {other:?}"),
+    }
 }
