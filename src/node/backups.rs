@@ -114,6 +114,15 @@ impl Backups {
 
 /// Runs the VolumeBackup reconciler until `shutdown`.
 pub async fn run(ctx: Arc<Backups>, shutdown: CancellationToken) {
+    // Which VolumeBackups are this node's is read from the PV cache: nothing is
+    // decided before it holds its first list (a Running one found after a restart is
+    // then told apart at once).
+    tokio::select! {
+        _ = shutdown.cancelled() => return,
+        r = ctx.pvs.wait_until_ready() => if r.is_err() {
+            return;
+        },
+    }
     crate::cache::controller(
         Api::<VolumeBackup>::all(ctx.client.clone()),
         watcher::Config::default(),
