@@ -567,6 +567,33 @@ async fn an_agent_killed_during_a_volume_backup_leaves_it_finished_and_no_unfini
     })
     .await;
     assert!(progress.1.is_some_and(|b| b > 0), "{progress:?}");
+    // A second backup meanwhile waits its turn, saying so.
+    create_backup(&client, "default", "queued", "data", "nightly").await;
+    let waited = eventually("the queued backup waiting", WAIT, || async {
+        let st = api.get("queued").await.ok()?.status?;
+        if st
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("waiting for another backup on node node-1"))
+        {
+            assert_eq!(st.phase, Some(Phase::Pending), "{st:?}");
+            return Some(true);
+        }
+        (st.phase? != Phase::Pending).then_some(false)
+    })
+    .await;
+    if !waited {
+        let cut = api
+            .get("cut")
+            .await
+            .expect("get")
+            .status
+            .unwrap_or_default();
+        assert!(
+            cut.phase.is_some_and(Phase::is_final),
+            "two backups ran at once: {cut:?}"
+        );
+    }
     lnfs.stop_agent("node-1").await; // SIGKILL
     lnfs.start_agent_with("node-1", ip(204), &agent_flags(&flags));
     let st = finished(&client, &lnfs, "default", "cut").await;
@@ -580,6 +607,11 @@ async fn an_agent_killed_during_a_volume_backup_leaves_it_finished_and_no_unfini
         }
         Some(Phase::Completed) => eprintln!("the backup finished before the kill"),
         p => panic!("left {p:?}"),
+    }
+    // The waiting one was not started, so the restarted agent runs it.
+    let st = finished(&client, &lnfs, "default", "queued").await;
+    if waited {
+        assert_eq!(st.phase, Some(Phase::Completed), "{st:?}");
     }
     create_backup(&client, "default", "after", "data", "nightly").await;
     let st = finished(&client, &lnfs, "default", "after").await;
