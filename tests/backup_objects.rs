@@ -627,7 +627,7 @@ async fn an_agent_killed_during_a_volume_backup_leaves_it_finished_and_no_unfini
 }
 
 #[tokio::test]
-async fn tenants_back_up_through_the_edit_role_but_cannot_write_status_and_the_agent_runs_on_its_own_rbac()
+async fn tenants_back_up_through_the_edit_role_cannot_write_status_and_agent_and_controller_run_on_their_own_rbac()
  {
     use k8s_openapi::api::core::v1::ServiceAccount;
     use k8s_openapi::api::rbac::v1::RoleBinding;
@@ -652,7 +652,28 @@ async fn tenants_back_up_through_the_edit_role_but_cannot_write_status_and_the_a
     // The agent as the DaemonSet runs it: the shipped ClusterRole, a pod-bound token.
     lnfs.use_pod_credentials(&client, "node-1").await;
     lnfs.start_agent_with("node-1", ip(205), &agent_flags(&flags));
-    lnfs.start_controller();
+    // The controller as its Deployment runs it: its service account's token.
+    let dir = tempfile::tempdir().expect("dir");
+    let token = account_token(&client, NAMESPACE, "localnfs-controller", None).await;
+    let controller_kc = dir.path().join("controller.kubeconfig");
+    support::credentials::kubeconfig_with_token(cluster.kubeconfig(), &token, &controller_kc);
+    let controller_log = std::fs::File::create(dir.path().join("controller.log")).expect("log");
+    let _controller = tokio::process::Command::new(env!("CARGO_BIN_EXE_localnfs"))
+        .args([
+            "controller",
+            "--namespace",
+            NAMESPACE,
+            "--admin-addr",
+            "127.0.0.1:0",
+        ])
+        .arg("--kubeconfig")
+        .arg(&controller_kc)
+        .stderr(controller_log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the controller");
+    let controller_logs =
+        || std::fs::read_to_string(dir.path().join("controller.log")).unwrap_or_default();
     storage_class(&client, "now", json!({"volumeBindingMode": "Immediate"})).await;
 
     // A tenant bound to the built-in `edit` role in `default`, nothing else.
@@ -674,7 +695,6 @@ async fn tenants_back_up_through_the_edit_role_but_cannot_write_status_and_the_a
         .await
         .expect("tenant binding");
     let token = account_token(&client, "default", "tenant", None).await;
-    let dir = tempfile::tempdir().expect("dir");
     let tenant = client_with_token(cluster.kubeconfig(), &token, dir.path(), "tenant").await;
 
     let (dir_data, _) = claim_in(&client, &lnfs, "default", "data", "16Mi").await;
@@ -711,4 +731,36 @@ async fn tenants_back_up_through_the_edit_role_but_cannot_write_status_and_the_a
         Err(kube::Error::Api(e)) => assert_eq!(e.code, 403, "{e:?}"),
         other => panic!("a tenant wrote a VolumeBackup's status: {other:?}"),
     }
+
+    // A tenant's schedule: the controller, on its shipped RBAC, makes its VolumeBackup.
+    let sched: VolumeBackupSchedule = serde_json::from_value(json!({
+        "metadata": {"name": "often", "namespace": "default"},
+        "spec": {"schedule": "* * * * *", "template": {"claim": "data", "target": "nightly"}},
+    }))
+    .expect("schedule");
+    Api::<VolumeBackupSchedule>::namespaced(tenant.clone(), "default")
+        .create(&PostParams::default(), &sched)
+        .await
+        .expect("the tenant creates a schedule");
+    let made = tokio::time::timeout(
+        Duration::from_secs(80),
+        eventually(
+            "the schedule's VolumeBackup",
+            Duration::from_secs(80),
+            || async {
+                let list = Api::<VolumeBackup>::namespaced(tenant.clone(), "default")
+                    .list(&Default::default())
+                    .await
+                    .ok()?;
+                list.items
+                    .into_iter()
+                    .map(|b| b.name_any())
+                    .find(|n| n.starts_with("often-"))
+            },
+        ),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("no scheduled VolumeBackup\n{}", controller_logs()));
+    let st = finished(&tenant, &lnfs, "default", &made).await;
+    assert_eq!(st.phase, Some(Phase::Completed), "{st:?}");
 }
