@@ -567,6 +567,33 @@ async fn an_agent_killed_during_a_volume_backup_leaves_it_finished_and_no_unfini
     })
     .await;
     assert!(progress.1.is_some_and(|b| b > 0), "{progress:?}");
+    // A second backup meanwhile waits its turn, saying so.
+    create_backup(&client, "default", "queued", "data", "nightly").await;
+    let waited = eventually("the queued backup waiting", WAIT, || async {
+        let st = api.get("queued").await.ok()?.status?;
+        if st
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("waiting for another backup on node node-1"))
+        {
+            assert_eq!(st.phase, Some(Phase::Pending), "{st:?}");
+            return Some(true);
+        }
+        (st.phase? != Phase::Pending).then_some(false)
+    })
+    .await;
+    if !waited {
+        let cut = api
+            .get("cut")
+            .await
+            .expect("get")
+            .status
+            .unwrap_or_default();
+        assert!(
+            cut.phase.is_some_and(Phase::is_final),
+            "two backups ran at once: {cut:?}"
+        );
+    }
     lnfs.stop_agent("node-1").await; // SIGKILL
     lnfs.start_agent_with("node-1", ip(204), &agent_flags(&flags));
     let st = finished(&client, &lnfs, "default", "cut").await;
@@ -581,6 +608,11 @@ async fn an_agent_killed_during_a_volume_backup_leaves_it_finished_and_no_unfini
         Some(Phase::Completed) => eprintln!("the backup finished before the kill"),
         p => panic!("left {p:?}"),
     }
+    // The waiting one was not started, so the restarted agent runs it.
+    let st = finished(&client, &lnfs, "default", "queued").await;
+    if waited {
+        assert_eq!(st.phase, Some(Phase::Completed), "{st:?}");
+    }
     create_backup(&client, "default", "after", "data", "nightly").await;
     let st = finished(&client, &lnfs, "default", "after").await;
     assert_eq!(st.phase, Some(Phase::Completed), "{st:?}\n{}", lnfs.logs());
@@ -592,4 +624,143 @@ async fn an_agent_killed_during_a_volume_backup_leaves_it_finished_and_no_unfini
         unfinished.is_empty(),
         "unfinished sets remain: {unfinished:?}"
     );
+}
+
+#[tokio::test]
+async fn tenants_back_up_through_the_edit_role_cannot_write_status_and_agent_and_controller_run_on_their_own_rbac()
+ {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::RoleBinding;
+    use support::credentials::{account_token, apply_namespace_and_rbac, client_with_token};
+    let target = Tmpfs::mount("64m");
+    let flags = [format!("nightly={}", target.path().display())];
+    // The aggregation controller fills in `edit` (the test cluster runs only the
+    // controllers tests need; a flag given again adds to the list).
+    let cluster = TestCluster::start_with(localnfs_testbed::ClusterOptions {
+        controller_manager_args: vec!["--controllers=clusterrole-aggregation".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("control plane");
+    install_crds(cluster.kubeconfig());
+    let client = cluster.client();
+    let mut lnfs = Localnfs::new(&cluster).await;
+    apply_namespace_and_rbac(cluster.kubeconfig());
+    kubelet::add_node(&client, "node-1", ip(205))
+        .await
+        .expect("node");
+    // The agent as the DaemonSet runs it: the shipped ClusterRole, a pod-bound token.
+    lnfs.use_pod_credentials(&client, "node-1").await;
+    lnfs.start_agent_with("node-1", ip(205), &agent_flags(&flags));
+    // The controller as its Deployment runs it: its service account's token.
+    let dir = tempfile::tempdir().expect("dir");
+    let token = account_token(&client, NAMESPACE, "localnfs-controller", None).await;
+    let controller_kc = dir.path().join("controller.kubeconfig");
+    support::credentials::kubeconfig_with_token(cluster.kubeconfig(), &token, &controller_kc);
+    let controller_log = std::fs::File::create(dir.path().join("controller.log")).expect("log");
+    let _controller = tokio::process::Command::new(env!("CARGO_BIN_EXE_localnfs"))
+        .args([
+            "controller",
+            "--namespace",
+            NAMESPACE,
+            "--admin-addr",
+            "127.0.0.1:0",
+        ])
+        .arg("--kubeconfig")
+        .arg(&controller_kc)
+        .stderr(controller_log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the controller");
+    let controller_logs =
+        || std::fs::read_to_string(dir.path().join("controller.log")).unwrap_or_default();
+    storage_class(&client, "now", json!({"volumeBindingMode": "Immediate"})).await;
+
+    // A tenant bound to the built-in `edit` role in `default`, nothing else.
+    let pp = PostParams::default();
+    let sa: ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "tenant"}})).expect("sa");
+    Api::<ServiceAccount>::namespaced(client.clone(), "default")
+        .create(&pp, &sa)
+        .await
+        .expect("tenant account");
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "tenant-edit"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
+        "subjects": [{"kind": "ServiceAccount", "name": "tenant", "namespace": "default"}],
+    }))
+    .expect("binding");
+    Api::<RoleBinding>::namespaced(client.clone(), "default")
+        .create(&pp, &binding)
+        .await
+        .expect("tenant binding");
+    let token = account_token(&client, "default", "tenant", None).await;
+    let tenant = client_with_token(cluster.kubeconfig(), &token, dir.path(), "tenant").await;
+
+    let (dir_data, _) = claim_in(&client, &lnfs, "default", "data", "16Mi").await;
+    write_data(&dir_data, 64 << 10);
+    // `edit` gets localnfs-backup-user by aggregation (the controller-manager fills
+    // it in shortly after the ClusterRole appears, the authorizer a moment later).
+    eventually("the tenant may create VolumeBackups", WAIT, || async {
+        let vbk: VolumeBackup = serde_json::from_value(json!({
+            "metadata": {"name": "mine", "namespace": "default"},
+            "spec": {"claim": "data", "target": "nightly"},
+        }))
+        .ok()?;
+        Api::<VolumeBackup>::namespaced(tenant.clone(), "default")
+            .create(&PostParams::default(), &vbk)
+            .await
+            .ok()
+    })
+    .await;
+    let st = finished(&tenant, &lnfs, "default", "mine").await;
+    assert_eq!(st.phase, Some(Phase::Completed), "{st:?}\n{}", lnfs.logs());
+    event(&tenant, "default", "mine", "BackupCompleted").await;
+
+    // The tenant cannot write status (a forged Completed, a forged volume).
+    let forged = Api::<VolumeBackup>::namespaced(tenant.clone(), "default")
+        .patch_status(
+            "mine",
+            &PatchParams::default(),
+            &Patch::Merge(localnfs::objects::backups::status_patch::<VolumeBackup>(
+                &json!({"volume": "pvc-someone-else"}),
+            )),
+        )
+        .await;
+    match forged {
+        Err(kube::Error::Api(e)) => assert_eq!(e.code, 403, "{e:?}"),
+        other => panic!("a tenant wrote a VolumeBackup's status: {other:?}"),
+    }
+
+    // A tenant's schedule: the controller, on its shipped RBAC, makes its VolumeBackup.
+    let sched: VolumeBackupSchedule = serde_json::from_value(json!({
+        "metadata": {"name": "often", "namespace": "default"},
+        "spec": {"schedule": "* * * * *", "template": {"claim": "data", "target": "nightly"}},
+    }))
+    .expect("schedule");
+    Api::<VolumeBackupSchedule>::namespaced(tenant.clone(), "default")
+        .create(&PostParams::default(), &sched)
+        .await
+        .expect("the tenant creates a schedule");
+    let made = tokio::time::timeout(
+        Duration::from_secs(80),
+        eventually(
+            "the schedule's VolumeBackup",
+            Duration::from_secs(80),
+            || async {
+                let list = Api::<VolumeBackup>::namespaced(tenant.clone(), "default")
+                    .list(&Default::default())
+                    .await
+                    .ok()?;
+                list.items
+                    .into_iter()
+                    .map(|b| b.name_any())
+                    .find(|n| n.starts_with("often-"))
+            },
+        ),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("no scheduled VolumeBackup\n{}", controller_logs()));
+    let st = finished(&tenant, &lnfs, "default", &made).await;
+    assert_eq!(st.phase, Some(Phase::Completed), "{st:?}");
 }

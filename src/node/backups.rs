@@ -32,7 +32,7 @@
 //! backup of the volume removes it. Deleting a VolumeBackup does not delete its set:
 //! sets are governed by `keep`/`maxAge` only.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -83,8 +83,11 @@ pub struct Backups {
     /// `localnfs_backup_progress_bytes`.
     pub progress: Gauge,
     /// VolumeBackups (uid) this process started: one in Running that is not here was
-    /// cut short by a restart.
+    /// cut short by a restart. Forgotten once seen Completed or Failed (a cached copy
+    /// may still say Running after the final write).
     started: Mutex<HashSet<String>>,
+    /// Final statuses whose write failed, by uid: written again by the retry.
+    results: Mutex<HashMap<String, VolumeBackupStatus>>,
     /// One backup at a time on this agent.
     slot: tokio::sync::Semaphore,
 }
@@ -107,6 +110,7 @@ impl Backups {
             pvs,
             progress,
             started: Mutex::default(),
+            results: Mutex::default(),
             slot: tokio::sync::Semaphore::new(1),
         }
     }
@@ -114,6 +118,15 @@ impl Backups {
 
 /// Runs the VolumeBackup reconciler until `shutdown`.
 pub async fn run(ctx: Arc<Backups>, shutdown: CancellationToken) {
+    // Which VolumeBackups are this node's is read from the PV cache: nothing is
+    // decided before it holds its first list (a Running one found after a restart is
+    // then told apart at once).
+    tokio::select! {
+        _ = shutdown.cancelled() => return,
+        r = ctx.pvs.wait_until_ready() => if r.is_err() {
+            return;
+        },
+    }
     crate::cache::controller(
         Api::<VolumeBackup>::all(ctx.client.clone()),
         watcher::Config::default(),
@@ -213,11 +226,14 @@ fn now() -> String {
 
 async fn reconcile(vbk: Arc<VolumeBackup>, ctx: Arc<Backups>) -> Result<Action> {
     let status = vbk.status.clone().unwrap_or_default();
+    let uid = vbk.uid().unwrap_or_default();
     if status.phase.is_some_and(Phase::is_final) {
+        if let Ok(mut s) = ctx.started.lock() {
+            s.remove(&uid);
+        }
         return Ok(Action::await_change());
     }
     let ns = vbk.namespace().unwrap_or_default();
-    let uid = vbk.uid().unwrap_or_default();
     let claim = vbk.spec.claim.clone();
     // Only this node's PVs are cached: a claim whose PV is elsewhere is another
     // agent's business.
@@ -242,6 +258,12 @@ async fn reconcile(vbk: Arc<VolumeBackup>, ctx: Arc<Backups>) -> Result<Action> 
             let why = "the node agent restarted during the backup; no set was made (the next backup of the volume removes what it wrote)".to_owned();
             fail(&ctx, &vbk, status, FAILED, why).await?;
             return Ok(Action::await_change());
+        }
+        // Ours and no longer running: either the final status is on its way (this
+        // copy is older), or its write failed and is retried here.
+        let unwritten = ctx.results.lock().ok().and_then(|r| r.get(&uid).cloned());
+        if let Some(final_status) = unwritten {
+            write_final(&ctx, &vbk, &final_status).await?;
         }
         return Ok(Action::await_change());
     }
@@ -423,7 +445,7 @@ async fn run_backup(
                 note.push_str(w);
             }
             status.message = Some(note.clone());
-            patch(ctx, vbk, &status).await?;
+            write_final(ctx, vbk, &status).await?;
             ctx.events
                 .publish(vbk, EventType::Normal, COMPLETED, "Backup", note)
                 .await;
@@ -467,10 +489,23 @@ async fn fail(
     status.node = Some(ctx.node.clone());
     status.completion_time.get_or_insert_with(now);
     status.message = Some(why.clone());
-    patch(ctx, vbk, &status).await?;
+    write_final(ctx, vbk, &status).await?;
     ctx.events
         .publish(vbk, EventType::Warning, reason, "Backup", why)
         .await;
+    Ok(())
+}
+
+/// Writes a final status, kept until written so a failed write is retried.
+async fn write_final(ctx: &Backups, vbk: &VolumeBackup, status: &VolumeBackupStatus) -> Result<()> {
+    let uid = vbk.uid().unwrap_or_default();
+    if let Ok(mut r) = ctx.results.lock() {
+        r.insert(uid.clone(), status.clone());
+    }
+    patch(ctx, vbk, status).await?;
+    if let Ok(mut r) = ctx.results.lock() {
+        r.remove(&uid);
+    }
     Ok(())
 }
 

@@ -4,6 +4,7 @@
 //! restore: fills from a backup set of the claim's namespace, see `restore`) and removes
 //! volume directories for claims the controller placed on this node, reclaims and resizes its PVs, and keeps the NFS
 //! allow-list and per-volume grants equal to what the Nodes and PVs say (`grants`).
+//! It also runs the VolumeBackups of its volumes (`backups`, sharing its PV cache).
 //! The protocol with the controller is in `objects`.
 //!
 //! Everything it writes is its own node's: answer annotations on claims labelled with

@@ -8,8 +8,9 @@
 //! Standalone mode (`--standalone`) needs no cluster: volumes are managed with
 //! `localnfs volume`; per-volume grants come from `<root>/access.json`. In cluster mode
 //! (`--node-name`) the agent also runs [`cluster`]: heartbeat, volume creation and
-//! reclaim for the controller, and [`grants`]: the allow-list from Nodes and each
-//! volume's nodes from its PV. It serves no NFS call before those are known (from the
+//! reclaim for the controller, [`grants`]: the allow-list from Nodes and each
+//! volume's nodes from its PV, and [`backups`]: the VolumeBackups of its volumes, to
+//! the targets of `--backup-target` ([`targets`]). It serves no NFS call before those are known (from the
 //! cluster, or saved by its last run).
 //!
 //! At start it raises its open-file limit to the hard limit (systemd and containerd 2

@@ -64,7 +64,8 @@
 //! ([`published`]), what the controller asks an agent for ([`request`]), which keys
 //! localnfs wrote ([`signed`]) and the agents' heartbeat Leases ([`agents`]: what a
 //! Lease says; reading and writing them is `crate::heartbeat`) and their per-volume
-//! usage reports ([`usage`]). It depends on no
+//! usage reports ([`usage`]), and the backup and restore objects ([`backups`]:
+//! VolumeBackup, VolumeBackupSchedule, VolumeRestore). It depends on no
 //! component and does no API I/O: it uses only the NFS crate's volume types and
 //! `kubeclient::annotation`, a pure accessor of the same layer (kubeclient imports
 //! nothing but `error`). The provisioner, scheduler helper, node agent and `status`

@@ -4,7 +4,8 @@
 //! `pv`, `publish`, `reserve` and `clone` (which volume a clone copies) are pure
 //! decisions and bookkeeping, `step` the next step for a claim; the reconcilers (`claims`, `expand`, `volumes`, `pods`) do the I/O;
 //! `triggers` decides which objects to reconcile and `queue` hands their keys to a
-//! bounded set of workers.
+//! bounded set of workers. `schedules` turns VolumeBackupSchedules into VolumeBackups
+//! at the times of their `cron` expressions (pure parser).
 
 pub mod claims;
 pub mod clone;

@@ -179,6 +179,26 @@ async fn create_backup(ctx: &Ctx, s: &VolumeBackupSchedule, name: &str) -> Resul
     }
 }
 
+/// Which of `backups` to delete: of those owned by the schedule `owner_uid`, the
+/// Completed beyond the newest `limit`, and the Failed beyond the newest `limit`
+/// (names end in the due time, so they sort oldest first). Running and Pending ones
+/// are never deleted.
+pub fn beyond_history(backups: &[VolumeBackup], owner_uid: &str, limit: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    for phase in [Phase::Completed, Phase::Failed] {
+        let mut done: Vec<String> = backups
+            .iter()
+            .filter(|b| b.owner_references().iter().any(|o| o.uid == owner_uid))
+            .filter(|b| b.status.as_ref().and_then(|st| st.phase) == Some(phase))
+            .map(ResourceExt::name_any)
+            .collect();
+        done.sort();
+        let excess = done.len().saturating_sub(limit);
+        out.extend(done.into_iter().take(excess));
+    }
+    out
+}
+
 /// Deletes this schedule's finished VolumeBackups beyond its history limit.
 async fn prune(ctx: &Ctx, s: &VolumeBackupSchedule) -> Result<()> {
     let ns = s.namespace().unwrap_or_default();
@@ -194,32 +214,12 @@ async fn prune(ctx: &Ctx, s: &VolumeBackupSchedule) -> Result<()> {
         .spec
         .successful_backups_history_limit
         .unwrap_or(DEFAULT_HISTORY) as usize;
-    let ours = |b: &VolumeBackup| {
-        b.owner_references()
-            .iter()
-            .any(|o| Some(&o.uid) == s.metadata.uid.as_ref())
-    };
-    for phase in [Phase::Completed, Phase::Failed] {
-        let mut done: Vec<&VolumeBackup> = list
-            .items
-            .iter()
-            .filter(|b| ours(b))
-            .filter(|b| b.status.as_ref().and_then(|st| st.phase) == Some(phase))
-            .collect();
-        // Names end in the due time: newest last.
-        done.sort_by_key(|b| b.name_any());
-        let excess = done.len().saturating_sub(limit);
-        for b in &done[..excess] {
-            match api.delete(&b.name_any(), &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => {
-                    return Err(Error::kube(format!(
-                        "delete VolumeBackup {ns}/{}",
-                        b.name_any()
-                    ))(e));
-                }
-            }
+    let uid = s.uid().unwrap_or_default();
+    for name in beyond_history(&list.items, &uid, limit) {
+        match api.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(Error::kube(format!("delete VolumeBackup {ns}/{name}"))(e)),
         }
     }
     Ok(())
@@ -284,6 +284,38 @@ mod tests {
         let c = Cron::parse("30 * * * *").expect("valid");
         // Created at minute 40 of hour 0: nothing before its creation is made up.
         assert_eq!(due(&c, false, 40, 41), Due::Wait(Some(90)));
+    }
+
+    fn made(name: &str, owner: &str, phase: Option<Phase>) -> VolumeBackup {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "ownerReferences": [{"apiVersion": "localnfs.io/v1alpha1",
+                "kind": "VolumeBackupSchedule", "name": "s", "uid": owner}]},
+            "spec": {"claim": "c", "target": "t"},
+            "status": {"phase": phase},
+        }))
+        .expect("VolumeBackup")
+    }
+
+    #[test]
+    fn history_keeps_the_newest_completed_and_failed_and_never_running_ones() {
+        let c = Some(Phase::Completed);
+        let list = [
+            made("s-202612070300", "u", c),
+            made("s-202612060300", "u", c),
+            made("s-202612080300", "u", c),
+            made("s-202612050300", "u", Some(Phase::Failed)),
+            made("s-202612040300", "u", Some(Phase::Failed)),
+            made("s-202612010300", "u", Some(Phase::Running)),
+            made("s-202612020300", "u", None),
+            // Another schedule's (or a tenant's own object of a similar name).
+            made("s-202601010300", "other", c),
+        ];
+        assert_eq!(beyond_history(&list, "u", 2), ["s-202612060300"]);
+        let mut gone = beyond_history(&list, "u", 1);
+        gone.sort();
+        assert_eq!(gone, ["s-202612040300", "s-202612060300", "s-202612070300"]);
+        assert!(beyond_history(&list, "u", 3).is_empty());
+        assert_eq!(beyond_history(&list, "u", 0).len(), 5);
     }
 
     #[test]
