@@ -83,7 +83,13 @@ pub fn start_components(
             &format!("{ip}:0"),
             "--root",
         ])
-        .arg(dir.join(node));
+        .arg(dir.join(node))
+        .arg("--backup-target")
+        .arg(format!(
+            "{}={}",
+            super::restore::TARGET,
+            super::restore::target_dir(dir).display()
+        ));
     common(&mut agent);
     let mut controller = Command::new(&exe);
     controller.arg("controller");
@@ -118,7 +124,7 @@ pub fn start_components(
     ])
 }
 
-async fn create<K>(api: &Api<K>, value: serde_json::Value, what: &str) -> Result<()>
+pub(super) async fn create<K>(api: &Api<K>, value: serde_json::Value, what: &str) -> Result<()>
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
 {
@@ -141,7 +147,7 @@ where
 
 /// Polls `check` every 200 ms, printing a dot every few seconds so a person sees
 /// progress.
-async fn wait_until<T, F, Fut>(what: &str, mut check: F) -> Result<T>
+pub(super) async fn wait_until<T, F, Fut>(what: &str, mut check: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
@@ -422,7 +428,7 @@ impl DemoKubelet {
 }
 
 /// The PV bound to claim `claim` in `default`.
-async fn bound_pv(client: &Client, claim: &str) -> Result<PersistentVolume> {
+pub(super) async fn bound_pv(client: &Client, claim: &str) -> Result<PersistentVolume> {
     let c = Api::<PersistentVolumeClaim>::namespaced(client.clone(), "default")
         .get(claim)
         .await

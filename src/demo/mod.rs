@@ -5,10 +5,13 @@
 //! scheduler helper, a StatefulSet scaled 1 → 3 by clone (the new replicas' volumes
 //! start as copies of the first's) whose volumes the node's kernel mounts as kubelet
 //! would and writes into, a deleted pod rebuilt onto its node with the
-//! helper's affinity finding its data (see [`flow`]), and the `localnfs status` table.
+//! helper's affinity finding its data (see [`flow`]), a backup of the first replica's
+//! volume restored into a new claim by a `VolumeRestore` with matching checksums (see
+//! [`restore`]), and the `localnfs status` table.
 //! Ctrl-C (or `--run-for`) tears everything down. Needs root (network namespaces).
 
 mod flow;
+mod restore;
 
 pub use flow::mysql;
 
@@ -95,8 +98,16 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         ports.0, ports.1
     );
     let client = cluster.client();
+    let flow_and_restore = async {
+        let o = flow::run(&client, kernel.clone()).await?;
+        // Said in the report when it fails; the volume flow above stands on its own.
+        let r = restore::run(&client, cluster.dir(), cluster.kubeconfig(), NODE)
+            .await
+            .unwrap_or_else(|e| format!("\n  the backup and restore failed: {e}\n"));
+        Ok::<_, Error>((o, r))
+    };
     let outcome = tokio::select! {
-        o = flow::run(&client, kernel.clone()) => o,
+        o = flow_and_restore => o,
         _ = shutdown.cancelled() => {
             println!("interrupted; stopping everything");
             drop(components);
@@ -105,8 +116,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         }
     };
     match &outcome {
-        Ok(o) => {
+        Ok((o, restored)) => {
             println!("{}", volumes_report(o));
+            println!("{restored}");
             // The same table `localnfs status` prints.
             match crate::status::render(
                 &client,
