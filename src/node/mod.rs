@@ -24,6 +24,7 @@ pub mod backup_cmd;
 pub mod cluster;
 pub mod grants;
 pub mod keys;
+pub mod peer;
 pub mod step;
 pub mod volume_cmd;
 
@@ -116,6 +117,18 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     let server = nfs::Server::new(exports.clone(), limits);
     let mut registry = crate::metrics::registry("node");
     registry.register_collector(Box::new(server.collector()));
+    let peer_metrics = peer::PeerMetrics::default();
+    peer_metrics.register(&mut registry);
+    // The peer channel (cross-node clones) exists in cluster mode only.
+    let peer_listener = match &cluster {
+        Some(_) => Some(crate::server::bind("peer", args.peer_addr(args.listen.port())).await?),
+        None => None,
+    };
+    let peer_line = peer_listener
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map(|a| format!("peer listening on {a}\n"))
+        .unwrap_or_default();
     registry.register_collector(Box::new(localnfs_nfs::backup::BackupCollector));
     let admin = admin::start(args.admin.admin_addr, registry, &shutdown).await?;
     let (admin_addr, readiness) = (admin.addr, admin.readiness.clone());
@@ -163,7 +176,8 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     );
     // Machine-readable lines for scripts and tests that asked for port 0, in one write
     // (a reader that takes the first line and closes the pipe must not fail the second).
-    let banner = format!("nfs listening on {nfs_addr}\nadmin listening on {admin_addr}\n");
+    let banner =
+        format!("nfs listening on {nfs_addr}\nadmin listening on {admin_addr}\n{peer_line}");
     print!("{banner}");
     let signer = match &cluster {
         Some(_) => Some(keys::agent_signer(exports.store())?),
@@ -171,7 +185,8 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     };
     let agent = cluster
         .zip(signer)
-        .map(|((client, liveness, node), signer)| {
+        .zip(peer_listener)
+        .map(|(((client, liveness, node), signer), peer_listener)| {
             let cfg = cluster::ClusterConfig {
                 client,
                 liveness,
@@ -182,6 +197,8 @@ pub async fn run(args: NodeArgs) -> Result<()> {
                 capacity: args.capacity,
                 extra_allow: args.allow.clone(),
                 signer,
+                peer_listener,
+                peer_metrics,
             };
             tokio::spawn(cluster::run(
                 cfg,

@@ -74,6 +74,7 @@ pub mod agents;
 pub mod claim;
 pub mod class;
 pub mod keys;
+pub mod peer;
 pub mod published;
 pub mod reclaim;
 pub mod request;

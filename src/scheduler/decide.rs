@@ -283,6 +283,7 @@ mod tests {
                 AgentInfo {
                     free_bytes: free,
                     nfs_port: 2049,
+                    peer_port: None,
                     expires: NOW + 10,
                     key: None,
                 },
@@ -293,6 +294,7 @@ mod tests {
             AgentInfo {
                 free_bytes: 10_000,
                 nfs_port: 2049,
+                peer_port: None,
                 expires: NOW - 1,
                 key: None,
             },
