@@ -483,6 +483,13 @@ mod tests {
             // An unknown source pins nothing: the controller says why it cannot clone.
             (&["clone-of-nothing"], &["a", "b"], "localnfs"),
         ];
+        for (claims, want, why) in cases {
+            let f = filter(&pod_claims(&pod(claims), &inv), &nodes(), &inv, NOW);
+            assert_eq!(f.passed, want, "{claims:?}");
+            for reason in f.failed.values() {
+                assert!(reason.contains(why), "{claims:?}: {reason}");
+            }
+        }
         let f = filter(
             &pod_claims(&pod(&["clone-big-of-b"]), &inv),
             &nodes(),
