@@ -182,7 +182,10 @@ async fn source_on_a_small_node(
     let mut lnfs = Localnfs::new(&cluster).await;
     lnfs.start_nodes_and_controller(
         &client,
-        &[("node-1", ip(first), small), ("node-2", ip(first + 1), "10Gi")],
+        &[
+            ("node-1", ip(first), small),
+            ("node-2", ip(first + 1), "10Gi"),
+        ],
     )
     .await;
     storage_class(&client, "now", json!({"volumeBindingMode": "Immediate"})).await;
@@ -227,12 +230,14 @@ async fn a_clone_whose_sources_node_is_full_lands_on_another_node_with_the_exact
     let placed = event_saying(&client, "copy", "Provisioning", "streamed from node node-1").await;
     assert!(placed.contains("node node-1 has no room"), "{placed}");
     let cloned = event_saying(&client, "copy", "VolumeCloned", "streamed from node node-1").await;
-    assert!(cloned.contains(&format!("{} bytes", (3 << 20) + 4 + 9)), "{cloned}");
+    assert!(
+        cloned.contains(&format!("{} bytes", (3 << 20) + 4 + 9)),
+        "{cloned}"
+    );
     assert_eq!(tree(&src_dir), want, "the source changed");
     // The source's snapshot went once sent; the receiver's staging was committed.
     eventually("no copies left in staging", WAIT, || async {
-        (partials(&lnfs, "node-1").is_empty() && partials(&lnfs, "node-2").is_empty())
-            .then_some(())
+        (partials(&lnfs, "node-1").is_empty() && partials(&lnfs, "node-2").is_empty()).then_some(())
     })
     .await;
     // A copy, not a link: writing the clone leaves the source as it was.
@@ -284,7 +289,10 @@ impl Caller {
             other => panic!("expected a refusal saying {words:?}, got {other:?}"),
         }
         let after = read_frame(&mut self.tls, Duration::from_secs(30)).await;
-        assert!(after.is_err(), "the agent sent more after refusing: {after:?}");
+        assert!(
+            after.is_err(),
+            "the agent sent more after refusing: {after:?}"
+        );
     }
 
     /// Says it is `node`'s agent, signing with `key`, and reads the source's hello.
@@ -375,8 +383,10 @@ async fn the_peer_channel_refuses_anyone_but_the_agent_a_signed_request_names() 
     c.refused("expected a hello").await;
     // A key that is not in node-2's Lease.
     let mut c = Caller::connect(addr).await;
-    c.send(Frame::Hello(wire::hello(&stranger, RECEIVER, "node-2", &c.ekm)))
-        .await;
+    c.send(Frame::Hello(wire::hello(
+        &stranger, RECEIVER, "node-2", &c.ekm,
+    )))
+    .await;
     c.refused("not node node-2's agent").await;
     // node-2's genuine hello, replayed in another session.
     let first = Caller::connect(addr).await;
@@ -399,23 +409,51 @@ async fn the_peer_channel_refuses_anyone_but_the_agent_a_signed_request_names() 
     };
     let cases = [
         (
-            claim_with_request(&client, "default", "forged", "node-2", source.clone(), &stranger)
-                .await,
+            claim_with_request(
+                &client,
+                "default",
+                "forged",
+                "node-2",
+                source.clone(),
+                &stranger,
+            )
+            .await,
             "not signed by the controller",
         ),
         (
-            claim_with_request(&client, "default", "for-node-1", "node-1", source.clone(), &controller)
-                .await,
+            claim_with_request(
+                &client,
+                "default",
+                "for-node-1",
+                "node-1",
+                source.clone(),
+                &controller,
+            )
+            .await,
             "places the claim on node node-1, not on node node-2",
         ),
         (
-            claim_with_request(&client, "tenant", "other-ns", "node-2", source.clone(), &controller)
-                .await,
+            claim_with_request(
+                &client,
+                "tenant",
+                "other-ns",
+                "node-2",
+                source.clone(),
+                &controller,
+            )
+            .await,
             "in another namespace than this claim's (tenant)",
         ),
         (
-            claim_with_request(&client, "tenant", "lying-ns", "node-2", other_ns, &controller)
-                .await,
+            claim_with_request(
+                &client,
+                "tenant",
+                "lying-ns",
+                "node-2",
+                other_ns,
+                &controller,
+            )
+            .await,
             "belongs to claim default/src",
         ),
     ];
@@ -428,14 +466,16 @@ async fn the_peer_channel_refuses_anyone_but_the_agent_a_signed_request_names() 
 
     // The control: the same client with a request the controller signed for node-2
     // is served (so the refusals above are the checks', not the client's).
-    let ask =
-        claim_with_request(&client, "default", "honest", "node-2", source, &controller).await;
+    let ask = claim_with_request(&client, "default", "honest", "node-2", source, &controller).await;
     let mut c = Caller::connect(addr).await;
     c.hello(&node2, "node-2").await;
     c.send(Frame::Ask(ask)).await;
     match read_frame(&mut c.tls, Duration::from_secs(60)).await {
         Ok(Frame::Accepted(a)) => assert_eq!(a.files, 3, "{a:?}"),
-        other => panic!("the signed request was not served: {other:?}\n{}", lnfs.logs()),
+        other => panic!(
+            "the signed request was not served: {other:?}\n{}",
+            lnfs.logs()
+        ),
     }
     drop(c);
     // The source's snapshot goes when the receiver hangs up.
@@ -494,9 +534,11 @@ async fn a_killed_agent_on_either_side_leaves_nothing_half_made_and_the_clone_co
         );
         if kill == "node-1" {
             // The receiver gives up the broken stream and keeps nothing of it.
-            eventually(&format!("{copy}: the receiver's copy removed"), WAIT, || async {
-                (!receiving.exists()).then_some(())
-            })
+            eventually(
+                &format!("{copy}: the receiver's copy removed"),
+                WAIT,
+                || async { (!receiving.exists()).then_some(()) },
+            )
             .await;
             assert!(!meta.exists() && !volume_dirs(&lnfs, "node-2").contains(&volume));
         }
@@ -505,11 +547,19 @@ async fn a_killed_agent_on_either_side_leaves_nothing_half_made_and_the_clone_co
         let pv = bound_pv(&client, copy).await;
         assert_eq!(nfs_target(&pv).0, ip(222), "{copy}: not on node-2");
         let copy_dir = lnfs.root("node-2").join("volumes").join(&volume);
-        assert_eq!(tree(&copy_dir), want, "{copy}: the clone made after the restart");
-        eventually(&format!("{copy}: no copies left in staging"), WAIT, || async {
-            (partials(&lnfs, "node-1").is_empty() && partials(&lnfs, "node-2").is_empty())
-                .then_some(())
-        })
+        assert_eq!(
+            tree(&copy_dir),
+            want,
+            "{copy}: the clone made after the restart"
+        );
+        eventually(
+            &format!("{copy}: no copies left in staging"),
+            WAIT,
+            || async {
+                (partials(&lnfs, "node-1").is_empty() && partials(&lnfs, "node-2").is_empty())
+                    .then_some(())
+            },
+        )
         .await;
     }
     assert_eq!(tree(&src_dir), want, "the source changed");

@@ -183,10 +183,8 @@ pub async fn run(args: NodeArgs) -> Result<()> {
         Some(_) => Some(keys::agent_signer(exports.store())?),
         None => None,
     };
-    let agent = cluster
-        .zip(signer)
-        .zip(peer_listener)
-        .map(|(((client, liveness, node), signer), peer_listener)| {
+    let agent = cluster.zip(signer).zip(peer_listener).map(
+        |(((client, liveness, node), signer), peer_listener)| {
             let cfg = cluster::ClusterConfig {
                 client,
                 liveness,
@@ -207,7 +205,8 @@ pub async fn run(args: NodeArgs) -> Result<()> {
                 synced_tx,
                 shutdown.clone(),
             ))
-        });
+        },
+    );
     if !*synced.borrow() {
         tracing::info!("waiting for the cluster's Nodes and PVs before serving NFS");
         tokio::select! {

@@ -188,8 +188,9 @@ impl Frame {
         fn json<T: for<'a> Deserialize<'a>>(b: &[u8]) -> Result<T, String> {
             serde_json::from_slice(b).map_err(|e| format!("malformed peer frame: {e}"))
         }
-        let text =
-            |b: Vec<u8>| String::from_utf8(b).map_err(|_| "peer frame text is not UTF-8".to_owned());
+        let text = |b: Vec<u8>| {
+            String::from_utf8(b).map_err(|_| "peer frame text is not UTF-8".to_owned())
+        };
         Ok(match kind {
             1 => Frame::Hello(json(&body)?),
             2 => Frame::Ask(json(&body)?),
@@ -211,9 +212,7 @@ impl Frame {
 pub fn header(bytes: [u8; 5]) -> Result<(u8, usize), String> {
     let len = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize;
     if len > MAX_FRAME {
-        return Err(format!(
-            "peer frame of {len} bytes, more than {MAX_FRAME}"
-        ));
+        return Err(format!("peer frame of {len} bytes, more than {MAX_FRAME}"));
     }
     Ok((bytes[0], len))
 }
@@ -415,7 +414,12 @@ mod tests {
         let cases = [
             ("no key in the Lease", RECEIVER, ekm, None),
             ("another node's key", RECEIVER, ekm, Some(other.public())),
-            ("another session", RECEIVER, [8u8; BINDING_LEN], Some(pk.clone())),
+            (
+                "another session",
+                RECEIVER,
+                [8u8; BINDING_LEN],
+                Some(pk.clone()),
+            ),
             ("reflected as the source's", SOURCE, ekm, Some(pk.clone())),
         ];
         for (what, role, ekm, key) in cases {
@@ -494,12 +498,47 @@ mod tests {
         };
         let cases = [
             ("not signed", &ask, false, "n2", Some(&seen), "not signed"),
-            ("for another node", &ask, true, "n3", Some(&seen), "not on node n3"),
+            (
+                "for another node",
+                &ask,
+                true,
+                "n3",
+                Some(&seen),
+                "not on node n3",
+            ),
             ("claim gone", &ask, true, "n2", None, "does not exist"),
-            ("another claim", &ask, true, "n2", Some(&other_uid), "(uid u9)"),
-            ("being deleted", &ask, true, "n2", Some(&deleting), "being deleted"),
-            ("stale request", &ask, true, "n2", Some(&replaced), "carries now"),
-            ("not a clone", &plain_ask, true, "n2", Some(&plain_seen), "not a clone"),
+            (
+                "another claim",
+                &ask,
+                true,
+                "n2",
+                Some(&other_uid),
+                "(uid u9)",
+            ),
+            (
+                "being deleted",
+                &ask,
+                true,
+                "n2",
+                Some(&deleting),
+                "being deleted",
+            ),
+            (
+                "stale request",
+                &ask,
+                true,
+                "n2",
+                Some(&replaced),
+                "carries now",
+            ),
+            (
+                "not a clone",
+                &plain_ask,
+                true,
+                "n2",
+                Some(&plain_seen),
+                "not a clone",
+            ),
         ];
         for (what, ask, signed, peer, claim, want) in cases {
             match check_ask(ask, signed, peer, claim) {

@@ -173,7 +173,9 @@ impl ServerCertVerifier for AnyCertificate {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("the peer channel uses TLS 1.3 only".into()))
+        Err(rustls::Error::General(
+            "the peer channel uses TLS 1.3 only".into(),
+        ))
     }
 
     fn verify_tls13_signature(
@@ -269,12 +271,13 @@ pub async fn source_node(client: &Client, source: &CloneSource) -> crate::Result
     let pv = Api::<PersistentVolume>::all(client.clone())
         .get_opt(&name)
         .await
-        .map_err(crate::Error::kube(format!("read PV {name}, a clone's source")))?;
+        .map_err(crate::Error::kube(format!(
+            "read PV {name}, a clone's source"
+        )))?;
     Ok(pv.and_then(|pv| annotation(&pv, NODE_KEY).map(str::to_owned)))
 }
 
 impl Peer {
-    #[expect(clippy::too_many_arguments, reason = "one constructor, called once, each field named at its call")]
     pub fn new(
         client: Client,
         node: String,
@@ -310,21 +313,27 @@ impl Peer {
 
     /// Serves other agents' clone requests on `listener` until `shutdown`.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
-        crate::server::serve("peer", listener, MAX_STREAMS, shutdown, |tcp, from, stop| {
-            let me = self.clone();
-            async move {
-                tokio::select! {
-                    _ = stop.cancelled() => {
-                        tracing::info!(%from, "peer stream cut: the agent is stopping");
-                    }
-                    r = me.source(tcp, from) => {
-                        if let Err(why) = r {
-                            tracing::warn!(%from, %why, "peer stream failed");
+        crate::server::serve(
+            "peer",
+            listener,
+            MAX_STREAMS,
+            shutdown,
+            |tcp, from, stop| {
+                let me = self.clone();
+                async move {
+                    tokio::select! {
+                        _ = stop.cancelled() => {
+                            tracing::info!(%from, "peer stream cut: the agent is stopping");
+                        }
+                        r = me.source(tcp, from) => {
+                            if let Err(why) = r {
+                                tracing::warn!(%from, %why, "peer stream failed");
+                            }
                         }
                     }
                 }
-            }
-        })
+            },
+        )
         .await;
     }
 
@@ -538,8 +547,13 @@ impl Peer {
             .await
             .map_err(failed)?;
         match read_frame(&mut tls, IO_TIMEOUT).await.map_err(failed)? {
-            Frame::Hello(h) if h.node == from && wire::hello_verifies(&h, SOURCE, &ekm, Some(&key)) => {}
-            Frame::Refused(why) => return Err(FetchError::Refused(format!("node {from}'s agent refused: {why}"))),
+            Frame::Hello(h)
+                if h.node == from && wire::hello_verifies(&h, SOURCE, &ekm, Some(&key)) => {}
+            Frame::Refused(why) => {
+                return Err(FetchError::Refused(format!(
+                    "node {from}'s agent refused: {why}"
+                )));
+            }
             _ => {
                 return Err(failed(format!(
                     "whatever answers at {addr} is not node {from}'s agent (its hello does not verify)"
@@ -552,11 +566,15 @@ impl Peer {
             request: annotation(pvc, REQUEST).unwrap_or_default().to_owned(),
             request_sig: annotation(pvc, REQUEST_SIG).unwrap_or_default().to_owned(),
         };
-        write_frame(&mut tls, &Frame::Ask(ask)).await.map_err(failed)?;
+        write_frame(&mut tls, &Frame::Ask(ask))
+            .await
+            .map_err(failed)?;
         let accepted = match read_frame(&mut tls, COPY_TIMEOUT).await.map_err(failed)? {
             Frame::Accepted(a) => a,
             Frame::Refused(why) => {
-                return Err(FetchError::Refused(format!("node {from}'s agent refused: {why}")));
+                return Err(FetchError::Refused(format!(
+                    "node {from}'s agent refused: {why}"
+                )));
             }
             Frame::Failed(why) => return Err(failed(why)),
             other => {
@@ -568,9 +586,8 @@ impl Peer {
         };
         let (tx, mut rx) = mpsc::channel::<Frame>(QUEUE);
         let (exports, spec) = (self.exports.clone(), request.spec.clone());
-        let writer = tokio::task::spawn_blocking(move || {
-            tree::receive(&exports, &spec, &owner, &mut rx)
-        });
+        let writer =
+            tokio::task::spawn_blocking(move || tree::receive(&exports, &spec, &owner, &mut rx));
         let mut cut = None;
         loop {
             let f = match read_frame(&mut tls, IO_TIMEOUT).await {

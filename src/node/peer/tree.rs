@@ -27,9 +27,9 @@ use ring::digest::{Context, SHA256};
 use tokio::sync::mpsc;
 
 use crate::nfs::Exports;
+use crate::nfs::sha256sum_text;
 use crate::objects::peer::{Attrs, CHUNK, Entry, Frame, Kind, valid_name};
 use crate::volume::{Owner, VolumeMeta, VolumeSpec};
-use crate::nfs::sha256sum_text;
 
 /// What the receiver made.
 #[derive(Clone, Copy, Debug, Default)]
@@ -297,7 +297,8 @@ pub fn receive(
                     Kind::File => {
                         let hash = receive_file(&path, &e, rx, spec, &mut got)?;
                         apply(&path, &e.attrs, false)?;
-                        ours.write_all(&line(&hash)).map_err(io("write the check manifest"))?;
+                        ours.write_all(&line(&hash))
+                            .map_err(io("write the check manifest"))?;
                         if let Some(g) = e.group {
                             groups.insert(g, (path, hash));
                         }
@@ -309,7 +310,8 @@ pub fn receive(
                             .ok_or("the stream links to a file it did not send")?;
                         fs::hard_link(first, &path)
                             .map_err(|err| format!("link {}: {err}", path.display()))?;
-                        ours.write_all(&line(hash)).map_err(io("write the check manifest"))?;
+                        ours.write_all(&line(hash))
+                            .map_err(io("write the check manifest"))?;
                     }
                     Kind::Symlink => {
                         std::os::unix::fs::symlink(OsStr::from_bytes(&e.target), &path)
