@@ -78,37 +78,6 @@ async fn volume_dir(
     lnfs.root(node).join("volumes").join(nfs_target(&pv).2)
 }
 
-/// Waits for an event `reason` on claim `name` whose message contains `words`.
-async fn event_saying(client: &Client, ns: &str, name: &str, reason: &str, words: &str) -> String {
-    let evs: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), ns);
-    eventually(
-        &format!("{reason} event on {ns}/{name} saying {words:?}"),
-        WAIT,
-        || async {
-            let list = evs.list(&Default::default()).await.ok()?;
-            list.items
-                .into_iter()
-                .filter(|e| e.involved_object.name.as_deref() == Some(name))
-                .filter(|e| e.reason.as_deref() == Some(reason))
-                .filter_map(|e| e.message)
-                .find(|m| m.contains(words))
-        },
-    )
-    .await
-}
-
-async fn create_claim(client: &Client, pvc: &PersistentVolumeClaim) -> PersistentVolumeClaim {
-    let ns = pvc.namespace().unwrap_or_else(|| "default".into());
-    Api::<PersistentVolumeClaim>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), pvc)
-        .await
-        .expect("create claim")
-}
-
-fn clone_of(source: &str) -> serde_json::Value {
-    json!({"dataSource": {"kind": "PersistentVolumeClaim", "name": source}})
-}
-
 /// Two nodes: node-1 (5Gi) and node-2 (10Gi, so the controller's own choice for a new
 /// volume), classes `now` (Immediate) and `wait` (WaitForFirstConsumer), and claim
 /// `src` placed on node-1 (as the scheduler would have chosen) holding a few files.

@@ -136,37 +136,6 @@ fn partials(lnfs: &Localnfs, node: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-async fn create_claim(client: &Client, pvc: &PersistentVolumeClaim) -> PersistentVolumeClaim {
-    let ns = pvc.namespace().unwrap_or_else(|| "default".into());
-    Api::<PersistentVolumeClaim>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), pvc)
-        .await
-        .expect("create claim")
-}
-
-fn clone_of(source: &str) -> serde_json::Value {
-    json!({"dataSource": {"kind": "PersistentVolumeClaim", "name": source}})
-}
-
-/// Waits for an event `reason` on claim `name` whose message contains `words`.
-async fn event_saying(client: &Client, name: &str, reason: &str, words: &str) -> String {
-    let evs: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), "default");
-    eventually(
-        &format!("{reason} event on {name} saying {words:?}"),
-        WAIT,
-        || async {
-            let list = evs.list(&Default::default()).await.ok()?;
-            list.items
-                .into_iter()
-                .filter(|e| e.involved_object.name.as_deref() == Some(name))
-                .filter(|e| e.reason.as_deref() == Some(reason))
-                .filter_map(|e| e.message)
-                .find(|m| m.contains(words))
-        },
-    )
-    .await
-}
-
 /// Two nodes: node-1 with `small` capacity, node-2 with 10Gi; classes `now`
 /// (Immediate) and `wait` (WaitForFirstConsumer); claim `src` of `size` on node-1.
 /// Returns the source volume's directory.
@@ -227,9 +196,23 @@ async fn a_clone_whose_sources_node_is_full_lands_on_another_node_with_the_exact
         want,
         "the clone does not hold the source's exact files"
     );
-    let placed = event_saying(&client, "copy", "Provisioning", "streamed from node node-1").await;
+    let placed = event_saying(
+        &client,
+        "default",
+        "copy",
+        "Provisioning",
+        "streamed from node node-1",
+    )
+    .await;
     assert!(placed.contains("node node-1 has no room"), "{placed}");
-    let cloned = event_saying(&client, "copy", "VolumeCloned", "streamed from node node-1").await;
+    let cloned = event_saying(
+        &client,
+        "default",
+        "copy",
+        "VolumeCloned",
+        "streamed from node node-1",
+    )
+    .await;
     assert!(
         cloned.contains(&format!("{} bytes", (3 << 20) + 4 + 9)),
         "{cloned}"

@@ -29,7 +29,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::request::{CloneSource, Read, VolumeRequest};
+use super::request::{Read, VolumeRequest};
 use super::signed::{Message, PublicKey, Signer};
 
 /// Role of the agent that makes the clone.
@@ -323,11 +323,6 @@ pub fn check_ask(
     Ok((request, claim.namespace.clone()))
 }
 
-/// The source of a request [`check_ask`] let through.
-pub fn source_of(request: &VolumeRequest) -> Option<&CloneSource> {
-    request.clone.as_ref()
-}
-
 /// Whether `name` is one path component a receiver may create: not empty, not `.` or
 /// `..`, no `/` or NUL. The stream names objects within the directory it is in, so a
 /// sender cannot reach outside the copy being made.
@@ -338,6 +333,7 @@ pub fn valid_name(name: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::objects::request::CloneSource;
     use crate::objects::signed::request_annotations;
     use crate::volume::{VolumeName, VolumeSpec};
 
@@ -465,7 +461,7 @@ mod tests {
         let (ask, seen) = clone_ask("n2");
         let (req, ns) = check_ask(&ask, true, "n2", Some(&seen)).expect("served");
         assert_eq!((req.node.as_str(), ns.as_str()), ("n2", "db"));
-        assert!(source_of(&req).is_some());
+        assert!(req.clone.is_some());
         let other_uid = ClaimSeen {
             uid: "u9".into(),
             ..seen.clone()
