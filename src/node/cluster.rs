@@ -1,6 +1,7 @@
-//! The node agent's cluster side: it heartbeats a Lease with its free space and NFS
-//! port, reports per-volume usage in its usage Leases when it changed (`objects::usage`),
-//! creates (for a clone: copies, after checking the source's owner record) and removes
+//! The node agent's cluster side: it heartbeats a Lease with its free space, NFS and
+//! peer ports, reports per-volume usage in its usage Leases when it changed (`objects::usage`),
+//! creates (for a clone: copies, after checking the source's owner record, or streams
+//! it from the source node's agent, `peer`; and serves other agents' clones) and removes
 //! volume directories for claims the controller placed on this node, reclaims and resizes its PVs, and keeps the NFS
 //! allow-list and per-volume grants equal to what the Nodes and PVs say (`grants`).
 //! The protocol with the controller is in `objects`.

@@ -2,8 +2,9 @@
 //! MOUNT on one port, re-reads the volume store every second (new volumes, deletions,
 //! new size limits take effect without a remount), and exposes the admin endpoints
 //! (`/metrics`: per-procedure and per-volume NFS counts, see `nfs::NfsCollector`). It
-//! prints `nfs listening on ADDR` and `admin listening on ADDR` on stdout, for scripts
-//! and tests that asked for port 0.
+//! prints `nfs listening on ADDR` and `admin listening on ADDR` (in cluster mode also
+//! `peer listening on ADDR`, the [`peer`] channel) on stdout, for scripts and tests
+//! that asked for port 0.
 //!
 //! Standalone mode (`--standalone`) needs no cluster: volumes are managed with
 //! `localnfs volume`; per-volume grants come from `<root>/access.json`. In cluster mode

@@ -1,7 +1,7 @@
 //! The node agents' heartbeat Leases: one per node (`localnfs-node-<node>` in the
 //! heartbeat namespace, `--heartbeat-namespace`, which holds nothing else but the
 //! usage Leases of `usage`), renewed every 20 s (`heartbeat::RENEW_EVERY`) with the
-//! node's free space, NFS port and usage shard count. The
+//! node's free space, NFS and peer ports and usage shard count. The
 //! agent writes its own (`heartbeat::renew`); the controller, the scheduler helper and
 //! `status` read them ([`AgentInfo::from_lease`], `heartbeat::watch`). This module is
 //! the vocabulary and the rules (what a Lease says, when its agent counts as gone);
