@@ -226,6 +226,31 @@ async fn a_clone_whose_sources_node_is_full_lands_on_another_node_with_the_exact
     // A copy, not a link: writing the clone leaves the source as it was.
     std::fs::write(copy_dir.join("precious"), b"changed").expect("write clone");
     assert_eq!(tree(&src_dir), want, "writing the clone changed the source");
+
+    // A scheduler without the helper's extender put the pod on node-2 (what it
+    // writes on the claim): the clone is made there too, streamed.
+    let mut elsewhere = claim("elsewhere", "wait", "16Mi", clone_of("src"));
+    elsewhere
+        .metadata
+        .annotations
+        .get_or_insert_default()
+        .insert(
+            localnfs::objects::keys::SELECTED_NODE.into(),
+            "node-2".into(),
+        );
+    create_claim(&client, &elsewhere).await;
+    let pv = bound_pv(&client, "elsewhere").await;
+    assert_eq!(nfs_target(&pv).0, ip(202), "{}", lnfs.logs());
+    let dir = lnfs.root("node-2").join("volumes").join(nfs_target(&pv).2);
+    assert_eq!(tree(&dir), want, "the scheduler-placed clone");
+    event_saying(
+        &client,
+        "default",
+        "elsewhere",
+        "Provisioning",
+        "streamed from node node-1 by its agent: the scheduler chose node node-2",
+    )
+    .await;
 }
 
 /// A test client of the peer channel: TLS to node-1's agent (its address and peer
