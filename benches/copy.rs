@@ -11,7 +11,16 @@
 //! answer), and the longest gap between the client's acknowledged writes while the
 //! copy ran against before it (what a pod sees).
 //!
-//! `cargo bench --bench copy` (root; ~1 min), `-- --dir PATH` for another disk.
+//! A second table (when `LOCALNFS_K8S_BIN_DIR` names the test control plane's
+//! binaries): cross-node clones of the same data sets. A real control plane, the
+//! controller and two release agents on 127.0.0.91/92 (each node's InternalIP); the
+//! source's node has no room left, so each clone is made on the other node, streamed
+//! by the source's agent over the peer channel (TLS on loopback). Columns: the clone
+//! claim made → Bound, and the receiving agent's own figures from its `VolumeCloned`
+//! event (stream time, the source's pause). The source is idle here.
+//!
+//! `cargo bench --bench copy` (root; ~1 min, ~2 more with the control plane),
+//! `-- --dir PATH` for another disk.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -157,6 +166,97 @@ async fn measure(base: &Path, set: &DataSet) -> Row {
     }
 }
 
+/// Cross-node clones of each data set (module docs): (label, claim → Bound, the
+/// `VolumeCloned` event's note).
+async fn cross_node_rows() -> Vec<(&'static str, Duration, String)> {
+    use k8s_openapi::api::core::v1::{Event, PersistentVolumeClaim};
+    use kube::api::{Api, PostParams};
+    use serde_json::json;
+    use support::cluster::{Localnfs, claim, nfs_target, storage_class};
+    let ip = |last| std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, last));
+    let cluster = localnfs_testbed::TestCluster::start()
+        .await
+        .expect("control plane");
+    let client = cluster.client();
+    let mut lnfs = Localnfs::new(&cluster).await;
+    // node-1 holds exactly the two sources: no room for a clone there.
+    lnfs.start_nodes_and_controller(
+        &client,
+        &[("node-1", ip(91), "1300Mi"), ("node-2", ip(92), "10Gi")],
+    )
+    .await;
+    storage_class(&client, "now", json!({"volumeBindingMode": "Immediate"})).await;
+    storage_class(
+        &client,
+        "wait",
+        json!({"volumeBindingMode": "WaitForFirstConsumer"}),
+    )
+    .await;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    let events: Api<Event> = Api::namespaced(client.clone(), "default");
+    let bound = |name: String| {
+        let claims = claims.clone();
+        async move {
+            support::eventually(&format!("{name} Bound"), Duration::from_secs(900), || {
+                let (claims, name) = (claims.clone(), name.clone());
+                async move {
+                    let c = claims.get(&name).await.ok()?;
+                    (c.status?.phase.as_deref()? == "Bound").then_some(c.spec?.volume_name?)
+                }
+            })
+            .await
+        }
+    };
+    let mut rows = Vec::new();
+    for (i, (set, size)) in SETS.iter().zip(["1100Mi", "200Mi"]).enumerate() {
+        let (src, copy) = (format!("src-{i}"), format!("copy-{i}"));
+        let mut pvc = claim(&src, "wait", size, json!({}));
+        pvc.metadata.annotations.get_or_insert_default().insert(
+            localnfs::objects::keys::SELECTED_NODE.into(),
+            "node-1".into(),
+        );
+        claims
+            .create(&PostParams::default(), &pvc)
+            .await
+            .expect("source");
+        let pv = bound(src.clone()).await;
+        let pv = Api::<k8s_openapi::api::core::v1::PersistentVolume>::all(client.clone())
+            .get(&pv)
+            .await
+            .expect("pv");
+        fill(
+            &lnfs.root("node-1").join("volumes").join(nfs_target(&pv).2),
+            set,
+        );
+        drop_caches();
+        let asked = Instant::now();
+        let clone = claim(
+            &copy,
+            "now",
+            size,
+            json!({"dataSource": {"kind": "PersistentVolumeClaim", "name": src}}),
+        );
+        claims
+            .create(&PostParams::default(), &clone)
+            .await
+            .expect("clone");
+        bound(copy.clone()).await;
+        let took = asked.elapsed();
+        let note = support::eventually("VolumeCloned", Duration::from_secs(60), || async {
+            let list = events.list(&Default::default()).await.ok()?;
+            list.items
+                .into_iter()
+                .filter(|e| e.involved_object.name.as_deref() == Some(copy.as_str()))
+                .filter(|e| e.reason.as_deref() == Some("VolumeCloned"))
+                .find_map(|e| e.message)
+        })
+        .await;
+        assert!(note.contains("streamed from node node-1"), "{note}");
+        rows.push((set.label, took, note));
+    }
+    rows
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -190,6 +290,31 @@ async fn main() {
             r.gap_during.as_secs_f64() * 1e3,
             r.gap_before.as_secs_f64() * 1e3,
             r.cp.as_secs_f64()
+        );
+    }
+    if std::env::var_os("LOCALNFS_K8S_BIN_DIR").is_none() {
+        eprintln!("LOCALNFS_K8S_BIN_DIR not set: no cross-node clone table");
+        return;
+    }
+    let rows = cross_node_rows().await;
+    println!();
+    println!(
+        "| data (idle source) | cross-node clone: claim made → Bound | the receiving agent's stream time | source pause to mark T |"
+    );
+    println!("|---|---|---|---|");
+    for (label, took, note) in rows {
+        let between = |a: &str, b: &str| {
+            note.split(a)
+                .nth(1)
+                .and_then(|t| t.split(b).next())
+                .unwrap_or("?")
+                .to_owned()
+        };
+        println!(
+            "| {label} | {:.2} s | {} s | {} ms |",
+            took.as_secs_f64(),
+            between(" bytes) in ", " s;"),
+            between("paused ", " ms"),
         );
     }
 }

@@ -55,6 +55,7 @@ fn fill(inv: &Shared) {
             AgentInfo {
                 free_bytes: (i as u64 + 1) << 30,
                 nfs_port: 2049,
+                peer_port: None,
                 expires: i64::MAX,
                 key: None,
             },

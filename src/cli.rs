@@ -274,6 +274,12 @@ pub struct NodeArgs {
     #[arg(long, env = "LOCALNFS_NFS_ADDR", default_value = "0.0.0.0:2049")]
     pub listen: SocketAddr,
 
+    /// Port of the peer channel on the `--listen` address, where other node agents
+    /// fetch cross-node clones (TLS, agents only; see docs/security.md). Default: the
+    /// NFS port + 1 (a free port when the NFS port is 0).
+    #[arg(long, env = "LOCALNFS_PEER_PORT")]
+    pub peer_port: Option<u16>,
+
     /// Client networks allowed to connect (CIDR, comma-separated or repeated); anyone
     /// else is disconnected before any RPC is read.
     #[arg(
@@ -367,6 +373,15 @@ pub struct NodeArgs {
 }
 
 impl NodeArgs {
+    /// Where the peer channel listens (`--peer-port`, see its help).
+    pub fn peer_addr(&self, nfs_port: u16) -> SocketAddr {
+        let port = self.peer_port.unwrap_or(match nfs_port {
+            0 => 0,
+            p => p.saturating_add(1),
+        });
+        SocketAddr::new(self.listen.ip(), port)
+    }
+
     /// The NFS server's limits, from the flags.
     pub fn nfs_limits(&self) -> crate::nfs::Limits {
         crate::nfs::Limits {

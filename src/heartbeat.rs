@@ -21,7 +21,9 @@ use crate::kubeclient::{Mirror, Shared, mirror_with};
 use crate::objects::agents::{
     AgentInfo, Seen, lease_name, lease_node, observe, observer_now, version,
 };
-use crate::objects::keys::{AGENT_KEY, FREE_BYTES, NFS_PORT, NODE_KEY, USED_BYTES, USED_INODES};
+use crate::objects::keys::{
+    AGENT_KEY, FREE_BYTES, NFS_PORT, NODE_KEY, PEER_PORT, USED_BYTES, USED_INODES,
+};
 use crate::objects::usage::{self, Report, USAGE, USAGE_LABEL, USAGE_SHARDS};
 use kube::runtime::watcher;
 
@@ -41,6 +43,8 @@ pub struct Heartbeat<'a> {
     pub node: &'a str,
     pub free_bytes: u64,
     pub nfs_port: u16,
+    /// The agent's peer port (`node::peer`).
+    pub peer_port: u16,
     /// How many usage shards the node has (see `objects::usage`).
     pub usage_shards: u32,
     /// The public half of the agent's signing key, hex.
@@ -55,6 +59,7 @@ pub async fn renew(leases: &Api<Lease>, hb: &Heartbeat<'_>) -> Result<(), kube::
     let annotations: BTreeMap<&str, Option<String>> = [
         (FREE_BYTES, Some(hb.free_bytes.to_string())),
         (NFS_PORT, Some(hb.nfs_port.to_string())),
+        (PEER_PORT, Some(hb.peer_port.to_string())),
         (USAGE_SHARDS, Some(hb.usage_shards.to_string())),
         (USED_BYTES, None),
         (USED_INODES, None),

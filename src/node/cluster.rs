@@ -1,6 +1,7 @@
-//! The node agent's cluster side: it heartbeats a Lease with its free space and NFS
-//! port, reports per-volume usage in its usage Leases when it changed (`objects::usage`),
-//! creates (for a clone: copies, after checking the source's owner record; for a
+//! The node agent's cluster side: it heartbeats a Lease with its free space, NFS and
+//! peer ports, reports per-volume usage in its usage Leases when it changed (`objects::usage`),
+//! creates (for a clone: copies, after checking the source's owner record, or streams
+//! it from the source node's agent, `peer`, and serves other agents' clones; for a
 //! restore: fills from a backup set of the claim's namespace, see `restore`) and removes
 //! volume directories for claims the controller placed on this node, reclaims and resizes its PVs, and keeps the NFS
 //! allow-list and per-volume grants equal to what the Nodes and PVs say (`grants`).
@@ -86,6 +87,9 @@ struct Agent {
     pvs: Store<PersistentVolume>,
     /// `--backup-target`s: the sets restores may read.
     backup_targets: super::targets::BackupTargets,
+    /// The peer channel: clones to and from other nodes.
+    peer: Arc<super::peer::Peer>,
+    peer_port: u16,
 }
 
 /// Who and where this agent is in the cluster.
@@ -110,6 +114,9 @@ pub struct ClusterConfig {
     pub backup_targets: super::targets::BackupTargets,
     /// `localnfs_backup_progress_bytes` (registered by the caller).
     pub backup_progress: prometheus_client::metrics::gauge::Gauge,
+    /// The peer channel's listener (`--peer-port`) and counters.
+    pub peer_listener: tokio::net::TcpListener,
+    pub peer_metrics: super::peer::PeerMetrics,
 }
 
 /// Runs the cluster side until `shutdown` fires; `synced` turns true once the
@@ -133,8 +140,33 @@ pub async fn run(
         signer,
         backup_targets,
         backup_progress,
+        peer_listener,
+        peer_metrics,
     } = cfg;
     tracing::info!(targets = %backup_targets.names(), "backup targets VolumeBackups may name");
+    let peer_port = peer_listener.local_addr().map_or(0, |a| a.port());
+    let controller_key = ControllerKey::default();
+    // The peer channel signs with the same key (read again: a key pair is not Clone).
+    let peer = super::keys::agent_signer(exports.store())
+        .map_err(|e| e.to_string())
+        .and_then(|peer_signer| {
+            super::peer::Peer::new(
+                client.clone(),
+                node.clone(),
+                namespace.clone(),
+                exports.clone(),
+                peer_signer,
+                controller_key.clone(),
+                peer_metrics,
+            )
+        });
+    let peer = match peer {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot set up the peer channel: the node agent's cluster side does not run");
+            return;
+        }
+    };
     let mine = watcher::Config::default().labels(&format!("{NODE_KEY}={node}"));
     let pv_controller =
         crate::cache::controller(Api::<PersistentVolume>::all(client.clone()), mine.clone());
@@ -150,9 +182,11 @@ pub async fn run(
         changed: Notify::new(),
         warned: Default::default(),
         signer,
-        controller_key: ControllerKey::default(),
+        controller_key,
         pvs: pv_controller.store(),
         backup_targets: backup_targets.clone(),
+        peer: peer.clone(),
+        peer_port,
     });
     // Claims are looked at again whenever the controller's key changes (first read
     // included: until then no claim is acted on).
@@ -199,6 +233,7 @@ pub async fn run(
         backups,
         key_watch,
         heartbeat(agent.clone(), shutdown.clone()),
+        peer.serve(peer_listener, shutdown.clone()),
         super::grants::keep(
             agent.client.clone(),
             agent.node.clone(),
@@ -378,6 +413,13 @@ async fn reconcile_claim(pvc: Arc<PersistentVolumeClaim>, agent: Arc<Agent>) -> 
                         .exports
                         .by_name(&source.volume)
                         .map(|v| v.meta.owner.clone());
+                    // The source is another node's: streamed from its agent (`peer`).
+                    if recorded.is_none()
+                        && let Some(from) = super::peer::source_node(&agent.client, source).await?
+                        && from != agent.node
+                    {
+                        return fetch_clone(&agent, &pvc, &claims, &request, &from, owner).await;
+                    }
                     if let Err(why) =
                         step::clone_check(source, &ns, recorded.as_ref().map(Option::as_ref))
                     {
@@ -536,6 +578,81 @@ async fn restore(
         .event(pvc, EventType::Normal, "VolumeRestored", note)
         .await;
     Ok(Ok(meta))
+}
+
+/// How soon a cross-node clone that failed for a reason that may pass (the source
+/// agent restarting, a connection cut) starts over.
+const PEER_RETRY: Duration = Duration::from_secs(5);
+
+/// Makes the clone `request` asks for by streaming its source from node `from`'s
+/// agent (`peer`), then answers ready; a refusal by that agent refuses the claim, any
+/// other failure starts over after [`PEER_RETRY`]. A clone finished before an agent
+/// restart is answered, not fetched again.
+async fn fetch_clone(
+    agent: &Agent,
+    pvc: &PersistentVolumeClaim,
+    claims: &Api<PersistentVolumeClaim>,
+    request: &signed::VolumeRequest,
+    from: &str,
+    owner: Owner,
+) -> Result<Action> {
+    let done = agent
+        .exports
+        .by_name(&request.spec.name)
+        .filter(|v| v.meta.owner.as_ref() == Some(&owner));
+    if done.is_none() {
+        let f = match agent.peer.fetch(pvc, request, from, owner).await {
+            Ok(f) => f,
+            Err(super::peer::FetchError::Refused(why)) => {
+                let why = format!("node {}: not cloning: {why}", agent.node);
+                return refuse(agent, pvc, claims, why).await;
+            }
+            Err(super::peer::FetchError::Failed(why)) => {
+                let note = format!(
+                    "node {}: streaming the clone from node {from} failed, starting over in {} s: {why}",
+                    agent.node,
+                    PEER_RETRY.as_secs()
+                );
+                tracing::warn!(claim = %pvc.name_any(), %from, %why, "cross-node clone failed; starting over");
+                agent
+                    .event(pvc, EventType::Warning, "CloneRetrying", note)
+                    .await;
+                return Ok(Action::requeue(PEER_RETRY));
+            }
+        };
+        agent.changed.notify_one();
+        let source = request.clone.as_ref().map_or_else(String::new, |s| {
+            format!("claim {}/{}'s volume {}", s.namespace, s.claim, s.volume)
+        });
+        let note = format!(
+            "node {}: volume {} holds a copy of {source} streamed from node {from} ({} files, {} bytes) in {:.3} s; the source's writes paused {:.1} ms",
+            agent.node,
+            f.meta.name,
+            f.files,
+            f.bytes,
+            f.took.as_secs_f64(),
+            f.pause.as_secs_f64() * 1000.0,
+        );
+        tracing::info!(volume = %f.meta.name, %from, files = f.files, bytes = f.bytes, took = ?f.took, pause = ?f.pause, "cloned volume from another node");
+        agent
+            .event(pvc, EventType::Normal, "VolumeCloned", note)
+            .await;
+    }
+    let (uid, ns, name, volume) = (
+        pvc.uid().unwrap_or_default(),
+        pvc.namespace().unwrap_or_default(),
+        pvc.name_any(),
+        &request.spec.name,
+    );
+    agent.exports.label_claim(volume, &ns, &name);
+    let sig = agent.signer.sign(&Message::Ready {
+        claim_uid: &uid,
+        node: &agent.node,
+        volume: volume.as_str(),
+    });
+    let ready = [(READY, volume.to_string()), (READY_SIG, sig)];
+    answer(agent, claims, &name, &ready).await?;
+    Ok(Action::await_change())
 }
 
 /// Refuses the claim's request: a `ProvisioningFailed` event saying `why`, and the
@@ -890,6 +1007,7 @@ async fn heartbeat(agent: Arc<Agent>, shutdown: CancellationToken) {
             node: &agent.node,
             free_bytes,
             nfs_port: agent.nfs_port,
+            peer_port: agent.peer_port,
             // Until the new shards are all written, readers keep reading the old ones.
             usage_shards: shards_written.max(1),
             key: agent.signer.public().to_hex(),

@@ -2,8 +2,9 @@
 //! MOUNT on one port, re-reads the volume store every second (new volumes, deletions,
 //! new size limits take effect without a remount), and exposes the admin endpoints
 //! (`/metrics`: per-procedure and per-volume NFS counts, see `nfs::NfsCollector`). It
-//! prints `nfs listening on ADDR` and `admin listening on ADDR` on stdout, for scripts
-//! and tests that asked for port 0.
+//! prints `nfs listening on ADDR` and `admin listening on ADDR` (in cluster mode also
+//! `peer listening on ADDR`, the [`peer`] channel) on stdout, for scripts and tests
+//! that asked for port 0.
 //!
 //! Standalone mode (`--standalone`) needs no cluster: volumes are managed with
 //! `localnfs volume`; per-volume grants come from `<root>/access.json`. In cluster mode
@@ -27,6 +28,7 @@ pub mod cluster;
 pub mod grants;
 pub mod keys;
 pub mod restore;
+pub mod peer;
 pub mod step;
 pub mod targets;
 pub mod volume_cmd;
@@ -123,6 +125,18 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     let server = nfs::Server::new(exports.clone(), limits);
     let mut registry = crate::metrics::registry("node");
     registry.register_collector(Box::new(server.collector()));
+    let peer_metrics = peer::PeerMetrics::default();
+    peer_metrics.register(&mut registry);
+    // The peer channel (cross-node clones) exists in cluster mode only.
+    let peer_listener = match &cluster {
+        Some(_) => Some(crate::server::bind("peer", args.peer_addr(args.listen.port())).await?),
+        None => None,
+    };
+    let peer_line = peer_listener
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map(|a| format!("peer listening on {a}\n"))
+        .unwrap_or_default();
     registry.register_collector(Box::new(localnfs_nfs::backup::BackupCollector));
     let backup_progress = prometheus_client::metrics::gauge::Gauge::default();
     registry.register(
@@ -176,15 +190,15 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     );
     // Machine-readable lines for scripts and tests that asked for port 0, in one write
     // (a reader that takes the first line and closes the pipe must not fail the second).
-    let banner = format!("nfs listening on {nfs_addr}\nadmin listening on {admin_addr}\n");
+    let banner =
+        format!("nfs listening on {nfs_addr}\nadmin listening on {admin_addr}\n{peer_line}");
     print!("{banner}");
     let signer = match &cluster {
         Some(_) => Some(keys::agent_signer(exports.store())?),
         None => None,
     };
-    let agent = cluster
-        .zip(signer)
-        .map(|((client, liveness, node), signer)| {
+    let agent = cluster.zip(signer).zip(peer_listener).map(
+        |(((client, liveness, node), signer), peer_listener)| {
             let cfg = cluster::ClusterConfig {
                 client,
                 liveness,
@@ -197,6 +211,8 @@ pub async fn run(args: NodeArgs) -> Result<()> {
                 signer,
                 backup_targets: backup_targets.clone(),
                 backup_progress: backup_progress.clone(),
+                peer_listener,
+                peer_metrics,
             };
             tokio::spawn(cluster::run(
                 cfg,
@@ -205,7 +221,8 @@ pub async fn run(args: NodeArgs) -> Result<()> {
                 synced_tx,
                 shutdown.clone(),
             ))
-        });
+        },
+    );
     if !*synced.borrow() {
         tracing::info!("waiting for the cluster's Nodes and PVs before serving NFS");
         tokio::select! {

@@ -1,7 +1,7 @@
 //! The node agents' heartbeat Leases: one per node (`localnfs-node-<node>` in the
 //! heartbeat namespace, `--heartbeat-namespace`, which holds nothing else but the
 //! usage Leases of `usage`), renewed every 20 s (`heartbeat::RENEW_EVERY`) with the
-//! node's free space, NFS port and usage shard count. The
+//! node's free space, NFS and peer ports and usage shard count. The
 //! agent writes its own (`heartbeat::renew`); the controller, the scheduler helper and
 //! `status` read them ([`AgentInfo::from_lease`], `heartbeat::watch`). This module is
 //! the vocabulary and the rules (what a Lease says, when its agent counts as gone);
@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use k8s_openapi::api::coordination::v1::Lease;
 
-use super::keys::{AGENT_KEY, FREE_BYTES, NFS_PORT, NODE_LEASE_PREFIX};
+use super::keys::{AGENT_KEY, FREE_BYTES, NFS_PORT, NODE_LEASE_PREFIX, PEER_PORT};
 use super::signed::PublicKey;
 
 /// The heartbeat namespace of a default install (`--heartbeat-namespace`).
@@ -38,6 +38,9 @@ pub struct AgentInfo {
     pub free_bytes: u64,
     /// The agent's NFS port (kubelet mounts with `port=`/`mountport=` this).
     pub nfs_port: u16,
+    /// The agent's peer port (cross-node clones, `node::peer`); `None` from an agent
+    /// of a version before them.
+    pub peer_port: Option<u16>,
     /// When the agent counts as gone, on the clock `from_lease` was given (for a
     /// `heartbeat::watch`, [`observer_now`]).
     pub expires: i64,
@@ -137,6 +140,7 @@ impl AgentInfo {
             Self {
                 free_bytes,
                 nfs_port,
+                peer_port: ann.get(PEER_PORT).and_then(|p| p.parse().ok()),
                 expires: renewed + ttl,
                 key: ann.get(AGENT_KEY).and_then(|k| PublicKey::from_hex(k)),
             },

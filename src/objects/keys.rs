@@ -52,6 +52,9 @@ pub const USED_BYTES: &str = "localnfs.io/used-bytes";
 pub const USED_INODES: &str = "localnfs.io/used-inodes";
 /// Node Lease annotation: the agent's NFS port.
 pub const NFS_PORT: &str = "localnfs.io/nfs-port";
+/// Node Lease annotation: the agent's peer port, where other agents fetch cross-node
+/// clones (`node::peer`).
+pub const PEER_PORT: &str = "localnfs.io/peer-port";
 /// Node Lease annotation: the public half of the agent's signing key (hex), which
 /// checks its answers on claims (see `signed`).
 pub const AGENT_KEY: &str = "localnfs.io/agent-key";

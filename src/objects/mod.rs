@@ -61,7 +61,8 @@
 //! This module is the bottom layer every component shares: those keys ([`keys`]),
 //! the StorageClass vocabulary ([`class`]), what a claim asks for ([`claim`]), when
 //! a volume's data may go ([`reclaim`]), which nodes may mount a volume
-//! ([`published`]), what the controller asks an agent for ([`request`]), which keys
+//! ([`published`]), what the controller asks an agent for ([`request`]), what agents
+//! say to each other for a cross-node clone ([`peer`]), which keys
 //! localnfs wrote ([`signed`]) and the agents' heartbeat Leases ([`agents`]: what a
 //! Lease says; reading and writing them is `crate::heartbeat`) and their per-volume
 //! usage reports ([`usage`]), and the backup and restore objects ([`backups`]:
@@ -76,6 +77,7 @@ pub mod backups;
 pub mod claim;
 pub mod class;
 pub mod keys;
+pub mod peer;
 pub mod published;
 pub mod reclaim;
 pub mod request;

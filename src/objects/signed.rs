@@ -65,6 +65,14 @@ pub enum Message<'a> {
         node: &'a str,
         volume: &'a str,
     },
+    /// An agent on the peer channel (`objects::peer`): it is `node`'s agent, at this
+    /// `role`'s end of the TLS session whose exported keying material is `binding`
+    /// (hex), so the signature holds for that one session only.
+    Peer {
+        role: &'a str,
+        node: &'a str,
+        binding: &'a str,
+    },
 }
 
 impl Message<'_> {
@@ -86,6 +94,11 @@ impl Message<'_> {
                 node,
                 volume,
             } => ("removed", [claim_uid, node, volume]),
+            Message::Peer {
+                role,
+                node,
+                binding,
+            } => ("peer", [role, node, binding]),
         };
         // Fields are separated by a byte none of them can hold (uids, node and volume
         // names are DNS-like; a request is JSON, whose strings escape control bytes).

@@ -506,17 +506,26 @@ async fn place(
     let allowed = allowed_nodes(ctx, class).await?;
     let selected = annotation(pvc, SELECTED_NODE);
     let size = p.request.size_bytes;
-    // A clone goes to its source's node (step checked the scheduler chose that one).
-    let target = p.clone.as_ref().map_or(selected, |s| Some(s.node.as_str()));
-    let node = match ctx.choose_and_hold(&uid, target, &free, size, allowed.as_ref()) {
-        Ok(n) => n,
-        Err(msg) => {
-            let msg = match &p.clone {
-                Some(source) => clone::cross_node(source, &msg),
-                None => msg,
-            };
-            return fail(ctx, pvc, Failure::no_room(msg, selected.is_some()), false).await;
+    // A clone tries the scheduler's choice, else its source's node, then any
+    // (`clone::candidates`).
+    let tries = match &p.clone {
+        Some(source) => clone::candidates(source, selected),
+        None => vec![selected],
+    };
+    let mut refused = Vec::new();
+    let mut chosen = None;
+    for target in tries {
+        match ctx.choose_and_hold(&uid, target, &free, size, allowed.as_ref()) {
+            Ok(n) => {
+                chosen = Some(n);
+                break;
+            }
+            Err(msg) => refused.push(msg),
         }
+    }
+    let Some(node) = chosen else {
+        let msg = refused.join("; ");
+        return fail(ctx, pvc, Failure::no_room(msg, selected.is_some()), false).await;
     };
     let spec = p.params.volume_request(p.volume.clone(), size);
     let note_restore = restore.as_ref().map(|r| {
@@ -573,9 +582,13 @@ async fn place(
     // claim's node label says where it is being made; one write per claim less in a
     // burst). A clone, or a claim that names itself, says here what it will hold.
     let note = match &p.clone {
-        Some(source) => Some(format!(
-            "cloning claim {}/{} (volume {}) into volume {} ({size} bytes) on node {node}",
-            source.copy.namespace, source.copy.claim, source.copy.volume, p.volume
+        Some(source) => Some(clone::note(
+            source,
+            p.volume.as_str(),
+            size,
+            &node,
+            selected,
+            &refused,
         )),
         None if note_restore.is_some() => note_restore,
         None if clone::names_itself(pvc) => Some(format!(

@@ -16,8 +16,12 @@
 //!    annotation on a claim decides what is copied.
 //! 3. The new claim asks for at least the source's size: the PV's capacity, or the
 //!    size its agent applied after an expansion, whichever is larger.
-//! 4. The copy is made on the source's node (`step` refuses any other node, saying
-//!    cloning across nodes is not supported yet, rather than make an empty volume).
+//! 4. The copy is made on the node the scheduler chose (WaitForFirstConsumer: the
+//!    scheduler helper steers the pod to the source's node while it has room); without
+//!    a choice (Immediate binding) on the source's node when it has room, else on any
+//!    node with room ([`candidates`]). On another node than the source's, that node's
+//!    agent streams the copy from the source's agent (`node::peer`), and the
+//!    `Provisioning` event says so and why ([`note`]).
 //!
 //! A claim naming itself starts empty: that is how a StatefulSet's template says "new
 //! replicas start from ordinal 0" (ordinal 0's claim is made from the same template).
@@ -186,12 +190,42 @@ pub fn resolve(
     })
 }
 
-/// Why a clone of `source` cannot be made (`detail`): clones are made on the source's
-/// node only (yet), so no other node is tried.
-pub fn cross_node(source: &Source, detail: &str) -> String {
+/// The nodes to try for a clone of `source`, in order (`None`: any node with room):
+/// the scheduler's choice alone when it made one, else the source's node, then any.
+pub fn candidates<'a>(source: &'a Source, selected: Option<&'a str>) -> Vec<Option<&'a str>> {
+    match selected {
+        Some(node) => vec![Some(node)],
+        None => vec![Some(source.node.as_str()), None],
+    }
+}
+
+/// The `Provisioning` event's note for a clone of `source` into `volume` (`size`
+/// bytes) placed on `node`; `selected`: the scheduler's choice; `refused`: why the
+/// nodes tried before `node` were not taken.
+pub fn note(
+    source: &Source,
+    volume: &str,
+    size: u64,
+    node: &str,
+    selected: Option<&str>,
+    refused: &[String],
+) -> String {
+    let c = &source.copy;
+    let what = format!(
+        "cloning claim {}/{} (volume {}) into volume {volume} ({size} bytes) on node {node}",
+        c.namespace, c.claim, c.volume
+    );
+    if node == source.node {
+        return what;
+    }
+    let why = match (selected, refused.first()) {
+        (Some(sel), _) => format!("the scheduler chose node {sel}"),
+        (None, Some(r)) => format!("node {} has no room for it ({r})", source.node),
+        (None, None) => format!("node {} was not chosen", source.node),
+    };
     format!(
-        "claim {}/{} (the clone's dataSource) has its volume on node {}, where the clone must be made: {detail}; cloning to another node is not supported yet",
-        source.copy.namespace, source.copy.claim, source.node
+        "{what}, streamed from node {} by its agent: {why}",
+        source.node
     )
 }
 
@@ -393,6 +427,30 @@ mod tests {
             assert!(e.message.contains(want), "{what}: {}", e.message);
             assert_eq!(e.retry, retry, "{what}");
         }
+    }
+
+    #[test]
+    fn a_clone_tries_the_schedulers_choice_else_its_sources_node_then_any() {
+        let src = resolve(
+            &clone_claim("1Gi"),
+            Some(&source(json!({}))),
+            Some(&pv(json!({}))),
+            ME,
+            1 << 30,
+        )
+        .expect("source");
+        assert_eq!(candidates(&src, Some("n2")), vec![Some("n2")]);
+        assert_eq!(candidates(&src, None), vec![Some("n1"), None]);
+        let here = note(&src, "pvc-u1", 1, "n1", None, &[]);
+        assert!(!here.contains("streamed"), "{here}");
+        let full = note(&src, "pvc-u1", 1, "n2", None, &["not enough room".into()]);
+        assert!(
+            full.contains("on node n2, streamed from node n1")
+                && full.contains("node n1 has no room for it (not enough room)"),
+            "{full}"
+        );
+        let chosen = note(&src, "pvc-u1", 1, "n2", Some("n2"), &[]);
+        assert!(chosen.contains("the scheduler chose node n2"), "{chosen}");
     }
 
     #[test]

@@ -190,17 +190,9 @@ pub fn next(f: &Facts) -> Step {
             }
             (Wanted::Claim(_), Some(Ok(source))) => Some(source.clone()),
         };
-        if let (Some(source), Some(sel)) = (&source, annotation(pvc, SELECTED_NODE))
-            && sel != source.node
-        {
-            // The scheduler helper steers the pod to the source's node; a scheduler
-            // without it (or a pod pinned elsewhere) picked another.
-            return Step::Fail(Failure {
-                metric: "clone-cross-node",
-                message: clone::cross_node(source, &format!("the scheduler chose node {sel}")),
-                then: Then::HandBack,
-            });
-        }
+        // A clone goes where the scheduler chose (streamed from the source's node when
+        // that is another) or, without a choice, where `place` finds room
+        // (`clone::placement`).
         return Step::Place(Placement {
             clone: source,
             ..placement
@@ -711,7 +703,7 @@ mod tests {
     }
 
     #[test]
-    fn a_clone_is_placed_on_its_sources_node_or_refused() {
+    fn a_clone_is_placed_where_the_scheduler_chose_or_left_to_placement() {
         let immediate = class(json!({}));
         let wffc = class(json!({"volumeBindingMode": "WaitForFirstConsumer"}));
         let on_n1 = Ok(source_on("n1"));
@@ -724,18 +716,12 @@ mod tests {
             clone_step(selected("n1"), &wffc, &on_n1),
             Step::Place(Placement { clone: Some(_), .. })
         ));
-        let Step::Fail(f) = clone_step(selected("n2"), &wffc, &on_n1) else {
-            panic!("another node")
-        };
-        assert_eq!((f.metric, f.then), ("clone-cross-node", Then::HandBack));
-        assert!(
-            f.message.contains("has its volume on node n1")
-                && f.message.contains("the scheduler chose node n2")
-                && f.message
-                    .contains("cloning to another node is not supported yet"),
-            "{}",
-            f.message
-        );
+        // The scheduler chose another node (no extender, or the source's node is
+        // full): the clone is made there, streamed from n1.
+        assert!(matches!(
+            clone_step(selected("n2"), &wffc, &on_n1),
+            Step::Place(Placement { clone: Some(_), .. })
+        ));
         let waiting = Err(NotYet {
             message: "waiting for claim db/data-0".into(),
             retry: clone::SOURCE_RETRY,

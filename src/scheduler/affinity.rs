@@ -11,7 +11,8 @@
 //!   the pod Pending, with the scheduler's "volume node affinity conflict" event) and
 //!   the API answer carries a warning naming the nodes.
 //! - New claims that clone a bound claim (`PodClaims::clones`): a preferred term,
-//!   weight 100, for the source volume's node, where the clone is made. Preferred, not
+//!   weight 100, for the source volume's node, where the clone costs least (elsewhere it is
+//!   streamed from that node's agent). Preferred, not
 //!   required: the extender's filter is what keeps the pod there; this steers the pod
 //!   when kube-scheduler runs without the extender (a clone claim the webhook's caches
 //!   have not seen yet, as a StatefulSet makes it just before the pod, gets nothing).

@@ -163,6 +163,19 @@ fn strict_pin(claims: &PodClaims) -> Option<Pin<'_>> {
     })
 }
 
+/// The one node the pod's clones must go to: their sources' node, when they all are
+/// on one node and it has room for the pod's new volumes. Otherwise (sources on
+/// several nodes, or no room on theirs) any node with room may run the pod, and its
+/// agent streams what is not local from the sources' agents (`node::peer`).
+fn clone_home<'a>(claims: &'a PodClaims, inv: &Inventory, now: i64) -> Option<&'a str> {
+    let [home] = claims.clone_nodes()[..] else {
+        return None;
+    };
+    inv.agent(home, now)
+        .is_some_and(|a| a.free_bytes >= claims.new_bytes)
+        .then_some(home)
+}
+
 /// Why `node` cannot run the pod, or `None` when it can. `pin` is [`strict_pin`]'s
 /// answer, worked out once per call rather than once per node.
 fn node_refusal(
@@ -177,10 +190,13 @@ fn node_refusal(
     {
         return Some(pin.why.clone());
     }
-    if let Some(c) = claims.clones.iter().find(|c| c.node != node) {
+    if let Some(home) = clone_home(claims, inv, now)
+        && home != node
+    {
+        let c = claims.clones.iter().map(|c| c.claim.as_str());
         return Some(format!(
-            "localnfs: claim {} clones a volume on node {}, and clones are made on their source's node (cloning to another node is not supported yet)",
-            c.claim, c.node
+            "localnfs: claim {} clones a volume on node {home}, which has room for the pod's new volumes: clones are made on their source's node when it fits",
+            c.collect::<Vec<_>>().join(", ")
         ));
     }
     if claims.new_claims.is_empty() {
@@ -235,7 +251,7 @@ pub fn prioritize(claims: &PodClaims, nodes: &[String], inv: &Inventory, now: i6
         return vec![0; nodes.len()];
     }
     if !claims.clones.is_empty() {
-        // Only a clone's node passes the filter; say so in the scores as well.
+        // A clone's source node is where it costs least (no stream); say so.
         let homes = claims.clone_nodes();
         return nodes
             .iter()
@@ -283,6 +299,7 @@ mod tests {
                 AgentInfo {
                     free_bytes: free,
                     nfs_port: 2049,
+                    peer_port: None,
                     expires: NOW + 10,
                     key: None,
                 },
@@ -293,6 +310,7 @@ mod tests {
             AgentInfo {
                 free_bytes: 10_000,
                 nfs_port: 2049,
+                peer_port: None,
                 expires: NOW - 1,
                 key: None,
             },
@@ -453,18 +471,15 @@ mod tests {
     }
 
     #[test]
-    fn a_clone_runs_only_where_its_source_is_and_fits() {
+    fn a_clone_runs_where_its_source_is_when_it_fits_else_anywhere_with_room() {
         let inv = inventory();
         let cases: [(&[&str], &[&str], &str); 5] = [
             (&["clone-of-a"], &["a"], "clones a volume on node a"),
             (&["clone-of-b"], &["b"], "clones a volume on node b"),
-            // Node b holds the source but has 100 bytes free.
-            (&["clone-big-of-b"], &[], "localnfs"),
-            (
-                &["clone-of-a", "clone-of-b"],
-                &[],
-                "cloning to another node is not supported yet",
-            ),
+            // Node b holds the source but has 100 bytes free: streamed to a.
+            (&["clone-big-of-b"], &["a"], "localnfs"),
+            // Sources on two nodes: one is streamed wherever the pod runs.
+            (&["clone-of-a", "clone-of-b"], &["a", "b"], "localnfs"),
             // An unknown source pins nothing: the controller says why it cannot clone.
             (&["clone-of-nothing"], &["a", "b"], "localnfs"),
         ];

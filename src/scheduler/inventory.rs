@@ -195,6 +195,7 @@ mod tests {
         let info = AgentInfo {
             free_bytes: 1000,
             nfs_port: 2049,
+            peer_port: None,
             expires: 100,
             key: None,
         };

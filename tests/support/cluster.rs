@@ -892,3 +892,43 @@ pub async fn wait_for_leader(client: &Client) -> (String, u32) {
         .expect("identity ends in the pid");
     (id, pid)
 }
+
+/// Waits (120 s at most) for an event `reason` on claim `ns/name` whose message
+/// contains `words`; returns the message.
+pub async fn event_saying(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    reason: &str,
+    words: &str,
+) -> String {
+    let evs: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), ns);
+    eventually(
+        &format!("{reason} event on {ns}/{name} saying {words:?}"),
+        Duration::from_secs(120),
+        || async {
+            let list = evs.list(&Default::default()).await.ok()?;
+            list.items
+                .into_iter()
+                .filter(|e| e.involved_object.name.as_deref() == Some(name))
+                .filter(|e| e.reason.as_deref() == Some(reason))
+                .filter_map(|e| e.message)
+                .find(|m| m.contains(words))
+        },
+    )
+    .await
+}
+
+/// Creates `pvc` (in `default` unless it names a namespace).
+pub async fn create_claim(client: &Client, pvc: &PersistentVolumeClaim) -> PersistentVolumeClaim {
+    let ns = pvc.namespace().unwrap_or_else(|| "default".into());
+    Api::<PersistentVolumeClaim>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), pvc)
+        .await
+        .expect("create claim")
+}
+
+/// The claim spec fields of a clone of claim `source`.
+pub fn clone_of(source: &str) -> serde_json::Value {
+    json!({"dataSource": {"kind": "PersistentVolumeClaim", "name": source}})
+}
