@@ -248,7 +248,10 @@ async fn run(nodes: usize, count: usize, failover: bool, kcm_qps: Option<u32>) -
         Api::namespaced(client.clone(), HEARTBEATS);
     support::eventually("node agents up", Duration::from_secs(300), || async {
         let hb = ListParams::default().labels("!localnfs.io/usage-shard");
-        let n = leases.list(&hb).await.ok()?.items.len();
+        // Heartbeats only (the key Leases are written just before them).
+        let n = (leases.list_metadata(&hb).await.ok()?.items.iter())
+            .filter(|l| l.name_any().starts_with("localnfs-node-"))
+            .count();
         (n >= nodes).then_some(())
     })
     .await;
