@@ -40,8 +40,9 @@ use support::cluster::{
 
 use burst::{create_all, peak_rss_mib, percentile, rss_mib_now};
 
-/// How long each at-rest measurement lasts.
-const AT_REST: Duration = Duration::from_secs(30);
+/// How long each at-rest measurement lasts: two rounds of heartbeats (every 30 s,
+/// `heartbeat::RENEW_EVERY`), so a window does not catch one round or two by chance.
+const AT_REST: Duration = Duration::from_secs(60);
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
@@ -214,10 +215,20 @@ async fn etcd_wal_bytes(url: &str) -> f64 {
 }
 
 /// etcd bytes written per second over `d`.
+/// etcd's WAL bytes per second over `d`; the window's unix times go to stderr, for
+/// `bench/etcd-writes.py sum` (what was written, by key).
 async fn etcd_rate(url: &str, d: Duration) -> f64 {
+    let unix = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |t| t.as_secs_f64())
+    };
     let before = etcd_wal_bytes(url).await;
+    let from = unix();
     tokio::time::sleep(d).await;
-    (etcd_wal_bytes(url).await - before) / d.as_secs_f64()
+    let rate = (etcd_wal_bytes(url).await - before) / d.as_secs_f64();
+    eprintln!("scale: etcd window {from:.1} {:.1}: {rate:.0} B/s", unix());
+    rate
 }
 
 async fn run(nodes: usize, count: usize, failover: bool, kcm_qps: Option<u32>) -> Row {

@@ -46,40 +46,49 @@ impl Ctx {
             .await;
     }
 
+    /// Every claim write below is remembered in `caches` ([`Caches::wrote`]), so a
+    /// cached copy older than it is not acted on again.
     async fn patch_meta(
         &self,
+        caches: &Caches,
         pvc: &PersistentVolumeClaim,
         patch: serde_json::Value,
     ) -> Result<()> {
         let (ns, name) = (pvc.namespace().unwrap_or_default(), pvc.name_any());
         self.fence.check()?;
-        self.claims(&ns)
+        let written = self
+            .claims(&ns)
             .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
             .await
             .map_err(Error::kube(format!("patch claim {ns}/{name}")))?;
+        caches.wrote(&written);
         Ok(())
     }
 
     async fn patch_finalizers(
         &self,
+        caches: &Caches,
         pvc: &PersistentVolumeClaim,
         patch: kube::api::Patch<()>,
     ) -> Result<()> {
         let (ns, name) = (pvc.namespace().unwrap_or_default(), pvc.name_any());
         self.fence.check()?;
-        self.claims(&ns)
+        let written = self
+            .claims(&ns)
             .patch(&name, &PatchParams::default(), &patch)
             .await
             .map_err(Error::kube(format!(
                 "update finalizers of claim {ns}/{name}"
             )))?;
+        caches.wrote(&written);
         Ok(())
     }
 
-    async fn add_finalizer(&self, pvc: &PersistentVolumeClaim) -> Result<()> {
+    async fn add_finalizer(&self, caches: &Caches, pvc: &PersistentVolumeClaim) -> Result<()> {
         self.patch_finalizers(
+            caches,
             pvc,
-            crate::kubeclient::add_finalizer(pvc.finalizers(), CLAIM_FINALIZER),
+            crate::kubeclient::add_finalizer(pvc, CLAIM_FINALIZER),
         )
         .await
     }
@@ -98,6 +107,7 @@ impl Ctx {
     /// the caller still has to.
     async fn complete_binding(
         &self,
+        caches: &Caches,
         pvc: &PersistentVolumeClaim,
         pv: &PersistentVolume,
     ) -> Result<bool> {
@@ -129,7 +139,7 @@ impl Ctx {
                     patch["metadata"]["resourceVersion"] = json!(pvc.resource_version());
                     released = true;
                 }
-                self.patch_meta(pvc, patch).await?
+                self.patch_meta(caches, pvc, patch).await?
             }
             Some(v) if v == pv_name => {}
             Some(_) => return Ok(false), // bound elsewhere by someone else: not ours to touch
@@ -142,14 +152,16 @@ impl Ctx {
             if let Some(rv) = pv.resource_version() {
                 status["metadata"] = json!({"resourceVersion": rv});
             }
-            Api::<PersistentVolume>::all(self.client.clone())
+            let written = Api::<PersistentVolume>::all(self.client.clone())
                 .patch_status(&pv_name, &PatchParams::default(), &Patch::Merge(status))
                 .await
                 .map_err(Error::kube(format!("set PV {pv_name} Bound")))?;
+            caches.wrote(&written);
         }
         if pvc.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Bound") {
             self.fence.check()?;
-            self.claims(&ns)
+            let written = self
+                .claims(&ns)
                 .patch_status(
                     &name,
                     &PatchParams::default(),
@@ -161,6 +173,7 @@ impl Ctx {
                 )
                 .await
                 .map_err(Error::kube(format!("set claim {ns}/{name} Bound")))?;
+            caches.wrote(&written);
         }
         Ok(released)
     }
@@ -169,18 +182,19 @@ impl Ctx {
     /// take it.
     async fn bind_and_release(
         &self,
+        caches: &Caches,
         pvc: &PersistentVolumeClaim,
         pv: &PersistentVolume,
     ) -> Result<()> {
-        if !self.complete_binding(pvc, pv).await? {
-            self.remove_finalizer(pvc).await?;
+        if !self.complete_binding(caches, pvc, pv).await? {
+            self.remove_finalizer(caches, pvc).await?;
         }
         Ok(())
     }
 
-    async fn remove_finalizer(&self, pvc: &PersistentVolumeClaim) -> Result<()> {
+    async fn remove_finalizer(&self, caches: &Caches, pvc: &PersistentVolumeClaim) -> Result<()> {
         match crate::kubeclient::remove_finalizer(pvc.finalizers(), CLAIM_FINALIZER) {
-            Some(patch) => self.patch_finalizers(pvc, patch).await,
+            Some(patch) => self.patch_finalizers(caches, pvc, patch).await,
             None => Ok(()),
         }
     }
@@ -213,7 +227,10 @@ pub async fn reconcile_key(key: ClaimKey, ctx: &Ctx, caches: &Caches) -> Next {
         Some(pvc) => reconcile(&pvc, ctx, caches)
             .await
             .unwrap_or_else(|e| ctx.after_error(&e)),
-        None => Next::Wait, // gone: nothing of ours can be left on it
+        None => {
+            caches.forget_claim(ns, name);
+            Next::Wait // gone: nothing of ours can be left on it
+        }
     }
 }
 
@@ -241,6 +258,11 @@ pub async fn reconcile(pvc: &PersistentVolumeClaim, ctx: &Ctx, caches: &Caches) 
         Some(_) => caches.pv(&pv_name).map(Arc::unwrap_or_clone),
         None => None,
     };
+    // Decided from copies older than our own writes, the step would be one we just
+    // did: wait for the watch events those writes bring (the timer is the safety net).
+    if caches.behind(pvc) || pv.as_ref().is_some_and(|pv| caches.behind(pv)) {
+        return Ok(Next::After(OWN_WRITE_WAIT));
+    }
     let verified = ctx.verify(pvc);
     let node = verified.request.as_ref().map(|r| r.node.clone());
     // A clone not placed yet: what it copies, read fresh (never from the claim's own
@@ -306,15 +328,15 @@ pub async fn reconcile(pvc: &PersistentVolumeClaim, ctx: &Ctx, caches: &Caches) 
             let (Some(class), Some(pv)) = (class, pv) else {
                 return Ok(Next::Wait);
             };
-            ctx.bind_and_release(pvc, &pv).await?;
+            ctx.bind_and_release(caches, pvc, &pv).await?;
             super::expand::reconcile(ctx, pvc, &class, &pv).await
         }
         Step::AddFinalizer => {
-            ctx.add_finalizer(pvc).await?;
+            ctx.add_finalizer(caches, pvc).await?;
             Ok(next_step)
         }
         Step::Place(placement) => match class {
-            Some(class) => place(ctx, pvc, &class, &placement, finalizers).await,
+            Some(class) => place(ctx, caches, pvc, &class, &placement, finalizers).await,
             None => Ok(Next::Wait),
         },
         Step::AwaitAgent { node, size_bytes } => {
@@ -328,7 +350,7 @@ pub async fn reconcile(pvc: &PersistentVolumeClaim, ctx: &Ctx, caches: &Caches) 
             let (Some(class), Some(node)) = (class, node) else {
                 return Ok(Next::Wait);
             };
-            create_pv(ctx, pvc, &class, &placement, &node, &volume).await
+            create_pv(ctx, caches, pvc, &class, &placement, &node, &volume).await
         }
         Step::Abandon => {
             let sig = verified.request.as_ref().map(|r| {
@@ -339,6 +361,7 @@ pub async fn reconcile(pvc: &PersistentVolumeClaim, ctx: &Ctx, caches: &Caches) 
                 })
             });
             ctx.patch_meta(
+                caches,
                 pvc,
                 json!({"metadata": {"annotations": {ABANDON: "true", ABANDON_SIG: sig}}}),
             )
@@ -358,14 +381,14 @@ pub async fn reconcile(pvc: &PersistentVolumeClaim, ctx: &Ctx, caches: &Caches) 
                 ),
             )
             .await;
-            ctx.remove_finalizer(pvc).await?;
+            ctx.remove_finalizer(caches, pvc).await?;
             Ok(Next::Wait)
         }
         Step::Release => {
-            ctx.remove_finalizer(pvc).await?;
+            ctx.remove_finalizer(caches, pvc).await?;
             Ok(Next::Wait)
         }
-        Step::Fail(failure) => fail(ctx, pvc, failure, verified.ready).await,
+        Step::Fail(failure) => fail(ctx, caches, pvc, failure, verified.ready).await,
     }
 }
 
@@ -408,10 +431,16 @@ async fn read_source(
 /// arrives as a watch event; this catches an agent that went away).
 const AGENT_POLL: Duration = Duration::from_secs(10);
 
+/// How soon a claim read older than our own last write is looked at again should the
+/// watch event of that write not bring it back first (it normally does, within
+/// moments); a cache read, no request.
+const OWN_WRITE_WAIT: Duration = Duration::from_secs(2);
+
 /// The one way provisioning fails: the metric, the warning event, and what follows.
 /// The event goes first, so whoever sees the claim change can already read why.
 async fn fail(
     ctx: &Ctx,
+    caches: &Caches,
     pvc: &PersistentVolumeClaim,
     failure: Failure,
     ready: bool,
@@ -428,6 +457,7 @@ async fn fail(
         Then::Retry(after) => Next::After(after),
         Then::HandBack => {
             ctx.patch_meta(
+                caches,
                 pvc,
                 json!({"metadata": {"annotations": {SELECTED_NODE: null}}}),
             )
@@ -442,6 +472,7 @@ async fn fail(
                 annotations[SELECTED_NODE] = serde_json::Value::Null;
             }
             ctx.patch_meta(
+                caches,
                 pvc,
                 json!({"metadata": {
                     "resourceVersion": pvc.resource_version(),
@@ -465,6 +496,7 @@ async fn fail(
 /// the claim's `finalizers` in the same write when given.
 async fn place(
     ctx: &Ctx,
+    caches: &Caches,
     pvc: &PersistentVolumeClaim,
     class: &StorageClass,
     p: &Placement,
@@ -484,7 +516,14 @@ async fn place(
                 Some(source) => clone::cross_node(source, &msg),
                 None => msg,
             };
-            return fail(ctx, pvc, Failure::no_room(msg, selected.is_some()), false).await;
+            return fail(
+                ctx,
+                caches,
+                pvc,
+                Failure::no_room(msg, selected.is_some()),
+                false,
+            )
+            .await;
         }
     };
     let spec = p.params.volume_request(p.volume.clone(), size);
@@ -526,7 +565,7 @@ async fn place(
     if let Some(f) = finalizers {
         patch["metadata"]["finalizers"] = json!(f);
     }
-    let placed = ctx.patch_meta(pvc, patch).await;
+    let placed = ctx.patch_meta(caches, pvc, patch).await;
     if let Err(e) = placed {
         ctx.reservations().release(&uid);
         return Err(e);
@@ -555,6 +594,7 @@ async fn place(
 /// The volume exists on `node`: creates the claim's PV and completes the binding.
 async fn create_pv(
     ctx: &Ctx,
+    caches: &Caches,
     pvc: &PersistentVolumeClaim,
     class: &StorageClass,
     p: &Placement,
@@ -570,7 +610,7 @@ async fn create_pv(
             message: format!("node {node} has no InternalIP"),
             then: Then::Retry(Duration::from_secs(30)),
         };
-        return fail(ctx, pvc, failure, true).await;
+        return fail(ctx, caches, pvc, failure, true).await;
     };
     let port = ctx
         .node_rooms()
@@ -595,6 +635,7 @@ async fn create_pv(
     match pvs.create(&PostParams::default(), &pv).await {
         Ok(created) => {
             pv = created; // with its resourceVersion, for the binding's conditional writes
+            caches.wrote(&pv);
             ctx.metrics.provisioned.inc();
             if let Some(created) = &pvc.metadata.creation_timestamp {
                 let secs = Timestamp::now().duration_since(created.0).as_secs_f64();
@@ -621,7 +662,7 @@ async fn create_pv(
         }
         Err(e) => return Err(Error::kube(format!("create PV {pv_name}"))(e)),
     }
-    ctx.bind_and_release(pvc, &pv).await?;
+    ctx.bind_and_release(caches, pvc, &pv).await?;
     Ok(Next::Wait)
 }
 
