@@ -3,7 +3,7 @@
 //! idle), two controller replicas and the scheduler helper on the real control plane
 //! (etcd, kube-apiserver, kube-controller-manager), then C claims created at once
 //! (Immediate binding, 32 requests in flight) with the leader SIGKILLed when half are
-//! Bound, then every claim deleted.
+//! Bound, then every claim deleted (one DELETE each, 32 in flight).
 //!
 //! Run: `cargo bench --bench scale -- --nodes 1,100 --claims 500,10000` (one row per
 //! pair; defaults 100 and 10,000). `--no-failover` keeps the leader. `--kcm-qps N`
@@ -40,8 +40,9 @@ use support::cluster::{
 
 use burst::{create_all, peak_rss_mib, percentile, rss_mib_now};
 
-/// How long each at-rest measurement lasts.
-const AT_REST: Duration = Duration::from_secs(30);
+/// How long each at-rest measurement lasts: two rounds of heartbeats (every 30 s,
+/// `heartbeat::RENEW_EVERY`), so a window does not catch one round or two by chance.
+const AT_REST: Duration = Duration::from_secs(60);
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
@@ -214,10 +215,20 @@ async fn etcd_wal_bytes(url: &str) -> f64 {
 }
 
 /// etcd bytes written per second over `d`.
+/// etcd's WAL bytes per second over `d`; the window's unix times go to stderr, for
+/// `bench/etcd-writes.py sum` (what was written, by key).
 async fn etcd_rate(url: &str, d: Duration) -> f64 {
+    let unix = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |t| t.as_secs_f64())
+    };
     let before = etcd_wal_bytes(url).await;
+    let from = unix();
     tokio::time::sleep(d).await;
-    (etcd_wal_bytes(url).await - before) / d.as_secs_f64()
+    let rate = (etcd_wal_bytes(url).await - before) / d.as_secs_f64();
+    eprintln!("scale: etcd window {from:.1} {:.1}: {rate:.0} B/s", unix());
+    rate
 }
 
 async fn run(nodes: usize, count: usize, failover: bool, kcm_qps: Option<u32>) -> Row {
@@ -248,7 +259,10 @@ async fn run(nodes: usize, count: usize, failover: bool, kcm_qps: Option<u32>) -
         Api::namespaced(client.clone(), HEARTBEATS);
     support::eventually("node agents up", Duration::from_secs(300), || async {
         let hb = ListParams::default().labels("!localnfs.io/usage-shard");
-        let n = leases.list(&hb).await.ok()?.items.len();
+        // Heartbeats only (the key Leases are written just before them).
+        let n = (leases.list_metadata(&hb).await.ok()?.items.iter())
+            .filter(|l| l.name_any().starts_with("localnfs-node-"))
+            .count();
         (n >= nodes).then_some(())
     })
     .await;
@@ -324,7 +338,11 @@ async fn run(nodes: usize, count: usize, failover: bool, kcm_qps: Option<u32>) -
         .filter(|(_, v)| *v >= 0.01)
         .collect();
     top.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let per_claim = top.iter().map(|(_, v)| v).sum();
+    let per_claim: f64 = top.iter().map(|(_, v)| v).sum();
+    // Said now too, so a run that fails later (the delete) still leaves its burst.
+    eprintln!(
+        "scale: all Bound {all_bound:.1} s, takeover {takeover:?}, {per_claim:.2} requests a claim: {top:?}"
+    );
     top.truncate(12);
     let pids = |children: &[tokio::process::Child]| -> Vec<u32> {
         children
@@ -410,10 +428,31 @@ async fn check_and_delete(
 
     let claims_api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
     let start = Instant::now();
-    claims_api
-        .delete_collection(&DeleteParams::default(), &ListParams::default())
+    // One DELETE per claim, 32 in flight, as `kubectl delete pvc --all` does (one
+    // deletecollection of 10,000 claims outlasted the API server's 60 s request
+    // deadline and answered 500 while it went on deleting).
+    let names: Vec<String> = claims_api
+        .list_metadata(&ListParams::default())
         .await
-        .expect("delete claims");
+        .expect("claims")
+        .items
+        .iter()
+        .map(ResourceExt::name_any)
+        .collect();
+    futures::stream::iter(names)
+        .map(|name| {
+            let claims_api = claims_api.clone();
+            async move {
+                match claims_api.delete(&name, &DeleteParams::default()).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(s)) if s.code == 404 => {}
+                    Err(e) => panic!("delete claim {name}: {e}"),
+                }
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<()>>()
+        .await;
     let (mut pvs_gone, mut dirs_gone) = (None, None);
     let deadline = start + Duration::from_secs(3600);
     while pvs_gone.is_none() || dirs_gone.is_none() {

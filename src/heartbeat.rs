@@ -1,6 +1,7 @@
-//! Heartbeat Lease I/O: the agent renews its own Lease ([`renew`]) and writes its
-//! usage shards when they changed ([`write_usage`]); the controller and the scheduler
-//! helper keep a live map of every agent's heartbeat ([`watch`], which leaves the usage
+//! Heartbeat Lease I/O: the agent writes its key Lease when it starts ([`write_key`]),
+//! renews its own heartbeat Lease ([`renew`]) and writes its usage shards when they
+//! changed ([`write_usage`]); the controller and the scheduler helper keep a live map
+//! of every agent's heartbeat joined with its key ([`watch`], which leaves the usage
 //! Leases out). What a Lease
 //! says and when its agent counts as gone are decided in `objects::agents`, which
 //! does no I/O; this module only reads and writes.
@@ -19,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::kubeclient::{Mirror, Shared, mirror_with};
 use crate::objects::agents::{
-    AgentInfo, Seen, lease_name, lease_node, observe, observer_now, version,
+    AgentInfo, Agents, key_lease_name, key_lease_node, lease_name, lease_node, observer_now,
 };
 use crate::objects::keys::{
     AGENT_KEY, FREE_BYTES, NFS_PORT, NODE_KEY, PEER_PORT, USED_BYTES, USED_INODES,
@@ -28,15 +29,16 @@ use crate::objects::usage::{self, Report, USAGE, USAGE_LABEL, USAGE_SHARDS};
 use kube::runtime::watcher;
 
 /// How often an agent renews its heartbeat Lease when nothing changed. With 100 nodes
-/// this is most of what etcd writes at rest (a heartbeat is about 800 bytes stored,
-/// about three times that in etcd's log): at 100 nodes every 10 s made 22 KB/s, every
-/// 20 s 14.7 KB/s (bench/README.md, the scale section).
-pub const RENEW_EVERY: std::time::Duration = std::time::Duration::from_secs(20);
+/// this is most of what etcd writes at rest (each renewal rewrites the whole Lease,
+/// and etcd's log holds about three times its stored bytes): at 100 nodes every 10 s
+/// made 22 KB/s, every 20 s 14.7 KB/s, every 30 s without the key (in its own Lease
+/// now) see bench/README.md, the scale section.
+pub const RENEW_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// How long a heartbeat is valid, written into each Lease (readers take it from
 /// there): three renewals, so one late or failed write never makes an agent look
 /// gone, as with the earlier 10 s renewals and 30 s leases.
-pub const HEARTBEAT_LEASE_SECONDS: i32 = 60;
+pub const HEARTBEAT_LEASE_SECONDS: i32 = 90;
 
 /// What an agent reports in a heartbeat.
 pub struct Heartbeat<'a> {
@@ -47,15 +49,31 @@ pub struct Heartbeat<'a> {
     pub peer_port: u16,
     /// How many usage shards the node has (see `objects::usage`).
     pub usage_shards: u32,
-    /// The public half of the agent's signing key, hex.
-    pub key: String,
+}
+
+/// Writes `node`'s key Lease with `key` (the public half of the agent's signing key,
+/// hex), creating it the first time. Written when the agent starts: rewriting an
+/// unchanged key changes nothing the API server stores.
+pub async fn write_key(leases: &Api<Lease>, node: &str, key: &str) -> Result<(), kube::Error> {
+    let name = key_lease_name(node);
+    let body = json!({
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        // The node label is what the write guard holds the agent to, as on heartbeats.
+        "metadata": {"name": name, "labels": {NODE_KEY: node}, "annotations": {AGENT_KEY: key}},
+        "spec": {"holderIdentity": node},
+    });
+    patch_or_create(leases, &name, body).await
 }
 
 /// Renews `hb.node`'s heartbeat Lease in `leases`' namespace, creating it the first
-/// time. Its size does not depend on the node's volumes.
+/// time. Its size does not depend on the node's volumes, and it carries nothing that
+/// does not change or that liveness and placement do not read (the key is in the key
+/// Lease, [`write_key`]).
 pub async fn renew(leases: &Api<Lease>, hb: &Heartbeat<'_>) -> Result<(), kube::Error> {
     let name = lease_name(hb.node);
-    // `null` removes the per-volume annotations an agent before usage shards wrote here.
+    // `null` removes the per-volume annotations an agent before usage shards wrote
+    // here, and the key an agent before key Leases did.
     let annotations: BTreeMap<&str, Option<String>> = [
         (FREE_BYTES, Some(hb.free_bytes.to_string())),
         (NFS_PORT, Some(hb.nfs_port.to_string())),
@@ -63,7 +81,7 @@ pub async fn renew(leases: &Api<Lease>, hb: &Heartbeat<'_>) -> Result<(), kube::
         (USAGE_SHARDS, Some(hb.usage_shards.to_string())),
         (USED_BYTES, None),
         (USED_INODES, None),
-        (AGENT_KEY, Some(hb.key.clone())),
+        (AGENT_KEY, None),
     ]
     .into();
     let body = json!({
@@ -129,9 +147,10 @@ async fn patch_or_create(
 }
 
 /// Keeps the map that `map` picks out of `into` equal to the heartbeats in
-/// `namespace` (node → last heartbeat, expiring on [`observer_now`]'s clock a
-/// duration after the Lease was last seen to change); the receiver turns true once
-/// listed.
+/// `namespace` (node → last heartbeat with the key from the node's key Lease,
+/// expiring on [`observer_now`]'s clock a duration after the heartbeat was last seen
+/// to change); the receiver turns true once listed. One watch sees both kinds of
+/// Lease, in order, so a key is never lost to a heartbeat read at the same time.
 pub fn watch<T: Send + Sync + 'static>(
     client: &Client,
     namespace: &str,
@@ -139,8 +158,8 @@ pub fn watch<T: Send + Sync + 'static>(
     map: fn(&mut T) -> &mut HashMap<String, AgentInfo>,
     shutdown: &CancellationToken,
 ) -> signal::Receiver<bool> {
-    // One entry per node that ever heartbeated: a handful of bytes each.
-    let seen: Mutex<HashMap<String, Seen>> = Mutex::default();
+    // One entry per node that ever heartbeated: a few hundred bytes each.
+    let agents: Mutex<Agents> = Mutex::default();
     // Usage Leases change on their own schedule and say nothing about liveness.
     let heartbeats_only = watcher::Config::default().labels(&format!("!{USAGE_LABEL}"));
     mirror_with(
@@ -149,22 +168,15 @@ pub fn watch<T: Send + Sync + 'static>(
         Mirror {
             what: "Lease",
             map,
-            key: |l| lease_node(l).map(str::to_owned),
+            key: |l| {
+                lease_node(l)
+                    .or_else(|| key_lease_node(l))
+                    .map(str::to_owned)
+            },
             value: Box::new(move |l| {
-                let node = lease_node(l)?;
-                let now = observer_now();
-                // A poisoned map only loses observations: the Lease counts as just
-                // renewed, the safe side.
-                let changed_at = match seen.lock() {
-                    Ok(mut seen) => {
-                        let s = observe(seen.get(node), &version(l), now);
-                        let at = s.changed_at;
-                        seen.insert(node.to_owned(), s);
-                        at
-                    }
-                    Err(_) => now,
-                };
-                AgentInfo::from_lease(l, changed_at).map(|(_, a)| a)
+                // A poisoned lock's map is still each node's last observation.
+                let mut agents = agents.lock().unwrap_or_else(|p| p.into_inner());
+                agents.see(l, observer_now())?.1
             }),
         },
         into,

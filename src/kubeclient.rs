@@ -249,15 +249,29 @@ where
     }
 }
 
-/// A JSON patch adding finalizer `f` to an object whose finalizers were `current`.
-/// Appends when the list exists, so nobody else's concurrent addition is lost.
-pub fn add_finalizer(current: &[String], f: &str) -> kube::api::Patch<()> {
-    let ops = if current.is_empty() {
-        serde_json::json!([{"op": "add", "path": "/metadata/finalizers", "value": [f]}])
-    } else {
-        serde_json::json!([{"op": "add", "path": "/metadata/finalizers/-", "value": f}])
-    };
-    kube::api::Patch::Json(serde_json::from_value(ops).unwrap_or(json_patch::Patch(Vec::new())))
+/// A JSON patch adding finalizer `f` to `obj` as read: conditional on its
+/// resourceVersion (a `test`; the API answers 422 when it changed since and the
+/// reconciler retries on a fresh copy), so a stale copy never adds `f` twice, and an
+/// empty list is not replaced over someone else's concurrent addition. Appends when
+/// the list exists.
+pub fn add_finalizer<K: Resource>(obj: &K, f: &str) -> kube::api::Patch<()> {
+    let mut ops = Vec::new();
+    if let Some(rv) = &obj.meta().resource_version {
+        ops.push(
+            serde_json::json!({"op": "test", "path": "/metadata/resourceVersion", "value": rv}),
+        );
+    }
+    ops.push(
+        if obj.meta().finalizers.as_ref().is_none_or(Vec::is_empty) {
+            serde_json::json!({"op": "add", "path": "/metadata/finalizers", "value": [f]})
+        } else {
+            serde_json::json!({"op": "add", "path": "/metadata/finalizers/-", "value": f})
+        },
+    );
+    kube::api::Patch::Json(
+        serde_json::from_value(serde_json::Value::Array(ops))
+            .unwrap_or(json_patch::Patch(Vec::new())),
+    )
 }
 
 /// A JSON patch removing finalizer `f`, guarded by a `test` that it is still where we
@@ -274,18 +288,20 @@ pub fn remove_finalizer(current: &[String], f: &str) -> Option<kube::api::Patch<
 }
 
 /// Whether a failed call lost a race (409 Conflict, or 422 from a failed patch test):
-/// worth retrying at once on a fresh copy.
+/// worth retrying on a fresh copy.
 pub fn lost_race(e: &crate::error::Error) -> bool {
     matches!(e, crate::error::Error::Kube { source: kube::Error::Api(s), .. } if s.code == 409 || s.code == 422)
 }
 
-/// When a reconcile that failed with `e` runs again: at once on a fresh copy after a
-/// lost race, else after a pause (logged).
+/// When a reconcile that failed with `e` runs again: after a lost race, once the
+/// watch brings the winner's write (which queues the object again; the second here is
+/// only the safety net: retrying sooner re-read the same stale copy and lost again),
+/// else after a pause (logged).
 pub fn retry_after(e: &crate::error::Error) -> Duration {
     if lost_race(e) {
         // Someone updated the object between our read and write.
         tracing::debug!(error = %e, "lost an update race; retrying");
-        return Duration::from_millis(200);
+        return Duration::from_secs(1);
     }
     tracing::warn!(error = %e, "reconcile failed; retrying");
     Duration::from_secs(5)
@@ -480,11 +496,22 @@ mod tests {
         assert_eq!(remove[0]["op"], "test");
         assert_eq!(remove[1]["path"], "/metadata/finalizers/1");
         assert!(remove_finalizer(&cur, "absent").is_none());
-        let add = serde_json::to_value(match add_finalizer(&cur, "ours") {
-            kube::api::Patch::Json(p) => p,
-            _ => panic!("expected a JSON patch"),
-        })
-        .expect("json");
-        assert_eq!(add[0]["path"], "/metadata/finalizers/-");
+        let mut obj = k8s_openapi::api::core::v1::ConfigMap::default();
+        obj.metadata.finalizers = Some(cur.clone());
+        obj.metadata.resource_version = Some("42".to_owned());
+        let add = |obj: &k8s_openapi::api::core::v1::ConfigMap| {
+            serde_json::to_value(match add_finalizer(obj, "ours") {
+                kube::api::Patch::Json(p) => p,
+                _ => panic!("expected a JSON patch"),
+            })
+            .expect("json")
+        };
+        let appended = add(&obj);
+        // Only onto the copy we read: a stale copy cannot add it twice.
+        assert_eq!(appended[0]["op"], "test");
+        assert_eq!(appended[0]["value"], "42");
+        assert_eq!(appended[1]["path"], "/metadata/finalizers/-");
+        obj.metadata.finalizers = None;
+        assert_eq!(add(&obj)[1]["path"], "/metadata/finalizers");
     }
 }

@@ -158,6 +158,13 @@ async fn claims_waiting_on_a_silent_agent_are_placed_again_or_let_go() {
         .await
         .expect("delete");
 
+    // Placed again once the dead agent's heartbeat lease (90 s from when the
+    // controller first saw it) and the 1 s grace are over.
+    eventually("moved Bound", Duration::from_secs(180), || async {
+        let c = claims.get("moved").await.ok()?;
+        (c.status?.phase.as_deref()? == "Bound").then_some(())
+    })
+    .await;
     let pv = bound_pv(&client, "moved").await;
     assert_eq!(
         nfs_target(&pv).0,

@@ -970,8 +970,18 @@ async fn heartbeat(agent: Arc<Agent>, shutdown: CancellationToken) {
     // Shard → when it was last written, for the small changes written once due.
     let mut written_at: HashMap<u32, Instant> = HashMap::new();
     let mut shards_written = 0;
+    // The key is this process's: written once (retried each round until it is), so
+    // heartbeats need not carry it.
+    let key = agent.signer.public().to_hex();
+    let mut key_written = false;
     loop {
         let round = tokio::time::Instant::now();
+        if !key_written {
+            match heartbeat::write_key(&leases, &agent.node, &key).await {
+                Ok(()) => key_written = true,
+                Err(e) => tracing::warn!(error = %e, "cannot write the agent's key Lease"),
+            }
+        }
         let (free_bytes, volumes) = {
             let (ex, cap) = (agent.exports.clone(), agent.capacity);
             tokio::task::spawn_blocking(move || (free_bytes(&ex, cap), usage_now(&ex)))
@@ -1010,7 +1020,6 @@ async fn heartbeat(agent: Arc<Agent>, shutdown: CancellationToken) {
             peer_port: agent.peer_port,
             // Until the new shards are all written, readers keep reading the old ones.
             usage_shards: shards_written.max(1),
-            key: agent.signer.public().to_hex(),
         };
         if let Err(e) = heartbeat::renew(&leases, &beat).await {
             tracing::warn!(error = %e, "cannot renew the node heartbeat lease");

@@ -1,11 +1,17 @@
 //! The node agents' heartbeat Leases: one per node (`localnfs-node-<node>` in the
 //! heartbeat namespace, `--heartbeat-namespace`, which holds nothing else but the
-//! usage Leases of `usage`), renewed every 20 s (`heartbeat::RENEW_EVERY`) with the
-//! node's free space, NFS and peer ports and usage shard count. The
-//! agent writes its own (`heartbeat::renew`); the controller, the scheduler helper and
-//! `status` read them ([`AgentInfo::from_lease`], `heartbeat::watch`). This module is
-//! the vocabulary and the rules (what a Lease says, when its agent counts as gone);
-//! the API calls live in `crate::heartbeat`.
+//! usage Leases of `usage` and the key Leases below), renewed every 30 s
+//! (`heartbeat::RENEW_EVERY`) with the node's free space, NFS and peer ports and usage
+//! shard count, and nothing else: with 100 nodes the heartbeats are most of what etcd
+//! writes at rest, so each carries only what changes or what liveness and placement
+//! read. The agent's public key, which does not change while it runs, is in a Lease of
+//! its own (`localnfs-key-<node>`, [`key_lease_name`]), written when the agent starts
+//! (`heartbeat::write_key`); a heartbeat of an earlier agent may still carry it. The
+//! agent writes its own Leases (`heartbeat::renew`); the controller, the scheduler
+//! helper and `status` read them ([`AgentInfo::from_lease`], `heartbeat::watch`, which
+//! joins each node's two Leases with [`Agents::see`]). This module is the vocabulary and
+//! the rules (what a Lease says, when its agent counts as gone); the API calls live in
+//! `crate::heartbeat`.
 //!
 //! Liveness is judged on the observer's own clock, never on the agent's: the renew
 //! time in a Lease is written by the agent's clock, which may be minutes off. A
@@ -16,14 +22,18 @@
 //! clock is off is neither dropped (renew time in the past) nor kept after it died
 //! (renew time in the future). A Lease seen for the first time counts as just
 //! renewed: a freshly started observer waits one duration before it calls an agent
-//! gone, rather than trusting the agent's clock.
+//! gone, rather than trusting the agent's clock. A key Lease says nothing about
+//! liveness: seeing it change never extends a heartbeat.
 
+use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::Instant;
 
 use k8s_openapi::api::coordination::v1::Lease;
 
-use super::keys::{AGENT_KEY, FREE_BYTES, NFS_PORT, NODE_LEASE_PREFIX, PEER_PORT};
+use super::keys::{
+    AGENT_KEY, FREE_BYTES, KEY_LEASE_PREFIX, NFS_PORT, NODE_LEASE_PREFIX, PEER_PORT,
+};
 use super::signed::PublicKey;
 
 /// The heartbeat namespace of a default install (`--heartbeat-namespace`).
@@ -44,8 +54,10 @@ pub struct AgentInfo {
     /// When the agent counts as gone, on the clock `from_lease` was given (for a
     /// `heartbeat::watch`, [`observer_now`]).
     pub expires: i64,
-    /// The public half of the agent's signing key (see `signed`); `None` from an agent
-    /// of a version before signatures, whose answers then cannot be believed.
+    /// The public half of the agent's signing key (see `signed`), from its key Lease
+    /// (or, from an agent before key Leases, its heartbeat); `None` until one was seen,
+    /// and from an agent of a version before signatures, whose answers then cannot be
+    /// believed.
     pub key: Option<PublicKey>,
 }
 
@@ -120,6 +132,72 @@ pub fn lease_node(lease: &Lease) -> Option<&str> {
         .strip_prefix(NODE_LEASE_PREFIX)
 }
 
+/// The name of `node`'s key Lease (its agent's public key).
+pub fn key_lease_name(node: &str) -> String {
+    format!("{KEY_LEASE_PREFIX}{node}")
+}
+
+/// The node a Lease is the key Lease of, or `None` for other Leases.
+pub fn key_lease_node(lease: &Lease) -> Option<&str> {
+    lease
+        .metadata
+        .name
+        .as_deref()?
+        .strip_prefix(KEY_LEASE_PREFIX)
+}
+
+/// The public key a Lease carries ([`AGENT_KEY`]), if any and well-formed.
+fn lease_key(lease: &Lease) -> Option<PublicKey> {
+    let ann = lease.metadata.annotations.as_ref()?;
+    PublicKey::from_hex(ann.get(AGENT_KEY)?)
+}
+
+/// What a watcher knows of one node: its last heartbeat and its key Lease's key.
+#[derive(Default)]
+struct Known {
+    seen: Option<Seen>,
+    beat: Option<AgentInfo>,
+    key: Option<PublicKey>,
+}
+
+/// A watcher's view of the agents, joining each node's heartbeat and key Lease.
+#[derive(Default)]
+pub struct Agents {
+    nodes: HashMap<String, Known>,
+}
+
+impl Agents {
+    /// Takes in `lease` (a heartbeat or key Lease; `None` for any other), seen at
+    /// `now` on the observer's clock, and returns its node with what the node's entry
+    /// is now (`None`: no usable heartbeat yet). The rules: a heartbeat counts from
+    /// when it was seen to change ([`observe`]); the key is the key Lease's when there
+    /// is one, else the heartbeat's own (agents before key Leases); a key Lease changes
+    /// only the key, never when the agent expires.
+    pub fn see(&mut self, lease: &Lease, now: i64) -> Option<(String, Option<AgentInfo>)> {
+        if let Some(node) = key_lease_node(lease) {
+            let known = self.nodes.entry(node.to_owned()).or_default();
+            known.key = lease_key(lease);
+            return Some((node.to_owned(), known.entry()));
+        }
+        let node = lease_node(lease)?;
+        let known = self.nodes.entry(node.to_owned()).or_default();
+        let seen = observe(known.seen.as_ref(), &version(lease), now);
+        known.beat = AgentInfo::from_lease(lease, seen.changed_at).map(|(_, a)| a);
+        known.seen = Some(seen);
+        Some((node.to_owned(), known.entry()))
+    }
+}
+
+impl Known {
+    fn entry(&self) -> Option<AgentInfo> {
+        let mut info = self.beat.clone()?;
+        if self.key.is_some() {
+            info.key.clone_from(&self.key);
+        }
+        Some(info)
+    }
+}
+
 impl AgentInfo {
     /// A node agent's heartbeat Lease as `(node, info)`, or `None` for other Leases;
     /// the Lease was last renewed at `renewed` (so it expires a duration later, on
@@ -142,7 +220,7 @@ impl AgentInfo {
                 nfs_port,
                 peer_port: ann.get(PEER_PORT).and_then(|p| p.parse().ok()),
                 expires: renewed + ttl,
-                key: ann.get(AGENT_KEY).and_then(|k| PublicKey::from_hex(k)),
+                key: lease_key(lease),
             },
         ))
     }
@@ -176,6 +254,64 @@ mod tests {
             serde_json::from_value(json!({"metadata": {"name": "localnfs-controller"}}))
                 .expect("lease");
         assert_eq!(AgentInfo::from_lease(&other, 100), None);
+    }
+
+    fn key_lease(node: &str, key: &str) -> Lease {
+        serde_json::from_value(json!({
+            "metadata": {"name": key_lease_name(node), "resourceVersion": "7",
+                "annotations": {AGENT_KEY: key}}}))
+        .expect("lease")
+    }
+
+    #[test]
+    fn an_agent_is_trusted_with_the_key_from_its_key_lease_in_either_order() {
+        let (k1, k2) = ("11".repeat(32), "22".repeat(32));
+        let want = |k: &str| PublicKey::from_hex(k);
+        // Key Lease first (a watcher's list has it before the heartbeat): no entry
+        // until the heartbeat, which then carries the key.
+        let mut agents = Agents::default();
+        let (node, entry) = agents.see(&key_lease("n1", &k1), 10).expect("ours");
+        assert_eq!((node.as_str(), entry), ("n1", None));
+        let (_, entry) = agents
+            .see(&lease("1", "2026-01-01T00:00:00Z"), 10)
+            .expect("ours");
+        let entry = entry.expect("heartbeat");
+        assert_eq!((entry.key, entry.expires), (want(&k1), 40));
+        // Heartbeat first: no key yet, then the key Lease fills it in without
+        // extending the heartbeat (seen later, still expires at 30 + 30).
+        let mut agents = Agents::default();
+        let (_, entry) = agents
+            .see(&lease("1", "2026-01-01T00:00:00Z"), 30)
+            .expect("ours");
+        assert_eq!(entry.expect("heartbeat").key, None);
+        let (_, entry) = agents.see(&key_lease("n1", &k1), 50).expect("ours");
+        let entry = entry.expect("heartbeat");
+        assert_eq!((entry.key, entry.expires), (want(&k1), 60));
+        // A renewal keeps the key; a new key replaces it.
+        let (_, entry) = agents
+            .see(&lease("2", "2026-01-01T00:00:30Z"), 55)
+            .expect("ours");
+        assert_eq!(entry.expect("heartbeat").key, want(&k1));
+        let (_, entry) = agents.see(&key_lease("n1", &k2), 56).expect("ours");
+        assert_eq!(entry.expect("heartbeat").key, want(&k2));
+        // Other Leases are not ours.
+        let other: Lease =
+            serde_json::from_value(json!({"metadata": {"name": "localnfs-controller"}}))
+                .expect("lease");
+        assert!(agents.see(&other, 60).is_none());
+    }
+
+    #[test]
+    fn an_agent_before_key_leases_is_trusted_with_its_heartbeats_key() {
+        let k = "33".repeat(32);
+        let mut l = lease("1", "2026-01-01T00:00:00Z");
+        l.metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(AGENT_KEY.to_owned(), k.clone());
+        let mut agents = Agents::default();
+        let (_, entry) = agents.see(&l, 0).expect("ours");
+        assert_eq!(entry.expect("heartbeat").key, PublicKey::from_hex(&k));
     }
 
     #[test]

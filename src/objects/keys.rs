@@ -55,9 +55,14 @@ pub const NFS_PORT: &str = "localnfs.io/nfs-port";
 /// Node Lease annotation: the agent's peer port, where other agents fetch cross-node
 /// clones (`node::peer`).
 pub const PEER_PORT: &str = "localnfs.io/peer-port";
-/// Node Lease annotation: the public half of the agent's signing key (hex), which
-/// checks its answers on claims (see `signed`).
+/// Key Lease annotation (heartbeat Lease annotation from agents before the key
+/// Leases): the public half of the agent's signing key (hex), which checks its
+/// answers on claims (see `signed`).
 pub const AGENT_KEY: &str = "localnfs.io/agent-key";
+/// Prefix of the per-node Leases that carry an agent's public key ([`AGENT_KEY`]),
+/// written when the agent starts rather than at every heartbeat (see
+/// `objects::agents`).
+pub const KEY_LEASE_PREFIX: &str = "localnfs-key-";
 
 /// Secret (in the install namespace) holding the controller's private signing key
 /// (key [`CONTROLLER_KEY_FIELD`], PKCS#8); only the controller may read it.

@@ -7,7 +7,7 @@
 //! 1. the receiving agent sends [`Frame::Hello`]: its node and its agent key's
 //!    signature of [`Message::Peer`] with role [`RECEIVER`] and the session's exported
 //!    keying material ([`binding_hex`], RFC 5705 / RFC 8446 §7.5). The source agent
-//!    checks it with the key in that node's heartbeat Lease, which only that node's
+//!    checks it with the key in that node's key Lease, which only that node's
 //!    agent writes: a signature made for another session, another role or by another
 //!    key does not verify;
 //! 2. the source agent answers with its own Hello (role [`SOURCE`]), checked the same
@@ -236,7 +236,7 @@ pub fn hello(signer: &Signer, role: &str, node: &str, ekm: &[u8]) -> Hello {
 }
 
 /// Whether `hello` proves its sender is the agent holding `key` (the key in the
-/// heartbeat Lease of the node it names), at the `role` end of the session bound to
+/// key Lease of the node it names), at the `role` end of the session bound to
 /// `ekm`.
 pub fn hello_verifies(hello: &Hello, role: &str, ekm: &[u8], key: Option<&PublicKey>) -> bool {
     let binding = binding_hex(ekm);

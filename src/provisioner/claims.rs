@@ -48,40 +48,49 @@ impl Ctx {
             .await;
     }
 
+    /// Every claim write below is remembered in `caches` ([`Caches::wrote`]), so a
+    /// cached copy older than it is not acted on again.
     async fn patch_meta(
         &self,
+        caches: &Caches,
         pvc: &PersistentVolumeClaim,
         patch: serde_json::Value,
     ) -> Result<()> {
         let (ns, name) = (pvc.namespace().unwrap_or_default(), pvc.name_any());
         self.fence.check()?;
-        self.claims(&ns)
+        let written = self
+            .claims(&ns)
             .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
             .await
             .map_err(Error::kube(format!("patch claim {ns}/{name}")))?;
+        caches.wrote(&written);
         Ok(())
     }
 
     async fn patch_finalizers(
         &self,
+        caches: &Caches,
         pvc: &PersistentVolumeClaim,
         patch: kube::api::Patch<()>,
     ) -> Result<()> {
         let (ns, name) = (pvc.namespace().unwrap_or_default(), pvc.name_any());
         self.fence.check()?;
-        self.claims(&ns)
+        let written = self
+            .claims(&ns)
             .patch(&name, &PatchParams::default(), &patch)
             .await
             .map_err(Error::kube(format!(
                 "update finalizers of claim {ns}/{name}"
             )))?;
+        caches.wrote(&written);
         Ok(())
     }
 
-    async fn add_finalizer(&self, pvc: &PersistentVolumeClaim) -> Result<()> {
+    async fn add_finalizer(&self, caches: &Caches, pvc: &PersistentVolumeClaim) -> Result<()> {
         self.patch_finalizers(
+            caches,
             pvc,
-            crate::kubeclient::add_finalizer(pvc.finalizers(), CLAIM_FINALIZER),
+            crate::kubeclient::add_finalizer(pvc, CLAIM_FINALIZER),
         )
         .await
     }
@@ -100,6 +109,7 @@ impl Ctx {
     /// the caller still has to.
     async fn complete_binding(
         &self,
+        caches: &Caches,
         pvc: &PersistentVolumeClaim,
         pv: &PersistentVolume,
     ) -> Result<bool> {
@@ -131,7 +141,7 @@ impl Ctx {
                     patch["metadata"]["resourceVersion"] = json!(pvc.resource_version());
                     released = true;
                 }
-                self.patch_meta(pvc, patch).await?
+                self.patch_meta(caches, pvc, patch).await?
             }
             Some(v) if v == pv_name => {}
             Some(_) => return Ok(false), // bound elsewhere by someone else: not ours to touch
@@ -144,14 +154,16 @@ impl Ctx {
             if let Some(rv) = pv.resource_version() {
                 status["metadata"] = json!({"resourceVersion": rv});
             }
-            Api::<PersistentVolume>::all(self.client.clone())
+            let written = Api::<PersistentVolume>::all(self.client.clone())
                 .patch_status(&pv_name, &PatchParams::default(), &Patch::Merge(status))
                 .await
                 .map_err(Error::kube(format!("set PV {pv_name} Bound")))?;
+            caches.wrote(&written);
         }
         if pvc.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Bound") {
             self.fence.check()?;
-            self.claims(&ns)
+            let written = self
+                .claims(&ns)
                 .patch_status(
                     &name,
                     &PatchParams::default(),
@@ -163,6 +175,7 @@ impl Ctx {
                 )
                 .await
                 .map_err(Error::kube(format!("set claim {ns}/{name} Bound")))?;
+            caches.wrote(&written);
         }
         Ok(released)
     }
@@ -171,18 +184,19 @@ impl Ctx {
     /// take it.
     async fn bind_and_release(
         &self,
+        caches: &Caches,
         pvc: &PersistentVolumeClaim,
         pv: &PersistentVolume,
     ) -> Result<()> {
-        if !self.complete_binding(pvc, pv).await? {
-            self.remove_finalizer(pvc).await?;
+        if !self.complete_binding(caches, pvc, pv).await? {
+            self.remove_finalizer(caches, pvc).await?;
         }
         Ok(())
     }
 
-    async fn remove_finalizer(&self, pvc: &PersistentVolumeClaim) -> Result<()> {
+    async fn remove_finalizer(&self, caches: &Caches, pvc: &PersistentVolumeClaim) -> Result<()> {
         match crate::kubeclient::remove_finalizer(pvc.finalizers(), CLAIM_FINALIZER) {
-            Some(patch) => self.patch_finalizers(pvc, patch).await,
+            Some(patch) => self.patch_finalizers(caches, pvc, patch).await,
             None => Ok(()),
         }
     }
@@ -215,7 +229,10 @@ pub async fn reconcile_key(key: ClaimKey, ctx: &Ctx, caches: &Caches) -> Next {
         Some(pvc) => reconcile(&pvc, ctx, caches)
             .await
             .unwrap_or_else(|e| ctx.after_error(&e)),
-        None => Next::Wait, // gone: nothing of ours can be left on it
+        None => {
+            caches.forget_claim(ns, name);
+            Next::Wait // gone: nothing of ours can be left on it
+        }
     }
 }
 
@@ -243,6 +260,11 @@ pub async fn reconcile(pvc: &PersistentVolumeClaim, ctx: &Ctx, caches: &Caches) 
         Some(_) => caches.pv(&pv_name).map(Arc::unwrap_or_clone),
         None => None,
     };
+    // Decided from copies older than our own writes, the step would be one we just
+    // did: wait for the watch events those writes bring (the timer is the safety net).
+    if caches.behind(pvc) || pv.as_ref().is_some_and(|pv| caches.behind(pv)) {
+        return Ok(Next::After(OWN_WRITE_WAIT));
+    }
     let verified = ctx.verify(pvc);
     let node = verified.request.as_ref().map(|r| r.node.clone());
     // A clone not placed yet: what it copies, read fresh (never from the claim's own
@@ -308,11 +330,11 @@ pub async fn reconcile(pvc: &PersistentVolumeClaim, ctx: &Ctx, caches: &Caches) 
             let (Some(class), Some(pv)) = (class, pv) else {
                 return Ok(Next::Wait);
             };
-            ctx.bind_and_release(pvc, &pv).await?;
+            ctx.bind_and_release(caches, pvc, &pv).await?;
             super::expand::reconcile(ctx, pvc, &class, &pv).await
         }
         Step::AddFinalizer => {
-            ctx.add_finalizer(pvc).await?;
+            ctx.add_finalizer(caches, pvc).await?;
             Ok(next_step)
         }
         Step::Place(placement) => match class {
@@ -326,7 +348,7 @@ pub async fn reconcile(pvc: &PersistentVolumeClaim, ctx: &Ctx, caches: &Caches) 
                         return Ok(Next::After(RESTORE_POLL));
                     }
                 };
-                place(ctx, pvc, &class, &placement, finalizers, restore).await
+                place(ctx, caches, pvc, &class, &placement, finalizers, restore).await
             }
             None => Ok(Next::Wait),
         },
@@ -341,7 +363,7 @@ pub async fn reconcile(pvc: &PersistentVolumeClaim, ctx: &Ctx, caches: &Caches) 
             let (Some(class), Some(node)) = (class, node) else {
                 return Ok(Next::Wait);
             };
-            create_pv(ctx, pvc, &class, &placement, &node, &volume).await
+            create_pv(ctx, caches, pvc, &class, &placement, &node, &volume).await
         }
         Step::Abandon => {
             let sig = verified.request.as_ref().map(|r| {
@@ -352,6 +374,7 @@ pub async fn reconcile(pvc: &PersistentVolumeClaim, ctx: &Ctx, caches: &Caches) 
                 })
             });
             ctx.patch_meta(
+                caches,
                 pvc,
                 json!({"metadata": {"annotations": {ABANDON: "true", ABANDON_SIG: sig}}}),
             )
@@ -371,11 +394,11 @@ pub async fn reconcile(pvc: &PersistentVolumeClaim, ctx: &Ctx, caches: &Caches) 
                 ),
             )
             .await;
-            ctx.remove_finalizer(pvc).await?;
+            ctx.remove_finalizer(caches, pvc).await?;
             Ok(Next::Wait)
         }
         Step::Release => {
-            ctx.remove_finalizer(pvc).await?;
+            ctx.remove_finalizer(caches, pvc).await?;
             Ok(Next::Wait)
         }
         Step::Fail(mut failure) => {
@@ -390,7 +413,7 @@ pub async fn reconcile(pvc: &PersistentVolumeClaim, ctx: &Ctx, caches: &Caches) 
             {
                 failure.then = Then::Retry(step::INVALID_RETRY);
             }
-            fail(ctx, pvc, failure, verified.ready).await
+            fail(ctx, caches, pvc, failure, verified.ready).await
         }
     }
 }
@@ -438,10 +461,16 @@ const RESTORE_POLL: Duration = Duration::from_secs(2);
 /// arrives as a watch event; this catches an agent that went away).
 const AGENT_POLL: Duration = Duration::from_secs(10);
 
+/// How soon a claim read older than our own last write is looked at again should the
+/// watch event of that write not bring it back first (it normally does, within
+/// moments); a cache read, no request.
+const OWN_WRITE_WAIT: Duration = Duration::from_secs(2);
+
 /// The one way provisioning fails: the metric, the warning event, and what follows.
 /// The event goes first, so whoever sees the claim change can already read why.
 async fn fail(
     ctx: &Ctx,
+    caches: &Caches,
     pvc: &PersistentVolumeClaim,
     failure: Failure,
     ready: bool,
@@ -458,6 +487,7 @@ async fn fail(
         Then::Retry(after) => Next::After(after),
         Then::HandBack => {
             ctx.patch_meta(
+                caches,
                 pvc,
                 json!({"metadata": {"annotations": {SELECTED_NODE: null}}}),
             )
@@ -472,6 +502,7 @@ async fn fail(
                 annotations[SELECTED_NODE] = serde_json::Value::Null;
             }
             ctx.patch_meta(
+                caches,
                 pvc,
                 json!({"metadata": {
                     "resourceVersion": pvc.resource_version(),
@@ -495,6 +526,7 @@ async fn fail(
 /// the claim's `finalizers` in the same write when given.
 async fn place(
     ctx: &Ctx,
+    caches: &Caches,
     pvc: &PersistentVolumeClaim,
     class: &StorageClass,
     p: &Placement,
@@ -525,7 +557,7 @@ async fn place(
     }
     let Some(node) = chosen else {
         let msg = refused.join("; ");
-        return fail(ctx, pvc, Failure::no_room(msg, selected.is_some()), false).await;
+        return fail(ctx, caches, pvc, Failure::no_room(msg, selected.is_some()), false).await;
     };
     let spec = p.params.volume_request(p.volume.clone(), size);
     let note_restore = restore.as_ref().map(|r| {
@@ -573,7 +605,7 @@ async fn place(
     if let Some(f) = finalizers {
         patch["metadata"]["finalizers"] = json!(f);
     }
-    let placed = ctx.patch_meta(pvc, patch).await;
+    let placed = ctx.patch_meta(caches, pvc, patch).await;
     if let Err(e) = placed {
         ctx.reservations().release(&uid);
         return Err(e);
@@ -607,6 +639,7 @@ async fn place(
 /// The volume exists on `node`: creates the claim's PV and completes the binding.
 async fn create_pv(
     ctx: &Ctx,
+    caches: &Caches,
     pvc: &PersistentVolumeClaim,
     class: &StorageClass,
     p: &Placement,
@@ -622,7 +655,7 @@ async fn create_pv(
             message: format!("node {node} has no InternalIP"),
             then: Then::Retry(Duration::from_secs(30)),
         };
-        return fail(ctx, pvc, failure, true).await;
+        return fail(ctx, caches, pvc, failure, true).await;
     };
     let port = ctx
         .node_rooms()
@@ -647,6 +680,7 @@ async fn create_pv(
     match pvs.create(&PostParams::default(), &pv).await {
         Ok(created) => {
             pv = created; // with its resourceVersion, for the binding's conditional writes
+            caches.wrote(&pv);
             ctx.metrics.provisioned.inc();
             if let Some(created) = &pvc.metadata.creation_timestamp {
                 let secs = Timestamp::now().duration_since(created.0).as_secs_f64();
@@ -673,7 +707,7 @@ async fn create_pv(
         }
         Err(e) => return Err(Error::kube(format!("create PV {pv_name}"))(e)),
     }
-    ctx.bind_and_release(pvc, &pv).await?;
+    ctx.bind_and_release(caches, pvc, &pv).await?;
     Ok(Next::Wait)
 }
 

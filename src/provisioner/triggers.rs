@@ -12,6 +12,13 @@
 //! `test` of what it read), so a copy that went stale since fails with a conflict and
 //! is retried on the newer copy the watch brings, never written over.
 //!
+//! The caches lag our own writes: a claim queued again while its reconcile was
+//! writing it is read back as it was before that write, and the step it was at
+//! decided again (a second claim-status write, or a conditional write that can only
+//! fail). So [`Caches`] remembers the `resourceVersion` of our last write to each
+//! claim and PV until the cache shows that version ([`Caches::behind`]); a reconcile
+//! that would read an older copy waits for the watch event our write brings instead.
+//!
 //! A new term starts with a list of every claim and PV. Queuing them all would make
 //! the new leader read every claim (and its PV) again, tens of thousands of GETs on
 //! a large cluster, just when it should be catching up: so the first list queues
@@ -23,7 +30,7 @@ use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
 use std::fmt::Debug;
 use std::hash::{Hash, Hasher};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
@@ -99,6 +106,31 @@ pub fn settled(pvc: &PersistentVolumeClaim) -> bool {
 pub struct Caches {
     pub claims: Store<PersistentVolumeClaim>,
     pub pvs: Store<PersistentVolume>,
+    /// Object key (`ns/name` for a claim, the name for a PV) → the resourceVersion our
+    /// last write to it returned, until the cache shows it (then the entry goes): a
+    /// few entries per claim in flight. An object deleted before its cache caught up
+    /// leaves its entry until the term ends (a new term has new caches).
+    own_writes: Arc<Mutex<HashMap<String, u64>>>,
+}
+
+/// The rule: a cached copy at `cached` (a resourceVersion) is older than our own
+/// write at `own`. Versions are compared as numbers: the API server hands out etcd's
+/// revisions, which only grow. A version that is not a number, or an object not in
+/// the cache at all, never counts as behind, so nothing waits on what it cannot
+/// compare.
+pub fn behind(cached: Option<&str>, own: Option<u64>) -> bool {
+    match (cached.and_then(|v| v.parse::<u64>().ok()), own) {
+        (Some(cached), Some(own)) => cached < own,
+        _ => false,
+    }
+}
+
+/// The key [`Caches::wrote`] and [`Caches::behind`] file an object under.
+fn own_key<K: Resource>(obj: &K) -> String {
+    match &obj.meta().namespace {
+        Some(ns) => format!("{ns}/{}", obj.meta().name.as_deref().unwrap_or_default()),
+        None => obj.meta().name.clone().unwrap_or_default(),
+    }
 }
 
 /// The writers [`watch_claims`] and [`watch_pvs`] fill, and the caches they fill.
@@ -109,7 +141,16 @@ pub fn caches() -> (
 ) {
     let (claims, claim_writer) = reflector::store();
     let (pvs, pv_writer) = reflector::store();
-    (Caches { claims, pvs }, claim_writer, pv_writer)
+    let own_writes = Arc::default();
+    (
+        Caches {
+            claims,
+            pvs,
+            own_writes,
+        },
+        claim_writer,
+        pv_writer,
+    )
 }
 
 impl Caches {
@@ -130,6 +171,38 @@ impl Caches {
     /// The PV `name` as last seen (`None`: not seen). Only after [`Self::ready`].
     pub fn pv(&self, name: &str) -> Option<Arc<PersistentVolume>> {
         self.pvs.get(&reflector::ObjectRef::new(name))
+    }
+
+    /// Remembers `written`, as the API server answered our write of it.
+    pub fn wrote<K: Resource>(&self, written: &K) {
+        let Some(rv) = written.meta().resource_version.as_deref() else {
+            return;
+        };
+        if let Ok(rv) = rv.parse::<u64>() {
+            let mut own = self.own_writes.lock().unwrap_or_else(|p| p.into_inner());
+            own.insert(own_key(written), rv);
+        }
+    }
+
+    /// Whether `cached` is older than our own last write to it ([`behind`]); forgets
+    /// that write once the cache shows it.
+    pub fn behind<K: Resource>(&self, cached: &K) -> bool {
+        let key = own_key(cached);
+        let mut own = self.own_writes.lock().unwrap_or_else(|p| p.into_inner());
+        let stale = behind(
+            cached.meta().resource_version.as_deref(),
+            own.get(&key).copied(),
+        );
+        if !stale {
+            own.remove(&key);
+        }
+        stale
+    }
+
+    /// Forgets our writes to the claim `ns/name` (it is gone).
+    pub fn forget_claim(&self, ns: &str, name: &str) {
+        let mut own = self.own_writes.lock().unwrap_or_else(|p| p.into_inner());
+        own.remove(&format!("{ns}/{name}"));
     }
 }
 
@@ -292,6 +365,35 @@ pub async fn watch_pvs(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cached_copy_older_than_our_own_write_is_not_acted_on() {
+        // (cached version, our last write) → behind.
+        let cases = [
+            (Some("120"), Some(130), true),
+            (Some("130"), Some(130), false),
+            (Some("131"), Some(130), false),
+            (Some("120"), None, false),
+            (None, Some(130), false),
+            (Some("not-a-number"), Some(130), false),
+        ];
+        for (cached, own, want) in cases {
+            assert_eq!(behind(cached, own), want, "{cached:?} vs {own:?}");
+        }
+        let (caches, _, _) = caches();
+        let at = |rv: &str| -> PersistentVolumeClaim {
+            serde_json::from_value(
+                json!({"metadata": {"namespace": "db", "name": "data", "resourceVersion": rv}}),
+            )
+            .expect("claim")
+        };
+        caches.wrote(&at("130"));
+        assert!(caches.behind(&at("120")), "older than our write");
+        assert!(!caches.behind(&at("130")), "caught up");
+        caches.wrote(&at("140"));
+        caches.forget_claim("db", "data");
+        assert!(!caches.behind(&at("120")), "forgotten with the claim");
+    }
 
     fn claim(
         annotations: serde_json::Value,

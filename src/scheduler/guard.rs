@@ -14,7 +14,8 @@
 //!     the agent's answer annotations ([`READY`], [`REFUSED`], [`REMOVED`]) change;
 //!   - a PV: UPDATE only, labelled with N before and after, and only its [`SIZE`]
 //!     annotation changes or our finalizer ([`PV_FINALIZER`]) is removed;
-//!   - a Lease: only `localnfs-node-N` (heartbeat) and `localnfs-usage-<shard>-N`
+//!   - a Lease: only `localnfs-node-N` (heartbeat), `localnfs-key-N` (its public key,
+//!     which the controller checks its answers with) and `localnfs-usage-<shard>-N`
 //!     (usage, `objects::usage`) in the heartbeat namespace, labelled with N
 //!     (RBAC gives the agents Leases in that namespace only, so the controller's
 //!     leader Lease, in localnfs's namespace, is out of their reach without this);
@@ -32,6 +33,7 @@ use k8s_openapi::api::authentication::v1::UserInfo;
 use kube::core::admission::Operation;
 use serde_json::Value;
 
+use crate::objects::agents::key_lease_name;
 use crate::objects::keys::{
     NODE_KEY, NODE_LEASE_PREFIX, PV_FINALIZER, READY, READY_SIG, REFUSED, REMOVED, REMOVED_SIG,
     SIZE,
@@ -124,12 +126,15 @@ pub fn check(node: &str, namespace: &str, write: &Write<'_>) -> Result<(), Strin
     let refuse = |why: String| Err(format!("{what}: {why}"));
     if write.kind == Kind::Lease {
         let own = lease_name(node);
+        let own_key = key_lease_name(node);
         let own_usage = usage::parse_lease_name(write.name)
             .filter(|(_, n)| *n == node)
             .map(|(shard, _)| shard);
-        if write.namespace != namespace || (write.name != own && own_usage.is_none()) {
+        if write.namespace != namespace
+            || (write.name != own && write.name != own_key && own_usage.is_none())
+        {
             return refuse(format!(
-                "the agent on node {node} may only write its own Lease {namespace}/{own} (and its usage Leases {namespace}/{}N-{node})",
+                "the agent on node {node} may only write its own Lease {namespace}/{own} (and its key Lease {namespace}/{own_key} and usage Leases {namespace}/{}N-{node})",
                 usage::USAGE_LEASE_PREFIX
             ));
         }
@@ -455,7 +460,7 @@ mod tests {
     }
 
     #[test]
-    fn an_agent_may_write_its_own_heartbeat_lease_only() {
+    fn an_agent_may_write_its_own_heartbeat_and_key_leases_only() {
         let lease = |name: &str, node: &str| {
             json!({"metadata": {"name": name, "namespace": NS, "labels": {NODE_KEY: node}},
                    "spec": {"holderIdentity": node}})
@@ -488,6 +493,14 @@ mod tests {
             ..upd()
         };
         assert_eq!(check("n1", NS, &w), Ok(()));
+        // Its key Lease (the key its answers are checked with).
+        let key = lease("localnfs-key-n1", "n1");
+        let w = Write {
+            name: "localnfs-key-n1",
+            new: Some(&key),
+            ..upd()
+        };
+        assert_eq!(check("n1", NS, &w), Ok(()));
         // Without the shard label (it would reach the heartbeat watches), with
         // another shard's, or a heartbeat carrying one.
         let unlabelled = lease("localnfs-usage-3-n1", "n1");
@@ -510,6 +523,7 @@ mod tests {
         // namespace.
         for (ns, name) in [
             (NS, "localnfs-node-n2"),
+            (NS, "localnfs-key-n2"),
             (NS, "localnfs-usage-0-n2"),
             (NS, "localnfs-usage-0-n1-x"),
             (NS, "localnfs-controller"),

@@ -5,7 +5,7 @@
 //! two ends of the stream in [`tree`].
 //!
 //! Who may use it: only agents, each proven by its Ed25519 agent key (the one whose
-//! public half is in its node's heartbeat Lease, which only that node's agent may
+//! public half is in its node's key Lease, `localnfs-key-<node>`, which only that node's agent may
 //! write: `scheduler::guard`). TLS 1.3 with an ephemeral self-signed certificate
 //! encrypts the session; each side then signs the session's exported keying material
 //! (channel binding), so a signature is good for that session only and a relay in the
@@ -55,7 +55,7 @@ use tokio_util::sync::CancellationToken;
 use super::keys::ControllerKey;
 use crate::kubeclient::annotation;
 use crate::nfs::Exports;
-use crate::objects::agents::{AgentInfo, lease_name};
+use crate::objects::agents::{AgentInfo, Agents, key_lease_name, lease_name};
 use crate::objects::claim::pv_name;
 use crate::objects::keys::{NODE_KEY, REQUEST, REQUEST_SIG};
 use crate::objects::peer::{
@@ -306,9 +306,15 @@ impl Peer {
             return None;
         }
         let leases: Api<Lease> = Api::namespaced(self.client.clone(), &self.heartbeat_namespace);
+        // The key is in the node's key Lease (agents before key Leases: in the
+        // heartbeat itself); `Agents` joins the two as every other reader does.
+        let mut agents = Agents::default();
+        if let Some(key) = leases.get_opt(&key_lease_name(node)).await.ok()? {
+            agents.see(&key, 0);
+        }
         let lease = leases.get_opt(&lease_name(node)).await.ok()??;
-        let (named, info) = AgentInfo::from_lease(&lease, 0)?;
-        (named == node).then_some(info)
+        let (named, info) = agents.see(&lease, 0)?;
+        if named == node { info } else { None }
     }
 
     /// Serves other agents' clone requests on `listener` until `shutdown`.
@@ -380,7 +386,7 @@ impl Peer {
         let key = self.agent_of(&hello.node).await.and_then(|a| a.key);
         if !wire::hello_verifies(&hello, RECEIVER, &ekm, key.as_ref()) {
             let why = format!(
-                "not node {}'s agent: the hello is not signed for this session by the key in that node's heartbeat Lease",
+                "not node {}'s agent: the hello is not signed for this session by the key in that node's key Lease",
                 hello.node
             );
             return self.refuse(&mut tls, from, "hello", &hello.node, why).await;
