@@ -16,6 +16,8 @@ use super::send::Reply;
 use super::state::Exports;
 use super::stats;
 use super::table::{self, Found};
+use super::xdr::put_u32;
+use nfs3_types::nfs3::nfsstat3;
 
 /// The answer to a call from an unreserved port when reserved ports are required:
 /// NULL is answered (it reveals nothing and lets the client see the server is up),
@@ -28,6 +30,23 @@ pub fn insecure_reply(record: &[u8]) -> Option<Vec<u8>> {
         Err(Reject::Ignore) => return None,
         Err(Reject::Reply(r)) => r,
     };
+    rpc::finish_record(&mut out, 0);
+    Some(out)
+}
+
+/// The answer to the NFSv3 call in `record` that refuses it with `status` and empty
+/// attributes, without running it (None for a record that is no NFSv3 call: only
+/// those are routed to a volume, and so refused for one).
+pub fn refusal(record: &[u8], status: nfsstat3) -> Option<Vec<u8>> {
+    let call = rpc::parse_call(record).ok()?;
+    if (call.prog, call.vers) != (super::program::NFS_PROGRAM, VERSION) {
+        return None;
+    }
+    let mut out = rpc::accepted(call.xid, AcceptStat::Success);
+    put_u32(&mut out, status as u32);
+    for _ in 0..table::failure_words(call.procedure) {
+        put_u32(&mut out, 0);
+    }
     rpc::finish_record(&mut out, 0);
     Some(out)
 }

@@ -327,6 +327,30 @@ pub fn direction(record: &[u8]) -> Option<Direction> {
     }
 }
 
+/// Words of empty attributes after the status in NFSv3 procedure `proc`'s failure
+/// reply (RFC 1813 §3.3, each `...3resfail`): a `post_op_attr` without attributes is
+/// one word, `wcc_data` two (neither before nor after attributes).
+pub fn failure_words(proc: u32) -> usize {
+    match proc {
+        nfs3::GETATTR => 0,
+        nfs3::LOOKUP
+        | nfs3::ACCESS
+        | nfs3::READLINK
+        | nfs3::READ
+        | nfs3::READDIR
+        | nfs3::READDIRPLUS
+        | nfs3::FSSTAT
+        | nfs3::FSINFO
+        | nfs3::PATHCONF => 1,
+        // the file's post_op_attr, the directory's wcc_data
+        nfs3::LINK => 3,
+        // both directories' wcc_data
+        nfs3::RENAME => 4,
+        // SETATTR, WRITE, the calls that create or remove, COMMIT: wcc_data
+        _ => 2,
+    }
+}
+
 /// Whether NFSv3 procedure `proc` changes the volume: WRITE, COMMIT, SETATTR and the
 /// namespace changes (each syncs what it changed before its reply).
 pub fn changes(proc: u32) -> bool {
