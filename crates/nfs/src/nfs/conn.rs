@@ -184,10 +184,17 @@ pub async fn serve(
         }
         let client = peer.ip();
         let direction = table::direction(&record);
-        let run_inline = |record: &[u8]| {
-            respond(&shared.exports, client, record, Runner::AsyncTask, received)
-                .ok()
-                .map(|reply| reply.map(|r| r.head))
+        let run_inline = |record: &[u8], known: Option<&qos::Known>| {
+            respond(
+                &shared.exports,
+                client,
+                record,
+                known,
+                Runner::AsyncTask,
+                received,
+            )
+            .ok()
+            .map(|reply| reply.map(|r| r.head))
         };
         // Answered on this task: refusals, and calls that take microseconds when they
         // need no disk (handing them to the blocking pool, a thread wake-up each, would
@@ -203,9 +210,9 @@ pub async fn serve(
             }
             Some(reply)
         } else if direction.is_none() && table::try_inline(&record) {
-            run_inline(&record)
+            run_inline(&record, None)
         } else {
-            let r = qos::route(&shared.exports, client, &record, direction);
+            let mut r = qos::route(&shared.exports, client, &record, direction);
             match (carried, r.volume.as_ref().map(|v| v.meta.id)) {
                 (None, Some(key)) => carried = Some(key),
                 (Some(first), Some(key)) if first != key => mixed = true,
@@ -247,7 +254,9 @@ pub async fn serve(
                 };
                 drop(slot);
                 let held = (parked_slot, charge);
-                let job = pool_job(&shared, &out, &tx, client, record, received, held, None, &r);
+                let job = pool_job(
+                    &shared, &out, &tx, client, record, received, held, None, &mut r,
+                );
                 let (pool, shutdown, gone) = (shared.pool.clone(), shutdown.clone(), gone.clone());
                 tokio::spawn(async move {
                     // After shutdown, draining beats a ceiling: the reply goes now.
@@ -275,7 +284,7 @@ pub async fn serve(
                 }
             }
             let here = if table::try_inline(&record) {
-                run_inline(&record)
+                run_inline(&record, r.known.as_ref())
             } else {
                 None
             };
@@ -299,7 +308,7 @@ pub async fn serve(
             }
             continue;
         }
-        let r = match route {
+        let mut r = match route {
             Some(r) => r,
             None => qos::route(&shared.exports, client, &record, direction),
         };
@@ -312,7 +321,7 @@ pub async fn serve(
             received,
             (slot, charge),
             room,
-            &r,
+            &mut r,
         );
         shared.pool.submit(r.ticket(), job);
     }
@@ -355,16 +364,24 @@ fn pool_job(
     received: Instant,
     held: (OwnedSemaphorePermit, Charge),
     room: Option<OwnedSemaphorePermit>,
-    route: &qos::Route,
+    route: &mut qos::Route,
 ) -> pool::Job {
     let (sh, out, tx) = (shared.clone(), out.clone(), tx.clone());
     let volume = route.volume.clone();
+    let known = route.known.take();
     let queued = Instant::now();
     Box::new(move || {
         if let Some(v) = &volume {
             v.qos.queued(queued.elapsed());
         }
-        let reply = respond(&sh.exports, client, &record, Runner::BlockingPool, received);
+        let reply = respond(
+            &sh.exports,
+            client,
+            &record,
+            known.as_ref(),
+            Runner::BlockingPool,
+            received,
+        );
         // Run: it no longer counts against its volume's room (its reply, sent or
         // not, stays charged to the byte budget).
         drop(room);

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 
+use super::handle::FileHandle;
 use super::limits::MAX_IO;
 use super::pool::{Class, Ticket};
 use super::program::nfs3;
@@ -123,6 +124,17 @@ pub struct Route {
     pub bytes: u64,
     /// Whether it syncs, adds unstable data, or neither (the pool's order).
     pub class: Class,
+    /// What routing decoded, for the call's run (`call::respond`): None for a record
+    /// that is no NFSv3 call with a handle.
+    pub known: Option<Known>,
+}
+
+/// A routed call's header and its handle as routing opened it, so that its run
+/// neither decodes the call nor checks the handle's MAC again.
+pub struct Known {
+    pub head: rpc::Head,
+    /// Where the handle is in the record, opened; None if it did not authenticate.
+    pub handle: Option<(std::ops::Range<usize>, FileHandle)>,
 }
 
 impl Route {
@@ -219,6 +231,7 @@ pub fn route(ex: &Exports, client: IpAddr, record: &[u8], direction: Option<Dire
         direction,
         bytes: 0,
         class: Class::Other,
+        known: None,
     };
     let Ok(call) = rpc::parse_call(record) else {
         return none;
@@ -226,12 +239,14 @@ pub fn route(ex: &Exports, client: IpAddr, record: &[u8], direction: Option<Dire
     if call.prog != super::program::NFS_PROGRAM || call.procedure == nfs3::NULL {
         return none;
     }
-    let mut args = call.args;
+    let (head, mut args) = rpc::Head::split(call, record);
     // Every NFSv3 procedure but NULL starts with a handle (RFC 1813 §3.3).
     let Ok(fh) = args.fh() else {
         return none;
     };
-    let (bytes, class) = match call.procedure {
+    let at = (fh.as_ptr() as usize).wrapping_sub(record.as_ptr() as usize);
+    let opened = ex.volume_of(client, fh);
+    let (bytes, class) = match head.procedure {
         // offset, count (§3.3.6)
         nfs3::READ => (count(&mut args), Class::Other),
         // offset, count, stable, data (§3.3.7): UNSTABLE is 0.
@@ -248,11 +263,16 @@ pub fn route(ex: &Exports, client: IpAddr, record: &[u8], direction: Option<Dire
         p if table::changes(p) => (0, Class::Durable),
         _ => (0, Class::Other),
     };
+    let (volume, handle) = match opened {
+        Some((v, h)) => (Some(v), Some((at..at + fh.len(), h))),
+        None => (None, None),
+    };
     Route {
-        volume: ex.volume_of(client, fh),
+        volume,
         direction,
         bytes,
         class,
+        known: Some(Known { head, handle }),
     }
 }
 

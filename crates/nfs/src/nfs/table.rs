@@ -392,6 +392,19 @@ pub fn try_inline(record: &[u8]) -> bool {
 /// The largest reply `record`'s call can produce, charged before it runs (see
 /// [`Bound`]); calls that are not NFSv3, or whose arguments do not decode, answer small.
 pub fn reply_bound(record: &[u8]) -> usize {
+    // Only the rows with a data bound need the call decoded.
+    let data = word(record, 3) == Some(NFS_PROGRAM)
+        && word(record, 4) == Some(VERSION)
+        && matches!(
+            word(record, 5).and_then(|p| numbered(&NFS3, p)),
+            Some(Procedure {
+                bound: Bound::Data(_),
+                ..
+            })
+        );
+    if !data {
+        return SMALL_RESULT;
+    }
     let Ok(call) = rpc::parse_call(record) else {
         return SMALL_RESULT;
     };
