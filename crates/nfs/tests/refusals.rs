@@ -111,8 +111,14 @@ async fn routed_calls_refuse_a_forged_handle_in_any_position() {
         "LINK, second handle forged"
     );
     assert!(c.lookup(&root, b"f").await.is_ok(), "f is where it was");
-    assert_eq!(c.lookup(&root, b"g").await.err(), Some(nfsstat3::NFS3ERR_NOENT));
-    assert_eq!(c.lookup(&root, b"h").await.err(), Some(nfsstat3::NFS3ERR_NOENT));
+    assert_eq!(
+        c.lookup(&root, b"g").await.err(),
+        Some(nfsstat3::NFS3ERR_NOENT)
+    );
+    assert_eq!(
+        c.lookup(&root, b"h").await.err(),
+        Some(nfsstat3::NFS3ERR_NOENT)
+    );
     server.stop().await;
 }
 
