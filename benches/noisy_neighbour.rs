@@ -333,6 +333,13 @@ fn main() {
     if let Some(node) = &node {
         let mut prepared = Vec::new();
         for s in &served {
+            // The MariaDB rows run the same floods: their files are written here when
+            // the victim rows (which write them) were not asked for.
+            if !config.victim {
+                eprintln!("{}: writing the floods' files", s.server.name());
+                rt.block_on(load::prepare_floods(&s.b, true))
+                    .expect("write the floods' files");
+            }
             eprintln!("{}: sysbench prepare", s.server.name());
             let p = rt.block_on(db_prepare(node, s.server));
             if let Err(e) = &p {

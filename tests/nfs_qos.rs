@@ -498,3 +498,255 @@ async fn calls_waiting_for_a_ceiling_are_dropped_when_their_client_leaves() {
         size / 4096
     );
 }
+
+/// The arguments of a 1 MiB FILE_SYNC WRITE at `offset` (RFC 1813 §3.3.7).
+fn sync_write_args(offset: u64) -> Vec<u8> {
+    let mut args = offset.to_be_bytes().to_vec();
+    args.extend((MIB as u32).to_be_bytes()); // count
+    args.extend(2u32.to_be_bytes()); // FILE_SYNC
+    args.extend((MIB as u32).to_be_bytes()); // data length
+    args.resize(args.len() + MIB as usize, 0x5a);
+    args
+}
+
+/// Sends `calls` down one new connection at once and reads `n` replies: (xid,
+/// nfsstat3) of each, in the order they came.
+async fn pipelined(node: &Node, calls: Vec<u8>, n: usize) -> Vec<(u32, u32)> {
+    let s = tokio::net::TcpStream::connect(node.addr)
+        .await
+        .expect("connect");
+    let (mut rd, mut wr) = s.into_split();
+    // Written from a task of its own: the server stops reading while it has no room,
+    // and its replies must be read meanwhile.
+    let send = tokio::spawn(async move {
+        wr.write_all(&calls).await.expect("send");
+        wr
+    });
+    let mut got = Vec::new();
+    while got.len() < n {
+        let mut mark = [0u8; 4];
+        rd.read_exact(&mut mark).await.expect("reply mark");
+        let mut body = vec![0u8; (u32::from_be_bytes(mark) & 0x7fff_ffff) as usize];
+        rd.read_exact(&mut body).await.expect("reply body");
+        let word = |i: usize| u32::from_be_bytes(body[i * 4..i * 4 + 4].try_into().expect("4"));
+        // xid, REPLY, MSG_ACCEPTED, AUTH_NONE verifier (2 words), SUCCESS, status
+        assert_eq!(word(5), 0, "accept_stat of xid {}", word(0));
+        got.push((word(0), word(6)));
+    }
+    drop(send.await.expect("sender"));
+    got
+}
+
+/// Largest sample of the node's `family` gauge (no labels) taken every 10 ms until
+/// `stop` is set.
+async fn sample_max(node: &Node, family: &str, stop: Arc<std::sync::atomic::AtomicBool>) -> f64 {
+    let mut most = 0f64;
+    while !stop.load(Ordering::Relaxed) {
+        let mut s = tokio::net::TcpStream::connect(node.admin)
+            .await
+            .expect("admin");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("send");
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.expect("metrics page");
+        let v = body
+            .lines()
+            .find(|l| l.starts_with(&format!("{family} ")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {family} in:\n{body}"));
+        most = most.max(v);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    most
+}
+
+/// A volume flooded with large writes from many connections keeps most of the
+/// server's byte budget free for the other volumes: its connections stop reading once
+/// its queue is full, rather than each reading up to 64 MiB records into the agent
+/// (before, the flood took the whole budget, and every other client's next call
+/// waited for it). Every write is still answered, none refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_flood_on_one_volume_leaves_most_of_the_byte_budget_to_others() {
+    let _alone = ALONE.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    volume(dir.path(), "bulk", &[]);
+    let node = Arc::new(Node::start(dir.path()).await);
+    let mut c = Client::mount(node.port, "bulk").await;
+    let root = c.root.clone();
+    let fh = c
+        .create_how(&root, b"f", createhow3::UNCHECKED(sattr3::default()))
+        .await
+        .expect("create");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (node, stop) = (node.clone(), stop.clone());
+        tokio::spawn(async move { sample_max(&node, "localnfs_nfs_in_flight_bytes", stop).await })
+    };
+    // 16 connections × 32 FILE_SYNC writes of 1 MiB: 512 MiB, four times the budget.
+    let mut floods = Vec::new();
+    for conn in 0..16u32 {
+        let mut calls = Vec::new();
+        for i in 0..32u32 {
+            let offset = u64::from(conn * 32 + i) * MIB;
+            calls.extend(nfs_call(i + 1, 7, &fh, &sync_write_args(offset)));
+        }
+        let node = node.clone();
+        floods.push(tokio::spawn(
+            async move { pipelined(&node, calls, 32).await },
+        ));
+    }
+    let mut answered = 0;
+    for f in floods {
+        for (xid, status) in f.await.expect("flood connection") {
+            assert_eq!(status, 0, "write {xid}: status {status}");
+            answered += 1;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let most = sampler.await.expect("sampler");
+    let limit = 128.0 * MIB as f64;
+    eprintln!(
+        "{answered} writes answered; bytes in flight at most {:.1} MiB of {:.0}",
+        most / MIB as f64,
+        limit / MIB as f64
+    );
+    assert!(
+        most <= limit / 2.0,
+        "{:.1} MiB in flight",
+        most / MIB as f64
+    );
+}
+
+/// A kernel client sends all its volumes of one server down one connection. When one
+/// of them is out of room and the server's byte budget is over half spent, that
+/// volume's new calls are answered NFS3ERR_JUKEBOX (the client retries them) instead
+/// of stopping the connection, and the other volume's calls on it are still served.
+/// Before, nothing was refused: the connection read the writes until the budget was
+/// spent and then waited for it. The full volume has a ceiling, so that its room is
+/// full for certain (its calls wait on timers) however fast the disk is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_volume_on_a_shared_connection_is_told_to_retry_rather_than_stall_it() {
+    const JUKEBOX: u32 = 10008;
+    let _alone = ALONE.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    volume(dir.path(), "bulk", &[("writeIOPS", "20")]);
+    volume(dir.path(), "free", &[]);
+    let node = Node::start_with(dir.path(), 0, &["--max-bytes-in-flight", "48Mi"]).await;
+    let node = Arc::new(node);
+    let mut b = Client::mount(node.port, "bulk").await;
+    let broot = b.root.clone();
+    let bulk = b
+        .create_how(&broot, b"f", createhow3::UNCHECKED(sattr3::default()))
+        .await
+        .expect("create in bulk");
+    let mut f = Client::mount(node.port, "free").await;
+    let froot = f.root.clone();
+    let free = f
+        .create_how(&froot, b"g", createhow3::UNCHECKED(sattr3::default()))
+        .await
+        .expect("create in free");
+    // Eight connections, each: a COMMIT of free's file, 32 FILE_SYNC writes of 1 MiB
+    // to bulk (256 MiB in all, five times the budget), a COMMIT of free's file again.
+    let commit = |xid| nfs_call(xid, 21, &free, &[0; 12]);
+    let mut conns = Vec::new();
+    for conn in 0..8u32 {
+        let mut calls = commit(1000);
+        for i in 0..32u32 {
+            let offset = u64::from(conn * 32 + i) * MIB;
+            calls.extend(nfs_call(i + 1, 7, &bulk, &sync_write_args(offset)));
+        }
+        calls.extend(commit(1001));
+        let node = node.clone();
+        conns.push(tokio::spawn(async move {
+            tokio::time::timeout(Duration::from_secs(60), pipelined(&node, calls, 34))
+                .await
+                .expect("every call answered within a minute")
+        }));
+    }
+    let (mut ok, mut retry) = (0, 0);
+    for c in conns {
+        for (xid, status) in c.await.expect("connection") {
+            match (xid, status) {
+                (1000 | 1001, s) => assert_eq!(s, 0, "free's COMMIT {xid}"),
+                (_, 0) => ok += 1,
+                (_, JUKEBOX) => retry += 1,
+                (_, s) => panic!("write {xid}: status {s}, an error a client would surface"),
+            }
+        }
+    }
+    eprintln!("bulk's writes on shared connections: {ok} done, {retry} told to retry");
+    assert!(
+        retry > 0,
+        "no write was refused for later: the connections waited"
+    );
+    assert!(ok > 0, "the full volume was still served");
+}
+
+/// The known limit of ceilings on a shared connection: a throttled volume's waiting
+/// calls past its 16 MiB of room stopped the connection, and so every other volume
+/// the kernel client sends down it, at the ceiling's pace. Now, on a connection that
+/// carries other volumes too, they wait past that room (bounded by the byte budget)
+/// and the neighbour's call behind them is read and answered at once. Before: 40
+/// writes of 1 MiB at one write a second held it for about 24 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_volumes_large_writes_do_not_stop_a_shared_connection() {
+    let _alone = ALONE.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    volume(dir.path(), "capped", &[("writeIOPS", "1")]);
+    volume(dir.path(), "free", &[]);
+    let node = Node::start(dir.path()).await;
+    let mut c = Client::mount(node.port, "capped").await;
+    let root = c.root.clone();
+    let capped = c
+        .create_how(&root, b"f", createhow3::UNCHECKED(sattr3::default()))
+        .await
+        .expect("create in capped");
+    let mut f = Client::mount(node.port, "free").await;
+    let froot = f.root.clone();
+    let free = f
+        .create_how(&froot, b"g", createhow3::UNCHECKED(sattr3::default()))
+        .await
+        .expect("create in free");
+    // One connection: a COMMIT of free's file, 40 FILE_SYNC writes of 1 MiB to the
+    // capped volume, a COMMIT of free's file again.
+    let mut calls = nfs_call(1000, 21, &free, &[0; 12]);
+    for i in 0..40u32 {
+        calls.extend(nfs_call(
+            i + 1,
+            7,
+            &capped,
+            &sync_write_args(u64::from(i) * MIB),
+        ));
+    }
+    calls.extend(nfs_call(1001, 21, &free, &[0; 12]));
+    let mut s = tokio::net::TcpStream::connect(node.addr)
+        .await
+        .expect("connect");
+    let (mut rd, mut wr) = s.split();
+    let send = async {
+        wr.write_all(&calls).await.expect("send");
+        std::future::pending::<()>().await
+    };
+    let second_commit = async {
+        loop {
+            let mut mark = [0u8; 4];
+            rd.read_exact(&mut mark).await.expect("reply mark");
+            let mut body = vec![0u8; (u32::from_be_bytes(mark) & 0x7fff_ffff) as usize];
+            rd.read_exact(&mut body).await.expect("reply body");
+            if body[..4] == 1001u32.to_be_bytes() {
+                return u32::from_be_bytes(body[24..28].try_into().expect("4"));
+            }
+        }
+    };
+    let status = tokio::time::timeout(Duration::from_secs(5), async {
+        tokio::select! {
+            () = send => unreachable!("pending"),
+            s = second_commit => s,
+        }
+    })
+    .await
+    .expect("free's COMMIT behind the throttled writes answered within 5 s");
+    assert_eq!(status, 0, "free's COMMIT");
+}

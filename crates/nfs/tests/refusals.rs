@@ -75,6 +75,53 @@ async fn forged_and_truncated_handles_are_refused() {
     server.stop().await;
 }
 
+/// Calls routed to a volume have their first handle checked once, by routing; every
+/// other handle they carry, and a forged first one, is still checked by its handler.
+#[tokio::test]
+async fn routed_calls_refuse_a_forged_handle_in_any_position() {
+    let server = Served::start(&[("vol", MIB)]).await;
+    let mut c = server.mount("vol").await;
+    let root = c.root.clone();
+    let f = c.create(&root, b"f").await.expect("CREATE");
+    let forge = |fh: &nfs_fh3| {
+        let mut bad = fh.data.to_vec();
+        if let Some(last) = bad.last_mut() {
+            *last ^= 0x01;
+        }
+        nfs_fh3 {
+            data: Opaque::owned(bad),
+        }
+    };
+    let (bad_f, bad_root) = (forge(&f), forge(&root));
+    let refused = Some(nfsstat3::NFS3ERR_BADHANDLE);
+    assert_eq!(
+        c.write(&bad_f, 0, b"x", stable_how::FILE_SYNC).await.err(),
+        refused,
+        "WRITE, first handle forged"
+    );
+    assert_eq!(c.remove(&bad_root, b"f").await.err(), refused, "REMOVE");
+    assert_eq!(
+        c.rename((&root, b"f"), (&bad_root, b"g")).await.err(),
+        refused,
+        "RENAME, second handle forged"
+    );
+    assert_eq!(
+        c.link(&f, &bad_root, b"h").await.err(),
+        refused,
+        "LINK, second handle forged"
+    );
+    assert!(c.lookup(&root, b"f").await.is_ok(), "f is where it was");
+    assert_eq!(
+        c.lookup(&root, b"g").await.err(),
+        Some(nfsstat3::NFS3ERR_NOENT)
+    );
+    assert_eq!(
+        c.lookup(&root, b"h").await.err(),
+        Some(nfsstat3::NFS3ERR_NOENT)
+    );
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn unreserved_ports_get_null_and_nothing_else_by_default() {
     let server = Served::start_with(&[("vol", MIB)], true).await;

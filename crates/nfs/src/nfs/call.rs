@@ -10,12 +10,15 @@ use std::time::Instant;
 
 use super::ops::Ctx;
 use super::program::{NULL, VERSION};
+use super::qos::Known;
 use super::reply::Early;
-use super::rpc::{self, AcceptStat, AuthStat, Reject};
+use super::rpc::{self, AcceptStat, AuthStat, Head, Reject};
 use super::send::Reply;
 use super::state::Exports;
 use super::stats;
 use super::table::{self, Found};
+use super::xdr::put_u32;
+use nfs3_types::nfs3::nfsstat3;
 
 /// The answer to a call from an unreserved port when reserved ports are required:
 /// NULL is answered (it reveals nothing and lets the client see the server is up),
@@ -28,6 +31,23 @@ pub fn insecure_reply(record: &[u8]) -> Option<Vec<u8>> {
         Err(Reject::Ignore) => return None,
         Err(Reject::Reply(r)) => r,
     };
+    rpc::finish_record(&mut out, 0);
+    Some(out)
+}
+
+/// The answer to the NFSv3 call in `record` that refuses it with `status` and empty
+/// attributes, without running it (None for a record that is no NFSv3 call: only
+/// those are routed to a volume, and so refused for one).
+pub fn refusal(record: &[u8], status: nfsstat3) -> Option<Vec<u8>> {
+    let call = rpc::parse_call(record).ok()?;
+    if (call.prog, call.vers) != (super::program::NFS_PROGRAM, VERSION) {
+        return None;
+    }
+    let mut out = rpc::accepted(call.xid, AcceptStat::Success);
+    put_u32(&mut out, status as u32);
+    for _ in 0..table::failure_words(call.procedure) {
+        put_u32(&mut out, 0);
+    }
     rpc::finish_record(&mut out, 0);
     Some(out)
 }
@@ -49,7 +69,7 @@ pub struct WouldBlock;
 /// Decodes one record, runs the call, and returns the framed reply (None when the
 /// record is not a call and RFC 5531 says nothing is sent back).
 pub fn dispatch(ex: &Exports, client: IpAddr, record: &[u8]) -> Option<Vec<u8>> {
-    respond(ex, client, record, Runner::Plain, Instant::now())
+    respond(ex, client, record, None, Runner::Plain, Instant::now())
         .ok()
         .flatten()
         .map(|r| r.head)
@@ -67,39 +87,55 @@ pub fn count(ex: &Exports, slot: usize, reply: &[u8], received: Instant) {
 }
 
 /// [`dispatch`] for `runner`; the call counts in the metrics as taking from `received`
-/// until its reply is ready.
+/// until its reply is ready. `known` is what routing (`qos::route`) decoded of this
+/// `record`, if it was routed: the call is not decoded, nor its handle checked, twice.
 pub fn respond(
     ex: &Exports,
     client: IpAddr,
     record: &[u8],
+    known: Option<&Known>,
     runner: Runner,
     received: Instant,
 ) -> Result<Option<Reply>, WouldBlock> {
-    let call = match rpc::parse_call(record) {
-        Ok(c) => c,
-        Err(Reject::Ignore) => return Ok(None),
-        Err(Reject::Reply(mut r)) => {
-            rpc::finish_record(&mut r, 0);
-            count(ex, stats::slot_of_record(record), &r, received);
-            return Ok(Some(Reply {
-                head: r,
-                data: None,
-            }));
+    let decoded;
+    let (head, mut args, checked) = match known {
+        Some(k) => {
+            let handle = k
+                .handle
+                .as_ref()
+                .and_then(|(at, fh)| Some((record.get(at.clone())?, fh)));
+            (&k.head, k.head.args(record), handle)
         }
+        None => match rpc::parse_call(record) {
+            Ok(c) => {
+                let (h, a) = Head::split(c, record);
+                decoded = h;
+                (&decoded, a, None)
+            }
+            Err(Reject::Ignore) => return Ok(None),
+            Err(Reject::Reply(mut r)) => {
+                rpc::finish_record(&mut r, 0);
+                count(ex, stats::slot_of_record(record), &r, received);
+                return Ok(Some(Reply {
+                    head: r,
+                    data: None,
+                }));
+            }
+        },
     };
-    let xid = call.xid;
+    let xid = head.xid;
     let mut out = rpc::accepted(xid, AcceptStat::Success);
     let ctx = Ctx {
         ex,
         client,
-        cred: &call.cred,
+        cred: &head.cred,
         volume: Cell::new(None),
         bytes: Cell::new(0),
         cached_only: runner == Runner::AsyncTask,
+        checked,
     };
-    let mut args = call.args;
     let mut spliced = None;
-    let answered: Result<(), Early> = match table::find(call.prog, call.vers, call.procedure) {
+    let answered: Result<(), Early> = match table::find(head.prog, head.vers, head.procedure) {
         Found::Procedure(p) => {
             let splice = (runner == Runner::BlockingPool).then_some(&mut spliced);
             (p.handler)(&ctx, &mut args, &mut out, splice)
@@ -128,7 +164,7 @@ pub fn respond(
     }
     let trailing = spliced.as_ref().map_or(0, |d| d.len() + d.pad().len());
     rpc::finish_record(&mut out, trailing);
-    let slot = stats::slot(call.prog, call.vers, call.procedure);
+    let slot = stats::slot(head.prog, head.vers, head.procedure);
     let volume = ctx.volume.take();
     ex.stats.record(&stats::Call {
         slot,

@@ -4,7 +4,10 @@
 //! call's reply can get). Calls bound for the pool, and read and write calls, are
 //! first routed to their volume (`qos`): a call over its volume's ceiling waits on a
 //! timer task (not this one, which keeps reading), and pool calls join the fair queue
-//! (`pool`) rather than taking a thread each. Replies leave as they finish (how, and what they hold meanwhile,
+//! (`pool`) rather than taking a thread each; each takes room among its volume's
+//! calls first (`qos::ROOM_KIB`), and without room this connection stops reading, or,
+//! if it carries other volumes' calls too, goes on past the room or answers
+//! NFS3ERR_JUKEBOX (`qos::when_full`). Replies leave as they finish (how, and what they hold meanwhile,
 //! is `send`). Clients keep many calls in flight on one connection, so replies may
 //! leave out of order; the XID pairs them up.
 //!
@@ -26,6 +29,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use nfs3_types::nfs3::nfsstat3;
 use tokio::io::BufReader;
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
@@ -33,10 +37,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::buffers::BufferPool;
-use super::call::{Runner, count, insecure_reply, respond};
+use super::call::{Runner, count, insecure_reply, refusal, respond};
 use super::limits::{Budget, Charge, Limits, Waits};
 use super::pool::{self, Pool};
-use super::qos;
+use super::qos::{self, Full};
 use super::rpc::{self, MAX_RECORD};
 use super::send::{Outbox, Queued, RECEIVE_BUFFER, SEND_BUFFER, queue, write_replies};
 use super::splice;
@@ -113,6 +117,10 @@ pub async fn serve(
     // then dropped unanswered, with their bytes and slots, rather than run minutes
     // later for a client that is gone (and may have rewritten the same range since).
     let gone = CancellationToken::new();
+    // The first volume this connection carried calls of, and whether it has carried
+    // another's since (then it never waits for one volume's room: see `qos::Full`).
+    let mut carried = None;
+    let mut mixed = false;
     let stop = || async {
         tokio::select! {
             _ = shutdown.cancelled() => {}
@@ -176,10 +184,17 @@ pub async fn serve(
         }
         let client = peer.ip();
         let direction = table::direction(&record);
-        let run_inline = |record: &[u8]| {
-            respond(&shared.exports, client, record, Runner::AsyncTask, received)
-                .ok()
-                .map(|reply| reply.map(|r| r.head))
+        let run_inline = |record: &[u8], known: Option<&qos::Known>| {
+            respond(
+                &shared.exports,
+                client,
+                record,
+                known,
+                Runner::AsyncTask,
+                received,
+            )
+            .ok()
+            .map(|reply| reply.map(|r| r.head))
         };
         // Answered on this task: refusals, and calls that take microseconds when they
         // need no disk (handing them to the blocking pool, a thread wake-up each, would
@@ -187,6 +202,7 @@ pub async fn serve(
         // Attribute-only calls answered here count against no ceiling and skip the
         // fair queue (they wait for nothing), so they are not even routed.
         let mut route = None;
+        let mut room = None;
         let here = if !secure {
             let reply = insecure_reply(&record);
             if let Some(r) = &reply {
@@ -194,9 +210,14 @@ pub async fn serve(
             }
             Some(reply)
         } else if direction.is_none() && table::try_inline(&record) {
-            run_inline(&record)
+            run_inline(&record, None)
         } else {
-            let r = qos::route(&shared.exports, client, &record, direction);
+            let mut r = qos::route(&shared.exports, client, &record, direction);
+            match (carried, r.volume.as_ref().map(|v| v.meta.id)) {
+                (None, Some(key)) => carried = Some(key),
+                (Some(first), Some(key)) if first != key => mixed = true,
+                _ => {}
+            }
             let wait = r.admit();
             if !wait.is_zero() {
                 // The ceiling reserved this call's turn from now: waiting below for
@@ -209,9 +230,13 @@ pub async fn serve(
                 let room = match &r.volume {
                     Some(v) => {
                         let kib = r.parked_kib(record.len());
-                        tokio::select! {
-                            _ = stop() => break,
-                            p = v.qos.parked.clone().acquire_many_owned(kib) => p.ok(),
+                        match room_for(&v.qos.parked, kib, mixed, &shared.budget, stop()).await {
+                            Roomed::Took(p) => p,
+                            Roomed::Stopped => break,
+                            Roomed::Refused => {
+                                refuse(&shared, &tx, record, received, (slot, charge));
+                                continue;
+                            }
                         }
                     }
                     None => None,
@@ -229,7 +254,9 @@ pub async fn serve(
                 };
                 drop(slot);
                 let held = (parked_slot, charge);
-                let job = pool_job(&shared, &out, &tx, client, record, received, held, &r);
+                let job = pool_job(
+                    &shared, &out, &tx, client, record, received, held, None, &mut r,
+                );
                 let (pool, shutdown, gone) = (shared.pool.clone(), shutdown.clone(), gone.clone());
                 tokio::spawn(async move {
                     // After shutdown, draining beats a ceiling: the reply goes now.
@@ -244,8 +271,20 @@ pub async fn serve(
                 });
                 continue;
             }
+            // Room in its volume's queue (`qos::ROOM_KIB`), held until it has run.
+            if let Some(v) = &r.volume {
+                let kib = r.room_kib(record.len());
+                match room_for(&v.qos.room, kib, mixed, &shared.budget, stop()).await {
+                    Roomed::Took(p) => room = p,
+                    Roomed::Stopped => break,
+                    Roomed::Refused => {
+                        refuse(&shared, &tx, record, received, (slot, charge));
+                        continue;
+                    }
+                }
+            }
             let here = if table::try_inline(&record) {
-                run_inline(&record)
+                run_inline(&record, r.known.as_ref())
             } else {
                 None
             };
@@ -253,6 +292,7 @@ pub async fn serve(
             here
         };
         if let Some(head) = here {
+            drop(room);
             shared.buffers.give(record);
             if let Some(bytes) = head {
                 queue(
@@ -268,7 +308,7 @@ pub async fn serve(
             }
             continue;
         }
-        let r = match route {
+        let mut r = match route {
             Some(r) => r,
             None => qos::route(&shared.exports, client, &record, direction),
         };
@@ -280,7 +320,8 @@ pub async fn serve(
             record,
             received,
             (slot, charge),
-            &r,
+            room,
+            &mut r,
         );
         shared.pool.submit(r.ticket(), job);
     }
@@ -322,21 +363,83 @@ fn pool_job(
     record: Vec<u8>,
     received: Instant,
     held: (OwnedSemaphorePermit, Charge),
-    route: &qos::Route,
+    room: Option<OwnedSemaphorePermit>,
+    route: &mut qos::Route,
 ) -> pool::Job {
     let (sh, out, tx) = (shared.clone(), out.clone(), tx.clone());
     let volume = route.volume.clone();
+    let known = route.known.take();
     let queued = Instant::now();
     Box::new(move || {
         if let Some(v) = &volume {
             v.qos.queued(queued.elapsed());
         }
-        let reply = respond(&sh.exports, client, &record, Runner::BlockingPool, received);
+        let reply = respond(
+            &sh.exports,
+            client,
+            &record,
+            known.as_ref(),
+            Runner::BlockingPool,
+            received,
+        );
+        // Run: it no longer counts against its volume's room (its reply, sent or
+        // not, stays charged to the byte budget).
+        drop(room);
         sh.buffers.give(record);
         if let Ok(Some(reply)) = reply {
             out.send_or_hand_off(reply, &tx, held);
         }
     })
+}
+
+/// What a call found when it asked for room among its volume's calls.
+enum Roomed {
+    /// Room (None: queued past it, see `qos::Full::Overdraw`).
+    Took(Option<OwnedSemaphorePermit>),
+    /// To be answered NFS3ERR_JUKEBOX.
+    Refused,
+    /// The connection stopped while it waited.
+    Stopped,
+}
+
+/// Takes `kib` of `room` for a call, as `qos::when_full` says when there is none: waits
+/// (until `stop`), goes past it, or refuses the call.
+async fn room_for(
+    room: &Arc<Semaphore>,
+    kib: u32,
+    mixed: bool,
+    budget: &Budget,
+    stop: impl std::future::Future<Output = ()>,
+) -> Roomed {
+    if let Ok(p) = room.clone().try_acquire_many_owned(kib) {
+        return Roomed::Took(Some(p));
+    }
+    match qos::when_full(mixed, budget.held(), budget.limit()) {
+        Full::Wait => tokio::select! {
+            () = stop => Roomed::Stopped,
+            p = room.clone().acquire_many_owned(kib) => Roomed::Took(p.ok()),
+        },
+        Full::Overdraw => Roomed::Took(None),
+        Full::Jukebox => Roomed::Refused,
+    }
+}
+
+/// Answers the call in `record` NFS3ERR_JUKEBOX without running it (see
+/// `qos::Full::Jukebox`), releasing `held` once the reply has left.
+fn refuse(
+    shared: &Shared,
+    tx: &mpsc::Sender<Queued>,
+    record: Vec<u8>,
+    received: Instant,
+    held: (OwnedSemaphorePermit, Charge),
+) {
+    let reply = refusal(&record, nfsstat3::NFS3ERR_JUKEBOX);
+    let slot = stats::slot_of_record(&record);
+    shared.buffers.give(record);
+    if let Some(bytes) = reply {
+        count(&shared.exports, slot, &bytes, received);
+        queue(tx, Queued { bytes, held });
+    }
 }
 
 /// Reads the first byte of the next record, waiting as long as calls are in flight

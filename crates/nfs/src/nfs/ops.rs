@@ -22,6 +22,7 @@ use std::sync::Arc;
 use nfs3_types::nfs3::{Nfs3Option, fattr3, nfsstat3, set_atime, set_mtime, stable_how};
 
 use super::attr::{self, Caller};
+use super::handle::FileHandle;
 use super::limits::MAX_IO;
 use super::quota;
 use super::reply::{Answer, Early, Encode, PostOp, Proc, Results, Target, Wcc};
@@ -46,6 +47,9 @@ pub struct Ctx<'a> {
     /// a READ or LOOKUP the page and dentry caches cannot answer stops with
     /// [`Early::WouldBlock`] (nothing done) and runs again on the blocking pool.
     pub cached_only: bool,
+    /// The call's first handle as routing (`qos::route`) found it in the record and
+    /// opened it: resolving those very bytes does not check their MAC again.
+    pub checked: Option<(&'a [u8], &'a FileHandle)>,
 }
 
 impl Ctx<'_> {
@@ -83,7 +87,11 @@ impl Ctx<'_> {
         if self.cached_only && !self.ex.holds(fh) {
             return Err(Early::WouldBlock);
         }
-        let (v, obj, st) = self.ex.resolve(self.client, fh)?;
+        let opened = self
+            .checked
+            .filter(|(wire, _)| std::ptr::eq(*wire, fh))
+            .map(|(_, h)| h);
+        let (v, obj, st) = self.ex.resolve_opened(self.client, fh, opened)?;
         // Removed while a copy runs: only the copy's keep link holds it, and its
         // handle is as stale as it would be without the copy.
         if snapshot::only_kept(&v, &st) {

@@ -3,7 +3,8 @@
 //! read or a write call (the procedure table's `direction`), how long the volume's
 //! ceilings hold it (`throttle`), and its weight, cost and class in the fair queue
 //! (`pool`: durable calls, those that sync before their reply, go before other
-//! volumes' unstable WRITEs).
+//! volumes' unstable WRITEs), and how much room its volume has for calls read and
+//! not yet run ([`ROOM_KIB`]; what a connection does without room is [`when_full`]).
 //! `conn` asks [`route`] for each call that may reach the blocking pool or a ceiling.
 //!
 //! A call whose handle does not authenticate, names no exported volume, or names one
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 
+use super::handle::FileHandle;
 use super::limits::MAX_IO;
 use super::pool::{Class, Ticket};
 use super::program::nfs3;
@@ -36,6 +38,16 @@ use crate::volume::{DEFAULT_WEIGHT, VolumeSpec};
 /// must not fill it with calls that will wait. (Stopping a connection stops it for
 /// every volume it carries: see the known limit in `docs/nfs-server.md`.)
 pub const PARKED_KIB: usize = 16 * 1024;
+
+/// Room for one volume's calls queued or running (read and not yet answered), in KiB
+/// of records plus their replies' data: a connection whose next call finds its volume
+/// out of room stops reading until some leaves (see [`when_full`]), so a flooding
+/// volume's records wait in its clients' sockets, not in the agent, and the cores that
+/// would read them serve the other volumes. A quarter of the default byte budget.
+pub const ROOM_KIB: usize = 32 * 1024;
+/// Most calls of one volume queued or running: each takes at least this share of
+/// [`ROOM_KIB`], so small calls are bounded by count as large ones are by bytes.
+pub const ROOM_CALLS: usize = 64;
 
 /// A unit of cost in the fair queue: one call, plus one per this many data bytes (a
 /// 1 MiB WRITE keeps a worker far longer than a GETATTR).
@@ -57,6 +69,8 @@ pub struct VolumeQos {
     pub queued_ns: AtomicU64,
     /// Unstable bytes not yet written out (see `writeback`).
     pub backlog: Backlog,
+    /// Room for calls queued or running, in KiB (see [`ROOM_KIB`]).
+    pub room: Arc<Semaphore>,
 }
 
 impl VolumeQos {
@@ -71,6 +85,7 @@ impl VolumeQos {
             throttled_ns: [AtomicU64::new(0), AtomicU64::new(0)],
             queued_ns: AtomicU64::new(0),
             backlog: Backlog::default(),
+            room: Arc::new(Semaphore::new(ROOM_KIB)),
         }
     }
 
@@ -109,6 +124,17 @@ pub struct Route {
     pub bytes: u64,
     /// Whether it syncs, adds unstable data, or neither (the pool's order).
     pub class: Class,
+    /// What routing decoded, for the call's run (`call::respond`): None for a record
+    /// that is no NFSv3 call with a handle.
+    pub known: Option<Known>,
+}
+
+/// A routed call's header and its handle as routing opened it, so that its run
+/// neither decodes the call nor checks the handle's MAC again.
+pub struct Known {
+    pub head: rpc::Head,
+    /// Where the handle is in the record, opened; None if it did not authenticate.
+    pub handle: Option<(std::ops::Range<usize>, FileHandle)>,
 }
 
 impl Route {
@@ -152,6 +178,49 @@ impl Route {
         let kib = (record_len + self.bytes as usize) / 1024 + 4;
         u32::try_from(kib.min(PARKED_KIB)).unwrap_or(u32::MAX)
     }
+
+    /// The KiB of [`VolumeQos::room`] a call of `record_len` bytes takes while queued
+    /// or running: its record and the data its reply can carry (a WRITE's data is in
+    /// its record already).
+    pub fn room_kib(&self, record_len: usize) -> u32 {
+        let reply = match self.direction {
+            Some(Direction::Read) => self.bytes as usize,
+            _ => 0,
+        };
+        let kib = (record_len + reply) / 1024 + 4;
+        let kib = kib.clamp(ROOM_KIB / ROOM_CALLS, ROOM_KIB);
+        u32::try_from(kib).unwrap_or(u32::MAX)
+    }
+}
+
+/// What a connection does with a call whose volume is out of room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Full {
+    /// Waits for room before reading its next record: its client's calls back up
+    /// in its socket, and it pays for its own volume's flood only.
+    Wait,
+    /// Queues it anyway: the connection carries other volumes' calls too (a kernel
+    /// client sends all of one server's volumes down one connection), and waiting
+    /// would hold theirs behind this volume's; the byte budget still bounds it.
+    Overdraw,
+    /// Answers NFS3ERR_JUKEBOX ("try again later", RFC 1813 §2.6: clients retry
+    /// it, the Linux client after a delay) without running it: the byte budget is
+    /// over half spent, and queueing more of a full volume's calls would leave the
+    /// connection, and every volume it carries, waiting for the budget.
+    Jukebox,
+}
+
+/// What to do with a call whose volume is out of room, on a connection that has
+/// carried calls of more than one volume (`mixed`), while `held` bytes of the
+/// server's budget of `limit` are in use.
+pub fn when_full(mixed: bool, held: usize, limit: usize) -> Full {
+    if !mixed {
+        Full::Wait
+    } else if held <= limit / 2 {
+        Full::Overdraw
+    } else {
+        Full::Jukebox
+    }
 }
 
 /// Routes the call in `record` from `client`; `direction` is the procedure table's
@@ -162,6 +231,7 @@ pub fn route(ex: &Exports, client: IpAddr, record: &[u8], direction: Option<Dire
         direction,
         bytes: 0,
         class: Class::Other,
+        known: None,
     };
     let Ok(call) = rpc::parse_call(record) else {
         return none;
@@ -169,12 +239,14 @@ pub fn route(ex: &Exports, client: IpAddr, record: &[u8], direction: Option<Dire
     if call.prog != super::program::NFS_PROGRAM || call.procedure == nfs3::NULL {
         return none;
     }
-    let mut args = call.args;
+    let (head, mut args) = rpc::Head::split(call, record);
     // Every NFSv3 procedure but NULL starts with a handle (RFC 1813 §3.3).
     let Ok(fh) = args.fh() else {
         return none;
     };
-    let (bytes, class) = match call.procedure {
+    let at = (fh.as_ptr() as usize).wrapping_sub(record.as_ptr() as usize);
+    let opened = ex.volume_of(client, fh);
+    let (bytes, class) = match head.procedure {
         // offset, count (§3.3.6)
         nfs3::READ => (count(&mut args), Class::Other),
         // offset, count, stable, data (§3.3.7): UNSTABLE is 0.
@@ -191,11 +263,16 @@ pub fn route(ex: &Exports, client: IpAddr, record: &[u8], direction: Option<Dire
         p if table::changes(p) => (0, Class::Durable),
         _ => (0, Class::Other),
     };
+    let (volume, handle) = match opened {
+        Some((v, h)) => (Some(v), Some((at..at + fh.len(), h))),
+        None => (None, None),
+    };
     Route {
-        volume: ex.volume_of(client, fh),
+        volume,
         direction,
         bytes,
         class,
+        known: Some(Known { head, handle }),
     }
 }
 
@@ -204,4 +281,24 @@ fn count(args: &mut XdrIn<'_>) -> u64 {
     args.u64()
         .and_then(|_| args.u32())
         .map_or(0, |n| u64::from(n.min(MAX_IO)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_volume_waits_on_its_own_connections_and_is_refused_only_past_half_the_budget() {
+        // (carries other volumes, budget held of 100) → what happens
+        let table = [
+            (false, 0, Full::Wait),
+            (false, 100, Full::Wait),
+            (true, 0, Full::Overdraw),
+            (true, 50, Full::Overdraw),
+            (true, 51, Full::Jukebox),
+        ];
+        for (mixed, held, want) in table {
+            assert_eq!(when_full(mixed, held, 100), want, "{mixed} {held}");
+        }
+    }
 }

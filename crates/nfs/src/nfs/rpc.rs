@@ -41,6 +41,38 @@ pub struct Call<'a> {
     pub args: XdrIn<'a>,
 }
 
+/// A decoded call's header, owned, with where its arguments start in its record: kept
+/// by routing (`qos`) so the call is decoded once.
+#[derive(Debug)]
+pub struct Head {
+    pub xid: u32,
+    pub prog: u32,
+    pub vers: u32,
+    pub procedure: u32,
+    pub cred: Credential,
+    args_at: usize,
+}
+
+impl Head {
+    /// `call`, decoded from `record`, as its header and its arguments.
+    pub fn split<'a>(call: Call<'a>, record: &[u8]) -> (Head, XdrIn<'a>) {
+        let head = Head {
+            xid: call.xid,
+            prog: call.prog,
+            vers: call.vers,
+            procedure: call.procedure,
+            cred: call.cred,
+            args_at: record.len() - call.args.remaining().len(),
+        };
+        (head, call.args)
+    }
+
+    /// The call's arguments, in the `record` it was decoded from.
+    pub fn args<'a>(&self, record: &'a [u8]) -> XdrIn<'a> {
+        XdrIn::new(record.get(self.args_at..).unwrap_or_default())
+    }
+}
+
 /// Why a record is not a call we can serve.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Reject {

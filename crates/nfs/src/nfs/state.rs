@@ -454,12 +454,14 @@ impl Exports {
 
     /// The volume of handle `wire` if it authenticates, is exported and `client` may
     /// use it: what `qos` queues and throttles a call under (nothing is opened).
-    pub fn volume_of(&self, client: IpAddr, wire: &[u8]) -> Option<Arc<Volume>> {
+    /// The volume handle `wire` names, if it authenticates and `client` may use the
+    /// volume, with the handle opened (for [`Exports::resolve_opened`]).
+    pub fn volume_of(&self, client: IpAddr, wire: &[u8]) -> Option<(Arc<Volume>, FileHandle)> {
         let fh = self.key.open(wire).ok()?;
         let volume = self.read_volumes().get(&fh.volume).cloned()?;
         self.access
             .allows(client, &volume.meta.name)
-            .then_some(volume)
+            .then_some((volume, fh))
     }
 
     pub fn resolve(
@@ -467,10 +469,29 @@ impl Exports {
         client: IpAddr,
         wire: &[u8],
     ) -> Result<(Arc<Volume>, Arc<Obj>, libc::stat), nfsstat3> {
-        let fh = self
-            .key
-            .open(wire)
-            .map_err(|_| nfsstat3::NFS3ERR_BADHANDLE)?;
+        self.resolve_opened(client, wire, None)
+    }
+
+    /// [`Exports::resolve`], given `wire` already opened (its MAC checked) as `opened`
+    /// by [`Exports::volume_of`]: the volume and the client's access are checked again
+    /// (either may have changed since), the MAC is not.
+    pub fn resolve_opened(
+        &self,
+        client: IpAddr,
+        wire: &[u8],
+        opened: Option<&FileHandle>,
+    ) -> Result<(Arc<Volume>, Arc<Obj>, libc::stat), nfsstat3> {
+        let own;
+        let fh = match opened {
+            Some(fh) => fh,
+            None => {
+                own = self
+                    .key
+                    .open(wire)
+                    .map_err(|_| nfsstat3::NFS3ERR_BADHANDLE)?;
+                &own
+            }
+        };
         let volume = self
             .read_volumes()
             .get(&fh.volume)

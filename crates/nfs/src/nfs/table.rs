@@ -327,6 +327,30 @@ pub fn direction(record: &[u8]) -> Option<Direction> {
     }
 }
 
+/// Words of empty attributes after the status in NFSv3 procedure `proc`'s failure
+/// reply (RFC 1813 §3.3, each `...3resfail`): a `post_op_attr` without attributes is
+/// one word, `wcc_data` two (neither before nor after attributes).
+pub fn failure_words(proc: u32) -> usize {
+    match proc {
+        nfs3::GETATTR => 0,
+        nfs3::LOOKUP
+        | nfs3::ACCESS
+        | nfs3::READLINK
+        | nfs3::READ
+        | nfs3::READDIR
+        | nfs3::READDIRPLUS
+        | nfs3::FSSTAT
+        | nfs3::FSINFO
+        | nfs3::PATHCONF => 1,
+        // the file's post_op_attr, the directory's wcc_data
+        nfs3::LINK => 3,
+        // both directories' wcc_data
+        nfs3::RENAME => 4,
+        // SETATTR, WRITE, the calls that create or remove, COMMIT: wcc_data
+        _ => 2,
+    }
+}
+
 /// Whether NFSv3 procedure `proc` changes the volume: WRITE, COMMIT, SETATTR and the
 /// namespace changes (each syncs what it changed before its reply).
 pub fn changes(proc: u32) -> bool {
@@ -368,6 +392,19 @@ pub fn try_inline(record: &[u8]) -> bool {
 /// The largest reply `record`'s call can produce, charged before it runs (see
 /// [`Bound`]); calls that are not NFSv3, or whose arguments do not decode, answer small.
 pub fn reply_bound(record: &[u8]) -> usize {
+    // Only the rows with a data bound need the call decoded.
+    let data = word(record, 3) == Some(NFS_PROGRAM)
+        && word(record, 4) == Some(VERSION)
+        && matches!(
+            word(record, 5).and_then(|p| numbered(&NFS3, p)),
+            Some(Procedure {
+                bound: Bound::Data(_),
+                ..
+            })
+        );
+    if !data {
+        return SMALL_RESULT;
+    }
     let Ok(call) = rpc::parse_call(record) else {
         return SMALL_RESULT;
     };
