@@ -557,7 +557,14 @@ async fn place(
     }
     let Some(node) = chosen else {
         let msg = refused.join("; ");
-        return fail(ctx, caches, pvc, Failure::no_room(msg, selected.is_some()), false).await;
+        return fail(
+            ctx,
+            caches,
+            pvc,
+            Failure::no_room(msg, selected.is_some()),
+            false,
+        )
+        .await;
     };
     let spec = p.params.volume_request(p.volume.clone(), size);
     let note_restore = restore.as_ref().map(|r| {
