@@ -1,7 +1,7 @@
 //! The peer channel: how a node agent makes a clone whose source volume is on another
 //! node. The agent holding the source ([`Peer::serve`], on `--peer-port`, advertised
 //! in its heartbeat Lease) streams a point-in-time copy to the agent making the clone
-//! ([`Peer::fetch`]). The messages and the source's rules are in `objects::peer`; the
+//! ([`Peer::fetch`], in `fetch.rs`). The messages and the source's rules are in `objects::peer`; the
 //! two ends of the stream in [`tree`].
 //!
 //! Who may use it: only agents, each proven by its Ed25519 agent key (the one whose
@@ -21,14 +21,15 @@
 //! `objects::peer::CHUNK` in memory. A connection that goes quiet for [`IO_TIMEOUT`]
 //! is closed; at most [`MAX_STREAMS`] are served at once.
 
+mod fetch;
 pub mod tree;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::api::Api;
 use kube::{Client, ResourceExt};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -38,6 +39,7 @@ use prometheus_client::registry::Registry;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::client::danger::{
     HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
 };
@@ -49,7 +51,6 @@ use tokio_rustls::rustls::pki_types::{
 use tokio_rustls::rustls::{
     self, ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme,
 };
-use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
 
 use super::keys::ControllerKey;
@@ -57,13 +58,13 @@ use crate::kubeclient::annotation;
 use crate::nfs::Exports;
 use crate::objects::agents::{AgentInfo, Agents, key_lease_name, lease_name};
 use crate::objects::claim::pv_name;
-use crate::objects::keys::{NODE_KEY, REQUEST, REQUEST_SIG};
+use crate::objects::keys::{NODE_KEY, REQUEST};
 use crate::objects::peer::{
     self as wire, Accepted, Ask, BINDING_LEN, ClaimSeen, EXPORTER_LABEL, Frame, RECEIVER, SOURCE,
 };
 use crate::objects::request::{CloneSource, VolumeRequest};
 use crate::objects::signed::{Message, Signer};
-use crate::volume::{Owner, VolumeMeta};
+use crate::volume::VolumeMeta;
 
 /// Frames queued between a connection and its stream's blocking thread.
 pub const QUEUE: usize = 8;
@@ -498,137 +499,5 @@ impl Peer {
             request: annotation(&c, REQUEST).map(str::to_owned),
         });
         wire::check_ask(ask, signed, peer, seen.as_ref()).map_err(|why| ("ask", why))
-    }
-
-    /// Makes the clone `request` asks for (its source on node `from`) by streaming it
-    /// from that node's agent, for `owner`.
-    pub async fn fetch(
-        &self,
-        pvc: &PersistentVolumeClaim,
-        request: &VolumeRequest,
-        from: &str,
-        owner: Owner,
-    ) -> Result<Fetched, FetchError> {
-        let started = Instant::now();
-        let failed = FetchError::Failed;
-        let agent = self
-            .agent_of(from)
-            .await
-            .ok_or_else(|| failed(format!("node {from} has no agent heartbeat")))?;
-        let (Some(key), Some(port)) = (agent.key, agent.peer_port) else {
-            return Err(failed(format!(
-                "node {from}'s agent does not serve clones to other nodes (upgrade it)"
-            )));
-        };
-        let node = Api::<Node>::all(self.client.clone())
-            .get(from)
-            .await
-            .map_err(|e| failed(format!("read node {from}: {e}")))?;
-        let ip: std::net::IpAddr = crate::kubeclient::internal_ips(&node)
-            .next()
-            .and_then(|a| a.parse().ok())
-            .ok_or_else(|| failed(format!("node {from} has no InternalIP")))?;
-        let addr = SocketAddr::new(ip, port);
-        let tcp = tokio::time::timeout(IO_TIMEOUT, TcpStream::connect(addr))
-            .await
-            .map_err(|_| failed(format!("connect to {addr} timed out")))?
-            .map_err(|e| failed(format!("connect to node {from}'s agent at {addr}: {e}")))?;
-        let name = ServerName::try_from(TLS_NAME)
-            .map_err(|e| failed(format!("TLS name: {e}")))?
-            .to_owned();
-        let mut tls = tokio::time::timeout(
-            IO_TIMEOUT,
-            TlsConnector::from(self.client_tls.clone()).connect(name, tcp),
-        )
-        .await
-        .map_err(|_| failed("TLS handshake timed out".into()))?
-        .map_err(|e| failed(format!("TLS handshake with {addr}: {e}")))?;
-        let ekm = tls
-            .get_ref()
-            .1
-            .export_keying_material([0u8; BINDING_LEN], EXPORTER_LABEL, None)
-            .map_err(|e| failed(format!("export keying material: {e}")))?;
-        let hello = wire::hello(&self.signer, RECEIVER, &self.node, &ekm);
-        write_frame(&mut tls, &Frame::Hello(hello))
-            .await
-            .map_err(failed)?;
-        match read_frame(&mut tls, IO_TIMEOUT).await.map_err(failed)? {
-            Frame::Hello(h)
-                if h.node == from && wire::hello_verifies(&h, SOURCE, &ekm, Some(&key)) => {}
-            Frame::Refused(why) => {
-                return Err(FetchError::Refused(format!(
-                    "node {from}'s agent refused: {why}"
-                )));
-            }
-            _ => {
-                return Err(failed(format!(
-                    "whatever answers at {addr} is not node {from}'s agent (its hello does not verify)"
-                )));
-            }
-        }
-        let ask = Ask {
-            namespace: pvc.namespace().unwrap_or_default(),
-            claim: pvc.name_any(),
-            request: annotation(pvc, REQUEST).unwrap_or_default().to_owned(),
-            request_sig: annotation(pvc, REQUEST_SIG).unwrap_or_default().to_owned(),
-        };
-        write_frame(&mut tls, &Frame::Ask(ask))
-            .await
-            .map_err(failed)?;
-        let accepted = match read_frame(&mut tls, COPY_TIMEOUT).await.map_err(failed)? {
-            Frame::Accepted(a) => a,
-            Frame::Refused(why) => {
-                return Err(FetchError::Refused(format!(
-                    "node {from}'s agent refused: {why}"
-                )));
-            }
-            Frame::Failed(why) => return Err(failed(why)),
-            other => {
-                return Err(failed(format!(
-                    "unexpected {} from node {from}'s agent",
-                    tree::frame_name(&other)
-                )));
-            }
-        };
-        let (tx, mut rx) = mpsc::channel::<Frame>(QUEUE);
-        let (exports, spec) = (self.exports.clone(), request.spec.clone());
-        let writer =
-            tokio::task::spawn_blocking(move || tree::receive(&exports, &spec, &owner, &mut rx));
-        let mut cut = None;
-        loop {
-            let f = match read_frame(&mut tls, IO_TIMEOUT).await {
-                Ok(f) => f,
-                Err(e) => {
-                    cut = Some(e);
-                    break;
-                }
-            };
-            let last = matches!(f, Frame::Done | Frame::Failed(_));
-            if let Frame::Data(d) = &f {
-                self.metrics.received_bytes.inc_by(d.len() as u64);
-            }
-            if tx.send(f).await.is_err() || last {
-                break; // the writer stopped (it says why) or the stream is complete
-            }
-        }
-        drop(tx);
-        let made = writer
-            .await
-            .map_err(|e| failed(format!("receive task failed: {e}")))?;
-        let _ = tls.shutdown().await;
-        match made {
-            Ok((meta, got)) => Ok(Fetched {
-                meta,
-                bytes: got.bytes,
-                files: got.files,
-                pause: Duration::from_micros(accepted.pause_micros),
-                took: started.elapsed(),
-                from: from.to_owned(),
-            }),
-            Err(why) => Err(failed(match cut {
-                Some(c) => format!("{c}; {why}"),
-                None => why,
-            })),
-        }
     }
 }
