@@ -1,7 +1,8 @@
 //! `localnfs demo` as a user runs it: it comes up, provisions a StatefulSet's volumes
 //! (the replicas scaled out as clones of the first's),
 //! mounts them with its node's Linux kernel NFS client, shows a rebuilt pod finding
-//! its data (sent home by the scheduler helper), serves its admin endpoints, and on
+//! its data (sent home by the scheduler helper), restores a backup of the first
+//! replica's volume with matching checksums, serves its admin endpoints, and on
 //! SIGTERM stops every process it started (the node's kernel too) and removes its
 //! directory.
 
@@ -50,6 +51,8 @@ async fn demo_stops_everything_it_started_on_sigterm() {
     let mut rebuilt_found_data = false;
     // mysql-2 is scaled out by clone: its volume holds what mysql-0 wrote.
     let mut clone_found_data = false;
+    // mysql-0's volume backed up and restored by a VolumeRestore: the same sha256.
+    let mut restore_matched = false;
     let mut kernel_pid = None;
     let read_report = async {
         while let Some(line) = lines.next_line().await.expect("read stdout") {
@@ -75,6 +78,9 @@ async fn demo_stops_everything_it_started_on_sigterm() {
             if line.contains("its volume is a copy holding data-mysql-0.txt: mysql-0 wrote this") {
                 clone_found_data = true;
             }
+            if line.trim().starts_with("data-mysql-0.txt") && line.trim().ends_with(" match") {
+                restore_matched = true;
+            }
             if let Some(rest) = line.trim().strip_prefix("admin endpoints: http://") {
                 let addr = rest.split('/').next().expect("address");
                 admin = Some(addr.parse::<std::net::SocketAddr>().expect("admin address"));
@@ -93,6 +99,10 @@ async fn demo_stops_everything_it_started_on_sigterm() {
         localnfs_pids.len(),
         3,
         "report lists the node agent, the controller and the scheduler helper"
+    );
+    assert!(
+        restore_matched,
+        "the demo's restore did not show mysql-0's file with a matching sha256"
     );
     assert!(
         rebuilt_found_data,
