@@ -49,6 +49,10 @@ pub struct Heartbeat<'a> {
     pub peer_port: u16,
     /// How many usage shards the node has (see `objects::usage`).
     pub usage_shards: u32,
+    /// The agent's key (hex) while its key Lease is not written yet (a write guard
+    /// from before key Leases refuses that write during an upgrade): readers then
+    /// still find the key here. `None` once the key Lease holds it (and removes it).
+    pub key_until_written: Option<&'a str>,
 }
 
 /// Writes `node`'s key Lease with `key` (the public half of the agent's signing key,
@@ -73,7 +77,8 @@ pub async fn write_key(leases: &Api<Lease>, node: &str, key: &str) -> Result<(),
 pub async fn renew(leases: &Api<Lease>, hb: &Heartbeat<'_>) -> Result<(), kube::Error> {
     let name = lease_name(hb.node);
     // `null` removes the per-volume annotations an agent before usage shards wrote
-    // here, and the key an agent before key Leases did.
+    // here, and the key an agent before key Leases did (kept only while this agent's
+    // key Lease is not written yet).
     let annotations: BTreeMap<&str, Option<String>> = [
         (FREE_BYTES, Some(hb.free_bytes.to_string())),
         (NFS_PORT, Some(hb.nfs_port.to_string())),
@@ -81,7 +86,7 @@ pub async fn renew(leases: &Api<Lease>, hb: &Heartbeat<'_>) -> Result<(), kube::
         (USAGE_SHARDS, Some(hb.usage_shards.to_string())),
         (USED_BYTES, None),
         (USED_INODES, None),
-        (AGENT_KEY, None),
+        (AGENT_KEY, hb.key_until_written.map(str::to_owned)),
     ]
     .into();
     let body = json!({

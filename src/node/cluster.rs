@@ -1020,6 +1020,7 @@ async fn heartbeat(agent: Arc<Agent>, shutdown: CancellationToken) {
             peer_port: agent.peer_port,
             // Until the new shards are all written, readers keep reading the old ones.
             usage_shards: shards_written.max(1),
+            key_until_written: (!key_written).then_some(key.as_str()),
         };
         if let Err(e) = heartbeat::renew(&leases, &beat).await {
             tracing::warn!(error = %e, "cannot renew the node heartbeat lease");

@@ -41,6 +41,7 @@ impl Peer {
         let agent = self
             .agent_of(from)
             .await
+            .map_err(failed)?
             .ok_or_else(|| failed(format!("node {from} has no agent heartbeat")))?;
         let (Some(key), Some(port)) = (agent.key, agent.peer_port) else {
             return Err(failed(format!(
@@ -82,11 +83,14 @@ impl Peer {
         match read_frame(&mut tls, IO_TIMEOUT).await.map_err(failed)? {
             Frame::Hello(h)
                 if h.node == from && wire::hello_verifies(&h, SOURCE, &ekm, Some(&key)) => {}
+            // Before the source has proven who it is, nothing it says is final:
+            // whatever answers on that port could refuse every clone otherwise.
             Frame::Refused(why) => {
-                return Err(FetchError::Refused(format!(
-                    "node {from}'s agent refused: {why}"
+                return Err(failed(format!(
+                    "node {from}'s agent (not yet verified) refused: {why}"
                 )));
             }
+            Frame::Failed(why) => return Err(failed(why)),
             _ => {
                 return Err(failed(format!(
                     "whatever answers at {addr} is not node {from}'s agent (its hello does not verify)"

@@ -18,8 +18,9 @@
 //! What a clone costs the source's node: room for one point-in-time copy in its
 //! staging (shared extents where the file system has reflinks) for as long as the
 //! stream runs, removed after; each side holds at most [`QUEUE`] chunks of
-//! `objects::peer::CHUNK` in memory. A connection that goes quiet for [`IO_TIMEOUT`]
-//! is closed; at most [`MAX_STREAMS`] are served at once.
+//! `objects::peer::CHUNK` in memory. A connection has [`AUTH_TIMEOUT`] for each step
+//! until it is a checked agent, and is closed once quiet for [`IO_TIMEOUT`] after;
+//! at most [`MAX_CONNECTIONS`] are open and [`MAX_STREAMS`] stream at once.
 
 mod fetch;
 pub mod tree;
@@ -73,8 +74,15 @@ pub const QUEUE: usize = 8;
 pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the receiver waits for the source's point-in-time copy to be taken.
 pub const COPY_TIMEOUT: Duration = Duration::from_secs(3600);
-/// Clones streamed out at once; more wait in the accept backlog.
+/// Clones streamed out at once; more authenticated ones wait for a turn.
 pub const MAX_STREAMS: usize = 4;
+/// Connections open at once, most of them not yet authenticated; more wait in the
+/// accept backlog. Well above [`MAX_STREAMS`], so a few idle connections from the
+/// node network cannot take every turn from the agents.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a connection has for its TLS handshake, and then for each of its hello
+/// and its request: a connection that is not an agent asking is closed soon.
+pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 /// The name the receiver asks the TLS layer for (certificates are not checked by name:
 /// see [`AnyCertificate`]).
 const TLS_NAME: &str = "localnfs-peer";
@@ -123,6 +131,8 @@ pub struct Peer {
     pub signer: Signer,
     pub controller_key: ControllerKey,
     pub metrics: PeerMetrics,
+    /// Turns for streaming out ([`MAX_STREAMS`]), taken only once a peer is checked.
+    streams: Arc<tokio::sync::Semaphore>,
     server_tls: Arc<ServerConfig>,
     client_tls: Arc<ClientConfig>,
 }
@@ -296,26 +306,33 @@ impl Peer {
             signer,
             controller_key,
             metrics,
+            streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
             server_tls: server_tls()?,
             client_tls: client_tls()?,
         })
     }
 
-    /// `node`'s heartbeat as its Lease says now (`None`: no Lease, or none of ours).
-    async fn agent_of(&self, node: &str) -> Option<AgentInfo> {
+    /// `node`'s heartbeat as its Leases say now (`Ok(None)`: no Lease, or none of
+    /// ours; `Err`: the API server could not be asked, which may pass).
+    async fn agent_of(&self, node: &str) -> Result<Option<AgentInfo>, String> {
         if !node_name_ok(node) {
-            return None;
+            return Ok(None);
         }
         let leases: Api<Lease> = Api::namespaced(self.client.clone(), &self.heartbeat_namespace);
         // The key is in the node's key Lease (agents before key Leases: in the
         // heartbeat itself); `Agents` joins the two as every other reader does.
+        let read = |e: kube::Error| format!("read node {node}'s Leases: {e}");
         let mut agents = Agents::default();
-        if let Some(key) = leases.get_opt(&key_lease_name(node)).await.ok()? {
+        if let Some(key) = leases.get_opt(&key_lease_name(node)).await.map_err(read)? {
             agents.see(&key, 0);
         }
-        let lease = leases.get_opt(&lease_name(node)).await.ok()??;
-        let (named, info) = agents.see(&lease, 0)?;
-        if named == node { info } else { None }
+        let Some(lease) = leases.get_opt(&lease_name(node)).await.map_err(read)? else {
+            return Ok(None);
+        };
+        Ok(match agents.see(&lease, 0) {
+            Some((named, info)) if named == node => info,
+            _ => None,
+        })
     }
 
     /// Serves other agents' clone requests on `listener` until `shutdown`.
@@ -323,7 +340,7 @@ impl Peer {
         crate::server::serve(
             "peer",
             listener,
-            MAX_STREAMS,
+            MAX_CONNECTIONS,
             shutdown,
             |tcp, from, stop| {
                 let me = self.clone();
@@ -365,10 +382,18 @@ impl Peer {
         Ok(())
     }
 
+    /// Tells the peer this try failed for a reason that may pass (it starts over),
+    /// rather than refusing it.
+    async fn fail<W: AsyncWrite + Unpin>(&self, w: &mut W, why: String) -> Result<(), String> {
+        let _ = write_frame(w, &Frame::Failed(why.clone())).await;
+        let _ = w.shutdown().await;
+        Err(why)
+    }
+
     /// The source side of one connection.
     async fn source(&self, tcp: TcpStream, from: SocketAddr) -> Result<(), String> {
         let acceptor = TlsAcceptor::from(self.server_tls.clone());
-        let mut tls = tokio::time::timeout(IO_TIMEOUT, acceptor.accept(tcp))
+        let mut tls = tokio::time::timeout(AUTH_TIMEOUT, acceptor.accept(tcp))
             .await
             .map_err(|_| "TLS handshake timed out".to_owned())?
             .map_err(|e| format!("TLS handshake: {e}"))?;
@@ -377,14 +402,18 @@ impl Peer {
             .1
             .export_keying_material([0u8; BINDING_LEN], EXPORTER_LABEL, None)
             .map_err(|e| format!("export keying material: {e}"))?;
-        let hello = match read_frame(&mut tls, IO_TIMEOUT).await? {
+        let hello = match read_frame(&mut tls, AUTH_TIMEOUT).await? {
             Frame::Hello(h) => h,
             other => {
                 let why = format!("expected a hello, got {}", tree::frame_name(&other));
                 return self.refuse(&mut tls, from, "hello", "", why).await;
             }
         };
-        let key = self.agent_of(&hello.node).await.and_then(|a| a.key);
+        let key = match self.agent_of(&hello.node).await {
+            Ok(agent) => agent.and_then(|a| a.key),
+            // Not a refusal: the caller may be that agent; it tries again.
+            Err(e) => return self.fail(&mut tls, e).await,
+        };
         if !wire::hello_verifies(&hello, RECEIVER, &ekm, key.as_ref()) {
             let why = format!(
                 "not node {}'s agent: the hello is not signed for this session by the key in that node's key Lease",
@@ -394,7 +423,7 @@ impl Peer {
         }
         let mine = wire::hello(&self.signer, SOURCE, &self.node, &ekm);
         write_frame(&mut tls, &Frame::Hello(mine)).await?;
-        let ask = match read_frame(&mut tls, IO_TIMEOUT).await? {
+        let ask = match read_frame(&mut tls, AUTH_TIMEOUT).await? {
             Frame::Ask(a) => a,
             other => {
                 let why = format!("expected a request, got {}", tree::frame_name(&other));
@@ -403,6 +432,7 @@ impl Peer {
         };
         let (request, namespace) = match self.check(&ask, &hello.node).await {
             Ok(r) => r,
+            Err(("api", why)) => return self.fail(&mut tls, why).await,
             Err((stage, why)) => {
                 return self.refuse(&mut tls, from, stage, &hello.node, why).await;
             }
@@ -419,6 +449,12 @@ impl Peer {
         {
             return self.refuse(&mut tls, from, "owner", &hello.node, why).await;
         }
+        // A checked agent waits here for a turn; the connection stays open.
+        let _turn = self
+            .streams
+            .acquire()
+            .await
+            .map_err(|e| format!("stream turns: {e}"))?;
         tracing::info!(%from, peer = %hello.node, source = %source.volume, volume = %request.spec.name, "streaming a clone to another node");
         let (exports, spec, volume) = (
             self.exports.clone(),
@@ -490,7 +526,7 @@ impl Peer {
             Api::<PersistentVolumeClaim>::namespaced(self.client.clone(), &ask.namespace)
                 .get_opt(&ask.claim)
                 .await
-                .map_err(|e| ("ask", format!("cannot read the claim: {e}")))?
+                .map_err(|e| ("api", format!("cannot read the claim: {e}")))?
         };
         let seen = claim.map(|c| ClaimSeen {
             uid: c.uid().unwrap_or_default(),

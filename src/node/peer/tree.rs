@@ -319,6 +319,14 @@ pub fn receive(
                         apply(&path, &e.attrs, true)?;
                     }
                     Kind::Fifo | Kind::Socket | Kind::Char | Kind::Block => {
+                        // As for MKNOD and restores: devices only where the agent was
+                        // allowed to make them.
+                        if matches!(e.kind, Kind::Char | Kind::Block) && !exports.device_nodes {
+                            return Err(format!(
+                                "the source holds a device node ({}); this node's agent does not make device nodes (--allow-device-nodes)",
+                                path.display()
+                            ));
+                        }
                         let t = match e.kind {
                             Kind::Fifo => libc::S_IFIFO,
                             Kind::Socket => libc::S_IFSOCK,

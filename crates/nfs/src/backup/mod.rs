@@ -273,8 +273,9 @@ pub fn prune_plan(
         .filter(|&(i, (_, created))| {
             let newest = i + 1 == n;
             let kept_by_count = keep.is_some_and(|k| n - i <= k);
-            let kept_by_age =
-                max_age.is_some_and(|d| now_ms.saturating_sub(*created) <= d.as_millis() as u64);
+            let kept_by_age = max_age.is_some_and(|d| {
+                now_ms.saturating_sub(*created) <= u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+            });
             !newest && !kept_by_count && !kept_by_age
         })
         .filter(|(_, (id, _))| id != written)
