@@ -549,6 +549,7 @@ async fn an_agent_killed_during_a_volume_backup_leaves_it_finished_and_no_unfini
                 .expect("write");
         }
     }
+    claim_in(&client, &lnfs, "default", "other", "16Mi").await;
     create_backup(&client, "default", "cut", "data", "nightly").await;
     let api: Api<VolumeBackup> = Api::namespaced(client.clone(), "default");
     // Progress is reported while it runs, in the status and the agent's gauge.
@@ -567,8 +568,30 @@ async fn an_agent_killed_during_a_volume_backup_leaves_it_finished_and_no_unfini
     })
     .await;
     assert!(progress.1.is_some_and(|b| b > 0), "{progress:?}");
-    // A second backup meanwhile waits its turn, saying so.
-    create_backup(&client, "default", "queued", "data", "nightly").await;
+    // A second backup of the same claim meanwhile is refused at once: one tenant
+    // cannot queue many backups ahead of others on the node.
+    create_backup(&client, "default", "again", "data", "nightly").await;
+    let st = finished(&client, &lnfs, "default", "again").await;
+    if st.phase == Some(Phase::Failed) {
+        let msg = st.message.unwrap_or_default();
+        assert!(
+            msg.contains("another backup of this claim is unfinished: cut"),
+            "{msg}"
+        );
+    } else {
+        let cut = api
+            .get("cut")
+            .await
+            .expect("get")
+            .status
+            .unwrap_or_default();
+        assert!(
+            cut.phase.is_some_and(Phase::is_final),
+            "two backups of one claim ran: {st:?} {cut:?}"
+        );
+    }
+    // Another claim's backup meanwhile waits its turn, saying so.
+    create_backup(&client, "default", "queued", "other", "nightly").await;
     let waited = eventually("the queued backup waiting", WAIT, || async {
         let st = api.get("queued").await.ok()?.status?;
         if st

@@ -3,9 +3,10 @@
 //!
 //! Which volume is read is decided by facts a tenant cannot forge (DESIGN invariant
 //! 11): the PV must be one of this node's (the agent's PV cache holds only PVs
-//! labelled with its node, which only localnfs writes), bound both ways to the claim
-//! the object names in its own namespace (`claimRef` with the claim's uid, read fresh
-//! from the API server), and the volume's **owner record on disk** must be that claim
+//! labelled with its node, which only localnfs writes), Bound to the claim the object
+//! names in its own namespace (`claimRef` with the claim's current uid, read fresh
+//! from the API server: a Released PV of an earlier claim of that name is not it, and
+//! an object whose claim has no such PV here is left alone, never failed) ([`claims_pv`]), and the volume's **owner record on disk** must be that claim
 //! (uid and namespace) ([`resolve`]). A PV re-pointed at another volume, or annotations
 //! a tenant writes on its claim, therefore never make the agent read someone else's
 //! data: the object fails with the reason and nothing is written to the target. The
@@ -18,15 +19,18 @@
 //! found, the backup is refused. The engine's own refusals (target inside the store,
 //! on the store's device) stay.
 //!
-//! One backup runs at a time per agent; others wait Pending with a message. While one
+//! One backup runs at a time per agent; others wait Pending with a message. One
+//! VolumeBackup per claim is unfinished at a time: a later one fails at once
+//! ([`earlier_unfinished`]), so one tenant cannot queue many ahead of the others. While one
 //! runs, `status.progressBytes` and `bytesPerSecond` are written about every 2 s, and
 //! the gauge `localnfs_backup_progress_bytes` follows them. The result is the final
 //! status and an event on the object: `BackupCompleted`, `BackupFailed`, or
 //! `BackupTargetUnavailable` when the target was full or unreachable (the source is
 //! touched only by the snapshot's pause; a schedule's next backup is tried as usual).
 //!
-//! Restarts: an agent that finds a VolumeBackup of its node in Running that it did not
-//! start in this process marks it Failed ("the node agent restarted during the
+//! Restarts: an agent that finds a VolumeBackup in Running with its own node in
+//! `status.node` (written by the agent that started it) that it did not start in this
+//! process marks it Failed ("the node agent restarted during the
 //! backup"): rerunning it would back up a later instant than the one the object was
 //! created for. The unfinished set stays on the target, never listed, and the next
 //! backup of the volume removes it. Deleting a VolumeBackup does not delete its set:

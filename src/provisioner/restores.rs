@@ -37,6 +37,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use k8s_openapi::api::storage::v1::StorageClass;
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
@@ -505,10 +506,15 @@ async fn start(
     let Some(class) = vr.spec.storage_class_name.clone() else {
         return give_up(ctx, vr, fail("storageClassName is required".into())).await;
     };
-    let provisioner = ctx
-        .classes
-        .get(&ObjectRef::new(&class))
-        .map(|c| c.provisioner.clone());
+    // The watched classes first; a class the watch has not brought yet is read.
+    let provisioner = match ctx.classes.get(&ObjectRef::new(&class)) {
+        Some(c) => Some(c.provisioner.clone()),
+        None => Api::<StorageClass>::all(ctx.client.clone())
+            .get_opt(&class)
+            .await
+            .map_err(Error::kube(format!("read StorageClass {class}")))?
+            .map(|c| c.provisioner),
+    };
     if let Err(why) = class_is_ours(&class, provisioner.as_deref(), &ctx.provisioner) {
         return give_up(ctx, vr, fail(why)).await;
     }
