@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Secret};
+use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use localnfs::objects::backups::{API_VERSION, ClaimPhase, Phase, VolumeRestore};
@@ -424,6 +425,35 @@ async fn restores_that_must_not_happen_fail_with_a_reason_and_make_no_volume() {
             .contains("not both"),
         "spec refusal"
     );
+    // A class of another provisioner would bind the claim empty: refused at once,
+    // and no claim is made.
+    let other: StorageClass = serde_json::from_value(json!({
+        "metadata": {"name": "elsewhere"}, "provisioner": "example.com/other"}))
+    .expect("class");
+    Api::<StorageClass>::all(client.clone())
+        .create(&PostParams::default(), &other)
+        .await
+        .expect("create class");
+    s.restore(
+        "default",
+        "other-class",
+        json!({"source": {"target": "nightly", "volume": volume}, "storageClassName": "elsewhere",
+               "size": "8Mi", "claims": ["from-elsewhere"]}),
+    )
+    .await;
+    let vr = s.finished("default", "other-class").await;
+    let status = vr.status.unwrap_or_default();
+    assert_eq!(status.phase, Some(Phase::Failed), "{status:?}");
+    let message = status.message.unwrap_or_default();
+    assert!(
+        message.contains("provisioned by example.com/other"),
+        "{message}"
+    );
+    let made = Api::<PersistentVolumeClaim>::namespaced(client.clone(), "default")
+        .get_opt("from-elsewhere")
+        .await
+        .expect("get claim");
+    assert!(made.is_none(), "a claim was made: {made:?}");
 }
 
 /// A tenant cannot have data restored by writing a request on a claim: one signed
