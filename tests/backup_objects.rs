@@ -242,6 +242,10 @@ async fn event(client: &Client, ns: &str, name: &str, reason: &str) -> String {
     .await
 }
 
+async fn status_of(api: &Api<VolumeBackup>, name: &str) -> VolumeBackupStatus {
+    api.get(name).await.expect("get").status.unwrap_or_default()
+}
+
 /// Entries of a directory (names), empty if it does not exist.
 fn entries(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
@@ -579,12 +583,7 @@ async fn an_agent_killed_during_a_volume_backup_leaves_it_finished_and_no_unfini
             "{msg}"
         );
     } else {
-        let cut = api
-            .get("cut")
-            .await
-            .expect("get")
-            .status
-            .unwrap_or_default();
+        let cut = status_of(&api, "cut").await;
         assert!(
             cut.phase.is_some_and(Phase::is_final),
             "two backups of one claim ran: {st:?} {cut:?}"
@@ -606,12 +605,7 @@ async fn an_agent_killed_during_a_volume_backup_leaves_it_finished_and_no_unfini
     })
     .await;
     if !waited {
-        let cut = api
-            .get("cut")
-            .await
-            .expect("get")
-            .status
-            .unwrap_or_default();
+        let cut = status_of(&api, "cut").await;
         assert!(
             cut.phase.is_some_and(Phase::is_final),
             "two backups ran at once: {cut:?}"

@@ -478,13 +478,7 @@ async fn start(
         Ok(n) => n,
         Err(why) => return give_up(ctx, vr, fail(why)).await,
     };
-    let backup = match &vr.spec.source.backup {
-        Some(b) => Api::<VolumeBackup>::namespaced(ctx.client.clone(), &ns)
-            .get_opt(b)
-            .await
-            .map_err(Error::kube(format!("read VolumeBackup {ns}/{b}")))?,
-        None => None,
-    };
+    let backup = source_backup(ctx, vr).await?;
     let source = match resolve_source(&vr.spec, backup.as_ref()) {
         Ok(Some(s)) => s,
         Ok(None) => {
@@ -583,23 +577,28 @@ async fn make_claim(
     Ok(())
 }
 
+/// The VolumeBackup `vr`'s source names, read (`None`: none named, or not found).
+async fn source_backup(ctx: &Ctx, vr: &VolumeRestore) -> Result<Option<VolumeBackup>> {
+    let Some(b) = &vr.spec.source.backup else {
+        return Ok(None);
+    };
+    let ns = vr.namespace().unwrap_or_default();
+    Api::<VolumeBackup>::namespaced(ctx.client.clone(), &ns)
+        .get_opt(b)
+        .await
+        .map_err(Error::kube(format!("read VolumeBackup {ns}/{b}")))
+}
+
 /// The class and size of the claims `vr` makes, read again (for entries recorded but
 /// not made). `Ok(Err)`: why there are none now.
 async fn claim_shape(
     ctx: &Ctx,
     vr: &VolumeRestore,
 ) -> Result<std::result::Result<(String, String), String>> {
-    let ns = vr.namespace().unwrap_or_default();
     let Some(class) = vr.spec.storage_class_name.clone() else {
         return Ok(Err("storageClassName is required".into()));
     };
-    let backup = match &vr.spec.source.backup {
-        Some(b) => Api::<VolumeBackup>::namespaced(ctx.client.clone(), &ns)
-            .get_opt(b)
-            .await
-            .map_err(Error::kube(format!("read VolumeBackup {ns}/{b}")))?,
-        None => None,
-    };
+    let backup = source_backup(ctx, vr).await?;
     Ok(size_of(ctx, vr, backup.as_ref())
         .await?
         .map(|size| (class, size)))
