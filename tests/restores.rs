@@ -616,3 +616,47 @@ async fn the_mysql_example_restores_a_replica_from_its_volumebackup() {
         ],
     );
 }
+
+/// A controller stopped after recording the claims to make but before making them:
+/// the next leader makes them (they do not exist), rather than failing every entry
+/// with "claim exists".
+#[tokio::test]
+async fn a_controller_stopped_before_making_recorded_claims_makes_them_on_restart() {
+    let mut s = Setup::start(191).await;
+    let client = s.client();
+    let (node, volume, want) = s.claim_with_files("default", "db-0").await;
+    let set = s.backup(&node, &volume).await;
+    s.lnfs.kill_controller(0).await;
+    // What the stopped controller left: the object with its intent recorded (the
+    // first status write of a restore) and no claim made.
+    s.restore(
+        "default",
+        "late",
+        json!({"source": {"target": "nightly", "volume": volume, "set": set},
+               "storageClassName": "now", "size": "8Mi", "claims": ["made-late"]}),
+    )
+    .await;
+    Api::<VolumeRestore>::namespaced(client.clone(), "default")
+        .patch_status(
+            "late",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {
+                "phase": "Running",
+                "source": {"target": "nightly", "volume": volume, "set": set},
+                "claims": [{"name": "made-late", "phase": "Pending"}],
+            }})),
+        )
+        .await
+        .expect("write the recorded intent");
+    s.lnfs.start_controller();
+    let vr = s.finished("default", "late").await;
+    let status = vr.status.expect("status");
+    assert_eq!(
+        status.phase,
+        Some(Phase::Completed),
+        "{status:?}\n{}",
+        s.lnfs.logs()
+    );
+    let (n, v) = s.bound("default", "made-late").await;
+    assert_eq!(sums(&s.lnfs.root(&n).join("volumes").join(&v)), want);
+}
