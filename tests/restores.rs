@@ -660,3 +660,52 @@ async fn a_controller_stopped_before_making_recorded_claims_makes_them_on_restar
     let (n, v) = s.bound("default", "made-late").await;
     assert_eq!(sums(&s.lnfs.root(&n).join("volumes").join(&v)), want);
 }
+
+/// A claim a VolumeRestore recorded but that was provisioned empty (its
+/// `localnfs.io/restore` annotation removed before it was placed) is not reported
+/// restored: Bound is not enough, the controller's signed restore request must be on it.
+#[tokio::test]
+async fn a_claim_provisioned_empty_is_not_reported_restored() {
+    let mut s = Setup::start(193).await;
+    let client = s.client();
+    let (node, volume, _) = s.claim_with_files("default", "db-0").await;
+    let set = s.backup(&node, &volume).await;
+    // Provisioned as a plain claim: what the tenant gets by removing the annotation.
+    let mut pvc = claim("emptied", "now", "8Mi", json!({}));
+    pvc.metadata.namespace = Some("default".into());
+    let made = Api::<PersistentVolumeClaim>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &pvc)
+        .await
+        .expect("create claim");
+    s.bound("default", "emptied").await;
+    // The restore had recorded that claim's uid (as it does right after making it).
+    s.lnfs.kill_controller(0).await;
+    s.restore(
+        "default",
+        "emptied",
+        json!({"source": {"target": "nightly", "volume": volume, "set": set},
+               "storageClassName": "now", "size": "8Mi", "claims": ["emptied"]}),
+    )
+    .await;
+    Api::<VolumeRestore>::namespaced(client.clone(), "default")
+        .patch_status(
+            "emptied",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {
+                "phase": "Running",
+                "source": {"target": "nightly", "volume": volume, "set": set},
+                "claims": [{"name": "emptied", "uid": made.uid(), "phase": "Pending"}],
+            }})),
+        )
+        .await
+        .expect("write the recorded claim");
+    s.lnfs.start_controller();
+    let vr = s.finished("default", "emptied").await;
+    let status = vr.status.expect("status");
+    assert_eq!(status.phase, Some(Phase::Failed), "{status:?}");
+    let message = status.claims[0].message.clone().unwrap_or_default();
+    assert!(
+        message.contains("provisioned without the restore"),
+        "{message}"
+    );
+}
