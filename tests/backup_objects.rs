@@ -781,3 +781,42 @@ async fn tenants_back_up_through_the_edit_role_cannot_write_status_and_agent_and
     let st = finished(&tenant, &lnfs, "default", &made).await;
     assert_eq!(st.phase, Some(Phase::Completed), "{st:?}");
 }
+
+/// A schedule whose last VolumeBackup never finishes (here: its claim does not exist,
+/// so no agent takes it) makes no more: due times are skipped, and its status says
+/// why, instead of queueing one more object every tick.
+#[tokio::test]
+async fn a_schedule_skips_due_times_while_its_last_backup_is_unfinished() {
+    let target = Tmpfs::mount("16m");
+    let flag = format!("nightly={}", target.path().display());
+    let (cluster, lnfs) = cluster_with(206, &[flag]).await;
+    let client = cluster.client();
+    let sched: VolumeBackupSchedule = serde_json::from_value(json!({
+        "metadata": {"name": "stuck", "namespace": "default"},
+        "spec": {"schedule": "*/1 * * * *",
+                 "template": {"claim": "no-such-claim", "target": "nightly"}},
+    }))
+    .expect("schedule");
+    let schedules = Api::<VolumeBackupSchedule>::namespaced(client.clone(), "default");
+    schedules
+        .create(&PostParams::default(), &sched)
+        .await
+        .expect("create schedule");
+    let message = eventually("a skipped due time", Duration::from_secs(150), || async {
+        let st = schedules.get("stuck").await.ok()?.status?;
+        st.message
+            .filter(|m| m.contains("skipped the backup due at"))
+    })
+    .await;
+    let list = Api::<VolumeBackup>::namespaced(client.clone(), "default")
+        .list(&Default::default())
+        .await
+        .expect("list")
+        .items;
+    let names: Vec<String> = list.iter().map(ResourceExt::name_any).collect();
+    assert_eq!(names.len(), 1, "{names:?}\n{}", lnfs.logs());
+    assert!(
+        message.contains(&format!("VolumeBackup {} is unfinished", names[0])),
+        "{message}"
+    );
+}
