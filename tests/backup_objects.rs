@@ -242,6 +242,10 @@ async fn event(client: &Client, ns: &str, name: &str, reason: &str) -> String {
     .await
 }
 
+async fn status_of(api: &Api<VolumeBackup>, name: &str) -> VolumeBackupStatus {
+    api.get(name).await.expect("get").status.unwrap_or_default()
+}
+
 /// Entries of a directory (names), empty if it does not exist.
 fn entries(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
@@ -549,6 +553,7 @@ async fn an_agent_killed_during_a_volume_backup_leaves_it_finished_and_no_unfini
                 .expect("write");
         }
     }
+    claim_in(&client, &lnfs, "default", "other", "16Mi").await;
     create_backup(&client, "default", "cut", "data", "nightly").await;
     let api: Api<VolumeBackup> = Api::namespaced(client.clone(), "default");
     // Progress is reported while it runs, in the status and the agent's gauge.
@@ -567,8 +572,25 @@ async fn an_agent_killed_during_a_volume_backup_leaves_it_finished_and_no_unfini
     })
     .await;
     assert!(progress.1.is_some_and(|b| b > 0), "{progress:?}");
-    // A second backup meanwhile waits its turn, saying so.
-    create_backup(&client, "default", "queued", "data", "nightly").await;
+    // A second backup of the same claim meanwhile is refused at once: one tenant
+    // cannot queue many backups ahead of others on the node.
+    create_backup(&client, "default", "again", "data", "nightly").await;
+    let st = finished(&client, &lnfs, "default", "again").await;
+    if st.phase == Some(Phase::Failed) {
+        let msg = st.message.unwrap_or_default();
+        assert!(
+            msg.contains("another backup of this claim is unfinished: cut"),
+            "{msg}"
+        );
+    } else {
+        let cut = status_of(&api, "cut").await;
+        assert!(
+            cut.phase.is_some_and(Phase::is_final),
+            "two backups of one claim ran: {st:?} {cut:?}"
+        );
+    }
+    // Another claim's backup meanwhile waits its turn, saying so.
+    create_backup(&client, "default", "queued", "other", "nightly").await;
     let waited = eventually("the queued backup waiting", WAIT, || async {
         let st = api.get("queued").await.ok()?.status?;
         if st
@@ -583,12 +605,7 @@ async fn an_agent_killed_during_a_volume_backup_leaves_it_finished_and_no_unfini
     })
     .await;
     if !waited {
-        let cut = api
-            .get("cut")
-            .await
-            .expect("get")
-            .status
-            .unwrap_or_default();
+        let cut = status_of(&api, "cut").await;
         assert!(
             cut.phase.is_some_and(Phase::is_final),
             "two backups ran at once: {cut:?}"
@@ -763,4 +780,43 @@ async fn tenants_back_up_through_the_edit_role_cannot_write_status_and_agent_and
     .unwrap_or_else(|_| panic!("no scheduled VolumeBackup\n{}", controller_logs()));
     let st = finished(&tenant, &lnfs, "default", &made).await;
     assert_eq!(st.phase, Some(Phase::Completed), "{st:?}");
+}
+
+/// A schedule whose last VolumeBackup never finishes (here: its claim does not exist,
+/// so no agent takes it) makes no more: due times are skipped, and its status says
+/// why, instead of queueing one more object every tick.
+#[tokio::test]
+async fn a_schedule_skips_due_times_while_its_last_backup_is_unfinished() {
+    let target = Tmpfs::mount("16m");
+    let flag = format!("nightly={}", target.path().display());
+    let (cluster, lnfs) = cluster_with(206, &[flag]).await;
+    let client = cluster.client();
+    let sched: VolumeBackupSchedule = serde_json::from_value(json!({
+        "metadata": {"name": "stuck", "namespace": "default"},
+        "spec": {"schedule": "*/1 * * * *",
+                 "template": {"claim": "no-such-claim", "target": "nightly"}},
+    }))
+    .expect("schedule");
+    let schedules = Api::<VolumeBackupSchedule>::namespaced(client.clone(), "default");
+    schedules
+        .create(&PostParams::default(), &sched)
+        .await
+        .expect("create schedule");
+    let message = eventually("a skipped due time", Duration::from_secs(150), || async {
+        let st = schedules.get("stuck").await.ok()?.status?;
+        st.message
+            .filter(|m| m.contains("skipped the backup due at"))
+    })
+    .await;
+    let list = Api::<VolumeBackup>::namespaced(client.clone(), "default")
+        .list(&Default::default())
+        .await
+        .expect("list")
+        .items;
+    let names: Vec<String> = list.iter().map(ResourceExt::name_any).collect();
+    assert_eq!(names.len(), 1, "{names:?}\n{}", lnfs.logs());
+    assert!(
+        message.contains(&format!("VolumeBackup {} is unfinished", names[0])),
+        "{message}"
+    );
 }

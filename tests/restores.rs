@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Secret};
+use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use localnfs::objects::backups::{API_VERSION, ClaimPhase, Phase, VolumeRestore};
@@ -424,6 +425,35 @@ async fn restores_that_must_not_happen_fail_with_a_reason_and_make_no_volume() {
             .contains("not both"),
         "spec refusal"
     );
+    // A class of another provisioner would bind the claim empty: refused at once,
+    // and no claim is made.
+    let other: StorageClass = serde_json::from_value(json!({
+        "metadata": {"name": "elsewhere"}, "provisioner": "example.com/other"}))
+    .expect("class");
+    Api::<StorageClass>::all(client.clone())
+        .create(&PostParams::default(), &other)
+        .await
+        .expect("create class");
+    s.restore(
+        "default",
+        "other-class",
+        json!({"source": {"target": "nightly", "volume": volume}, "storageClassName": "elsewhere",
+               "size": "8Mi", "claims": ["from-elsewhere"]}),
+    )
+    .await;
+    let vr = s.finished("default", "other-class").await;
+    let status = vr.status.unwrap_or_default();
+    assert_eq!(status.phase, Some(Phase::Failed), "{status:?}");
+    let message = status.message.unwrap_or_default();
+    assert!(
+        message.contains("provisioned by example.com/other"),
+        "{message}"
+    );
+    let made = Api::<PersistentVolumeClaim>::namespaced(client.clone(), "default")
+        .get_opt("from-elsewhere")
+        .await
+        .expect("get claim");
+    assert!(made.is_none(), "a claim was made: {made:?}");
 }
 
 /// A tenant cannot have data restored by writing a request on a claim: one signed
@@ -584,5 +614,98 @@ async fn the_mysql_example_restores_a_replica_from_its_volumebackup() {
             "-f",
             &file("mysql-restore-all.yaml"),
         ],
+    );
+}
+
+/// A controller stopped after recording the claims to make but before making them:
+/// the next leader makes them (they do not exist), rather than failing every entry
+/// with "claim exists".
+#[tokio::test]
+async fn a_controller_stopped_before_making_recorded_claims_makes_them_on_restart() {
+    let mut s = Setup::start(191).await;
+    let client = s.client();
+    let (node, volume, want) = s.claim_with_files("default", "db-0").await;
+    let set = s.backup(&node, &volume).await;
+    s.lnfs.kill_controller(0).await;
+    // What the stopped controller left: the object with its intent recorded (the
+    // first status write of a restore) and no claim made.
+    s.restore(
+        "default",
+        "late",
+        json!({"source": {"target": "nightly", "volume": volume, "set": set},
+               "storageClassName": "now", "size": "8Mi", "claims": ["made-late"]}),
+    )
+    .await;
+    Api::<VolumeRestore>::namespaced(client.clone(), "default")
+        .patch_status(
+            "late",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {
+                "phase": "Running",
+                "source": {"target": "nightly", "volume": volume, "set": set},
+                "claims": [{"name": "made-late", "phase": "Pending"}],
+            }})),
+        )
+        .await
+        .expect("write the recorded intent");
+    s.lnfs.start_controller();
+    let vr = s.finished("default", "late").await;
+    let status = vr.status.expect("status");
+    assert_eq!(
+        status.phase,
+        Some(Phase::Completed),
+        "{status:?}\n{}",
+        s.lnfs.logs()
+    );
+    let (n, v) = s.bound("default", "made-late").await;
+    assert_eq!(sums(&s.lnfs.root(&n).join("volumes").join(&v)), want);
+}
+
+/// A claim a VolumeRestore recorded but that was provisioned empty (its
+/// `localnfs.io/restore` annotation removed before it was placed) is not reported
+/// restored: Bound is not enough, the controller's signed restore request must be on it.
+#[tokio::test]
+async fn a_claim_provisioned_empty_is_not_reported_restored() {
+    let mut s = Setup::start(193).await;
+    let client = s.client();
+    let (node, volume, _) = s.claim_with_files("default", "db-0").await;
+    let set = s.backup(&node, &volume).await;
+    // Provisioned as a plain claim: what the tenant gets by removing the annotation.
+    let mut pvc = claim("emptied", "now", "8Mi", json!({}));
+    pvc.metadata.namespace = Some("default".into());
+    let made = Api::<PersistentVolumeClaim>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &pvc)
+        .await
+        .expect("create claim");
+    s.bound("default", "emptied").await;
+    // The restore had recorded that claim's uid (as it does right after making it).
+    s.lnfs.kill_controller(0).await;
+    s.restore(
+        "default",
+        "emptied",
+        json!({"source": {"target": "nightly", "volume": volume, "set": set},
+               "storageClassName": "now", "size": "8Mi", "claims": ["emptied"]}),
+    )
+    .await;
+    Api::<VolumeRestore>::namespaced(client.clone(), "default")
+        .patch_status(
+            "emptied",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {
+                "phase": "Running",
+                "source": {"target": "nightly", "volume": volume, "set": set},
+                "claims": [{"name": "emptied", "uid": made.uid(), "phase": "Pending"}],
+            }})),
+        )
+        .await
+        .expect("write the recorded claim");
+    s.lnfs.start_controller();
+    let vr = s.finished("default", "emptied").await;
+    let status = vr.status.expect("status");
+    assert_eq!(status.phase, Some(Phase::Failed), "{status:?}");
+    let message = status.claims[0].message.clone().unwrap_or_default();
+    assert!(
+        message.contains("provisioned without the restore"),
+        "{message}"
     );
 }

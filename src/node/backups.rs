@@ -3,9 +3,10 @@
 //!
 //! Which volume is read is decided by facts a tenant cannot forge (DESIGN invariant
 //! 11): the PV must be one of this node's (the agent's PV cache holds only PVs
-//! labelled with its node, which only localnfs writes), bound both ways to the claim
-//! the object names in its own namespace (`claimRef` with the claim's uid, read fresh
-//! from the API server), and the volume's **owner record on disk** must be that claim
+//! labelled with its node, which only localnfs writes), Bound to the claim the object
+//! names in its own namespace (`claimRef` with the claim's current uid, read fresh
+//! from the API server: a Released PV of an earlier claim of that name is not it, and
+//! an object whose claim has no such PV here is left alone, never failed) ([`claims_pv`]), and the volume's **owner record on disk** must be that claim
 //! (uid and namespace) ([`resolve`]). A PV re-pointed at another volume, or annotations
 //! a tenant writes on its claim, therefore never make the agent read someone else's
 //! data: the object fails with the reason and nothing is written to the target. The
@@ -18,15 +19,18 @@
 //! found, the backup is refused. The engine's own refusals (target inside the store,
 //! on the store's device) stay.
 //!
-//! One backup runs at a time per agent; others wait Pending with a message. While one
+//! One backup runs at a time per agent; others wait Pending with a message. One
+//! VolumeBackup per claim is unfinished at a time: a later one fails at once
+//! ([`earlier_unfinished`]), so one tenant cannot queue many ahead of the others. While one
 //! runs, `status.progressBytes` and `bytesPerSecond` are written about every 2 s, and
 //! the gauge `localnfs_backup_progress_bytes` follows them. The result is the final
 //! status and an event on the object: `BackupCompleted`, `BackupFailed`, or
 //! `BackupTargetUnavailable` when the target was full or unreachable (the source is
 //! touched only by the snapshot's pause; a schedule's next backup is tried as usual).
 //!
-//! Restarts: an agent that finds a VolumeBackup of its node in Running that it did not
-//! start in this process marks it Failed ("the node agent restarted during the
+//! Restarts: an agent that finds a VolumeBackup in Running with its own node in
+//! `status.node` (written by the agent that started it) that it did not start in this
+//! process marks it Failed ("the node agent restarted during the
 //! backup"): rerunning it would back up a later instant than the one the object was
 //! created for. The unfinished set stays on the target, never listed, and the next
 //! backup of the volume removes it. Deleting a VolumeBackup does not delete its set:
@@ -41,7 +45,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::Store;
@@ -181,6 +185,64 @@ pub fn resolve(
     }
 }
 
+/// Whether `pv`'s `claimRef` names claim `claim` of namespace `ns` (any uid).
+fn claim_ref_names(pv: &PersistentVolume, ns: &str, claim: &str) -> bool {
+    pv.spec
+        .as_ref()
+        .and_then(|s| s.claim_ref.as_ref())
+        .is_some_and(|r| r.namespace.as_deref() == Some(ns) && r.name.as_deref() == Some(claim))
+}
+
+/// The PV of `pvs` (this node's) that holds claim `ns/claim` now: Bound, with the
+/// claim's current uid (`claim_uid`, read fresh) in its `claimRef`. `None`: the claim
+/// is not this node's (or does not exist): the VolumeBackup is another agent's, or
+/// nobody's yet.
+pub fn claims_pv<'a, P: std::ops::Deref<Target = PersistentVolume>>(
+    pvs: &'a [P],
+    ns: &str,
+    claim: &str,
+    claim_uid: Option<&str>,
+) -> Option<&'a PersistentVolume> {
+    let uid = claim_uid?;
+    pvs.iter().map(|p| &**p).find(|pv| {
+        let bound = pv.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound");
+        let same_uid = pv
+            .spec
+            .as_ref()
+            .and_then(|s| s.claim_ref.as_ref())
+            .is_some_and(|r| r.uid.as_deref() == Some(uid));
+        bound && same_uid && claim_ref_names(pv, ns, claim)
+    })
+}
+
+/// The name of a VolumeBackup of `others` (listed in `me`'s namespace) of the same
+/// claim, still unfinished (no phase, Pending or Running) and made before `me`
+/// (creation time, then name): one backup per claim waits or runs at a time, so one
+/// tenant cannot queue many ahead of others on the node.
+pub fn earlier_unfinished<'a>(me: &VolumeBackup, others: &'a [VolumeBackup]) -> Option<&'a str> {
+    let key = |b: &VolumeBackup| (b.metadata.creation_timestamp.clone(), b.name_any());
+    let mine = key(me);
+    others
+        .iter()
+        .filter(|b| b.spec.claim == me.spec.claim && b.metadata.uid != me.metadata.uid)
+        .filter(|b| {
+            !b.status
+                .as_ref()
+                .and_then(|st| st.phase)
+                .is_some_and(Phase::is_final)
+        })
+        .filter(|b| key(b) < mine)
+        .find_map(|b| b.metadata.name.as_deref())
+}
+
+async fn list_backups(ctx: &Backups, ns: &str) -> Result<Vec<VolumeBackup>> {
+    Ok(Api::<VolumeBackup>::namespaced(ctx.client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .map_err(Error::kube(format!("list the VolumeBackups of {ns}")))?
+        .items)
+}
+
 /// Whether a failure of the engine was the target's (full, unreachable, not
 /// writable): those get the `BackupTargetUnavailable` event.
 pub fn target_unavailable(why: &str) -> bool {
@@ -235,20 +297,12 @@ async fn reconcile(vbk: Arc<VolumeBackup>, ctx: Arc<Backups>) -> Result<Action> 
     }
     let ns = vbk.namespace().unwrap_or_default();
     let claim = vbk.spec.claim.clone();
-    // Only this node's PVs are cached: a claim whose PV is elsewhere is another
-    // agent's business.
-    let pv = ctx.pvs.state().into_iter().find(|pv| {
-        pv.spec
-            .as_ref()
-            .and_then(|s| s.claim_ref.as_ref())
-            .is_some_and(|r| {
-                r.namespace.as_deref() == Some(&ns) && r.name.as_deref() == Some(&claim)
-            })
-    });
-    let Some(pv) = pv else {
-        return Ok(Action::requeue(NOT_MINE_RECHECK));
-    };
     if status.phase == Some(Phase::Running) {
+        // Only the agent that started it wrote its node there (tenants cannot write
+        // the status): another agent's Running backup is none of ours.
+        if status.node.as_deref() != Some(ctx.node.as_str()) {
+            return Ok(Action::await_change());
+        }
         let ours = ctx
             .started
             .lock()
@@ -267,17 +321,33 @@ async fn reconcile(vbk: Arc<VolumeBackup>, ctx: Arc<Backups>) -> Result<Action> 
         }
         return Ok(Action::await_change());
     }
+    // Only this node's PVs are cached: a claim whose PV is elsewhere is another
+    // agent's business. The claim is read only if one of them names it.
+    let pvs = ctx.pvs.state();
+    if !pvs.iter().any(|pv| claim_ref_names(pv, &ns, &claim)) {
+        return Ok(Action::requeue(NOT_MINE_RECHECK));
+    }
     let fresh = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), &ns)
         .get_opt(&claim)
         .await
         .map_err(Error::kube(format!("read claim {ns}/{claim}")))?;
     let claim_uid = fresh.as_ref().and_then(|c| c.uid());
+    // A Released PV of an earlier claim of that name (Retained, maybe on this node
+    // while the new claim's is on another) is not the claim's volume: ignored.
+    let Some(pv) = claims_pv(&pvs, &ns, &claim, claim_uid.as_deref()) else {
+        return Ok(Action::requeue(NOT_MINE_RECHECK));
+    };
+    if let Some(prev) = earlier_unfinished(&vbk, &list_backups(&ctx, &ns).await?) {
+        let why = format!("another backup of this claim is unfinished: {prev}");
+        fail(&ctx, &vbk, status, FAILED, why).await?;
+        return Ok(Action::await_change());
+    }
     let pv_claim_uid = pv
         .spec
         .as_ref()
         .and_then(|s| s.claim_ref.as_ref())
         .and_then(|r| r.uid.clone());
-    let volume_ann = ann(pv.as_ref(), VOLUME_KEY).map(str::to_owned);
+    let volume_ann = ann(pv, VOLUME_KEY).map(str::to_owned);
     let owner = volume_ann
         .as_deref()
         .and_then(|v| VolumeName::new(v).ok())
@@ -535,6 +605,71 @@ mod tests {
             claim_uid: uid.into(),
             namespace: ns.into(),
             claim: "data".into(),
+        }
+    }
+
+    fn pv(name: &str, phase: &str, claim_uid: &str) -> Arc<PersistentVolume> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name},
+                "spec": {"claimRef": {"namespace": "shop", "name": "data", "uid": claim_uid}},
+                "status": {"phase": phase},
+            }))
+            .expect("PV"),
+        )
+    }
+
+    #[test]
+    fn an_old_released_pv_of_a_recreated_claim_is_not_its_volume() {
+        // The claim was deleted (its PV Retained, Released) and made again: its new
+        // volume is on another node, so this node has only the old PV.
+        let here = [pv("pvc-old", "Released", "u-old")];
+        assert!(claims_pv(&here, "shop", "data", Some("u-new")).is_none());
+        // Even the old uid is not backed up once Released.
+        assert!(claims_pv(&here, "shop", "data", Some("u-old")).is_none());
+        let both = [
+            pv("pvc-old", "Released", "u-old"),
+            pv("pvc-new", "Bound", "u-new"),
+        ];
+        let found = claims_pv(&both, "shop", "data", Some("u-new")).expect("bound PV");
+        assert_eq!(found.metadata.name.as_deref(), Some("pvc-new"));
+        assert!(claims_pv(&both, "shop", "data", None).is_none(), "no claim");
+        assert!(claims_pv(&both, "bank", "data", Some("u-new")).is_none());
+    }
+
+    fn vbk(name: &str, claim: &str, created: &str, phase: Option<Phase>) -> VolumeBackup {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}"),
+                "creationTimestamp": created},
+            "spec": {"claim": claim, "target": "t"},
+            "status": {"phase": phase},
+        }))
+        .expect("VolumeBackup")
+    }
+
+    #[test]
+    fn a_second_unfinished_backup_of_a_claim_is_refused() {
+        let (t1, t2) = ("2026-12-07T01:00:00Z", "2026-12-07T01:00:05Z");
+        let first = vbk("a", "data", t1, Some(Phase::Pending));
+        let second = vbk("b", "data", t2, None);
+        let all = [first.clone(), second.clone()];
+        assert_eq!(earlier_unfinished(&second, &all), Some("a"));
+        assert_eq!(earlier_unfinished(&first, &all), None, "the first runs");
+        // Same second: the name decides, so exactly one of the two goes on.
+        let twin = vbk("c", "data", t1, None);
+        let pair = [first.clone(), twin.clone()];
+        assert_eq!(earlier_unfinished(&twin, &pair), Some("a"));
+        assert_eq!(earlier_unfinished(&first, &pair), None);
+        // A finished one, or another claim's, does not hold it.
+        for other in [
+            vbk("a", "data", t1, Some(Phase::Completed)),
+            vbk("a", "data", t1, Some(Phase::Failed)),
+            vbk("a", "logs", t1, Some(Phase::Running)),
+        ] {
+            assert_eq!(
+                earlier_unfinished(&second, &[other.clone(), second.clone()]),
+                None
+            );
         }
     }
 

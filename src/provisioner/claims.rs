@@ -345,7 +345,10 @@ pub async fn reconcile(pvc: &PersistentVolumeClaim, ctx: &Ctx, caches: &Caches) 
                     restores::Lookup::From(source) => Some(source),
                     restores::Lookup::Wait(why) => {
                         tracing::debug!(claim = %format!("{}/{}", pvc.namespace().unwrap_or_default(), pvc.name_any()), why, "restore claim not placed yet");
-                        return Ok(Next::After(RESTORE_POLL));
+                        return Ok(Next::After(restores::backoff(
+                            restores::age_of(pvc),
+                            RESTORE_POLL,
+                        )));
                     }
                 };
                 place(ctx, caches, pvc, &class, &placement, finalizers, restore).await
@@ -453,8 +456,9 @@ async fn read_source(
     ))
 }
 
-/// How often a VolumeRestore's claim not yet in its status is looked at again (the
-/// controller records it a moment after making it).
+/// How often a fresh VolumeRestore's claim not yet in its status is looked at again
+/// (the controller records it a moment after making it); an older one waits longer
+/// ([`restores::backoff`]: a claim naming a missing VolumeRestore may wait forever).
 const RESTORE_POLL: Duration = Duration::from_secs(2);
 
 /// How often a claim waiting on a node agent is looked at again (its answer normally

@@ -3,7 +3,8 @@
 //! (`*/n`, `a-b/n`, `a/n` meaning `a` to the field's end), or a comma list of those.
 //! Day of week is 0–7 (0 and 7 are Sunday). As in classic cron, when both day fields
 //! are restricted a day matching either counts; otherwise both must match. Names
-//! (`MON`, `JAN`) and `@daily` shortcuts are not understood: refused with a message.
+//! (`MON`, `JAN`) and `@daily` shortcuts are not understood: refused with a message,
+//! as is an expression never due in some year (`0 0 30 2 *`, and 29 February).
 //!
 //! Times are unix minutes (UTC); [`Cron::latest_due`] is what the schedule reconciler
 //! asks: the latest due time in a window, so an outage runs at most one missed backup.
@@ -77,6 +78,19 @@ fn field(s: &str, name: &str, lo: u32, hi: u32) -> Result<u64, String> {
     Ok(bits)
 }
 
+/// Whether some month in `months` has some day in `days` every year (February as 28
+/// days: the 29th comes only in leap years, past [`MAX_LOOKBACK_MINUTES`]).
+fn some_day_exists(days: u64, months: u64) -> bool {
+    (1..=12u32).filter(|m| months & (1 << m) != 0).any(|m| {
+        let len = match m {
+            2 => 28,
+            4 | 6 | 9 | 11 => 30,
+            _ => 31,
+        };
+        days & ((1u64 << (len + 1)) - 2) != 0
+    })
+}
+
 impl Cron {
     /// Parses an expression; the error says which field is wrong and why.
     pub fn parse(expr: &str) -> Result<Cron, String> {
@@ -95,14 +109,24 @@ impl Cron {
         if sets[4] & (1 << 7) != 0 {
             sets[4] |= 1;
         }
+        let any_day = parts[2] == "*";
+        let any_weekday = parts[4] == "*";
+        // Only a restricted day of month with an unrestricted weekday can be
+        // impossible (every weekday comes each month); checked here so the
+        // reconciler never scans a year of minutes on every look.
+        if !any_day && any_weekday && !some_day_exists(sets[2], sets[3]) {
+            return Err(format!(
+                "`{expr}` is never due: no chosen month has the chosen day of month (29 February counts as never: a schedule must be due every year)"
+            ));
+        }
         Ok(Cron {
             minutes: sets[0],
             hours: sets[1],
             days: sets[2],
             months: sets[3],
             weekdays: sets[4],
-            any_day: parts[2] == "*",
-            any_weekday: parts[4] == "*",
+            any_day,
+            any_weekday,
         })
     }
 
@@ -310,8 +334,20 @@ mod tests {
     }
 
     #[test]
-    fn an_impossible_date_is_never_due() {
-        let c = Cron::parse("0 0 30 2 *").expect("valid");
-        assert_eq!(c.next_due(at(2026, 1, 1, 0, 0)), None);
+    fn an_impossible_date_is_refused_rather_than_scanned_for() {
+        for expr in [
+            "0 0 30 2 *",
+            "0 0 31 4,6,9,11 *",
+            "0 0 29 2 *",
+            "0 0 30-31 2 *",
+        ] {
+            let e = Cron::parse(expr).expect_err(expr);
+            assert!(e.contains("never due"), "{expr}: {e}");
+        }
+        // A possible day in one chosen month, or a weekday as well, is fine.
+        for expr in ["0 0 31 2,3 *", "0 0 30 2 1", "0 0 28 2 *", "0 0 * 2 *"] {
+            let c = Cron::parse(expr).expect(expr);
+            assert!(c.next_due(at(2026, 1, 1, 0, 0)).is_some(), "{expr}");
+        }
     }
 }

@@ -13,13 +13,19 @@
 //!    decides what data the claim gets.
 //! 2. A claim that already exists is never written into: its entry fails with
 //!    "claim exists". So is an entry left without a uid by a controller stopped
-//!    between making the claim and recording it (said so in its message).
+//!    between making the claim and recording it (said so in its message); an entry
+//!    left without a uid whose claim does not exist (stopped before making it) has
+//!    its claim made then.
 //! 3. The source is resolved once, into `status.source`: a Completed VolumeBackup of
 //!    the namespace (its target, volume and set), or the spec's target, volume and
 //!    set. Deleting the VolumeBackup later does not change what the claims get.
 //! 4. A claim's phase: Pending until placed, Restoring while its node's agent works,
-//!    Completed once Bound (its PV exists only once the agent restored and answered
-//!    ready), Failed when the agent refused (its reason) or the claim was deleted.
+//!    Completed once Bound with the controller's signed request on it restoring
+//!    `status.source` (its PV exists only once the agent restored and answered
+//!    ready), Failed when the agent refused (its reason), the claim was deleted, or it
+//!    was Bound without that request (another provisioner's, or provisioned empty
+//!    after its annotation was removed). A `storageClassName` whose class is not
+//!    localnfs's is refused at the start.
 //!    The object is Completed when every claim is, Failed when every claim is final
 //!    and one failed; `RestoreCompleted`/`RestoreFailed` events say so.
 //!
@@ -31,10 +37,12 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use k8s_openapi::api::storage::v1::StorageClass;
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -48,7 +56,7 @@ use crate::objects::backups::{
 };
 use crate::objects::class::quantity_bytes;
 use crate::objects::keys::{NODE_KEY, REFUSED, REQUEST};
-use crate::objects::request::RestoreSource;
+use crate::objects::request::{RestoreSource, VolumeRequest};
 use crate::volume::VolumeName;
 
 /// On a claim a VolumeRestore made: that object's name. Only a "wait" (rule 1).
@@ -57,6 +65,26 @@ pub const RESTORE_KEY: &str = "localnfs.io/restore";
 /// How often an unfinished restore is looked at again (its claims change without
 /// the object changing).
 const POLL: Duration = Duration::from_secs(3);
+
+/// The longest wait between two looks at something only a tenant's object moves
+/// (a VolumeBackup still running, a claim naming a missing VolumeRestore).
+const MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// How long to wait before looking again at an object that has waited `age` (since
+/// its creation): a quarter of its age, between `min` and a minute. The same as a
+/// doubling backoff, but kept in no memory: many tenant objects waiting long cost
+/// one look a minute each, not one every few seconds.
+pub fn backoff(age: Duration, min: Duration) -> Duration {
+    (age / 4).clamp(min, MAX_WAIT.max(min))
+}
+
+/// The age of `obj` (zero without a creation time, or one in the future).
+pub fn age_of<K: ResourceExt>(obj: &K) -> Duration {
+    obj.creation_timestamp().map_or(Duration::ZERO, |t| {
+        let secs = k8s_openapi::jiff::Timestamp::now().as_second() - t.0.as_second();
+        Duration::from_secs(u64::try_from(secs).unwrap_or(0))
+    })
+}
 
 /// The most claims one VolumeRestore makes.
 const MAX_CLAIMS: usize = 100;
@@ -69,6 +97,13 @@ pub fn claim_names(spec: &VolumeRestoreSpec) -> std::result::Result<Vec<String>,
         }
         (None, None) => return Err("give claims or statefulSet".into()),
         (Some(c), None) => c.clone(),
+        // Checked before any name is built: a huge count must not allocate.
+        (None, Some(s)) if !usize::try_from(s.replicas).is_ok_and(|n| n <= MAX_CLAIMS) => {
+            return Err(format!(
+                "{} claims asked for (statefulSet.replicas); at most {MAX_CLAIMS}",
+                s.replicas
+            ));
+        }
         (None, Some(s)) => (0..s.replicas)
             .map(|i| format!("{}-{}-{i}", s.template, s.name))
             .collect(),
@@ -156,8 +191,24 @@ pub fn resolve_source(
     Ok(Some(resolved))
 }
 
-/// A claim's entry as its claim stands now (`claim`: the claim of that name, if any).
-pub fn claim_entry(entry: &RestoredClaim, claim: Option<&PersistentVolumeClaim>) -> RestoredClaim {
+/// Whether a claim's verified request (`objects::signed`) restores `source`: only
+/// then did its volume come from this restore.
+pub fn restores_source(request: Option<&VolumeRequest>, source: Option<&ResolvedSource>) -> bool {
+    match (request.and_then(|r| r.restore.as_ref()), source) {
+        (Some(r), Some(s)) => {
+            r.target == s.target && r.volume.as_str() == s.volume && r.set == s.set
+        }
+        _ => false,
+    }
+}
+
+/// A claim's entry as its claim stands now (`claim`: the claim of that name, if any;
+/// `restored`: its verified request restores the object's source, [`restores_source`]).
+pub fn claim_entry(
+    entry: &RestoredClaim,
+    claim: Option<&PersistentVolumeClaim>,
+    restored: bool,
+) -> RestoredClaim {
     let mut out = entry.clone();
     if entry.phase.is_some_and(ClaimPhase::is_final) {
         return out;
@@ -174,9 +225,14 @@ pub fn claim_entry(entry: &RestoredClaim, claim: Option<&PersistentVolumeClaim>)
         out.node = Some(node.clone());
     }
     let bound = c.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound");
-    if bound {
+    if bound && restored {
         out.phase = Some(ClaimPhase::Completed);
         out.message = None;
+    } else if bound {
+        // Bound by another provisioner, or provisioned empty once the tenant removed
+        // the restore annotation: not this restore's data.
+        out.phase = Some(ClaimPhase::Failed);
+        out.message = Some("provisioned without the restore (its annotation was removed?)".into());
     } else if let Some(why) = annotation(c, REFUSED) {
         out.phase = Some(ClaimPhase::Failed);
         out.message = Some(why.to_owned());
@@ -186,6 +242,22 @@ pub fn claim_entry(entry: &RestoredClaim, claim: Option<&PersistentVolumeClaim>)
         out.phase = Some(ClaimPhase::Pending);
     }
     out
+}
+
+/// Whether StorageClass `class` (its `provisioner`, `None`: not found) is ours
+/// (`me`): another provisioner would bind the claims empty.
+pub fn class_is_ours(
+    class: &str,
+    provisioner: Option<&str>,
+    me: &str,
+) -> std::result::Result<(), String> {
+    match provisioner {
+        Some(p) if p == me => Ok(()),
+        Some(p) => Err(format!(
+            "StorageClass {class} is provisioned by {p}, not {me}: it cannot restore"
+        )),
+        None => Err(format!("StorageClass {class} not found")),
+    }
 }
 
 /// The object's phase from its claims' (all recorded).
@@ -312,8 +384,32 @@ async fn reconcile(cached: Arc<VolumeRestore>, ctx: Arc<Ctx>) -> Result<Action> 
         return start(&ctx, vr, &claims_api).await;
     }
     let mut next = status.clone();
+    // Made once, and only if some entry was recorded but not made (rule 2).
+    let mut shape: Option<(String, String)> = None;
     for entry in &mut next.claims {
         if entry.uid.is_none() && !entry.phase.is_some_and(ClaimPhase::is_final) {
+            let claim = claims_api
+                .get_opt(&entry.name)
+                .await
+                .map_err(Error::kube(format!("read claim {ns}/{}", entry.name)))?;
+            if claim.is_none() {
+                // Recorded but never made (the controller stopped in between): make
+                // it now; a claim made meanwhile by someone else is a 409 below.
+                if shape.is_none() {
+                    shape = match claim_shape(&ctx, vr).await? {
+                        Ok(s) => Some(s),
+                        Err(why) => {
+                            entry.phase = Some(ClaimPhase::Failed);
+                            entry.message = Some(why);
+                            continue;
+                        }
+                    };
+                }
+                if let Some((class, size)) = &shape {
+                    make_claim(&ctx, &claims_api, &name, class, size, entry).await?;
+                }
+                continue;
+            }
             // Rule 2: made or not, we cannot tell it is ours.
             entry.phase = Some(ClaimPhase::Failed);
             entry.message = Some(
@@ -328,7 +424,10 @@ async fn reconcile(cached: Arc<VolumeRestore>, ctx: Arc<Ctx>) -> Result<Action> 
             .get_opt(&entry.name)
             .await
             .map_err(Error::kube(format!("read claim {ns}/{}", entry.name)))?;
-        *entry = claim_entry(entry, claim.as_ref());
+        let restored = claim
+            .as_ref()
+            .is_some_and(|c| restores_source(ctx.verify(c).request.as_ref(), next.source.as_ref()));
+        *entry = claim_entry(entry, claim.as_ref(), restored);
     }
     let phase = overall(&next.claims);
     next.phase = Some(phase);
@@ -379,13 +478,7 @@ async fn start(
         Ok(n) => n,
         Err(why) => return give_up(ctx, vr, fail(why)).await,
     };
-    let backup = match &vr.spec.source.backup {
-        Some(b) => Api::<VolumeBackup>::namespaced(ctx.client.clone(), &ns)
-            .get_opt(b)
-            .await
-            .map_err(Error::kube(format!("read VolumeBackup {ns}/{b}")))?,
-        None => None,
-    };
+    let backup = source_backup(ctx, vr).await?;
     let source = match resolve_source(&vr.spec, backup.as_ref()) {
         Ok(Some(s)) => s,
         Ok(None) => {
@@ -400,13 +493,25 @@ async fn start(
             if vr.status.as_ref() != Some(&waiting) {
                 write_status(ctx, &ns, &name, &waiting).await?;
             }
-            return Ok(Action::requeue(POLL));
+            return Ok(Action::requeue(backoff(age_of(vr), POLL)));
         }
         Err(why) => return give_up(ctx, vr, fail(why)).await,
     };
     let Some(class) = vr.spec.storage_class_name.clone() else {
         return give_up(ctx, vr, fail("storageClassName is required".into())).await;
     };
+    // The watched classes first; a class the watch has not brought yet is read.
+    let provisioner = match ctx.classes.get(&ObjectRef::new(&class)) {
+        Some(c) => Some(c.provisioner.clone()),
+        None => Api::<StorageClass>::all(ctx.client.clone())
+            .get_opt(&class)
+            .await
+            .map_err(Error::kube(format!("read StorageClass {class}")))?
+            .map(|c| c.provisioner),
+    };
+    if let Err(why) = class_is_ours(&class, provisioner.as_deref(), &ctx.provisioner) {
+        return give_up(ctx, vr, fail(why)).await;
+    }
     let size = match size_of(ctx, vr, backup.as_ref()).await? {
         Ok(s) => s,
         Err(why) => return give_up(ctx, vr, fail(why)).await,
@@ -428,34 +533,75 @@ async fn start(
     };
     write_status(ctx, &ns, &name, &status).await?;
     for entry in &mut status.claims {
-        let claim: PersistentVolumeClaim = serde_json::from_value(json!({
-            "metadata": {
-                "name": entry.name,
-                "annotations": {RESTORE_KEY: name},
-            },
-            "spec": {
-                "accessModes": ["ReadWriteOnce"],
-                "storageClassName": class,
-                "resources": {"requests": {"storage": size}},
-            },
-        }))
-        .map_err(|e| Error::BuildObject(format!("claim {}: {e}", entry.name)))?;
-        ctx.fence.check()?;
-        match claims_api.create(&PostParams::default(), &claim).await {
-            Ok(made) => entry.uid = made.uid(),
-            Err(kube::Error::Api(e)) if e.code == 409 => {
-                entry.phase = Some(ClaimPhase::Failed);
-                entry.message =
-                    Some("claim exists: a restore never writes into an existing claim".into());
-            }
-            Err(e) => {
-                entry.phase = Some(ClaimPhase::Failed);
-                entry.message = Some(format!("cannot create the claim: {e}"));
-            }
-        }
+        make_claim(ctx, claims_api, &name, &class, &size, entry).await?;
     }
     write_status(ctx, &ns, &name, &status).await?;
     Ok(Action::requeue(POLL))
+}
+
+/// Makes `entry`'s claim (annotated with the VolumeRestore `restore`) and records its
+/// uid in `entry`; a claim already there fails the entry (rule 2).
+async fn make_claim(
+    ctx: &Ctx,
+    claims_api: &Api<PersistentVolumeClaim>,
+    restore: &str,
+    class: &str,
+    size: &str,
+    entry: &mut RestoredClaim,
+) -> Result<()> {
+    let claim: PersistentVolumeClaim = serde_json::from_value(json!({
+        "metadata": {
+            "name": entry.name,
+            "annotations": {RESTORE_KEY: restore},
+        },
+        "spec": {
+            "accessModes": ["ReadWriteOnce"],
+            "storageClassName": class,
+            "resources": {"requests": {"storage": size}},
+        },
+    }))
+    .map_err(|e| Error::BuildObject(format!("claim {}: {e}", entry.name)))?;
+    ctx.fence.check()?;
+    match claims_api.create(&PostParams::default(), &claim).await {
+        Ok(made) => entry.uid = made.uid(),
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            entry.phase = Some(ClaimPhase::Failed);
+            entry.message =
+                Some("claim exists: a restore never writes into an existing claim".into());
+        }
+        Err(e) => {
+            entry.phase = Some(ClaimPhase::Failed);
+            entry.message = Some(format!("cannot create the claim: {e}"));
+        }
+    }
+    Ok(())
+}
+
+/// The VolumeBackup `vr`'s source names, read (`None`: none named, or not found).
+async fn source_backup(ctx: &Ctx, vr: &VolumeRestore) -> Result<Option<VolumeBackup>> {
+    let Some(b) = &vr.spec.source.backup else {
+        return Ok(None);
+    };
+    let ns = vr.namespace().unwrap_or_default();
+    Api::<VolumeBackup>::namespaced(ctx.client.clone(), &ns)
+        .get_opt(b)
+        .await
+        .map_err(Error::kube(format!("read VolumeBackup {ns}/{b}")))
+}
+
+/// The class and size of the claims `vr` makes, read again (for entries recorded but
+/// not made). `Ok(Err)`: why there are none now.
+async fn claim_shape(
+    ctx: &Ctx,
+    vr: &VolumeRestore,
+) -> Result<std::result::Result<(String, String), String>> {
+    let Some(class) = vr.spec.storage_class_name.clone() else {
+        return Ok(Err("storageClassName is required".into()));
+    };
+    let backup = source_backup(ctx, vr).await?;
+    Ok(size_of(ctx, vr, backup.as_ref())
+        .await?
+        .map(|size| (class, size)))
 }
 
 /// The claims' size: the spec's, else the backed-up claim's request (a VolumeBackup
@@ -559,6 +705,15 @@ mod tests {
     }
 
     #[test]
+    fn a_long_wait_is_looked_at_less_often() {
+        let s = Duration::from_secs;
+        assert_eq!(backoff(s(0), s(3)), s(3));
+        assert_eq!(backoff(s(40), s(3)), s(10));
+        assert_eq!(backoff(s(3600), s(3)), s(60));
+        assert_eq!(backoff(s(86_400), s(2)), s(60));
+    }
+
+    #[test]
     fn a_statefulset_restore_names_every_replicas_claim() {
         assert_eq!(
             claim_names(&spec(None, Some(("mysql", "data", 3)))),
@@ -583,6 +738,9 @@ mod tests {
             (spec(Some(vec!["a", "a"]), None), "named twice"),
             (spec(Some(vec!["../x"]), None), "not a valid claim name"),
             (spec(None, Some(("m", "d", 1000))), "at most"),
+            (spec(None, Some(("m", "d", 101))), "at most 100"),
+            // Refused before any name is built (this once allocated billions).
+            (spec(None, Some(("m", "d", u32::MAX))), "at most"),
         ] {
             let got = claim_names(&s).expect_err(why);
             assert!(got.contains(why), "{got} / {why}");
@@ -683,19 +841,22 @@ mod tests {
     #[test]
     fn a_claims_phase_follows_its_placement_answer_and_binding() {
         let e = entry(Some("u1"));
-        let phase = |c: &PersistentVolumeClaim| claim_entry(&e, Some(c)).phase;
+        let phase = |c: &PersistentVolumeClaim| claim_entry(&e, Some(c), true).phase;
         assert_eq!(phase(&pvc("u1", json!({}))), Some(ClaimPhase::Pending));
         let placed = pvc(
             "u1",
             json!({"metadata": {"labels": {NODE_KEY: "n1"}, "annotations": {REQUEST: "{}"}}}),
         );
         assert_eq!(phase(&placed), Some(ClaimPhase::Restoring));
-        assert_eq!(claim_entry(&e, Some(&placed)).node.as_deref(), Some("n1"));
+        assert_eq!(
+            claim_entry(&e, Some(&placed), true).node.as_deref(),
+            Some("n1")
+        );
         let refused = pvc(
             "u1",
             json!({"metadata": {"annotations": {REQUEST: "{}", REFUSED: "node n1: the set belongs to namespace bank"}}}),
         );
-        let r = claim_entry(&e, Some(&refused));
+        let r = claim_entry(&e, Some(&refused), true);
         assert_eq!(r.phase, Some(ClaimPhase::Failed));
         assert!(r.message.expect("why").contains("namespace bank"));
         let bound = pvc("u1", json!({"status": {"phase": "Bound"}}));
@@ -703,12 +864,72 @@ mod tests {
     }
 
     #[test]
+    fn a_claim_bound_without_the_restore_is_not_reported_restored() {
+        let e = entry(Some("u1"));
+        let bound = pvc("u1", json!({"status": {"phase": "Bound"}}));
+        let r = claim_entry(&e, Some(&bound), false);
+        assert_eq!(r.phase, Some(ClaimPhase::Failed));
+        assert!(r.message.expect("why").contains("without the restore"));
+    }
+
+    #[test]
+    fn only_a_request_restoring_the_objects_source_counts() {
+        let src = ResolvedSource {
+            target: "nightly".into(),
+            volume: "pvc-9".into(),
+            set: "20261207T011500.123Z".into(),
+        };
+        let spec = crate::volume::VolumeSpec::new(VolumeName::new("pvc-u1").expect("name"), 1);
+        let from = |target: &str, volume: &str, set: &str| {
+            VolumeRequest::restore_of(
+                spec.clone(),
+                "u1".into(),
+                "n1".into(),
+                RestoreSource {
+                    target: target.into(),
+                    volume: VolumeName::new(volume).expect("name"),
+                    set: set.into(),
+                    namespace: "shop".into(),
+                },
+            )
+        };
+        let right = from("nightly", "pvc-9", "20261207T011500.123Z");
+        assert!(restores_source(Some(&right), Some(&src)));
+        for wrong in [
+            from("other", "pvc-9", "20261207T011500.123Z"),
+            from("nightly", "pvc-8", "20261207T011500.123Z"),
+            from("nightly", "pvc-9", "latest"),
+        ] {
+            assert!(!restores_source(Some(&wrong), Some(&src)), "{wrong:?}");
+        }
+        assert!(!restores_source(None, Some(&src)), "no verified request");
+        assert!(!restores_source(Some(&right), None), "no source");
+    }
+
+    #[test]
+    fn a_restore_into_another_provisioners_class_is_refused() {
+        assert_eq!(
+            class_is_ours("localnfs", Some("localnfs.io/nfs"), "localnfs.io/nfs"),
+            Ok(())
+        );
+        let e = class_is_ours(
+            "standard",
+            Some("kubernetes.io/host-path"),
+            "localnfs.io/nfs",
+        )
+        .expect_err("other");
+        assert!(e.contains("not localnfs.io/nfs"), "{e}");
+        let e = class_is_ours("gone", None, "localnfs.io/nfs").expect_err("missing");
+        assert!(e.contains("not found"), "{e}");
+    }
+
+    #[test]
     fn a_claim_deleted_or_made_again_fails_its_entry() {
         let e = entry(Some("u1"));
-        assert_eq!(claim_entry(&e, None).phase, Some(ClaimPhase::Failed));
+        assert_eq!(claim_entry(&e, None, false).phase, Some(ClaimPhase::Failed));
         let again = pvc("u2", json!({"status": {"phase": "Bound"}}));
         assert_eq!(
-            claim_entry(&e, Some(&again)).phase,
+            claim_entry(&e, Some(&again), true).phase,
             Some(ClaimPhase::Failed)
         );
     }

@@ -7,7 +7,9 @@
 //! What is due ([`due`], pure): the latest due time after the last one made
 //! (`status.lastScheduleTime`, else the schedule's creation), so after a controller
 //! outage at most one missed backup runs. `suspend: true` makes nothing (and a time
-//! missed while suspended is not made up after). A bad expression is reported in
+//! missed while suspended is not made up after). A due time that comes while the
+//! schedule's previous VolumeBackup is still Pending or Running is skipped (said in
+//! `status.message` until the next backup is made). A bad expression is reported in
 //! `status.message`. Of the VolumeBackups a schedule made, the newest
 //! `successfulBackupsHistoryLimit` (default 3) Completed and as many Failed are kept;
 //! older ones are deleted (their sets stay: sets are governed by `keep`/`maxAge`).
@@ -110,7 +112,13 @@ async fn reconcile(s: Arc<VolumeBackupSchedule>, ctx: Arc<Ctx>) -> Result<Action
             return Ok(Action::await_change());
         }
     };
-    if status.message.take().is_some() {
+    // A skipped tick's note stays until a backup is made; an expression's error goes
+    // once the expression parses.
+    let skip_note = status
+        .message
+        .as_deref()
+        .is_some_and(|m| m.starts_with(SKIPPED));
+    if !skip_note && status.message.take().is_some() {
         patch_clear_message(&api, &name).await?;
     }
     let now_s = Timestamp::now().as_second();
@@ -125,9 +133,23 @@ async fn reconcile(s: Arc<VolumeBackupSchedule>, ctx: Arc<Ctx>) -> Result<Action
         .as_deref()
         .and_then(minutes)
         .unwrap_or(created);
-    prune(&ctx, &s).await?;
+    let made = prune(&ctx, &s).await?;
     match due(&cron, s.spec.suspend.unwrap_or(false), since, now) {
         Due::Run(minute) => {
+            if let Some(prev) = unfinished(&made, &s.uid().unwrap_or_default()) {
+                // One unfinished backup per schedule: a slow target or a queue on the
+                // node does not pile up more behind it. The tick is spent, not kept.
+                status.last_schedule_time = Some(rfc3339(minute));
+                status.message = Some(format!(
+                    "{SKIPPED} {}: VolumeBackup {prev} is unfinished",
+                    rfc3339(minute)
+                ));
+                patch(&api, &name, &status).await?;
+                return Ok(Action::await_change());
+            }
+            if skip_note && status.message.take().is_some() {
+                patch_clear_message(&api, &name).await?;
+            }
             let backup = backup_name(&name, minute);
             create_backup(&ctx, &s, &backup).await?;
             status.last_schedule_time = Some(rfc3339(minute));
@@ -199,8 +221,27 @@ pub fn beyond_history(backups: &[VolumeBackup], owner_uid: &str, limit: usize) -
     out
 }
 
-/// Deletes this schedule's finished VolumeBackups beyond its history limit.
-async fn prune(ctx: &Ctx, s: &VolumeBackupSchedule) -> Result<()> {
+/// The start of a schedule's message about a due time it skipped.
+const SKIPPED: &str = "skipped the backup due at";
+
+/// The name of a VolumeBackup of the schedule `owner_uid` still Pending or Running
+/// (no phase yet counts: no agent has looked at it), if any.
+pub fn unfinished<'a>(backups: &'a [VolumeBackup], owner_uid: &str) -> Option<&'a str> {
+    backups
+        .iter()
+        .filter(|b| b.owner_references().iter().any(|o| o.uid == owner_uid))
+        .find(|b| {
+            !b.status
+                .as_ref()
+                .and_then(|st| st.phase)
+                .is_some_and(Phase::is_final)
+        })
+        .and_then(|b| b.metadata.name.as_deref())
+}
+
+/// Deletes this schedule's finished VolumeBackups beyond its history limit; returns
+/// the VolumeBackups it had made, as listed.
+async fn prune(ctx: &Ctx, s: &VolumeBackupSchedule) -> Result<Vec<VolumeBackup>> {
     let ns = s.namespace().unwrap_or_default();
     let api = Api::<VolumeBackup>::namespaced(ctx.client.clone(), &ns);
     let list = api
@@ -222,7 +263,7 @@ async fn prune(ctx: &Ctx, s: &VolumeBackupSchedule) -> Result<()> {
             Err(e) => return Err(Error::kube(format!("delete VolumeBackup {ns}/{name}"))(e)),
         }
     }
-    Ok(())
+    Ok(list.items)
 }
 
 async fn patch(
@@ -316,6 +357,19 @@ mod tests {
         assert_eq!(gone, ["s-202612040300", "s-202612060300", "s-202612070300"]);
         assert!(beyond_history(&list, "u", 3).is_empty());
         assert_eq!(beyond_history(&list, "u", 0).len(), 5);
+    }
+
+    #[test]
+    fn a_schedule_whose_last_backup_is_unfinished_makes_no_other() {
+        let c = Some(Phase::Completed);
+        let done = [made("s-1", "u", c), made("s-2", "u", Some(Phase::Failed))];
+        assert_eq!(unfinished(&done, "u"), None);
+        for phase in [None, Some(Phase::Pending), Some(Phase::Running)] {
+            let list = [made("s-1", "u", c), made("s-2", "u", phase)];
+            assert_eq!(unfinished(&list, "u"), Some("s-2"), "{phase:?}");
+        }
+        // Another schedule's (or a tenant's) unfinished object does not hold this one.
+        assert_eq!(unfinished(&[made("x", "other", None)], "u"), None);
     }
 
     #[test]
