@@ -22,7 +22,7 @@
 //! One backup runs at a time per agent; others wait Pending with a message. One
 //! VolumeBackup per claim is unfinished at a time: a later one fails at once
 //! ([`earlier_unfinished`]), so one tenant cannot queue many ahead of the others. While one
-//! runs, `status.progressBytes` and `bytesPerSecond` are written about every 2 s, and
+//! runs, `status.progressBytes` and `bytesPerSecond` are written about every second, and
 //! the gauge `localnfs_backup_progress_bytes` follows them. The result is the final
 //! status and an event on the object: `BackupCompleted`, `BackupFailed`, or
 //! `BackupTargetUnavailable` when the target was full or unreachable (the source is
@@ -64,7 +64,7 @@ use crate::volume::{Owner, VolumeName};
 use localnfs_nfs::backup::BackupOptions;
 
 /// How often a running backup's progress is written to its status.
-const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 /// How long a VolumeBackup whose claim has no PV on this node waits before it is looked
 /// at again (the claim may be bound later, to a PV of this node).

@@ -88,7 +88,7 @@ pub struct VolumeBackupStatus {
     /// Bytes hard-linked from the previous set (unchanged since it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes_linked: Option<u64>,
-    /// Bytes done so far, about every 2 s while Running.
+    /// Bytes done so far, about every second while Running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress_bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
