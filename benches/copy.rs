@@ -19,9 +19,16 @@
 //! claim made → Bound, and the receiving agent's own figures from its `VolumeCloned`
 //! event (stream time, the source's pause). The source is idle here.
 //!
-//! `cargo bench --bench copy` (root; ~1 min, ~2 more with the control plane),
-//! `-- --dir PATH` for another disk.
+//! A third table (`copy/database.rs`): MariaDB on a localnfs volume mounted by a
+//! kernel test node's NFS client, a copy and a backup taken under sysbench load, what
+//! the database saw around each, next to `cp -a` and `tar` of the same datadir.
+//!
+//! `cargo bench --bench copy` (root and User-Mode Linux; ~1 min for the files table,
+//! ~4 for the database, ~2 for the clones with the control plane), `-- --dir PATH` for
+//! another disk, `-- --only files|database|clones` for one table.
 
+#[path = "copy/database.rs"]
+mod database;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -69,6 +76,15 @@ fn fill(dir: &Path, set: &DataSet) {
 fn drop_caches() {
     let _ = std::process::Command::new("sync").status();
     let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+/// `field` of a `localnfs volume` answer: the text after `key` up to the next comma.
+fn field<'a>(answer: &'a str, key: &str) -> &'a str {
+    answer
+        .split(key)
+        .nth(1)
+        .and_then(|t| t.split(',').next())
+        .unwrap_or("?")
 }
 
 /// The longest gap between consecutive times in `acks` that end inside `[from, to]`.
@@ -264,9 +280,27 @@ async fn main() {
     if let Some(i) = args.iter().position(|a| a == "--dir") {
         base = PathBuf::from(args.get(i + 1).expect("--dir PATH"));
     }
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .map(|i| args.get(i + 1).expect("--only files|database|clones").as_str());
+    let wanted = |table: &str| only.is_none_or(|o| o == table);
+    if wanted("files") {
+        files_table(&base).await;
+    }
+    if wanted("database") {
+        database::print(&database::measure(&base).await);
+    }
+    if wanted("clones") {
+        clones_table().await;
+    }
+}
+
+/// The first table (module docs).
+async fn files_table(base: &Path) {
     let mut rows = Vec::new();
     for set in &SETS {
-        let row = measure(&base, set).await;
+        let row = measure(base, set).await;
         eprintln!("{}: {}", row.label, row.answer);
         rows.push(row);
     }
@@ -276,12 +310,7 @@ async fn main() {
     );
     println!("|---|---|---|---|---|");
     for r in rows {
-        let pause = r
-            .answer
-            .split("source paused ")
-            .nth(1)
-            .and_then(|t| t.split(',').next())
-            .unwrap_or("?");
+        let pause = field(&r.answer, "source paused ");
         println!(
             "| {} | {:.2} s | {} | {:.1} ms / {:.1} ms | {:.2} s |",
             r.label,
@@ -292,6 +321,10 @@ async fn main() {
             r.cp.as_secs_f64()
         );
     }
+}
+
+/// The cross-node clone table (module docs).
+async fn clones_table() {
     if std::env::var_os("LOCALNFS_K8S_BIN_DIR").is_none() {
         eprintln!("LOCALNFS_K8S_BIN_DIR not set: no cross-node clone table");
         return;
