@@ -280,10 +280,11 @@ async fn main() {
     if let Some(i) = args.iter().position(|a| a == "--dir") {
         base = PathBuf::from(args.get(i + 1).expect("--dir PATH"));
     }
-    let only = args
-        .iter()
-        .position(|a| a == "--only")
-        .map(|i| args.get(i + 1).expect("--only files|database|clones").as_str());
+    let only = args.iter().position(|a| a == "--only").map(|i| {
+        args.get(i + 1)
+            .expect("--only files|database|clones")
+            .as_str()
+    });
     let wanted = |table: &str| only.is_none_or(|o| o == table);
     if wanted("files") {
         files_table(&base).await;

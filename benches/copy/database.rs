@@ -52,7 +52,12 @@ struct Second {
 /// 99.33 err/s: …`), placed after `start` (Unix time).
 fn seconds(report: &str, start: f64) -> Vec<Second> {
     let after = |line: &str, key: &str| -> Option<f64> {
-        line.split(key).nth(1)?.split_whitespace().next()?.parse().ok()
+        line.split(key)
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
     };
     report
         .lines()
@@ -257,7 +262,12 @@ pub async fn measure(base: &Path) -> Row {
     let volume = root.path().join("volumes/db");
     let copied = root.path().join("cp-a");
     let archive = target.path().join("anchor.tar");
-    let cp = anchor(&["cp".as_ref(), "-a".as_ref(), volume.as_ref(), copied.as_ref()]);
+    let cp = anchor(&[
+        "cp".as_ref(),
+        "-a".as_ref(),
+        volume.as_ref(),
+        copied.as_ref(),
+    ]);
     let tar = anchor(&[
         "tar".as_ref(),
         "-cf".as_ref(),
@@ -277,12 +287,7 @@ pub async fn measure(base: &Path) -> Row {
 
 /// Prints the table of [`Row`].
 pub fn print(row: &Row) {
-    let seen = |s: &Seen| {
-        format!(
-            "{:.0} ({:.0}) / {:.1} ms",
-            s.mean_tps, s.min_tps, s.max_p95
-        )
-    };
+    let seen = |s: &Seen| format!("{:.0} ({:.0}) / {:.1} ms", s.mean_tps, s.min_tps, s.max_p95);
     println!();
     println!(
         "| MariaDB datadir (ext4), sysbench {WORKLOAD} {THREADS} threads, {LOAD_SECONDS} s: {:.0} TPS, p95 {:.1} ms | took | data | source pause to mark T | sysbench around the run: mean TPS (lowest second) / highest p95 | the 10 s before | anchor, idle source after the load |",
