@@ -195,10 +195,10 @@ async fn cross_node_rows() -> Vec<(&'static str, Duration, String)> {
         .expect("control plane");
     let client = cluster.client();
     let mut lnfs = Localnfs::new(&cluster).await;
-    // node-1 holds exactly the two sources: no room for a clone there.
+    // node-1 holds the two sources (1300 MiB) and 50 MiB more: no room for a clone.
     lnfs.start_nodes_and_controller(
         &client,
-        &[("node-1", ip(91), "1300Mi"), ("node-2", ip(92), "10Gi")],
+        &[("node-1", ip(91), "1350Mi"), ("node-2", ip(92), "10Gi")],
     )
     .await;
     storage_class(&client, "now", json!({"volumeBindingMode": "Immediate"})).await;
@@ -224,9 +224,12 @@ async fn cross_node_rows() -> Vec<(&'static str, Duration, String)> {
         }
     };
     let mut rows = Vec::new();
-    for (i, (set, size)) in SETS.iter().zip(["1100Mi", "200Mi"]).enumerate() {
-        let (src, copy) = (format!("src-{i}"), format!("copy-{i}"));
-        let mut pvc = claim(&src, "wait", size, json!({}));
+    let sizes = ["1100Mi", "200Mi"];
+    // Both sources first: in the one run that made src-1 after the first clone,
+    // node-1 reported 0 bytes free (not 200 MiB), src-1 was refused there and waited
+    // for a consumer that never comes.
+    for (i, (set, size)) in SETS.iter().zip(sizes).enumerate() {
+        let mut pvc = claim(&format!("src-{i}"), "wait", size, json!({}));
         pvc.metadata.annotations.get_or_insert_default().insert(
             localnfs::objects::keys::SELECTED_NODE.into(),
             "node-1".into(),
@@ -235,7 +238,7 @@ async fn cross_node_rows() -> Vec<(&'static str, Duration, String)> {
             .create(&PostParams::default(), &pvc)
             .await
             .expect("source");
-        let pv = bound(src.clone()).await;
+        let pv = bound(format!("src-{i}")).await;
         let pv = Api::<k8s_openapi::api::core::v1::PersistentVolume>::all(client.clone())
             .get(&pv)
             .await
@@ -244,6 +247,9 @@ async fn cross_node_rows() -> Vec<(&'static str, Duration, String)> {
             &lnfs.root("node-1").join("volumes").join(nfs_target(&pv).2),
             set,
         );
+    }
+    for (i, (set, size)) in SETS.iter().zip(sizes).enumerate() {
+        let (src, copy) = (format!("src-{i}"), format!("copy-{i}"));
         drop_caches();
         let asked = Instant::now();
         let clone = claim(
