@@ -225,10 +225,13 @@ async fn cross_node_rows() -> Vec<(&'static str, Duration, String)> {
     };
     let mut rows = Vec::new();
     let sizes = ["1100Mi", "200Mi"];
-    // Both sources first: in the one run that made src-1 after the first clone,
-    // node-1 reported 0 bytes free (not 200 MiB), src-1 was refused there and waited
-    // for a consumer that never comes.
-    for (i, (set, size)) in SETS.iter().zip(sizes).enumerate() {
+    // Both sources made before either is filled, and both before the first clone:
+    // node-1 reports the data written into a volume as used beside the volume's
+    // reservation (measured: with src-0 made and filled, node-1's 1350 MiB showed
+    // 0 bytes free), so a source made later is refused there and waits for a
+    // consumer that never comes.
+    let mut dirs = Vec::new();
+    for (i, size) in sizes.iter().enumerate() {
         let mut pvc = claim(&format!("src-{i}"), "wait", size, json!({}));
         pvc.metadata.annotations.get_or_insert_default().insert(
             localnfs::objects::keys::SELECTED_NODE.into(),
@@ -243,10 +246,10 @@ async fn cross_node_rows() -> Vec<(&'static str, Duration, String)> {
             .get(&pv)
             .await
             .expect("pv");
-        fill(
-            &lnfs.root("node-1").join("volumes").join(nfs_target(&pv).2),
-            set,
-        );
+        dirs.push(lnfs.root("node-1").join("volumes").join(nfs_target(&pv).2));
+    }
+    for (set, dir) in SETS.iter().zip(&dirs) {
+        fill(dir, set);
     }
     for (i, (set, size)) in SETS.iter().zip(sizes).enumerate() {
         let (src, copy) = (format!("src-{i}"), format!("copy-{i}"));
