@@ -226,10 +226,9 @@ async fn cross_node_rows() -> Vec<(&'static str, Duration, String)> {
     let mut rows = Vec::new();
     let sizes = ["1100Mi", "200Mi"];
     // Both sources made before either is filled, and both before the first clone:
-    // node-1 reports the data written into a volume as used beside the volume's
-    // reservation (measured: with src-0 made and filled, node-1's 1350 MiB showed
-    // 0 bytes free), so a source made later is refused there and waits for a
-    // consumer that never comes.
+    // with src-0 made and filled, node-1's 1350 MiB showed 0 bytes free (the data
+    // seemingly counted beside the reservation), so a source made later is refused
+    // there and waits for a consumer that never comes.
     let mut dirs = Vec::new();
     for (i, size) in sizes.iter().enumerate() {
         let mut pvc = claim(&format!("src-{i}"), "wait", size, json!({}));
