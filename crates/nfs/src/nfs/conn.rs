@@ -230,7 +230,11 @@ pub async fn serve(
                 let room = match &r.volume {
                     Some(v) => {
                         let kib = r.parked_kib(record.len());
-                        match room_for(&v.qos.parked, kib, mixed, &shared.budget, stop()).await {
+                        // Never `alone` here: parked calls give back their slots, so a
+                        // connection of parked calls would look idle.
+                        match room_for(&v.qos.parked, kib, (mixed, false), &shared.budget, stop())
+                            .await
+                        {
                             Roomed::Took(p) => p,
                             Roomed::Stopped => break,
                             Roomed::Refused => {
@@ -274,7 +278,9 @@ pub async fn serve(
             // Room in its volume's queue (`qos::ROOM_KIB`), held until it has run.
             if let Some(v) = &r.volume {
                 let kib = r.room_kib(record.len());
-                match room_for(&v.qos.room, kib, mixed, &shared.budget, stop()).await {
+                // This call holds one slot: no other in flight on this connection.
+                let alone = slots.available_permits() + 1 >= MAX_IN_FLIGHT;
+                match room_for(&v.qos.room, kib, (mixed, alone), &shared.budget, stop()).await {
                     Roomed::Took(p) => room = p,
                     Roomed::Stopped => break,
                     Roomed::Refused => {
@@ -403,16 +409,23 @@ enum Roomed {
 }
 
 /// Takes `kib` of `room` for a call, as `qos::when_full` says when there is none: waits
-/// (until `stop`), goes past it, or refuses the call.
+/// (until `stop`), goes past it, or refuses the call. `alone`: the call is the only one
+/// its connection has in flight, which goes past a full room: a client with one call
+/// at a time is never held behind other connections' floods of the same volume (whose
+/// queued calls may wait for the byte budget their unread replies hold), and the byte
+/// budget and the connection cap still bound what such calls hold.
 async fn room_for(
     room: &Arc<Semaphore>,
     kib: u32,
-    mixed: bool,
+    (mixed, alone): (bool, bool),
     budget: &Budget,
     stop: impl std::future::Future<Output = ()>,
 ) -> Roomed {
     if let Ok(p) = room.clone().try_acquire_many_owned(kib) {
         return Roomed::Took(Some(p));
+    }
+    if alone {
+        return Roomed::Took(None);
     }
     match qos::when_full(mixed, budget.held(), budget.limit()) {
         Full::Wait => tokio::select! {
