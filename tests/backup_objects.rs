@@ -23,40 +23,12 @@ use serde_json::json;
 use support::cluster::*;
 use support::credentials::kubectl;
 use support::eventually;
+use support::tmpfs::Tmpfs;
 
 const WAIT: Duration = Duration::from_secs(90);
 
 fn ip(last: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
-}
-
-/// A tmpfs of `size` mounted on a fresh directory; unmounted on drop.
-struct Tmpfs(tempfile::TempDir);
-
-impl Tmpfs {
-    fn mount(size: &str) -> Self {
-        let dir = tempfile::tempdir_in("/var/tmp").expect("mountpoint");
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .expect("run mount");
-        assert!(ok.success(), "mount a tmpfs (the test needs root)");
-        Tmpfs(dir)
-    }
-
-    fn path(&self) -> &Path {
-        self.0.path()
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(self.0.path())
-            .status();
-    }
 }
 
 /// A bind mount of `from` on `on`; unmounted on drop.
