@@ -236,39 +236,89 @@ async fn a_copy_of_a_volume_being_written_is_the_volume_at_one_instant_with_ever
             log
         })
     };
-    // Let the writer get going, then copy.
+    // Let the writer get going, then copy. Which files the writer changes before the
+    // copier reaches them is up to timing, so copy again (into a new volume each time)
+    // until one copy had to preserve a change for the copier: each copy is checked.
     while acked.load(Ordering::Acquire) < 20 {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
-    let before = acked.load(Ordering::Acquire);
-    let copied = {
-        let ex = ex.clone();
-        tokio::task::spawn_blocking(move || {
-            ex.clone_volume(
-                &name("src"),
-                &VolumeSpec::new(name("copy"), 256 * MIB),
-                &owner(),
-            )
-        })
-        .await
-        .expect("copy task")
-    };
-    let after = acked.load(Ordering::Acquire);
+    let mut copies = Vec::new();
+    for attempt in 0..5 {
+        let target = name(&format!("copy{attempt}"));
+        let before = acked.load(Ordering::Acquire);
+        let copied = {
+            let (ex, target) = (ex.clone(), target.clone());
+            tokio::task::spawn_blocking(move || {
+                ex.clone_volume(&name("src"), &VolumeSpec::new(target, 256 * MIB), &owner())
+            })
+            .await
+            .expect("copy task")
+        };
+        let after = acked.load(Ordering::Acquire);
+        let (meta, report) = copied.expect("copy");
+        println!(
+            "copy {attempt}: {report:?}; {before} calls acknowledged before it, {} while it ran",
+            after - before
+        );
+        assert_eq!(meta.owner, Some(owner()));
+        assert!(after - before >= 5, "the writer barely ran during the copy");
+        let overlapped = report.preserved > 0;
+        copies.push((target, before, after, report));
+        if overlapped {
+            break;
+        }
+    }
     stop.store(true, Ordering::Release);
     let log = writer.await.expect("writer");
-    let (meta, report) = copied.expect("copy");
-    println!(
-        "copy: {report:?}; {} calls acknowledged before it, {} while it ran",
-        before,
-        after - before
-    );
-    assert_eq!(meta.owner, Some(owner()));
-    assert!(after - before >= 5, "the writer barely ran during the copy");
 
-    let copy = tree(&ex.store().data_dir(&name("copy")));
-    // The copy must be the model after some prefix of the log: at least every call
-    // acknowledged before the copy started, at most one more than were acknowledged
-    // when it returned (the one in flight then).
+    for (target, before, after, report) in &copies {
+        let copy = tree(&ex.store().data_dir(target));
+        let k = prefix_matching(&initial, &log, *before, *after, &copy);
+        println!(
+            "{target}: the copy is the source after call {k} of {}",
+            log.len()
+        );
+        assert_eq!(
+            report.files as usize,
+            copy.keys().filter(|p| !p.ends_with('/')).count()
+        );
+        // The manifest names every file with its checksum.
+        let manifest = std::fs::read_to_string(ex.store().manifest_path(target)).expect("manifest");
+        let mut listed = 0;
+        for line in manifest.lines() {
+            let (hash, path) = line.split_once("  ").expect("sha256sum line");
+            let digest = ring::digest::digest(&ring::digest::SHA256, &copy[path]);
+            let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+            assert_eq!(hash, hex, "{path}");
+            listed += 1;
+        }
+        assert_eq!(listed, report.files);
+    }
+    assert!(
+        copies.iter().any(|c| c.3.preserved > 0),
+        "no change had to be preserved in {} copies: none overlapped the writer",
+        copies.len()
+    );
+
+    // The copy is a volume the server serves.
+    let mut cc = server.mount(copies[0].0.as_str()).await;
+    let croot = cc.root.clone();
+    let (names, _) = cc.list(&croot, 8192).await.expect("READDIRPLUS the copy");
+    assert!(names.iter().any(|n| n == b"sub"));
+    server.stop().await;
+}
+
+/// The number of calls of `log` after which the source was `copy`: at least every
+/// call acknowledged before the copy started (`before`), at most one more than were
+/// acknowledged when it returned (`after`, plus the one in flight then). Panics when
+/// the copy is no state the source had in that window.
+fn prefix_matching(
+    initial: &BTreeMap<String, Vec<u8>>,
+    log: &[Op],
+    before: usize,
+    after: usize,
+    copy: &BTreeMap<String, Vec<u8>>,
+) -> usize {
     let mut model = initial.clone();
     for op in &log[..before] {
         apply(&mut model, op);
@@ -280,11 +330,9 @@ async fn a_copy_of_a_volume_being_written_is_the_volume_at_one_instant_with_ever
         .filter(|p| differs(&model, p))
         .cloned()
         .collect();
-    let mut matched = None;
     for k in before..=(after + 1).min(log.len()) {
         if bad.is_empty() {
-            matched = Some(k);
-            break;
+            return k;
         }
         if k == log.len() {
             break;
@@ -297,41 +345,10 @@ async fn a_copy_of_a_volume_being_written_is_the_volume_at_one_instant_with_ever
             }
         }
     }
-    let k = matched.unwrap_or_else(|| {
-        panic!(
-            "the copy is no state the source had between calls {before} and {after}; paths that differ at the last: {:?}",
-            bad.iter().take(10).collect::<Vec<_>>()
-        )
-    });
-    println!("the copy is the source after call {k} of {}", log.len());
-    assert!(
-        report.preserved > 0,
-        "no change had to be preserved: the copy did not overlap the writer"
-    );
-    assert_eq!(
-        report.files as usize,
-        copy.keys().filter(|p| !p.ends_with('/')).count()
-    );
-
-    // The manifest names every file with its checksum.
-    let manifest =
-        std::fs::read_to_string(ex.store().manifest_path(&name("copy"))).expect("manifest");
-    let mut listed = 0;
-    for line in manifest.lines() {
-        let (hash, path) = line.split_once("  ").expect("sha256sum line");
-        let digest = ring::digest::digest(&ring::digest::SHA256, &copy[path]);
-        let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-        assert_eq!(hash, hex, "{path}");
-        listed += 1;
-    }
-    assert_eq!(listed, report.files);
-
-    // The copy is a volume the server serves.
-    let mut cc = server.mount("copy").await;
-    let croot = cc.root.clone();
-    let (names, _) = cc.list(&croot, 8192).await.expect("READDIRPLUS the copy");
-    assert!(names.iter().any(|n| n == b"sub"));
-    server.stop().await;
+    panic!(
+        "the copy is no state the source had between calls {before} and {after}; paths that differ at the last: {:?}",
+        bad.iter().take(10).collect::<Vec<_>>()
+    )
 }
 
 #[tokio::test]
