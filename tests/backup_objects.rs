@@ -427,6 +427,36 @@ async fn backups_that_would_read_the_wrong_volume_or_write_the_wrong_place_are_r
     );
 }
 
+/// Says the schedule last ran an hour ago (through the status subresource, as the
+/// controller writes it), so its latest missed due time is due now: the test does not
+/// wait for the clock to reach the next minute before the first backup.
+async fn ran_an_hour_ago(api: &Api<VolumeBackupSchedule>, name: &str) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    let hour_ago = k8s_openapi::jiff::Timestamp::from_second(now - 3600)
+        .expect("timestamp")
+        .to_string();
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"lastScheduleTime": hour_ago}})),
+    )
+    .await
+    .expect("backdate lastScheduleTime");
+}
+
+/// Sleeps until `after` seconds past the next minute: a `*/1` schedule's next due time
+/// has then come and gone.
+async fn past_the_next_minute(after: u64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    tokio::time::sleep(Duration::from_secs(60 - now % 60 + after)).await;
+}
+
 #[tokio::test]
 async fn a_due_schedule_makes_a_volume_backup_owned_by_it_that_completes() {
     let target = Tmpfs::mount("64m");
@@ -445,6 +475,8 @@ async fn a_due_schedule_makes_a_volume_backup_owned_by_it_that_completes() {
         .create(&PostParams::default(), &sched)
         .await
         .expect("create schedule");
+    let schedules = Api::<VolumeBackupSchedule>::namespaced(client.clone(), "default");
+    ran_an_hour_ago(&schedules, "often").await;
     let backups: Api<VolumeBackup> = Api::namespaced(client.clone(), "default");
     let first = tokio::time::timeout(
         Duration::from_secs(80),
@@ -502,7 +534,7 @@ async fn a_due_schedule_makes_a_volume_backup_owned_by_it_that_completes() {
         list.iter().map(ResourceExt::name_any).collect::<Vec<_>>()
     };
     let before = names().await;
-    tokio::time::sleep(Duration::from_secs(65)).await;
+    past_the_next_minute(10).await;
     let after = names().await;
     let new: Vec<_> = after.iter().filter(|n| !before.contains(n)).collect();
     assert!(new.is_empty(), "a suspended schedule made {new:?}");
@@ -779,6 +811,7 @@ async fn a_schedule_skips_due_times_while_its_last_backup_is_unfinished() {
         .create(&PostParams::default(), &sched)
         .await
         .expect("create schedule");
+    ran_an_hour_ago(&schedules, "stuck").await;
     let message = eventually("a skipped due time", Duration::from_secs(150), || async {
         let st = schedules.get("stuck").await.ok()?.status?;
         st.message
