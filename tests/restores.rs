@@ -910,7 +910,9 @@ async fn a_namespace_made_again_with_the_same_name_cannot_restore_the_earlier_on
         );
     }
     assert_eq!(s.all_volumes(), before, "a refused restore made a volume");
-    // The new namespace's own sets restore as ever.
+    // The new namespace's own sets restore as ever (made after its first second:
+    // its creation time is known to the second only).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let (node, volume, want) = s.claim_with_files("team", "db").await;
     let set = s.backup(&node, &volume).await;
     s.restore(

@@ -14,7 +14,8 @@
 //!   ([`namespace_since`], [`find_set`]): a namespace deleted and created again with
 //!   the same name does not inherit the sets of the earlier one, though their owner
 //!   records name the same namespace. Sets are named by their UTC time, so a set id
-//!   older than the namespace's `creationTimestamp` is an earlier namespace's. Only
+//!   older than the end of the second of the namespace's `creationTimestamp` is an
+//!   earlier namespace's. Only
 //!   an operator restores such a set, with `localnfs volume restore` on the node. (The
 //!   set id is the agent's clock, the namespace's time the API server's: clocks apart
 //!   by more than the time between a backup and the namespace's re-creation could let
@@ -31,9 +32,12 @@ use localnfs_nfs::backup;
 use super::targets::BackupTargets;
 use crate::objects::request::RestoreSource;
 
-/// The creation time of namespace `ns` as a set id (see the module doc): a set of a
-/// claim of that namespace is named no earlier. `Ok(Err)`: the namespace is gone
-/// (why, for the claim); `Err`: it could not be read (tried again).
+/// The first set id of namespace `ns` (see the module doc): the end of the second it
+/// was created in (`creationTimestamp` is to the second, so a namespace shown created
+/// at 08:08:39 may be younger than a set of 08:08:39.182). A set of a claim of that
+/// namespace is named no earlier; one made in the namespace's first second is
+/// refused, the safe side. `Ok(Err)`: the namespace is gone (why, for the claim);
+/// `Err`: it could not be read (tried again).
 pub async fn namespace_since(
     client: &kube::Client,
     ns: &str,
@@ -46,7 +50,9 @@ pub async fn namespace_since(
         .and_then(|n| n.metadata.creation_timestamp)
         .map(|t| t.0.as_millisecond());
     Ok(match created {
-        Some(ms) => Ok(backup::set_id(u64::try_from(ms).unwrap_or(0))),
+        Some(ms) => Ok(backup::set_id(
+            u64::try_from(ms).unwrap_or(0).saturating_add(1000),
+        )),
         None => Err(format!("namespace {ns} does not exist")),
     })
 }
