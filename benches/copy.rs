@@ -299,7 +299,7 @@ async fn clone_rows() -> Vec<CloneRow> {
         anchors.push((cp, tar));
     }
     let clone_one = |copy: String, src: String, size: &'static str| {
-        let (claims, events, bound) = (claims.clone(), events.clone(), bound.clone());
+        let (claims, events) = (claims.clone(), events.clone());
         async move {
             drop_caches();
             let asked = Instant::now();
