@@ -830,3 +830,90 @@ async fn a_schedule_skips_due_times_while_its_last_backup_is_unfinished() {
         "{message}"
     );
 }
+
+/// A VolumeBackup no node agent will run (its claim missing, not bound, or bound to a
+/// volume of another provisioner) is marked Failed by the controller, saying why,
+/// with a `BackupFailed` event, once the grace period for agents has passed; a
+/// VolumeBackup of a localnfs claim is still the agent's.
+#[tokio::test]
+async fn a_volume_backup_no_agent_can_run_fails_with_the_reason_instead_of_waiting_forever() {
+    let target = Tmpfs::mount("16m");
+    let flags = [format!("nightly={}", target.path().display())];
+    let (cluster, lnfs) = cluster_with(206, &flags).await;
+    let client = cluster.client();
+    storage_class(
+        &client,
+        "later",
+        json!({"volumeBindingMode": "WaitForFirstConsumer"}),
+    )
+    .await;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    claims
+        .create(
+            &PostParams::default(),
+            &claim("unbound", "later", "4Mi", json!({})),
+        )
+        .await
+        .expect("claim");
+    // A claim bound to a PV localnfs did not make (a static NFS PV).
+    let pv: PersistentVolume = serde_json::from_value(json!({
+        "metadata": {"name": "static-nfs"},
+        "spec": {"capacity": {"storage": "4Mi"}, "accessModes": ["ReadWriteOnce"],
+                 "storageClassName": "", "nfs": {"server": "127.0.0.1", "path": "/exports/x"},
+                 "claimRef": {"namespace": "default", "name": "foreign"}},
+    }))
+    .expect("pv");
+    Api::<PersistentVolume>::all(client.clone())
+        .create(&PostParams::default(), &pv)
+        .await
+        .expect("static PV");
+    claims
+        .create(
+            &PostParams::default(),
+            &claim("foreign", "", "4Mi", json!({"volumeName": "static-nfs"})),
+        )
+        .await
+        .expect("claim");
+    let (dir, ours) = claim_in(&client, &lnfs, "default", "ours", "4Mi").await;
+    write_data(&dir, 1024);
+    for (name, claim) in [
+        ("of-nothing", "missing"),
+        ("of-unbound", "unbound"),
+        ("of-foreign", "foreign"),
+        ("of-ours", "ours"),
+    ] {
+        create_backup(&client, "default", name, claim, "nightly").await;
+    }
+    let st = finished(&client, &lnfs, "default", "of-ours").await;
+    assert_eq!(st.phase, Some(Phase::Completed), "{st:?}");
+    let api: Api<VolumeBackup> = Api::namespaced(client.clone(), "default");
+    for (name, says) in [
+        ("of-nothing", "claim default/missing does not exist"),
+        ("of-unbound", "claim default/unbound is Pending, not Bound"),
+        (
+            "of-foreign",
+            "bound to PV static-nfs, provisioned by nobody known",
+        ),
+    ] {
+        let st = tokio::time::timeout(
+            Duration::from_secs(240),
+            eventually(
+                &format!("{name} Failed"),
+                Duration::from_secs(240),
+                || async {
+                    let st = api.get(name).await.ok()?.status?;
+                    st.phase?.is_final().then_some(st)
+                },
+            ),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{name} was never given a status\n{}", lnfs.logs()));
+        assert_eq!(st.phase, Some(Phase::Failed), "{name}: {st:?}");
+        let message = st.message.unwrap_or_default();
+        assert!(message.contains(says), "{name}: {message}");
+        let note = event(&client, "default", name, "BackupFailed").await;
+        assert!(note.contains(says), "{name}: {note}");
+    }
+    // Nothing was written to the target for them.
+    assert_eq!(entries(target.path()), [ours]);
+}

@@ -62,28 +62,48 @@ struct Setup {
     cluster: TestCluster,
     lnfs: Localnfs,
     target: Tmpfs,
+    /// The first node's address (node-2's is the next one).
+    first: u8,
 }
 
 impl Setup {
     async fn start(first: u8) -> Setup {
+        Setup::start_with_target(first, "64m").await
+    }
+
+    /// Same, with a target of `size` (`1g`).
+    async fn start_with_target(first: u8, size: &str) -> Setup {
         let cluster = TestCluster::start().await.expect("control plane");
         let client = cluster.client();
         install_crds(cluster.kubeconfig());
-        let target = Tmpfs::mount("64m");
-        let flag = format!("nightly={}", target.path().display());
-        let mut lnfs = Localnfs::new(&cluster).await;
-        for (i, node) in ["node-1", "node-2"].into_iter().enumerate() {
-            let addr = ip(first + i as u8);
-            kubelet::add_node(&client, node, addr).await.expect("node");
-            lnfs.start_agent_with(node, addr, &["--capacity", "5Gi", "--backup-target", &flag]);
-        }
-        lnfs.start_controller();
-        storage_class(&client, "now", json!({"volumeBindingMode": "Immediate"})).await;
-        Setup {
+        let target = Tmpfs::mount(size);
+        let mut s = Setup {
+            lnfs: Localnfs::new(&cluster).await,
             cluster,
-            lnfs,
             target,
+            first,
+        };
+        for node in ["node-1", "node-2"] {
+            kubelet::add_node(&client, node, s.addr(node))
+                .await
+                .expect("node");
+            s.start_agent(node);
         }
+        s.lnfs.start_controller();
+        storage_class(&client, "now", json!({"volumeBindingMode": "Immediate"})).await;
+        s
+    }
+
+    fn addr(&self, node: &str) -> IpAddr {
+        ip(self.first + u8::from(node == "node-2"))
+    }
+
+    /// Starts (or starts again) `node`'s agent with the target `nightly`.
+    fn start_agent(&mut self, node: &str) {
+        let flag = format!("nightly={}", self.target.path().display());
+        let addr = self.addr(node);
+        self.lnfs
+            .start_agent_with(node, addr, &["--capacity", "5Gi", "--backup-target", &flag]);
     }
 
     fn client(&self) -> Client {
@@ -708,4 +728,203 @@ async fn a_claim_provisioned_empty_is_not_reported_restored() {
         message.contains("provisioned without the restore"),
         "{message}"
     );
+}
+
+/// Copies being built on `node` (`<root>/staging/*.partial`), and whether any holds
+/// restored data yet.
+fn partial_copies(lnfs: &Localnfs, node: &str) -> (usize, bool) {
+    let Ok(dir) = std::fs::read_dir(lnfs.root(node).join("staging")) else {
+        return (0, false);
+    };
+    let partial: Vec<PathBuf> = dir
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with(".partial"))
+        .collect();
+    let writing = partial
+        .iter()
+        .any(|p| std::fs::read_dir(p.join("data")).is_ok_and(|mut d| d.next().is_some()));
+    (partial.len(), writing)
+}
+
+/// The agent restoring a claim through a VolumeRestore is SIGKILLed with the restore
+/// half written: the claim is not Bound meanwhile (no PV answers ready with part of
+/// the set), and the restarted agent restores it whole from the request, leaving no
+/// copy half-made behind.
+#[tokio::test]
+async fn an_agent_killed_mid_restore_leaves_no_claim_ready_with_part_of_the_set_and_restores_it_after_restart()
+ {
+    let mut s = Setup::start_with_target(197, "1g").await;
+    let client = s.client();
+    let mut pvc = claim("big", "now", "1Gi", json!({}));
+    pvc.metadata.namespace = Some("default".into());
+    Api::<PersistentVolumeClaim>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &pvc)
+        .await
+        .expect("create claim");
+    let (node, volume) = s.bound("default", "big").await;
+    let dir = s.lnfs.root(&node).join("volumes").join(&volume);
+    // Enough files that the restore (every sha256 checked, every file synced) runs
+    // for seconds and is caught part-way.
+    for d in 0..20 {
+        let sub = dir.join(format!("d{d}"));
+        std::fs::create_dir_all(&sub).expect("mkdir");
+        for f in 0..100 {
+            std::fs::write(sub.join(format!("f{f}")), vec![(d * f) as u8; 192 << 10])
+                .expect("write");
+        }
+        for f in 0..600 {
+            std::fs::write(sub.join(format!("s{f}")), vec![(d + f) as u8; 4 << 10]).expect("write");
+        }
+    }
+    let want = sums(&dir);
+    let set = s.backup(&node, &volume).await;
+    let before = s.all_volumes();
+    s.restore(
+        "default",
+        "cut",
+        json!({"source": {"target": "nightly", "volume": volume, "set": set},
+               "storageClassName": "now", "size": "1Gi", "claims": ["back"]}),
+    )
+    .await;
+    let restoring = eventually("a restore half written", WAIT, || async {
+        ["node-1", "node-2"]
+            .into_iter()
+            .find(|n| partial_copies(&s.lnfs, n).1)
+    })
+    .await;
+    s.lnfs.stop_agent(restoring).await; // SIGKILL
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    let back = claims.get("back").await.expect("claim");
+    assert_eq!(
+        back.spec.and_then(|sp| sp.volume_name),
+        None,
+        "the claim was bound before its restore finished"
+    );
+    let vr: VolumeRestore = Api::namespaced(client.clone(), "default")
+        .get("cut")
+        .await
+        .expect("restore");
+    let status = vr.status.unwrap_or_default();
+    assert!(
+        status
+            .claims
+            .iter()
+            .all(|c| c.phase != Some(ClaimPhase::Completed)),
+        "reported restored while its agent was down: {status:?}"
+    );
+    assert_eq!(s.all_volumes(), before, "a half-made volume exists");
+    // Nothing answers for a few seconds while the agent is down: still not Bound.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let back = claims.get("back").await.expect("claim");
+    assert_eq!(back.spec.and_then(|sp| sp.volume_name), None);
+
+    s.start_agent(restoring);
+    let vr = s.finished("default", "cut").await;
+    let status = vr.status.expect("status");
+    assert_eq!(
+        status.phase,
+        Some(Phase::Completed),
+        "{status:?}\n{}",
+        s.lnfs.logs()
+    );
+    let (n, v) = s.bound("default", "back").await;
+    assert_eq!(
+        sums(&s.lnfs.root(&n).join("volumes").join(&v)),
+        want,
+        "the restored claim does not hold the whole set"
+    );
+    for node in ["node-1", "node-2"] {
+        assert_eq!(
+            partial_copies(&s.lnfs, node).0,
+            0,
+            "a half-made copy stays on {node}"
+        );
+    }
+}
+
+/// A namespace deleted and made again with the same name does not inherit the sets of
+/// the earlier one through VolumeRestores, though their owner records name the same
+/// namespace: a set made before the namespace was created is refused, with the
+/// operator's `localnfs volume restore` named as the way; the new namespace's own
+/// sets restore.
+#[tokio::test]
+async fn a_namespace_made_again_with_the_same_name_cannot_restore_the_earlier_ones_sets() {
+    let s = Setup::start(199).await;
+    let client = s.client();
+    namespace(&client, "team").await;
+    let (node, old_volume, _) = s.claim_with_files("team", "db").await;
+    let old_set = s.backup(&node, &old_volume).await;
+    // The namespace deleted, as Kubernetes' namespace controller (not run by the test
+    // control plane) would: its claim deleted, then its `kubernetes` finalizer taken.
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .delete("team", &Default::default())
+        .await
+        .expect("delete namespace");
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "team");
+    claims
+        .delete("db", &Default::default())
+        .await
+        .expect("delete claim");
+    eventually("team/db gone", WAIT, || async {
+        claims.get_opt("db").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    let mut ns = namespaces.get("team").await.expect("namespace");
+    ns.spec = Some(Default::default());
+    namespaces
+        .replace_subresource("finalize", "team", &PostParams::default(), &ns)
+        .await
+        .expect("finalize namespace");
+    eventually("namespace team gone", WAIT, || async {
+        namespaces
+            .get_opt("team")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    namespace(&client, "team").await;
+    let before = s.all_volumes();
+    for (name, set) in [("by-id", old_set.as_str()), ("by-latest", "latest")] {
+        s.restore(
+            "team",
+            name,
+            json!({"source": {"target": "nightly", "volume": old_volume, "set": set},
+                   "storageClassName": "now", "size": "8Mi", "claims": [format!("from-{name}")]}),
+        )
+        .await;
+    }
+    for name in ["by-id", "by-latest"] {
+        let vr = s.finished("team", name).await;
+        let status = vr.status.expect("status");
+        assert_eq!(status.phase, Some(Phase::Failed), "{name}: {status:?}");
+        let message = status.claims[0].message.clone().unwrap_or_default();
+        assert!(
+            message.contains(&format!(
+                "set {old_set} of volume {old_volume} was made before namespace team was created"
+            )) && message.contains("localnfs volume restore"),
+            "{name}: {message}"
+        );
+    }
+    assert_eq!(s.all_volumes(), before, "a refused restore made a volume");
+    // The new namespace's own sets restore as ever (made after its first second:
+    // its creation time is known to the second only).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (node, volume, want) = s.claim_with_files("team", "db").await;
+    let set = s.backup(&node, &volume).await;
+    s.restore(
+        "team",
+        "own",
+        json!({"source": {"target": "nightly", "volume": volume, "set": set},
+               "storageClassName": "now", "size": "8Mi", "claims": ["db-back"]}),
+    )
+    .await;
+    let vr = s.finished("team", "own").await;
+    let status = vr.status.expect("status");
+    assert_eq!(status.phase, Some(Phase::Completed), "{status:?}");
+    let (n, v) = s.bound("team", "db-back").await;
+    assert_eq!(sums(&s.lnfs.root(&n).join("volumes").join(&v)), want);
 }

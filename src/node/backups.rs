@@ -6,7 +6,9 @@
 //! labelled with its node, which only localnfs writes), Bound to the claim the object
 //! names in its own namespace (`claimRef` with the claim's current uid, read fresh
 //! from the API server: a Released PV of an earlier claim of that name is not it, and
-//! an object whose claim has no such PV here is left alone, never failed) ([`claims_pv`]), and the volume's **owner record on disk** must be that claim
+//! an object whose claim has no such PV here is left alone, never failed: the leader
+//! fails one no agent will run, `provisioner::backups`) ([`claims_pv`]), and the
+//! volume's **owner record on disk** must be that claim
 //! (uid and namespace) ([`resolve`]). A PV re-pointed at another volume, or annotations
 //! a tenant writes on its claim, therefore never make the agent read someone else's
 //! data: the object fails with the reason and nothing is written to the target. The

@@ -529,6 +529,11 @@ async fn restore(
     {
         return Ok(Ok(done.meta.clone()));
     }
+    // Sets of an earlier namespace of the same name are not this claim's.
+    let since = match super::restore::namespace_since(&agent.client, &source.namespace).await? {
+        Ok(since) => since,
+        Err(why) => return Ok(Err(why)),
+    };
     let (exports, targets, source_c, name) = (
         agent.exports.clone(),
         agent.backup_targets.clone(),
@@ -536,7 +541,7 @@ async fn restore(
         spec.name.clone(),
     );
     let done = tokio::task::spawn_blocking(move || {
-        let set = super::restore::find_set(&targets, &source_c)?;
+        let set = super::restore::find_set(&targets, &source_c, &since)?;
         let opts = localnfs_nfs::backup::RestoreOptions {
             size: Some(spec.size_bytes),
             device_nodes: exports.device_nodes,

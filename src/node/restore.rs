@@ -10,21 +10,62 @@
 //! - The set's owner record must be in the claim's namespace (`backup::owner_check`,
 //!   done by the restore as it reads the manifest): naming another namespace's volume
 //!   or set gets nothing.
+//! - The set must have been made since the claim's namespace was created
+//!   ([`namespace_since`], [`find_set`]): a namespace deleted and created again with
+//!   the same name does not inherit the sets of the earlier one, though their owner
+//!   records name the same namespace. Sets are named by their UTC time, so a set id
+//!   older than the end of the second of the namespace's `creationTimestamp` is an
+//!   earlier namespace's. Only
+//!   an operator restores such a set, with `localnfs volume restore` on the node. (The
+//!   set id is the agent's clock, the namespace's time the API server's: clocks apart
+//!   by more than the time between a backup and the namespace's re-creation could let
+//!   one through.)
 //! - The restore is the store's (`backup::restore_set_with`): every file's sha256
 //!   checked, built in staging and committed whole or not at all; an agent restarted
 //!   mid-way finds nothing made and starts over from the request.
 
 use std::path::PathBuf;
 
+use k8s_openapi::api::core::v1::Namespace;
 use localnfs_nfs::backup;
 
 use super::targets::BackupTargets;
 use crate::objects::request::RestoreSource;
 
+/// The first set id of namespace `ns` (see the module doc): the end of the second it
+/// was created in (`creationTimestamp` is to the second, so a namespace shown created
+/// at 08:08:39 may be younger than a set of 08:08:39.182). A set of a claim of that
+/// namespace is named no earlier; one made in the namespace's first second is
+/// refused, the safe side. `Ok(Err)`: the namespace is gone (why, for the claim);
+/// `Err`: it could not be read (tried again).
+pub async fn namespace_since(
+    client: &kube::Client,
+    ns: &str,
+) -> crate::error::Result<Result<String, String>> {
+    let found = kube::Api::<Namespace>::all(client.clone())
+        .get_opt(ns)
+        .await
+        .map_err(crate::error::Error::kube(format!("read namespace {ns}")))?;
+    let created = found
+        .and_then(|n| n.metadata.creation_timestamp)
+        .map(|t| t.0.as_millisecond());
+    Ok(match created {
+        Some(ms) => Ok(backup::set_id(
+            u64::try_from(ms).unwrap_or(0).saturating_add(1000),
+        )),
+        None => Err(format!("namespace {ns} does not exist")),
+    })
+}
+
 /// The set a restore reads: `<target dir>/<volume>/<set>` for a set id, or the newest
-/// complete set for `latest`. Blocking (lists the target for `latest`). `Err` says why
-/// not, for the claim's event and the VolumeRestore's status.
-pub fn find_set(targets: &BackupTargets, source: &RestoreSource) -> Result<PathBuf, String> {
+/// complete set for `latest`, refused if made before `since` (the claim's namespace's
+/// creation, [`namespace_since`]). Blocking (lists the target for `latest`). `Err`
+/// says why not, for the claim's event and the VolumeRestore's status.
+pub fn find_set(
+    targets: &BackupTargets,
+    source: &RestoreSource,
+    since: &str,
+) -> Result<PathBuf, String> {
     let Some(dir) = targets.get(&source.target) else {
         return Err(format!(
             "unknown backup target {:?}: this node agent has {}",
@@ -50,6 +91,10 @@ pub fn find_set(targets: &BackupTargets, source: &RestoreSource) -> Result<PathB
         .filter(|s| s.summary.is_some())
         .find(|s| source.set == "latest" || s.id == source.set);
     match found {
+        Some(s) if s.id.as_str() < since => Err(format!(
+            "set {} of volume {} was made before namespace {} was created ({since}): it belongs to an earlier namespace of that name; only an operator may restore it, with `localnfs volume restore` on the node",
+            s.id, source.volume, source.namespace
+        )),
         Some(s) => Ok(s.path.clone()),
         None if sets.iter().any(|s| s.id == source.set) => Err(format!(
             "set {} of volume {} in target {} is not complete (no COMPLETE marker)",
@@ -76,6 +121,9 @@ mod tests {
             namespace: "shop".into(),
         }
     }
+
+    /// A namespace created before every set of [`sets`].
+    const SINCE: &str = "20261101T000000.000Z";
 
     fn targets(dir: &std::path::Path) -> BackupTargets {
         BackupTargets::new(&[BackupTarget {
@@ -107,11 +155,11 @@ mod tests {
         sets(dir.path());
         let t = targets(dir.path());
         assert_eq!(
-            find_set(&t, &source("nightly", "latest")),
+            find_set(&t, &source("nightly", "latest"), SINCE),
             Ok(dir.path().join("pvc-1/20261208T011500.123Z"))
         );
         assert_eq!(
-            find_set(&t, &source("nightly", "20261207T011500.123Z")),
+            find_set(&t, &source("nightly", "20261207T011500.123Z"), SINCE),
             Ok(dir.path().join("pvc-1/20261207T011500.123Z"))
         );
     }
@@ -121,10 +169,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         sets(dir.path());
         let t = targets(dir.path());
-        let why = find_set(&t, &source("/etc", "latest")).expect_err("unknown");
+        let why = find_set(&t, &source("/etc", "latest"), SINCE).expect_err("unknown");
         assert!(why.contains("unknown backup target"), "{why}");
         assert!(why.contains("nightly"), "{why}");
-        let why = find_set(&t, &source("nightly", "../../etc")).expect_err("a path");
+        let why = find_set(&t, &source("nightly", "../../etc"), SINCE).expect_err("a path");
         assert!(why.contains("neither a set id"), "{why}");
     }
 
@@ -133,9 +181,34 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         sets(dir.path());
         let t = targets(dir.path());
-        let why = find_set(&t, &source("nightly", "20261209T011500.123Z")).expect_err("partial");
+        let why =
+            find_set(&t, &source("nightly", "20261209T011500.123Z"), SINCE).expect_err("partial");
         assert!(why.contains("not complete"), "{why}");
-        let why = find_set(&t, &source("nightly", "20261201T011500.123Z")).expect_err("missing");
+        let why =
+            find_set(&t, &source("nightly", "20261201T011500.123Z"), SINCE).expect_err("missing");
         assert!(why.contains("no complete set"), "{why}");
+    }
+
+    #[test]
+    fn a_set_made_before_the_namespace_was_created_again_is_refused() {
+        let dir = tempfile::tempdir().expect("dir");
+        sets(dir.path());
+        let t = targets(dir.path());
+        // The namespace was deleted and made again on 8 December, after the sets of
+        // the 7th and at 01:15:00.123 on the 8th.
+        let since = "20261208T020000.000Z";
+        for set in ["20261207T011500.123Z", "latest"] {
+            let why = find_set(&t, &source("nightly", set), since).expect_err("earlier");
+            assert!(
+                why.contains("was made before namespace shop was created")
+                    && why.contains("localnfs volume restore"),
+                "{set}: {why}"
+            );
+        }
+        // A set made the very millisecond the namespace was is its own.
+        assert_eq!(
+            find_set(&t, &source("nightly", "latest"), "20261208T011500.123Z"),
+            Ok(dir.path().join("pvc-1/20261208T011500.123Z"))
+        );
     }
 }

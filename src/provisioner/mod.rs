@@ -5,8 +5,11 @@
 //! decisions and bookkeeping, `step` the next step for a claim; the reconcilers (`claims`, `expand`, `volumes`, `pods`) do the I/O;
 //! `triggers` decides which objects to reconcile and `queue` hands their keys to a
 //! bounded set of workers. `schedules` turns VolumeBackupSchedules into VolumeBackups
-//! at the times of their `cron` expressions (pure parser).
+//! at the times of their `cron` expressions (pure parser); `backups` fails the
+//! VolumeBackups no node agent will run (their claim missing, unbound, or not
+//! localnfs's).
 
+pub mod backups;
 pub mod claims;
 pub mod clone;
 pub mod cron;

@@ -294,6 +294,8 @@ async fn controllers(ctx: Arc<Ctx>, stop: CancellationToken) {
     let schedules = super::schedules::run(ctx.clone(), stop.clone());
     // VolumeRestores: likewise.
     let restores = super::restores::run(ctx.clone(), stop.clone());
+    // VolumeBackups no agent will run: likewise.
+    let backups = super::backups::run(ctx.clone(), stop.clone());
     tokio::join!(
         watch_claims,
         watch_pvs,
@@ -301,6 +303,7 @@ async fn controllers(ctx: Arc<Ctx>, stop: CancellationToken) {
         close,
         workers,
         schedules,
-        restores
+        restores,
+        backups
     );
 }
