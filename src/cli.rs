@@ -153,6 +153,12 @@ pub struct ControllerArgs {
     /// placed again, a claim deleted meanwhile is let go (its volume left on the node).
     #[arg(long, env = "LOCALNFS_AGENT_GRACE", default_value = "60s", value_parser = parse_duration)]
     pub agent_grace: Duration,
+
+    /// How long a VolumeBackup may stay without any node agent taking it up before
+    /// the controller looks at its claim and, if no agent can run it (claim missing,
+    /// not Bound, or not a localnfs volume), marks it Failed.
+    #[arg(long, env = "LOCALNFS_BACKUP_GRACE", default_value = "120s", value_parser = parse_duration)]
+    pub backup_grace: Duration,
 }
 
 #[derive(Debug, Args)]

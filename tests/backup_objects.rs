@@ -839,8 +839,17 @@ async fn a_schedule_skips_due_times_while_its_last_backup_is_unfinished() {
 async fn a_volume_backup_no_agent_can_run_fails_with_the_reason_instead_of_waiting_forever() {
     let target = Tmpfs::mount("16m");
     let flags = [format!("nightly={}", target.path().display())];
-    let (cluster, lnfs) = cluster_with(206, &flags).await;
+    let cluster = TestCluster::start().await.expect("control plane");
+    install_crds(cluster.kubeconfig());
     let client = cluster.client();
+    let mut lnfs = Localnfs::new(&cluster).await;
+    kubelet::add_node(&client, "node-1", ip(207))
+        .await
+        .expect("node");
+    lnfs.start_agent_with("node-1", ip(207), &agent_flags(&flags));
+    // A short grace, so the test does not wait out the default two minutes.
+    lnfs.start_controller_with(&["--backup-grace", "15s"]);
+    storage_class(&client, "now", json!({"volumeBindingMode": "Immediate"})).await;
     storage_class(
         &client,
         "later",

@@ -7,7 +7,7 @@
 //!
 //! Rules ([`verdict`], pure):
 //! 1. A VolumeBackup with any status is an agent's (or already final): left alone.
-//! 2. For [`GRACE`] after its creation it is left alone: agents look at one whose
+//! 2. For the grace period ([`GRACE`], the controller's `--backup-grace`) after its creation it is left alone: agents look at one whose
 //!    claim is not theirs every 30 s, and a claim may be bound meanwhile.
 //! 3. After that, a claim missing, not Bound, or bound to a PV not provisioned by
 //!    localnfs fails the object. A claim Bound to a localnfs PV is its agent's, even
@@ -36,7 +36,8 @@ use crate::objects::backups::{Phase, VolumeBackup, VolumeBackupStatus, status_pa
 use crate::objects::keys::PROVISIONED_BY;
 
 /// How long a VolumeBackup may stay without a status before the leader looks at its
-/// claim: four of the agents' 30 s looks at a claim that is not theirs.
+/// claim, unless `--backup-grace` says otherwise: four of the agents' 30 s looks at a
+/// claim that is not theirs.
 pub const GRACE: Duration = Duration::from_secs(120);
 
 /// The event reason (the agents' own, so `kubectl describe` reads the same).
@@ -67,10 +68,13 @@ pub enum Verdict {
 }
 
 /// The rules of the module doc: `has_status` whether the object has a phase, `age`
-/// since its creation, `ours` the provisioner name PVs of localnfs carry.
+/// since its creation, `grace` the grace period, `ours` the provisioner name PVs of
+/// localnfs carry.
+#[allow(clippy::too_many_arguments)]
 pub fn verdict(
     has_status: bool,
     age: Duration,
+    grace: Duration,
     ns: &str,
     name: &str,
     claim: &Claim<'_>,
@@ -79,8 +83,8 @@ pub fn verdict(
     if has_status {
         return Verdict::Leave;
     }
-    if age < GRACE {
-        return Verdict::Wait(GRACE - age);
+    if age < grace {
+        return Verdict::Wait(grace - age);
     }
     let why = match claim {
         Claim::Missing => format!("claim {ns}/{name} does not exist"),
@@ -97,7 +101,7 @@ pub fn verdict(
     };
     Verdict::Fail(format!(
         "{why} (no node agent took the backup up in {} s)",
-        GRACE.as_secs()
+        grace.as_secs()
     ))
 }
 
@@ -128,7 +132,15 @@ async fn reconcile(vbk: Arc<VolumeBackup>, ctx: Arc<Ctx>) -> Result<Action> {
     let age = Duration::from_millis(u64::try_from(age_ms).unwrap_or(0));
     let (ns, claim_name) = (vbk.namespace().unwrap_or_default(), vbk.spec.claim.clone());
     // Decided without the claim first: most objects are an agent's or still young.
-    match verdict(has_status, age, &ns, &claim_name, &Claim::Missing, "") {
+    match verdict(
+        has_status,
+        age,
+        ctx.backup_grace,
+        &ns,
+        &claim_name,
+        &Claim::Missing,
+        "",
+    ) {
         Verdict::Leave => return Ok(Action::await_change()),
         Verdict::Wait(d) => return Ok(Action::requeue(d)),
         Verdict::Fail(_) => {}
@@ -164,7 +176,15 @@ async fn reconcile(vbk: Arc<VolumeBackup>, ctx: Arc<Ctx>) -> Result<Action> {
         },
         (Some(_), _) => Claim::Unbound(&phase),
     };
-    let why = match verdict(has_status, age, &ns, &claim_name, &claim, &ctx.provisioner) {
+    let why = match verdict(
+        has_status,
+        age,
+        ctx.backup_grace,
+        &ns,
+        &claim_name,
+        &claim,
+        &ctx.provisioner,
+    ) {
         Verdict::Fail(why) => why,
         Verdict::Leave => return Ok(Action::await_change()),
         Verdict::Wait(d) => return Ok(Action::requeue(d)),
@@ -202,7 +222,7 @@ mod tests {
     const OLD: Duration = GRACE;
 
     fn fails(claim: &Claim<'_>) -> String {
-        match verdict(false, OLD, "shop", "db", claim, OURS) {
+        match verdict(false, OLD, GRACE, "shop", "db", claim, OURS) {
             Verdict::Fail(why) => why,
             v => panic!("{claim:?}: {v:?}"),
         }
@@ -210,7 +230,7 @@ mod tests {
 
     #[test]
     fn a_backup_an_agent_took_up_is_left_to_it() {
-        let v = verdict(true, OLD * 10, "shop", "db", &Claim::Missing, OURS);
+        let v = verdict(true, OLD * 10, GRACE, "shop", "db", &Claim::Missing, OURS);
         assert_eq!(v, Verdict::Leave);
     }
 
@@ -219,6 +239,7 @@ mod tests {
         let v = verdict(
             false,
             Duration::from_secs(30),
+            GRACE,
             "shop",
             "db",
             &Claim::Missing,
@@ -259,7 +280,7 @@ mod tests {
             provisioned_by: Some(OURS),
         };
         assert_eq!(
-            verdict(false, OLD * 100, "shop", "db", &claim, OURS),
+            verdict(false, OLD * 100, GRACE, "shop", "db", &claim, OURS),
             Verdict::Leave
         );
     }

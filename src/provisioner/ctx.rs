@@ -37,6 +37,9 @@ pub struct Ctx {
     pub classes: Store<StorageClass>,
     /// How long past its lease a silent node agent is waited for (`--agent-grace`).
     pub agent_grace: Duration,
+    /// How long a VolumeBackup waits for an agent before its claim is looked at
+    /// (`--backup-grace`, `super::backups`).
+    pub backup_grace: Duration,
     /// Space held on each node for placements in progress.
     pub reservations: std::sync::Mutex<Reservations>,
     /// Whether we may still write as leader; checked before every write.

@@ -63,6 +63,7 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
         agents,
         classes: watch_classes(&client, &shutdown),
         agent_grace: args.agent_grace,
+        backup_grace: args.backup_grace,
         reservations: Default::default(),
         fence: Default::default(),
         signer: super::keys::controller_signer(&client, &args.install.namespace).await?,
