@@ -458,7 +458,11 @@ fn victim_rep(
         let tag = format!("victim-{rep}-{cond}").replace(' ', "-");
         child::victim_in_child(&s.a, &tag, s.probe)
     };
-    let rates = |r: &Result<VictimSample, String>| r.as_ref().map(|v| v.map(|row| row.rate)).map_err(Clone::clone);
+    let rates = |r: &Result<VictimSample, String>| {
+        r.as_ref()
+            .map(|v| v.map(|row| row.rate))
+            .map_err(Clone::clone)
+    };
     let r = victim("alone");
     log(rep, server, "victim alone", &rates(&r));
     out.victim[0].push(r);
@@ -468,7 +472,12 @@ fn victim_rep(
         log(rep, server, &format!("{} alone", kind.label()), &alone);
         out.flood_alone[k].push(alone);
         let (rate, r) = with_flood(rt, &s.b, kind, || victim(kind.label()));
-        log(rep, server, &format!("victim with {}", kind.label()), &rates(&r));
+        log(
+            rep,
+            server,
+            &format!("victim with {}", kind.label()),
+            &rates(&r),
+        );
         log(rep, server, &format!("{} with victim", kind.label()), &rate);
         out.victim[k + 1].push(r);
         out.flood_with_victim[k].push(rate);

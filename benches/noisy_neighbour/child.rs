@@ -248,7 +248,9 @@ fn parse(args: &[String]) -> Result<(Volume, String, Probe), String> {
     };
     let tag = get("--tag").ok_or("--tag missing")?;
     let probe = Probe {
-        admin: get("--admin").map(|a| addr(Some(a), "--admin")).transpose()?,
+        admin: get("--admin")
+            .map(|a| addr(Some(a), "--admin"))
+            .transpose()?,
         server_pid: get("--server-pid").and_then(|p| p.parse().ok()),
         flood_pid: get("--flood-pid")
             .and_then(|p| p.parse().ok())
