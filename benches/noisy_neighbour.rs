@@ -11,9 +11,16 @@
 //!   through the Linux kernel NFS client of a User-Mode Linux test node, alone and with
 //!   each aggressor: TPS and p95 latency;
 //! - each aggressor's own rate alone, during the victim's rows and during MariaDB;
+//! - **where a victim call's time went** (`noisy_neighbour/child.rs`): per row, the
+//!   client's round trip, the agent's own window and queue wait (its `/metrics`), and
+//!   the CPU of the server, the victim's process and the flood's;
 //! - **ceilings** (localnfs only): volume C with `writeBandwidth: 32Mi` under the write
 //!   flood and volume D with `readIOPS: 2000` under the read flood, each alone: the
 //!   measured rate against the ceiling.
+//!
+//! The victim runs in a process of its own (this binary, run again by
+//! `child::victim_in_child`), the floods in this one: the table measures how the server
+//! shares itself between volumes, not how one client process shares its threads.
 //!
 //! Repetitions take turns between the servers (first place rotating). Before each
 //! measured window a flood runs 2 s untimed; after a write flood every file is
