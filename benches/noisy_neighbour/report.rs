@@ -109,15 +109,16 @@ pub fn print(servers: &[Server], results: &[Results]) {
     for (k, kind) in Kind::ALL.iter().enumerate() {
         for (s, r) in servers.iter().zip(results) {
             let alone = &r.flood_alone[k];
-            if alone.is_empty() {
+            if alone.is_empty() && r.flood_with_db[k].is_empty() {
                 continue;
             }
+            // Without the victim's rows (`--only mariadb`) no flood ran alone.
             let with = |v: &[Result<f64, String>]| {
-                if v.is_empty() {
-                    "—".to_owned()
-                } else {
-                    let m = median(ok(v));
-                    format!("{} ({})", cell(m, number), ratio(median_ratio(alone, v)))
+                let m = cell(median(ok(v)), number);
+                match (v.is_empty(), alone.is_empty()) {
+                    (true, _) => "—".to_owned(),
+                    (false, true) => m,
+                    (false, false) => format!("{m} ({})", ratio(median_ratio(alone, v))),
                 }
             };
             println!(
@@ -125,7 +126,11 @@ pub fn print(servers: &[Server], results: &[Results]) {
                 kind.label(),
                 kind.unit(),
                 s.name(),
-                cell(median(ok(alone)), number),
+                if alone.is_empty() {
+                    "—".to_owned()
+                } else {
+                    cell(median(ok(alone)), number)
+                },
                 with(&r.flood_with_victim[k]),
                 with(&r.flood_with_db[k]),
             );
