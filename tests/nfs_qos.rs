@@ -438,7 +438,13 @@ async fn a_lone_durable_call_does_not_wait_for_a_thread_to_wake_while_the_cores_
     let node = Node::start(dir.path()).await;
     let sample = || async {
         (
-            metric(&node, "localnfs_nfs_volume_queued_seconds_total", "db", None).await,
+            metric(
+                &node,
+                "localnfs_nfs_volume_queued_seconds_total",
+                "db",
+                None,
+            )
+            .await,
             metric(
                 &node,
                 "localnfs_volume_request_duration_seconds_sum",
