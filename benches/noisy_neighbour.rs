@@ -11,9 +11,16 @@
 //!   through the Linux kernel NFS client of a User-Mode Linux test node, alone and with
 //!   each aggressor: TPS and p95 latency;
 //! - each aggressor's own rate alone, during the victim's rows and during MariaDB;
+//! - **where a victim call's time went** (`noisy_neighbour/child.rs`): per row, the
+//!   client's round trip, the agent's own window and queue wait (its `/metrics`), and
+//!   the CPU of the server, the victim's process and the flood's;
 //! - **ceilings** (localnfs only): volume C with `writeBandwidth: 32Mi` under the write
 //!   flood and volume D with `readIOPS: 2000` under the read flood, each alone: the
 //!   measured rate against the ceiling.
+//!
+//! The victim runs in a process of its own (this binary, run again by
+//! `child::victim_in_child`), the floods in this one: the table measures how the server
+//! shares itself between volumes, not how one client process shares its threads.
 //!
 //! Repetitions take turns between the servers (first place rotating). Before each
 //! measured window a flood runs 2 s untimed; after a write flood every file is
@@ -23,6 +30,8 @@
 //! `cargo bench --bench noisy_neighbour` (2 repetitions, ~11 min), or shorter:
 //! `cargo bench --bench noisy_neighbour -- --reps 1 --only victim --servers localnfs`.
 
+#[path = "noisy_neighbour/child.rs"]
+mod child;
 #[path = "nfs_workload/client.rs"]
 #[allow(dead_code, reason = "shared with nfs_workload, which uses all of it")]
 mod client;
@@ -204,10 +213,15 @@ struct Served {
     server: Server,
     a: Volume,
     b: Volume,
+    /// What the victim's process may look at (the server's metrics and CPU).
+    probe: child::Probe,
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some(child::CHILD_FLAG) {
+        child::run(&args[1..]);
+    }
     let config = match parse_args(&args) {
         Ok(config) => config,
         Err(e) => {
@@ -215,14 +229,10 @@ fn main() {
             std::process::exit(2);
         }
     };
-    // Floods run on this runtime's two workers; the victim on a runtime of its own on
-    // this thread, so its calls never queue behind the flood's tasks in the client.
+    // Floods run on this runtime's two workers; the victim in a process of its own
+    // (`child`), so its calls never queue behind the flood's tasks in the client.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let victim_rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
@@ -277,6 +287,11 @@ fn main() {
                     server,
                     a: vol("a"),
                     b: vol("b"),
+                    probe: child::Probe {
+                        admin: Some(a.admin),
+                        server_pid: Some(a.pid()),
+                        flood_pid: std::process::id(),
+                    },
                 });
                 if config.ceiling {
                     ceiling_volumes = CEILINGS.iter().map(|c| vol(c.volume)).collect();
@@ -301,10 +316,18 @@ fn main() {
                     export: export.to_string_lossy().into_owned(),
                     subdir: Some(name.to_owned()),
                 };
+                let pid = std::fs::read_to_string(home.join("ganesha.pid"))
+                    .ok()
+                    .and_then(|p| p.trim().parse().ok());
                 served.push(Served {
                     server,
                     a: vol("a"),
                     b: vol("b"),
+                    probe: child::Probe {
+                        admin: None,
+                        server_pid: pid,
+                        flood_pid: std::process::id(),
+                    },
                 });
                 if let Some(node) = &node {
                     rt.block_on(g.mount(node, ganesha_ip, &export, &server.guest_mount()));
@@ -326,7 +349,7 @@ fn main() {
         for rep in 0..config.reps {
             for turn in 0..served.len() {
                 let i = (turn + rep) % served.len();
-                victim_rep(&rt, &victim_rt, &config, &served[i], rep, &mut results[i]);
+                victim_rep(&rt, &config, &served[i], rep, &mut results[i]);
             }
         }
     }
@@ -397,6 +420,7 @@ fn main() {
     );
     report::print(&config.servers, &results);
     report::print_ceilings(&ceilings);
+    report::print_breakdown(&config.servers, &results);
     drop(ganesha);
     drop(agent);
 }
@@ -431,7 +455,6 @@ fn with_flood<T>(
 
 fn victim_rep(
     rt: &tokio::runtime::Runtime,
-    victim_rt: &tokio::runtime::Runtime,
     config: &Config,
     s: &Served,
     rep: usize,
@@ -439,11 +462,16 @@ fn victim_rep(
 ) {
     let server = s.server;
     let victim = |cond: &str| {
-        let tag = format!("victim-{rep}-{cond}");
-        victim_rt.block_on(load::victim(&s.a, &tag))
+        let tag = format!("victim-{rep}-{cond}").replace(' ', "-");
+        child::victim_in_child(&s.a, &tag, s.probe)
+    };
+    let rates = |r: &Result<VictimSample, String>| {
+        r.as_ref()
+            .map(|v| v.map(|row| row.rate))
+            .map_err(Clone::clone)
     };
     let r = victim("alone");
-    log(rep, server, "victim alone", &r);
+    log(rep, server, "victim alone", &rates(&r));
     out.victim[0].push(r);
     for (k, kind) in Kind::ALL.into_iter().enumerate() {
         let secs = Duration::from_secs(config.flood_seconds);
@@ -451,7 +479,12 @@ fn victim_rep(
         log(rep, server, &format!("{} alone", kind.label()), &alone);
         out.flood_alone[k].push(alone);
         let (rate, r) = with_flood(rt, &s.b, kind, || victim(kind.label()));
-        log(rep, server, &format!("victim with {}", kind.label()), &r);
+        log(
+            rep,
+            server,
+            &format!("victim with {}", kind.label()),
+            &rates(&r),
+        );
         log(rep, server, &format!("{} with victim", kind.label()), &rate);
         out.victim[k + 1].push(r);
         out.flood_with_victim[k].push(rate);

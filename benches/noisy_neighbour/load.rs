@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use nfs3_types::nfs3::{GETATTR3args, READ3args, REMOVE3args, RMDIR3args, nfs_fh3};
 use tokio::task::JoinHandle;
 
+use crate::child::Probe;
 use crate::client::{Conn, commit, connect_nfs, create, dirop, lookup, mkdir, mount, nfs, write};
 
 const KIB: u64 = 1 << 10;
@@ -127,9 +128,27 @@ pub async fn prepare_floods(b: &Volume, reads: bool) -> Result<(), String> {
     Ok(())
 }
 
-/// One victim pass: calls (files) per second of each row, in the order of
-/// [`VICTIM_ROWS`].
-pub type VictimSample = [f64; 4];
+/// One row of one victim pass: its rate and where its calls' time went (see `child`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RowSample {
+    /// Calls (files) per second.
+    pub rate: f64,
+    /// The client's time per call.
+    pub round_trip_us: f64,
+    /// The agent's time per call on the victim's volume, received → reply ready
+    /// (NaN for Ganesha).
+    pub agent_us: f64,
+    /// Of which waiting for a pool worker.
+    pub queued_us: f64,
+    /// CPU used during the row, in cores: the server, the victim's process, the
+    /// flood's process.
+    pub server_cores: f64,
+    pub victim_cores: f64,
+    pub flood_cores: f64,
+}
+
+/// One victim pass: its rows in the order of [`VICTIM_ROWS`].
+pub type VictimSample = [RowSample; 4];
 
 /// The victim's rows, in order.
 pub const VICTIM_ROWS: [&str; 4] = [
@@ -139,11 +158,17 @@ pub const VICTIM_ROWS: [&str; 4] = [
     "unlink",
 ];
 
-/// Runs the victim's rows once on `a`, in a directory named `tag`.
-pub async fn victim(a: &Volume, tag: &str) -> Result<VictimSample, String> {
+/// Runs the victim's rows once on `a`, in a directory named `tag`, with `probe`'s
+/// counters taken around each row.
+pub async fn victim(a: &Volume, tag: &str, probe: &Probe) -> Result<VictimSample, String> {
     let mut c = connect_nfs(a.nfs).await?;
     let root = a.root(&mut c).await?;
     let file = lookup(&mut c, &root, "victim.dat").await?.object;
+    // The volume's name in the agent's metrics (localnfs exports `/<name>`).
+    let name = a.export.trim_start_matches('/');
+    let mut rows = VictimSample::default();
+
+    let before = probe.snap(name).await;
 
     let mut rng = 0x2545_F491_4F6C_DD1D ^ tag.len() as u64;
     let start = Instant::now();
@@ -161,10 +186,12 @@ pub async fn victim(a: &Volume, tag: &str) -> Result<VictimSample, String> {
         }
         reads += 1;
     }
-    let read_rate = reads as f64 / start.elapsed().as_secs_f64();
+    let secs = start.elapsed().as_secs_f64();
+    rows[0] = before.row(&probe.snap(name).await, reads, reads as f64 / secs, secs);
 
     let dir = mkdir(&mut c, &root, tag).await?;
     let data = pattern(BLOCK);
+    let before = probe.snap(name).await;
     let start = Instant::now();
     let mut files = Vec::new();
     for i in 0..VICTIM_FILES {
@@ -174,8 +201,11 @@ pub async fn victim(a: &Volume, tag: &str) -> Result<VictimSample, String> {
         commit(&mut c, &fh, Some(verf)).await?;
         files.push(fh);
     }
-    let create_rate = VICTIM_FILES as f64 / start.elapsed().as_secs_f64();
+    let secs = start.elapsed().as_secs_f64();
+    let rate = VICTIM_FILES as f64 / secs;
+    rows[1] = before.row(&probe.snap(name).await, 3 * VICTIM_FILES, rate, secs);
 
+    let before = probe.snap(name).await;
     let start = Instant::now();
     for _ in 0..STAT_PASSES {
         for fh in &files {
@@ -188,8 +218,11 @@ pub async fn victim(a: &Volume, tag: &str) -> Result<VictimSample, String> {
             }
         }
     }
-    let stat_rate = (STAT_PASSES * VICTIM_FILES) as f64 / start.elapsed().as_secs_f64();
+    let secs = start.elapsed().as_secs_f64();
+    let calls = STAT_PASSES * VICTIM_FILES;
+    rows[2] = before.row(&probe.snap(name).await, calls, calls as f64 / secs, secs);
 
+    let before = probe.snap(name).await;
     let start = Instant::now();
     for i in 0..VICTIM_FILES {
         let name = format!("f{i:04}");
@@ -201,7 +234,9 @@ pub async fn victim(a: &Volume, tag: &str) -> Result<VictimSample, String> {
         )
         .await?;
     }
-    let unlink_rate = VICTIM_FILES as f64 / start.elapsed().as_secs_f64();
+    let secs = start.elapsed().as_secs_f64();
+    let rate = VICTIM_FILES as f64 / secs;
+    rows[3] = before.row(&probe.snap(name).await, VICTIM_FILES, rate, secs);
     nfs(
         "RMDIR",
         c.rmdir(&RMDIR3args {
@@ -209,7 +244,7 @@ pub async fn victim(a: &Volume, tag: &str) -> Result<VictimSample, String> {
         }),
     )
     .await?;
-    Ok([read_rate, create_rate, stat_rate, unlink_rate])
+    Ok(rows)
 }
 
 /// Which aggressor.

@@ -2,7 +2,7 @@
 //! its speed with an aggressor to its speed alone (each repetition's ratio, then the
 //! median), the aggressors' own rates, and the ceiling rows.
 
-use super::load::{Kind, VICTIM_ROWS};
+use super::load::{Kind, RowSample, VICTIM_ROWS, VictimSample};
 use super::{Results, Server};
 
 /// The median of the successful values, or `None` if there are none.
@@ -109,15 +109,16 @@ pub fn print(servers: &[Server], results: &[Results]) {
     for (k, kind) in Kind::ALL.iter().enumerate() {
         for (s, r) in servers.iter().zip(results) {
             let alone = &r.flood_alone[k];
-            if alone.is_empty() {
+            if alone.is_empty() && r.flood_with_db[k].is_empty() {
                 continue;
             }
+            // Without the victim's rows (`--only mariadb`) no flood ran alone.
             let with = |v: &[Result<f64, String>]| {
-                if v.is_empty() {
-                    "—".to_owned()
-                } else {
-                    let m = median(ok(v));
-                    format!("{} ({})", cell(m, number), ratio(median_ratio(alone, v)))
+                let m = cell(median(ok(v)), number);
+                match (v.is_empty(), alone.is_empty()) {
+                    (true, _) => "—".to_owned(),
+                    (false, true) => m,
+                    (false, false) => format!("{m} ({})", ratio(median_ratio(alone, v))),
                 }
             };
             println!(
@@ -125,7 +126,11 @@ pub fn print(servers: &[Server], results: &[Results]) {
                 kind.label(),
                 kind.unit(),
                 s.name(),
-                cell(median(ok(alone)), number),
+                if alone.is_empty() {
+                    "—".to_owned()
+                } else {
+                    cell(median(ok(alone)), number)
+                },
                 with(&r.flood_with_victim[k]),
                 with(&r.flood_with_db[k]),
             );
@@ -164,8 +169,55 @@ pub fn print_ceilings(rows: &[CeilingRow]) {
     }
 }
 
-fn pick(s: &Result<[f64; 4], String>, row: usize) -> Result<f64, String> {
-    s.as_ref().map(|v| v[row]).map_err(Clone::clone)
+fn pick(s: &Result<VictimSample, String>, row: usize) -> Result<f64, String> {
+    s.as_ref().map(|v| v[row].rate).map_err(Clone::clone)
+}
+
+/// Prints where a victim call's time went, per server, row and condition (medians over
+/// repetitions): the client's round trip, the agent's window (received → reply ready,
+/// of which queued for a pool worker), the rest (outside the agent: sockets, the
+/// client, waiting for a core), and the CPU the server, the victim's process and the
+/// flood's process used during the row.
+pub fn print_breakdown(servers: &[Server], results: &[Results]) {
+    if results.iter().all(|r| r.victim[0].is_empty()) {
+        return;
+    }
+    println!();
+    println!(
+        "| server | victim row | beside | round trip µs/call | agent µs/call (queued) | outside the agent µs/call | server cores | victim client cores | flood client cores |"
+    );
+    println!("|---|---|---|--:|--:|--:|--:|--:|--:|");
+    let conds = ["alone", "write flood", "read flood"];
+    for (s, r) in servers.iter().zip(results) {
+        for (row, label) in VICTIM_ROWS.iter().enumerate() {
+            for (cond, beside) in conds.iter().enumerate() {
+                let field = |f: fn(&RowSample) -> f64| {
+                    median(
+                        r.victim[cond]
+                            .iter()
+                            .filter_map(|v| v.as_ref().ok().map(|v| f(&v[row])))
+                            .collect(),
+                    )
+                };
+                let us = |v: Option<f64>| cell(v, |v| format!("{v:.1}"));
+                let cores = |v: Option<f64>| cell(v, |v| format!("{v:.2}"));
+                let agent = match field(|x| x.agent_us) {
+                    Some(a) => format!("{a:.1} ({})", us(field(|x| x.queued_us))),
+                    None => "—".to_owned(),
+                };
+                let outside = field(|x| x.round_trip_us - x.agent_us);
+                println!(
+                    "| {} | {label} | {beside} | {} | {agent} | {} | {} | {} | {} |",
+                    s.name(),
+                    us(field(|x| x.round_trip_us)),
+                    outside.map_or("—".to_owned(), |v| format!("{v:.1}")),
+                    cores(field(|x| x.server_cores)),
+                    cores(field(|x| x.victim_cores)),
+                    cores(field(|x| x.flood_cores)),
+                );
+            }
+        }
+    }
 }
 
 fn ok(v: &[Result<f64, String>]) -> Vec<f64> {
