@@ -885,6 +885,13 @@ async fn a_volume_backup_no_agent_can_run_fails_with_the_reason_instead_of_waiti
         .expect("claim");
     let (dir, ours) = claim_in(&client, &lnfs, "default", "ours", "4Mi").await;
     write_data(&dir, 1024);
+    // Bound before its backup exists: otherwise, on a slow machine, the grace could
+    // end while it is still Pending and the object fail for that reason instead.
+    eventually("claim foreign Bound", WAIT, || async {
+        let c = claims.get("foreign").await.ok()?;
+        (c.status?.phase.as_deref() == Some("Bound")).then_some(())
+    })
+    .await;
     for (name, claim) in [
         ("of-nothing", "missing"),
         ("of-unbound", "unbound"),

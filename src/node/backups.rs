@@ -21,6 +21,11 @@
 //! found, the backup is refused. The engine's own refusals (target inside the store,
 //! on the store's device) stay.
 //!
+//! The agent's first status write on an object ([`take_up`]: Pending, its node) carries
+//! the copy's `resourceVersion`, as the leader's Failed does: of the two, one lands and
+//! the other sees it, so the leader never fails a backup an agent took up, and an agent
+//! never revives one the leader failed.
+//!
 //! One backup runs at a time per agent; others wait Pending with a message. One
 //! VolumeBackup per claim is unfinished at a time: a later one fails at once
 //! ([`earlier_unfinished`]), so one tenant cannot queue many ahead of the others. While one
@@ -339,6 +344,11 @@ async fn reconcile(vbk: Arc<VolumeBackup>, ctx: Arc<Backups>) -> Result<Action> 
     let Some(pv) = claims_pv(&pvs, &ns, &claim, claim_uid.as_deref()) else {
         return Ok(Action::requeue(NOT_MINE_RECHECK));
     };
+    if status.phase.is_none() && !take_up(&ctx, &vbk).await? {
+        // The controller failed it meanwhile (no agent had taken it up within its
+        // grace): that copy comes back through the watch and is final.
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
     if let Some(prev) = earlier_unfinished(&vbk, &list_backups(&ctx, &ns).await?) {
         let why = format!("another backup of this claim is unfinished: {prev}");
         fail(&ctx, &vbk, status, FAILED, why).await?;
@@ -579,6 +589,34 @@ async fn write_final(ctx: &Backups, vbk: &VolumeBackup, status: &VolumeBackupSta
         r.remove(&uid);
     }
     Ok(())
+}
+
+/// Marks a VolumeBackup that has no status yet as this agent's (Pending, this node),
+/// with the copy's `resourceVersion` as a precondition: the leader fails one no agent
+/// took up within its grace (`provisioner::backups`) with the same precondition, so
+/// of the two first writes exactly one lands and neither overwrites the other.
+/// `false`: the object changed since this copy was read (409).
+async fn take_up(ctx: &Backups, vbk: &VolumeBackup) -> Result<bool> {
+    let ns = vbk.namespace().unwrap_or_default();
+    let name = vbk.name_any();
+    let status = VolumeBackupStatus {
+        phase: Some(Phase::Pending),
+        node: Some(ctx.node.clone()),
+        message: Some(format!("taken up by the node agent of {}", ctx.node)),
+        ..VolumeBackupStatus::default()
+    };
+    let mut body = status_patch::<VolumeBackup>(&status);
+    body["metadata"] = serde_json::json!({"resourceVersion": vbk.resource_version()});
+    match Api::<VolumeBackup>::namespaced(ctx.client.clone(), &ns)
+        .patch_status(&name, &PatchParams::default(), &Patch::Merge(body))
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+        Err(e) => Err(Error::kube(format!(
+            "write the status of VolumeBackup {ns}/{name}"
+        ))(e)),
+    }
 }
 
 /// Writes `status` through the status subresource.

@@ -205,7 +205,8 @@ mod tests {
                 "{set}: {why}"
             );
         }
-        // A set made the very millisecond the namespace was is its own.
+        // A set id equal to the cut-off is the namespace's own (the cut-off itself is
+        // the end of the namespace's creation second, `namespace_since`).
         assert_eq!(
             find_set(&t, &source("nightly", "latest"), "20261208T011500.123Z"),
             Ok(dir.path().join("pvc-1/20261208T011500.123Z"))

@@ -7,11 +7,14 @@
 //!
 //! Rules ([`verdict`], pure):
 //! 1. A VolumeBackup with any status is an agent's (or already final): left alone.
-//! 2. For the grace period ([`GRACE`], the controller's `--backup-grace`) after its creation it is left alone: agents look at one whose
-//!    claim is not theirs every 30 s, and a claim may be bound meanwhile.
+//! 2. For the grace period (the controller's `--backup-grace`, [`GRACE`] by default)
+//!    after its creation it is left alone: agents look at one whose claim is not
+//!    theirs every 30 s, and a claim may be bound meanwhile.
 //! 3. After that, a claim missing, not Bound, or bound to a PV not provisioned by
 //!    localnfs fails the object. A claim Bound to a localnfs PV is its agent's, even
-//!    when that agent is down: it runs the backup when it comes back.
+//!    when that agent is down: it runs the backup when it comes back. Such an object
+//!    is looked at again every grace period, so one whose claim is deleted before its
+//!    agent is back is failed too.
 //!
 //! The status is written with the object's `resourceVersion` as a precondition, so an
 //! agent that took the object up meanwhile is never overwritten (the write fails with
@@ -186,7 +189,9 @@ async fn reconcile(vbk: Arc<VolumeBackup>, ctx: Arc<Ctx>) -> Result<Action> {
         &ctx.provisioner,
     ) {
         Verdict::Fail(why) => why,
-        Verdict::Leave => return Ok(Action::await_change()),
+        // The claim's agent's (maybe down): looked at again, as nothing else changes
+        // the object if the claim goes before that agent is back.
+        Verdict::Leave => return Ok(Action::requeue(ctx.backup_grace)),
         Verdict::Wait(d) => return Ok(Action::requeue(d)),
     };
     ctx.fence.check()?;

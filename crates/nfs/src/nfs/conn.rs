@@ -4,9 +4,7 @@
 //! call's reply can get). Calls bound for the pool, and read and write calls, are
 //! first routed to their volume (`qos`): a call over its volume's ceiling waits on a
 //! timer task (not this one, which keeps reading), and pool calls join the fair queue
-//! (`pool`) rather than taking a thread each (a durable call that is the
-//! connection's only one in flight and finds the queue empty runs on this task's
-//! thread instead: `pool::Pool::submit_here`); each takes room among its volume's
+//! (`pool`) rather than taking a thread each; each takes room among its volume's
 //! calls first (`qos::ROOM_KIB`), and without room this connection stops reading, or,
 //! if it carries other volumes' calls too, goes on past the room or answers
 //! NFS3ERR_JUKEBOX (`qos::when_full`). Replies leave as they finish (how, and what they hold meanwhile,
@@ -320,8 +318,6 @@ pub async fn serve(
             Some(r) => r,
             None => qos::route(&shared.exports, client, &record, direction),
         };
-        // This call holds the only slot taken: nothing else in flight here.
-        let alone = slots.available_permits() + 1 >= MAX_IN_FLIGHT;
         let job = pool_job(
             &shared,
             &out,
@@ -333,7 +329,7 @@ pub async fn serve(
             room,
             &mut r,
         );
-        shared.pool.submit_here(r.ticket(), job, alone);
+        shared.pool.submit(r.ticket(), job);
     }
     if !shutdown.is_cancelled() {
         gone.cancel();

@@ -37,11 +37,6 @@
 //! What it measured, and what it did not fix, is in `bench/README.md`
 //! (noisy_neighbour, "Where a durable call's time goes").
 //!
-//! A lone durable call (its connection's only one in flight) that would run at once
-//! runs on the async thread that read it instead ([`Pool::submit_here`]): no pool
-//! thread to wake, which is what it waited for while the cores were busy. It counts as
-//! a worker, against its volume's depth and in the gate, like any other.
-//!
 //! Workers are started on demand and end when nothing is left that they may take, so
 //! an idle server holds no threads, and a lone call costs one hand-off as before.
 //! Draining on shutdown needs nothing here: a worker runs until the queue is empty.
@@ -359,115 +354,31 @@ pub struct Pool {
     state: Mutex<State>,
 }
 
-impl State {
-    /// Queues `job` with `ticket`.
-    fn push(&mut self, ticket: Ticket, job: Job) {
-        if ticket.class == Class::Durable && ticket.key != 0 {
-            self.gate.begin(ticket.key, ticket.weight);
-        }
-        // Unstable WRITEs in the lane the gate's holds may pass: a held one does
-        // not keep its volume's READs, GETATTRs and COMMITs behind it waiting.
-        let lane = if ticket.class == Class::Bulk {
-            SKIP
-        } else {
-            MAIN
-        };
-        self.fair.push_in(
-            ticket.key,
-            ticket.weight,
-            ticket.cost,
-            lane,
-            (ticket.class, job),
-        );
-    }
-
-    /// Counts a worker started if [`State::pop`] would take a call: whether to start one.
-    fn start_worker(&mut self, now: Instant) -> bool {
-        let start = self.wants_worker(now);
-        self.workers += usize::from(start);
-        start
-    }
-
-    /// The call of volume `key` and `class` that a worker ran has ended at `now`.
-    fn finished(&mut self, key: u32, class: Class, now: Instant) {
-        self.fair.done(key);
-        if class == Class::Durable && key != 0 {
-            self.gate.end(key, now);
-        }
-    }
-}
-
-/// Whether this thread may run a blocking call in place: a worker of a multi-thread
-/// runtime (`tokio::task::block_in_place` panics anywhere else but outside a runtime).
-fn may_block_here() -> bool {
-    tokio::runtime::Handle::try_current()
-        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
-}
-
 impl Pool {
     /// Queues `job` with `ticket` and starts a worker if one may take it.
     pub fn submit(self: &Arc<Self>, ticket: Ticket, job: Job) {
         let start = {
             let mut s = self.lock();
-            s.push(ticket, job);
-            s.start_worker(Instant::now())
-        };
-        if start {
-            self.spawn_worker();
-        }
-    }
-
-    /// As [`Pool::submit`], except that a durable call (`ticket`'s class) that is its
-    /// connection's only call in flight (`alone`) and would run at once (nothing
-    /// queued, a worker free, its volume under its depth) runs on this thread (a
-    /// runtime worker, handing its other tasks to another thread while it blocks),
-    /// returning when it has. Why: waking a pool thread for it costs the client a
-    /// thread's wake-up, and while other processes or a neighbour's flood keep the
-    /// cores busy that wake-up took 0.4–1 ms per call, more than a quiet volume's
-    /// whole CREATE (bench/README.md, noisy_neighbour, "qos4"). Only alone: the
-    /// connection reads no other call while this one blocks, and its client is
-    /// waiting for this reply anyway.
-    pub fn submit_here(self: &Arc<Self>, ticket: Ticket, job: Job, alone: bool) {
-        if !alone || ticket.class != Class::Durable || ticket.key == 0 || !may_block_here() {
-            return self.submit(ticket, job);
-        }
-        let (here, start) = {
-            let mut s = self.lock();
-            let now = Instant::now();
-            // Nothing queued: taking this call now passes no one (fair order kept).
-            let empty = s.fair.queued() == 0 && s.workers < WORKERS;
-            s.push(ticket, job);
-            let here = if empty { s.pop(now) } else { None };
-            match here {
-                Some((key, (class, job))) => {
-                    if class == Class::Durable && key != 0 {
-                        s.gate.start(key, now);
-                    }
-                    s.workers += 1;
-                    (Some((key, class, job)), false)
-                }
-                None => (None, s.start_worker(now)),
+            if ticket.class == Class::Durable && ticket.key != 0 {
+                s.gate.begin(ticket.key, ticket.weight);
             }
-        };
-        if start {
-            self.spawn_worker();
-        }
-        let Some((key, class, job)) = here else {
-            return;
-        };
-        tokio::task::block_in_place(|| {
-            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
-                tracing::error!("a call panicked on a runtime worker");
-            }
-        });
-        let start = {
-            let mut s = self.lock();
-            s.workers -= 1;
-            let now = Instant::now();
-            s.finished(key, class, now);
-            // Calls queued meanwhile, or let go by the gate, that found every
-            // worker taken.
-            s.start_worker(now)
+            // Unstable WRITEs in the lane the gate's holds may pass: a held one does
+            // not keep its volume's READs, GETATTRs and COMMITs behind it waiting.
+            let lane = if ticket.class == Class::Bulk {
+                SKIP
+            } else {
+                MAIN
+            };
+            s.fair.push_in(
+                ticket.key,
+                ticket.weight,
+                ticket.cost,
+                lane,
+                (ticket.class, job),
+            );
+            let start = s.wants_worker(Instant::now());
+            s.workers += usize::from(start);
+            start
         };
         if start {
             self.spawn_worker();
@@ -498,7 +409,10 @@ impl Pool {
                 let mut s = self.lock();
                 let now = Instant::now();
                 if let Some((key, class)) = finished.take() {
-                    s.finished(key, class, now);
+                    s.fair.done(key);
+                    if class == Class::Durable && key != 0 {
+                        s.gate.end(key, now);
+                    }
                 }
                 match s.pop(now) {
                     Some((key, (class, job))) => {
@@ -506,7 +420,9 @@ impl Pool {
                             s.gate.start(key, now);
                         }
                         finished = Some((key, class));
-                        (job, s.start_worker(now))
+                        let more = s.wants_worker(now);
+                        s.workers += usize::from(more);
+                        (job, more)
                     }
                     None => {
                         s.workers -= 1;
@@ -537,64 +453,6 @@ mod tests {
             cost: 1,
             class,
         }
-    }
-
-    /// Submits `job` with `submit_here` from a runtime worker (as a connection task
-    /// does): whether it had run on that same thread when `submit_here` returned.
-    async fn ran_here(pool: &Arc<Pool>, class: Class, alone: bool) -> bool {
-        let pool = pool.clone();
-        tokio::spawn(async move {
-            let me = std::thread::current().id();
-            let ran = Arc::new(Mutex::new(None));
-            let r = ran.clone();
-            pool.submit_here(
-                ticket(3, class),
-                Box::new(move || {
-                    *r.lock().expect("lock") = Some(std::thread::current().id());
-                }),
-                alone,
-            );
-            let on = *ran.lock().expect("lock");
-            on == Some(me)
-        })
-        .await
-        .expect("task")
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_lone_durable_call_runs_in_place_only_when_it_passes_no_one() {
-        let pool = Arc::new(Pool::default());
-        assert!(ran_here(&pool, Class::Durable, true).await);
-        // Not alone on its connection, or not durable: a pool worker runs it.
-        assert!(!ran_here(&pool, Class::Durable, false).await);
-        assert!(!ran_here(&pool, Class::Other, true).await);
-        // Another volume's call waiting (its volume at its depth): queued behind it.
-        let (release, blocked) = std::sync::mpsc::channel::<()>();
-        let blocked = Arc::new(Mutex::new(blocked));
-        for _ in 0..=PER_VOLUME {
-            let b = blocked.clone();
-            pool.submit(
-                ticket(9, Class::Other),
-                Box::new(move || {
-                    let _ = b.lock().expect("lock").recv();
-                }),
-            );
-        }
-        // Twelve taken by workers (which start on their own threads), one queued.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while pool.queued() > 1 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        assert_eq!(pool.queued(), 1);
-        assert!(!ran_here(&pool, Class::Durable, true).await);
-        for _ in 0..=PER_VOLUME {
-            release.send(()).expect("release");
-        }
-        while pool.queued() > 0 || pool.lock().workers > 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        // Its worker was counted back: the next lone call runs in place again.
-        assert!(ran_here(&pool, Class::Durable, true).await);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
