@@ -176,6 +176,10 @@ fn print(rows: &[Row], failover: bool) {
             "others on the machine",
             (w.machine_cores - ours).max(0.0)
         );
+        println!("  CPU cores in use at rest, every volume made:");
+        for (g, c) in &w.rest_cores {
+            println!("    {g:<38} {c:>5.2}");
+        }
         println!("  timeline (s, claims seen, PVs, Bound, queue):");
         for (t, c, p, b, q) in &w.timeline {
             println!("    {t:>6.0} {c:>6} {p:>6} {b:>6} {q:>6.0}");
@@ -352,12 +356,11 @@ async fn run(nodes: usize, count: usize, failover: bool, kcm_qps: Option<u32>) -
         );
     }
     groups.push((std::process::id(), "bench (creates, watches)".to_owned()));
-    let admins: Vec<std::net::SocketAddr> = (lnfs.admin.iter())
-        .filter(|(who, _)| who.starts_with("controller/"))
-        .map(|(_, a)| *a)
+    let admins: Vec<(u32, std::net::SocketAddr)> = (lnfs.controllers.iter().enumerate())
+        .filter_map(|(i, c)| Some((c.id()?, *lnfs.admin.get(&format!("controller/{i}"))?)))
         .collect();
     let start = Instant::now();
-    let sampler = Sampler::start(&client, groups, admins, bound_at.clone(), start);
+    let sampler = Sampler::start(&client, groups.clone(), admins, bound_at.clone(), start);
     let creating = tokio::spawn(create_all(client.clone(), count, false));
     let mut takeover = None;
     let mut controller_mib = 0.0;
@@ -388,7 +391,7 @@ async fn run(nodes: usize, count: usize, failover: bool, kcm_qps: Option<u32>) -
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let all_bound = start.elapsed().as_secs_f64();
-    let r#where = sampler.finish(
+    let mut r#where = sampler.finish(
         all_bound,
         &created_at,
         &bound_at.lock().expect("lock"),
@@ -439,7 +442,16 @@ async fn run(nodes: usize, count: usize, failover: bool, kcm_qps: Option<u32>) -
 
     // At rest with every volume made (after the last agents' usage reports).
     tokio::time::sleep(Duration::from_secs(15)).await;
+    let cpu_before = cpu_by_group(&groups);
     let etcd_rest = etcd_rate(&etcd, AT_REST).await;
+    let cpu_after = cpu_by_group(&groups);
+    r#where.rest_cores = (cpu_after.iter())
+        .map(|(g, c)| {
+            let was = cpu_before.get(g).copied().unwrap_or(0.0);
+            (g.clone(), (c - was) / AT_REST.as_secs_f64())
+        })
+        .collect();
+    r#where.rest_cores.sort_by(|a, b| b.1.total_cmp(&a.1));
     let (one_each, pvs_gone, dirs_gone) = check_and_delete(&client, &lnfs, nodes, count).await;
 
     let mut lat: Vec<f64> = {
@@ -581,6 +593,18 @@ struct Where {
     pv_to_bound: (f64, f64),
     /// Every 5 s of the burst: (s, claims seen, PVs seen, Bound, queue depth).
     timeline: Vec<(f64, usize, usize, usize, f64)>,
+    /// Cores in use by process group at rest, every volume made (the second etcd
+    /// window), most first.
+    rest_cores: Vec<(String, f64)>,
+}
+
+/// CPU seconds used so far by each process group (processes gone count nothing).
+fn cpu_by_group(groups: &[(u32, String)]) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for (pid, g) in groups {
+        *out.entry(g.clone()).or_default() += burst::cpu_seconds(*pid);
+    }
+    out
 }
 
 /// Busy and all jiffies of the whole machine (`/proc/stat`'s first line).
@@ -615,7 +639,7 @@ impl Sampler {
     fn start(
         client: &Client,
         groups: Vec<(u32, String)>,
-        admins: Vec<std::net::SocketAddr>,
+        admins: Vec<(u32, std::net::SocketAddr)>,
         bound_at: Arc<Mutex<HashMap<String, Instant>>>,
         start: Instant,
     ) -> Sampler {
@@ -671,8 +695,11 @@ impl Sampler {
                     *last = f64::max(*last, burst::cpu_seconds(*pid));
                 }
                 let mut depth = 0.0;
-                for addr in &admins {
-                    // A killed controller refuses; its share is 0.
+                for (pid, addr) in &admins {
+                    // A killed controller's share is 0 (and its listener refuses).
+                    if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                        continue;
+                    }
                     let got = tokio::time::timeout(
                         Duration::from_secs(2),
                         tokio::spawn(support::http_get(*addr, "/metrics")),
@@ -760,6 +787,7 @@ impl Sampler {
             to_pv,
             pv_to_bound,
             timeline,
+            rest_cores: Vec::new(),
         }
     }
 }

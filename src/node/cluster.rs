@@ -985,6 +985,18 @@ async fn heartbeat(agent: Arc<Agent>, shutdown: CancellationToken) {
     // Whether this round was woken early by a change (then the next early one waits
     // BURST_GAP).
     let mut early = false;
+    // A key Lease deleted under the running agent is written again at once.
+    let key_gone = Arc::new(Notify::new());
+    {
+        // Ends with the agent (this loop returns only on shutdown).
+        let (leases, node, gone, stop) = (
+            leases.clone(),
+            agent.node.clone(),
+            key_gone.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move { heartbeat::watch_key(leases, &node, &gone, &stop).await });
+    }
     loop {
         let round = tokio::time::Instant::now();
         if !key_written {
@@ -1039,6 +1051,7 @@ async fn heartbeat(agent: Arc<Agent>, shutdown: CancellationToken) {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(HEARTBEAT) => early = false,
+            _ = key_gone.notified() => key_written = false,
             _ = agent.changed.notified() => {
                 // Volumes made on this node are reported together: one heartbeat (and
                 // usage write) per CHANGE_GAP, per BURST_GAP while they keep coming,
