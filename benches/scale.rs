@@ -592,7 +592,7 @@ struct Where {
     to_pv: (f64, f64),
     pv_to_bound: (f64, f64),
     /// Every 5 s of the burst: (s, claims seen, PVs seen, Bound, queue depth).
-    timeline: Vec<(f64, usize, usize, usize, f64)>,
+    timeline: Timeline,
     /// Cores in use by process group at rest, every volume made (the second etcd
     /// window), most first.
     rest_cores: Vec<(String, f64)>,
@@ -623,15 +623,20 @@ fn machine_jiffies() -> (f64, f64) {
     (all - idle, all)
 }
 
+/// pid → (process group, CPU seconds at the start, last CPU seconds seen).
+type CpuByPid = HashMap<u32, (String, f64, f64)>;
+/// Every 5 s: (s, claims seen, PVs seen, Bound, queue depth).
+type Timeline = Vec<(f64, usize, usize, usize, f64)>;
+
 /// Follows the burst: CPU time of every process group, the controllers' claim queue
 /// depth (from their `/metrics`), and when each claim and PV first appeared.
 struct Sampler {
     /// pid → (group, CPU seconds at the start, last CPU seconds seen).
-    cpu: Arc<Mutex<HashMap<u32, (String, f64, f64)>>>,
+    cpu: Arc<Mutex<CpuByPid>>,
     machine_start: (f64, f64),
     seen_claim: Arc<Mutex<HashMap<String, Instant>>>,
     seen_pv: Arc<Mutex<HashMap<String, Instant>>>,
-    timeline: Arc<Mutex<Vec<(f64, usize, usize, usize, f64)>>>,
+    timeline: Arc<Mutex<Timeline>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -643,7 +648,7 @@ impl Sampler {
         bound_at: Arc<Mutex<HashMap<String, Instant>>>,
         start: Instant,
     ) -> Sampler {
-        let cpu: HashMap<u32, (String, f64, f64)> = groups
+        let cpu: CpuByPid = groups
             .into_iter()
             .map(|(pid, g)| {
                 let c = burst::cpu_seconds(pid);
