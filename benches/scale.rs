@@ -2,7 +2,7 @@
 //! processes, each with its own store in a temp dir, NFS on a free loopback port and
 //! idle), two controller replicas and the scheduler helper on the real control plane
 //! (etcd, kube-apiserver, kube-controller-manager), then C claims created at once
-//! (Immediate binding, 32 requests in flight) with the leader SIGKILLed when half are
+//! (Immediate binding, 16 requests in flight) with the leader SIGKILLed when half are
 //! Bound, then every claim deleted (one DELETE each, 32 in flight).
 //!
 //! Run: `cargo bench --bench scale -- --nodes 1,100 --claims 500,10000` (one row per
@@ -15,7 +15,10 @@
 //! over the burst, top verb/resource pairs), etcd bytes written per second (its
 //! `etcd_disk_wal_write_bytes_total`) at rest before the claims, during the burst and
 //! at rest with every volume made, controller, helper and agent memory, and the delete
-//! row: all claims deleted → all PVs gone → all volume directories gone.
+//! row: all claims deleted → all PVs gone → all volume directories gone. Then where
+//! the burst's time went: CPU cores in use by process group (and by the rest of the
+//! machine) over the burst and at rest, the leader's claim queue (its
+//! `localnfs_queue_depth`), claim → PV and PV → Bound, and a timeline every 5 s.
 
 #[path = "burst/mod.rs"]
 mod burst;
@@ -107,7 +110,7 @@ fn main() {
 
 fn print(rows: &[Row], failover: bool) {
     println!(
-        "\nscale: N node agents, C claims created at once (Immediate, 32 in flight){}, then all deleted\n",
+        "\nscale: N node agents, C claims created at once (Immediate, 16 in flight){}, then all deleted\n",
         if failover {
             ", leader SIGKILLed at C/2 Bound"
         } else {
