@@ -2,7 +2,7 @@
 //! processes, each with its own store in a temp dir, NFS on a free loopback port and
 //! idle), two controller replicas and the scheduler helper on the real control plane
 //! (etcd, kube-apiserver, kube-controller-manager), then C claims created at once
-//! (Immediate binding, 32 requests in flight) with the leader SIGKILLed when half are
+//! (Immediate binding, 16 requests in flight) with the leader SIGKILLed when half are
 //! Bound, then every claim deleted (one DELETE each, 32 in flight).
 //!
 //! Run: `cargo bench --bench scale -- --nodes 1,100 --claims 500,10000` (one row per
@@ -15,7 +15,10 @@
 //! over the burst, top verb/resource pairs), etcd bytes written per second (its
 //! `etcd_disk_wal_write_bytes_total`) at rest before the claims, during the burst and
 //! at rest with every volume made, controller, helper and agent memory, and the delete
-//! row: all claims deleted → all PVs gone → all volume directories gone.
+//! row: all claims deleted → all PVs gone → all volume directories gone. Then where
+//! the burst's time went: CPU cores in use by process group (and by the rest of the
+//! machine) over the burst and at rest, the leader's claim queue (its
+//! `localnfs_queue_depth`), claim → PV and PV → Bound, and a timeline every 5 s.
 
 #[path = "burst/mod.rs"]
 mod burst;
@@ -78,6 +81,8 @@ struct Row {
     one_each: bool,
     pvs_gone: f64,
     dirs_gone: f64,
+    /// Where the burst's time went: see [`Where`].
+    r#where: Where,
 }
 
 fn main() {
@@ -105,7 +110,7 @@ fn main() {
 
 fn print(rows: &[Row], failover: bool) {
     println!(
-        "\nscale: N node agents, C claims created at once (Immediate, 32 in flight){}, then all deleted\n",
+        "\nscale: N node agents, C claims created at once (Immediate, 16 in flight){}, then all deleted\n",
         if failover {
             ", leader SIGKILLed at C/2 Bound"
         } else {
@@ -147,6 +152,41 @@ fn print(rows: &[Row], failover: bool) {
         for (what, n) in &r.top {
             println!("  {what:<40} {n:>6.2}");
         }
+        let w = &r.r#where;
+        println!(
+            "\nWhere the burst went, {} nodes / {} claims ({:.1} s to all Bound):",
+            r.nodes, r.claims, r.all_bound
+        );
+        println!(
+            "  last create sent at {:.1} s; claim → PV p50 {:.2} s p99 {:.2} s; PV → Bound p50 {:.2} s p99 {:.2} s",
+            w.all_created, w.to_pv.0, w.to_pv.1, w.pv_to_bound.0, w.pv_to_bound.1
+        );
+        println!(
+            "  claims waiting in the leader's queue: mean {:.0}, max {:.0}",
+            w.queue_mean, w.queue_max
+        );
+        println!(
+            "  CPU cores in use over the burst: machine {:.2} (of {})",
+            w.machine_cores,
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+        for (g, c) in &w.cores {
+            println!("    {g:<38} {c:>5.2}");
+        }
+        let ours: f64 = w.cores.iter().map(|(_, c)| c).sum();
+        println!(
+            "    {:<38} {:>5.2}",
+            "others on the machine",
+            (w.machine_cores - ours).max(0.0)
+        );
+        println!("  CPU cores in use at rest, every volume made:");
+        for (g, c) in &w.rest_cores {
+            println!("    {g:<38} {c:>5.2}");
+        }
+        println!("  timeline (s, claims seen, PVs, Bound, queue):");
+        for (t, c, p, b, q) in &w.timeline {
+            println!("    {t:>6.0} {c:>6} {p:>6} {b:>6} {q:>6.0}");
+        }
     }
 }
 
@@ -180,7 +220,14 @@ fn requests(m: &support::Metrics) -> BTreeMap<String, f64> {
         } else {
             format!("{}/{sub}", get("resource"))
         };
-        *out.entry(format!("{verb} {resource}")).or_default() += v;
+        // Failed answers apart (a 409 is a write that lost a race and is retried).
+        let code = get("code");
+        let key = if code.starts_with('2') {
+            format!("{verb} {resource}")
+        } else {
+            format!("{verb} {resource} ({code})")
+        };
+        *out.entry(key).or_default() += v;
     }
     out
 }
@@ -293,7 +340,30 @@ async fn run(nodes: usize, count: usize, failover: bool, kcm_qps: Option<u32>) -
     };
     let requests_before = requests(&apiserver_metrics(&client).await);
     let wal_before = etcd_wal_bytes(&etcd).await;
+    let mut groups: Vec<(u32, String)> = (cluster.processes().iter())
+        .map(|p| (p.pid(), p.name().to_owned()))
+        .collect();
+    let localnfs = [
+        (
+            "localnfs controllers",
+            lnfs.controllers.iter().collect::<Vec<_>>(),
+        ),
+        ("localnfs agents", lnfs.agents.values().collect()),
+        ("localnfs scheduler helper", lnfs.scheduler.iter().collect()),
+    ];
+    for (g, children) in localnfs {
+        groups.extend(
+            children
+                .iter()
+                .filter_map(|c| Some((c.id()?, g.to_owned()))),
+        );
+    }
+    groups.push((std::process::id(), "bench (creates, watches)".to_owned()));
+    let admins: Vec<(u32, std::net::SocketAddr)> = (lnfs.controllers.iter().enumerate())
+        .filter_map(|(i, c)| Some((c.id()?, *lnfs.admin.get(&format!("controller/{i}"))?)))
+        .collect();
     let start = Instant::now();
+    let sampler = Sampler::start(&client, groups.clone(), admins, bound_at.clone(), start);
     let creating = tokio::spawn(create_all(client.clone(), count, false));
     let mut takeover = None;
     let mut controller_mib = 0.0;
@@ -324,6 +394,12 @@ async fn run(nodes: usize, count: usize, failover: bool, kcm_qps: Option<u32>) -
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let all_bound = start.elapsed().as_secs_f64();
+    let mut r#where = sampler.finish(
+        all_bound,
+        &created_at,
+        &bound_at.lock().expect("lock"),
+        start,
+    );
     let etcd_burst = (etcd_wal_bytes(&etcd).await - wal_before) / all_bound;
     let requests_after = requests(&apiserver_metrics(&client).await);
     watch.abort();
@@ -369,7 +445,16 @@ async fn run(nodes: usize, count: usize, failover: bool, kcm_qps: Option<u32>) -
 
     // At rest with every volume made (after the last agents' usage reports).
     tokio::time::sleep(Duration::from_secs(15)).await;
+    let cpu_before = cpu_by_group(&groups);
     let etcd_rest = etcd_rate(&etcd, AT_REST).await;
+    let cpu_after = cpu_by_group(&groups);
+    r#where.rest_cores = (cpu_after.iter())
+        .map(|(g, c)| {
+            let was = cpu_before.get(g).copied().unwrap_or(0.0);
+            (g.clone(), (c - was) / AT_REST.as_secs_f64())
+        })
+        .collect();
+    r#where.rest_cores.sort_by(|a, b| b.1.total_cmp(&a.1));
     let (one_each, pvs_gone, dirs_gone) = check_and_delete(&client, &lnfs, nodes, count).await;
 
     let mut lat: Vec<f64> = {
@@ -399,6 +484,7 @@ async fn run(nodes: usize, count: usize, failover: bool, kcm_qps: Option<u32>) -
         one_each,
         pvs_gone,
         dirs_gone,
+        r#where,
     }
 }
 
@@ -489,4 +575,227 @@ async fn uids(client: &Client) -> HashSet<String> {
         .iter()
         .filter_map(|c| c.uid())
         .collect()
+}
+
+/// Where a burst's time went (issue 26: what bounds the rate of Bound claims): CPU by
+/// process over the burst, the leader's claim queue, and each claim's way from created
+/// to PV made to Bound.
+#[derive(Default)]
+struct Where {
+    /// CPU seconds per second of the burst (cores in use), by process group, most first.
+    cores: Vec<(String, f64)>,
+    /// The whole machine's busy cores over the burst (other users' work included).
+    machine_cores: f64,
+    /// Claims waiting in the leaders' claim queues, mean and max over the samples.
+    queue_mean: f64,
+    queue_max: f64,
+    /// When the bench's last create returned, seconds after the first.
+    all_created: f64,
+    /// Claim seen by the watch → its PV seen, and PV seen → claim Bound: p50, p99.
+    to_pv: (f64, f64),
+    pv_to_bound: (f64, f64),
+    /// Every 5 s of the burst: (s, claims seen, PVs seen, Bound, queue depth).
+    timeline: Timeline,
+    /// Cores in use by process group at rest, every volume made (the second etcd
+    /// window), most first.
+    rest_cores: Vec<(String, f64)>,
+}
+
+/// CPU seconds used so far by each process group (processes gone count nothing).
+fn cpu_by_group(groups: &[(u32, String)]) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for (pid, g) in groups {
+        *out.entry(g.clone()).or_default() += burst::cpu_seconds(*pid);
+    }
+    out
+}
+
+/// Busy and all jiffies of the whole machine (`/proc/stat`'s first line).
+fn machine_jiffies() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let all: f64 = f.iter().take(8).sum();
+    let idle = f.get(3).copied().unwrap_or(0.0) + f.get(4).copied().unwrap_or(0.0);
+    (all - idle, all)
+}
+
+/// pid → (process group, CPU seconds at the start, last CPU seconds seen).
+type CpuByPid = HashMap<u32, (String, f64, f64)>;
+/// Every 5 s: (s, claims seen, PVs seen, Bound, queue depth).
+type Timeline = Vec<(f64, usize, usize, usize, f64)>;
+
+/// Follows the burst: CPU time of every process group, the controllers' claim queue
+/// depth (from their `/metrics`), and when each claim and PV first appeared.
+struct Sampler {
+    /// pid → (group, CPU seconds at the start, last CPU seconds seen).
+    cpu: Arc<Mutex<CpuByPid>>,
+    machine_start: (f64, f64),
+    seen_claim: Arc<Mutex<HashMap<String, Instant>>>,
+    seen_pv: Arc<Mutex<HashMap<String, Instant>>>,
+    timeline: Arc<Mutex<Timeline>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Sampler {
+    fn start(
+        client: &Client,
+        groups: Vec<(u32, String)>,
+        admins: Vec<(u32, std::net::SocketAddr)>,
+        bound_at: Arc<Mutex<HashMap<String, Instant>>>,
+        start: Instant,
+    ) -> Sampler {
+        let cpu: CpuByPid = groups
+            .into_iter()
+            .map(|(pid, g)| {
+                let c = burst::cpu_seconds(pid);
+                (pid, (g, c, c))
+            })
+            .collect();
+        let s = Sampler {
+            cpu: Arc::new(Mutex::new(cpu)),
+            machine_start: machine_jiffies(),
+            seen_claim: Arc::default(),
+            seen_pv: Arc::default(),
+            timeline: Arc::default(),
+            tasks: Vec::new(),
+        };
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+        let seen = s.seen_claim.clone();
+        let watch_claims = tokio::spawn(async move {
+            let mut w = watcher(claims, watcher::Config::default())
+                .applied_objects()
+                .boxed();
+            while let Some(Ok(c)) = w.next().await {
+                let mut seen = seen.lock().expect("lock");
+                seen.entry(c.name_any()).or_insert_with(Instant::now);
+            }
+        });
+        let pvs: Api<PersistentVolume> = Api::all(client.clone());
+        let seen = s.seen_pv.clone();
+        let watch_pvs = tokio::spawn(async move {
+            let mut w = watcher(pvs, watcher::Config::default())
+                .applied_objects()
+                .boxed();
+            while let Some(Ok(pv)) = w.next().await {
+                let claim = pv.spec.and_then(|s| s.claim_ref).and_then(|r| r.name);
+                if let Some(claim) = claim {
+                    seen.lock()
+                        .expect("lock")
+                        .entry(claim)
+                        .or_insert_with(Instant::now);
+                }
+            }
+        });
+        let (cpu, timeline) = (s.cpu.clone(), s.timeline.clone());
+        let (seen_claim, seen_pv) = (s.seen_claim.clone(), s.seen_pv.clone());
+        let sample = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                for (pid, (_, _, last)) in cpu.lock().expect("lock").iter_mut() {
+                    // A killed process reads 0: keep what it had used.
+                    *last = f64::max(*last, burst::cpu_seconds(*pid));
+                }
+                let mut depth = 0.0;
+                for (pid, addr) in &admins {
+                    // A killed controller's share is 0 (and its listener refuses).
+                    if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                        continue;
+                    }
+                    let got = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        tokio::spawn(support::http_get(*addr, "/metrics")),
+                    )
+                    .await;
+                    if let Ok(Ok((200, body))) = got {
+                        depth += support::Metrics(body)
+                            .get("localnfs_queue_depth", &[("queue", "claims")]);
+                    }
+                }
+                let n = |m: &Arc<Mutex<HashMap<String, Instant>>>| m.lock().expect("lock").len();
+                let row = (
+                    start.elapsed().as_secs_f64(),
+                    n(&seen_claim),
+                    n(&seen_pv),
+                    n(&bound_at),
+                    depth,
+                );
+                eprintln!("scale: timeline {row:?}");
+                timeline.lock().expect("lock").push(row);
+            }
+        });
+        Sampler {
+            tasks: vec![watch_claims, watch_pvs, sample],
+            ..s
+        }
+    }
+
+    /// Stops following and says where the burst's `wall` seconds went.
+    fn finish(
+        self,
+        wall: f64,
+        created_at: &HashMap<String, Instant>,
+        bound_at: &HashMap<String, Instant>,
+        start: Instant,
+    ) -> Where {
+        for t in &self.tasks {
+            t.abort();
+        }
+        let mut by_group: BTreeMap<String, f64> = BTreeMap::new();
+        for (pid, (g, first, last)) in self.cpu.lock().expect("lock").iter() {
+            let now = f64::max(*last, burst::cpu_seconds(*pid));
+            *by_group.entry(g.clone()).or_default() += (now - first) / wall;
+        }
+        let mut cores: Vec<(String, f64)> = by_group.into_iter().collect();
+        cores.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let (busy, all) = machine_jiffies();
+        let ncpu = std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
+        let machine_cores = (busy - self.machine_start.0) / (all - self.machine_start.1) * ncpu;
+        let timeline = std::mem::take(&mut *self.timeline.lock().expect("lock"));
+        let depths: Vec<f64> = timeline.iter().map(|r| r.4).collect();
+        let (seen_claim, seen_pv) = (
+            self.seen_claim.lock().expect("lock"),
+            self.seen_pv.lock().expect("lock"),
+        );
+        let p50_p99 = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            if v.is_empty() {
+                (0.0, 0.0)
+            } else {
+                (percentile(&v, 0.5), percentile(&v, 0.99))
+            }
+        };
+        let to_pv = p50_p99(
+            (seen_pv.iter())
+                .filter_map(|(c, t)| Some(t.saturating_duration_since(*seen_claim.get(c)?)))
+                .map(|d| d.as_secs_f64())
+                .collect(),
+        );
+        let pv_to_bound = p50_p99(
+            (bound_at.iter())
+                .filter_map(|(c, t)| Some(t.saturating_duration_since(*seen_pv.get(c)?)))
+                .map(|d| d.as_secs_f64())
+                .collect(),
+        );
+        Where {
+            cores,
+            machine_cores,
+            queue_mean: depths.iter().sum::<f64>() / depths.len().max(1) as f64,
+            queue_max: depths.iter().copied().fold(0.0, f64::max),
+            all_created: created_at
+                .values()
+                .map(|t| t.saturating_duration_since(start).as_secs_f64())
+                .fold(0.0, f64::max),
+            to_pv,
+            pv_to_bound,
+            timeline,
+            rest_cores: Vec::new(),
+        }
+    }
 }

@@ -1,5 +1,5 @@
-//! Heartbeat Lease I/O: the agent writes its key Lease when it starts ([`write_key`]),
-//! renews its own heartbeat Lease ([`renew`]) and writes its usage shards when they
+//! Heartbeat Lease I/O: the agent writes its key Lease when it starts ([`write_key`])
+//! and again whenever it is found deleted ([`watch_key`]), renews its own heartbeat Lease ([`renew`]) and writes its usage shards when they
 //! changed ([`write_usage`]); the controller and the scheduler helper keep a live map
 //! of every agent's heartbeat joined with its key ([`watch`], which leaves the usage
 //! Leases out). What a Lease
@@ -26,6 +26,8 @@ use crate::objects::keys::{
     AGENT_KEY, FREE_BYTES, NFS_PORT, NODE_KEY, PEER_PORT, USED_BYTES, USED_INODES,
 };
 use crate::objects::usage::{self, Report, USAGE, USAGE_LABEL, USAGE_SHARDS};
+use futures::StreamExt;
+use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
 
 /// How often an agent renews its heartbeat Lease when nothing changed. With 100 nodes
@@ -68,6 +70,43 @@ pub async fn write_key(leases: &Api<Lease>, node: &str, key: &str) -> Result<(),
         "spec": {"holderIdentity": node},
     });
     patch_or_create(leases, &name, body).await
+}
+
+/// Calls `gone` whenever `node`'s key Lease is found missing (deleted while watched,
+/// or absent from a list), until `shutdown`; the agent then writes it again
+/// ([`write_key`]). Readers check the agent's signatures with that key, so without this
+/// a deleted key Lease would leave its answers unbelieved until the agent restarted.
+/// One watch of one object: no request while the Lease stays.
+pub async fn watch_key(
+    leases: Api<Lease>,
+    node: &str,
+    gone: &tokio::sync::Notify,
+    shutdown: &CancellationToken,
+) {
+    let only =
+        watcher::Config::default().fields(&format!("metadata.name={}", key_lease_name(node)));
+    let mut events = watcher::watcher(leases, only).default_backoff().boxed();
+    // Whether the Lease is there, as far as this watch knows.
+    let mut present = false;
+    loop {
+        let event = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            e = events.next() => e,
+        };
+        match event {
+            None => return,
+            // The watcher backs off and lists again by itself.
+            Some(Err(e)) => tracing::debug!(error = %e, "key Lease watch"),
+            Some(Ok(watcher::Event::Apply(_) | watcher::Event::InitApply(_))) => present = true,
+            Some(Ok(watcher::Event::Init)) => present = false,
+            Some(Ok(watcher::Event::Delete(_))) => {
+                present = false;
+                gone.notify_one();
+            }
+            Some(Ok(watcher::Event::InitDone)) if !present => gone.notify_one(),
+            Some(Ok(watcher::Event::InitDone)) => {}
+        }
+    }
 }
 
 /// Renews `hb.node`'s heartbeat Lease in `leases`' namespace, creating it the first

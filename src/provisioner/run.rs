@@ -216,8 +216,12 @@ fn default_identity() -> String {
 }
 
 /// Claims reconciled at once: enough to keep the API server busy, few enough that the
-/// controller holds a few dozen connections and requests, not thousands.
-const CLAIM_WORKERS: usize = 64;
+/// controller holds a hundred-odd connections and requests, not thousands. A claim's
+/// worker mostly waits on the API server (about 0.2 s a write under a burst on 2
+/// cores, four writes a claim), so claims a second are about workers / 1 s: at 64, a
+/// 2,000-claim burst on 100 nodes queued up to 968 claims while the machine had
+/// cores to spare (bench/README.md, the scale section).
+const CLAIM_WORKERS: usize = 128;
 /// PVs deleted at once. Each deletion is four requests one after the other (read the
 /// PV, read its claim, delete, event), so 4 at once capped reclaim at roughly 40 PVs
 /// a second on this project's loaded 2-core machine (5,000 in 133 s), about the rate
