@@ -3,8 +3,9 @@
 //!
 //! An agent's heartbeat reports its free space only after it has created a volume;
 //! until then, and for a while after the controller sees the volume ready (the next
-//! heartbeats carry the new free space: one is sent within 2 s of a creation, then
-//! every 20 s), the claim's bytes are held here and taken off that node's free space.
+//! heartbeats carry the new free space: one is sent within 2 s of a lone creation,
+//! within 10 s while creations keep coming, else every 30 s), the claim's bytes are
+//! held here and taken off that node's free space.
 //! Durations are measured on this process's monotonic clock, never compared with
 //! another machine's.
 //!
