@@ -58,8 +58,9 @@ pub struct Heartbeat<'a> {
 }
 
 /// Writes `node`'s key Lease with `key` (the public half of the agent's signing key,
-/// hex), creating it the first time. Written when the agent starts: rewriting an
-/// unchanged key changes nothing the API server stores.
+/// hex), creating it the first time. Written when the agent starts and when
+/// [`watch_key`] finds it gone: rewriting an unchanged key changes nothing the API
+/// server stores.
 pub async fn write_key(leases: &Api<Lease>, node: &str, key: &str) -> Result<(), kube::Error> {
     let name = key_lease_name(node);
     let body = json!({
@@ -76,7 +77,8 @@ pub async fn write_key(leases: &Api<Lease>, node: &str, key: &str) -> Result<(),
 /// or absent from a list), until `shutdown`; the agent then writes it again
 /// ([`write_key`]). Readers check the agent's signatures with that key, so without this
 /// a deleted key Lease would leave its answers unbelieved until the agent restarted.
-/// One watch of one object: no request while the Lease stays.
+/// One watch of one object (by name; the agents' Role grants `list`/`watch` on Leases
+/// in the heartbeat namespace for it): no request while the Lease stays.
 pub async fn watch_key(
     leases: Api<Lease>,
     node: &str,

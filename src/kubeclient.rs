@@ -82,9 +82,9 @@ pub const SCHEDULER_RATE: Rate = Rate {
     qps: 20.0,
     burst: 40,
 };
-/// Each node agent's: a heartbeat every 20 s, plus about two requests per claim
+/// Each node agent's: a heartbeat every 30 s, plus about two requests per claim
 /// placed on its node (its answer and its PV check; heartbeats and usage shards
-/// woken by new volumes are at most one each per 2 s). At 10 a
+/// woken by new volumes are at most one each per 2 s, per 10 s in a burst). At 10 a
 /// second one node took 121 s to answer a 500-claim burst; 100 keeps one agent from
 /// holding up the controller. 100 idle agents still send 5 requests a second
 /// together.

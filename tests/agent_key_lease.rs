@@ -14,6 +14,7 @@ use localnfs::objects::agents::key_lease_name;
 use localnfs::objects::keys::AGENT_KEY;
 use localnfs_testbed::{TestCluster, kubelet};
 use support::cluster::{HEARTBEATS, Localnfs, wait_for_heartbeat};
+use support::credentials::apply_namespace_and_rbac;
 use support::eventually;
 
 fn key_of(lease: &Lease) -> Option<String> {
@@ -27,6 +28,10 @@ async fn a_deleted_key_lease_is_written_again_without_an_agent_restart() {
     let mut lnfs = Localnfs::new(&cluster).await;
     let (node, ip) = ("node-1", IpAddr::V4(Ipv4Addr::new(127, 0, 73, 1)));
     kubelet::add_node(&client, node, ip).await.expect("node");
+    // The agent as the DaemonSet runs it: the shipped RBAC, a pod-bound token (its
+    // watch of the key Lease needs what the install grants, not the admin's rights).
+    apply_namespace_and_rbac(cluster.kubeconfig());
+    lnfs.use_pod_credentials(&client, node).await;
     lnfs.start_agent(node, ip);
     wait_for_heartbeat(&client, node).await;
     let pid = lnfs.agents[node].id();

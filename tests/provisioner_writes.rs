@@ -19,7 +19,7 @@ use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::api::events::v1::Event;
 use kube::Client;
 use kube::api::{Api, ListParams, PostParams};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use localnfs_testbed::TestCluster;
 use serde_json::json;
 use support::cluster::{Localnfs, claim, storage_class};
@@ -158,9 +158,10 @@ async fn a_stream_of_new_volumes_costs_its_node_a_heartbeat_per_ten_seconds_not_
         let renewals = renewals.clone();
         let config = watcher::Config::default().fields(&format!("metadata.name={heartbeat}"));
         tokio::spawn(async move {
-            let mut w = watcher(leases, config).boxed();
-            while let Some(Ok(e)) = w.next().await {
-                if let watcher::Event::Apply(_) = e {
+            // Past a watch error the watcher lists again by itself: counting goes on.
+            let mut w = watcher(leases, config).default_backoff().boxed();
+            while let Some(e) = w.next().await {
+                if let Ok(watcher::Event::Apply(_)) = e {
                     renewals.fetch_add(1, Ordering::SeqCst);
                 }
             }
@@ -188,8 +189,9 @@ async fn a_stream_of_new_volumes_costs_its_node_a_heartbeat_per_ten_seconds_not_
         .count();
     // Every 10 s while the volumes keep coming, and the first change within 2 s.
     let most = (window.as_secs() / 10 + 2) as usize;
+    // At least one: a watch that saw nothing would pass the upper bound vacuously.
     assert!(
-        bound >= 20 && during <= most,
+        bound >= 20 && (1..=most).contains(&during),
         "{during} heartbeats in {window:?} of one new volume a second (at most {most}); {bound} of 30 claims Bound\n{}",
         lnfs.logs()
     );

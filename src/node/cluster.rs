@@ -61,9 +61,9 @@ const CHANGE_GAP: Duration = Duration::from_secs(2);
 /// coming (a burst of volumes on this node), and a heartbeat with its usage write every
 /// 2 s on each of 100 nodes was 1.5 API requests per claim in a 2,000-claim burst
 /// (bench/README.md, the scale section). A lone change is still reported within
-/// [`CHANGE_GAP`]; the controller's holds (`reserve::HOLD_AFTER_READY`, 35 s) outlast
-/// this.
-const BURST_GAP: Duration = Duration::from_secs(10);
+/// [`CHANGE_GAP`]; the controller's holds (`reserve::HOLD_AFTER_READY`, 45 s) outlast
+/// this and a failed renewal after it.
+pub const BURST_GAP: Duration = Duration::from_secs(10);
 
 /// PVs reconciled at once (reclaims, resizes): a burst of deleted claims is reclaimed
 /// this many at a time, each one a claim read, a store change and a finalizer patch.

@@ -6,7 +6,8 @@
 //! writes at rest, so each carries only what changes or what liveness and placement
 //! read. The agent's public key, which does not change while it runs, is in a Lease of
 //! its own (`localnfs-key-<node>`, [`key_lease_name`]), written when the agent starts
-//! (`heartbeat::write_key`); a heartbeat of an earlier agent may still carry it. The
+//! and again if it is deleted while the agent runs (`heartbeat::write_key`,
+//! `heartbeat::watch_key`); a heartbeat of an earlier agent may still carry it. The
 //! agent writes its own Leases (`heartbeat::renew`); the controller, the scheduler
 //! helper and `status` read them ([`AgentInfo::from_lease`], `heartbeat::watch`, which
 //! joins each node's two Leases with [`Agents::see`]). This module is the vocabulary and

@@ -178,11 +178,17 @@ impl Ctx {
                 .patch_status(
                     &name,
                     &PatchParams::default(),
-                    &Patch::Merge(json!({"status": {
-                        "phase": "Bound",
-                        "accessModes": spec.access_modes,
-                        "capacity": spec.capacity,
-                    }})),
+                    // The uid as a precondition: a claim of that name deleted and
+                    // made again since the copy was read (a StatefulSet's) is not
+                    // marked Bound to this PV (the API server refuses a changed uid).
+                    &Patch::Merge(json!({
+                        "metadata": {"uid": pvc.uid()},
+                        "status": {
+                            "phase": "Bound",
+                            "accessModes": spec.access_modes,
+                            "capacity": spec.capacity,
+                        },
+                    })),
                 )
                 .await
                 .map_err(Error::kube(format!("set claim {ns}/{name} Bound")))?;

@@ -17,11 +17,13 @@ use std::time::{Duration, Instant};
 
 use super::pv::NodeRoom;
 
-/// How long a hold outlives the volume becoming ready (the early heartbeat after the
-/// creation, or should it fail the next one, `heartbeat::RENEW_EVERY` later), and a
-/// few seconds for the watch to bring it.
-pub const HOLD_AFTER_READY: Duration =
-    Duration::from_secs(crate::heartbeat::RENEW_EVERY.as_secs() + 5);
+/// How long a hold outlives the volume becoming ready: the early heartbeat after the
+/// creation (at most `node::cluster::BURST_GAP` later while creations keep coming), or
+/// should that renewal fail the next one, `heartbeat::RENEW_EVERY` after it, and a few
+/// seconds for the watch to bring it.
+pub const HOLD_AFTER_READY: Duration = Duration::from_secs(
+    crate::node::cluster::BURST_GAP.as_secs() + crate::heartbeat::RENEW_EVERY.as_secs() + 5,
+);
 /// How long a hold lasts for a placement that never becomes ready and is never
 /// released (its claim vanished without the controller seeing it go).
 pub const HOLD_UNREADY: Duration = Duration::from_secs(600);

@@ -216,7 +216,8 @@ fn default_identity() -> String {
 }
 
 /// Claims reconciled at once: enough to keep the API server busy, few enough that the
-/// controller holds a hundred-odd connections and requests, not thousands. A claim's
+/// controller holds a few hundred requests at most (up to two each while a claim's
+/// PV and claim phases are written together), not thousands. A claim's
 /// worker mostly waits on the API server (about 0.2 s a write under a burst on 2
 /// cores, four writes a claim), so claims a second are about workers / 1 s: at 64, a
 /// 2,000-claim burst on 100 nodes queued up to 968 claims while the machine had
