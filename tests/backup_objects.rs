@@ -551,17 +551,7 @@ async fn an_agent_killed_during_a_volume_backup_leaves_it_finished_and_no_unfini
     // Many files, so the backup runs long enough to be seen running and cut: 375 MiB
     // in 2,000 files alone took 1.7 s on a quiet machine, less than one progress
     // write apart; 12,000 small ones add per-file work.
-    for d in 0..20 {
-        let sub = dir.join(format!("d{d}"));
-        std::fs::create_dir_all(&sub).expect("mkdir");
-        for f in 0..100 {
-            std::fs::write(sub.join(format!("f{f}")), vec![(d * f) as u8; 192 << 10])
-                .expect("write");
-        }
-        for f in 0..600 {
-            std::fs::write(sub.join(format!("s{f}")), vec![(d + f) as u8; 4 << 10]).expect("write");
-        }
-    }
+    support::fill_many_files(&dir);
     claim_in(&client, &lnfs, "default", "other", "16Mi").await;
     create_backup(&client, "default", "cut", "data", "nightly").await;
     let api: Api<VolumeBackup> = Api::namespaced(client.clone(), "default");

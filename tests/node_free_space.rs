@@ -23,34 +23,9 @@ use support::cluster::{
 };
 use support::eventually;
 use support::nfs::Client;
+use support::tmpfs::Tmpfs;
 
 const MIB: u64 = 1 << 20;
-
-/// A tmpfs mounted on `path` for the test; unmounted (lazily: an agent may still have
-/// it open) when dropped, so also when the test fails.
-struct Disk(std::path::PathBuf);
-
-impl Disk {
-    fn mount(path: &Path, size: &str) -> Disk {
-        std::fs::create_dir_all(path).expect("mountpoint");
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(path)
-            .status()
-            .expect("run mount");
-        assert!(ok.success(), "mount a tmpfs (the test needs root)");
-        Disk(path.to_owned())
-    }
-}
-
-impl Drop for Disk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
 
 /// Bytes the files under `dir` take on disk (allocated blocks, or the size of a
 /// regular file when larger), counted here without the agent's code.
@@ -111,7 +86,7 @@ async fn a_nodes_free_space_counts_written_data_once_not_again_beside_its_reserv
     let client = cluster.client();
     let mut lnfs = Localnfs::new(&cluster).await;
     let root = lnfs.root("node-1");
-    let _disk = Disk::mount(&root, "256m");
+    let _disk = Tmpfs::mount_on(&root, "256m");
     let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 73, 1));
     kubelet::add_node(&client, "node-1", ip)
         .await

@@ -766,17 +766,7 @@ async fn an_agent_killed_mid_restore_leaves_no_claim_ready_with_part_of_the_set_
     let dir = s.lnfs.root(&node).join("volumes").join(&volume);
     // Enough files that the restore (every sha256 checked, every file synced) runs
     // for seconds and is caught part-way.
-    for d in 0..20 {
-        let sub = dir.join(format!("d{d}"));
-        std::fs::create_dir_all(&sub).expect("mkdir");
-        for f in 0..100 {
-            std::fs::write(sub.join(format!("f{f}")), vec![(d * f) as u8; 192 << 10])
-                .expect("write");
-        }
-        for f in 0..600 {
-            std::fs::write(sub.join(format!("s{f}")), vec![(d + f) as u8; 4 << 10]).expect("write");
-        }
-    }
+    support::fill_many_files(&dir);
     let want = sums(&dir);
     let set = s.backup(&node, &volume).await;
     let before = s.all_volumes();
