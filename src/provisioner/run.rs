@@ -223,10 +223,11 @@ fn default_identity() -> String {
 /// 2,000-claim burst on 100 nodes queued up to 968 claims while the machine had
 /// cores to spare (bench/README.md, the scale section).
 const CLAIM_WORKERS: usize = 128;
-/// PVs deleted at once. Each deletion is four requests one after the other (read the
-/// PV, read its claim, delete, event), so 4 at once capped reclaim at roughly 40 PVs
-/// a second on this project's loaded 2-core machine (5,000 in 133 s), about the rate
-/// claims are made at: a burst of deletes should not queue behind that.
+/// PVs deleted at once. Each deletion is two requests one after the other (read its
+/// claim, delete). When it was four (the PV read too, and an event), 4 at once capped
+/// reclaim at roughly 40 PVs a second on this project's loaded 2-core machine (5,000
+/// in 133 s), about the rate claims are made at: a burst of deletes should not queue
+/// behind that.
 const PV_WORKERS: usize = 32;
 /// PVs whose published nodes are written at once.
 const PUBLISH_WORKERS: usize = 8;
@@ -275,12 +276,20 @@ async fn controllers(ctx: Arc<Ctx>, stop: CancellationToken) {
     };
     let workers = async {
         // The workers read the caches: they start once both hold their first list.
+        let term = Instant::now();
         tokio::select! {
             ready = caches.ready() => if !ready {
                 return;
             },
             _ = stop.cancelled() => return,
         }
+        tracing::info!(
+            claims = caches.claims.state().len(),
+            pvs = caches.pvs.state().len(),
+            queued_claims = claims.len(),
+            listed_in_ms = term.elapsed().as_millis() as u64,
+            "the term's caches are filled: reconciling"
+        );
         tokio::join!(
             run_workers(publish.clone(), PUBLISH_WORKERS, |name| {
                 let (ctx, usage, caches) = (ctx.clone(), usage.clone(), caches.clone());
@@ -291,8 +300,8 @@ async fn controllers(ctx: Arc<Ctx>, stop: CancellationToken) {
                 async move { claims::reconcile_key(key, &ctx, &caches).await }
             }),
             run_workers(pvs.clone(), PV_WORKERS, |name| {
-                let ctx = ctx.clone();
-                async move { volumes::reconcile_name(name, &ctx).await }
+                let (ctx, caches) = (ctx.clone(), caches.clone());
+                async move { volumes::reconcile_name(name, &ctx, &caches).await }
             }),
         );
     };

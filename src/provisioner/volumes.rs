@@ -2,17 +2,27 @@
 //! once a fresh read shows its claim is really gone (see `reclaim`); its finalizer
 //! keeps it until the node agent has dealt with the directory. Data goes only through
 //! this path, never because an API call failed.
+//!
+//! Two requests a PV: the claim read from the API server, and the delete. The PV
+//! itself comes from the term's watch cache: the delete is conditional on that copy's
+//! uid and resourceVersion, so a copy older than the API server's fails with a
+//! conflict and nothing is deleted on stale facts (it is decided again a second later).
+//! No event is published per PV: the PV is gone moments later, with the event
+//! (`localnfs_pv_deleted_total` and the agent's log say it; refusals are warnings).
 
 use super::queue::Next;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Preconditions};
-use kube::runtime::events::EventType;
 
 use super::ctx::Ctx;
+use super::triggers::Caches;
 use crate::error::{Error, Result};
 use crate::objects::keys::PROVISIONED_BY;
 use crate::objects::reclaim::{ClaimState, claim_ref, claim_state};
+
+/// How long a PV whose cached copy was out of date waits before it is decided again.
+const STALE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What to do with a PV (pure).
 #[derive(Debug, PartialEq, Eq)]
@@ -39,21 +49,17 @@ pub fn decide(pv: &PersistentVolume, provisioner: &str) -> PvAction {
     }
 }
 
-/// Reconciles the PV `name` as the API server has it now; errors become a retry.
-pub async fn reconcile_name(name: String, ctx: &Ctx) -> Next {
-    reconcile(&name, ctx)
+/// Reconciles the PV `name` as the PV watch last saw it; errors become a retry.
+pub async fn reconcile_name(name: String, ctx: &Ctx, caches: &Caches) -> Next {
+    reconcile(&name, ctx, caches)
         .await
         .unwrap_or_else(|e| ctx.after_error(&e))
 }
 
-async fn reconcile(name: &str, ctx: &Ctx) -> Result<Next> {
+async fn reconcile(name: &str, ctx: &Ctx, caches: &Caches) -> Result<Next> {
     let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
-    let Some(pv) = pvs
-        .get_opt(name)
-        .await
-        .map_err(Error::kube(format!("read PV {name}")))?
-    else {
-        return Ok(Next::Wait);
+    let Some(pv) = caches.pv(name) else {
+        return Ok(Next::Wait); // gone (or not seen yet: its watch event brings it)
     };
     if decide(&pv, &ctx.provisioner) != PvAction::Delete {
         return Ok(Next::Wait);
@@ -74,7 +80,7 @@ async fn reconcile(name: &str, ctx: &Ctx) -> Result<Next> {
         );
         return Ok(Next::Wait);
     }
-    // Only the PV as read: not one re-bound or re-created since.
+    // Only the PV as the cache has it: not one re-bound, re-created or changed since.
     let unchanged = DeleteParams {
         preconditions: Some(Preconditions {
             uid: pv.uid(),
@@ -86,12 +92,16 @@ async fn reconcile(name: &str, ctx: &Ctx) -> Result<Next> {
     match pvs.delete(name, &unchanged).await {
         Ok(_) => {
             ctx.metrics.deleted.inc();
-            ctx.events.publish(&pv, EventType::Normal, "Reclaiming", "Delete", format!(
-                "claim released with reclaim policy Delete: deleting {name} once its node agent has removed the data"
-            ))
-            .await;
+            tracing::info!(
+                pv = name,
+                "claim released with reclaim policy Delete: PV deleted, its node agent removes the data"
+            );
         }
         Err(kube::Error::Api(s)) if s.code == 404 => {}
+        // The cached copy is older than the API server's: decide again from the copy
+        // the watch brings (a change the watch's fingerprint ignores would not queue
+        // the PV again by itself).
+        Err(kube::Error::Api(s)) if s.code == 409 => return Ok(Next::After(STALE_RETRY)),
         Err(e) => return Err(Error::kube(format!("delete PV {name}"))(e)),
     }
     Ok(Next::Wait)
