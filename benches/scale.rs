@@ -81,6 +81,8 @@ struct Row {
     one_each: bool,
     pvs_gone: f64,
     dirs_gone: f64,
+    /// The delete: see [`Deleted`].
+    deleted: Deleted,
     /// Where the burst's time went: see [`Where`].
     r#where: Where,
 }
@@ -186,6 +188,20 @@ fn print(rows: &[Row], failover: bool) {
         println!("  timeline (s, claims seen, PVs, Bound, queue):");
         for (t, c, p, b, q) in &w.timeline {
             println!("    {t:>6.0} {c:>6} {p:>6} {b:>6} {q:>6.0}");
+        }
+        let d = &r.deleted;
+        println!(
+            "\nThe delete, {} nodes / {} claims ({:.1} s until every PV was gone; LISTs of claims and PVs left out: the bench's own counting):",
+            r.nodes, r.claims, d.pvs_gone
+        );
+        let all: f64 = d.per_claim.iter().map(|(_, n)| n).sum();
+        println!("  API requests per claim (all clients): {all:.2}");
+        for (what, n) in d.per_claim.iter().take(12) {
+            println!("    {what:<40} {n:>6.2}");
+        }
+        println!("  timeline (s, claims left, PVs left, of them Released):");
+        for (t, c, p, rel) in &d.timeline {
+            println!("    {t:>6.0} {c:>6} {p:>6} {rel:>6}");
         }
     }
 }
@@ -455,7 +471,8 @@ async fn run(nodes: usize, count: usize, failover: bool, kcm_qps: Option<u32>) -
         })
         .collect();
     r#where.rest_cores.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let (one_each, pvs_gone, dirs_gone) = check_and_delete(&client, &lnfs, nodes, count).await;
+    let (one_each, deleted) = check_and_delete(&client, &lnfs, nodes, count).await;
+    let (pvs_gone, dirs_gone) = (deleted.pvs_gone, deleted.dirs_gone);
 
     let mut lat: Vec<f64> = {
         let bound = bound_at.lock().expect("lock");
@@ -484,8 +501,33 @@ async fn run(nodes: usize, count: usize, failover: bool, kcm_qps: Option<u32>) -
         one_each,
         pvs_gone,
         dirs_gone,
+        deleted,
         r#where,
     }
+}
+
+/// What deleting every claim took.
+#[derive(Default)]
+struct Deleted {
+    pvs_gone: f64,
+    dirs_gone: f64,
+    /// API requests per claim from the first DELETE until every PV was gone (verb
+    /// resource, count), most first.
+    per_claim: Vec<(String, f64)>,
+    /// Every 5 s: seconds, claims left, PVs left, PVs Released (of those left).
+    timeline: Vec<(f64, usize, usize, usize)>,
+}
+
+/// Objects `api` lists, from one request (`limit=1` and the remaining count).
+async fn count_of<K>(api: &Api<K>) -> usize
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let page = api
+        .list_metadata(&ListParams::default().limit(1))
+        .await
+        .expect("count");
+    page.items.len() + page.metadata.remaining_item_count.unwrap_or(0).max(0) as usize
 }
 
 /// Checks one PV and one directory per claim, then deletes every claim (one
@@ -496,7 +538,7 @@ async fn check_and_delete(
     lnfs: &Localnfs,
     nodes: usize,
     count: usize,
-) -> (bool, f64, f64) {
+) -> (bool, Deleted) {
     let pvs_api: Api<PersistentVolume> = Api::all(client.clone());
     let paged = ListParams::default().limit(500);
     let pvs = localnfs::kubeclient::list_all(&pvs_api, &paged)
@@ -513,7 +555,33 @@ async fn check_and_delete(
         pvs.len() == count && claims.len() == count && pv_claims == claims && dirs() == count;
 
     let claims_api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    let requests_before = requests(&apiserver_metrics(client).await);
     let start = Instant::now();
+    // Every 5 s until the PVs are gone: claims left, PVs left, of them Released.
+    let timeline = {
+        let (claims_api, pvs_api) = (claims_api.clone(), pvs_api.clone());
+        tokio::spawn(async move {
+            let mut out = Vec::new();
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let pvs =
+                    localnfs::kubeclient::list_all(&pvs_api, &ListParams::default().limit(500))
+                        .await
+                        .expect("PVs");
+                let released = (pvs.iter())
+                    .filter(|p| {
+                        p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Released")
+                    })
+                    .count();
+                let t = start.elapsed().as_secs_f64();
+                out.push((t, count_of(&claims_api).await, pvs.len(), released));
+                eprintln!("scale: delete timeline {:?}", out.last());
+                if pvs.is_empty() {
+                    return out;
+                }
+            }
+        })
+    };
     // One DELETE per claim, 32 in flight, as `kubectl delete pvc --all` does (one
     // deletecollection of 10,000 claims outlasted the API server's 60 s request
     // deadline and answered 500 while it went on deleting).
@@ -559,10 +627,26 @@ async fn check_and_delete(
             dirs_gone = Some(start.elapsed().as_secs_f64());
         }
     }
+    let requests_after = requests(&apiserver_metrics(client).await);
+    let mut per_claim: Vec<(String, f64)> = (requests_after.iter())
+        .map(|(k, v)| {
+            let was = requests_before.get(k).unwrap_or(&0.0);
+            (k.clone(), (v - was) / count as f64)
+        })
+        .filter(|(_, v)| *v >= 0.01)
+        .collect();
+    per_claim.sort_by(|a, b| b.1.total_cmp(&a.1));
+    // The timeline's own LISTs are the bench's, not the delete's.
+    per_claim.retain(|(k, _)| !k.starts_with("LIST persistentvolume"));
+    let timeline = timeline.await.expect("delete timeline");
     (
         one_each,
-        pvs_gone.unwrap_or_default(),
-        dirs_gone.unwrap_or_default(),
+        Deleted {
+            pvs_gone: pvs_gone.unwrap_or_default(),
+            dirs_gone: dirs_gone.unwrap_or_default(),
+            per_claim,
+            timeline,
+        },
     )
 }
 

@@ -1,7 +1,8 @@
 //! A work queue of object keys, as client-go's: a key waits in the queue at most once;
 //! a key added while it is being reconciled runs once more after that reconcile ends
-//! (never twice at the same time); workers take keys in the order they came;
-//! [`WorkQueue::add_after`] adds a key later (a requeue).
+//! (never twice at the same time); workers take keys in the order they came, but for
+//! keys put ahead with [`WorkQueue::add_first`]; [`WorkQueue::add_after`] adds a key
+//! later (a requeue).
 //!
 //! Keys are all it holds: the reconcilers read the objects from the watch caches
 //! (`triggers::Caches`) when a key's turn comes, so a key queued many times is read
@@ -78,6 +79,23 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> WorkQueue<K> {
             s.again.insert(key);
         } else if s.queued.insert(key.clone()) {
             s.order.push_back(key);
+            self.depth.set(s.order.len() as i64);
+            drop(s);
+            self.ready.notify_one();
+        }
+    }
+
+    /// Queues `key` ahead of every key waiting (unless it is queued already, where it
+    /// keeps its place).
+    pub fn add_first(&self, key: K) {
+        let mut s = self.lock();
+        if s.closed {
+            return;
+        }
+        if s.running.contains(&key) {
+            s.again.insert(key);
+        } else if s.queued.insert(key.clone()) {
+            s.order.push_front(key);
             self.depth.set(s.order.len() as i64);
             drop(s);
             self.ready.notify_one();
@@ -190,6 +208,20 @@ mod tests {
         assert_eq!(q.depth.get(), 2);
         assert_eq!(q.next().await, Some("b"));
         assert_eq!(q.next().await, Some("c"));
+    }
+
+    #[tokio::test]
+    async fn a_key_added_first_runs_before_those_waiting_and_only_once() {
+        let q = WorkQueue::new();
+        for k in ["a", "b"] {
+            q.add(k);
+        }
+        q.add_first("c");
+        q.add_first("a"); // queued already: keeps its place
+        assert_eq!(q.len(), 3);
+        assert_eq!(q.next().await, Some("c"));
+        assert_eq!(q.next().await, Some("a"));
+        assert_eq!(q.next().await, Some("b"));
     }
 
     #[tokio::test]

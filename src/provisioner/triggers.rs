@@ -25,6 +25,9 @@
 //! only claims with something left to do ([`settled`] says which have nothing), and
 //! a listed PV queues its claim only while it is not yet Bound or is being deleted
 //! (the claim list covers the rest). Changes seen after the list queue as always.
+//! Of the listed claims, those an agent has already answered go first: a leader that
+//! died mid-burst leaves claims whose volumes exist and only need a PV, and they
+//! should not wait behind thousands of placements.
 
 use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
@@ -48,7 +51,7 @@ use super::volumes::{PvAction, decide};
 use crate::kubeclient::has_finalizer;
 use crate::objects::claim::{pv_name, requested_bytes};
 use crate::objects::class::quantity_bytes;
-use crate::objects::keys::{BIND_COMPLETED, CLAIM_FINALIZER, PROVISIONED_BY};
+use crate::objects::keys::{BIND_COMPLETED, CLAIM_FINALIZER, PROVISIONED_BY, READY};
 
 fn hash_json(v: &serde_json::Value) -> u64 {
     let mut h = DefaultHasher::new();
@@ -99,6 +102,17 @@ pub fn settled(pvc: &PersistentVolumeClaim) -> bool {
         && pvc.spec.as_ref().and_then(|s| s.volume_name.as_deref()) == Some(&pv_name(&uid))
         && pvc.annotations().contains_key(BIND_COMPLETED)
         && matches!((capacity, requested), (Some(c), Some(r)) if c >= r)
+}
+
+/// Whether a claim carries an agent's answer or names its volume: what is left for
+/// it is a PV and the binding (used only to order a new term's work).
+fn answered(pvc: &PersistentVolumeClaim) -> bool {
+    pvc.annotations().contains_key(READY)
+        || pvc
+            .spec
+            .as_ref()
+            .and_then(|s| s.volume_name.as_ref())
+            .is_some()
 }
 
 /// The claims and our PVs as the term's watches last saw them (see the module doc).
@@ -294,8 +308,18 @@ pub async fn watch_claims(
         claim_fingerprint,
         claim_key,
         |pvc, listed| {
-            if !(listed && settled(pvc)) {
+            if !listed {
                 claims.add(claim_key(pvc));
+            } else if !settled(pvc) {
+                // A new term's list: claims an agent has answered (or that have their
+                // PV) only need their PV or binding, so they go first; claims to
+                // place come after. An agent's answer is checked when the claim is
+                // reconciled: a forged one only moves a claim up, once a term.
+                if answered(pvc) {
+                    claims.add_first(claim_key(pvc));
+                } else {
+                    claims.add(claim_key(pvc));
+                }
             }
         },
         |_| {},
