@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::storage::v1::StorageClass;
+use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -243,10 +244,29 @@ async fn controllers(ctx: Arc<Ctx>, stop: CancellationToken) {
     let ours = watcher::Config::default().labels(NODE_KEY);
     // Fresh each term too, filled by the two watches below.
     let (caches, claim_writer, pv_writer) = triggers::caches();
+    // An agent's answer moves a claim up the queue once its signature checks out.
+    let answered = {
+        let ctx = ctx.clone();
+        move |pvc: &k8s_openapi::api::core::v1::PersistentVolumeClaim| {
+            pvc.annotations().contains_key(crate::objects::keys::READY) && ctx.verify(pvc).ready
+        }
+    };
+    // A deleted claim's PV is looked at at once (`volumes`), not only once
+    // kube-controller-manager has marked it Released.
+    let claim_deleted = {
+        let pvs = pvs.clone();
+        move |pvc: &k8s_openapi::api::core::v1::PersistentVolumeClaim| {
+            if let Some(uid) = pvc.uid() {
+                pvs.add(crate::objects::claim::pv_name(&uid));
+            }
+        }
+    };
     let watch_claims = triggers::watch_claims(
         ctx.client.clone(),
         claim_writer,
         claims.clone(),
+        answered,
+        claim_deleted,
         stop.clone(),
     );
     let watch_pvs = triggers::watch_pvs(

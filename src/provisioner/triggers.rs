@@ -25,9 +25,13 @@
 //! only claims with something left to do ([`settled`] says which have nothing), and
 //! a listed PV queues its claim only while it is not yet Bound or is being deleted
 //! (the claim list covers the rest). Changes seen after the list queue as always.
-//! Of the listed claims, those an agent has already answered go first: a leader that
-//! died mid-burst leaves claims whose volumes exist and only need a PV, and they
-//! should not wait behind thousands of placements.
+//!
+//! Claims an agent has answered (its signature checked: a tenant's forged answer does
+//! not count) and claims of changed PVs go to the front of the queue: what is left
+//! for them is a PV and the binding. In arrival order, a burst's answers waited
+//! behind every placement queued before them: after a failover mid-burst the new
+//! leader placed 4,900 claims before it made a single PV (25 s without one, 10,000
+//! claims on 100 nodes).
 
 use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
@@ -51,7 +55,7 @@ use super::volumes::{PvAction, decide};
 use crate::kubeclient::has_finalizer;
 use crate::objects::claim::{pv_name, requested_bytes};
 use crate::objects::class::quantity_bytes;
-use crate::objects::keys::{BIND_COMPLETED, CLAIM_FINALIZER, PROVISIONED_BY, READY};
+use crate::objects::keys::{BIND_COMPLETED, CLAIM_FINALIZER, PROVISIONED_BY};
 
 fn hash_json(v: &serde_json::Value) -> u64 {
     let mut h = DefaultHasher::new();
@@ -104,15 +108,13 @@ pub fn settled(pvc: &PersistentVolumeClaim) -> bool {
         && matches!((capacity, requested), (Some(c), Some(r)) if c >= r)
 }
 
-/// Whether a claim carries an agent's answer or names its volume: what is left for
-/// it is a PV and the binding (used only to order a new term's work).
-fn answered(pvc: &PersistentVolumeClaim) -> bool {
-    pvc.annotations().contains_key(READY)
-        || pvc
-            .spec
-            .as_ref()
-            .and_then(|s| s.volume_name.as_ref())
-            .is_some()
+/// Whether a claim names its volume (bound, or being bound): what is left for it is
+/// the binding (used only to order the work).
+fn has_volume(pvc: &PersistentVolumeClaim) -> bool {
+    pvc.spec
+        .as_ref()
+        .and_then(|s| s.volume_name.as_ref())
+        .is_some()
 }
 
 /// The claims and our PVs as the term's watches last saw them (see the module doc).
@@ -294,11 +296,16 @@ fn claim_key(pvc: &PersistentVolumeClaim) -> ClaimKey {
     (pvc.namespace().unwrap_or_default(), pvc.name_any())
 }
 
-/// Queues every claim whose fingerprint changes.
+/// Queues every claim whose fingerprint changes: ahead of the others when
+/// `answered` says an agent has made its volume (what is left is its PV and binding,
+/// which should not wait behind a burst's placements). `deleted` is called with each
+/// claim the watch sees deleted.
 pub async fn watch_claims(
     client: kube::Client,
     writer: Writer<PersistentVolumeClaim>,
     claims: Arc<WorkQueue<ClaimKey>>,
+    answered: impl Fn(&PersistentVolumeClaim) -> bool,
+    deleted: impl FnMut(&PersistentVolumeClaim),
     stop: CancellationToken,
 ) {
     watch_fingerprints(
@@ -308,21 +315,16 @@ pub async fn watch_claims(
         claim_fingerprint,
         claim_key,
         |pvc, listed| {
-            if !listed {
+            if listed && settled(pvc) {
+                return;
+            }
+            if answered(pvc) || has_volume(pvc) {
+                claims.add_first(claim_key(pvc));
+            } else {
                 claims.add(claim_key(pvc));
-            } else if !settled(pvc) {
-                // A new term's list: claims an agent has answered (or that have their
-                // PV) only need their PV or binding, so they go first; claims to
-                // place come after. An agent's answer is checked when the claim is
-                // reconciled: a forged one only moves a claim up, once a term.
-                if answered(pvc) {
-                    claims.add_first(claim_key(pvc));
-                } else {
-                    claims.add(claim_key(pvc));
-                }
             }
         },
-        |_| {},
+        deleted,
         stop,
     )
     .await;
@@ -370,7 +372,8 @@ pub async fn watch_pvs(
                 claim.map(|r| (r.namespace.clone(), r.name.clone()))
                 && !settled
             {
-                claims.add((ns, name));
+                // Its claim is bound, or about to be: ahead of placements.
+                claims.add_first((ns, name));
             }
             if decide(pv, &provisioner) == PvAction::Delete {
                 pvs.add(pv.name_any());

@@ -1,7 +1,15 @@
-//! The PV reconciler: a Released localnfs PV with reclaim policy Delete is deleted
-//! once a fresh read shows its claim is really gone (see `reclaim`); its finalizer
-//! keeps it until the node agent has dealt with the directory. Data goes only through
-//! this path, never because an API call failed.
+//! The PV reconciler: a localnfs PV with reclaim policy Delete is deleted once a
+//! fresh read shows its claim is really gone (see `reclaim`); its finalizer keeps it
+//! until the node agent has dealt with the directory. Data goes only through this
+//! path, never because an API call failed.
+//!
+//! A PV is looked at when kube-controller-manager marks it Released, and as soon as
+//! the claim watch sees its claim deleted: the PV binder marks PVs Released one at a
+//! time (one worker, a claim read and a status write each), about 26 a second here
+//! while 10,000 claims were deleted, so waiting for it made reclaim 2.3 times slower
+//! than creation. A Bound PV is deleted only on that same fresh read of its claim; it
+//! then stays Terminating (kube's pv-protection) until the binder has caught up, while
+//! its agent removes the data at once.
 //!
 //! Two requests a PV: the claim read from the API server, and the delete. The PV
 //! itself comes from the term's watch cache: the delete is conditional on that copy's
@@ -35,18 +43,31 @@ pub enum PvAction {
 /// Whether a PV is a candidate for deletion: ours, Released, policy Delete, not already
 /// being deleted. The phase is the PV binder's view; the reconcile confirms the claim.
 pub fn decide(pv: &PersistentVolume, provisioner: &str) -> PvAction {
+    if ours_to_delete(pv, provisioner, &["Released"]) {
+        PvAction::Delete
+    } else {
+        PvAction::Nothing
+    }
+}
+
+/// Whether a PV may be deleted once its claim is confirmed gone: as [`decide`], but
+/// Bound as well as Released (its claim just deleted, the binder not there yet).
+pub fn deletable(pv: &PersistentVolume, provisioner: &str) -> bool {
+    ours_to_delete(pv, provisioner, &["Released", "Bound"])
+}
+
+/// Ours, in one of `phases`, reclaim policy Delete, not being deleted already.
+fn ours_to_delete(pv: &PersistentVolume, provisioner: &str, phases: &[&str]) -> bool {
     let ours = pv.annotations().get(PROVISIONED_BY).map(String::as_str) == Some(provisioner);
-    let released = pv.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Released");
+    let phase = pv.status.as_ref().and_then(|s| s.phase.as_deref());
     let delete = pv
         .spec
         .as_ref()
         .and_then(|s| s.persistent_volume_reclaim_policy.as_deref())
         == Some("Delete");
-    if ours && released && delete && pv.metadata.deletion_timestamp.is_none() {
-        PvAction::Delete
-    } else {
-        PvAction::Nothing
-    }
+    ours && phase.is_some_and(|p| phases.contains(&p))
+        && delete
+        && pv.metadata.deletion_timestamp.is_none()
 }
 
 /// Reconciles the PV `name` as the PV watch last saw it; errors become a retry.
@@ -61,7 +82,7 @@ async fn reconcile(name: &str, ctx: &Ctx, caches: &Caches) -> Result<Next> {
     let Some(pv) = caches.pv(name) else {
         return Ok(Next::Wait); // gone (or not seen yet: its watch event brings it)
     };
-    if decide(&pv, &ctx.provisioner) != PvAction::Delete {
+    if !deletable(&pv, &ctx.provisioner) {
         return Ok(Next::Wait);
     }
     let found = match claim_ref(&pv) {
@@ -141,5 +162,16 @@ mod tests {
         for (pv, want) in cases {
             assert_eq!(decide(&pv, me), want);
         }
+        // A claim deleted before the binder marked its PV Released: a candidate too
+        // (the reconcile still reads the claim before deleting).
+        assert!(deletable(&pv(me, "Bound", "Delete", false), me));
+        assert!(deletable(&pv(me, "Released", "Delete", false), me));
+        assert!(!deletable(&pv(me, "Bound", "Retain", false), me));
+        assert!(!deletable(&pv(me, "Pending", "Delete", false), me));
+        assert!(!deletable(&pv(me, "Bound", "Delete", true), me));
+        assert!(!deletable(
+            &pv("someone.else/x", "Bound", "Delete", false),
+            me
+        ));
     }
 }
