@@ -511,8 +511,8 @@ async fn run(nodes: usize, count: usize, failover: bool, kcm_qps: Option<u32>) -
 struct Deleted {
     pvs_gone: f64,
     dirs_gone: f64,
-    /// API requests per claim from the first DELETE until every PV was gone (verb
-    /// resource, count), most first.
+    /// API requests per claim from the first DELETE until every PV and directory was
+    /// gone (verb resource, count), most first.
     per_claim: Vec<(String, f64)>,
     /// Every 5 s: seconds, claims left, PVs left, PVs Released (of those left).
     timeline: Vec<(f64, usize, usize, usize)>,

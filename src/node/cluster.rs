@@ -862,7 +862,7 @@ const IN_USE_RECHECK: Duration = Duration::from_secs(10);
 async fn reclaim(agent: &Agent, pv: &PersistentVolume, volume: &VolumeName) -> Result<Action> {
     let pv_name = pv.name_any();
     let uid = pv.uid().unwrap_or_default();
-    if agent.released_lately(&uid) {
+    if !uid.is_empty() && agent.released_lately(&uid) {
         return Ok(Action::await_change());
     }
     let found = match reclaim::claim_ref(pv) {
@@ -962,7 +962,9 @@ async fn reclaim(agent: &Agent, pv: &PersistentVolume, volume: &VolumeName) -> R
             .patch(&pv_name, &PatchParams::default(), &patch)
             .await
             .map_err(Error::kube(format!("release finalizer of PV {pv_name}")))?;
-        agent.released_now(uid);
+        if !uid.is_empty() {
+            agent.released_now(uid);
+        }
     }
     agent.forget_pv(&pv_name);
     Ok(Action::await_change())

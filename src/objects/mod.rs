@@ -42,8 +42,8 @@
 //! volume and the volume is the claim's, deletes the directory and sets
 //! [`keys::REMOVED`]; C removes [`keys::CLAIM_FINALIZER`]. Nothing is left behind.
 //!
-//! Reclaim ([`reclaim`]): a Released PV with policy Delete is deleted by C once a
-//! fresh read shows its claim gone; its finalizer holds it until N, reading the
+//! Reclaim ([`reclaim`]): a PV with policy Delete, Released or with its claim seen
+//! deleted, is deleted by C once a fresh read shows its claim gone; its finalizer holds it until N, reading the
 //! claim again, has deleted or archived the directory (per the class's `onDelete`)
 //! and removed the finalizer. A PV deleted while its claim exists (say `kubectl delete
 //! pv` on a Bound PV) stays Terminating with its data until the claim is deleted.

@@ -1,5 +1,5 @@
 //! When a volume's data may go, as pure decisions shared by the
-//! controller (which deletes Released PVs) and the node agent (which deletes or
+//! controller (which deletes PVs whose claim is gone) and the node agent (which deletes or
 //! archives the directory of a deleted PV, then releases its finalizer).
 //!
 //! Data goes only when the PV is released: the claim its `claimRef` names is gone (not

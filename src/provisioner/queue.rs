@@ -1,14 +1,14 @@
 //! A work queue of object keys, as client-go's: a key waits in the queue at most once;
 //! a key added while it is being reconciled runs once more after that reconcile ends
-//! (never twice at the same time); workers take keys in the order they came, but for
-//! keys put ahead with [`WorkQueue::add_first`]; [`WorkQueue::add_after`] adds a key
-//! later (a requeue).
+//! (never twice at the same time); workers take keys in the order they came, those
+//! added with [`WorkQueue::add_first`] (in their own order) before the rest;
+//! [`WorkQueue::add_after`] adds a key later (a requeue).
 //!
 //! Keys are all it holds: the reconcilers read the objects from the watch caches
 //! (`triggers::Caches`) when a key's turn comes, so a key queued many times is read
 //! once, as it is then.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -28,6 +28,29 @@ pub enum Next {
     After(Duration),
 }
 
+impl<K: Clone + Eq + Hash> State<K> {
+    /// The next waiting key: the first list's oldest, else the other's.
+    fn pop(&mut self) -> Option<K> {
+        for in_first in [true, false] {
+            loop {
+                let list = if in_first {
+                    &mut self.first
+                } else {
+                    &mut self.order
+                };
+                let Some(key) = list.pop_front() else {
+                    break;
+                };
+                if self.queued.get(&key) == Some(&in_first) {
+                    self.queued.remove(&key);
+                    return Some(key);
+                }
+            }
+        }
+        None
+    }
+}
+
 pub struct WorkQueue<K> {
     state: Mutex<State<K>>,
     ready: Notify,
@@ -36,11 +59,17 @@ pub struct WorkQueue<K> {
 }
 
 struct State<K> {
+    /// Keys added with [`WorkQueue::add_first`], in the order they came: served first.
+    first: VecDeque<K>,
+    /// Keys added with [`WorkQueue::add`], in the order they came.
     order: VecDeque<K>,
-    queued: HashSet<K>,
+    /// Each waiting key, and whether it waits in `first`. A key moved from `order` to
+    /// `first` leaves a stale entry in `order`, skipped when reached (as is any entry
+    /// whose key no longer waits in that list).
+    queued: HashMap<K, bool>,
     running: HashSet<K>,
-    /// Added while running: queued again when done.
-    again: HashSet<K>,
+    /// Added while running: queued again when done (first, if any add was).
+    again: HashMap<K, bool>,
     closed: bool,
 }
 
@@ -54,10 +83,11 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> WorkQueue<K> {
         depth.set(0);
         Arc::new(WorkQueue {
             state: Mutex::new(State {
+                first: VecDeque::new(),
                 order: VecDeque::new(),
-                queued: HashSet::new(),
+                queued: HashMap::new(),
                 running: HashSet::new(),
-                again: HashSet::new(),
+                again: HashMap::new(),
                 closed: false,
             }),
             ready: Notify::new(),
@@ -71,35 +101,38 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> WorkQueue<K> {
 
     /// Queues `key` unless it is queued already.
     pub fn add(&self, key: K) {
-        let mut s = self.lock();
-        if s.closed {
-            return;
-        }
-        if s.running.contains(&key) {
-            s.again.insert(key);
-        } else if s.queued.insert(key.clone()) {
-            s.order.push_back(key);
-            self.depth.set(s.order.len() as i64);
-            drop(s);
-            self.ready.notify_one();
-        }
+        self.insert(key, false);
     }
 
-    /// Queues `key` ahead of every key waiting (unless it is queued already, where it
-    /// keeps its place).
+    /// Queues `key` behind the keys added first before it and ahead of every other
+    /// (a key already waiting among those moves up).
     pub fn add_first(&self, key: K) {
+        self.insert(key, true);
+    }
+
+    fn insert(&self, key: K, first: bool) {
         let mut s = self.lock();
         if s.closed {
             return;
         }
         if s.running.contains(&key) {
-            s.again.insert(key);
-        } else if s.queued.insert(key.clone()) {
-            s.order.push_front(key);
-            self.depth.set(s.order.len() as i64);
-            drop(s);
-            self.ready.notify_one();
+            *s.again.entry(key).or_insert(false) |= first;
+            return;
         }
+        match s.queued.get(&key).copied() {
+            Some(true) => return,
+            Some(false) if !first => return,
+            _ => {}
+        }
+        s.queued.insert(key.clone(), first);
+        if first {
+            s.first.push_back(key);
+        } else {
+            s.order.push_back(key);
+        }
+        self.depth.set(s.queued.len() as i64);
+        drop(s);
+        self.ready.notify_one();
     }
 
     /// Queues `key` after `delay` (nothing happens if the queue is gone by then).
@@ -126,11 +159,10 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> WorkQueue<K> {
                 if s.closed {
                     return None;
                 }
-                if let Some(key) = s.order.pop_front() {
-                    self.depth.set(s.order.len() as i64);
-                    s.queued.remove(&key);
+                if let Some(key) = s.pop() {
+                    self.depth.set(s.queued.len() as i64);
                     s.running.insert(key.clone());
-                    if !s.order.is_empty() {
+                    if !s.queued.is_empty() {
                         // Another worker may take the next one.
                         self.ready.notify_one();
                     }
@@ -145,9 +177,9 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> WorkQueue<K> {
     pub fn done(&self, key: &K) {
         let mut s = self.lock();
         s.running.remove(key);
-        if s.again.remove(key) {
+        if let Some(first) = s.again.remove(key) {
             drop(s);
-            self.add(key.clone());
+            self.insert(key.clone(), first);
         }
     }
 
@@ -163,7 +195,7 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> WorkQueue<K> {
 
     /// Keys waiting (not running).
     pub fn len(&self) -> usize {
-        self.lock().order.len()
+        self.lock().queued.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -211,15 +243,36 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_key_added_first_runs_before_those_waiting_and_only_once() {
+    async fn keys_added_first_run_before_the_others_in_the_order_they_came() {
         let q = WorkQueue::new();
-        for k in ["a", "b"] {
+        for k in ["a", "b", "c"] {
             q.add(k);
         }
-        q.add_first("c");
-        q.add_first("a"); // queued already: keeps its place
-        assert_eq!(q.len(), 3);
-        assert_eq!(q.next().await, Some("c"));
+        q.add_first("d");
+        q.add_first("b"); // waiting already: moves up, behind d
+        q.add_first("d"); // first already: keeps its place
+        q.add("d"); // and an ordinary add does not move it back
+        assert_eq!(q.len(), 4);
+        assert_eq!(q.depth.get(), 4);
+        let mut got = Vec::new();
+        while !q.is_empty() {
+            got.push(q.next().await.expect("key"));
+        }
+        assert_eq!(
+            got,
+            ["d", "b", "a", "c"],
+            "b once, not again in its old place"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_key_added_first_while_running_comes_back_first() {
+        let q = WorkQueue::new();
+        q.add("a");
+        let k = q.next().await.expect("key");
+        q.add("b");
+        q.add_first("a"); // changed while running, and its change goes first
+        q.done(&k);
         assert_eq!(q.next().await, Some("a"));
         assert_eq!(q.next().await, Some("b"));
     }

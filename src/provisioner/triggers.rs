@@ -27,8 +27,9 @@
 //! (the claim list covers the rest). Changes seen after the list queue as always.
 //!
 //! Claims an agent has answered (its signature checked: a tenant's forged answer does
-//! not count) and claims of changed PVs go to the front of the queue: what is left
-//! for them is a PV and the binding. In arrival order, a burst's answers waited
+//! not count) and claims of changed PVs (only the controller makes our PVs) go to the
+//! front of the queue, in the order they came: what is left for them is a PV and the
+//! binding. In arrival order, a burst's answers waited
 //! behind every placement queued before them: after a failover mid-burst the new
 //! leader placed 4,900 claims before it made a single PV (25 s without one, 10,000
 //! claims on 100 nodes).
@@ -106,15 +107,6 @@ pub fn settled(pvc: &PersistentVolumeClaim) -> bool {
         && pvc.spec.as_ref().and_then(|s| s.volume_name.as_deref()) == Some(&pv_name(&uid))
         && pvc.annotations().contains_key(BIND_COMPLETED)
         && matches!((capacity, requested), (Some(c), Some(r)) if c >= r)
-}
-
-/// Whether a claim names its volume (bound, or being bound): what is left for it is
-/// the binding (used only to order the work).
-fn has_volume(pvc: &PersistentVolumeClaim) -> bool {
-    pvc.spec
-        .as_ref()
-        .and_then(|s| s.volume_name.as_ref())
-        .is_some()
 }
 
 /// The claims and our PVs as the term's watches last saw them (see the module doc).
@@ -318,7 +310,7 @@ pub async fn watch_claims(
             if listed && settled(pvc) {
                 return;
             }
-            if answered(pvc) || has_volume(pvc) {
+            if answered(pvc) {
                 claims.add_first(claim_key(pvc));
             } else {
                 claims.add(claim_key(pvc));

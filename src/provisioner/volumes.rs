@@ -4,17 +4,18 @@
 //! path, never because an API call failed.
 //!
 //! A PV is looked at when kube-controller-manager marks it Released, and as soon as
-//! the claim watch sees its claim deleted: the PV binder marks PVs Released one at a
-//! time (one worker, a claim read and a status write each), about 26 a second here
-//! while 10,000 claims were deleted, so waiting for it made reclaim 2.3 times slower
-//! than creation. A Bound PV is deleted only on that same fresh read of its claim; it
-//! then stays Terminating (kube's pv-protection) until the binder has caught up, while
-//! its agent removes the data at once.
+//! the claim watch sees its claim deleted (the claim is gone once kube's
+//! pvc-protection has let it go): the PV binder marks PVs Released one at a time, at
+//! kube-controller-manager's client rate shared with its other work (about 26 a second
+//! while 10,000 claims were deleted at `--kube-api-qps=200`), and the agent need not
+//! wait for it to remove the data. A Bound PV is deleted only on that same fresh read
+//! of its claim; it then stays Terminating (kube's pv-protection) until the binder has
+//! caught up.
 //!
 //! Two requests a PV: the claim read from the API server, and the delete. The PV
 //! itself comes from the term's watch cache: the delete is conditional on that copy's
 //! uid and resourceVersion, so a copy older than the API server's fails with a
-//! conflict and nothing is deleted on stale facts (it is decided again a second later).
+//! conflict and nothing is deleted on stale facts (it is decided again 5 s later).
 //! No event is published per PV: the PV is gone moments later, with the event
 //! (`localnfs_pv_deleted_total` and the agent's log say it; refusals are warnings).
 
@@ -30,7 +31,9 @@ use crate::objects::keys::PROVISIONED_BY;
 use crate::objects::reclaim::{ClaimState, claim_ref, claim_state};
 
 /// How long a PV whose cached copy was out of date waits before it is decided again.
-const STALE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+/// (The watch is usually milliseconds behind; a stalled one costs a claim read and a
+/// conditional delete per PV this often.)
+const STALE_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What to do with a PV (pure).
 #[derive(Debug, PartialEq, Eq)]
@@ -94,11 +97,7 @@ async fn reconcile(name: &str, ctx: &Ctx, caches: &Caches) -> Result<Next> {
     };
     let state = claim_state(&pv, found.as_ref());
     if state != ClaimState::Gone {
-        tracing::warn!(
-            pv = name,
-            ?state,
-            "PV is Released but its claim is not gone: not deleting it"
-        );
+        tracing::warn!(pv = name, ?state, "PV's claim is not gone: not deleting it");
         return Ok(Next::Wait);
     }
     // Only the PV as the cache has it: not one re-bound, re-created or changed since.
