@@ -10,39 +10,19 @@ use localnfs::cli::{Cli, Command};
 /// a call instead of 50–80 µs (its reads at 0.04–0.07× of alone). Looking every tick
 /// costs one `epoll_wait` that returns at once per task poll; with it the same victim
 /// ran at 0.98× of alone beside the read flood, the flood at 0.91× of its own rate
-/// (one quick run, `--reps 1 --only victim`; the full bench: 1.00× and 0.86×,
-/// bench/README.md).
+/// (`cargo bench --bench noisy_neighbour`, bench/README.md).
 const EVENT_INTERVAL: u32 = 1;
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    if matches!(cli.command, Command::Controller(_)) {
-        few_malloc_arenas();
-    }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .event_interval(EVENT_INTERVAL)
         .build()?
-        .block_on(run(cli))
+        .block_on(run())
 }
 
-/// The controller's memory is mostly its watch caches (every claim and our PVs),
-/// decoded on whichever thread polled the watch: glibc gives threads arenas of their
-/// own (up to 8 per core), and freed list pages and replaced objects leave each of
-/// them partly used. Two arenas: the controller's threads mostly wait on the API
-/// server, so they contend little for them.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn few_malloc_arenas() {
-    // SAFETY: called before any other thread exists; mallopt only sets a limit.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn few_malloc_arenas() {}
-
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run() -> anyhow::Result<()> {
+    let cli = Cli::parse();
     localnfs::telemetry::init(cli.telemetry.log_format, &cli.telemetry.log_filter);
     match cli.command {
         #[cfg(feature = "demo")]
