@@ -114,6 +114,9 @@ async fn with_source(
         .get_or_insert_default()
         .insert(SELECTED_NODE.into(), "node-1".into());
     create_claim(&client, &src).await;
+    // Bound, not only made: a clone's placement (and the scheduler helper's pin to
+    // the source's node) follows the source's PV, which comes after its directory.
+    bound_pv(&client, "src").await;
     let dir = volume_dir(&client, &lnfs, "node-1", "src").await;
     let data = write_data(&dir);
     (cluster, lnfs, data)
