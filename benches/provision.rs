@@ -334,7 +334,7 @@ async fn run(s: &Scenario) -> Row {
         })
     };
     let start = Instant::now();
-    let creating = tokio::spawn(create_all(client.clone(), count, wffc));
+    let creating = tokio::spawn(create_all(client.clone(), count, wffc, 16));
     let (mut killed_at, mut takeover, mut cpu, mut rss_mib) = (None, None, 0.0, 0.0);
     if s.kill_leader {
         while bound_at.lock().expect("lock").len() < count / 2 {

@@ -2,7 +2,7 @@
 //! processes, each with its own store in a temp dir, NFS on a free loopback port and
 //! idle), two controller replicas and the scheduler helper on the real control plane
 //! (etcd, kube-apiserver, kube-controller-manager), then C claims created at once
-//! (Immediate binding, 16 requests in flight) with the leader SIGKILLed when half are
+//! (Immediate binding, 16 requests in flight, `--in-flight N` for another number) with the leader SIGKILLed when half are
 //! Bound, then every claim deleted (one DELETE each, 32 in flight).
 //!
 //! Run: `cargo bench --bench scale -- --nodes 1,100 --claims 500,10000` (one row per
@@ -19,9 +19,16 @@
 //! the burst's time went: CPU cores in use by process group (and by the rest of the
 //! machine) over the burst and at rest, the leader's claim queue (its
 //! `localnfs_queue_depth`), claim → PV and PV → Bound, and a timeline every 5 s.
+//!
+//! `--floor self|binder` runs the same claims with no localnfs at all, the bench
+//! posting each claim's PV itself (and binding the pair, or leaving that to
+//! kube-controller-manager): what any provisioner's claims cost this control plane
+//! (see `scale/floor.rs`).
 
 #[path = "burst/mod.rs"]
 mod burst;
+#[path = "scale/floor.rs"]
+mod floor;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -95,11 +102,29 @@ fn main() {
     let claims = list("--claims", 10_000);
     let failover = !std::env::args().any(|a| a == "--no-failover");
     let kcm_qps: Option<u32> = arg("--kcm-qps").and_then(|q| q.parse().ok());
+    let in_flight: usize = arg("--in-flight")
+        .and_then(|q| q.parse().ok())
+        .unwrap_or(16);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
+    if let Some(mode) = arg("--floor") {
+        let binds = match mode.as_str() {
+            "self" => true,
+            "binder" => false,
+            other => panic!("--floor: `{other}` is neither `self` nor `binder`"),
+        };
+        let rows: Vec<floor::Floor> = (claims.iter())
+            .map(|&c| {
+                eprintln!("scale --floor: {c} claims, kcm qps {kcm_qps:?}");
+                rt.block_on(floor::run(c, kcm_qps, in_flight, binds))
+            })
+            .collect();
+        floor::print(&rows, kcm_qps, in_flight, binds);
+        return;
+    }
     let mut rows = Vec::new();
     for (&n, &c) in nodes.iter().zip(&claims) {
         eprintln!("scale: {n} nodes, {c} claims, failover {failover}, kcm qps {kcm_qps:?}");
-        rows.push(rt.block_on(run(n, c, failover, kcm_qps)));
+        rows.push(rt.block_on(run(n, c, failover, kcm_qps, in_flight)));
     }
     if let Some(q) = kcm_qps {
         println!(
@@ -107,12 +132,12 @@ fn main() {
             2 * q
         );
     }
-    print(&rows, failover);
+    print(&rows, failover, in_flight);
 }
 
-fn print(rows: &[Row], failover: bool) {
+fn print(rows: &[Row], failover: bool, in_flight: usize) {
     println!(
-        "\nscale: N node agents, C claims created at once (Immediate, 16 in flight){}, then all deleted\n",
+        "\nscale: N node agents, C claims created at once (Immediate, {in_flight} in flight){}, then all deleted\n",
         if failover {
             ", leader SIGKILLed at C/2 Bound"
         } else {
@@ -294,7 +319,13 @@ async fn etcd_rate(url: &str, d: Duration) -> f64 {
     rate
 }
 
-async fn run(nodes: usize, count: usize, failover: bool, kcm_qps: Option<u32>) -> Row {
+async fn run(
+    nodes: usize,
+    count: usize,
+    failover: bool,
+    kcm_qps: Option<u32>,
+    in_flight: usize,
+) -> Row {
     let mut opts = localnfs_testbed::ClusterOptions::default();
     if let Some(q) = kcm_qps {
         opts.controller_manager_args = vec![
@@ -380,7 +411,7 @@ async fn run(nodes: usize, count: usize, failover: bool, kcm_qps: Option<u32>) -
         .collect();
     let start = Instant::now();
     let sampler = Sampler::start(&client, groups.clone(), admins, bound_at.clone(), start);
-    let creating = tokio::spawn(create_all(client.clone(), count, false));
+    let creating = tokio::spawn(create_all(client.clone(), count, false, in_flight));
     let mut takeover = None;
     let mut controller_mib = 0.0;
     if failover {

@@ -105,9 +105,14 @@ pub async fn end_state(client: &Client, lnfs: &Localnfs, nodes: u8) -> (usize, u
     (pvs.len(), dirs.len(), one_each)
 }
 
-/// Creates the claims (and, under WaitForFirstConsumer, one pod per claim) with 16
-/// requests in flight; returns when each claim was created.
-pub async fn create_all(client: Client, count: usize, wffc: bool) -> HashMap<String, Instant> {
+/// Creates the claims (and, under WaitForFirstConsumer, one pod per claim) with
+/// `in_flight` requests in flight; returns when each claim was created.
+pub async fn create_all(
+    client: Client,
+    count: usize,
+    wffc: bool,
+    in_flight: usize,
+) -> HashMap<String, Instant> {
     let names: Vec<String> = (0..count).map(|i| format!("claim-{i:05}")).collect();
     let results = futures::stream::iter(names.into_iter().map(|name| {
         let client = client.clone();
@@ -134,7 +139,7 @@ pub async fn create_all(client: Client, count: usize, wffc: bool) -> HashMap<Str
             (name, t)
         }
     }))
-    .buffer_unordered(16)
+    .buffer_unordered(in_flight)
     .collect::<Vec<_>>()
     .await;
     results.into_iter().collect()
