@@ -273,6 +273,60 @@ fn requests(m: &support::Metrics) -> BTreeMap<String, f64> {
     out
 }
 
+/// Requests per claim between two [`requests`] readings, at least 0.01 each, most first.
+fn per_claim(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+    count: usize,
+) -> Vec<(String, f64)> {
+    let mut out: Vec<(String, f64)> = (after.iter())
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                (v - before.get(k).unwrap_or(&0.0)) / count as f64,
+            )
+        })
+        .filter(|(_, v)| *v >= 0.01)
+        .collect();
+    out.sort_by(|a, b| b.1.total_cmp(&a.1));
+    out
+}
+
+/// The test control plane, kube-controller-manager at `kcm_qps` requests a second
+/// (burst twice that) if given.
+async fn control_plane(kcm_qps: Option<u32>) -> TestCluster {
+    let mut opts = localnfs_testbed::ClusterOptions::default();
+    if let Some(q) = kcm_qps {
+        opts.controller_manager_args = vec![
+            format!("--kube-api-qps={q}"),
+            format!("--kube-api-burst={}", 2 * q),
+        ];
+    }
+    TestCluster::start_with(opts).await.expect("control plane")
+}
+
+/// When each claim in `default` was first seen Bound, filled by a watch until the
+/// returned task is aborted.
+type BoundAt = Arc<Mutex<HashMap<String, Instant>>>;
+fn watch_bound(client: &Client) -> (BoundAt, tokio::task::JoinHandle<()>) {
+    let bound_at: BoundAt = Arc::default();
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    let filling = bound_at.clone();
+    let task = tokio::spawn(async move {
+        let mut s = watcher(claims, watcher::Config::default())
+            .applied_objects()
+            .boxed();
+        while let Some(Ok(c)) = s.next().await {
+            if c.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound") {
+                (filling.lock().expect("lock"))
+                    .entry(c.name_any())
+                    .or_insert_with(Instant::now);
+            }
+        }
+    });
+    (bound_at, task)
+}
+
 /// etcd's client URL, read from its command line.
 fn etcd_url(cluster: &TestCluster) -> String {
     let etcd = cluster
@@ -326,14 +380,7 @@ async fn run(
     kcm_qps: Option<u32>,
     in_flight: usize,
 ) -> Row {
-    let mut opts = localnfs_testbed::ClusterOptions::default();
-    if let Some(q) = kcm_qps {
-        opts.controller_manager_args = vec![
-            format!("--kube-api-qps={q}"),
-            format!("--kube-api-burst={}", 2 * q),
-        ];
-    }
-    let cluster = TestCluster::start_with(opts).await.expect("control plane");
+    let cluster = control_plane(kcm_qps).await;
     let client = cluster.client();
     let etcd = etcd_url(&cluster);
     let mut lnfs = Localnfs::new(&cluster).await;
@@ -366,25 +413,7 @@ async fn run(
     tokio::time::sleep(Duration::from_secs(10)).await;
     let etcd_idle = etcd_rate(&etcd, AT_REST).await;
 
-    let bound_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let watch = {
-        let bound_at = bound_at.clone();
-        let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
-        tokio::spawn(async move {
-            let mut s = watcher(claims, watcher::Config::default())
-                .applied_objects()
-                .boxed();
-            while let Some(Ok(c)) = s.next().await {
-                if c.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound") {
-                    bound_at
-                        .lock()
-                        .expect("lock")
-                        .entry(c.name_any())
-                        .or_insert_with(Instant::now);
-                }
-            }
-        })
-    };
+    let (bound_at, watch) = watch_bound(&client);
     let requests_before = requests(&apiserver_metrics(&client).await);
     let wal_before = etcd_wal_bytes(&etcd).await;
     let mut groups: Vec<(u32, String)> = (cluster.processes().iter())
@@ -450,17 +479,7 @@ async fn run(
     let etcd_burst = (etcd_wal_bytes(&etcd).await - wal_before) / all_bound;
     let requests_after = requests(&apiserver_metrics(&client).await);
     watch.abort();
-    let mut top: Vec<(String, f64)> = requests_after
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.clone(),
-                (v - requests_before.get(k).unwrap_or(&0.0)) / count as f64,
-            )
-        })
-        .filter(|(_, v)| *v >= 0.01)
-        .collect();
-    top.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let mut top = per_claim(&requests_before, &requests_after, count);
     let per_claim: f64 = top.iter().map(|(_, v)| v).sum();
     // Said now too, so a run that fails later (the delete) still leaves its burst.
     eprintln!(
@@ -659,14 +678,7 @@ async fn check_and_delete(
         }
     }
     let requests_after = requests(&apiserver_metrics(client).await);
-    let mut per_claim: Vec<(String, f64)> = (requests_after.iter())
-        .map(|(k, v)| {
-            let was = requests_before.get(k).unwrap_or(&0.0);
-            (k.clone(), (v - was) / count as f64)
-        })
-        .filter(|(_, v)| *v >= 0.01)
-        .collect();
-    per_claim.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let mut per_claim = per_claim(&requests_before, &requests_after, count);
     // The timeline's own LISTs are the bench's, not the delete's.
     per_claim.retain(|(k, _)| !k.starts_with("LIST persistentvolume"));
     let timeline = timeline.await.expect("delete timeline");

@@ -17,8 +17,6 @@
 //! to all PVs gone here is what the API server, etcd and kube-controller-manager take
 //! for the claims' own requests: the real rows are compared against it.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -26,7 +24,6 @@ use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
-use localnfs_testbed::TestCluster;
 use serde_json::json;
 
 use super::burst::create_all;
@@ -101,7 +98,10 @@ async fn bind(client: &Client, claim: &PersistentVolumeClaim, pv: &str) -> kube:
 }
 
 /// The provisioner that costs nothing: one POST per new claim (and the binding's
-/// writes if `binds`), one DELETE per deleted claim, 32 in flight each way.
+/// writes if `binds`), one DELETE per deleted claim, 32 claims at a time in all. It
+/// panics (and the run stops, see [`run`]'s waits) on any answer but 409 and 404.
+/// A delete event missed while the watch lists again (its resource version expired)
+/// would leave that PV: the run then waits out its hour.
 fn provisioner(client: Client, binds: bool) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
@@ -149,56 +149,18 @@ fn provisioner(client: Client, binds: bool) -> tokio::task::JoinHandle<()> {
     })
 }
 
-fn per_claim(
-    before: &std::collections::BTreeMap<String, f64>,
-    after: &std::collections::BTreeMap<String, f64>,
-    count: usize,
-) -> (f64, Vec<(String, f64)>) {
-    let mut top: Vec<(String, f64)> = (after.iter())
-        .map(|(k, v)| {
-            (
-                k.clone(),
-                (v - before.get(k).unwrap_or(&0.0)) / count as f64,
-            )
-        })
-        .filter(|(k, v)| *v >= 0.01 && !k.starts_with("LIST persistentvolume"))
-        .collect();
-    top.sort_by(|a, b| b.1.total_cmp(&a.1));
+/// All requests per claim, and the top ten.
+fn summed(mut top: Vec<(String, f64)>) -> (f64, Vec<(String, f64)>) {
     let all = top.iter().map(|(_, v)| v).sum();
     top.truncate(10);
     (all, top)
 }
 
 pub async fn run(count: usize, kcm_qps: Option<u32>, in_flight: usize, binds: bool) -> Floor {
-    let mut opts = localnfs_testbed::ClusterOptions::default();
-    if let Some(q) = kcm_qps {
-        opts.controller_manager_args = vec![
-            format!("--kube-api-qps={q}"),
-            format!("--kube-api-burst={}", 2 * q),
-        ];
-    }
-    let cluster = TestCluster::start_with(opts).await.expect("control plane");
+    let cluster = super::control_plane(kcm_qps).await;
     let client = cluster.client();
     storage_class(&client, "bench", json!({"volumeBindingMode": "Immediate"})).await;
-    let bound_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let watch = {
-        let bound_at = bound_at.clone();
-        let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
-        tokio::spawn(async move {
-            let mut s = kube::runtime::WatchStreamExt::applied_objects(watcher(
-                claims,
-                watcher::Config::default(),
-            ))
-            .boxed();
-            while let Some(Ok(c)) = s.next().await {
-                if c.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound") {
-                    (bound_at.lock().expect("lock"))
-                        .entry(c.name_any())
-                        .or_insert_with(Instant::now);
-                }
-            }
-        })
-    };
+    let (bound_at, watch) = super::watch_bound(&client);
     let provisioning = provisioner(client.clone(), binds);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = requests(&apiserver_metrics(&client).await);
@@ -211,6 +173,10 @@ pub async fn run(count: usize, kcm_qps: Option<u32>, in_flight: usize, binds: bo
             start.elapsed() < Duration::from_secs(3600),
             "floor: not all Bound after an hour"
         );
+        assert!(
+            !provisioning.is_finished(),
+            "floor: the provisioner stopped"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let all_bound = start.elapsed().as_secs_f64();
@@ -218,7 +184,7 @@ pub async fn run(count: usize, kcm_qps: Option<u32>, in_flight: usize, binds: bo
     let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
     let machine_cores = cores * (busy1 - busy0) / (total1 - total0).max(1.0);
     let after = requests(&apiserver_metrics(&client).await);
-    let (per, top) = per_claim(&before, &after, count);
+    let (per, top) = summed(super::per_claim(&before, &after, count));
     eprintln!(
         "floor: created {created:.1} s, all Bound {all_bound:.1} s, {per:.2} requests a claim: {top:?}"
     );
@@ -248,6 +214,10 @@ pub async fn run(count: usize, kcm_qps: Option<u32>, in_flight: usize, binds: bo
             start.elapsed() < Duration::from_secs(3600),
             "floor: PVs left after an hour"
         );
+        assert!(
+            !provisioning.is_finished(),
+            "floor: the provisioner stopped"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
         let left = (pvs.list_metadata(&ListParams::default().limit(1)).await)
             .expect("PVs")
@@ -259,7 +229,10 @@ pub async fn run(count: usize, kcm_qps: Option<u32>, in_flight: usize, binds: bo
     }
     let pvs_gone = start.elapsed().as_secs_f64();
     let after = requests(&apiserver_metrics(&client).await);
-    let (delete_per_claim, delete_top) = per_claim(&before, &after, count);
+    let mut delete = super::per_claim(&before, &after, count);
+    // The wait's own LISTs are the bench's, not the delete's.
+    delete.retain(|(k, _)| !k.starts_with("LIST persistentvolume"));
+    let (delete_per_claim, delete_top) = summed(delete);
     eprintln!("floor: PVs gone {pvs_gone:.1} s, {delete_per_claim:.2} requests a claim");
     provisioning.abort();
     Floor {
