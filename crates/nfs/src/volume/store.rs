@@ -68,13 +68,30 @@ impl std::ops::Deref for VolumeMeta {
 #[derive(Clone, Debug)]
 pub struct VolumeStore {
     root: PathBuf,
-    /// The highest volume id this process knows to be taken: one scan of every
-    /// volume's metadata at its first creation, then each id it hands out (shared by
-    /// the store's clones). `last-id` is the record; this is only the floor that keeps
-    /// a lost or older `last-id` from handing out an id a volume has, without reading
-    /// every volume's metadata at each creation (that read made a creation cost O(n):
-    /// 37% of an agent's CPU in a burst of 2,000 claims on one node).
-    ids_taken: Arc<Mutex<Option<u32>>>,
+    /// What this process knows of the ids taken (shared by the store's clones): see
+    /// [`IdsTaken`].
+    ids_taken: Arc<Mutex<Option<IdsTaken>>>,
+}
+
+/// The highest volume id this process knows to be taken, and which `last-id` file it
+/// wrote last. `last-id` is the record; the ids in use are the truth, and reading
+/// them all (every volume's metadata) at each creation made a creation cost O(n): 37%
+/// of an agent's CPU in a burst of 2,000 claims on one node. So they are read once,
+/// and again whenever `last-id` is not the very file this process wrote last (another
+/// process's creation, or a hand edit or restore that may have put back an older
+/// number while volumes above it exist).
+#[derive(Clone, Copy, Debug)]
+struct IdsTaken {
+    floor: u32,
+    /// `last-id`'s inode and change time right after this process wrote it (`None`:
+    /// not known, read the volumes again).
+    file: Option<(u64, i64, i64)>,
+}
+
+/// `path`'s inode and change time (any write, rename or chmod changes the latter).
+fn file_mark(path: &Path) -> Option<(u64, i64, i64)> {
+    let m = fs::metadata(path).ok()?;
+    Some((m.ino(), m.ctime(), m.ctime_nsec()))
 }
 
 pub(super) fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
@@ -530,17 +547,26 @@ impl VolumeStore {
             Err(e) => return Err(io("read last volume id", &path)(e)),
         };
         let mut taken = self.ids_taken.lock().unwrap_or_else(|p| p.into_inner());
-        // Never below an id some volume already has: every volume is read once per
-        // process, and again whenever `last-id` is missing, unreadable or below what
-        // this process handed out (lost, or written by hand: another process may have
-        // made volumes meanwhile, and only their metadata says which ids they took).
-        let floor = match (*taken, last) {
-            (Some(floor), Some(last)) if last >= floor => floor,
-            _ => self.list()?.iter().map(|m| m.id).max().unwrap_or(0),
+        // Never below an id some volume has or this process handed out (a volume
+        // deleted since keeps its id retired): the volumes are read unless `last-id`
+        // is the file this process wrote last.
+        let floor = match *taken {
+            Some(t) if last.is_some() && t.file.is_some() && t.file == file_mark(&path) => t.floor,
+            known => {
+                let in_use = self.list()?.iter().map(|m| m.id).max().unwrap_or(0);
+                in_use.max(known.map_or(0, |t| t.floor))
+            }
         };
-        let id = last.unwrap_or(0).max(floor) + 1;
+        let id = (last.unwrap_or(0).max(floor).checked_add(1)).ok_or_else(|| Error::VolumeIo {
+            action: "issue a volume id",
+            path: path.clone(),
+            source: std::io::Error::other("every volume id is taken (last-id is at its maximum)"),
+        })?;
         write_atomic(&path, id.to_string().as_bytes(), 0o644)?;
-        *taken = Some(id);
+        *taken = Some(IdsTaken {
+            floor: id,
+            file: file_mark(&path),
+        });
         Ok(id)
     }
 }
@@ -723,6 +749,19 @@ mod tests {
         assert_eq!(id(&other, "h"), 8);
         fs::write(&last_id, "2").expect("write");
         assert_eq!(id(&s, "i"), 9);
+        // Rolled back to a number at or above this process's ids but below the
+        // other's newest: still not the file this process wrote, so read again.
+        assert_eq!(id(&other, "j"), 10);
+        fs::write(&last_id, "9").expect("write");
+        assert_eq!(id(&s, "k"), 11);
+        // A deleted volume's id stays retired even when `last-id` is lost.
+        s.delete(&name("k")).expect("delete");
+        fs::remove_file(&last_id).expect("rm");
+        assert_eq!(id(&s, "l"), 12);
+        // No id past the last one.
+        fs::write(&last_id, u32::MAX.to_string()).expect("write");
+        assert!(s.create(&VolumeSpec::new(name("m"), 1)).is_err());
+        assert!(s.get(&name("m")).expect("read").is_none());
     }
 
     #[test]
