@@ -643,20 +643,7 @@ async fn check_and_delete(
         .iter()
         .map(ResourceExt::name_any)
         .collect();
-    futures::stream::iter(names)
-        .map(|name| {
-            let claims_api = claims_api.clone();
-            async move {
-                match claims_api.delete(&name, &DeleteParams::default()).await {
-                    Ok(_) => {}
-                    Err(kube::Error::Api(s)) if s.code == 404 => {}
-                    Err(e) => panic!("delete claim {name}: {e}"),
-                }
-            }
-        })
-        .buffer_unordered(32)
-        .collect::<Vec<()>>()
-        .await;
+    delete_claims(&claims_api, names).await;
     let (mut pvs_gone, mut dirs_gone) = (None, None);
     let deadline = start + Duration::from_secs(3600);
     while pvs_gone.is_none() || dirs_gone.is_none() {
@@ -735,6 +722,28 @@ fn cpu_by_group(groups: &[(u32, String)]) -> BTreeMap<String, f64> {
         *out.entry(g.clone()).or_default() += burst::cpu_seconds(*pid);
     }
     out
+}
+
+/// DELETEs the claims `names`, 32 in flight (a claim already gone counts as deleted).
+async fn delete_claims(claims: &Api<PersistentVolumeClaim>, names: Vec<String>) {
+    futures::stream::iter(names)
+        .map(|name| async move {
+            match claims.delete(&name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => panic!("delete claim {name}: {e}"),
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<()>>()
+        .await;
+}
+
+/// Cores the whole machine had busy since `from` (a [`machine_jiffies`] reading).
+fn cores_busy_since(from: (f64, f64)) -> f64 {
+    let (busy, all) = machine_jiffies();
+    let ncpu = std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
+    (busy - from.0) / (all - from.1).max(1.0) * ncpu
 }
 
 /// Busy and all jiffies of the whole machine (`/proc/stat`'s first line).
@@ -881,9 +890,7 @@ impl Sampler {
         }
         let mut cores: Vec<(String, f64)> = by_group.into_iter().collect();
         cores.sort_by(|a, b| b.1.total_cmp(&a.1));
-        let (busy, all) = machine_jiffies();
-        let ncpu = std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
-        let machine_cores = (busy - self.machine_start.0) / (all - self.machine_start.1) * ncpu;
+        let machine_cores = cores_busy_since(self.machine_start);
         let timeline = std::mem::take(&mut *self.timeline.lock().expect("lock"));
         let depths: Vec<f64> = timeline.iter().map(|r| r.4).collect();
         let (seen_claim, seen_pv) = (

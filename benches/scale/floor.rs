@@ -156,6 +156,19 @@ fn summed(mut top: Vec<(String, f64)>) -> (f64, Vec<(String, f64)>) {
     (all, top)
 }
 
+/// Fails the run if the hour since `start` is up (`what` is still true) or the
+/// provisioner stopped.
+fn going(start: Instant, provisioning: &tokio::task::JoinHandle<()>, what: &str) {
+    assert!(
+        start.elapsed() < Duration::from_secs(3600),
+        "floor: {what} after an hour"
+    );
+    assert!(
+        !provisioning.is_finished(),
+        "floor: the provisioner stopped"
+    );
+}
+
 pub async fn run(count: usize, kcm_qps: Option<u32>, in_flight: usize, binds: bool) -> Floor {
     let cluster = super::control_plane(kcm_qps).await;
     let client = cluster.client();
@@ -164,25 +177,16 @@ pub async fn run(count: usize, kcm_qps: Option<u32>, in_flight: usize, binds: bo
     let provisioning = provisioner(client.clone(), binds);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = requests(&apiserver_metrics(&client).await);
-    let (busy0, total0) = super::machine_jiffies();
+    let jiffies = super::machine_jiffies();
     let start = Instant::now();
     create_all(client.clone(), count, false, in_flight).await;
     let created = start.elapsed().as_secs_f64();
     while bound_at.lock().expect("lock").len() < count {
-        assert!(
-            start.elapsed() < Duration::from_secs(3600),
-            "floor: not all Bound after an hour"
-        );
-        assert!(
-            !provisioning.is_finished(),
-            "floor: the provisioner stopped"
-        );
+        going(start, &provisioning, "not all Bound");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let all_bound = start.elapsed().as_secs_f64();
-    let (busy1, total1) = super::machine_jiffies();
-    let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
-    let machine_cores = cores * (busy1 - busy0) / (total1 - total0).max(1.0);
+    let machine_cores = super::cores_busy_since(jiffies);
     let after = requests(&apiserver_metrics(&client).await);
     let (per, top) = summed(super::per_claim(&before, &after, count));
     eprintln!(
@@ -194,30 +198,13 @@ pub async fn run(count: usize, kcm_qps: Option<u32>, in_flight: usize, binds: bo
     let pvs: Api<PersistentVolume> = Api::all(client.clone());
     let before = requests(&apiserver_metrics(&client).await);
     let start = Instant::now();
-    let names: Vec<String> = (0..count).map(|i| format!("claim-{i:05}")).collect();
-    futures::stream::iter(names)
-        .map(|name| {
-            let claims = claims.clone();
-            async move {
-                match claims.delete(&name, &DeleteParams::default()).await {
-                    Ok(_) => {}
-                    Err(kube::Error::Api(s)) if s.code == 404 => {}
-                    Err(e) => panic!("delete claim {name}: {e}"),
-                }
-            }
-        })
-        .buffer_unordered(32)
-        .collect::<Vec<()>>()
-        .await;
+    super::delete_claims(
+        &claims,
+        (0..count).map(|i| format!("claim-{i:05}")).collect(),
+    )
+    .await;
     loop {
-        assert!(
-            start.elapsed() < Duration::from_secs(3600),
-            "floor: PVs left after an hour"
-        );
-        assert!(
-            !provisioning.is_finished(),
-            "floor: the provisioner stopped"
-        );
+        going(start, &provisioning, "PVs left");
         tokio::time::sleep(Duration::from_millis(500)).await;
         let left = (pvs.list_metadata(&ListParams::default().limit(1)).await)
             .expect("PVs")
