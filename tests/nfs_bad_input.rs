@@ -317,7 +317,12 @@ fn proc_status(pid: u32, field: &str) -> u64 {
 
 /// Mounts `vol`, writes 64 KiB and reads them back: what a pod does.
 async fn honest_client_round_trip(port: u16) {
-    let mut c = Client::mount(port, "vol").await;
+    round_trip_on(port, "vol").await
+}
+
+/// [`honest_client_round_trip`] on volume `volume`.
+async fn round_trip_on(port: u16, volume: &str) {
+    let mut c = Client::mount(port, volume).await;
     let root = c.root.clone();
     let name = format!("honest-{}", std::process::id());
     let f = match c.lookup(&root, name.as_bytes()).await {
@@ -355,6 +360,11 @@ async fn node_with_big_file(env: &[(&str, &str)]) -> (Node, tempfile::TempDir, V
 /// A client at `from` that asks for 64 MiB in 1 MiB READs of `fh` with a tiny receive
 /// buffer: whatever it does not read stays in the server's socket.
 async fn reads_64_mib(port: u16, from: IpAddr, fh: &[u8]) -> TcpStream {
+    reads_mib(port, from, fh, 64).await
+}
+
+/// [`reads_64_mib`] with `calls` READs of 1 MiB.
+async fn reads_mib(port: u16, from: IpAddr, fh: &[u8], calls: u32) -> TcpStream {
     let socket = TcpSocket::new_v4().expect("socket");
     socket
         .set_recv_buffer_size(4096)
@@ -364,7 +374,7 @@ async fn reads_64_mib(port: u16, from: IpAddr, fh: &[u8]) -> TcpStream {
         .connect(SocketAddr::new(LOCAL, port))
         .await
         .expect("connect");
-    let calls: Vec<u8> = (0..64).flat_map(|x| read_call(x, fh, 1 << 20)).collect();
+    let calls: Vec<u8> = (0..calls).flat_map(|x| read_call(x, fh, 1 << 20)).collect();
     s.write_all(&calls).await.expect("send calls");
     s
 }
@@ -394,6 +404,43 @@ async fn clients_that_stop_reading_pin_neither_threads_nor_the_server() {
         threads < 200,
         "{threads} threads: workers pinned by stalled clients"
     );
+}
+
+#[tokio::test]
+async fn clients_that_stop_reading_leave_the_workers_to_other_volumes() {
+    // More stalled clients than the blocking pool has workers (16), spread over two
+    // volumes (one volume runs at most 12 calls at once), each with replies it never
+    // reads, and a budget far above what they hold: nobody is dropped to make room, so
+    // only a thread never waiting long on a client leaves workers for a third volume's
+    // calls (a thread waiting on each client would hold them all for the send timeout,
+    // 30 s).
+    let dir = tempfile::tempdir().expect("tempdir");
+    for name in ["vol", "vol2", "quiet"] {
+        create_volume(dir.path(), name, 64 * MIB);
+    }
+    let node = Node::start_env(dir.path(), &[("LOCALNFS_MAX_BYTES_IN_FLIGHT", "1Gi")]).await;
+    let mut hostile = Vec::new();
+    for name in ["vol", "vol2"] {
+        let mut c = Client::mount(node.port, name).await;
+        let root = c.root.clone();
+        let big = c.create(&root, b"big", 0o644).await.expect("create");
+        c.write(&big, 0, &BIG, nfs3_types::nfs3::stable_how::FILE_SYNC)
+            .await
+            .expect("write");
+        for _ in 0..12 {
+            hostile.push(reads_mib(node.port, LOCAL, &big.data, 4).await);
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let start = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), round_trip_on(node.port, "quiet"))
+        .await
+        .expect("a third volume is served while 24 clients of two others stop reading");
+    eprintln!(
+        "24 stalled readers: the quiet volume's round trip {:?}",
+        start.elapsed()
+    );
+    drop(hostile);
 }
 
 #[tokio::test]

@@ -91,7 +91,10 @@ impl Node {
             .arg(listen.to_string())
             .args(extra)
             .envs(env.iter().copied())
-            .env("LOCALNFS_LOG", "warn")
+            .env(
+                "LOCALNFS_LOG",
+                std::env::var("LOCALNFS_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)

@@ -3,9 +3,12 @@
 //! exception: the thread that ran the call splices the data from the page cache
 //! straight into the socket (see `splice`), under the same send lock the writer task
 //! takes, so records never interleave. A thread that finds the lock taken for more than
-//! a few milliseconds hands its reply to the writer task instead of waiting: only one
-//! thread per connection ever waits on the client's socket, and for at most the send
-//! timeout.
+//! a few milliseconds hands its reply to the writer task instead of waiting, and a
+//! thread whose client does not take its reply within [`THREAD_SEND_WAIT`] hands the
+//! rest of it, with the send lock, to a task that finishes it: a blocking-pool thread
+//! never waits on a client for longer than that, so clients that stop reading cannot
+//! take the workers every other client's calls need; a task waits on the client, for
+//! at most the send timeout from the reply's first byte.
 //!
 //! A reply holds its call slot and its budget charge until it has left. What the kernel
 //! still holds of it in the socket (unacknowledged by the client, measured with
@@ -28,7 +31,7 @@ use tokio::sync::{Mutex, Notify, OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::limits::{Budget, Charge, Limits, Waiting};
-use super::splice::{self, Piped};
+use super::splice::{self, Piped, Sent};
 
 /// Replies gathered into one socket write at most.
 const COALESCE_BYTES: usize = 256 * 1024;
@@ -37,6 +40,11 @@ const SMALL_REPLY: usize = 16 * 1024;
 /// How long a blocking thread waits for another writer to free the socket before it
 /// hands its reply to the writer task: several 1 MiB sends to a client that reads.
 const LOCK_WAIT: Duration = Duration::from_millis(5);
+/// How long a blocking thread waits for its client to take a reply it writes itself
+/// before it hands the rest to a task (copied out of its pipe): long enough for a client
+/// that reads to take a 1 MiB READ on a gigabit link, short enough that clients that
+/// stop reading, one thread each, hold the pool's [`super::pool::WORKERS`] only briefly.
+const THREAD_SEND_WAIT: Duration = Duration::from_millis(10);
 /// Kernel send buffer asked for each connection (Linux doubles it; `net.core.wmem_max`
 /// caps it): room for a good part of a 1 MiB READ reply, so a client that reads keeps
 /// the data moving, while one that does not pins at most this much (charged, see the
@@ -83,8 +91,9 @@ struct Sink {
 /// The sending side of one connection, shared by its writer task and the blocking
 /// threads that write their own replies.
 pub(super) struct Outbox {
-    /// The send lock: whoever holds it writes whole records.
-    sink: Mutex<Sink>,
+    /// The send lock: whoever holds it writes whole records (shared: a reply's sender
+    /// may hand it to a task that finishes the reply).
+    sink: Arc<Mutex<Sink>>,
     /// A blocking-pool thread left bytes unsent: the writer task watches them drain.
     written: Notify,
     /// Cancelled when the budget drops this connection to make room.
@@ -109,12 +118,12 @@ impl Outbox {
         peer: SocketAddr,
     ) -> Outbox {
         Outbox {
-            sink: Mutex::new(Sink {
+            sink: Arc::new(Mutex::new(Sink {
                 wr,
                 unsent: budget.empty(),
                 stalled: None,
                 watched: false,
-            }),
+            })),
             written: Notify::new(),
             dropped: CancellationToken::new(),
             budget,
@@ -125,12 +134,13 @@ impl Outbox {
 
     /// From a blocking-pool thread: writes `reply` itself once the socket is free,
     /// else, if another writer keeps it longer than [`LOCK_WAIT`] (its client is slow
-    /// or has stopped reading), hands it to the writer task: a thread waits for
-    /// another's send only briefly, and only one thread per connection ever waits on
-    /// the client. Waiting a little first keeps spliced READs zero-copy when several
-    /// finish together; handing off copies the data out of the pipe.
+    /// or has stopped reading), hands it to the writer task. Waiting a little first
+    /// keeps spliced READs zero-copy when several finish together; handing off copies
+    /// the data out of the pipe. If the client takes less than the whole reply within
+    /// [`THREAD_SEND_WAIT`], the rest goes to a task that keeps the send lock until it
+    /// has written it: the thread returns to the pool.
     pub(super) fn send_or_hand_off(
-        &self,
+        self: &Arc<Self>,
         reply: Reply,
         tx: &mpsc::Sender<Queued>,
         mut held: (OwnedSemaphorePermit, Charge),
@@ -141,43 +151,76 @@ impl Outbox {
         // Parked until the holder lets go (woken by it, in turn), not polled: the holder
         // is often the previous call's thread, preempted just after its send by the
         // client it woke, and a sleep here would cost a timer tick each time.
-        let wr = self.sink.try_lock().ok().or_else(|| {
+        let wr = self.sink.clone().try_lock_owned().ok().or_else(|| {
             tokio::runtime::Handle::current()
-                .block_on(tokio::time::timeout(LOCK_WAIT, self.sink.lock()))
+                .block_on(tokio::time::timeout(
+                    LOCK_WAIT,
+                    self.sink.clone().lock_owned(),
+                ))
                 .ok()
         });
-        match wr {
-            Some(mut sink) => {
-                // Written from this thread: no hand-off to the writer task, no wake-up.
-                let sock = sink.wr.as_ref().as_raw_fd();
-                let waiting = self.budget.waiting(&self.dropped);
-                let deadline = Instant::now() + self.limits.send_timeout;
-                if let Err(e) = reply.send(sock, deadline) {
-                    tracing::info!(peer = %self.peer, errno = e.0, "closing connection: reply not taken in time");
-                    splice::abort(sock);
-                }
-                drop(waiting);
-                if self.settle(&mut sink, std::iter::once(&mut held.1)) && !sink.watched {
-                    sink.watched = true;
-                    self.written.notify_one();
-                }
-            }
-            None => match reply.into_bytes() {
+        let Some(mut sink) = wr else {
+            match reply.into_bytes() {
                 Ok(bytes) => queue(tx, Queued { bytes, held }),
                 Err(e) => {
                     tracing::debug!(peer = %self.peer, errno = e.0, "reply lost: pipe read failed");
                 }
-            },
+            }
+            return;
+        };
+        // Written from this thread: no hand-off to the writer task, no wake-up.
+        let sock = sink.wr.as_ref().as_raw_fd();
+        let waiting = self.budget.waiting(&self.dropped);
+        let first = Instant::now();
+        match reply.send(sock, first + THREAD_SEND_WAIT.min(self.limits.send_timeout)) {
+            Ok(Sent::All) => {}
+            Ok(Sent::Rest(rest)) => {
+                drop(waiting);
+                let out = self.clone();
+                let deadline = tokio::time::Instant::from_std(first + self.limits.send_timeout);
+                tokio::runtime::Handle::current().spawn(async move {
+                    // Cut on failure, like a thread's failed send below.
+                    out.write_by(&mut sink.wr, &rest, deadline).await;
+                    out.settle_written(&mut sink, &mut held.1);
+                });
+                return;
+            }
+            Err(e) => {
+                tracing::info!(peer = %self.peer, errno = e.0, "closing connection: reply not taken in time");
+                splice::abort(sock);
+            }
+        }
+        drop(waiting);
+        self.settle_written(&mut sink, &mut held.1);
+    }
+
+    /// Settles a reply written by a thread or a task of its own (not the writer task),
+    /// and has the writer task watch the socket drain if bytes are left in it.
+    fn settle_written(&self, sink: &mut Sink, charge: &mut Charge) {
+        if self.settle(sink, std::iter::once(charge)) && !sink.watched {
+            sink.watched = true;
+            self.written.notify_one();
         }
     }
 
     /// Writes `bytes` within the send timeout; false (and the connection cut) if not.
     async fn write(&self, wr: &mut OwnedWriteHalf, bytes: &[u8]) -> bool {
+        let deadline = tokio::time::Instant::now() + self.limits.send_timeout;
+        self.write_by(wr, bytes, deadline).await
+    }
+
+    /// Writes `bytes` by `deadline`; false (and the connection cut) if not.
+    async fn write_by(
+        &self,
+        wr: &mut OwnedWriteHalf,
+        bytes: &[u8],
+        deadline: tokio::time::Instant,
+    ) -> bool {
         if bytes.is_empty() {
             return true;
         }
         let _waiting = self.budget.waiting(&self.dropped);
-        let sent = tokio::time::timeout(self.limits.send_timeout, wr.write_all(bytes)).await;
+        let sent = tokio::time::timeout_at(deadline, wr.write_all(bytes)).await;
         if !matches!(sent, Ok(Ok(()))) {
             if sent.is_err() {
                 tracing::info!(peer = %self.peer, timeout = ?self.limits.send_timeout, "closing connection: client stopped reading");
@@ -304,16 +347,17 @@ pub struct Reply {
 }
 
 impl Reply {
-    /// Writes the whole record to the non-blocking socket `sock`, waiting for room
-    /// until `deadline`; call from a blocking-pool thread holding the send lock. On
-    /// error the stream may be cut mid-record: close the connection.
-    fn send(self, sock: std::os::fd::RawFd, deadline: Instant) -> Result<(), super::sys::Errno> {
+    /// Writes the record to the non-blocking socket `sock`, waiting for room until
+    /// `patience`; call from a blocking-pool thread holding the send lock, and keep it
+    /// until any [`Sent::Rest`] is written. On error the stream may be cut mid-record:
+    /// close the connection.
+    fn send(self, sock: std::os::fd::RawFd, patience: Instant) -> Result<Sent, super::sys::Errno> {
         match self.data {
             Some(data) => {
                 let pad = data.pad();
-                data.send(sock, &self.head, pad, deadline)
+                data.send(sock, &self.head, pad, patience)
             }
-            None => splice::send_all(sock, &self.head, 0, deadline),
+            None => splice::send_bytes(sock, &self.head, patience),
         }
     }
 

@@ -9,11 +9,11 @@
 //! adds the XDR padding (RFC 1813 §3.3.6, RFC 4506 §4.10), all under its send lock so
 //! the record is contiguous on the wire.
 //!
-//! The socket is the tokio-owned non-blocking one: on `EAGAIN` the writer waits with
-//! `poll(2)` on this (blocking-pool) thread, and gives up once the send timeout has
-//! passed since the reply's first byte, closing the connection (a client that stops
-//! reading must not hold server threads; a client that reads a byte a minute must not
-//! either, so the bound is on the whole reply, not on each wait).
+//! The socket is the tokio-owned non-blocking one: on `EAGAIN` the thread waits with
+//! `poll(2)`, but only briefly (the caller's patience): if the client has not taken
+//! the record by then, what is left of it is copied out of the pipe and returned
+//! ([`Sent::Rest`]) for a writer that waits without holding a thread (a client that
+//! stops reading, or reads a byte a minute, must not hold server threads).
 //!
 //! The other socket calls of a connection live here too: bounding its kernel buffers,
 //! measuring what it has not sent yet, cutting it.
@@ -90,23 +90,7 @@ impl Piped {
 
     /// Reads the data out of the pipe into `out` (a reply handed to another writer).
     pub fn append_to(mut self, out: &mut Vec<u8>) -> SysResult<()> {
-        let len = std::mem::take(&mut self.len);
-        let r = with_pipe(|p| {
-            out.reserve(len);
-            let mut left = len;
-            while left > 0 {
-                let spare = out.spare_capacity_mut();
-                // SAFETY: the kernel writes at most `left` bytes into reserved capacity.
-                let n = unsafe { libc::read(p.read.as_raw_fd(), spare.as_mut_ptr().cast(), left) };
-                if n <= 0 {
-                    return Err(if n == 0 { Errno(libc::EIO) } else { last() });
-                }
-                // SAFETY: read initialised the first `n` bytes of the spare capacity.
-                unsafe { out.set_len(out.len() + n as usize) };
-                left -= n as usize;
-            }
-            Ok(())
-        });
+        let r = drain_pipe(std::mem::take(&mut self.len), out);
         if r.is_err() {
             discard_pipe();
         }
@@ -114,16 +98,17 @@ impl Piped {
     }
 
     /// Writes `head`, then the piped data, then `tail` to the non-blocking socket
-    /// `sock`, as one contiguous stretch of the stream, giving up at `deadline`. The
-    /// caller holds the socket's send lock. On error the stream is left mid-record:
-    /// close the connection.
+    /// `sock`, as one contiguous stretch of the stream, waiting for room until
+    /// `patience`. The caller holds the socket's send lock, and keeps it until the
+    /// [`Sent::Rest`] it may get back has been written too. On error the stream is left
+    /// mid-record: close the connection.
     pub fn send(
         mut self,
         sock: RawFd,
         head: &[u8],
         tail: &[u8],
-        deadline: Instant,
-    ) -> SysResult<()> {
+        patience: Instant,
+    ) -> SysResult<Sent> {
         let len = std::mem::take(&mut self.len);
         // MORE while something of this record follows, so TCP need not push a short
         // segment; the last piece goes without it and is pushed at once.
@@ -133,14 +118,64 @@ impl Piped {
             libc::SPLICE_F_MORE
         };
         let more = if len > 0 { libc::MSG_MORE } else { 0 };
-        let r = send_all(sock, head, more, deadline)
-            .and_then(|()| with_pipe(|p| splice_out(p, sock, len, data_more, deadline)))
-            .and_then(|()| send_all(sock, tail, 0, deadline));
+        let r = (|| {
+            let n = send_until(sock, head, more, patience)?;
+            if n < head.len() {
+                let mut rest = head[n..].to_vec();
+                drain_pipe(len, &mut rest)?;
+                rest.extend_from_slice(tail);
+                return Ok(Sent::Rest(rest));
+            }
+            let left = with_pipe(|p| splice_until(p, sock, len, data_more, patience))?;
+            if left > 0 {
+                let mut rest = Vec::with_capacity(left + tail.len());
+                drain_pipe(left, &mut rest)?;
+                rest.extend_from_slice(tail);
+                return Ok(Sent::Rest(rest));
+            }
+            let n = send_until(sock, tail, 0, patience)?;
+            Ok(match &tail[n..] {
+                [] => Sent::All,
+                rest => Sent::Rest(rest.to_vec()),
+            })
+        })();
         if r.is_err() {
             discard_pipe();
         }
         r
     }
+}
+
+/// How far a send from a blocking-pool thread got before the thread stopped waiting
+/// for the client.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Sent {
+    /// The whole record is in the socket.
+    All,
+    /// The client took too little in time: these bytes of the record are still to be
+    /// written, next on the stream, by a writer that may wait without holding a thread.
+    Rest(Vec<u8>),
+}
+
+/// Reads `len` bytes out of this thread's pipe onto the end of `out`; on failure the
+/// pipe is dirty (the caller discards it).
+fn drain_pipe(len: usize, out: &mut Vec<u8>) -> SysResult<()> {
+    with_pipe(|p| {
+        out.reserve(len);
+        let mut left = len;
+        while left > 0 {
+            let spare = out.spare_capacity_mut();
+            // SAFETY: the kernel writes at most `left` bytes into reserved capacity.
+            let n = unsafe { libc::read(p.read.as_raw_fd(), spare.as_mut_ptr().cast(), left) };
+            if n <= 0 {
+                return Err(if n == 0 { Errno(libc::EIO) } else { last() });
+            }
+            // SAFETY: read initialised the first `n` bytes of the spare capacity.
+            unsafe { out.set_len(out.len() + n as usize) };
+            left -= n as usize;
+        }
+        Ok(())
+    })
 }
 
 impl Drop for Piped {
@@ -225,27 +260,28 @@ pub fn file_to_pipe(fd: RawFd, off: u64, count: usize) -> SysResult<Option<Piped
     })
 }
 
-/// Waits until `sock` can take more bytes, or fails with `ETIMEDOUT` at `deadline`.
-fn wait_writable(sock: RawFd, deadline: Instant) -> SysResult<()> {
+/// Waits until `sock` can take more bytes: true, or false once `patience` has passed.
+fn writable_by(sock: RawFd, patience: Instant) -> SysResult<bool> {
     let mut pfd = libc::pollfd {
         fd: sock,
         events: libc::POLLOUT,
         revents: 0,
     };
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let ms = libc::c_int::try_from(left.as_millis()).unwrap_or(libc::c_int::MAX);
+        let left = patience.saturating_duration_since(Instant::now());
+        // Rounded up: a 0 ms poll before `patience` would spin.
+        let ms = libc::c_int::try_from(left.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX);
         // SAFETY: one valid pollfd.
         let n = unsafe { libc::poll(&mut pfd, 1, ms) };
         match n {
-            0 => return Err(Errno(libc::ETIMEDOUT)),
+            0 => return Ok(false),
             n if n > 0 => {
                 if pfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0
                     && pfd.revents & libc::POLLOUT == 0
                 {
                     return Err(Errno(libc::EPIPE));
                 }
-                return Ok(());
+                return Ok(true);
             }
             _ => {
                 let e = last();
@@ -312,39 +348,47 @@ pub fn unsent(sock: RawFd) -> SysResult<usize> {
     Ok(usize::try_from(n).unwrap_or(0))
 }
 
-/// Writes all of `buf` to the non-blocking socket `sock`, waiting for room with `poll`
-/// until `deadline`.
-pub fn send_all(sock: RawFd, mut buf: &[u8], flags: i32, deadline: Instant) -> SysResult<()> {
-    while !buf.is_empty() {
+/// Writes `buf` to the non-blocking socket `sock`, waiting for room with `poll` until
+/// `patience`; returns how many bytes went (all of them, unless `patience` passed).
+fn send_until(sock: RawFd, buf: &[u8], flags: i32, patience: Instant) -> SysResult<usize> {
+    let mut sent = 0;
+    while sent < buf.len() {
+        let rest = &buf[sent..];
         // SAFETY: a buffer of the given length; MSG_NOSIGNAL turns SIGPIPE into EPIPE.
         let n = unsafe {
             libc::send(
                 sock,
-                buf.as_ptr().cast(),
-                buf.len(),
+                rest.as_ptr().cast(),
+                rest.len(),
                 flags | libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
             )
         };
         if n >= 0 {
-            buf = &buf[n as usize..];
+            sent += n as usize;
             continue;
         }
         match last() {
             Errno(libc::EINTR) => {}
-            Errno(libc::EAGAIN) => wait_writable(sock, deadline)?,
+            Errno(libc::EAGAIN) => {
+                if !writable_by(sock, patience)? {
+                    break;
+                }
+            }
             e => return Err(e),
         }
     }
-    Ok(())
+    Ok(sent)
 }
 
-fn splice_out(
+/// Splices `left` bytes of the pipe into `sock`, waiting for room until `patience`;
+/// returns how many are still in the pipe (none, unless `patience` passed).
+fn splice_until(
     p: &Pipe,
     sock: RawFd,
     mut left: usize,
     more: libc::c_uint,
-    deadline: Instant,
-) -> SysResult<()> {
+    patience: Instant,
+) -> SysResult<usize> {
     while left > 0 {
         // SAFETY: our pipe and the caller's socket; no offsets (neither is seekable).
         let n = unsafe {
@@ -362,12 +406,26 @@ fn splice_out(
             n if n > 0 => left -= n as usize,
             _ => match last() {
                 Errno(libc::EINTR) => {}
-                Errno(libc::EAGAIN) => wait_writable(sock, deadline)?,
+                Errno(libc::EAGAIN) => {
+                    if !writable_by(sock, patience)? {
+                        break;
+                    }
+                }
                 e => return Err(e),
             },
         }
     }
-    Ok(())
+    Ok(left)
+}
+
+/// Sends a whole record of bytes to `sock`, waiting for room until `patience`: what
+/// [`Piped::send`] does for a reply with no piped data.
+pub fn send_bytes(sock: RawFd, buf: &[u8], patience: Instant) -> SysResult<Sent> {
+    let n = send_until(sock, buf, 0, patience)?;
+    Ok(match &buf[n..] {
+        [] => Sent::All,
+        rest => Sent::Rest(rest.to_vec()),
+    })
 }
 
 #[cfg(test)]
@@ -413,15 +471,57 @@ mod tests {
         let piped = file_to_pipe(f.as_raw_fd(), 0, 1 << 20)
             .expect("splice")
             .expect("pipe");
-        piped
+        let sent = piped
             .send(b.as_raw_fd(), b"HEAD", b"TL", far())
             .expect("send");
+        assert_eq!(sent, Sent::All);
         drop(b);
         let got = reader.join().expect("reader");
         assert_eq!(got.len(), 4 + data.len() + 2);
         assert_eq!(&got[..4], b"HEAD");
         assert!(got[4..4 + data.len()] == data[..]);
         assert_eq!(&got[4 + data.len()..], b"TL");
+    }
+
+    #[test]
+    fn a_peer_that_does_not_read_gets_the_rest_of_the_record_back_in_order() {
+        let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
+        let f = file_with(&data);
+        let (mut a, b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        b.set_nonblocking(true).expect("nonblocking");
+        bound_buffers(b.as_raw_fd(), 16 * 1024, 16 * 1024);
+        let piped = file_to_pipe(f.as_raw_fd(), 0, 1 << 20)
+            .expect("splice")
+            .expect("pipe");
+        let start = Instant::now();
+        let patience = start + std::time::Duration::from_millis(20);
+        let Sent::Rest(rest) = piped
+            .send(b.as_raw_fd(), b"HEAD", b"TL", patience)
+            .expect("send")
+        else {
+            panic!("1 MiB fit a 32 KiB socket buffer nobody reads");
+        };
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(2),
+            "the thread waited {:?}, far past its patience",
+            start.elapsed()
+        );
+        // What went, then the rest, is the whole record.
+        let sent = 4 + data.len() + 2 - rest.len();
+        let mut got = vec![0u8; sent];
+        a.read_exact(&mut got).expect("read what was sent");
+        got.extend_from_slice(&rest);
+        assert_eq!(&got[..4], b"HEAD");
+        assert!(got[4..4 + data.len()] == data[..]);
+        assert_eq!(&got[4 + data.len()..], b"TL");
+        // The pipe is clean for the next READ.
+        let g = file_with(&[9u8; 1000]);
+        let next = file_to_pipe(g.as_raw_fd(), 0, 1000)
+            .expect("splice")
+            .expect("pipe");
+        let mut out = Vec::new();
+        next.append_to(&mut out).expect("drain");
+        assert_eq!(out, vec![9u8; 1000]);
     }
 
     #[test]
