@@ -171,15 +171,6 @@ async fn a_pod_whose_claim_clones_runs_on_the_sources_node() {
     let client = cluster.client();
     lnfs.start_scheduler(&client, webhook_port, extender_port)
         .await;
-    // As a Service in front of it would, the scheduler reaches the helper once it is
-    // ready: before its caches are synced it knows no source to pin the clone's pod to
-    // (a fresh-clone CI run scheduled the pod in that window, onto node-2).
-    let admin = lnfs.admin["scheduler"];
-    eventually("the scheduler helper ready", WAIT, || async move {
-        tokio::net::TcpStream::connect(admin).await.ok()?;
-        (support::http_get(admin, "/readyz").await.0 == 200).then_some(())
-    })
-    .await;
     // WaitForFirstConsumer: the scheduler picks the node. Left to itself it prefers
     // node-2 (the helper scores free space, and node-2 has twice node-1's); only the
     // clone's source pins it to node-1.

@@ -277,6 +277,10 @@ impl Localnfs {
                 .expect("create webhook config");
         }
         self.restart_scheduler(webhook_port, extender_port);
+        // As a Service in front of it would, the scheduler reaches the helper once it
+        // is ready: before its caches are synced it knows no volume to pin a pod to (a
+        // fresh-clone CI run scheduled a clone's pod in that window, onto the wrong node).
+        self.scheduler_ready().await;
         eventually(
             "the helper's CA in the webhook configuration",
             Duration::from_secs(60),
@@ -309,6 +313,39 @@ impl Localnfs {
                 .await;
             }
         }
+    }
+
+    /// Waits for the helper's `/readyz`; if it exits or is not ready within 90 s,
+    /// fails with the end of its log.
+    async fn scheduler_ready(&mut self) {
+        let admin = self.admin["scheduler"];
+        let start = std::time::Instant::now();
+        let why = loop {
+            if let Some(status) = self
+                .scheduler
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                break format!("exited ({status})");
+            }
+            if tokio::net::TcpStream::connect(admin).await.is_ok()
+                && super::http_get(admin, "/readyz").await.0 == 200
+            {
+                return;
+            }
+            if start.elapsed() > Duration::from_secs(90) {
+                break "not ready after 90 s".to_owned();
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let log =
+            std::fs::read_to_string(self.dir.path().join("scheduler.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        panic!(
+            "the scheduler helper {why}; its log ends:\n{}",
+            tail.join("\n")
+        );
     }
 
     /// Starts the helper process (again) on the same ports.
