@@ -409,7 +409,8 @@ async fn clients_that_stop_reading_pin_neither_threads_nor_the_server() {
 #[tokio::test]
 async fn clients_that_stop_reading_leave_the_workers_to_other_volumes() {
     // More stalled clients than the blocking pool has workers (16), spread over two
-    // volumes (one volume runs at most 12 calls at once), each with replies it never
+    // volumes (one volume runs at most 12 calls at once: `pool::WORKERS` and
+    // `pool::PER_VOLUME`; 2 × 12 ≥ 16 is what makes it take every worker), each with replies it never
     // reads, and a budget far above what they hold: nobody is dropped to make room, so
     // only a thread never waiting long on a client leaves workers for a third volume's
     // calls (a thread waiting on each client would hold them all for the send timeout,
@@ -440,6 +441,27 @@ async fn clients_that_stop_reading_leave_the_workers_to_other_volumes() {
         "24 stalled readers: the quiet volume's round trip {:?}",
         start.elapsed()
     );
+    // The replies threads began and tasks finished are whole and in order on the wire:
+    // a stalled client that starts reading gets its four READs' data, each record intact.
+    for s in hostile.iter_mut().take(2) {
+        let mut xids = Vec::new();
+        for _ in 0..4 {
+            let body = tokio::time::timeout(Duration::from_secs(20), next_reply(s))
+                .await
+                .expect("a reply within 20 s")
+                .expect("a reply, not a closed connection");
+            xids.push(u32::from_be_bytes(body[..4].try_into().expect("xid")));
+            assert_eq!(&body[24..28], &[0, 0, 0, 0], "READ succeeded");
+            assert_eq!(
+                body.len(),
+                24 + 4 + 88 + 12 + BIG.len(),
+                "one whole READ reply"
+            );
+            assert!(body[body.len() - BIG.len()..] == BIG[..], "the file's data");
+        }
+        xids.sort_unstable();
+        assert_eq!(xids, [0, 1, 2, 3]);
+    }
     drop(hostile);
 }
 

@@ -6,7 +6,7 @@
 //! a few milliseconds hands its reply to the writer task instead of waiting, and a
 //! thread whose client does not take its reply within [`THREAD_SEND_WAIT`] hands the
 //! rest of it, with the send lock, to a task that finishes it: a blocking-pool thread
-//! never waits on a client for longer than that, so clients that stop reading cannot
+//! never waits on a client for longer than those two waits, so clients that stop reading cannot
 //! take the workers every other client's calls need; a task waits on the client, for
 //! at most the send timeout from the reply's first byte.
 //!
@@ -83,7 +83,8 @@ struct Sink {
     /// longest is dropped (see `limits`).
     stalled: Option<Waiting>,
     /// The writer task is measuring the socket as it drains (it alone sets this false,
-    /// once nothing is unsent): a blocking-pool thread that leaves bytes unsent wakes it
+    /// once nothing is unsent): a blocking-pool thread, or a task finishing a reply one
+    /// began, that leaves bytes unsent wakes it
     /// only when it is not, so a spliced READ costs no wake-up in the common case.
     watched: bool,
 }
@@ -94,7 +95,8 @@ pub(super) struct Outbox {
     /// The send lock: whoever holds it writes whole records (shared: a reply's sender
     /// may hand it to a task that finishes the reply).
     sink: Arc<Mutex<Sink>>,
-    /// A blocking-pool thread left bytes unsent: the writer task watches them drain.
+    /// A blocking-pool thread (or a task finishing its reply) left bytes unsent: the
+    /// writer task watches them drain.
     written: Notify,
     /// Cancelled when the budget drops this connection to make room.
     pub(super) dropped: CancellationToken,
@@ -220,7 +222,12 @@ impl Outbox {
             return true;
         }
         let _waiting = self.budget.waiting(&self.dropped);
-        let sent = tokio::time::timeout_at(deadline, wr.write_all(bytes)).await;
+        let sent = tokio::select! {
+            r = tokio::time::timeout_at(deadline, wr.write_all(bytes)) => r,
+            // Dropped for room: cut now, whether or not the connection's reader is
+            // still there to do it (a client that half-closed and stopped reading).
+            () = self.dropped.cancelled() => Ok(Err(std::io::ErrorKind::ConnectionAborted.into())),
+        };
         if !matches!(sent, Ok(Ok(()))) {
             if sent.is_err() {
                 tracing::info!(peer = %self.peer, timeout = ?self.limits.send_timeout, "closing connection: client stopped reading");
@@ -283,10 +290,14 @@ pub(super) async fn write_replies(mut rx: mpsc::Receiver<Queued>, out: Arc<Outbo
                 continue;
             }
             () = tokio::time::sleep(poll.unwrap_or_default()), if poll.is_some() => {
-                // Busy: the thread sending now settles when it is done.
-                if let Ok(mut sink) = out.sink.try_lock() {
-                    poll = next_poll(out.settle(&mut sink, std::iter::empty()), poll);
-                    sink.watched = poll.is_some();
+                // Busy: the thread or task sending now settles when it is done; look
+                // again later, backing off as while the client takes nothing.
+                match out.sink.try_lock() {
+                    Ok(mut sink) => {
+                        poll = next_poll(out.settle(&mut sink, std::iter::empty()), poll);
+                        sink.watched = poll.is_some();
+                    }
+                    Err(_) => poll = next_poll(true, poll),
                 }
                 continue;
             }

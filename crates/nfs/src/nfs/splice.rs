@@ -525,6 +525,53 @@ mod tests {
     }
 
     #[test]
+    fn records_to_a_peer_that_does_not_read_come_back_as_their_rest() {
+        let record: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 241) as u8).collect();
+        let (mut a, b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        b.set_nonblocking(true).expect("nonblocking");
+        bound_buffers(b.as_raw_fd(), 16 * 1024, 16 * 1024);
+        let patience = Instant::now() + std::time::Duration::from_millis(20);
+        let Sent::Rest(rest_of_first) = send_bytes(b.as_raw_fd(), &record, patience).expect("send")
+        else {
+            panic!("1 MiB fit a socket buffer nobody reads");
+        };
+        // A spliced reply behind them, to the full socket: what did not go (all of it,
+        // or all but what slack the socket had) comes back, in order, the pipe clean.
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 239) as u8).collect();
+        let f = file_with(&data);
+        let piped = file_to_pipe(f.as_raw_fd(), 0, data.len())
+            .expect("splice")
+            .expect("pipe");
+        let soon = Instant::now() + std::time::Duration::from_millis(20);
+        let Sent::Rest(rest) = piped
+            .send(b.as_raw_fd(), b"HEAD", b"TL", soon)
+            .expect("send")
+        else {
+            panic!("a reply went whole into a full socket");
+        };
+        let g = file_with(&[8u8; 10]);
+        let next = file_to_pipe(g.as_raw_fd(), 0, 10)
+            .expect("splice")
+            .expect("pipe");
+        let mut out = Vec::new();
+        next.append_to(&mut out).expect("drain");
+        assert_eq!(out, vec![8u8; 10]);
+        let mut want = record[..record.len() - rest_of_first.len()].to_vec();
+        want.extend_from_slice(b"HEAD");
+        want.extend_from_slice(&data);
+        want.extend_from_slice(b"TL");
+        let mut got = vec![0u8; want.len() - rest.len()];
+        a.read_exact(&mut got).expect("read what was sent");
+        got.extend_from_slice(&rest);
+        assert!(got == want);
+        // A record that fits goes whole.
+        assert_eq!(
+            send_bytes(b.as_raw_fd(), b"small", far()).expect("send"),
+            Sent::All
+        );
+    }
+
+    #[test]
     fn unsent_data_does_not_leak_into_the_next_read() {
         let f = file_with(&[1u8; 100_000]);
         let g = file_with(&[2u8; 100_000]);
