@@ -188,7 +188,7 @@ impl Outbox {
                 return;
             }
             Err(e) => {
-                tracing::info!(peer = %self.peer, errno = e.0, "closing connection: reply not taken in time");
+                tracing::info!(peer = %self.peer, errno = e.0, "closing connection: reply could not be sent");
                 splice::abort(sock);
             }
         }
