@@ -36,18 +36,29 @@ struct Held {
     ready: Option<Instant>,
 }
 
-/// Holds by claim uid.
+/// Holds by claim uid, and their sum by node (kept with every change: a placement
+/// reads one sum per node, never every hold per node, so its cost under the lock does
+/// not grow with the claims in flight; a 10,000-claim burst on 100 nodes spent a fifth
+/// of the leader's CPU summing holds before, bench/README.md "scale").
 #[derive(Debug, Default)]
 pub struct Reservations {
     held: HashMap<String, Held>,
+    by_node: HashMap<String, u64>,
 }
 
 impl Reservations {
     /// Drops holds the agents' reports now include, or that were never finished.
     pub fn expire(&mut self, now: Instant) {
-        self.held.retain(|_, h| match h.ready {
-            Some(r) => now.saturating_duration_since(r) < HOLD_AFTER_READY,
-            None => now.saturating_duration_since(h.placed) < HOLD_UNREADY,
+        let by_node = &mut self.by_node;
+        self.held.retain(|_, h| {
+            let keep = match h.ready {
+                Some(r) => now.saturating_duration_since(r) < HOLD_AFTER_READY,
+                None => now.saturating_duration_since(h.placed) < HOLD_UNREADY,
+            };
+            if !keep {
+                Self::take_off(by_node, h);
+            }
+            keep
         });
     }
 
@@ -55,29 +66,41 @@ impl Reservations {
     pub fn discount(&self, rooms: &[NodeRoom]) -> Vec<NodeRoom> {
         rooms
             .iter()
-            .map(|r| {
-                let held: u64 = self
-                    .held
-                    .values()
-                    .filter(|h| h.node == r.node)
-                    .map(|h| h.bytes)
-                    .sum();
-                NodeRoom {
-                    node: r.node.clone(),
-                    free_bytes: r.free_bytes.saturating_sub(held),
-                }
+            .map(|r| NodeRoom {
+                node: r.node.clone(),
+                free_bytes: r
+                    .free_bytes
+                    .saturating_sub(self.by_node.get(&r.node).copied().unwrap_or(0)),
             })
             .collect()
     }
 
     /// Holds `bytes` on `node` for claim `uid`; an existing hold for it stays as it is.
     pub fn hold(&mut self, uid: &str, node: &str, bytes: u64, now: Instant) {
-        self.held.entry(uid.to_owned()).or_insert_with(|| Held {
-            node: node.to_owned(),
-            bytes,
-            placed: now,
-            ready: None,
-        });
+        if self.held.contains_key(uid) {
+            return;
+        }
+        let sum = self.by_node.entry(node.to_owned()).or_default();
+        *sum = sum.saturating_add(bytes);
+        self.held.insert(
+            uid.to_owned(),
+            Held {
+                node: node.to_owned(),
+                bytes,
+                placed: now,
+                ready: None,
+            },
+        );
+    }
+
+    /// Takes a hold that ends off its node's sum.
+    fn take_off(by_node: &mut HashMap<String, u64>, h: &Held) {
+        if let Some(sum) = by_node.get_mut(&h.node) {
+            *sum = sum.saturating_sub(h.bytes);
+            if *sum == 0 {
+                by_node.remove(&h.node);
+            }
+        }
     }
 
     /// The claim's volume exists: its hold ends [`HOLD_AFTER_READY`] from the first
@@ -90,7 +113,9 @@ impl Reservations {
 
     /// The placement was taken back or abandoned: nothing more will be created.
     pub fn release(&mut self, uid: &str) {
-        self.held.remove(uid);
+        if let Some(h) = self.held.remove(uid) {
+            Self::take_off(&mut self.by_node, &h);
+        }
     }
 }
 
@@ -137,5 +162,6 @@ mod tests {
         assert_eq!(free(&r), vec![100, 50], "never finished: dropped at last");
         r.ready("gone", t0);
         assert_eq!(free(&r), vec![100, 50]);
+        assert!(r.by_node.is_empty(), "no sum outlives its holds");
     }
 }
