@@ -185,7 +185,8 @@ impl PublicKey {
 /// nothing; bounded all the same, emptied when full.
 struct GoodSignatures(std::sync::Mutex<std::collections::HashSet<[u8; 32]>>);
 
-/// The most triples remembered: two signed keys per claim for 32,768 claims.
+/// The most triples remembered: a claim carries two signed keys while it lives (the
+/// request and the agent's ready), four at most; past this the set starts over.
 const GOOD_MAX: usize = 65_536;
 
 static GOOD: std::sync::LazyLock<GoodSignatures> =
@@ -444,8 +445,12 @@ pub(crate) mod tests {
         let (c, other) = (key(), key());
         let m = Message::Request("{\"claimUid\":\"u-remembered\"}");
         let sig = c.sign(&m);
+        let digest = |m: &Message, sig: &str| {
+            GoodSignatures::digest(&c.public().0, &m.bytes(), &unhex(sig).expect("hex"))
+        };
         for round in 0..2 {
             assert!(c.public().verifies(&m, &sig), "round {round}");
+            assert!(GOOD.knows(&digest(&m, &sig)), "remembered, round {round}");
             assert!(
                 !c.public()
                     .verifies(&Message::Request("{\"claimUid\":\"u-other\"}"), &sig),
@@ -463,6 +468,27 @@ pub(crate) mod tests {
                 "another signature, round {round}"
             );
         }
+    }
+
+    #[test]
+    fn bytes_moved_between_message_and_signature_are_not_remembered_as_good() {
+        let c = key();
+        let good = Message::Ready {
+            claim_uid: "u-moved",
+            node: "n1",
+            volume: "vol",
+        };
+        let sig = c.sign(&good);
+        assert!(c.public().verifies(&good, &sig));
+        let shorter = Message::Ready {
+            claim_uid: "u-moved",
+            node: "n1",
+            volume: "vo",
+        };
+        // The message's last byte moved to the front of the signature: the same bytes
+        // in a row, split elsewhere.
+        let moved = format!("{}{sig}", hex(b"l"));
+        assert!(!c.public().verifies(&shorter, &moved));
     }
 
     #[test]
