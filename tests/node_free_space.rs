@@ -121,7 +121,7 @@ async fn a_nodes_free_space_counts_written_data_once_not_again_beside_its_reserv
         &["node-1"],
     )
     .await;
-    let mut c = Client::mount_at(SocketAddr::new(server, port), &written_vol, ip, 0, 0).await;
+    let mut c = Client::mount_when_granted(SocketAddr::new(server, port), &written_vol, ip).await;
     let root_fh = c.root.clone();
     let f = c.create(&root_fh, b"data", 0o644).await.expect("CREATE");
     let chunk = vec![5u8; MIB as usize];

@@ -268,14 +268,9 @@ async fn expansion_raises_the_limit_then_pv_then_claim() {
     pod_on(&client, "grower", "node-1", &["grow"]).await;
     wait_published(&client, &pv.name_any(), &["node-1"]).await;
     let (server, port, volume) = nfs_target(&pv);
-    let mut c = NfsClient::mount_at(
-        std::net::SocketAddr::new(server, port),
-        &volume,
-        server,
-        0,
-        0,
-    )
-    .await;
+    let mut c =
+        NfsClient::mount_when_granted(std::net::SocketAddr::new(server, port), &volume, server)
+            .await;
     let root = c.root.clone();
     let f = c.create(&root, b"f", 0o644).await.expect("create");
     // WRITEs of at most 1 MiB (the server's wtmax): the first fills the volume.
@@ -363,14 +358,9 @@ async fn retain_keeps_the_data_and_archive_moves_it_aside() {
     for pv in [&kept, &archived] {
         wait_published(&client, &pv.name_any(), &["node-1"]).await;
         let (server, port, volume) = nfs_target(pv);
-        let mut c = NfsClient::mount_at(
-            std::net::SocketAddr::new(server, port),
-            &volume,
-            server,
-            0,
-            0,
-        )
-        .await;
+        let mut c =
+            NfsClient::mount_when_granted(std::net::SocketAddr::new(server, port), &volume, server)
+                .await;
         let root = c.root.clone();
         let f = c.create(&root, b"precious", 0o644).await.expect("create");
         c.write(&f, 0, b"rows", stable_how::FILE_SYNC)

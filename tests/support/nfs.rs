@@ -320,6 +320,23 @@ impl Client {
         }
     }
 
+    /// [`Client::mount_at`] as root, once the agent lets `from` mount: a PV's published
+    /// nodes reach the agent through its own PV watch, a moment after the API server
+    /// has them, and a kubelet retries a refused mount the same way. A mount still
+    /// refused after 30 s fails the test with the last refusal.
+    pub async fn mount_when_granted(server: SocketAddr, volume: &str, from: IpAddr) -> Client {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match mount_at(server, volume, from, 0, 0).await {
+                Ok(_) => return Self::mount_at(server, volume, from, 0, 0).await,
+                Err(e) if std::time::Instant::now() < deadline && e.contains("MNT3ERR_ACCES") => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("mount {volume} from {from}: {e}"),
+            }
+        }
+    }
+
     /// A client that talks NFS with handles it got elsewhere (no MOUNT of its own).
     pub async fn connect(port: u16, from: IpAddr, uid: u32, gid: u32, root: nfs_fh3) -> Client {
         Client {
