@@ -410,11 +410,11 @@ async fn clients_that_stop_reading_pin_neither_threads_nor_the_server() {
 async fn clients_that_stop_reading_leave_the_workers_to_other_volumes() {
     // More stalled clients than the blocking pool has workers (16), spread over two
     // volumes (one volume runs at most 12 calls at once: `pool::WORKERS` and
-    // `pool::PER_VOLUME`; 2 × 12 ≥ 16 is what makes it take every worker), each with replies it never
-    // reads, and a budget far above what they hold: nobody is dropped to make room, so
-    // only a thread never waiting long on a client leaves workers for a third volume's
-    // calls (a thread waiting on each client would hold them all for the send timeout,
-    // 30 s).
+    // `pool::PER_VOLUME`; 2 × 12 ≥ 16 is what makes it take every worker), each with
+    // replies it never reads, and a budget far above what they hold: nobody is dropped
+    // to make room, so only a thread never waiting long on a client leaves workers for
+    // a third volume's calls (a thread waiting on each client would hold them all for
+    // the send timeout, 30 s).
     let dir = tempfile::tempdir().expect("tempdir");
     for name in ["vol", "vol2", "quiet"] {
         create_volume(dir.path(), name, 64 * MIB);

@@ -310,6 +310,17 @@ impl Client {
         let root = mount_at(server, volume, from, uid, gid)
             .await
             .expect("mount");
+        Self::at_root(server, from, uid, gid, root).await
+    }
+
+    /// A client of `server` from `from` whose root is the handle a MOUNT gave.
+    async fn at_root(
+        server: SocketAddr,
+        from: IpAddr,
+        uid: u32,
+        gid: u32,
+        root: nfs_fh3,
+    ) -> Client {
         Client {
             nfs: Nfs3Client::new_with_auth(
                 tcp_to(server, from).await,
@@ -328,7 +339,7 @@ impl Client {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
             match mount_at(server, volume, from, 0, 0).await {
-                Ok(_) => return Self::mount_at(server, volume, from, 0, 0).await,
+                Ok(root) => return Self::at_root(server, from, 0, 0, root).await,
                 Err(e) if std::time::Instant::now() < deadline && e.contains("MNT3ERR_ACCES") => {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }

@@ -336,7 +336,8 @@ pub async fn serve(
     }
     if out.dropped.is_cancelled() {
         // Dropped for room: whatever waits on this client (the writer task, a task
-        // finishing a reply a thread began) fails now instead of at its timeout, giving its bytes back.
+        // finishing a reply a thread began) fails now instead of at its timeout,
+        // giving its bytes back.
         splice::abort(fd);
     }
     // Replies of calls still running go out before the socket closes. The writer

@@ -6,9 +6,9 @@
 //! a few milliseconds hands its reply to the writer task instead of waiting, and a
 //! thread whose client does not take its reply within [`THREAD_SEND_WAIT`] hands the
 //! rest of it, with the send lock, to a task that finishes it: a blocking-pool thread
-//! never waits on a client for longer than those two waits, so clients that stop reading cannot
-//! take the workers every other client's calls need; a task waits on the client, for
-//! at most the send timeout from the reply's first byte.
+//! never waits on a client for longer than those two waits, so clients that stop
+//! reading cannot take the workers every other client's calls need; a task waits on
+//! the client, for at most the send timeout from the reply's first byte.
 //!
 //! A reply holds its call slot and its budget charge until it has left. What the kernel
 //! still holds of it in the socket (unacknowledged by the client, measured with
@@ -84,8 +84,8 @@ struct Sink {
     stalled: Option<Waiting>,
     /// The writer task is measuring the socket as it drains (it alone sets this false,
     /// once nothing is unsent): a blocking-pool thread, or a task finishing a reply one
-    /// began, that leaves bytes unsent wakes it
-    /// only when it is not, so a spliced READ costs no wake-up in the common case.
+    /// began, that leaves bytes unsent wakes it only when it is not, so a spliced READ
+    /// costs no wake-up in the common case.
     watched: bool,
 }
 
