@@ -157,9 +157,10 @@ impl PublicKey {
 
     /// Whether `sig` (hex) is this key's signature of `m`.
     ///
-    /// A signature that verified once is remembered ([`GoodSignatures`]): every event of a
-    /// claim is read again, and re-checking its unchanged signatures was a third of the
-    /// leader's CPU in a 10,000-claim burst.
+    /// A signature that verified once is remembered ([`GoodSignatures`]; not a peer
+    /// hello's, which is checked once per session): every event of a claim is read
+    /// again, and re-checking its unchanged signatures was a third of the leader's CPU
+    /// in a 10,000-claim burst.
     pub fn verifies(&self, m: &Message, sig: &str) -> bool {
         let Some(sig) = unhex(sig.trim()) else {
             return false;
@@ -172,7 +173,9 @@ impl PublicKey {
         let good = UnparsedPublicKey::new(&ED25519, &self.0)
             .verify(&bytes, &sig)
             .is_ok();
-        if good {
+        // A peer hello binds one channel session: it is never checked again, and
+        // would only push out signatures that are.
+        if good && !matches!(m, Message::Peer { .. }) {
             GOOD.learn(seen);
         }
         good
@@ -468,6 +471,20 @@ pub(crate) mod tests {
                 "another signature, round {round}"
             );
         }
+    }
+
+    #[test]
+    fn a_peer_hello_verifies_but_is_not_remembered() {
+        let c = key();
+        let hello = Message::Peer {
+            role: "client",
+            node: "n1",
+            binding: "session-binding-remembered-test",
+        };
+        let sig = c.sign(&hello);
+        assert!(c.public().verifies(&hello, &sig));
+        let d = GoodSignatures::digest(&c.public().0, &hello.bytes(), &unhex(&sig).expect("hex"));
+        assert!(!GOOD.knows(&d));
     }
 
     #[test]

@@ -81,8 +81,10 @@ impl Reservations {
         if self.held.contains_key(uid) {
             return;
         }
-        let sum = self.by_node.entry(node.to_owned()).or_default();
-        *sum = sum.saturating_add(bytes);
+        if bytes > 0 {
+            let sum = self.by_node.entry(node.to_owned()).or_default();
+            *sum = sum.saturating_add(bytes);
+        }
         self.held.insert(
             uid.to_owned(),
             Held {
@@ -150,6 +152,9 @@ mod tests {
         r.hold("c2", "a", 30, t0);
         r.hold("c3", "b", 80, t0);
         r.hold("empty", "b", 0, t0);
+        r.hold("zero", "c", 0, t0);
+        assert_eq!(free(&r), vec![40, 0], "a hold of nothing takes nothing");
+        r.release("zero");
         assert_eq!(free(&r), vec![40, 0], "held bytes, never below zero");
         r.hold("c1", "b", 1, t0);
         assert_eq!(

@@ -226,7 +226,10 @@ impl Outbox {
             r = tokio::time::timeout_at(deadline, wr.write_all(bytes)) => r,
             // Dropped for room: cut now, whether or not the connection's reader is
             // still there to do it (a client that half-closed and stopped reading).
-            () = self.dropped.cancelled() => Ok(Err(std::io::ErrorKind::ConnectionAborted.into())),
+            () = self.dropped.cancelled() => {
+                tracing::info!(peer = %self.peer, "closing connection: dropped to make room");
+                Ok(Err(std::io::ErrorKind::ConnectionAborted.into()))
+            }
         };
         if !matches!(sent, Ok(Ok(()))) {
             if sent.is_err() {
