@@ -10,6 +10,7 @@
 //! localnfs's).
 
 pub mod backups;
+pub mod cached_pv;
 pub mod claims;
 pub mod clone;
 pub mod cron;

@@ -436,7 +436,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn pv_for(params: &ClassParams, class_extra: serde_json::Value) -> PersistentVolume {
+    pub(crate) fn pv_for(params: &ClassParams, class_extra: serde_json::Value) -> PersistentVolume {
         let pvc = claim(json!({"accessModes": ["ReadWriteOnce", "ReadOnlyMany"]}));
         let request = validate_claim(&pvc).expect("valid");
         build_pv(&PvInput {

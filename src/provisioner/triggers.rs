@@ -50,6 +50,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use super::cached_pv::CachedPv;
 use super::pods::Usage;
 use super::queue::{ClaimKey, WorkQueue};
 use super::volumes::{PvAction, decide};
@@ -113,7 +114,8 @@ pub fn settled(pvc: &PersistentVolumeClaim) -> bool {
 #[derive(Clone)]
 pub struct Caches {
     pub claims: Store<PersistentVolumeClaim>,
-    pub pvs: Store<PersistentVolume>,
+    /// Slim copies (`cached_pv`): [`Caches::pv`] reads them as whole PVs.
+    pub pvs: Store<CachedPv>,
     /// Object key (`ns/name` for a claim, the name for a PV) → the resourceVersion our
     /// last write to it returned, until the cache shows it (then the entry goes): a
     /// few entries per claim in flight. An object deleted before its cache caught up
@@ -142,11 +144,7 @@ fn own_key<K: Resource>(obj: &K) -> String {
 }
 
 /// The writers [`watch_claims`] and [`watch_pvs`] fill, and the caches they fill.
-pub fn caches() -> (
-    Caches,
-    Writer<PersistentVolumeClaim>,
-    Writer<PersistentVolume>,
-) {
+pub fn caches() -> (Caches, Writer<PersistentVolumeClaim>, Writer<CachedPv>) {
     let (claims, claim_writer) = reflector::store();
     let (pvs, pv_writer) = reflector::store();
     let own_writes = Arc::default();
@@ -178,7 +176,8 @@ impl Caches {
 
     /// The PV `name` as last seen (`None`: not seen). Only after [`Self::ready`].
     pub fn pv(&self, name: &str) -> Option<Arc<PersistentVolume>> {
-        self.pvs.get(&reflector::ObjectRef::new(name))
+        let cached = self.pvs.get(&reflector::ObjectRef::new(name))?;
+        Some(Arc::new(cached.to_pv()))
     }
 
     /// Remembers `written`, as the API server answered our write of it.
@@ -238,8 +237,12 @@ async fn watch_fingerprints<K, Key>(
     let mut seen: HashMap<Key, u64> = HashMap::new();
     let mut relist: Option<HashMap<Key, u64>> = None;
     // Objects of a list in progress whose fingerprint changed: announced once the list
-    // is done, when the store (swapped in at the list's end) holds them too.
-    let mut listed_changes: Vec<K> = Vec::new();
+    // is done, read from the store (swapped in at the list's end). Only their keys are
+    // kept meanwhile: a new term's list is every claim and PV, and a copy of each held
+    // here until the list ended was a third copy of the cluster (the store's, its
+    // buffer's) at the new leader's peak.
+    let store = writer.as_reader();
+    let mut listed_changes: Vec<reflector::ObjectRef<K>> = Vec::new();
     let events = watcher(api, config)
         .default_backoff()
         .modify(crate::cache::trim)
@@ -262,7 +265,7 @@ async fn watch_fingerprints<K, Key>(
                 if let Some(r) = relist.as_mut() {
                     r.insert(key(&obj), fp);
                     if new {
-                        listed_changes.push(obj);
+                        listed_changes.push(reflector::ObjectRef::from_obj(&obj));
                     }
                 } else if new {
                     changed(&obj, false);
@@ -272,8 +275,10 @@ async fn watch_fingerprints<K, Key>(
                 if let Some(r) = relist.take() {
                     seen = r;
                 }
-                for obj in listed_changes.drain(..) {
-                    changed(&obj, true);
+                for r in std::mem::take(&mut listed_changes) {
+                    if let Some(obj) = store.get(&r) {
+                        changed(&obj, true);
+                    }
                 }
             }
             watcher::Event::Delete(obj) => {
@@ -339,7 +344,7 @@ pub struct PvQueues {
 pub async fn watch_pvs(
     client: kube::Client,
     config: watcher::Config,
-    writer: Writer<PersistentVolume>,
+    writer: Writer<CachedPv>,
     provisioner: String,
     queues: PvQueues,
     stop: CancellationToken,
@@ -351,12 +356,13 @@ pub async fn watch_pvs(
         usage,
     } = queues;
     watch_fingerprints(
-        Api::<PersistentVolume>::all(client),
+        Api::<CachedPv>::all(client),
         config,
         writer,
-        pv_fingerprint,
-        |pv: &PersistentVolume| pv.name_any(),
+        |pv| pv_fingerprint(&pv.to_pv()),
+        |pv: &CachedPv| pv.name_any(),
         |pv, listed| {
+            let pv = &pv.to_pv();
             let claim = pv.spec.as_ref().and_then(|s| s.claim_ref.as_ref());
             let bound = pv.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound");
             let settled = listed && bound && pv.metadata.deletion_timestamp.is_none();
