@@ -5,8 +5,9 @@
 //!
 //! The same watches fill [`Caches`], which the reconcilers read instead of GETting the
 //! claim and its PV on every pass (two requests a pass, four or five passes a claim).
-//! Objects are trimmed first (`cache::trim`): about 2 KB a claim or PV, so 10,000 of
-//! each are a few tens of megabytes. A store is updated before the event that queues
+//! Objects are trimmed first (`cache::trim`), and a PV is cached as a [`CachedPv`]
+//! (only the fields a localnfs PV has): a few KB a claim or PV with their strings, so
+//! 10,000 of each are a few tens of megabytes. A store is updated before the event that queues
 //! the key is seen, so a reconcile never reads an object older than what woke it; a
 //! write decided from a cached copy carries that copy's `resourceVersion` (or a
 //! `test` of what it read), so a copy that went stale since fails with a conflict and
