@@ -78,7 +78,7 @@ pub fn claim_fingerprint(pvc: &PersistentVolumeClaim) -> u64 {
 }
 
 /// What the PV side acts on: phase (Released), sizes, capacity, claim, deletion.
-pub fn pv_fingerprint(pv: &PersistentVolume) -> u64 {
+pub fn pv_fingerprint(pv: &CachedPv) -> u64 {
     let phase = pv.status.as_ref().and_then(|s| s.phase.as_deref());
     let spec = pv.spec.as_ref();
     hash_json(&json!([
@@ -238,10 +238,10 @@ async fn watch_fingerprints<K, Key>(
     let mut seen: HashMap<Key, u64> = HashMap::new();
     let mut relist: Option<HashMap<Key, u64>> = None;
     // Objects of a list in progress whose fingerprint changed: announced once the list
-    // is done, read from the store (swapped in at the list's end). Only their keys are
-    // kept meanwhile: a new term's list is every claim and PV, and a copy of each held
-    // here until the list ended was a third copy of the cluster (the store's, its
-    // buffer's) at the new leader's peak.
+    // is done, read from the store (swapped in at the list's end). Only their
+    // references are kept meanwhile: a new term's list is every claim and PV, and a
+    // copy of each held here until the list ended was a second copy of the cluster,
+    // next to the reflector's list buffer, at the new leader's peak.
     let store = writer.as_reader();
     let mut listed_changes: Vec<reflector::ObjectRef<K>> = Vec::new();
     let events = watcher(api, config)
@@ -360,7 +360,7 @@ pub async fn watch_pvs(
         Api::<CachedPv>::all(client),
         config,
         writer,
-        |pv| pv_fingerprint(&pv.to_pv()),
+        pv_fingerprint,
         |pv: &CachedPv| pv.name_any(),
         |pv, listed| {
             let pv = &pv.to_pv();
