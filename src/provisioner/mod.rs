@@ -3,8 +3,9 @@
 //!
 //! `pv`, `publish`, `reserve` and `clone` (which volume a clone copies) are pure
 //! decisions and bookkeeping, `step` the next step for a claim; the reconcilers (`claims`, `expand`, `volumes`, `pods`) do the I/O;
-//! `triggers` decides which objects to reconcile and `queue` hands their keys to a
-//! bounded set of workers. `schedules` turns VolumeBackupSchedules into VolumeBackups
+//! `triggers` decides which objects to reconcile (and fills the watch caches the
+//! reconcilers read, PVs as `cached_pv`'s slim copies) and `queue` hands their keys to
+//! a bounded set of workers. `schedules` turns VolumeBackupSchedules into VolumeBackups
 //! at the times of their `cron` expressions (pure parser); `backups` fails the
 //! VolumeBackups no node agent will run (their claim missing, unbound, or not
 //! localnfs's).
