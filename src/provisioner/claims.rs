@@ -277,7 +277,7 @@ pub async fn reconcile(pvc: &PersistentVolumeClaim, ctx: &Ctx, caches: &Caches) 
     let class = our_class(ctx, pvc).await?;
     let pv_name = pv_name(&pvc.uid().unwrap_or_default());
     let mut pv = match class {
-        Some(_) => caches.pv(&pv_name).map(Arc::unwrap_or_clone),
+        Some(_) => caches.pv(&pv_name),
         None => None,
     };
     // Decided from copies older than our own writes, the step would be one we just

@@ -339,7 +339,7 @@ async fn reconcile(
     let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
     // The watched copy (the patch below is conditional on it); read only if the
     // watch has not seen it.
-    let cached = caches.pv(name).map(Arc::unwrap_or_clone);
+    let cached = caches.pv(name);
     let pv = match cached {
         Some(pv) => Some(pv),
         None => pvs

@@ -176,9 +176,9 @@ impl Caches {
     }
 
     /// The PV `name` as last seen (`None`: not seen). Only after [`Self::ready`].
-    pub fn pv(&self, name: &str) -> Option<Arc<PersistentVolume>> {
+    pub fn pv(&self, name: &str) -> Option<PersistentVolume> {
         let cached = self.pvs.get(&reflector::ObjectRef::new(name))?;
-        Some(Arc::new(cached.to_pv()))
+        Some(cached.to_pv())
     }
 
     /// Remembers `written`, as the API server answered our write of it.
