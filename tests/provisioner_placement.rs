@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use localnfs_testbed::{TestCluster, kubelet};
 use serde_json::json;
@@ -158,9 +158,21 @@ async fn claims_waiting_on_a_silent_agent_are_placed_again_or_let_go() {
         .await
         .expect("delete");
 
-    // Placed again once the dead agent's heartbeat lease (90 s from when the
-    // controller first saw it) and the 1 s grace are over.
-    eventually("moved Bound", Duration::from_secs(180), || async {
+    // Its last heartbeat, as if it had been written with a 3 s lease (an agent's are
+    // 90 s, which the test need not wait out): placed again once that lease, counted
+    // from when the controller saw the write, and the 1 s grace are over.
+    let leases: Api<Lease> = Api::namespaced(client.clone(), HEARTBEATS);
+    let renewed = json!({"spec": {"leaseDurationSeconds": 3,
+        "renewTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(at(0))}});
+    leases
+        .patch(
+            "localnfs-node-dying",
+            &PatchParams::default(),
+            &Patch::Merge(&renewed),
+        )
+        .await
+        .expect("shorten the dead agent's lease");
+    eventually("moved Bound", WAIT, || async {
         let c = claims.get("moved").await.ok()?;
         (c.status?.phase.as_deref()? == "Bound").then_some(())
     })
@@ -246,12 +258,13 @@ async fn a_burst_of_claims_never_places_more_than_a_node_offers() {
     assert_eq!(volume_dirs(&lnfs, "node-1").len(), 10);
     assert_eq!(pv_count(&client).await, 10);
 
-    // Room appears: the rest bind.
+    // Room appears: the rest bind. Enough room that the first ten's holds
+    // (`reserve::HOLD_AFTER_READY`, 45 s from ready), still counted against the node
+    // next to a heartbeat that already counts their volumes, leave room for the other
+    // ten: with exactly 20Mi they were placed a few at a time as holds ran out.
     lnfs.stop_agent("node-1").await;
-    lnfs.start_agent_with("node-1", ip(141), &["--capacity", "20Mi"]);
-    // The first ten's holds (`reserve::HOLD_AFTER_READY`, 45 s from ready) may still
-    // be running, then a retry: on a loaded machine this outlasted 90 s.
-    eventually("all 20 Bound once there is room", 2 * WAIT, || async {
+    lnfs.start_agent_with("node-1", ip(141), &["--capacity", "40Mi"]);
+    eventually("all 20 Bound once there is room", WAIT, || async {
         (bound_and_pending(&claims).await.0.len() == 20).then_some(())
     })
     .await;
