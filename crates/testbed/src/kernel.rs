@@ -44,6 +44,9 @@ const AGENT_PORT: u16 = 7000;
 const GUEST_MEMORY: &str = "512M";
 /// How long a guest may take to boot and start its command server.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long a command's connection is tried again while the host finds no route to
+/// the guest (its ARP unanswered: see [`KernelNode::run`]).
+const UNREACHABLE_RETRY: Duration = Duration::from_secs(30);
 /// Block devices a guest can have (`ubd0`…`ubd15`).
 const MAX_DISKS: usize = 16;
 /// The command server, started by the guest's init.
@@ -426,17 +429,32 @@ impl KernelNode {
             "timeout": timeout.as_secs_f64(),
         });
         let exchange = async {
-            // Not retried: the server listens from before `boot` returned until the
-            // guest dies, and the guest's kernel queues connections it has not
-            // accepted yet, so a refusal means the server is gone; the console says
-            // why (init reports its exit, the kernel an OOM kill).
+            // A refusal is not retried: the server listens from before `boot`
+            // returned until the guest dies, and the guest's kernel queues
+            // connections it has not accepted yet, so a refusal means the server is
+            // gone; the console says why (init reports its exit, the kernel an OOM
+            // kill). "No route to host" is the host's ARP going unanswered for 3 s: a
+            // guest kernel starved of CPU on a busy machine (a fresh-clone CI run met
+            // it right after boot), so it is tried again for a while.
             let addr = SocketAddr::new(self.addr, AGENT_PORT);
-            let mut s = tokio::net::TcpStream::connect(addr).await.map_err(|e| {
-                fail(format!(
-                    "connect to the command server: {e}; the guest's console ends:\n{}",
-                    super::process::log_tail(self.process.log())
-                ))
-            })?;
+            let tried = Instant::now();
+            let mut s = loop {
+                match tokio::net::TcpStream::connect(addr).await {
+                    Ok(s) => break s,
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::HostUnreachable
+                            && tried.elapsed() < UNREACHABLE_RETRY =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(e) => {
+                        return Err(fail(format!(
+                            "connect to the command server: {e}; the guest's console ends:\n{}",
+                            super::process::log_tail(self.process.log())
+                        )));
+                    }
+                }
+            };
             let mut line = request.to_string();
             line.push('\n');
             s.write_all(line.as_bytes())
