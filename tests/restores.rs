@@ -877,6 +877,12 @@ async fn a_namespace_made_again_with_the_same_name_cannot_restore_the_earlier_on
     })
     .await;
     namespace(&client, "team").await;
+    // The deleted claim's volume reclaimed first (on a busy machine it was still there
+    // when the volumes below were listed), so the list before the restores is settled.
+    eventually("team/db's volume reclaimed", WAIT, || async {
+        (!s.all_volumes().contains(&old_volume)).then_some(())
+    })
+    .await;
     let before = s.all_volumes();
     for (name, set) in [("by-id", old_set.as_str()), ("by-latest", "latest")] {
         s.restore(
