@@ -166,7 +166,7 @@ async fn claims_waiting_on_a_silent_agent_are_placed_again_or_let_go() {
         "renewTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(at(0))}});
     leases
         .patch(
-            "localnfs-node-dying",
+            &localnfs::objects::agents::lease_name("dying"),
             &PatchParams::default(),
             &Patch::Merge(&renewed),
         )
@@ -258,13 +258,14 @@ async fn a_burst_of_claims_never_places_more_than_a_node_offers() {
     assert_eq!(volume_dirs(&lnfs, "node-1").len(), 10);
     assert_eq!(pv_count(&client).await, 10);
 
-    // Room appears: the rest bind. Enough room that the first ten's holds
-    // (`reserve::HOLD_AFTER_READY`, 45 s from ready), still counted against the node
-    // next to a heartbeat that already counts their volumes, leave room for the other
-    // ten: with exactly 20Mi they were placed a few at a time as holds ran out.
+    // Room appears: the rest bind. With 25Mi the agent reports 15Mi free, of which
+    // the first ten's holds (`reserve::HOLD_AFTER_READY`, 45 s from ready) still take
+    // 10Mi: five are placed at once, the other five only once those holds have ended
+    // (so a hold that never ends fails the test). With exactly 20Mi they were placed a
+    // few at a time, one round per hold, over 85 s.
     lnfs.stop_agent("node-1").await;
-    lnfs.start_agent_with("node-1", ip(141), &["--capacity", "40Mi"]);
-    eventually("all 20 Bound once there is room", WAIT, || async {
+    lnfs.start_agent_with("node-1", ip(141), &["--capacity", "25Mi"]);
+    eventually("all 20 Bound once there is room", 2 * WAIT, || async {
         (bound_and_pending(&claims).await.0.len() == 20).then_some(())
     })
     .await;

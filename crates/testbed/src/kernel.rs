@@ -443,13 +443,15 @@ impl KernelNode {
                     Ok(s) => break s,
                     Err(e)
                         if e.kind() == std::io::ErrorKind::HostUnreachable
-                            && tried.elapsed() < UNREACHABLE_RETRY =>
+                            && tried.elapsed() < UNREACHABLE_RETRY
+                            && Path::new(&format!("/proc/{}", self.pid())).exists() =>
                     {
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }
                     Err(e) => {
                         return Err(fail(format!(
-                            "connect to the command server: {e}; the guest's console ends:\n{}",
+                            "connect to the command server: {e} (after {:.1} s); the guest's console ends:\n{}",
+                            tried.elapsed().as_secs_f64(),
                             super::process::log_tail(self.process.log())
                         )));
                     }
