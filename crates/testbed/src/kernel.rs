@@ -444,7 +444,7 @@ impl KernelNode {
                     Err(e)
                         if e.kind() == std::io::ErrorKind::HostUnreachable
                             && tried.elapsed() < UNREACHABLE_RETRY
-                            && Path::new(&format!("/proc/{}", self.pid())).exists() =>
+                            && self.process.alive() =>
                     {
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }

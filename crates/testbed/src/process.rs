@@ -102,6 +102,19 @@ impl Process {
         &self.log
     }
 
+    /// Whether the process still runs, without reaping it (for `&self` callers; an
+    /// exited child not yet waited for is a zombie, which `/proc` still lists).
+    pub fn alive(&self) -> bool {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()));
+        // The state follows the command name, which is in parentheses.
+        stat.ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, rest)| rest.trim_start().to_owned())
+            })
+            .is_some_and(|rest| !rest.starts_with(['Z', 'X']))
+    }
+
     /// Fails with the log's tail if the process has exited.
     pub fn ensure_running(&mut self) -> Result<()> {
         match self.child.try_wait() {
@@ -221,4 +234,31 @@ pub fn log_tail(path: &Path) -> String {
         buf = String::from_utf8_lossy(&bytes).into_owned();
     }
     buf
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alive_is_false_once_the_process_exited_though_not_reaped() {
+        let dir = tempfile::tempdir().expect("dir");
+        let log = dir.path().join("log");
+        let mut running =
+            Process::spawn("sleep", Command::new("sleep").arg("30"), &log).expect("sleep");
+        assert!(running.alive());
+        let exited = Process::spawn("true", &mut Command::new("true"), &log).expect("true");
+        let start = std::time::Instant::now();
+        while exited.alive() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "true still alive"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // A zombie until waited for: /proc still lists it.
+        assert!(Path::new(&format!("/proc/{}", exited.pid())).exists());
+        running.kill();
+        assert!(!running.alive());
+    }
 }
